@@ -1,0 +1,303 @@
+/*
+ * handler.c: the fault path. Native threads read page-fault messages from the region's
+ * userfaultfd and carry out the pages' recorded updates. Nothing here takes the GIL or calls
+ * into Python: a faulting thread may be holding the GIL while it waits for us.
+ *
+ * Placement: a fault costs ~8 us when the serving thread runs on the faulting thread's CPU and
+ * ~40 us when it must be woken on another one (docs/design.md). Without knowing where the
+ * faulter runs, the default is one serving thread pinned to each CPU, all polling the same
+ * uffd: the one on the faulter's CPU, which has just gone idle, wins the message; the others
+ * find nothing to read and go back to poll().
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lm_internal.h"
+
+#define MSG_BATCH 16
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Log-linear buckets: exact below 16 ns, then 8 buckets per power of two. */
+static int hist_bucket(uint64_t ns)
+{
+    if (ns < 16)
+        return (int)ns;
+    int e = 63 - __builtin_clzll(ns);
+    int b = 16 + (e - 4) * 8 + (int)((ns >> (e - 3)) & 7);
+    return b < LM_HIST_BUCKETS ? b : LM_HIST_BUCKETS - 1;
+}
+
+uint64_t lm_hist_bucket_upper(int b)
+{
+    if (b < 16)
+        return (uint64_t)b + 1;
+    int e = (b - 16) / 8 + 4, sub = (b - 16) % 8;
+    return (uint64_t)(9 + sub) << (e - 3);
+}
+
+void lm_hist_add(struct lm_region *r, uint64_t ns)
+{
+    atomic_fetch_add_explicit(&r->hist[hist_bucket(ns)], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->st_ns_total, ns, memory_order_relaxed);
+    uint64_t max = atomic_load_explicit(&r->st_ns_max, memory_order_relaxed);
+    while (ns > max && !atomic_compare_exchange_weak_explicit(&r->st_ns_max, &max, ns,
+                                                              memory_order_relaxed,
+                                                              memory_order_relaxed))
+        ;
+}
+
+/*
+ * Adaptive readahead: a fault at (or just past) where a tracked stream expects its next fault
+ * doubles that stream's cluster; any other fault starts a new stream at one page. Random
+ * access thus pays for exactly the page it touches, sequential access quickly moves to the
+ * measured per-page floor (2 MiB per fault). The table is shared by the serving threads and
+ * updated without locks: a lost update only costs a smaller cluster.
+ */
+static uint32_t cluster_for(struct lm_region *r, size_t page, struct lm_stream **stream)
+{
+    uint32_t max = r->cfg.max_cluster_pages;
+    for (int i = 0; i < LM_STREAMS; i++) {
+        struct lm_stream *s = &r->streams[i];
+        size_t next = atomic_load_explicit(&s->next, memory_order_relaxed);
+        uint32_t c = atomic_load_explicit(&s->cluster, memory_order_relaxed);
+        if (c && page >= next && page <= next + c) {
+            *stream = s;
+            return c * 2 < max ? c * 2 : max;
+        }
+    }
+    unsigned slot = atomic_fetch_add_explicit(&r->stream_rr, 1, memory_order_relaxed);
+    *stream = &r->streams[slot % LM_STREAMS];
+    return 1;
+}
+
+static void count_fault(struct lm_region *r, const struct lm_page_meta *m, uint8_t old,
+                        bool write)
+{
+    _Atomic uint64_t *c = old == LM_EMPTY                ? &r->st_faults_empty
+                          : m->cls == LM_CLS_CANONICAL  ? &r->st_faults_canonical
+                          : m->cls == LM_CLS_SNAPSHOT   ? &r->st_faults_snapshot
+                                                        : &r->st_faults_zero;
+    atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+    if (write)
+        atomic_fetch_add_explicit(&r->st_faults_write, 1, memory_order_relaxed);
+}
+
+static void record_error(struct lm_region *r, int rc)
+{
+    atomic_fetch_add_explicit(&r->st_errors, 1, memory_order_relaxed);
+    atomic_store_explicit(&r->st_last_error, rc, memory_order_relaxed);
+}
+
+/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros. */
+static void fail_loudly(struct lm_region *r, size_t page, int rc)
+{
+    record_error(r, rc);
+    char *addr = r->base + page * r->page_size;
+    if (lm_uffd_poison(r->uffd, addr, r->page_size) == 0) {
+        r->meta[page].flags |= LM_F_POISONED;
+        lm_release(&r->meta[page], LM_PRESENT);
+        lm_uffd_wake(r->uffd, addr, r->page_size);
+    } else {
+        /* No poison (kernel < 6.6): the faulter keeps waiting; stats.errors says why. */
+        lm_release(&r->meta[page], LM_DEFERRED);
+    }
+}
+
+static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write)
+{
+    struct lm_region *r = t->r;
+    uint8_t old[LM_MAX_CLUSTER];
+    if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->nbytes)
+        return;   /* not ours: cannot happen with one uffd per region */
+    size_t page = (size_t)(addr - (uintptr_t)r->base) >> r->page_shift;
+    struct lm_page_meta *m = &r->meta[page];
+    char *dst = r->base + page * r->page_size;
+
+    uint8_t s;
+    while ((s = lm_try_claim(m)) == LM_BUSY)
+        sched_yield();   /* another path is filling it: its copy wakes our faulter, or ... */
+    if (s == LM_PRESENT) {
+        atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+        /* ... it already has. Also the case of a page dropped behind our back (e.g. an
+           madvise(MADV_DONTNEED) by the program): anonymous memory then reads as zero. */
+        atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
+        int rc = lm_uffd_zeropage(r->uffd, dst, r->page_size, true);
+        if (rc < 0 && rc != -ENOENT)
+            record_error(r, rc);
+        return;
+    }
+
+    old[0] = s;
+    struct lm_stream *stream;
+    uint32_t want = cluster_for(r, page, &stream);
+    size_t run = lm_claim_run(r, page, want, old);
+    count_fault(r, m, s, write);
+
+    /* Fill without waking, record, then wake: whoever the wake-up releases must already
+       see the page PRESENT in meta and counted in the statistics. */
+    int rc;
+    if (write && !lm_needs_copy(m) && run > 1 && r->cfg.zero_write == LM_ZW_COPY) {
+        /* Only the stored-to page gets memory; its neighbours share the zero page. */
+        rc = lm_fill_run(r, t, page, 1, false, true);
+        if (rc == 0)
+            rc = lm_fill_run(r, t, page + 1, run - 1, false, false);
+    } else {
+        rc = lm_fill_run(r, t, page, run, false, write);
+    }
+    if (rc < 0) {
+        lm_unclaim(r, page, run, old);
+        if (rc == -ENOENT || rc == -ESRCH)
+            return;   /* the range or the process is going away: nobody is waiting */
+        atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+        uint8_t again;
+        while ((again = lm_try_claim(m)) == LM_BUSY)
+            sched_yield();
+        if (again == LM_PRESENT)
+            lm_uffd_wake(r->uffd, dst, r->page_size);   /* someone else served it after all */
+        else
+            fail_loudly(r, page, rc);
+        return;
+    }
+    if (write) {
+        m->cls = LM_CLS_DATA;   /* about to be changed by the program */
+        m->signature = 0;
+    }
+    lm_mark_present(r, page, 1, write ? LM_F_WRITE_FAULT : 0, 1);
+    if (run > 1) {
+        lm_mark_present(r, page + 1, run - 1, LM_F_READAHEAD, run - 1);
+        atomic_fetch_add_explicit(&r->st_readahead, run - 1, memory_order_relaxed);
+    }
+    atomic_store_explicit(&stream->next, page + run, memory_order_relaxed);
+    atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+    rc = lm_uffd_wake(r->uffd, dst, run * r->page_size);
+    if (rc < 0 && rc != -ENOENT)
+        record_error(r, rc);
+}
+
+static void *serve_main(void *arg)
+{
+    struct lm_serve_thread *t = arg;
+    struct lm_region *r = t->r;
+    if (t->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(t->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);   /* best effort */
+    }
+    struct pollfd pfd[2] = {{.fd = r->uffd, .events = POLLIN}, {.fd = r->stop_fd, .events = POLLIN}};
+    struct uffd_msg msgs[MSG_BATCH];
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            record_error(r, -errno);
+            break;
+        }
+        if (pfd[1].revents)
+            break;
+        if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            record_error(r, -EBADF);
+            break;
+        }
+        ssize_t got = read(r->uffd, msgs, sizeof(msgs));
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;   /* another serving thread took the message */
+            record_error(r, -errno);
+            break;
+        }
+        for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;   /* no other events are requested */
+            uint64_t t0 = now_ns();
+            serve_fault(t, msgs[i].arg.pagefault.address & ~(uint64_t)(r->page_size - 1),
+                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE);
+            lm_hist_add(r, now_ns() - t0);
+        }
+    }
+    return NULL;
+}
+
+int lm_serve_start(struct lm_region *r)
+{
+    int rc = 0;
+    pthread_mutex_lock(&r->serve_lock);
+    if (atomic_load(&r->serving))
+        goto out;
+    /* Serving threads must never run a signal handler: Python's live in the main thread. */
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    for (int i = 0; i < r->nthreads; i++) {
+        struct lm_serve_thread *t = &r->threads[i];
+        t->r = r;
+        t->cpu = r->cpus[i];
+        if (!t->scratch) {
+            t->scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
+            if (!t->scratch) {
+                rc = lm_fail("malloc(scratch)", ENOMEM);
+                break;
+            }
+        }
+        t->scratch_canon = 0;
+        int err = pthread_create(&t->tid, NULL, serve_main, t);
+        if (err) {
+            rc = lm_fail("pthread_create", err);
+            break;
+        }
+        t->started = true;
+        atomic_fetch_add(&r->serving, 1);
+    }
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+out:
+    pthread_mutex_unlock(&r->serve_lock);
+    if (rc < 0)
+        lm_serve_stop(r);
+    return rc;
+}
+
+int lm_serve_stop(struct lm_region *r)
+{
+    pthread_mutex_lock(&r->serve_lock);
+    uint64_t one = 1;
+    bool any = false;
+    for (int i = 0; i < r->nthreads; i++)
+        any |= r->threads[i].started;
+    if (any) {
+        if (write(r->stop_fd, &one, sizeof(one)) < 0) {
+            /* cannot happen for an eventfd below its maximum */
+        }
+        for (int i = 0; i < r->nthreads; i++) {
+            if (!r->threads[i].started)
+                continue;
+            pthread_join(r->threads[i].tid, NULL);
+            r->threads[i].started = false;
+        }
+        uint64_t drain;
+        if (read(r->stop_fd, &drain, sizeof(drain)) < 0) {
+            /* nothing to drain */
+        }
+    }
+    atomic_store(&r->serving, 0);
+    pthread_mutex_unlock(&r->serve_lock);
+    return 0;
+}
+
+int lm_region_start(struct lm_region *r) { return lm_serve_start(r); }
+int lm_region_stop(struct lm_region *r) { return lm_serve_stop(r); }
+int lm_region_serving(struct lm_region *r) { return atomic_load(&r->serving); }

@@ -1,0 +1,191 @@
+/*
+ * lazymem.h: the contract between pylazymem's C core and its bindings.
+ *
+ * This is the only header the cffi build reads: everything between the CDEF markers is
+ * handed to ffi.cdef() after preprocessor lines are dropped, so the declarations below must
+ * stay plain C that cffi can parse (no macros with arguments, enum values as literals).
+ * Internal structures live in lm_internal.h and are never seen by Python.
+ *
+ * Conventions:
+ *  - every function that can fail returns 0 (or a non-negative value) on success and -errno
+ *    on failure; lm_last_op() then names the failing system call or check of the calling
+ *    thread ("ioctl(UFFDIO_REGISTER)"), so the bindings can say what failed and how to fix it.
+ *  - lengths and offsets are in pages unless the name says bytes.
+ *  - the fault path (serving threads) is pure C and never calls back into the bindings.
+ */
+#ifndef LAZYMEM_H
+#define LAZYMEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF BEGIN */
+
+/* Bumped whenever a declaration below changes; the Python package checks it at import. */
+enum { LM_ABI_VERSION = 1 };
+
+/* Page states: the only record of where a page is in its life (see docs/design.md). */
+enum lm_state {
+    LM_EMPTY = 0,      /* never given contents: reads as zero, like fresh anonymous memory */
+    LM_DEFERRED = 1,   /* not present; its contents are described by cls/canon */
+    LM_BUSY = 2,       /* claimed by one thread for a transition; others wait */
+    LM_PRESENT = 3     /* mapped in the region */
+};
+
+/* Known content classes. */
+enum lm_class {
+    LM_CLS_NONE = 0,
+    LM_CLS_ZERO = 1,       /* all zero: served by the kernel's shared zero page */
+    LM_CLS_CANONICAL = 2,  /* a copy of canonical page `canon` */
+    LM_CLS_DATA = 3,       /* program data: contents known only by signature */
+    LM_CLS_SNAPSHOT = 4    /* served from a snapshot store (checkpoint/restore) */
+};
+
+/* Page flags. */
+enum lm_flag {
+    LM_F_NEEDS_UPDATE = 1,   /* an update is recorded and must be carried out before access */
+    LM_F_READAHEAD = 2,      /* made present by readahead around another page's fault */
+    LM_F_WRITE_FAULT = 4,    /* first touch was a store */
+    LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
+    LM_F_POISONED = 16       /* could not be served: access raises SIGBUS (see stats.errors) */
+};
+
+/* One record per page; 32 bytes, lives in a memfd so another process can map it. */
+struct lm_page_meta {
+    uint64_t signature;   /* XXH3-64 of the contents, 0 = unknown */
+    uint64_t order;       /* first-touch sequence number, 0 = never touched */
+    uint32_t canon;       /* canonical page id (LM_CLS_CANONICAL), 0 = none */
+    uint32_t aux;         /* class-specific (snapshot store index) */
+    uint8_t state;        /* enum lm_state */
+    uint8_t cls;          /* enum lm_class */
+    uint16_t flags;       /* enum lm_flag */
+    uint32_t reserved;
+};
+
+/* How the userfaultfd was (or could not be) had. */
+enum lm_mode { LM_MODE_UNAVAILABLE = 0, LM_MODE_FULL = 1, LM_MODE_USER_ONLY = 2 };
+enum lm_source { LM_SRC_NONE = 0, LM_SRC_DEV = 1, LM_SRC_SYSCALL = 2 };
+
+/* Which acquisition paths lm_probe()/lm_region_create() may try (PYLAZYMEM_UFFD). */
+enum lm_acquire {
+    LM_ACQ_AUTO = 0,        /* /dev/userfaultfd, then syscall, then syscall user-mode-only */
+    LM_ACQ_DEV = 1,         /* /dev/userfaultfd only */
+    LM_ACQ_SYSCALL = 2,     /* syscall only (full mode) */
+    LM_ACQ_USER_ONLY = 3    /* syscall with UFFD_USER_MODE_ONLY only */
+};
+
+/* Kernel feature bits (UFFD_FEATURE_*), mirrored so the bindings need no kernel header. */
+enum lm_uffd_feature {
+    LM_UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1,
+    LM_UFFD_FEATURE_EVENT_FORK = 2,
+    LM_UFFD_FEATURE_EVENT_REMAP = 4,
+    LM_UFFD_FEATURE_EVENT_REMOVE = 8,
+    LM_UFFD_FEATURE_MISSING_SHMEM = 32,
+    LM_UFFD_FEATURE_EVENT_UNMAP = 64,
+    LM_UFFD_FEATURE_THREAD_ID = 256,
+    LM_UFFD_FEATURE_MINOR_SHMEM = 1024,
+    LM_UFFD_FEATURE_POISON = 16384,
+    LM_UFFD_FEATURE_WP_ASYNC = 32768,
+    LM_UFFD_FEATURE_MOVE = 65536
+};
+
+struct lm_features {
+    int mode;               /* enum lm_mode */
+    int source;             /* enum lm_source */
+    uint64_t api_features;  /* what UFFDIO_API reported as supported */
+    uint64_t ioctls;        /* UFFDIO_API's ioctl bitmask */
+    int dev_errno;          /* why /dev/userfaultfd failed (0 if not tried or it worked) */
+    int syscall_errno;      /* why the full-mode syscall failed */
+    int user_only_errno;    /* why the user-mode-only syscall failed */
+    int api_errno;          /* why UFFDIO_API failed */
+};
+
+enum lm_zero_write {
+    LM_ZW_DEFAULT = 0,
+    LM_ZW_COPY = 1,      /* UFFDIO_COPY of zeros: one fault, the page is allocated at once */
+    LM_ZW_ZEROPAGE = 2   /* UFFDIO_ZEROPAGE: the kernel then takes a copy-on-write fault */
+};
+
+/* Serving configuration. Zero/NULL fields take the defaults documented in docs/tunables.md. */
+struct lm_config {
+    int acquire;                 /* enum lm_acquire */
+    int nthreads;                /* unpinned serving threads when ncpus == 0 (default: 1) */
+    const int *cpus;             /* pin one serving thread to each of these CPUs */
+    int ncpus;
+    uint32_t max_cluster_pages;  /* readahead bound per fault (default 512 = 2 MiB) */
+    int zero_write;              /* enum lm_zero_write: how a store to a zero page is served */
+};
+
+enum { LM_HIST_BUCKETS = 256 };
+
+struct lm_stats {
+    uint64_t faults;              /* page-fault messages served */
+    uint64_t faults_zero;         /* ... by class of the faulting page */
+    uint64_t faults_canonical;
+    uint64_t faults_empty;
+    uint64_t faults_snapshot;
+    uint64_t faults_spurious;     /* page was already present (another path filled it) */
+    uint64_t faults_write;
+    uint64_t readahead_pages;     /* pages made present around a faulting page */
+    uint64_t pages_present;
+    uint64_t bytes_materialized;  /* bytes made present by faults and lm_materialize() */
+    uint64_t materialized_pages;  /* pages made present by lm_materialize() */
+    uint64_t errors;              /* ioctl failures on the fault path */
+    int last_error;               /* -errno of the last fault-path failure */
+    int serving_threads;
+    uint64_t service_ns_max;
+    uint64_t service_ns_total;
+    uint64_t hist[256];           /* service time histogram, see lm_hist_bucket_upper() */
+};
+
+struct lm_region;
+
+unsigned lm_abi_version(void);
+const char *lm_last_op(void);
+long lm_page_size(void);
+
+/* Open a userfaultfd the way a region would, ask the kernel what it supports, close it. */
+int lm_probe(int acquire, struct lm_features *out);
+
+/* Map `nbytes` (a multiple of the page size) of private anonymous memory, register it with a
+   new userfaultfd and create the metadata memfd. Serving threads are not started. */
+int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_region **out);
+void *lm_region_addr(struct lm_region *r);
+size_t lm_region_npages(struct lm_region *r);
+int lm_region_meta_fd(struct lm_region *r);
+int lm_region_mode(struct lm_region *r);
+
+int lm_region_start(struct lm_region *r);     /* start the serving threads */
+int lm_region_stop(struct lm_region *r);      /* stop and join them; idempotent */
+int lm_region_serving(struct lm_region *r);   /* number of running serving threads */
+
+/* Free everything. The data mapping is left alone when unmap_data is 0: the caller has taken
+   ownership of the address range (the Python buffer object unmaps it once no view is left). */
+void lm_region_destroy(struct lm_region *r, int unmap_data);
+
+/* In a child after fork(): free bookkeeping without touching the parent's threads. */
+void lm_region_forget(struct lm_region *r);
+
+/* Canonical pages: identical contents give the same id (hash, then memcmp). */
+int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64_t *sig_out);
+int lm_canonical_read(struct lm_region *r, uint32_t id, void *out);
+uint32_t lm_canonical_count(struct lm_region *r);
+
+/* Record an update for pages [first, first+n): cls is LM_CLS_ZERO or LM_CLS_CANONICAL (then
+   canon is the id). Present pages are discarded; nothing is written until first access. */
+int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon);
+
+/* Carry out pending updates now: every page in the range becomes present. */
+int lm_materialize(struct lm_region *r, size_t first, size_t n);
+
+/* Signatures of pages [first, first+n) into meta and out (may be NULL): present pages are
+   hashed; lazy pages take the signature of their pending contents without being touched. */
+int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out);
+
+int lm_stats(struct lm_region *r, struct lm_stats *out);
+uint64_t lm_hist_bucket_upper(int bucket);
+uint64_t lm_xxh3(const void *data, size_t len);
+
+/* CDEF END */
+
+#endif

@@ -1,0 +1,143 @@
+/*
+ * lm_internal.h: structures shared by the C core's files; never seen by the bindings.
+ */
+#ifndef LM_INTERNAL_H
+#define LM_INTERNAL_H
+
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "lazymem.h"
+
+/* Newer than the kernel headers some distributions ship; the values are ABI. */
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct uffdio_poison)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#define LM_MAX_THREADS 64
+#define LM_DEFAULT_CLUSTER 512u  /* 2 MiB of 4 KiB pages: the measured per-page floor */
+#define LM_MAX_CLUSTER 4096
+#define LM_STREAMS 4             /* sequential streams tracked for readahead */
+
+/* errors.c: every failure path records the operation it was doing, per thread. */
+int lm_fail(const char *op, int err);   /* records op, returns -err */
+#define LM_FAIL(op) lm_fail((op), errno)
+
+/* uffd.c */
+int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
+int lm_uffd_api(int fd, uint64_t *features, uint64_t *ioctls);
+int lm_uffd_register(int fd, void *addr, size_t len);
+int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake);
+int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake);
+int lm_uffd_wake(int fd, void *addr, size_t len);
+int lm_uffd_poison(int fd, void *addr, size_t len);
+
+/* A stream the fault path is following: where the next sequential fault would land. */
+struct lm_stream {
+    _Atomic size_t next;      /* page index expected next */
+    _Atomic uint32_t cluster; /* pages resolved for that next fault */
+};
+
+struct lm_serve_thread {
+    struct lm_region *r;
+    pthread_t tid;
+    int cpu;          /* -1: unpinned */
+    bool started;
+    char *scratch;    /* max_cluster pages, to assemble copies */
+    uint32_t scratch_canon;  /* the canonical page scratch holds scratch_pages copies of */
+    uint32_t scratch_pages;
+};
+
+struct lm_region {
+    char *base;
+    size_t nbytes;
+    size_t npages;
+    size_t page_size;
+    int page_shift;
+    int uffd;
+    int mode;
+    int source;
+
+    /* Metadata array in a memfd: the single record of page state. */
+    int meta_fd;
+    struct lm_page_meta *meta;
+
+    /* Canonical store: page i (1-based id) at canon_base + (i-1)*page_size, in a memfd so
+       that a handler in another process could map it; ids are published by canon_count. */
+    int canon_fd;
+    char *canon_base;
+    size_t canon_cap;
+    _Atomic uint32_t canon_count;
+    uint64_t *canon_sig;          /* signature per id, index id-1 */
+    uint32_t *canon_index;        /* open-addressing hash -> id, 0 = empty */
+    size_t canon_index_cap;
+    pthread_mutex_t canon_lock;   /* writers only; the fault path reads without it */
+
+    /* Serving. */
+    struct lm_config cfg;
+    int cpus[LM_MAX_THREADS];
+    int nthreads;
+    struct lm_serve_thread threads[LM_MAX_THREADS];
+    int stop_fd;                  /* eventfd: wakes serving threads to exit */
+    pthread_mutex_t serve_lock;   /* start/stop */
+    _Atomic int serving;
+
+    struct lm_stream streams[LM_STREAMS];
+    _Atomic unsigned stream_rr;
+
+    _Atomic uint64_t touch_seq;
+    const char *zero_src;
+    uint64_t zero_sig;         /* never-written anonymous memory: reads as zero */
+
+    /* Statistics: relaxed atomics, read as a whole by lm_stats(). */
+    _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
+        st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
+        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total;
+    _Atomic int64_t st_present;
+    _Atomic int st_last_error;
+    _Atomic uint64_t hist[LM_HIST_BUCKETS];
+};
+
+/* page states: region.c */
+static inline uint8_t lm_state_load(const struct lm_page_meta *m)
+{
+    return __atomic_load_n(&m->state, __ATOMIC_ACQUIRE);
+}
+/* Claim a lazy page (EMPTY or DEFERRED -> BUSY). Returns the old state, or LM_BUSY/LM_PRESENT
+   when the page is not claimable; never waits. */
+uint8_t lm_try_claim(struct lm_page_meta *m);
+/* Claim any page, waiting while another thread holds it BUSY. Returns the old state. */
+uint8_t lm_claim_wait(struct lm_page_meta *m);
+static inline void lm_release(struct lm_page_meta *m, uint8_t state)
+{
+    __atomic_store_n(&m->state, state, __ATOMIC_RELEASE);
+}
+bool lm_needs_copy(const struct lm_page_meta *m);
+void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old);
+size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old);
+/* Fill claimed pages [first, first+n) that share one content kind and mark them present. */
+int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                bool wake, bool write);
+void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
+                     size_t ordered);
+const char *lm_canon_page(struct lm_region *r, uint32_t id);
+
+/* handler.c */
+int lm_serve_start(struct lm_region *r);
+int lm_serve_stop(struct lm_region *r);
+void lm_hist_add(struct lm_region *r, uint64_t ns);
+
+#endif

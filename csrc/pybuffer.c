@@ -1,0 +1,183 @@
+/*
+ * pybuffer.c: the buffer-protocol base type of pylazymem.Region (module pylazymem._buffer).
+ *
+ * Python before 3.12 cannot export a buffer from a class written in Python, and memoryview(r)
+ * must be zero-copy. This type exports a fixed address range and counts its exports, which
+ * also settles what close() may do while numpy arrays or memoryviews still point at the memory:
+ *  - no export left: the range is unmapped at once;
+ *  - exports left: the range is replaced by inaccessible memory (PROT_NONE) at once, so its
+ *    pages are returned and a stale view faults loudly (SIGSEGV) instead of reading another
+ *    mapping that might later land there; the address range itself is unmapped when the last
+ *    view is released.
+ * After _attach(), this object owns the address range.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <sys/mman.h>
+
+typedef struct {
+    PyObject_HEAD
+    char *addr;
+    Py_ssize_t len;
+    Py_ssize_t exports;
+    int attached;
+    int closed;
+    int unmapped;
+} RangeObject;
+
+static PyObject *closed_error;   /* set by the package: pylazymem.RegionClosedError */
+
+static void unmap_now(RangeObject *self)
+{
+    if (self->attached && !self->unmapped) {
+        munmap(self->addr, (size_t)self->len);
+        self->unmapped = 1;
+    }
+}
+
+static int range_getbuffer(PyObject *obj, Py_buffer *view, int flags)
+{
+    RangeObject *self = (RangeObject *)obj;
+    if (!self->attached || self->closed) {
+        PyErr_SetString(closed_error ? closed_error : PyExc_ValueError,
+                        "operation on a closed region");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, obj, self->addr, self->len, 0, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void range_releasebuffer(PyObject *obj, Py_buffer *view)
+{
+    (void)view;
+    RangeObject *self = (RangeObject *)obj;
+    if (--self->exports == 0 && self->closed)
+        unmap_now(self);
+}
+
+static PyBufferProcs range_as_buffer = {range_getbuffer, range_releasebuffer};
+
+static PyObject *range_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;   /* subclasses take their own arguments */
+    (void)kwds;
+    return type->tp_alloc(type, 0);
+}
+
+static void range_dealloc(RangeObject *self)
+{
+    /* Exports keep a reference to us, so none is left here. */
+    unmap_now(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *range_attach(RangeObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Kn", &addr, &len))
+        return NULL;
+    if (self->attached) {
+        PyErr_SetString(PyExc_RuntimeError, "address range already attached");
+        return NULL;
+    }
+    self->addr = (char *)(uintptr_t)addr;
+    self->len = len;
+    self->attached = 1;
+    Py_RETURN_NONE;
+}
+
+/* Returns True if the range was unmapped now, False if views keep its address reserved. */
+static PyObject *range_detach(RangeObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->attached || self->closed)
+        Py_RETURN_TRUE;
+    self->closed = 1;
+    if (self->exports == 0) {
+        unmap_now(self);
+        Py_RETURN_TRUE;
+    }
+    if (mmap(self->addr, (size_t)self->len, PROT_NONE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_FALSE;
+}
+
+/* After fork(): the range is not mapped in this process; forget it without munmap, which
+   could hit whatever has been mapped there since. */
+static PyObject *range_abandon(RangeObject *self, PyObject *unused)
+{
+    (void)unused;
+    self->closed = 1;
+    self->unmapped = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *range_exports(RangeObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->exports);
+}
+
+static PyMethodDef range_methods[] = {
+    {"_attach", (PyCFunction)range_attach, METH_VARARGS, "take ownership of (address, nbytes)"},
+    {"_detach", (PyCFunction)range_detach, METH_NOARGS, "give up the range (see module doc)"},
+    {"_abandon", (PyCFunction)range_abandon, METH_NOARGS, "forget the range without unmapping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef range_getset[] = {
+    {"_exports", (getter)range_exports, NULL, "number of live buffer exports", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RangeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pylazymem._buffer.AddressRange",
+    .tp_basicsize = sizeof(RangeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "An address range exported through the buffer protocol.",
+    .tp_new = range_new,
+    .tp_dealloc = (destructor)range_dealloc,
+    .tp_as_buffer = &range_as_buffer,
+    .tp_methods = range_methods,
+    .tp_getset = range_getset,
+};
+
+static PyObject *set_closed_error(PyObject *mod, PyObject *cls)
+{
+    (void)mod;
+    Py_XINCREF(cls);
+    Py_XSETREF(closed_error, cls);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_closed_error", set_closed_error, METH_O, "exception raised on buffer requests after close"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pylazymem._buffer", NULL, -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__buffer(void)
+{
+    if (PyType_Ready(&RangeType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&RangeType);
+    if (PyModule_AddObject(m, "AddressRange", (PyObject *)&RangeType) < 0) {
+        Py_DECREF(&RangeType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

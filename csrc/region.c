@@ -1,0 +1,594 @@
+/*
+ * region.c: a lazy region, its page metadata and its deferred updates.
+ *
+ * The metadata array is the only record of a page's state. Every transition goes through
+ * BUSY: the thread that moves a page EMPTY/DEFERRED -> BUSY owns its record until it stores
+ * the next state with release semantics; everybody else waits (briefly) or skips it. That is
+ * what lets the fault path, materialize() and defer_fill() run at once on the same pages.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+#define CANON_RESERVE_MIN 65536u  /* canonical pages reserved (address space only) */
+
+long lm_page_size(void)
+{
+    static long ps;
+    if (!ps)
+        ps = sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+uint64_t lm_xxh3(const void *data, size_t len)
+{
+    return XXH3_64bits(data, len);
+}
+
+/* ---- page state transitions ---------------------------------------------------------- */
+
+uint8_t lm_try_claim(struct lm_page_meta *m)
+{
+    uint8_t s = lm_state_load(m);
+    while (s == LM_EMPTY || s == LM_DEFERRED) {
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return s;
+    }
+    return s;
+}
+
+uint8_t lm_claim_wait(struct lm_page_meta *m)
+{
+    for (;;) {
+        uint8_t s = lm_state_load(m);
+        if (s == LM_BUSY) {
+            sched_yield();   /* held for one copy or madvise at most */
+            continue;
+        }
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return s;
+    }
+}
+
+bool lm_needs_copy(const struct lm_page_meta *m)
+{
+    return m->cls == LM_CLS_CANONICAL;
+}
+
+/* Give claimed pages back in the states they were claimed from. */
+void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old)
+{
+    for (size_t i = 0; i < n; i++)
+        lm_release(&r->meta[first + i], old[i]);
+}
+
+/*
+ * Claim the lazy pages that follow `first` (already claimed, old state old[0]) and can be
+ * filled together with it: same kind, still lazy, at most `max` in all. Returns the run length.
+ */
+size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
+{
+    size_t run = 1;
+    while (run < max && first + run < r->npages) {
+        struct lm_page_meta *m = &r->meta[first + run];
+        uint8_t s = lm_try_claim(m);
+        if (s != LM_EMPTY && s != LM_DEFERRED)
+            break;
+        if (lm_needs_copy(m) != lm_needs_copy(&r->meta[first])) {
+            lm_release(m, s);
+            break;
+        }
+        old[run++] = s;
+    }
+    return run;
+}
+
+/* Mark claimed pages present. The first `ordered` pages were touched (in that order). */
+void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
+                     size_t ordered)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct lm_page_meta *m = &r->meta[first + i];
+        m->flags = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE)) | flags);
+        if (i < ordered && !m->order)
+            m->order = atomic_fetch_add_explicit(&r->touch_seq, 1, memory_order_relaxed);
+        lm_release(m, LM_PRESENT);
+    }
+    atomic_fetch_add_explicit(&r->st_present, (int64_t)n, memory_order_relaxed);
+}
+
+const char *lm_canon_page(struct lm_region *r, uint32_t id)
+{
+    return r->canon_base + (size_t)(id - 1) * r->page_size;
+}
+
+/*
+ * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
+ * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
+ * one UFFDIO_COPY; scratch remembers which canonical page it holds, so a run of one template
+ * (the common case) is assembled once and reused.
+ */
+int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                bool wake, bool write)
+{
+    char *dst = r->base + first * r->page_size;
+    size_t len = n * r->page_size;
+    struct lm_page_meta *m0 = &r->meta[first];
+    int rc;
+
+    if (lm_needs_copy(m0)) {
+        uint32_t same = m0->canon;
+        for (size_t i = 1; i < n && same; i++)
+            if (r->meta[first + i].canon != same)
+                same = 0;
+        if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
+            for (size_t i = 0; i < n; i++)
+                memcpy(t->scratch + i * r->page_size,
+                       lm_canon_page(r, r->meta[first + i].canon), r->page_size);
+            t->scratch_canon = same;
+            t->scratch_pages = same ? (uint32_t)n : 0;
+        }
+        rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake);
+    } else if (write && r->cfg.zero_write == LM_ZW_COPY) {
+        /* The page is about to be written: allocate it now rather than map the zero page
+           and take a second (kernel) fault for the copy-on-write. */
+        rc = lm_uffd_copy(r->uffd, dst, r->zero_src, len, wake);
+    } else {
+        rc = lm_uffd_zeropage(r->uffd, dst, len, wake);
+    }
+    if (rc == 0)
+        atomic_fetch_add_explicit(&r->st_bytes, len, memory_order_relaxed);
+    return rc;
+}
+
+/* ---- creation and teardown ----------------------------------------------------------- */
+
+static int parse_config(struct lm_region *r, const struct lm_config *cfg)
+{
+    if (cfg)
+        r->cfg = *cfg;
+    r->cfg.cpus = NULL;
+    if (r->cfg.zero_write == LM_ZW_DEFAULT)
+        r->cfg.zero_write = LM_ZW_COPY;
+    if (r->cfg.zero_write != LM_ZW_COPY && r->cfg.zero_write != LM_ZW_ZEROPAGE)
+        return lm_fail("config: zero_write must be COPY or ZEROPAGE", EINVAL);
+    if (!r->cfg.max_cluster_pages)
+        r->cfg.max_cluster_pages = LM_DEFAULT_CLUSTER;
+    if (r->cfg.max_cluster_pages > LM_MAX_CLUSTER)
+        return lm_fail("config: max_cluster_pages above 4096", EINVAL);
+    if (cfg && cfg->ncpus > 0) {
+        if (cfg->ncpus > LM_MAX_THREADS)
+            return lm_fail("config: more serving CPUs than supported (64)", EINVAL);
+        for (int i = 0; i < cfg->ncpus; i++) {
+            if (cfg->cpus[i] < 0 || cfg->cpus[i] >= CPU_SETSIZE)
+                return lm_fail("config: CPU number out of range", EINVAL);
+            r->cpus[i] = cfg->cpus[i];
+        }
+        r->nthreads = cfg->ncpus;
+    } else {
+        int n = r->cfg.nthreads > 0 ? r->cfg.nthreads : 1;
+        if (n > LM_MAX_THREADS)
+            return lm_fail("config: more serving threads than supported (64)", EINVAL);
+        for (int i = 0; i < n; i++)
+            r->cpus[i] = -1;
+        r->nthreads = n;
+    }
+    return 0;
+}
+
+static int map_memfd(const char *name, size_t len, int *fd_out, void **addr_out)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd < 0)
+        return LM_FAIL("memfd_create");
+    if (ftruncate(fd, (off_t)len) < 0) {
+        int rc = LM_FAIL("ftruncate(memfd)");
+        close(fd);
+        return rc;
+    }
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (p == MAP_FAILED) {
+        int rc = LM_FAIL("mmap(memfd)");
+        close(fd);
+        return rc;
+    }
+    /* A forked child has no serving threads: it must not inherit what they maintain. */
+    madvise(p, len, MADV_DONTFORK);
+    *fd_out = fd;
+    *addr_out = p;
+    return 0;
+}
+
+int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_region **out)
+{
+    size_t ps = (size_t)lm_page_size();
+    *out = NULL;
+    if (nbytes == 0 || nbytes % ps)
+        return lm_fail("region size must be a positive multiple of the page size", EINVAL);
+
+    struct lm_region *r = calloc(1, sizeof(*r));
+    if (!r)
+        return lm_fail("calloc(region)", ENOMEM);
+    r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = -1;
+    r->base = MAP_FAILED;
+    r->canon_base = MAP_FAILED;
+    r->meta = MAP_FAILED;
+    r->page_size = ps;
+    r->page_shift = __builtin_ctzl(ps);
+    r->nbytes = nbytes;
+    r->npages = nbytes / ps;
+    atomic_store(&r->touch_seq, 1);
+    pthread_mutex_init(&r->canon_lock, NULL);
+    pthread_mutex_init(&r->serve_lock, NULL);
+
+    int rc = parse_config(r, cfg);
+    if (rc < 0)
+        goto fail;
+
+    struct lm_features why = {0};
+    uint64_t features, ioctls;
+    r->uffd = lm_uffd_open(r->cfg.acquire, &r->mode, &r->source, &why);
+    if (r->uffd < 0) {
+        rc = r->uffd;
+        goto fail;
+    }
+    if ((rc = lm_uffd_api(r->uffd, &features, &ioctls)) < 0)
+        goto fail;
+
+    r->base = mmap(NULL, nbytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r->base == MAP_FAILED) {
+        rc = LM_FAIL("mmap(region)");
+        goto fail;
+    }
+    /* Huge pages would make a 4 KiB fault move 2 MiB; the fault path chooses its own
+       cluster size. A forked child gets no mapping at all rather than one nobody serves
+       (which would read deferred pages as zeros): see docs/design.md, "fork". */
+    madvise(r->base, nbytes, MADV_NOHUGEPAGE);
+    if (madvise(r->base, nbytes, MADV_DONTFORK) < 0) {
+        rc = LM_FAIL("madvise(MADV_DONTFORK)");
+        goto fail;
+    }
+    if ((rc = lm_uffd_register(r->uffd, r->base, nbytes)) < 0)
+        goto fail;
+
+    void *meta;
+    if ((rc = map_memfd("pylazymem-meta", r->npages * sizeof(struct lm_page_meta), &r->meta_fd,
+                        &meta)) < 0)
+        goto fail;
+    r->meta = meta;
+    /* Source for copies of zeros: anonymous memory never written reads as the zero page. */
+    void *z = mmap(NULL, (size_t)r->cfg.max_cluster_pages * ps, PROT_READ,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (z == MAP_FAILED) {
+        rc = LM_FAIL("mmap(zero source)");
+        goto fail;
+    }
+    r->zero_src = z;
+    r->zero_sig = XXH3_64bits(z, ps);
+    /* Fresh pages read as zero; the signature of that is known without touching them. */
+    for (size_t i = 0; i < r->npages; i++) {
+        r->meta[i].cls = LM_CLS_ZERO;
+        r->meta[i].signature = r->zero_sig;
+    }
+
+    r->canon_cap = r->npages > CANON_RESERVE_MIN ? r->npages : CANON_RESERVE_MIN;
+    void *canon;
+    if ((rc = map_memfd("pylazymem-canonical", r->canon_cap * ps, &r->canon_fd, &canon)) < 0)
+        goto fail;
+    r->canon_base = canon;
+    r->canon_sig = calloc(r->canon_cap, sizeof(uint64_t));
+    r->canon_index_cap = 1024;
+    r->canon_index = calloc(r->canon_index_cap, sizeof(uint32_t));
+    if (!r->canon_sig || !r->canon_index) {
+        rc = lm_fail("calloc(canonical index)", ENOMEM);
+        goto fail;
+    }
+
+    r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->stop_fd < 0) {
+        rc = LM_FAIL("eventfd");
+        goto fail;
+    }
+    *out = r;
+    return 0;
+
+fail:
+    lm_region_destroy(r, 1);
+    return rc;
+}
+
+void *lm_region_addr(struct lm_region *r) { return r->base; }
+size_t lm_region_npages(struct lm_region *r) { return r->npages; }
+int lm_region_meta_fd(struct lm_region *r) { return r->meta_fd; }
+int lm_region_mode(struct lm_region *r) { return r->mode; }
+
+static void free_bookkeeping(struct lm_region *r)
+{
+    if (r->meta != MAP_FAILED)
+        munmap(r->meta, r->npages * sizeof(struct lm_page_meta));
+    if (r->canon_base != MAP_FAILED)
+        munmap(r->canon_base, r->canon_cap * r->page_size);
+    if (r->zero_src)
+        munmap((void *)r->zero_src, (size_t)r->cfg.max_cluster_pages * r->page_size);
+    for (int i = 0; i < r->nthreads; i++)
+        free(r->threads[i].scratch);
+    if (r->meta_fd >= 0)
+        close(r->meta_fd);
+    if (r->canon_fd >= 0)
+        close(r->canon_fd);
+    if (r->stop_fd >= 0)
+        close(r->stop_fd);
+    free(r->canon_sig);
+    free(r->canon_index);
+    pthread_mutex_destroy(&r->canon_lock);
+    pthread_mutex_destroy(&r->serve_lock);
+}
+
+void lm_region_destroy(struct lm_region *r, int unmap_data)
+{
+    if (!r)
+        return;
+    lm_serve_stop(r);
+    /* Unmap before closing the uffd: closing it first would let a straggling access fault
+       in a zero page where deferred contents belong. */
+    if (unmap_data && r->base != MAP_FAILED)
+        munmap(r->base, r->nbytes);
+    if (r->uffd >= 0)
+        close(r->uffd);
+    free_bookkeeping(r);
+    free(r);
+}
+
+void lm_region_forget(struct lm_region *r)
+{
+    /* After fork() the child has none of the parent's threads; the mappings were not
+       inherited (MADV_DONTFORK), only the descriptors and the heap copy. */
+    if (!r)
+        return;
+    if (r->uffd >= 0)
+        close(r->uffd);
+    r->meta = MAP_FAILED;
+    r->canon_base = MAP_FAILED;
+    r->zero_src = NULL;
+    r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
+    free_bookkeeping(r);
+    free(r);
+}
+
+/* ---- canonical pages ----------------------------------------------------------------- */
+
+static int canon_index_insert(struct lm_region *r, uint64_t sig, uint32_t id)
+{
+    if ((size_t)(atomic_load(&r->canon_count) + 1) * 2 > r->canon_index_cap) {
+        size_t cap = r->canon_index_cap * 2;
+        uint32_t *idx = calloc(cap, sizeof(uint32_t));
+        if (!idx)
+            return lm_fail("calloc(canonical index)", ENOMEM);
+        for (size_t i = 0; i < r->canon_index_cap; i++) {
+            uint32_t old = r->canon_index[i];
+            if (!old)
+                continue;
+            size_t h = r->canon_sig[old - 1] & (cap - 1);
+            while (idx[h])
+                h = (h + 1) & (cap - 1);
+            idx[h] = old;
+        }
+        free(r->canon_index);
+        r->canon_index = idx;
+        r->canon_index_cap = cap;
+    }
+    size_t h = sig & (r->canon_index_cap - 1);
+    while (r->canon_index[h])
+        h = (h + 1) & (r->canon_index_cap - 1);
+    r->canon_index[h] = id;
+    return 0;
+}
+
+int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64_t *sig_out)
+{
+    uint64_t sig = XXH3_64bits(page, r->page_size);
+    int rc = 0;
+    pthread_mutex_lock(&r->canon_lock);
+    size_t mask = r->canon_index_cap - 1;
+    for (size_t h = sig & mask; r->canon_index[h]; h = (h + 1) & mask) {
+        uint32_t id = r->canon_index[h];
+        if (r->canon_sig[id - 1] == sig &&
+            memcmp(lm_canon_page(r, id), page, r->page_size) == 0) {
+            *id_out = id;
+            goto out;
+        }
+    }
+    uint32_t n = atomic_load(&r->canon_count);
+    if (n >= r->canon_cap) {
+        rc = lm_fail("canonical store full (one canonical page per region page)", ENOSPC);
+        goto out;
+    }
+    uint32_t id = n + 1;
+    memcpy((char *)lm_canon_page(r, id), page, r->page_size);
+    r->canon_sig[id - 1] = sig;
+    if ((rc = canon_index_insert(r, sig, id)) < 0)
+        goto out;
+    /* Publish: the fault path may read page `id` once a deferral names it. */
+    atomic_store_explicit(&r->canon_count, id, memory_order_release);
+    *id_out = id;
+out:
+    pthread_mutex_unlock(&r->canon_lock);
+    if (rc == 0)
+        *sig_out = sig;
+    return rc;
+}
+
+int lm_canonical_read(struct lm_region *r, uint32_t id, void *out)
+{
+    if (id == 0 || id > atomic_load_explicit(&r->canon_count, memory_order_acquire))
+        return lm_fail("canonical id out of range", EINVAL);
+    memcpy(out, lm_canon_page(r, id), r->page_size);
+    return 0;
+}
+
+uint32_t lm_canonical_count(struct lm_region *r)
+{
+    return atomic_load(&r->canon_count);
+}
+
+/* ---- deferred updates ---------------------------------------------------------------- */
+
+static int check_range(struct lm_region *r, size_t first, size_t n)
+{
+    if (n == 0 || first >= r->npages || n > r->npages - first)
+        return lm_fail("page range outside the region", ERANGE);
+    return 0;
+}
+
+#define CHUNK 512   /* pages claimed at once: keeps the BUSY window short */
+
+int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon)
+{
+    int rc = check_range(r, first, n);
+    if (rc < 0)
+        return rc;
+    uint64_t sig;
+    uint16_t flags;
+    if (cls == LM_CLS_ZERO) {
+        canon = 0;
+        flags = 0;   /* the shared zero page needs no update: nothing to carry out */
+        sig = r->zero_sig;
+    } else if (cls == LM_CLS_CANONICAL) {
+        if (canon == 0 || canon > atomic_load_explicit(&r->canon_count, memory_order_acquire))
+            return lm_fail("canonical id does not belong to this region", EINVAL);
+        flags = LM_F_NEEDS_UPDATE;
+        sig = r->canon_sig[canon - 1];
+    } else {
+        return lm_fail("defer_fill: class must be ZERO or CANONICAL", EINVAL);
+    }
+
+    for (size_t c = first; c < first + n; c += CHUNK) {
+        size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
+        size_t present = 0;
+        for (size_t i = c; i < c + len; i++) {
+            struct lm_page_meta *m = &r->meta[i];
+            if (lm_claim_wait(m) == LM_PRESENT)
+                present++;
+            m->cls = (uint8_t)cls;
+            m->canon = canon;
+            m->signature = sig;
+            m->order = 0;
+            m->flags = flags;
+        }
+        /* Return the old contents' memory; the range is missing again, so the next access
+           faults into the handler, which finds the update recorded above. */
+        if (present && madvise(r->base + c * r->page_size, len * r->page_size,
+                               MADV_DONTNEED) < 0)
+            rc = LM_FAIL("madvise(MADV_DONTNEED)");
+        atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
+        for (size_t i = c; i < c + len; i++)
+            lm_release(&r->meta[i], LM_DEFERRED);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int lm_materialize(struct lm_region *r, size_t first, size_t n)
+{
+    int rc = check_range(r, first, n);
+    if (rc < 0)
+        return rc;
+    struct lm_serve_thread t = {.r = r};
+    uint8_t old[LM_MAX_CLUSTER];
+    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
+    if (!t.scratch)
+        return lm_fail("malloc(scratch)", ENOMEM);
+
+    size_t i = first, end = first + n;
+    while (i < end && rc == 0) {
+        /* Claim a run of lazy pages of one kind; present pages are passed over. */
+        uint8_t s = lm_try_claim(&r->meta[i]);
+        if (s == LM_BUSY) {
+            sched_yield();
+            continue;
+        }
+        if (s == LM_PRESENT) {
+            i++;
+            continue;
+        }
+        old[0] = s;
+        size_t max = end - i < r->cfg.max_cluster_pages ? end - i : r->cfg.max_cluster_pages;
+        size_t run = lm_claim_run(r, i, max, old);
+        rc = lm_fill_run(r, &t, i, run, true, false);
+        if (rc == 0) {
+            lm_mark_present(r, i, run, LM_F_MATERIALIZED, 0);
+            atomic_fetch_add_explicit(&r->st_materialized, run, memory_order_relaxed);
+        } else {
+            lm_unclaim(r, i, run, old);   /* leave them lazy: nothing was lost */
+        }
+        i += run;
+    }
+    free(t.scratch);
+    return rc;
+}
+
+int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
+{
+    int rc = check_range(r, first, n);
+    if (rc < 0)
+        return rc;
+    for (size_t i = first; i < first + n; i++) {
+        struct lm_page_meta *m = &r->meta[i];
+        uint8_t s;
+        while ((s = lm_state_load(m)) == LM_BUSY)
+            sched_yield();
+        uint64_t sig;
+        if (s == LM_PRESENT) {
+            /* Reading a present page never waits on the fault path (unless something outside
+               pylazymem dropped it, and then the handler serves it). */
+            sig = XXH3_64bits(r->base + i * r->page_size, r->page_size);
+            m->signature = sig;
+        } else {
+            sig = m->signature;   /* pending contents: known when the update was recorded */
+        }
+        if (out)
+            out[i - first] = sig;
+    }
+    return 0;
+}
+
+/* ---- statistics ---------------------------------------------------------------------- */
+
+int lm_stats(struct lm_region *r, struct lm_stats *o)
+{
+    memset(o, 0, sizeof(*o));
+#define LD(x) atomic_load_explicit(&r->x, memory_order_relaxed)
+    o->faults = LD(st_faults);
+    o->faults_zero = LD(st_faults_zero);
+    o->faults_canonical = LD(st_faults_canonical);
+    o->faults_empty = LD(st_faults_empty);
+    o->faults_snapshot = LD(st_faults_snapshot);
+    o->faults_spurious = LD(st_faults_spurious);
+    o->faults_write = LD(st_faults_write);
+    o->readahead_pages = LD(st_readahead);
+    int64_t present = LD(st_present);
+    o->pages_present = present > 0 ? (uint64_t)present : 0;
+    o->bytes_materialized = LD(st_bytes);
+    o->materialized_pages = LD(st_materialized);
+    o->errors = LD(st_errors);
+    o->last_error = LD(st_last_error);
+    o->serving_threads = LD(serving);
+    o->service_ns_max = LD(st_ns_max);
+    o->service_ns_total = LD(st_ns_total);
+    for (int i = 0; i < LM_HIST_BUCKETS; i++)
+        o->hist[i] = LD(hist[i]);
+#undef LD
+    return 0;
+}

@@ -1,0 +1,204 @@
+/*
+ * uffd.c: acquiring a userfaultfd and the ioctls the fault path uses.
+ *
+ * The acquisition order is fixed by what each path can serve: /dev/userfaultfd gives full
+ * mode to anyone allowed to open the device; the syscall gives full mode to privileged callers
+ * (or with vm.unprivileged_userfaultfd=1); UFFD_USER_MODE_ONLY works unprivileged but kernel
+ * accesses to missing pages (read() into the region, KVM) then fail with EFAULT.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "lm_internal.h"
+
+static int open_dev(void)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    int err = errno;
+    close(dev);
+    return fd < 0 ? -err : fd;
+}
+
+static int open_syscall(int extra)
+{
+#ifdef SYS_userfaultfd
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | extra);
+    return fd < 0 ? -errno : fd;
+#else
+    (void)extra;
+    return -ENOSYS;
+#endif
+}
+
+int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why)
+{
+    int fd;
+    *mode = LM_MODE_UNAVAILABLE;
+    *source = LM_SRC_NONE;
+    if (acquire == LM_ACQ_AUTO || acquire == LM_ACQ_DEV) {
+        fd = open_dev();
+        if (fd >= 0) {
+            *mode = LM_MODE_FULL;
+            *source = LM_SRC_DEV;
+            return fd;
+        }
+        why->dev_errno = -fd;
+    }
+    if (acquire == LM_ACQ_AUTO || acquire == LM_ACQ_SYSCALL) {
+        fd = open_syscall(0);
+        if (fd >= 0) {
+            *mode = LM_MODE_FULL;
+            *source = LM_SRC_SYSCALL;
+            return fd;
+        }
+        why->syscall_errno = -fd;
+    }
+    if (acquire == LM_ACQ_AUTO || acquire == LM_ACQ_USER_ONLY) {
+        fd = open_syscall(UFFD_USER_MODE_ONLY);
+        if (fd >= 0) {
+            *mode = LM_MODE_USER_ONLY;
+            *source = LM_SRC_SYSCALL;
+            return fd;
+        }
+        why->user_only_errno = -fd;
+    }
+    /* Report the most telling error: a permission problem beats "not built in". */
+    int err = why->user_only_errno ? why->user_only_errno
+              : why->syscall_errno ? why->syscall_errno : why->dev_errno;
+    if (why->dev_errno == EACCES || why->dev_errno == EPERM)
+        err = why->dev_errno;
+    return lm_fail("userfaultfd", err ? err : ENOSYS);
+}
+
+int lm_uffd_api(int fd, uint64_t *features, uint64_t *ioctls)
+{
+    /* Ask for no optional feature: the kernel answers with everything it supports. */
+    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return LM_FAIL("ioctl(UFFDIO_API)");
+    *features = api.features;
+    *ioctls = api.ioctls;
+    return 0;
+}
+
+int lm_probe(int acquire, struct lm_features *out)
+{
+    memset(out, 0, sizeof(*out));
+    int fd = lm_uffd_open(acquire, &out->mode, &out->source, out);
+    if (fd < 0)
+        return 0;   /* "unavailable" is an answer, not a failure of the probe */
+    int rc = lm_uffd_api(fd, &out->api_features, &out->ioctls);
+    if (rc < 0) {
+        out->api_errno = -rc;
+        out->mode = LM_MODE_UNAVAILABLE;
+    }
+    close(fd);
+    return 0;
+}
+
+int lm_uffd_register(int fd, void *addr, size_t len)
+{
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)addr, .len = len},
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return LM_FAIL("ioctl(UFFDIO_REGISTER)");
+    if (!(reg.ioctls & ((uint64_t)1 << _UFFDIO_COPY)) ||
+        !(reg.ioctls & ((uint64_t)1 << _UFFDIO_ZEROPAGE)))
+        return lm_fail("ioctl(UFFDIO_REGISTER): COPY/ZEROPAGE not offered", ENOTSUP);
+    return 0;
+}
+
+/*
+ * Copy `len` bytes into missing pages. A page some other path filled meanwhile (EEXIST) is
+ * skipped, not an error; a partial copy because the mm is changing (EAGAIN) is retried.
+ */
+int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
+{
+    size_t done = 0;
+    long ps = lm_page_size();
+    bool skipped = false;
+    while (done < len) {
+        struct uffdio_copy c = {
+            .dst = (uintptr_t)dst + done,
+            .src = (uintptr_t)src + done,
+            .len = len - done,
+            .mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
+        };
+        if (ioctl(fd, UFFDIO_COPY, &c) == 0) {
+            done = len;
+            break;
+        }
+        int err = errno;
+        if (c.copy > 0)
+            done += (size_t)c.copy;
+        if (err == EAGAIN)
+            continue;
+        if (err == EEXIST) {
+            done += (size_t)ps;   /* this page is already there */
+            skipped = true;
+            continue;
+        }
+        return lm_fail("ioctl(UFFDIO_COPY)", err);
+    }
+    /* A wake-up may have been skipped with the page we stepped over. */
+    if (skipped && wake)
+        return lm_uffd_wake(fd, dst, len);
+    return 0;
+}
+
+int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake)
+{
+    size_t done = 0;
+    long ps = lm_page_size();
+    bool skipped = false;
+    while (done < len) {
+        struct uffdio_zeropage z = {
+            .range = {.start = (uintptr_t)dst + done, .len = len - done},
+            .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+        };
+        if (ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0) {
+            done = len;
+            break;
+        }
+        int err = errno;
+        if (z.zeropage > 0)
+            done += (size_t)z.zeropage;
+        if (err == EAGAIN)
+            continue;
+        if (err == EEXIST) {
+            done += (size_t)ps;
+            skipped = true;
+            continue;
+        }
+        return lm_fail("ioctl(UFFDIO_ZEROPAGE)", err);
+    }
+    if (skipped && wake)
+        return lm_uffd_wake(fd, dst, len);
+    return 0;
+}
+
+int lm_uffd_wake(int fd, void *addr, size_t len)
+{
+    struct uffdio_range range = {.start = (uintptr_t)addr, .len = len};
+    if (ioctl(fd, UFFDIO_WAKE, &range) < 0)
+        return LM_FAIL("ioctl(UFFDIO_WAKE)");
+    return 0;
+}
+
+/* Make an access to the range fail with SIGBUS: how an unservable fault fails loudly. */
+int lm_uffd_poison(int fd, void *addr, size_t len)
+{
+    struct uffdio_poison p = {.range = {.start = (uintptr_t)addr, .len = len}, .mode = 0};
+    if (ioctl(fd, UFFDIO_POISON, &p) < 0 && errno != EEXIST)
+        return LM_FAIL("ioctl(UFFDIO_POISON)");
+    return 0;
+}

@@ -1,0 +1,45 @@
+"""cffi build of the C core: the public header *is* the cdef, so the two cannot drift."""
+import os
+import re
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(HERE), "csrc")
+CORE_SOURCES = ["errors.c", "uffd.c", "region.c", "handler.c"]
+
+
+def header_cdef(path=os.path.join(CSRC, "lazymem.h")):
+    """The declarations between the CDEF markers, without preprocessor lines."""
+    with open(path) as f:
+        text = f.read()
+    body = text.split("/* CDEF BEGIN */", 1)[1].split("/* CDEF END */", 1)[0]
+    return "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
+
+
+def compile_args():
+    args = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
+    link = []
+    # PYLAZYMEM_SANITIZE=1 builds the core with ASan/UBSan (valgrind cannot run uffd code).
+    if os.environ.get("PYLAZYMEM_SANITIZE"):
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+        args += san
+        link += san
+    return args, link
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(re.sub(r"/\*.*?\*/", "", header_cdef(), flags=re.S))
+_args, _link = compile_args()
+ffibuilder.set_source(
+    "pylazymem._lazymem",
+    '#include "lazymem.h"\n',
+    sources=[os.path.relpath(os.path.join(CSRC, s)) for s in CORE_SOURCES],
+    include_dirs=[CSRC],
+    libraries=["xxhash", "pthread"],
+    extra_compile_args=_args,
+    extra_link_args=_link,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

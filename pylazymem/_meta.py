@@ -1,0 +1,49 @@
+"""Page metadata as Python sees it: enums and the numpy dtype, both derived from lazymem.h."""
+import enum
+
+import numpy as np
+
+from ._binding import ffi, lib
+
+
+class PageState(enum.IntEnum):
+    EMPTY = lib.LM_EMPTY          # never given contents: reads as zero
+    DEFERRED = lib.LM_DEFERRED    # not present; contents described by cls/canon
+    BUSY = lib.LM_BUSY            # in a transition (transient)
+    PRESENT = lib.LM_PRESENT      # mapped
+
+
+class PageClass(enum.IntEnum):
+    NONE = lib.LM_CLS_NONE
+    ZERO = lib.LM_CLS_ZERO
+    CANONICAL = lib.LM_CLS_CANONICAL
+    DATA = lib.LM_CLS_DATA
+    SNAPSHOT = lib.LM_CLS_SNAPSHOT
+
+
+class PageFlag(enum.IntFlag):
+    NEEDS_UPDATE = lib.LM_F_NEEDS_UPDATE
+    READAHEAD = lib.LM_F_READAHEAD
+    WRITE_FAULT = lib.LM_F_WRITE_FAULT
+    MATERIALIZED = lib.LM_F_MATERIALIZED
+    POISONED = lib.LM_F_POISONED
+
+
+#: The known content class "zero", for Region.defer_fill().
+ZERO = PageClass.ZERO
+
+_FIELD_TYPES = {"uint64_t": "<u8", "uint32_t": "<u4", "uint16_t": "<u2", "uint8_t": "u1"}
+
+
+def _meta_dtype():
+    ctype = ffi.typeof("struct lm_page_meta")
+    names, formats, offsets = [], [], []
+    for name, field in ctype.fields:
+        names.append(name)
+        formats.append(_FIELD_TYPES[field.type.cname])
+        offsets.append(field.offset)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                     "itemsize": ffi.sizeof(ctype)})
+
+
+META_DTYPE = _meta_dtype()

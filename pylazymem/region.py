@@ -1,0 +1,417 @@
+"""Region: private anonymous memory whose pages are served lazily by the C core.
+
+Python configures, starts, stops and observes; faults are resolved by native threads that
+never need the GIL (docs/design.md, "The GIL rule").
+"""
+import mmap
+import operator
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from ._binding import PAGE_SIZE, ffi, lib
+from ._buffer import AddressRange, set_closed_error
+from ._errors import InvalidArgumentError, InvalidRangeError, RegionClosedError, check
+from ._features import acquire_mode
+from ._meta import META_DTYPE, PageClass
+
+set_closed_error(RegionClosedError)
+
+_ZERO_WRITE = {"copy": lib.LM_ZW_COPY, "zeropage": lib.LM_ZW_ZEROPAGE}
+
+
+def _env_int(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgumentError("%s=%r is not an integer" % (name, value)) from None
+
+
+def _default_cpus():
+    """One serving thread pinned to each CPU this process may run on (see handler.c)."""
+    spec = os.environ.get("PYLAZYMEM_SERVE_CPUS", "")
+    if spec == "unpinned":
+        return []
+    if spec:
+        try:
+            return [int(c) for c in spec.split(",")]
+        except ValueError:
+            raise InvalidArgumentError("PYLAZYMEM_SERVE_CPUS=%r: expected e.g. '0,1' or "
+                                       "'unpinned'" % spec) from None
+    return sorted(os.sched_getaffinity(0))
+
+
+class Canonical:
+    """A page with canonical contents, owned by one region. Equal contents, equal ids."""
+
+    __slots__ = ("_region", "id", "signature", "__weakref__")
+
+    def __init__(self, region, id, signature):
+        self._region = weakref.ref(region)
+        self.id = id
+        self.signature = signature
+
+    def __bytes__(self):
+        region = self._region()
+        if region is None:
+            raise RegionClosedError("the canonical page's region is gone")
+        out = bytearray(region.page_size)
+        with region._use() as lm:
+            check(lib.lm_canonical_read(lm, self.id, ffi.from_buffer(out)), "canonical")
+        return bytes(out)
+
+    def __eq__(self, other):
+        return (isinstance(other, Canonical) and other.id == self.id
+                and other._region() is self._region())
+
+    def __hash__(self):
+        return hash((self.id, id(self._region())))
+
+    def __repr__(self):
+        return "Canonical(id=%d, signature=0x%016x)" % (self.id, self.signature)
+
+
+class Handler:
+    """The region's serving threads, with a threading.Thread-like surface."""
+
+    def __init__(self, region):
+        self._region = weakref.ref(region)
+
+    def _lm(self):
+        region = self._region()
+        if region is None or region._lm is None:
+            raise RegionClosedError("the region is closed")
+        return region._lm
+
+    def start(self):
+        check(lib.lm_region_start(self._lm()), "Handler.start")
+
+    def stop(self):
+        """Stop serving. Accesses to lazy pages then wait until start() is called again."""
+        lib.lm_region_stop(self._lm())
+
+    def is_alive(self):
+        region = self._region()
+        return bool(region is not None and region._lm is not None
+                    and lib.lm_region_serving(region._lm) > 0)
+
+    @property
+    def threads(self):
+        region = self._region()
+        return 0 if region is None else region._nthreads
+
+    @property
+    def cpus(self):
+        region = self._region()
+        return () if region is None else region._cpus
+
+    def __repr__(self):
+        return "<Handler threads=%d cpus=%s alive=%s>" % (self.threads, self.cpus, self.is_alive())
+
+
+_live_regions = weakref.WeakSet()
+
+
+def _forget_after_fork():
+    # In the child the data mapping does not exist (MADV_DONTFORK) and no serving thread
+    # runs: make every region refuse use instead of reading memory nobody serves.
+    for region in list(_live_regions):
+        region._forget()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Region(AddressRange):
+    """Private anonymous memory registered with userfaultfd; see the package docstring."""
+
+    def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None):
+        self._lm = None
+        self._forked = False
+        self._lock = threading.Condition()
+        self._users = 0
+        try:
+            nbytes = operator.index(nbytes)
+        except TypeError:
+            raise InvalidArgumentError("Region size must be an integer number of bytes, not %s"
+                                       % type(nbytes).__name__) from None
+        if nbytes <= 0:
+            raise InvalidArgumentError("Region size must be positive, got %d" % nbytes)
+        nbytes = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+
+        cfg = ffi.new("struct lm_config *")
+        cfg.acquire = acquire_mode()
+        if serve_cpus is None and serve_threads is None:
+            serve_cpus = _default_cpus()
+        cpus = [operator.index(c) for c in (serve_cpus or [])]
+        keep = ffi.new("int[]", cpus or [0])
+        if cpus:
+            cfg.cpus, cfg.ncpus = keep, len(cpus)
+        else:
+            cfg.nthreads = operator.index(serve_threads or 1)
+        if max_cluster_pages is None:
+            max_cluster_pages = _env_int("PYLAZYMEM_MAX_CLUSTER", 0)
+        max_cluster_pages = operator.index(max_cluster_pages)
+        if max_cluster_pages < 0:
+            raise InvalidArgumentError("max_cluster_pages must be >= 1")
+        cfg.max_cluster_pages = max_cluster_pages
+        zw = os.environ.get("PYLAZYMEM_ZERO_WRITE", "copy")
+        if zw not in _ZERO_WRITE:
+            raise InvalidArgumentError("PYLAZYMEM_ZERO_WRITE=%r: expected copy or zeropage" % zw)
+        cfg.zero_write = _ZERO_WRITE[zw]
+
+        out = ffi.new("struct lm_region **")
+        check(lib.lm_region_create(nbytes, cfg, out), "Region")
+        lm = out[0]
+        try:
+            self._meta_map = mmap.mmap(lib.lm_region_meta_fd(lm), 0, mmap.MAP_SHARED,
+                                       mmap.PROT_READ)
+            self._meta = np.frombuffer(self._meta_map, dtype=META_DTYPE)
+            self._attach(int(ffi.cast("uintptr_t", lib.lm_region_addr(lm))), nbytes)
+        except BaseException:
+            lib.lm_region_destroy(lm, 1)
+            raise
+        self._lm = lm
+        self.nbytes = nbytes
+        self.page_size = PAGE_SIZE
+        self.npages = nbytes // PAGE_SIZE
+        self.address = int(ffi.cast("uintptr_t", lib.lm_region_addr(lm)))
+        self._cpus = tuple(cpus)
+        self._nthreads = len(cpus) or cfg.nthreads
+        self.handler = Handler(self)
+        _live_regions.add(self)
+        self.handler.start()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _use(self):
+        return _InUse(self)
+
+    @property
+    def closed(self):
+        return self._lm is None
+
+    def close(self):
+        """Stop serving, unmap, free. Idempotent. Views still alive then fault if touched."""
+        with self._lock:
+            lm = self._lm
+            if lm is None:
+                return
+            self._lm = None   # new calls fail from here on
+            while self._users:
+                self._lock.wait()   # calls in progress (GIL released) finish first
+        _live_regions.discard(self)
+        lib.lm_region_stop(lm)
+        # Unmap (or make inaccessible) while still registered: a straggling access must fault
+        # loudly, never read a zero page where deferred contents belong.
+        self._detach()
+        lib.lm_region_destroy(lm, 0)
+        self._meta_map = None   # existing r.meta arrays keep the mapping alive
+
+    def _forget(self):
+        lm, self._lm = self._lm, None
+        self._forked = True
+        if lm is not None:
+            lib.lm_region_forget(lm)
+            self._abandon()   # not mapped here: give the address range up without munmap
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_lm", None) is not None:
+            self.close()
+
+    def __len__(self):
+        return self.nbytes
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        return "<pylazymem.Region %s nbytes=%d address=0x%x>" % (
+            state, self.nbytes, getattr(self, "address", 0))
+
+    # ---- views -------------------------------------------------------------------------
+
+    def ndarray(self, dtype, shape=None, offset=0):
+        """A zero-copy numpy view of the region's memory."""
+        self._check_open()
+        dtype = np.dtype(dtype)
+        offset = self._index(offset, "offset")
+        if offset < 0 or offset > self.nbytes:
+            raise InvalidRangeError("offset %d outside the region (0..%d)" % (offset, self.nbytes))
+        if shape is None:
+            count = (self.nbytes - offset) // dtype.itemsize
+            shape = (count,)
+        else:
+            shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(shape)
+            count = int(np.prod(shape, dtype=np.int64))
+            if count < 0 or offset + count * dtype.itemsize > self.nbytes:
+                raise InvalidRangeError("%d items of %s at offset %d do not fit in %d bytes"
+                                        % (count, dtype, offset, self.nbytes))
+        return np.frombuffer(self, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    @property
+    def meta(self):
+        """Read-only numpy structured array, one record per page (see docs/design.md)."""
+        self._check_open()
+        return self._meta
+
+    # ---- deferred updates --------------------------------------------------------------
+
+    def canonical(self, page):
+        """Register canonical contents (exactly one page); identical contents, same Canonical."""
+        try:
+            buf = memoryview(page).cast("B")
+        except TypeError:
+            raise InvalidArgumentError("canonical page must be a bytes-like object, not %s"
+                                       % type(page).__name__) from None
+        if buf.nbytes != self.page_size:
+            raise InvalidArgumentError("canonical page must be exactly %d bytes, got %d"
+                                       % (self.page_size, buf.nbytes))
+        ident = ffi.new("uint32_t *")
+        sig = ffi.new("uint64_t *")
+        with self._use() as lm:
+            check(lib.lm_canonical(lm, ffi.from_buffer(buf), ident, sig), "canonical")
+        return Canonical(self, ident[0], sig[0])
+
+    def defer_fill(self, offset, length, what):
+        """Record that [offset, offset+length) should hold `what` (ZERO or a Canonical)."""
+        first, n = self._pages(offset, length)
+        if isinstance(what, Canonical):
+            if what._region() is not self:
+                raise InvalidArgumentError("canonical page belongs to another region")
+            cls, canon = lib.LM_CLS_CANONICAL, what.id
+        elif what is PageClass.ZERO or (isinstance(what, int) and what == PageClass.ZERO
+                                         and not isinstance(what, bool)):
+            cls, canon = lib.LM_CLS_ZERO, 0
+        else:
+            raise InvalidArgumentError("defer_fill takes pylazymem.ZERO or a Canonical from "
+                                       "Region.canonical(), not %r" % (what,))
+        with self._use() as lm:
+            check(lib.lm_defer_fill(lm, first, n, cls, canon), "defer_fill")
+
+    def materialize(self, offset=0, length=None):
+        """Carry out pending updates now: every page in the range becomes present."""
+        first, n = self._pages(offset, length)
+        with self._use() as lm:
+            check(lib.lm_materialize(lm, first, n), "materialize")
+
+    def signatures(self, offset=0, length=None):
+        """XXH3-64 per page, also stored in meta["signature"]; lazy pages are not touched."""
+        first, n = self._pages(offset, length)
+        out = np.empty(n, dtype=np.uint64)
+        with self._use() as lm:
+            check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)), "signatures")
+        return out
+
+    def stats(self):
+        s = ffi.new("struct lm_stats *")
+        with self._use() as lm:
+            lib.lm_stats(lm, s)
+        return _stats_dict(s)
+
+    # ---- argument checks ---------------------------------------------------------------
+
+    def _check_open(self):
+        if self._lm is None:
+            raise self._closed_error()
+
+    def _closed_error(self):
+        if self._forked:
+            return RegionClosedError("region belongs to the parent process: after fork() a "
+                                     "child cannot use the parent's regions")
+        return RegionClosedError("operation on a closed region")
+
+    @staticmethod
+    def _index(value, name):
+        try:
+            return operator.index(value)
+        except TypeError:
+            raise InvalidRangeError("%s must be an integer, not %s"
+                                    % (name, type(value).__name__)) from None
+
+    def _pages(self, offset, length):
+        """Validate a byte range and turn it into (first page, page count)."""
+        self._check_open()
+        offset = self._index(offset, "offset")
+        length = self.nbytes - offset if length is None else self._index(length, "length")
+        if offset < 0 or length <= 0:
+            raise InvalidRangeError("offset %d, length %d: offset must be >= 0 and length > 0"
+                                    % (offset, length))
+        if offset % self.page_size or length % self.page_size:
+            raise InvalidRangeError("offset %d, length %d: both must be multiples of the page "
+                                    "size (%d)" % (offset, length, self.page_size))
+        if offset + length > self.nbytes:
+            raise InvalidRangeError("range [%d, %d) outside the region of %d bytes"
+                                    % (offset, offset + length, self.nbytes))
+        return offset // self.page_size, length // self.page_size
+
+
+class _InUse:
+    """Keeps close() from freeing the C region while a call into it (GIL released) runs."""
+
+    __slots__ = ("region",)
+
+    def __init__(self, region):
+        self.region = region
+
+    def __enter__(self):
+        region = self.region
+        with region._lock:
+            if region._lm is None:
+                raise region._closed_error()
+            region._users += 1
+            return region._lm
+
+    def __exit__(self, *exc):
+        region = self.region
+        with region._lock:
+            region._users -= 1
+            if not region._users:
+                region._lock.notify_all()
+
+
+def _quantile(hist, total, q):
+    if not total:
+        return 0
+    rank = q * total
+    seen = 0
+    for bucket, count in enumerate(hist):
+        seen += count
+        if seen >= rank and count:
+            return int(lib.lm_hist_bucket_upper(bucket))
+    return int(lib.lm_hist_bucket_upper(len(hist) - 1))
+
+
+def _stats_dict(s):
+    hist = list(s.hist)
+    total = sum(hist)
+    top = s.service_ns_max
+    return {
+        "faults": s.faults,
+        "faults_by_class": {"zero": s.faults_zero, "canonical": s.faults_canonical,
+                            "empty": s.faults_empty, "snapshot": s.faults_snapshot},
+        "faults_spurious": s.faults_spurious,
+        "faults_write": s.faults_write,
+        "readahead_pages": s.readahead_pages,
+        "pages_present": s.pages_present,
+        "bytes_materialized": s.bytes_materialized,
+        "materialized_pages": s.materialized_pages,
+        "errors": s.errors,
+        "last_error": -s.last_error,
+        "serving_threads": s.serving_threads,
+        "fault_service_ns": {
+            "p50": min(_quantile(hist, total, 0.50), top),
+            "p99": min(_quantile(hist, total, 0.99), top),
+            "max": s.service_ns_max,
+            "mean": s.service_ns_total // total if total else 0,
+        },
+    }

@@ -1,0 +1,47 @@
+"""Small helpers shared by the tests and by the scripts they run in subprocesses.
+
+Everything here is plain Python/numpy; nothing touches a region by itself.
+"""
+
+import os
+
+import numpy as np
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def pages(r):
+    """A (npages, page_size) uint8 view of region `r` (zero-copy: reading it faults pages in)."""
+    return r.ndarray(np.uint8).reshape(r.npages, r.page_size)
+
+
+def random_page(rng, page_size=PAGE_SIZE):
+    """A page of random bytes as a uint8 array (never all zero)."""
+    p = rng.integers(0, 256, size=page_size, dtype=np.uint8)
+    p[0] |= 1
+    return p
+
+
+def status_kib(field):
+    """A field of /proc/self/status in KiB ("RssAnon", "VmRSS"), or None if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def rss_anon():
+    """Anonymous resident memory of this process in bytes (RssAnon; VmRSS on old kernels)."""
+    kib = status_kib("RssAnon")
+    if kib is None:
+        kib = status_kib("VmRSS")
+    return kib * 1024
+
+
+def first_bad_pages(view, expected, limit=8):
+    """Indices of (up to `limit`) pages whose bytes differ between two (npages, ps) arrays."""
+    bad = np.nonzero((view != expected).any(axis=1))[0]
+    return [int(i) for i in bad[:limit]], int(bad.size)

@@ -1,0 +1,49 @@
+"""Page contents under concurrency: 4 threads, 64 MiB, ZERO + 5 canonical deferrals + EMPTY pages
++ program data, checked byte for byte against a numpy reference model (tests/_workloads.py).
+
+Each workload runs in a subprocess (a hang fails the test instead of blocking the run)."""
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
+
+CONFIGS = {
+    "default": {},
+    "no-readahead": {"max_cluster_pages": 1},
+    "cluster16-one-unpinned-server": {"max_cluster_pages": 16, "serve_cpus": [],
+                                      "serve_threads": 1},
+}
+
+
+def run_workload(run_py_ok, kind, seed, env=None, **kw):
+    args = json.dumps(dict(seed=seed, **kw))
+    out = run_py_ok(f"""
+        import _workloads
+        _workloads.contents_{kind}(**json.loads({args!r}))
+    """, timeout=240, env=env)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_threads_read_random_pages(run_py_ok, config):
+    st = run_workload(run_py_ok, "read", seed=11 + len(config), **CONFIGS[config])
+    assert st["faults"] > 0
+    if config == "no-readahead":
+        assert st["readahead"] == 0, st
+
+
+@pytest.mark.parametrize("config", ["default", "no-readahead"])
+def test_threads_write_then_verify(run_py_ok, config):
+    st = run_workload(run_py_ok, "write", seed=23 + len(config), **CONFIGS[config])
+    assert st["faults"] > 0
+
+
+def test_threads_read_user_mode_only(run_py_ok, probe_mode):
+    """The same workload with a user-mode-only uffd (user faults are served the same way)."""
+    mode, _, reason = probe_mode("user-mode-only")
+    if mode != "user-mode-only":
+        pytest.skip(f"user-mode-only uffd not available: {reason}")
+    run_workload(run_py_ok, "read", seed=5, env={"PYLAZYMEM_UFFD": "user-mode-only"},
+                 nbytes=16 << 20)
