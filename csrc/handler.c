@@ -117,7 +117,9 @@ static void fail_loudly(struct lm_region *r, size_t page, int rc)
     }
 }
 
-static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write)
+/* Service time is taken before the wake-up: on the faulter's CPU the woken thread preempts us,
+   and its run until the next fault is not ours to count. */
+static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, uint64_t t0)
 {
     struct lm_region *r = t->r;
     uint8_t old[LM_MAX_CLUSTER];
@@ -184,6 +186,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write)
     atomic_store_explicit(&stream->next, page + run, memory_order_relaxed);
     atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+    lm_hist_add(r, now_ns() - t0);
     rc = lm_uffd_wake(r->uffd, dst, run * r->page_size);
     if (rc < 0 && rc != -ENOENT)
         record_error(r, rc);
@@ -224,10 +227,8 @@ static void *serve_main(void *arg)
         for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;   /* no other events are requested */
-            uint64_t t0 = now_ns();
             serve_fault(t, msgs[i].arg.pagefault.address & ~(uint64_t)(r->page_size - 1),
-                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE);
-            lm_hist_add(r, now_ns() - t0);
+                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE, now_ns());
         }
     }
     return NULL;

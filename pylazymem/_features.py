@@ -42,10 +42,11 @@ def _reason(f, mode):
     if mode == "full":
         return ""
     if mode == "user-mode-only":
-        return ("user-mode-only userfaultfd (%s): kernel accesses to missing pages (read() or "
+        why = ("; ".join(failures) + "; for full mode: " + remedy(f.dev_errno or f.syscall_errno)
+               if failures else "requested with PYLAZYMEM_UFFD=user-mode-only")
+        return ("user-mode-only userfaultfd: kernel accesses to missing pages (read() or "
                 "readinto() into a region, os.write() from one, KVM) fail with EFAULT; call "
-                "Region.materialize() on such buffers first. For full mode: %s"
-                % ("; ".join(failures), remedy(f.dev_errno or f.syscall_errno or 1)))
+                "Region.materialize() on such buffers first (%s)" % why)
     if f.api_errno:
         return "UFFDIO_API failed: %s" % os.strerror(f.api_errno)
     errs = [err for _, err in tried if err]
