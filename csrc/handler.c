@@ -186,6 +186,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     atomic_store_explicit(&stream->next, page + run, memory_order_relaxed);
     atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->served, 1, memory_order_relaxed);
     lm_hist_add(r, now_ns() - t0);
     rc = lm_uffd_wake(r->uffd, dst, run * r->page_size);
     if (rc < 0 && rc != -ENOENT)
@@ -219,8 +220,11 @@ static void *serve_main(void *arg)
         }
         ssize_t got = read(r->uffd, msgs, sizeof(msgs));
         if (got < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;   /* another serving thread took the message */
+            if (errno == EAGAIN || errno == EINTR) {
+                /* another serving thread took the message */
+                atomic_fetch_add_explicit(&r->st_empty_wakeups, 1, memory_order_relaxed);
+                continue;
+            }
             record_error(r, -errno);
             break;
         }

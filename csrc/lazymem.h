@@ -26,7 +26,8 @@ enum { LM_ABI_VERSION = 1 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
-    LM_EMPTY = 0,      /* never given contents: reads as zero, like fresh anonymous memory */
+    LM_EMPTY = 0,      /* never given contents (class NONE): reads as zero, like fresh
+                          anonymous memory; an all-zero record is an EMPTY page */
     LM_DEFERRED = 1,   /* not present; its contents are described by cls/canon */
     LM_BUSY = 2,       /* claimed by one thread for a transition; others wait */
     LM_PRESENT = 3     /* mapped in the region */
@@ -34,7 +35,7 @@ enum lm_state {
 
 /* Known content classes. */
 enum lm_class {
-    LM_CLS_NONE = 0,
+    LM_CLS_NONE = 0,       /* no contents recorded (EMPTY pages) */
     LM_CLS_ZERO = 1,       /* all zero: served by the kernel's shared zero page */
     LM_CLS_CANONICAL = 2,  /* a copy of canonical page `canon` */
     LM_CLS_DATA = 3,       /* program data: contents known only by signature */
@@ -136,6 +137,8 @@ struct lm_stats {
     uint64_t service_ns_max;
     uint64_t service_ns_total;
     uint64_t hist[256];           /* service time histogram, see lm_hist_bucket_upper() */
+    uint64_t served_by_thread[64];  /* faults served by each serving thread (placement) */
+    uint64_t wakeups_empty;       /* serving threads woken with nothing to read */
 };
 
 struct lm_region;

@@ -59,6 +59,7 @@ struct lm_serve_thread {
     char *scratch;    /* max_cluster pages, to assemble copies */
     uint32_t scratch_canon;  /* the canonical page scratch holds scratch_pages copies of */
     uint32_t scratch_pages;
+    _Atomic uint64_t served;
 };
 
 struct lm_region {
@@ -105,7 +106,7 @@ struct lm_region {
     /* Statistics: relaxed atomics, read as a whole by lm_stats(). */
     _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
-        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total;
+        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total, st_empty_wakeups;
     _Atomic int64_t st_present;
     _Atomic int st_last_error;
     _Atomic uint64_t hist[LM_HIST_BUCKETS];

@@ -100,6 +100,10 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
     for (size_t i = 0; i < n; i++) {
         struct lm_page_meta *m = &r->meta[first + i];
         m->flags = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE)) | flags);
+        if (m->cls == LM_CLS_NONE) {   /* a fresh page now maps the zero page */
+            m->cls = LM_CLS_ZERO;
+            m->signature = r->zero_sig;
+        }
         if (i < ordered && !m->order)
             m->order = atomic_fetch_add_explicit(&r->touch_seq, 1, memory_order_relaxed);
         lm_release(m, LM_PRESENT);
@@ -276,11 +280,8 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     }
     r->zero_src = z;
     r->zero_sig = XXH3_64bits(z, ps);
-    /* Fresh pages read as zero; the signature of that is known without touching them. */
-    for (size_t i = 0; i < r->npages; i++) {
-        r->meta[i].cls = LM_CLS_ZERO;
-        r->meta[i].signature = r->zero_sig;
-    }
+    /* An all-zero record is a fresh page (EMPTY, class NONE): the metadata memfd needs no
+       initialisation pass and costs memory only where pages are used. */
 
     r->canon_cap = r->npages > CANON_RESERVE_MIN ? r->npages : CANON_RESERVE_MIN;
     void *canon;
@@ -555,6 +556,8 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
                pylazymem dropped it, and then the handler serves it). */
             sig = XXH3_64bits(r->base + i * r->page_size, r->page_size);
             m->signature = sig;
+        } else if (s == LM_EMPTY) {
+            sig = r->zero_sig;    /* fresh anonymous memory reads as zero */
         } else {
             sig = m->signature;   /* pending contents: known when the update was recorded */
         }
@@ -589,6 +592,9 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->service_ns_total = LD(st_ns_total);
     for (int i = 0; i < LM_HIST_BUCKETS; i++)
         o->hist[i] = LD(hist[i]);
+    for (int i = 0; i < r->nthreads; i++)
+        o->served_by_thread[i] = LD(threads[i].served);
+    o->wakeups_empty = LD(st_empty_wakeups);
 #undef LD
     return 0;
 }

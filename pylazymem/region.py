@@ -316,7 +316,7 @@ class Region(AddressRange):
         s = ffi.new("struct lm_stats *")
         with self._use() as lm:
             lib.lm_stats(lm, s)
-        return _stats_dict(s)
+        return _stats_dict(s, self._nthreads)
 
     # ---- argument checks ---------------------------------------------------------------
 
@@ -391,7 +391,7 @@ def _quantile(hist, total, q):
     return int(lib.lm_hist_bucket_upper(len(hist) - 1))
 
 
-def _stats_dict(s):
+def _stats_dict(s, nthreads):
     hist = list(s.hist)
     total = sum(hist)
     top = s.service_ns_max
@@ -408,6 +408,8 @@ def _stats_dict(s):
         "errors": s.errors,
         "last_error": -s.last_error,
         "serving_threads": s.serving_threads,
+        "served_by_thread": list(s.served_by_thread)[:nthreads],
+        "wakeups_empty": s.wakeups_empty,
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),
             "p99": min(_quantile(hist, total, 0.99), top),

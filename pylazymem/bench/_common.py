@@ -15,6 +15,10 @@ GiB = 1 << 30
 
 now_ns = time.perf_counter_ns
 
+# Repetitions run before the recorded ones (all variants, interleaved) and discarded: the first
+# touches of memory the host has reclaimed cost several times more (free page reporting).
+WARMUP = 1
+
 
 def import_plm():
     """Import pylazymem, with a clear message if the package (or its C core) is missing."""

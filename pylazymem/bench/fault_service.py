@@ -44,6 +44,7 @@ def _run_plm(plm, nbytes, template, offsets, faulter, serve_cpus):
         del view
         st = r.stats()
         threads = getattr(r.handler, "threads", None)
+        st["handler_cpus"] = tuple(getattr(r.handler, "cpus", ()) or ())
     finally:
         r.close()
     bad = int(np.count_nonzero(got != template[TOUCH_OFFSET]))
@@ -93,7 +94,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     ]
 
     print(f"# {NAME}: 4K faults from one Python thread (pinned to cpu {faulter}), random page order, "
-          f"{nbytes // C.MiB} MiB = {npages} pages, {reps} reps interleaved, readahead off "
+          f"{nbytes // C.MiB} MiB = {npages} pages, {reps} reps interleaved (+{C.WARMUP} warm-up rep discarded), readahead off "
           f"(max_cluster_pages=1), canonical page deferred over the whole region", file=file)
     C.print_environment(env, file)
 
@@ -101,14 +102,15 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     service = {name: [] for name, kind, _ in variants if kind == "plm"}
     extra = {name: {} for name, _, _ in variants}
     problems = []
-    for rep in range(reps):
+    for rep in range(-C.WARMUP, reps):  # rep < 0: warm-up, not recorded
         for name, kind, where in C.rotate(variants, rep):
             if kind == "plm":
                 dt, bad, st, threads = _run_plm(plm, nbytes, template, offsets, faulter, where)
                 service[name].append(st.get("fault_service_ns", {}))
                 extra[name] = {"faults": st.get("faults"), "serving_threads": st.get("serving_threads", threads),
                                "errors": st.get("errors"), "faults_spurious": st.get("faults_spurious"),
-                               "readahead_pages": st.get("readahead_pages")}
+                               "readahead_pages": st.get("readahead_pages"),
+                               "handler_cpus": st.get("handler_cpus")}
                 if st.get("faults") is not None and st["faults"] < npages:
                     problems.append(f"{name} rep {rep}: stats faults={st['faults']} < {npages} pages touched")
             else:
@@ -118,7 +120,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
                     problems.append(f"{name} rep {rep}: baseline handler error errno={err}")
             if bad:
                 problems.append(f"{name} rep {rep}: {bad} of {npages} bytes read wrong")
-            samples[name].append(dt / npages / 1000.0)  # us per fault
+            if rep >= 0:
+                samples[name].append(dt / npages / 1000.0)  # us per fault
 
     rows = {name: C.summary(s) for name, s in samples.items()}
     for name, sv in service.items():
@@ -139,6 +142,9 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
         table.append([name, r["median"], r["min"], r["max"], r["n"], r.get("faults", "-"),
                       svc.get("p50", "-"), svc.get("p99", "-"), svc.get("mean", "-")])
     C.print_table(headers, table, file)
+    print("# serving threads: " + "  ".join(
+        f"{name}={'cpus ' + ','.join(map(str, rows[name].get('handler_cpus') or ())) if kind == 'plm' else where}"
+        for name, kind, where in variants) + "  (baseline: cpu it is pinned to, None = unpinned)", file=file)
     print("# svc_* = pylazymem stats()['fault_service_ns'] (its own in-handler service time; median over reps)",
           file=file)
 

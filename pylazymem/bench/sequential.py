@@ -81,7 +81,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
 
     variants = ["pylazymem_read", "kernel_read", "kernel_write", "pylazymem_write"]
     print(f"# {NAME}: sequential first touch, one byte per page in address order, {nbytes // C.MiB} MiB = "
-          f"{npages} pages, {reps} reps interleaved; pylazymem: canonical page deferred over the region, "
+          f"{npages} pages, {reps} reps interleaved (+{C.WARMUP} warm-up rep discarded); pylazymem: canonical page deferred over the region, "
           f"default readahead and serving threads; kernel: mmap anonymous MAP_PRIVATE + MADV_NOHUGEPAGE; "
           f"main thread unpinned", file=file)
     C.print_environment(env, file)
@@ -89,7 +89,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     samples = {v: [] for v in variants}
     stats = {}
     problems = []
-    for rep in range(reps):
+    for rep in range(-C.WARMUP, reps):  # rep < 0: warm-up, not recorded
         for v in C.rotate(variants, rep):
             write = v.endswith("_write")
             if v.startswith("pylazymem"):
@@ -99,7 +99,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
                 dt, ok = _run_kernel(nbytes, write)
             if not ok:
                 problems.append(f"{v} rep {rep}: contents check failed")
-            samples[v].append(dt / npages)  # ns per page
+            if rep >= 0:
+                samples[v].append(dt / npages)  # ns per page
 
     rows = {v: C.summary(samples[v]) for v in variants}
     for v in ("pylazymem_read", "pylazymem_write"):

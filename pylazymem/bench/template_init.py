@@ -22,10 +22,12 @@ TOUCH_OFFSET = 777
 FRACTION = 0.01
 
 
-def _run_plm(plm, nbytes, template, offsets):
-    with C.quiet_gc():
+def _run_plm(plm, nbytes, template, offsets, cpu=None):
+    """cpu None: default Region, main thread unpinned; else main thread and one serving thread on `cpu`."""
+    kw = {} if cpu is None else {"serve_cpus": [cpu]}
+    with C.quiet_gc(), C.pinned(cpu):
         t0 = C.now_ns()
-        r = plm.Region(nbytes)
+        r = plm.Region(nbytes, **kw)
         t1 = C.now_ns()
         try:
             c = r.canonical(template)
@@ -74,34 +76,39 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     offsets = pages * C.PAGE + TOUCH_OFFSET
 
     print(f"# {NAME}: fill {nbytes // C.MiB} MiB with a 4 KiB template, then read {nreads} random pages "
-          f"({FRACTION:.0%}, one byte each); end-to-end ms, {reps} reps interleaved; pylazymem default "
+          f"({FRACTION:.0%}, one byte each); end-to-end ms, {reps} reps interleaved (+{C.WARMUP} warm-up rep discarded); pylazymem default "
           f"Region config, main thread unpinned", file=file)
     C.print_environment(env, file)
 
-    variants = ["pylazymem", "numpy"]
+    faulter, _ = C.cpu_pair()
+    # pylazymem_pinned (informational): main thread pinned to one CPU, serve_cpus=[that CPU]
+    variants = ["pylazymem", "numpy", "pylazymem_pinned"]
     parts = {v: {k: [] for k in ("total", "create", "fill", "reads", "free")} for v in variants}
     stats = {}
     problems = []
-    for rep in range(reps):
+    for rep in range(-C.WARMUP, reps):  # rep < 0: warm-up, not recorded
         for v in C.rotate(variants, rep):
-            if v == "pylazymem":
-                t, bad, st = _run_plm(plm, nbytes, template, offsets)
-                stats = st
+            if v.startswith("pylazymem"):
+                t, bad, st = _run_plm(plm, nbytes, template, offsets, faulter if v.endswith("_pinned") else None)
+                stats[v] = st
             else:
                 t, bad = _run_numpy(nbytes, template, offsets)
             if bad:
                 problems.append(f"{v} rep {rep}: {bad} of {nreads} bytes read wrong")
             for k, ns in t.items():
-                parts[v][k].append(ns / 1e6)  # ms
+                if rep >= 0:
+                    parts[v][k].append(ns / 1e6)  # ms
 
     rows = {}
     for v in variants:
         rows[v] = C.summary(parts[v]["total"])
         for k in ("create", "fill", "reads", "free"):
             rows[v][k + "_ms_median"] = float(np.median(parts[v][k]))
-    rows["pylazymem"]["stats"] = {k: stats.get(k) for k in ("faults", "readahead_pages", "pages_present",
-                                                            "bytes_materialized", "serving_threads",
-                                                            "fault_service_ns", "errors")}
+    for v in variants:
+        if v.startswith("pylazymem"):
+            rows[v]["stats"] = {k: stats[v].get(k) for k in ("faults", "readahead_pages", "pages_present",
+                                                             "bytes_materialized", "serving_threads",
+                                                             "fault_service_ns", "errors")}
 
     headers = ["variant", "total_ms_med", "min", "max", "reps", "create_ms", "fill_ms", "reads_ms",
                "us/read", "free_ms"]
@@ -111,18 +118,24 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     C.print_table(headers, table, file)
     print("# create = Region() / np.empty; fill = canonical()+defer_fill / broadcast copy; free (close / del) "
           "is not part of total", file=file)
-    s = rows["pylazymem"]["stats"]
-    print(f"# pylazymem stats (last rep): faults={s.get('faults')} readahead_pages={s.get('readahead_pages')} "
-          f"pages_present={s.get('pages_present')} serving_threads={s.get('serving_threads')} "
-          f"fault_service_ns={s.get('fault_service_ns')}", file=file)
+    print(f"# pylazymem_pinned: main thread pinned to cpu {faulter} for the whole timed section, "
+          f"Region(serve_cpus=[{faulter}])", file=file)
+    for v in variants:
+        if v.startswith("pylazymem"):
+            s = rows[v]["stats"]
+            print(f"# {v} stats (last rep): faults={s.get('faults')} readahead_pages={s.get('readahead_pages')} "
+                  f"pages_present={s.get('pages_present')} serving_threads={s.get('serving_threads')} "
+                  f"fault_service_ns={s.get('fault_service_ns')}", file=file)
 
     ratios = [C.ratio("speedup", rows["numpy"]["median"], rows["pylazymem"]["median"], ">=", TARGET,
-                      "numpy total / pylazymem total (higher is better)")]
+                      "numpy total / pylazymem total, default Region (higher is better)"),
+              C.ratio("speedup_pinned", rows["numpy"]["median"], rows["pylazymem_pinned"]["median"], ">=", TARGET,
+                      "informational: numpy total / pylazymem total, faulter and serving thread on one CPU")]
     C.print_ratios(ratios, file)
     for p in problems:
         print(f"PROBLEM {p}", file=file)
     return {"name": NAME, "quick": quick, "nbytes": nbytes, "pages": npages, "reads": nreads, "reps": reps,
-            "env": env, "rows": rows, "ratios": {r["name"]: r for r in ratios}, "problems": problems}
+            "faulter_cpu": faulter, "env": env, "rows": rows, "ratios": {r["name"]: r for r in ratios}, "problems": problems}
 
 
 if __name__ == "__main__":
