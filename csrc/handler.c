@@ -102,8 +102,9 @@ static void record_error(struct lm_region *r, int rc)
     atomic_store_explicit(&r->st_last_error, rc, memory_order_relaxed);
 }
 
-/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros. */
-static void fail_loudly(struct lm_region *r, size_t page, int rc)
+/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros:
+   poison it, so the access raises SIGBUS. The page is claimed (BUSY) by the caller. */
+void lm_poison_page(struct lm_region *r, size_t page, int rc)
 {
     record_error(r, rc);
     char *addr = r->base + page * r->page_size;
@@ -130,7 +131,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     char *dst = r->base + page * r->page_size;
 
     uint8_t s;
-    while ((s = lm_try_claim(m)) == LM_BUSY)
+    while ((s = lm_claim(r, page)) == LM_BUSY)
         sched_yield();   /* another path is filling it: its copy wakes our faulter, or ... */
     if (s == LM_PRESENT) {
         atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
@@ -160,18 +161,20 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     } else {
         rc = lm_fill_run(r, t, page, run, false, write);
     }
+    if (rc < 0 && run > 1 && rc != -ENOENT && rc != -ESRCH) {
+        /* A readahead page may be the bad one (unreadable, or failed verification): give the
+           neighbours back and serve the faulting page alone. */
+        lm_unclaim(r, page + 1, run - 1, old + 1);
+        run = 1;
+        rc = lm_fill_run(r, t, page, 1, false, write);
+    }
     if (rc < 0) {
-        lm_unclaim(r, page, run, old);
-        if (rc == -ENOENT || rc == -ESRCH)
-            return;   /* the range or the process is going away: nobody is waiting */
         atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
-        uint8_t again;
-        while ((again = lm_try_claim(m)) == LM_BUSY)
-            sched_yield();
-        if (again == LM_PRESENT)
-            lm_uffd_wake(r->uffd, dst, r->page_size);   /* someone else served it after all */
-        else
-            fail_loudly(r, page, rc);
+        if (rc == -ENOENT || rc == -ESRCH) {
+            lm_unclaim(r, page, run, old);
+            return;   /* the range or the process is going away: nobody is waiting */
+        }
+        lm_poison_page(r, page, rc);   /* still claimed by us */
         return;
     }
     if (write) {

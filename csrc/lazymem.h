@@ -48,7 +48,8 @@ enum lm_flag {
     LM_F_READAHEAD = 2,      /* made present by readahead around another page's fault */
     LM_F_WRITE_FAULT = 4,    /* first touch was a store */
     LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
-    LM_F_POISONED = 16       /* could not be served: access raises SIGBUS (see stats.errors) */
+    LM_F_POISONED = 16,      /* could not be served: access raises SIGBUS (see stats.errors) */
+    LM_F_PREFETCHED = 32     /* made present by restore prefetch or the background fill */
 };
 
 /* One record per page; 32 bytes, lives in a memfd so another process can map it. */
@@ -139,6 +140,11 @@ struct lm_stats {
     uint64_t hist[256];           /* service time histogram, see lm_hist_bucket_upper() */
     uint64_t served_by_thread[64];  /* faults served by each serving thread (placement) */
     uint64_t wakeups_empty;       /* serving threads woken with nothing to read */
+    uint64_t prefetched_pages;    /* made present by lm_prefetch() */
+    uint64_t background_pages;    /* made present by the background fill */
+    uint64_t source_bytes_read;   /* read from the snapshot store */
+    uint64_t verify_failures;     /* pages whose contents did not match their signature */
+    int background_running;
 };
 
 struct lm_region;
@@ -188,6 +194,63 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out);
 int lm_stats(struct lm_region *r, struct lm_stats *out);
 uint64_t lm_hist_bucket_upper(int bucket);
 uint64_t lm_xxh3(const void *data, size_t len);
+
+/* ---- snapshots (docs/snapshot-format.md) --------------------------------------------- */
+
+/* One page-table entry of a snapshot file, little-endian on disk. */
+enum lm_snap_class { LM_SNAP_UNTOUCHED = 0, LM_SNAP_ZERO = 1, LM_SNAP_STORED = 2 };
+enum lm_snap_flag { LM_SNAP_F_WORKING_SET = 1 };
+struct lm_snap_page {
+    uint8_t cls;          /* enum lm_snap_class */
+    uint8_t flags;        /* enum lm_snap_flag */
+    uint16_t reserved;
+    uint32_t store;       /* store index (LM_SNAP_STORED) */
+    uint64_t signature;   /* XXH3-64 of the contents (0 for untouched) */
+};
+
+/* Serve SNAPSHOT pages from `fd` (duplicated): store entry i is page_size bytes at
+   store_offset + i * page_size. With verify, every page is checked against its signature as
+   it is served; a mismatch poisons the page (access raises SIGBUS). */
+int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
+                     int verify);
+/* Check a snapshot's page table and working set: classes, flags, store indices in range and
+   every store entry used, working-set pages in range, listed once and flagged. counts[3]
+   receives the number of untouched, zero and stored pages. */
+int lm_snap_check(const struct lm_snap_page *table, size_t npages, uint64_t nstored,
+                  const uint64_t *ws, size_t nws, uint64_t *counts);
+/* Make a fresh region hold the snapshot: its pages become deferred updates. The table is
+   not copied: the caller keeps it alive until lm_meta_pending() is 0 or the region ends
+   (records are filled from it as pages are first claimed; lm_meta_sync() fills the rest). */
+int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size_t npages,
+                     uint64_t nstored);
+int lm_meta_sync(struct lm_region *r);
+int lm_meta_pending(struct lm_region *r);
+/* Carry out the pending updates of the listed pages now (working-set prefetch). */
+int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n);
+/* Background fill of every page that still needs an update, yielding to demand faults. */
+int lm_background_start(struct lm_region *r);
+int lm_background_stop(struct lm_region *r);
+
+/* A page's contents without faulting it in: lazy pages are read from where their update
+   comes from (canonical store, snapshot store, zero). */
+int lm_page_read(struct lm_region *r, size_t page, void *out);
+
+/* Checkpoint, step 1: classify and hash every page, deduplicate contents (hash, then compare
+   bytes) and lay out the store: working-set pages first, in the order given, then the rest in
+   address order. Fills table[npages] and store_pages[] (the page whose contents each store
+   entry holds); returns the number of store entries in *nstored. */
+int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
+                 struct lm_snap_page *table, uint64_t *store_pages, uint64_t *nstored);
+/* Checkpoint, step 2: write the contents of store_pages[0..n) to fd at offset. */
+int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
+                  size_t n);
+
+/* Working-set window: pages first touched since the mark (in touch order), plus present pages
+   written since the mark (write-protect tracking, where the kernel has WP_ASYNC). */
+int lm_ws_mark(struct lm_region *r);
+/* Up to cap pages into out; returns the count (or -errno). */
+long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap);
+int lm_ws_tracks_writes(struct lm_region *r);
 
 /* CDEF END */
 

@@ -8,6 +8,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <sys/types.h>
+#include <time.h>
 
 #include "lazymem.h"
 
@@ -15,6 +17,8 @@
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
 #endif
+#define UFFD_FEATURE_WP_ASYNC_BIT ((uint64_t)1 << 15)
+
 #ifndef UFFDIO_POISON
 struct uffdio_poison {
     struct uffdio_range range;
@@ -38,8 +42,8 @@ int lm_fail(const char *op, int err);   /* records op, returns -err */
 
 /* uffd.c */
 int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
-int lm_uffd_api(int fd, uint64_t *features, uint64_t *ioctls);
-int lm_uffd_register(int fd, void *addr, size_t len);
+int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
+int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake);
 int lm_uffd_wake(int fd, void *addr, size_t len);
@@ -60,6 +64,7 @@ struct lm_serve_thread {
     uint32_t scratch_canon;  /* the canonical page scratch holds scratch_pages copies of */
     uint32_t scratch_pages;
     _Atomic uint64_t served;
+    size_t bad_page;  /* set by lm_fill_run on a verification failure */
 };
 
 struct lm_region {
@@ -100,13 +105,41 @@ struct lm_region {
     _Atomic unsigned stream_rr;
 
     _Atomic uint64_t touch_seq;
+
+    /* Snapshot source (snapshot.c): store entry i at src_store_off + i * page_size. */
+    int src_fd;
+    uint64_t src_store_off;
+    uint64_t src_nstored;
+    bool src_verify;
+    off_t src_size;
+    struct timespec src_mtime;
+    _Atomic uint64_t src_checked_ns;
+    _Atomic int src_broken;       /* -errno once the file changed under us */
+
+    /* Background fill (snapshot.c). */
+    pthread_t bg_tid;
+    bool bg_started;
+    _Atomic int bg_stop;
+    _Atomic int bg_running;
+    struct lm_serve_thread bg;    /* its scratch and scratch cache */
+
+    /* Restore's base layer of page records (region.c, apply_base). */
+    _Atomic(const struct lm_snap_page *) base_table;
+    _Atomic uint64_t *base_done;  /* one bit per page: record filled from the base */
+    bool used;                    /* defer_fill or materialize has run */
+
+    /* Working-set window (wstrack.c). */
+    uint64_t ws_mark_seq;
+    bool wp_async;                /* registered for async write-protect tracking */
+    int pagemap_fd;
     const char *zero_src;
     uint64_t zero_sig;         /* never-written anonymous memory: reads as zero */
 
     /* Statistics: relaxed atomics, read as a whole by lm_stats(). */
     _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
-        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total, st_empty_wakeups;
+        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total, st_empty_wakeups,
+        st_prefetched, st_background, st_src_bytes, st_verify_fail;
     _Atomic int64_t st_present;
     _Atomic int st_last_error;
     _Atomic uint64_t hist[LM_HIST_BUCKETS];
@@ -117,11 +150,12 @@ static inline uint8_t lm_state_load(const struct lm_page_meta *m)
 {
     return __atomic_load_n(&m->state, __ATOMIC_ACQUIRE);
 }
-/* Claim a lazy page (EMPTY or DEFERRED -> BUSY). Returns the old state, or LM_BUSY/LM_PRESENT
-   when the page is not claimable; never waits. */
-uint8_t lm_try_claim(struct lm_page_meta *m);
+/* Claim a lazy page (EMPTY or DEFERRED -> BUSY). Returns the state it was in (after its
+   record was filled from a restore's base layer), or LM_BUSY/LM_PRESENT when the page is not
+   claimable; never waits. */
+uint8_t lm_claim(struct lm_region *r, size_t page);
 /* Claim any page, waiting while another thread holds it BUSY. Returns the old state. */
-uint8_t lm_claim_wait(struct lm_page_meta *m);
+uint8_t lm_claim_wait(struct lm_region *r, size_t page);
 static inline void lm_release(struct lm_page_meta *m, uint8_t state)
 {
     __atomic_store_n(&m->state, state, __ATOMIC_RELEASE);
@@ -136,9 +170,18 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
                      size_t ordered);
 const char *lm_canon_page(struct lm_region *r, uint32_t id);
 
+/* snapshot.c */
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+void lm_source_close(struct lm_region *r);
+/* wstrack.c */
+int lm_ws_init(struct lm_region *r, uint64_t api_features);
+void lm_ws_close(struct lm_region *r);
+uint64_t lm_now_ns(void);
+
 /* handler.c */
 int lm_serve_start(struct lm_region *r);
 int lm_serve_stop(struct lm_region *r);
 void lm_hist_add(struct lm_region *r, uint64_t ns);
+void lm_poison_page(struct lm_region *r, size_t page, int rc);
 
 #endif

@@ -35,7 +35,7 @@ uint64_t lm_xxh3(const void *data, size_t len)
 
 /* ---- page state transitions ---------------------------------------------------------- */
 
-uint8_t lm_try_claim(struct lm_page_meta *m)
+static uint8_t try_claim(struct lm_page_meta *m)
 {
     uint8_t s = lm_state_load(m);
     while (s == LM_EMPTY || s == LM_DEFERRED) {
@@ -46,7 +46,7 @@ uint8_t lm_try_claim(struct lm_page_meta *m)
     return s;
 }
 
-uint8_t lm_claim_wait(struct lm_page_meta *m)
+static uint8_t claim_wait(struct lm_page_meta *m)
 {
     for (;;) {
         uint8_t s = lm_state_load(m);
@@ -60,9 +60,80 @@ uint8_t lm_claim_wait(struct lm_page_meta *m)
     }
 }
 
+/*
+ * Deferred metadata. A restored region does not write one record per page at restore time
+ * (for 1 GiB that is 8 MiB of fresh shared memory, most of restore's cost): the snapshot's
+ * page table is kept as a base layer, and a page's record is filled from it the first time
+ * the page is claimed. Called with the page claimed (BUSY) from EMPTY; returns the state the
+ * page is really in (DEFERRED once its record says what it holds).
+ */
+static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
+{
+    const struct lm_snap_page *base = atomic_load_explicit(&r->base_table, memory_order_acquire);
+    if (s != LM_EMPTY || !base)
+        return s;
+    uint64_t bit = (uint64_t)1 << (p & 63);
+    if (atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed) & bit)
+        return s;
+    const struct lm_snap_page *e = &base[p];
+    struct lm_page_meta *m = &r->meta[p];
+    if (e->cls == LM_SNAP_ZERO) {
+        m->cls = LM_CLS_ZERO;
+        m->signature = r->zero_sig;
+        s = LM_DEFERRED;
+    } else if (e->cls == LM_SNAP_STORED) {
+        m->cls = LM_CLS_SNAPSHOT;
+        m->aux = e->store;
+        m->signature = e->signature;
+        m->flags = LM_F_NEEDS_UPDATE;
+        s = LM_DEFERRED;
+    }
+    atomic_fetch_or_explicit(&r->base_done[p >> 6], bit, memory_order_relaxed);
+    return s;
+}
+
+uint8_t lm_claim(struct lm_region *r, size_t p)
+{
+    uint8_t s = try_claim(&r->meta[p]);
+    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+}
+
+uint8_t lm_claim_wait(struct lm_region *r, size_t p)
+{
+    uint8_t s = claim_wait(&r->meta[p]);
+    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+}
+
+/* Fill every record still pending in the base layer; afterwards the base is not read again. */
+int lm_meta_sync(struct lm_region *r)
+{
+    if (!atomic_load_explicit(&r->base_table, memory_order_acquire))
+        return 0;
+    for (size_t p = 0; p < r->npages; p++) {
+        if (atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed) &
+            ((uint64_t)1 << (p & 63)))
+            continue;
+        lm_release(&r->meta[p], lm_claim_wait(r, p));
+    }
+    return 0;
+}
+
+int lm_meta_pending(struct lm_region *r)
+{
+    if (!atomic_load_explicit(&r->base_table, memory_order_acquire))
+        return 0;
+    for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
+        uint64_t full = (w + 1) * 64 <= r->npages ? ~(uint64_t)0
+                                                   : ((uint64_t)1 << (r->npages % 64)) - 1;
+        if (atomic_load_explicit(&r->base_done[w], memory_order_relaxed) != full)
+            return 1;
+    }
+    return 0;
+}
+
 bool lm_needs_copy(const struct lm_page_meta *m)
 {
-    return m->cls == LM_CLS_CANONICAL;
+    return m->cls == LM_CLS_CANONICAL || m->cls == LM_CLS_SNAPSHOT;
 }
 
 /* Give claimed pages back in the states they were claimed from. */
@@ -81,7 +152,7 @@ size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
     size_t run = 1;
     while (run < max && first + run < r->npages) {
         struct lm_page_meta *m = &r->meta[first + run];
-        uint8_t s = lm_try_claim(m);
+        uint8_t s = lm_claim(r, first + run);
         if (s != LM_EMPTY && s != LM_DEFERRED)
             break;
         if (lm_needs_copy(m) != lm_needs_copy(&r->meta[first])) {
@@ -117,6 +188,45 @@ const char *lm_canon_page(struct lm_region *r, uint32_t id)
 }
 
 /*
+ * Put the contents of copy-kind pages [first, first+n) into t->scratch: canonical pages from
+ * the canonical store, snapshot pages from the store file (one read per run of consecutive
+ * store entries). With verification on, a snapshot page whose bytes do not hash to its
+ * signature stops the assembly: t->bad_page names it and -EBADMSG is returned.
+ */
+static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n)
+{
+    size_t ps = r->page_size;
+    for (size_t i = 0; i < n;) {
+        const struct lm_page_meta *m = &r->meta[first + i];
+        char *out = t->scratch + i * ps;
+        if (m->cls == LM_CLS_CANONICAL) {
+            memcpy(out, lm_canon_page(r, m->canon), ps);
+            i++;
+            continue;
+        }
+        size_t run = 1;
+        while (i + run < n && r->meta[first + i + run].cls == LM_CLS_SNAPSHOT &&
+               r->meta[first + i + run].aux == m->aux + run)
+            run++;
+        int rc = lm_src_read(r, m->aux, run, out);
+        if (rc < 0)
+            return rc;
+        if (r->src_verify) {
+            for (size_t k = 0; k < run; k++) {
+                if (XXH3_64bits(out + k * ps, ps) != r->meta[first + i + k].signature) {
+                    atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
+                    t->bad_page = first + i + k;
+                    return lm_fail("verify: page contents differ from the snapshot's signature",
+                                   EBADMSG);
+                }
+            }
+        }
+        i += run;
+    }
+    return 0;
+}
+
+/*
  * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
  * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
  * one UFFDIO_COPY; scratch remembers which canonical page it holds, so a run of one template
@@ -131,14 +241,13 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
     int rc;
 
     if (lm_needs_copy(m0)) {
-        uint32_t same = m0->canon;
+        uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
         for (size_t i = 1; i < n && same; i++)
-            if (r->meta[first + i].canon != same)
+            if (r->meta[first + i].cls != LM_CLS_CANONICAL || r->meta[first + i].canon != same)
                 same = 0;
         if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
-            for (size_t i = 0; i < n; i++)
-                memcpy(t->scratch + i * r->page_size,
-                       lm_canon_page(r, r->meta[first + i].canon), r->page_size);
+            if ((rc = assemble(r, t, first, n)) < 0)
+                return rc;
             t->scratch_canon = same;
             t->scratch_pages = same ? (uint32_t)n : 0;
         }
@@ -213,6 +322,65 @@ static int map_memfd(const char *name, size_t len, int *fd_out, void **addr_out)
     return 0;
 }
 
+/* What the kernel supports, asked once: UFFDIO_API can be called only once per uffd, so a
+   region must know before its own handshake whether it may ask for WP_ASYNC. */
+static uint64_t supported_features(int acquire)
+{
+    static _Atomic uint64_t cached[4];
+    static _Atomic int known[4];
+    if (acquire < 0 || acquire > 3)
+        return 0;
+    if (!atomic_load(&known[acquire])) {
+        struct lm_features f;
+        lm_probe(acquire, &f);
+        atomic_store(&cached[acquire], f.mode == LM_MODE_UNAVAILABLE ? 0 : f.api_features);
+        atomic_store(&known[acquire], 1);
+    }
+    return atomic_load(&cached[acquire]);
+}
+
+/*
+ * Map the region and register it. Where the kernel has async write-protect, the range is
+ * registered for WP too: the working-set window then sees writes to pages that were already
+ * present (wstrack.c). Without it, MISSING alone.
+ */
+static int open_uffd(struct lm_region *r)
+{
+    struct lm_features why = {0};
+    uint64_t features, ioctls;
+    uint64_t want = supported_features(r->cfg.acquire) & UFFD_FEATURE_WP_ASYNC_BIT;
+    int rc;
+
+    r->base = mmap(NULL, r->nbytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r->base == MAP_FAILED)
+        return LM_FAIL("mmap(region)");
+    /* Huge pages would make a 4 KiB fault move 2 MiB; the fault path chooses its own
+       cluster size. A forked child gets no mapping at all rather than one nobody serves
+       (which would read deferred pages as zeros): see docs/design.md, "fork". */
+    madvise(r->base, r->nbytes, MADV_NOHUGEPAGE);
+    if (madvise(r->base, r->nbytes, MADV_DONTFORK) < 0)
+        return LM_FAIL("madvise(MADV_DONTFORK)");
+
+    for (;;) {
+        r->uffd = lm_uffd_open(r->cfg.acquire, &r->mode, &r->source, &why);
+        if (r->uffd < 0)
+            return r->uffd;
+        if ((rc = lm_uffd_api(r->uffd, want, &features, &ioctls)) < 0)
+            return rc;
+        uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (want ? UFFDIO_REGISTER_MODE_WP : 0);
+        rc = lm_uffd_register(r->uffd, r->base, r->nbytes, mode);
+        if (rc == 0 || !want)
+            break;
+        close(r->uffd);   /* WP refused: a new uffd without it (API is once per uffd) */
+        r->uffd = -1;
+        want = 0;
+    }
+    if (rc < 0)
+        return rc;
+    return lm_ws_init(r, want);
+}
+
 int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_region **out)
 {
     size_t ps = (size_t)lm_page_size();
@@ -223,7 +391,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     struct lm_region *r = calloc(1, sizeof(*r));
     if (!r)
         return lm_fail("calloc(region)", ENOMEM);
-    r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = -1;
+    r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = r->src_fd = r->pagemap_fd = -1;
     r->base = MAP_FAILED;
     r->canon_base = MAP_FAILED;
     r->meta = MAP_FAILED;
@@ -239,31 +407,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     if (rc < 0)
         goto fail;
 
-    struct lm_features why = {0};
-    uint64_t features, ioctls;
-    r->uffd = lm_uffd_open(r->cfg.acquire, &r->mode, &r->source, &why);
-    if (r->uffd < 0) {
-        rc = r->uffd;
-        goto fail;
-    }
-    if ((rc = lm_uffd_api(r->uffd, &features, &ioctls)) < 0)
-        goto fail;
-
-    r->base = mmap(NULL, nbytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (r->base == MAP_FAILED) {
-        rc = LM_FAIL("mmap(region)");
-        goto fail;
-    }
-    /* Huge pages would make a 4 KiB fault move 2 MiB; the fault path chooses its own
-       cluster size. A forked child gets no mapping at all rather than one nobody serves
-       (which would read deferred pages as zeros): see docs/design.md, "fork". */
-    madvise(r->base, nbytes, MADV_NOHUGEPAGE);
-    if (madvise(r->base, nbytes, MADV_DONTFORK) < 0) {
-        rc = LM_FAIL("madvise(MADV_DONTFORK)");
-        goto fail;
-    }
-    if ((rc = lm_uffd_register(r->uffd, r->base, nbytes)) < 0)
+    if ((rc = open_uffd(r)) < 0)
         goto fail;
 
     void *meta;
@@ -332,6 +476,10 @@ static void free_bookkeeping(struct lm_region *r)
         close(r->stop_fd);
     free(r->canon_sig);
     free(r->canon_index);
+    free(r->bg.scratch);
+    free(r->base_done);
+    lm_source_close(r);
+    lm_ws_close(r);
     pthread_mutex_destroy(&r->canon_lock);
     pthread_mutex_destroy(&r->serve_lock);
 }
@@ -340,6 +488,7 @@ void lm_region_destroy(struct lm_region *r, int unmap_data)
 {
     if (!r)
         return;
+    lm_background_stop(r);
     lm_serve_stop(r);
     /* Unmap before closing the uffd: closing it first would let a straggling access fault
        in a zero page where deferred contents belong. */
@@ -363,6 +512,7 @@ void lm_region_forget(struct lm_region *r)
     r->canon_base = MAP_FAILED;
     r->zero_src = NULL;
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
+    r->bg.scratch = NULL;
     free_bookkeeping(r);
     free(r);
 }
@@ -461,6 +611,7 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
         return rc;
     uint64_t sig;
     uint16_t flags;
+    r->used = true;
     if (cls == LM_CLS_ZERO) {
         canon = 0;
         flags = 0;   /* the shared zero page needs no update: nothing to carry out */
@@ -479,7 +630,7 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
         size_t present = 0;
         for (size_t i = c; i < c + len; i++) {
             struct lm_page_meta *m = &r->meta[i];
-            if (lm_claim_wait(m) == LM_PRESENT)
+            if (lm_claim_wait(r, i) == LM_PRESENT)
                 present++;
             m->cls = (uint8_t)cls;
             m->canon = canon;
@@ -511,11 +662,12 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
     t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
     if (!t.scratch)
         return lm_fail("malloc(scratch)", ENOMEM);
+    r->used = true;
 
     size_t i = first, end = first + n;
     while (i < end && rc == 0) {
         /* Claim a run of lazy pages of one kind; present pages are passed over. */
-        uint8_t s = lm_try_claim(&r->meta[i]);
+        uint8_t s = lm_claim(r, i);
         if (s == LM_BUSY) {
             sched_yield();
             continue;
@@ -545,6 +697,7 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
     int rc = check_range(r, first, n);
     if (rc < 0)
         return rc;
+    lm_meta_sync(r);
     for (size_t i = first; i < first + n; i++) {
         struct lm_page_meta *m = &r->meta[i];
         uint8_t s;
@@ -595,6 +748,11 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     for (int i = 0; i < r->nthreads; i++)
         o->served_by_thread[i] = LD(threads[i].served);
     o->wakeups_empty = LD(st_empty_wakeups);
+    o->prefetched_pages = LD(st_prefetched);
+    o->background_pages = LD(st_background);
+    o->source_bytes_read = LD(st_src_bytes);
+    o->verify_failures = LD(st_verify_fail);
+    o->background_running = LD(bg_running);
 #undef LD
     return 0;
 }

@@ -77,10 +77,10 @@ int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why)
     return lm_fail("userfaultfd", err ? err : ENOSYS);
 }
 
-int lm_uffd_api(int fd, uint64_t *features, uint64_t *ioctls)
+int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls)
 {
-    /* Ask for no optional feature: the kernel answers with everything it supports. */
-    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    /* With want = 0 the kernel answers with everything it supports. */
+    struct uffdio_api api = {.api = UFFD_API, .features = want};
     if (ioctl(fd, UFFDIO_API, &api) < 0)
         return LM_FAIL("ioctl(UFFDIO_API)");
     *features = api.features;
@@ -94,7 +94,7 @@ int lm_probe(int acquire, struct lm_features *out)
     int fd = lm_uffd_open(acquire, &out->mode, &out->source, out);
     if (fd < 0)
         return 0;   /* "unavailable" is an answer, not a failure of the probe */
-    int rc = lm_uffd_api(fd, &out->api_features, &out->ioctls);
+    int rc = lm_uffd_api(fd, 0, &out->api_features, &out->ioctls);
     if (rc < 0) {
         out->api_errno = -rc;
         out->mode = LM_MODE_UNAVAILABLE;
@@ -103,11 +103,11 @@ int lm_probe(int acquire, struct lm_features *out)
     return 0;
 }
 
-int lm_uffd_register(int fd, void *addr, size_t len)
+int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode)
 {
     struct uffdio_register reg = {
         .range = {.start = (uintptr_t)addr, .len = len},
-        .mode = UFFDIO_REGISTER_MODE_MISSING,
+        .mode = mode,
     };
     if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
         return LM_FAIL("ioctl(UFFDIO_REGISTER)");

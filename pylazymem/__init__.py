@@ -17,9 +17,11 @@ from ._errors import (  # noqa: E402
 from ._features import Features, features  # noqa: E402
 from ._meta import META_DTYPE, ZERO, PageClass, PageFlag, PageState  # noqa: E402
 from .region import Canonical, Handler, Region  # noqa: E402
+from .snapshot import SnapshotError, SnapshotInfo, checkpoint, inspect, restore  # noqa: E402
 
 __all__ = [
     "__version__", "features", "Features", "Region", "Canonical", "Handler", "ZERO",
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
     "InvalidRangeError", "RegionClosedError", "UnavailableError", "UffdError",
+    "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
 ]

@@ -27,6 +27,7 @@ class PageFlag(enum.IntFlag):
     WRITE_FAULT = lib.LM_F_WRITE_FAULT
     MATERIALIZED = lib.LM_F_MATERIALIZED
     POISONED = lib.LM_F_POISONED
+    PREFETCHED = lib.LM_F_PREFETCHED
 
 
 #: The known content class "zero", for Region.defer_fill().
@@ -35,8 +36,9 @@ ZERO = PageClass.ZERO
 _FIELD_TYPES = {"uint64_t": "<u8", "uint32_t": "<u4", "uint16_t": "<u2", "uint8_t": "u1"}
 
 
-def _meta_dtype():
-    ctype = ffi.typeof("struct lm_page_meta")
+def _struct_dtype(name):
+    """The numpy dtype of a C struct of lazymem.h, field for field."""
+    ctype = ffi.typeof(name)
     names, formats, offsets = [], [], []
     for name, field in ctype.fields:
         names.append(name)
@@ -46,4 +48,6 @@ def _meta_dtype():
                      "itemsize": ffi.sizeof(ctype)})
 
 
-META_DTYPE = _meta_dtype()
+META_DTYPE = _struct_dtype("struct lm_page_meta")
+#: One entry of a snapshot's page table (docs/snapshot-format.md).
+SNAP_PAGE_DTYPE = _struct_dtype("struct lm_snap_page")

@@ -133,6 +133,9 @@ class Region(AddressRange):
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None):
         self._lm = None
         self._forked = False
+        self._arrays = {}
+        self._alloc_next = 0
+        self._base_table = None
         self._lock = threading.Condition()
         self._users = 0
         try:
@@ -142,6 +145,8 @@ class Region(AddressRange):
                                        % type(nbytes).__name__) from None
         if nbytes <= 0:
             raise InvalidArgumentError("Region size must be positive, got %d" % nbytes)
+        if nbytes >= 1 << 62:
+            raise InvalidArgumentError("Region size %d is beyond any address space" % nbytes)
         nbytes = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
 
         cfg = ffi.new("struct lm_config *")
@@ -149,6 +154,12 @@ class Region(AddressRange):
         if serve_cpus is None and serve_threads is None:
             serve_cpus = _default_cpus()
         cpus = [operator.index(c) for c in (serve_cpus or [])]
+        allowed = os.sched_getaffinity(0)
+        for c in cpus:
+            if c not in allowed:
+                raise InvalidArgumentError(
+                    "serve_cpus: CPU %d is not one this process may run on (allowed: %s)"
+                    % (c, ",".join(map(str, sorted(allowed)))))
         keep = ffi.new("int[]", cpus or [0])
         if cpus:
             cfg.cpus, cfg.ncpus = keep, len(cpus)
@@ -212,6 +223,7 @@ class Region(AddressRange):
         self._detach()
         lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
+        self._base_table = None
 
     def _forget(self):
         lm, self._lm = self._lm, None
@@ -258,9 +270,83 @@ class Region(AddressRange):
                                         % (count, dtype, offset, self.nbytes))
         return np.frombuffer(self, dtype=dtype, count=count, offset=offset).reshape(shape)
 
+    def alloc(self, name, shape, dtype):
+        """Place a named numpy array in the region (page-aligned); it is saved by checkpoint()."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("array name must be a non-empty string")
+        if name in self._arrays:
+            raise InvalidArgumentError("an array named %r already exists" % name)
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise InvalidArgumentError("arrays of Python objects cannot live in a region")
+        shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(
+            operator.index(x) for x in shape)
+        if any(x < 0 for x in shape):
+            raise InvalidArgumentError("negative dimension in shape %r" % (shape,))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset = -(-self._alloc_next // self.page_size) * self.page_size
+        if offset + nbytes > self.nbytes:
+            raise InvalidArgumentError("array %r (%d bytes) does not fit: %d of %d bytes left"
+                                       % (name, nbytes, max(0, self.nbytes - offset), self.nbytes))
+        self._arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
+        self._alloc_next = offset + nbytes
+        return self.ndarray(dtype, shape, offset)
+
+    @property
+    def arrays(self):
+        """name -> numpy view of every array placed with alloc() (or restored)."""
+        self._check_open()
+        return {n: self.ndarray(a["dtype"], a["shape"], a["offset"])
+                for n, a in self._arrays.items()}
+
+    # ---- working sets and restore --------------------------------------------------------
+
+    def working_set(self):
+        """Pages touched in the current window: first touches in order, then pages present at
+        the mark and written since (where the kernel tracks writes), as uint64 page indices."""
+        out = np.empty(self.npages, np.uint64)
+        with self._use() as lm:
+            n = check(lib.lm_ws_collect(lm, ffi.from_buffer("uint64_t[]", out), self.npages),
+                      "working_set")
+        return out[:n].copy()
+
+    def mark_working_set(self):
+        """Start a new working-set window."""
+        with self._use() as lm:
+            check(lib.lm_ws_mark(lm), "mark_working_set")
+
+    @property
+    def tracks_writes(self):
+        """Whether the working-set window sees writes to pages present at the mark."""
+        with self._use() as lm:
+            return bool(lib.lm_ws_tracks_writes(lm))
+
+    def prefetch(self, pages):
+        """Carry out the pending updates of the given pages now, in the given order."""
+        pages = np.ascontiguousarray(pages, dtype=np.uint64).ravel()
+        with self._use() as lm:
+            check(lib.lm_prefetch(lm, ffi.from_buffer("uint64_t[]", pages), pages.size),
+                  "prefetch")
+
+    def background_start(self):
+        """Start filling every page that still needs an update, yielding to demand faults."""
+        with self._use() as lm:
+            check(lib.lm_background_start(lm), "background_start")
+
+    def background_stop(self):
+        with self._use() as lm:
+            check(lib.lm_background_stop(lm), "background_stop")
+
     @property
     def meta(self):
         """Read-only numpy structured array, one record per page (see docs/design.md)."""
+        if self._base_table is not None:
+            # A restored region fills its records lazily (docs/design.md, "Restore"): before
+            # anyone reads them, every record must say what its page holds.
+            with self._use() as lm:
+                lib.lm_meta_sync(lm)
+            self._base_table = None
         self._check_open()
         return self._meta
 
@@ -410,6 +496,11 @@ def _stats_dict(s, nthreads):
         "serving_threads": s.serving_threads,
         "served_by_thread": list(s.served_by_thread)[:nthreads],
         "wakeups_empty": s.wakeups_empty,
+        "prefetched_pages": s.prefetched_pages,
+        "background_pages": s.background_pages,
+        "background_running": bool(s.background_running),
+        "source_bytes_read": s.source_bytes_read,
+        "verify_failures": s.verify_failures,
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),
             "p99": min(_quantile(hist, total, 0.99), top),

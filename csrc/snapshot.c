@@ -1,0 +1,634 @@
+/*
+ * snapshot.c: serving pages from a snapshot store, restore prefetch, the background fill,
+ * and the two checkpoint steps (plan, write). The file format is in docs/snapshot-format.md;
+ * the Python side reads and checks the header and hands the tables over.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+#define SRC_CHECK_NS 10000000u   /* how often the store file is checked for changes (10 ms) */
+#define BG_MIN 16u               /* background chunk after a demand fault: 64 KiB */
+#define BG_MAX 1024u             /* ... grown while idle up to 4 MiB */
+#define PREFETCH_BATCH 1024u
+
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshot tables are little-endian");
+_Static_assert(sizeof(struct lm_snap_page) == 16, "snapshot page-table entry is 16 bytes");
+
+/* ---- the store file ------------------------------------------------------------------ */
+
+int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
+                     int verify)
+{
+    if (r->src_fd >= 0)
+        return lm_fail("region already has a snapshot source", EBUSY);
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return LM_FAIL("fstat(snapshot)");
+    if (store_offset % r->page_size ||
+        store_offset + nstored * r->page_size > (uint64_t)st.st_size)
+        return lm_fail("snapshot store outside the file", EINVAL);
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dup < 0)
+        return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
+    r->src_fd = dup;
+    r->src_store_off = store_offset;
+    r->src_nstored = nstored;
+    r->src_verify = verify != 0;
+    r->src_size = st.st_size;
+    r->src_mtime = st.st_mtim;
+    atomic_store(&r->src_checked_ns, lm_now_ns());
+    return 0;
+}
+
+void lm_source_close(struct lm_region *r)
+{
+    if (r->src_fd >= 0)
+        close(r->src_fd);
+    r->src_fd = -1;
+}
+
+/* A store that changes under a running restore must fail loudly, not serve mixed data. */
+static int source_still_valid(struct lm_region *r)
+{
+    int broken = atomic_load_explicit(&r->src_broken, memory_order_relaxed);
+    if (broken)
+        return broken;
+    uint64_t now = lm_now_ns();
+    uint64_t last = atomic_load_explicit(&r->src_checked_ns, memory_order_relaxed);
+    if (now - last < SRC_CHECK_NS)
+        return 0;
+    atomic_store_explicit(&r->src_checked_ns, now, memory_order_relaxed);
+    struct stat st;
+    if (fstat(r->src_fd, &st) < 0)
+        broken = -errno;
+    else if (st.st_size != r->src_size || st.st_mtim.tv_sec != r->src_mtime.tv_sec ||
+             st.st_mtim.tv_nsec != r->src_mtime.tv_nsec)
+        broken = -ESTALE;
+    if (broken)
+        atomic_store(&r->src_broken, broken);
+    return broken;
+}
+
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
+{
+    if (r->src_fd < 0)
+        return lm_fail("snapshot page without a snapshot source", ENOENT);
+    if (index > r->src_nstored || count > r->src_nstored - index)
+        return lm_fail("snapshot store index out of range", ERANGE);
+    int broken = source_still_valid(r);
+    if (broken)
+        return lm_fail("snapshot file changed or vanished under a running restore", -broken);
+    size_t len = count * r->page_size, done = 0;
+    off_t off = (off_t)(r->src_store_off + index * r->page_size);
+    while (done < len) {
+        ssize_t got = pread(r->src_fd, (char *)dst + done, len - done, off + (off_t)done);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return LM_FAIL("pread(snapshot)");
+        }
+        if (got == 0) {
+            atomic_store(&r->src_broken, -ENODATA);
+            return lm_fail("pread(snapshot): file truncated under a running restore", ENODATA);
+        }
+        done += (size_t)got;
+    }
+    atomic_fetch_add_explicit(&r->st_src_bytes, len, memory_order_relaxed);
+    return 0;
+}
+
+/* ---- restore ------------------------------------------------------------------------- */
+
+int lm_snap_check(const struct lm_snap_page *table, size_t npages, uint64_t nstored,
+                  const uint64_t *ws, size_t nws, uint64_t *counts)
+{
+    int rc = 0;
+    uint64_t *used = calloc((nstored + 63) / 64 + 1, sizeof(uint64_t));
+    uint64_t *in_ws = calloc((npages + 63) / 64 + 1, sizeof(uint64_t));
+    if (!used || !in_ws) {
+        rc = lm_fail("snapshot check: out of memory", ENOMEM);
+        goto out;
+    }
+    for (size_t i = 0; i < nws; i++) {
+        if (ws[i] >= npages) {
+            rc = lm_fail("working set names a page outside the region", EINVAL);
+            goto out;
+        }
+        if (in_ws[ws[i] >> 6] & ((uint64_t)1 << (ws[i] & 63))) {
+            rc = lm_fail("working set lists a page twice", EINVAL);
+            goto out;
+        }
+        in_ws[ws[i] >> 6] |= (uint64_t)1 << (ws[i] & 63);
+    }
+    uint64_t c[3] = {0, 0, 0}, distinct = 0;
+    for (size_t i = 0; i < npages; i++) {
+        const struct lm_snap_page *e = &table[i];
+        if (e->cls > LM_SNAP_STORED) {
+            rc = lm_fail("page table has an unknown page class", EINVAL);
+            goto out;
+        }
+        if ((e->flags & ~LM_SNAP_F_WORKING_SET) || e->reserved) {
+            rc = lm_fail("page table has unknown flags", EINVAL);
+            goto out;
+        }
+        bool flagged = e->flags & LM_SNAP_F_WORKING_SET;
+        if (flagged != !!(in_ws[i >> 6] & ((uint64_t)1 << (i & 63)))) {
+            rc = lm_fail("working-set flags in the page table disagree with the working set",
+                         EINVAL);
+            goto out;
+        }
+        if (e->cls == LM_SNAP_STORED) {
+            if (e->store >= nstored) {
+                rc = lm_fail("page table points past the end of the store", EINVAL);
+                goto out;
+            }
+            uint64_t bit = (uint64_t)1 << (e->store & 63);
+            if (!(used[e->store >> 6] & bit)) {
+                used[e->store >> 6] |= bit;
+                distinct++;
+            }
+        } else if (e->store) {
+            rc = lm_fail("page table has a store index on a page that is not stored", EINVAL);
+            goto out;
+        }
+        c[e->cls]++;
+    }
+    if (distinct != nstored) {
+        rc = lm_fail("store has entries no page uses", EINVAL);
+        goto out;
+    }
+    if (counts) {
+        counts[0] = c[LM_SNAP_UNTOUCHED];
+        counts[1] = c[LM_SNAP_ZERO];
+        counts[2] = c[LM_SNAP_STORED];
+    }
+out:
+    free(used);
+    free(in_ws);
+    return rc;
+}
+
+int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size_t npages,
+                     uint64_t nstored)
+{
+    if (npages != r->npages)
+        return lm_fail("snapshot page count differs from the region's", EINVAL);
+    if (r->base_table || r->used || atomic_load(&r->st_faults) || atomic_load(&r->st_present))
+        return lm_fail("restore into a region that is already in use", EBUSY);
+    for (size_t i = 0; i < npages; i++)
+        if (table[i].cls > LM_SNAP_STORED ||
+            (table[i].cls == LM_SNAP_STORED && table[i].store >= nstored))
+            return lm_fail("page table: bad class or store index", EINVAL);
+    r->base_done = calloc((npages + 63) / 64, sizeof(uint64_t));
+    if (!r->base_done)
+        return lm_fail("calloc(base bitmap)", ENOMEM);
+    /* The caller keeps `table` alive until lm_meta_sync() or the region's end. */
+    atomic_store_explicit(&r->base_table, table, memory_order_release);
+    return 0;
+}
+
+/*
+ * Fill claimed pages [first, first+n) (one kind), falling back to one page at a time when the
+ * run fails, so that a single bad page is poisoned and its neighbours are still served.
+ */
+static size_t fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first,
+                             size_t n, const uint8_t *old, uint16_t flag)
+{
+    int rc = lm_fill_run(r, t, first, n, false, false);
+    if (rc == 0) {
+        lm_mark_present(r, first, n, flag, 0);
+        lm_uffd_wake(r->uffd, r->base + first * r->page_size, n * r->page_size);
+        return n;
+    }
+    size_t done = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (n > 1)
+            rc = lm_fill_run(r, t, first + i, 1, false, false);
+        if (rc == 0) {
+            lm_mark_present(r, first + i, 1, flag, 0);
+            lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size, r->page_size);
+            done++;
+        } else if (rc == -ENOENT || rc == -ESRCH) {
+            lm_unclaim(r, first + i, n - i, old + i);   /* region going away */
+            break;
+        } else {
+            lm_poison_page(r, first + i, rc);
+        }
+    }
+    return done;
+}
+
+int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (pages[i] >= r->npages)
+            return lm_fail("prefetch: page index outside the region", ERANGE);
+    struct lm_serve_thread t = {.r = r};
+    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
+    if (!t.scratch)
+        return lm_fail("malloc(scratch)", ENOMEM);
+    uint8_t old[LM_MAX_CLUSTER];
+    size_t done = 0;
+    /* Pages are taken in the order given (the working set's first-touch order, which is also
+       the store's order, so consecutive pages are consecutive store entries); a run of
+       address-adjacent pages is filled with one copy. */
+    for (size_t i = 0; i < n;) {
+        size_t p = pages[i];
+        uint8_t s = lm_claim(r, p);
+        if (s == LM_BUSY) {
+            sched_yield();
+            continue;
+        }
+        if (s != LM_DEFERRED && s != LM_EMPTY) {
+            i++;
+            continue;
+        }
+        if (s == LM_EMPTY) {   /* untouched memory: nothing to bring in */
+            lm_release(&r->meta[p], s);
+            i++;
+            continue;
+        }
+        old[0] = s;
+        size_t run = 1;
+        while (i + run < n && run < r->cfg.max_cluster_pages && pages[i + run] == p + run &&
+               lm_needs_copy(&r->meta[p + run]) == lm_needs_copy(&r->meta[p])) {
+            uint8_t s2 = lm_claim(r, p + run);
+            if (s2 != LM_DEFERRED) {
+                if (s2 == LM_EMPTY)
+                    lm_release(&r->meta[p + run], s2);
+                break;
+            }
+            old[run++] = s2;
+        }
+        done += fill_or_poison(r, &t, p, run, old, LM_F_PREFETCHED);
+        i += run;
+    }
+    atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
+    free(t.scratch);
+    return 0;
+}
+
+/* ---- background fill ----------------------------------------------------------------- */
+
+static void *bg_main(void *arg)
+{
+    struct lm_region *r = arg;
+    /* Demand faults always come first: run only when a CPU would otherwise idle, and restart
+       with small chunks after every demand fault (CRIU's lazy-pages policy). */
+    struct sched_param sp = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+    uint8_t *old = malloc(BG_MAX);
+    uint32_t chunk = BG_MIN;
+    uint64_t faults_seen = atomic_load(&r->st_faults);
+    size_t p = 0;
+    while (old && p < r->npages && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed)) {
+        uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
+        if (f != faults_seen) {
+            faults_seen = f;
+            chunk = BG_MIN;
+            sched_yield();
+        } else if (chunk < BG_MAX) {
+            chunk *= 2;
+        }
+        struct lm_page_meta *m = &r->meta[p];
+        if (lm_state_load(m) == LM_PRESENT) {
+            p++;
+            continue;
+        }
+        uint8_t s = lm_claim(r, p);
+        if (s != LM_DEFERRED || !(m->flags & LM_F_NEEDS_UPDATE)) {
+            /* zero and untouched pages cost nothing until touched: leave them */
+            if (s != LM_BUSY && s != LM_PRESENT)
+                lm_release(m, s);
+            p++;
+            continue;
+        }
+        old[0] = s;
+        size_t run = lm_claim_run(r, p, chunk, old);
+        size_t done = fill_or_poison(r, &r->bg, p, run, old, LM_F_PREFETCHED);
+        atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
+        p += run;
+    }
+    free(old);
+    atomic_store(&r->bg_running, 0);
+    return NULL;
+}
+
+int lm_background_start(struct lm_region *r)
+{
+    if (r->bg_started)
+        return 0;
+    if (!r->bg.scratch) {
+        r->bg.r = r;
+        r->bg.scratch = malloc((size_t)BG_MAX * r->page_size);
+        if (!r->bg.scratch)
+            return lm_fail("malloc(background scratch)", ENOMEM);
+    }
+    atomic_store(&r->bg_stop, 0);
+    atomic_store(&r->bg_running, 1);
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    int err = pthread_create(&r->bg_tid, NULL, bg_main, r);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (err) {
+        atomic_store(&r->bg_running, 0);
+        return lm_fail("pthread_create(background fill)", err);
+    }
+    r->bg_started = true;
+    return 0;
+}
+
+int lm_background_stop(struct lm_region *r)
+{
+    if (!r->bg_started)
+        return 0;
+    atomic_store(&r->bg_stop, 1);
+    pthread_join(r->bg_tid, NULL);
+    r->bg_started = false;
+    return 0;
+}
+
+/* ---- reading contents without faulting ----------------------------------------------- */
+
+int lm_page_read(struct lm_region *r, size_t page, void *out)
+{
+    if (page >= r->npages)
+        return lm_fail("page index outside the region", ERANGE);
+    struct lm_page_meta *m = &r->meta[page];
+    for (;;) {
+        uint8_t s = lm_state_load(m);
+        if (s == LM_BUSY) {
+            sched_yield();
+            continue;
+        }
+        if (s == LM_PRESENT) {
+            memcpy(out, r->base + page * r->page_size, r->page_size);
+            return 0;
+        }
+        /* Lazy: take the page so it cannot change under us, read its source, give it back. */
+        s = lm_claim(r, page);
+        if (s == LM_BUSY || s == LM_PRESENT)
+            continue;
+        int rc = 0;
+        if (m->cls == LM_CLS_CANONICAL)
+            memcpy(out, lm_canon_page(r, m->canon), r->page_size);
+        else if (m->cls == LM_CLS_SNAPSHOT)
+            rc = lm_src_read(r, m->aux, 1, out);
+        else
+            memset(out, 0, r->page_size);
+        lm_release(m, s);
+        return rc;
+    }
+}
+
+/* ---- checkpoint ---------------------------------------------------------------------- */
+
+/* Where a page's contents come from, for comparing two pages without faulting either. */
+struct content {
+    const char *mem;   /* in memory (present page or canonical page), or NULL */
+    uint64_t store;    /* snapshot store entry when mem is NULL */
+};
+
+static int page_equal(struct lm_region *r, const struct content *a, const struct content *b,
+                      char *buf_a, char *buf_b, bool *equal)
+{
+    const char *pa = a->mem, *pb = b->mem;
+    int rc;
+    if (!pa && !pb && a->store == b->store) {
+        *equal = true;
+        return 0;
+    }
+    if (!pa) {
+        if ((rc = lm_src_read(r, a->store, 1, buf_a)) < 0)
+            return rc;
+        pa = buf_a;
+    }
+    if (!pb) {
+        if ((rc = lm_src_read(r, b->store, 1, buf_b)) < 0)
+            return rc;
+        pb = buf_b;
+    }
+    *equal = memcmp(pa, pb, r->page_size) == 0;
+    return 0;
+}
+
+static bool is_zero(const char *p, size_t len)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    for (size_t i = 0; i < len / 8; i += 4)
+        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
+            return false;
+    return true;
+}
+
+struct dedup {
+    uint64_t *keys;   /* signature per slot */
+    uint64_t *store;  /* store index + 1 per slot, 0 = empty */
+    size_t mask;
+};
+
+/* Classify one page: fills its table entry (class, signature) and where its contents are. */
+static int classify(struct lm_region *r, size_t p, struct lm_snap_page *e, struct content *c)
+{
+    struct lm_page_meta *m = &r->meta[p];
+    uint8_t s;
+    while ((s = lm_state_load(m)) == LM_BUSY)
+        sched_yield();
+    memset(e, 0, sizeof(*e));
+    c->mem = NULL;
+    c->store = 0;
+    if (s == LM_EMPTY) {
+        e->cls = LM_SNAP_UNTOUCHED;
+        return 0;
+    }
+    if (s == LM_DEFERRED) {
+        if (m->cls == LM_CLS_CANONICAL) {
+            c->mem = lm_canon_page(r, m->canon);
+            e->signature = m->signature;
+            e->cls = is_zero(c->mem, r->page_size) ? LM_SNAP_ZERO : LM_SNAP_STORED;
+        } else if (m->cls == LM_CLS_SNAPSHOT) {
+            c->store = m->aux;   /* taken from the source store: not faulted in */
+            e->signature = m->signature;
+            e->cls = e->signature == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
+        } else {
+            e->cls = LM_SNAP_ZERO;
+        }
+        if (e->cls == LM_SNAP_ZERO)
+            e->signature = r->zero_sig;
+        return 0;
+    }
+    /* Present: hash what is there. */
+    c->mem = r->base + p * r->page_size;
+    if (is_zero(c->mem, r->page_size)) {
+        e->cls = LM_SNAP_ZERO;
+        e->signature = r->zero_sig;
+    } else {
+        e->cls = LM_SNAP_STORED;
+        e->signature = XXH3_64bits(c->mem, r->page_size);
+    }
+    m->signature = e->signature;
+    return 0;
+}
+
+/* Assign page p (already classified STORED) a store entry, sharing one with equal contents. */
+static int place(struct lm_region *r, struct dedup *d, size_t p, struct lm_snap_page *table,
+                 struct content *contents, uint64_t *store_pages, uint64_t *nstored, char *buf)
+{
+    struct lm_snap_page *e = &table[p];
+    size_t h = e->signature & d->mask;
+    for (; d->store[h]; h = (h + 1) & d->mask) {
+        if (d->keys[h] != e->signature)
+            continue;
+        uint64_t idx = d->store[h] - 1;
+        bool eq;
+        int rc = page_equal(r, &contents[p], &contents[store_pages[idx]], buf,
+                            buf + r->page_size, &eq);
+        if (rc < 0)
+            return rc;
+        if (eq) {
+            e->store = (uint32_t)idx;
+            return 0;
+        }
+    }
+    /* New contents (or a hash collision): a new store entry. */
+    d->keys[h] = e->signature;
+    d->store[h] = *nstored + 1;
+    store_pages[*nstored] = p;
+    e->store = (uint32_t)*nstored;
+    (*nstored)++;
+    return 0;
+}
+
+int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
+                 struct lm_snap_page *table, uint64_t *store_pages, uint64_t *nstored)
+{
+    size_t n = r->npages;
+    if (n > UINT32_MAX)
+        return lm_fail("checkpoint: more pages than the format's 32-bit store index", EFBIG);
+    for (size_t i = 0; i < nws; i++)
+        if (ws[i] >= n)
+            return lm_fail("checkpoint: working-set page outside the region", ERANGE);
+    lm_meta_sync(r);
+    struct content *contents = calloc(n, sizeof(*contents));
+    struct dedup d = {0};
+    size_t cap = 1024;
+    while (cap < 2 * n)
+        cap *= 2;
+    d.keys = calloc(cap, sizeof(uint64_t));
+    d.store = calloc(cap, sizeof(uint64_t));
+    d.mask = cap - 1;
+    char *buf = malloc(2 * r->page_size);
+    int rc = 0;
+    if (!contents || !d.keys || !d.store || !buf) {
+        rc = lm_fail("checkpoint: out of memory", ENOMEM);
+        goto out;
+    }
+    for (size_t p = 0; p < n; p++)
+        if ((rc = classify(r, p, &table[p], &contents[p])) < 0)
+            goto out;
+    *nstored = 0;
+    /* The working set first, in its order, so that restore prefetches it in one read. */
+    for (size_t i = 0; i < nws; i++) {
+        struct lm_snap_page *e = &table[ws[i]];
+        if (e->flags & LM_SNAP_F_WORKING_SET)
+            continue;   /* listed twice */
+        e->flags |= LM_SNAP_F_WORKING_SET;
+        if (e->cls == LM_SNAP_STORED &&
+            (rc = place(r, &d, ws[i], table, contents, store_pages, nstored, buf)) < 0)
+            goto out;
+    }
+    for (size_t p = 0; p < n; p++) {
+        if (table[p].cls == LM_SNAP_STORED && !(table[p].flags & LM_SNAP_F_WORKING_SET) &&
+            (rc = place(r, &d, p, table, contents, store_pages, nstored, buf)) < 0)
+            goto out;
+    }
+out:
+    free(contents);
+    free(d.keys);
+    free(d.store);
+    free(buf);
+    return rc;
+}
+
+int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
+                  size_t n)
+{
+    enum { IOV = 64 };
+    struct iovec iov[IOV];
+    char *bufs = malloc((size_t)IOV * r->page_size);
+    if (!bufs)
+        return lm_fail("malloc(checkpoint buffer)", ENOMEM);
+    int rc = 0;
+    size_t ps = r->page_size;
+    for (size_t i = 0; i < n && rc == 0;) {
+        /* Gather up to IOV pages; present pages are written straight from the region, lazy
+           ones are read from their source (never faulted in), adjacent pages coalesce. */
+        int k = 0;
+        size_t bytes = 0, start = i;
+        while (i < n && k < IOV) {
+            size_t p = store_pages[i];
+            if (p >= r->npages) {
+                rc = lm_fail("checkpoint: store page outside the region", ERANGE);
+                break;
+            }
+            struct lm_page_meta *m = &r->meta[p];
+            const char *src;
+            if (lm_state_load(m) == LM_PRESENT) {
+                src = r->base + p * ps;
+            } else {
+                if ((rc = lm_page_read(r, p, bufs + (size_t)k * ps)) < 0)
+                    break;
+                src = bufs + (size_t)k * ps;
+            }
+            if (k > 0 && (const char *)iov[k - 1].iov_base + iov[k - 1].iov_len == src &&
+                src != bufs + (size_t)k * ps) {
+                iov[k - 1].iov_len += ps;
+            } else {
+                iov[k].iov_base = (void *)src;
+                iov[k].iov_len = ps;
+                k++;
+            }
+            bytes += ps;
+            i++;
+        }
+        if (rc < 0)
+            break;
+        off_t off = (off_t)(offset + start * ps);
+        size_t written = 0;
+        int first = 0;
+        while (written < bytes) {
+            ssize_t w = pwritev(fd, iov + first, k - first, off + (off_t)written);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                rc = LM_FAIL("pwritev(snapshot)");
+                break;
+            }
+            written += (size_t)w;
+            /* Advance past what was written (short writes are rare but legal). */
+            while (first < k && (size_t)w >= iov[first].iov_len) {
+                w -= (ssize_t)iov[first].iov_len;
+                first++;
+            }
+            if (first < k && w > 0) {
+                iov[first].iov_base = (char *)iov[first].iov_base + w;
+                iov[first].iov_len -= (size_t)w;
+            }
+        }
+    }
+    free(bufs);
+    return rc;
+}

@@ -1,0 +1,155 @@
+/*
+ * wstrack.c: the working-set window.
+ *
+ * Pages first touched since the mark are known for free: the fault path stamps their
+ * first-touch order. Pages that were already present when the window opened cause no fault;
+ * where the kernel has async write-protect (UFFD_FEATURE_WP_ASYNC, 6.7+), the mark
+ * write-protects them and PAGEMAP_SCAN later lists those written since. Reads of pages that
+ * were present at the mark are invisible: docs/design.md, "Working sets".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lm_internal.h"
+
+/* PAGEMAP_SCAN (linux/fs.h, 6.7); spelled out for older headers. */
+struct lm_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct lm_page_region {
+    uint64_t start, end, categories;
+};
+#define LM_PAGEMAP_SCAN _IOWR('f', 16, struct lm_pm_scan_arg)
+#define LM_PM_SCAN_WP_MATCHING (1u << 0)
+#define LM_PM_SCAN_CHECK_WPASYNC (1u << 1)
+#define LM_PAGE_IS_WRITTEN (1u << 1)
+#define LM_PAGE_IS_PRESENT (1u << 3)
+
+uint64_t lm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int lm_ws_init(struct lm_region *r, uint64_t api_features)
+{
+    r->ws_mark_seq = 1;
+    r->wp_async = false;
+    if (!(api_features & UFFD_FEATURE_WP_ASYNC_BIT))
+        return 0;
+    r->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    r->wp_async = r->pagemap_fd >= 0;   /* without it the window sees first touches only */
+    return 0;
+}
+
+void lm_ws_close(struct lm_region *r)
+{
+    if (r->pagemap_fd >= 0)
+        close(r->pagemap_fd);
+    r->pagemap_fd = -1;
+}
+
+int lm_ws_tracks_writes(struct lm_region *r)
+{
+    return r->wp_async;
+}
+
+/* One PAGEMAP_SCAN call from *start; advances *start to where the walk stopped. */
+static int scan(struct lm_region *r, uint64_t flags, uint64_t mask, struct lm_page_region *vec,
+                size_t veclen, size_t *nvec_out, uint64_t *start)
+{
+    struct lm_pm_scan_arg a = {
+        .size = sizeof(a),
+        .flags = flags,
+        .start = *start,
+        .end = (uintptr_t)r->base + r->nbytes,
+        .vec = (uintptr_t)vec,
+        .vec_len = veclen,
+        .category_mask = mask,
+        .return_mask = mask,
+    };
+    long n = ioctl(r->pagemap_fd, LM_PAGEMAP_SCAN, &a);
+    if (n < 0)
+        return LM_FAIL("ioctl(PAGEMAP_SCAN)");
+    *nvec_out = (size_t)n;
+    *start = a.walk_end;
+    return 0;
+}
+
+int lm_ws_mark(struct lm_region *r)
+{
+    r->ws_mark_seq = atomic_load(&r->touch_seq);
+    if (!r->wp_async)
+        return 0;
+    struct lm_page_region vec[64];
+    uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
+    while (start < end) {
+        size_t n;
+        int rc = scan(r, LM_PM_SCAN_WP_MATCHING | LM_PM_SCAN_CHECK_WPASYNC, LM_PAGE_IS_PRESENT,
+                      vec, 64, &n, &start);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int by_order(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+    return x[0] < y[0] ? -1 : x[0] > y[0];
+}
+
+long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap)
+{
+    size_t n = 0;
+    /* First touches since the mark, in touch order: (order, page) pairs sorted. */
+    size_t touched = 0;
+    for (size_t p = 0; p < r->npages; p++)
+        if (r->meta[p].order >= r->ws_mark_seq)
+            touched++;
+    uint64_t *pairs = malloc((touched ? touched : 1) * 2 * sizeof(uint64_t));
+    if (!pairs)
+        return lm_fail("malloc(working set)", ENOMEM);
+    size_t k = 0;
+    for (size_t p = 0; p < r->npages && k < touched; p++) {
+        uint64_t o = r->meta[p].order;
+        if (o >= r->ws_mark_seq) {
+            pairs[2 * k] = o;
+            pairs[2 * k + 1] = p;
+            k++;
+        }
+    }
+    qsort(pairs, k, 2 * sizeof(uint64_t), by_order);
+    for (size_t i = 0; i < k && n < cap; i++)
+        out[n++] = pairs[2 * i + 1];
+    free(pairs);
+    if (!r->wp_async)
+        return (long)n;
+
+    /* Then pages present before the mark and written since, in address order. */
+    struct lm_page_region vec[256];
+    uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
+    while (start < end && n < cap) {
+        size_t nv = 0;
+        int rc = scan(r, 0, LM_PAGE_IS_WRITTEN | LM_PAGE_IS_PRESENT, vec, 256, &nv, &start);
+        if (rc < 0)
+            return rc;
+        for (size_t v = 0; v < nv; v++) {
+            for (uint64_t a = vec[v].start; a < vec[v].end && n < cap; a += r->page_size) {
+                size_t p = (a - (uintptr_t)r->base) >> r->page_shift;
+                uint64_t o = r->meta[p].order;
+                if (o && o >= r->ws_mark_seq)
+                    continue;   /* already listed as a first touch */
+                out[n++] = p;
+            }
+        }
+    }
+    return (long)n;
+}

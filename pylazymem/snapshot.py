@@ -1,0 +1,429 @@
+"""Checkpoint and lazy restore with working sets (file format: docs/snapshot-format.md).
+
+checkpoint() writes a region's pages to a content-addressed store (zero and untouched pages take
+no bytes, identical pages are stored once) with the working set laid out first; restore() maps a
+new region whose pages are deferred updates served from that store, prefetches the working set,
+returns, and lets the fault path and a background thread bring in the rest.
+"""
+import dataclasses
+import errno
+import glob
+import json
+import os
+import re
+import struct
+import tempfile
+
+import numpy as np
+
+from ._binding import PAGE_SIZE, ffi, lib
+from ._errors import InvalidArgumentError, LazyMemError, check
+from ._meta import SNAP_PAGE_DTYPE
+
+MAGIC = b"PLMSNAP\x00"
+VERSION = 1
+# magic, version, header_bytes, page_size, flags, then 14 little-endian u64 fields.
+_HEADER = struct.Struct("<8sIIII14Q")
+_FIELDS = ("npages", "nstored", "nws", "table_offset", "table_bytes", "ws_offset", "ws_bytes",
+           "manifest_offset", "manifest_bytes", "store_offset", "store_bytes", "file_bytes",
+           "tables_xxh3", "header_xxh3")
+HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
+MAX_MANIFEST = 64 << 20
+MAX_PAGES = 1 << 40
+PREFETCH_MODES = ("working-set", "all", "none")
+
+
+class SnapshotError(LazyMemError, ValueError):
+    """A snapshot file that cannot be used: truncated, corrupt, hostile or from elsewhere."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    version: int
+    npages: int
+    page_size: int
+    pages_by_class: dict      # zero, untouched, unique (distinct stored), duplicate (sharing one)
+    stored_bytes: int         # bytes of page contents in the store
+    file_bytes: int
+    working_set: np.ndarray   # page indices in first-touch order
+    arrays: dict              # name -> {"offset", "dtype", "shape"}
+
+
+@dataclasses.dataclass
+class _Parsed:
+    header: dict
+    table: np.ndarray
+    working_set: np.ndarray
+    manifest: dict
+
+
+# ---- reading and checking ----------------------------------------------------------------
+
+def _fail(path, what):
+    raise SnapshotError("%s: %s" % (path, what))
+
+
+def _pread_exact(fd, n, offset, path, what):
+    chunks, done = [], 0
+    while done < n:
+        b = os.pread(fd, min(n - done, 1 << 30), offset + done)
+        if not b:
+            _fail(path, "truncated: %s needs %d bytes at offset %d" % (what, n, offset))
+        chunks.append(b)
+        done += len(b)
+    return b"".join(chunks)
+
+
+def _parse_header(raw, path, file_size):
+    if len(raw) < _HEADER.size:
+        _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), _HEADER.size))
+    magic, version, header_bytes, page_size, flags, *rest = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        _fail(path, "not a pylazymem snapshot (bad magic %r)" % magic)
+    if version != VERSION:
+        _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d)"
+              % (version, VERSION))
+    h = dict(zip(_FIELDS, rest), version=version, header_bytes=header_bytes,
+             page_size=page_size, flags=flags)
+    if lib.lm_xxh3(raw[:HEADER_CHECKED], HEADER_CHECKED) != h["header_xxh3"]:
+        _fail(path, "header checksum mismatch (corrupt header)")
+    ps = page_size
+    if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
+        _fail(path, "bad page size %d" % ps)
+    if flags:
+        _fail(path, "unknown header flags 0x%x" % flags)
+    if header_bytes < _HEADER.size or header_bytes % ps or header_bytes > (1 << 21):
+        _fail(path, "bad header size %d" % header_bytes)
+    if any(raw[_HEADER.size:header_bytes]):
+        _fail(path, "reserved header bytes are not zero")
+    if not 1 <= h["npages"] <= MAX_PAGES:
+        _fail(path, "bad page count %d" % h["npages"])
+    if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
+        _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
+              % (h["nstored"], h["nws"], h["npages"]))
+    sizes = {"store": h["nstored"] * ps, "table": h["npages"] * SNAP_PAGE_DTYPE.itemsize,
+             "ws": h["nws"] * 8}
+    for name, size in sizes.items():
+        if h[name + "_bytes"] != size:
+            _fail(path, "%s section is %d bytes, expected %d" % (name, h[name + "_bytes"], size))
+    if h["manifest_bytes"] > MAX_MANIFEST:
+        _fail(path, "manifest of %d bytes is larger than allowed" % h["manifest_bytes"])
+    # The sections follow each other in a fixed order: nothing overlaps, nothing is skipped.
+    expect = header_bytes
+    for name in ("store", "table", "ws", "manifest"):
+        if h[name + "_offset"] != expect:
+            _fail(path, "%s section at offset %d, expected %d (overlapping or misplaced)"
+                  % (name, h[name + "_offset"], expect))
+        expect += h[name + "_bytes"]
+    if h["file_bytes"] != expect:
+        _fail(path, "header says the file has %d bytes, its sections add up to %d"
+              % (h["file_bytes"], expect))
+    if file_size != expect:
+        _fail(path, "truncated: file has %d bytes, the header says %d" % (file_size, expect)
+              if file_size < expect else "file has %d bytes of trailing data"
+              % (file_size - expect))
+    return h
+
+
+def _parse_manifest(raw, h, path):
+    try:
+        man = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        _fail(path, "manifest is not valid JSON: %s" % e)
+    if not isinstance(man, dict) or not isinstance(man.get("arrays", {}), dict):
+        _fail(path, "manifest must be a JSON object with an 'arrays' object")
+    region_bytes = h["npages"] * h["page_size"]
+    arrays = {}
+    for name, a in man.get("arrays", {}).items():
+        try:
+            dtype = np.dtype(_descr_from_json(a["dtype"]))
+            shape = tuple(int(x) for x in a["shape"])
+            offset = int(a["offset"])
+        except (KeyError, TypeError, ValueError) as e:
+            _fail(path, "manifest entry %r is malformed: %s" % (name, e))
+        if dtype.hasobject:
+            _fail(path, "manifest entry %r has an object dtype" % name)
+        count = 1
+        for x in shape:
+            if x < 0:
+                _fail(path, "manifest entry %r has a negative dimension" % name)
+            count *= x
+        if offset < 0 or offset + count * dtype.itemsize > region_bytes:
+            _fail(path, "manifest entry %r lies outside the region" % name)
+        arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
+    man["arrays"] = arrays
+    return man
+
+
+def _descr_from_json(d):
+    # dtype descriptors as numpy writes them (str, or a list of [name, descr(, shape)]).
+    if isinstance(d, str):
+        return d
+    if isinstance(d, list):
+        return [tuple(_descr_from_json(x) if isinstance(x, list) else x for x in field)
+                for field in d]
+    raise ValueError("dtype must be a string or a list")
+
+
+def _read(fd, path):
+    """Read and check everything but the store. Raises SnapshotError before anything else."""
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, 4096, 0)
+    if len(raw) >= _HEADER.size:   # a header larger than 4 KiB (64 KiB pages)
+        hb = _HEADER.unpack_from(raw)[2]
+        if 4096 < hb <= (1 << 21):
+            raw += os.pread(fd, hb - 4096, 4096)
+    h = _parse_header(raw, path, size)
+    tail = _pread_exact(fd, size - h["table_offset"], h["table_offset"], path, "the tables")
+    if lib.lm_xxh3(tail, len(tail)) != h["tables_xxh3"]:
+        _fail(path, "table checksum mismatch (corrupt page table, working set or manifest)")
+    table = np.frombuffer(tail, SNAP_PAGE_DTYPE, h["npages"])
+    ws = np.frombuffer(tail, "<u8", h["nws"], h["table_bytes"]).astype(np.uint64)
+    man = _parse_manifest(tail[h["table_bytes"] + h["ws_bytes"]:], h, path)
+
+    counts = ffi.new("uint64_t[3]")
+    if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", table), h["npages"],
+                         h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size, counts) < 0:
+        _fail(path, ffi.string(lib.lm_last_op()).decode())
+    h["counts"] = tuple(counts)
+    return _Parsed(h, table, ws, man)
+
+
+def _info(path, p):
+    h = p.header
+    untouched, zero, stored = h["counts"]
+    return SnapshotInfo(
+        path=os.fspath(path), version=h["version"], npages=h["npages"],
+        page_size=h["page_size"],
+        pages_by_class={"zero": zero, "untouched": untouched,
+                        "unique": h["nstored"], "duplicate": stored - h["nstored"]},
+        stored_bytes=h["store_bytes"], file_bytes=h["file_bytes"],
+        working_set=p.working_set.copy(),
+        arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"]}
+                for n, a in p.manifest["arrays"].items()},
+    )
+
+
+def _open(path):
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotError("%s: no such snapshot file" % path) from None
+    except IsADirectoryError:
+        raise SnapshotError("%s: is a directory, not a snapshot file" % path) from None
+
+
+def inspect(path):
+    """Check a snapshot file and describe it, without restoring it."""
+    fd = _open(path)
+    try:
+        return _info(path, _read(fd, os.fspath(path)))
+    finally:
+        os.close(fd)
+
+
+# ---- checkpoint --------------------------------------------------------------------------
+
+def _working_set_arg(region, working_set):
+    if isinstance(working_set, str):
+        if working_set == "auto":
+            return region.working_set()
+        if working_set == "none":
+            return np.zeros(0, np.uint64)
+        raise InvalidArgumentError("working_set must be 'auto', 'none' or page indices, not %r"
+                                   % working_set)
+    try:
+        ws = np.asarray(working_set, dtype=np.int64).ravel()
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("working_set must be a sequence of page indices") from None
+    if ws.size and (ws.min() < 0 or ws.max() >= region.npages):
+        raise InvalidArgumentError("working_set has page indices outside 0..%d"
+                                   % (region.npages - 1))
+    return ws.astype(np.uint64)
+
+
+def _sweep_stale_temporaries(path):
+    """Temporaries of checkpoints whose process died (kill -9) are removed by the next one."""
+    d, base = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(d), ".%s.*.tmp" % glob.escape(base))):
+        m = re.match(r"\.%s\.(\d+)\..*\.tmp$" % re.escape(base), os.path.basename(tmp))
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        except PermissionError:
+            pass   # another user's live process
+
+
+def _json_dtype(dtype):
+    return np.lib.format.dtype_to_descr(dtype)
+
+
+def checkpoint(region, path, working_set="auto", progress=None):
+    """Write the region's state to `path` atomically; returns its SnapshotInfo.
+
+    working_set: "auto" (the current window, Region.working_set()), "none", or page indices
+    in the order they should be prefetched. progress: called as progress(done_bytes, total).
+    Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
+    """
+    region._check_open()
+    path = os.fspath(path)
+    ws = _working_set_arg(region, working_set)
+    npages, ps = region.npages, region.page_size
+    table = np.zeros(npages, SNAP_PAGE_DTYPE)
+    store_pages = np.empty(npages, np.uint64)
+    nstored_p = ffi.new("uint64_t *")
+    with region._use() as lm:
+        check(lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size,
+                               ffi.from_buffer("struct lm_snap_page[]", table),
+                               ffi.from_buffer("uint64_t[]", store_pages), nstored_p),
+              "checkpoint")
+    nstored = nstored_p[0]
+    ws = _dedup_keep_order(ws)   # as lm_ckpt_plan placed them: first mention wins
+    manifest = json.dumps({
+        "pylazymem": _version(),
+        "arrays": {n: {"offset": a["offset"], "dtype": _json_dtype(a["dtype"]),
+                       "shape": list(a["shape"])} for n, a in region._arrays.items()},
+    }, sort_keys=True).encode()
+
+    header_bytes = max(4096, ps)
+    store_bytes = nstored * ps
+    table_raw = table.tobytes()
+    ws_raw = ws.astype("<u8").tobytes()
+    h = {"npages": npages, "nstored": nstored, "nws": ws.size,
+         "store_offset": header_bytes, "store_bytes": store_bytes,
+         "table_offset": header_bytes + store_bytes, "table_bytes": len(table_raw)}
+    h["ws_offset"] = h["table_offset"] + h["table_bytes"]
+    h["ws_bytes"] = len(ws_raw)
+    h["manifest_offset"] = h["ws_offset"] + h["ws_bytes"]
+    h["manifest_bytes"] = len(manifest)
+    h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
+    tail = table_raw + ws_raw + manifest
+    h["tables_xxh3"] = lib.lm_xxh3(tail, len(tail))
+    h["header_xxh3"] = 0
+    raw = bytearray(header_bytes)
+    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
+    h["header_xxh3"] = lib.lm_xxh3(bytes(raw[:HEADER_CHECKED]), HEADER_CHECKED)
+    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
+
+    d, base = os.path.split(os.path.abspath(path))
+    _sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
+    try:
+        total = h["file_bytes"]
+        chunk = max(1, (64 << 20) // ps)
+        with region._use() as lm:
+            for i in range(0, nstored, chunk):
+                n = min(chunk, nstored - i)
+                check(lib.lm_ckpt_write(lm, fd, header_bytes + i * ps,
+                                        ffi.from_buffer("uint64_t[]", store_pages[i:i + n]), n),
+                      "checkpoint")
+                if progress is not None:
+                    progress(header_bytes + (i + n) * ps, total)
+        os.pwrite(fd, tail, h["table_offset"])
+        os.pwrite(fd, bytes(raw), 0)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+        _fsync_dir(d)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if progress is not None:
+        progress(total, total)
+    return inspect(path)
+
+
+def _dedup_keep_order(ws):
+    if not ws.size:
+        return ws
+    _, first = np.unique(ws, return_index=True)
+    return ws[np.sort(first)]
+
+
+def _fsync_dir(d):
+    try:
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError as e:   # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(dfd)
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+# ---- restore -----------------------------------------------------------------------------
+
+def restore(path, prefetch="working-set", background=True, verify=False, **region_kw):
+    """A new Region holding the snapshot's state, served lazily from the file.
+
+    prefetch: "working-set" loads the saved working set before returning, "all" everything,
+    "none" nothing. background: a low-priority thread fills the remaining pages, yielding to
+    demand faults. verify: check every page against its signature as it is served; a mismatch
+    poisons the page (the access raises SIGBUS) and is counted in stats()["verify_failures"].
+    Other keyword arguments go to Region().
+    """
+    from .region import Region
+
+    if prefetch not in PREFETCH_MODES:
+        raise InvalidArgumentError("prefetch must be one of %s, not %r"
+                                   % (", ".join(PREFETCH_MODES), prefetch))
+    path = os.fspath(path)
+    fd = _open(path)
+    try:
+        p = _read(fd, path)
+        h = p.header
+        if h["page_size"] != PAGE_SIZE:
+            _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
+                                                                             PAGE_SIZE))
+        region = Region(h["npages"] * h["page_size"], **region_kw)
+        try:
+            with region._use() as lm:
+                check(lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
+                                           bool(verify)), "restore")
+                check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", p.table),
+                                           h["npages"], h["nstored"]), "restore")
+            region._base_table = p.table   # read by the C core until every record is filled
+            for name, a in p.manifest["arrays"].items():
+                region._arrays[name] = dict(a)
+            region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
+                                      * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
+                                     + [0])
+            if prefetch == "working-set":
+                region.prefetch(p.working_set)
+            elif prefetch == "all":
+                rest = np.setdiff1d(np.arange(h["npages"], dtype=np.uint64), p.working_set,
+                                    assume_unique=True)
+                region.prefetch(np.concatenate([p.working_set, rest]))
+            region.mark_working_set()   # the next window starts now
+            if background:
+                region.background_start()
+        except BaseException:
+            region.close()
+            raise
+    finally:
+        os.close(fd)
+    return region
