@@ -131,8 +131,8 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     char *dst = r->base + page * r->page_size;
 
     uint8_t s;
-    while ((s = lm_claim(r, page)) == LM_BUSY)
-        sched_yield();   /* another path is filling it: its copy wakes our faulter, or ... */
+    for (unsigned spins = 0; (s = lm_claim(r, page)) == LM_BUSY;)
+        lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter, or ... */
     if (s == LM_PRESENT) {
         atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
         /* ... it already has. Also the case of a page dropped behind our back (e.g. an

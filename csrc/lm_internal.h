@@ -154,6 +154,7 @@ static inline uint8_t lm_state_load(const struct lm_page_meta *m)
    record was filled from a restore's base layer), or LM_BUSY/LM_PRESENT when the page is not
    claimable; never waits. */
 uint8_t lm_claim(struct lm_region *r, size_t page);
+void lm_wait_busy(unsigned *spins);
 /* Claim any page, waiting while another thread holds it BUSY. Returns the old state. */
 uint8_t lm_claim_wait(struct lm_region *r, size_t page);
 static inline void lm_release(struct lm_page_meta *m, uint8_t state)

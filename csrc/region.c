@@ -35,6 +35,21 @@ uint64_t lm_xxh3(const void *data, size_t len)
 
 /* ---- page state transitions ---------------------------------------------------------- */
 
+/*
+ * Wait for a page another thread holds BUSY. Yielding alone is not enough: the holder may be
+ * the background fill, which runs at SCHED_IDLE and would never get the CPU from a thread
+ * that only yields; after a few yields, sleep briefly so it can finish.
+ */
+void lm_wait_busy(unsigned *spins)
+{
+    if (++*spins < 64) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 static uint8_t try_claim(struct lm_page_meta *m)
 {
     uint8_t s = lm_state_load(m);
@@ -48,10 +63,11 @@ static uint8_t try_claim(struct lm_page_meta *m)
 
 static uint8_t claim_wait(struct lm_page_meta *m)
 {
+    unsigned spins = 0;
     for (;;) {
         uint8_t s = lm_state_load(m);
         if (s == LM_BUSY) {
-            sched_yield();   /* held for one copy or madvise at most */
+            lm_wait_busy(&spins);   /* held for one copy or madvise at most */
             continue;
         }
         if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
@@ -665,11 +681,12 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
     r->used = true;
 
     size_t i = first, end = first + n;
+    unsigned spins = 0;
     while (i < end && rc == 0) {
         /* Claim a run of lazy pages of one kind; present pages are passed over. */
         uint8_t s = lm_claim(r, i);
         if (s == LM_BUSY) {
-            sched_yield();
+            lm_wait_busy(&spins);
             continue;
         }
         if (s == LM_PRESENT) {
@@ -701,8 +718,8 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
     for (size_t i = first; i < first + n; i++) {
         struct lm_page_meta *m = &r->meta[i];
         uint8_t s;
-        while ((s = lm_state_load(m)) == LM_BUSY)
-            sched_yield();
+        for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
+            lm_wait_busy(&spins);
         uint64_t sig;
         if (s == LM_PRESENT) {
             /* Reading a present page never waits on the fault path (unless something outside

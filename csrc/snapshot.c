@@ -241,6 +241,7 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         return lm_fail("malloc(scratch)", ENOMEM);
     uint8_t old[LM_MAX_CLUSTER];
     size_t done = 0;
+    unsigned spins = 0;
     /* Pages are taken in the order given (the working set's first-touch order, which is also
        the store's order, so consecutive pages are consecutive store entries); a run of
        address-adjacent pages is filled with one copy. */
@@ -248,7 +249,7 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         size_t p = pages[i];
         uint8_t s = lm_claim(r, p);
         if (s == LM_BUSY) {
-            sched_yield();
+            lm_wait_busy(&spins);
             continue;
         }
         if (s != LM_DEFERRED && s != LM_EMPTY) {
@@ -368,10 +369,11 @@ int lm_page_read(struct lm_region *r, size_t page, void *out)
     if (page >= r->npages)
         return lm_fail("page index outside the region", ERANGE);
     struct lm_page_meta *m = &r->meta[page];
+    unsigned spins = 0;
     for (;;) {
         uint8_t s = lm_state_load(m);
         if (s == LM_BUSY) {
-            sched_yield();
+            lm_wait_busy(&spins);
             continue;
         }
         if (s == LM_PRESENT) {
@@ -445,8 +447,8 @@ static int classify(struct lm_region *r, size_t p, struct lm_snap_page *e, struc
 {
     struct lm_page_meta *m = &r->meta[p];
     uint8_t s;
-    while ((s = lm_state_load(m)) == LM_BUSY)
-        sched_yield();
+    for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
+        lm_wait_busy(&spins);
     memset(e, 0, sizeof(*e));
     c->mem = NULL;
     c->store = 0;

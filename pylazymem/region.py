@@ -136,6 +136,7 @@ class Region(AddressRange):
         self._arrays = {}
         self._alloc_next = 0
         self._base_table = None
+        self._ws_inherited = None
         self._lock = threading.Condition()
         self._users = 0
         try:
@@ -217,6 +218,7 @@ class Region(AddressRange):
             while self._users:
                 self._lock.wait()   # calls in progress (GIL released) finish first
         _live_regions.discard(self)
+        lib.lm_background_stop(lm)   # it copies into the range we are about to unmap
         lib.lm_region_stop(lm)
         # Unmap (or make inaccessible) while still registered: a straggling access must fault
         # loudly, never read a zero page where deferred contents belong.
@@ -309,12 +311,20 @@ class Region(AddressRange):
         with self._use() as lm:
             n = check(lib.lm_ws_collect(lm, ffi.from_buffer("uint64_t[]", out), self.npages),
                       "working_set")
-        return out[:n].copy()
+        seen = out[:n]
+        if self._ws_inherited is None:
+            return seen.copy()
+        # After a prefetching restore the prefetched pages are present: touching them causes
+        # no fault, so the window keeps them (in their saved order) and appends what is new.
+        return np.concatenate([self._ws_inherited,
+                               seen[~np.isin(seen, self._ws_inherited)]])
 
-    def mark_working_set(self):
-        """Start a new working-set window."""
+    def mark_working_set(self, inherit=None):
+        """Start a new working-set window (optionally seeded with pages known to be in it)."""
         with self._use() as lm:
             check(lib.lm_ws_mark(lm), "mark_working_set")
+        self._ws_inherited = (None if inherit is None or not len(inherit)
+                              else np.asarray(inherit, dtype=np.uint64).copy())
 
     @property
     def tracks_writes(self):

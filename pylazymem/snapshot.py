@@ -418,7 +418,9 @@ def restore(path, prefetch="working-set", background=True, verify=False, **regio
                 rest = np.setdiff1d(np.arange(h["npages"], dtype=np.uint64), p.working_set,
                                     assume_unique=True)
                 region.prefetch(np.concatenate([p.working_set, rest]))
-            region.mark_working_set()   # the next window starts now
+            # The next window starts now. Prefetched pages are present, so touching them will
+            # not be seen: they stay in the working set (REAP's policy) unless re-marked.
+            region.mark_working_set(inherit=p.working_set if prefetch != "none" else None)
             if background:
                 region.background_start()
         except BaseException:
