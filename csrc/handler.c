@@ -131,14 +131,28 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     char *dst = r->base + page * r->page_size;
 
     uint8_t s;
-    for (unsigned spins = 0; (s = lm_claim(r, page)) == LM_BUSY;)
-        lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter, or ... */
-    if (s == LM_PRESENT) {
+    unsigned spins = 0;
+    for (;;) {
+        s = lm_claim(r, page);
+        if (s == LM_BUSY) {
+            lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter */
+            continue;
+        }
+        if (s != LM_PRESENT)
+            break;   /* claimed: serve it below */
+        /* Already present: another path filled it after this fault was raised, or the program
+           dropped it behind our back (madvise(MADV_DONTNEED)), and anonymous memory then
+           reads as zero. Hold the page while mapping a zero page there, so that defer_fill()
+           cannot drop it and record new contents in between (it would find a zero page where
+           its update belongs). */
+        uint8_t present = LM_PRESENT;
+        if (!__atomic_compare_exchange_n(&m->state, &present, LM_BUSY, false, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
         atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
-        /* ... it already has. Also the case of a page dropped behind our back (e.g. an
-           madvise(MADV_DONTNEED) by the program): anonymous memory then reads as zero. */
         atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
         int rc = lm_uffd_zeropage(r->uffd, dst, r->page_size, true);
+        lm_release(m, LM_PRESENT);
         if (rc < 0 && rc != -ENOENT)
             record_error(r, rc);
         return;
@@ -200,12 +214,6 @@ static void *serve_main(void *arg)
 {
     struct lm_serve_thread *t = arg;
     struct lm_region *r = t->r;
-    if (t->cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(t->cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);   /* best effort */
-    }
     struct pollfd pfd[2] = {{.fd = r->uffd, .events = POLLIN}, {.fd = r->stop_fd, .events = POLLIN}};
     struct uffd_msg msgs[MSG_BATCH];
     for (;;) {
@@ -263,9 +271,25 @@ int lm_serve_start(struct lm_region *r)
             }
         }
         t->scratch_canon = 0;
-        int err = pthread_create(&t->tid, NULL, serve_main, t);
+        /* Pinned from birth: the first fault must already find its server on its CPU. */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        if (t->cpu >= 0) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(t->cpu, &set);
+            int perr = pthread_attr_setaffinity_np(&attr, sizeof(set), &set);
+            if (perr) {
+                pthread_attr_destroy(&attr);
+                rc = lm_fail("pthread_attr_setaffinity_np(serving thread)", perr);
+                break;
+            }
+        }
+        int err = pthread_create(&t->tid, &attr, serve_main, t);
+        pthread_attr_destroy(&attr);
         if (err) {
-            rc = lm_fail("pthread_create", err);
+            rc = lm_fail(t->cpu >= 0 ? "pthread_create(pinned serving thread)" : "pthread_create",
+                         err);
             break;
         }
         t->started = true;

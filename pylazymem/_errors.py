@@ -39,8 +39,9 @@ _REMEDY = {
         "blocks userfaultfd: pass --device /dev/userfaultfd or a seccomp profile that allows it"
     ),
     _errno.EACCES: (
-        "permission denied on /dev/userfaultfd: grant access to the device "
-        "(chmod/ACL or a udev rule), or run as root"
+        "permission denied on /dev/userfaultfd: grant access to the device (chmod/ACL or a "
+        "udev rule; in a container: --device /dev/userfaultfd), or run as root "
+        "(CAP_SYS_PTRACE), or allow the syscall with 'sysctl -w vm.unprivileged_userfaultfd=1'"
     ),
     _errno.ENOENT: "/dev/userfaultfd does not exist (Linux < 6.1, or not in this container)",
     _errno.ENOSYS: "the kernel has no userfaultfd (CONFIG_USERFAULTFD=n) or a seccomp filter hides it",

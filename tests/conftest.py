@@ -75,17 +75,16 @@ def run_py(code, timeout=60, env=None, prelude=True, args=()):
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         try:
-            os.kill(proc.pid, signal.SIGABRT)
-            out, err = proc.communicate(timeout=3)
-        except subprocess.TimeoutExpired:
-            out, err = "", ""
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        o2, e2 = proc.communicate()
-        res = PyResult(proc.returncode, (out or "") + (o2 or ""), (err or "") + (e2 or ""))
+            os.kill(proc.pid, signal.SIGABRT)    # faulthandler: dump every thread's stack
+            proc.wait(timeout=3)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # and forked grandchildren
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        res = PyResult(proc.returncode, out, err)
         pytest.fail(f"subprocess timed out after {timeout}s (hang?)\n{res.describe()}",
                     pytrace=False)
     return PyResult(proc.returncode, out, err)

@@ -17,18 +17,19 @@ CONFIGS = {
 }
 
 
-def run_workload(run_py_ok, kind, seed, env=None, **kw):
+def run_workload(run_py_ok, func, seed, env=None, **kw):
+    """Run _workloads.<func>(seed=..., **kw) in a fresh interpreter; return its JSON summary."""
     args = json.dumps(dict(seed=seed, **kw))
     out = run_py_ok(f"""
         import _workloads
-        _workloads.contents_{kind}(**json.loads({args!r}))
+        _workloads.{func}(**json.loads({args!r}))
     """, timeout=240, env=env)
     return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_threads_read_random_pages(run_py_ok, config):
-    st = run_workload(run_py_ok, "read", seed=11 + len(config), **CONFIGS[config])
+    st = run_workload(run_py_ok, "contents_read", seed=11 + len(config), **CONFIGS[config])
     assert st["faults"] > 0
     if config == "no-readahead":
         assert st["readahead"] == 0, st
@@ -36,7 +37,7 @@ def test_threads_read_random_pages(run_py_ok, config):
 
 @pytest.mark.parametrize("config", ["default", "no-readahead"])
 def test_threads_write_then_verify(run_py_ok, config):
-    st = run_workload(run_py_ok, "write", seed=23 + len(config), **CONFIGS[config])
+    st = run_workload(run_py_ok, "contents_write", seed=23 + len(config), **CONFIGS[config])
     assert st["faults"] > 0
 
 
@@ -45,5 +46,21 @@ def test_threads_read_user_mode_only(run_py_ok, probe_mode):
     mode, _, reason = probe_mode("user-mode-only")
     if mode != "user-mode-only":
         pytest.skip(f"user-mode-only uffd not available: {reason}")
-    run_workload(run_py_ok, "read", seed=5, env={"PYLAZYMEM_UFFD": "user-mode-only"},
+    run_workload(run_py_ok, "contents_read", seed=5, env={"PYLAZYMEM_UFFD": "user-mode-only"},
                  nbytes=16 << 20)
+
+
+REDEFER = {
+    "default": {"seconds": 3.0},
+    "no-readahead": {"seconds": 3.0, "max_cluster_pages": 1},
+    # 4 readers on 16 pages: many duplicate fault messages (the "already present" path)
+    "hot-16-pages": {"seconds": 4.0, "max_cluster_pages": 1, "nbytes": 16 << 12,
+                     "nreaders": 4},
+}
+
+
+@pytest.mark.parametrize("config", list(REDEFER))
+def test_redefer_while_threads_fault(run_py_ok, config):
+    """defer_fill / materialize racing with faults from several threads on the same pages:
+    a read may mix the old and new fill, never show bytes of neither; the end state is exact."""
+    run_workload(run_py_ok, "redefer_race", seed=31 + len(config), **REDEFER[config])

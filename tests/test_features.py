@@ -1,6 +1,7 @@
 """Package surface: version, features() probe, enums, exception hierarchy, acquisition modes."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -59,12 +60,12 @@ def test_features_flags_match_kernel_bits():
         assert api & UFFD_FEATURE_PAGEFAULT_FLAG_WP
 
 
-def test_dev_userfaultfd_is_tried_first():
-    f = plm.features()
-    if f.mode == "unavailable" or not os.access("/dev/userfaultfd", os.R_OK | os.W_OK):
+@pytest.mark.timeout(120)
+def test_dev_userfaultfd_is_tried_first(probe_mode):
+    mode, source, reason = probe_mode("auto")
+    if mode == "unavailable" or not os.access("/dev/userfaultfd", os.R_OK | os.W_OK):
         pytest.skip("/dev/userfaultfd not usable here")
-    assert f.source == "/dev/userfaultfd"
-    assert f.mode == "full"
+    assert (mode, source) == ("full", "/dev/userfaultfd"), reason
 
 
 @pytest.mark.timeout(120)
@@ -118,3 +119,66 @@ def test_public_names():
     for name in ("Region", "Canonical", "features", "ZERO", "PageState", "PageClass", "PageFlag",
                  "LazyMemError"):
         assert hasattr(plm, name), name
+
+
+DROP_PRIVILEGES = """
+    np.random.default_rng(0)              # lazy imports first: files may be unreadable later
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)                      # nobody: no /dev/userfaultfd, no CAP_SYS_PTRACE
+"""
+
+
+def _unprivileged_sysctl():
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_unprivileged_auto_mode(run_py_ok):
+    """Without privilege, auto acquisition degrades as documented and says why."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    out = run_py_ok(DROP_PRIVILEGES + """
+    f = plm.features()
+    res = {"mode": f.mode, "source": f.source, "reason": f.reason}
+    if f.mode != "unavailable":
+        page = random_page(np.random.default_rng(1))
+        with plm.Region(8 * PS) as r:
+            r.defer_fill(0, r.nbytes, r.canonical(page.tobytes()))
+            res["ok"] = bool((pages(r) == page).all())
+    print(json.dumps(res))
+    """, timeout=60)
+    res = json.loads(out.strip().splitlines()[-1])
+    if _unprivileged_sysctl() == 1:
+        assert (res["mode"], res["source"]) == ("full", "syscall"), res
+    elif res["mode"] == "unavailable":             # kernel without UFFD_USER_MODE_ONLY
+        assert "/dev/userfaultfd" in res["reason"], res
+    else:
+        assert res["mode"] == "user-mode-only", res
+        assert "EFAULT" in res["reason"] and "/dev/userfaultfd" in res["reason"], res
+    if res["mode"] != "unavailable":
+        assert res["ok"] is True, res
+
+
+@pytest.mark.timeout(120)
+def test_unavailable_raises_unavailable_error(run_py_ok):
+    """PYLAZYMEM_UFFD=dev without access to the device: Region() raises UnavailableError
+    (an OSError) whose message names the device and the fix."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    out = run_py_ok(DROP_PRIVILEGES + """
+    f = plm.features()
+    assert f.mode == "unavailable" and f.source is None, f
+    assert "/dev/userfaultfd" in f.reason, f.reason
+    try:
+        plm.Region(1 << 20)
+    except plm.UnavailableError as e:
+        assert isinstance(e, OSError) and isinstance(e, plm.LazyMemError)
+        assert "/dev/userfaultfd" in str(e), str(e)
+        print("OK")
+    """, env={"PYLAZYMEM_UFFD": "dev"}, timeout=60)
+    assert out.strip().endswith("OK"), out

@@ -67,7 +67,11 @@ def test_pinned_thread_runs_on_its_cpu(run_py_ok):
         with plm.Region(1 << 20, serve_cpus=[{cpu}]) as r:
             assert r.handler.cpus == ({cpu},), r.handler.cpus
             assert r.handler.threads == 1
+            deadline = time.monotonic() + 2     # a thread may pin itself once it runs
             during = pinned_threads({cpu})
+            while during != before + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+                during = pinned_threads({cpu})
             r.defer_fill(0, PS, plm.ZERO)
             assert pages(r)[0].sum() == 0
         print(json.dumps([before, during]))
@@ -92,3 +96,25 @@ def test_env_serve_cpus_and_max_cluster(run_py_ok):
     cpus, faults, readahead = json.loads(out.strip().splitlines()[-1])
     assert cpus == [cpu]
     assert (faults, readahead) == (64, 0)
+
+
+def test_fault_while_stopped_waits_for_start(run_py_ok):
+    """Documented: with the handler stopped, an access to a lazy page waits until start()."""
+    out = run_py_ok("""
+        page = random_page(np.random.default_rng(3))
+        with plm.Region(16 * PS, max_cluster_pages=1) as r:
+            r.defer_fill(0, r.nbytes, r.canonical(page.tobytes()))
+            v = pages(r)
+            r.handler.stop()
+            got = []
+            t = threading.Thread(target=lambda: got.append(v[6].copy()))
+            t.start()
+            t.join(0.3)
+            blocked = t.is_alive()
+            r.handler.start()
+            t.join(20)
+            assert not t.is_alive(), "the faulting thread was not released by start()"
+            assert np.array_equal(got[0], page)
+            print("OK", blocked)
+    """, timeout=60)
+    assert out.strip().splitlines()[-1] == "OK True", out

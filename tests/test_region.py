@@ -9,8 +9,9 @@ from _helpers import PAGE_SIZE, pages, random_page
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(60)]
 
 
-@pytest.mark.parametrize("nbytes,npages", [(1, 1), (PAGE_SIZE, 1), (PAGE_SIZE + 1, 2),
-                                           (3 * PAGE_SIZE - 1, 3), (1 << 20, (1 << 20) // PAGE_SIZE)])
+@pytest.mark.parametrize("nbytes,npages", [
+    (1, 1), (PAGE_SIZE, 1), (PAGE_SIZE + 1, 2), (3 * PAGE_SIZE - 1, 3),
+    (1 << 20, (1 << 20) // PAGE_SIZE)])
 def test_size_rounded_up_to_pages(make_region, nbytes, npages):
     r = make_region(nbytes)
     assert r.page_size == PAGE_SIZE

@@ -7,8 +7,14 @@ problems seen (wrong contents, handler errors).
   fault_service  4K fault service, one Python thread: pylazymem vs a minimal C userfaultfd loop
   template_init  fill 1 GiB with a template page, read 1% of pages: defer_fill vs a numpy copy
   sequential     sequential first touch per page: deferred canonical region vs kernel anonymous pages
+  reap           REAP scenario, 1 GiB state, workload reads 10% of pages: eager np.load vs lazy restore
+                 (no prefetch / working-set prefetch) vs state already in memory; cold and warm page cache
+  restore_none   time for restore(prefetch="none") of a 1 GiB snapshot to return, and close()
+  restore_sequential  sequential read of a lazily restored region, per page, vs kernel first touch
+  checkpoint     checkpoint of 1 GiB (50% zero, 25% duplicate, 25% unique pages) vs np.save: time and size
 """
-BENCHMARKS = ("fault_service", "template_init", "sequential")
+BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_sequential",
+              "checkpoint")
 
 __all__ = ["BENCHMARKS", "run"]
 

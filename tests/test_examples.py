@@ -1,0 +1,23 @@
+"""Every examples/*.py runs to completion (exit 0) in a fresh interpreter, under a timeout."""
+
+import glob
+import os
+
+import pytest
+
+from _helpers import REPO_DIR
+
+EXAMPLES = sorted(glob.glob(os.path.join(REPO_DIR, "examples", "*.py")))
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(200)]
+
+
+@pytest.mark.parametrize("path", EXAMPLES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no examples/*.py yet"))], ids=lambda p: os.path.basename(p) if p else "none")
+def test_example_runs(run_py, path):
+    res = run_py("import os, runpy, sys\n"
+                 "sys.argv = [sys.argv[1]]\n"
+                 "sys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n",
+                 timeout=180, prelude=False, args=(path,))
+    assert res.returncode == 0, f"{os.path.relpath(path, REPO_DIR)} failed\n{res.describe()}"

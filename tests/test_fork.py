@@ -1,0 +1,181 @@
+"""fork() in a process that owns regions: the child gets RegionClosedError from every Region
+method (regions are MADV_DONTFORK), the parent is unaffected, nothing hangs.
+Everything runs in subprocesses (a hang fails the test)."""
+
+import pytest
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(150)]
+
+SETUP = """
+    rng = np.random.default_rng(9)
+    page = random_page(rng)
+    r = plm.Region(64 * PS, max_cluster_pages=1)
+    c = r.canonical(page.tobytes())
+    r.defer_fill(0, 32 * PS, c)                 # 0-31 canonical, 32-47 zero, 48-63 EMPTY
+    r.defer_fill(32 * PS, 16 * PS, plm.ZERO)
+    v = pages(r)
+    expected = np.zeros((64, PS), np.uint8)
+    expected[:32] = page
+    assert np.array_equal(v[0], page)           # some pages present before the fork
+    v[40, :8] = 5
+    expected[40, :8] = 5
+
+    def child_checks(r, c):
+        code = 0
+        calls = {
+            "stats": lambda: r.stats(),
+            "defer_fill": lambda: r.defer_fill(PS, PS, plm.ZERO),
+            "materialize": lambda: r.materialize(),
+            "signatures": lambda: r.signatures(),
+            "canonical": lambda: r.canonical(bytes(PS)),
+            "ndarray": lambda: r.ndarray(np.uint8),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except plm.RegionClosedError as e:
+                if "parent" not in str(e):
+                    print("child: message does not name the parent process:", name, e)
+                    code |= 2
+            except BaseException as e:
+                print("child: wrong exception from", name, repr(e))
+                code |= 4
+            else:
+                print("child: no exception from", name)
+                code |= 8
+        try:
+            memoryview(r)
+        except Exception:
+            pass
+        else:
+            print("child: memoryview(r) did not raise")
+            code |= 16
+        return code
+
+    def child_new_region():
+        with plm.Region(8 * PS, max_cluster_pages=1) as r2:   # the child can make its own
+            c2 = r2.canonical(page.tobytes())
+            r2.defer_fill(0, r2.nbytes, c2)
+            assert np.array_equal(pages(r2)[3], page)
+            assert np.array_equal(pages(r2)[0], page)
+
+    def parent_verify():
+        bad, n = first_bad_pages(v, expected)
+        assert n == 0, f"parent: {n} pages wrong after fork, first {bad}"
+        assert r.stats()["errors"] == 0
+"""
+
+
+def test_fork_child_gets_region_closed(run_py_ok):
+    out = run_py_ok(SETUP + """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = child_checks(r, c)
+            child_new_region()
+        except BaseException:
+            traceback.print_exc()
+            code |= 32
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"child exit {os.waitstatus_to_exitcode(status)}"
+    parent_verify()
+    r.defer_fill(0, PS, plm.ZERO)                # the parent's region still works fully
+    assert not v[0].any()
+    r.close()
+    print("OK")
+    """, timeout=60)
+    assert out.strip().endswith("OK"), out
+
+
+def test_fork_child_exits_normally(run_py_ok):
+    """The child runs interpreter shutdown with the inherited Region object alive (finalizers,
+    atexit): it must exit cleanly without touching the parent's serving threads."""
+    out = run_py_ok(SETUP + """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            r.stats()
+        except plm.RegionClosedError:
+            pass
+        sys.exit(0)                              # normal shutdown; r is collected here
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, os.waitstatus_to_exitcode(status)
+    parent_verify()
+    r.close()
+    print("OK")
+    """, timeout=60)
+    assert out.strip().endswith("OK"), out
+
+
+def test_fork_while_faulting(run_py_ok):
+    """Forks while another parent thread takes faults; children close their copies and exit
+    normally; the parent's contents stay right."""
+    out = run_py_ok(SETUP + """
+    import warnings
+    warnings.simplefilter("ignore", DeprecationWarning)   # fork() with threads (3.12+)
+    big = plm.Region(16 << 20)
+    big_page = random_page(rng)
+    big.defer_fill(0, big.nbytes, big.canonical(big_page.tobytes()))
+    bv = pages(big)
+    errors = []
+    done = threading.Event()
+
+    def reader():
+        try:
+            order = np.random.default_rng(1).permutation(big.npages)
+            for p in order:
+                if not np.array_equal(bv[p], big_page):
+                    errors.append(int(p))
+        except BaseException as e:
+            errors.append(repr(e))
+        finally:
+            done.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    statuses = []
+    for i in range(10):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                big.close()
+                r.close()
+                sys.exit(0)
+            except plm.RegionClosedError:
+                sys.exit(0)
+        statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        time.sleep(0.005)
+    t.join(60)
+    assert not t.is_alive(), "reader thread hung"
+    assert statuses == [0] * 10, statuses
+    assert not errors, errors[:10]
+    parent_verify()
+    big.close()
+    r.close()
+    print("OK")
+    """, timeout=90)
+    assert out.strip().endswith("OK"), out
+
+
+def test_fork_child_inherited_view_faults(run_py_ok):
+    """Region memory is not inherited (MADV_DONTFORK): a child touching an inherited view
+    crashes instead of reading zeros where the parent's deferred contents belong."""
+    out = run_py_ok(SETUP + """
+    import signal
+    pid = os.fork()
+    if pid == 0:
+        x = int(v[5, 0])                         # deferred canonical page of the parent
+        print("child read", x, flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
+    parent_verify()
+    r.close()
+    print("OK")
+    """, timeout=60)
+    assert "child read" not in out, out
+    assert out.strip().endswith("OK"), out
