@@ -107,6 +107,8 @@ static void record_error(struct lm_region *r, int rc)
 void lm_poison_page(struct lm_region *r, size_t page, int rc)
 {
     record_error(r, rc);
+    if (rc == -EBADMSG)   /* counted here, once per page, however many paths tried it */
+        atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
     char *addr = r->base + page * r->page_size;
     if (lm_uffd_poison(r->uffd, addr, r->page_size) == 0) {
         r->meta[page].flags |= LM_F_POISONED;

@@ -230,7 +230,6 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
         if (r->src_verify) {
             for (size_t k = 0; k < run; k++) {
                 if (XXH3_64bits(out + k * ps, ps) != r->meta[first + i + k].signature) {
-                    atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
                     t->bad_page = first + i + k;
                     return lm_fail("verify: page contents differ from the snapshot's signature",
                                    EBADMSG);

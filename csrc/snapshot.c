@@ -230,21 +230,76 @@ static size_t fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, siz
     return done;
 }
 
+static int by_store(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
+}
+
+/*
+ * Copy claimed snapshot pages from a buffer holding store entries [base, base + nbuf): runs
+ * of address-adjacent pages with consecutive entries go in one UFFDIO_COPY.
+ */
+static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t k,
+                              const char *buf, uint64_t base)
+{
+    size_t ps = r->page_size, done = 0;
+    for (size_t i = 0; i < k;) {
+        uint64_t idx = pairs[2 * i], p = pairs[2 * i + 1];
+        const char *src = buf + (idx - base) * ps;
+        if (r->src_verify && XXH3_64bits(src, ps) != r->meta[p].signature) {
+            lm_poison_page(r, p, lm_fail("verify: page contents differ from the snapshot's "
+                                         "signature", EBADMSG));
+            i++;
+            continue;
+        }
+        size_t run = 1;
+        while (i + run < k && pairs[2 * (i + run)] == idx + run &&
+               pairs[2 * (i + run) + 1] == p + run &&
+               (!r->src_verify ||
+                XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
+            run++;
+        char *dst = r->base + p * ps;
+        int rc = lm_uffd_copy(r->uffd, dst, src, run * ps, false);
+        if (rc == 0) {
+            atomic_fetch_add_explicit(&r->st_bytes, run * ps, memory_order_relaxed);
+            lm_mark_present(r, p, run, LM_F_PREFETCHED, 0);
+            lm_uffd_wake(r->uffd, dst, run * ps);
+            done += run;
+        } else {
+            for (size_t q = 0; q < run; q++)
+                lm_poison_page(r, p + q, rc);
+        }
+        i += run;
+    }
+    return done;
+}
+
+/*
+ * Working-set prefetch. The working set's pages are the first entries of the store, in the
+ * order given, so the store is read in large sequential chunks (PREFETCH_BATCH entries per
+ * pread) and each entry copied to the pages that use it; pages of other kinds (zero,
+ * canonical) are filled one by one.
+ */
 int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (pages[i] >= r->npages)
             return lm_fail("prefetch: page index outside the region", ERANGE);
+    size_t ps = r->page_size;
     struct lm_serve_thread t = {.r = r};
-    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
-    if (!t.scratch)
-        return lm_fail("malloc(scratch)", ENOMEM);
-    uint8_t old[LM_MAX_CLUSTER];
-    size_t done = 0;
+    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * ps);
+    uint64_t *pairs = malloc((n ? n : 1) * 2 * sizeof(uint64_t));
+    char *buf = malloc((size_t)PREFETCH_BATCH * ps);
+    if (!t.scratch || !pairs || !buf) {
+        free(t.scratch);
+        free(pairs);
+        free(buf);
+        return lm_fail("malloc(prefetch buffers)", ENOMEM);
+    }
+    size_t done = 0, k = 0;
     unsigned spins = 0;
-    /* Pages are taken in the order given (the working set's first-touch order, which is also
-       the store's order, so consecutive pages are consecutive store entries); a run of
-       address-adjacent pages is filled with one copy. */
+    int rc = 0;
     for (size_t i = 0; i < n;) {
         size_t p = pages[i];
         uint8_t s = lm_claim(r, p);
@@ -252,33 +307,44 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
             lm_wait_busy(&spins);
             continue;
         }
-        if (s != LM_DEFERRED && s != LM_EMPTY) {
-            i++;
+        i++;
+        if (s == LM_PRESENT)
             continue;
-        }
         if (s == LM_EMPTY) {   /* untouched memory: nothing to bring in */
             lm_release(&r->meta[p], s);
-            i++;
             continue;
         }
-        old[0] = s;
-        size_t run = 1;
-        while (i + run < n && run < r->cfg.max_cluster_pages && pages[i + run] == p + run &&
-               lm_needs_copy(&r->meta[p + run]) == lm_needs_copy(&r->meta[p])) {
-            uint8_t s2 = lm_claim(r, p + run);
-            if (s2 != LM_DEFERRED) {
-                if (s2 == LM_EMPTY)
-                    lm_release(&r->meta[p + run], s2);
-                break;
-            }
-            old[run++] = s2;
+        if (r->meta[p].cls == LM_CLS_SNAPSHOT) {
+            pairs[2 * k] = r->meta[p].aux;   /* stays claimed until copied below */
+            pairs[2 * k + 1] = p;
+            k++;
+        } else {
+            done += fill_or_poison(r, &t, p, 1, &s, LM_F_PREFETCHED);
         }
-        done += fill_or_poison(r, &t, p, run, old, LM_F_PREFETCHED);
-        i += run;
+    }
+    qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
+    for (size_t i = 0; i < k;) {
+        uint64_t base = pairs[2 * i];
+        size_t j = i;
+        while (j < k && pairs[2 * j] - base < PREFETCH_BATCH)
+            j++;
+        uint64_t last = pairs[2 * (j - 1)];
+        rc = lm_src_read(r, base, (size_t)(last - base + 1), buf);
+        if (rc < 0) {
+            /* The store cannot be read: give every page not yet copied back, still lazy,
+               and let the caller fail (restore() raises rather than return a broken region). */
+            for (size_t q = i; q < k; q++)
+                lm_release(&r->meta[pairs[2 * q + 1]], LM_DEFERRED);
+            break;
+        }
+        done += copy_from_batch(r, pairs + 2 * i, j - i, buf, base);
+        i = j;
     }
     atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
     free(t.scratch);
-    return 0;
+    free(pairs);
+    free(buf);
+    return rc;
 }
 
 /* ---- background fill ----------------------------------------------------------------- */

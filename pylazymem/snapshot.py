@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import stat
 import struct
 import tempfile
 
@@ -30,6 +31,7 @@ _FIELDS = ("npages", "nstored", "nws", "table_offset", "table_bytes", "ws_offset
 HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
 MAX_MANIFEST = 64 << 20
 MAX_PAGES = 1 << 40
+MAX_REGION_BYTES = 1 << 46     # 64 TiB: x86-64 user address space is 128 TiB
 PREFETCH_MODES = ("working-set", "all", "none")
 
 
@@ -99,6 +101,12 @@ def _parse_header(raw, path, file_size):
         _fail(path, "reserved header bytes are not zero")
     if not 1 <= h["npages"] <= MAX_PAGES:
         _fail(path, "bad page count %d" % h["npages"])
+    if h["npages"] * ps > MAX_REGION_BYTES:
+        _fail(path, "region of %d bytes is larger than any address space here" % (h["npages"] * ps))
+    table_bytes = h["npages"] * SNAP_PAGE_DTYPE.itemsize
+    if table_bytes > _memory_bytes() // 2:
+        _fail(path, "page table of %d bytes does not fit in this machine's memory"
+              % table_bytes)
     if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
         _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
               % (h["nstored"], h["nws"], h["npages"]))
@@ -126,10 +134,17 @@ def _parse_header(raw, path, file_size):
     return h
 
 
+def _memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
 def _parse_manifest(raw, h, path):
     try:
         man = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         _fail(path, "manifest is not valid JSON: %s" % e)
     if not isinstance(man, dict) or not isinstance(man.get("arrays", {}), dict):
         _fail(path, "manifest must be a JSON object with an 'arrays' object")
@@ -137,10 +152,14 @@ def _parse_manifest(raw, h, path):
     arrays = {}
     for name, a in man.get("arrays", {}).items():
         try:
+            if not isinstance(a, dict):
+                raise ValueError("not an object")
             dtype = np.dtype(_descr_from_json(a["dtype"]))
-            shape = tuple(int(x) for x in a["shape"])
-            offset = int(a["offset"])
-        except (KeyError, TypeError, ValueError) as e:
+            if not isinstance(a["shape"], list) or len(a["shape"]) > 32:
+                raise ValueError("shape must be a list of at most 32 dimensions")
+            shape = tuple(_json_int(x, -(1 << 62)) for x in a["shape"])
+            offset = _json_int(a["offset"], -(1 << 62))
+        except (KeyError, TypeError, ValueError, RecursionError, OverflowError) as e:
             _fail(path, "manifest entry %r is malformed: %s" % (name, e))
         if dtype.hasobject:
             _fail(path, "manifest entry %r has an object dtype" % name)
@@ -148,6 +167,8 @@ def _parse_manifest(raw, h, path):
         for x in shape:
             if x < 0:
                 _fail(path, "manifest entry %r has a negative dimension" % name)
+            if x > region_bytes:
+                _fail(path, "manifest entry %r has a dimension larger than the region" % name)
             count *= x
         if offset < 0 or offset + count * dtype.itemsize > region_bytes:
             _fail(path, "manifest entry %r lies outside the region" % name)
@@ -156,14 +177,29 @@ def _parse_manifest(raw, h, path):
     return man
 
 
-def _descr_from_json(d):
-    # dtype descriptors as numpy writes them (str, or a list of [name, descr(, shape)]).
+def _descr_from_json(d, depth=0):
+    """A dtype descriptor as numpy writes it: a string, or a list of [name, descr] or
+    [name, descr, shape] fields (descr itself possibly such a list)."""
     if isinstance(d, str):
         return d
-    if isinstance(d, list):
-        return [tuple(_descr_from_json(x) if isinstance(x, list) else x for x in field)
-                for field in d]
-    raise ValueError("dtype must be a string or a list")
+    if not isinstance(d, list) or depth > 8:
+        raise ValueError("dtype must be a string or a list of fields (at most 8 deep)")
+    fields = []
+    for f in d:
+        if not isinstance(f, list) or len(f) not in (2, 3):
+            raise ValueError("a dtype field must be [name, descr] or [name, descr, shape]")
+        name = f[0] if isinstance(f[0], str) else tuple(f[0])
+        field = (name, _descr_from_json(f[1], depth + 1))
+        if len(f) == 3:
+            field += (tuple(_json_int(x) for x in f[2]),)
+        fields.append(field)
+    return fields
+
+
+def _json_int(x, lo=0, hi=1 << 62):
+    if type(x) is not int or not lo <= x <= hi:
+        raise ValueError("expected an integer in [%d, %d], got %r" % (lo, hi, x))
+    return x
 
 
 def _read(fd, path):
@@ -206,12 +242,19 @@ def _info(path, p):
 
 
 def _open(path):
+    # O_NONBLOCK: opening a FIFO must not wait for a writer. Regular files ignore it.
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SnapshotError("%s: no such snapshot file" % path) from None
     except IsADirectoryError:
         raise SnapshotError("%s: is a directory, not a snapshot file" % path) from None
+    except OSError as e:
+        raise SnapshotError("%s: cannot open: %s" % (path, e.strerror)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError("%s: not a regular file" % path)
+    return fd
 
 
 def inspect(path):

@@ -12,10 +12,13 @@ snapshot's store). That second snapshot is the one every lazy variant restores.
 
 Variants, interleaved per repetition (end to end = load/restore + workload):
   eager       np.load of the .npy (reads the whole file into fresh memory), then the workload   (a)
+  eager_into  (extra) the .npy read into an array already allocated and populated, then the
+              workload: (a) without the cost of fresh memory (large and erratic on this machine)
   none        plm.restore(prefetch="none", background=False), then the workload                 (b)
   ws          plm.restore(prefetch="working-set", background=False), then the workload          (c)
   ws_bg       plm.restore(prefetch="working-set", background=True), then the workload           (c)
   resident    the workload on a plain numpy array already in memory (numpy gets THP)            (d)
+              (one untimed read of another cache line of every page first: the mapping is warm)
   resident_4k (extra) the same bytes in anonymous memory with 4 KiB pages (MADV_NOHUGEPAGE)
 Each variant also runs the workload a second time right after ("again", not in the totals: the
 steady state). File-backed variants run cold (sync + drop the page cache just before) and warm (file read in
@@ -58,6 +61,32 @@ def _run_eager(npy, offsets):
     return {"total": t2 - t0, "restore": t1 - t0, "workload": t2 - t1, "again": t3 - t2, "close": t4 - t3}, s, {}
 
 
+def _run_eager_into(npy, buf, offsets):
+    """(extra) the .npy read into memory that is already allocated and populated (no fresh memory)."""
+    int(buf[0::C.PAGE].sum(dtype=np.uint64))   # untimed: the buffer's mapping is warm (see _run_resident)
+    with C.quiet_gc():
+        t0 = C.now_ns()
+        with open(npy, "rb", buffering=0) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if dtype != buf.dtype or int(np.prod(shape)) != buf.size:
+                raise RuntimeError(f"{npy}: unexpected array {dtype} {shape}")
+            mv, n = memoryview(buf), 0
+            while n < buf.size:
+                k = f.readinto(mv[n:])
+                if not k:
+                    raise RuntimeError(f"{npy}: short read")
+                n += k
+        t1 = C.now_ns()
+        s = _workload(buf, offsets)
+        t2 = C.now_ns()
+        _workload(buf, offsets)
+        t3 = C.now_ns()
+    return {"total": t2 - t0, "restore": t1 - t0, "workload": t2 - t1, "again": t3 - t2, "close": 0}, s, {}
+
+
 def _run_lazy(plm, snap, offsets, prefetch, background):
     with C.quiet_gc():
         t0 = C.now_ns()
@@ -81,6 +110,10 @@ def _run_lazy(plm, snap, offsets, prefetch, background):
 
 
 def _run_resident(arr, offsets):
+    # Untimed: read the first cache line of every page, so that the mapping is warm (this machine's
+    # host makes the first access to in-use memory left idle for seconds cost up to ~2 us/page, with
+    # no guest page fault), while the cache lines the workload reads (byte 321) stay cold.
+    int(arr[0::C.PAGE].sum(dtype=np.uint64))
     with C.quiet_gc():
         t0 = C.now_ns()
         s = _workload(arr, offsets)
@@ -167,7 +200,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     offsets = pages.astype(np.int64) * C.PAGE + TOUCH_OFFSET
 
     variants = [  # name, kind, cache
-        ("eager_cold", "eager", "cold"), ("none_cold", "none", "cold"), ("ws_cold", "ws", "cold"),
+        ("eager_cold", "eager", "cold"), ("eager_into_cold", "eager_into", "cold"), ("none_cold", "none", "cold"), ("ws_cold", "ws", "cold"),
         ("ws_bg_cold", "ws_bg", "cold"), ("resident", "resident", None), ("resident_4k", "resident_4k", None),
         ("eager_warm", "eager", "warm"), ("none_warm", "none", "warm"), ("ws_warm", "ws", "warm"),
         ("ws_bg_warm", "ws_bg", "warm"),
@@ -183,6 +216,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
         ref, expected, npy, snap, setup = _setup(plm, d, nbytes, offsets, rng, problems, file)
         anon = K.AnonPages(nbytes)
         K.copy_into(anon.array, ref)
+        into = np.empty(nbytes, np.uint8)   # eager_into's destination, populated
+        into[:] = 0
         print(f"# setup {(C.now_ns() - t0) / 1e9:.1f} s: snapshot {setup['snapshot_bytes'] / C.MiB:.1f} MiB "
               f"{setup['pages_by_class']}, working set {setup['ws_in_snapshot']} pages recorded after a lazy "
               f"restore (workload pages out of first-touch order: {setup['ws_out_of_order']}; recording run: "
@@ -198,13 +233,16 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
             for rep in range(-C.WARMUP, reps):   # rep < 0: warm-up, not recorded
                 for v, kind, cache in C.rotate(variants, rep):
                     if cache is not None:
-                        method, frac = K.prepare(cache, [npy if kind == "eager" else snap])
+                        method, frac = K.prepare(cache, [npy if kind.startswith("eager") else snap])
                         if cache == "cold":
                             methods.add(method)
                         if rep >= 0 and frac is not None:
                             cached[v].append(frac)
                     if kind == "eager":
                         t, s, st = _run_eager(npy, offsets)
+                    elif kind == "eager_into":
+                        into[offsets] = 0   # the previous rep's contents must not make a wrong read pass
+                        t, s, st = _run_eager_into(npy, into, offsets)
                     elif kind == "none":
                         t, s, st = _run_lazy(plm, snap, offsets, "none", False)
                     elif kind == "ws":
@@ -229,7 +267,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
                             parts[v][k].append(ns / 1e6)   # ms
         finally:
             anon.close()
-            del ref
+            del ref, into
 
     rows = {}
     for v, kind, cache in variants:
@@ -282,6 +320,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
         rr("ws_again_vs_resident_again", "ws_cold", "resident", "<=", TARGET_WORKLOAD,
            "informational: the workload's second run, restored region (4 KiB pages) / resident numpy array",
            "again_ms_median", "again_ms_median"),
+        rr("eager_into_vs_ws_cold", "eager_into_cold", "ws_cold", ">=", TARGET_E2E,
+           "informational: (a) reading into already-populated memory (no fresh-memory cost) / (c), cold"),
         rr("eager_vs_ws_warm", "eager_warm", "ws_warm", ">=", TARGET_E2E,
            "informational: (a)/(c) end to end, files in the page cache"),
         rr("none_vs_ws_cold", "none_cold", "ws_cold", ">=", REAP_BAR,

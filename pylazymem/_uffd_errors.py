@@ -1,0 +1,54 @@
+"""Exceptions of the pure-Python userfaultfd binding (pylazymem.uffd), with no compiled code.
+
+This module must import without the cffi core: pylazymem.uffd is the backend that works
+without a compiler. The class names, bases and message words are those of pylazymem._errors,
+so both backends raise the same exception with the same words. Until the two modules are
+unified (pylazymem._errors importing these classes and `remedy` from here, so that there is
+one class of each), `except pylazymem.UffdError` does not catch pylazymem.uffd.UffdError;
+`except OSError` catches both.
+"""
+import errno as _errno
+import os
+
+
+class LazyMemError(Exception):
+    """Base class of every pylazymem error."""
+
+
+class InvalidRangeError(LazyMemError, ValueError):
+    """An offset or length that is unaligned, negative, empty or outside the region."""
+
+
+class UnavailableError(LazyMemError, OSError):
+    """userfaultfd cannot be had here; the message says why and what fixes it."""
+
+
+class UffdError(LazyMemError, OSError):
+    """A kernel call on the fault path or region failed."""
+
+
+# What to do about a failure to get a userfaultfd, by errno (same words as pylazymem._errors).
+_REMEDY = {
+    _errno.EPERM: (
+        "not permitted: run as root (CAP_SYS_PTRACE), or make /dev/userfaultfd accessible "
+        "(e.g. 'chmod 0666 /dev/userfaultfd' or a udev rule; in a container: "
+        "--device /dev/userfaultfd), or allow the syscall with "
+        "'sysctl -w vm.unprivileged_userfaultfd=1'. In Docker the default seccomp profile "
+        "blocks userfaultfd: pass --device /dev/userfaultfd or a seccomp profile that allows it"
+    ),
+    _errno.EACCES: (
+        "permission denied on /dev/userfaultfd: grant access to the device (chmod/ACL or a "
+        "udev rule; in a container: --device /dev/userfaultfd), or run as root "
+        "(CAP_SYS_PTRACE), or allow the syscall with 'sysctl -w vm.unprivileged_userfaultfd=1'"
+    ),
+    _errno.ENOENT: "/dev/userfaultfd does not exist (Linux < 6.1, or not in this container)",
+    _errno.ENOSYS: "the kernel has no userfaultfd (CONFIG_USERFAULTFD=n) or a seccomp filter hides it",
+    _errno.ENOMEM: "out of memory",
+    _errno.ENFILE: "too many open files",
+    _errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def remedy(err):
+    """What to do about failing to get a userfaultfd with errno `err`."""
+    return _REMEDY.get(err, os.strerror(err))
