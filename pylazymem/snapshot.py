@@ -67,14 +67,15 @@ def _fail(path, what):
 
 
 def _pread_exact(fd, n, offset, path, what):
-    chunks, done = [], 0
+    """Exactly n bytes at offset, read into one buffer (no intermediate copies)."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
     while done < n:
-        b = os.pread(fd, min(n - done, 1 << 30), offset + done)
-        if not b:
+        got = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        if not got:
             _fail(path, "truncated: %s needs %d bytes at offset %d" % (what, n, offset))
-        chunks.append(b)
-        done += len(b)
-    return b"".join(chunks)
+        done += got
+    return buf
 
 
 def _parse_header(raw, path, file_size):
@@ -104,7 +105,7 @@ def _parse_header(raw, path, file_size):
     if h["npages"] * ps > MAX_REGION_BYTES:
         _fail(path, "region of %d bytes is larger than any address space here" % (h["npages"] * ps))
     table_bytes = h["npages"] * SNAP_PAGE_DTYPE.itemsize
-    if table_bytes > _memory_bytes() // 2:
+    if table_bytes > _memory_bytes() // 4:
         _fail(path, "page table of %d bytes does not fit in this machine's memory"
               % table_bytes)
     if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
@@ -212,11 +213,11 @@ def _read(fd, path):
             raw += os.pread(fd, hb - 4096, 4096)
     h = _parse_header(raw, path, size)
     tail = _pread_exact(fd, size - h["table_offset"], h["table_offset"], path, "the tables")
-    if lib.lm_xxh3(tail, len(tail)) != h["tables_xxh3"]:
+    if lib.lm_xxh3(ffi.from_buffer(tail), len(tail)) != h["tables_xxh3"]:
         _fail(path, "table checksum mismatch (corrupt page table, working set or manifest)")
     table = np.frombuffer(tail, SNAP_PAGE_DTYPE, h["npages"])
     ws = np.frombuffer(tail, "<u8", h["nws"], h["table_bytes"]).astype(np.uint64)
-    man = _parse_manifest(tail[h["table_bytes"] + h["ws_bytes"]:], h, path)
+    man = _parse_manifest(bytes(tail[h["table_bytes"] + h["ws_bytes"]:]), h, path)
 
     counts = ffi.new("uint64_t[3]")
     if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", table), h["npages"],

@@ -1,0 +1,396 @@
+"""Snapshot files as docs/snapshot-format.md describes them, byte by byte.
+
+Besides its tests this module holds `SnapFile`, an independent reader/writer of the format
+written from the document (not from pylazymem/snapshot.py); the other test_snapshot_* files
+use it to build valid and hostile files.
+"""
+
+import dataclasses
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import xxhash
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE, pages, random_page
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+
+PS = PAGE_SIZE
+MAGIC = b"PLMSNAP\x00"
+HDR = struct.Struct("<8sIIII14Q")
+assert HDR.size == 136
+HEADER_FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
+                 "nws", "table_offset", "table_bytes", "ws_offset", "ws_bytes",
+                 "manifest_offset", "manifest_bytes", "store_offset", "store_bytes",
+                 "file_bytes", "tables_xxh3", "header_xxh3")
+# Byte offset of every header field (docs/snapshot-format.md, "Header").
+FIELD_OFFSET = dict(zip(HEADER_FIELDS, (0, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88,
+                                        96, 104, 112, 120, 128)))
+FIELD_SIZE = {f: (8 if f == "magic" or FIELD_OFFSET[f] >= 24 else 4) for f in HEADER_FIELDS}
+TABLE_DTYPE = np.dtype([("cls", "u1"), ("flags", "u1"), ("reserved", "<u2"), ("store", "<u4"),
+                        ("signature", "<u8")])
+assert TABLE_DTYPE.itemsize == 16
+UNTOUCHED, ZERO, STORED = 0, 1, 2
+WS_FLAG = 1
+
+
+def xxh3(b):
+    return xxhash.xxh3_64_intdigest(bytes(b))
+
+
+ZERO_SIG = xxh3(bytes(PS))
+
+
+@dataclasses.dataclass
+class SnapFile:
+    """A snapshot file taken apart into its sections (see docs/snapshot-format.md)."""
+
+    header: dict
+    header_pad: bytes      # header bytes 136 .. header_bytes (reserved, zero)
+    store: bytes
+    table: np.ndarray      # TABLE_DTYPE
+    ws: np.ndarray         # uint64
+    manifest: bytes
+
+    @classmethod
+    def parse(cls, data):
+        """Take a (valid) file apart; trusts the header's offsets."""
+        h = dict(zip(HEADER_FIELDS, HDR.unpack_from(data, 0)))
+        hb = h["header_bytes"]
+        table = np.frombuffer(data, TABLE_DTYPE, h["npages"], h["table_offset"]).copy()
+        ws = np.frombuffer(data, "<u8", h["nws"], h["ws_offset"]).astype(np.uint64)
+        store = bytes(data[h["store_offset"]:h["store_offset"] + h["store_bytes"]])
+        manifest = bytes(data[h["manifest_offset"]:h["manifest_offset"] + h["manifest_bytes"]])
+        return cls(h, bytes(data[HDR.size:hb]), store, table, ws, manifest)
+
+    @classmethod
+    def new(cls, page_size, npages, store=b"", table=None, ws=(), manifest=None):
+        hb = max(4096, page_size)
+        table = np.zeros(npages, TABLE_DTYPE) if table is None else table
+        if manifest is None:
+            manifest = json.dumps({"pylazymem": plm.__version__, "arrays": {}}).encode()
+        h = dict.fromkeys(HEADER_FIELDS, 0)
+        h.update(magic=MAGIC, version=1, header_bytes=hb, page_size=page_size)
+        sf = cls(h, bytes(hb - HDR.size), store, table, np.asarray(ws, np.uint64), manifest)
+        sf.relayout()
+        return sf
+
+    def copy(self):
+        return SnapFile(dict(self.header), self.header_pad, self.store, self.table.copy(),
+                        self.ws.copy(), self.manifest)
+
+    @property
+    def page_size(self):
+        return self.header["page_size"]
+
+    def tail(self):
+        return self.table.tobytes() + self.ws.astype("<u8").tobytes() + self.manifest
+
+    def relayout(self):
+        """Counts, sizes and offsets from the sections' contents, as the format requires."""
+        h = self.header
+        ps = h["page_size"]
+        h["header_bytes"] = HDR.size + len(self.header_pad)
+        h["npages"] = len(self.table)
+        h["nstored"] = len(self.store) // ps
+        h["nws"] = len(self.ws)
+        h["store_offset"] = h["header_bytes"]
+        h["store_bytes"] = len(self.store)
+        h["table_offset"] = h["store_offset"] + h["store_bytes"]
+        h["table_bytes"] = len(self.table) * 16
+        h["ws_offset"] = h["table_offset"] + h["table_bytes"]
+        h["ws_bytes"] = len(self.ws) * 8
+        h["manifest_offset"] = h["ws_offset"] + h["ws_bytes"]
+        h["manifest_bytes"] = len(self.manifest)
+        h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
+
+    def pack_header(self, fix_checksum=True):
+        h = dict(self.header)
+        raw = bytearray(HDR.pack(*(h[f] for f in HEADER_FIELDS)))
+        if fix_checksum:
+            struct.pack_into("<Q", raw, 128, xxh3(raw[:128]))
+        return bytes(raw) + self.header_pad
+
+    def build(self, relayout=True, fix_tables=True, fix_header=True, **overrides):
+        """The file's bytes: sections as they are, header fields from the layout (unless
+        relayout=False), then `overrides`, then checksums recomputed (unless told not to or
+        overridden)."""
+        if relayout:
+            self.relayout()
+        self.header.update(overrides)
+        if fix_tables and "tables_xxh3" not in overrides:
+            self.header["tables_xxh3"] = xxh3(self.tail())
+        return (self.pack_header(fix_header and "header_xxh3" not in overrides)
+                + self.store + self.tail())
+
+    def manifest_json(self):
+        return json.loads(self.manifest)
+
+
+def patch_header_field(data, field, value, fix_checksum=True):
+    """`data` with one header field overwritten (and the header checksum recomputed)."""
+    raw = bytearray(data)
+    if field == "magic":
+        raw[0:8] = value
+    else:
+        fmt = "<I" if FIELD_SIZE[field] == 4 else "<Q"
+        struct.pack_into(fmt, raw, FIELD_OFFSET[field], value)
+    if fix_checksum and field != "header_xxh3":
+        struct.pack_into("<Q", raw, 128, xxh3(raw[:128]))
+    return bytes(raw)
+
+
+def write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def tmp_files(directory, name):
+    """Temporary files a checkpoint to directory/name leaves (.NAME.*.tmp)."""
+    return sorted(f for f in os.listdir(directory)
+                  if f.startswith("." + name + ".") and f.endswith(".tmp"))
+
+
+# ---- a small region with every kind of page ---------------------------------------------
+
+STRUCT_DTYPE = np.dtype([("id", "<i4"), ("pos", "<f8"), ("tag", "S5"), ("ok", "?")])
+# numpy writes fields with a shape as [name, descr, shape] (the format allows it).
+SUBARRAY_DTYPE = np.dtype([("id", "<i4"), ("pos", "<f8", (3,)),
+                           ("inner", [("a", "<u2"), ("b", "|u1", (2, 2))])])
+
+
+def fill_mixed(r, rng, untouched_every=5):
+    """Give region `r` (created with max_cluster_pages=1) named arrays, random pages, zero pages
+    (written and read-only), duplicates and untouched pages. Returns (expected bytes as an
+    (npages, ps) array, {name: array copy}, {kind: [pages]})."""
+    ps = r.page_size
+    arrays = {}
+    a = r.alloc("f32", (300, 7), np.float32)
+    a[:] = rng.standard_normal(a.shape).astype(np.float32)
+    b = r.alloc("i16", 5000, np.int16)
+    b[:] = rng.integers(-2 ** 15, 2 ** 15, b.shape, dtype=np.int16)
+    c = r.alloc("rec", (50, 4), STRUCT_DTYPE)
+    c["id"] = rng.integers(0, 1 << 30, c.shape)
+    c["pos"] = rng.standard_normal(c.shape)
+    c["tag"] = [[b"t%d" % (i * 4 + j) for j in range(4)] for i in range(50)]
+    c["ok"] = rng.integers(0, 2, c.shape).astype(bool)
+    d = r.alloc("c128", (2, 3, 50), np.complex128)
+    d[:] = rng.standard_normal(d.shape) + 1j * rng.standard_normal(d.shape)
+    e = r.alloc("u8_scalar", (), np.uint64)
+    e[()] = 0xDEADBEEFCAFEF00D
+    used = set()
+    for name, view in r.arrays.items():
+        arrays[name] = view.copy()
+        off = view.ctypes.data - r.address
+        used.update(range(off // ps, -(-(off + max(view.nbytes, 1)) // ps)))
+    used = sorted(used)
+    v = pages(r)
+    n = r.npages
+    expected = np.zeros((n, ps), np.uint8)
+    kinds = {"array": used, "random": [], "zero_written": [], "zero_read": [], "dup": [],
+             "untouched": []}
+    dup_src = [random_page(rng), random_page(rng)]
+    start = used[-1] + 1
+    for p in range(start, n):
+        k = p - start
+        if k % untouched_every == untouched_every - 1:
+            kinds["untouched"].append(p)
+            continue
+        kind = ("random", "zero_written", "dup", "random", "zero_read", "dup")[k % 6]
+        kinds[kind].append(p)
+        if kind == "random":
+            v[p] = random_page(rng)
+        elif kind == "zero_written":
+            v[p] = random_page(rng)     # written, then zeroed: a present page of zeros
+            v[p] = 0
+        elif kind == "zero_read":
+            assert v[p].sum() == 0       # read fault only: the kernel zero page
+        else:
+            v[p] = dup_src[(k // 6) % 2]
+    touched = [p for p in range(n) if p not in set(kinds["untouched"])]
+    expected[touched] = v[touched]
+    return expected, arrays, kinds
+
+
+def assert_arrays_equal(got, want):
+    assert sorted(got) == sorted(want)
+    for name in want:
+        g, w = got[name], want[name]
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        assert g.tobytes() == w.tobytes(), name
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+def test_written_file_follows_the_document(make_region, rng, tmp_path):
+    r = make_region(12 * PS, max_cluster_pages=1)
+    w = r.alloc("w", 4, np.float32)
+    w[:] = [1.5, -2.0, 3.25, 0.0]
+    v = pages(r)
+    B, C = random_page(rng), random_page(rng)
+    v[1] = 0                 # zero (written)
+    v[2] = B
+    v[3] = v[0]              # duplicate of page 0 (the array's page)
+    assert v[5].sum() == 0   # zero (read only)
+    v[6] = C
+    v[7] = B                 # duplicate of page 2
+    # pages 4, 8..11 never touched
+    path = str(tmp_path / "s.snap")
+    info = plm.checkpoint(r, path, working_set=[6, 2, 1, 4, 6])
+    expected_page0 = v[0].copy()
+    data = open(path, "rb").read()
+
+    h = dict(zip(HEADER_FIELDS, HDR.unpack_from(data, 0)))
+    assert h["magic"] == MAGIC and h["version"] == 1 and h["flags"] == 0
+    assert h["page_size"] == PS and h["header_bytes"] == max(4096, PS)
+    assert data[HDR.size:h["header_bytes"]] == bytes(h["header_bytes"] - HDR.size)
+    assert h["npages"] == 12 and h["nstored"] == 3 and h["nws"] == 4
+    assert h["store_offset"] == h["header_bytes"] and h["store_bytes"] == 3 * PS
+    assert h["table_offset"] == h["store_offset"] + h["store_bytes"]
+    assert h["table_bytes"] == 12 * 16
+    assert h["ws_offset"] == h["table_offset"] + h["table_bytes"] and h["ws_bytes"] == 32
+    assert h["manifest_offset"] == h["ws_offset"] + h["ws_bytes"]
+    assert h["file_bytes"] == h["manifest_offset"] + h["manifest_bytes"] == len(data)
+    assert h["header_xxh3"] == xxh3(data[:128])
+    assert h["tables_xxh3"] == xxh3(data[h["table_offset"]:])
+
+    sf = SnapFile.parse(data)
+    # working set: in the order given, a page listed twice appears once
+    assert sf.ws.tolist() == [6, 2, 1, 4]
+    t = sf.table
+    assert t["cls"].tolist() == [STORED, ZERO, STORED, STORED, UNTOUCHED, ZERO, STORED, STORED,
+                                 UNTOUCHED, UNTOUCHED, UNTOUCHED, UNTOUCHED]
+    assert [p for p in range(12) if t["flags"][p] & WS_FLAG] == [1, 2, 4, 6]
+    assert not (t["flags"] & 0xFE).any() and not t["reserved"].any()
+    # store: working-set pages first in working-set order, then by address of first use
+    assert t["store"].tolist() == [2, 0, 1, 2, 0, 0, 0, 1, 0, 0, 0, 0]
+    entries = [sf.store[i * PS:(i + 1) * PS] for i in range(3)]
+    assert entries == [C.tobytes(), B.tobytes(), expected_page0.tobytes()]
+    for p in range(12):
+        if t["cls"][p] == STORED:
+            assert t["signature"][p] == xxh3(entries[t["store"][p]])
+        elif t["cls"][p] == ZERO:
+            assert t["signature"][p] == ZERO_SIG
+        else:
+            assert t["signature"][p] == 0
+    man = sf.manifest_json()
+    assert man["pylazymem"] == plm.__version__
+    assert man["arrays"] == {"w": {"offset": 0, "dtype": "<f4", "shape": [4]}}
+
+    assert info.path == path and info.version == 1
+    assert info.npages == 12 and info.page_size == PS
+    assert info.pages_by_class == {"zero": 2, "untouched": 5, "unique": 3, "duplicate": 2}
+    assert info.stored_bytes == 3 * PS and info.file_bytes == len(data)
+    assert info.working_set.tolist() == [6, 2, 1, 4]
+    assert info.arrays["w"]["offset"] == 0 and tuple(info.arrays["w"]["shape"]) == (4,)
+    assert np.dtype(info.arrays["w"]["dtype"]) == np.float32
+    i2 = plm.inspect(path)
+    assert i2.pages_by_class == info.pages_by_class
+    assert i2.working_set.tolist() == info.working_set.tolist()
+
+
+@pytest.mark.parametrize("dtype", [STRUCT_DTYPE, SUBARRAY_DTYPE], ids=["flat", "subarray"])
+def test_structured_dtype_in_manifest(make_region, rng, tmp_path, dtype):
+    r = make_region(8 * PS, max_cluster_pages=1)
+    a = r.alloc("rec", 10, dtype)
+    a.view(np.uint8)[:] = rng.integers(0, 256, a.nbytes, dtype=np.uint8)
+    want = a.copy()
+    path = str(tmp_path / "s.snap")
+    plm.checkpoint(r, path)
+    man = SnapFile.parse(open(path, "rb").read()).manifest_json()
+    entry = man["arrays"]["rec"]
+    assert entry["shape"] == [10] and entry["offset"] == 0
+    assert isinstance(entry["dtype"], list)
+    assert np.dtype(plm.inspect(path).arrays["rec"]["dtype"]) == dtype
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        got = r2.arrays["rec"]
+        assert got.dtype == dtype and got.shape == (10,)
+        assert got.tobytes() == want.tobytes()
+
+
+def test_hand_written_file_restores(tmp_path, rng):
+    """A file written from the document alone (not by checkpoint) restores byte for byte."""
+    page_a, page_b = random_page(rng), random_page(rng)
+    table = np.zeros(6, TABLE_DTYPE)
+    # page 0: entry 1, page 1: zero, page 2: untouched, page 3: entry 0, page 4: entry 1,
+    # page 5: untouched; working set [3, 1]
+    for p, e in ((0, 1), (3, 0), (4, 1)):
+        table[p]["cls"] = STORED
+        table[p]["store"] = e
+    table[1]["cls"] = ZERO
+    table[1]["signature"] = ZERO_SIG
+    table[0]["signature"] = table[4]["signature"] = xxh3(page_b.tobytes())
+    table[3]["signature"] = xxh3(page_a.tobytes())
+    table["flags"][[3, 1]] = WS_FLAG
+    manifest = json.dumps({"pylazymem": "0.1.0", "arrays": {
+        "a": {"offset": 0, "dtype": "<u2", "shape": [PS // 2]},
+        "s": {"offset": 3 * PS, "dtype": [["x", "<u4"], ["y", "<i4"]], "shape": [2]},
+    }}).encode()
+    sf = SnapFile.new(PS, 6, page_a.tobytes() + page_b.tobytes(), table, [3, 1], manifest)
+    path = write_file(tmp_path / "hand.snap", sf.build())
+    info = plm.inspect(path)
+    assert info.pages_by_class == {"zero": 1, "untouched": 2, "unique": 2, "duplicate": 1}
+    assert info.working_set.tolist() == [3, 1]
+    expected = np.zeros((6, PS), np.uint8)
+    expected[0] = expected[4] = page_b
+    expected[3] = page_a
+    for prefetch in ("working-set", "none", "all"):
+        with plm.restore(path, prefetch=prefetch, background=False) as r:
+            assert np.array_equal(pages(r), expected)
+            arrs = r.arrays
+            assert np.array_equal(arrs["a"], page_b.view("<u2"))
+            s = arrs["s"]
+            assert s.dtype == np.dtype([("x", "<u4"), ("y", "<i4")]) and s.shape == (2,)
+            assert s.tobytes() == page_a[:16].tobytes()
+
+
+def test_foreign_page_size_inspects_but_does_not_restore(tmp_path, rng):
+    other = 8192 if PS != 8192 else 16384
+    table = np.zeros(3, TABLE_DTYPE)
+    table[1]["cls"] = STORED
+    page = rng.integers(0, 256, other, dtype=np.uint8).tobytes()
+    table[1]["signature"] = xxh3(page)
+    sf = SnapFile.new(other, 3, page, table)
+    path = write_file(tmp_path / "big.snap", sf.build())
+    info = plm.inspect(path)
+    assert info.page_size == other and info.npages == 3
+    with pytest.raises(plm.SnapshotError, match=str(other)):
+        plm.restore(path)
+
+
+def test_argument_errors(make_region, tmp_path):
+    r = make_region(4 * PS)
+    path = str(tmp_path / "s.snap")
+    for bad in ("bogus", [-1], [4], [0, 99]):
+        with pytest.raises(ValueError):
+            plm.checkpoint(r, path, working_set=bad)
+    assert not os.path.exists(path) and tmp_files(tmp_path, "s.snap") == []
+    plm.checkpoint(r, path)
+    with pytest.raises(ValueError):
+        plm.restore(path, prefetch="bogus")
+    r.close()
+    with pytest.raises(plm.RegionClosedError):
+        plm.checkpoint(r, path)
+
+
+def test_snapshot_error_is_a_value_error():
+    assert issubclass(plm.SnapshotError, plm.LazyMemError)
+    assert issubclass(plm.SnapshotError, ValueError)
+
+
+
+def test_path_like_paths(make_region, tmp_path):
+    r = make_region(4 * PS)
+    pages(r)[1] = 7
+    path = tmp_path / "p.snap"                 # a pathlib.Path, not a str
+    info = plm.checkpoint(r, path)
+    assert os.fspath(info.path) == str(path)
+    assert plm.inspect(path).npages == 4
+    with plm.restore(path, background=False) as r2:
+        assert (pages(r2)[1] == 7).all()

@@ -1,0 +1,430 @@
+"""Checkpoint and restore round trips: every byte back in every prefetch mode, concurrent readers
+during the background fill, file size, re-checkpoint of a lazy region, atomic writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE, pages, random_page
+from test_snapshot_format import STORED, SnapFile, assert_arrays_equal, fill_mixed, tmp_files
+
+pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(120)]
+
+PS = PAGE_SIZE
+S = plm.PageState
+C = plm.PageClass
+
+
+def wait_background(r, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while r.stats()["background_running"]:
+        assert time.monotonic() < deadline, "background fill still running after %ss" % timeout
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A snapshot of a region with arrays, random, zero, duplicate and untouched pages, whose
+    working set is an explicit subset of the stored pages."""
+    rng = np.random.default_rng(20240603)
+    path = str(tmp_path_factory.mktemp("mixed") / "mixed.snap")
+    with plm.Region(192 * PS, max_cluster_pages=1) as r:
+        expected, arrays, kinds = fill_mixed(r, rng)
+        meta = r.meta.copy()
+        # max_cluster_pages=1: no readahead, untouched pages stayed untouched
+        assert (meta["state"][kinds["untouched"]] == S.EMPTY).all()
+        ws = rng.permutation(kinds["random"] + kinds["dup"] + kinds["zero_read"])[:20]
+        info = plm.checkpoint(r, path, working_set=ws)
+    return dict(path=path, expected=expected, arrays=arrays, kinds=kinds, info=info,
+                ws=[int(p) for p in ws])
+
+
+def test_mixed_snapshot_counts(mixed):
+    info, kinds = mixed["info"], mixed["kinds"]
+    stored = len(kinds["array"]) + len(kinds["random"]) + len(kinds["dup"])
+    pbc = info.pages_by_class
+    assert pbc["untouched"] == len(kinds["untouched"])
+    assert pbc["zero"] == len(kinds["zero_written"]) + len(kinds["zero_read"])
+    # the duplicates are copies of 2 pages; every array and random page is distinct
+    assert pbc["unique"] == len(kinds["array"]) + len(kinds["random"]) + 2
+    assert pbc["unique"] + pbc["duplicate"] == stored
+    assert info.stored_bytes == pbc["unique"] * PS
+    assert info.working_set.tolist() == mixed["ws"]
+    assert sorted(info.arrays) == sorted(mixed["arrays"])
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["nobg", "bg"])
+@pytest.mark.parametrize("prefetch", ["working-set", "all", "none"])
+def test_round_trip(mixed, prefetch, background):
+    expected, kinds = mixed["expected"], mixed["kinds"]
+    sf = SnapFile.parse(open(mixed["path"], "rb").read())
+    stored = np.nonzero(sf.table["cls"] == STORED)[0]
+    ws_stored = [p for p in mixed["ws"] if sf.table["cls"][p] == STORED]
+    t0 = time.monotonic()
+    r = plm.restore(mixed["path"], prefetch=prefetch, background=background)
+    try:
+        assert r.npages == len(expected) and r.page_size == PS
+        if not background:
+            st = r.meta["state"]
+            present = set(np.nonzero(st == S.PRESENT)[0].tolist())
+            if prefetch == "all":
+                assert set(stored.tolist()) <= present
+            elif prefetch == "working-set":
+                assert set(ws_stored) <= present
+                assert not present & (set(stored.tolist()) - set(ws_stored))
+            else:
+                assert not present, "prefetch='none' made pages present: %s" % sorted(present)
+            assert (st[kinds["untouched"]] == S.EMPTY).all()
+        v = pages(r)
+        got = v.copy()
+        bad = np.nonzero((got != expected).any(axis=1))[0]
+        assert bad.size == 0, "pages with wrong bytes: %s" % bad[:10].tolist()
+        assert_arrays_equal(r.arrays, mixed["arrays"])
+        if background:
+            wait_background(r)
+            assert np.array_equal(v, expected)
+        s = r.stats()
+        assert s["errors"] == 0 and s["verify_failures"] == 0, s
+        if prefetch == "all":
+            assert s["faults_by_class"]["snapshot"] == 0, s
+        if prefetch == "working-set" and not background:
+            assert s["prefetched_pages"] >= len(ws_stored), s
+        assert time.monotonic() - t0 < 30
+    finally:
+        r.close()
+
+
+def test_round_trip_arrays_have_the_right_places(mixed):
+    info = plm.inspect(mixed["path"])
+    with plm.restore(mixed["path"], prefetch="none", background=False) as r:
+        for name, a in r.arrays.items():
+            assert a.ctypes.data - r.address == info.arrays[name]["offset"]
+            assert a.dtype == np.dtype(info.arrays[name]["dtype"])
+            assert a.shape == tuple(info.arrays[name]["shape"])
+        # arrays of a restored region are writable views of its memory, like alloc()'s
+        a = r.arrays["i16"]
+        a[:] = 7
+        assert (r.arrays["i16"] == 7).all()
+        # and alloc() after a restore does not overlap restored arrays
+        new = r.alloc("later", 10, np.float64)
+        end = max(x["offset"] + np.dtype(x["dtype"]).itemsize * int(np.prod(x["shape"]))
+                  for x in info.arrays.values())
+        assert new.ctypes.data - r.address >= end
+
+
+def test_readers_during_background_fill(run_py_ok, tmp_path):
+    out = run_py_ok("""
+        path = sys.argv[1]
+        N = 16384                       # 64 MiB
+        rng = np.random.default_rng(11)
+        expected = np.zeros((N, PS), np.uint8)
+        kind = rng.integers(0, 4, N)    # 0, 1: unique random, 2: zero, 3: copy of one page
+        uniq = np.nonzero(kind < 2)[0]
+        expected[uniq] = rng.integers(0, 256, (uniq.size, PS), dtype=np.uint8)
+        expected[kind == 3] = random_page(rng)
+        with plm.Region(N * PS) as r:
+            pages(r)[:] = expected
+            plm.checkpoint(r, path, working_set="none")
+
+        r = plm.restore(path, prefetch="none", background=True)
+        running_at_start = r.stats()["background_running"]
+        v = pages(r)
+        errors = []
+        barrier = threading.Barrier(4)
+
+        def reader(seed):
+            try:
+                order = np.random.default_rng(seed).permutation(N)[:N // 2]
+                barrier.wait()
+                for p in order:
+                    if not np.array_equal(v[p], expected[p]):
+                        errors.append(int(p))
+            except BaseException as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert not any(t.is_alive() for t in threads), "readers hung"
+        deadline = time.monotonic() + 60
+        while r.stats()["background_running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s = r.stats()
+        whole_ok = bool(np.array_equal(v, expected))
+        print(json.dumps(dict(errors=errors[:10], nerrors=len(errors), whole_ok=whole_ok,
+                              running_at_start=running_at_start,
+                              running_after=s["background_running"],
+                              background_pages=s["background_pages"], faults=s["faults"],
+                              errors_stat=s["errors"])))
+        r.close()
+    """, timeout=150, args=(str(tmp_path / "big.snap"),))
+    m = json.loads(out.strip().splitlines()[-1])
+    assert m["nerrors"] == 0, m
+    assert m["whole_ok"], m
+    assert m["running_at_start"], m
+    assert not m["running_after"], "background fill did not finish: %s" % m
+    assert m["errors_stat"] == 0, m
+    assert m["background_pages"] > 0, m
+
+
+def test_size_zero_duplicate_unique(make_region, tmp_path):
+    rng = np.random.default_rng(5)
+    n = 4096
+    r = make_region(n * PS)
+    v = pages(r)
+    kind = rng.permutation(np.repeat([0, 1, 2, 3], n // 4))   # 0, 1: zero; 2: duplicate; 3: unique
+    dup = random_page(rng)
+    v[kind == 2] = dup
+    uniq = np.nonzero(kind == 3)[0]
+    v[uniq] = rng.integers(0, 256, (uniq.size, PS), dtype=np.uint8)
+    zw = np.nonzero(kind == 0)[0]
+    v[zw] = 0                                    # zeros written
+    # kind 1: zero pages never written (read, or mapped by readahead)
+    assert not v[kind == 1].any()
+    path = str(tmp_path / "size.snap")
+    info = plm.checkpoint(r, path, working_set="none")
+    pbc = info.pages_by_class
+    assert pbc["zero"] + pbc["untouched"] == n // 2, pbc
+    assert pbc["unique"] == n // 4 + 1, pbc
+    assert pbc["duplicate"] == n // 4 - 1, pbc
+    assert info.stored_bytes == (n // 4 + 1) * PS
+    raw = n * PS
+    tables = max(4096, PS) + 16 * n + 8 * len(info.working_set) + 4096   # + manifest slack
+    assert info.file_bytes == os.path.getsize(path)
+    assert info.file_bytes <= 0.27 * raw + tables, (info.file_bytes, raw)
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        assert np.array_equal(pages(r2), v)
+
+
+RECHECKPOINT = """
+    src, dst = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(3)
+    N = 64
+    expected = np.zeros((N, PS), np.uint8)
+    with plm.Region(N * PS, max_cluster_pages=1) as r:
+        v = pages(r)
+        for p in range(40):
+            v[p] = expected[p] = random_page(rng)
+        v[40:48] = 0                          # zero pages
+        d = random_page(rng)
+        for p in range(48, 56):
+            v[p] = expected[p] = d            # duplicates
+        # 56..63: untouched
+        plm.checkpoint(r, src, working_set="none")
+    S, C = plm.PageState, plm.PageClass
+
+    r2 = plm.restore(src, prefetch="none", background=False, max_cluster_pages=1)
+    v2 = pages(r2)
+    read = [3, 17, 41, 50]
+    for p in read:
+        assert np.array_equal(v2[p], expected[p]), p
+    new = random_page(rng)
+    v2[5] = new
+    expected[5] = new
+    s0 = r2.stats()
+    m0 = r2.meta.copy()
+    info = plm.checkpoint(r2, dst)
+    s1 = r2.stats()
+    m1 = r2.meta.copy()
+    never = [p for p in range(56) if p not in read and p != 5]
+    res = dict(
+        faults=[s0["faults"], s1["faults"]],
+        present=[s0["pages_present"], s1["pages_present"]],
+        states_same=bool(np.array_equal(m0["state"], m1["state"])),
+        never_states=sorted(set(int(x) for x in m1["state"][never])),
+        stored_never_cls=sorted(set(int(x) for x in
+                                    m1["cls"][[p for p in never if p < 40 or p >= 48]])),
+        untouched_states=sorted(set(int(x) for x in m1["state"][56:])),
+        pbc=info.pages_by_class,
+    )
+    # the region itself still reads right (also when its source file was replaced)
+    res["region_ok"] = bool(np.array_equal(v2, expected))
+    r2.close()
+    for prefetch in ("none", "all", "working-set"):
+        with plm.restore(dst, prefetch=prefetch, background=False) as r3:
+            res["restored_ok_" + prefetch] = bool(np.array_equal(pages(r3), expected))
+    print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("target", ["other", "same"])
+def test_recheckpoint_leaves_lazy_pages_untouched(run_py_ok, tmp_path, target):
+    src = str(tmp_path / "a.snap")
+    dst = str(tmp_path / "b.snap") if target == "other" else src
+    out = run_py_ok(RECHECKPOINT, timeout=60, args=(src, dst))
+    m = json.loads(out.strip().splitlines()[-1])
+    desc = json.dumps(m)
+    assert m["faults"][0] == m["faults"][1], "checkpoint faulted pages in: " + desc
+    assert m["present"][0] == m["present"][1], desc
+    assert m["states_same"], desc
+    assert m["never_states"] == [int(S.DEFERRED)], desc
+    assert m["stored_never_cls"] == [int(C.SNAPSHOT)], desc
+    assert m["untouched_states"] == [int(S.EMPTY)], desc
+    assert m["pbc"] == {"zero": 8, "untouched": 8, "unique": 41, "duplicate": 7}, desc
+    assert m["region_ok"], desc
+    for prefetch in ("none", "all", "working-set"):
+        assert m["restored_ok_" + prefetch], "restore(prefetch=%r) of the re-checkpoint: %s" % (
+            prefetch, desc)
+
+
+class Boom(Exception):
+    pass
+
+
+def test_atomic_write_keeps_old_snapshot_when_interrupted(make_region, tmp_path):
+    rng = np.random.default_rng(9)
+    path = str(tmp_path / "state.snap")
+    old = make_region(16 * PS, max_cluster_pages=1)
+    vo = pages(old)
+    vo[:12] = rng.integers(0, 256, (12, PS), dtype=np.uint8)
+    old_expected = vo.copy()
+    plm.checkpoint(old, path)
+    old_bytes = open(path, "rb").read()
+
+    n = 17000                                   # more than 64 MiB of distinct pages
+    new = make_region(n * PS)
+    vn = pages(new)
+    vn.view(np.uint64)[:, 0] = np.arange(1, n + 1, dtype=np.uint64)
+    calls = []
+
+    def interrupt(done, total):
+        calls.append((done, total))
+        if done < total:
+            raise Boom("stop")
+
+    with pytest.raises(Boom):
+        plm.checkpoint(new, path, progress=interrupt)
+    assert len(calls) == 1 and calls[0][0] < calls[0][1]
+    assert open(path, "rb").read() == old_bytes
+    assert plm.inspect(path).npages == 16
+    with plm.restore(path, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), old_expected)
+    assert tmp_files(tmp_path, "state.snap") == []
+
+    calls.clear()
+    info = plm.checkpoint(new, path, progress=lambda d, t: calls.append((d, t)))
+    assert tmp_files(tmp_path, "state.snap") == []
+    assert len(calls) >= 2, calls
+    totals = {t for _, t in calls}
+    assert totals == {info.file_bytes}, calls
+    dones = [d for d, _ in calls]
+    assert all(0 < a < b for a, b in zip(dones, dones[1:])), calls
+    assert dones[-1] == info.file_bytes
+    assert info.pages_by_class["unique"] == n
+    with plm.restore(path, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), vn)
+
+
+def test_killed_checkpoint_leaves_old_snapshot(run_py, make_region, tmp_path):
+    rng = np.random.default_rng(10)
+    path = str(tmp_path / "state.snap")
+    old = make_region(8 * PS, max_cluster_pages=1)
+    pages(old)[:5] = rng.integers(0, 256, (5, PS), dtype=np.uint8)
+    old_expected = pages(old).copy()
+    plm.checkpoint(old, path)
+    old_bytes = open(path, "rb").read()
+
+    res = run_py("""
+        path = sys.argv[1]
+        with plm.Region(4096 * PS) as r:
+            pages(r).view(np.uint64)[:, 0] = np.arange(1, 4097, dtype=np.uint64)
+            print("checkpointing", os.getpid(), flush=True)
+            plm.checkpoint(r, path, progress=lambda d, t: os.kill(os.getpid(), 9))
+        print("not killed")
+    """, timeout=60, args=(path,))
+    assert res.returncode == -signal.SIGKILL, res.describe()
+    assert "not killed" not in res.stdout
+    dead_pid = int(res.stdout.split()[1])
+    assert open(path, "rb").read() == old_bytes
+    assert plm.inspect(path).npages == 8
+    with plm.restore(path, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), old_expected)
+    stale = tmp_files(tmp_path, "state.snap")
+    assert all(f.startswith(".state.snap.%d." % dead_pid) for f in stale), stale
+
+    # a stale temporary of another dead process, and one of a live process
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fake_dead = tmp_path / (".state.snap.%d.zz9.tmp" % dead_pid)
+        fake_dead.write_bytes(b"x" * 100)
+        live = tmp_path / (".state.snap.%d.abc.tmp" % sleeper.pid)
+        live.write_bytes(b"y" * 100)
+        other = tmp_path / ".other.snap.999999.q.tmp"
+        other.write_bytes(b"z")
+        info = plm.checkpoint(old, path)
+        left = tmp_files(tmp_path, "state.snap")
+        assert left == [live.name], "dead processes' temporaries not removed: %s" % left
+        assert other.exists()
+        assert plm.inspect(path).file_bytes == info.file_bytes
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_deferred_pages_are_checkpointed_without_faulting(make_region, tmp_path):
+    """Pages with pending updates (defer_fill of a canonical page or zero) are saved from what
+    their metadata says, not faulted in; the snapshot restores them."""
+    rng = np.random.default_rng(12)
+    n = 48
+    r = make_region(n * PS, max_cluster_pages=1)
+    v = pages(r)
+    expected = np.zeros((n, PS), np.uint8)
+    for p in range(0, 16):
+        v[p] = expected[p] = random_page(rng)
+    tpl = random_page(rng)
+    c = r.canonical(tpl.tobytes())
+    r.defer_fill(16 * PS, 16 * PS, c)          # 16..31: a template, still deferred
+    expected[16:32] = tpl
+    r.defer_fill(8 * PS, 4 * PS, plm.ZERO)     # 8..11: written pages deferred to zero
+    expected[8:12] = 0
+    zc = r.canonical(bytes(PS))
+    r.defer_fill(32 * PS, 4 * PS, zc)          # 32..35: a canonical page of zeros
+    # 36..47 untouched
+    f0 = r.stats()["faults"]
+    path = str(tmp_path / "d.snap")
+    info = plm.checkpoint(r, path, working_set="none")
+    assert r.stats()["faults"] == f0
+    m = r.meta
+    assert (m["state"][16:36] == S.DEFERRED).all()
+    assert info.pages_by_class == {"zero": 8, "untouched": 12, "unique": 13, "duplicate": 15}
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        assert np.array_equal(pages(r2), expected)
+
+
+CONCURRENT = """
+    path, path2 = sys.argv[1], sys.argv[2]
+    N = 8192
+    rng = np.random.default_rng(13)
+    expected = rng.integers(0, 256, (N, PS), dtype=np.uint8)
+    expected[::3] = 0
+    with plm.Region(N * PS) as r:
+        pages(r)[:] = expected
+        plm.checkpoint(r, path, working_set="none")
+    r = plm.restore(path, prefetch="none", background=True)
+    v = pages(r)
+    # demand reads and a checkpoint while the background fill runs
+    for p in rng.permutation(N)[:500]:
+        assert np.array_equal(v[p], expected[p]), p
+    running = r.stats()["background_running"]
+    info = plm.checkpoint(r, path2)
+    r.close()
+    with plm.restore(path2, prefetch="none", background=False) as r2:
+        ok = bool(np.array_equal(pages(r2), expected))
+    print(json.dumps(dict(ok=ok, running=running)))
+"""
+
+
+def test_checkpoint_while_background_fill_runs(run_py_ok, tmp_path):
+    out = run_py_ok(CONCURRENT, timeout=90,
+                    args=(str(tmp_path / "a.snap"), str(tmp_path / "b.snap")))
+    m = json.loads(out.strip().splitlines()[-1])
+    assert m["ok"], m
