@@ -1,6 +1,12 @@
-"""The pylazymem command line: ``pylazymem features`` and ``pylazymem bench``.
+"""The pylazymem command line.
 
-Exit codes: 0 success, 1 the operation failed, 2 usage error. Errors go to stderr on one line.
+    pylazymem features [--json]
+    pylazymem inspect SNAPSHOT [--json] [--plot FILE.png]
+    pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
+    pylazymem bench [NAME ...] [--quick] [--json]
+
+Exit codes: 0 success, 1 the operation failed, 2 usage error. Errors go to stderr on one line,
+with the fix where there is one.
 """
 import argparse
 import dataclasses
@@ -25,6 +31,53 @@ def _features(args):
     return 0 if f.mode != "unavailable" else 1
 
 
+def _inspect(args):
+    from .snapshot import inspect_tables
+
+    info, table = inspect_tables(args.snapshot)
+    pbc = info.pages_by_class
+    raw = info.npages * info.page_size
+    if args.json:
+        d = dataclasses.asdict(info)
+        d["working_set"] = [int(x) for x in info.working_set]
+        d["arrays"] = {n: {"offset": a["offset"], "dtype": str(a["dtype"]),
+                           "shape": list(a["shape"])} for n, a in info.arrays.items()}
+        print(json.dumps(d, indent=1))
+    else:
+        ps = info.page_size
+        print("snapshot:      %s (format v%d)" % (info.path, info.version))
+        print("region:        %d pages of %d bytes = %.1f MiB" % (info.npages, ps, raw / 2**20))
+        print("file:          %.1f MiB (%.1f%% of the region)" % (
+            info.file_bytes / 2**20, 100.0 * info.file_bytes / raw))
+        print("%-14s %10s %10s" % ("pages", "count", "MiB"))
+        for name in ("untouched", "zero", "unique", "duplicate"):
+            print("  %-12s %10d %10.1f" % (name, pbc[name], pbc[name] * ps / 2**20))
+        saved_zero = (pbc["zero"] + pbc["untouched"]) * ps
+        print("zero/untouched savings: %.1f MiB; dedup savings: %.1f MiB; stored %.1f MiB" % (
+            saved_zero / 2**20, pbc["duplicate"] * ps / 2**20, info.stored_bytes / 2**20))
+        print("working set:   %d pages (%.1f MiB), prefetched first on restore" % (
+            len(info.working_set), len(info.working_set) * ps / 2**20))
+        if info.arrays:
+            print("arrays:")
+            for n, a in info.arrays.items():
+                print("  %-20s %-12s %-20s at offset %d" % (n, a["dtype"], tuple(a["shape"]),
+                                                            a["offset"]))
+    if args.plot:
+        from .plot import page_map
+
+        page_map(table, info.working_set, args.plot,
+                 title="%s: %d pages" % (info.path, info.npages))
+        if not args.json:
+            print("page map:      %s" % args.plot)
+    return 0
+
+
+def _demo(args):
+    from .demo import run
+
+    return run(args)
+
+
 def _bench(args):
     from .bench.__main__ import main as bench_main
 
@@ -32,22 +85,45 @@ def _bench(args):
     return bench_main(argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit code 2
+        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        sys.exit(2)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pylazymem", description="Lazy memory on userfaultfd.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    from .demo import add_arguments as demo_arguments
+
+    ap = _Parser(prog="pylazymem", description="Lazy memory on userfaultfd.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("features", help="what this machine and build support, and the fixes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_features)
+    p = sub.add_parser("inspect", help="describe a snapshot file")
+    p.add_argument("snapshot")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="write a picture of the page map")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("demo", help="suspend a vector-search service, resume it lazily")
+    demo_arguments(p)
+    p.set_defaults(func=_demo)
     p = sub.add_parser("bench", help="run the benchmarks and print their ratio tables")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
     args = ap.parse_args(argv)
+    if args.command == "demo":
+        for name in ("size", "requests", "warmup"):
+            if getattr(args, name) <= 0:
+                ap.error("--%s must be positive" % name)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return 1
     except Exception as e:  # one line with the reason; the library's messages name the fix
-        print("pylazymem: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        print("pylazymem: %s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""),
+              file=sys.stderr)
         return 1
 
 

@@ -260,9 +260,15 @@ def _open(path):
 
 def inspect(path):
     """Check a snapshot file and describe it, without restoring it."""
+    return inspect_tables(path)[0]
+
+
+def inspect_tables(path):
+    """(SnapshotInfo, page table) of a checked snapshot file: for tools that draw page maps."""
     fd = _open(path)
     try:
-        return _info(path, _read(fd, os.fspath(path)))
+        p = _read(fd, os.fspath(path))
+        return _info(path, p), p.table
     finally:
         os.close(fd)
 

@@ -1,0 +1,120 @@
+"""The command line: every command, bad arguments, a corrupt snapshot, the plot, the demo."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE, REPO_DIR
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+def cli(*args, timeout=240):
+    p = subprocess.run([sys.executable, "-m", "pylazymem", *args], capture_output=True,
+                       text=True, timeout=timeout, cwd=REPO_DIR)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cli") / "s.plm")
+    with plm.Region(64 * PAGE_SIZE, max_cluster_pages=1) as r:
+        a = r.alloc("data", (16, PAGE_SIZE), np.uint8)
+        a[:8] = np.random.default_rng(3).integers(0, 255, (8, PAGE_SIZE), dtype=np.uint8)
+        a[8:12] = 5                  # duplicates
+        r.mark_working_set()
+        a[3, 0] = 1                  # a write to a present page: in the working set
+        del a
+        plm.checkpoint(r, path)
+    return path
+
+
+def test_features():
+    rc, out, err = cli("features")
+    f = plm.features()
+    assert rc == (0 if f.mode != "unavailable" else 1)
+    assert ("mode:          %s" % f.mode) in out
+    rc, out, _ = cli("features", "--json")
+    assert json.loads(out)["mode"] == f.mode
+
+
+def test_inspect_table_and_json(snapshot):
+    rc, out, err = cli("inspect", snapshot)
+    assert rc == 0, err
+    info = plm.inspect(snapshot)
+    assert "duplicate" in out and "working set:" in out and "data" in out
+    rc, out, err = cli("inspect", snapshot, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["pages_by_class"] == info.pages_by_class
+    assert d["working_set"] == [int(x) for x in info.working_set]
+    assert d["arrays"]["data"]["shape"] == [16, PAGE_SIZE]
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_inspect_plot(snapshot, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = str(tmp_path / "map.png")
+    rc, out, err = cli("inspect", snapshot, "--plot", png)
+    assert rc == 0, err
+    w, h = png_size(png)
+    assert 400 <= w <= 4000 and 300 <= h <= 4000, (w, h)
+    assert os.path.getsize(png) > 5000
+
+
+def test_inspect_corrupt_snapshot(snapshot, tmp_path):
+    bad = tmp_path / "bad.plm"
+    data = bytearray(open(snapshot, "rb").read())
+    data[40] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    rc, out, err = cli("inspect", str(bad))
+    assert rc == 1
+    assert err.startswith("pylazymem: SnapshotError:") and "checksum" in err
+    assert len(err.strip().splitlines()) == 1
+    rc, out, err = cli("inspect", str(tmp_path / "missing.plm"))
+    assert rc == 1 and "no such snapshot file" in err
+
+
+@pytest.mark.parametrize("args", [(), ("nosuchcommand",), ("inspect",),
+                                  ("demo", "--size", "0"), ("demo", "--size", "x"),
+                                  ("bench", "nosuchbench")])
+def test_usage_errors_exit_2(args):
+    rc, out, err = cli(*args)
+    assert rc == 2, (rc, out, err)
+    assert "error" in err
+
+
+@pytest.mark.uffd
+def test_demo_small_json():
+    rc, out, err = cli("demo", "--size", "32", "--requests", "20", "--warmup", "20", "--json",
+                       "--quiet")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["summary"]["all_answers_match"] is True
+    variants = {r["variant"]: r for r in d["resumes"]}
+    assert set(variants) == {"eager", "lazy", "lazy+ws"}
+    assert all(r["answers_match"] and r["mismatches"] == 0 for r in variants.values())
+    assert variants["lazy+ws"]["prefetched"] == d["process_a"]["working_set_pages"] > 0
+    assert variants["eager"]["faults"] == 0 and variants["lazy"]["faults"] > 0
+    assert d["process_a"]["snapshot_bytes"] > 0
+
+
+@pytest.mark.uffd
+def test_demo_table_output():
+    rc, out, err = cli("demo", "--size", "16", "--requests", "10", "--warmup", "10")
+    assert rc == 0, err
+    assert "eager / lazy+ws" in out and "identical" in out
+    for v in ("eager", "lazy", "lazy+ws", "resident"):
+        assert "\n%s " % v in out
