@@ -260,11 +260,12 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
                 XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
             run++;
         char *dst = r->base + p * ps;
-        int rc = lm_uffd_copy(r->uffd, dst, src, run * ps, false);
+        /* One ioctl that also wakes: prefetch normally runs before anyone can fault here, and
+           a faulter that is waiting sees the page present a moment before its record does. */
+        int rc = lm_uffd_copy(r->uffd, dst, src, run * ps, true);
         if (rc == 0) {
             atomic_fetch_add_explicit(&r->st_bytes, run * ps, memory_order_relaxed);
             lm_mark_present(r, p, run, LM_F_PREFETCHED, 0);
-            lm_uffd_wake(r->uffd, dst, run * ps);
             done += run;
         } else {
             for (size_t q = 0; q < run; q++)

@@ -318,11 +318,14 @@ def _json_dtype(dtype):
     return np.lib.format.dtype_to_descr(dtype)
 
 
-def checkpoint(region, path, working_set="auto", progress=None):
+def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     """Write the region's state to `path` atomically; returns its SnapshotInfo.
 
     working_set: "auto" (the current window, Region.working_set()), "none", or page indices
     in the order they should be prefetched. progress: called as progress(done_bytes, total).
+    durable: fsync the file and its directory before returning (a crash after return keeps
+    the new snapshot). With durable=False the replacement is still atomic (rename), but a
+    machine crash soon after may leave the old snapshot or none instead of the new one.
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
     """
     region._check_open()
@@ -381,11 +384,13 @@ def checkpoint(region, path, working_set="auto", progress=None):
                     progress(header_bytes + (i + n) * ps, total)
         os.pwrite(fd, tail, h["table_offset"])
         os.pwrite(fd, bytes(raw), 0)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, path)
-        _fsync_dir(d)
+        if durable:
+            _fsync_dir(d)
     except BaseException:
         if fd >= 0:
             os.close(fd)
