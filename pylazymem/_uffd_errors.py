@@ -1,11 +1,8 @@
 """Exceptions of the pure-Python userfaultfd binding (pylazymem.uffd), with no compiled code.
 
 This module must import without the cffi core: pylazymem.uffd is the backend that works
-without a compiler. The class names, bases and message words are those of pylazymem._errors,
-so both backends raise the same exception with the same words. Until the two modules are
-unified (pylazymem._errors importing these classes and `remedy` from here, so that there is
-one class of each), `except pylazymem.UffdError` does not catch pylazymem.uffd.UffdError;
-`except OSError` catches both.
+without a compiler. pylazymem._errors re-exports these classes, so there is one class of each
+and both backends raise the same exception with the same words.
 """
 import errno as _errno
 import os

@@ -1,4 +1,4 @@
-"""userfaultfd in pure Python (ctypes, os, select): no compiler and no cffi core needed.
+"""userfaultfd in pure Python (ctypes, os, fcntl, select): no compiler, no cffi core.
 
 This is pylazymem's low-level binding of Linux userfaultfd(2): acquiring a userfaultfd, the
 UFFDIO_API handshake, registering ranges (MISSING, WP, MINOR), resolving faults (COPY,
@@ -18,6 +18,7 @@ needs the GIL to run. Use this binding to
   passes the fd over a Unix socket (``socket.send_fds``, SCM_RIGHTS); every operation here
   acts on the memory of the process that created the userfaultfd (COPY reads its source from
   the calling process), which is how out-of-process page servers (Firecracker's) work;
+  the exception is MOVE, which the kernel allows only in the process that owns the memory;
 - fill your own registered memory **before** touching it (COPY, ZEROPAGE, CONTINUE, POISON,
   MOVE on a page nobody has faulted yet: the page is present when it is first touched).
 
@@ -39,7 +40,9 @@ Semantics shared by the filling operations (copy, zeropage, continue_, poison, m
   madvise(MADV_DONTNEED/REMOVE) or munmap event of a non-cooperative userfaultfd is waiting to
   be read): the call retries with a short backoff for up to ``Userfaultfd.eagain_timeout``
   seconds, then raises ``UffdError(EAGAIN)``. A single-threaded server should read events
-  before it retries (set ``eagain_timeout = 0`` to get the error at once).
+  before it retries (set ``eagain_timeout = 0`` to get the error at once);
+- a failure raises UffdError naming the ioctl and the likely cause; its ``done`` attribute
+  holds the bytes the call had installed before it failed.
 
 Only machines with the generic ioctl encoding and a known syscall number are supported
 (x86_64, aarch64, riscv64, loongarch64, 64-bit processes); elsewhere acquisition raises
@@ -57,7 +60,7 @@ import platform
 import select
 import struct
 import time
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from ._uffd_errors import InvalidRangeError, LazyMemError, UffdError, UnavailableError, remedy
 
@@ -453,7 +456,8 @@ def open_userfaultfd(flags: int = DEFAULT_FLAGS, acquire: Optional[str] = None) 
         raise _unsupported_machine()
     fd, mode, source, tried = _acquire(flags, acquire)
     if fd < 0:
-        raise UnavailableError(-fd, "userfaultfd: %s (tried %s)" % (remedy(-fd), _tried_text(tried)))
+        raise UnavailableError(-fd, "userfaultfd: %s (tried %s)"
+                               % (remedy(-fd), _tried_text(tried)))
     u = Userfaultfd(fd, mode=mode, source=source)
     u.attempts = tuple(tried.items())
     return u
@@ -782,8 +786,9 @@ class Userfaultfd:
         state[1] = min(state[1] * 2, 0.01)
         self.eagain_retries += 1
 
-    def _fill(self, op: str, request: int, arg, setup, result: str, dst: int, length: int,
-              wake: bool) -> int:
+    def _fill(self, op: str, request: int, arg: ctypes.Structure,
+              setup: Callable[[ctypes.Structure, int, int], None], result: str, dst: int,
+              length: int, wake: bool) -> int:
         """The COPY/ZEROPAGE/CONTINUE/POISON/MOVE loop: skip present pages (EEXIST), continue
         partial progress, retry EAGAIN; returns the bytes this call installed."""
         done = installed = 0
@@ -825,14 +830,11 @@ class Userfaultfd:
         if err:
             hint = None
             if err == _errno.EINVAL:
-                known = int(self.features) if self.features is not None else None
-                if known is not None:
-                    hint = "the handshake was already done on this userfaultfd"
-                else:
-                    unsupported = features & ~_supported_features()
-                    hint = ("features this kernel does not support: %s" % _flag_names(
-                        Feature, unsupported) if unsupported else
-                        "the handshake was already done on this userfaultfd")
+                # Either unknown features, or a second handshake (received fds have had theirs).
+                unsupported = 0 if self.features is not None else features & ~_supported_features()
+                hint = ("features this kernel does not support: %s"
+                        % _flag_names(Feature, unsupported) if unsupported
+                        else "the handshake was already done on this userfaultfd")
             raise _uffd_error("UFFDIO_API", err, hint)
         self.features = Feature(a.features)
         self.enabled = Feature(features)
@@ -896,7 +898,8 @@ class Userfaultfd:
         """UFFDIO_CONTINUE: map the pages that are already in the page cache (resolves MINOR
         faults; the contents were written through another mapping). Returns bytes mapped."""
         self._check_range("UFFDIO_CONTINUE", "address", addr, length)
-        mode = (0 if wake else UFFDIO_CONTINUE_MODE_DONTWAKE) | (UFFDIO_CONTINUE_MODE_WP if wp else 0)
+        mode = ((0 if wake else UFFDIO_CONTINUE_MODE_DONTWAKE)
+                | (UFFDIO_CONTINUE_MODE_WP if wp else 0))
 
         def setup(c, off, rest):
             c.range.start, c.range.len, c.mode = addr + off, rest, mode
@@ -906,7 +909,8 @@ class Userfaultfd:
 
     def poison(self, addr: int, length: int, wake: bool = True) -> int:
         """UFFDIO_POISON (Linux 6.6): mark missing pages poisoned, so that an access raises
-        SIGBUS: how a fault that cannot be served fails loudly. Returns the bytes marked."""
+        SIGBUS: how a fault that cannot be served fails loudly. Returns the bytes marked.
+        The marker is not sticky: a later COPY (or ZEROPAGE) to the page replaces it."""
         self._check_range("UFFDIO_POISON", "address", addr, length)
         mode = 0 if wake else UFFDIO_POISON_MODE_DONTWAKE
 
