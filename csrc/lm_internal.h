@@ -49,6 +49,17 @@ int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake);
 int lm_uffd_wake(int fd, void *addr, size_t len);
 int lm_uffd_poison(int fd, void *addr, size_t len);
 
+#define LM_MAX_RANGES 64
+#define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
+
+/* A deferral recorded once for a range of pages (lm_defer_fill's fast path). */
+struct lm_range {
+    size_t first, n;
+    uint8_t cls;
+    uint32_t canon;
+    uint64_t signature;
+};
+
 /* A stream the fault path is following: where the next sequential fault would land. */
 struct lm_stream {
     _Atomic size_t next;      /* page index expected next */
@@ -123,9 +134,14 @@ struct lm_region {
     _Atomic int bg_running;
     struct lm_serve_thread bg;    /* its scratch and scratch cache */
 
-    /* Restore's base layer of page records (region.c, apply_base). */
+    /* Lazily filled page records (region.c, apply_base): range deferrals, newest last, and
+       a restore's page table; base_done has one bit per page whose record is authoritative. */
     _Atomic(const struct lm_snap_page *) base_table;
-    _Atomic uint64_t *base_done;  /* one bit per page: record filled from the base */
+    _Atomic uint64_t *base_done;
+    struct lm_range ranges[LM_MAX_RANGES];
+    _Atomic unsigned nranges;
+    _Atomic int lazy_records;     /* some record may still come from a range or the table */
+    pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
     bool used;                    /* defer_fill or materialize has run */
 
     /* Working-set window (wstrack.c). */

@@ -77,22 +77,46 @@ static uint8_t claim_wait(struct lm_page_meta *m)
 }
 
 /*
- * Deferred metadata. A restored region does not write one record per page at restore time
- * (for 1 GiB that is 8 MiB of fresh shared memory, most of restore's cost): the snapshot's
- * page table is kept as a base layer, and a page's record is filled from it the first time
- * the page is claimed. Called with the page claimed (BUSY) from EMPTY; returns the state the
- * page is really in (DEFERRED once its record says what it holds).
+ * Deferred metadata. Writing one 32-byte record per page is most of the cost of deferring a
+ * large range or restoring a large snapshot (for 1 GiB, 8 MiB of fresh shared memory), so
+ * records themselves are filled lazily: a page whose bit in base_done is clear has no
+ * authoritative record yet; its record comes from the newest range deferral covering it
+ * (lm_defer_fill's fast path), else from a restore's page table, else it is a fresh page. The
+ * first claim of the page fills it (and sets the bit); lm_meta_sync() fills them all.
+ *
+ * Ordering: the claimer sets the bit before it reads the range list, and defer_fill publishes
+ * a range before it reads the bits (both sequentially consistent). So either the claimer sees
+ * the new range, or defer_fill sees the bit and updates that page's record itself.
+ *
+ * Called with the page claimed (BUSY) from EMPTY; returns the state the page is really in.
  */
 static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
 {
-    const struct lm_snap_page *base = atomic_load_explicit(&r->base_table, memory_order_acquire);
-    if (s != LM_EMPTY || !base)
+    if (s != LM_EMPTY)
         return s;
+    /* Every first claim sets the bit, lazy records or not: a page that has left EMPTY always
+       has an authoritative record, which a later range deferral must update itself. */
     uint64_t bit = (uint64_t)1 << (p & 63);
-    if (atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed) & bit)
+    if (atomic_fetch_or_explicit(&r->base_done[p >> 6], bit, memory_order_seq_cst) & bit)
+        return s;   /* the record is authoritative */
+    if (!atomic_load_explicit(&r->lazy_records, memory_order_seq_cst))
+        return s;
+    struct lm_page_meta *m = &r->meta[p];
+    unsigned n = atomic_load_explicit(&r->nranges, memory_order_seq_cst);
+    for (unsigned i = n; i-- > 0;) {
+        const struct lm_range *g = &r->ranges[i];
+        if (p < g->first || p >= g->first + g->n)
+            continue;
+        m->cls = g->cls;
+        m->canon = g->canon;
+        m->signature = g->signature;
+        m->flags = g->cls == LM_CLS_CANONICAL ? LM_F_NEEDS_UPDATE : 0;
+        return LM_DEFERRED;
+    }
+    const struct lm_snap_page *base = atomic_load_explicit(&r->base_table, memory_order_acquire);
+    if (!base)
         return s;
     const struct lm_snap_page *e = &base[p];
-    struct lm_page_meta *m = &r->meta[p];
     if (e->cls == LM_SNAP_ZERO) {
         m->cls = LM_CLS_ZERO;
         m->signature = r->zero_sig;
@@ -104,7 +128,6 @@ static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
         m->flags = LM_F_NEEDS_UPDATE;
         s = LM_DEFERRED;
     }
-    atomic_fetch_or_explicit(&r->base_done[p >> 6], bit, memory_order_relaxed);
     return s;
 }
 
@@ -120,31 +143,35 @@ uint8_t lm_claim_wait(struct lm_region *r, size_t p)
     return s == LM_EMPTY ? apply_base(r, p, s) : s;
 }
 
-/* Fill every record still pending in the base layer; afterwards the base is not read again. */
+/* Fill every record still pending; afterwards no lazy record is read again. */
+static void meta_sync_locked(struct lm_region *r)
+{
+    if (atomic_load(&r->lazy_records)) {
+        for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
+            uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_relaxed);
+            if (done == ~(uint64_t)0)
+                continue;
+            for (size_t p = w * 64; p < (w + 1) * 64 && p < r->npages; p++)
+                if (!(done & ((uint64_t)1 << (p & 63))))
+                    lm_release(&r->meta[p], lm_claim_wait(r, p));
+        }
+        /* Every bit is set: no claim reads the ranges or the table any more. */
+        atomic_store(&r->nranges, 0);
+        atomic_store(&r->lazy_records, 0);
+    }
+}
+
 int lm_meta_sync(struct lm_region *r)
 {
-    if (!atomic_load_explicit(&r->base_table, memory_order_acquire))
-        return 0;
-    for (size_t p = 0; p < r->npages; p++) {
-        if (atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed) &
-            ((uint64_t)1 << (p & 63)))
-            continue;
-        lm_release(&r->meta[p], lm_claim_wait(r, p));
-    }
+    pthread_mutex_lock(&r->records_lock);
+    meta_sync_locked(r);
+    pthread_mutex_unlock(&r->records_lock);
     return 0;
 }
 
 int lm_meta_pending(struct lm_region *r)
 {
-    if (!atomic_load_explicit(&r->base_table, memory_order_acquire))
-        return 0;
-    for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
-        uint64_t full = (w + 1) * 64 <= r->npages ? ~(uint64_t)0
-                                                   : ((uint64_t)1 << (r->npages % 64)) - 1;
-        if (atomic_load_explicit(&r->base_done[w], memory_order_relaxed) != full)
-            return 1;
-    }
-    return 0;
+    return atomic_load(&r->lazy_records);
 }
 
 bool lm_needs_copy(const struct lm_page_meta *m)
@@ -417,6 +444,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     atomic_store(&r->touch_seq, 1);
     pthread_mutex_init(&r->canon_lock, NULL);
     pthread_mutex_init(&r->serve_lock, NULL);
+    pthread_mutex_init(&r->records_lock, NULL);
 
     int rc = parse_config(r, cfg);
     if (rc < 0)
@@ -452,6 +480,12 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     r->canon_index = calloc(r->canon_index_cap, sizeof(uint32_t));
     if (!r->canon_sig || !r->canon_index) {
         rc = lm_fail("calloc(canonical index)", ENOMEM);
+        goto fail;
+    }
+
+    r->base_done = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+    if (!r->base_done) {
+        rc = lm_fail("calloc(record bitmap)", ENOMEM);
         goto fail;
     }
 
@@ -497,6 +531,7 @@ static void free_bookkeeping(struct lm_region *r)
     lm_ws_close(r);
     pthread_mutex_destroy(&r->canon_lock);
     pthread_mutex_destroy(&r->serve_lock);
+    pthread_mutex_destroy(&r->records_lock);
 }
 
 void lm_region_destroy(struct lm_region *r, int unmap_data)
@@ -619,6 +654,9 @@ static int check_range(struct lm_region *r, size_t first, size_t n)
 
 #define CHUNK 512   /* pages claimed at once: keeps the BUSY window short */
 
+static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                       uint64_t sig, uint16_t flags, bool only_done);
+
 int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon)
 {
     int rc = check_range(r, first, n);
@@ -640,10 +678,40 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
         return lm_fail("defer_fill: class must be ZERO or CANONICAL", EINVAL);
     }
 
+    pthread_mutex_lock(&r->records_lock);
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
+        meta_sync_locked(r);   /* the list is full: fill every record once, start a new list */
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) < LM_MAX_RANGES) {
+        /* Fast path: record the deferral once for the whole range. Pages whose record is not
+           authoritative yet take it when first claimed; the others are updated below. */
+        struct lm_range *g = &r->ranges[atomic_load(&r->nranges)];
+        *g = (struct lm_range){first, n, (uint8_t)cls, canon, sig};
+        atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
+        atomic_fetch_add_explicit(&r->nranges, 1, memory_order_seq_cst);
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, true);
+    } else {
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, false);
+    }
+    pthread_mutex_unlock(&r->records_lock);
+    return rc;
+}
+
+/* The per-page part of lm_defer_fill: with only_done, pages whose record is not yet
+   authoritative are left to the range just published. */
+static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                       uint64_t sig, uint16_t flags, bool only_done)
+{
+    int rc = 0;
     for (size_t c = first; c < first + n; c += CHUNK) {
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
-        size_t present = 0;
+        size_t present = 0, claimed = 0;
+        bool mine[CHUNK];
         for (size_t i = c; i < c + len; i++) {
+            mine[i - c] = !only_done ||
+                          (atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst) &
+                           ((uint64_t)1 << (i & 63)));
+            if (!mine[i - c])
+                continue;
             struct lm_page_meta *m = &r->meta[i];
             if (lm_claim_wait(r, i) == LM_PRESENT)
                 present++;
@@ -652,7 +720,10 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
             m->signature = sig;
             m->order = 0;
             m->flags = flags;
+            claimed++;
         }
+        if (!claimed)
+            continue;
         /* Return the old contents' memory; the range is missing again, so the next access
            faults into the handler, which finds the update recorded above. */
         if (present && madvise(r->base + c * r->page_size, len * r->page_size,
@@ -660,13 +731,13 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
             rc = LM_FAIL("madvise(MADV_DONTNEED)");
         atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
         for (size_t i = c; i < c + len; i++)
-            lm_release(&r->meta[i], LM_DEFERRED);
+            if (mine[i - c])
+                lm_release(&r->meta[i], LM_DEFERRED);
         if (rc < 0)
             return rc;
     }
-    return 0;
+    return rc;
 }
-
 int lm_materialize(struct lm_region *r, size_t first, size_t n)
 {
     int rc = check_range(r, first, n);

@@ -185,17 +185,16 @@ int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size
 {
     if (npages != r->npages)
         return lm_fail("snapshot page count differs from the region's", EINVAL);
-    if (r->base_table || r->used || atomic_load(&r->st_faults) || atomic_load(&r->st_present))
+    if (r->base_table || r->used || atomic_load(&r->st_faults) || atomic_load(&r->st_present) ||
+        atomic_load(&r->nranges))
         return lm_fail("restore into a region that is already in use", EBUSY);
     for (size_t i = 0; i < npages; i++)
         if (table[i].cls > LM_SNAP_STORED ||
             (table[i].cls == LM_SNAP_STORED && table[i].store >= nstored))
             return lm_fail("page table: bad class or store index", EINVAL);
-    r->base_done = calloc((npages + 63) / 64, sizeof(uint64_t));
-    if (!r->base_done)
-        return lm_fail("calloc(base bitmap)", ENOMEM);
-    /* The caller keeps `table` alive until lm_meta_sync() or the region's end. */
+    /* The caller keeps `table` alive until lm_meta_pending() is 0 or the region's end. */
     atomic_store_explicit(&r->base_table, table, memory_order_release);
+    atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
     return 0;
 }
 

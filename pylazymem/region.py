@@ -351,13 +351,13 @@ class Region(AddressRange):
     @property
     def meta(self):
         """Read-only numpy structured array, one record per page (see docs/design.md)."""
-        if self._base_table is not None:
-            # A restored region fills its records lazily (docs/design.md, "Restore"): before
-            # anyone reads them, every record must say what its page holds.
-            with self._use() as lm:
+        # Records of large deferrals and of restored pages are filled lazily (docs/design.md,
+        # "Deferred metadata"): before anyone reads them, every record must say what its page
+        # holds.
+        with self._use() as lm:
+            if lib.lm_meta_pending(lm):
                 lib.lm_meta_sync(lm)
-            self._base_table = None
-        self._check_open()
+        self._base_table = None   # the restore's table is not read any more
         return self._meta
 
     # ---- deferred updates --------------------------------------------------------------
