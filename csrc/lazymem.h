@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 1 };
+enum { LM_ABI_VERSION = 2 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -116,6 +116,8 @@ struct lm_config {
     int ncpus;
     uint32_t max_cluster_pages;  /* readahead bound per fault (default 512 = 2 MiB) */
     int zero_write;              /* enum lm_zero_write: how a store to a zero page is served */
+    int test_fail_fills;         /* test hook: every fill fails with EIO (a broken page source,
+                                    which must make accesses fail loudly, never hang or read 0) */
 };
 
 enum { LM_HIST_BUCKETS = 256 };

@@ -282,6 +282,9 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
     struct lm_page_meta *m0 = &r->meta[first];
     int rc;
 
+    if (r->cfg.test_fail_fills)
+        return lm_fail("test hook: the page source is broken", EIO);
+
     if (lm_needs_copy(m0)) {
         uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
         for (size_t i = 1; i < n && same; i++)

@@ -130,7 +130,8 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
-    def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None):
+    def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
+                 _test_broken_source=False):
         self._lm = None
         self._forked = False
         self._arrays = {}
@@ -176,6 +177,7 @@ class Region(AddressRange):
         if zw not in _ZERO_WRITE:
             raise InvalidArgumentError("PYLAZYMEM_ZERO_WRITE=%r: expected copy or zeropage" % zw)
         cfg.zero_write = _ZERO_WRITE[zw]
+        cfg.test_fail_fills = bool(_test_broken_source)   # tests only: every fill fails
 
         out = ffi.new("struct lm_region **")
         check(lib.lm_region_create(nbytes, cfg, out), "Region")
