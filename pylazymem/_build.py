@@ -36,6 +36,7 @@ ffibuilder.set_source(
     '#include "lazymem.h"\n',
     sources=[os.path.relpath(os.path.join(CSRC, s)) for s in CORE_SOURCES],
     include_dirs=[CSRC],
+    depends=[os.path.relpath(os.path.join(CSRC, h)) for h in ("lazymem.h", "lm_internal.h")],
     libraries=["xxhash", "pthread"],
     extra_compile_args=_args,
     extra_link_args=_link,
