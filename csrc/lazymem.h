@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 2 };
+enum { LM_ABI_VERSION = 3 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -49,7 +49,8 @@ enum lm_flag {
     LM_F_WRITE_FAULT = 4,    /* first touch was a store */
     LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
     LM_F_POISONED = 16,      /* could not be served: access raises SIGBUS (see stats.errors) */
-    LM_F_PREFETCHED = 32     /* made present by restore prefetch or the background fill */
+    LM_F_PREFETCHED = 32,    /* made present by a prefetch (restore's working set) */
+    LM_F_BACKGROUND = 64     /* made present by the background fill */
 };
 
 /* One record per page; 32 bytes, lives in a memfd so another process can map it. */
@@ -118,6 +119,13 @@ struct lm_config {
     int zero_write;              /* enum lm_zero_write: how a store to a zero page is served */
     int test_fail_fills;         /* test hook: every fill fails with EIO (a broken page source,
                                     which must make accesses fail loudly, never hang or read 0) */
+    int timeline;                /* record when and how each page was first made present */
+};
+
+/* How a page was first made present (the fault timeline). */
+enum lm_path {
+    LM_PATH_NONE = 0, LM_PATH_DEMAND = 1, LM_PATH_READAHEAD = 2, LM_PATH_PREFETCH = 3,
+    LM_PATH_BACKGROUND = 4, LM_PATH_MATERIALIZE = 5
 };
 
 enum { LM_HIST_BUCKETS = 256 };
@@ -194,6 +202,9 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n);
 int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out);
 
 int lm_stats(struct lm_region *r, struct lm_stats *out);
+/* The fault timeline (config.timeline): per page, microseconds after the region was created
+   (+1; 0 = never present) and the enum lm_path that made it present. -ENOENT when off. */
+int lm_timeline(struct lm_region *r, uint32_t *us, uint8_t *path);
 uint64_t lm_hist_bucket_upper(int bucket);
 uint64_t lm_xxh3(const void *data, size_t len);
 

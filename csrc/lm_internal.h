@@ -144,6 +144,11 @@ struct lm_region {
     pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
     bool used;                    /* defer_fill or materialize has run */
 
+    /* Fault timeline (config.timeline): see lm_timeline(). */
+    uint32_t *tl_us;
+    uint8_t *tl_path;
+    uint64_t tl_t0;
+
     /* Working-set window (wstrack.c). */
     uint64_t ws_mark_seq;
     bool wp_async;                /* registered for async write-protect tracking */

@@ -208,9 +208,27 @@ size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
 }
 
 /* Mark claimed pages present. The first `ordered` pages were touched (in that order). */
+static uint8_t path_of(uint16_t flags)
+{
+    return flags & LM_F_READAHEAD      ? LM_PATH_READAHEAD
+           : flags & LM_F_PREFETCHED   ? LM_PATH_PREFETCH
+           : flags & LM_F_BACKGROUND   ? LM_PATH_BACKGROUND
+           : flags & LM_F_MATERIALIZED ? LM_PATH_MATERIALIZE
+                                       : LM_PATH_DEMAND;
+}
+
 void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
                      size_t ordered)
 {
+    if (r->tl_us) {   /* claimed pages: nobody else writes these entries now */
+        uint64_t us = (lm_now_ns() - r->tl_t0) / 1000 + 1;
+        for (size_t i = first; i < first + n; i++) {
+            if (!r->tl_us[i]) {
+                r->tl_us[i] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+                r->tl_path[i] = path_of(flags);
+            }
+        }
+    }
     for (size_t i = 0; i < n; i++) {
         struct lm_page_meta *m = &r->meta[first + i];
         m->flags = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE)) | flags);
@@ -486,6 +504,15 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
         goto fail;
     }
 
+    if (r->cfg.timeline) {
+        r->tl_us = calloc(r->npages, sizeof(uint32_t));
+        r->tl_path = calloc(r->npages, 1);
+        r->tl_t0 = lm_now_ns();
+        if (!r->tl_us || !r->tl_path) {
+            rc = lm_fail("calloc(timeline)", ENOMEM);
+            goto fail;
+        }
+    }
     r->base_done = calloc((r->npages + 63) / 64, sizeof(uint64_t));
     if (!r->base_done) {
         rc = lm_fail("calloc(record bitmap)", ENOMEM);
@@ -530,6 +557,8 @@ static void free_bookkeeping(struct lm_region *r)
     free(r->canon_index);
     free(r->bg.scratch);
     free(r->base_done);
+    free(r->tl_us);
+    free(r->tl_path);
     lm_source_close(r);
     lm_ws_close(r);
     pthread_mutex_destroy(&r->canon_lock);
@@ -811,6 +840,15 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
 }
 
 /* ---- statistics ---------------------------------------------------------------------- */
+
+int lm_timeline(struct lm_region *r, uint32_t *us, uint8_t *path)
+{
+    if (!r->tl_us)
+        return lm_fail("the fault timeline is off (Region(timeline=True))", ENOENT);
+    memcpy(us, r->tl_us, r->npages * sizeof(uint32_t));
+    memcpy(path, r->tl_path, r->npages);
+    return 0;
+}
 
 int lm_stats(struct lm_region *r, struct lm_stats *o)
 {

@@ -384,7 +384,7 @@ static void *bg_main(void *arg)
         }
         old[0] = s;
         size_t run = lm_claim_run(r, p, chunk, old);
-        size_t done = fill_or_poison(r, &r->bg, p, run, old, LM_F_PREFETCHED);
+        size_t done = fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         p += run;
     }

@@ -28,7 +28,13 @@ class PageFlag(enum.IntFlag):
     MATERIALIZED = lib.LM_F_MATERIALIZED
     POISONED = lib.LM_F_POISONED
     PREFETCHED = lib.LM_F_PREFETCHED
+    BACKGROUND = lib.LM_F_BACKGROUND
 
+
+#: How a page was first made present, in Region.timeline().
+PATHS = {lib.LM_PATH_DEMAND: "demand", lib.LM_PATH_READAHEAD: "readahead",
+         lib.LM_PATH_PREFETCH: "prefetch", lib.LM_PATH_BACKGROUND: "background",
+         lib.LM_PATH_MATERIALIZE: "materialize"}
 
 #: The known content class "zero", for Region.defer_fill().
 ZERO = PageClass.ZERO

@@ -185,7 +185,7 @@ def process_a(workdir, size_mib, nwarm, nreq, seed, quiet):
     return result
 
 
-def process_b(workdir, variant):
+def process_b(workdir, variant, timeline_path=None):
     import pylazymem as plm
 
     os.sync()   # files written by earlier steps must not be flushed while we are timed
@@ -198,7 +198,7 @@ def process_b(workdir, variant):
     else:
         region = plm.restore(os.path.join(workdir, "state.plm"),
                              prefetch="working-set" if variant == "lazy+ws" else "none",
-                             background=True)
+                             background=True, timeline=bool(timeline_path))
         arrays = region.arrays
     t_ready = time.perf_counter() - t_start
     answers, first, total = serve(arrays, test)
@@ -213,6 +213,9 @@ def process_b(workdir, variant):
         "answers_match": answers == expected,
         "mismatches": sum(a != b for a, b in zip(answers, expected)),
     }
+    if region is not None and timeline_path:
+        tl = region.timeline()
+        np.savez(timeline_path, page=tl["page"], t_us=tl["t_us"], path=tl["path"].astype(str))
     del arrays
     if region is not None:
         region.close()
@@ -224,7 +227,9 @@ def _child(args):
     if args.role == "a":
         res = process_a(args.workdir, args.size, args.warmup, args.requests, args.seed, args.quiet)
     else:
-        res = process_b(args.workdir, args.role)
+        res = process_b(args.workdir, args.role,
+                        os.path.join(args.workdir, "timeline-%s.npz" % args.role)
+                        if args.plot else None)
     print("RESULT " + json.dumps(res))
     return 0
 
@@ -232,7 +237,8 @@ def _child(args):
 def _spawn(role, args, workdir):
     cmd = [sys.executable, "-m", "pylazymem.demo", "--child", role, "--workdir", workdir,
            "--size", str(args.size), "--requests", str(args.requests), "--warmup",
-           str(args.warmup), "--seed", str(args.seed)] + (["--quiet"] if args.quiet else [])
+           str(args.warmup), "--seed", str(args.seed)] + (["--quiet"] if args.quiet else []) + (
+               ["--plot", args.plot] if args.plot else [])
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if not args.quiet else
                        subprocess.PIPE, text=True, timeout=args.timeout)
     if p.returncode != 0:
@@ -292,6 +298,8 @@ def run(args):
             print("eager / lazy+ws: time to first answer %.1fx, total %.1fx; answers %s" % (
                 summary["first_answer_speedup"], summary["total_speedup"],
                 "identical" if summary["all_answers_match"] else "DIFFER"), file=out)
+        if args.plot:
+            summary["plots"] = _plots(args.plot, workdir, out, args.quiet)
         if args.json:
             print(json.dumps({"process_a": a, "resumes": rows[:-1], "summary": summary},
                              indent=1))
@@ -303,6 +311,26 @@ def run(args):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _plots(outdir, workdir, out, quiet):
+    """The snapshot's page map and the fault timelines of the lazy resumes, as PNG files."""
+    from . import plot
+    from .snapshot import inspect_tables
+
+    os.makedirs(outdir, exist_ok=True)
+    info, table = inspect_tables(os.path.join(workdir, "state.plm"))
+    pm = os.path.join(outdir, "pagemap.png")
+    plot.page_map(table, info.working_set, pm, title="demo snapshot: %d pages" % info.npages)
+    panels = []
+    for v in ("lazy", "lazy+ws"):
+        with np.load(os.path.join(workdir, "timeline-%s.npz" % v)) as z:
+            panels.append(("resume: %s" % v, {k: z[k] for k in ("page", "t_us", "path")}))
+    tl = os.path.join(outdir, "timeline.png")
+    plot.timelines(panels, tl, title="when each page was brought in, and how")
+    if not quiet:
+        print("plots: %s, %s" % (pm, tl), file=out)
+    return [pm, tl]
+
+
 def add_arguments(ap):
     ap.add_argument("--size", type=int, default=1024, help="state size in MiB (default 1024)")
     ap.add_argument("--requests", type=int, default=300, help="requests after resume (300)")
@@ -312,6 +340,8 @@ def add_arguments(ap):
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     ap.add_argument("--workdir", help="keep the snapshot and files here (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=900, help="per process, seconds")
+    ap.add_argument("--plot", metavar="DIR", help="write the page map and the fault timelines "
+                    "(PNG) into DIR")
     ap.add_argument("--child", dest="role", help=argparse.SUPPRESS)
 
 

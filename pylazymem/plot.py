@@ -75,3 +75,31 @@ def page_map(table, working_set, path, title=""):
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+PATH_COLORS = {"demand": "#d62728", "readahead": "#ff7f0e", "prefetch": "#1f77b4",
+               "background": "#9e9e9e", "materialize": "#2ca02c"}
+
+
+def timelines(panels, path, title=""):
+    """Write a PNG of fault timelines: for each (name, timeline dict from Region.timeline())
+    panel, every page that was made present, at the time it was, coloured by how."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False,
+                             constrained_layout=True)
+    for ax, (name, tl) in zip(axes[0], panels):
+        t_ms = np.asarray(tl["t_us"]) / 1000.0
+        paths = np.asarray(tl["path"])
+        for p, color in PATH_COLORS.items():
+            sel = paths == p
+            if sel.any():
+                ax.scatter(t_ms[sel], np.asarray(tl["page"])[sel], s=1, c=color, lw=0,
+                           label="%s (%d)" % (p, int(sel.sum())), rasterized=True)
+        ax.set_title(name)
+        ax.set_xlabel("ms after the region was created")
+        ax.set_ylabel("page")
+        ax.legend(loc="upper right", fontsize=8, markerscale=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,7 +15,7 @@ from ._binding import PAGE_SIZE, ffi, lib
 from ._buffer import AddressRange, set_closed_error
 from ._errors import InvalidArgumentError, InvalidRangeError, RegionClosedError, check
 from ._features import acquire_mode
-from ._meta import META_DTYPE, PageClass
+from ._meta import META_DTYPE, PATHS, PageClass
 
 set_closed_error(RegionClosedError)
 
@@ -131,7 +131,7 @@ class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
-                 _test_broken_source=False):
+                 timeline=None, _test_broken_source=False):
         self._lm = None
         self._forked = False
         self._arrays = {}
@@ -178,6 +178,9 @@ class Region(AddressRange):
             raise InvalidArgumentError("PYLAZYMEM_ZERO_WRITE=%r: expected copy or zeropage" % zw)
         cfg.zero_write = _ZERO_WRITE[zw]
         cfg.test_fail_fills = bool(_test_broken_source)   # tests only: every fill fails
+        if timeline is None:
+            timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
+        cfg.timeline = bool(timeline)
 
         out = ffi.new("struct lm_region **")
         check(lib.lm_region_create(nbytes, cfg, out), "Region")
@@ -409,6 +412,20 @@ class Region(AddressRange):
         with self._use() as lm:
             check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)), "signatures")
         return out
+
+    def timeline(self):
+        """When and how each page was first made present (Region(timeline=True)): a dict of
+        numpy arrays "page", "t_us" (microseconds after the region was created) and "path"
+        (a name from pylazymem._meta.PATHS), sorted by time."""
+        us = np.empty(self.npages, np.uint32)
+        path = np.empty(self.npages, np.uint8)
+        with self._use() as lm:
+            check(lib.lm_timeline(lm, ffi.from_buffer("uint32_t[]", us),
+                                  ffi.from_buffer("uint8_t[]", path)), "timeline")
+        pages = np.nonzero(us)[0]
+        pages = pages[np.argsort(us[pages], kind="stable")]
+        return {"page": pages, "t_us": us[pages].astype(np.int64) - 1,
+                "path": np.array([PATHS[p] for p in path[pages]], dtype=object)}
 
     def stats(self):
         s = ffi.new("struct lm_stats *")

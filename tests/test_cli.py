@@ -118,3 +118,15 @@ def test_demo_table_output():
     assert "eager / lazy+ws" in out and "identical" in out
     for v in ("eager", "lazy", "lazy+ws", "resident"):
         assert "\n%s " % v in out
+
+
+@pytest.mark.uffd
+def test_demo_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots"
+    rc, _, err = cli("demo", "--size", "16", "--requests", "10", "--warmup", "10", "--quiet",
+                     "--plot", str(out))
+    assert rc == 0, err
+    for name in ("pagemap.png", "timeline.png"):
+        w, h = png_size(str(out / name))
+        assert 400 <= w <= 4000 and 300 <= h <= 4000, (name, w, h)
