@@ -276,6 +276,122 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
 }
 
 /*
+ * Read batches of store entries in one thread while copying the previous batch in this one:
+ * on a cold page cache the disk and the copies then overlap instead of taking turns.
+ */
+struct batch {
+    size_t i, j;        /* pairs[i..j) */
+    uint64_t base, count;
+    int rc;
+    const char *op;     /* lm_last_op() of a failed read, from the reader's thread */
+};
+
+struct pipeline {
+    struct lm_region *r;
+    struct batch *b;
+    size_t nb, ready, consumed;
+    char *buf[2];
+    bool stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+
+static void *pipeline_reader(void *arg)
+{
+    struct pipeline *pl = arg;
+    for (size_t idx = 0; idx < pl->nb; idx++) {
+        pthread_mutex_lock(&pl->mu);
+        while (idx >= pl->consumed + 2 && !pl->stop)
+            pthread_cond_wait(&pl->cv, &pl->mu);
+        bool stop = pl->stop;
+        pthread_mutex_unlock(&pl->mu);
+        if (stop)
+            break;
+        struct batch *b = &pl->b[idx];
+        b->rc = lm_src_read(pl->r, b->base, b->count, pl->buf[idx % 2]);
+        if (b->rc < 0)
+            b->op = lm_last_op();
+        pthread_mutex_lock(&pl->mu);
+        pl->ready = idx + 1;
+        pthread_cond_broadcast(&pl->cv);
+        pthread_mutex_unlock(&pl->mu);
+        if (b->rc < 0)
+            break;
+    }
+    return NULL;
+}
+
+static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size_t k,
+                                char *buf0, size_t *done)
+{
+    if (!k)
+        return 0;
+    struct pipeline pl = {.r = r, .buf = {buf0, NULL}};
+    pl.b = malloc(k * sizeof(*pl.b));
+    if (!pl.b)
+        return lm_fail("malloc(prefetch batches)", ENOMEM);
+    for (size_t i = 0; i < k; pl.nb++) {
+        size_t j = i;
+        while (j < k && pairs[2 * j] - pairs[2 * i] < PREFETCH_BATCH)
+            j++;
+        pl.b[pl.nb] = (struct batch){i, j, pairs[2 * i], pairs[2 * (j - 1)] - pairs[2 * i] + 1,
+                                     0, NULL};
+        i = j;
+    }
+    bool threaded = false;
+    pthread_t tid;
+    if (pl.nb > 1 && (pl.buf[1] = malloc((size_t)PREFETCH_BATCH * r->page_size))) {
+        pthread_mutex_init(&pl.mu, NULL);
+        pthread_cond_init(&pl.cv, NULL);
+        sigset_t all, saved;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &saved);
+        threaded = pthread_create(&tid, NULL, pipeline_reader, &pl) == 0;
+        pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    }
+    int rc = 0;
+    for (size_t idx = 0; idx < pl.nb; idx++) {
+        struct batch *b = &pl.b[idx];
+        char *buf = pl.buf[threaded ? idx % 2 : 0];
+        if (threaded) {
+            pthread_mutex_lock(&pl.mu);
+            while (pl.ready <= idx)
+                pthread_cond_wait(&pl.cv, &pl.mu);
+            pthread_mutex_unlock(&pl.mu);
+            rc = b->rc < 0 ? lm_fail(b->op, -b->rc) : 0;
+        } else {
+            rc = lm_src_read(r, b->base, b->count, buf);
+        }
+        if (rc < 0) {
+            /* The store cannot be read: give every page not yet copied back, still lazy,
+               and let the caller fail (restore() raises rather than return a broken region). */
+            for (size_t q = b->i; q < k; q++)
+                lm_release(&r->meta[pairs[2 * q + 1]], LM_DEFERRED);
+            break;
+        }
+        *done += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, buf, b->base);
+        if (threaded) {
+            pthread_mutex_lock(&pl.mu);
+            pl.consumed = idx + 1;
+            pthread_cond_broadcast(&pl.cv);
+            pthread_mutex_unlock(&pl.mu);
+        }
+    }
+    if (threaded) {
+        pthread_mutex_lock(&pl.mu);
+        pl.stop = true;
+        pthread_cond_broadcast(&pl.cv);
+        pthread_mutex_unlock(&pl.mu);
+        pthread_join(tid, NULL);
+        pthread_mutex_destroy(&pl.mu);
+        pthread_cond_destroy(&pl.cv);
+    }
+    free(pl.buf[1]);
+    free(pl.b);
+    return rc;
+}
+
+/*
  * Working-set prefetch. The working set's pages are the first entries of the store, in the
  * order given, so the store is read in large sequential chunks (PREFETCH_BATCH entries per
  * pread) and each entry copied to the pages that use it; pages of other kinds (zero,
@@ -323,23 +439,7 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         }
     }
     qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
-    for (size_t i = 0; i < k;) {
-        uint64_t base = pairs[2 * i];
-        size_t j = i;
-        while (j < k && pairs[2 * j] - base < PREFETCH_BATCH)
-            j++;
-        uint64_t last = pairs[2 * (j - 1)];
-        rc = lm_src_read(r, base, (size_t)(last - base + 1), buf);
-        if (rc < 0) {
-            /* The store cannot be read: give every page not yet copied back, still lazy,
-               and let the caller fail (restore() raises rather than return a broken region). */
-            for (size_t q = i; q < k; q++)
-                lm_release(&r->meta[pairs[2 * q + 1]], LM_DEFERRED);
-            break;
-        }
-        done += copy_from_batch(r, pairs + 2 * i, j - i, buf, base);
-        i = j;
-    }
+    rc = copy_store_pipelined(r, pairs, k, buf, &done);
     atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
     free(t.scratch);
     free(pairs);
