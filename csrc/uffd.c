@@ -117,37 +117,55 @@ int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode)
     return 0;
 }
 
-/*
- * Copy `len` bytes into missing pages. A page some other path filled meanwhile (EEXIST) is
- * skipped, not an error; a partial copy because the mm is changing (EAGAIN) is retried.
- */
-int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
+/* One fill ioctl over [dst, dst+len): 0 or errno; *progress = bytes filled before it stopped. */
+typedef int (*fill_op)(int fd, char *dst, const char *src, size_t len, bool wake,
+                       int64_t *progress);
+
+static int op_copy(int fd, char *dst, const char *src, size_t len, bool wake, int64_t *progress)
 {
-    size_t done = 0;
-    long ps = lm_page_size();
+    struct uffdio_copy c = {
+        .dst = (uintptr_t)dst, .src = (uintptr_t)src, .len = len,
+        .mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
+    };
+    int rc = ioctl(fd, UFFDIO_COPY, &c) == 0 ? 0 : errno;
+    *progress = rc ? c.copy : (int64_t)len;
+    return rc;
+}
+
+static int op_zeropage(int fd, char *dst, const char *src, size_t len, bool wake,
+                       int64_t *progress)
+{
+    (void)src;
+    struct uffdio_zeropage z = {
+        .range = {.start = (uintptr_t)dst, .len = len},
+        .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+    };
+    int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
+    *progress = rc ? z.zeropage : (int64_t)len;
+    return rc;
+}
+
+/*
+ * Fill `len` bytes of missing pages. A page some other path filled meanwhile (EEXIST) is
+ * skipped, not an error; a partial fill because the mm is changing (EAGAIN) is retried from
+ * where the kernel stopped.
+ */
+static int fill(int fd, fill_op op, const char *name, char *dst, const char *src, size_t len,
+                bool wake)
+{
+    size_t done = 0, ps = (size_t)lm_page_size();
     bool skipped = false;
     while (done < len) {
-        struct uffdio_copy c = {
-            .dst = (uintptr_t)dst + done,
-            .src = (uintptr_t)src + done,
-            .len = len - done,
-            .mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE,
-        };
-        if (ioctl(fd, UFFDIO_COPY, &c) == 0) {
-            done = len;
-            break;
-        }
-        int err = errno;
-        if (c.copy > 0)
-            done += (size_t)c.copy;
-        if (err == EAGAIN)
+        int64_t progress = 0;
+        int err = op(fd, dst + done, src ? src + done : NULL, len - done, wake, &progress);
+        if (progress > 0)
+            done += (size_t)progress;
+        if (!err || err == EAGAIN)
             continue;
-        if (err == EEXIST) {
-            done += (size_t)ps;   /* this page is already there */
-            skipped = true;
-            continue;
-        }
-        return lm_fail("ioctl(UFFDIO_COPY)", err);
+        if (err != EEXIST)
+            return lm_fail(name, err);
+        done += ps;   /* this page is already there */
+        skipped = true;
     }
     /* A wake-up may have been skipped with the page we stepped over. */
     if (skipped && wake)
@@ -155,35 +173,14 @@ int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
     return 0;
 }
 
+int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
+{
+    return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake);
+}
+
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake)
 {
-    size_t done = 0;
-    long ps = lm_page_size();
-    bool skipped = false;
-    while (done < len) {
-        struct uffdio_zeropage z = {
-            .range = {.start = (uintptr_t)dst + done, .len = len - done},
-            .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE,
-        };
-        if (ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0) {
-            done = len;
-            break;
-        }
-        int err = errno;
-        if (z.zeropage > 0)
-            done += (size_t)z.zeropage;
-        if (err == EAGAIN)
-            continue;
-        if (err == EEXIST) {
-            done += (size_t)ps;
-            skipped = true;
-            continue;
-        }
-        return lm_fail("ioctl(UFFDIO_ZEROPAGE)", err);
-    }
-    if (skipped && wake)
-        return lm_uffd_wake(fd, dst, len);
-    return 0;
+    return fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, wake);
 }
 
 int lm_uffd_wake(int fd, void *addr, size_t len)
