@@ -8,11 +8,13 @@ from ._binding import ffi, lib
 # (pylazymem.uffd) shares: one class of each, whichever backend raised it.
 from ._uffd_errors import (  # noqa: E402,F401
     _REMEDY,
+    SECCOMP_BLOCKED,
     InvalidRangeError,
     LazyMemError,
     UffdError,
     UnavailableError,
     remedy,
+    seccomp_filtered,
 )
 
 
@@ -32,7 +34,10 @@ def check(rc, what=""):
     op = ffi.string(lib.lm_last_op()).decode()
     where = "%s: %s" % (what, op) if what else op
     if op == "userfaultfd":
-        raise UnavailableError(err, "%s: %s" % (where, remedy(err)))
+        from ._features import features   # the probe (cached) knows why, not just the errno
+        f = features()
+        why = f.reason if f.mode == "unavailable" and f.reason else remedy(err)
+        raise UnavailableError(err, "%s: %s" % (where, why))
     if err == _errno.ERANGE:
         raise InvalidRangeError(where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):

@@ -1,11 +1,12 @@
 """What this machine and build can do: probed once, exposed as data, what tests skip on."""
 import dataclasses
+import errno
 import functools
 import os
 from typing import Optional
 
 from ._binding import ffi, lib
-from ._errors import remedy
+from ._errors import SECCOMP_BLOCKED, remedy, seccomp_filtered
 
 MODES = {lib.LM_MODE_UNAVAILABLE: "unavailable", lib.LM_MODE_FULL: "full",
          lib.LM_MODE_USER_ONLY: "user-mode-only"}
@@ -49,6 +50,8 @@ def _reason(f, mode):
                 "Region.materialize() on such buffers first (%s)" % why)
     if f.api_errno:
         return "UFFDIO_API failed: %s" % os.strerror(f.api_errno)
+    if f.user_only_errno == errno.EPERM and seccomp_filtered():
+        return "%s (%s)" % (SECCOMP_BLOCKED, "; ".join(failures))
     errs = [err for _, err in tried if err]
     main = next((e for e in errs if e in (1, 13)), errs[-1] if errs else 38)
     return "userfaultfd unavailable (%s): %s" % ("; ".join(failures), remedy(main))

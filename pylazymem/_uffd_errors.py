@@ -46,6 +46,33 @@ _REMEDY = {
 }
 
 
+# userfaultfd(UFFD_USER_MODE_ONLY) needs no privilege (Linux >= 5.11): EPERM from it under a
+# seccomp filter means the filter refused the system call (Docker's and Podman's defaults do).
+SECCOMP_BLOCKED = (
+    "userfaultfd is blocked by seccomp: this process runs under a seccomp filter that refuses "
+    "the userfaultfd() system call (Docker's and Podman's default profiles do), and "
+    "/dev/userfaultfd is not usable here. Fix it in the container's run flags: pass the "
+    "device, which works under the default profile and gives full mode: "
+    "'docker run --device /dev/userfaultfd ...' (Podman: 'podman run --device "
+    "/dev/userfaultfd ...'); or allow the system call with a seccomp profile: "
+    "'docker run --security-opt seccomp=/path/to/profile.json ...' (pylazymem's "
+    "docker/seccomp-userfaultfd.json; user-mode-only without CAP_SYS_PTRACE). "
+    "Kubernetes: see docs/containers.md"
+)
+
+
+def seccomp_filtered():
+    """Whether this process runs under a seccomp filter (Seccomp: 2 in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Seccomp:"):
+                    return line.split()[1] == "2"
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def remedy(err):
     """What to do about failing to get a userfaultfd with errno `err`."""
     return _REMEDY.get(err, os.strerror(err))

@@ -43,6 +43,7 @@ def test_features():
     assert json.loads(out)["mode"] == f.mode
 
 
+@pytest.mark.uffd
 def test_inspect_table_and_json(snapshot):
     rc, out, err = cli("inspect", snapshot)
     assert rc == 0, err
@@ -64,6 +65,7 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.uffd
 def test_inspect_plot(snapshot, tmp_path):
     pytest.importorskip("matplotlib")
     png = str(tmp_path / "map.png")
@@ -74,6 +76,7 @@ def test_inspect_plot(snapshot, tmp_path):
     assert os.path.getsize(png) > 5000
 
 
+@pytest.mark.uffd
 def test_inspect_corrupt_snapshot(snapshot, tmp_path):
     bad = tmp_path / "bad.plm"
     data = bytearray(open(snapshot, "rb").read())

@@ -18,8 +18,17 @@ EXAMPLE_ARGS = {
 }
 
 
-@pytest.mark.parametrize("path", EXAMPLES or [pytest.param(None, marks=pytest.mark.skip(
-    reason="no examples/*.py yet"))], ids=lambda p: os.path.basename(p) if p else "none")
+# Examples whose kernel accesses (np.save, file writes) read lazy pages: full mode only.
+FULL_MODE_ONLY = set()
+
+
+def _param(path):
+    marks = [pytest.mark.uffd_full] if os.path.basename(path) in FULL_MODE_ONLY else []
+    return pytest.param(path, marks=marks, id=os.path.basename(path))
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in EXAMPLES] or [pytest.param(
+    None, marks=pytest.mark.skip(reason="no examples/*.py yet"), id="none")])
 def test_example_runs(run_py, path):
     res = run_py("import os, runpy, sys\n"
                  "sys.argv = sys.argv[1:]\n"

@@ -406,6 +406,9 @@ print("RESULT", json.dumps(["one", res]), flush=True)
 """
 
 
+@pytest.mark.skipif(os.environ.get("PYLAZYMEM_UNDER_ASAN") == "1",
+                    reason="ASan's shadow memory needs more address space than this test's "
+                           "RLIMIT_AS allows")
 def test_huge_sparse_file_is_rejected_in_bounded_memory(run_py, tmp_path, valid_bytes):
     """A sparse file whose header claims 2^38 pages (a 4 TiB page table, a 1 PiB region: more
     than any address space) with a wrong tables checksum. The reader must not try to hold the

@@ -1,0 +1,42 @@
+"""pytest plugin for docker/matrix_checks.py: records every test's markers and outcome.
+
+Loaded with `-p matrix_plugin`; writes a JSON list to $PYLAZYMEM_MATRIX_REPORT at the end of
+the session: [{"nodeid", "markers", "outcome", "reason", "where"}]. The matrix uses it to check
+that tests skip on the *declared* feature: a test carrying a `uffd`/`uffd_full` marker that
+tests/conftest.py skips (`where` is the conftest line that skipped it), not on message text.
+"""
+import json
+import os
+
+_markers = {}
+_results = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        _markers[item.nodeid] = sorted({m.name for m in item.iter_markers()})
+
+
+def pytest_runtest_logreport(report):
+    rec = _results.setdefault(report.nodeid, {"outcome": "passed", "reason": "", "where": ""})
+    if report.skipped:
+        rec["outcome"] = "skipped"
+        longrepr = report.longrepr
+        if isinstance(longrepr, tuple) and len(longrepr) == 3:   # (path, line, reason)
+            rec["where"] = "%s:%s" % (longrepr[0], longrepr[1])
+            rec["reason"] = str(longrepr[2])
+        else:
+            rec["reason"] = str(longrepr)
+    elif report.failed:
+        rec["outcome"] = "failed"
+        rec["reason"] = "%s failed" % report.when
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("PYLAZYMEM_MATRIX_REPORT")
+    if not path:
+        return
+    out = [{"nodeid": nodeid, "markers": _markers.get(nodeid, []), **rec}
+           for nodeid, rec in _results.items()]
+    with open(path, "w") as f:
+        json.dump(out, f)
