@@ -263,6 +263,9 @@ class Region(AddressRange):
         """A zero-copy numpy view of the region's memory."""
         self._check_open()
         dtype = np.dtype(dtype)
+        if dtype.itemsize == 0 or dtype.hasobject:
+            raise InvalidArgumentError("a region view needs a dtype with a size and no Python "
+                                       "objects, not %s" % dtype)
         offset = self._index(offset, "offset")
         if offset < 0 or offset > self.nbytes:
             raise InvalidRangeError("offset %d outside the region (0..%d)" % (offset, self.nbytes))
@@ -287,6 +290,8 @@ class Region(AddressRange):
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise InvalidArgumentError("arrays of Python objects cannot live in a region")
+        if dtype.itemsize == 0:
+            raise InvalidArgumentError("dtype %s has no size" % dtype)
         shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(
             operator.index(x) for x in shape)
         if any(x < 0 for x in shape):

@@ -164,6 +164,8 @@ def _parse_manifest(raw, h, path):
             _fail(path, "manifest entry %r is malformed: %s" % (name, e))
         if dtype.hasobject:
             _fail(path, "manifest entry %r has an object dtype" % name)
+        if dtype.itemsize == 0:
+            _fail(path, "manifest entry %r has a zero-size dtype" % name)
         count = 1
         for x in shape:
             if x < 0:
