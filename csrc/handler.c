@@ -137,6 +137,8 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     for (;;) {
         s = lm_claim(r, page);
         if (s == LM_BUSY) {
+            if (spins == 16)
+                lm_boost_background(r);   /* the holder may be the preempted idle-class fill */
             lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter */
             continue;
         }
@@ -157,6 +159,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
         lm_release(m, LM_PRESENT);
         if (rc < 0 && rc != -ENOENT)
             record_error(r, rc);
+        lm_hist_add(r, now_ns() - t0);   /* includes any wait for the page's filler */
         return;
     }
 

@@ -133,6 +133,8 @@ struct lm_region {
     _Atomic int bg_stop;
     _Atomic int bg_running;
     struct lm_serve_thread bg;    /* its scratch and scratch cache */
+    _Atomic int bg_boosted;       /* a serving thread lifted it out of SCHED_IDLE */
+    pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
 
     /* Lazily filled page records (region.c, apply_base): range deferrals, newest last, and
        a restore's page table; base_done has one bit per page whose record is authoritative. */
@@ -176,6 +178,7 @@ static inline uint8_t lm_state_load(const struct lm_page_meta *m)
    claimable; never waits. */
 uint8_t lm_claim(struct lm_region *r, size_t page);
 void lm_wait_busy(unsigned *spins);
+void lm_boost_background(struct lm_region *r);
 /* Claim any page, waiting while another thread holds it BUSY. Returns the old state. */
 uint8_t lm_claim_wait(struct lm_region *r, size_t page);
 static inline void lm_release(struct lm_page_meta *m, uint8_t state)

@@ -466,6 +466,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     pthread_mutex_init(&r->canon_lock, NULL);
     pthread_mutex_init(&r->serve_lock, NULL);
     pthread_mutex_init(&r->records_lock, NULL);
+    pthread_mutex_init(&r->bg_lock, NULL);
 
     int rc = parse_config(r, cfg);
     if (rc < 0)
@@ -564,6 +565,7 @@ static void free_bookkeeping(struct lm_region *r)
     pthread_mutex_destroy(&r->canon_lock);
     pthread_mutex_destroy(&r->serve_lock);
     pthread_mutex_destroy(&r->records_lock);
+    pthread_mutex_destroy(&r->bg_lock);
 }
 
 void lm_region_destroy(struct lm_region *r, int unmap_data)

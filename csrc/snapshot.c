@@ -487,13 +487,42 @@ static void *bg_main(void *arg)
         size_t done = fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         p += run;
+        if (atomic_exchange(&r->bg_boosted, 0))
+            pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);   /* back to idle */
     }
     free(old);
     atomic_store(&r->bg_running, 0);
     return NULL;
 }
 
+static int background_start_locked(struct lm_region *r);
+
+/*
+ * Priority inheritance by hand. The fill runs at SCHED_IDLE and may be preempted while it holds
+ * a run of pages BUSY; a serving thread that waits for one of them would then wait as long as
+ * the CPUs stay busy (seconds, measured). So a waiter lifts the fill to normal priority; the
+ * fill drops back to SCHED_IDLE as soon as it has released that run.
+ */
+void lm_boost_background(struct lm_region *r)
+{
+    if (!atomic_load(&r->bg_running) || pthread_mutex_trylock(&r->bg_lock))
+        return;   /* not running, or being started/stopped/boosted by someone else */
+    if (r->bg_started && !atomic_exchange(&r->bg_boosted, 1)) {
+        struct sched_param sp = {0};
+        pthread_setschedparam(r->bg_tid, SCHED_OTHER, &sp);
+    }
+    pthread_mutex_unlock(&r->bg_lock);
+}
+
 int lm_background_start(struct lm_region *r)
+{
+    pthread_mutex_lock(&r->bg_lock);
+    int rc = background_start_locked(r);
+    pthread_mutex_unlock(&r->bg_lock);
+    return rc;
+}
+
+static int background_start_locked(struct lm_region *r)
 {
     if (r->bg_started)
         return 0;
@@ -520,11 +549,13 @@ int lm_background_start(struct lm_region *r)
 
 int lm_background_stop(struct lm_region *r)
 {
-    if (!r->bg_started)
-        return 0;
-    atomic_store(&r->bg_stop, 1);
-    pthread_join(r->bg_tid, NULL);
-    r->bg_started = false;
+    pthread_mutex_lock(&r->bg_lock);
+    if (r->bg_started) {
+        atomic_store(&r->bg_stop, 1);
+        pthread_join(r->bg_tid, NULL);
+        r->bg_started = false;
+    }
+    pthread_mutex_unlock(&r->bg_lock);
     return 0;
 }
 

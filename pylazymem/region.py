@@ -262,7 +262,10 @@ class Region(AddressRange):
     def ndarray(self, dtype, shape=None, offset=0):
         """A zero-copy numpy view of the region's memory."""
         self._check_open()
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except (TypeError, ValueError, SyntaxError) as e:
+            raise InvalidArgumentError("not a dtype: %r (%s)" % (dtype, e)) from None
         if dtype.itemsize == 0 or dtype.hasobject:
             raise InvalidArgumentError("a region view needs a dtype with a size and no Python "
                                        "objects, not %s" % dtype)
@@ -287,13 +290,11 @@ class Region(AddressRange):
             raise InvalidArgumentError("array name must be a non-empty string")
         if name in self._arrays:
             raise InvalidArgumentError("an array named %r already exists" % name)
-        dtype = np.dtype(dtype)
+        dtype, shape = _dtype_and_shape(dtype, shape)
         if dtype.hasobject:
             raise InvalidArgumentError("arrays of Python objects cannot live in a region")
         if dtype.itemsize == 0:
             raise InvalidArgumentError("dtype %s has no size" % dtype)
-        shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(
-            operator.index(x) for x in shape)
         if any(x < 0 for x in shape):
             raise InvalidArgumentError("negative dimension in shape %r" % (shape,))
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -473,6 +474,25 @@ class Region(AddressRange):
             raise InvalidRangeError("range [%d, %d) outside the region of %d bytes"
                                     % (offset, offset + length, self.nbytes))
         return offset // self.page_size, length // self.page_size
+
+
+def _dtype_and_shape(dtype, shape):
+    """A checked dtype and shape; a sub-array dtype ("4f4") becomes its base with the
+    sub-array's shape appended, the form numpy views and the snapshot manifest use."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise InvalidArgumentError("not a dtype: %r (%s)" % (dtype, e)) from None
+    try:
+        shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(
+            operator.index(x) for x in shape)
+    except TypeError:
+        raise InvalidArgumentError("shape must be an integer or a sequence of integers, not %r"
+                                   % (shape,)) from None
+    if dtype.subdtype is not None:
+        dtype, sub = dtype.subdtype
+        shape = shape + tuple(sub)
+    return dtype, shape
 
 
 class _InUse:

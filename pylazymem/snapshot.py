@@ -160,10 +160,16 @@ def _parse_manifest(raw, h, path):
                 raise ValueError("shape must be a list of at most 32 dimensions")
             shape = tuple(_json_int(x, -(1 << 62)) for x in a["shape"])
             offset = _json_int(a["offset"], -(1 << 62))
-        except (KeyError, TypeError, ValueError, RecursionError, OverflowError) as e:
+        except KeyError as e:
+            _fail(path, "manifest entry %r is missing the field %s" % (name, e))
+        except (TypeError, ValueError, RecursionError, OverflowError, SyntaxError) as e:
+            # numpy parses some dtype strings (",f4") with ast.literal_eval: SyntaxError
             _fail(path, "manifest entry %r is malformed: %s" % (name, e))
         if dtype.hasobject:
             _fail(path, "manifest entry %r has an object dtype" % name)
+        if dtype.subdtype is not None:
+            _fail(path, "manifest entry %r has a sub-array dtype (the writer puts the "
+                  "sub-array's shape in 'shape')" % name)
         if dtype.itemsize == 0:
             _fail(path, "manifest entry %r has a zero-size dtype" % name)
         count = 1
@@ -374,6 +380,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     _sweep_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
         total = h["file_bytes"]
         chunk = max(1, (64 << 20) // ps)
         with region._use() as lm:
@@ -404,6 +411,17 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     if progress is not None:
         progress(total, total)
     return inspect(path)
+
+
+def _umask():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _dedup_keep_order(ws):

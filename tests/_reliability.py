@@ -185,8 +185,10 @@ def stress_deferred(seed, nbytes=64 << 20, nthreads=8, min_faults=1_000_000, nca
         assert len({c.id for c in cans[1:]}) == ncanon
         v = pages(r)
         rounds = mixed = ops = bg_rounds = 0
+        round_secs = []
         model = np.zeros((n, ps), np.uint8)
         while r.stats()["faults"] < min_faults and rounds < max_rounds:
+            t_round = time.monotonic()
             if time.monotonic() - t0 > max_seconds:
                 raise AssertionError("only %d faults after %.0fs (%d rounds)"
                                      % (r.stats()["faults"], time.monotonic() - t0, rounds))
@@ -211,6 +213,7 @@ def stress_deferred(seed, nbytes=64 << 20, nthreads=8, min_faults=1_000_000, nca
             model = after
             st = r.stats()
             assert st["errors"] == 0, st
+            round_secs.append(time.monotonic() - t_round)
         _verify_model(r, v, model, "end")
         st = r.stats()
         assert st["errors"] == 0, st
@@ -219,6 +222,9 @@ def stress_deferred(seed, nbytes=64 << 20, nthreads=8, min_faults=1_000_000, nca
                   background_pages=st["background_pages"], background_rounds=bg_rounds,
                   readahead=st["readahead_pages"], reads_mixed=mixed, ops=ops,
                   npages=n, seconds=round(time.monotonic() - t0, 2),
+                  round_seconds=dict(first10=round(float(np.mean(round_secs[:10])), 3),
+                                     last10=round(float(np.mean(round_secs[-10:])), 3),
+                                     max=round(max(round_secs), 3)),
                   service_ns=st["fault_service_ns"]))
 
 
@@ -670,7 +676,9 @@ class Mutator:
     _DTYPES = ["<f4", "|O", "O", "V8", "S3", "<U2", ">c16", "b1", "M8[s]", "m8", "<f2", "V0",
                "", "?", "<i8", "u1", 5, None, [["a", "<i4"], ["a", "<i4"]], [["a", "|O"]],
                [["a", "<u2", [2]]], [["a", [["b", "<f8"]]]], [], [["a"]], {"x": 1},
-               [["a", "<i4", [-1]]], [["a", "<i4", [1 << 40]]], "(1073741824,)i8"]
+               [["a", "<i4", [-1]]], [["a", "<i4", [1 << 40]]], "(1073741824,)i8",
+               ",f4", "(,)f4", "4f4", "(2,)i4", "(2,3)<f8", "i4,f8", "f4,", "2i4,(3,)f8", "0f4",
+               "(0,)f4", "(-1,)f4"]
 
     def manifest(self, raw, h):
         parts = self._parse(raw, h)
