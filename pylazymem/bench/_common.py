@@ -139,3 +139,12 @@ def print_ratios(ratios, file=None) -> None:
 def rotate(seq, k):
     k %= len(seq)
     return list(seq[k:]) + list(seq[:k])
+
+
+def setup(quick, reps, file):
+    """The common start of a benchmark's run(): where to print, the package, its environment
+    line, the state size (1 GiB, quick: 128 MiB), repetitions (7, quick: 5) and pages."""
+    plm = import_plm()
+    nbytes = (128 * MiB) if quick else GiB
+    return file or sys.stdout, plm, environment(plm), nbytes, reps or (5 if quick else 7), \
+        nbytes // PAGE

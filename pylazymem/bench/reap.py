@@ -187,12 +187,7 @@ def _setup(plm, d, nbytes, offsets, rng, problems, file):
 
 
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
-    file = file or sys.stdout
-    plm = C.import_plm()
-    env = C.environment(plm)
-    nbytes = (128 * C.MiB) if quick else C.GiB
-    reps = reps or (5 if quick else 7)
-    npages = nbytes // C.PAGE
+    file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file)
     nreads = max(1, int(npages * FRACTION))
 
     rng = np.random.default_rng(20240611)

@@ -55,12 +55,7 @@ def _run_file(path):
 
 
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
-    file = file or sys.stdout
-    plm = C.import_plm()
-    env = C.environment(plm)
-    nbytes = (128 * C.MiB) if quick else C.GiB
-    reps = reps or (5 if quick else 7)
-    npages = nbytes // C.PAGE
+    file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file)
 
     rng = np.random.default_rng(20240613)
     variants = [("plm_cold", "plm", "cold"), ("kernel_read", "kread", None), ("plm_warm", "plm", "warm"),

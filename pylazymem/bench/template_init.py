@@ -62,12 +62,7 @@ def _run_numpy(nbytes, template, offsets):
 
 
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
-    file = file or sys.stdout
-    plm = C.import_plm()
-    env = C.environment(plm)
-    nbytes = (128 * C.MiB) if quick else C.GiB
-    reps = reps or (5 if quick else 7)
-    npages = nbytes // C.PAGE
+    file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file)
     nreads = max(1, int(npages * FRACTION))
 
     rng = np.random.default_rng(20240602)
