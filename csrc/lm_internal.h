@@ -144,6 +144,7 @@ struct lm_region {
     _Atomic unsigned nranges;
     _Atomic int lazy_records;     /* some record may still come from a range or the table */
     pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
+    _Atomic unsigned applying;    /* claimers filling a record from the ranges right now */
     bool used;                    /* defer_fill or materialize has run */
 
     /* Fault timeline (config.timeline): see lm_timeline(). */

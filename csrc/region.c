@@ -90,6 +90,8 @@ static uint8_t claim_wait(struct lm_page_meta *m)
  *
  * Called with the page claimed (BUSY) from EMPTY; returns the state the page is really in.
  */
+static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint64_t bit);
+
 static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
 {
     if (s != LM_EMPTY)
@@ -97,6 +99,16 @@ static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
     /* Every first claim sets the bit, lazy records or not: a page that has left EMPTY always
        has an authoritative record, which a later range deferral must update itself. */
     uint64_t bit = (uint64_t)1 << (p & 63);
+    /* Counted before the bit is taken: lm_meta_sync() must not drop the ranges while a claimer
+       that took a bit it had skipped is still reading them. */
+    atomic_fetch_add_explicit(&r->applying, 1, memory_order_seq_cst);
+    s = apply_lazy_record(r, p, s, bit);
+    atomic_fetch_sub_explicit(&r->applying, 1, memory_order_release);
+    return s;
+}
+
+static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint64_t bit)
+{
     if (atomic_fetch_or_explicit(&r->base_done[p >> 6], bit, memory_order_seq_cst) & bit)
         return s;   /* the record is authoritative */
     if (!atomic_load_explicit(&r->lazy_records, memory_order_seq_cst))
@@ -155,7 +167,10 @@ static void meta_sync_locked(struct lm_region *r)
                 if (!(done & ((uint64_t)1 << (p & 63))))
                     lm_release(&r->meta[p], lm_claim_wait(r, p));
         }
-        /* Every bit is set: no claim reads the ranges or the table any more. */
+        /* Every bit is set: no new claim reads the ranges or the table; wait for claimers
+           that took a bit before this pass saw it and may still be reading them. */
+        for (unsigned spins = 0; atomic_load_explicit(&r->applying, memory_order_seq_cst);)
+            lm_wait_busy(&spins);
         atomic_store(&r->nranges, 0);
         atomic_store(&r->lazy_records, 0);
     }
@@ -739,16 +754,19 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
     for (size_t c = first; c < first + n; c += CHUNK) {
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
         size_t present = 0, claimed = 0;
-        bool mine[CHUNK];
+        bool mine[CHUNK], was_present[CHUNK];
         for (size_t i = c; i < c + len; i++) {
             mine[i - c] = !only_done ||
                           (atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst) &
                            ((uint64_t)1 << (i & 63)));
+            was_present[i - c] = false;
             if (!mine[i - c])
                 continue;
             struct lm_page_meta *m = &r->meta[i];
-            if (lm_claim_wait(r, i) == LM_PRESENT)
+            if (lm_claim_wait(r, i) == LM_PRESENT) {
                 present++;
+                was_present[i - c] = true;
+            }
             m->cls = (uint8_t)cls;
             m->canon = canon;
             m->signature = sig;
@@ -759,10 +777,21 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         if (!claimed)
             continue;
         /* Return the old contents' memory; the range is missing again, so the next access
-           faults into the handler, which finds the update recorded above. */
-        if (present && madvise(r->base + c * r->page_size, len * r->page_size,
-                               MADV_DONTNEED) < 0)
-            rc = LM_FAIL("madvise(MADV_DONTNEED)");
+           faults into the handler, which finds the update recorded above. Only pages this
+           call holds: a page it left to the range record may be being filled right now. */
+        for (size_t i = 0; present && i < len && rc == 0;) {
+            if (!was_present[i]) {
+                i++;
+                continue;
+            }
+            size_t run = 1;
+            while (i + run < len && was_present[i + run])
+                run++;
+            if (madvise(r->base + (c + i) * r->page_size, run * r->page_size,
+                        MADV_DONTNEED) < 0)
+                rc = LM_FAIL("madvise(MADV_DONTNEED)");
+            i += run;
+        }
         atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
         for (size_t i = c; i < c + len; i++)
             if (mine[i - c])

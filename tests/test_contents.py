@@ -56,6 +56,10 @@ REDEFER = {
     # 4 readers on 16 pages: many duplicate fault messages (the "already present" path)
     "hot-16-pages": {"seconds": 4.0, "max_cluster_pages": 1, "nbytes": 16 << 12,
                      "nreaders": 4},
+    # runs of up to 2048 pages: defer_fill's range-record path (>= 64 pages) racing with the
+    # faults that fill records lazily (once mapped zeros over a page just filled: 1 run in 4)
+    "range-records": {"seconds": 6.0, "max_cluster_pages": 16, "nbytes": 4096 << 12,
+                      "nreaders": 4, "maxrun": 2048},
 }
 
 
