@@ -16,10 +16,11 @@ import struct
 import tempfile
 
 import numpy as np
+import xxhash
 
-from ._binding import PAGE_SIZE, ffi, lib
-from ._errors import InvalidArgumentError, LazyMemError, check
-from ._meta import SNAP_PAGE_DTYPE
+# No compiled code at import: inspect() and page_sources() work without the C core (the
+# pure-ctypes backend serves snapshots too). checkpoint() and restore() import it when called.
+from ._uffd_errors import LazyMemError
 
 MAGIC = b"PLMSNAP\x00"
 VERSION = 1
@@ -33,6 +34,13 @@ MAX_MANIFEST = 64 << 20
 MAX_PAGES = 1 << 40
 MAX_REGION_BYTES = 1 << 46     # 64 TiB: x86-64 user address space is 128 TiB
 PREFETCH_MODES = ("working-set", "all", "none")
+# One page-table entry (docs/snapshot-format.md, "Page table"); the same layout as the C
+# core's struct lm_snap_page.
+SNAP_PAGE_DTYPE = np.dtype([("cls", "u1"), ("flags", "u1"), ("reserved", "<u2"),
+                            ("store", "<u4"), ("signature", "<u8")])
+UNTOUCHED, ZERO, STORED = 0, 1, 2
+WS_FLAG = 1
+_xxh3 = xxhash.xxh3_64_intdigest
 
 
 class SnapshotError(LazyMemError, ValueError):
@@ -89,7 +97,7 @@ def _parse_header(raw, path, file_size):
               % (version, VERSION))
     h = dict(zip(_FIELDS, rest), version=version, header_bytes=header_bytes,
              page_size=page_size, flags=flags)
-    if lib.lm_xxh3(raw[:HEADER_CHECKED], HEADER_CHECKED) != h["header_xxh3"]:
+    if _xxh3(raw[:HEADER_CHECKED]) != h["header_xxh3"]:
         _fail(path, "header checksum mismatch (corrupt header)")
     ps = page_size
     if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
@@ -221,18 +229,72 @@ def _read(fd, path):
             raw += os.pread(fd, hb - 4096, 4096)
     h = _parse_header(raw, path, size)
     tail = _pread_exact(fd, size - h["table_offset"], h["table_offset"], path, "the tables")
-    if lib.lm_xxh3(ffi.from_buffer(tail), len(tail)) != h["tables_xxh3"]:
+    if _xxh3(tail) != h["tables_xxh3"]:
         _fail(path, "table checksum mismatch (corrupt page table, working set or manifest)")
     table = np.frombuffer(tail, SNAP_PAGE_DTYPE, h["npages"])
     ws = np.frombuffer(tail, "<u8", h["nws"], h["table_bytes"]).astype(np.uint64)
     man = _parse_manifest(bytes(tail[h["table_bytes"] + h["ws_bytes"]:]), h, path)
 
-    counts = ffi.new("uint64_t[3]")
-    if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", table), h["npages"],
-                         h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size, counts) < 0:
-        _fail(path, ffi.string(lib.lm_last_op()).decode())
-    h["counts"] = tuple(counts)
+    core = _core()
+    if core is None:
+        h["counts"] = _check_table(table, h["nstored"], ws, path)
+    else:   # the same checks in C, several times faster (restore's time to return)
+        ffi, lib = core
+        counts = ffi.new("uint64_t[3]")
+        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", table), h["npages"],
+                             h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size,
+                             counts) < 0:
+            _fail(path, ffi.string(lib.lm_last_op()).decode())
+        h["counts"] = tuple(counts)
     return _Parsed(h, table, ws, man)
+
+
+def _core():
+    """(ffi, lib) of the compiled core, or None where it is not built."""
+    try:
+        from ._binding import ffi, lib
+    except ImportError:
+        return None
+    return ffi, lib
+
+
+def _check_table(table, nstored, ws, path):
+    """The page table and working set agree with each other and with the store: known classes
+    and flags, reserved bytes zero, store indices in range (and 0 on pages not stored), every
+    store entry used, working-set pages in range, listed once and flagged (no other page).
+    Returns the (untouched, zero, stored) page counts."""
+    npages = table.size
+    cls = table["cls"]
+    if cls.size and int(cls.max()) > STORED:
+        _fail(path, "page table has an unknown page class")
+    flags = table["flags"]
+    if (flags & ~np.uint8(WS_FLAG)).any() or table["reserved"].any():
+        _fail(path, "page table has unknown flags or reserved bits set")
+    if ws.size:
+        if int(ws.max()) >= npages:
+            _fail(path, "working set names a page outside the region")
+        in_ws = np.zeros(npages, bool)
+        in_ws[ws] = True
+        if int(np.count_nonzero(in_ws)) != ws.size:
+            _fail(path, "working set lists a page twice")
+    else:
+        in_ws = None
+    flagged = (flags & WS_FLAG).astype(bool)
+    if flagged.any() if in_ws is None else not np.array_equal(flagged, in_ws):
+        _fail(path, "working-set flags in the page table disagree with the working set")
+    store = table["store"]
+    stored = cls == STORED
+    if store[~stored].any():
+        _fail(path, "page table has a store index on a page that is not stored")
+    idx = store[stored]
+    if idx.size and int(idx.max()) >= nstored:
+        _fail(path, "page table points past the end of the store")
+    used = np.zeros(nstored, bool)
+    used[idx] = True
+    if not used.all():
+        _fail(path, "store has entries no page uses")
+    nzero = int(np.count_nonzero(cls == ZERO))
+    return npages - idx.size - nzero, nzero, int(idx.size)
 
 
 def _info(path, p):
@@ -281,9 +343,27 @@ def inspect_tables(path):
         os.close(fd)
 
 
+def page_sources(path):
+    """(SnapshotInfo, offsets) of a checked snapshot file, for serving its pages from another
+    process: offsets[p] is the file offset of page p's contents (page_size bytes), or -1 for
+    a page that reads as zero (zero and untouched pages). Checked as restore() checks a file;
+    needs no compiled code."""
+    fd = _open(path)
+    try:
+        p = _read(fd, os.fspath(path))
+    finally:
+        os.close(fd)
+    h, table = p.header, p.table
+    offsets = np.full(h["npages"], -1, np.int64)
+    stored = table["cls"] == STORED
+    offsets[stored] = h["store_offset"] + table["store"][stored].astype(np.int64) * h["page_size"]
+    return _info(path, p), offsets
+
+
 # ---- checkpoint --------------------------------------------------------------------------
 
 def _working_set_arg(region, working_set):
+    from ._errors import InvalidArgumentError
     if isinstance(working_set, str):
         if working_set == "auto":
             return region.working_set()
@@ -336,6 +416,9 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     machine crash soon after may leave the old snapshot or none instead of the new one.
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
     """
+    from ._binding import ffi, lib
+    from ._errors import check
+
     region._check_open()
     path = os.fspath(path)
     ws = _working_set_arg(region, working_set)
@@ -369,11 +452,11 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     h["manifest_bytes"] = len(manifest)
     h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
     tail = table_raw + ws_raw + manifest
-    h["tables_xxh3"] = lib.lm_xxh3(tail, len(tail))
+    h["tables_xxh3"] = _xxh3(tail)
     h["header_xxh3"] = 0
     raw = bytearray(header_bytes)
     _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-    h["header_xxh3"] = lib.lm_xxh3(bytes(raw[:HEADER_CHECKED]), HEADER_CHECKED)
+    h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
     _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
 
     d, base = os.path.split(os.path.abspath(path))
@@ -461,6 +544,8 @@ def restore(path, prefetch="working-set", background=True, verify=False, **regio
     poisons the page (the access raises SIGBUS) and is counted in stats()["verify_failures"].
     Other keyword arguments go to Region().
     """
+    from ._binding import PAGE_SIZE, ffi, lib
+    from ._errors import InvalidArgumentError, check
     from .region import Region
 
     if prefetch not in PREFETCH_MODES:

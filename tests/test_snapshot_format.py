@@ -394,3 +394,81 @@ def test_path_like_paths(make_region, tmp_path):
     assert plm.inspect(path).npages == 4
     with plm.restore(path, background=False) as r2:
         assert (pages(r2)[1] == 7).all()
+
+
+# ---- reading without the compiled core ----------------------------------------------------
+
+NO_CORE = """
+import json, os, sys, types
+# pylazymem/snapshot.py alone, in a package whose compiled core cannot be imported: inspect()
+# and page_sources() must not need it (the pure-ctypes page server reads snapshots with them).
+sys.modules["pylazymem._lazymem"] = None
+pkg = types.ModuleType("pylazymem")
+pkg.__path__ = [os.path.join(os.getcwd(), "pylazymem")]
+pkg.__version__ = "0.1.0"
+sys.modules["pylazymem"] = pkg
+import pylazymem.snapshot as S
+assert "pylazymem._binding" not in sys.modules
+out = {}
+for path in sys.argv[1:]:
+    try:
+        info, offsets = S.page_sources(path)
+        i2 = S.inspect(path)
+        assert i2.pages_by_class == info.pages_by_class
+        out[path] = {"ok": True, "pbc": info.pages_by_class, "offsets": offsets.tolist(),
+                     "ws": info.working_set.tolist()}
+    except S.SnapshotError as e:
+        out[path] = {"ok": False, "msg": str(e)}
+assert "pylazymem._binding" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def _no_core(run_py, *paths):
+    res = run_py(NO_CORE, prelude=False, timeout=60, args=paths)
+    assert res.returncode == 0, res.describe()
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_page_sources(make_region, rng, tmp_path, run_py):
+    r = make_region(9 * PS, max_cluster_pages=1)
+    v = pages(r)
+    A, B = random_page(rng), random_page(rng)
+    v[0] = A
+    v[2] = B
+    v[3] = 0          # zero (written)
+    v[4].sum()        # zero (read)
+    v[5] = A          # duplicate
+    v[7] = B
+    path = str(tmp_path / "s.snap")
+    plm.checkpoint(r, path, working_set=[7, 3])
+    info, offsets = plm.snapshot.page_sources(path)
+    assert offsets.dtype == np.int64 and offsets.shape == (9,)
+    assert info.pages_by_class == plm.inspect(path).pages_by_class
+    data = open(path, "rb").read()
+    for p in range(9):
+        if p in (1, 3, 4, 6, 8):
+            assert offsets[p] == -1, p
+        else:
+            assert offsets[p] % PS == 0
+            assert data[offsets[p]:offsets[p] + PS] == v[p].tobytes(), p
+    assert offsets[7] == offsets[2] == max(4096, PS)   # the working set's entry comes first
+    assert offsets[0] == offsets[5]
+    # the same without the compiled core
+    got = _no_core(run_py, path)[path]
+    assert got["ok"] and got["offsets"] == offsets.tolist() and got["ws"] == [7, 3]
+    assert got["pbc"] == info.pages_by_class
+
+
+def test_reader_without_core_rejects_what_restore_rejects(tmp_path, run_py):
+    """The numpy checks (no compiled core) reject bad tables like the C checks do."""
+    from test_snapshot_hostile import CASES, make_valid
+    valid = make_valid(str(tmp_path / "valid.snap"))
+    base = SnapFile.parse(valid)
+    paths = []
+    for name, make in CASES.items():
+        paths.append(write_file(tmp_path / (name + ".snap"), make(valid, base)))
+    out = _no_core(run_py, str(tmp_path / "valid.snap"), *paths)
+    assert out[str(tmp_path / "valid.snap")]["ok"]
+    accepted = [p for p in paths if out[p]["ok"]]
+    assert not accepted, accepted
