@@ -265,6 +265,51 @@ int lm_ws_mark(struct lm_region *r);
 long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap);
 int lm_ws_tracks_writes(struct lm_region *r);
 
+/* ---- page server (server.c, docs/page-server.md) -------------------------------------- */
+
+/* One range of a client's memory, as the client describes it (Firecracker's
+   GuestRegionUffdMapping): `size` bytes at the client's address `base`, whose contents are the
+   source's bytes from `offset`. */
+struct lm_srv_map {
+    uint64_t base;
+    uint64_t size;
+    uint64_t offset;
+};
+
+struct lm_srv_stats {
+    uint64_t faults;            /* fault messages served */
+    uint64_t pages_copied;      /* pages filled from the source (UFFDIO_COPY), readahead included */
+    uint64_t pages_zero;        /* pages filled with zeros (UFFDIO_ZEROPAGE) */
+    uint64_t removed_faults;    /* faults on ranges the client removed: served as zeros */
+    uint64_t events_remove;
+    uint64_t events_unmap;
+    uint64_t events_remap;
+    uint64_t poisoned;          /* pages that could not be served: the access raises SIGBUS */
+    uint64_t errors;
+    int last_error;             /* -errno */
+    int running;                /* 0 once the client has exited or its uffd failed */
+    uint64_t service_ns_total;
+    uint64_t service_ns_max;
+};
+
+struct lm_srv;
+
+/* Serve the faults of a client's userfaultfd on a native thread. Source page at byte `o` of
+   the source: table == NULL: src_fd's bytes at offset o (a raw memory file; past its end the
+   page is poisoned); else table[o / page_size] is the file offset of its contents, or -1 for a
+   zero page (a snapshot's store). The table is copied, src_fd duplicated. On success the
+   server owns `uffd` and `peer_pidfd` (-1: none; when it becomes readable the client has
+   exited and the thread ends). */
+int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nmaps,
+                 uint64_t page_size, int src_fd, const int64_t *table, uint64_t table_len,
+                 uint32_t max_cluster, struct lm_srv **out);
+int lm_srv_running(struct lm_srv *s);
+void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out);
+/* Stop the thread and close everything. With poison, pages the client has not received yet
+   are poisoned first, so that a client that keeps running after we are gone fails loudly
+   (SIGBUS) instead of waiting forever or, once the last uffd is closed, reading zeros. */
+void lm_srv_destroy(struct lm_srv *s, int poison);
+
 /* CDEF END */
 
 #endif

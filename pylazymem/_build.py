@@ -6,7 +6,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-CORE_SOURCES = ["errors.c", "uffd.c", "region.c", "handler.c", "snapshot.c", "wstrack.c"]
+CORE_SOURCES = ["errors.c", "uffd.c", "region.c", "handler.c", "snapshot.c", "wstrack.c",
+                "server.c"]
 
 
 def header_cdef(path=os.path.join(CSRC, "lazymem.h")):

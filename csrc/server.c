@@ -1,0 +1,503 @@
+/*
+ * server.c: serving another process's userfaultfd (the page server's native path).
+ *
+ * A client (a VMM such as Firecracker, or a pylazymem Region) creates a userfaultfd, registers
+ * its memory and passes the fd to us with a description of the ranges. One native thread per
+ * client then reads its fault messages and fills the pages from a source file: a raw memory
+ * file (the range's bytes at `offset`), or a snapshot's store through a per-page table. The
+ * faulting process is another process, so nothing here could deadlock on its GIL; the thread
+ * is native anyway so that the server's own Python code never delays a fault.
+ *
+ * Non-cooperative events: while a REMOVE/UNMAP/REMAP event is unread, the kernel refuses fills
+ * with EAGAIN. The thread that gets EAGAIN is the one that must read the event, so a fill
+ * never spins on EAGAIN: it returns, the pending messages are read and handled, and the fill
+ * is retried.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lm_internal.h"
+
+#define SRV_QUEUE 64
+#define SRV_MAX_MAPS 64
+
+struct srv_map {
+    uint64_t base, size, offset;
+    uint64_t *removed;   /* one bit per page: removed by the client, faults back as zeros */
+};
+
+struct lm_srv {
+    int uffd, pidfd, stop_fd, src_fd;
+    uint64_t ps;
+    int shift;
+    struct srv_map maps[SRV_MAX_MAPS];
+    int nmaps;
+    int64_t *table;      /* snapshot mode: file offset per source page, -1 = zero */
+    uint64_t table_len;
+    uint32_t max_cluster;
+    char *scratch;
+    pthread_t tid;
+    bool started;
+
+    /* Messages read but not yet handled (faults read while looking for events). */
+    struct uffd_msg queue[SRV_QUEUE];
+    size_t qhead, qlen;
+
+    /* Adaptive readahead: one sequential stream per client. */
+    uint64_t next_addr;
+    uint32_t cluster;
+
+    _Atomic int running;
+    _Atomic uint64_t st_faults, st_zero, st_copied, st_removed_faults, st_remove, st_unmap,
+        st_remap, st_errors, st_ns_total, st_ns_max, st_poisoned;
+    _Atomic int st_last_error;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void srv_error(struct lm_srv *s, int rc)
+{
+    atomic_fetch_add_explicit(&s->st_errors, 1, memory_order_relaxed);
+    atomic_store_explicit(&s->st_last_error, rc, memory_order_relaxed);
+}
+
+static struct srv_map *find_map(struct lm_srv *s, uint64_t addr)
+{
+    for (int i = 0; i < s->nmaps; i++)
+        if (addr >= s->maps[i].base && addr - s->maps[i].base < s->maps[i].size)
+            return &s->maps[i];
+    return NULL;
+}
+
+static bool removed(const struct srv_map *m, uint64_t page)
+{
+    return m->removed && (m->removed[page / 64] >> (page % 64) & 1);
+}
+
+/* Mark [start, end) of the client's address space removed in every map it overlaps. */
+static void mark_removed(struct lm_srv *s, uint64_t start, uint64_t end)
+{
+    for (int i = 0; i < s->nmaps; i++) {
+        struct srv_map *m = &s->maps[i];
+        uint64_t lo = start > m->base ? start : m->base;
+        uint64_t hi = end < m->base + m->size ? end : m->base + m->size;
+        if (lo >= hi)
+            continue;
+        uint64_t npages = m->size >> s->shift;
+        if (!m->removed && !(m->removed = calloc((npages + 63) / 64, 8))) {
+            srv_error(s, -ENOMEM);   /* those pages will be served from the source again */
+            continue;
+        }
+        for (uint64_t p = (lo - m->base) >> s->shift; p < (hi - m->base + s->ps - 1) >> s->shift;
+             p++)
+            m->removed[p / 64] |= (uint64_t)1 << (p % 64);
+    }
+}
+
+/* A client may move a registered range with mremap(): follow whole maps; a partial move is
+   not followed, and faults there are refused loudly (poisoned) rather than served wrongly. */
+static void remap(struct lm_srv *s, uint64_t from, uint64_t to, uint64_t len)
+{
+    struct srv_map *m = find_map(s, from);
+    if (m && m->base == from && m->size == len) {
+        m->base = to;
+        return;
+    }
+    srv_error(s, -ENOTSUP);
+}
+
+static void handle_event(struct lm_srv *s, const struct uffd_msg *msg)
+{
+    switch (msg->event) {
+    case UFFD_EVENT_REMOVE:
+        atomic_fetch_add_explicit(&s->st_remove, 1, memory_order_relaxed);
+        mark_removed(s, msg->arg.remove.start, msg->arg.remove.end);
+        break;
+    case UFFD_EVENT_UNMAP:
+        /* No fault can come from an unmapped range; a later mapping at the same address is
+           not registered with this uffd, so marking it removed is only bookkeeping. */
+        atomic_fetch_add_explicit(&s->st_unmap, 1, memory_order_relaxed);
+        mark_removed(s, msg->arg.remove.start, msg->arg.remove.end);
+        break;
+    case UFFD_EVENT_REMAP:
+        atomic_fetch_add_explicit(&s->st_remap, 1, memory_order_relaxed);
+        remap(s, msg->arg.remap.from, msg->arg.remap.to, msg->arg.remap.len);
+        break;
+    case UFFD_EVENT_FORK:
+        /* The kernel installed a uffd for the child in our process; we do not serve forked
+           children (the child's registered ranges then behave as plain memory). */
+        close((int)msg->arg.fork.ufd);
+        srv_error(s, -ENOTSUP);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Read whatever the uffd holds now (never blocks); events are handled at once, faults queued.
+   Returns -ENOENT-like codes only for a dead uffd. */
+static int drain(struct lm_srv *s)
+{
+    for (;;) {
+        size_t room = SRV_QUEUE - s->qlen;
+        if (room == 0)
+            return 0;
+        struct uffd_msg buf[SRV_QUEUE];
+        ssize_t got = read(s->uffd, buf, room * sizeof(buf[0]));
+        if (got < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : -errno;
+        for (size_t i = 0; i < (size_t)got / sizeof(buf[0]); i++) {
+            if (buf[i].event == UFFD_EVENT_PAGEFAULT)
+                s->queue[(s->qhead + s->qlen++) % SRV_QUEUE] = buf[i];
+            else
+                handle_event(s, &buf[i]);
+        }
+    }
+}
+
+/* One fill ioctl; EEXIST pages are stepped over (another path filled them, or the client
+   wrote them after a REMOVE we have not read yet: either way not ours to overwrite). */
+static int fill(struct lm_srv *s, bool zero, uint64_t dst, const char *src, uint64_t len)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        int err;
+        int64_t progress;
+        if (zero) {
+            struct uffdio_zeropage z = {.range = {.start = dst + done, .len = len - done}};
+            err = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
+            progress = err ? z.zeropage : (int64_t)(len - done);
+        } else {
+            struct uffdio_copy c = {.dst = dst + done, .src = (uintptr_t)(src + done),
+                                    .len = len - done};
+            err = ioctl(s->uffd, UFFDIO_COPY, &c) == 0 ? 0 : errno;
+            progress = err ? c.copy : (int64_t)(len - done);
+        }
+        if (progress > 0)
+            done += (uint64_t)progress;
+        if (!err)
+            continue;
+        if (err == EEXIST) {
+            done += s->ps;
+            continue;
+        }
+        return -err;   /* EAGAIN (events pending), ENOENT/ESRCH (client gone), real errors */
+    }
+    return 0;
+}
+
+/* Where the source page at byte `o` of the source comes from: file offset, or -1 (zero), or
+   -2 (outside the source: cannot be served). */
+static int64_t source_of(struct lm_srv *s, uint64_t o)
+{
+    if (!s->table)
+        return (int64_t)o;
+    uint64_t i = o >> s->shift;
+    return i < s->table_len ? s->table[i] : -2;
+}
+
+static void poison(struct lm_srv *s, uint64_t addr, int rc)
+{
+    srv_error(s, rc);
+    atomic_fetch_add_explicit(&s->st_poisoned, 1, memory_order_relaxed);
+    struct uffdio_poison p = {.range = {.start = addr, .len = s->ps}};
+    if (ioctl(s->uffd, UFFDIO_POISON, &p) < 0 && errno != EEXIST) {
+        /* Without UFFDIO_POISON (kernel < 6.6) the faulter cannot be failed from here;
+           the error count says why it waits. */
+    }
+}
+
+/*
+ * Serve one fault: the faulting page plus, for a sequential stream, following pages of the
+ * same kind (zero, or consecutive in the file) inside the same map and not removed.
+ * Returns 0, or -EAGAIN when events must be read first.
+ */
+static int serve(struct lm_srv *s, uint64_t addr)
+{
+    struct srv_map *m = find_map(s, addr);
+    if (!m) {
+        poison(s, addr, -EFAULT);   /* not a range we were given: never leave it waiting */
+        return 0;
+    }
+    uint64_t page = (addr - m->base) >> s->shift;
+    if (removed(m, page)) {
+        int rc = fill(s, true, addr, NULL, s->ps);
+        if (rc == 0)
+            atomic_fetch_add_explicit(&s->st_removed_faults, 1, memory_order_relaxed);
+        return rc;
+    }
+    int64_t src = source_of(s, m->offset + (addr - m->base));
+    if (src == -2) {
+        poison(s, addr, -ERANGE);
+        return 0;
+    }
+    uint32_t want = 1;
+    if (addr == s->next_addr)
+        want = s->cluster * 2 < s->max_cluster ? s->cluster * 2 : s->max_cluster;
+    uint64_t n = 1;
+    uint64_t left = (m->size >> s->shift) - page;
+    while (n < want && n < left && !removed(m, page + n)) {
+        int64_t nx = source_of(s, m->offset + (addr - m->base) + n * s->ps);
+        if (src == -1 ? nx != -1 : nx != src + (int64_t)(n * s->ps))
+            break;
+        n++;
+    }
+    int rc;
+    if (src == -1) {
+        rc = fill(s, true, addr, NULL, n * s->ps);
+        if (rc == 0)
+            atomic_fetch_add_explicit(&s->st_zero, n, memory_order_relaxed);
+    } else {
+        ssize_t got = pread(s->src_fd, s->scratch, n * s->ps, src);
+        if (got < (ssize_t)s->ps) {
+            poison(s, addr, got < 0 ? -errno : -ENODATA);   /* past the end of the file */
+            return 0;
+        }
+        n = (uint64_t)got >> s->shift;   /* a short read: serve what is there */
+        rc = fill(s, false, addr, s->scratch, n * s->ps);
+        if (rc == 0)
+            atomic_fetch_add_explicit(&s->st_copied, n, memory_order_relaxed);
+    }
+    if (rc == 0) {
+        s->next_addr = addr + n * s->ps;
+        s->cluster = want;
+    } else if (rc != -EAGAIN && rc != -ENOENT && rc != -ESRCH) {
+        poison(s, addr, rc);
+        rc = 0;
+    }
+    return rc == -EAGAIN ? rc : 0;
+}
+
+static void *srv_main(void *arg)
+{
+    struct lm_srv *s = arg;
+    struct pollfd pfd[3] = {{.fd = s->uffd, .events = POLLIN},
+                            {.fd = s->stop_fd, .events = POLLIN},
+                            {.fd = s->pidfd, .events = POLLIN}};
+    int npfd = s->pidfd >= 0 ? 3 : 2;
+    for (;;) {
+        while (s->qlen) {
+            struct uffd_msg *msg = &s->queue[s->qhead];
+            uint64_t t0 = now_ns();
+            int rc = serve(s, msg->arg.pagefault.address & ~(s->ps - 1));
+            if (rc == -EAGAIN) {
+                rc = drain(s);   /* read the event that blocks the fill, then retry */
+                if (rc < 0) {
+                    srv_error(s, rc);
+                    goto out;
+                }
+                continue;
+            }
+            s->qhead = (s->qhead + 1) % SRV_QUEUE;
+            s->qlen--;
+            uint64_t ns = now_ns() - t0;
+            atomic_fetch_add_explicit(&s->st_faults, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&s->st_ns_total, ns, memory_order_relaxed);
+            if (ns > atomic_load_explicit(&s->st_ns_max, memory_order_relaxed))
+                atomic_store_explicit(&s->st_ns_max, ns, memory_order_relaxed);
+        }
+        if (poll(pfd, npfd, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            srv_error(s, -errno);
+            break;
+        }
+        if (pfd[1].revents)
+            break;   /* lm_srv_destroy */
+        if (pfd[0].revents & POLLIN) {
+            int rc = drain(s);
+            if (rc < 0) {
+                srv_error(s, rc);
+                break;
+            }
+            continue;   /* serve what was read before looking at the client's liveness */
+        }
+        if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            srv_error(s, -EBADF);
+            break;
+        }
+        if (npfd == 3 && pfd[2].revents)
+            break;   /* the client process has exited: nothing will fault again */
+    }
+out:
+    atomic_store(&s->running, 0);
+    return NULL;
+}
+
+int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nmaps,
+                 uint64_t page_size, int src_fd, const int64_t *table, uint64_t table_len,
+                 uint32_t max_cluster, struct lm_srv **out)
+{
+    *out = NULL;
+    if (nmaps < 1 || nmaps > SRV_MAX_MAPS)
+        return lm_fail("page server: 1 to 64 memory ranges per client", EINVAL);
+    if (page_size != (uint64_t)lm_page_size())
+        return lm_fail("page server: page_size differs from this machine's", EINVAL);
+    for (int i = 0; i < nmaps; i++) {
+        if ((maps[i].base | maps[i].size | maps[i].offset) & (page_size - 1) || !maps[i].size ||
+            maps[i].base + maps[i].size < maps[i].base)
+            return lm_fail("page server: range not page aligned or empty", EINVAL);
+        for (int j = 0; j < i; j++)
+            if (maps[i].base < maps[j].base + maps[j].size &&
+                maps[j].base < maps[i].base + maps[i].size)
+                return lm_fail("page server: ranges overlap", EINVAL);
+    }
+    if (max_cluster == 0)
+        max_cluster = LM_DEFAULT_CLUSTER;
+    if (max_cluster > LM_MAX_CLUSTER)
+        max_cluster = LM_MAX_CLUSTER;
+
+    struct lm_srv *s = calloc(1, sizeof(*s));
+    if (!s)
+        return lm_fail("calloc", ENOMEM);
+    s->uffd = s->pidfd = s->stop_fd = s->src_fd = -1;
+    s->ps = page_size;
+    s->shift = __builtin_ctzll(page_size);
+    s->max_cluster = max_cluster;
+    s->cluster = 1;
+    s->next_addr = UINT64_MAX;
+    int rc;
+    for (int i = 0; i < nmaps; i++) {
+        s->maps[i].base = maps[i].base;
+        s->maps[i].size = maps[i].size;
+        s->maps[i].offset = maps[i].offset;
+    }
+    s->nmaps = nmaps;
+    if (table) {
+        if (!(s->table = malloc(table_len * sizeof(int64_t) + 1))) {
+            rc = lm_fail("malloc(page table)", ENOMEM);
+            goto fail;
+        }
+        memcpy(s->table, table, table_len * sizeof(int64_t));
+        s->table_len = table_len;
+    }
+    if (!(s->scratch = malloc((size_t)max_cluster * page_size))) {
+        rc = lm_fail("malloc(scratch)", ENOMEM);
+        goto fail;
+    }
+    if ((s->stop_fd = eventfd(0, EFD_CLOEXEC)) < 0) {
+        rc = LM_FAIL("eventfd");
+        goto fail;
+    }
+    if ((s->src_fd = fcntl(src_fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        rc = LM_FAIL("fcntl(F_DUPFD_CLOEXEC, source)");
+        goto fail;
+    }
+    /* poll() on a blocking uffd reports POLLERR: the client may have made it blocking. The
+       flag lives in the shared file description; the client does not read from it. */
+    int fl = fcntl(uffd, F_GETFL);
+    if (fl < 0 || fcntl(uffd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        rc = LM_FAIL("fcntl(uffd, O_NONBLOCK)");
+        goto fail;
+    }
+    s->uffd = uffd;
+    s->pidfd = peer_pidfd;
+    atomic_store(&s->running, 1);
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);   /* signals belong to Python's main thread */
+    int err = pthread_create(&s->tid, NULL, srv_main, s);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    if (err) {
+        s->uffd = s->pidfd = -1;   /* ownership passes only on success */
+        rc = lm_fail("pthread_create(page server)", err);
+        goto fail;
+    }
+    s->started = true;
+    *out = s;
+    return 0;
+fail:
+    lm_srv_destroy(s, 0);
+    return rc;
+}
+
+int lm_srv_running(struct lm_srv *s)
+{
+    return atomic_load(&s->running);
+}
+
+void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->faults = atomic_load(&s->st_faults);
+    out->pages_copied = atomic_load(&s->st_copied);
+    out->pages_zero = atomic_load(&s->st_zero);
+    out->removed_faults = atomic_load(&s->st_removed_faults);
+    out->events_remove = atomic_load(&s->st_remove);
+    out->events_unmap = atomic_load(&s->st_unmap);
+    out->events_remap = atomic_load(&s->st_remap);
+    out->poisoned = atomic_load(&s->st_poisoned);
+    out->errors = atomic_load(&s->st_errors);
+    out->last_error = atomic_load(&s->st_last_error);
+    out->service_ns_total = atomic_load(&s->st_ns_total);
+    out->service_ns_max = atomic_load(&s->st_ns_max);
+    out->running = atomic_load(&s->running);
+}
+
+/* Poison every page of the maps that is still missing: EEXIST marks a present page, which
+   is stepped over. Stops early once the client's memory is gone. */
+static void poison_missing(struct lm_srv *s)
+{
+    for (int i = 0; i < s->nmaps; i++) {
+        uint64_t a = s->maps[i].base, end = a + s->maps[i].size;
+        while (a < end) {
+            struct uffdio_poison p = {.range = {.start = a, .len = end - a}};
+            if (ioctl(s->uffd, UFFDIO_POISON, &p) == 0)
+                break;
+            int err = errno;
+            if (p.updated > 0)
+                a += (uint64_t)p.updated;
+            if (err == EEXIST)
+                a += s->ps;
+            else if (err != EAGAIN)
+                return;   /* ENOENT/ESRCH: the client has gone; anything else: nothing to do */
+            else {
+                s->qlen = 0;   /* queued faults: their pages get poisoned here, which wakes them */
+                drain(s);      /* read the pending event, then go on */
+            }
+        }
+    }
+}
+
+void lm_srv_destroy(struct lm_srv *s, int poison)
+{
+    if (!s)
+        return;
+    if (s->started) {
+        uint64_t one = 1;
+        if (write(s->stop_fd, &one, sizeof(one)) < 0) {
+            /* an eventfd below its maximum always takes it */
+        }
+        pthread_join(s->tid, NULL);
+        if (poison && s->uffd >= 0)
+            poison_missing(s);
+    }
+    for (int i = 0; i < s->nmaps; i++)
+        free(s->maps[i].removed);
+    if (s->uffd >= 0)
+        close(s->uffd);
+    if (s->pidfd >= 0)
+        close(s->pidfd);
+    if (s->stop_fd >= 0)
+        close(s->stop_fd);
+    if (s->src_fd >= 0)
+        close(s->src_fd);
+    free(s->table);
+    free(s->scratch);
+    free(s);
+}

@@ -1,0 +1,788 @@
+"""The page server: serving other processes' memory through userfaultfd.
+
+A client (Firecracker's VMM, a pylazymem Region, any program) creates a userfaultfd, registers
+its memory and sends the fd over a Unix socket together with a JSON description of the ranges,
+in the layout Firecracker sends to its page-fault handler (docs/page-server.md):
+
+    [{"base_host_virt_addr": 140234..., "size": 1073741824, "offset": 0, "page_size": 4096}]
+
+The server answers the client's faults from one source: a raw memory file (a range's bytes are
+the file's bytes at `offset`), a pylazymem snapshot (offset 0 is the snapshot region's first
+byte), or a Python page provider (a callable returning a page's bytes). Faults are served by a
+native thread per client where the C core is available (backend "cffi") and the source is a
+file; a provider, or the ctypes backend, is served by a Python thread per client. That is safe
+here and only here: the faulting threads belong to another process, so they cannot hold our GIL.
+
+Clients are checked with SO_PEERCRED (default: only our own uid); the socket is created 0600.
+Each client's process is watched with a pidfd, so its serving thread ends when it exits.
+"""
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from typing import Callable, Dict, List, Optional
+
+from ._uffd_errors import InvalidRangeError, LazyMemError, UffdError, UnavailableError
+
+log = logging.getLogger("pylazymem.server")
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MAX_MESSAGE = 64 * 1024     # the mappings JSON: Firecracker's handlers read into a few KiB
+MAX_MAPPINGS = 64
+HANDSHAKE_TIMEOUT = 5.0     # seconds a connected client has to send its fd and mappings
+ENGINES = ("auto", "c", "python")
+
+# Our own clients add this key to each mapping: they keep their uffd and watch the server, so
+# the server must not poison their missing pages when it stops (they take over or fail loudly
+# themselves). Firecracker ignores unknown keys in what it sends, we ignore them in what we get.
+WATCHES_KEY = "pylazymem_watches_server"
+
+
+class ProtocolError(LazyMemError, ValueError):
+    """A client sent something that is not a valid handshake (the message says what)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One registered range of a client, as Firecracker's GuestRegionUffdMapping describes it."""
+    base_host_virt_addr: int
+    size: int
+    offset: int
+    page_size: int
+
+
+def _int_field(obj, key, i):
+    v = obj.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64:
+        raise ProtocolError("mapping %d: %r must be an unsigned 64-bit integer, got %r"
+                            % (i, key, v))
+    return v
+
+
+def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
+    """The mappings of a handshake message; raises ProtocolError with the reason.
+
+    Returns (mappings, watches_server). Accepts every layout Firecracker has sent: `page_size`
+    (bytes), the older `page_size_kib` (also bytes), or neither (base pages); unknown keys are
+    ignored. Every range must be page aligned, non-empty and not overlap another."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("the handshake is not UTF-8 JSON: %s" % e) from None
+    if not isinstance(doc, list) or not doc:
+        raise ProtocolError("the handshake must be a non-empty JSON array of mappings "
+                            "(base_host_virt_addr, size, offset, page_size)")
+    if len(doc) > MAX_MAPPINGS:
+        raise ProtocolError("%d mappings: at most %d are accepted" % (len(doc), MAX_MAPPINGS))
+    maps, watches = [], False
+    for i, m in enumerate(doc):
+        if not isinstance(m, dict):
+            raise ProtocolError("mapping %d is not a JSON object" % i)
+        if "page_size" in m:
+            ps = _int_field(m, "page_size", i)
+        elif "page_size_kib" in m:
+            # Despite its name, Firecracker has always sent bytes here (docs/page-server.md).
+            ps = _int_field(m, "page_size_kib", i)
+        else:
+            ps = page_size   # Firecracker 1.1 to 1.6 sent no page size: base pages
+        if ps != page_size:
+            raise ProtocolError("mapping %d: page size %d, this server serves %d-byte pages "
+                                "(huge pages are not supported)" % (i, ps, page_size))
+        mp = Mapping(_int_field(m, "base_host_virt_addr", i), _int_field(m, "size", i),
+                     _int_field(m, "offset", i), ps)
+        if not mp.size or (mp.base_host_virt_addr | mp.size | mp.offset) % ps:
+            raise ProtocolError("mapping %d: address, size and offset must be multiples of "
+                                "the page size and size > 0" % i)
+        if mp.base_host_virt_addr + mp.size > 1 << 64:
+            raise ProtocolError("mapping %d wraps around the address space" % i)
+        for j, o in enumerate(maps):
+            if (mp.base_host_virt_addr < o.base_host_virt_addr + o.size
+                    and o.base_host_virt_addr < mp.base_host_virt_addr + mp.size):
+                raise ProtocolError("mappings %d and %d overlap" % (j, i))
+        watches |= m.get(WATCHES_KEY) is True
+        maps.append(mp)
+    return maps, watches
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: where a page's bytes come from, by its offset in the source.
+# ---------------------------------------------------------------------------------------------
+class _FileSource:
+    """A raw memory file: source offset o is the file's byte o (Firecracker's mem file)."""
+    kind = "memory-file"
+    table = None
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise InvalidRangeError("%s is not a regular file" % self.path)
+        self.nbytes = st.st_size
+        self.identity = {"kind": self.kind, "path": self.path, "bytes": self.nbytes}
+
+    def page(self, offset):
+        data = os.pread(self.fd, PAGE_SIZE, offset)
+        if len(data) != PAGE_SIZE:
+            raise EOFError("offset %d is past the end of %s (%d bytes)"
+                           % (offset, self.path, self.nbytes))
+        return data
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _SnapshotSource(_FileSource):
+    """A pylazymem snapshot: source page i is the snapshot region's page i."""
+    kind = "snapshot"
+
+    def __init__(self, path):
+        import numpy as np
+
+        from .snapshot import page_sources
+
+        super().__init__(path)
+        try:
+            info, offsets = page_sources(path)
+            st = os.fstat(self.fd)
+            if st.st_size != info.file_bytes or os.stat(self.path).st_ino != st.st_ino:
+                raise InvalidRangeError("%s changed while it was being opened" % self.path)
+            if info.page_size != PAGE_SIZE:
+                raise InvalidRangeError("%s has %d-byte pages; this machine's are %d"
+                                        % (self.path, info.page_size, PAGE_SIZE))
+        except BaseException:
+            self.close()
+            raise
+        self.table = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.nbytes = len(self.table) * PAGE_SIZE
+        # What a client restoring the same snapshot compares (restore(server=...)).
+        self.identity = {"kind": self.kind, "path": self.path, "bytes": self.nbytes,
+                         "dev": st.st_dev, "ino": st.st_ino, "file_bytes": st.st_size}
+
+    def page(self, offset):
+        i = offset // PAGE_SIZE
+        if i >= len(self.table):
+            raise EOFError("offset %d is past the snapshot's %d pages" % (offset, len(self.table)))
+        at = int(self.table[i])
+        return None if at < 0 else super().page(at)
+
+
+class _ProviderSource:
+    """A Python callable: provider(offset) -> bytes-like of one page, or None for zeros."""
+    kind = "provider"
+    fd = -1
+    table = None
+
+    def __init__(self, provider):
+        if not callable(provider):
+            raise TypeError("provider must be callable: provider(offset) -> bytes or None")
+        self.provider = provider
+        self.identity = {"kind": self.kind, "name": getattr(provider, "__name__", repr(provider))}
+
+    def page(self, offset):
+        data = self.provider(offset)
+        if data is None:
+            return None
+        mv = memoryview(data).cast("B")
+        if mv.nbytes != PAGE_SIZE:
+            raise ValueError("provider returned %d bytes for offset %d; a page is %d"
+                             % (mv.nbytes, offset, PAGE_SIZE))
+        return mv
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+_SRV_STAT_FIELDS = ("faults", "pages_copied", "pages_zero", "removed_faults", "events_remove",
+                    "events_unmap", "events_remap", "poisoned", "errors", "last_error",
+                    "service_ns_total", "service_ns_max")
+
+
+class Client:
+    """One connected client: its credentials, ranges and serving engine."""
+
+    def __init__(self, pid, uid, gid, mappings, watches, engine):
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.mappings: List[Mapping] = mappings
+        self.watches_server = watches
+        self.engine = engine
+        self.connected_at = time.time()
+        self._c = None           # C engine: struct lm_srv *
+        self._thread = None      # Python engine
+        self._py_stats = dict.fromkeys(_SRV_STAT_FIELDS, 0)
+        self._stop_r = self._stop_w = -1
+
+    @property
+    def alive(self) -> bool:
+        if self._c is not None:
+            from ._binding import lib
+            return bool(lib.lm_srv_running(self._c))
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> Dict[str, int]:
+        if self._c is not None:
+            from ._binding import ffi, lib
+            st = ffi.new("struct lm_srv_stats *")
+            lib.lm_srv_stats(self._c, st)
+            d = {k: int(getattr(st, k)) for k in _SRV_STAT_FIELDS}
+        else:
+            d = dict(self._py_stats)
+        d["running"] = int(self.alive)
+        return d
+
+    def __repr__(self):
+        return "<pylazymem.server.Client pid=%d uid=%d engine=%s ranges=%d %s>" % (
+            self.pid, self.uid, self.engine, len(self.mappings),
+            "alive" if self.alive else "gone")
+
+
+def _complete_json(data):
+    """False only for a prefix of a JSON document (more bytes may come); True for a whole
+    document and for anything malformed before its end (the parser then says what)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(data) - 3   # a multi-byte character may be cut at the end
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.pos < len(text.rstrip())
+    return True
+
+
+def _peer_credentials(conn):
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid
+
+
+def _is_userfaultfd(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
+
+
+class _PyEngine:
+    """Serve one client in a Python thread with the ctypes binding (pylazymem.uffd)."""
+
+    def __init__(self, client, uffd_fd, pidfd, source):
+        from .uffd import Userfaultfd
+
+        self.client, self.source = client, source
+        self.uffd = Userfaultfd(uffd_fd)
+        self.uffd.eagain_timeout = 0        # EAGAIN: events are pending, and we must read them
+        # poll() on a blocking uffd reports POLLERR; the flag is the shared file description's
+        # and the client does not read from it.
+        fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fcntl.fcntl(uffd_fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.pidfd = pidfd
+        self.removed = [set() for _ in client.mappings]   # removed page numbers per mapping
+        self.bases = [m.base_host_virt_addr for m in client.mappings]
+        client._stop_r, client._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.pending = deque()
+
+    def _find(self, addr):
+        for i, m in enumerate(self.client.mappings):
+            if self.bases[i] <= addr < self.bases[i] + m.size:
+                return i, m
+        return None, None
+
+    def _event(self, ev):
+        from . import uffd as U
+
+        st = self.client._py_stats
+        if isinstance(ev, (U.Remove, U.Unmap)):
+            st["events_remove" if isinstance(ev, U.Remove) else "events_unmap"] += 1
+            for i, m in enumerate(self.client.mappings):
+                lo, hi = max(ev.start, self.bases[i]), min(ev.end, self.bases[i] + m.size)
+                if lo < hi:
+                    self.removed[i].update(range((lo - self.bases[i]) // PAGE_SIZE,
+                                                 (hi - self.bases[i] + PAGE_SIZE - 1)
+                                                 // PAGE_SIZE))
+        elif isinstance(ev, U.Remap):
+            st["events_remap"] += 1
+            i, m = self._find(ev.from_)
+            if m is not None and self.bases[i] == ev.from_ and m.size == ev.len:
+                self.bases[i] = ev.to
+            else:
+                self._error(-errno.ENOTSUP, "partial mremap of a served range is not followed")
+        elif isinstance(ev, U.Fork):
+            os.close(ev.ufd)
+            self._error(-errno.ENOTSUP, "forked children are not served")
+
+    def _read(self):
+        from . import uffd as U
+
+        for ev in self.uffd.read_events(max=64):
+            if isinstance(ev, U.PageFault):
+                self.pending.append(ev)
+            else:
+                self._event(ev)
+
+    def _error(self, rc, why):
+        st = self.client._py_stats
+        st["errors"] += 1
+        st["last_error"] = rc
+        log.warning("client pid %d: %s", self.client.pid, why)
+
+    def _poison(self, addr, rc, why):
+        self._error(rc, why)
+        self.client._py_stats["poisoned"] += 1
+        try:
+            self.uffd.poison(addr, PAGE_SIZE)
+        except UffdError as e:
+            log.warning("client pid %d: cannot poison %#x: %s", self.client.pid, addr, e)
+
+    def _serve(self, addr):
+        """Fill one page; raises UffdError(EAGAIN) when events must be read first."""
+        st = self.client._py_stats
+        i, m = self._find(addr)
+        if m is None:
+            return self._poison(addr, -errno.EFAULT, "fault at %#x outside every range" % addr)
+        page = (addr - self.bases[i]) // PAGE_SIZE
+        if page in self.removed[i]:
+            self.uffd.zeropage(addr, PAGE_SIZE)
+            st["removed_faults"] += 1
+            return
+        offset = m.offset + page * PAGE_SIZE
+        try:
+            data = self.source.page(offset)
+        except Exception as e:   # a provider's bug must fail the access loudly, not hang it
+            return self._poison(addr, -errno.EIO, "page at source offset %d: %s: %s"
+                                % (offset, type(e).__name__, e))
+        if data is None:
+            self.uffd.zeropage(addr, PAGE_SIZE)
+            st["pages_zero"] += 1
+        else:
+            self.uffd.copy(addr, data, PAGE_SIZE)
+            st["pages_copied"] += 1
+
+    def run(self):
+        st = self.client._py_stats
+        poller = select.poll()
+        poller.register(self.uffd.fileno(), select.POLLIN)
+        poller.register(self.client._stop_r, select.POLLIN)
+        if self.pidfd >= 0:
+            poller.register(self.pidfd, select.POLLIN)
+        try:
+            while True:
+                while self.pending:
+                    ev = self.pending[0]
+                    t0 = time.monotonic_ns()
+                    try:
+                        self._serve(ev.address & ~(PAGE_SIZE - 1))
+                    except UffdError as e:
+                        if e.errno == errno.EAGAIN:
+                            self._read()          # the event that blocks the fill; then retry
+                            continue
+                        if e.errno in (errno.ENOENT, errno.ESRCH):
+                            pass                  # the range or the client went away
+                        else:
+                            self._poison(ev.address & ~(PAGE_SIZE - 1), -e.errno, str(e))
+                    self.pending.popleft()
+                    ns = time.monotonic_ns() - t0
+                    st["faults"] += 1
+                    st["service_ns_total"] += ns
+                    st["service_ns_max"] = max(st["service_ns_max"], ns)
+                ready = dict(poller.poll())
+                if self.client._stop_r in ready:
+                    return
+                if self.uffd.fileno() in ready:
+                    if ready[self.uffd.fileno()] & select.POLLIN:
+                        self._read()
+                        continue
+                    self._error(-errno.EBADF, "the userfaultfd reported an error")
+                    return
+                if self.pidfd in ready:
+                    return      # the client has exited
+        except Exception as e:   # never die silently: the client would wait forever
+            self._error(-errno.EIO, "serving thread failed: %s: %s" % (type(e).__name__, e))
+            raise
+
+    def close(self, poison):
+        if poison and not self.uffd.closed:
+            for i, m in enumerate(self.client.mappings):
+                try:
+                    self.uffd.poison(self.bases[i], m.size)
+                except UffdError:
+                    pass
+        self.uffd.close()
+        for fd in (self.pidfd, self.client._stop_r, self.client._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.client._stop_r = self.client._stop_w = -1
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+class PageServer:
+    """Serve page faults of other processes, received over a Unix socket.
+
+    Exactly one of `snapshot`, `memory_file`, `provider`. `allow_uids`: the uids that may
+    connect (default: only ours). `engine`: "c" (native serving threads; file sources, cffi
+    backend), "python" (a Python thread per client through pylazymem.uffd; needed for a
+    provider), or "auto". Use as a context manager, or start()/stop(); serve_forever() blocks.
+    """
+
+    def __init__(self, socket_path, *, snapshot=None, memory_file=None, provider=None,
+                 allow_uids=None, engine="auto", max_cluster_pages=None):
+        given = [x is not None for x in (snapshot, memory_file, provider)]
+        if sum(given) != 1:
+            raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
+        if engine not in ENGINES:
+            raise ValueError("engine must be one of %s, got %r" % (", ".join(ENGINES), engine))
+        self.path = os.fspath(socket_path)
+        self.allow_uids = frozenset([os.getuid()] if allow_uids is None else
+                                    [int(u) for u in allow_uids])
+        self.max_cluster_pages = int(max_cluster_pages or 0)
+        have_core = _have_core()
+        if provider is not None:
+            if engine == "c":
+                raise ValueError("a Python page provider is served by the python engine; "
+                                 "engine='c' serves files only")
+            self.engine = "python"
+        elif engine == "c" and not have_core:
+            raise UnavailableError(errno.ENOSYS, "engine='c' needs the C core (backend cffi); "
+                                   "this process uses the ctypes backend")
+        else:
+            self.engine = "c" if engine in ("auto", "c") and have_core else "python"
+        if snapshot is not None:
+            self.source = _SnapshotSource(snapshot)
+        elif memory_file is not None:
+            self.source = _FileSource(memory_file)
+        else:
+            self.source = _ProviderSource(provider)
+        self._clients: List[Client] = []
+        self._engines: Dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._sock: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._stopped = False
+        self._finished = dict.fromkeys(_SRV_STAT_FIELDS, 0)   # counters of clients gone
+        self._served = 0
+        self.refused = 0
+
+    # -- lifetime -------------------------------------------------------------------------
+    def _bind(self):
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(errno.EEXIST, "%s exists and is not a socket; not "
+                                      "replacing it" % self.path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+                raise FileExistsError(errno.EADDRINUSE, "a server is already listening on %s"
+                                      % self.path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(self.path)   # a stale socket left by a server that died
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The mode of the socket inode is what bind() gives the path (masked by the umask):
+        # set 0600 before bind, so there is no moment at which the path is more open.
+        os.fchmod(s.fileno(), 0o600)
+        s.bind(self.path)
+        s.listen(16)
+        self._sock_ino = os.stat(self.path).st_ino   # to remove our socket, never a successor's
+        return s
+
+    def start(self):
+        if self._thread is not None:
+            return self
+        self._sock = self._bind()
+        self._thread = threading.Thread(target=self._accept_loop, name="pylazymem-server",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self):
+        self.start()
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def stop(self, poison=None):
+        """Stop accepting, stop serving, remove the socket. Clients still running lose their
+        server: with poison (default: for clients that do not watch the server themselves),
+        their pages not yet received are poisoned so that touching them raises SIGBUS instead
+        of waiting forever or reading zeros."""
+        if self._stopped:
+            return
+        self._stopped = True
+        os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            self._end_client(c, poison)
+        if self._sock is not None:
+            try:
+                if os.lstat(self.path).st_ino == self._sock_ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._sock.close()
+        self.source.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- observation ----------------------------------------------------------------------
+    @property
+    def clients(self) -> List[Client]:
+        with self._lock:
+            return list(self._clients)
+
+    def stats(self) -> Dict[str, int]:
+        """Counters summed over every client served so far (gone ones included); "clients"
+        is the number of clients served, "clients_alive" of those still connected."""
+        with self._lock:
+            clients = list(self._clients)
+            total = dict(self._finished)
+        for c in clients:
+            _add_stats(total, c.stats())
+        total["clients"] = self._served
+        total["clients_alive"] = sum(c.alive for c in clients)
+        total["refused"] = self.refused
+        return total
+
+    # -- serving --------------------------------------------------------------------------
+    def _accept_loop(self):
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = dict(poller.poll(500))
+            if self._stop_r in ready:
+                return
+            self._reap()
+            if self._sock.fileno() not in ready:
+                continue
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as e:
+                log.warning("accept: %s", e)
+                continue
+            with conn:
+                try:
+                    self._handshake(conn)
+                except Exception as e:   # one bad client must not stop the server
+                    self.refused += 1
+                    log.warning("client refused: %s", e)
+                    _reply(conn, {"ok": False, "error": str(e)})
+
+    def _reap(self):
+        with self._lock:
+            gone = [c for c in self._clients if not c.alive]
+        for c in gone:
+            st = c.stats()
+            self._end_client(c, False)
+            with self._lock:
+                self._clients.remove(c)
+                _add_stats(self._finished, st)
+
+    def _handshake(self, conn):
+        pid, uid, gid = _peer_credentials(conn)
+        conn.settimeout(HANDSHAKE_TIMEOUT)
+        msg, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("handshake truncated (more than 4 fds)")
+            # One recvmsg returns Firecracker's whole message in practice, but a stream socket
+            # promises no boundaries: read on until the JSON is complete (never until EOF: the
+            # VMM keeps the connection open).
+            while msg and not _complete_json(msg):
+                if len(msg) >= MAX_MESSAGE:
+                    raise ProtocolError("handshake longer than %d bytes" % MAX_MESSAGE)
+                more = conn.recv(MAX_MESSAGE - len(msg))
+                if not more:
+                    break
+                msg += more
+            # Refused only now, after its message is read: the client then gets our answer
+            # instead of a broken pipe in the middle of its send.
+            if uid not in self.allow_uids:
+                raise PermissionError("pid %d runs as uid %d, which may not use this server "
+                                      "(allowed: %s)" % (pid, uid, sorted(self.allow_uids)))
+            if len(fds) != 1:
+                raise ProtocolError("expected one userfaultfd with the mappings, got %d fds"
+                                    % len(fds))
+            if not _is_userfaultfd(fds[0]):
+                raise ProtocolError("the fd sent is not a userfaultfd")
+            maps, watches = parse_mappings(msg)
+            pidfd = os.pidfd_open(pid)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        client = Client(pid, uid, gid, maps, watches, self.engine)
+        try:
+            self._start_engine(client, fds[0], pidfd)
+        except BaseException:
+            os.close(pidfd)
+            os.close(fds[0])
+            raise
+        with self._lock:
+            self._clients.append(client)
+            self._served += 1
+        log.info("serving pid %d (uid %d): %d ranges, %s engine", pid, uid, len(maps),
+                 self.engine)
+        _reply(conn, {"ok": True, "server_pid": os.getpid(), "engine": self.engine,
+                      "source": self.source.identity})
+
+    def _start_engine(self, client, uffd_fd, pidfd):
+        if self.engine == "c":
+            from ._binding import ffi, lib
+            from ._errors import check
+
+            maps = ffi.new("struct lm_srv_map[]", len(client.mappings))
+            for i, m in enumerate(client.mappings):
+                maps[i].base, maps[i].size, maps[i].offset = (m.base_host_virt_addr, m.size,
+                                                               m.offset)
+            table = self.source.table
+            tptr = ffi.NULL if table is None else ffi.from_buffer("int64_t[]", table)
+            out = ffi.new("struct lm_srv **")
+            check(lib.lm_srv_start(uffd_fd, pidfd, maps, len(client.mappings), PAGE_SIZE,
+                                   self.source.fd, tptr, 0 if table is None else len(table),
+                                   self.max_cluster_pages, out), "page server")
+            client._c = out[0]
+        else:
+            eng = _PyEngine(client, uffd_fd, pidfd, self.source)
+            client._thread = threading.Thread(target=eng.run, daemon=True,
+                                              name="pylazymem-serve-%d" % client.pid)
+            self._engines[id(client)] = eng
+            client._thread.start()
+
+    def _end_client(self, c, poison):
+        if poison is None:
+            poison = not c.watches_server
+        if c._c is not None:
+            from ._binding import lib
+            lib.lm_srv_destroy(c._c, bool(poison) and lib.lm_srv_running(c._c))
+            c._c = None
+            return
+        eng = self._engines.pop(id(c), None)
+        if eng is None:
+            return
+        if c._stop_w >= 0:
+            os.write(c._stop_w, b"x")
+        c._thread.join()
+        eng.close(poison and _pid_alive(c.pid))
+
+
+def _add_stats(total, st):
+    for k in _SRV_STAT_FIELDS:
+        if k == "service_ns_max":
+            total[k] = max(total[k], st[k])
+        elif k == "last_error":
+            total[k] = st[k] or total[k]
+        else:
+            total[k] += st[k]
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _reply(conn, obj):
+    """Answer a handshake: one JSON line. Firecracker does not read it; our client does."""
+    try:
+        conn.settimeout(1.0)
+        conn.sendall((json.dumps(obj) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _have_core():
+    """Whether this process runs the cffi backend (the C core is loaded and selected)."""
+    import pylazymem
+
+    backend = getattr(pylazymem, "backend", None)
+    if backend is not None:
+        return backend == "cffi"
+    try:
+        from . import _binding  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The client side of the handshake
+# ---------------------------------------------------------------------------------------------
+def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0):
+    """Send a userfaultfd and its ranges to a PageServer, the way Firecracker does, and read
+    the server's answer. `mappings`: (base_address, size, offset) tuples or Mapping objects.
+    Returns (socket, answer dict); keep the socket open for as long as the memory is served
+    (the server's pid is its SO_PEERCRED). Raises ProtocolError when the server refuses."""
+    doc = []
+    for m in mappings:
+        if isinstance(m, Mapping):
+            m = (m.base_host_virt_addr, m.size, m.offset)
+        base, size, offset = (int(x) for x in m)
+        d = {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": PAGE_SIZE}
+        if watches_server:
+            d[WATCHES_KEY] = True
+        doc.append(d)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(os.fspath(socket_path))
+        try:
+            socket.send_fds(s, [json.dumps(doc).encode()], [uffd_fd])
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the server refused before reading: its answer says why
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ProtocolError("the page server at %s closed the connection without an "
+                                    "answer" % os.fspath(socket_path))
+            buf += chunk
+            if len(buf) > MAX_MESSAGE:
+                raise ProtocolError("the page server's answer is too long")
+        answer = json.loads(buf.decode())
+        if not answer.get("ok"):
+            raise ProtocolError("the page server at %s refused: %s"
+                                % (os.fspath(socket_path), answer.get("error", "no reason")))
+        s.settimeout(None)
+        return s, answer
+    except BaseException:
+        s.close()
+        raise
+
+
+def peer_pid(sock):
+    """The pid of the process at the other end of a connected Unix socket."""
+    return _peer_credentials(sock)[0]

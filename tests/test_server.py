@@ -1,0 +1,392 @@
+"""plm.PageServer: serving other processes' userfaultfds over a Unix socket.
+
+The server runs in this (pytest) process; clients are child processes (tests/_server_client.py)
+that register private anonymous memory, send the uffd and read their memory, each under a
+deadline. Both engines are exercised where they apply: "c" (native serving threads, file
+sources) and "python" (a Python thread per client through the ctypes binding).
+"""
+import json
+import os
+import pwd
+import signal
+import socket
+import stat
+import tempfile
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from pylazymem.server import PageServer, ProtocolError, parse_mappings
+
+PS = os.sysconf("SC_PAGE_SIZE")
+
+pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(120)]
+
+
+def _engines():
+    from pylazymem.server import _have_core
+    return ["c", "python"] if _have_core() else ["python"]
+
+
+CLIENT = """
+import sys
+sys.path.insert(0, {tests!r})
+from _server_client import ServedMemory, first_mismatch, PS
+"""
+
+
+def client_code(body, tests=os.path.dirname(os.path.abspath(__file__))):
+    return CLIENT.format(tests=tests) + body
+
+
+def memory_file(tmp_path, npages, seed=1, zero_every=5):
+    """A memory file of random pages with every `zero_every`-th page zero."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, npages * PS, dtype=np.uint8)
+    for p in range(0, npages, zero_every):
+        data[p * PS:(p + 1) * PS] = 0
+    path = tmp_path / "mem.bin"
+    data.tofile(path)
+    return path, data.tobytes()
+
+
+@pytest.fixture
+def sock(tmp_path):
+    return str(tmp_path / "srv.sock")
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_memory_file_two_clients(tmp_path, sock, engine, run_py):
+    """Two clients at once, each with two ranges at different offsets; every byte checked."""
+    path, data = memory_file(tmp_path, 96)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        code = client_code("""
+m = ServedMemory(sys.argv[1], [32 * PS, 16 * PS], [int(sys.argv[2]) * PS, 80 * PS])
+want = open(sys.argv[3], "rb").read()
+off = int(sys.argv[2]) * PS
+# reverse order first (no readahead help), then the rest sequentially
+for p in reversed(range(0, 32, 3)):
+    assert m.maps[0][p * PS:(p + 1) * PS] == want[off + p * PS: off + (p + 1) * PS], p
+bad = first_mismatch(m.maps[0][:], want[off:off + 32 * PS])
+assert bad is None, ("range 0 page", bad)
+bad = first_mismatch(m.maps[1][:], want[80 * PS:96 * PS])
+assert bad is None, ("range 1 page", bad)
+print("OK", m.answer["engine"], m.answer["source"]["kind"])
+""")
+        import subprocess
+        import sys
+        procs = [subprocess.Popen([sys.executable, "-c", code, sock, str(start), str(path)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for start in (0, 40)]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=60))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail("client hung")
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out + err
+            assert out.split() == ["OK", engine, "memory-file"]
+        st = srv.stats()
+        assert st["clients"] >= 1 and st["errors"] == 0 and st["poisoned"] == 0
+        assert st["faults"] >= 2
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_remove_faults_back_as_zeros(tmp_path, sock, engine, run_py):
+    """Balloon semantics: after MADV_DONTNEED of served pages they read as zeros, again and
+    again, while the rest keeps the file's contents."""
+    path, data = memory_file(tmp_path, 64, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [64 * PS], [0])
+want = open(sys.argv[2], "rb").read()
+assert m.maps[0][:] == want
+m.remove(0, 8 * PS, 16 * PS)
+got = m.maps[0][:]
+assert got[8 * PS:24 * PS] == bytes(16 * PS), "removed pages must read as zeros"
+assert got[:8 * PS] == want[:8 * PS] and got[24 * PS:] == want[24 * PS:]
+m.maps[0][10 * PS] = 7          # written after removal: ordinary memory again
+m.remove(0, 8 * PS, 16 * PS)     # removed again
+assert m.maps[0][8 * PS:24 * PS] == bytes(16 * PS)
+print("OK")
+"""), args=(sock, str(path)), prelude=False)
+        assert res.returncode == 0, res.describe()
+        st = srv.stats()
+        assert st["events_remove"] == 2 and st["removed_faults"] >= 16
+        assert st["errors"] == 0
+
+
+def test_python_provider(sock, run_py):
+    """A callable gives each page; None means zeros; the offset passed is the source offset."""
+    seen = []
+
+    def provider(offset):
+        seen.append(offset)
+        p = offset // PS
+        if p % 4 == 0:
+            return None
+        return (p.to_bytes(8, "little") * (PS // 8))
+
+    with PageServer(sock, provider=provider) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [16 * PS], [100 * PS])
+for p in range(16):
+    page = m.maps[0][p * PS:(p + 1) * PS]
+    src = 100 + p
+    want = bytes(PS) if src % 4 == 0 else src.to_bytes(8, "little") * (PS // 8)
+    assert page == want, p
+print("OK")
+"""), args=(sock,), prelude=False)
+        assert res.returncode == 0, res.describe()
+        assert sorted(set(seen)) == [(100 + p) * PS for p in range(16)]
+        st = srv.stats()
+        assert st["pages_zero"] == 4 and st["pages_copied"] == 12
+
+
+def test_provider_failure_is_loud(sock, run_py):
+    """A provider that raises (or returns the wrong size) fails the access with SIGBUS: the
+    client never waits forever and never reads zeros."""
+    def provider(offset):
+        if offset // PS == 3:
+            raise RuntimeError("backing store unreachable")
+        if offset // PS == 5:
+            return b"short"
+        return bytes([1]) * PS
+
+    with PageServer(sock, provider=provider) as srv:
+        for page in (3, 5):
+            res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][0] == 1
+print("touching", flush=True)
+m.maps[0][int(sys.argv[2]) * PS]
+print("READ")
+"""), args=(sock, str(page)), prelude=False)
+            assert res.returncode == -signal.SIGBUS, res.describe()
+            assert "touching" in res.stdout and "READ" not in res.stdout
+        st = srv.stats()
+        assert st["poisoned"] == 2 and st["errors"] == 2
+
+
+def test_foreign_uid_refused(tmp_path, sock, run_py):
+    """SO_PEERCRED: a client of another uid is refused with a reason, and the server goes on.
+    The socket is 0600 (the filesystem refuses others first); to reach the credential check
+    the test opens the socket's mode up."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    path, data = memory_file(tmp_path, 8)
+    # pytest's tmp directories are 0700: give the socket a directory others can enter
+    pub = tempfile.mkdtemp(prefix="plm-srv-")
+    os.chmod(pub, 0o755)
+    sock = os.path.join(pub, "srv.sock")
+    with PageServer(sock, memory_file=path) as srv:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        body = """
+import os
+os.setuid(%d)
+try:
+    m = ServedMemory(sys.argv[1], [8 * PS], [0])
+except PermissionError as e:
+    print("EACCES" if e.errno == 13 and "uffd" not in repr(e) else repr(e))
+except Exception as e:
+    print(type(e).__name__, e)
+""" % nobody
+        res = run_py(client_code(body), args=(sock,), prelude=False)
+        assert res.stdout.strip() == "EACCES", res.describe()
+        os.chmod(sock, 0o666)
+        res = run_py(client_code(body), args=(sock,), prelude=False)
+        assert res.stdout.startswith("ProtocolError"), res.describe()
+        assert "uid %d" % nobody in res.stdout and "may not use this server" in res.stdout
+        assert srv.refused == 1
+        # and an allowed client is still served afterwards
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][:] == open(sys.argv[2], "rb").read()
+print("OK")
+"""), args=(sock, str(path)), prelude=False)
+        assert res.returncode == 0, res.describe()
+    os.rmdir(pub)
+
+
+def test_allow_uids(tmp_path, sock, run_py):
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path, allow_uids=[os.getuid() + 12345]):
+        res = run_py(client_code("""
+try:
+    ServedMemory(sys.argv[1], [4 * PS], [0])
+except Exception as e:
+    print(type(e).__name__, e)
+"""), args=(sock,), prelude=False)
+        assert res.stdout.startswith("ProtocolError") and "may not use" in res.stdout
+
+
+@pytest.mark.parametrize("payload, fds, why", [
+    (b"{not json", 1, "not UTF-8 JSON"),
+    (b"[]", 1, "non-empty JSON array"),
+    (json.dumps([{"base_host_virt_addr": 4096, "size": 4096, "offset": 0}]).encode(), 0,
+     "expected one userfaultfd"),
+    (json.dumps([{"base_host_virt_addr": 4096, "size": 4096, "offset": 0}]).encode(), "pipe",
+     "not a userfaultfd"),
+])
+def test_bad_handshakes_refused(tmp_path, sock, payload, fds, why):
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(sock)
+        if fds == "pipe":
+            r, w = os.pipe()
+            socket.send_fds(s, [payload], [r])
+            os.close(r)
+            os.close(w)
+        elif fds:
+            from pylazymem import uffd as U
+            with U.open_userfaultfd() as u:
+                u.api()
+                socket.send_fds(s, [payload], [u.fileno()])
+        else:
+            s.sendall(payload)
+        answer = json.loads(s.makefile().readline())
+        s.close()
+        assert answer["ok"] is False and why in answer["error"], answer
+        assert srv.refused == 1 and srv.clients == []
+
+
+@pytest.mark.parametrize("doc, why", [
+    ([{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 2 << 20}],
+     "page size"),
+    ([{"base_host_virt_addr": 4097, "size": 4096, "offset": 0}], "multiples of the page size"),
+    ([{"base_host_virt_addr": 4096, "size": 0, "offset": 0}], "size > 0"),
+    ([{"base_host_virt_addr": 4096, "size": 8192, "offset": 0},
+      {"base_host_virt_addr": 8192, "size": 4096, "offset": 0}], "overlap"),
+    ([{"base_host_virt_addr": -4096, "size": 4096, "offset": 0}], "unsigned 64-bit"),
+    ([{"base_host_virt_addr": True, "size": 4096, "offset": 0}], "unsigned 64-bit"),
+    ([{"base_host_virt_addr": "4096", "size": 4096, "offset": 0}], "unsigned 64-bit"),
+    ([{"size": 4096, "offset": 0}], "base_host_virt_addr"),
+    ([[4096, 4096, 0]], "not a JSON object"),
+    ([{"base_host_virt_addr": 4096, "size": 4096, "offset": 0}] * 65, "at most 64"),
+])
+def test_parse_mappings_rejects(doc, why):
+    with pytest.raises(ProtocolError, match=why):
+        parse_mappings(json.dumps(doc).encode())
+
+
+def test_parse_mappings_firecracker_layouts():
+    """Every layout Firecracker has sent (docs/page-server.md): page_size + page_size_kib
+    (both bytes), page_size_kib only, neither; unknown keys ignored."""
+    base = {"base_host_virt_addr": 1 << 40, "size": 3 << 30, "offset": 0}
+    for extra in ({"page_size": PS, "page_size_kib": PS}, {"page_size_kib": PS}, {},
+                  {"page_size": PS, "future_field": [1, 2]}):
+        maps, watches = parse_mappings(json.dumps([dict(base, **extra)]).encode())
+        assert maps[0].base_host_virt_addr == 1 << 40 and maps[0].size == 3 << 30
+        assert maps[0].page_size == PS and not watches
+
+
+def test_socket_file_handling(tmp_path, sock):
+    path, _ = memory_file(tmp_path, 4)
+    # a stale socket (its server died) is replaced
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(sock)
+    s.close()
+    with PageServer(sock, memory_file=path):
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        # a live one is not
+        with pytest.raises(FileExistsError, match="already listening"):
+            PageServer(sock, memory_file=path).start()
+    assert not os.path.exists(sock)   # removed on stop
+    # anything that is not a socket is never replaced
+    (tmp_path / "file").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        PageServer(str(tmp_path / "file"), memory_file=path).start()
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_constructor_errors(tmp_path, sock):
+    path, _ = memory_file(tmp_path, 4)
+    with pytest.raises(TypeError, match="exactly one"):
+        PageServer(sock)
+    with pytest.raises(TypeError, match="exactly one"):
+        PageServer(sock, memory_file=path, provider=lambda o: None)
+    with pytest.raises(ValueError, match="engine"):
+        PageServer(sock, memory_file=path, engine="rust")
+    with pytest.raises(ValueError, match="python engine"):
+        PageServer(sock, provider=lambda o: None, engine="c")
+    with pytest.raises(FileNotFoundError):
+        PageServer(sock, memory_file=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_past_end_of_file_is_loud(tmp_path, sock, engine, run_py):
+    """A range that reaches past the memory file: pages there fail with SIGBUS."""
+    path, data = memory_file(tmp_path, 4, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][:4 * PS] == open(sys.argv[2], "rb").read()
+print("touching", flush=True)
+m.maps[0][6 * PS]
+print("READ")
+"""), args=(sock, str(path)), prelude=False)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert srv.stats()["poisoned"] >= 1
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_client_exit_ends_its_thread(tmp_path, sock, engine, run_py):
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [4 * PS], [0])
+m.maps[0][0]
+print("OK")
+"""), args=(sock,), prelude=False)
+        assert res.returncode == 0, res.describe()
+        import time
+        deadline = time.monotonic() + 10
+        while srv.clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.clients == [], "a client that exited is still listed"
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_snapshot_source(tmp_path, sock, engine, run_py):
+    """A snapshot (zero, untouched, duplicate and unique pages) served to a client whose one
+    range starts at page 3 of the snapshot region."""
+    from pylazymem.server import _have_core
+    if not _have_core():
+        pytest.skip("writing the snapshot needs the C core (checkpoint); served by ctypes "
+                    "in test_backend")
+    rng = np.random.default_rng(7)
+    r = plm.Region(64 * PS)
+    mv = np.frombuffer(memoryview(r), dtype=np.uint8)
+    for p in range(0, 40):
+        if p % 4 == 1:
+            continue                                   # untouched
+        if p % 4 == 2:
+            mv[p * PS:(p + 1) * PS] = 0                # zero
+        elif p % 4 == 3:
+            mv[p * PS:(p + 1) * PS] = 9                # duplicates
+        else:
+            mv[p * PS:(p + 1) * PS] = rng.integers(0, 256, PS, dtype=np.uint8)
+    want = bytes(mv)
+    snap = tmp_path / "s.plm"
+    plm.checkpoint(r, snap, working_set="none")
+    r.close()
+    (tmp_path / "want.bin").write_bytes(want)
+    with PageServer(sock, snapshot=snap, engine=engine) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [61 * PS], [3 * PS])
+want = open(sys.argv[2], "rb").read()[3 * PS:]
+bad = first_mismatch(m.maps[0][:], want)
+assert bad is None, bad
+assert m.answer["source"]["kind"] == "snapshot"
+print("OK")
+"""), args=(sock, str(tmp_path / "want.bin")), prelude=False)
+        assert res.returncode == 0, res.describe()
+        st = srv.stats()
+        assert st["errors"] == 0 and st["pages_zero"] > 0 and st["pages_copied"] > 0
