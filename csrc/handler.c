@@ -163,6 +163,12 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
         return;
     }
 
+    if (s == LM_EMPTY && r->remote_empty_unknown) {
+        /* Its contents were the page server's, and the server is gone (remote.c). */
+        atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+        lm_poison_page(r, page, -EHOSTDOWN);
+        return;
+    }
     old[0] = s;
     struct lm_stream *stream;
     uint32_t want = cluster_for(r, page, &stream);

@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 3 };
+enum { LM_ABI_VERSION = 4 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -155,6 +155,7 @@ struct lm_stats {
     uint64_t source_bytes_read;   /* read from the snapshot store */
     uint64_t verify_failures;     /* pages whose contents did not match their signature */
     int background_running;
+    int remote;                   /* enum lm_remote */
 };
 
 struct lm_region;
@@ -309,6 +310,28 @@ void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out);
    are poisoned first, so that a client that keeps running after we are gone fails loudly
    (SIGBUS) instead of waiting forever or, once the last uffd is closed, reading zeros. */
 void lm_srv_destroy(struct lm_srv *s, int poison);
+
+/* ---- a region served by a page server (remote.c) ------------------------------------ */
+
+enum lm_remote {
+    LM_REMOTE_NONE = 0,     /* served by our own threads */
+    LM_REMOTE_SERVED = 1,   /* served by a page server in another process */
+    LM_REMOTE_LOST = 2      /* the server is gone: served here again (pages only it knew of
+                               are poisoned) */
+};
+
+/* The region's userfaultfd, to hand to a page server (the region keeps its own copy). */
+int lm_region_uffd(struct lm_region *r);
+/* Have the region served by a server: our serving threads must be stopped. A native thread
+   watches `fds` (duplicated; e.g. the server's pidfd and the connection to it): once any is
+   readable the server is gone, and the region is served here from then on. With
+   empty_unknown, pages never given contents here (EMPTY) hold the server's contents: a fault
+   on one after the server is gone is poisoned (SIGBUS) rather than served as zeros. */
+int lm_region_watch_server(struct lm_region *r, const int *fds, int nfds, int empty_unknown);
+int lm_region_remote(struct lm_region *r);   /* enum lm_remote */
+/* Record every page that is present (or swapped) in the page tables as present program data:
+   what a server filled, our records do not know of. */
+int lm_region_sync_present(struct lm_region *r);
 
 /* CDEF END */
 

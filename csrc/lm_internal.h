@@ -159,6 +159,15 @@ struct lm_region {
     const char *zero_src;
     uint64_t zero_sig;         /* never-written anonymous memory: reads as zero */
 
+    /* Served by a page server in another process (remote.c). */
+    _Atomic int remote;           /* enum lm_remote */
+    bool remote_empty_unknown;    /* EMPTY pages hold the server's contents, not zeros */
+    pthread_t watch_tid;
+    bool watch_started;
+    int watch_fds[4];
+    int nwatch;
+    int watch_stop_fd;
+
     /* Statistics: relaxed atomics, read as a whole by lm_stats(). */
     _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
@@ -203,6 +212,10 @@ void lm_source_close(struct lm_region *r);
 int lm_ws_init(struct lm_region *r, uint64_t api_features);
 void lm_ws_close(struct lm_region *r);
 uint64_t lm_now_ns(void);
+
+/* remote.c */
+#define LM_MAX_WATCH 4
+void lm_remote_close(struct lm_region *r);
 
 /* handler.c */
 int lm_serve_start(struct lm_region *r);

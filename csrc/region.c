@@ -470,6 +470,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     if (!r)
         return lm_fail("calloc(region)", ENOMEM);
     r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = r->src_fd = r->pagemap_fd = -1;
+    r->watch_stop_fd = -1;
     r->base = MAP_FAILED;
     r->canon_base = MAP_FAILED;
     r->meta = MAP_FAILED;
@@ -587,6 +588,7 @@ void lm_region_destroy(struct lm_region *r, int unmap_data)
 {
     if (!r)
         return;
+    lm_remote_close(r);   /* first: the watcher may be starting serving threads */
     lm_background_stop(r);
     lm_serve_stop(r);
     /* Unmap before closing the uffd: closing it first would let a straggling access fault
@@ -912,6 +914,7 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->source_bytes_read = LD(st_src_bytes);
     o->verify_failures = LD(st_verify_fail);
     o->background_running = LD(bg_running);
+    o->remote = LD(remote);
 #undef LD
     return 0;
 }

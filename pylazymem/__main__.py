@@ -4,6 +4,8 @@
     pylazymem inspect SNAPSHOT [--json] [--plot FILE.png]
     pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
     pylazymem bench [NAME ...] [--quick] [--json]
+    pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
+                    [--engine auto|c|python] [--stats-every SECONDS]
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error. Errors go to stderr on one line,
 with the fix where there is one.
@@ -11,6 +13,7 @@ with the fix where there is one.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -85,6 +88,35 @@ def _bench(args):
     return bench_main(argv)
 
 
+def _serve(args):
+    import logging
+    import signal
+    import threading
+
+    from .server import PageServer
+
+    logging.basicConfig(level=logging.INFO, format="pylazymem serve: %(message)s",
+                        stream=sys.stderr)
+    srv = PageServer(args.socket, memory_file=args.memory_file, snapshot=args.snapshot,
+                     allow_uids=args.allow_uid or None, engine=args.engine)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    srv.start()
+    print("pylazymem serve: listening on %s (pid %d)" % (srv.path, os.getpid()), flush=True)
+    try:
+        while not done.wait(args.stats_every or None):
+            st = srv.stats()
+            print("pylazymem serve: clients %d (alive %d), faults %d, pages copied %d, zero %d, "
+                  "removed %d, poisoned %d, errors %d, refused %d" % (
+                      st["clients"], st["clients_alive"], st["faults"], st["pages_copied"],
+                      st["pages_zero"], st["removed_faults"], st["poisoned"], st["errors"],
+                      st["refused"]), file=sys.stderr, flush=True)
+    finally:
+        srv.stop()
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):   # one line, exit code 2
         sys.stderr.write("%s: error: %s\n" % (self.prog, message))
@@ -112,6 +144,20 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("serve", help="serve other processes' page faults (Firecracker's "
+                                     "page-fault handler protocol) from a file")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="Unix socket to create (mode 0600) and accept clients on")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--memory-file", metavar="FILE",
+                     help="raw guest memory (a range's bytes are at its offset in FILE)")
+    src.add_argument("--snapshot", metavar="FILE", help="a pylazymem snapshot")
+    p.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                   help="uid allowed to connect (repeatable; default: this process's uid)")
+    p.add_argument("--engine", choices=("auto", "c", "python"), default="auto")
+    p.add_argument("--stats-every", type=float, default=0, metavar="SECONDS",
+                   help="print the counters to stderr this often (default: never)")
+    p.set_defaults(func=_serve)
     args = ap.parse_args(argv)
     if args.command == "demo":
         for name in ("size", "requests", "warmup"):

@@ -1,7 +1,7 @@
 """The 1:1 layer over the compiled core: loads it and checks that it matches this package."""
 from ._lazymem import ffi, lib  # noqa: F401  (re-exported)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if lib.lm_abi_version() != ABI_VERSION:  # a stale build left next to newer Python files
     raise ImportError(

@@ -7,7 +7,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 CORE_SOURCES = ["errors.c", "uffd.c", "region.c", "handler.c", "snapshot.c", "wstrack.c",
-                "server.c"]
+                "server.c", "remote.c"]
 
 
 def header_cdef(path=os.path.join(CSRC, "lazymem.h")):

@@ -131,8 +131,11 @@ class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
-                 timeline=None, _test_broken_source=False):
+                 timeline=None, server=None, _test_broken_source=False, _start=True):
         self._lm = None
+        self._server_sock = None
+        self._empty_unknown = False
+        self.server = None
         self._forked = False
         self._arrays = {}
         self._alloc_next = 0
@@ -202,7 +205,83 @@ class Region(AddressRange):
         self._nthreads = len(cpus) or cfg.nthreads
         self.handler = Handler(self)
         _live_regions.add(self)
-        self.handler.start()
+        if server is not None:
+            try:
+                self._serve_from(server, empty_unknown=True)
+            except BaseException:
+                self.close()
+                raise
+        elif _start:
+            self.handler.start()
+
+    # ---- served by a page server (pylazymem.server, csrc/remote.c) -----------------------
+
+    def _serve_from(self, socket_path, empty_unknown):
+        """Hand our userfaultfd to the page server at socket_path and watch it: when it is
+        gone (process exit, or it stops serving us) a native thread takes over here."""
+        from .server import connect, peer_pid
+
+        with self._use() as lm:
+            sock, answer = connect(socket_path, lib.lm_region_uffd(lm),
+                                   [(self.address, self.nbytes, 0)], watches_server=True)
+            fds = [sock.fileno()]
+            try:
+                try:
+                    fds.append(os.pidfd_open(peer_pid(sock)))
+                except ProcessLookupError:
+                    pass   # already gone: the connection is at EOF and says so at once
+                check(lib.lm_region_watch_server(lm, ffi.new("int[]", fds), len(fds),
+                                                 bool(empty_unknown)), "Region(server=...)")
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                for fd in fds[1:]:
+                    os.close(fd)
+        self._server_sock = sock
+        self._empty_unknown = bool(empty_unknown)
+        self.server = answer
+
+    @property
+    def remote(self):
+        """None for a region served here; "served" while a page server serves it; "lost"
+        once that server is gone and the region is served here again."""
+        with self._use() as lm:
+            return {lib.LM_REMOTE_NONE: None, lib.LM_REMOTE_SERVED: "served",
+                    lib.LM_REMOTE_LOST: "lost"}[lib.lm_region_remote(lm)]
+
+    def _refuse_remote(self, what):
+        with self._use() as lm:
+            if lib.lm_region_remote(lm) == lib.LM_REMOTE_SERVED:
+                raise InvalidArgumentError(
+                    "%s: this region's faults are served by a page server (pid %s), which "
+                    "does not know of updates recorded here" % (what, self.server.get(
+                        "server_pid", "?")))
+
+    def _read_through(self, first, n):
+        """Pages whose contents only the server has: touch them (a read fault each, served by
+        the server; safe with the GIL held, the server is another process), then record
+        every present page as data."""
+        if not self._empty_unknown:
+            return
+        with self._use() as lm:
+            if lib.lm_region_remote(lm) == lib.LM_REMOTE_SERVED:
+                view = np.frombuffer(memoryview(self), np.uint8)
+                int(view[first * self.page_size:(first + n) * self.page_size:self.page_size]
+                    .max())
+            check(lib.lm_region_sync_present(lm), "sync with page server")
+
+    def _prepare_checkpoint(self):
+        """Before a checkpoint trusts our page records: bring them up to date with what a
+        page server filled (and, where only it knows the contents, fetch them)."""
+        with self._use() as lm:
+            if lib.lm_region_remote(lm) == lib.LM_REMOTE_NONE:
+                return
+        if self._empty_unknown:
+            self._read_through(0, self.npages)
+        else:
+            with self._use() as lm:
+                check(lib.lm_region_sync_present(lm), "sync with page server")
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -231,6 +310,9 @@ class Region(AddressRange):
         lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
         self._base_table = None
+        if self._server_sock is not None:
+            self._server_sock.close()   # after the watcher is gone: not a server loss
+            self._server_sock = None
 
     def _forget(self):
         lm, self._lm = self._lm, None
@@ -346,12 +428,16 @@ class Region(AddressRange):
     def prefetch(self, pages):
         """Carry out the pending updates of the given pages now, in the given order."""
         pages = np.ascontiguousarray(pages, dtype=np.uint64).ravel()
+        if self._empty_unknown:
+            self._refuse_remote("prefetch")
         with self._use() as lm:
             check(lib.lm_prefetch(lm, ffi.from_buffer("uint64_t[]", pages), pages.size),
                   "prefetch")
 
     def background_start(self):
         """Start filling every page that still needs an update, yielding to demand faults."""
+        if self._empty_unknown:
+            self._refuse_remote("background_start")
         with self._use() as lm:
             check(lib.lm_background_start(lm), "background_start")
 
@@ -402,18 +488,21 @@ class Region(AddressRange):
         else:
             raise InvalidArgumentError("defer_fill takes pylazymem.ZERO or a Canonical from "
                                        "Region.canonical(), not %r" % (what,))
+        self._refuse_remote("defer_fill")
         with self._use() as lm:
             check(lib.lm_defer_fill(lm, first, n, cls, canon), "defer_fill")
 
     def materialize(self, offset=0, length=None):
         """Carry out pending updates now: every page in the range becomes present."""
         first, n = self._pages(offset, length)
+        self._read_through(first, n)
         with self._use() as lm:
             check(lib.lm_materialize(lm, first, n), "materialize")
 
     def signatures(self, offset=0, length=None):
         """XXH3-64 per page, also stored in meta["signature"]; lazy pages are not touched."""
         first, n = self._pages(offset, length)
+        self._read_through(first, n)
         out = np.empty(n, dtype=np.uint64)
         with self._use() as lm:
             check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)), "signatures")
@@ -555,6 +644,7 @@ def _stats_dict(s, nthreads):
         "background_running": bool(s.background_running),
         "source_bytes_read": s.source_bytes_read,
         "verify_failures": s.verify_failures,
+        "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),
             "p99": min(_quantile(hist, total, 0.99), top),

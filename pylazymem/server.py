@@ -226,6 +226,7 @@ class Client:
         self._thread = None      # Python engine
         self._py_stats = dict.fromkeys(_SRV_STAT_FIELDS, 0)
         self._stop_r = self._stop_w = -1
+        self._conn = None
 
     @property
     def alive(self) -> bool:
@@ -589,13 +590,13 @@ class PageServer:
             except OSError as e:
                 log.warning("accept: %s", e)
                 continue
-            with conn:
-                try:
-                    self._handshake(conn)
-                except Exception as e:   # one bad client must not stop the server
-                    self.refused += 1
-                    log.warning("client refused: %s", e)
-                    _reply(conn, {"ok": False, "error": str(e)})
+            try:
+                self._handshake(conn)
+            except Exception as e:   # one bad client must not stop the server
+                self.refused += 1
+                log.warning("client refused: %s", e)
+                _reply(conn, {"ok": False, "error": str(e)})
+                conn.close()
 
     def _reap(self):
         with self._lock:
@@ -635,12 +636,16 @@ class PageServer:
             if not _is_userfaultfd(fds[0]):
                 raise ProtocolError("the fd sent is not a userfaultfd")
             maps, watches = parse_mappings(msg)
-            pidfd = os.pidfd_open(pid)
+            # When to stop serving: a client that watches us closes the connection when it no
+            # longer needs us (or exits); Firecracker before 1.12 closed it at once, so for
+            # other clients only the end of the process counts.
+            pidfd = (os.dup(conn.fileno()) if watches else os.pidfd_open(pid))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         client = Client(pid, uid, gid, maps, watches, self.engine)
+        client._conn = conn   # kept open while we serve: its closing tells the client we stopped
         try:
             self._start_engine(client, fds[0], pidfd)
         except BaseException:
@@ -685,14 +690,16 @@ class PageServer:
             from ._binding import lib
             lib.lm_srv_destroy(c._c, bool(poison) and lib.lm_srv_running(c._c))
             c._c = None
-            return
-        eng = self._engines.pop(id(c), None)
-        if eng is None:
-            return
-        if c._stop_w >= 0:
-            os.write(c._stop_w, b"x")
-        c._thread.join()
-        eng.close(poison and _pid_alive(c.pid))
+        else:
+            eng = self._engines.pop(id(c), None)
+            if eng is not None:
+                if c._stop_w >= 0:
+                    os.write(c._stop_w, b"x")
+                c._thread.join()
+                eng.close(poison and _pid_alive(c.pid))
+        if c._conn is not None:
+            c._conn.close()
+            c._conn = None
 
 
 def _add_stats(total, st):

@@ -390,3 +390,153 @@ print("OK")
         assert res.returncode == 0, res.describe()
         st = srv.stats()
         assert st["errors"] == 0 and st["pages_zero"] > 0 and st["pages_copied"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Region(server=...): our own region served by a server process, and that server's death
+# ---------------------------------------------------------------------------------------------
+def start_server(sock, *args, engine="auto"):
+    """`pylazymem serve` as a separate process; returns the Popen once it listens."""
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "pylazymem", "serve", "--socket", sock,
+                          "--engine", engine, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    import select
+    line = ""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([p.stdout], [], [], 0.5)
+        if r:
+            line = p.stdout.readline()
+            break
+        if p.poll() is not None:
+            break
+    if "listening on" not in line:
+        p.kill()
+        out, err = p.communicate()
+        pytest.fail("server did not start: %r %s %s" % (line, out, err))
+    return p
+
+
+def stop_server(p):
+    import subprocess
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail("server did not stop on SIGTERM")
+    return p.communicate()
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_region_served_by_server(tmp_path, sock, engine, run_py):
+    """A Region's contents come from the server's memory file; writes stay local; the region
+    reports who serves it; closing the region ends the server's client."""
+    path, data = memory_file(tmp_path, 256)
+    srv = start_server(sock, "--memory-file", str(path), engine=engine)
+    try:
+        res = run_py("""
+r = plm.Region(256 * PS, server=sys.argv[1])
+want = open(sys.argv[2], "rb").read()
+assert r.remote == "served" and r.server["engine"] == sys.argv[3], (r.remote, r.server)
+mv = memoryview(r)
+assert bytes(mv[100 * PS:101 * PS]) == want[100 * PS:101 * PS]
+mv[5 * PS:6 * PS] = b"x" * PS
+got = bytes(mv)
+assert got[5 * PS:6 * PS] == b"x" * PS
+assert got[:5 * PS] == want[:5 * PS] and got[6 * PS:] == want[6 * PS:]
+st = r.stats()
+assert st["remote"] == "served" and st["faults"] == 0, st   # none served here
+try:
+    r.defer_fill(0, PS, plm.ZERO)
+    raise SystemExit("defer_fill must be refused while a server serves the region")
+except plm.InvalidArgumentError as e:
+    assert "page server" in str(e)
+r.close()
+print("OK")
+""", args=(sock, str(path), engine))
+        assert res.returncode == 0, res.describe()
+    finally:
+        out, err = stop_server(srv)
+    assert srv.returncode == 0, err
+
+
+STORM = """
+import random, signal
+r = plm.Region(NPAGES * PS, server=sys.argv[1]) if not sys.argv[3] else plm.restore(
+    sys.argv[3], prefetch="none", server=sys.argv[1])
+want = np.fromfile(sys.argv[2], dtype=np.uint8)
+view = np.frombuffer(memoryview(r), dtype=np.uint8)
+done = [0] * 4
+wrong = []
+
+def worker(k):
+    rng = random.Random(k)
+    order = list(range(NPAGES))
+    rng.shuffle(order)
+    for n, p in enumerate(order):
+        page = view[p * PS:(p + 1) * PS]
+        if not np.array_equal(page, want[p * PS:(p + 1) * PS]):
+            wrong.append(p)
+            print("WRONG page", p, "zero" if not page.any() else "", flush=True)
+            os._exit(3)
+        done[k] = n + 1
+
+ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+for t in ts:
+    t.start()
+while sum(done) < NPAGES // 2:
+    time.sleep(0.001)
+print("HALF", sum(done), flush=True)
+for t in ts:
+    t.join()
+print("ALL", sum(done), r.remote, json.dumps(r.stats()["remote"]), flush=True)
+"""
+
+
+def _storm(tmp_path, sock, engine, snapshot):
+    """4 threads read a 128 MiB region in random order through the server; the server is
+    killed with SIGKILL half way. The client must never hang and never read a wrong page."""
+    import subprocess
+    import sys
+    import time
+    npages = 32768
+    path, data = memory_file(tmp_path, npages, zero_every=7)
+    args = ["--snapshot", str(snapshot)] if snapshot else ["--memory-file", str(path)]
+    srv = start_server(sock, *args, engine=engine)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)),
+               PYTHONFAULTHANDLER="1")
+    from conftest import PRELUDE
+    client = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + "NPAGES = %d\n" % npages + STORM, sock, str(path),
+         str(snapshot or "")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True)
+    try:
+        first = client.stdout.readline()
+        assert first.startswith("HALF"), (first, client.stderr.read())
+        srv.kill()                                   # kill -9 in the middle of the storm
+        t0 = time.monotonic()
+        out, err = client.communicate(timeout=60)
+        return client.returncode, first + out, err, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        os.killpg(client.pid, signal.SIGABRT)
+        time.sleep(1)
+        os.killpg(client.pid, signal.SIGKILL)
+        pytest.fail("client hung after the server was killed:\n%s" % client.communicate()[1])
+    finally:
+        srv.kill()
+        srv.communicate()
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_server_killed_plain_region_fails_loudly(tmp_path, sock, engine):
+    """Region(server=...) holds pages only the server could give: after kill -9 of the server
+    an access to one of them raises SIGBUS; pages already received stay correct."""
+    rc, out, err, secs = _storm(tmp_path, sock, engine, snapshot=None)
+    assert rc == -signal.SIGBUS, (rc, out, err)
+    assert "WRONG" not in out and "ALL" not in out, out
+
