@@ -12,9 +12,11 @@ problems seen (wrong contents, handler errors).
   restore_none   time for restore(prefetch="none") of a 1 GiB snapshot to return, and close()
   restore_sequential  sequential read of a lazily restored region, per page, vs kernel first touch
   checkpoint     checkpoint of 1 GiB (50% zero, 25% duplicate, 25% unique pages) vs np.save: time and size
+  server         4K fault service through a page server process (native, Python thread, Python
+                 page provider) vs in-process serving
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_sequential",
-              "checkpoint")
+              "checkpoint", "server")
 
 __all__ = ["BENCHMARKS", "run"]
 
