@@ -421,6 +421,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
 
     region._check_open()
     path = os.fspath(path)
+    region._prepare_checkpoint()   # records up to date with what a page server filled
     ws = _working_set_arg(region, working_set)
     npages, ps = region.npages, region.page_size
     table = np.zeros(npages, SNAP_PAGE_DTYPE)
@@ -535,14 +536,30 @@ def _version():
 
 # ---- restore -----------------------------------------------------------------------------
 
-def restore(path, prefetch="working-set", background=True, verify=False, **region_kw):
+def _serve_snapshot_from(region, server, fd, path):
+    """Hand the restored region to a page server, after checking that it serves this file."""
+    region._serve_from(server, empty_unknown=False)
+    src = region.server.get("source", {})
+    st = os.fstat(fd)
+    if src.get("kind") != "snapshot" or (src.get("dev"), src.get("ino")) != (st.st_dev,
+                                                                           st.st_ino):
+        raise SnapshotError("%s: the page server at %s serves %s %s, not this snapshot"
+                            % (path, os.fspath(server), src.get("kind", "?"),
+                               src.get("path", "?")))
+
+
+def restore(path, prefetch="working-set", background=None, verify=False, server=None,
+            **region_kw):
     """A new Region holding the snapshot's state, served lazily from the file.
 
     prefetch: "working-set" loads the saved working set before returning, "all" everything,
     "none" nothing. background: a low-priority thread fills the remaining pages, yielding to
-    demand faults. verify: check every page against its signature as it is served; a mismatch
-    poisons the page (the access raises SIGBUS) and is counted in stats()["verify_failures"].
-    Other keyword arguments go to Region().
+    demand faults (default: on, unless a server serves the region). verify: check every page
+    against its signature as it is served; a mismatch poisons the page (the access raises
+    SIGBUS) and is counted in stats()["verify_failures"]. server: the socket of a page server
+    (`pylazymem serve --snapshot` of this same file) that serves the region's faults; if it
+    dies, the region is served from the file here (docs/page-server.md). Other keyword
+    arguments go to Region().
     """
     from ._binding import PAGE_SIZE, ffi, lib
     from ._errors import InvalidArgumentError, check
@@ -559,7 +576,9 @@ def restore(path, prefetch="working-set", background=True, verify=False, **regio
         if h["page_size"] != PAGE_SIZE:
             _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
                                                                              PAGE_SIZE))
-        region = Region(h["npages"] * h["page_size"], **region_kw)
+        if background is None:
+            background = server is None
+        region = Region(h["npages"] * h["page_size"], _start=server is None, **region_kw)
         try:
             with region._use() as lm:
                 check(lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
@@ -581,6 +600,8 @@ def restore(path, prefetch="working-set", background=True, verify=False, **regio
             # The next window starts now. Prefetched pages are present, so touching them will
             # not be seen: they stay in the working set (REAP's policy) unless re-marked.
             region.mark_working_set(inherit=p.working_set if prefetch != "none" else None)
+            if server is not None:
+                _serve_snapshot_from(region, server, fd, path)
             if background:
                 region.background_start()
         except BaseException:

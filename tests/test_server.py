@@ -540,3 +540,91 @@ def test_server_killed_plain_region_fails_loudly(tmp_path, sock, engine):
     assert rc == -signal.SIGBUS, (rc, out, err)
     assert "WRONG" not in out and "ALL" not in out, out
 
+
+
+def _snapshot_of_file(tmp_path, path, npages, name="state.snap"):
+    snap = tmp_path / name
+    r = plm.Region(npages * PS)
+    try:
+        np.frombuffer(memoryview(r), np.uint8)[:] = np.fromfile(path, np.uint8)
+        plm.checkpoint(r, snap, working_set=np.arange(0, npages, 97))
+    finally:
+        r.close()
+    return snap
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_server_killed_restored_region_taken_over(tmp_path, sock, engine):
+    """restore(path, server=...): after kill -9 of the server mid-storm the region is served
+    from the snapshot here; every page of every thread is right, nothing hangs."""
+    from pylazymem.server import _have_core
+    if not _have_core():
+        pytest.skip("restore needs the C core")
+    path, _ = memory_file(tmp_path, 32768, zero_every=7)
+    snap = _snapshot_of_file(tmp_path, path, 32768)
+    rc, out, err, secs = _storm(tmp_path, sock, engine, snapshot=snap)
+    assert rc == 0, (rc, out, err)
+    assert "WRONG" not in out
+    last = out.strip().splitlines()[-1].split()
+    assert last[0] == "ALL" and int(last[1]) == 4 * 32768 and last[2] == "lost", out
+
+
+def test_restore_served_then_checkpoint(tmp_path, sock, run_py):
+    """A restored region served by the server: contents right, writes kept, and a checkpoint
+    of it sees what the server filled and what the program wrote (not the store's copy)."""
+    from pylazymem.server import _have_core
+    if not _have_core():
+        pytest.skip("restore needs the C core")
+    path, data = memory_file(tmp_path, 512)
+    snap = _snapshot_of_file(tmp_path, path, 512)
+    srv = start_server(sock, "--snapshot", str(snap))
+    try:
+        res = run_py("""
+snap, out = sys.argv[2], sys.argv[3]
+want = bytearray(open(sys.argv[4], "rb").read())
+r = plm.restore(snap, prefetch="working-set", server=sys.argv[1])
+assert r.remote == "served"
+mv = memoryview(r)
+assert bytes(mv[:200 * PS]) == bytes(want[:200 * PS])        # served by the server
+mv[10 * PS:11 * PS] = b"w" * PS                               # changed after the server filled it
+want[10 * PS:11 * PS] = b"w" * PS
+st = r.stats()
+assert st["faults"] == 0 and st["remote"] == "served", st
+plm.checkpoint(r, out, working_set="none")
+r.close()
+r2 = plm.restore(out, prefetch="none")
+assert bytes(memoryview(r2)) == bytes(want)
+r2.close()
+try:
+    plm.restore(sys.argv[5], server=sys.argv[1])
+    raise SystemExit("a different snapshot must be refused")
+except plm.SnapshotError as e:
+    assert "not this snapshot" in str(e), e
+print("OK")
+""", args=(sock, str(snap), str(tmp_path / "again.snap"), str(path),
+           str(_snapshot_of_file(tmp_path, path, 512, "other.snap"))))
+        assert res.returncode == 0, res.describe()
+    finally:
+        out, err = stop_server(srv)
+
+
+def test_region_served_checkpoint_reads_through(tmp_path, sock, run_py):
+    """Region(server=...) then checkpoint: pages only the server had are fetched, so the
+    snapshot holds the server's contents, not zeros."""
+    path, data = memory_file(tmp_path, 128)
+    srv = start_server(sock, "--memory-file", str(path))
+    try:
+        res = run_py("""
+r = plm.Region(128 * PS, server=sys.argv[1])
+memoryview(r)[:PS] = b"a" * PS
+plm.checkpoint(r, sys.argv[2], working_set="none")
+r.close()
+want = bytearray(open(sys.argv[3], "rb").read())
+want[:PS] = b"a" * PS
+r2 = plm.restore(sys.argv[2], prefetch="none")
+assert bytes(memoryview(r2)) == bytes(want)
+print("OK")
+""", args=(sock, str(tmp_path / "c.snap"), str(path)))
+        assert res.returncode == 0, res.describe()
+    finally:
+        stop_server(srv)
