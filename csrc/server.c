@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +29,8 @@
 
 #include "lm_internal.h"
 
-#define SRV_QUEUE 64
+#define SRV_READ 64        /* messages per read() */
+#define SRV_QUEUE_MIN 256
 #define SRV_MAX_MAPS 64
 
 struct srv_map {
@@ -49,9 +51,12 @@ struct lm_srv {
     pthread_t tid;
     bool started;
 
-    /* Messages read but not yet handled (faults read while looking for events). */
-    struct uffd_msg queue[SRV_QUEUE];
-    size_t qhead, qlen;
+    /* Fault messages read but not yet served: a ring that grows. It must never stop us from
+       reading: while a REMOVE is unread every fill fails with EAGAIN and the client's madvise
+       waits for us, and fault messages are not bounded by pages (each faulting thread queues
+       one, and again when it retries). */
+    struct uffd_msg *queue;
+    size_t qcap, qhead, qlen;
 
     /* Adaptive readahead: one sequential stream per client. */
     uint64_t next_addr;
@@ -149,23 +154,39 @@ static void handle_event(struct lm_srv *s, const struct uffd_msg *msg)
     }
 }
 
-/* Read whatever the uffd holds now (never blocks); events are handled at once, faults queued.
-   Returns -ENOENT-like codes only for a dead uffd. */
+static int push(struct lm_srv *s, const struct uffd_msg *msg)
+{
+    if (s->qlen == s->qcap) {
+        size_t cap = s->qcap ? s->qcap * 2 : SRV_QUEUE_MIN;
+        struct uffd_msg *q = malloc(cap * sizeof(*q));
+        if (!q)
+            return -ENOMEM;
+        for (size_t i = 0; i < s->qlen; i++)   /* unwrap the ring into the new array */
+            q[i] = s->queue[(s->qhead + i) % s->qcap];
+        free(s->queue);
+        s->queue = q;
+        s->qcap = cap;
+        s->qhead = 0;
+    }
+    s->queue[(s->qhead + s->qlen++) % s->qcap] = *msg;
+    return 0;
+}
+
+/* Read everything the uffd holds now (never blocks); events are handled at once, faults
+   queued. Returns the number of messages read, or -errno for a dead uffd. */
 static int drain(struct lm_srv *s)
 {
+    int total = 0;
     for (;;) {
-        size_t room = SRV_QUEUE - s->qlen;
-        if (room == 0)
-            return 0;
-        struct uffd_msg buf[SRV_QUEUE];
-        ssize_t got = read(s->uffd, buf, room * sizeof(buf[0]));
+        struct uffd_msg buf[SRV_READ];
+        ssize_t got = read(s->uffd, buf, sizeof(buf));
         if (got < 0)
-            return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        for (size_t i = 0; i < (size_t)got / sizeof(buf[0]); i++) {
-            if (buf[i].event == UFFD_EVENT_PAGEFAULT)
-                s->queue[(s->qhead + s->qlen++) % SRV_QUEUE] = buf[i];
-            else
+            return errno == EAGAIN || errno == EINTR ? total : -errno;
+        for (size_t i = 0; i < (size_t)got / sizeof(buf[0]); i++, total++) {
+            if (buf[i].event != UFFD_EVENT_PAGEFAULT)
                 handle_event(s, &buf[i]);
+            else if (push(s, &buf[i]) < 0)
+                srv_error(s, -ENOMEM);   /* that thread waits until it faults again */
         }
     }
 }
@@ -301,9 +322,11 @@ static void *srv_main(void *arg)
                     srv_error(s, rc);
                     goto out;
                 }
+                if (rc == 0)
+                    sched_yield();   /* event read, its madvise/munmap not finished yet */
                 continue;
             }
-            s->qhead = (s->qhead + 1) % SRV_QUEUE;
+            s->qhead = (s->qhead + 1) % s->qcap;
             s->qlen--;
             uint64_t ns = now_ns() - t0;
             atomic_fetch_add_explicit(&s->st_faults, 1, memory_order_relaxed);
@@ -499,5 +522,6 @@ void lm_srv_destroy(struct lm_srv *s, int poison)
         close(s->src_fd);
     free(s->table);
     free(s->scratch);
+    free(s->queue);
     free(s);
 }

@@ -327,13 +327,21 @@ class _PyEngine:
             self._error(-errno.ENOTSUP, "forked children are not served")
 
     def _read(self):
+        """Read everything pending (events handled now, faults queued); returns the count.
+        Never stops because faults are queued: an unread REMOVE blocks every fill."""
         from . import uffd as U
 
-        for ev in self.uffd.read_events(max=64):
-            if isinstance(ev, U.PageFault):
-                self.pending.append(ev)
-            else:
-                self._event(ev)
+        n = 0
+        while True:
+            evs = self.uffd.read_events(max=64)
+            if not evs:
+                return n
+            n += len(evs)
+            for ev in evs:
+                if isinstance(ev, U.PageFault):
+                    self.pending.append(ev)
+                else:
+                    self._event(ev)
 
     def _error(self, rc, why):
         st = self.client._py_stats
@@ -389,7 +397,10 @@ class _PyEngine:
                         self._serve(ev.address & ~(PAGE_SIZE - 1))
                     except UffdError as e:
                         if e.errno == errno.EAGAIN:
-                            self._read()          # the event that blocks the fill; then retry
+                            # the event that blocks the fill; then retry (if it was read
+                            # already, its madvise has not finished yet: let it run)
+                            if not self._read():
+                                time.sleep(0)
                             continue
                         if e.errno in (errno.ENOENT, errno.ESRCH):
                             pass                  # the range or the client went away
