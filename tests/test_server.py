@@ -56,11 +56,19 @@ def sock(tmp_path):
     return str(tmp_path / "srv.sock")
 
 
+@pytest.mark.parametrize("source", ["memory-file", "snapshot"])
 @pytest.mark.parametrize("engine", _engines())
-def test_memory_file_two_clients(tmp_path, sock, engine, run_py):
+def test_two_clients(tmp_path, sock, engine, source, run_py):
     """Two clients at once, each with two ranges at different offsets; every byte checked."""
     path, data = memory_file(tmp_path, 96)
-    with PageServer(sock, memory_file=path, engine=engine) as srv:
+    if source == "snapshot":
+        from pylazymem.server import _have_core
+        if not _have_core():
+            pytest.skip("writing the snapshot needs the C core")
+        kw = {"snapshot": _snapshot_of_file(tmp_path, path, 96)}
+    else:
+        kw = {"memory_file": path}
+    with PageServer(sock, engine=engine, **kw) as srv:
         code = client_code("""
 m = ServedMemory(sys.argv[1], [32 * PS, 16 * PS], [int(sys.argv[2]) * PS, 80 * PS])
 want = open(sys.argv[3], "rb").read()
@@ -89,7 +97,7 @@ print("OK", m.answer["engine"], m.answer["source"]["kind"])
                 pytest.fail("client hung")
         for p, (out, err) in zip(procs, outs):
             assert p.returncode == 0, out + err
-            assert out.split() == ["OK", engine, "memory-file"]
+            assert out.split() == ["OK", engine, source]
         st = srv.stats()
         assert st["clients"] >= 1 and st["errors"] == 0 and st["poisoned"] == 0
         assert st["faults"] >= 2
