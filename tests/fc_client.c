@@ -7,7 +7,8 @@
  * send_uffd_handshake(); src/vmm/src/vstate/memory.rs; the `userfaultfd` 0.9 and `vmm-sys-util`
  * 0.15 crates); docs/page-server.md ("Firecracker protocol") has the details and versions.
  *
- *   1. guest memory: one mapping per region, 2 MiB-aligned, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE;
+ *   1. guest memory: one mapping per region, 2 MiB-aligned,
+ *      MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE;
  *   2. the uffd: /dev/userfaultfd + USERFAULTFD_IOC_NEW(O_CLOEXEC|O_NONBLOCK), syscall fallback,
  *      never UFFD_USER_MODE_ONLY; UFFDIO_API with UFFD_FEATURE_EVENT_REMOVE only;
  *   3. UFFDIO_REGISTER_MODE_MISSING of each whole region;
@@ -103,9 +104,10 @@ static void die(int code, const char *fmt, ...)
     _exit(code);
 }
 
-#define SYSFAIL(what) die(1, "fc_client: %s: %s (stage: %s)", what, strerror(errno), atomic_load(&stage))
+#define SYSFAIL(what)                                                                              \
+    die(1, "fc_client: %s: %s (stage: %s)", what, strerror(errno), atomic_load(&stage))
 
-/* ---- deadline --------------------------------------------------------------------------------
+/* ---- deadline ----------------------------------------------------------------------------------
  * alarm() delivers SIGALRM to the process; every thread but this one blocks it, so it is never
  * left pending on a thread stuck in an uninterruptible wait (madvise waiting for its REMOVE event
  * to be read waits killably). _exit() then kills every thread, wherever it waits. */
@@ -173,10 +175,11 @@ static void create_guest_memory(void)
     nregions = opt.nregions;
 }
 
-/* ---- step 2 and 3: the uffd (userfaultfd 0.9 UffdBuilder::create, Uffd::register) ------------- */
+/* ---- step 2 and 3: the uffd (userfaultfd 0.9 UffdBuilder::create, Uffd::register) ------------ */
 static int create_uffd(void)
 {
-    int flags = O_CLOEXEC | O_NONBLOCK; /* close_on_exec(true), non_blocking(true), user_mode_only(false) */
+    /* close_on_exec(true), non_blocking(true), user_mode_only(false) */
+    int flags = O_CLOEXEC | O_NONBLOCK;
     int uffd;
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
     if (dev >= 0) {
@@ -234,7 +237,7 @@ static size_t serialize(char *out, size_t cap)
     return n;
 }
 
-/* ---- step 5: send_uffd_handshake (vmm-sys-util raw_sendmsg) ------------------------------------ */
+/* ---- step 5: send_uffd_handshake (vmm-sys-util raw_sendmsg) ---------------------------------- */
 static int send_handshake(int uffd)
 {
     char json[4096];
@@ -277,7 +280,7 @@ static int send_handshake(int uffd)
     return sock;
 }
 
-/* ---- expected contents and diagnostics -------------------------------------------------------- */
+/* ---- expected contents and diagnostics ------------------------------------------------------- */
 struct page {
     int region;
     size_t index; /* page index within the region */
@@ -352,7 +355,7 @@ static void check_zero(struct page p, const char *how)
     }
 }
 
-/* ---- the fault storm --------------------------------------------------------------------------- */
+/* ---- the fault storm ------------------------------------------------------------------------- */
 static double now(void)
 {
     struct timespec ts;
@@ -384,7 +387,8 @@ static void touch(struct worker *w, struct page p, size_t k)
          * are: served only because the uffd is not UFFD_USER_MODE_ONLY. */
         ssize_t n = write(w->pipe[1], a, PS);
         if (n != (ssize_t)PS)
-            die(2, "fc_client: kernel-mode access to region %d page %zu: write() returned %zd (%s); "
+            die(2,
+                "fc_client: kernel-mode access to region %d page %zu: write() returned %zd (%s); "
                    "a fault in a kernel access was not served",
                 p.region, p.index, n, n < 0 ? strerror(errno) : "short");
         if (read(w->pipe[0], w->buf, PS) != (ssize_t)PS)
@@ -449,14 +453,16 @@ static void *balloon(void *arg)
     return NULL;
 }
 
-/* ---- arguments -------------------------------------------------------------------------------- */
+/* ---- arguments ------------------------------------------------------------------------------- */
 static void usage(void)
 {
     die(1,
-        "usage: fc_client --socket PATH --memory-file FILE [--regions SIZE[,SIZE...]] [--threads N]\n"
-        "         [--pages N] [--order random|seq|reverse|interleave|same] [--seed N]\n"
-        "         [--kernel-every K] [--write-every K] [--remove PAGES [--remove-cycles N]]\n"
-        "         [--format head|v1.7|v1.1] [--close-after-send] [--print-json] [--timeout SECONDS]\n"
+        "usage: fc_client --socket PATH --memory-file FILE [--regions SIZE[,SIZE...]]\n"
+        "         [--threads N] [--pages N] [--order random|seq|reverse|interleave|same]\n"
+        "         [--seed N]"
+        " [--kernel-every K] [--write-every K] [--remove PAGES [--remove-cycles N]]\n"
+        "         [--format head|v1.7|v1.1] [--close-after-send] [--print-json]\n"
+        "         [--timeout SECONDS]\n"
         "  SIZE: bytes, K/M/G suffixes allowed; regions are laid out in the memory file one after\n"
         "  the other from offset 0 (default: two regions, 3/4 and 1/4 of the file's pages).");
 }
@@ -572,7 +578,8 @@ int main(int argc, char **argv)
         total += opt.region_sizes[i];
     }
     if (total > file_size)
-        die(1, "fc_client: regions (%zu bytes) exceed the memory file (%zu bytes)", total, file_size);
+        die(1, "fc_client: regions (%zu bytes) exceed the memory file (%zu bytes)", total,
+            file_size);
 
     atomic_store(&stage, "guest memory and uffd");
     create_guest_memory();
@@ -604,8 +611,8 @@ int main(int argc, char **argv)
         for (int r = 0; r < nregions; r++) {
             size_t rp = regions[r].size / PS;
             if ((size_t)opt.remove_pages * 4 > rp)
-                die(1, "fc_client: --remove %ld needs regions of at least %ld pages", opt.remove_pages,
-                    opt.remove_pages * 4);
+                die(1, "fc_client: --remove %ld needs regions of at least %ld pages",
+                    opt.remove_pages, opt.remove_pages * 4);
             size_t a = rp / 2 - (size_t)opt.remove_pages / 2, b = rp - (size_t)opt.remove_pages;
             starts[nranges++] = (struct page){r, a};
             starts[nranges++] = (struct page){r, b};
