@@ -3,9 +3,18 @@
 Pages of a Region carry metadata (state, known content class, canonical page, signature,
 first-touch order). Updates are recorded there and carried out by native serving threads when
 a page is first loaded or stored; zero pages map the kernel's shared zero page.
+
+Two backends (PYLAZYMEM_BACKEND=auto|cffi|ctypes, docs/backends.md): "cffi", the compiled core,
+offers everything; "ctypes", pure Python, offers features(), inspect(), the exceptions and
+enums and pylazymem.uffd, and refuses Region/checkpoint/restore with UnavailableError saying
+why. `backend` and `backend_features` say which one this process uses and what it offers.
 """
 __version__ = "0.1.0"
 
+# First: decides the backend (an explicit PYLAZYMEM_BACKEND=cffi without a usable core is an
+# ImportError here, naming the fix). Nothing below may need the core under ctypes.
+from . import _backend  # noqa: E402
+from ._backend import BackendFeatures  # noqa: E402
 from ._errors import (  # noqa: E402
     InvalidArgumentError,
     InvalidRangeError,
@@ -16,12 +25,38 @@ from ._errors import (  # noqa: E402
 )
 from ._features import Features, features  # noqa: E402
 from ._meta import META_DTYPE, ZERO, PageClass, PageFlag, PageState  # noqa: E402
-from .region import Canonical, Handler, Region  # noqa: E402
-from .snapshot import SnapshotError, SnapshotInfo, checkpoint, inspect, restore  # noqa: E402
+
+#: "cffi" (the compiled core) or "ctypes" (pure Python): see docs/backends.md.
+backend = _backend.NAME
+#: What this backend offers (BackendFeatures), and the reason for what it does not.
+backend_features = _backend.FEATURES
+
+if backend == "cffi":
+    from .region import Canonical, Handler, Region  # noqa: E402
+    from .snapshot import SnapshotError, SnapshotInfo, checkpoint, inspect, restore  # noqa: E402
+else:
+    # Stand-ins that raise UnavailableError with the reason and the fix: a program written for
+    # the cffi backend fails at the first call it cannot make, with words, not at import.
+    _refusals = _backend.refusals()
+    Region, Canonical, Handler = _refusals["Region"], _refusals["Canonical"], _refusals["Handler"]
+    checkpoint, restore = _refusals["checkpoint"], _refusals["restore"]
+    del _refusals
+
+    def __getattr__(name):
+        # The snapshot reader needs no core; it is imported on first use (PEP 562), which
+        # keeps `import pylazymem` light where only the uffd binding is wanted.
+        if name in ("SnapshotError", "SnapshotInfo", "inspect"):
+            from . import snapshot
+
+            value = getattr(snapshot, name)
+            globals()[name] = value
+            return value
+        raise AttributeError("module 'pylazymem' has no attribute %r" % name)
 
 __all__ = [
     "__version__", "features", "Features", "Region", "Canonical", "Handler", "ZERO",
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
     "InvalidRangeError", "RegionClosedError", "UnavailableError", "UffdError",
     "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
+    "backend", "backend_features", "BackendFeatures",
 ]

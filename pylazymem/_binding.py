@@ -1,5 +1,18 @@
-"""The 1:1 layer over the compiled core: loads it and checks that it matches this package."""
-from ._lazymem import ffi, lib  # noqa: F401  (re-exported)
+"""The 1:1 layer over the compiled core: loads it and checks that it matches this package.
+
+Only the cffi backend imports this module (see _backend.py); its ImportErrors say what to do.
+"""
+try:
+    from ._lazymem import ffi, lib  # noqa: F401  (re-exported)
+except ImportError as e:
+    from ._backend import CoreNotLoaded
+
+    if isinstance(e, CoreNotLoaded):     # the ctypes backend was chosen: that message says so
+        raise
+    raise ImportError(
+        "pylazymem: the compiled core pylazymem._lazymem cannot be imported (%s); build it with "
+        "'pip install -e .' (or bash scripts/setup.sh), or use the pure-Python backend "
+        "(PYLAZYMEM_BACKEND=ctypes: no in-process lazy regions)" % e, name=e.name) from e
 
 ABI_VERSION = 4
 

@@ -2,8 +2,6 @@
 import errno as _errno
 import os
 
-from ._binding import ffi, lib
-
 # The classes a kernel call can raise live in _uffd_errors, which the pure-Python binding
 # (pylazymem.uffd) shares: one class of each, whichever backend raised it.
 from ._uffd_errors import (  # noqa: E402,F401
@@ -30,6 +28,10 @@ def check(rc, what=""):
     """Turn a C return value into an exception; returns rc when it is not an error."""
     if rc >= 0:
         return rc
+    # Only the cffi backend produces C statuses; importing here keeps the exception classes
+    # importable without the compiled core (the ctypes backend), at no cost on success.
+    from ._binding import ffi, lib
+
     err = -rc
     op = ffi.string(lib.lm_last_op()).decode()
     where = "%s: %s" % (what, op) if what else op

@@ -1,18 +1,28 @@
-"""What this machine and build can do: probed once, exposed as data, what tests skip on."""
+"""What this machine and build can do: probed once, exposed as data, what tests skip on.
+
+Both backends answer the same question the same way: the cffi backend asks the compiled core
+(lm_probe), the ctypes backend asks pylazymem.uffd.probe(); the fields and the reason text are
+built by the same code here, so the answers agree (tests/test_backend.py compares them).
+"""
 import dataclasses
 import errno
 import functools
 import os
 from typing import Optional
 
-from ._binding import ffi, lib
+from . import _backend
 from ._errors import SECCOMP_BLOCKED, remedy, seccomp_filtered
 
-MODES = {lib.LM_MODE_UNAVAILABLE: "unavailable", lib.LM_MODE_FULL: "full",
-         lib.LM_MODE_USER_ONLY: "user-mode-only"}
-SOURCES = {lib.LM_SRC_NONE: None, lib.LM_SRC_DEV: "/dev/userfaultfd", lib.LM_SRC_SYSCALL: "syscall"}
-ACQUIRE = {"auto": lib.LM_ACQ_AUTO, "dev": lib.LM_ACQ_DEV, "syscall": lib.LM_ACQ_SYSCALL,
-           "user-mode-only": lib.LM_ACQ_USER_ONLY}
+# Values of enum lm_mode, lm_source, lm_acquire and lm_uffd_feature in csrc/lazymem.h, written
+# out so that this module needs no compiled core; tests/test_backend.py checks them against it.
+MODES = {0: "unavailable", 1: "full", 2: "user-mode-only"}            # LM_MODE_*
+SOURCES = {0: None, 1: "/dev/userfaultfd", 2: "syscall"}              # LM_SRC_*
+ACQUIRE = {"auto": 0, "dev": 1, "syscall": 2, "user-mode-only": 3}    # LM_ACQ_*
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0                               # LM_UFFD_FEATURE_*
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
+UFFD_FEATURE_POISON = 1 << 14
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFD_FEATURE_MOVE = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +38,22 @@ class Features:
     reason: str               # why degraded, and the fix ("" in full mode)
 
 
-def acquire_mode():
-    """How to get a userfaultfd, from PYLAZYMEM_UFFD (auto | dev | syscall | user-mode-only)."""
+def _acquire_name():
+    """PYLAZYMEM_UFFD (auto | dev | syscall | user-mode-only), checked."""
     name = os.environ.get("PYLAZYMEM_UFFD", "auto")
     if name not in ACQUIRE:
         raise ValueError("PYLAZYMEM_UFFD=%r: expected one of %s" % (name, ", ".join(ACQUIRE)))
-    return ACQUIRE[name]
+    return name
+
+
+def acquire_mode():
+    """How to get a userfaultfd, from PYLAZYMEM_UFFD, as the core's enum lm_acquire value."""
+    return ACQUIRE[_acquire_name()]
 
 
 def _reason(f, mode):
+    """Why the mode is degraded and the fix; `f` has dev/syscall/user_only/api_errno (the
+    core's struct lm_features and uffd.Probe both do)."""
     tried = [("/dev/userfaultfd", f.dev_errno), ("userfaultfd()", f.syscall_errno),
              ("userfaultfd(UFFD_USER_MODE_ONLY)", f.user_only_errno)]
     failures = ["%s: %s" % (name, os.strerror(err)) for name, err in tried if err]
@@ -57,25 +74,45 @@ def _reason(f, mode):
     return "userfaultfd unavailable (%s): %s" % ("; ".join(failures), remedy(main))
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(acquire):
-    f = ffi.new("struct lm_features *")
-    lib.lm_probe(acquire, f)
-    mode = MODES[f.mode]
-    feats = f.api_features if mode != "unavailable" else 0
+def _features(mode, source, feats, reason):
+    feats = feats if mode != "unavailable" else 0
     return Features(
         mode=mode,
-        source=SOURCES[f.source],
+        source=source,
         api_features=feats,
-        has_wp=bool(feats & lib.LM_UFFD_FEATURE_PAGEFAULT_FLAG_WP),
-        has_wp_async=bool(feats & lib.LM_UFFD_FEATURE_WP_ASYNC),
-        has_minor_shmem=bool(feats & lib.LM_UFFD_FEATURE_MINOR_SHMEM),
-        has_poison=bool(feats & lib.LM_UFFD_FEATURE_POISON),
-        has_move=bool(feats & lib.LM_UFFD_FEATURE_MOVE),
-        reason=_reason(f, mode),
+        has_wp=bool(feats & UFFD_FEATURE_PAGEFAULT_FLAG_WP),
+        has_wp_async=bool(feats & UFFD_FEATURE_WP_ASYNC),
+        has_minor_shmem=bool(feats & UFFD_FEATURE_MINOR_SHMEM),
+        has_poison=bool(feats & UFFD_FEATURE_POISON),
+        has_move=bool(feats & UFFD_FEATURE_MOVE),
+        reason=reason,
     )
+
+
+def _probe_cffi(acquire):
+    from ._binding import ffi, lib
+
+    f = ffi.new("struct lm_features *")
+    lib.lm_probe(ACQUIRE[acquire], f)
+    mode = MODES[f.mode]
+    return _features(mode, SOURCES[f.source], f.api_features, _reason(f, mode))
+
+
+def _probe_ctypes(acquire):
+    from . import uffd
+
+    p = uffd.probe(acquire)
+    # Same words as the core's probe, except where only the binding knows why (a machine
+    # whose syscall number or ioctl layout it does not know).
+    reason = p.reason if uffd.SYS_userfaultfd is None else _reason(p, p.mode)
+    return _features(p.mode, p.source, int(p.features), reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(acquire, backend):
+    return _probe_cffi(acquire) if backend == "cffi" else _probe_ctypes(acquire)
 
 
 def features() -> Features:
     """Probe (once per acquisition setting) what userfaultfd offers this process."""
-    return _probe(acquire_mode())
+    return _probe(_acquire_name(), _backend.NAME)

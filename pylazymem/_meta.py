@@ -1,59 +1,63 @@
-"""Page metadata as Python sees it: enums and the numpy dtype, both derived from lazymem.h."""
+"""Page metadata as Python sees it: enums and numpy dtypes mirroring csrc/lazymem.h.
+
+The values are written out rather than read from the cffi module so that they exist under the
+ctypes backend too (inspect() reads snapshot tables with SNAP_PAGE_DTYPE without the core);
+tests/test_backend.py checks every one of them, in both directions, against the compiled header.
+"""
 import enum
 
 import numpy as np
 
-from ._binding import ffi, lib
+
+class PageState(enum.IntEnum):   # enum lm_state
+    EMPTY = 0          # never given contents: reads as zero
+    DEFERRED = 1       # not present; contents described by cls/canon
+    BUSY = 2           # in a transition (transient)
+    PRESENT = 3        # mapped
 
 
-class PageState(enum.IntEnum):
-    EMPTY = lib.LM_EMPTY          # never given contents: reads as zero
-    DEFERRED = lib.LM_DEFERRED    # not present; contents described by cls/canon
-    BUSY = lib.LM_BUSY            # in a transition (transient)
-    PRESENT = lib.LM_PRESENT      # mapped
+class PageClass(enum.IntEnum):   # enum lm_class (LM_CLS_*)
+    NONE = 0
+    ZERO = 1
+    CANONICAL = 2
+    DATA = 3
+    SNAPSHOT = 4
 
 
-class PageClass(enum.IntEnum):
-    NONE = lib.LM_CLS_NONE
-    ZERO = lib.LM_CLS_ZERO
-    CANONICAL = lib.LM_CLS_CANONICAL
-    DATA = lib.LM_CLS_DATA
-    SNAPSHOT = lib.LM_CLS_SNAPSHOT
+class PageFlag(enum.IntFlag):    # enum lm_flag (LM_F_*)
+    NEEDS_UPDATE = 1
+    READAHEAD = 2
+    WRITE_FAULT = 4
+    MATERIALIZED = 8
+    POISONED = 16
+    PREFETCHED = 32
+    BACKGROUND = 64
 
 
-class PageFlag(enum.IntFlag):
-    NEEDS_UPDATE = lib.LM_F_NEEDS_UPDATE
-    READAHEAD = lib.LM_F_READAHEAD
-    WRITE_FAULT = lib.LM_F_WRITE_FAULT
-    MATERIALIZED = lib.LM_F_MATERIALIZED
-    POISONED = lib.LM_F_POISONED
-    PREFETCHED = lib.LM_F_PREFETCHED
-    BACKGROUND = lib.LM_F_BACKGROUND
-
-
-#: How a page was first made present, in Region.timeline().
-PATHS = {lib.LM_PATH_DEMAND: "demand", lib.LM_PATH_READAHEAD: "readahead",
-         lib.LM_PATH_PREFETCH: "prefetch", lib.LM_PATH_BACKGROUND: "background",
-         lib.LM_PATH_MATERIALIZE: "materialize"}
+#: How a page was first made present, in Region.timeline() (enum lm_path, LM_PATH_*).
+PATHS = {1: "demand", 2: "readahead", 3: "prefetch", 4: "background", 5: "materialize"}
 
 #: The known content class "zero", for Region.defer_fill().
 ZERO = PageClass.ZERO
 
-_FIELD_TYPES = {"uint64_t": "<u8", "uint32_t": "<u4", "uint16_t": "<u2", "uint8_t": "u1"}
+#: Classes and flags of a snapshot's page-table entries (enum lm_snap_class, lm_snap_flag).
+SNAP_UNTOUCHED = 0
+SNAP_ZERO = 1
+SNAP_STORED = 2
+SNAP_F_WORKING_SET = 1
 
+#: struct lm_page_meta, one 32-byte record per page (Region.meta).
+META_DTYPE = np.dtype({
+    "names": ["signature", "order", "canon", "aux", "state", "cls", "flags", "reserved"],
+    "formats": ["<u8", "<u8", "<u4", "<u4", "u1", "u1", "<u2", "<u4"],
+    "offsets": [0, 8, 16, 20, 24, 25, 26, 28],
+    "itemsize": 32,
+})
 
-def _struct_dtype(name):
-    """The numpy dtype of a C struct of lazymem.h, field for field."""
-    ctype = ffi.typeof(name)
-    names, formats, offsets = [], [], []
-    for name, field in ctype.fields:
-        names.append(name)
-        formats.append(_FIELD_TYPES[field.type.cname])
-        offsets.append(field.offset)
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                     "itemsize": ffi.sizeof(ctype)})
-
-
-META_DTYPE = _struct_dtype("struct lm_page_meta")
-#: One entry of a snapshot's page table (docs/snapshot-format.md).
-SNAP_PAGE_DTYPE = _struct_dtype("struct lm_snap_page")
+#: struct lm_snap_page: one entry of a snapshot's page table (docs/snapshot-format.md).
+SNAP_PAGE_DTYPE = np.dtype({
+    "names": ["cls", "flags", "reserved", "store", "signature"],
+    "formats": ["u1", "u1", "<u2", "<u4", "<u8"],
+    "offsets": [0, 1, 2, 4, 8],
+    "itemsize": 16,
+})

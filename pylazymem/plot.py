@@ -2,11 +2,11 @@
 first-touch order). Needs matplotlib (pip install 'pylazymem[plot]')."""
 import numpy as np
 
-from ._binding import lib
+from ._meta import SNAP_STORED, SNAP_UNTOUCHED, SNAP_ZERO
 
 CLASS_COLORS = {  # name: (table class or None, RGB)
-    "untouched": (lib.LM_SNAP_UNTOUCHED, (0.92, 0.92, 0.92)),
-    "zero": (lib.LM_SNAP_ZERO, (0.70, 0.82, 0.95)),
+    "untouched": (SNAP_UNTOUCHED, (0.92, 0.92, 0.92)),
+    "zero": (SNAP_ZERO, (0.70, 0.82, 0.95)),
     "unique": (None, (0.20, 0.55, 0.25)),
     "duplicate": (None, (0.95, 0.60, 0.10)),
 }
@@ -41,8 +41,8 @@ def page_map(table, working_set, path, title=""):
     cls = table["cls"].astype(np.int64)
     store = table["store"]
     kind = np.zeros(npages)                      # 0 untouched, 1 zero, 2 unique, 3 duplicate
-    kind[cls == lib.LM_SNAP_ZERO] = 1
-    stored = cls == lib.LM_SNAP_STORED
+    kind[cls == SNAP_ZERO] = 1
+    stored = cls == SNAP_STORED
     counts = np.bincount(store[stored], minlength=1) if stored.any() else np.zeros(1)
     shared = np.zeros(npages, bool)
     shared[stored] = counts[store[stored]] > 1

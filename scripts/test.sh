@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# The README's test command: set up everything, then run the whole test suite.
+# The README's test command: set up everything, then run the whole test suite once per backend
+# (docs/backends.md):
+#   1. PYLAZYMEM_BACKEND=cffi, the compiled core: every test. Explicit, so that a core that
+#      fails to load is an error here instead of a quiet fall-back to ctypes;
+#   2. PYLAZYMEM_BACKEND=ctypes, pure Python: every test that applies. Tests that need the core
+#      (marker `core`, found automatically by tests/conftest.py) are skipped with the reason,
+#      and counted in the last line of the run; every other test runs and must pass.
+# Both runs always happen; the script fails if either fails. Arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+status=0
+echo "== test.sh: backend cffi (the compiled core)"
+PYLAZYMEM_BACKEND=cffi .venv/bin/python -m pytest -q "$@" || status=1
+echo "== test.sh: backend ctypes (pure Python; tests that need the core are skipped)"
+PYLAZYMEM_BACKEND=ctypes .venv/bin/python -m pytest -q "$@" || status=1
+[ "$status" -eq 0 ] && echo "== test.sh: both backends passed" || echo "== test.sh: FAILED (see above)" >&2
+exit "$status"

@@ -1,0 +1,367 @@
+"""Backend selection (PYLAZYMEM_BACKEND), the ctypes backend without the compiled core, and the
+two backends agreeing (docs/backends.md).
+
+Selection happens once, at import, so every case runs in a fresh interpreter. "Without the
+compiled core" is made real there with a sys.meta_path finder that makes pylazymem._lazymem
+and pylazymem._buffer unimportable, as on a machine where they were never built. Tests that
+start a cffi-backend interpreter need the core on disk and carry the `core` marker.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE
+from test_snapshot_format import STORED, UNTOUCHED, ZERO, SnapFile, xxh3
+
+# Many tests here name the core's API to check that the ctypes backend refuses it: they run
+# under both backends; the ones that need the core say so with NEEDS_CORE.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.any_backend]
+
+NEEDS_CORE = pytest.mark.core(reason="starts an interpreter with the cffi backend")
+
+# Makes the compiled modules unimportable, as where they were never built.
+HIDE_CORE = '''
+import importlib.abc, sys
+class _NoCore(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in ("pylazymem._lazymem", "pylazymem._buffer"):
+            raise ModuleNotFoundError("No module named %r (hidden by the test)" % name, name=name)
+sys.meta_path.insert(0, _NoCore())
+'''
+
+# A core built for another version of the package (lm_abi_version() disagrees).
+STALE_CORE = '''
+import sys, types
+_fake = types.ModuleType("pylazymem._lazymem")
+_fake.ffi = object()
+_fake.lib = types.SimpleNamespace(lm_abi_version=lambda: 999)
+sys.modules["pylazymem._lazymem"] = _fake
+'''
+
+# What an interpreter reports about its backend, as JSON on the last line of stdout. Every name
+# of CORE_API is called; the refusal (or the object) is reported.
+REPORT = '''
+import dataclasses, json, sys
+import pylazymem as plm
+out = {"backend": plm.backend, "features_backend": dataclasses.asdict(plm.backend_features),
+       "features": dataclasses.asdict(plm.features()),
+       "compiled": sorted(m for m in ("pylazymem._lazymem", "pylazymem._buffer", "_cffi_backend")
+                          if sys.modules.get(m) is not None),
+       "refused": {}}
+for name in plm._backend.CORE_API:
+    try:
+        getattr(plm, name)(PAGE_SIZE)
+    except plm.UnavailableError as e:
+        assert isinstance(e, OSError) and isinstance(e, plm.LazyMemError)
+        out["refused"][name] = str(e)
+    except Exception as e:
+        out["refused"][name] = None
+    else:
+        out["refused"][name] = None
+try:
+    import pylazymem.region
+    out["region_import"] = None
+except ImportError as e:
+    out["region_import"] = str(e)
+print(json.dumps(out))
+'''
+
+
+def interpreter(run_py, code, backend, hide=None, uffd=None, args=()):
+    """Run `code` in a fresh interpreter with PYLAZYMEM_BACKEND=backend (None: unset), the core
+    hidden ("missing"), stale ("stale") or as built (None); the PyResult."""
+    prefix = {None: "", "missing": HIDE_CORE, "stale": STALE_CORE}[hide]
+    env = {"PYLAZYMEM_BACKEND": backend, "PYLAZYMEM_UFFD": uffd}
+    return run_py(prefix + "PAGE_SIZE = %d\n" % PAGE_SIZE + code, prelude=False, env=env,
+                  timeout=60, args=args)
+
+
+def report(run_py, backend, hide=None, uffd=None):
+    res = interpreter(run_py, REPORT, backend, hide, uffd)
+    assert res.returncode == 0, res.describe()
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def assert_ctypes_refusals(rep, planted=()):
+    assert rep["backend"] == "ctypes"
+    loaded = [m for m in rep["compiled"] if m not in planted]
+    assert loaded == [], "the ctypes backend loaded compiled code: %s" % loaded
+    fb = rep["features_backend"]
+    assert fb["name"] == "ctypes" and not fb["regions"] and not fb["checkpoint_restore"]
+    assert fb["inspect"] and fb["uffd_binding"]
+    assert "GIL" in fb["reason"] and "pip install -e ." in fb["reason"]
+    for name, msg in rep["refused"].items():
+        assert msg is not None, "%s was not refused with UnavailableError" % name
+        assert "ctypes backend" in msg and "deadlock on the GIL" in msg, msg
+        assert "pip install -e ." in msg and "PYLAZYMEM_BACKEND" in msg, msg
+    assert set(rep["refused"]) == set(plm._backend.CORE_API)
+    # pylazymem.region cannot be had either: refused by the backend, or (a stale core already
+    # loaded) by the ABI check
+    assert rep["region_import"] and ("ctypes backend" in rep["region_import"]
+                                     or "rebuild" in rep["region_import"]), rep["region_import"]
+
+
+# ---- selection ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,expected", [
+    pytest.param(None, "cffi", marks=NEEDS_CORE, id="unset"),
+    pytest.param("", "cffi", marks=NEEDS_CORE, id="empty"),
+    pytest.param("auto", "cffi", marks=NEEDS_CORE, id="auto"),
+    pytest.param("cffi", "cffi", marks=NEEDS_CORE, id="cffi"),
+    pytest.param(" CFFI ", "cffi", marks=NEEDS_CORE, id="cffi-spelling"),
+    pytest.param("ctypes", "ctypes", id="ctypes"),
+    pytest.param("Ctypes", "ctypes", id="ctypes-spelling"),
+])
+def test_selection_by_env_var(run_py, value, expected):
+    rep = report(run_py, value)
+    assert rep["backend"] == rep["features_backend"]["name"] == expected
+    if expected == "cffi":
+        fb = rep["features_backend"]
+        assert fb["regions"] and fb["checkpoint_restore"] and fb["inspect"], fb
+        assert "pylazymem._lazymem" in rep["compiled"]
+        assert rep["refused"] == dict.fromkeys(plm._backend.CORE_API), rep["refused"]
+        assert rep["region_import"] is None
+    else:
+        # the core is built (it is, when this runs next to a cffi run), and still not loaded:
+        # an explicit choice holds
+        assert_ctypes_refusals(rep)
+        assert "PYLAZYMEM_BACKEND=ctypes was requested" in rep["features_backend"]["reason"]
+
+
+@pytest.mark.parametrize("value", ["cuda", "cffi,ctypes", "ctype", "1"])
+def test_invalid_value_is_a_clear_error(run_py, value):
+    res = interpreter(run_py, "import pylazymem", value)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pylazymem: PYLAZYMEM_BACKEND="), res.describe()
+    assert repr(value.strip().lower()) in last and "auto, cffi, ctypes" in last, last
+
+
+def test_explicit_cffi_without_core_names_the_fix(run_py):
+    res = interpreter(run_py, "import pylazymem", "cffi", hide="missing")
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pylazymem: PYLAZYMEM_BACKEND=cffi, but the compiled "
+                           "core cannot be used"), res.describe()
+    assert "No module named 'pylazymem._lazymem'" in last
+    assert "pip install -e ." in last and "PYLAZYMEM_BACKEND=ctypes" in last, last
+
+
+def test_explicit_cffi_with_stale_core_names_the_fix(run_py):
+    res = interpreter(run_py, "import pylazymem", "cffi", hide="stale")
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert "PYLAZYMEM_BACKEND=cffi" in last and "ABI 999" in last and "rebuild" in last, last
+
+
+@pytest.mark.parametrize("hide", ["missing", "stale"])
+def test_auto_falls_back_to_ctypes_and_says_why(run_py, hide):
+    rep = report(run_py, "auto", hide=hide)
+    # the stale core's fake module is the test's own, put in sys.modules before the import
+    assert_ctypes_refusals(rep, planted=["pylazymem._lazymem"] if hide == "stale" else [])
+    why = "No module named 'pylazymem._lazymem'" if hide == "missing" else "ABI 999"
+    assert why in rep["features_backend"]["reason"]
+    assert all(why in msg for msg in rep["refused"].values()), rep["refused"]
+
+
+# ---- the ctypes backend without the core ------------------------------------------------------
+
+def test_ctypes_import_without_core(run_py, tmp_path):
+    """Everything that needs no in-process region works with the core absent: the package,
+    features(), exceptions, enums, dtypes, inspect() and the uffd binding."""
+    path = str(tmp_path / "s.plm")
+    write_snapshot(path)
+    res = interpreter(run_py, '''
+        import json, sys
+        import numpy as np
+        import pylazymem as plm
+        from pylazymem import uffd
+        assert plm.backend == "ctypes"
+        f = plm.features()
+        p = uffd.probe()
+        assert (f.mode, f.source, f.api_features) == (p.mode, p.source, int(p.features))
+        assert issubclass(plm.InvalidRangeError, ValueError)
+        assert issubclass(plm.UnavailableError, OSError)
+        assert plm.ZERO is plm.PageClass.ZERO and plm.META_DTYPE.itemsize == 32
+        assert int(plm.PageFlag.BACKGROUND) == 64
+        info = plm.inspect(sys.argv[1])
+        try:
+            plm.inspect(sys.argv[1] + ".missing")
+        except plm.SnapshotError as e:
+            missing = str(e)
+        assert not [m for m in ("pylazymem._lazymem", "pylazymem._buffer", "_cffi_backend",
+                                "pylazymem._binding") if sys.modules.get(m) is not None]
+        print(json.dumps({"pbc": info.pages_by_class, "ws": info.working_set.tolist(),
+                          "mode": f.mode, "missing": missing}))
+    '''.replace("\n        ", "\n"), "ctypes", hide="missing", args=(path,))
+    assert res.returncode == 0, res.describe()
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    info = plm.inspect(path)
+    assert got["pbc"] == info.pages_by_class == {"zero": 2, "untouched": 1, "unique": 2,
+                                                 "duplicate": 1}
+    assert got["ws"] == info.working_set.tolist() == [3, 0]
+    assert got["mode"] == plm.features().mode
+    assert "no such snapshot file" in got["missing"]
+
+
+def test_ctypes_refusals_without_core(run_py):
+    assert_ctypes_refusals(report(run_py, "ctypes", hide="missing"))
+
+
+CLI = '''
+import runpy, sys
+sys.argv = ["pylazymem"] + sys.argv[1:]
+try:
+    runpy.run_module("pylazymem", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    print("EXIT", e.code)
+'''
+
+
+def test_cli_features_and_inspect_without_core(run_py, tmp_path):
+    path = str(tmp_path / "s.plm")
+    write_snapshot(path)
+    res = interpreter(run_py, CLI, "ctypes", hide="missing", args=("features", "--json"))
+    assert res.returncode == 0 and res.stdout.strip().endswith("EXIT 0"), res.describe()
+    assert json.loads(res.stdout.rsplit("EXIT", 1)[0])["mode"] == plm.features().mode
+    res = interpreter(run_py, CLI, "ctypes", hide="missing", args=("inspect", path, "--json"))
+    assert res.stdout.strip().endswith("EXIT 0"), res.describe()
+    d = json.loads(res.stdout.rsplit("EXIT", 1)[0])
+    assert d["pages_by_class"] == plm.inspect(path).pages_by_class
+    pytest.importorskip("matplotlib")
+    png = str(tmp_path / "map.png")
+    res = interpreter(run_py, CLI, "ctypes", hide="missing", args=("inspect", path, "--plot", png))
+    assert res.stdout.strip().endswith("EXIT 0"), res.describe()
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_page_server_claim_holds_without_core(run_py):
+    """backend_features.page_server is true only where the server imports under ctypes."""
+    res = interpreter(run_py, '''
+import json, sys
+import pylazymem as plm
+try:
+    import pylazymem.server
+    err = None
+except ImportError as e:
+    err = str(e)
+print(json.dumps([plm.backend_features.page_server, err]))
+''', "ctypes", hide="missing")
+    assert res.returncode == 0, res.describe()
+    claimed, err = json.loads(res.stdout.strip().splitlines()[-1])
+    assert claimed == (err is None), (claimed, err)
+
+
+# ---- this process's backend --------------------------------------------------------------------
+
+def test_backend_features_describe_this_backend():
+    fb = plm.backend_features
+    assert isinstance(fb, plm.BackendFeatures) and dataclasses.is_dataclass(fb)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fb.regions = True
+    assert fb.name == plm.backend in ("cffi", "ctypes")
+    assert fb.regions == fb.checkpoint_restore == (plm.backend == "cffi")
+    assert fb.inspect is True
+    assert isinstance(fb.page_server, bool) and isinstance(fb.uffd_binding, bool)
+    everything = fb.regions and fb.page_server and fb.uffd_binding
+    assert (fb.reason == "") == everything, fb
+    env = os.environ.get("PYLAZYMEM_BACKEND", "").strip().lower() or "auto"
+    assert env == "auto" or env == plm.backend
+
+
+def test_inspect_agrees_with_independent_reader(tmp_path):
+    """inspect() under whichever backend runs this: against the file as written by hand."""
+    path = str(tmp_path / "s.plm")
+    write_snapshot(path)
+    info = plm.inspect(path)
+    assert info.pages_by_class == {"zero": 2, "untouched": 1, "unique": 2, "duplicate": 1}
+    assert info.npages == 6 and info.page_size == PAGE_SIZE
+    assert info.working_set.tolist() == [3, 0]
+    assert info.stored_bytes == 2 * PAGE_SIZE
+    with pytest.raises(plm.SnapshotError):
+        plm.inspect(str(tmp_path / "missing.plm"))
+
+
+# ---- the two backends agree --------------------------------------------------------------------
+
+@NEEDS_CORE
+@pytest.mark.parametrize("uffd", ["auto", "dev", "syscall", "user-mode-only"])
+def test_features_agree_between_backends(run_py, uffd):
+    """features() asks the core (cffi) or pylazymem.uffd (ctypes): same mode, source, feature
+    bits and reason text, for every acquisition setting."""
+    a = report(run_py, "cffi", uffd=uffd)
+    b = report(run_py, "ctypes", uffd=uffd)
+    assert (a["backend"], b["backend"]) == ("cffi", "ctypes")
+    assert a["features"] == b["features"]
+
+
+@pytest.mark.core(reason="reads the compiled header through the cffi module")
+def test_header_constants_match_the_core():
+    """The enums, constants and dtypes written out in Python (so the ctypes backend has them)
+    equal csrc/lazymem.h, and every constant of the header's families is mirrored."""
+    from pylazymem import _features, _meta
+    from pylazymem._binding import ffi, lib
+
+    def family(prefix):
+        return {n[len(prefix):]: getattr(lib, n) for n in dir(lib) if n.startswith(prefix)}
+
+    assert family("LM_CLS_") == {m.name: m.value for m in _meta.PageClass}
+    assert family("LM_F_") == {m.name: m.value for m in _meta.PageFlag}
+    assert {n: v for n, v in family("LM_").items()
+            if n in ("EMPTY", "DEFERRED", "BUSY", "PRESENT")} == {
+        m.name: m.value for m in _meta.PageState}
+    paths = family("LM_PATH_")
+    assert paths.pop("NONE") == 0
+    assert {v: n.lower() for n, v in paths.items()} == _meta.PATHS
+    assert family("LM_SNAP_F_") == {"WORKING_SET": _meta.SNAP_F_WORKING_SET}
+    assert {n: v for n, v in family("LM_SNAP_").items() if not n.startswith("F_")} == {
+        "UNTOUCHED": _meta.SNAP_UNTOUCHED, "ZERO": _meta.SNAP_ZERO, "STORED": _meta.SNAP_STORED}
+    names = {"UNAVAILABLE": "unavailable", "FULL": "full", "USER_ONLY": "user-mode-only"}
+    assert {v: names[n] for n, v in family("LM_MODE_").items()} == _features.MODES
+    srcs = {"NONE": None, "DEV": "/dev/userfaultfd", "SYSCALL": "syscall"}
+    assert {v: srcs[n] for n, v in family("LM_SRC_").items()} == _features.SOURCES
+    acq = {"AUTO": "auto", "DEV": "dev", "SYSCALL": "syscall", "USER_ONLY": "user-mode-only"}
+    assert {acq[n]: v for n, v in family("LM_ACQ_").items()} == _features.ACQUIRE
+    feats = family("LM_UFFD_FEATURE_")
+    for n in ("PAGEFAULT_FLAG_WP", "MINOR_SHMEM", "POISON", "WP_ASYNC", "MOVE"):
+        assert getattr(_features, "UFFD_FEATURE_" + n) == feats[n], n
+
+    def struct_dtype(name):
+        ctype = ffi.typeof(name)
+        types = {"uint64_t": "<u8", "uint32_t": "<u4", "uint16_t": "<u2", "uint8_t": "u1"}
+        fields = ctype.fields
+        return np.dtype({"names": [n for n, _ in fields],
+                         "formats": [types[f.type.cname] for _, f in fields],
+                         "offsets": [f.offset for _, f in fields], "itemsize": ffi.sizeof(ctype)})
+
+    assert _meta.META_DTYPE == struct_dtype("struct lm_page_meta")
+    assert _meta.META_DTYPE.names == struct_dtype("struct lm_page_meta").names
+    assert _meta.SNAP_PAGE_DTYPE == struct_dtype("struct lm_snap_page")
+    assert _meta.SNAP_PAGE_DTYPE.names == struct_dtype("struct lm_snap_page").names
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def write_snapshot(path):
+    """A 6-page snapshot by the independent writer of test_snapshot_format (no core needed):
+    pages 0 and 4 share contents A, page 2 holds B, pages 1 and 3 are zero, page 5 untouched;
+    working set [3, 0]."""
+    ps = PAGE_SIZE
+    a = bytes([7]) * ps
+    b = bytes(range(256)) * (ps // 256)
+    sf = SnapFile.new(ps, 6, store=a + b)
+    t = sf.table
+    t["cls"] = [STORED, ZERO, STORED, ZERO, STORED, UNTOUCHED]
+    t["store"] = [0, 0, 1, 0, 0, 0]
+    t["signature"] = [xxh3(a), xxh3(bytes(ps)), xxh3(b), xxh3(bytes(ps)), xxh3(a), 0]
+    sf.ws = np.array([3, 0], np.uint64)
+    t["flags"][[3, 0]] = 1
+    with open(path, "wb") as f:
+        f.write(sf.build())
+    return path
