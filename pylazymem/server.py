@@ -39,6 +39,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_MESSAGE = 64 * 1024     # the mappings JSON: Firecracker's handlers read into a few KiB
 MAX_MAPPINGS = 64
 HANDSHAKE_TIMEOUT = 5.0     # seconds a connected client has to send its fd and mappings
+MAX_HANDSHAKES = 16         # connections waiting for their handshake at once
 ENGINES = ("auto", "c", "python")
 
 # Our own clients add this key to each mapping: they keep their uffd and watch the server, so
@@ -449,11 +450,12 @@ class PageServer:
     Exactly one of `snapshot`, `memory_file`, `provider`. `allow_uids`: the uids that may
     connect (default: only ours). `engine`: "c" (native serving threads; file sources, cffi
     backend), "python" (a Python thread per client through pylazymem.uffd; needed for a
-    provider), or "auto". Use as a context manager, or start()/stop(); serve_forever() blocks.
+    provider), or "auto". `max_clients`: clients served at once (one thread each); more are
+    refused. Use as a context manager, or start()/stop(); serve_forever() blocks.
     """
 
     def __init__(self, socket_path, *, snapshot=None, memory_file=None, provider=None,
-                 allow_uids=None, engine="auto", max_cluster_pages=None):
+                 allow_uids=None, engine="auto", max_cluster_pages=None, max_clients=256):
         given = [x is not None for x in (snapshot, memory_file, provider)]
         if sum(given) != 1:
             raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
@@ -490,6 +492,9 @@ class PageServer:
         self._finished = dict.fromkeys(_SRV_STAT_FIELDS, 0)   # counters of clients gone
         self._served = 0
         self.refused = 0
+        self.max_clients = int(max_clients)
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._handshake_threads = set()
 
     # -- lifetime -------------------------------------------------------------------------
     def _bind(self):
@@ -544,6 +549,8 @@ class PageServer:
         os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join()
+        for t in list(self._handshake_threads):
+            t.join()   # at most HANDSHAKE_TIMEOUT; a client it admits is ended below
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:
@@ -601,13 +608,31 @@ class PageServer:
             except OSError as e:
                 log.warning("accept: %s", e)
                 continue
-            try:
-                self._handshake(conn)
-            except Exception as e:   # one bad client must not stop the server
-                self.refused += 1
-                log.warning("client refused: %s", e)
-                _reply(conn, {"ok": False, "error": str(e)})
-                conn.close()
+            # Each handshake in its own short-lived thread: a client that connects and sends
+            # nothing must not hold up the others for HANDSHAKE_TIMEOUT.
+            if not self._handshakes.acquire(blocking=False):
+                self._refuse(conn, "too many handshakes in progress")
+                continue
+            t = threading.Thread(target=self._handshake_thread, args=(conn,), daemon=True,
+                                 name="pylazymem-handshake")
+            self._handshake_threads.add(t)
+            t.start()
+
+    def _refuse(self, conn, why):
+        with self._lock:
+            self.refused += 1
+        log.warning("client refused: %s", why)
+        _reply(conn, {"ok": False, "error": why})
+        conn.close()
+
+    def _handshake_thread(self, conn):
+        try:
+            self._handshake(conn)
+        except Exception as e:   # one bad client must not stop the server
+            self._refuse(conn, str(e))
+        finally:
+            self._handshakes.release()
+            self._handshake_threads.discard(threading.current_thread())
 
     def _reap(self):
         with self._lock:
@@ -641,6 +666,11 @@ class PageServer:
             if uid not in self.allow_uids:
                 raise PermissionError("pid %d runs as uid %d, which may not use this server "
                                       "(allowed: %s)" % (pid, uid, sorted(self.allow_uids)))
+            with self._lock:
+                if len(self._clients) >= self.max_clients or self._stopped:
+                    raise ProtocolError("the server is stopping" if self._stopped else
+                                        "the server serves %d clients already (max_clients)"
+                                        % len(self._clients))
             if len(fds) != 1:
                 raise ProtocolError("expected one userfaultfd with the mappings, got %d fds"
                                     % len(fds))

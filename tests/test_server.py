@@ -637,3 +637,41 @@ print("OK")
         assert res.returncode == 0, res.describe()
     finally:
         stop_server(srv)
+
+
+def test_silent_connection_does_not_block_others(tmp_path, sock, run_py):
+    """A client that connects and sends nothing must not hold up the next one (handshakes
+    run in their own threads); max_clients bounds the clients served at once."""
+    import time
+    path, _ = memory_file(tmp_path, 8)
+    with PageServer(sock, memory_file=path, max_clients=1) as srv:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(sock)
+        t0 = time.monotonic()
+        body = """
+import time
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][:] == open(sys.argv[2], "rb").read()
+print("OK", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+        res = run_py(client_code(body), args=(sock, str(path), "0"), prelude=False)
+        assert res.returncode == 0, res.describe()
+        assert time.monotonic() - t0 < 4.0, "a silent connection delayed the next client"
+        import subprocess
+        import sys
+        holder = subprocess.Popen([sys.executable, "-c", client_code(body), sock, str(path),
+                                   "30"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "OK"
+            res = run_py(client_code("""
+try:
+    ServedMemory(sys.argv[1], [8 * PS], [0])
+except Exception as e:
+    print(type(e).__name__, e)
+"""), args=(sock,), prelude=False)
+            assert "max_clients" in res.stdout, res.describe()
+        finally:
+            holder.kill()
+            holder.wait()
+        silent.close()
