@@ -153,8 +153,9 @@ def unavailable(what):
     return UnavailableError(
         errno.ENOSYS,
         "%s is not offered by the ctypes backend (%s): %s. Fix: %s and select the cffi backend "
-        "(unset %s or set it to cffi). Under ctypes: features(), inspect() and pylazymem.uffd "
-        "(serving another process's faults)" % (what, CORE_ERROR, GIL_REASON, BUILD_FIX, ENV))
+        "(unset %s or set it to cffi). What the ctypes backend offers: features(), inspect(), "
+        "pylazymem.uffd and the page server (serving other processes' faults)"
+        % (what, CORE_ERROR, GIL_REASON, BUILD_FIX, ENV))
 
 
 def require_core(what):
