@@ -9,6 +9,7 @@ verified against the protocol, not only against pylazymem's own client.
 Everything runs in subprocesses under timeouts: the client has its own alarm() deadline (exit
 status 3 on a hang) and each subprocess a wall-clock limit besides.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -94,12 +95,11 @@ def _kill_group(proc):
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module", params=["c", "python"])
-def server(request, memory_file):
-    """`python -m pylazymem serve --socket S --memory-file F --engine E`, started once per
-    engine; it must print its ready line, keep its socket 0600, survive every client and
-    stop with status 0 on SIGTERM."""
-    engine = request.param
+@contextlib.contextmanager
+def serve(engine, source_args):
+    """`python -m pylazymem serve --socket S <source_args> --engine E` for the duration of the
+    block: it must print its ready line, keep its socket 0600, survive every client and stop
+    with status 0 on SIGTERM, removing its socket."""
     if engine == "c" and getattr(plm, "backend", "cffi") != "cffi":
         pytest.skip("engine c needs the C core (backend %r)" % plm.backend)
     d = tempfile.mkdtemp(prefix="fcsrv", dir="/tmp")   # short: sun_path holds 108 bytes
@@ -107,8 +107,8 @@ def server(request, memory_file):
     log_path = os.path.join(d, "server.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pylazymem", "serve", "--socket", sock,
-             "--memory-file", memory_file, "--engine", engine],
+            [sys.executable, "-m", "pylazymem", "serve", "--socket", sock, *source_args,
+             "--engine", engine],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR, start_new_session=True)
     srv = Server(proc, sock, engine, log_path)
     try:
@@ -141,6 +141,13 @@ def server(request, memory_file):
         if proc.poll() is None:
             _kill_group(proc)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def server(request, memory_file):
+    """A server of the memory file, one per engine, shared by the tests of this module."""
+    with serve(request.param, ["--memory-file", memory_file]) as srv:
+        yield srv
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,3 +340,29 @@ def test_client_killed_mid_storm(fc_client, server, memory_file):
     s = run_client(fc_client, server, memory_file)
     assert s["verified_pages"] == NPAGES
     server.assert_alive()
+
+
+@pytest.mark.any_backend   # the snapshot is written by a cffi subprocess; served by either
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_snapshot_source(fc_client, memory_file, tmp_path, engine):
+    """`serve --snapshot`: the same bytes as the memory file, from a pylazymem snapshot (zero,
+    duplicate and unique pages stored differently); Firecracker's client cannot tell."""
+    snap = str(tmp_path / "guest.plm")
+    code = ("import sys, numpy as np, pylazymem as plm\n"
+            "r = plm.Region(%d)\n"
+            "np.frombuffer(memoryview(r), np.uint8)[:] = np.fromfile(sys.argv[1], np.uint8)\n"
+            "plm.checkpoint(r, sys.argv[2])\n"
+            "r.close()\n" % (NPAGES * PAGE_SIZE))
+    res = subprocess.run([sys.executable, "-c", code, memory_file, snap], capture_output=True,
+                         text=True, timeout=SUBPROCESS_TIMEOUT, cwd=REPO_DIR,
+                         env=dict(os.environ, PYLAZYMEM_BACKEND="cffi"))
+    if res.returncode and "compiled core" in res.stderr:
+        pytest.skip("writing a snapshot needs the compiled core, which is not built")
+    assert res.returncode == 0, res.stderr
+    with serve(engine, ["--snapshot", snap]) as srv:
+        s = run_client(fc_client, srv, memory_file, "--threads", "4", "--remove", "16")
+        assert s["verified_pages"] == NPAGES
+        s = run_client(fc_client, srv, memory_file, "--regions", "1M,4M,512K", "--order",
+                       "interleave")
+        assert s["regions"] == 3
+        srv.assert_alive()
