@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 4 };
+enum { LM_ABI_VERSION = 5 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -211,31 +211,32 @@ uint64_t lm_xxh3(const void *data, size_t len);
 
 /* ---- snapshots (docs/snapshot-format.md) --------------------------------------------- */
 
-/* One page-table entry of a snapshot file, little-endian on disk. */
+/* One page-map entry of a snapshot file (4 bytes, little-endian on disk): LM_SNAP_UNTOUCHED,
+   LM_SNAP_ZERO, or LM_SNAP_STORED + i for the contents of store entry i. */
 enum lm_snap_class { LM_SNAP_UNTOUCHED = 0, LM_SNAP_ZERO = 1, LM_SNAP_STORED = 2 };
-enum lm_snap_flag { LM_SNAP_F_WORKING_SET = 1 };
 struct lm_snap_page {
-    uint8_t cls;          /* enum lm_snap_class */
-    uint8_t flags;        /* enum lm_snap_flag */
-    uint16_t reserved;
-    uint32_t store;       /* store index (LM_SNAP_STORED) */
-    uint64_t signature;   /* XXH3-64 of the contents (0 for untouched) */
+    uint32_t entry;
 };
 
 /* Serve SNAPSHOT pages from `fd` (duplicated): store entry i is page_size bytes at
-   store_offset + i * page_size. With verify, every page is checked against its signature as
-   it is served; a mismatch poisons the page (access raises SIGBUS). */
+   store_offset + i * page_size; the store's signatures (one u64 per entry, XXH3-64 sigs_xxh3
+   over them) are at sigs_offset and are read when first needed (lm_source_signatures). With
+   verify they are read now and every page is checked against its signature as it is served;
+   a mismatch poisons the page (access raises SIGBUS). */
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
-                     int verify);
-/* Check a snapshot's page table and working set: classes, flags, store indices in range and
-   every store entry used, working-set pages in range, listed once and flagged. counts[3]
-   receives the number of untouched, zero and stored pages. */
-int lm_snap_check(const struct lm_snap_page *table, size_t npages, uint64_t nstored,
+                     uint64_t sigs_offset, uint64_t sigs_xxh3, int verify);
+/* Read and check the source's signatures if that has not been done yet (idempotent); lazy
+   page records filled before then get theirs. 0 when the region has no snapshot source. */
+int lm_source_signatures(struct lm_region *r);
+/* Check a snapshot's page map and working set: entries name store entries in range, every
+   store entry is used, working-set pages are in range and listed once. counts[3] receives
+   the number of untouched, zero and stored pages. */
+int lm_snap_check(const struct lm_snap_page *map, size_t npages, uint64_t nstored,
                   const uint64_t *ws, size_t nws, uint64_t *counts);
-/* Make a fresh region hold the snapshot: its pages become deferred updates. The table is
+/* Make a fresh region hold the snapshot: its pages become deferred updates. The map is
    not copied: the caller keeps it alive until lm_meta_pending() is 0 or the region ends
    (records are filled from it as pages are first claimed; lm_meta_sync() fills the rest). */
-int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size_t npages,
+int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t npages,
                      uint64_t nstored);
 int lm_meta_sync(struct lm_region *r);
 int lm_meta_pending(struct lm_region *r);
@@ -251,10 +252,11 @@ int lm_page_read(struct lm_region *r, size_t page, void *out);
 
 /* Checkpoint, step 1: classify and hash every page, deduplicate contents (hash, then compare
    bytes) and lay out the store: working-set pages first, in the order given, then the rest in
-   address order. Fills table[npages] and store_pages[] (the page whose contents each store
-   entry holds); returns the number of store entries in *nstored. */
+   address order. Fills map[npages], and per store entry its signature (sigs[]) and the page
+   whose contents it holds (store_pages[]); returns the number of store entries in *nstored. */
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
-                 struct lm_snap_page *table, uint64_t *store_pages, uint64_t *nstored);
+                 struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                 uint64_t *nstored);
 /* Checkpoint, step 2: write the contents of store_pages[0..n) to fd at offset. */
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n);

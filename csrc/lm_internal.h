@@ -126,6 +126,9 @@ struct lm_region {
     struct timespec src_mtime;
     _Atomic uint64_t src_checked_ns;
     _Atomic int src_broken;       /* -errno once the file changed under us */
+    uint64_t src_sigs_off;        /* the store's signatures: one u64 per entry, at this offset */
+    uint64_t src_sigs_xxh3;       /* ... and their checksum */
+    _Atomic(uint64_t *) src_sigs; /* read when first needed (lm_source_signatures), else NULL */
 
     /* Background fill (snapshot.c). */
     pthread_t bg_tid;
@@ -207,6 +210,9 @@ const char *lm_canon_page(struct lm_region *r, uint32_t id);
 
 /* snapshot.c */
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+/* Fill claimed page p's record from a restore's page map (called with its bit in base_done
+   just taken); returns the state the page is really in. */
+uint8_t lm_snap_apply_base(struct lm_region *r, size_t p, uint8_t s);
 void lm_source_close(struct lm_region *r);
 /* wstrack.c */
 int lm_ws_init(struct lm_region *r, uint64_t api_features);

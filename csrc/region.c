@@ -125,22 +125,7 @@ static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint6
         m->flags = g->cls == LM_CLS_CANONICAL ? LM_F_NEEDS_UPDATE : 0;
         return LM_DEFERRED;
     }
-    const struct lm_snap_page *base = atomic_load_explicit(&r->base_table, memory_order_acquire);
-    if (!base)
-        return s;
-    const struct lm_snap_page *e = &base[p];
-    if (e->cls == LM_SNAP_ZERO) {
-        m->cls = LM_CLS_ZERO;
-        m->signature = r->zero_sig;
-        s = LM_DEFERRED;
-    } else if (e->cls == LM_SNAP_STORED) {
-        m->cls = LM_CLS_SNAPSHOT;
-        m->aux = e->store;
-        m->signature = e->signature;
-        m->flags = LM_F_NEEDS_UPDATE;
-        s = LM_DEFERRED;
-    }
-    return s;
+    return lm_snap_apply_base(r, p, s);   /* a restore's page map, if any */
 }
 
 uint8_t lm_claim(struct lm_region *r, size_t p)
@@ -178,10 +163,14 @@ static void meta_sync_locked(struct lm_region *r)
 
 int lm_meta_sync(struct lm_region *r)
 {
+    /* Records of restored pages carry signatures only once the snapshot's signature section
+       has been read: whoever reads every record needs them. A failure to read them (a corrupt
+       section) leaves those signatures 0 (unknown) and is returned. */
+    int rc = lm_source_signatures(r);
     pthread_mutex_lock(&r->records_lock);
     meta_sync_locked(r);
     pthread_mutex_unlock(&r->records_lock);
-    return 0;
+    return rc < 0 ? rc : 0;
 }
 
 int lm_meta_pending(struct lm_region *r)
@@ -849,7 +838,8 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
     int rc = check_range(r, first, n);
     if (rc < 0)
         return rc;
-    lm_meta_sync(r);
+    if ((rc = lm_meta_sync(r)) < 0)
+        return rc;
     for (size_t i = first; i < first + n; i++) {
         struct lm_page_meta *m = &r->meta[i];
         uint8_t s;

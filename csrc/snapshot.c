@@ -24,21 +24,22 @@
 #define PREFETCH_BATCH 1024u
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshot tables are little-endian");
-_Static_assert(sizeof(struct lm_snap_page) == 16, "snapshot page-table entry is 16 bytes");
+_Static_assert(sizeof(struct lm_snap_page) == 4, "snapshot page-map entry is 4 bytes");
 
 /* ---- the store file ------------------------------------------------------------------ */
 
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
-                     int verify)
+                     uint64_t sigs_offset, uint64_t sigs_xxh3, int verify)
 {
     if (r->src_fd >= 0)
         return lm_fail("region already has a snapshot source", EBUSY);
     struct stat st;
     if (fstat(fd, &st) < 0)
         return LM_FAIL("fstat(snapshot)");
-    if (store_offset % r->page_size ||
-        store_offset + nstored * r->page_size > (uint64_t)st.st_size)
-        return lm_fail("snapshot store outside the file", EINVAL);
+    if (store_offset % r->page_size || nstored > (uint64_t)st.st_size / r->page_size ||
+        store_offset + nstored * r->page_size > (uint64_t)st.st_size ||
+        sigs_offset > (uint64_t)st.st_size || nstored > ((uint64_t)st.st_size - sigs_offset) / 8)
+        return lm_fail("snapshot store or signatures outside the file", EINVAL);
     int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dup < 0)
         return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
@@ -48,7 +49,15 @@ int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_
     r->src_verify = verify != 0;
     r->src_size = st.st_size;
     r->src_mtime = st.st_mtim;
+    r->src_sigs_off = sigs_offset;
+    r->src_sigs_xxh3 = sigs_xxh3;
     atomic_store(&r->src_checked_ns, lm_now_ns());
+    /* Verification compares every page served with its signature: they must be there first. */
+    int rc = verify ? lm_source_signatures(r) : 0;
+    if (rc < 0) {
+        lm_source_close(r);
+        return rc;
+    }
     return 0;
 }
 
@@ -57,6 +66,80 @@ void lm_source_close(struct lm_region *r)
     if (r->src_fd >= 0)
         close(r->src_fd);
     r->src_fd = -1;
+    free(atomic_exchange(&r->src_sigs, NULL));
+}
+
+static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t off);
+
+/*
+ * The store's signatures are needed only to verify pages, to checkpoint a restored region
+ * again (deduplication and the new file's signatures without reading the store) and to show
+ * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them.
+ */
+int lm_source_signatures(struct lm_region *r)
+{
+    if (r->src_fd < 0 || atomic_load(&r->src_sigs))
+        return 0;
+    size_t n = r->src_nstored;
+    uint64_t *sigs = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (!sigs)
+        return lm_fail("malloc(snapshot signatures)", ENOMEM);
+    int rc = src_pread(r, sigs, n * sizeof(uint64_t), r->src_sigs_off);
+    if (rc == 0 && XXH3_64bits(sigs, n * sizeof(uint64_t)) != r->src_sigs_xxh3)
+        rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature section)",
+                     EBADMSG);
+    if (rc < 0) {
+        free(sigs);
+        return rc;
+    }
+    uint64_t *none = NULL;
+    if (!atomic_compare_exchange_strong(&r->src_sigs, &none, sigs)) {
+        free(sigs);   /* another thread read them first */
+        return 0;
+    }
+    /* Records filled from the page map before now have signature 0: give them theirs. A
+       claimer that took its bit before the store above may not have seen the signatures; this
+       pass sees its bit (both sequentially consistent) and waits for its claim to end. */
+    for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
+        uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_seq_cst);
+        for (; done; done &= done - 1) {
+            size_t p = w * 64 + (size_t)__builtin_ctzll(done);
+            struct lm_page_meta *m = &r->meta[p];
+            uint8_t s = lm_state_load(m);
+            if (s != LM_BUSY &&
+                !(s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT && m->signature == 0))
+                continue;
+            s = lm_claim_wait(r, p);
+            if (s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT && m->signature == 0)
+                m->signature = sigs[m->aux];
+            lm_release(m, s);
+        }
+    }
+    return 0;
+}
+
+uint8_t lm_snap_apply_base(struct lm_region *r, size_t p, uint8_t s)
+{
+    const struct lm_snap_page *map = atomic_load_explicit(&r->base_table, memory_order_acquire);
+    if (!map)
+        return s;
+    struct lm_page_meta *m = &r->meta[p];
+    uint32_t e = map[p].entry;
+    if (e == LM_SNAP_ZERO) {
+        m->cls = LM_CLS_ZERO;
+        m->signature = r->zero_sig;
+        return LM_DEFERRED;
+    }
+    if (e >= LM_SNAP_STORED) {
+        /* Sequentially consistent: see lm_source_signatures(). */
+        const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_seq_cst);
+        m->cls = LM_CLS_SNAPSHOT;
+        m->aux = e - LM_SNAP_STORED;   /* below nstored: checked by lm_restore_table */
+        m->signature = sigs ? sigs[m->aux] : 0;
+        m->flags = LM_F_NEEDS_UPDATE;
+        return LM_DEFERRED;
+    }
+    return s;
 }
 
 /* A store that changes under a running restore must fail loudly, not serve mixed data. */
@@ -87,11 +170,20 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
         return lm_fail("snapshot page without a snapshot source", ENOENT);
     if (index > r->src_nstored || count > r->src_nstored - index)
         return lm_fail("snapshot store index out of range", ERANGE);
+    size_t len = count * r->page_size;
+    int rc = src_pread(r, dst, len, r->src_store_off + index * r->page_size);
+    if (rc == 0)
+        atomic_fetch_add_explicit(&r->st_src_bytes, len, memory_order_relaxed);
+    return rc;
+}
+
+static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset)
+{
     int broken = source_still_valid(r);
     if (broken)
         return lm_fail("snapshot file changed or vanished under a running restore", -broken);
-    size_t len = count * r->page_size, done = 0;
-    off_t off = (off_t)(r->src_store_off + index * r->page_size);
+    size_t done = 0;
+    off_t off = (off_t)offset;
     while (done < len) {
         ssize_t got = pread(r->src_fd, (char *)dst + done, len - done, off + (off_t)done);
         if (got < 0) {
@@ -105,13 +197,12 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
         }
         done += (size_t)got;
     }
-    atomic_fetch_add_explicit(&r->st_src_bytes, len, memory_order_relaxed);
     return 0;
 }
 
 /* ---- restore ------------------------------------------------------------------------- */
 
-int lm_snap_check(const struct lm_snap_page *table, size_t npages, uint64_t nstored,
+int lm_snap_check(const struct lm_snap_page *map, size_t npages, uint64_t nstored,
                   const uint64_t *ws, size_t nws, uint64_t *counts)
 {
     int rc = 0;
@@ -132,47 +223,33 @@ int lm_snap_check(const struct lm_snap_page *table, size_t npages, uint64_t nsto
         }
         in_ws[ws[i] >> 6] |= (uint64_t)1 << (ws[i] & 63);
     }
-    uint64_t c[3] = {0, 0, 0}, distinct = 0;
+    /* Branch-free: the classes of neighbouring pages are as good as random. */
+    uint64_t c[LM_SNAP_STORED] = {0, 0}, top = 0;
     for (size_t i = 0; i < npages; i++) {
-        const struct lm_snap_page *e = &table[i];
-        if (e->cls > LM_SNAP_STORED) {
-            rc = lm_fail("page table has an unknown page class", EINVAL);
-            goto out;
-        }
-        if ((e->flags & ~LM_SNAP_F_WORKING_SET) || e->reserved) {
-            rc = lm_fail("page table has unknown flags", EINVAL);
-            goto out;
-        }
-        bool flagged = e->flags & LM_SNAP_F_WORKING_SET;
-        if (flagged != !!(in_ws[i >> 6] & ((uint64_t)1 << (i & 63)))) {
-            rc = lm_fail("working-set flags in the page table disagree with the working set",
-                         EINVAL);
-            goto out;
-        }
-        if (e->cls == LM_SNAP_STORED) {
-            if (e->store >= nstored) {
-                rc = lm_fail("page table points past the end of the store", EINVAL);
-                goto out;
-            }
-            uint64_t bit = (uint64_t)1 << (e->store & 63);
-            if (!(used[e->store >> 6] & bit)) {
-                used[e->store >> 6] |= bit;
-                distinct++;
-            }
-        } else if (e->store) {
-            rc = lm_fail("page table has a store index on a page that is not stored", EINVAL);
-            goto out;
-        }
-        c[e->cls]++;
+        uint64_t e = map[i].entry;
+        top = e > top ? e : top;
+        c[0] += e == LM_SNAP_UNTOUCHED;
+        c[1] += e == LM_SNAP_ZERO;
+        uint64_t k = e - LM_SNAP_STORED;   /* wraps for the two classes that are not stored */
+        used[(k < nstored ? k : nstored + 63) >> 6] |= (uint64_t)(k < nstored) << (k & 63);
     }
-    if (distinct != nstored) {
+    if (top >= nstored + LM_SNAP_STORED) {
+        rc = lm_fail("page map points past the end of the store", EINVAL);
+        goto out;
+    }
+    for (uint64_t w = 0; w < nstored / 64; w++)
+        if (used[w] != ~(uint64_t)0) {
+            rc = lm_fail("store has entries no page uses", EINVAL);
+            goto out;
+        }
+    if (nstored % 64 && used[nstored / 64] != ((uint64_t)1 << (nstored % 64)) - 1) {
         rc = lm_fail("store has entries no page uses", EINVAL);
         goto out;
     }
     if (counts) {
-        counts[0] = c[LM_SNAP_UNTOUCHED];
-        counts[1] = c[LM_SNAP_ZERO];
-        counts[2] = c[LM_SNAP_STORED];
+        counts[0] = c[0];
+        counts[1] = c[1];
+        counts[2] = npages - c[0] - c[1];
     }
 out:
     free(used);
@@ -180,7 +257,7 @@ out:
     return rc;
 }
 
-int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size_t npages,
+int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t npages,
                      uint64_t nstored)
 {
     if (npages != r->npages)
@@ -188,12 +265,16 @@ int lm_restore_table(struct lm_region *r, const struct lm_snap_page *table, size
     if (r->base_table || r->used || atomic_load(&r->st_faults) || atomic_load(&r->st_present) ||
         atomic_load(&r->nranges))
         return lm_fail("restore into a region that is already in use", EBUSY);
+    if (nstored > r->src_nstored)
+        return lm_fail("page map names more store entries than the source has", EINVAL);
+    /* Every store index the fault path will read must be in range (a vectorised max). */
+    uint32_t top = 0;
     for (size_t i = 0; i < npages; i++)
-        if (table[i].cls > LM_SNAP_STORED ||
-            (table[i].cls == LM_SNAP_STORED && table[i].store >= nstored))
-            return lm_fail("page table: bad class or store index", EINVAL);
-    /* The caller keeps `table` alive until lm_meta_pending() is 0 or the region's end. */
-    atomic_store_explicit(&r->base_table, table, memory_order_release);
+        top = map[i].entry > top ? map[i].entry : top;
+    if (top >= nstored + LM_SNAP_STORED)
+        return lm_fail("page map: store index out of range", EINVAL);
+    /* The caller keeps `map` alive until lm_meta_pending() is 0 or the region ends. */
+    atomic_store_explicit(&r->base_table, map, memory_order_release);
     atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
     return 0;
 }
@@ -639,89 +720,106 @@ struct dedup {
     size_t mask;
 };
 
-/* Classify one page: fills its table entry (class, signature) and where its contents are. */
-static int classify(struct lm_region *r, size_t p, struct lm_snap_page *e, struct content *c)
+/* What the plan knows of one page. */
+struct plan_page {
+    struct content c;
+    uint64_t sig;
+    uint8_t cls;      /* enum lm_snap_class */
+    bool placed;      /* has its store entry (working-set pages are placed first) */
+};
+
+/* Classify one page: its class, signature and where its contents are. */
+static int classify(struct lm_region *r, size_t p, struct plan_page *e)
 {
     struct lm_page_meta *m = &r->meta[p];
     uint8_t s;
     for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
         lm_wait_busy(&spins);
     memset(e, 0, sizeof(*e));
-    c->mem = NULL;
-    c->store = 0;
     if (s == LM_EMPTY) {
         e->cls = LM_SNAP_UNTOUCHED;
         return 0;
     }
     if (s == LM_DEFERRED) {
         if (m->cls == LM_CLS_CANONICAL) {
-            c->mem = lm_canon_page(r, m->canon);
-            e->signature = m->signature;
-            e->cls = is_zero(c->mem, r->page_size) ? LM_SNAP_ZERO : LM_SNAP_STORED;
+            e->c.mem = lm_canon_page(r, m->canon);
+            e->sig = m->signature;
+            e->cls = is_zero(e->c.mem, r->page_size) ? LM_SNAP_ZERO : LM_SNAP_STORED;
         } else if (m->cls == LM_CLS_SNAPSHOT) {
-            c->store = m->aux;   /* taken from the source store: not faulted in */
-            e->signature = m->signature;
-            e->cls = e->signature == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
+            /* Taken from the source store, not faulted in; its signature from the source's
+               signature section (lm_ckpt_plan has read it). */
+            const uint64_t *sigs = atomic_load(&r->src_sigs);
+            if (!sigs)
+                return lm_fail("checkpoint: the source snapshot's signatures are not available",
+                               ENODATA);
+            e->c.store = m->aux;
+            e->sig = sigs[m->aux];
+            e->cls = e->sig == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
         } else {
             e->cls = LM_SNAP_ZERO;
         }
         if (e->cls == LM_SNAP_ZERO)
-            e->signature = r->zero_sig;
+            e->sig = r->zero_sig;
         return 0;
     }
     /* Present: hash what is there. */
-    c->mem = r->base + p * r->page_size;
-    if (is_zero(c->mem, r->page_size)) {
+    e->c.mem = r->base + p * r->page_size;
+    if (is_zero(e->c.mem, r->page_size)) {
         e->cls = LM_SNAP_ZERO;
-        e->signature = r->zero_sig;
+        e->sig = r->zero_sig;
     } else {
         e->cls = LM_SNAP_STORED;
-        e->signature = XXH3_64bits(c->mem, r->page_size);
+        e->sig = XXH3_64bits(e->c.mem, r->page_size);
     }
-    m->signature = e->signature;
+    m->signature = e->sig;
     return 0;
 }
 
-/* Assign page p (already classified STORED) a store entry, sharing one with equal contents. */
-static int place(struct lm_region *r, struct dedup *d, size_t p, struct lm_snap_page *table,
-                 struct content *contents, uint64_t *store_pages, uint64_t *nstored, char *buf)
+/* Give page p (classified STORED) a store entry, sharing one with equal contents. */
+static int place(struct lm_region *r, struct dedup *d, size_t p, struct plan_page *pp,
+                 struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                 uint64_t *nstored, char *buf)
 {
-    struct lm_snap_page *e = &table[p];
-    size_t h = e->signature & d->mask;
+    struct plan_page *e = &pp[p];
+    e->placed = true;
+    size_t h = e->sig & d->mask;
     for (; d->store[h]; h = (h + 1) & d->mask) {
-        if (d->keys[h] != e->signature)
+        if (d->keys[h] != e->sig)
             continue;
         uint64_t idx = d->store[h] - 1;
         bool eq;
-        int rc = page_equal(r, &contents[p], &contents[store_pages[idx]], buf,
-                            buf + r->page_size, &eq);
+        int rc = page_equal(r, &e->c, &pp[store_pages[idx]].c, buf, buf + r->page_size, &eq);
         if (rc < 0)
             return rc;
         if (eq) {
-            e->store = (uint32_t)idx;
+            map[p].entry = (uint32_t)(LM_SNAP_STORED + idx);
             return 0;
         }
     }
     /* New contents (or a hash collision): a new store entry. */
-    d->keys[h] = e->signature;
+    d->keys[h] = e->sig;
     d->store[h] = *nstored + 1;
     store_pages[*nstored] = p;
-    e->store = (uint32_t)*nstored;
+    sigs[*nstored] = e->sig;
+    map[p].entry = (uint32_t)(LM_SNAP_STORED + *nstored);
     (*nstored)++;
     return 0;
 }
 
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
-                 struct lm_snap_page *table, uint64_t *store_pages, uint64_t *nstored)
+                 struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                 uint64_t *nstored)
 {
     size_t n = r->npages;
-    if (n > UINT32_MAX)
-        return lm_fail("checkpoint: more pages than the format's 32-bit store index", EFBIG);
+    if (n > UINT32_MAX - LM_SNAP_STORED)
+        return lm_fail("checkpoint: more pages than the format's 32-bit page map", EFBIG);
     for (size_t i = 0; i < nws; i++)
         if (ws[i] >= n)
             return lm_fail("checkpoint: working-set page outside the region", ERANGE);
-    lm_meta_sync(r);
-    struct content *contents = calloc(n, sizeof(*contents));
+    int rc = lm_meta_sync(r);   /* also reads the source's signatures, if any */
+    if (rc < 0)
+        return rc;
+    struct plan_page *pp = malloc(n * sizeof(*pp));
     struct dedup d = {0};
     size_t cap = 1024;
     while (cap < 2 * n)
@@ -730,32 +828,30 @@ int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
     d.store = calloc(cap, sizeof(uint64_t));
     d.mask = cap - 1;
     char *buf = malloc(2 * r->page_size);
-    int rc = 0;
-    if (!contents || !d.keys || !d.store || !buf) {
+    if (!pp || !d.keys || !d.store || !buf) {
         rc = lm_fail("checkpoint: out of memory", ENOMEM);
         goto out;
     }
-    for (size_t p = 0; p < n; p++)
-        if ((rc = classify(r, p, &table[p], &contents[p])) < 0)
+    for (size_t p = 0; p < n; p++) {
+        if ((rc = classify(r, p, &pp[p])) < 0)
             goto out;
+        map[p].entry = pp[p].cls;   /* stored pages get their entry below */
+    }
     *nstored = 0;
     /* The working set first, in its order, so that restore prefetches it in one read. */
     for (size_t i = 0; i < nws; i++) {
-        struct lm_snap_page *e = &table[ws[i]];
-        if (e->flags & LM_SNAP_F_WORKING_SET)
-            continue;   /* listed twice */
-        e->flags |= LM_SNAP_F_WORKING_SET;
-        if (e->cls == LM_SNAP_STORED &&
-            (rc = place(r, &d, ws[i], table, contents, store_pages, nstored, buf)) < 0)
+        struct plan_page *e = &pp[ws[i]];
+        if (e->cls == LM_SNAP_STORED && !e->placed &&
+            (rc = place(r, &d, ws[i], pp, map, sigs, store_pages, nstored, buf)) < 0)
             goto out;
     }
     for (size_t p = 0; p < n; p++) {
-        if (table[p].cls == LM_SNAP_STORED && !(table[p].flags & LM_SNAP_F_WORKING_SET) &&
-            (rc = place(r, &d, p, table, contents, store_pages, nstored, buf)) < 0)
+        if (pp[p].cls == LM_SNAP_STORED && !pp[p].placed &&
+            (rc = place(r, &d, p, pp, map, sigs, store_pages, nstored, buf)) < 0)
             goto out;
     }
 out:
-    free(contents);
+    free(pp);
     free(d.keys);
     free(d.store);
     free(buf);

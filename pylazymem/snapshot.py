@@ -23,23 +23,25 @@ import xxhash
 from ._uffd_errors import LazyMemError
 
 MAGIC = b"PLMSNAP\x00"
-VERSION = 1
-# magic, version, header_bytes, page_size, flags, then 14 little-endian u64 fields.
-_HEADER = struct.Struct("<8sIIII14Q")
-_FIELDS = ("npages", "nstored", "nws", "table_offset", "table_bytes", "ws_offset", "ws_bytes",
-           "manifest_offset", "manifest_bytes", "store_offset", "store_bytes", "file_bytes",
-           "tables_xxh3", "header_xxh3")
+VERSION = 2
+# magic, version, header_bytes, page_size, flags, then 17 little-endian u64 fields.
+_HEADER = struct.Struct("<8sIIII17Q")
+_FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offset", "map_bytes",
+           "ws_offset", "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset",
+           "sigs_bytes", "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
+# The sections in file order (docs/snapshot-format.md, "Layout").
+_SECTIONS = ("store", "map", "ws", "manifest", "sigs")
 HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
 MAX_MANIFEST = 64 << 20
 MAX_PAGES = 1 << 40
 MAX_REGION_BYTES = 1 << 46     # 64 TiB: x86-64 user address space is 128 TiB
 PREFETCH_MODES = ("working-set", "all", "none")
-# One page-table entry (docs/snapshot-format.md, "Page table"); the same layout as the C
-# core's struct lm_snap_page.
-SNAP_PAGE_DTYPE = np.dtype([("cls", "u1"), ("flags", "u1"), ("reserved", "<u2"),
-                            ("store", "<u4"), ("signature", "<u8")])
+# Page-map entries (4 bytes, little-endian): untouched, zero, or STORED + store entry.
 UNTOUCHED, ZERO, STORED = 0, 1, 2
-WS_FLAG = 1
+MAX_STORED = (1 << 32) - STORED
+MAP_DTYPE = np.dtype("<u4")
+#: The page map decoded, as inspect_tables() returns it: class and store entry per page.
+TABLE_DTYPE = np.dtype([("cls", "u1"), ("store", "<u4")])
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
@@ -63,9 +65,10 @@ class SnapshotInfo:
 @dataclasses.dataclass
 class _Parsed:
     header: dict
-    table: np.ndarray
+    map: np.ndarray            # MAP_DTYPE, one entry per page
     working_set: np.ndarray
     manifest: dict
+    sigs: np.ndarray = None    # one per store entry, when read
 
 
 # ---- reading and checking ----------------------------------------------------------------
@@ -92,6 +95,10 @@ def _parse_header(raw, path, file_size):
     magic, version, header_bytes, page_size, flags, *rest = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         _fail(path, "not a pylazymem snapshot (bad magic %r)" % magic)
+    if version == 1:
+        _fail(path, "snapshot format version 1 (written by an older pylazymem) is not supported: "
+              "this pylazymem reads version %d; re-create the snapshot with this version "
+              "(restore it with the pylazymem that wrote it and checkpoint it again)" % VERSION)
     if version != VERSION:
         _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d)"
               % (version, VERSION))
@@ -112,15 +119,17 @@ def _parse_header(raw, path, file_size):
         _fail(path, "bad page count %d" % h["npages"])
     if h["npages"] * ps > MAX_REGION_BYTES:
         _fail(path, "region of %d bytes is larger than any address space here" % (h["npages"] * ps))
-    table_bytes = h["npages"] * SNAP_PAGE_DTYPE.itemsize
-    if table_bytes > _memory_bytes() // 4:
-        _fail(path, "page table of %d bytes does not fit in this machine's memory"
-              % table_bytes)
+    map_bytes = h["npages"] * MAP_DTYPE.itemsize
+    if map_bytes > _memory_bytes() // 4:
+        _fail(path, "page map of %d bytes does not fit in this machine's memory" % map_bytes)
     if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
         _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
               % (h["nstored"], h["nws"], h["npages"]))
-    sizes = {"store": h["nstored"] * ps, "table": h["npages"] * SNAP_PAGE_DTYPE.itemsize,
-             "ws": h["nws"] * 8}
+    if h["nstored"] > MAX_STORED:
+        _fail(path, "%d store entries: the page map can name at most %d"
+              % (h["nstored"], MAX_STORED))
+    sizes = {"store": h["nstored"] * ps, "map": map_bytes, "ws": h["nws"] * 8,
+             "sigs": h["nstored"] * 8}
     for name, size in sizes.items():
         if h[name + "_bytes"] != size:
             _fail(path, "%s section is %d bytes, expected %d" % (name, h[name + "_bytes"], size))
@@ -128,7 +137,7 @@ def _parse_header(raw, path, file_size):
         _fail(path, "manifest of %d bytes is larger than allowed" % h["manifest_bytes"])
     # The sections follow each other in a fixed order: nothing overlaps, nothing is skipped.
     expect = header_bytes
-    for name in ("store", "table", "ws", "manifest"):
+    for name in _SECTIONS:
         if h[name + "_offset"] != expect:
             _fail(path, "%s section at offset %d, expected %d (overlapping or misplaced)"
                   % (name, h[name + "_offset"], expect))
@@ -219,8 +228,9 @@ def _json_int(x, lo=0, hi=1 << 62):
     return x
 
 
-def _read(fd, path):
-    """Read and check everything but the store. Raises SnapshotError before anything else."""
+def _read(fd, path, signatures=False):
+    """Read and check everything but the store (and the signatures unless asked for them).
+    Raises SnapshotError before anything else."""
     size = os.fstat(fd).st_size
     raw = os.pread(fd, 4096, 0)
     if len(raw) >= _HEADER.size:   # a header larger than 4 KiB (64 KiB pages)
@@ -228,25 +238,37 @@ def _read(fd, path):
         if 4096 < hb <= (1 << 21):
             raw += os.pread(fd, hb - 4096, 4096)
     h = _parse_header(raw, path, size)
-    tail = _pread_exact(fd, size - h["table_offset"], h["table_offset"], path, "the tables")
+    # map, working set and manifest: one read, one checksum
+    tail = _pread_exact(fd, h["sigs_offset"] - h["map_offset"], h["map_offset"], path,
+                        "the page map, working set and manifest")
     if _xxh3(tail) != h["tables_xxh3"]:
-        _fail(path, "table checksum mismatch (corrupt page table, working set or manifest)")
-    table = np.frombuffer(tail, SNAP_PAGE_DTYPE, h["npages"])
-    ws = np.frombuffer(tail, "<u8", h["nws"], h["table_bytes"]).astype(np.uint64)
-    man = _parse_manifest(bytes(tail[h["table_bytes"] + h["ws_bytes"]:]), h, path)
+        _fail(path, "tables checksum mismatch (corrupt page map, working set or manifest)")
+    pmap = np.frombuffer(tail, MAP_DTYPE, h["npages"])
+    ws = np.frombuffer(tail, "<u8", h["nws"], h["map_bytes"]).astype(np.uint64)
+    man = _parse_manifest(bytes(tail[h["map_bytes"] + h["ws_bytes"]:]), h, path)
 
     core = _core()
     if core is None:
-        h["counts"] = _check_table(table, h["nstored"], ws, path)
+        h["counts"] = _check_map(pmap, h["nstored"], ws, path)
     else:   # the same checks in C, several times faster (restore's time to return)
         ffi, lib = core
         counts = ffi.new("uint64_t[3]")
-        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", table), h["npages"],
+        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", pmap), h["npages"],
                              h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size,
                              counts) < 0:
             _fail(path, ffi.string(lib.lm_last_op()).decode())
         h["counts"] = tuple(counts)
-    return _Parsed(h, table, ws, man)
+    p = _Parsed(h, pmap, ws, man)
+    if signatures:
+        p.sigs = _read_signatures(fd, h, path)
+    return p
+
+
+def _read_signatures(fd, h, path):
+    raw = _pread_exact(fd, h["sigs_bytes"], h["sigs_offset"], path, "the signatures")
+    if _xxh3(raw) != h["sigs_xxh3"]:
+        _fail(path, "signatures checksum mismatch (corrupt signature section)")
+    return np.frombuffer(raw, "<u8")
 
 
 def _core():
@@ -258,18 +280,11 @@ def _core():
     return ffi, lib
 
 
-def _check_table(table, nstored, ws, path):
-    """The page table and working set agree with each other and with the store: known classes
-    and flags, reserved bytes zero, store indices in range (and 0 on pages not stored), every
-    store entry used, working-set pages in range, listed once and flagged (no other page).
-    Returns the (untouched, zero, stored) page counts."""
-    npages = table.size
-    cls = table["cls"]
-    if cls.size and int(cls.max()) > STORED:
-        _fail(path, "page table has an unknown page class")
-    flags = table["flags"]
-    if (flags & ~np.uint8(WS_FLAG)).any() or table["reserved"].any():
-        _fail(path, "page table has unknown flags or reserved bits set")
+def _check_map(pmap, nstored, ws, path):
+    """The page map and working set agree with the store: entries name store entries in
+    range, every store entry is used, working-set pages are in range and listed once. Returns
+    the (untouched, zero, stored) page counts. (lm_snap_check does the same in C.)"""
+    npages = pmap.size
     if ws.size:
         if int(ws.max()) >= npages:
             _fail(path, "working set names a page outside the region")
@@ -277,24 +292,12 @@ def _check_table(table, nstored, ws, path):
         in_ws[ws] = True
         if int(np.count_nonzero(in_ws)) != ws.size:
             _fail(path, "working set lists a page twice")
-    else:
-        in_ws = None
-    flagged = (flags & WS_FLAG).astype(bool)
-    if flagged.any() if in_ws is None else not np.array_equal(flagged, in_ws):
-        _fail(path, "working-set flags in the page table disagree with the working set")
-    store = table["store"]
-    stored = cls == STORED
-    if store[~stored].any():
-        _fail(path, "page table has a store index on a page that is not stored")
-    idx = store[stored]
-    if idx.size and int(idx.max()) >= nstored:
-        _fail(path, "page table points past the end of the store")
-    used = np.zeros(nstored, bool)
-    used[idx] = True
-    if not used.all():
+    if int(pmap.max()) >= nstored + STORED:
+        _fail(path, "page map points past the end of the store")
+    counts = np.bincount(pmap, minlength=nstored + STORED)
+    if not counts[STORED:].all():
         _fail(path, "store has entries no page uses")
-    nzero = int(np.count_nonzero(cls == ZERO))
-    return npages - idx.size - nzero, nzero, int(idx.size)
+    return int(counts[UNTOUCHED]), int(counts[ZERO]), npages - int(counts[:STORED].sum())
 
 
 def _info(path, p):
@@ -329,18 +332,27 @@ def _open(path):
 
 
 def inspect(path):
-    """Check a snapshot file and describe it, without restoring it."""
+    """Check a snapshot file (every checksum, the signatures' too) and describe it, without
+    restoring it."""
     return inspect_tables(path)[0]
 
 
-def inspect_tables(path):
-    """(SnapshotInfo, page table) of a checked snapshot file: for tools that draw page maps."""
+def _load(path, signatures=False):
     fd = _open(path)
     try:
-        p = _read(fd, os.fspath(path))
-        return _info(path, p), p.table
+        return _read(fd, os.fspath(path), signatures)
     finally:
         os.close(fd)
+
+
+def inspect_tables(path):
+    """(SnapshotInfo, page table) of a checked snapshot file, for tools that draw page maps:
+    the table has the class (UNTOUCHED, ZERO, STORED) and store entry of every page."""
+    p = _load(path, signatures=True)
+    table = np.empty(p.map.size, TABLE_DTYPE)
+    table["cls"] = np.minimum(p.map, STORED)
+    table["store"] = np.where(p.map >= STORED, p.map - STORED, 0)
+    return _info(path, p), table
 
 
 def page_sources(path):
@@ -348,15 +360,10 @@ def page_sources(path):
     process: offsets[p] is the file offset of page p's contents (page_size bytes), or -1 for
     a page that reads as zero (zero and untouched pages). Checked as restore() checks a file;
     needs no compiled code."""
-    fd = _open(path)
-    try:
-        p = _read(fd, os.fspath(path))
-    finally:
-        os.close(fd)
-    h, table = p.header, p.table
-    offsets = np.full(h["npages"], -1, np.int64)
-    stored = table["cls"] == STORED
-    offsets[stored] = h["store_offset"] + table["store"][stored].astype(np.int64) * h["page_size"]
+    p = _load(path)
+    h = p.header
+    entry = p.map.astype(np.int64) - STORED
+    offsets = np.where(entry >= 0, h["store_offset"] + entry * h["page_size"], -1)
     return _info(path, p), offsets
 
 
@@ -424,14 +431,19 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     region._prepare_checkpoint()   # records up to date with what a page server filled
     ws = _working_set_arg(region, working_set)
     npages, ps = region.npages, region.page_size
-    table = np.zeros(npages, SNAP_PAGE_DTYPE)
+    pmap = np.empty(npages, MAP_DTYPE)
+    sigs = np.empty(npages, "<u8")
     store_pages = np.empty(npages, np.uint64)
     nstored_p = ffi.new("uint64_t *")
     with region._use() as lm:
-        check(lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size,
-                               ffi.from_buffer("struct lm_snap_page[]", table),
-                               ffi.from_buffer("uint64_t[]", store_pages), nstored_p),
-              "checkpoint")
+        rc = lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size,
+                              ffi.from_buffer("struct lm_snap_page[]", pmap),
+                              ffi.from_buffer("uint64_t[]", sigs),
+                              ffi.from_buffer("uint64_t[]", store_pages), nstored_p)
+        if rc == -errno.EBADMSG:   # the source snapshot of a restored region is damaged
+            raise SnapshotError("checkpoint: the region's source snapshot cannot be used: %s"
+                                % ffi.string(lib.lm_last_op()).decode())
+        check(rc, "checkpoint")
     nstored = nstored_p[0]
     ws = _dedup_keep_order(ws)   # as lm_ckpt_plan placed them: first mention wins
     manifest = json.dumps({
@@ -441,19 +453,18 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     }, sort_keys=True).encode()
 
     header_bytes = max(4096, ps)
-    store_bytes = nstored * ps
-    table_raw = table.tobytes()
-    ws_raw = ws.astype("<u8").tobytes()
-    h = {"npages": npages, "nstored": nstored, "nws": ws.size,
-         "store_offset": header_bytes, "store_bytes": store_bytes,
-         "table_offset": header_bytes + store_bytes, "table_bytes": len(table_raw)}
-    h["ws_offset"] = h["table_offset"] + h["table_bytes"]
-    h["ws_bytes"] = len(ws_raw)
-    h["manifest_offset"] = h["ws_offset"] + h["ws_bytes"]
-    h["manifest_bytes"] = len(manifest)
-    h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
-    tail = table_raw + ws_raw + manifest
+    sizes = {"store": nstored * ps, "map": pmap.nbytes, "ws": ws.size * 8,
+             "manifest": len(manifest), "sigs": nstored * 8}
+    h = {"npages": npages, "nstored": nstored, "nws": ws.size}
+    offset = header_bytes
+    for name in _SECTIONS:
+        h[name + "_offset"], h[name + "_bytes"] = offset, sizes[name]
+        offset += sizes[name]
+    h["file_bytes"] = offset
+    tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
+    sigs_raw = sigs[:nstored].tobytes()
     h["tables_xxh3"] = _xxh3(tail)
+    h["sigs_xxh3"] = _xxh3(sigs_raw)
     h["header_xxh3"] = 0
     raw = bytearray(header_bytes)
     _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
@@ -475,8 +486,8 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
                       "checkpoint")
                 if progress is not None:
                     progress(header_bytes + (i + n) * ps, total)
-        os.pwrite(fd, tail, h["table_offset"])
-        os.pwrite(fd, bytes(raw), 0)
+        _pwrite_all(fd, tail + sigs_raw, h["map_offset"])
+        _pwrite_all(fd, raw, 0)
         if durable:
             os.fsync(fd)
         os.close(fd)
@@ -495,6 +506,13 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     if progress is not None:
         progress(total, total)
     return inspect(path)
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _umask():
@@ -581,11 +599,14 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
         region = Region(h["npages"] * h["page_size"], _start=server is None, **region_kw)
         try:
             with region._use() as lm:
-                check(lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
-                                           bool(verify)), "restore")
-                check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", p.table),
+                rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
+                                          h["sigs_offset"], h["sigs_xxh3"], bool(verify))
+                if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
+                    _fail(path, ffi.string(lib.lm_last_op()).decode())
+                check(rc, "restore")
+                check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", p.map),
                                            h["npages"], h["nstored"]), "restore")
-            region._base_table = p.table   # read by the C core until every record is filled
+            region._base_table = p.map   # read by the C core until every record is filled
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))

@@ -315,16 +315,15 @@ def stress_restore(seed, workdir, nbytes=64 << 20, nthreads=8, rounds=6, write_f
 
 # ==== fuzzing ==================================================================================
 
-HDR = struct.Struct("<8sIIII14Q")
+HDR = struct.Struct("<8sIIII17Q")
 FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
-          "nws", "table_offset", "table_bytes", "ws_offset", "ws_bytes", "manifest_offset",
-          "manifest_bytes", "store_offset", "store_bytes", "file_bytes", "tables_xxh3",
-          "header_xxh3")
-OFFSET = dict(zip(FIELDS, (0, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112,
-                           120, 128)))
+          "nws", "store_offset", "store_bytes", "map_offset", "map_bytes", "ws_offset",
+          "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes",
+          "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
+OFFSET = dict(zip(FIELDS, (0, 8, 12, 16, 20) + tuple(range(24, 160, 8))))
 SIZE = {f: (8 if f == "magic" or OFFSET[f] >= 24 else 4) for f in FIELDS}
-TABLE = np.dtype([("cls", "u1"), ("flags", "u1"), ("reserved", "<u2"), ("store", "<u4"),
-                  ("signature", "<u8")])
+CHECKED = OFFSET["header_xxh3"]   # header_xxh3 covers the bytes before it
+SECTIONS = ("store", "map", "ws", "manifest", "sigs")
 
 
 def _xxh3(b):
@@ -402,18 +401,20 @@ def _hdr(data):
 
 
 def _fix_checksums(raw, base_hdr, header=True, tables=True):
-    """Recompute tables_xxh3 (from the table offset the header now names, if it is inside the
-    file, else the base file's) and header_xxh3, as a careful attacker would."""
+    """Recompute tables_xxh3 and sigs_xxh3 (over the sections the header now names, where they
+    are inside the file, else the base file's) and header_xxh3, as a careful attacker would."""
     if len(raw) < HDR.size:
         return raw
     if tables:
-        to = struct.unpack_from("<Q", raw, OFFSET["table_offset"])[0]
-        if not 0 <= to <= len(raw):
-            to = base_hdr["table_offset"]
-        if to <= len(raw):
-            struct.pack_into("<Q", raw, 120, _xxh3(raw[to:]))
+        hh = _hdr(raw)
+        mo, so = hh["map_offset"], hh["sigs_offset"]
+        if not mo <= so <= len(raw):
+            mo, so = base_hdr["map_offset"], base_hdr["sigs_offset"]
+        if mo <= so <= len(raw):
+            struct.pack_into("<Q", raw, OFFSET["tables_xxh3"], _xxh3(raw[mo:so]))
+            struct.pack_into("<Q", raw, OFFSET["sigs_xxh3"], _xxh3(raw[so:]))
     if header:
-        struct.pack_into("<Q", raw, 128, _xxh3(raw[:128]))
+        struct.pack_into("<Q", raw, CHECKED, _xxh3(raw[:CHECKED]))
     return raw
 
 
@@ -435,8 +436,8 @@ class Mutator:
         self.ops = [
             (self.truncate, 3), (self.extend, 1), (self.flip, 3), (self.flip_fixed, 4),
             (self.overwrite, 2), (self.overwrite_fixed, 4), (self.header_field, 6),
-            (self.header_relayout, 3), (self.table_entries, 5), (self.ws_entries, 3),
-            (self.manifest, 3), (self.splice, 2), (self.store_bytes, 2),
+            (self.header_relayout, 3), (self.map_entries, 5), (self.ws_entries, 3),
+            (self.manifest, 3), (self.splice, 2), (self.store_bytes, 2), (self.sigs, 2),
         ]
         w = np.array([x[1] for x in self.ops], float)
         self.weights = w / w.sum()
@@ -475,10 +476,8 @@ class Mutator:
 
     def _section(self, raw, h):
         """A random [lo, hi) inside one section of the (base) layout."""
-        secs = [(0, 136), (h["store_offset"], h["table_offset"]),
-                (h["table_offset"], h["ws_offset"]), (h["ws_offset"], h["manifest_offset"]),
-                (h["manifest_offset"], h["file_bytes"]), (136, h["header_bytes"]),
-                (0, len(raw))]
+        secs = [(0, HDR.size), (HDR.size, h["header_bytes"]), (0, len(raw))] + [
+            (h[n + "_offset"], h[n + "_offset"] + h[n + "_bytes"]) for n in SECTIONS]
         lo, hi = secs[int(self.rng.integers(0, len(secs)))]
         hi = min(hi, len(raw))
         if hi <= lo:
@@ -490,8 +489,7 @@ class Mutator:
         if not raw:
             return raw
         if self.rng.random() < 0.5:
-            edges = [136, 128, h["store_offset"], h["table_offset"], h["ws_offset"],
-                     h["manifest_offset"], len(raw)]
+            edges = [HDR.size, CHECKED, len(raw)] + [h[n + "_offset"] for n in SECTIONS]
             cut = int(self.pick(edges)) + int(self.rng.integers(-16, 2))
         else:
             cut = int(self.rng.integers(0, len(raw)))
@@ -535,11 +533,11 @@ class Mutator:
 
     def store_bytes(self, raw, h):
         """Damage page contents only (not covered by the checksums): accepted, different data."""
-        if h["store_bytes"] == 0 or len(raw) < h["table_offset"]:
+        if h["store_bytes"] == 0 or len(raw) < h["map_offset"]:
             return self.flip(raw, h)
         b = bytearray(raw)
         for _ in range(int(self.rng.integers(1, 64))):
-            off = int(self.rng.integers(h["store_offset"], h["table_offset"]))
+            off = int(self.rng.integers(h["store_offset"], h["map_offset"]))
             b[off] = int(self.rng.integers(0, 256))
         return bytes(b)
 
@@ -572,12 +570,14 @@ class Mutator:
             hh["store_offset"] = hh["header_bytes"]
         M = (1 << 64) - 1
         hh["store_bytes"] = (hh["nstored"] * ps) & M
-        hh["table_offset"] = (hh["store_offset"] + hh["store_bytes"]) & M
-        hh["table_bytes"] = (hh["npages"] * 16) & M
-        hh["ws_offset"] = (hh["table_offset"] + hh["table_bytes"]) & M
+        hh["map_bytes"] = (hh["npages"] * 4) & M
         hh["ws_bytes"] = (hh["nws"] * 8) & M
-        hh["manifest_offset"] = (hh["ws_offset"] + hh["ws_bytes"]) & M
-        hh["file_bytes"] = (hh["manifest_offset"] + hh["manifest_bytes"]) & M
+        hh["sigs_bytes"] = (hh["nstored"] * 8) & M
+        off = hh["store_offset"]
+        for name in SECTIONS:
+            hh[name + "_offset"] = off
+            off = (off + hh[name + "_bytes"]) & M
+        hh["file_bytes"] = off
         if self.rng.random() < 0.5:   # make the file as long as it claims, when that is small
             if HDR.size <= hh["file_bytes"] <= len(b) + (1 << 20):
                 b = b[:hh["file_bytes"]] + bytes(max(0, hh["file_bytes"] - len(b)))
@@ -585,75 +585,97 @@ class Mutator:
         return bytes(_fix_checksums(b, h))
 
     def _parse(self, raw, h):
-        """(header, store, table, ws, manifest) per the base layout, or None if too short."""
+        """(store, map, ws, manifest, sigs) per the base layout, or None if too short."""
         if len(raw) < h["file_bytes"]:
             return None
-        store = raw[h["store_offset"]:h["table_offset"]]
-        table = np.frombuffer(raw, TABLE, h["npages"], h["table_offset"]).copy()
+        store = raw[h["store_offset"]:h["map_offset"]]
+        pmap = np.frombuffer(raw, "<u4", h["npages"], h["map_offset"]).copy()
         ws = np.frombuffer(raw, "<u8", h["nws"], h["ws_offset"]).copy()
-        man = raw[h["manifest_offset"]:h["file_bytes"]]
-        return store, table, ws, man
+        man = raw[h["manifest_offset"]:h["sigs_offset"]]
+        sigs = np.frombuffer(raw, "<u8", h["nstored"], h["sigs_offset"]).copy()
+        return store, pmap, ws, man, sigs
 
-    def _build(self, h, store, table, ws, manifest):
+    def _build(self, h, store, pmap, ws, manifest, sigs):
         """A file with a consistent layout around the given sections (checksums computed)."""
         ps = h["page_size"]
         hb = h["header_bytes"]
         hh = dict(h)
-        hh.update(npages=len(table), nstored=len(store) // ps, nws=len(ws), store_offset=hb,
-                  store_bytes=len(store), table_bytes=16 * len(table), ws_bytes=8 * len(ws),
-                  manifest_bytes=len(manifest))
-        hh["table_offset"] = hb + len(store)
-        hh["ws_offset"] = hh["table_offset"] + hh["table_bytes"]
-        hh["manifest_offset"] = hh["ws_offset"] + hh["ws_bytes"]
-        hh["file_bytes"] = hh["manifest_offset"] + len(manifest)
-        tail = table.tobytes() + np.asarray(ws, "<u8").tobytes() + manifest
+        sigs = np.asarray(sigs, "<u8").tobytes()
+        hh.update(npages=len(pmap), nstored=len(store) // ps, nws=len(ws), store_bytes=len(store),
+                  map_bytes=4 * len(pmap), ws_bytes=8 * len(ws), manifest_bytes=len(manifest),
+                  sigs_bytes=len(sigs))
+        off = hb
+        for name in SECTIONS:
+            hh[name + "_offset"] = off
+            off += hh[name + "_bytes"]
+        hh["file_bytes"] = off
+        tail = np.asarray(pmap, "<u4").tobytes() + np.asarray(ws, "<u8").tobytes() + manifest
         hh["tables_xxh3"] = _xxh3(tail)
+        hh["sigs_xxh3"] = _xxh3(sigs)
         hh["header_xxh3"] = 0
         raw = bytearray(HDR.pack(*[hh[k] for k in FIELDS])) + bytes(hb - HDR.size)
-        hh["header_xxh3"] = _xxh3(raw[:128])
+        hh["header_xxh3"] = _xxh3(raw[:CHECKED])
         HDR.pack_into(raw, 0, *[hh[k] for k in FIELDS])
-        return bytes(raw) + store + tail
+        return bytes(raw) + store + tail + sigs
 
-    def table_entries(self, raw, h):
-        """Page-table entries rewritten (class, flags, reserved, store index, signature), pages
-        added or removed, store entries dropped or duplicated: consistent layout, checksums."""
+    def map_entries(self, raw, h):
+        """Page-map entries rewritten, pages added or removed, store entries dropped or
+        duplicated (with or without their signatures): consistent layout, checksums."""
         parts = self._parse(raw, h)
         if parts is None:
             return self.flip(raw, h)
-        store, table, ws, man = parts
+        store, pmap, ws, man, sigs = parts
         ps = h["page_size"]
+        nstored = len(store) // ps
         r = self.rng.random()
-        if r < 0.6 and len(table):
+        if r < 0.6 and len(pmap):
             for _ in range(int(self.rng.integers(1, 4))):
-                p = int(self.rng.integers(0, len(table)))
-                f = str(self.pick(TABLE.names))
-                bits = TABLE[f].itemsize * 8
-                val = (int(self.rng.integers(0, 5)) if self.rng.random() < 0.5 else
-                       int(self.rng.integers(0, 1 << min(bits, 63))))
-                if f == "store" and self.rng.random() < 0.5:
-                    val = len(store) // ps + int(self.rng.integers(-1, 2))
-                table[f][p] = val % (1 << bits)
+                p = int(self.rng.integers(0, len(pmap)))
+                val = (int(self.rng.integers(0, 5)) if self.rng.random() < 0.4 else
+                       2 + nstored + int(self.rng.integers(-2, 2)) if self.rng.random() < 0.5
+                       else int(self.rng.integers(0, 1 << 32)))
+                pmap[p] = val % (1 << 32)
         elif r < 0.75:
             k = int(self.rng.integers(1, 4))
-            if self.rng.random() < 0.5 and len(table) > k:
-                table = table[:-k]
+            if self.rng.random() < 0.5 and len(pmap) > k:
+                pmap = pmap[:-k]
             else:
-                table = np.concatenate([table, table[:k]])
+                pmap = np.concatenate([pmap, pmap[:k]])
         elif r < 0.9 and len(store) >= ps:
             if self.rng.random() < 0.5:
-                store = store[:-ps]          # the last entry is gone, the table still uses it
+                store = store[:-ps]          # the last entry is gone, the map still uses it
+                sigs = sigs[:-1] if self.rng.random() < 0.8 else sigs
             else:
                 store = store + store[:ps]   # an entry nobody uses
+                sigs = np.append(sigs, sigs[:1]) if self.rng.random() < 0.8 else sigs
         else:
-            table = table[self.rng.permutation(len(table))]
-        return self._build(h, store, table, ws, man)
+            pmap = pmap[self.rng.permutation(len(pmap))]
+        return self._build(h, store, pmap, ws, man, sigs)
+
+    def sigs(self, raw, h):
+        """The signature section changed (checksum recomputed or not): restore() does not read
+        it, inspect() rejects the damage."""
+        parts = self._parse(raw, h)
+        if parts is None:
+            return self.flip(raw, h)
+        store, pmap, ws, man, sigs = parts
+        if len(sigs) and self.rng.random() < 0.7:
+            sigs[int(self.rng.integers(0, len(sigs)))] ^= np.uint64(1 << int(self.rng.integers(0, 64)))
+        else:
+            sigs = np.append(sigs, np.uint64(7))
+        out = self._build(h, store, pmap, ws, man, sigs)
+        if self.rng.random() < 0.5:   # stale checksum
+            b = bytearray(out)
+            struct.pack_into("<Q", b, OFFSET["sigs_xxh3"], _hdr(raw)["sigs_xxh3"])
+            out = bytes(_fix_checksums(b, h, tables=False))
+        return out
 
     def ws_entries(self, raw, h):
         parts = self._parse(raw, h)
         if parts is None:
             return self.flip(raw, h)
-        store, table, ws, man = parts
-        n = len(table)
+        store, pmap, ws, man, sigs = parts
+        n = len(pmap)
         r = self.rng.random()
         ws = ws.astype(np.uint64)
         if r < 0.3 and len(ws):
@@ -664,14 +686,11 @@ class Mutator:
         elif r < 0.7:
             p = int(self.rng.integers(0, n))
             ws = np.concatenate([ws, np.array([p], np.uint64)])
-            if self.rng.random() < 0.5:
-                table["flags"][p] |= 1                        # consistent flag
-        elif r < 0.85 and len(ws):
+        elif len(ws):
             ws = ws[self.rng.permutation(len(ws))]
         else:
-            p = int(self.rng.integers(0, n))
-            table["flags"][p] ^= int(self.pick([1, 2, 0x80]))
-        return self._build(h, store, table, ws, man)
+            ws = np.array([n - 1, 0][:int(self.rng.integers(1, 3))], np.uint64)
+        return self._build(h, store, pmap, ws, man, sigs)
 
     _DTYPES = ["<f4", "|O", "O", "V8", "S3", "<U2", ">c16", "b1", "M8[s]", "m8", "<f2", "V0",
                "", "?", "<i8", "u1", 5, None, [["a", "<i4"], ["a", "<i4"]], [["a", "|O"]],
@@ -684,9 +703,9 @@ class Mutator:
         parts = self._parse(raw, h)
         if parts is None:
             return self.flip(raw, h)
-        store, table, ws, man = parts
+        store, pmap, ws, man, sigs = parts
         ps = h["page_size"]
-        n = len(table)
+        n = len(pmap)
         r = self.rng.random()
         try:
             obj = json.loads(man)
@@ -727,7 +746,7 @@ class Mutator:
             arrays[name] = entry
             obj = {"pylazymem": "0.1.0", "arrays": arrays}
             new = json.dumps(obj, default=str).encode()
-        return self._build(h, store, table, ws, new)
+        return self._build(h, store, pmap, ws, new, sigs)
 
     def splice(self, raw, h):
         """A section of another base file put in place of this one's (layout recomputed)."""
@@ -738,7 +757,7 @@ class Mutator:
         if parts is None or other is None:
             return self.truncate(raw, h)
         parts = list(parts)
-        i = int(self.rng.integers(0, 4))
+        i = int(self.rng.integers(0, len(parts)))
         parts[i] = other[i]
         return self._build(h, *parts)
 
@@ -747,13 +766,13 @@ def _expected_pages(data):
     """What an accepted file says the region holds (read with the document's layout)."""
     h = _hdr(data)
     ps, n = h["page_size"], h["npages"]
-    table = np.frombuffer(data, TABLE, n, h["table_offset"])
+    pmap = np.frombuffer(data, "<u4", n, h["map_offset"])
     out = np.zeros((n, ps), np.uint8)
-    stored = np.nonzero(table["cls"] == 2)[0]
+    stored = np.nonzero(pmap >= 2)[0]   # 0 untouched, 1 zero, 2 + i store entry i
     if stored.size:
         store = np.frombuffer(data, np.uint8, h["store_bytes"], h["store_offset"])
         store = store.reshape(-1, ps)
-        out[stored] = store[table["store"][stored].astype(np.int64)]
+        out[stored] = store[pmap[stored].astype(np.int64) - 2]
     return out
 
 
@@ -798,14 +817,23 @@ def fuzz_batch(workdir, seed, count, max_seconds=None, slow_file_seconds=5.0, wo
             f.write(blob)
         counts["files"] += 1
         t1 = time.monotonic()
-        info = None
+        info = inspect_error = sources = None
         try:
             info = plm.inspect(cur)
         except plm.SnapshotError as e:
+            inspect_error = str(e)
             if not str(e):
                 fail("empty SnapshotError message", name, blob, "inspect")
         except BaseException:
             fail("inspect raised something other than SnapshotError", name, blob,
+                 traceback.format_exc())
+        try:   # restore's checks without restoring: must agree with restore()
+            sources = plm.snapshot.page_sources(cur)[0]
+        except plm.SnapshotError as e:
+            if not str(e):
+                fail("empty SnapshotError message", name, blob, "page_sources")
+        except BaseException:
+            fail("page_sources raised something other than SnapshotError", name, blob,
                  traceback.format_exc())
         prefetch = "all" if i % 16 == 15 else "none"
         try:
@@ -816,6 +844,8 @@ def fuzz_batch(workdir, seed, count, max_seconds=None, slow_file_seconds=5.0, wo
             reasons[key] = reasons.get(key, 0) + 1
             if info is not None:
                 counts["inspect_only"] += 1
+            if sources is not None:
+                fail("page_sources accepted a file restore rejected", name, blob, str(e))
         except BaseException:
             fail("restore raised something other than SnapshotError", name, blob,
                  traceback.format_exc())
@@ -826,11 +856,15 @@ def fuzz_batch(workdir, seed, count, max_seconds=None, slow_file_seconds=5.0, wo
             kinds[kind] = kinds.get(kind, 0) + 1
             try:
                 with r:
-                    if info is None:
-                        raise AssertionError("restore accepted a file inspect() rejected")
-                    if r.npages != info.npages:
-                        raise AssertionError("npages %d != inspect's %d"
-                                             % (r.npages, info.npages))
+                    if sources is None:
+                        raise AssertionError("restore accepted a file page_sources() rejected")
+                    if info is None and "signature" not in (inspect_error or ""):
+                        # restore() leaves the signature section to whoever needs it
+                        raise AssertionError("restore accepted a file inspect() rejected: %s"
+                                             % inspect_error)
+                    if r.npages != sources.npages:
+                        raise AssertionError("npages %d != page_sources' %d"
+                                             % (r.npages, sources.npages))
                     got = pages(r).copy()              # every page, faulted in
                     for a in r.arrays.values():
                         a.tobytes()

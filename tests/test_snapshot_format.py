@@ -21,21 +21,19 @@ pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
 PS = PAGE_SIZE
 MAGIC = b"PLMSNAP\x00"
-HDR = struct.Struct("<8sIIII14Q")
-assert HDR.size == 136
+HDR = struct.Struct("<8sIIII17Q")
+assert HDR.size == 160
 HEADER_FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
-                 "nws", "table_offset", "table_bytes", "ws_offset", "ws_bytes",
-                 "manifest_offset", "manifest_bytes", "store_offset", "store_bytes",
-                 "file_bytes", "tables_xxh3", "header_xxh3")
+                 "nws", "store_offset", "store_bytes", "map_offset", "map_bytes", "ws_offset",
+                 "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes",
+                 "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
 # Byte offset of every header field (docs/snapshot-format.md, "Header").
-FIELD_OFFSET = dict(zip(HEADER_FIELDS, (0, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88,
-                                        96, 104, 112, 120, 128)))
+FIELD_OFFSET = dict(zip(HEADER_FIELDS, (0, 8, 12, 16, 20) + tuple(range(24, 160, 8))))
 FIELD_SIZE = {f: (8 if f == "magic" or FIELD_OFFSET[f] >= 24 else 4) for f in HEADER_FIELDS}
-TABLE_DTYPE = np.dtype([("cls", "u1"), ("flags", "u1"), ("reserved", "<u2"), ("store", "<u4"),
-                        ("signature", "<u8")])
-assert TABLE_DTYPE.itemsize == 16
+HEADER_CHECKED = 152          # header_xxh3 covers bytes 0..151
+SECTIONS = ("store", "map", "ws", "manifest", "sigs")   # in file order
+# Page-map entries: 0 untouched, 1 zero, 2 + i = store entry i.
 UNTOUCHED, ZERO, STORED = 0, 1, 2
-WS_FLAG = 1
 
 
 def xxh3(b):
@@ -45,74 +43,96 @@ def xxh3(b):
 ZERO_SIG = xxh3(bytes(PS))
 
 
+def stored(i):
+    """The page-map entry of a page whose contents are store entry i."""
+    return STORED + i
+
+
 @dataclasses.dataclass
 class SnapFile:
     """A snapshot file taken apart into its sections (see docs/snapshot-format.md)."""
 
     header: dict
-    header_pad: bytes      # header bytes 136 .. header_bytes (reserved, zero)
+    header_pad: bytes      # header bytes 160 .. header_bytes (reserved, zero)
     store: bytes
-    table: np.ndarray      # TABLE_DTYPE
+    map: np.ndarray        # uint32, one entry per page
     ws: np.ndarray         # uint64
     manifest: bytes
+    sigs: np.ndarray       # uint64, one per store entry
 
     @classmethod
     def parse(cls, data):
         """Take a (valid) file apart; trusts the header's offsets."""
         h = dict(zip(HEADER_FIELDS, HDR.unpack_from(data, 0)))
         hb = h["header_bytes"]
-        table = np.frombuffer(data, TABLE_DTYPE, h["npages"], h["table_offset"]).copy()
+        pmap = np.frombuffer(data, "<u4", h["npages"], h["map_offset"]).astype(np.uint32)
         ws = np.frombuffer(data, "<u8", h["nws"], h["ws_offset"]).astype(np.uint64)
+        sigs = np.frombuffer(data, "<u8", h["nstored"], h["sigs_offset"]).astype(np.uint64)
         store = bytes(data[h["store_offset"]:h["store_offset"] + h["store_bytes"]])
         manifest = bytes(data[h["manifest_offset"]:h["manifest_offset"] + h["manifest_bytes"]])
-        return cls(h, bytes(data[HDR.size:hb]), store, table, ws, manifest)
+        return cls(h, bytes(data[HDR.size:hb]), store, pmap, ws, manifest, sigs)
 
     @classmethod
-    def new(cls, page_size, npages, store=b"", table=None, ws=(), manifest=None):
+    def new(cls, page_size, npages, store=b"", pmap=None, ws=(), manifest=None, sigs=None):
+        """A file from its sections; signatures computed from the store unless given."""
         hb = max(4096, page_size)
-        table = np.zeros(npages, TABLE_DTYPE) if table is None else table
+        pmap = np.zeros(npages, np.uint32) if pmap is None else np.asarray(pmap, np.uint32)
         if manifest is None:
             manifest = json.dumps({"pylazymem": plm.__version__, "arrays": {}}).encode()
+        if sigs is None:
+            sigs = [xxh3(store[i:i + page_size]) for i in range(0, len(store), page_size)]
         h = dict.fromkeys(HEADER_FIELDS, 0)
-        h.update(magic=MAGIC, version=1, header_bytes=hb, page_size=page_size)
-        sf = cls(h, bytes(hb - HDR.size), store, table, np.asarray(ws, np.uint64), manifest)
+        h.update(magic=MAGIC, version=2, header_bytes=hb, page_size=page_size)
+        sf = cls(h, bytes(hb - HDR.size), store, pmap, np.asarray(ws, np.uint64), manifest,
+                 np.asarray(sigs, np.uint64))
         sf.relayout()
         return sf
 
     def copy(self):
-        return SnapFile(dict(self.header), self.header_pad, self.store, self.table.copy(),
-                        self.ws.copy(), self.manifest)
+        return SnapFile(dict(self.header), self.header_pad, self.store, self.map.copy(),
+                        self.ws.copy(), self.manifest, self.sigs.copy())
 
     @property
     def page_size(self):
         return self.header["page_size"]
 
+    @property
+    def cls(self):
+        """Class of every page: UNTOUCHED, ZERO or STORED."""
+        return np.minimum(self.map, STORED)
+
+    @property
+    def entry(self):
+        """Store entry of every page (meaningful where cls == STORED)."""
+        return np.where(self.map >= STORED, self.map.astype(np.int64) - STORED, -1)
+
     def tail(self):
-        return self.table.tobytes() + self.ws.astype("<u8").tobytes() + self.manifest
+        """The bytes tables_xxh3 covers: page map, working set, manifest."""
+        return self.map.astype("<u4").tobytes() + self.ws.astype("<u8").tobytes() + self.manifest
+
+    def sigs_bytes(self):
+        return self.sigs.astype("<u8").tobytes()
 
     def relayout(self):
         """Counts, sizes and offsets from the sections' contents, as the format requires."""
         h = self.header
-        ps = h["page_size"]
         h["header_bytes"] = HDR.size + len(self.header_pad)
-        h["npages"] = len(self.table)
-        h["nstored"] = len(self.store) // ps
+        h["npages"] = len(self.map)
+        h["nstored"] = len(self.store) // h["page_size"]
         h["nws"] = len(self.ws)
-        h["store_offset"] = h["header_bytes"]
-        h["store_bytes"] = len(self.store)
-        h["table_offset"] = h["store_offset"] + h["store_bytes"]
-        h["table_bytes"] = len(self.table) * 16
-        h["ws_offset"] = h["table_offset"] + h["table_bytes"]
-        h["ws_bytes"] = len(self.ws) * 8
-        h["manifest_offset"] = h["ws_offset"] + h["ws_bytes"]
-        h["manifest_bytes"] = len(self.manifest)
-        h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
+        sizes = {"store": len(self.store), "map": 4 * len(self.map), "ws": 8 * len(self.ws),
+                 "manifest": len(self.manifest), "sigs": 8 * len(self.sigs)}
+        off = h["header_bytes"]
+        for name in SECTIONS:
+            h[name + "_offset"], h[name + "_bytes"] = off, sizes[name]
+            off += sizes[name]
+        h["file_bytes"] = off
 
     def pack_header(self, fix_checksum=True):
         h = dict(self.header)
         raw = bytearray(HDR.pack(*(h[f] for f in HEADER_FIELDS)))
         if fix_checksum:
-            struct.pack_into("<Q", raw, 128, xxh3(raw[:128]))
+            struct.pack_into("<Q", raw, HEADER_CHECKED, xxh3(raw[:HEADER_CHECKED]))
         return bytes(raw) + self.header_pad
 
     def build(self, relayout=True, fix_tables=True, fix_header=True, **overrides):
@@ -124,8 +144,10 @@ class SnapFile:
         self.header.update(overrides)
         if fix_tables and "tables_xxh3" not in overrides:
             self.header["tables_xxh3"] = xxh3(self.tail())
+        if fix_tables and "sigs_xxh3" not in overrides:
+            self.header["sigs_xxh3"] = xxh3(self.sigs_bytes())
         return (self.pack_header(fix_header and "header_xxh3" not in overrides)
-                + self.store + self.tail())
+                + self.store + self.tail() + self.sigs_bytes())
 
     def manifest_json(self):
         return json.loads(self.manifest)
@@ -140,7 +162,7 @@ def patch_header_field(data, field, value, fix_checksum=True):
         fmt = "<I" if FIELD_SIZE[field] == 4 else "<Q"
         struct.pack_into(fmt, raw, FIELD_OFFSET[field], value)
     if fix_checksum and field != "header_xxh3":
-        struct.pack_into("<Q", raw, 128, xxh3(raw[:128]))
+        struct.pack_into("<Q", raw, HEADER_CHECKED, xxh3(raw[:HEADER_CHECKED]))
     return bytes(raw)
 
 
@@ -247,43 +269,38 @@ def test_written_file_follows_the_document(make_region, rng, tmp_path):
     data = open(path, "rb").read()
 
     h = dict(zip(HEADER_FIELDS, HDR.unpack_from(data, 0)))
-    assert h["magic"] == MAGIC and h["version"] == 1 and h["flags"] == 0
+    assert h["magic"] == MAGIC and h["version"] == 2 and h["flags"] == 0
     assert h["page_size"] == PS and h["header_bytes"] == max(4096, PS)
     assert data[HDR.size:h["header_bytes"]] == bytes(h["header_bytes"] - HDR.size)
     assert h["npages"] == 12 and h["nstored"] == 3 and h["nws"] == 4
     assert h["store_offset"] == h["header_bytes"] and h["store_bytes"] == 3 * PS
-    assert h["table_offset"] == h["store_offset"] + h["store_bytes"]
-    assert h["table_bytes"] == 12 * 16
-    assert h["ws_offset"] == h["table_offset"] + h["table_bytes"] and h["ws_bytes"] == 32
+    assert h["map_offset"] == h["store_offset"] + h["store_bytes"]
+    assert h["map_bytes"] == 12 * 4
+    assert h["ws_offset"] == h["map_offset"] + h["map_bytes"] and h["ws_bytes"] == 32
     assert h["manifest_offset"] == h["ws_offset"] + h["ws_bytes"]
-    assert h["file_bytes"] == h["manifest_offset"] + h["manifest_bytes"] == len(data)
-    assert h["header_xxh3"] == xxh3(data[:128])
-    assert h["tables_xxh3"] == xxh3(data[h["table_offset"]:])
+    assert h["sigs_offset"] == h["manifest_offset"] + h["manifest_bytes"]
+    assert h["sigs_bytes"] == 3 * 8
+    assert h["file_bytes"] == h["sigs_offset"] + h["sigs_bytes"] == len(data)
+    assert h["header_xxh3"] == xxh3(data[:HEADER_CHECKED])
+    assert h["tables_xxh3"] == xxh3(data[h["map_offset"]:h["sigs_offset"]])
+    assert h["sigs_xxh3"] == xxh3(data[h["sigs_offset"]:])
 
     sf = SnapFile.parse(data)
     # working set: in the order given, a page listed twice appears once
     assert sf.ws.tolist() == [6, 2, 1, 4]
-    t = sf.table
-    assert t["cls"].tolist() == [STORED, ZERO, STORED, STORED, UNTOUCHED, ZERO, STORED, STORED,
-                                 UNTOUCHED, UNTOUCHED, UNTOUCHED, UNTOUCHED]
-    assert [p for p in range(12) if t["flags"][p] & WS_FLAG] == [1, 2, 4, 6]
-    assert not (t["flags"] & 0xFE).any() and not t["reserved"].any()
     # store: working-set pages first in working-set order, then by address of first use
-    assert t["store"].tolist() == [2, 0, 1, 2, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert sf.map.tolist() == [stored(2), ZERO, stored(1), stored(2), UNTOUCHED, ZERO,
+                               stored(0), stored(1), UNTOUCHED, UNTOUCHED, UNTOUCHED, UNTOUCHED]
+    assert sf.cls.tolist() == [STORED, ZERO, STORED, STORED, UNTOUCHED, ZERO, STORED, STORED,
+                               UNTOUCHED, UNTOUCHED, UNTOUCHED, UNTOUCHED]
     entries = [sf.store[i * PS:(i + 1) * PS] for i in range(3)]
     assert entries == [C.tobytes(), B.tobytes(), expected_page0.tobytes()]
-    for p in range(12):
-        if t["cls"][p] == STORED:
-            assert t["signature"][p] == xxh3(entries[t["store"][p]])
-        elif t["cls"][p] == ZERO:
-            assert t["signature"][p] == ZERO_SIG
-        else:
-            assert t["signature"][p] == 0
+    assert sf.sigs.tolist() == [xxh3(e) for e in entries]
     man = sf.manifest_json()
     assert man["pylazymem"] == plm.__version__
     assert man["arrays"] == {"w": {"offset": 0, "dtype": "<f4", "shape": [4]}}
 
-    assert info.path == path and info.version == 1
+    assert info.path == path and info.version == 2
     assert info.npages == 12 and info.page_size == PS
     assert info.pages_by_class == {"zero": 2, "untouched": 5, "unique": 3, "duplicate": 2}
     assert info.stored_bytes == 3 * PS and info.file_bytes == len(data)
@@ -317,22 +334,14 @@ def test_structured_dtype_in_manifest(make_region, rng, tmp_path, dtype):
 def test_hand_written_file_restores(tmp_path, rng):
     """A file written from the document alone (not by checkpoint) restores byte for byte."""
     page_a, page_b = random_page(rng), random_page(rng)
-    table = np.zeros(6, TABLE_DTYPE)
     # page 0: entry 1, page 1: zero, page 2: untouched, page 3: entry 0, page 4: entry 1,
     # page 5: untouched; working set [3, 1]
-    for p, e in ((0, 1), (3, 0), (4, 1)):
-        table[p]["cls"] = STORED
-        table[p]["store"] = e
-    table[1]["cls"] = ZERO
-    table[1]["signature"] = ZERO_SIG
-    table[0]["signature"] = table[4]["signature"] = xxh3(page_b.tobytes())
-    table[3]["signature"] = xxh3(page_a.tobytes())
-    table["flags"][[3, 1]] = WS_FLAG
+    pmap = [stored(1), ZERO, UNTOUCHED, stored(0), stored(1), UNTOUCHED]
     manifest = json.dumps({"pylazymem": "0.1.0", "arrays": {
         "a": {"offset": 0, "dtype": "<u2", "shape": [PS // 2]},
         "s": {"offset": 3 * PS, "dtype": [["x", "<u4"], ["y", "<i4"]], "shape": [2]},
     }}).encode()
-    sf = SnapFile.new(PS, 6, page_a.tobytes() + page_b.tobytes(), table, [3, 1], manifest)
+    sf = SnapFile.new(PS, 6, page_a.tobytes() + page_b.tobytes(), pmap, [3, 1], manifest)
     path = write_file(tmp_path / "hand.snap", sf.build())
     info = plm.inspect(path)
     assert info.pages_by_class == {"zero": 1, "untouched": 2, "unique": 2, "duplicate": 1}
@@ -340,9 +349,10 @@ def test_hand_written_file_restores(tmp_path, rng):
     expected = np.zeros((6, PS), np.uint8)
     expected[0] = expected[4] = page_b
     expected[3] = page_a
-    for prefetch in ("working-set", "none", "all"):
-        with plm.restore(path, prefetch=prefetch, background=False) as r:
+    for prefetch, verify in (("working-set", True), ("none", False), ("all", False)):
+        with plm.restore(path, prefetch=prefetch, background=False, verify=verify) as r:
             assert np.array_equal(pages(r), expected)
+            assert r.signatures().tolist() == [xxh3(p) for p in expected]
             arrs = r.arrays
             assert np.array_equal(arrs["a"], page_b.view("<u2"))
             s = arrs["s"]
@@ -352,11 +362,8 @@ def test_hand_written_file_restores(tmp_path, rng):
 
 def test_foreign_page_size_inspects_but_does_not_restore(tmp_path, rng):
     other = 8192 if PS != 8192 else 16384
-    table = np.zeros(3, TABLE_DTYPE)
-    table[1]["cls"] = STORED
     page = rng.integers(0, 256, other, dtype=np.uint8).tobytes()
-    table[1]["signature"] = xxh3(page)
-    sf = SnapFile.new(other, 3, page, table)
+    sf = SnapFile.new(other, 3, page, [UNTOUCHED, stored(0), UNTOUCHED])
     path = write_file(tmp_path / "big.snap", sf.build())
     info = plm.inspect(path)
     assert info.page_size == other and info.npages == 3
@@ -472,3 +479,14 @@ def test_reader_without_core_rejects_what_restore_rejects(tmp_path, run_py):
     assert out[str(tmp_path / "valid.snap")]["ok"]
     accepted = [p for p in paths if out[p]["ok"]]
     assert not accepted, accepted
+
+
+def test_version_1_files_are_refused_with_the_fix(tmp_path):
+    """Version 1 (16-byte page table entries with signatures) is not read: the message says
+    what to do instead of only that the file is bad."""
+    raw = bytearray(4096)
+    struct.pack_into("<8sIIII", raw, 0, MAGIC, 1, 4096, 4096, 0)
+    path = write_file(tmp_path / "v1.snap", bytes(raw))
+    for fn in (plm.inspect, plm.restore, plm.snapshot.page_sources):
+        with pytest.raises(plm.SnapshotError, match="version 1.*re-create the snapshot"):
+            fn(path)

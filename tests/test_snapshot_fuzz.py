@@ -1,6 +1,7 @@
 """Generated corruptions of a small valid snapshot (hypothesis): bit flips, truncations, random
-overwrites, header/table/working-set/manifest fields rewritten with recomputed checksums.
-inspect() and restore() either accept the file or raise SnapshotError: anything else fails.
+overwrites, header/page-map/working-set/manifest/signature fields rewritten with recomputed
+checksums. inspect(), page_sources() and restore() either accept the file or raise
+SnapshotError: anything else fails.
 Files that are accepted are read back afterwards in a subprocess, page by page, against what
 the file says (an independent reading of docs/snapshot-format.md)."""
 
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
-from test_snapshot_format import (FIELD_SIZE, HEADER_FIELDS, STORED, SnapFile,
-                                  TABLE_DTYPE, patch_header_field, xxh3)
+from test_snapshot_format import (FIELD_SIZE, HEADER_CHECKED, HEADER_FIELDS, STORED, SnapFile,
+                                  patch_header_field, xxh3)
 
 pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(240)]
 
@@ -63,8 +64,8 @@ def _field_value(field, data):
 
 @st.composite
 def corruption(draw, data, base):
-    kind = draw(st.sampled_from(["flip", "truncate", "overwrite", "header", "table", "ws",
-                                 "manifest", "array"]))
+    kind = draw(st.sampled_from(["flip", "truncate", "overwrite", "header", "map", "ws",
+                                 "manifest", "array", "sigs"]))
     h = base.header
     if kind == "flip":
         raw = bytearray(data)
@@ -77,17 +78,22 @@ def corruption(draw, data, base):
         return kind, data[:draw(st.integers(0, len(data) - 1))]
     if kind == "overwrite":
         raw = bytearray(data)
-        region = draw(st.sampled_from(["header", "table", "ws", "manifest", "any"]))
-        lo, hi = {"header": (0, 136), "table": (h["table_offset"], h["ws_offset"]),
+        region = draw(st.sampled_from(["header", "map", "ws", "manifest", "sigs", "any"]))
+        lo, hi = {"header": (0, HEADER_CHECKED + 8), "map": (h["map_offset"], h["ws_offset"]),
                   "ws": (h["ws_offset"], h["manifest_offset"]),
-                  "manifest": (h["manifest_offset"], len(data)), "any": (0, len(data))}[region]
+                  "manifest": (h["manifest_offset"], h["sigs_offset"]),
+                  "sigs": (h["sigs_offset"], len(data)), "any": (0, len(data))}[region]
         off = draw(st.integers(lo, hi - 1))
         junk = draw(st.binary(min_size=1, max_size=16))
         raw[off:off + len(junk)] = junk
         raw = raw[:len(data)] if draw(st.booleans()) else raw
         if draw(st.booleans()):       # make the checksums agree with the damage
-            struct.pack_into("<Q", raw, 120, xxh3(raw[h["table_offset"]:]))
-            struct.pack_into("<Q", raw, 128, xxh3(raw[:128]))
+            hx = dict(zip(HEADER_FIELDS, struct.unpack_from("<8sIIII17Q", raw)))
+            for field, lo, hi in (("tables_xxh3", h["map_offset"], h["sigs_offset"]),
+                                  ("sigs_xxh3", h["sigs_offset"], len(raw))):
+                hx[field] = xxh3(raw[lo:hi])
+            struct.pack_into("<8sIIII17Q", raw, 0, *(hx[f] for f in HEADER_FIELDS))
+            struct.pack_into("<Q", raw, HEADER_CHECKED, xxh3(raw[:HEADER_CHECKED]))
         return kind, bytes(raw)
     if kind == "header":
         out = data
@@ -96,24 +102,23 @@ def corruption(draw, data, base):
             out = patch_header_field(out, field, draw(_field_value(field, data)))
         return kind, out
     sf = base.copy()
-    if kind == "table":
+    if kind == "map":
         for _ in range(draw(st.integers(1, 3))):
             p = draw(st.integers(0, NPAGES - 1))
-            field = draw(st.sampled_from(TABLE_DTYPE.names))
-            width = TABLE_DTYPE[field].itemsize * 8
-            value = draw(st.one_of(st.integers(0, 4), st.integers(0, (1 << width) - 1)))
-            sf.table[field][p] = value
+            sf.map[p] = draw(st.one_of(st.integers(0, 6), st.integers(0, (1 << 32) - 1)))
         return kind, sf.build()
     if kind == "ws":
         ws = draw(st.lists(st.one_of(st.integers(0, NPAGES + 1),
                                      st.integers(0, (1 << 64) - 1)), max_size=8))
         sf.ws = np.array(ws, np.uint64)
-        if draw(st.booleans()):       # keep the table's flags consistent
-            sf.table["flags"][:] = 0
-            for p in ws:
-                if p < NPAGES:
-                    sf.table["flags"][p] = 1
         return kind, sf.build()
+    if kind == "sigs":   # the signature section: changed, shortened or lengthened
+        new = draw(st.lists(st.integers(0, (1 << 64) - 1), min_size=0, max_size=5))
+        if draw(st.booleans()):
+            sf.sigs = np.array(new, np.uint64)
+        elif len(sf.sigs):
+            sf.sigs[draw(st.integers(0, len(sf.sigs) - 1))] = new[0] if new else 0
+        return kind, sf.build(fix_tables=draw(st.booleans()))
     if kind == "manifest":
         js = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(), c,
@@ -147,8 +152,14 @@ def corruption(draw, data, base):
 # ---- the property ------------------------------------------------------------------------
 
 def _check(path, kind):
+    inspect_error = None
     try:
         info = plm.inspect(path)
+    except plm.SnapshotError as e:
+        assert str(e)
+        inspect_error = str(e)
+    try:
+        info, _ = plm.snapshot.page_sources(path)   # restore's checks, without restoring
     except plm.SnapshotError as e:
         assert str(e)
         info = None
@@ -156,15 +167,23 @@ def _check(path, kind):
         r = plm.restore(path, prefetch="working-set", background=False)
     except plm.SnapshotError as e:
         assert str(e)
+        assert inspect_error, "inspect accepted a file that restore rejected"
         return False
     with r:
-        assert info is not None, "restore accepted a file that inspect rejected"
+        assert info is not None, "restore accepted a file that page_sources rejected"
         assert r.npages == info.npages and r.page_size == info.page_size
         arrays = r.arrays            # views only: must not raise for an accepted manifest
         assert sorted(arrays) == sorted(info.arrays)
         m = r.meta
         assert not (m["flags"] & int(plm.PageFlag.POISONED)).any()
-        r.signatures()               # reads lazy pages from the file without faulting
+        if inspect_error is None:
+            r.signatures()           # reads lazy pages from the file without faulting
+        else:
+            # restore() leaves the signature section to whoever needs it (not inspect())
+            assert "signature" in inspect_error, inspect_error
+            with pytest.raises(plm.LazyMemError, match="signature"):
+                r.signatures()
+            return False
     return True
 
 
@@ -214,8 +233,8 @@ def expected_pages(blob):
     ps = sf.page_size
     out = np.zeros((sf.header["npages"], ps), np.uint8)
     for p in range(sf.header["npages"]):
-        if sf.table["cls"][p] == STORED:
-            e = int(sf.table["store"][p])
+        if sf.cls[p] == STORED:
+            e = int(sf.entry[p])
             out[p] = np.frombuffer(sf.store[e * ps:(e + 1) * ps], np.uint8)
     return out
 

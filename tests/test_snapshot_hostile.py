@@ -16,7 +16,8 @@ import pytest
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
-from test_snapshot_format import FIELD_OFFSET, SnapFile, patch_header_field, write_file, xxh3
+from test_snapshot_format import (FIELD_OFFSET, HEADER_CHECKED, ZERO, SnapFile,
+                                  patch_header_field, stored, write_file, xxh3)
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
 
@@ -27,7 +28,7 @@ U64 = (1 << 64) - 1
 
 def make_valid(path):
     """8 pages: 0 an array, 1 random, 2 = 1, 3 zero, 4 random, 5..7 untouched; working set
-    [4, 1, 3]."""
+    [4, 1, 3]. Store entries: 0 = page 4, 1 = pages 1 and 2, 2 = page 0."""
     rng = np.random.default_rng(1234)
     with plm.Region(NPAGES * PS, max_cluster_pages=1) as r:
         a = r.alloc("a", 16, np.float32)
@@ -66,9 +67,9 @@ def _hdr(**fields):
 def _flip(where, delta=0):
     def make(data, base):
         h = base.header
-        off = {"header": FIELD_OFFSET["npages"], "header_xxh3": 130,
-               "table": h["table_offset"] + 9, "ws": h["ws_offset"] + 1,
-               "manifest": h["manifest_offset"] + 3}[where] + delta
+        off = {"header": FIELD_OFFSET["npages"], "header_xxh3": HEADER_CHECKED + 2,
+               "map": h["map_offset"] + 9, "ws": h["ws_offset"] + 1,
+               "manifest": h["manifest_offset"] + 3, "sigs": h["sigs_offset"] + 5}[where] + delta
         raw = bytearray(data)
         raw[off] ^= 0x10
         return bytes(raw)
@@ -79,25 +80,21 @@ def _cut(where, delta=0):
     def make(data, base):
         h = base.header
         at = {"start": 0, "header": h["header_bytes"], "store": h["store_offset"],
-              "table": h["table_offset"], "ws": h["ws_offset"], "manifest": h["manifest_offset"],
-              "end": h["file_bytes"]}[where] + delta
+              "map": h["map_offset"], "ws": h["ws_offset"], "manifest": h["manifest_offset"],
+              "sigs": h["sigs_offset"], "end": h["file_bytes"]}[where] + delta
         return data[:at]
     return make
 
 
-def _table(p, **fields):
+def _map(p, entry):
     def fn(sf):
-        for k, v in fields.items():
-            sf.table[k][p] = v
+        sf.map[p] = entry
     return _mod(fn)
 
 
-def _ws(ws, flags=None):
+def _ws(ws):
     def fn(sf):
         sf.ws = np.array(ws, np.uint64)
-        if flags is not None:
-            sf.table["flags"][:] = 0
-            sf.table["flags"][flags] = 1
     return _mod(fn)
 
 
@@ -122,7 +119,9 @@ def _layout(**fields):
 
 def _extra_store_entry(data, base):
     sf = base.copy()
-    sf.store += bytes(range(256)) * (PS // 256)
+    page = bytes(range(256)) * (PS // 256)
+    sf.store += page
+    sf.sigs = np.append(sf.sigs, np.uint64(xxh3(page)))
     return sf.build()
 
 
@@ -135,18 +134,19 @@ def _header_pad(data, base):
 
 
 def _huge_consistent(data, base):
-    """npages 2^40 with table bytes and every offset after it consistent: only the file's
+    """npages 2^40 with map bytes and every offset after it consistent: only the file's
     size says it is not there."""
     sf = base.copy()
     sf.relayout()
     h = dict(sf.header)
     n = 1 << 40
-    h.update(npages=n, table_bytes=16 * n)
-    h["ws_offset"] = h["table_offset"] + h["table_bytes"]
+    h.update(npages=n, map_bytes=4 * n)
+    h["ws_offset"] = h["map_offset"] + h["map_bytes"]
     h["manifest_offset"] = h["ws_offset"] + h["ws_bytes"]
-    h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
+    h["sigs_offset"] = h["manifest_offset"] + h["manifest_bytes"]
+    h["file_bytes"] = h["sigs_offset"] + h["sigs_bytes"]
     sf.header = h
-    return sf.pack_header() + sf.store + sf.tail()
+    return sf.pack_header() + sf.store + sf.tail() + sf.sigs_bytes()
 
 
 def _wrap_offsets(data, base):
@@ -158,7 +158,13 @@ def _wrap_offsets(data, base):
     h["nstored"] = h["nstored"] + (1 << 64) // PS              # nstored * ps wraps to store_bytes
     h["nstored"] &= U64
     sf.header = h
-    return sf.pack_header() + sf.store + sf.tail()
+    return sf.pack_header() + sf.store + sf.tail() + sf.sigs_bytes()
+
+
+def _all_zero(data, base):
+    sf = base.copy()
+    sf.map[:] = ZERO
+    return sf.build()
 
 
 def _bigger_header(data, base):
@@ -177,23 +183,26 @@ CASES = {
     "truncated_in_header": _cut("header", -1),
     "truncated_after_header": _cut("header"),
     "truncated_in_store": _cut("store", PS + 17),
-    "truncated_before_table": _cut("table"),
-    "truncated_in_table": _cut("table", 20),
+    "truncated_before_map": _cut("map"),
+    "truncated_in_map": _cut("map", 20),
     "truncated_in_ws": _cut("ws", 4),
     "truncated_before_manifest": _cut("manifest"),
-    "truncated_in_manifest": _cut("end", -1),
+    "truncated_in_manifest": _cut("sigs", -1),
+    "truncated_before_sigs": _cut("sigs"),
+    "truncated_in_sigs": _cut("end", -1),
     # magic, version
     "wrong_magic": _hdr(magic=b"PLMSNAQ\x00"),
     "wrong_magic_unchecked": lambda d, b: b"XLMSNAP\x00" + d[8:],
     "zeros": lambda d, b: bytes(len(d)),
     "text": lambda d, b: (b"hello, not a snapshot\n" * 1000)[:len(d)],
-    "wrong_version_2": _hdr(version=2),
+    "version_1": _hdr(version=1),
+    "wrong_version_3": _hdr(version=3),
     "wrong_version_0": _hdr(version=0),
     "wrong_version_huge": _hdr(version=0xFFFFFFFF),
     # checksums
     "header_checksum_off": _flip("header"),
     "header_checksum_field_flipped": _flip("header_xxh3"),
-    "tables_checksum_off_table": _flip("table"),
+    "tables_checksum_off_map": _flip("map"),
     "tables_checksum_off_ws": _flip("ws"),
     "tables_checksum_off_manifest": _flip("manifest"),
     "tables_checksum_field_wrong": _layout(tables_xxh3=12345),
@@ -210,43 +219,44 @@ CASES = {
     "nws_more_than_npages": _hdr(nws=NPAGES + 1),
     "nws_one_more": _hdr(nws=4),
     # offsets and sizes
-    "table_offset_past_end": _hdr(table_offset=1 << 62),
+    "map_offset_past_end": _hdr(map_offset=1 << 62),
+    "sigs_offset_past_end": _layout(sigs_offset=1 << 40),
     "ws_offset_past_end": _hdr(ws_offset=1 << 40),
     "manifest_offset_past_end": _layout(manifest_offset=1 << 33),
     "file_bytes_huge": _layout(file_bytes=U64),
     "file_bytes_short": _layout(file_bytes=100),
     "manifest_bytes_huge": _layout(manifest_bytes=1 << 63),
     "manifest_bytes_over_limit": _layout(manifest_bytes=(64 << 20) + 1),
-    "table_bytes_short": _layout(table_bytes=16 * (NPAGES - 1)),
+    "map_bytes_short": _layout(map_bytes=4 * (NPAGES - 1)),
     "ws_bytes_wrong": _layout(ws_bytes=16),
     "store_bytes_wrong": _layout(store_bytes=PS),
+    "sigs_bytes_wrong": _layout(sigs_bytes=8),
+    "sigs_bytes_huge": _layout(sigs_bytes=1 << 63),
     "overlap_store_in_header": _layout(store_offset=0),
-    "overlap_ws_in_table": lambda d, b: _layout(ws_offset=b.header["table_offset"])(d, b),
+    "overlap_ws_in_map": lambda d, b: _layout(ws_offset=b.header["map_offset"])(d, b),
     "overlap_manifest_in_ws": lambda d, b: _layout(
         manifest_offset=b.header["ws_offset"])(d, b),
-    "overlap_table_in_store": lambda d, b: _layout(
-        table_offset=b.header["table_offset"] - PS)(d, b),
-    "gap_before_table": lambda d, b: _layout(table_offset=b.header["table_offset"] + 16)(d, b),
+    "overlap_sigs_in_manifest": lambda d, b: _layout(
+        sigs_offset=b.header["manifest_offset"])(d, b),
+    "overlap_map_in_store": lambda d, b: _layout(
+        map_offset=b.header["map_offset"] - PS)(d, b),
+    "gap_before_map": lambda d, b: _layout(map_offset=b.header["map_offset"] + 4)(d, b),
+    "gap_before_sigs": lambda d, b: _layout(sigs_offset=b.header["sigs_offset"] + 8)(d, b),
     "store_offset_unaligned": lambda d, b: _layout(
         store_offset=b.header["store_offset"] + 8)(d, b),
-    # page table
-    "store_index_out_of_range": _table(4, store=3),
-    "store_index_u32_max": _table(1, store=0xFFFFFFFF),
-    "store_index_on_zero_page": _table(3, store=1),
-    "store_index_on_untouched_page": _table(6, store=2),
-    "unknown_class_3": _table(5, cls=3),
-    "unknown_class_255": _table(0, cls=255),
-    "unknown_flags_2": _table(0, flags=2),
-    "unknown_flags_0x80": _table(4, flags=0x81),
-    "table_reserved_nonzero": _table(1, reserved=1),
+    "nstored_over_map_limit": _hdr(nstored=1 << 32),
+    # page map
+    "store_index_out_of_range": _map(4, stored(3)),
+    "store_index_far_out_of_range": _map(4, stored(1 << 20)),
+    "map_entry_u32_max": _map(1, 0xFFFFFFFF),
     "store_entry_unused": _extra_store_entry,
+    "store_entry_unused_by_map": _map(4, ZERO),
+    "store_entries_unused_all_zero": _all_zero,
     # working set
     "ws_index_out_of_range": _ws([4, 1, NPAGES]),
     "ws_index_huge": _ws([4, 1, U64]),
-    "ws_duplicated": _ws([4, 1, 4], flags=[1, 4]),
-    "ws_flag_missing": _table(1, flags=0),
-    "ws_flag_extra": _table(0, flags=1),
-    "ws_flags_for_other_pages": _ws([4, 1, 3], flags=[0, 2, 5]),
+    "ws_duplicated": _ws([4, 1, 4]),
+    "ws_index_2_32": _ws([4, 1, 1 << 32]),
     # trailing data
     "trailing_byte": lambda d, b: d + b"\x00",
     "trailing_page": lambda d, b: d + bytes(PS),
@@ -307,11 +317,13 @@ SPECIAL = ("directory", "missing")
 TRY_ONE = """
 def try_one(path):
     res = {}
-    for fn in ("inspect", "restore"):
+    for fn in ("inspect", "restore", "page_sources"):
         t0 = time.monotonic()
         try:
             if fn == "inspect":
                 plm.inspect(path)
+            elif fn == "page_sources":
+                plm.snapshot.page_sources(path)
             else:
                 plm.restore(path).close()
             res[fn] = {"ok": True}
@@ -376,7 +388,7 @@ def test_hostile_file(hostile, run_py, name):
         assert one.returncode == 0, "case %s crashed the reader:\n%s\n(batch: %s)" % (
             name, one.describe(), hostile["batch"].describe()[-3000:])
         res = json.loads(one.stdout.strip().splitlines()[-1][len("RESULT "):])[1]
-    for fn in ("inspect", "restore"):
+    for fn in ("inspect", "restore", "page_sources"):
         r = res[fn]
         assert not r.get("ok"), "%s accepted the hostile file %r: %s" % (fn, name, res)
         assert r["snap"] and r["value"], (
@@ -393,7 +405,7 @@ def test_fifo_is_rejected_without_hanging(run_py, tmp_path):
     res = run_py(ONE, timeout=10, args=(path,))
     assert res.returncode == 0, res.describe()
     r = json.loads(res.stdout.strip().splitlines()[-1][len("RESULT "):])[1]
-    for fn in ("inspect", "restore"):
+    for fn in ("inspect", "restore", "page_sources"):
         assert r[fn].get("snap"), (fn, r)
 
 
@@ -410,18 +422,19 @@ print("RESULT", json.dumps(["one", res]), flush=True)
                     reason="ASan's shadow memory needs more address space than this test's "
                            "RLIMIT_AS allows")
 def test_huge_sparse_file_is_rejected_in_bounded_memory(run_py, tmp_path, valid_bytes):
-    """A sparse file whose header claims 2^38 pages (a 4 TiB page table, a 1 PiB region: more
+    """A sparse file whose header claims 2^38 pages (a 1 TiB page map, a 1 PiB region: more
     than any address space) with a wrong tables checksum. The reader must not try to hold the
-    table in memory: SnapshotError, in bounded time and memory (run under a 2 GiB RLIMIT_AS)."""
+    map in memory: SnapshotError, in bounded time and memory (run under a 2 GiB RLIMIT_AS)."""
     sf = SnapFile.parse(valid_bytes)
     sf.relayout()
     h = sf.header
     n = 1 << 38
-    h.update(npages=n, table_bytes=16 * n, nws=0, ws_bytes=0, nstored=0, store_bytes=0)
-    h["table_offset"] = h["store_offset"]
-    h["ws_offset"] = h["table_offset"] + h["table_bytes"]
+    h.update(npages=n, map_bytes=4 * n, nws=0, ws_bytes=0, nstored=0, store_bytes=0,
+             sigs_bytes=0)
+    h["map_offset"] = h["store_offset"]
+    h["ws_offset"] = h["map_offset"] + h["map_bytes"]
     h["manifest_offset"] = h["ws_offset"]
-    h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
+    h["sigs_offset"] = h["file_bytes"] = h["manifest_offset"] + h["manifest_bytes"]
     h["tables_xxh3"] = 12345
     path = str(tmp_path / "sparse.snap")
     try:
@@ -431,14 +444,14 @@ def test_huge_sparse_file_is_rejected_in_bounded_memory(run_py, tmp_path, valid_
             f.seek(h["manifest_offset"])
             f.write(sf.manifest)
     except OSError as e:
-        pytest.skip("cannot make a 4 TiB sparse file here: %s" % e)
+        pytest.skip("cannot make a 1 TiB sparse file here: %s" % e)
     try:
         res = run_py(TRY_ONE + HUGE_SPARSE, timeout=60, args=(path,))
     finally:
         os.unlink(path)
     assert res.returncode == 0, res.describe()
     r = json.loads(res.stdout.strip().splitlines()[-1][len("RESULT "):])[1]
-    for fn in ("inspect", "restore"):
+    for fn in ("inspect", "restore", "page_sources"):
         assert r[fn].get("snap"), "%s: %s" % (fn, r[fn])
         assert r[fn]["secs"] < 10, r[fn]
 
@@ -450,11 +463,61 @@ def valid_bytes(tmp_path_factory):
 
 def test_cases_recompute_checksums_where_needed(hostile):
     """Self-check: cases meant to reach the deeper checks have consistent checksums."""
-    for name in ("store_index_out_of_range", "unknown_class_3", "ws_duplicated",
-                 "manifest_object_dtype", "page_size_3000", "npages_huge", "wrong_version_2"):
+    for name in ("store_index_out_of_range", "store_entry_unused_by_map", "ws_duplicated",
+                 "manifest_object_dtype", "page_size_3000", "npages_huge", "wrong_version_3",
+                 "version_1"):
         data = open(hostile["paths"][name], "rb").read()
-        hx = struct.unpack_from("<Q", data, 128)[0]
-        assert hx == xxh3(data[:128]), name
+        hx = struct.unpack_from("<Q", data, HEADER_CHECKED)[0]
+        assert hx == xxh3(data[:HEADER_CHECKED]), name
         h = SnapFile.parse(data).header if name not in ("npages_huge", "page_size_3000") else None
         if h is not None:
-            assert h["tables_xxh3"] == xxh3(data[h["table_offset"]:]), name
+            assert h["tables_xxh3"] == xxh3(data[h["map_offset"]:h["sigs_offset"]]), name
+            assert h["sigs_xxh3"] == xxh3(data[h["sigs_offset"]:]), name
+
+
+# ---- the signature section: checked when it is first read ---------------------------------
+
+SIG_CASES = {
+    "sigs_byte_flipped": _flip("sigs"),
+    "sigs_checksum_field_wrong": _layout(sigs_xxh3=12345),
+}
+
+SIG_CHECK = """
+path = sys.argv[1]
+res = {}
+def attempt(name, fn):
+    try:
+        fn()
+        res[name] = "ok"
+    except plm.SnapshotError as e:
+        res[name] = "SnapshotError: " + str(e)
+    except plm.LazyMemError as e:
+        res[name] = "LazyMemError: " + str(e)
+attempt("inspect", lambda: plm.inspect(path))
+attempt("page_sources", lambda: plm.snapshot.page_sources(path))
+attempt("restore_verify", lambda: plm.restore(path, verify=True).close())
+with plm.restore(path, prefetch="none", background=False) as r:
+    attempt("read", lambda: int(pages(r)[4].sum()))
+    attempt("signatures", lambda: r.signatures())
+    attempt("checkpoint", lambda: plm.checkpoint(r, path + ".again"))
+print("RESULT", json.dumps(res), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", list(SIG_CASES))
+def test_damaged_signature_section(valid_bytes, tmp_path, run_py, name):
+    """restore() does not read the signatures (they cost time and are rarely needed), so damage
+    to them is found where they are read: inspect(), restore(verify=True), checkpointing the
+    restored region again, signatures(). Pages are still served (the store is intact), and
+    page_sources() (which restore's checks) accepts the file."""
+    data = SIG_CASES[name](valid_bytes, SnapFile.parse(valid_bytes))
+    path = write_file(tmp_path / (name + ".snap"), data)
+    res = run_py(SIG_CHECK, timeout=60, args=(path,))
+    assert res.returncode == 0, res.describe()
+    r = json.loads(res.stdout.strip().splitlines()[-1][len("RESULT "):])
+    for fn in ("inspect", "restore_verify", "checkpoint"):
+        assert r[fn].startswith("SnapshotError") and "signature" in r[fn], (fn, r)
+    assert r["signatures"].startswith(("SnapshotError", "LazyMemError")), r
+    assert "signature" in r["signatures"], r
+    assert r["page_sources"] == "ok" and r["read"] == "ok", r
+    assert not os.path.exists(path + ".again")

@@ -65,8 +65,8 @@ def test_mixed_snapshot_counts(mixed):
 def test_round_trip(mixed, prefetch, background):
     expected, kinds = mixed["expected"], mixed["kinds"]
     sf = SnapFile.parse(open(mixed["path"], "rb").read())
-    stored = np.nonzero(sf.table["cls"] == STORED)[0]
-    ws_stored = [p for p in mixed["ws"] if sf.table["cls"][p] == STORED]
+    stored = np.nonzero(sf.cls == STORED)[0]
+    ws_stored = [p for p in mixed["ws"] if sf.cls[p] == STORED]
     t0 = time.monotonic()
     r = plm.restore(mixed["path"], prefetch=prefetch, background=background)
     try:
@@ -198,7 +198,9 @@ def test_size_zero_duplicate_unique(make_region, tmp_path):
     assert pbc["duplicate"] == n // 4 - 1, pbc
     assert info.stored_bytes == (n // 4 + 1) * PS
     raw = n * PS
-    tables = max(4096, PS) + 16 * n + 8 * len(info.working_set) + 4096   # + manifest slack
+    # header, page map (4 bytes a page), working set, signatures (8 bytes a store entry),
+    # manifest slack
+    tables = max(4096, PS) + 4 * n + 8 * len(info.working_set) + 8 * pbc["unique"] + 4096
     assert info.file_bytes == os.path.getsize(path)
     assert info.file_bytes <= 0.27 * raw + tables, (info.file_bytes, raw)
     with plm.restore(path, prefetch="none", background=False) as r2:

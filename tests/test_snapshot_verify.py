@@ -42,7 +42,7 @@ def snap(tmp_path, features):
 def flip_store_byte(path, page, at=1234):
     data = bytearray(open(path, "rb").read())
     sf = SnapFile.parse(data)
-    off = sf.header["store_offset"] + int(sf.table["store"][page]) * PS + at
+    off = sf.header["store_offset"] + int(sf.entry[page]) * PS + at
     data[off] ^= 0x40
     with open(path, "r+b") as f:
         f.write(data)

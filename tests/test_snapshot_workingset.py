@@ -66,10 +66,8 @@ def test_working_set_is_first_touch_order(base_snapshot, tmp_path):
     assert info.working_set.dtype == np.uint64
     # the working set's stored pages come first in the store, in working-set order
     sf = SnapFile.parse(open(str(tmp_path / "b.snap"), "rb").read())
-    ws_stored = [p for p in ORDER if sf.table["cls"][p] == STORED]
-    assert sf.table["store"][ws_stored].tolist() == list(range(len(ws_stored)))
-    flagged = np.nonzero(sf.table["flags"] & 1)[0].tolist()
-    assert flagged == sorted(ORDER)
+    ws_stored = [p for p in ORDER if sf.cls[p] == STORED]
+    assert sf.entry[ws_stored].tolist() == list(range(len(ws_stored)))
 
 
 def test_prefetch_working_set_present_on_return(base_snapshot, tmp_path):
@@ -80,7 +78,7 @@ def test_prefetch_working_set_present_on_return(base_snapshot, tmp_path):
         touch_in_order(r, expected)
         plm.checkpoint(r, b)
     sf = SnapFile.parse(open(b, "rb").read())
-    stored = set(np.nonzero(sf.table["cls"] == STORED)[0].tolist())
+    stored = set(np.nonzero(sf.cls == STORED)[0].tolist())
 
     with plm.restore(b, prefetch="working-set", background=False) as r:
         s = r.stats()
