@@ -64,7 +64,8 @@ static struct {
     int kernel_every;  /* every k-th touch of a thread is a kernel-mode access (0: never) */
     int write_every;   /* every k-th touch is a write access (0: never) */
     long remove_pages; /* pages per balloon range (0: no balloon phase) */
-    long remove_cycles; /* balloon passes over its ranges during the storm (0: until it ends) */
+    long remove_cycles; /* balloon passes over its ranges: at most this many, none after the
+                           storm ended (0: as many as the storm lasts) */
     int timeout;
     int close_after_send;
     int print_json;

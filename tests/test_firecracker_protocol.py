@@ -318,13 +318,12 @@ def test_balloon_remove(fc_client, server, memory_file):
 def test_balloon_remove_with_many_pending_faults(fc_client, server, memory_file):
     """REMOVEs arriving while more faults are queued than a handler may have room for: 128
     threads fault the same pages (each queues its own message) while the balloon removes its
-    ranges 50 times over. The handler must go on reading events (the REMOVE) whatever its
+    ranges over and over (up to 50 times, until the storm ends). The handler must go on reading events (the REMOVE) whatever its
     backlog of faults, or every fill returns EAGAIN forever and the client hangs (status 3)."""
-    for seed in (1, 2):
-        s = run_client(fc_client, server, memory_file, "--threads", "128", "--order", "same",
-                       "--remove", "16", "--remove-cycles", "50", "--kernel-every", "0",
-                       "--seed", str(seed))
-        assert s["removed_pages"] == 2 * 2 * 16 and s["remove_events"] == 4 * 50 + 4
+    s = run_client(fc_client, server, memory_file, "--threads", "128", "--order", "same",
+                   "--remove", "16", "--remove-cycles", "50", "--kernel-every", "0")
+    # 4 ranges removed once per cycle while the storm lasts (at most 50), and once more after
+    assert s["removed_pages"] == 2 * 2 * 16 and 4 + 4 <= s["remove_events"] <= 4 * 50 + 4
     server.assert_alive()
 
 
