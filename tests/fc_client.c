@@ -68,6 +68,7 @@ static struct {
                            storm ended (0: as many as the storm lasts) */
     int timeout;
     int close_after_send;
+    int thp; /* huge_pages "Transparent" (Firecracker main after 1.16): MADV_HUGEPAGE */
     int print_json;
     uint64_t seed;
 } opt = {
@@ -165,6 +166,9 @@ static void create_guest_memory(void)
         regions[i].base = allocate_region(regions[i].size);
         regions[i].offset = offset;
         offset += regions[i].size;
+        /* memory.rs create(): madvise(huge_pages.madvise_flags()) right after the mapping */
+        if (opt.thp && madvise(regions[i].base, regions[i].size, MADV_HUGEPAGE) != 0)
+            SYSFAIL("madvise(MADV_HUGEPAGE)");
         /* Not Firecracker: a PROT_NONE spacer so that consecutive regions are never adjacent in
          * the host address space (Firecracker's separate mmaps make no promise either way), so a
          * server that finds a fault's region by anything but base/size is caught. */
@@ -462,7 +466,7 @@ static void usage(void)
         "         [--threads N] [--pages N] [--order random|seq|reverse|interleave|same]\n"
         "         [--seed N]"
         " [--kernel-every K] [--write-every K] [--remove PAGES [--remove-cycles N]]\n"
-        "         [--format head|v1.7|v1.1] [--close-after-send] [--print-json]\n"
+        "         [--format head|v1.7|v1.1] [--close-after-send] [--thp] [--print-json]\n"
         "         [--timeout SECONDS]\n"
         "  SIZE: bytes, K/M/G suffixes allowed; regions are laid out in the memory file one after\n"
         "  the other from offset 0 (default: two regions, 3/4 and 1/4 of the file's pages).");
@@ -520,6 +524,8 @@ static void parse_args(int argc, char **argv)
             opt.timeout = atoi(VAL());
         else if (!strcmp(a, "--close-after-send"))
             opt.close_after_send = 1;
+        else if (!strcmp(a, "--thp"))
+            opt.thp = 1;
         else if (!strcmp(a, "--print-json"))
             opt.print_json = 1;
         else
