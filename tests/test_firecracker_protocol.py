@@ -300,8 +300,7 @@ def test_older_firecracker_formats(fc_client, server, memory_file, fmt):
 
 def test_transparent_huge_pages(fc_client, server, memory_file):
     """huge_pages "Transparent" (Firecracker's main branch after 1.16): MADV_HUGEPAGE on each
-    region, page_size still 4096; faults stay 4 KiB, and the balloon's 4 KiB REMOVEs split
-    huge pages."""
+    region, page_size still 4096 in the handshake; every byte and the balloon as before."""
     s = run_client(fc_client, server, memory_file, "--thp", "--regions", "6M,2M",
                    "--remove", "32")
     assert s["verified_pages"] == NPAGES and s["removed_pages"] == 2 * 2 * 32
