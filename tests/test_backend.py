@@ -346,6 +346,57 @@ def test_header_constants_match_the_core():
     assert _meta.SNAP_PAGE_DTYPE.names == struct_dtype("struct lm_snap_page").names
 
 
+# ---- the suite's split between backends -------------------------------------------------------
+
+COLLECT = '''
+import json, sys
+import pytest
+class Report:
+    def pytest_collection_finish(self, session):
+        marks = {}
+        for item in session.items:
+            m = item.get_closest_marker("core")
+            marks[item.nodeid] = (m.kwargs.get("reason") or "marked by hand") if m else None
+        print("MARKS=" + json.dumps(marks))
+sys.exit(pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", *sys.argv[1:]],
+                     plugins=[Report()]))
+'''
+
+
+def test_core_marker_found_where_the_core_is_used(run_py):
+    """The automatic `core` marker, both ways, on the suite itself: what must run under ctypes
+    is not marked (else the ctypes run would pass by skipping), what needs the core is, each
+    through a different route of tests/conftest.py's scan."""
+    files = ["test_uffd_binding.py", "test_features.py", "test_cli.py", "test_region.py",
+             "test_contents.py", "test_examples.py", "test_reliability_crash.py"]
+    res = run_py(COLLECT, prelude=False, timeout=120, args=["tests/" + f for f in files])
+    assert res.returncode == 0, res.describe()
+    marks = json.loads(res.stdout.split("MARKS=", 1)[1].splitlines()[0])
+
+    def of(name):
+        got = {k.split("::", 1)[1]: v for k, v in marks.items() if k.startswith("tests/" + name)}
+        assert got, "no tests collected from %s" % name
+        return got
+
+    # the uffd binding, the features probe, the CLI's features command: both backends
+    assert not any(of("test_uffd_binding.py").values()), of("test_uffd_binding.py")
+    feats = of("test_features.py")
+    assert feats["test_features_fields_consistent"] is None
+    assert of("test_cli.py")["test_features"] is None
+    # plm.Region / the make_region fixture
+    assert all(of("test_region.py").values())
+    # _workloads.<name> in a subprocess script, the name built at run time
+    assert all("names Region" in r for r in of("test_contents.py").values())
+    # examples/*.py files given as parameters
+    assert all("examples/" in r for r in of("test_examples.py").values())
+    # a module-level script calling a helper of tests/_reliability.py
+    assert all("crash_child" in r for r in of("test_reliability_crash.py").values())
+    # a CLI command that runs regions; a fixture that checkpoints
+    cli = of("test_cli.py")
+    assert all("pylazymem demo" in r for n, r in cli.items() if n.startswith("test_demo"))
+    assert "fixture snapshot" in cli["test_inspect_table_and_json"]
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 def write_snapshot(path):
