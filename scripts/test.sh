@@ -15,5 +15,9 @@ echo "== test.sh: backend cffi (the compiled core)"
 PYLAZYMEM_BACKEND=cffi .venv/bin/python -m pytest -q "$@" || status=1
 echo "== test.sh: backend ctypes (pure Python; tests that need the core are skipped)"
 PYLAZYMEM_BACKEND=ctypes .venv/bin/python -m pytest -q "$@" || status=1
-[ "$status" -eq 0 ] && echo "== test.sh: both backends passed" || echo "== test.sh: FAILED (see above)" >&2
+if [ "$status" -eq 0 ]; then
+    echo "== test.sh: both backends passed"
+else
+    echo "== test.sh: FAILED (see above)" >&2
+fi
 exit "$status"
