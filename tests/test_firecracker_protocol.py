@@ -374,3 +374,21 @@ def test_snapshot_source(fc_client, memory_file, tmp_path, engine):
                        "interleave")
         assert s["regions"] == 3
         srv.assert_alive()
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_memory_file_shorter_than_guest_memory(fc_client, memory_file, tmp_path, engine):
+    """The VMM's memory is larger than the server's file (a truncated or wrong file): touching
+    a page past the end must fail loudly (SIGBUS from a poisoned page), never read as zeros and
+    never hang (the client's deadline would say status 3)."""
+    short = str(tmp_path / "short.mem")
+    with open(memory_file, "rb") as f, open(short, "wb") as g:
+        g.write(f.read(NPAGES // 2 * PAGE_SIZE))
+    with serve(engine, ["--memory-file", short]) as srv:
+        args = ["--threads", "2", "--order", "seq", "--kernel-every", "0"]
+        res = subprocess.run(_client_cmd(fc_client, srv, memory_file, args),
+                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert res.returncode == -signal.SIGBUS, (
+            "expected SIGBUS, got status %s\n%s%s\n--- server ---\n%s"
+            % (res.returncode, res.stdout, res.stderr, srv.log()))
+        srv.assert_alive()
