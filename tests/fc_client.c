@@ -69,6 +69,7 @@ static struct {
     int timeout;
     int close_after_send;
     int thp; /* huge_pages "Transparent" (Firecracker main after 1.16): MADV_HUGEPAGE */
+    long delay_us; /* pause after each touch: a slow guest, so that the storm outlasts events */
     int print_json;
     uint64_t seed;
 } opt = {
@@ -422,8 +423,11 @@ static void *storm(void *arg)
 {
     struct worker *w = arg;
     pthread_barrier_wait(w->go);
-    for (size_t k = 0; k < w->n; k++)
+    for (size_t k = 0; k < w->n; k++) {
         touch(w, w->list[k], k);
+        if (opt.delay_us)
+            usleep((useconds_t)opt.delay_us);
+    }
     atomic_fetch_sub(&storm_running, 1);
     return NULL;
 }
@@ -467,7 +471,7 @@ static void usage(void)
         "         [--seed N]"
         " [--kernel-every K] [--write-every K] [--remove PAGES [--remove-cycles N]]\n"
         "         [--format head|v1.7|v1.1] [--close-after-send] [--thp] [--print-json]\n"
-        "         [--timeout SECONDS]\n"
+        "         [--delay-us MICROSECONDS] [--timeout SECONDS]\n"
         "  SIZE: bytes, K/M/G suffixes allowed; regions are laid out in the memory file one after\n"
         "  the other from offset 0 (default: two regions, 3/4 and 1/4 of the file's pages).");
 }
@@ -526,6 +530,8 @@ static void parse_args(int argc, char **argv)
             opt.close_after_send = 1;
         else if (!strcmp(a, "--thp"))
             opt.thp = 1;
+        else if (!strcmp(a, "--delay-us"))
+            opt.delay_us = atol(VAL());
         else if (!strcmp(a, "--print-json"))
             opt.print_json = 1;
         else
@@ -534,7 +540,7 @@ static void parse_args(int argc, char **argv)
     }
     if (!opt.socket_path || !opt.memory_file || opt.threads < 1 || opt.threads > 256 ||
         opt.timeout < 1 || opt.kernel_every < 0 || opt.write_every < 0 || opt.remove_pages < 0 ||
-        opt.remove_cycles < 0)
+        opt.remove_cycles < 0 || opt.delay_us < 0 || opt.delay_us > 1000000)
         usage();
     if (strcmp(opt.format, "head") && strcmp(opt.format, "v1.7") && strcmp(opt.format, "v1.1"))
         usage();

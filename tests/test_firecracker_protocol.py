@@ -73,6 +73,18 @@ def memory_file(tmp_path_factory):
 class Server:
     def __init__(self, proc, sock, engine, log_path):
         self.proc, self.sock, self.engine, self.log_path = proc, sock, engine, log_path
+        self.stopped_by_test = False   # the test sent SIGTERM itself
+
+    def stop(self):
+        """SIGTERM; the server must exit with status 0 within 20 s and remove its socket."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not stop within 20s of SIGTERM\n" + self.log(),
+                        pytrace=False)
+        assert rc == 0, "SIGTERM: exit status %d\n%s" % (rc, self.log())
+        assert not os.path.exists(self.sock), "the server left its socket behind"
 
     def log(self):
         try:
@@ -128,15 +140,9 @@ def serve(engine, source_args):
         mode = os.stat(sock).st_mode
         assert oct(mode & 0o777) == oct(0o600), "socket mode %o, expected 0600" % (mode & 0o777)
         yield srv
-        srv.assert_alive()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the server did not stop within 20s of SIGTERM\n" + srv.log(),
-                        pytrace=False)
-        assert rc == 0, "SIGTERM: exit status %d\n%s" % (rc, srv.log())
-        assert not os.path.exists(sock), "the server left its socket behind"
+        if not srv.stopped_by_test:
+            srv.assert_alive()
+            srv.stop()
     finally:
         if proc.poll() is None:
             _kill_group(proc)
@@ -327,8 +333,9 @@ def test_balloon_remove(fc_client, server, memory_file):
 def test_balloon_remove_with_many_pending_faults(fc_client, server, memory_file):
     """REMOVEs arriving while more faults are queued than a handler may have room for: 128
     threads fault the same pages (each queues its own message) while the balloon removes its
-    ranges over and over (up to 50 times, until the storm ends). The handler must go on reading events (the REMOVE) whatever its
-    backlog of faults, or every fill returns EAGAIN forever and the client hangs (status 3)."""
+    ranges over and over (up to 50 times, until the storm ends). The handler must go on
+    reading events (the REMOVE) whatever its backlog of faults, or every fill returns EAGAIN
+    forever and the client hangs (status 3)."""
     s = run_client(fc_client, server, memory_file, "--threads", "128", "--order", "same",
                    "--remove", "16", "--remove-cycles", "50", "--kernel-every", "0")
     # 4 ranges removed once per cycle while the storm lasts (at most 50), and once more after
@@ -392,3 +399,38 @@ def test_memory_file_shorter_than_guest_memory(fc_client, memory_file, tmp_path,
             "expected SIGBUS, got status %s\n%s%s\n--- server ---\n%s"
             % (res.returncode, res.stdout, res.stderr, srv.log()))
         srv.assert_alive()
+
+
+def _holds_userfaultfd(pid):
+    try:
+        return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:[userfaultfd]"
+                   for fd in os.listdir("/proc/%d/fd" % pid))
+    except FileNotFoundError:   # an fd closed while we looked: look again
+        return False
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_server_stopped_mid_storm(fc_client, memory_file, engine):
+    """SIGTERM to the server while a Firecracker-style client is faulting (a slow guest: 3 ms
+    between touches): the pages it never received must fail loudly in the client (SIGBUS from
+    poisoned pages), not hang it and not read as zeros; the server exits 0."""
+    with serve(engine, ["--memory-file", memory_file]) as srv:
+        args = ["--threads", "4", "--delay-us", "3000", "--kernel-every", "0"]
+        p = start_client(fc_client, srv, memory_file, *args)
+        try:
+            deadline = time.monotonic() + 20
+            while not _holds_userfaultfd(srv.proc.pid):   # the server has the client's uffd
+                assert p.poll() is None and time.monotonic() < deadline, (
+                    "the server never received the client's uffd\n" + srv.log())
+                time.sleep(0.01)
+            time.sleep(0.2)   # some pages served, most of the ~1.5 s storm still to come
+            srv.stopped_by_test = True
+            srv.stop()
+            out, err = p.communicate(timeout=SUBPROCESS_TIMEOUT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == -signal.SIGBUS, (
+            "expected SIGBUS in the client, got status %s\n%s%s\n--- server ---\n%s"
+            % (p.returncode, out, err, srv.log()))
