@@ -40,11 +40,11 @@ PATHS = {1: "demand", 2: "readahead", 3: "prefetch", 4: "background", 5: "materi
 #: The known content class "zero", for Region.defer_fill().
 ZERO = PageClass.ZERO
 
-#: Classes and flags of a snapshot's page-table entries (enum lm_snap_class, lm_snap_flag).
+#: A snapshot's page-map entries (enum lm_snap_class): untouched, zero, or SNAP_STORED + i for
+#: store entry i; snapshot.inspect_tables() splits them into a class and a store entry.
 SNAP_UNTOUCHED = 0
 SNAP_ZERO = 1
 SNAP_STORED = 2
-SNAP_F_WORKING_SET = 1
 
 #: struct lm_page_meta, one 32-byte record per page (Region.meta).
 META_DTYPE = np.dtype({
@@ -54,10 +54,6 @@ META_DTYPE = np.dtype({
     "itemsize": 32,
 })
 
-#: struct lm_snap_page: one entry of a snapshot's page table (docs/snapshot-format.md).
-SNAP_PAGE_DTYPE = np.dtype({
-    "names": ["cls", "flags", "reserved", "store", "signature"],
-    "formats": ["u1", "u1", "<u2", "<u4", "<u8"],
-    "offsets": [0, 1, 2, 4, 8],
-    "itemsize": 16,
-})
+#: struct lm_snap_page: one entry of a snapshot's page map (docs/snapshot-format.md).
+SNAP_PAGE_DTYPE = np.dtype({"names": ["entry"], "formats": ["<u4"], "offsets": [0],
+                            "itemsize": 4})

@@ -16,7 +16,7 @@ import pytest
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE
-from test_snapshot_format import STORED, UNTOUCHED, ZERO, SnapFile, xxh3
+from test_snapshot_format import UNTOUCHED, ZERO, SnapFile, stored
 
 # Many tests here name the core's API to check that the ctypes backend refuses it: they run
 # under both backends; the ones that need the core say so with NEEDS_CORE.
@@ -319,9 +319,8 @@ def test_header_constants_match_the_core():
     paths = family("LM_PATH_")
     assert paths.pop("NONE") == 0
     assert {v: n.lower() for n, v in paths.items()} == _meta.PATHS
-    assert family("LM_SNAP_F_") == {"WORKING_SET": _meta.SNAP_F_WORKING_SET}
-    assert {n: v for n, v in family("LM_SNAP_").items() if not n.startswith("F_")} == {
-        "UNTOUCHED": _meta.SNAP_UNTOUCHED, "ZERO": _meta.SNAP_ZERO, "STORED": _meta.SNAP_STORED}
+    assert family("LM_SNAP_") == {"UNTOUCHED": _meta.SNAP_UNTOUCHED, "ZERO": _meta.SNAP_ZERO,
+                                  "STORED": _meta.SNAP_STORED}
     names = {"UNAVAILABLE": "unavailable", "FULL": "full", "USER_ONLY": "user-mode-only"}
     assert {v: names[n] for n, v in family("LM_MODE_").items()} == _features.MODES
     srcs = {"NONE": None, "DEV": "/dev/userfaultfd", "SYSCALL": "syscall"}
@@ -406,13 +405,8 @@ def write_snapshot(path):
     ps = PAGE_SIZE
     a = bytes([7]) * ps
     b = bytes(range(256)) * (ps // 256)
-    sf = SnapFile.new(ps, 6, store=a + b)
-    t = sf.table
-    t["cls"] = [STORED, ZERO, STORED, ZERO, STORED, UNTOUCHED]
-    t["store"] = [0, 0, 1, 0, 0, 0]
-    t["signature"] = [xxh3(a), xxh3(bytes(ps)), xxh3(b), xxh3(bytes(ps)), xxh3(a), 0]
-    sf.ws = np.array([3, 0], np.uint64)
-    t["flags"][[3, 0]] = 1
+    sf = SnapFile.new(ps, 6, store=a + b, ws=[3, 0],
+                      pmap=[stored(0), ZERO, stored(1), ZERO, stored(0), UNTOUCHED])
     with open(path, "wb") as f:
         f.write(sf.build())
     return path
