@@ -5,7 +5,7 @@
     pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
     pylazymem bench [NAME ...] [--quick] [--json]
     pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
-                    [--engine auto|c|python] [--stats-every SECONDS]
+                    [--socket-group GID] [--engine auto|c|python] [--stats-every SECONDS]
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error. Errors go to stderr on one line,
 with the fix where there is one.
@@ -98,7 +98,8 @@ def _serve(args):
     logging.basicConfig(level=logging.INFO, format="pylazymem serve: %(message)s",
                         stream=sys.stderr)
     srv = PageServer(args.socket, memory_file=args.memory_file, snapshot=args.snapshot,
-                     allow_uids=args.allow_uid or None, engine=args.engine)
+                     allow_uids=args.allow_uid or None, socket_group=args.socket_group,
+                     engine=args.engine)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -154,6 +155,8 @@ def main(argv=None):
     src.add_argument("--snapshot", metavar="FILE", help="a pylazymem snapshot")
     p.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                    help="uid allowed to connect (repeatable; default: this process's uid)")
+    p.add_argument("--socket-group", type=int, metavar="GID",
+                   help="make the socket 0660 with this group (several allowed uids)")
     p.add_argument("--engine", choices=("auto", "c", "python"), default="auto")
     p.add_argument("--stats-every", type=float, default=0, metavar="SECONDS",
                    help="print the counters to stderr this often (default: never)")

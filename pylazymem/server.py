@@ -253,6 +253,37 @@ class Client:
             "alive" if self.alive else "gone")
 
 
+def _poison_refused(fd, msg):
+    """A refused client that sent its uffd must not wait forever: Firecracker never reads our
+    answer, and its first fault would hang (its own example handler SIGKILLs the VMM instead).
+    Poison whatever of the ranges it described is still missing, so that its accesses fail
+    loudly (SIGBUS); best effort, with any page size it claimed."""
+    from .uffd import Userfaultfd
+
+    try:
+        doc = json.loads(bytes(msg).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return
+    if not isinstance(doc, list):
+        return
+    u = Userfaultfd(fd, owned=False)
+    u.eagain_timeout = 0.1
+    for m in doc[:MAX_MAPPINGS]:
+        if not isinstance(m, dict):
+            continue
+        base, size = m.get("base_host_virt_addr"), m.get("size")
+        ps = m.get("page_size", m.get("page_size_kib", PAGE_SIZE))
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                   for x in (base, size, ps)) or ps & (ps - 1) or (base | size) % ps:
+            continue
+        u.page_size = ps
+        try:
+            u.poison(base, size)
+        except (LazyMemError, OSError, ValueError):
+            pass
+    u.detach()
+
+
 def _complete_json(data):
     """False only for a prefix of a JSON document (more bytes may come); True for a whole
     document and for anything malformed before its end (the parser then says what)."""
@@ -448,14 +479,16 @@ class PageServer:
     """Serve page faults of other processes, received over a Unix socket.
 
     Exactly one of `snapshot`, `memory_file`, `provider`. `allow_uids`: the uids that may
-    connect (default: only ours). `engine`: "c" (native serving threads; file sources, cffi
+    connect (default: only ours); the socket is 0600, given to the one other allowed uid, or
+    0660 with group `socket_group`. `engine`: "c" (native serving threads; file sources, cffi
     backend), "python" (a Python thread per client through pylazymem.uffd; needed for a
     provider), or "auto". `max_clients`: clients served at once (one thread each); more are
     refused. Use as a context manager, or start()/stop(); serve_forever() blocks.
     """
 
     def __init__(self, socket_path, *, snapshot=None, memory_file=None, provider=None,
-                 allow_uids=None, engine="auto", max_cluster_pages=None, max_clients=256):
+                 allow_uids=None, socket_group=None, engine="auto", max_cluster_pages=None,
+                 max_clients=256):
         given = [x is not None for x in (snapshot, memory_file, provider)]
         if sum(given) != 1:
             raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
@@ -465,6 +498,7 @@ class PageServer:
         self.allow_uids = frozenset([os.getuid()] if allow_uids is None else
                                     [int(u) for u in allow_uids])
         self.max_cluster_pages = int(max_cluster_pages or 0)
+        self.socket_group = None if socket_group is None else int(socket_group)
         have_core = _have_core()
         if provider is not None:
             if engine == "c":
@@ -520,9 +554,36 @@ class PageServer:
         # set 0600 before bind, so there is no moment at which the path is more open.
         os.fchmod(s.fileno(), 0o600)
         s.bind(self.path)
+        try:
+            self._open_to_allowed()
+        except BaseException:
+            s.close()
+            os.unlink(self.path)
+            raise
         s.listen(16)
         self._sock_ino = os.stat(self.path).st_ino   # to remove our socket, never a successor's
         return s
+
+    def _open_to_allowed(self):
+        """The filesystem decides who may connect() before SO_PEERCRED is checked: give the
+        socket to the one other uid allowed (as Firecracker's jailer set-ups do), or to a
+        group (mode 0660) when socket_group is given."""
+        others = self.allow_uids - {os.getuid()}
+        if self.socket_group is not None:
+            os.chown(self.path, -1, self.socket_group)
+            os.chmod(self.path, 0o660)
+        elif len(others) == 1:
+            try:
+                os.chown(self.path, next(iter(others)), -1)
+            except PermissionError:
+                raise PermissionError(
+                    errno.EPERM, "cannot give the socket to uid %d (allow_uids): that needs "
+                    "root; or pass socket_group=GID (--socket-group) for a group both share"
+                    % next(iter(others))) from None
+        elif len(others) > 1:
+            raise ValueError("allow_uids names %d uids besides ours: the socket can belong to "
+                             "only one; pass socket_group=GID (--socket-group) and make them "
+                             "members" % len(others))
 
     def start(self):
         if self._thread is not None:
@@ -682,6 +743,8 @@ class PageServer:
             # other clients only the end of the process counts.
             pidfd = (os.dup(conn.fileno()) if watches else os.pidfd_open(pid))
         except BaseException:
+            if len(fds) == 1 and _is_userfaultfd(fds[0]):
+                _poison_refused(fds[0], msg)
             for fd in fds:
                 os.close(fd)
             raise

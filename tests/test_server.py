@@ -209,7 +209,7 @@ except Exception as e:
         assert res.stdout.startswith("ProtocolError"), res.describe()
         assert "uid %d" % nobody in res.stdout and "may not use this server" in res.stdout
         assert srv.refused == 1
-        # and an allowed client is still served afterwards
+        # and an allowed client is still served afterwards (root)
         res = run_py(client_code("""
 m = ServedMemory(sys.argv[1], [8 * PS], [0])
 assert m.maps[0][:] == open(sys.argv[2], "rb").read()
@@ -229,6 +229,31 @@ except Exception as e:
     print(type(e).__name__, e)
 """), args=(sock,), prelude=False)
         assert res.stdout.startswith("ProtocolError") and "may not use" in res.stdout
+
+
+def test_refused_client_fails_loudly(tmp_path, sock, run_py):
+    """A refused client that does not read the answer (Firecracker never does) must not hang
+    on its first fault: the ranges it described are poisoned."""
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path, allow_uids=[os.getuid() + 12345]):
+        res = run_py(client_code("""
+import json, mmap, socket, time
+from pylazymem import uffd as U
+u = U.open_userfaultfd()
+u.api(U.Feature.EVENT_REMOVE)
+m = mmap.mmap(-1, 4 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+u.register(U.address_of(m), 4 * PS)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+socket.send_fds(s, [json.dumps([{"base_host_virt_addr": U.address_of(m), "size": 4 * PS,
+                                 "offset": 0, "page_size": PS}]).encode()], [u.fileno()])
+time.sleep(1)           # the server reads, refuses, answers; we do not read the answer
+print("touching", flush=True)
+m[0]
+print("READ")
+"""), args=(sock,), prelude=False)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert "touching" in res.stdout and "READ" not in res.stdout
 
 
 @pytest.mark.parametrize("payload, fds, why", [
@@ -675,3 +700,40 @@ except Exception as e:
             holder.kill()
             holder.wait()
         silent.close()
+
+
+def test_allowed_foreign_uid_served(tmp_path, run_py):
+    """allow_uids=[nobody]: the socket is given to that uid, which is then served."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    path, _ = memory_file(tmp_path, 8)
+    os.chmod(path, 0o644)
+    pub = tempfile.mkdtemp(prefix="plm-srv-")
+    os.chmod(pub, 0o755)
+    sock = os.path.join(pub, "srv.sock")
+    try:
+        with PageServer(sock, memory_file=path, allow_uids=[nobody]) as srv:
+            st = os.stat(sock)
+            assert st.st_uid == nobody and stat.S_IMODE(st.st_mode) == 0o600
+            res = run_py(client_code("""
+import os
+data = open(sys.argv[2], "rb").read()
+os.setuid(%d)
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][:] == data
+print("OK", m.answer["ok"])
+""" % nobody), args=(sock, str(path)), prelude=False)
+            assert res.returncode == 0 and "OK True" in res.stdout, res.describe()
+            assert srv.stats()["refused"] == 0
+        with pytest.raises(ValueError, match="socket_group"):
+            PageServer(sock, memory_file=path, allow_uids=[nobody, nobody + 1]).start()
+        assert not os.path.exists(sock)
+        with PageServer(sock, memory_file=path, allow_uids=[nobody, nobody + 1],
+                        socket_group=nobody):
+            st = os.stat(sock)
+            assert st.st_gid == nobody and stat.S_IMODE(st.st_mode) == 0o660
+    finally:
+        for f in os.listdir(pub):
+            os.unlink(os.path.join(pub, f))
+        os.rmdir(pub)
