@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 5 };
+enum { LM_ABI_VERSION = 6 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -250,13 +250,20 @@ int lm_background_stop(struct lm_region *r);
    comes from (canonical store, snapshot store, zero). */
 int lm_page_read(struct lm_region *r, size_t page, void *out);
 
-/* Checkpoint, step 1: classify and hash every page, deduplicate contents (hash, then compare
-   bytes) and lay out the store: working-set pages first, in the order given, then the rest in
-   address order. Fills map[npages], and per store entry its signature (sigs[]) and the page
-   whose contents it holds (store_pages[]); returns the number of store entries in *nstored. */
+/* Checkpoint, step 1: classify and hash every page, deduplicate contents and lay out the
+   store: working-set pages first, in the order given, then the rest in address order. Fills
+   map[npages], and per store entry its signature (sigs[]) and the page whose contents it holds
+   (store_pages[]); returns the number of store entries in *nstored. Pages with equal
+   signatures share an entry; with `compare` their contents are compared as they are placed (a
+   hash collision gets its own entry), without it lm_ckpt_compare() must check them after. */
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
                  struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
-                 uint64_t *nstored);
+                 uint64_t *nstored, int compare);
+/* Compare every page sharing a store entry with the entry's page, byte by byte: 0 if all are
+   equal, 1 if some page differs (a hash collision: plan again with compare), or -errno. It
+   can run while lm_ckpt_write() writes the store. */
+int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
+                    const uint64_t *store_pages, uint64_t nstored);
 /* Checkpoint, step 2: write the contents of store_pages[0..n) to fd at offset. */
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n);

@@ -714,9 +714,14 @@ static bool is_zero(const char *p, size_t len)
     return true;
 }
 
+/* Open addressing on the signature: one slot (key and entry together, one cache miss). */
+struct slot {
+    uint64_t key;     /* signature */
+    uint64_t store;   /* store index + 1, 0 = empty */
+};
+
 struct dedup {
-    uint64_t *keys;   /* signature per slot */
-    uint64_t *store;  /* store index + 1 per slot, 0 = empty */
+    struct slot *slots;
     size_t mask;
 };
 
@@ -775,30 +780,37 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
     return 0;
 }
 
-/* Give page p (classified STORED) a store entry, sharing one with equal contents. */
+/*
+ * Give page p (classified STORED) a store entry, sharing one with the same signature. With
+ * `verify`, contents are compared byte by byte and a collision gets its own entry; without,
+ * the first entry with the signature is taken (lm_ckpt_compare checks them afterwards).
+ */
 static int place(struct lm_region *r, struct dedup *d, size_t p, struct plan_page *pp,
                  struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
-                 uint64_t *nstored, char *buf)
+                 uint64_t *nstored, char *buf, bool verify)
 {
     struct plan_page *e = &pp[p];
     e->placed = true;
     size_t h = e->sig & d->mask;
-    for (; d->store[h]; h = (h + 1) & d->mask) {
-        if (d->keys[h] != e->sig)
+    for (; d->slots[h].store; h = (h + 1) & d->mask) {
+        if (d->slots[h].key != e->sig)
             continue;
-        uint64_t idx = d->store[h] - 1;
-        bool eq;
-        int rc = page_equal(r, &e->c, &pp[store_pages[idx]].c, buf, buf + r->page_size, &eq);
-        if (rc < 0)
-            return rc;
-        if (eq) {
-            map[p].entry = (uint32_t)(LM_SNAP_STORED + idx);
-            return 0;
+        uint64_t idx = d->slots[h].store - 1;
+        if (verify) {
+            bool eq;
+            int rc = page_equal(r, &e->c, &pp[store_pages[idx]].c, buf, buf + r->page_size,
+                                &eq);
+            if (rc < 0)
+                return rc;
+            if (!eq)
+                continue;
         }
+        map[p].entry = (uint32_t)(LM_SNAP_STORED + idx);
+        return 0;
     }
     /* New contents (or a hash collision): a new store entry. */
-    d->keys[h] = e->sig;
-    d->store[h] = *nstored + 1;
+    d->slots[h].key = e->sig;
+    d->slots[h].store = *nstored + 1;
     store_pages[*nstored] = p;
     sigs[*nstored] = e->sig;
     map[p].entry = (uint32_t)(LM_SNAP_STORED + *nstored);
@@ -806,9 +818,87 @@ static int place(struct lm_region *r, struct dedup *d, size_t p, struct plan_pag
     return 0;
 }
 
+/*
+ * Classifying every page (zero check and hash) is most of the plan's time and each page is
+ * independent: the pages are split between this thread and a helper.
+ */
+struct plan_part {
+    struct lm_region *r;
+    struct plan_page *pp;
+    size_t lo, hi;
+    int rc;
+    const char *op;       /* lm_last_op() of a failure, from the thread that failed */
+};
+
+static void *plan_part_main(void *arg)
+{
+    struct plan_part *a = arg;
+    for (size_t p = a->lo; p < a->hi && a->rc == 0; p++)
+        a->rc = classify(a->r, p, &a->pp[p]);
+    if (a->rc < 0)
+        a->op = lm_last_op();
+    return NULL;
+}
+
+static int classify_all(struct lm_region *r, struct plan_page *pp)
+{
+    size_t n = r->npages;
+    struct plan_part part[2] = {{.r = r, .pp = pp, .lo = 0, .hi = n / 2},
+                                {.r = r, .pp = pp, .lo = n / 2, .hi = n}};
+    pthread_t tid;
+    bool threaded = false;
+    if (n >= 4096) {   /* a thread costs more than classifying a small region */
+        sigset_t all, saved;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &saved);
+        threaded = pthread_create(&tid, NULL, plan_part_main, &part[1]) == 0;
+        pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    }
+    plan_part_main(&part[0]);
+    if (threaded)
+        pthread_join(tid, NULL);
+    else
+        plan_part_main(&part[1]);
+    for (int i = 0; i < 2; i++)
+        if (part[i].rc < 0)
+            return lm_fail(part[i].op, -part[i].rc);
+    return 0;
+}
+
+/* Lay out the store: the working set first, in its order (restore prefetches it in one
+   read), then the other pages in address order. */
+static int plan_place(struct lm_region *r, struct plan_page *pp, const uint64_t *ws, size_t nws,
+                      struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                      uint64_t *nstored, bool verify)
+{
+    size_t n = r->npages, cap = 1024;
+    while (cap < 2 * n)
+        cap *= 2;
+    struct dedup d = {calloc(cap, sizeof(struct slot)), cap - 1};
+    char *buf = malloc(2 * r->page_size);
+    int rc = 0;
+    if (!d.slots || !buf) {
+        rc = lm_fail("checkpoint: out of memory", ENOMEM);
+        goto out;
+    }
+    *nstored = 0;
+    for (size_t p = 0; p < n; p++)
+        map[p].entry = pp[p].cls;   /* stored pages get their entry below */
+    for (size_t i = 0; i < nws && rc == 0; i++)
+        if (pp[ws[i]].cls == LM_SNAP_STORED && !pp[ws[i]].placed)
+            rc = place(r, &d, ws[i], pp, map, sigs, store_pages, nstored, buf, verify);
+    for (size_t p = 0; p < n && rc == 0; p++)
+        if (pp[p].cls == LM_SNAP_STORED && !pp[p].placed)
+            rc = place(r, &d, p, pp, map, sigs, store_pages, nstored, buf, verify);
+out:
+    free(d.slots);
+    free(buf);
+    return rc;
+}
+
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
                  struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
-                 uint64_t *nstored)
+                 uint64_t *nstored, int compare)
 {
     size_t n = r->npages;
     if (n > UINT32_MAX - LM_SNAP_STORED)
@@ -820,40 +910,56 @@ int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
     if (rc < 0)
         return rc;
     struct plan_page *pp = malloc(n * sizeof(*pp));
-    struct dedup d = {0};
-    size_t cap = 1024;
-    while (cap < 2 * n)
-        cap *= 2;
-    d.keys = calloc(cap, sizeof(uint64_t));
-    d.store = calloc(cap, sizeof(uint64_t));
-    d.mask = cap - 1;
-    char *buf = malloc(2 * r->page_size);
-    if (!pp || !d.keys || !d.store || !buf) {
-        rc = lm_fail("checkpoint: out of memory", ENOMEM);
-        goto out;
-    }
-    for (size_t p = 0; p < n; p++) {
-        if ((rc = classify(r, p, &pp[p])) < 0)
-            goto out;
-        map[p].entry = pp[p].cls;   /* stored pages get their entry below */
-    }
-    *nstored = 0;
-    /* The working set first, in its order, so that restore prefetches it in one read. */
-    for (size_t i = 0; i < nws; i++) {
-        struct plan_page *e = &pp[ws[i]];
-        if (e->cls == LM_SNAP_STORED && !e->placed &&
-            (rc = place(r, &d, ws[i], pp, map, sigs, store_pages, nstored, buf)) < 0)
-            goto out;
-    }
-    for (size_t p = 0; p < n; p++) {
-        if (pp[p].cls == LM_SNAP_STORED && !pp[p].placed &&
-            (rc = place(r, &d, p, pp, map, sigs, store_pages, nstored, buf)) < 0)
-            goto out;
-    }
-out:
+    if (!pp)
+        return lm_fail("checkpoint: out of memory", ENOMEM);
+    if ((rc = classify_all(r, pp)) == 0)
+        rc = plan_place(r, pp, ws, nws, map, sigs, store_pages, nstored, compare != 0);
     free(pp);
-    free(d.keys);
-    free(d.store);
+    return rc;
+}
+
+/* Where page p's contents are now, without faulting it in. */
+static void locate(struct lm_region *r, size_t p, struct content *c)
+{
+    struct lm_page_meta *m = &r->meta[p];
+    uint8_t s;
+    for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
+        lm_wait_busy(&spins);
+    c->mem = r->zero_src;
+    c->store = 0;
+    if (s == LM_PRESENT)
+        c->mem = r->base + p * r->page_size;
+    else if (s == LM_DEFERRED && m->cls == LM_CLS_CANONICAL)
+        c->mem = lm_canon_page(r, m->canon);
+    else if (s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT)
+        c->mem = NULL, c->store = m->aux;
+}
+
+int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
+                    const uint64_t *store_pages, uint64_t nstored)
+{
+    char *buf = malloc(2 * r->page_size);
+    if (!buf)
+        return lm_fail("checkpoint: out of memory", ENOMEM);
+    int rc = 0;
+    for (size_t p = 0; p < r->npages && rc == 0; p++) {
+        uint64_t e = map[p].entry;
+        if (e < LM_SNAP_STORED)
+            continue;
+        if (e - LM_SNAP_STORED >= nstored || store_pages[e - LM_SNAP_STORED] >= r->npages) {
+            rc = lm_fail("checkpoint: page map and store disagree", EINVAL);
+            break;
+        }
+        size_t owner = store_pages[e - LM_SNAP_STORED];
+        if (owner == p)
+            continue;
+        struct content a, b;
+        bool eq;
+        locate(r, p, &a);
+        locate(r, owner, &b);
+        if ((rc = page_equal(r, &a, &b, buf, buf + r->page_size, &eq)) == 0 && !eq)
+            rc = 1;   /* same signature, other contents */
+    }
     free(buf);
     return rc;
 }
@@ -861,7 +967,7 @@ out:
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n)
 {
-    enum { IOV = 64 };
+    enum { IOV = 1024 };   /* IOV_MAX: fewer, larger writes */
     struct iovec iov[IOV];
     char *bufs = malloc((size_t)IOV * r->page_size);
     if (!bufs)

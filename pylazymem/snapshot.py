@@ -14,6 +14,7 @@ import re
 import stat
 import struct
 import tempfile
+import threading
 
 import numpy as np
 import xxhash
@@ -435,57 +436,71 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     sigs = np.empty(npages, "<u8")
     store_pages = np.empty(npages, np.uint64)
     nstored_p = ffi.new("uint64_t *")
-    with region._use() as lm:
-        rc = lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size,
-                              ffi.from_buffer("struct lm_snap_page[]", pmap),
-                              ffi.from_buffer("uint64_t[]", sigs),
-                              ffi.from_buffer("uint64_t[]", store_pages), nstored_p)
-        if rc == -errno.EBADMSG:   # the source snapshot of a restored region is damaged
-            raise SnapshotError("checkpoint: the region's source snapshot cannot be used: %s"
-                                % ffi.string(lib.lm_last_op()).decode())
-        check(rc, "checkpoint")
-    nstored = nstored_p[0]
-    ws = _dedup_keep_order(ws)   # as lm_ckpt_plan placed them: first mention wins
+    c_map = ffi.from_buffer("struct lm_snap_page[]", pmap)
+    c_pages = ffi.from_buffer("uint64_t[]", store_pages)
+
+    def plan(compare):
+        with region._use() as lm:
+            rc = lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size, c_map,
+                                  ffi.from_buffer("uint64_t[]", sigs), c_pages, nstored_p,
+                                  compare)
+            if rc == -errno.EBADMSG:   # the source snapshot of a restored region is damaged
+                raise SnapshotError("checkpoint: the region's source snapshot cannot be used: %s"
+                                    % ffi.string(lib.lm_last_op()).decode())
+            check(rc, "checkpoint")
+        return nstored_p[0]
+
+    def compare(out):
+        with region._use() as lm:
+            out.append(lib.lm_ckpt_compare(lm, c_map, c_pages, nstored))
+            if out[0] < 0:
+                out.append(ffi.string(lib.lm_last_op()).decode())
+
+    # Pages with equal signatures share a store entry. Their contents are compared while the
+    # store is written (another thread; the GIL is released in both calls), not before: a
+    # difference (a 64-bit hash collision, never seen) makes the plan again, comparing as it
+    # goes, and the store is written again.
+    nstored = plan(False)
+    ws = _dedup_keep_order(ws, npages)   # as lm_ckpt_plan placed them: first mention wins
     manifest = json.dumps({
         "pylazymem": _version(),
         "arrays": {n: {"offset": a["offset"], "dtype": _json_dtype(a["dtype"]),
                        "shape": list(a["shape"])} for n, a in region._arrays.items()},
     }, sort_keys=True).encode()
-
     header_bytes = max(4096, ps)
-    sizes = {"store": nstored * ps, "map": pmap.nbytes, "ws": ws.size * 8,
-             "manifest": len(manifest), "sigs": nstored * 8}
-    h = {"npages": npages, "nstored": nstored, "nws": ws.size}
-    offset = header_bytes
-    for name in _SECTIONS:
-        h[name + "_offset"], h[name + "_bytes"] = offset, sizes[name]
-        offset += sizes[name]
-    h["file_bytes"] = offset
-    tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
-    sigs_raw = sigs[:nstored].tobytes()
-    h["tables_xxh3"] = _xxh3(tail)
-    h["sigs_xxh3"] = _xxh3(sigs_raw)
-    h["header_xxh3"] = 0
-    raw = bytearray(header_bytes)
-    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-    h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
-    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
 
     d, base = os.path.split(os.path.abspath(path))
     _sweep_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
-        total = h["file_bytes"]
-        chunk = max(1, (64 << 20) // ps)
-        with region._use() as lm:
-            for i in range(0, nstored, chunk):
-                n = min(chunk, nstored - i)
-                check(lib.lm_ckpt_write(lm, fd, header_bytes + i * ps,
-                                        ffi.from_buffer("uint64_t[]", store_pages[i:i + n]), n),
-                      "checkpoint")
-                if progress is not None:
-                    progress(header_bytes + (i + n) * ps, total)
+        for attempt in (0, 1):
+            h = _layout(npages, ps, nstored, ws.size, len(manifest))
+            result = []
+            checker = None
+            if attempt == 0 and nstored:
+                checker = threading.Thread(target=compare, args=(result,), daemon=True)
+                checker.start()
+            try:
+                _write_store(region, fd, store_pages, nstored, header_bytes, h["file_bytes"],
+                             progress)
+            finally:
+                if checker is not None:
+                    checker.join()
+            if not result or result[0] == 0:
+                break
+            if result[0] < 0:
+                check(result[0], "checkpoint: %s" % result[1])
+            nstored = plan(True)   # a collision: lay the store out again, comparing
+        tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
+        sigs_raw = sigs[:nstored].tobytes()
+        h["tables_xxh3"] = _xxh3(tail)
+        h["sigs_xxh3"] = _xxh3(sigs_raw)
+        h["header_xxh3"] = 0
+        raw = bytearray(header_bytes)
+        _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
+        h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
+        _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
         _pwrite_all(fd, tail + sigs_raw, h["map_offset"])
         _pwrite_all(fd, raw, 0)
         if durable:
@@ -504,8 +519,43 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
             pass
         raise
     if progress is not None:
-        progress(total, total)
-    return inspect(path)
+        progress(h["file_bytes"], h["file_bytes"])
+    # What inspect() would say of the file, from what was just written.
+    counts = np.bincount(pmap[pmap < STORED], minlength=STORED)
+    h.update(version=VERSION, page_size=ps,
+             counts=(int(counts[UNTOUCHED]), int(counts[ZERO]),
+                     npages - int(counts[UNTOUCHED]) - int(counts[ZERO])))
+    return _info(path, _Parsed(h, pmap, ws.astype(np.uint64),
+                               _parse_manifest(manifest, h, path)))
+
+
+def _layout(npages, ps, nstored, nws, manifest_bytes):
+    """Header fields of a file with these sections: sizes and offsets, in section order."""
+    sizes = {"store": nstored * ps, "map": npages * MAP_DTYPE.itemsize, "ws": nws * 8,
+             "manifest": manifest_bytes, "sigs": nstored * 8}
+    h = {"npages": npages, "nstored": nstored, "nws": nws}
+    offset = max(4096, ps)
+    for name in _SECTIONS:
+        h[name + "_offset"], h[name + "_bytes"] = offset, sizes[name]
+        offset += sizes[name]
+    h["file_bytes"] = offset
+    return h
+
+
+def _write_store(region, fd, store_pages, nstored, header_bytes, total, progress):
+    from ._binding import ffi, lib
+    from ._errors import check
+
+    ps = region.page_size
+    chunk = max(1, (64 << 20) // ps)
+    with region._use() as lm:
+        for i in range(0, nstored, chunk):
+            n = min(chunk, nstored - i)
+            check(lib.lm_ckpt_write(lm, fd, header_bytes + i * ps,
+                                    ffi.from_buffer("uint64_t[]", store_pages[i:i + n]), n),
+                  "checkpoint")
+            if progress is not None:
+                progress(header_bytes + (i + n) * ps, total)
 
 
 def _pwrite_all(fd, data, offset):
@@ -526,8 +576,12 @@ def _umask():
     return 0o022
 
 
-def _dedup_keep_order(ws):
+def _dedup_keep_order(ws, npages):
     if not ws.size:
+        return ws
+    seen = np.zeros(npages, bool)
+    seen[ws] = True
+    if int(np.count_nonzero(seen)) == ws.size:   # the common case, without sorting
         return ws
     _, first = np.unique(ws, return_index=True)
     return ws[np.sort(first)]
