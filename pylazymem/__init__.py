@@ -6,7 +6,7 @@ a page is first loaded or stored; zero pages map the kernel's shared zero page.
 
 Two backends (PYLAZYMEM_BACKEND=auto|cffi|ctypes, docs/backends.md): "cffi", the compiled core,
 offers everything; "ctypes", pure Python, offers features(), inspect(), the exceptions and
-enums and pylazymem.uffd, and refuses Region/checkpoint/restore with UnavailableError saying
+enums, pylazymem.uffd and the page server (PageServer), and refuses Region/checkpoint/restore with UnavailableError saying
 why. `backend` and `backend_features` say which one this process uses and what it offers.
 """
 __version__ = "0.1.0"
@@ -25,6 +25,8 @@ from ._errors import (  # noqa: E402
 )
 from ._features import Features, features  # noqa: E402
 from ._meta import META_DTYPE, ZERO, PageClass, PageFlag, PageState  # noqa: E402
+# Serving other processes needs no core (native engine where the core is loaded).
+from .server import PageServer, ProtocolError  # noqa: E402
 
 #: "cffi" (the compiled core) or "ctypes" (pure Python): see docs/backends.md.
 backend = _backend.NAME
@@ -58,5 +60,5 @@ __all__ = [
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
     "InvalidRangeError", "RegionClosedError", "UnavailableError", "UffdError",
     "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
-    "backend", "backend_features", "BackendFeatures",
+    "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
 ]

@@ -20,10 +20,18 @@ import sys
 def _features(args):
     from ._features import features
 
+    import pylazymem
+
     f = features()
     if args.json:
-        print(json.dumps(dataclasses.asdict(f), indent=1))
+        d = dataclasses.asdict(f)
+        d["backend"] = pylazymem.backend
+        d["backend_features"] = dataclasses.asdict(pylazymem.backend_features)
+        print(json.dumps(d, indent=1))
     else:
+        bf = pylazymem.backend_features
+        print("backend:       %s%s" % (pylazymem.backend, " (%s)" % bf.reason if bf.reason
+                                       else ""))
         print("mode:          %s" % f.mode)
         print("source:        %s" % (f.source or "-"))
         print("api features:  0x%x" % f.api_features)
@@ -76,14 +84,20 @@ def _inspect(args):
 
 
 def _demo(args):
+    from ._backend import require_core
     from .demo import run
 
+    require_core("pylazymem demo")
     return run(args)
 
 
 def _bench(args):
+    from ._backend import require_core
+    from .bench import BENCHMARKS
     from .bench.__main__ import main as bench_main
 
+    if all(n in BENCHMARKS for n in args.names):   # else bench_main reports the usage error
+        require_core("pylazymem bench")
     argv = list(args.names) + (["--quick"] if args.quick else []) + (["--json"] if args.json else [])
     return bench_main(argv)
 

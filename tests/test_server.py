@@ -25,8 +25,10 @@ pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(120)]
 
 
 def _engines():
-    from pylazymem.server import _have_core
-    return ["c", "python"] if _have_core() else ["python"]
+    """Both engines; the native one needs the compiled core (skipped as such under ctypes)."""
+    return [pytest.param("c", marks=pytest.mark.core(reason="engine c: native serving "
+                                                          "threads of the compiled core")),
+            "python"]
 
 
 CLIENT = """
@@ -587,13 +589,11 @@ def _snapshot_of_file(tmp_path, path, npages, name="state.snap"):
     return snap
 
 
+@pytest.mark.core(reason="restore() needs the compiled core")
 @pytest.mark.parametrize("engine", _engines())
 def test_server_killed_restored_region_taken_over(tmp_path, sock, engine):
     """restore(path, server=...): after kill -9 of the server mid-storm the region is served
     from the snapshot here; every page of every thread is right, nothing hangs."""
-    from pylazymem.server import _have_core
-    if not _have_core():
-        pytest.skip("restore needs the C core")
     path, _ = memory_file(tmp_path, 32768, zero_every=7)
     snap = _snapshot_of_file(tmp_path, path, 32768)
     rc, out, err, secs = _storm(tmp_path, sock, engine, snapshot=snap)
@@ -603,12 +603,10 @@ def test_server_killed_restored_region_taken_over(tmp_path, sock, engine):
     assert last[0] == "ALL" and int(last[1]) == 4 * 32768 and last[2] == "lost", out
 
 
+@pytest.mark.core(reason="restore() needs the compiled core")
 def test_restore_served_then_checkpoint(tmp_path, sock, run_py):
     """A restored region served by the server: contents right, writes kept, and a checkpoint
     of it sees what the server filled and what the program wrote (not the store's copy)."""
-    from pylazymem.server import _have_core
-    if not _have_core():
-        pytest.skip("restore needs the C core")
     path, data = memory_file(tmp_path, 512)
     snap = _snapshot_of_file(tmp_path, path, 512)
     srv = start_server(sock, "--snapshot", str(snap))

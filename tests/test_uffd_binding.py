@@ -558,6 +558,7 @@ def test_acquire_reports_mode_and_source():
         assert (u.mode, u.source) == (PROBE.mode, PROBE.source)
 
 
+@pytest.mark.core(reason="compares with the compiled core's probe")
 def test_probe_agrees_with_the_cffi_core(monkeypatch):
     plm = pytest.importorskip("pylazymem")
     f = plm.features()
