@@ -21,7 +21,7 @@
 #define SRC_CHECK_NS 10000000u   /* how often the store file is checked for changes (10 ms) */
 #define BG_MIN 16u               /* background chunk after a demand fault: 64 KiB */
 #define BG_MAX 1024u             /* ... grown while idle up to 4 MiB */
-#define PREFETCH_BATCH 1024u
+#define PREFETCH_BATCH 256u
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshot tables are little-endian");
 _Static_assert(sizeof(struct lm_snap_page) == 4, "snapshot page-map entry is 4 bytes");
@@ -357,21 +357,28 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
 }
 
 /*
- * Read batches of store entries in one thread while copying the previous batch in this one:
- * on a cold page cache the disk and the copies then overlap instead of taking turns.
+ * The store's entries are read in batches, in order, by one thread (one sequential stream for
+ * the kernel's readahead), while this thread and a second helper copy the batches already read
+ * to the pages that use them: on a cold page cache the disk and the copies overlap, and both
+ * CPUs copy (one UFFDIO_COPY per run of pages, ~2 us a page, is most of a scattered prefetch).
  */
+enum { PREFETCH_BUFS = 8 };
+
 struct batch {
     size_t i, j;        /* pairs[i..j) */
     uint64_t base, count;
-    int rc;
-    const char *op;     /* lm_last_op() of a failed read, from the reader's thread */
+    bool ready;         /* read into bufs[index % PREFETCH_BUFS] */
+    bool done;          /* copied (pages that failed to copy are poisoned) */
 };
 
 struct pipeline {
     struct lm_region *r;
+    const uint64_t *pairs;
     struct batch *b;
-    size_t nb, ready, consumed;
-    char *buf[2];
+    size_t nb, next_copy, copied;
+    char *bufs[PREFETCH_BUFS];
+    int rc;             /* a failed read: -errno, and op names it (the reader's lm_last_op) */
+    const char *op;
     bool stop;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -382,32 +389,74 @@ static void *pipeline_reader(void *arg)
     struct pipeline *pl = arg;
     for (size_t idx = 0; idx < pl->nb; idx++) {
         pthread_mutex_lock(&pl->mu);
-        while (idx >= pl->consumed + 2 && !pl->stop)
+        /* its buffer is free once the batch PREFETCH_BUFS earlier has been copied */
+        while (!pl->stop && idx >= PREFETCH_BUFS && !pl->b[idx - PREFETCH_BUFS].done)
             pthread_cond_wait(&pl->cv, &pl->mu);
         bool stop = pl->stop;
         pthread_mutex_unlock(&pl->mu);
         if (stop)
             break;
         struct batch *b = &pl->b[idx];
-        b->rc = lm_src_read(pl->r, b->base, b->count, pl->buf[idx % 2]);
-        if (b->rc < 0)
-            b->op = lm_last_op();
+        int rc = lm_src_read(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS]);
         pthread_mutex_lock(&pl->mu);
-        pl->ready = idx + 1;
+        if (rc < 0) {
+            pl->rc = rc;
+            pl->op = lm_last_op();
+            pl->stop = true;
+        } else {
+            b->ready = true;
+        }
         pthread_cond_broadcast(&pl->cv);
         pthread_mutex_unlock(&pl->mu);
-        if (b->rc < 0)
+        if (rc < 0)
             break;
     }
     return NULL;
 }
 
+static void *pipeline_copier(void *arg)
+{
+    struct pipeline *pl = arg;
+    size_t copied = 0;
+    pthread_mutex_lock(&pl->mu);
+    while (pl->next_copy < pl->nb) {
+        size_t idx = pl->next_copy;
+        struct batch *b = &pl->b[idx];
+        if (!b->ready) {
+            if (pl->stop)
+                break;   /* the store could not be read */
+            pthread_cond_wait(&pl->cv, &pl->mu);
+            continue;    /* the other copier may have taken it meanwhile */
+        }
+        pl->next_copy++;
+        pthread_mutex_unlock(&pl->mu);
+        copied += copy_from_batch(pl->r, pl->pairs + 2 * b->i, b->j - b->i,
+                                  pl->bufs[idx % PREFETCH_BUFS], b->base);
+        pthread_mutex_lock(&pl->mu);
+        b->done = true;
+        pthread_cond_broadcast(&pl->cv);
+    }
+    pl->copied += copied;
+    pthread_mutex_unlock(&pl->mu);
+    return NULL;
+}
+
+static bool start_thread(pthread_t *tid, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    bool ok = pthread_create(tid, NULL, fn, arg) == 0;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return ok;
+}
+
 static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size_t k,
-                                char *buf0, size_t *done)
+                                size_t *done)
 {
     if (!k)
         return 0;
-    struct pipeline pl = {.r = r, .buf = {buf0, NULL}};
+    struct pipeline pl = {.r = r, .pairs = pairs};
     pl.b = malloc(k * sizeof(*pl.b));
     if (!pl.b)
         return lm_fail("malloc(prefetch batches)", ENOMEM);
@@ -416,58 +465,53 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
         while (j < k && pairs[2 * j] - pairs[2 * i] < PREFETCH_BATCH)
             j++;
         pl.b[pl.nb] = (struct batch){i, j, pairs[2 * i], pairs[2 * (j - 1)] - pairs[2 * i] + 1,
-                                     0, NULL};
+                                     false, false};
         i = j;
     }
-    bool threaded = false;
-    pthread_t tid;
-    if (pl.nb > 1 && (pl.buf[1] = malloc((size_t)PREFETCH_BATCH * r->page_size))) {
-        pthread_mutex_init(&pl.mu, NULL);
-        pthread_cond_init(&pl.cv, NULL);
-        sigset_t all, saved;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &saved);
-        threaded = pthread_create(&tid, NULL, pipeline_reader, &pl) == 0;
-        pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    }
     int rc = 0;
-    for (size_t idx = 0; idx < pl.nb; idx++) {
-        struct batch *b = &pl.b[idx];
-        char *buf = pl.buf[threaded ? idx % 2 : 0];
-        if (threaded) {
-            pthread_mutex_lock(&pl.mu);
-            while (pl.ready <= idx)
-                pthread_cond_wait(&pl.cv, &pl.mu);
-            pthread_mutex_unlock(&pl.mu);
-            rc = b->rc < 0 ? lm_fail(b->op, -b->rc) : 0;
-        } else {
-            rc = lm_src_read(r, b->base, b->count, buf);
+    for (size_t i = 0; i < (pl.nb < PREFETCH_BUFS ? pl.nb : PREFETCH_BUFS) && rc == 0; i++)
+        if (!(pl.bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)))
+            rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
+    pthread_mutex_init(&pl.mu, NULL);
+    pthread_cond_init(&pl.cv, NULL);
+    pthread_t reader, copier;
+    bool have_reader = false, have_copier = false;
+    if (rc == 0 && pl.nb > 1 && (have_reader = start_thread(&reader, pipeline_reader, &pl))) {
+        have_copier = start_thread(&copier, pipeline_copier, &pl);
+        pipeline_copier(&pl);
+    } else if (rc == 0) {
+        /* one batch, or no thread to be had: read a batch, copy it, and so on */
+        for (size_t idx = 0; idx < pl.nb && pl.rc == 0; idx++) {
+            struct batch *b = &pl.b[idx];
+            if ((pl.rc = lm_src_read(r, b->base, b->count, pl.bufs[0])) < 0) {
+                pl.op = lm_last_op();
+                break;
+            }
+            pl.copied += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, pl.bufs[0], b->base);
+            b->done = true;
         }
-        if (rc < 0) {
-            /* The store cannot be read: give every page not yet copied back, still lazy,
-               and let the caller fail (restore() raises rather than return a broken region). */
-            for (size_t q = b->i; q < k; q++)
+    }
+    pthread_mutex_lock(&pl.mu);
+    pl.stop = true;   /* a reader still waiting for a buffer after a failure: let it go */
+    pthread_cond_broadcast(&pl.cv);
+    pthread_mutex_unlock(&pl.mu);
+    if (have_copier)
+        pthread_join(copier, NULL);
+    if (have_reader)
+        pthread_join(reader, NULL);
+    if (rc == 0 && pl.rc < 0)
+        rc = lm_fail(pl.op, -pl.rc);
+    *done += pl.copied;
+    /* The store could not be read: every page not copied goes back, still lazy, and the
+       caller fails (restore() raises rather than return a broken region). */
+    for (size_t idx = 0; idx < pl.nb; idx++)
+        if (!pl.b[idx].done)
+            for (size_t q = pl.b[idx].i; q < pl.b[idx].j; q++)
                 lm_release(&r->meta[pairs[2 * q + 1]], LM_DEFERRED);
-            break;
-        }
-        *done += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, buf, b->base);
-        if (threaded) {
-            pthread_mutex_lock(&pl.mu);
-            pl.consumed = idx + 1;
-            pthread_cond_broadcast(&pl.cv);
-            pthread_mutex_unlock(&pl.mu);
-        }
-    }
-    if (threaded) {
-        pthread_mutex_lock(&pl.mu);
-        pl.stop = true;
-        pthread_cond_broadcast(&pl.cv);
-        pthread_mutex_unlock(&pl.mu);
-        pthread_join(tid, NULL);
-        pthread_mutex_destroy(&pl.mu);
-        pthread_cond_destroy(&pl.cv);
-    }
-    free(pl.buf[1]);
+    pthread_mutex_destroy(&pl.mu);
+    pthread_cond_destroy(&pl.cv);
+    for (size_t i = 0; i < PREFETCH_BUFS; i++)
+        free(pl.bufs[i]);
     free(pl.b);
     return rc;
 }
@@ -487,11 +531,9 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
     struct lm_serve_thread t = {.r = r};
     t.scratch = malloc((size_t)r->cfg.max_cluster_pages * ps);
     uint64_t *pairs = malloc((n ? n : 1) * 2 * sizeof(uint64_t));
-    char *buf = malloc((size_t)PREFETCH_BATCH * ps);
-    if (!t.scratch || !pairs || !buf) {
+    if (!t.scratch || !pairs) {
         free(t.scratch);
         free(pairs);
-        free(buf);
         return lm_fail("malloc(prefetch buffers)", ENOMEM);
     }
     size_t done = 0, k = 0;
@@ -520,11 +562,10 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         }
     }
     qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
-    rc = copy_store_pipelined(r, pairs, k, buf, &done);
+    rc = copy_store_pipelined(r, pairs, k, &done);
     atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
     free(t.scratch);
     free(pairs);
-    free(buf);
     return rc;
 }
 

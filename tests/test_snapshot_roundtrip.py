@@ -430,3 +430,43 @@ def test_checkpoint_while_background_fill_runs(run_py_ok, tmp_path):
                     args=(str(tmp_path / "a.snap"), str(tmp_path / "b.snap")))
     m = json.loads(out.strip().splitlines()[-1])
     assert m["ok"], m
+
+
+PREFETCH_FAILS = """
+    path, keep = sys.argv[1], int(sys.argv[2])
+    from pylazymem.region import Region
+    prefetch = Region.prefetch
+    def truncating_prefetch(self, pages):
+        os.truncate(path, store_offset + keep * PS)   # the store is cut under the prefetch
+        return prefetch(self, pages)
+    Region.prefetch = truncating_prefetch
+    from test_snapshot_format import SnapFile
+    store_offset = SnapFile.parse(open(path, "rb").read()).header["store_offset"]
+    t0 = time.monotonic()
+    try:
+        plm.restore(path, prefetch="working-set", background=False)
+        print(json.dumps({"raised": None}))
+    except plm.LazyMemError as e:
+        print(json.dumps({"raised": type(e).__name__, "msg": str(e),
+                          "secs": time.monotonic() - t0}))
+"""
+
+
+@pytest.mark.parametrize("keep", [0, 300, 700], ids=["first-batch", "second-batch", "later"])
+def test_prefetch_fails_loudly_when_the_store_cannot_be_read(run_py_ok, tmp_path, rng, keep):
+    """A working set of 900 pages is read in several batches by the prefetch's reader thread
+    and copied by two threads; a store cut short under it (at the first, second or a later
+    batch) makes restore() raise, promptly, never hang or return a region with holes."""
+    path = str(tmp_path / "ws.snap")
+    with plm.Region(1024 * PS, max_cluster_pages=1) as r:
+        v = pages(r)
+        order = rng.permutation(1024)[:900]
+        r.mark_working_set()
+        for p in order:
+            v[p] = random_page(rng)
+        info = plm.checkpoint(r, path)
+    assert info.working_set.size == 900 and info.pages_by_class["unique"] == 900
+    out = json.loads(run_py_ok(PREFETCH_FAILS, timeout=60, args=(path, str(keep))).splitlines()[-1])
+    assert out["raised"], out
+    assert "snapshot" in out["msg"] or "pread" in out["msg"], out
+    assert out["secs"] < 10, out
