@@ -3,11 +3,14 @@
 Valid snapshots of four shapes (working set + array, many arrays with structured dtypes,
 duplicates with an automatic working set, a single page) are mutated: truncations, appended
 bytes, bit flips and byte overwrites (with and without recomputed checksums), hostile header
-fields, consistent-looking layouts with hostile counts, rewritten page-table and working-set
-entries, hostile manifests, sections spliced from another file, damaged page contents. Each
-file goes through plm.inspect() and plm.restore(prefetch="none", background=False) (every 16th
-with prefetch="all"): the outcome must be success or SnapshotError. An accepted file is read page
-by page and must hold what the file says (docs/snapshot-format.md); its arrays must be viewable.
+fields, consistent-looking layouts with hostile counts, rewritten page-map and working-set
+entries, hostile manifests, damaged signature sections, sections spliced from another file,
+damaged page contents. Each file goes through plm.inspect(), pylazymem.snapshot.page_sources()
+and plm.restore(prefetch="none", background=False) (every 16th with prefetch="all"): the outcome
+must be success or SnapshotError, page_sources() must agree with restore(), and inspect() may
+reject only more (a damaged signature section, which restore() does not read). An accepted file
+is read page by page and must hold what the file says (docs/snapshot-format.md); its arrays must
+be viewable.
 
 The default run is 20,000 files; PYLAZYMEM_LONG=1 runs 10^6. Workers run in subprocesses (a
 crash or hang fails the test and leaves the file under test, current.snap, as the reproducer).
