@@ -165,9 +165,10 @@ int lm_meta_sync(struct lm_region *r)
 {
     /* Records of restored pages carry signatures only once the snapshot's signature section
        has been read: whoever reads every record needs them. A failure to read them (a corrupt
-       section) leaves those signatures 0 (unknown) and is returned. */
-    int rc = lm_source_signatures(r);
+       section) leaves those signatures 0 (unknown) and is returned. Under the lock, so that a
+       second caller waits until the first has given lazy records their signatures. */
     pthread_mutex_lock(&r->records_lock);
+    int rc = lm_source_signatures(r);
     meta_sync_locked(r);
     pthread_mutex_unlock(&r->records_lock);
     return rc < 0 ? rc : 0;

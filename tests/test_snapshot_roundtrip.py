@@ -470,3 +470,45 @@ def test_prefetch_fails_loudly_when_the_store_cannot_be_read(run_py_ok, tmp_path
     assert out["raised"], out
     assert "snapshot" in out["msg"] or "pread" in out["msg"], out
     assert out["secs"] < 10, out
+
+
+def test_lazy_pages_get_signatures_read_after_restore(tmp_path, rng):
+    """restore() does not read the signature section; records of restored pages filled before
+    it is read (here: a stored page right after a run of zero pages, looked at by the
+    readahead of the faults on those zero pages, then left lazy) get their signatures when
+    signatures(), Region.meta or checkpoint() first need them, also with several threads asking
+    at once."""
+    import threading
+    import xxhash
+    path = str(tmp_path / "s.snap")
+    with plm.Region(64 * PS, max_cluster_pages=64) as r:
+        v = pages(r)
+        v[:32] = 0
+        for p in range(32, 64):
+            v[p] = random_page(rng)
+        expected = v.copy()
+        plm.checkpoint(r, path, working_set="none")
+    want = [xxhash.xxh3_64_intdigest(p.tobytes()) for p in expected]
+    with plm.restore(path, prefetch="none", background=False) as r:
+        v = pages(r)
+        for p in range(32):
+            assert v[p, 100] == 0          # sequential faults: readahead up to the stored run
+        got, errors = [None] * 4, []
+
+        def ask(i):
+            try:
+                got[i] = r.signatures().tolist()
+            except BaseException as e:   # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert all(g == want for g in got)
+        m = r.meta
+        lazy = np.nonzero(m["state"] == S.DEFERRED)[0]
+        assert lazy.size and (m["signature"][lazy] == np.array(want, np.uint64)[lazy]).all()
+        assert r.stats()["faults"] <= 32, "signatures() must not fault lazy pages in"
