@@ -120,6 +120,106 @@ void lm_poison_page(struct lm_region *r, size_t page, int rc)
     }
 }
 
+/*
+ * Runs of at least 2 * SPLIT_MIN pages (the clusters of a sequential stream) are filled in two
+ * halves at once, the second by the fill helper, so both CPUs copy while the faulting thread
+ * waits; smaller runs (random faults) do not pay for the hand-off.
+ */
+#define SPLIT_MIN 64
+
+static void *helper_main(void *arg)
+{
+    struct lm_region *r = arg;
+    struct lm_fill_helper *h = &r->helper;
+    pthread_mutex_lock(&h->lock);
+    for (;;) {
+        while (h->state != 1 && h->state != 3)
+            pthread_cond_wait(&h->cond, &h->lock);
+        if (h->state == 3)
+            break;
+        size_t first = h->first, n = h->n;
+        pthread_mutex_unlock(&h->lock);
+        int rc = lm_fill_run(r, &h->t, first, n, false, false);
+        pthread_mutex_lock(&h->lock);
+        h->rc = rc;
+        h->state = 2;
+        pthread_cond_broadcast(&h->cond);
+    }
+    pthread_mutex_unlock(&h->lock);
+    return NULL;
+}
+
+static int fill_split(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                      bool write)
+{
+    struct lm_fill_helper *h = &r->helper;
+    int idle = 0;
+    if (n < 2 * SPLIT_MIN || !h->started ||
+        !atomic_compare_exchange_strong(&h->busy, &idle, 1))
+        return lm_fill_run(r, t, first, n, false, write);
+    size_t half = n / 2;
+    pthread_mutex_lock(&h->lock);
+    h->first = first + half;
+    h->n = n - half;
+    h->state = 1;
+    pthread_cond_signal(&h->cond);
+    pthread_mutex_unlock(&h->lock);
+    int rc = lm_fill_run(r, t, first, half, false, write);
+    pthread_mutex_lock(&h->lock);
+    while (h->state != 2)
+        pthread_cond_wait(&h->cond, &h->lock);
+    int rc2 = h->rc;
+    h->state = 0;
+    pthread_mutex_unlock(&h->lock);
+    atomic_store(&h->busy, 0);
+    return rc < 0 ? rc : rc2;
+}
+
+static int helper_start(struct lm_region *r)
+{
+    struct lm_fill_helper *h = &r->helper;
+    cpu_set_t set;
+    if (h->started || r->cfg.max_cluster_pages < 2 * SPLIT_MIN ||
+        sched_getaffinity(0, sizeof(set), &set) != 0 || CPU_COUNT(&set) < 2)
+        return 0;   /* one CPU: halves would only take turns */
+    if (!h->t.scratch) {
+        h->t.r = r;
+        h->t.cpu = -1;
+        h->t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
+        if (!h->t.scratch)
+            return lm_fail("malloc(fill helper scratch)", ENOMEM);
+    }
+    h->t.scratch_canon = 0;
+    pthread_mutex_init(&h->lock, NULL);
+    pthread_cond_init(&h->cond, NULL);
+    h->state = 0;
+    atomic_store(&h->busy, 0);
+    int err = pthread_create(&h->tid, NULL, helper_main, r);
+    if (err) {
+        pthread_cond_destroy(&h->cond);
+        pthread_mutex_destroy(&h->lock);
+        return lm_fail("pthread_create(fill helper)", err);
+    }
+    h->started = true;
+    return 0;
+}
+
+/* After the serving threads are joined: nobody can post a job any more. */
+static void helper_stop(struct lm_region *r)
+{
+    struct lm_fill_helper *h = &r->helper;
+    if (!h->started)
+        return;
+    pthread_mutex_lock(&h->lock);
+    h->state = 3;
+    pthread_cond_broadcast(&h->cond);
+    pthread_mutex_unlock(&h->lock);
+    pthread_join(h->tid, NULL);
+    pthread_cond_destroy(&h->cond);
+    pthread_mutex_destroy(&h->lock);
+    h->started = false;
+}
+
 /* Service time is taken before the wake-up: on the faulter's CPU the woken thread preempts us,
    and its run until the next fault is not ours to count. */
 static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, uint64_t t0)
@@ -184,7 +284,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
         if (rc == 0)
             rc = lm_fill_run(r, t, page + 1, run - 1, false, false);
     } else {
-        rc = lm_fill_run(r, t, page, run, false, write);
+        rc = fill_split(r, t, page, run, write);
     }
     if (rc < 0 && run > 1 && rc != -ENOENT && rc != -ESRCH) {
         /* A readahead page may be the bad one (unreadable, or failed verification): give the
@@ -270,7 +370,8 @@ int lm_serve_start(struct lm_region *r)
     sigset_t all, saved;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
-    for (int i = 0; i < r->nthreads; i++) {
+    rc = helper_start(r);
+    for (int i = 0; rc == 0 && i < r->nthreads; i++) {
         struct lm_serve_thread *t = &r->threads[i];
         t->r = r;
         t->cpu = r->cpus[i];
@@ -336,6 +437,7 @@ int lm_serve_stop(struct lm_region *r)
             /* nothing to drain */
         }
     }
+    helper_stop(r);
     atomic_store(&r->serving, 0);
     pthread_mutex_unlock(&r->serve_lock);
     return 0;

@@ -78,6 +78,20 @@ struct lm_serve_thread {
     size_t bad_page;  /* set by lm_fill_run on a verification failure */
 };
 
+/* A second filler for large runs (handler.c): a sequential stream's clusters are copied by two
+   CPUs while the faulting thread waits, instead of one. */
+struct lm_fill_helper {
+    pthread_t tid;
+    bool started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int state;                 /* 0 idle, 1 job posted, 2 job done, 3 exit */
+    size_t first, n;           /* the job: claimed pages to fill */
+    int rc;
+    struct lm_serve_thread t;  /* its scratch */
+    _Atomic int busy;          /* a serving thread owns the helper for one run */
+};
+
 struct lm_region {
     char *base;
     size_t nbytes;
@@ -111,6 +125,8 @@ struct lm_region {
     int stop_fd;                  /* eventfd: wakes serving threads to exit */
     pthread_mutex_t serve_lock;   /* start/stop */
     _Atomic int serving;
+
+    struct lm_fill_helper helper;
 
     struct lm_stream streams[LM_STREAMS];
     _Atomic unsigned stream_rr;

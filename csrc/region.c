@@ -563,6 +563,7 @@ static void free_bookkeeping(struct lm_region *r)
     free(r->canon_sig);
     free(r->canon_index);
     free(r->bg.scratch);
+    free(r->helper.t.scratch);
     free(r->base_done);
     free(r->tl_us);
     free(r->tl_path);
@@ -604,6 +605,7 @@ void lm_region_forget(struct lm_region *r)
     r->zero_src = NULL;
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
     r->bg.scratch = NULL;
+    r->helper.t.scratch = NULL;
     free_bookkeeping(r);
     free(r);
 }

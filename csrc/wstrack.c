@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,6 +115,36 @@ long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap)
     for (size_t p = 0; p < r->npages; p++)
         if (r->meta[p].order >= r->ws_mark_seq)
             touched++;
+    /* Orders are unique sequence numbers below touch_seq: when they are dense enough, place
+       each page at its order's slot (one pass) instead of sorting (qsort was ~18 ms of a
+       1 GiB checkpoint's 140). */
+    uint64_t span = atomic_load(&r->touch_seq) - r->ws_mark_seq + 1;
+    if (touched && span <= 4 * (uint64_t)touched + 4096) {
+        uint64_t *slot = malloc(span * sizeof(uint64_t));
+        if (!slot)
+            return lm_fail("malloc(working set)", ENOMEM);
+        memset(slot, 0xff, span * sizeof(uint64_t));
+        bool dense = true;
+        for (size_t p = 0; p < r->npages; p++) {
+            uint64_t o = r->meta[p].order;
+            if (o < r->ws_mark_seq)
+                continue;
+            uint64_t i = o - r->ws_mark_seq;
+            if (i >= span || slot[i] != UINT64_MAX) {
+                dense = false;   /* a touch after the count above, or a repeated order */
+                break;
+            }
+            slot[i] = p;
+        }
+        if (dense) {
+            for (uint64_t i = 0; i < span && n < cap; i++)
+                if (slot[i] != UINT64_MAX)
+                    out[n++] = slot[i];
+            free(slot);
+            goto written;
+        }
+        free(slot);
+    }
     uint64_t *pairs = malloc((touched ? touched : 1) * 2 * sizeof(uint64_t));
     if (!pairs)
         return lm_fail("malloc(working set)", ENOMEM);
@@ -130,6 +161,7 @@ long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap)
     for (size_t i = 0; i < k && n < cap; i++)
         out[n++] = pairs[2 * i + 1];
     free(pairs);
+written:
     if (!r->wp_async)
         return (long)n;
 
