@@ -31,6 +31,7 @@
 
 #define SRV_READ 64        /* messages per read() */
 #define SRV_QUEUE_MIN 256
+#define SPIN_NS 100000     /* look for the next fault this long before sleeping */
 #define SRV_MAX_MAPS 64
 
 struct srv_map {
@@ -61,6 +62,7 @@ struct lm_srv {
     /* Adaptive readahead: one sequential stream per client. */
     uint64_t next_addr;
     uint32_t cluster;
+    uint64_t last_served_ns;
 
     _Atomic int running;
     _Atomic uint64_t st_faults, st_zero, st_copied, st_removed_faults, st_remove, st_unmap,
@@ -333,6 +335,21 @@ static void *srv_main(void *arg)
             atomic_fetch_add_explicit(&s->st_ns_total, ns, memory_order_relaxed);
             if (ns > atomic_load_explicit(&s->st_ns_max, memory_order_relaxed))
                 atomic_store_explicit(&s->st_ns_max, ns, memory_order_relaxed);
+            s->last_served_ns = now_ns();
+        }
+        /* During a fault storm the next fault comes a few microseconds after we wake the
+           last one: look for it for a short while before sleeping. Being woken from poll()
+           on another CPU costs ~40 us per fault here; the spin is bounded by SPIN_NS after
+           the last fault served, so an idle client costs nothing. */
+        if (now_ns() - s->last_served_ns < SPIN_NS) {
+            int got = drain(s);
+            if (got < 0) {
+                srv_error(s, got);
+                break;
+            }
+            if (got == 0)
+                sched_yield();
+            continue;
         }
         if (poll(pfd, npfd, -1) < 0) {
             if (errno == EINTR)
