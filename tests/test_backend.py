@@ -124,7 +124,13 @@ def test_selection_by_env_var(run_py, value, expected):
         fb = rep["features_backend"]
         assert fb["regions"] and fb["checkpoint_restore"] and fb["inspect"], fb
         assert "pylazymem._lazymem" in rep["compiled"]
-        assert rep["refused"] == dict.fromkeys(plm._backend.CORE_API), rep["refused"]
+        if rep["features"]["mode"] == "unavailable":
+            # the kernel refuses userfaultfd here (a container's default seccomp profile):
+            # Region fails for that reason, never as a refusal of the backend
+            assert rep["refused"]["Region"] and "userfaultfd" in rep["refused"]["Region"]
+            assert not any(m and "ctypes backend" in m for m in rep["refused"].values())
+        else:
+            assert rep["refused"] == dict.fromkeys(plm._backend.CORE_API), rep["refused"]
         assert rep["region_import"] is None
     else:
         # the core is built (it is, when this runs next to a cffi run), and still not loaded:
@@ -227,7 +233,9 @@ def test_cli_features_and_inspect_without_core(run_py, tmp_path):
     path = str(tmp_path / "s.plm")
     write_snapshot(path)
     res = interpreter(run_py, CLI, "ctypes", hide="missing", args=("features", "--json"))
-    assert res.returncode == 0 and res.stdout.strip().endswith("EXIT 0"), res.describe()
+    # `features` exits 1 where userfaultfd is unavailable (a blocked container), as with cffi
+    code = "EXIT 1" if plm.features().mode == "unavailable" else "EXIT 0"
+    assert res.returncode == 0 and res.stdout.strip().endswith(code), res.describe()
     assert json.loads(res.stdout.rsplit("EXIT", 1)[0])["mode"] == plm.features().mode
     res = interpreter(run_py, CLI, "ctypes", hide="missing", args=("inspect", path, "--json"))
     assert res.stdout.strip().endswith("EXIT 0"), res.describe()
@@ -423,6 +431,8 @@ def test_build_without_the_core_runs_ctypes(tmp_path):
     import shutil
     import subprocess
     import sys
+    if not os.path.isfile(os.path.join(REPO_DIR, "setup.py")):
+        pytest.skip("needs the source tree (setup.py); this run uses an installed package")
     src = tmp_path / "src"
     shutil.copytree(REPO_DIR, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.so", "__pycache__", "docker", "*.egg-info"))

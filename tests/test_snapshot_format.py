@@ -406,12 +406,14 @@ def test_path_like_paths(make_region, tmp_path):
 # ---- reading without the compiled core ----------------------------------------------------
 
 NO_CORE = """
-import json, os, sys, types
+import importlib.util, json, os, sys, types
 # pylazymem/snapshot.py alone, in a package whose compiled core cannot be imported: inspect()
 # and page_sources() must not need it (the pure-ctypes page server reads snapshots with them).
+# Where the package is (source tree or installed) without running its __init__:
+where = list(importlib.util.find_spec("pylazymem").submodule_search_locations)
 sys.modules["pylazymem._lazymem"] = None
 pkg = types.ModuleType("pylazymem")
-pkg.__path__ = [os.path.join(os.getcwd(), "pylazymem")]
+pkg.__path__ = where
 pkg.__version__ = "0.1.0"
 sys.modules["pylazymem"] = pkg
 import pylazymem.snapshot as S
