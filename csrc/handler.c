@@ -120,6 +120,16 @@ void lm_poison_page(struct lm_region *r, size_t page, int rc)
     }
 }
 
+int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);   /* the new thread inherits this mask */
+    int err = pthread_create(tid, attr, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return err;
+}
+
 /*
  * Runs of at least 2 * SPLIT_MIN pages (the clusters of a sequential stream) are filled in two
  * halves at once, the second by the fill helper, so both CPUs copy while the faulting thread
@@ -194,7 +204,7 @@ static int helper_start(struct lm_region *r)
     pthread_cond_init(&h->cond, NULL);
     h->state = 0;
     atomic_store(&h->busy, 0);
-    int err = pthread_create(&h->tid, NULL, helper_main, r);
+    int err = lm_thread_start(&h->tid, NULL, helper_main, r);
     if (err) {
         pthread_cond_destroy(&h->cond);
         pthread_mutex_destroy(&h->lock);
@@ -366,10 +376,6 @@ int lm_serve_start(struct lm_region *r)
     pthread_mutex_lock(&r->serve_lock);
     if (atomic_load(&r->serving))
         goto out;
-    /* Serving threads must never run a signal handler: Python's live in the main thread. */
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
     rc = helper_start(r);
     for (int i = 0; rc == 0 && i < r->nthreads; i++) {
         struct lm_serve_thread *t = &r->threads[i];
@@ -397,7 +403,7 @@ int lm_serve_start(struct lm_region *r)
                 break;
             }
         }
-        int err = pthread_create(&t->tid, &attr, serve_main, t);
+        int err = lm_thread_start(&t->tid, &attr, serve_main, t);
         pthread_attr_destroy(&attr);
         if (err) {
             rc = lm_fail(t->cpu >= 0 ? "pthread_create(pinned serving thread)" : "pthread_create",
@@ -407,7 +413,6 @@ int lm_serve_start(struct lm_region *r)
         t->started = true;
         atomic_fetch_add(&r->serving, 1);
     }
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
 out:
     pthread_mutex_unlock(&r->serve_lock);
     if (rc < 0)

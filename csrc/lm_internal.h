@@ -240,6 +240,9 @@ uint64_t lm_now_ns(void);
 void lm_remote_close(struct lm_region *r);
 
 /* handler.c */
+/* pthread_create with every signal blocked in the new thread: our native threads must never
+   run a signal handler (Python's run in its main thread). 0 or an errno value. */
+int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg);
 int lm_serve_start(struct lm_region *r);
 int lm_serve_stop(struct lm_region *r);
 void lm_hist_add(struct lm_region *r, uint64_t ns);

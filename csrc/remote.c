@@ -16,7 +16,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -92,11 +91,7 @@ int lm_region_watch_server(struct lm_region *r, const int *fds, int nfds, int em
     if (r->remote_empty_unknown)
         r->cfg.max_cluster_pages = 1;
     atomic_store(&r->remote, LM_REMOTE_SERVED);
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    int err = pthread_create(&r->watch_tid, NULL, watch_main, r);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    int err = lm_thread_start(&r->watch_tid, NULL, watch_main, r);
     if (err) {
         atomic_store(&r->remote, LM_REMOTE_NONE);
         lm_remote_close(r);

@@ -19,7 +19,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -448,11 +447,7 @@ int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nm
     s->uffd = uffd;
     s->pidfd = peer_pidfd;
     atomic_store(&s->running, 1);
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);   /* signals belong to Python's main thread */
-    int err = pthread_create(&s->tid, NULL, srv_main, s);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    int err = lm_thread_start(&s->tid, NULL, srv_main, s);
     if (err) {
         s->uffd = s->pidfd = -1;   /* ownership passes only on success */
         rc = lm_fail("pthread_create(page server)", err);

@@ -8,7 +8,6 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -441,16 +440,6 @@ static void *pipeline_copier(void *arg)
     return NULL;
 }
 
-static bool start_thread(pthread_t *tid, void *(*fn)(void *), void *arg)
-{
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    bool ok = pthread_create(tid, NULL, fn, arg) == 0;
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    return ok;
-}
-
 static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size_t k,
                                 size_t *done)
 {
@@ -476,8 +465,8 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
     pthread_cond_init(&pl.cv, NULL);
     pthread_t reader, copier;
     bool have_reader = false, have_copier = false;
-    if (rc == 0 && pl.nb > 1 && (have_reader = start_thread(&reader, pipeline_reader, &pl))) {
-        have_copier = start_thread(&copier, pipeline_copier, &pl);
+    if (rc == 0 && pl.nb > 1 && (have_reader = lm_thread_start(&reader, NULL, pipeline_reader, &pl) == 0)) {
+        have_copier = lm_thread_start(&copier, NULL, pipeline_copier, &pl) == 0;
         pipeline_copier(&pl);
     } else if (rc == 0) {
         /* one batch, or no thread to be had: read a batch, copy it, and so on */
@@ -656,11 +645,7 @@ static int background_start_locked(struct lm_region *r)
     }
     atomic_store(&r->bg_stop, 0);
     atomic_store(&r->bg_running, 1);
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    int err = pthread_create(&r->bg_tid, NULL, bg_main, r);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    int err = lm_thread_start(&r->bg_tid, NULL, bg_main, r);
     if (err) {
         atomic_store(&r->bg_running, 0);
         return lm_fail("pthread_create(background fill)", err);
@@ -889,11 +874,7 @@ static int classify_all(struct lm_region *r, struct plan_page *pp)
     pthread_t tid;
     bool threaded = false;
     if (n >= 4096) {   /* a thread costs more than classifying a small region */
-        sigset_t all, saved;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &saved);
-        threaded = pthread_create(&tid, NULL, plan_part_main, &part[1]) == 0;
-        pthread_sigmask(SIG_SETMASK, &saved, NULL);
+        threaded = lm_thread_start(&tid, NULL, plan_part_main, &part[1]) == 0;
     }
     plan_part_main(&part[0]);
     if (threaded)
