@@ -46,6 +46,9 @@ int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake);
+/* Copy from src (NULL: map zero pages) and wake, returning -EAGAIN instead of retrying it:
+   for the page server, which must read the pending event itself (server.c). */
+int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len);
 int lm_uffd_wake(int fd, void *addr, size_t len);
 int lm_uffd_poison(int fd, void *addr, size_t len);
 

@@ -192,37 +192,6 @@ static int drain(struct lm_srv *s)
     }
 }
 
-/* One fill ioctl; EEXIST pages are stepped over (another path filled them, or the client
-   wrote them after a REMOVE we have not read yet: either way not ours to overwrite). */
-static int fill(struct lm_srv *s, bool zero, uint64_t dst, const char *src, uint64_t len)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        int err;
-        int64_t progress;
-        if (zero) {
-            struct uffdio_zeropage z = {.range = {.start = dst + done, .len = len - done}};
-            err = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z) == 0 ? 0 : errno;
-            progress = err ? z.zeropage : (int64_t)(len - done);
-        } else {
-            struct uffdio_copy c = {.dst = dst + done, .src = (uintptr_t)(src + done),
-                                    .len = len - done};
-            err = ioctl(s->uffd, UFFDIO_COPY, &c) == 0 ? 0 : errno;
-            progress = err ? c.copy : (int64_t)(len - done);
-        }
-        if (progress > 0)
-            done += (uint64_t)progress;
-        if (!err)
-            continue;
-        if (err == EEXIST) {
-            done += s->ps;
-            continue;
-        }
-        return -err;   /* EAGAIN (events pending), ENOENT/ESRCH (client gone), real errors */
-    }
-    return 0;
-}
-
 /* Where the source page at byte `o` of the source comes from: file offset, or -1 (zero), or
    -2 (outside the source: cannot be served). */
 static int64_t source_of(struct lm_srv *s, uint64_t o)
@@ -258,7 +227,7 @@ static int serve(struct lm_srv *s, uint64_t addr)
     }
     uint64_t page = (addr - m->base) >> s->shift;
     if (removed(m, page)) {
-        int rc = fill(s, true, addr, NULL, s->ps);
+        int rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)addr, NULL, s->ps);
         if (rc == 0)
             atomic_fetch_add_explicit(&s->st_removed_faults, 1, memory_order_relaxed);
         return rc;
@@ -281,7 +250,7 @@ static int serve(struct lm_srv *s, uint64_t addr)
     }
     int rc;
     if (src == -1) {
-        rc = fill(s, true, addr, NULL, n * s->ps);
+        rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)addr, NULL, n * s->ps);
         if (rc == 0)
             atomic_fetch_add_explicit(&s->st_zero, n, memory_order_relaxed);
     } else {
@@ -291,7 +260,7 @@ static int serve(struct lm_srv *s, uint64_t addr)
             return 0;
         }
         n = (uint64_t)got >> s->shift;   /* a short read: serve what is there */
-        rc = fill(s, false, addr, s->scratch, n * s->ps);
+        rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)addr, s->scratch, n * s->ps);
         if (rc == 0)
             atomic_fetch_add_explicit(&s->st_copied, n, memory_order_relaxed);
     }

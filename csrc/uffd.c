@@ -148,10 +148,11 @@ static int op_zeropage(int fd, char *dst, const char *src, size_t len, bool wake
 /*
  * Fill `len` bytes of missing pages. A page some other path filled meanwhile (EEXIST) is
  * skipped, not an error; a partial fill because the mm is changing (EAGAIN) is retried from
- * where the kernel stopped.
+ * where the kernel stopped, or, without retry_eagain, returned: a handler that receives
+ * non-cooperative events must read the pending one before any fill can succeed.
  */
 static int fill(int fd, fill_op op, const char *name, char *dst, const char *src, size_t len,
-                bool wake)
+                bool wake, bool retry_eagain)
 {
     size_t done = 0, ps = (size_t)lm_page_size();
     bool skipped = false;
@@ -160,7 +161,7 @@ static int fill(int fd, fill_op op, const char *name, char *dst, const char *src
         int err = op(fd, dst + done, src ? src + done : NULL, len - done, wake, &progress);
         if (progress > 0)
             done += (size_t)progress;
-        if (!err || err == EAGAIN)
+        if (!err || (err == EAGAIN && retry_eagain))
             continue;
         if (err != EEXIST)
             return lm_fail(name, err);
@@ -175,12 +176,18 @@ static int fill(int fd, fill_op op, const char *name, char *dst, const char *src
 
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
 {
-    return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake);
+    return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake, true);
 }
 
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake)
 {
-    return fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, wake);
+    return fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, wake, true);
+}
+
+int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len)
+{
+    return src ? fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, true, false)
+               : fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, true, false);
 }
 
 int lm_uffd_wake(int fd, void *addr, size_t len)
