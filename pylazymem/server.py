@@ -31,6 +31,7 @@ import time
 from collections import deque
 from typing import Callable, Dict, List, Optional
 
+from . import _backend
 from ._uffd_errors import InvalidRangeError, LazyMemError, UffdError, UnavailableError
 
 log = logging.getLogger("pylazymem.server")
@@ -509,7 +510,7 @@ class PageServer:
                                     [int(u) for u in allow_uids])
         self.max_cluster_pages = int(max_cluster_pages or 0)
         self.socket_group = None if socket_group is None else int(socket_group)
-        have_core = _have_core()
+        have_core = _backend.NAME == "cffi"   # the C engine needs the compiled core
         if provider is not None:
             if engine == "c":
                 raise ValueError("a Python page provider is served by the python engine; "
@@ -843,20 +844,6 @@ def _reply(conn, obj):
         conn.sendall((json.dumps(obj) + "\n").encode())
     except OSError:
         pass
-
-
-def _have_core():
-    """Whether this process runs the cffi backend (the C core is loaded and selected)."""
-    import pylazymem
-
-    backend = getattr(pylazymem, "backend", None)
-    if backend is not None:
-        return backend == "cffi"
-    try:
-        from . import _binding  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
