@@ -315,15 +315,12 @@ def stress_restore(seed, workdir, nbytes=64 << 20, nthreads=8, rounds=6, write_f
 
 # ==== fuzzing ==================================================================================
 
-HDR = struct.Struct("<8sIIII17Q")
-FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
-          "nws", "store_offset", "store_bytes", "map_offset", "map_bytes", "ws_offset",
-          "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes",
-          "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
-OFFSET = dict(zip(FIELDS, (0, 8, 12, 16, 20) + tuple(range(24, 160, 8))))
-SIZE = {f: (8 if f == "magic" or OFFSET[f] >= 24 else 4) for f in FIELDS}
-CHECKED = OFFSET["header_xxh3"]   # header_xxh3 covers the bytes before it
-SECTIONS = ("store", "map", "ws", "manifest", "sigs")
+# The header layout, shared with the format tests (short names for the fuzzer's many uses).
+from _snapformat import FIELD_OFFSET as OFFSET  # noqa: E402
+from _snapformat import FIELD_SIZE as SIZE  # noqa: E402
+from _snapformat import HDR, SECTIONS  # noqa: E402
+from _snapformat import HEADER_CHECKED as CHECKED  # noqa: E402
+from _snapformat import HEADER_FIELDS as FIELDS  # noqa: E402
 
 
 def _xxh3(b):

@@ -16,22 +16,12 @@ import xxhash
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
+from _snapformat import (FIELD_OFFSET, FIELD_SIZE, HDR, HEADER_CHECKED, HEADER_FIELDS,  # noqa: F401
+                         MAGIC, SECTIONS)
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
 
 PS = PAGE_SIZE
-MAGIC = b"PLMSNAP\x00"
-HDR = struct.Struct("<8sIIII17Q")
-assert HDR.size == 160
-HEADER_FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
-                 "nws", "store_offset", "store_bytes", "map_offset", "map_bytes", "ws_offset",
-                 "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes",
-                 "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
-# Byte offset of every header field (docs/snapshot-format.md, "Header").
-FIELD_OFFSET = dict(zip(HEADER_FIELDS, (0, 8, 12, 16, 20) + tuple(range(24, 160, 8))))
-FIELD_SIZE = {f: (8 if f == "magic" or FIELD_OFFSET[f] >= 24 else 4) for f in HEADER_FIELDS}
-HEADER_CHECKED = 152          # header_xxh3 covers bytes 0..151
-SECTIONS = ("store", "map", "ws", "manifest", "sigs")   # in file order
 # Page-map entries: 0 untouched, 1 zero, 2 + i = store entry i.
 UNTOUCHED, ZERO, STORED = 0, 1, 2
 

@@ -1,0 +1,17 @@
+"""The snapshot header's layout (format v2, docs/snapshot-format.md "Header"), written out
+independently of pylazymem/snapshot.py so that the tests check the reader against the document,
+not against itself. Shared by the format tests and the reliability fuzzer."""
+import struct
+
+MAGIC = b"PLMSNAP\x00"
+HDR = struct.Struct("<8sIIII17Q")
+assert HDR.size == 160
+HEADER_FIELDS = ("magic", "version", "header_bytes", "page_size", "flags", "npages", "nstored",
+                 "nws", "store_offset", "store_bytes", "map_offset", "map_bytes", "ws_offset",
+                 "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes",
+                 "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
+# Byte offset of every header field.
+FIELD_OFFSET = dict(zip(HEADER_FIELDS, (0, 8, 12, 16, 20) + tuple(range(24, 160, 8))))
+FIELD_SIZE = {f: (8 if f == "magic" or FIELD_OFFSET[f] >= 24 else 4) for f in HEADER_FIELDS}
+HEADER_CHECKED = 152          # header_xxh3 covers bytes 0..151
+SECTIONS = ("store", "map", "ws", "manifest", "sigs")   # in file order
