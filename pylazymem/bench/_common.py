@@ -141,10 +141,11 @@ def rotate(seq, k):
     return list(seq[k:]) + list(seq[:k])
 
 
-def setup(quick, reps, file):
+def setup(quick, reps, file, sizes=(128 * MiB, GiB)):
     """The common start of a benchmark's run(): where to print, the package, its environment
-    line, the state size (1 GiB, quick: 128 MiB), repetitions (7, quick: 5) and pages."""
+    line, the state size (sizes = (quick, full): 128 MiB / 1 GiB by default), repetitions
+    (7, quick: 5) and pages."""
     plm = import_plm()
-    nbytes = (128 * MiB) if quick else GiB
+    nbytes = sizes[0] if quick else sizes[1]
     return file or sys.stdout, plm, environment(plm), nbytes, reps or (5 if quick else 7), \
         nbytes // PAGE

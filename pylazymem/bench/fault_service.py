@@ -66,12 +66,7 @@ def _run_base(nbytes, template, offsets, faulter, cpu):
 
 
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
-    file = file or sys.stdout
-    plm = C.import_plm()
-    env = C.environment(plm)
-    nbytes = (16 if quick else 64) * C.MiB
-    reps = reps or (5 if quick else 7)
-    npages = nbytes // C.PAGE
+    file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file, (16 * C.MiB, 64 * C.MiB))
     faulter, other = C.cpu_pair()
 
     rng = np.random.default_rng(20240601)

@@ -75,12 +75,7 @@ def _touch(view, order):
 
 
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
-    file = file or sys.stdout
-    plm = C.import_plm()
-    env = C.environment(plm)
-    nbytes = (16 if quick else 64) * C.MiB
-    reps = reps or (5 if quick else 7)
-    npages = nbytes // C.PAGE
+    file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file, (16 * C.MiB, 64 * C.MiB))
     nfaults = npages // 2
     rng = np.random.default_rng(20261128)
     problems = []
