@@ -117,8 +117,10 @@ struct lm_config {
     int ncpus;
     uint32_t max_cluster_pages;  /* readahead bound per fault (default 512 = 2 MiB) */
     int zero_write;              /* enum lm_zero_write: how a store to a zero page is served */
-    int test_fail_fills;         /* test hook: every fill fails with EIO (a broken page source,
-                                    which must make accesses fail loudly, never hang or read 0) */
+    int test_fail_fills;         /* test hook: 1 = every fill fails with EIO (a broken page
+                                    source, which must make accesses fail loudly, never hang or
+                                    read 0); N > 1 = every Nth fill attempt fails (injected
+                                    failures for stress tests); 0 = off */
     int timeline;                /* record when and how each page was first made present */
 };
 

@@ -135,6 +135,7 @@ struct lm_region {
     _Atomic unsigned stream_rr;
 
     _Atomic uint64_t touch_seq;
+    _Atomic uint64_t fill_attempts;   /* for config.test_fail_fills > 1 */
 
     /* Snapshot source (snapshot.c): store entry i at src_store_off + i * page_size. */
     int src_fd;

@@ -305,7 +305,10 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
     struct lm_page_meta *m0 = &r->meta[first];
     int rc;
 
-    if (r->cfg.test_fail_fills)
+    if (r->cfg.test_fail_fills == 1 ||
+        (r->cfg.test_fail_fills > 1 &&
+         atomic_fetch_add_explicit(&r->fill_attempts, 1, memory_order_relaxed) %
+                 (uint64_t)r->cfg.test_fail_fills == 0))
         return lm_fail("test hook: the page source is broken", EIO);
 
     if (lm_needs_copy(m0)) {

@@ -180,7 +180,8 @@ class Region(AddressRange):
         if zw not in _ZERO_WRITE:
             raise InvalidArgumentError("PYLAZYMEM_ZERO_WRITE=%r: expected copy or zeropage" % zw)
         cfg.zero_write = _ZERO_WRITE[zw]
-        cfg.test_fail_fills = bool(_test_broken_source)   # tests only: every fill fails
+        # tests only: True = every fill fails; an int N > 1 = every Nth fill attempt fails
+        cfg.test_fail_fills = int(_test_broken_source)
         if timeline is None:
             timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
         cfg.timeline = bool(timeline)
