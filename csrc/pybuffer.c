@@ -3,12 +3,15 @@
  *
  * Python before 3.12 cannot export a buffer from a class written in Python, and memoryview(r)
  * must be zero-copy. This type exports a fixed address range and counts its exports, which
- * also settles what close() may do while numpy arrays or memoryviews still point at the memory:
+ * also settles what close() may do while numpy arrays or memoryviews still point at the memory
+ * (Python's own mmap.close() raises BufferError then; numpy users keep arrays around longer
+ * than the object they came from, so here the memory stays valid instead):
  *  - no export left: the range is unmapped at once;
- *  - exports left: the range is replaced by inaccessible memory (PROT_NONE) at once, so its
- *    pages are returned and a stale view faults loudly (SIGSEGV) instead of reading another
- *    mapping that might later land there; the address range itself is unmapped when the last
- *    view is released.
+ *  - exports left: the range stays mapped, and served, with its contents; no new export is
+ *    given (RegionClosedError). When the last view is released, the owner's
+ *    _last_view_released() is called (with the GIL, from whatever released the view) to stop
+ *    serving and unmap. A view can never see memory that is not the region's: never a crash,
+ *    never zeros where the region's data belongs.
  * After _attach(), this object owns the address range.
  */
 #define PY_SSIZE_T_CLEAN
@@ -54,8 +57,18 @@ static void range_releasebuffer(PyObject *obj, Py_buffer *view)
 {
     (void)view;
     RangeObject *self = (RangeObject *)obj;
-    if (--self->exports == 0 && self->closed)
-        unmap_now(self);
+    if (--self->exports != 0 || !self->closed || self->unmapped)
+        return;
+    /* The owner was closed while views were alive: its teardown was waiting for this. A view
+       may be released while an exception propagates: keep it aside during the call. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_CallMethod(obj, "_last_view_released", NULL);
+    if (res)
+        Py_DECREF(res);
+    else
+        PyErr_WriteUnraisable(obj);
+    PyErr_Restore(type, value, tb);
 }
 
 static PyBufferProcs range_as_buffer = {range_getbuffer, range_releasebuffer};
@@ -90,20 +103,18 @@ static PyObject *range_attach(RangeObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Returns True if the range was unmapped now, False if views keep its address reserved. */
+/* No new exports from now on. Returns True if the range is unmapped (now or before), False
+   if views keep it mapped: then _last_view_released() is called when the last one goes. */
 static PyObject *range_detach(RangeObject *self, PyObject *unused)
 {
     (void)unused;
-    if (!self->attached || self->closed)
-        Py_RETURN_TRUE;
     self->closed = 1;
+    if (!self->attached || self->unmapped)
+        Py_RETURN_TRUE;
     if (self->exports == 0) {
         unmap_now(self);
         Py_RETURN_TRUE;
     }
-    if (mmap(self->addr, (size_t)self->len, PROT_NONE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
-        return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_FALSE;
 }
 

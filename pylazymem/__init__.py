@@ -9,7 +9,7 @@ offers everything; "ctypes", pure Python, offers features(), inspect(), the exce
 enums, pylazymem.uffd and the page server (PageServer), and refuses Region/checkpoint/restore with UnavailableError saying
 why. `backend` and `backend_features` say which one this process uses and what it offers.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 # First: decides the backend (an explicit PYLAZYMEM_BACKEND=cffi without a usable core is an
 # ImportError here, naming the fix). Nothing below may need the core under ctypes.
@@ -48,9 +48,9 @@ else:
         # The snapshot reader needs no core; it is imported on first use (PEP 562), which
         # keeps `import pylazymem` light where only the uffd binding is wanted.
         if name in ("SnapshotError", "SnapshotInfo", "inspect"):
-            from . import snapshot
+            from . import _snapfile
 
-            value = getattr(snapshot, name)
+            value = getattr(_snapfile, name)
             globals()[name] = value
             return value
         raise AttributeError("module 'pylazymem' has no attribute %r" % name)

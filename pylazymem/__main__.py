@@ -43,7 +43,7 @@ def _features(args):
 
 
 def _inspect(args):
-    from .snapshot import inspect_tables
+    from ._snapfile import inspect_tables
 
     info, table = inspect_tables(args.snapshot)
     pbc = info.pages_by_class

@@ -24,7 +24,7 @@ import os
 import sys
 
 from . import uffd as _uffd
-from ._uffd_errors import UnavailableError
+from ._errors import CoreNotLoaded, UnavailableError
 
 ENV = "PYLAZYMEM_BACKEND"
 CHOICES = ("auto", "cffi", "ctypes")
@@ -100,10 +100,6 @@ def select(environ=None):
             "work there; in-process lazy regions, checkpoint and restore do not)"
             % (ENV, err, BUILD_FIX, ENV), name="pylazymem._lazymem") from err
     return "ctypes", "the compiled core cannot be used (%s)" % err
-
-
-class CoreNotLoaded(ImportError):
-    """The compiled core was asked for under the ctypes backend."""
 
 
 class _CoreBlocker:

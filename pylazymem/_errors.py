@@ -1,4 +1,8 @@
-"""Exceptions, and the one place where a C status (-errno plus the failing operation) becomes one."""
+"""Exceptions, and the one place where a C status (-errno plus the failing operation) becomes one.
+
+A leaf: it imports nothing of the package but the exception classes the pure-Python binding
+shares (_uffd_errors). The compiled core's `check()` (pylazymem._binding) calls status_error().
+"""
 import errno as _errno
 import os
 
@@ -20,28 +24,24 @@ class InvalidArgumentError(LazyMemError, ValueError, TypeError):
     """A size, type or value that cannot be used (both a ValueError and a TypeError)."""
 
 
+class CoreNotLoaded(ImportError):
+    """The compiled core was asked for under the ctypes backend (pylazymem._backend)."""
+
+
 class RegionClosedError(LazyMemError, ValueError):
     """The region was closed (or belongs to the parent process after fork())."""
 
 
-def check(rc, what=""):
-    """Turn a C return value into an exception; returns rc when it is not an error."""
-    if rc >= 0:
-        return rc
-    # Only the cffi backend produces C statuses; importing here keeps the exception classes
-    # importable without the compiled core (the ctypes backend), at no cost on success.
-    from ._binding import ffi, lib
-
-    err = -rc
-    op = ffi.string(lib.lm_last_op()).decode()
+def status_error(err, op, what="", why_unavailable=None):
+    """The exception for a failed C call: errno `err` from the operation `op` (lm_last_op()),
+    called for `what`. `why_unavailable`, if given, is called for the reason when the failing
+    operation was acquiring a userfaultfd (the feature probe knows why, not just the errno)."""
     where = "%s: %s" % (what, op) if what else op
     if op == "userfaultfd":
-        from ._features import features   # the probe (cached) knows why, not just the errno
-        f = features()
-        why = f.reason if f.mode == "unavailable" and f.reason else remedy(err)
-        raise UnavailableError(err, "%s: %s" % (where, why))
+        why = (why_unavailable() if why_unavailable else None) or remedy(err)
+        return UnavailableError(err, "%s: %s" % (where, why))
     if err == _errno.ERANGE:
-        raise InvalidRangeError(where)
+        return InvalidRangeError(where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):
-        raise InvalidArgumentError(where)
-    raise UffdError(err, "%s: %s" % (where, os.strerror(err)))
+        return InvalidArgumentError(where)
+    return UffdError(err, "%s: %s" % (where, os.strerror(err)))

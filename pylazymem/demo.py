@@ -316,7 +316,7 @@ def run(args):
 def _plots(outdir, workdir, out, quiet):
     """The snapshot's page map and the fault timelines of the lazy resumes, as PNG files."""
     from . import plot
-    from .snapshot import inspect_tables
+    from ._snapfile import inspect_tables
 
     os.makedirs(outdir, exist_ok=True)
     info, table = inspect_tables(os.path.join(workdir, "state.plm"))

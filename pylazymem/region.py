@@ -11,10 +11,10 @@ import weakref
 
 import numpy as np
 
-from ._binding import PAGE_SIZE, ffi, lib
+from ._binding import PAGE_SIZE, check, ffi, lib
 from ._buffer import AddressRange, set_closed_error
-from ._errors import InvalidArgumentError, InvalidRangeError, RegionClosedError, check
-from ._features import acquire_mode
+from ._errors import InvalidArgumentError, InvalidRangeError, RegionClosedError
+from ._features import acquire_mode, features
 from ._meta import META_DTYPE, PATHS, PageClass
 
 set_closed_error(RegionClosedError)
@@ -117,6 +117,12 @@ class Handler:
 _live_regions = weakref.WeakSet()
 
 
+def _unavailable_reason():
+    """Why no userfaultfd can be had here, with the fix (the cached feature probe)."""
+    f = features()
+    return f.reason if f.mode == "unavailable" else None
+
+
 def _forget_after_fork():
     # In the child the data mapping does not exist (MADV_DONTFORK) and no serving thread
     # runs: make every region refuse use instead of reading memory nobody serves.
@@ -133,6 +139,7 @@ class Region(AddressRange):
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
                  timeline=None, server=None, _test_broken_source=False, _start=True):
         self._lm = None
+        self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
         self._empty_unknown = False
         self.server = None
@@ -187,7 +194,7 @@ class Region(AddressRange):
         cfg.timeline = bool(timeline)
 
         out = ffi.new("struct lm_region **")
-        check(lib.lm_region_create(nbytes, cfg, out), "Region")
+        check(lib.lm_region_create(nbytes, cfg, out), "Region", _unavailable_reason)
         lm = out[0]
         try:
             self._meta_map = mmap.mmap(lib.lm_region_meta_fd(lm), 0, mmap.MAP_SHARED,
@@ -294,7 +301,13 @@ class Region(AddressRange):
         return self._lm is None
 
     def close(self):
-        """Stop serving, unmap, free. Idempotent. Views still alive then fault if touched."""
+        """Close the region: no new calls or views. Idempotent.
+
+        With no view left (memoryview, numpy array of its memory) the region is torn down now:
+        serving stops, the memory is unmapped and freed. Views that are still alive keep the
+        memory valid, with its contents, and served, until the last of them is released; then
+        the teardown happens (Python's mmap raises BufferError instead; arrays outliving the
+        object they came from are common in numpy code, so they stay correct here)."""
         with self._lock:
             lm = self._lm
             if lm is None:
@@ -302,12 +315,24 @@ class Region(AddressRange):
             self._lm = None   # new calls fail from here on
             while self._users:
                 self._lock.wait()   # calls in progress (GIL released) finish first
+        if self._detach():   # no view: unmapped now, while still registered
+            self._teardown(lm)
+        else:
+            # Views keep the memory: it stays mapped and served; the buffer type calls
+            # _last_view_released() when the last one goes.
+            lib.lm_background_stop(lm)   # optional work: not worth a thread any more
+            self._pending_lm = lm
+
+    def _last_view_released(self):
+        lm, self._pending_lm = self._pending_lm, None
+        if lm is not None and self._detach():
+            self._teardown(lm)
+
+    def _teardown(self, lm):
+        """Stop serving and free everything; the data mapping is already gone (_detach)."""
         _live_regions.discard(self)
-        lib.lm_background_stop(lm)   # it copies into the range we are about to unmap
+        lib.lm_background_stop(lm)
         lib.lm_region_stop(lm)
-        # Unmap (or make inaccessible) while still registered: a straggling access must fault
-        # loudly, never read a zero page where deferred contents belong.
-        self._detach()
         lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
         self._base_table = None
@@ -317,9 +342,12 @@ class Region(AddressRange):
 
     def _forget(self):
         lm, self._lm = self._lm, None
+        pending, self._pending_lm = self._pending_lm, None
         self._forked = True
-        if lm is not None:
-            lib.lm_region_forget(lm)
+        for x in (lm, pending):
+            if x is not None:
+                lib.lm_region_forget(x)
+        if lm is not None or pending is not None:
             self._abandon()   # not mapped here: give the address range up without munmap
 
     def __enter__(self):

@@ -154,7 +154,7 @@ class _SnapshotSource(_FileSource):
     def __init__(self, path):
         import numpy as np
 
-        from .snapshot import page_sources
+        from ._snapfile import page_sources
 
         super().__init__(path)
         try:
@@ -777,8 +777,7 @@ class PageServer:
 
     def _start_engine(self, client, uffd_fd, pidfd):
         if self.engine == "c":
-            from ._binding import ffi, lib
-            from ._errors import check
+            from ._binding import check, ffi, lib
 
             maps = ffi.new("struct lm_srv_map[]", len(client.mappings))
             for i, m in enumerate(client.mappings):

@@ -5,367 +5,43 @@ no bytes, identical pages are stored once) with the working set laid out first; 
 new region whose pages are deferred updates served from that store, prefetches the working set,
 returns, and lets the fault path and a background thread bring in the rest.
 """
-import dataclasses
 import errno
 import glob
 import json
 import os
 import re
-import stat
-import struct
 import tempfile
 import threading
 
 import numpy as np
-import xxhash
 
-# No compiled code at import: inspect() and page_sources() work without the C core (the
-# pure-ctypes backend serves snapshots too). checkpoint() and restore() import it when called.
-from ._uffd_errors import LazyMemError
-
-MAGIC = b"PLMSNAP\x00"
-VERSION = 2
-# magic, version, header_bytes, page_size, flags, then 17 little-endian u64 fields.
-_HEADER = struct.Struct("<8sIIII17Q")
-_FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offset", "map_bytes",
-           "ws_offset", "ws_bytes", "manifest_offset", "manifest_bytes", "sigs_offset",
-           "sigs_bytes", "file_bytes", "tables_xxh3", "sigs_xxh3", "header_xxh3")
-# The sections in file order (docs/snapshot-format.md, "Layout").
-_SECTIONS = ("store", "map", "ws", "manifest", "sigs")
-HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
-MAX_MANIFEST = 64 << 20
-MAX_PAGES = 1 << 40
-MAX_REGION_BYTES = 1 << 46     # 64 TiB: x86-64 user address space is 128 TiB
-PREFETCH_MODES = ("working-set", "all", "none")
-# Page-map entries (4 bytes, little-endian): untouched, zero, or STORED + store entry.
-UNTOUCHED, ZERO, STORED = 0, 1, 2
-MAX_STORED = (1 << 32) - STORED
-MAP_DTYPE = np.dtype("<u4")
-#: The page map decoded, as inspect_tables() returns it: class and store entry per page.
-TABLE_DTYPE = np.dtype([("cls", "u1"), ("store", "<u4")])
-_xxh3 = xxhash.xxh3_64_intdigest
-
-
-class SnapshotError(LazyMemError, ValueError):
-    """A snapshot file that cannot be used: truncated, corrupt, hostile or from elsewhere."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotInfo:
-    path: str
-    version: int
-    npages: int
-    page_size: int
-    pages_by_class: dict      # zero, untouched, unique (distinct stored), duplicate (sharing one)
-    stored_bytes: int         # bytes of page contents in the store
-    file_bytes: int
-    working_set: np.ndarray   # page indices in first-touch order
-    arrays: dict              # name -> {"offset", "dtype", "shape"}
-
-
-@dataclasses.dataclass
-class _Parsed:
-    header: dict
-    map: np.ndarray            # MAP_DTYPE, one entry per page
-    working_set: np.ndarray
-    manifest: dict
-    sigs: np.ndarray = None    # one per store entry, when read
-
-
-# ---- reading and checking ----------------------------------------------------------------
-
-def _fail(path, what):
-    raise SnapshotError("%s: %s" % (path, what))
-
-
-def _pread_exact(fd, n, offset, path, what):
-    """Exactly n bytes at offset, read into one buffer (no intermediate copies)."""
-    buf = bytearray(n)
-    view, done = memoryview(buf), 0
-    while done < n:
-        got = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
-        if not got:
-            _fail(path, "truncated: %s needs %d bytes at offset %d" % (what, n, offset))
-        done += got
-    return buf
-
-
-def _parse_header(raw, path, file_size):
-    if len(raw) < _HEADER.size:
-        _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), _HEADER.size))
-    magic, version, header_bytes, page_size, flags, *rest = _HEADER.unpack_from(raw)
-    if magic != MAGIC:
-        _fail(path, "not a pylazymem snapshot (bad magic %r)" % magic)
-    if version == 1:
-        _fail(path, "snapshot format version 1 (written by an older pylazymem) is not supported: "
-              "this pylazymem reads version %d; re-create the snapshot with this version "
-              "(restore it with the pylazymem that wrote it and checkpoint it again)" % VERSION)
-    if version != VERSION:
-        _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d)"
-              % (version, VERSION))
-    h = dict(zip(_FIELDS, rest), version=version, header_bytes=header_bytes,
-             page_size=page_size, flags=flags)
-    if _xxh3(raw[:HEADER_CHECKED]) != h["header_xxh3"]:
-        _fail(path, "header checksum mismatch (corrupt header)")
-    ps = page_size
-    if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
-        _fail(path, "bad page size %d" % ps)
-    if flags:
-        _fail(path, "unknown header flags 0x%x" % flags)
-    if header_bytes < _HEADER.size or header_bytes % ps or header_bytes > (1 << 21):
-        _fail(path, "bad header size %d" % header_bytes)
-    if any(raw[_HEADER.size:header_bytes]):
-        _fail(path, "reserved header bytes are not zero")
-    if not 1 <= h["npages"] <= MAX_PAGES:
-        _fail(path, "bad page count %d" % h["npages"])
-    if h["npages"] * ps > MAX_REGION_BYTES:
-        _fail(path, "region of %d bytes is larger than any address space here" % (h["npages"] * ps))
-    map_bytes = h["npages"] * MAP_DTYPE.itemsize
-    if map_bytes > _memory_bytes() // 4:
-        _fail(path, "page map of %d bytes does not fit in this machine's memory" % map_bytes)
-    if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
-        _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
-              % (h["nstored"], h["nws"], h["npages"]))
-    if h["nstored"] > MAX_STORED:
-        _fail(path, "%d store entries: the page map can name at most %d"
-              % (h["nstored"], MAX_STORED))
-    sizes = {"store": h["nstored"] * ps, "map": map_bytes, "ws": h["nws"] * 8,
-             "sigs": h["nstored"] * 8}
-    for name, size in sizes.items():
-        if h[name + "_bytes"] != size:
-            _fail(path, "%s section is %d bytes, expected %d" % (name, h[name + "_bytes"], size))
-    if h["manifest_bytes"] > MAX_MANIFEST:
-        _fail(path, "manifest of %d bytes is larger than allowed" % h["manifest_bytes"])
-    # The sections follow each other in a fixed order: nothing overlaps, nothing is skipped.
-    expect = header_bytes
-    for name in _SECTIONS:
-        if h[name + "_offset"] != expect:
-            _fail(path, "%s section at offset %d, expected %d (overlapping or misplaced)"
-                  % (name, h[name + "_offset"], expect))
-        expect += h[name + "_bytes"]
-    if h["file_bytes"] != expect:
-        _fail(path, "header says the file has %d bytes, its sections add up to %d"
-              % (h["file_bytes"], expect))
-    if file_size != expect:
-        _fail(path, "truncated: file has %d bytes, the header says %d" % (file_size, expect)
-              if file_size < expect else "file has %d bytes of trailing data"
-              % (file_size - expect))
-    return h
-
-
-def _memory_bytes():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 1 << 40
-
-
-def _parse_manifest(raw, h, path):
-    try:
-        man = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        _fail(path, "manifest is not valid JSON: %s" % e)
-    if not isinstance(man, dict) or not isinstance(man.get("arrays", {}), dict):
-        _fail(path, "manifest must be a JSON object with an 'arrays' object")
-    region_bytes = h["npages"] * h["page_size"]
-    arrays = {}
-    for name, a in man.get("arrays", {}).items():
-        try:
-            if not isinstance(a, dict):
-                raise ValueError("not an object")
-            dtype = np.dtype(_descr_from_json(a["dtype"]))
-            if not isinstance(a["shape"], list) or len(a["shape"]) > 32:
-                raise ValueError("shape must be a list of at most 32 dimensions")
-            shape = tuple(_json_int(x, -(1 << 62)) for x in a["shape"])
-            offset = _json_int(a["offset"], -(1 << 62))
-        except KeyError as e:
-            _fail(path, "manifest entry %r is missing the field %s" % (name, e))
-        except (TypeError, ValueError, RecursionError, OverflowError, SyntaxError) as e:
-            # numpy parses some dtype strings (",f4") with ast.literal_eval: SyntaxError
-            _fail(path, "manifest entry %r is malformed: %s" % (name, e))
-        if dtype.hasobject:
-            _fail(path, "manifest entry %r has an object dtype" % name)
-        if dtype.subdtype is not None:
-            _fail(path, "manifest entry %r has a sub-array dtype (the writer puts the "
-                  "sub-array's shape in 'shape')" % name)
-        if dtype.itemsize == 0:
-            _fail(path, "manifest entry %r has a zero-size dtype" % name)
-        count = 1
-        for x in shape:
-            if x < 0:
-                _fail(path, "manifest entry %r has a negative dimension" % name)
-            if x > region_bytes:
-                _fail(path, "manifest entry %r has a dimension larger than the region" % name)
-            count *= x
-        if offset < 0 or offset + count * dtype.itemsize > region_bytes:
-            _fail(path, "manifest entry %r lies outside the region" % name)
-        arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
-    man["arrays"] = arrays
-    return man
-
-
-def _descr_from_json(d, depth=0):
-    """A dtype descriptor as numpy writes it: a string, or a list of [name, descr] or
-    [name, descr, shape] fields (descr itself possibly such a list)."""
-    if isinstance(d, str):
-        return d
-    if not isinstance(d, list) or depth > 8:
-        raise ValueError("dtype must be a string or a list of fields (at most 8 deep)")
-    fields = []
-    for f in d:
-        if not isinstance(f, list) or len(f) not in (2, 3):
-            raise ValueError("a dtype field must be [name, descr] or [name, descr, shape]")
-        name = f[0] if isinstance(f[0], str) else tuple(f[0])
-        field = (name, _descr_from_json(f[1], depth + 1))
-        if len(f) == 3:
-            field += (tuple(_json_int(x) for x in f[2]),)
-        fields.append(field)
-    return fields
-
-
-def _json_int(x, lo=0, hi=1 << 62):
-    if type(x) is not int or not lo <= x <= hi:
-        raise ValueError("expected an integer in [%d, %d], got %r" % (lo, hi, x))
-    return x
-
-
-def _read(fd, path, signatures=False):
-    """Read and check everything but the store (and the signatures unless asked for them).
-    Raises SnapshotError before anything else."""
-    size = os.fstat(fd).st_size
-    raw = os.pread(fd, 4096, 0)
-    if len(raw) >= _HEADER.size:   # a header larger than 4 KiB (64 KiB pages)
-        hb = _HEADER.unpack_from(raw)[2]
-        if 4096 < hb <= (1 << 21):
-            raw += os.pread(fd, hb - 4096, 4096)
-    h = _parse_header(raw, path, size)
-    # map, working set and manifest: one read, one checksum
-    tail = _pread_exact(fd, h["sigs_offset"] - h["map_offset"], h["map_offset"], path,
-                        "the page map, working set and manifest")
-    if _xxh3(tail) != h["tables_xxh3"]:
-        _fail(path, "tables checksum mismatch (corrupt page map, working set or manifest)")
-    pmap = np.frombuffer(tail, MAP_DTYPE, h["npages"])
-    ws = np.frombuffer(tail, "<u8", h["nws"], h["map_bytes"]).astype(np.uint64)
-    man = _parse_manifest(bytes(tail[h["map_bytes"] + h["ws_bytes"]:]), h, path)
-
-    core = _core()
-    if core is None:
-        h["counts"] = _check_map(pmap, h["nstored"], ws, path)
-    else:   # the same checks in C, several times faster (restore's time to return)
-        ffi, lib = core
-        counts = ffi.new("uint64_t[3]")
-        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", pmap), h["npages"],
-                             h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size,
-                             counts) < 0:
-            _fail(path, ffi.string(lib.lm_last_op()).decode())
-        h["counts"] = tuple(counts)
-    p = _Parsed(h, pmap, ws, man)
-    if signatures:
-        p.sigs = _read_signatures(fd, h, path)
-    return p
-
-
-def _read_signatures(fd, h, path):
-    raw = _pread_exact(fd, h["sigs_bytes"], h["sigs_offset"], path, "the signatures")
-    if _xxh3(raw) != h["sigs_xxh3"]:
-        _fail(path, "signatures checksum mismatch (corrupt signature section)")
-    return np.frombuffer(raw, "<u8")
-
-
-def _core():
-    """(ffi, lib) of the compiled core, or None where it is not built."""
-    try:
-        from ._binding import ffi, lib
-    except ImportError:
-        return None
-    return ffi, lib
-
-
-def _check_map(pmap, nstored, ws, path):
-    """The page map and working set agree with the store: entries name store entries in
-    range, every store entry is used, working-set pages are in range and listed once. Returns
-    the (untouched, zero, stored) page counts. (lm_snap_check does the same in C.)"""
-    npages = pmap.size
-    if ws.size:
-        if int(ws.max()) >= npages:
-            _fail(path, "working set names a page outside the region")
-        in_ws = np.zeros(npages, bool)
-        in_ws[ws] = True
-        if int(np.count_nonzero(in_ws)) != ws.size:
-            _fail(path, "working set lists a page twice")
-    if int(pmap.max()) >= nstored + STORED:
-        _fail(path, "page map points past the end of the store")
-    counts = np.bincount(pmap, minlength=nstored + STORED)
-    if not counts[STORED:].all():
-        _fail(path, "store has entries no page uses")
-    return int(counts[UNTOUCHED]), int(counts[ZERO]), npages - int(counts[:STORED].sum())
-
-
-def _info(path, p):
-    h = p.header
-    untouched, zero, stored = h["counts"]
-    return SnapshotInfo(
-        path=os.fspath(path), version=h["version"], npages=h["npages"],
-        page_size=h["page_size"],
-        pages_by_class={"zero": zero, "untouched": untouched,
-                        "unique": h["nstored"], "duplicate": stored - h["nstored"]},
-        stored_bytes=h["store_bytes"], file_bytes=h["file_bytes"],
-        working_set=p.working_set.copy(),
-        arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"]}
-                for n, a in p.manifest["arrays"].items()},
-    )
-
-
-def _open(path):
-    # O_NONBLOCK: opening a FIFO must not wait for a writer. Regular files ignore it.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise SnapshotError("%s: no such snapshot file" % path) from None
-    except IsADirectoryError:
-        raise SnapshotError("%s: is a directory, not a snapshot file" % path) from None
-    except OSError as e:
-        raise SnapshotError("%s: cannot open: %s" % (path, e.strerror)) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError("%s: not a regular file" % path)
-    return fd
-
-
-def inspect(path):
-    """Check a snapshot file (every checksum, the signatures' too) and describe it, without
-    restoring it."""
-    return inspect_tables(path)[0]
-
-
-def _load(path, signatures=False):
-    fd = _open(path)
-    try:
-        return _read(fd, os.fspath(path), signatures)
-    finally:
-        os.close(fd)
-
-
-def inspect_tables(path):
-    """(SnapshotInfo, page table) of a checked snapshot file, for tools that draw page maps:
-    the table has the class (UNTOUCHED, ZERO, STORED) and store entry of every page."""
-    p = _load(path, signatures=True)
-    table = np.empty(p.map.size, TABLE_DTYPE)
-    table["cls"] = np.minimum(p.map, STORED)
-    table["store"] = np.where(p.map >= STORED, p.map - STORED, 0)
-    return _info(path, p), table
-
-
-def page_sources(path):
-    """(SnapshotInfo, offsets) of a checked snapshot file, for serving its pages from another
-    process: offsets[p] is the file offset of page p's contents (page_size bytes), or -1 for
-    a page that reads as zero (zero and untouched pages). Checked as restore() checks a file;
-    needs no compiled code."""
-    p = _load(path)
-    h = p.header
-    entry = p.map.astype(np.int64) - STORED
-    offsets = np.where(entry >= 0, h["store_offset"] + entry * h["page_size"], -1)
-    return _info(path, p), offsets
+# The file reader (format constants, checks, inspect, page_sources) is a module of its own
+# below this one: it needs no compiled code and the page server uses it too.
+from ._snapfile import (  # noqa: F401  (inspect, inspect_tables, page_sources re-exported)
+    _FIELDS,
+    _HEADER,
+    _SECTIONS,
+    HEADER_CHECKED,
+    MAGIC,
+    MAP_DTYPE,
+    PREFETCH_MODES,
+    STORED,
+    UNTOUCHED,
+    VERSION,
+    ZERO,
+    SnapshotError,
+    SnapshotInfo,
+    _fail,
+    _info,
+    _open,
+    _parse_manifest,
+    _Parsed,
+    _read,
+    _xxh3,
+    inspect,
+    inspect_tables,
+    page_sources,
+)
 
 
 # ---- checkpoint --------------------------------------------------------------------------
@@ -425,7 +101,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
     """
     from ._binding import ffi, lib
-    from ._errors import check
+    from ._binding import check
 
     region._check_open()
     path = os.fspath(path)
@@ -544,7 +220,7 @@ def _layout(npages, ps, nstored, nws, manifest_bytes):
 
 def _write_store(region, fd, store_pages, nstored, header_bytes, total, progress):
     from ._binding import ffi, lib
-    from ._errors import check
+    from ._binding import check
 
     ps = region.page_size
     chunk = max(1, (64 << 20) // ps)
@@ -602,7 +278,7 @@ def _fsync_dir(d):
 
 
 def _version():
-    from . import __version__
+    from ._version import __version__
     return __version__
 
 
@@ -634,7 +310,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     arguments go to Region().
     """
     from ._binding import PAGE_SIZE, ffi, lib
-    from ._errors import InvalidArgumentError, check
+    from ._binding import check
+    from ._errors import InvalidArgumentError
     from .region import Region
 
     if prefetch not in PREFETCH_MODES:
