@@ -19,6 +19,7 @@ from ._errors import (  # noqa: E402
     InvalidArgumentError,
     InvalidRangeError,
     LazyMemError,
+    PoisonedPageError,
     RegionClosedError,
     UffdError,
     UnavailableError,
@@ -58,7 +59,7 @@ else:
 __all__ = [
     "__version__", "features", "Features", "Region", "Canonical", "Handler", "ZERO",
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
-    "InvalidRangeError", "RegionClosedError", "UnavailableError", "UffdError",
+    "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError", "UffdError",
     "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
 ]

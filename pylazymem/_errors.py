@@ -24,6 +24,16 @@ class InvalidArgumentError(LazyMemError, ValueError, TypeError):
     """A size, type or value that cannot be used (both a ValueError and a TypeError)."""
 
 
+class PoisonedPageError(LazyMemError, OSError):
+    """Pages whose contents could not be served (a failed fill, a verification mismatch, a
+    lost page server) were asked for: `pages` lists them (indices into the region). Their
+    contents are lost; defer_fill() can give them new ones."""
+
+    def __init__(self, message, pages=()):
+        super().__init__(_errno.EHWPOISON, message)
+        self.pages = list(pages)
+
+
 class CoreNotLoaded(ImportError):
     """The compiled core was asked for under the ctypes backend (pylazymem._backend)."""
 
@@ -42,6 +52,8 @@ def status_error(err, op, what="", why_unavailable=None):
         return UnavailableError(err, "%s: %s" % (where, why))
     if err == _errno.ERANGE:
         return InvalidRangeError(where)
+    if err == _errno.EHWPOISON:
+        return PoisonedPageError("%s: poisoned pages (their contents could not be served)" % where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):
         return InvalidArgumentError(where)
     return UffdError(err, "%s: %s" % (where, os.strerror(err)))

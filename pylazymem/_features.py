@@ -37,6 +37,13 @@ class Features:
     has_move: bool
     reason: str               # why degraded, and the fix ("" in full mode)
 
+    @property
+    def unservable_fault(self):
+        """How an access to a page that cannot be served fails: "SIGBUS" (the page is
+        poisoned with UFFDIO_POISON, Linux 6.6+) or "SIGSEGV" (older kernels: the page is made
+        inaccessible). Never a wait that does not end, never zeros."""
+        return "SIGBUS" if self.has_poison else "SIGSEGV"
+
 
 def _acquire_name():
     """PYLAZYMEM_UFFD (auto | dev | syscall | user-mode-only), checked."""

@@ -14,6 +14,9 @@ class PageState(enum.IntEnum):   # enum lm_state
     DEFERRED = 1       # not present; contents described by cls/canon
     BUSY = 2           # in a transition (transient)
     PRESENT = 3        # mapped
+    POISONED = 4       # could not be served: an access raises SIGBUS (SIGSEGV on kernels
+                       # without UFFDIO_POISON); defer_fill() gives it new contents
+    PINNED = 5         # present, held by a reader (signatures, checkpoint) (transient)
 
 
 class PageClass(enum.IntEnum):   # enum lm_class (LM_CLS_*)

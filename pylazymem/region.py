@@ -3,6 +3,7 @@
 Python configures, starts, stops and observes; faults are resolved by native threads that
 never need the GIL (docs/design.md, "The GIL rule").
 """
+import contextlib
 import mmap
 import operator
 import os
@@ -13,9 +14,10 @@ import numpy as np
 
 from ._binding import PAGE_SIZE, check, ffi, lib
 from ._buffer import AddressRange, set_closed_error
-from ._errors import InvalidArgumentError, InvalidRangeError, RegionClosedError
+from ._errors import (InvalidArgumentError, InvalidRangeError, PoisonedPageError,
+                      RegionClosedError)
 from ._features import acquire_mode, features
-from ._meta import META_DTYPE, PATHS, PageClass
+from ._meta import META_DTYPE, PATHS, PageClass, PageState
 
 set_closed_error(RegionClosedError)
 
@@ -137,7 +139,8 @@ class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
-                 timeline=None, server=None, _test_broken_source=False, _start=True):
+                 timeline=None, server=None, _test_broken_source=False, _test_no_poison=False,
+                 _start=True):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
@@ -189,6 +192,8 @@ class Region(AddressRange):
         cfg.zero_write = _ZERO_WRITE[zw]
         # tests only: True = every fill fails; an int N > 1 = every Nth fill attempt fails
         cfg.test_fail_fills = int(_test_broken_source)
+        # tests only: act as on a kernel without UFFDIO_POISON (before 6.6)
+        cfg.test_no_poison = bool(_test_no_poison)
         if timeline is None:
             timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
         cfg.timeline = bool(timeline)
@@ -525,7 +530,7 @@ class Region(AddressRange):
         """Carry out pending updates now: every page in the range becomes present."""
         first, n = self._pages(offset, length)
         self._read_through(first, n)
-        with self._use() as lm:
+        with self._poisoned_named(first, n), self._use() as lm:
             check(lib.lm_materialize(lm, first, n), "materialize")
 
     def signatures(self, offset=0, length=None):
@@ -533,9 +538,37 @@ class Region(AddressRange):
         first, n = self._pages(offset, length)
         self._read_through(first, n)
         out = np.empty(n, dtype=np.uint64)
-        with self._use() as lm:
-            check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)), "signatures")
+        with self._poisoned_named(first, n), self._use() as lm:
+            check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)),
+                  "signatures")
         return out
+
+    def _test_fail_fills(self, n):
+        """Test hook: change Region(_test_broken_source=...) on the fly (0: fills work)."""
+        with self._use() as lm:
+            lib.lm_region_test_fail_fills(lm, int(n))
+
+    def poisoned_pages(self, offset=0, length=None):
+        """Indices of the pages in the range whose contents could not be served (state
+        POISONED): an access to one raises SIGBUS; defer_fill() gives them new contents."""
+        first, n = self._pages(offset, length)
+        return first + np.nonzero(self.meta["state"][first:first + n]
+                                  == int(PageState.POISONED))[0]
+
+    @contextlib.contextmanager
+    def _poisoned_named(self, first, n, what=None):
+        """A PoisonedPageError from the core names the pages (the records are the truth)."""
+        try:
+            yield
+        except PoisonedPageError as e:
+            bad = self.poisoned_pages(first * self.page_size, n * self.page_size)
+            shown = ", ".join(str(int(p)) for p in bad[:16]) + (", ..." if bad.size > 16 else "")
+            raise PoisonedPageError(
+                "%s: %d poisoned page%s (%s): their contents could not be served (a failed "
+                "fill, a verification mismatch or a lost page server; stats()['last_error'] "
+                "says which) and are lost; defer_fill() gives them new contents"
+                % (what or str(e).split(":")[0], bad.size, "" if bad.size == 1 else "s", shown),
+                bad.tolist()) from None
 
     def timeline(self):
         """When and how each page was first made present (Region(timeline=True)): a dict of

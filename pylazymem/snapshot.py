@@ -100,8 +100,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     machine crash soon after may leave the old snapshot or none instead of the new one.
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
     """
-    from ._binding import ffi, lib
-    from ._binding import check
+    from ._binding import check, ffi, lib
 
     region._check_open()
     path = os.fspath(path)
@@ -116,7 +115,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     c_pages = ffi.from_buffer("uint64_t[]", store_pages)
 
     def plan(compare):
-        with region._use() as lm:
+        with region._poisoned_named(0, npages, "checkpoint"), region._use() as lm:
             rc = lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size, c_map,
                                   ffi.from_buffer("uint64_t[]", sigs), c_pages, nstored_p,
                                   compare)
@@ -219,12 +218,11 @@ def _layout(npages, ps, nstored, nws, manifest_bytes):
 
 
 def _write_store(region, fd, store_pages, nstored, header_bytes, total, progress):
-    from ._binding import ffi, lib
-    from ._binding import check
+    from ._binding import check, ffi, lib
 
     ps = region.page_size
     chunk = max(1, (64 << 20) // ps)
-    with region._use() as lm:
+    with region._poisoned_named(0, region.npages, "checkpoint"), region._use() as lm:
         for i in range(0, nstored, chunk):
             n = min(chunk, nstored - i)
             check(lib.lm_ckpt_write(lm, fd, header_bytes + i * ps,

@@ -81,3 +81,48 @@ def test_canonical_identity(make_region, rng):
     ids = [r.canonical(x.tobytes()).id for x in pages_]
     assert len(set(ids)) == 50
     assert [r.canonical(x.tobytes()).id for x in pages_] == ids
+
+
+def test_signatures_race_defer_fill(run_py_ok):
+    """Issue 10, case 7: signatures() wrote the hash of a present page into its record without
+    claiming it, so a defer_fill() in between could be overwritten: the record then said
+    "deferred, canonical B" with A's signature. With signatures() and defer_fill() racing on
+    the same pages, every deferred record must carry its canonical page's signature."""
+    out = run_py_ok("""
+        import xxhash
+        N = 64
+        r = plm.Region(N * PS, max_cluster_pages=1)
+        rng = np.random.default_rng(5)
+        A, B = random_page(rng), random_page(rng)
+        ca, cb = r.canonical(A.tobytes()), r.canonical(B.tobytes())
+        sig = {ca.id: xxhash.xxh3_64_intdigest(A.tobytes()),
+               cb.id: xxhash.xxh3_64_intdigest(B.tobytes())}
+        stop = threading.Event()
+        errors = []
+
+        def hasher():
+            while not stop.is_set():
+                try:
+                    r.signatures()
+                except Exception as e:
+                    errors.append(repr(e))
+
+        t = threading.Thread(target=hasher)
+        t.start()
+        bad = []
+        for i in range(400):
+            c = (ca, cb)[i % 2]
+            r.materialize()                     # everything present: signatures() hashes
+            r.defer_fill(0, N * PS, c)          # ... while this makes the pages deferred
+            m = r.meta
+            deferred = m["state"] == int(plm.PageState.DEFERRED)
+            wrong = np.nonzero(deferred & (m["signature"] != np.uint64(sig[c.id])))[0]
+            if wrong.size:
+                bad.append((i, wrong[:5].tolist()))
+        stop.set()
+        t.join(30)
+        assert not errors, errors[:3]
+        assert not bad, bad[:5]
+        print("OK")
+    """, timeout=120)
+    assert out.strip().endswith("OK")

@@ -521,3 +521,51 @@ def test_damaged_signature_section(valid_bytes, tmp_path, run_py, name):
     assert "signature" in r["signatures"], r
     assert r["page_sources"] == "ok" and r["read"] == "ok", r
     assert not os.path.exists(path + ".again")
+
+
+# ---- issue 10, case 8: the C entry points check the sizes they are given -------------------
+
+def test_c_entry_points_validate_sizes_themselves(run_py_ok, tmp_path):
+    """Sizes from a file reach C through the bindings; the C functions must not trust their
+    Python caller (lm_snap_check with nstored near 2^64 overflowed its bitmap's size and wrote
+    past the heap block; store_offset + nstored * page_size could wrap). Each hostile call
+    returns -EINVAL (or -ERANGE), never crashes; under ASan any out-of-bounds access fails."""
+    path = str(tmp_path / "blob")
+    with open(path, "wb") as f:
+        f.write(b"\\1" * (4 * PAGE_SIZE))
+    out = run_py_ok(f"""
+        import errno
+        from pylazymem._binding import ffi, lib
+        U64 = (1 << 64) - 1
+        res = {{}}
+        pmap = np.full(16, 2, np.uint32)                 # every page: store entry 0
+        ws = np.zeros(1, np.uint64)
+        counts = ffi.new("uint64_t[3]")
+        m = ffi.from_buffer("struct lm_snap_page[]", pmap)
+        w = ffi.from_buffer("uint64_t[]", ws)
+        for name, (npages, nstored) in {{
+                "nstored_u64": (16, U64), "nstored_u64_minus_63": (16, U64 - 63),
+                "nstored_2^58": (16, 1 << 58), "nstored_past_map_limit": (16, 1 << 33),
+                "npages_u64": (U64, 1), "npages_2^60": (1 << 60, 1)}}.items():
+            res[name] = lib.lm_snap_check(m, npages, nstored, w, 0, counts)
+        res["ws_huge"] = lib.lm_snap_check(m, 16, 1, w, U64, counts)
+        r = plm.Region(16 * PS, _start=False)
+        lm = r._lm
+        fd = os.open({path!r}, os.O_RDONLY)
+        for name, args in {{
+                "store_offset_wraps": (U64 - PS + 1, 1, 0, 0),
+                "store_offset_wraps_2": (U64 - 2 * PS + 1, 2, 0, 0),
+                "nstored_times_ps_wraps": (0, (1 << 64) // PS, 0, 0),
+                "sigs_offset_wraps": (0, 1, U64 - 7, 0),
+                "sigs_past_end": (0, 1, 4 * PS - 4, 0)}}.items():
+            res[name] = lib.lm_source_attach(lm, fd, args[0], args[1], args[2], args[3], 0)
+        res["restore_nstored_u64"] = lib.lm_restore_table(lm, m, 16, U64)
+        res["restore_npages_u64"] = lib.lm_restore_table(lm, m, U64, 1)
+        os.close(fd)
+        r.close()
+        print(json.dumps(res))
+    """, timeout=60)
+    res = json.loads(out.strip().splitlines()[-1])
+    import errno
+    for name, rc in res.items():
+        assert rc in (-errno.EINVAL, -errno.ERANGE, -errno.EFBIG), (name, rc, res)

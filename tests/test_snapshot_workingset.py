@@ -207,3 +207,94 @@ def test_prefetched_working_set_is_carried_into_the_next_window(base_snapshot, t
         assert list(r.working_set()) == [41]
     with plm.restore(second, prefetch="none", background=False, max_cluster_pages=1) as r:
         assert list(r.working_set()) == []   # nothing prefetched, nothing inherited
+
+
+# ---- issue 10: prefetch with repeated pages, and a prefetch that cannot allocate -----------
+
+@pytest.mark.parametrize("order", [[0, 0], [5, 3, 5, 5, 3, 40, 5], list(range(48)) * 2])
+def test_prefetch_lists_a_page_twice(base_snapshot, run_py_ok, order):
+    """Issue 10, case 3: r.prefetch([0, 0]) never returned (it waited for the page it had
+    claimed itself) and close() then waited forever. Repeats are allowed and cost nothing."""
+    path, expected = base_snapshot
+    np.save(path + ".npy", expected)
+    out = run_py_ok(f"""
+        expected = np.load({path!r} + ".npy")
+        r = plm.restore({path!r}, prefetch="none", background=False)
+        r.prefetch({order!r})
+        st = r.meta["state"]
+        want = sorted(set({order!r}))
+        assert (st[want] == int(plm.PageState.PRESENT)).all(), st[want]
+        assert np.array_equal(pages(r), expected)
+        r.close()
+        print("OK")
+    """, timeout=60)
+    assert out.strip().endswith("OK")
+
+
+def test_overlapping_prefetches_from_two_threads(base_snapshot, run_py_ok):
+    path, expected = base_snapshot
+    np.save(path + ".npy", expected)
+    out = run_py_ok(f"""
+        expected = np.load({path!r} + ".npy")
+        for round in range(20):
+            r = plm.restore({path!r}, prefetch="none", background=False)
+            rng = np.random.default_rng(round)
+            lists = [rng.integers(0, r.npages, 200) for _ in range(2)]
+            ts = [threading.Thread(target=r.prefetch, args=(l,)) for l in lists]
+            for t in ts: t.start()
+            for t in ts: t.join(30)
+            assert not any(t.is_alive() for t in ts), "prefetch hung"
+            assert np.array_equal(pages(r), expected)
+            r.close()
+        print("OK")
+    """, timeout=120)
+    assert out.strip().endswith("OK")
+
+
+@pytest.mark.skipif(bool(__import__("os").environ.get("PYLAZYMEM_UNDER_ASAN")),
+                    reason="RLIMIT_AS: ASan's shadow memory reserves terabytes of address space")
+def test_prefetch_out_of_memory_leaves_pages_lazy(run_py_ok, tmp_path):
+    """Issue 10, case 4: a failed allocation in the prefetch pipeline left the pages it had
+    claimed BUSY forever (a later fault on one spun). The address space is limited to a
+    sweep of headrooms, so that each of prefetch's allocations (its lists, scratch, batch
+    table, read buffers, threads) fails in some run: prefetch either succeeds or raises, no
+    page is left BUSY, and once the limit is lifted every page faults in right."""
+    path = str(tmp_path / "big.snap")
+    out = run_py_ok(f"""
+        import resource
+        n = 1 << 16
+        r = plm.Region(n * PS)
+        v = pages(r)
+        for p in range(0, n, 3):
+            v[p, :8] = np.frombuffer(np.uint64(p + 1).tobytes(), np.uint8)
+        plm.checkpoint(r, {path!r}, working_set="none")
+        r.close(); del v
+        want = np.arange(0, n, 3, dtype=np.uint64)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        results = []
+        for kib in (16, 64, 128, 256, 512, 1024, 2048, 3072, 4096, 8192, 16384, 65536):
+            r = plm.restore({path!r}, prefetch="none", background=False)
+            with open("/proc/self/status") as f:
+                vm = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:")][0]
+            resource.setrlimit(resource.RLIMIT_AS, (vm + kib * 1024, hard))
+            try:
+                r.prefetch(want)
+                results.append("ok")
+            except (MemoryError, plm.UffdError) as e:
+                results.append(type(e).__name__)
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            st = r.meta["state"]
+            busy = np.nonzero(st == int(plm.PageState.BUSY))[0]
+            assert busy.size == 0, (kib, "pages left BUSY", busy[:8])
+            v = pages(r)
+            got = v[want.astype(np.int64), :8].copy().view(np.uint64).ravel()
+            assert np.array_equal(got, want + 1), kib
+            del v
+            r.close()
+        print("RESULTS", results)
+        print("OK")
+    """, timeout=180)
+    assert out.strip().endswith("OK"), out
+    results = eval(out.split("RESULTS", 1)[1].splitlines()[0])
+    assert "ok" in results and any(x != "ok" for x in results), results
