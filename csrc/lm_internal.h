@@ -1,5 +1,26 @@
 /*
  * lm_internal.h: structures shared by the C core's files; never seen by the bindings.
+ *
+ * The core is built in layers: a file calls only functions defined in files of lower layers
+ * (its own static functions aside), so there are no cycles between files and one file
+ * (meta.c) owns the page record. tests/test_layering.py checks the compiled objects against
+ * this list (it reads the block below; docs/design.md, "Layers", mirrors it). Files on one
+ * line form one layer and may not call each other.
+ *
+ * LAYERS BEGIN (bottom first)
+ *   util.c        errors (lm_fail), clock, page size, hashing, thread start, latency histogram
+ *   uffd.c        acquiring a userfaultfd, probe, the uffd ioctls and their EEXIST/EAGAIN policy
+ *   server.c      the page server for other processes (util and uffd only)
+ *   meta.c        THE page record: claims, releases, every state transition, lazy records
+ *   wstrack.c     the working-set window (reads records' first-touch order)
+ *   store.c       content stores: canonical pages, the snapshot source file; page_read, restore
+ *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE, poison
+ *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
+ *   prefetch.c    restore's working-set prefetch pipeline and the background fill
+ *   checkpoint.c  signatures, checkpoint plan / compare / write
+ *   remote.c      served by a page server in another process: watcher, sync_present
+ *   region.c      create / destroy / forget, defer_fill, stats, timeline
+ * LAYERS END
  */
 #ifndef LM_INTERNAL_H
 #define LM_INTERNAL_H
@@ -35,12 +56,29 @@ struct uffdio_poison {
 #define LM_DEFAULT_CLUSTER 512u  /* 2 MiB of 4 KiB pages: the measured per-page floor */
 #define LM_MAX_CLUSTER 4096
 #define LM_STREAMS 4             /* sequential streams tracked for readahead */
+#define LM_MAX_RANGES 64
+#define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
+#define LM_MAX_WATCH 4
 
-/* errors.c: every failure path records the operation it was doing, per thread. */
+/* ==== util.c ============================================================================ */
+
+/* Every failure path records the operation it was doing, per thread. */
 int lm_fail(const char *op, int err);   /* records op, returns -err */
 #define LM_FAIL(op) lm_fail((op), errno)
+uint64_t lm_now_ns(void);
+/* pthread_create with every signal blocked in the new thread: our native threads must never
+   run a signal handler (Python's run in its main thread). 0 or an errno value. */
+int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg);
 
-/* uffd.c */
+/* Service-time histogram and its totals (log-linear buckets, lm_hist_bucket_upper()). */
+struct lm_latency {
+    _Atomic uint64_t hist[LM_HIST_BUCKETS];
+    _Atomic uint64_t ns_total, ns_max;
+};
+void lm_hist_add(struct lm_latency *l, uint64_t ns);
+
+/* ==== uffd.c ============================================================================ */
+
 int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
 int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
@@ -52,10 +90,9 @@ int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len);
 int lm_uffd_wake(int fd, void *addr, size_t len);
 int lm_uffd_poison(int fd, void *addr, size_t len);
 
-#define LM_MAX_RANGES 64
-#define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
+/* ==== the region ======================================================================== */
 
-/* A deferral recorded once for a range of pages (lm_defer_fill's fast path). */
+/* A deferral recorded once for a range of pages (lm_meta_defer's fast path). */
 struct lm_range {
     size_t first, n;
     uint8_t cls;
@@ -69,6 +106,7 @@ struct lm_stream {
     _Atomic uint32_t cluster; /* pages resolved for that next fault */
 };
 
+/* A thread that fills pages (serving thread, fill helper, background fill, materialize). */
 struct lm_serve_thread {
     struct lm_region *r;
     pthread_t tid;
@@ -81,7 +119,7 @@ struct lm_serve_thread {
     size_t bad_page;  /* set by lm_fill_run on a verification failure */
 };
 
-/* A second filler for large runs (handler.c): a sequential stream's clusters are copied by two
+/* A second filler for large runs (serve.c): a sequential stream's clusters are copied by two
    CPUs while the faulting thread waits, instead of one. */
 struct lm_fill_helper {
     pthread_t tid;
@@ -95,7 +133,10 @@ struct lm_fill_helper {
     _Atomic int busy;          /* a serving thread owns the helper for one run */
 };
 
+/* One struct; its fields are grouped by the layer (file) that owns them: only that file
+   writes them after lm_region_create() (region.c) has set them up. */
 struct lm_region {
+    /* region.c: the mapping, the uffd and the configuration (read by everyone). */
     char *base;
     size_t nbytes;
     size_t npages;
@@ -104,13 +145,49 @@ struct lm_region {
     int uffd;
     int mode;
     int source;
+    struct lm_config cfg;
+    int cpus[LM_MAX_THREADS];
+    int nthreads;
+    const char *zero_src;         /* max_cluster pages that read as zero: copy source */
+    uint64_t zero_sig;            /* never-written anonymous memory: reads as zero */
+    bool used;                    /* defer_fill or materialize has run (restore refuses) */
 
-    /* Metadata array in a memfd: the single record of page state. */
+    /* meta.c: the metadata array in a memfd, the single record of page state. */
     int meta_fd;
     struct lm_page_meta *meta;
+    /* Lazily filled page records (meta.c): range deferrals, newest last, and a restore's page
+       table; base_done has one bit per page whose record is authoritative. */
+    _Atomic(const struct lm_snap_page *) base_table;
+    _Atomic uint64_t *base_done;
+    struct lm_range ranges[LM_MAX_RANGES];
+    _Atomic unsigned nranges;
+    _Atomic int lazy_records;     /* some record may still come from a range or the table */
+    pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
+    _Atomic unsigned applying;    /* claimers filling a record from the ranges right now */
+    _Atomic uint64_t touch_seq;   /* next first-touch order */
+    /* Fault timeline (config.timeline), written by lm_mark_present: see lm_timeline(). */
+    uint32_t *tl_us;
+    uint8_t *tl_path;
+    uint64_t tl_t0;
 
-    /* Canonical store: page i (1-based id) at canon_base + (i-1)*page_size, in a memfd so
-       that a handler in another process could map it; ids are published by canon_count. */
+    /* Background fill: started and stopped by prefetch.c; its thread id, lock and flags are
+       here so that a waiter in meta.c (lm_boost_background) can lift it without calling up. */
+    pthread_t bg_tid;
+    bool bg_started;
+    _Atomic int bg_stop;
+    _Atomic int bg_running;
+    struct lm_serve_thread bg;    /* its scratch and scratch cache */
+    _Atomic int bg_boosted;       /* a serving thread lifted it out of SCHED_IDLE */
+    pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
+
+    /* wstrack.c: the working-set window. */
+    uint64_t ws_mark_seq;
+    bool wp_async;                /* registered for async write-protect tracking */
+    int pagemap_fd;
+
+    /* store.c: canonical store, page i (1-based id) at canon_base + (i-1)*page_size, in a
+       memfd so that a handler in another process could map it; ids are published by
+       canon_count. */
     int canon_fd;
     char *canon_base;
     size_t canon_cap;
@@ -119,25 +196,7 @@ struct lm_region {
     uint32_t *canon_index;        /* open-addressing hash -> id, 0 = empty */
     size_t canon_index_cap;
     pthread_mutex_t canon_lock;   /* writers only; the fault path reads without it */
-
-    /* Serving. */
-    struct lm_config cfg;
-    int cpus[LM_MAX_THREADS];
-    int nthreads;
-    struct lm_serve_thread threads[LM_MAX_THREADS];
-    int stop_fd;                  /* eventfd: wakes serving threads to exit */
-    pthread_mutex_t serve_lock;   /* start/stop */
-    _Atomic int serving;
-
-    struct lm_fill_helper helper;
-
-    struct lm_stream streams[LM_STREAMS];
-    _Atomic unsigned stream_rr;
-
-    _Atomic uint64_t touch_seq;
-    _Atomic uint64_t fill_attempts;   /* for config.test_fail_fills > 1 */
-
-    /* Snapshot source (snapshot.c): store entry i at src_store_off + i * page_size. */
+    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. */
     int src_fd;
     uint64_t src_store_off;
     uint64_t src_nstored;
@@ -150,106 +209,127 @@ struct lm_region {
     uint64_t src_sigs_xxh3;       /* ... and their checksum */
     _Atomic(uint64_t *) src_sigs; /* read when first needed (lm_source_signatures), else NULL */
 
-    /* Background fill (snapshot.c). */
-    pthread_t bg_tid;
-    bool bg_started;
-    _Atomic int bg_stop;
-    _Atomic int bg_running;
-    struct lm_serve_thread bg;    /* its scratch and scratch cache */
-    _Atomic int bg_boosted;       /* a serving thread lifted it out of SCHED_IDLE */
-    pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
+    /* fill.c */
+    _Atomic uint64_t fill_attempts;   /* for config.test_fail_fills > 1 */
 
-    /* Lazily filled page records (region.c, apply_base): range deferrals, newest last, and
-       a restore's page table; base_done has one bit per page whose record is authoritative. */
-    _Atomic(const struct lm_snap_page *) base_table;
-    _Atomic uint64_t *base_done;
-    struct lm_range ranges[LM_MAX_RANGES];
-    _Atomic unsigned nranges;
-    _Atomic int lazy_records;     /* some record may still come from a range or the table */
-    pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
-    _Atomic unsigned applying;    /* claimers filling a record from the ranges right now */
-    bool used;                    /* defer_fill or materialize has run */
+    /* serve.c: serving threads, the fill helper and readahead streams. */
+    struct lm_serve_thread threads[LM_MAX_THREADS];
+    int stop_fd;                  /* eventfd: wakes serving threads to exit */
+    pthread_mutex_t serve_lock;   /* start/stop */
+    _Atomic int serving;
+    struct lm_fill_helper helper;
+    struct lm_stream streams[LM_STREAMS];
+    _Atomic unsigned stream_rr;
 
-    /* Fault timeline (config.timeline): see lm_timeline(). */
-    uint32_t *tl_us;
-    uint8_t *tl_path;
-    uint64_t tl_t0;
-
-    /* Working-set window (wstrack.c). */
-    uint64_t ws_mark_seq;
-    bool wp_async;                /* registered for async write-protect tracking */
-    int pagemap_fd;
-    const char *zero_src;
-    uint64_t zero_sig;         /* never-written anonymous memory: reads as zero */
-
-    /* Served by a page server in another process (remote.c). */
+    /* remote.c: served by a page server in another process. */
     _Atomic int remote;           /* enum lm_remote */
     bool remote_empty_unknown;    /* EMPTY pages hold the server's contents, not zeros */
     pthread_t watch_tid;
     bool watch_started;
-    int watch_fds[4];
+    int watch_fds[LM_MAX_WATCH];
     int nwatch;
     int watch_stop_fd;
 
-    /* Statistics: relaxed atomics, read as a whole by lm_stats(). */
+    /* Statistics: relaxed atomics, added to by every layer, read as a whole by lm_stats(). */
     _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
-        st_bytes, st_materialized, st_errors, st_ns_max, st_ns_total, st_empty_wakeups,
+        st_bytes, st_materialized, st_errors, st_empty_wakeups,
         st_prefetched, st_background, st_src_bytes, st_verify_fail;
     _Atomic int64_t st_present;
     _Atomic int st_last_error;
-    _Atomic uint64_t hist[LM_HIST_BUCKETS];
+    struct lm_latency lat;
 };
 
-/* page states: region.c */
+/* ==== meta.c: the page record and its transitions (state machine: top of meta.c) ========= */
+
+/* Reading a state needs no claim; only meta.c stores one. */
 static inline uint8_t lm_state_load(const struct lm_page_meta *m)
 {
     return __atomic_load_n(&m->state, __ATOMIC_ACQUIRE);
 }
 /* Claim a lazy page (EMPTY or DEFERRED -> BUSY). Returns the state it was in (after its
-   record was filled from a restore's base layer), or LM_BUSY/LM_PRESENT when the page is not
-   claimable; never waits. */
+   record was filled from a range deferral or a restore's base table), or LM_BUSY/LM_PRESENT
+   when the page is not claimable; never waits. */
 uint8_t lm_claim(struct lm_region *r, size_t page);
-void lm_wait_busy(unsigned *spins);
-void lm_boost_background(struct lm_region *r);
 /* Claim any page, waiting while another thread holds it BUSY. Returns the old state. */
 uint8_t lm_claim_wait(struct lm_region *r, size_t page);
-static inline void lm_release(struct lm_page_meta *m, uint8_t state)
-{
-    __atomic_store_n(&m->state, state, __ATOMIC_RELEASE);
-}
-bool lm_needs_copy(const struct lm_page_meta *m);
-void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old);
+/* Claim a PRESENT page (PRESENT -> BUSY); false when it is in any other state. */
+bool lm_claim_present(struct lm_region *r, size_t page);
+/* Claim the lazy pages after `first` (claimed, old state old[0]) that fill together with it. */
 size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old);
-/* Fill claimed pages [first, first+n) that share one content kind and mark them present. */
-int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
-                bool wake, bool write);
+/* Back off while a page is BUSY (yield, then sleep briefly). */
+void lm_wait_busy(unsigned *spins);
+/* Lift the idle-class background fill to normal priority: it may hold what we wait for. */
+void lm_boost_background(struct lm_region *r);
+/* BUSY -> state: give a claimed page back (the state it was claimed from, or the state the
+   claimer's work left it in). */
+void lm_release(struct lm_region *r, size_t page, uint8_t state);
+/* Give claimed pages back in the states they were claimed from. */
+void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old);
+/* BUSY -> PRESENT for claimed pages whose contents are in place. The first `ordered` pages
+   were touched (in that order). */
 void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
                      size_t ordered);
-const char *lm_canon_page(struct lm_region *r, uint32_t id);
+/* BUSY -> PRESENT + POISONED: the page was poisoned (an access raises SIGBUS). */
+void lm_mark_poisoned(struct lm_region *r, size_t page);
+/* A claimed page about to hold the program's own data (write fault; page server's pages). */
+void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon);
+/* A present page's signature, just computed from its contents. */
+void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig);
+bool lm_needs_copy(const struct lm_page_meta *m);
+/* A caller's page range: inside the region, not empty (0 or -ERANGE). */
+int lm_check_range(struct lm_region *r, size_t first, size_t n);
+/* Record a deferral of [first, first+n) (checked by the caller): a range record or per-page
+   records, present pages dropped (MADV_DONTNEED). */
+int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                  uint64_t sig, uint16_t flags);
+/* Lazy records. lm_meta_sync_locked fills every pending one; call it between
+   lm_records_lock() and lm_records_unlock() (lm_meta_sync in store.c does). */
+void lm_records_lock(struct lm_region *r);
+void lm_records_unlock(struct lm_region *r);
+void lm_meta_sync_locked(struct lm_region *r);
+/* A restore's page table: may one be installed (no table, no range record yet)? Install it. */
+bool lm_meta_pristine(struct lm_region *r);
+void lm_meta_install_base(struct lm_region *r, const struct lm_snap_page *map);
+/* The snapshot's signatures were just published in r->src_sigs: give the records filled
+   from the base table before then (signature 0) theirs. */
+void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs);
 
-/* snapshot.c */
-int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
-/* Fill claimed page p's record from a restore's page map (called with its bit in base_done
-   just taken); returns the state the page is really in. */
-uint8_t lm_snap_apply_base(struct lm_region *r, size_t p, uint8_t s);
-void lm_source_close(struct lm_region *r);
-/* wstrack.c */
+/* ==== wstrack.c ========================================================================= */
+
 int lm_ws_init(struct lm_region *r, uint64_t api_features);
 void lm_ws_close(struct lm_region *r);
-uint64_t lm_now_ns(void);
 
-/* remote.c */
-#define LM_MAX_WATCH 4
-void lm_remote_close(struct lm_region *r);
+/* ==== store.c =========================================================================== */
 
-/* handler.c */
-/* pthread_create with every signal blocked in the new thread: our native threads must never
-   run a signal handler (Python's run in its main thread). 0 or an errno value. */
-int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg);
+const char *lm_canon_page(struct lm_region *r, uint32_t id);
+/* The signature of canonical page `id`, checking that the id is this region's. */
+int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+void lm_source_close(struct lm_region *r);
+
+/* ==== fill.c ============================================================================ */
+
+/* Fill claimed pages [first, first+n) that share one content kind (not marked present). */
+int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                bool wake, bool write);
+/* A page we cannot serve: poison it (SIGBUS on access). Claimed (BUSY) by the caller. */
+void lm_poison_page(struct lm_region *r, size_t page, int rc);
+/* Fill claimed pages, one at a time when the run fails (a bad page is poisoned), mark them
+   present and wake; returns how many were filled. */
+size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                         const uint8_t *old, uint16_t flag);
+void lm_record_error(struct lm_region *r, int rc);
+
+/* ==== serve.c =========================================================================== */
+
 int lm_serve_start(struct lm_region *r);
 int lm_serve_stop(struct lm_region *r);
-void lm_hist_add(struct lm_region *r, uint64_t ns);
-void lm_poison_page(struct lm_region *r, size_t page, int rc);
+
+/* ==== prefetch.c, checkpoint.c: public API only (lazymem.h) ============================= */
+
+/* ==== remote.c ========================================================================== */
+
+void lm_remote_close(struct lm_region *r);
 
 #endif

@@ -159,13 +159,11 @@ int lm_region_sync_present(struct lm_region *r)
                 continue;
             uint8_t s = lm_claim_wait(r, p);
             if (s == LM_PRESENT) {
-                lm_release(&r->meta[p], LM_PRESENT);
+                lm_release(r, p, LM_PRESENT);
                 continue;
             }
-            struct lm_page_meta *m = &r->meta[p];
-            m->cls = LM_CLS_DATA;   /* whatever the server put there, possibly changed since */
-            m->signature = 0;
-            m->canon = 0;
+            /* whatever the server put there, possibly changed since */
+            lm_meta_set_data(r, p, true);
             lm_mark_present(r, p, 1, 0, 0);
         }
     }

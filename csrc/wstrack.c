@@ -32,13 +32,6 @@ struct lm_page_region {
 #define LM_PAGE_IS_WRITTEN (1u << 1)
 #define LM_PAGE_IS_PRESENT (1u << 3)
 
-uint64_t lm_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 int lm_ws_init(struct lm_region *r, uint64_t api_features)
 {
     r->ws_mark_seq = 1;

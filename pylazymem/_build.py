@@ -6,8 +6,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-CORE_SOURCES = ["errors.c", "uffd.c", "region.c", "handler.c", "snapshot.c", "wstrack.c",
-                "server.c", "remote.c"]
+# In layer order, bottom first (csrc/lm_internal.h, "LAYERS"; tests/test_layering.py).
+CORE_SOURCES = ["util.c", "uffd.c", "server.c", "meta.c", "wstrack.c", "store.c", "fill.c",
+                "serve.c", "prefetch.c", "checkpoint.c", "remote.c", "region.c"]
 
 
 def header_cdef(path=os.path.join(CSRC, "lazymem.h")):
@@ -24,7 +25,8 @@ def compile_args():
     # PYLAZYMEM_SANITIZE=1 builds the core with ASan/UBSan (valgrind cannot run uffd code).
     if os.environ.get("PYLAZYMEM_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
-        args += san
+        # LM_CHECK_STATES: every end of a page claim checks its transition (csrc/meta.c).
+        args += san + ["-DLM_CHECK_STATES"]
         link += san
     return args, link
 

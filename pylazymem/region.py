@@ -35,7 +35,7 @@ def _env_int(name, default):
 
 
 def _default_cpus():
-    """One serving thread pinned to each CPU this process may run on (see handler.c)."""
+    """One serving thread pinned to each CPU this process may run on (see csrc/serve.c)."""
     spec = os.environ.get("PYLAZYMEM_SERVE_CPUS", "")
     if spec == "unpinned":
         return []

@@ -10,6 +10,8 @@ Markers (skips are on *declared features*, never on a bare try/except):
              backends: scripts/test.sh runs the suite once per backend.
   any_backend  the test names the core's API but runs under both backends (it checks what the
              ctypes backend does with it): no automatic `core` marker.
+  cc         the test compiles csrc/ itself (gcc, nm): skipped when either is missing; it does
+             not need the compiled core, so it runs under both backends.
 
 Timeouts: pytest-timeout (configured in pyproject) bounds every test; tests that touch lazy
 memory also carry an explicit @pytest.mark.timeout. If pytest-timeout is not installed, an
@@ -24,6 +26,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +317,7 @@ def pytest_configure(config):
                                        "regions); skipped under PYLAZYMEM_BACKEND=ctypes")
     config.addinivalue_line("markers", "any_backend: names the core's API, runs under both "
                                        "backends (no automatic core marker)")
+    config.addinivalue_line("markers", "cc: compiles csrc/ itself; skipped without gcc and nm")
     config.addinivalue_line("markers", "uffd_full: needs features().mode == 'full' "
                                        "(kernel accesses to missing pages are served)")
     if not config.pluginmanager.hasplugin("timeout"):
@@ -326,6 +330,10 @@ def pytest_runtest_setup(item):
         _core_skips.append(item.nodeid)
         pytest.skip("needs the compiled core (%s); backend is %s"
                     % (core.kwargs.get("reason", "marked core"), plm.backend))
+    if item.get_closest_marker("cc") is not None:
+        missing = [t for t in ("gcc", "nm") if shutil.which(t) is None]
+        if missing:
+            pytest.skip("needs a C toolchain: %s not on PATH" % " and ".join(missing))
     f = plm.features()
     if item.get_closest_marker("uffd_full") is not None and f.mode != "full":
         pytest.skip(f"needs full-mode userfaultfd; features().mode={f.mode!r}: {f.reason}")

@@ -1,13 +1,17 @@
 /*
- * handler.c: the fault path. Native threads read page-fault messages from the region's
- * userfaultfd and carry out the pages' recorded updates. Nothing here takes the GIL or calls
- * into Python: a faulting thread may be holding the GIL while it waits for us.
+ * serve.c (was handler.c): the fault path. Native threads read page-fault messages from the
+ * region's userfaultfd and carry out the pages' recorded updates. Nothing here takes the GIL
+ * or calls into Python: a faulting thread may be holding the GIL while it waits for us.
  *
  * Placement: a fault costs ~8 us when the serving thread runs on the faulting thread's CPU and
  * ~40 us when it must be woken on another one (docs/design.md). Without knowing where the
  * faulter runs, the default is one serving thread pinned to each CPU, all polling the same
  * uffd: the one on the faulter's CPU, which has just gone idle, wins the message; the others
  * find nothing to read and go back to poll().
+ *
+ * Moved from handler.c; the latency histogram and lm_thread_start went to util.c,
+ * lm_poison_page to fill.c, page-state stores to meta.c (lm_claim_present, lm_release,
+ * lm_meta_set_data).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -23,42 +27,6 @@
 #include "lm_internal.h"
 
 #define MSG_BATCH 16
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Log-linear buckets: exact below 16 ns, then 8 buckets per power of two. */
-static int hist_bucket(uint64_t ns)
-{
-    if (ns < 16)
-        return (int)ns;
-    int e = 63 - __builtin_clzll(ns);
-    int b = 16 + (e - 4) * 8 + (int)((ns >> (e - 3)) & 7);
-    return b < LM_HIST_BUCKETS ? b : LM_HIST_BUCKETS - 1;
-}
-
-uint64_t lm_hist_bucket_upper(int b)
-{
-    if (b < 16)
-        return (uint64_t)b + 1;
-    int e = (b - 16) / 8 + 4, sub = (b - 16) % 8;
-    return (uint64_t)(9 + sub) << (e - 3);
-}
-
-void lm_hist_add(struct lm_region *r, uint64_t ns)
-{
-    atomic_fetch_add_explicit(&r->hist[hist_bucket(ns)], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&r->st_ns_total, ns, memory_order_relaxed);
-    uint64_t max = atomic_load_explicit(&r->st_ns_max, memory_order_relaxed);
-    while (ns > max && !atomic_compare_exchange_weak_explicit(&r->st_ns_max, &max, ns,
-                                                              memory_order_relaxed,
-                                                              memory_order_relaxed))
-        ;
-}
 
 /*
  * Adaptive readahead: a fault at (or just past) where a tracked stream expects its next fault
@@ -94,40 +62,6 @@ static void count_fault(struct lm_region *r, const struct lm_page_meta *m, uint8
     atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
     if (write)
         atomic_fetch_add_explicit(&r->st_faults_write, 1, memory_order_relaxed);
-}
-
-static void record_error(struct lm_region *r, int rc)
-{
-    atomic_fetch_add_explicit(&r->st_errors, 1, memory_order_relaxed);
-    atomic_store_explicit(&r->st_last_error, rc, memory_order_relaxed);
-}
-
-/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros:
-   poison it, so the access raises SIGBUS. The page is claimed (BUSY) by the caller. */
-void lm_poison_page(struct lm_region *r, size_t page, int rc)
-{
-    record_error(r, rc);
-    if (rc == -EBADMSG)   /* counted here, once per page, however many paths tried it */
-        atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
-    char *addr = r->base + page * r->page_size;
-    if (lm_uffd_poison(r->uffd, addr, r->page_size) == 0) {
-        r->meta[page].flags |= LM_F_POISONED;
-        lm_release(&r->meta[page], LM_PRESENT);
-        lm_uffd_wake(r->uffd, addr, r->page_size);
-    } else {
-        /* No poison (kernel < 6.6): the faulter keeps waiting; stats.errors says why. */
-        lm_release(&r->meta[page], LM_DEFERRED);
-    }
-}
-
-int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
-{
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);   /* the new thread inherits this mask */
-    int err = pthread_create(tid, attr, fn, arg);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    return err;
 }
 
 /*
@@ -259,17 +193,15 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
            reads as zero. Hold the page while mapping a zero page there, so that defer_fill()
            cannot drop it and record new contents in between (it would find a zero page where
            its update belongs). */
-        uint8_t present = LM_PRESENT;
-        if (!__atomic_compare_exchange_n(&m->state, &present, LM_BUSY, false, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_ACQUIRE))
+        if (!lm_claim_present(r, page))
             continue;
         atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
         int rc = lm_uffd_zeropage(r->uffd, dst, r->page_size, true);
-        lm_release(m, LM_PRESENT);
+        lm_release(r, page, LM_PRESENT);
         if (rc < 0 && rc != -ENOENT)
-            record_error(r, rc);
-        lm_hist_add(r, now_ns() - t0);   /* includes any wait for the page's filler */
+            lm_record_error(r, rc);
+        lm_hist_add(&r->lat, lm_now_ns() - t0);   /* includes any wait for the page's filler */
         return;
     }
 
@@ -313,8 +245,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
         return;
     }
     if (write) {
-        m->cls = LM_CLS_DATA;   /* about to be changed by the program */
-        m->signature = 0;
+        lm_meta_set_data(r, page, false);   /* about to be changed by the program */
     }
     lm_mark_present(r, page, 1, write ? LM_F_WRITE_FAULT : 0, 1);
     if (run > 1) {
@@ -325,10 +256,10 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->served, 1, memory_order_relaxed);
-    lm_hist_add(r, now_ns() - t0);
+    lm_hist_add(&r->lat, lm_now_ns() - t0);
     rc = lm_uffd_wake(r->uffd, dst, run * r->page_size);
     if (rc < 0 && rc != -ENOENT)
-        record_error(r, rc);
+        lm_record_error(r, rc);
 }
 
 static void *serve_main(void *arg)
@@ -341,13 +272,13 @@ static void *serve_main(void *arg)
         if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            record_error(r, -errno);
+            lm_record_error(r, -errno);
             break;
         }
         if (pfd[1].revents)
             break;
         if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            record_error(r, -EBADF);
+            lm_record_error(r, -EBADF);
             break;
         }
         ssize_t got = read(r->uffd, msgs, sizeof(msgs));
@@ -357,14 +288,14 @@ static void *serve_main(void *arg)
                 atomic_fetch_add_explicit(&r->st_empty_wakeups, 1, memory_order_relaxed);
                 continue;
             }
-            record_error(r, -errno);
+            lm_record_error(r, -errno);
             break;
         }
         for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;   /* no other events are requested */
             serve_fault(t, msgs[i].arg.pagefault.address & ~(uint64_t)(r->page_size - 1),
-                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE, now_ns());
+                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE, lm_now_ns());
         }
     }
     return NULL;

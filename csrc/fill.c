@@ -1,0 +1,192 @@
+/*
+ * fill.c: filling claimed pages. A run's contents are assembled from the stores (store.c)
+ * and installed with one UFFDIO_COPY or UFFDIO_ZEROPAGE (uffd.c); a page that cannot be
+ * served is poisoned (uffd.c) and recorded so (meta.c). Used by every path that makes pages
+ * present: the serving threads, prefetch, the background fill and lm_materialize (here).
+ * (lm_fill_run, assemble, lm_materialize moved from region.c; lm_poison_page from handler.c,
+ * its record part now lm_mark_poisoned in meta.c; fill_or_poison from snapshot.c.)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+/*
+ * Put the contents of copy-kind pages [first, first+n) into t->scratch: canonical pages from
+ * the canonical store, snapshot pages from the store file (one read per run of consecutive
+ * store entries). With verification on, a snapshot page whose bytes do not hash to its
+ * signature stops the assembly: t->bad_page names it and -EBADMSG is returned.
+ */
+static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n)
+{
+    size_t ps = r->page_size;
+    for (size_t i = 0; i < n;) {
+        const struct lm_page_meta *m = &r->meta[first + i];
+        char *out = t->scratch + i * ps;
+        if (m->cls == LM_CLS_CANONICAL) {
+            memcpy(out, lm_canon_page(r, m->canon), ps);
+            i++;
+            continue;
+        }
+        size_t run = 1;
+        while (i + run < n && r->meta[first + i + run].cls == LM_CLS_SNAPSHOT &&
+               r->meta[first + i + run].aux == m->aux + run)
+            run++;
+        int rc = lm_src_read(r, m->aux, run, out);
+        if (rc < 0)
+            return rc;
+        if (r->src_verify) {
+            for (size_t k = 0; k < run; k++) {
+                if (XXH3_64bits(out + k * ps, ps) != r->meta[first + i + k].signature) {
+                    t->bad_page = first + i + k;
+                    return lm_fail("verify: page contents differ from the snapshot's signature",
+                                   EBADMSG);
+                }
+            }
+        }
+        i += run;
+    }
+    return 0;
+}
+
+/*
+ * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
+ * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
+ * one UFFDIO_COPY; scratch remembers which canonical page it holds, so a run of one template
+ * (the common case) is assembled once and reused.
+ */
+int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                bool wake, bool write)
+{
+    char *dst = r->base + first * r->page_size;
+    size_t len = n * r->page_size;
+    struct lm_page_meta *m0 = &r->meta[first];
+    int rc;
+
+    if (r->cfg.test_fail_fills == 1 ||
+        (r->cfg.test_fail_fills > 1 &&
+         atomic_fetch_add_explicit(&r->fill_attempts, 1, memory_order_relaxed) %
+                 (uint64_t)r->cfg.test_fail_fills == 0))
+        return lm_fail("test hook: the page source is broken", EIO);
+
+    if (lm_needs_copy(m0)) {
+        uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
+        for (size_t i = 1; i < n && same; i++)
+            if (r->meta[first + i].cls != LM_CLS_CANONICAL || r->meta[first + i].canon != same)
+                same = 0;
+        if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
+            if ((rc = assemble(r, t, first, n)) < 0)
+                return rc;
+            t->scratch_canon = same;
+            t->scratch_pages = same ? (uint32_t)n : 0;
+        }
+        rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake);
+    } else if (write && r->cfg.zero_write == LM_ZW_COPY) {
+        /* The page is about to be written: allocate it now rather than map the zero page
+           and take a second (kernel) fault for the copy-on-write. */
+        rc = lm_uffd_copy(r->uffd, dst, r->zero_src, len, wake);
+    } else {
+        rc = lm_uffd_zeropage(r->uffd, dst, len, wake);
+    }
+    if (rc == 0)
+        atomic_fetch_add_explicit(&r->st_bytes, len, memory_order_relaxed);
+    return rc;
+}
+
+void lm_record_error(struct lm_region *r, int rc)
+{
+    atomic_fetch_add_explicit(&r->st_errors, 1, memory_order_relaxed);
+    atomic_store_explicit(&r->st_last_error, rc, memory_order_relaxed);
+}
+
+/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros:
+   poison it, so the access raises SIGBUS. The page is claimed (BUSY) by the caller. */
+void lm_poison_page(struct lm_region *r, size_t page, int rc)
+{
+    lm_record_error(r, rc);
+    if (rc == -EBADMSG)   /* counted here, once per page, however many paths tried it */
+        atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
+    char *addr = r->base + page * r->page_size;
+    if (lm_uffd_poison(r->uffd, addr, r->page_size) == 0) {
+        lm_mark_poisoned(r, page);
+        lm_uffd_wake(r->uffd, addr, r->page_size);
+    } else {
+        /* No poison (kernel < 6.6): the faulter keeps waiting; stats.errors says why. */
+        lm_release(r, page, LM_DEFERRED);
+    }
+}
+
+/*
+ * Fill claimed pages [first, first+n) (one kind), falling back to one page at a time when the
+ * run fails, so that a single bad page is poisoned and its neighbours are still served.
+ */
+size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first,
+                         size_t n, const uint8_t *old, uint16_t flag)
+{
+    int rc = lm_fill_run(r, t, first, n, false, false);
+    if (rc == 0) {
+        lm_mark_present(r, first, n, flag, 0);
+        lm_uffd_wake(r->uffd, r->base + first * r->page_size, n * r->page_size);
+        return n;
+    }
+    size_t done = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (n > 1)
+            rc = lm_fill_run(r, t, first + i, 1, false, false);
+        if (rc == 0) {
+            lm_mark_present(r, first + i, 1, flag, 0);
+            lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size, r->page_size);
+            done++;
+        } else if (rc == -ENOENT || rc == -ESRCH) {
+            lm_unclaim(r, first + i, n - i, old + i);   /* region going away */
+            break;
+        } else {
+            lm_poison_page(r, first + i, rc);
+        }
+    }
+    return done;
+}
+
+int lm_materialize(struct lm_region *r, size_t first, size_t n)
+{
+    int rc = lm_check_range(r, first, n);
+    if (rc < 0)
+        return rc;
+    struct lm_serve_thread t = {.r = r};
+    uint8_t old[LM_MAX_CLUSTER];
+    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
+    if (!t.scratch)
+        return lm_fail("malloc(scratch)", ENOMEM);
+    r->used = true;
+
+    size_t i = first, end = first + n;
+    unsigned spins = 0;
+    while (i < end && rc == 0) {
+        /* Claim a run of lazy pages of one kind; present pages are passed over. */
+        uint8_t s = lm_claim(r, i);
+        if (s == LM_BUSY) {
+            lm_wait_busy(&spins);
+            continue;
+        }
+        if (s == LM_PRESENT) {
+            i++;
+            continue;
+        }
+        old[0] = s;
+        size_t max = end - i < r->cfg.max_cluster_pages ? end - i : r->cfg.max_cluster_pages;
+        size_t run = lm_claim_run(r, i, max, old);
+        rc = lm_fill_run(r, &t, i, run, true, false);
+        if (rc == 0) {
+            lm_mark_present(r, i, run, LM_F_MATERIALIZED, 0);
+            atomic_fetch_add_explicit(&r->st_materialized, run, memory_order_relaxed);
+        } else {
+            lm_unclaim(r, i, run, old);   /* leave them lazy: nothing was lost */
+        }
+        i += run;
+    }
+    free(t.scratch);
+    return rc;
+}

@@ -1,0 +1,494 @@
+/*
+ * meta.c: THE owner of the page record (struct lm_page_meta, r->meta). Every store to a
+ * record's state is in this file; the layers above claim, release and mark pages through the
+ * functions below and read records only while they hold the page (or, for statistics-like
+ * reads, without any promise).
+ *
+ * The state machine (enum lm_state, lazymem.h):
+ *
+ *            claim / claim_wait                  release(EMPTY)  (unclaim)
+ *   EMPTY ─────────────────────────► BUSY ─────► EMPTY
+ *   DEFERRED ──────────────────────► BUSY ─────► DEFERRED        (unclaim; defer; sync)
+ *   PRESENT ── claim_wait ─────────► BUSY ─────► PRESENT         (mark_present; mark_poisoned;
+ *           └─ claim_present ──────►                              release(PRESENT))
+ *
+ *   - Claims are compare-and-swaps into BUSY: lm_claim (EMPTY/DEFERRED only, never waits),
+ *     lm_claim_wait (any state, waits while BUSY), lm_claim_present (PRESENT only).
+ *     lm_claim_run extends a claim over following lazy pages of the same kind.
+ *   - The claimer owns the record until it leaves BUSY, with a release store, through exactly
+ *     one of: lm_release / lm_unclaim (any state but BUSY: the claimed-from state given back,
+ *     or DEFERRED after a deferral or a failed fill), lm_mark_present (PRESENT, contents in
+ *     place), lm_mark_poisoned (PRESENT + LM_F_POISONED, access raises SIGBUS).
+ *   - Nobody else stores a state. Everybody else waits (lm_wait_busy, which lifts the idle-class
+ *     background fill when it may be the holder) or passes over the page.
+ *   - A first claim of an EMPTY page also fills its record lazily (below, "lazy records"):
+ *     the claim then returns DEFERRED if a range deferral or a restore's table describes it.
+ *
+ * Legality: with LM_CHECK_STATES defined (the sanitizer build, scripts/sanitize.sh), every
+ * release checks that the page is BUSY and the new state is not, and aborts with a message
+ * naming the transition otherwise. Ordinary builds do not pay for the check on the fault path.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "lm_internal.h"
+
+#ifdef LM_CHECK_STATES
+static void illegal(const char *what, size_t page, uint8_t from, uint8_t to)
+{
+    fprintf(stderr, "pylazymem: illegal page transition (%s): page %zu state %u -> %u\n",
+            what, page, (unsigned)from, (unsigned)to);
+    abort();
+}
+/* The page must be held (BUSY) by the caller, and `to` must be a resting state. */
+#define CHECK_HELD(r, page, to, what)                                                  \
+    do {                                                                               \
+        uint8_t from_ = lm_state_load(&(r)->meta[page]);                               \
+        if (from_ != LM_BUSY || (to) == LM_BUSY || (to) > LM_PRESENT)                  \
+            illegal((what), (page), from_, (to));                                      \
+    } while (0)
+#else
+#define CHECK_HELD(r, page, to, what) ((void)0)
+#endif
+
+/* The one store of a state that ends a claim. */
+static inline void store_state(struct lm_region *r, size_t page, uint8_t state, const char *what)
+{
+    CHECK_HELD(r, page, state, what);
+    (void)what;
+    __atomic_store_n(&r->meta[page].state, state, __ATOMIC_RELEASE);
+}
+
+/* ---- waiting --------------------------------------------------------------------------- */
+
+/*
+ * Wait for a page another thread holds BUSY. Yielding alone is not enough: the holder may be
+ * the background fill, which runs at SCHED_IDLE and would never get the CPU from a thread
+ * that only yields; after a few yields, sleep briefly so it can finish.
+ */
+void lm_wait_busy(unsigned *spins)
+{
+    if (++*spins < 64) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/*
+ * Priority inheritance by hand. The fill runs at SCHED_IDLE and may be preempted while it holds
+ * a run of pages BUSY; a serving thread that waits for one of them would then wait as long as
+ * the CPUs stay busy (seconds, measured). So a waiter lifts the fill to normal priority; the
+ * fill drops back to SCHED_IDLE as soon as it has released that run (prefetch.c, bg_main).
+ * (Moved from snapshot.c, unchanged: the thread's data is in struct lm_region.)
+ */
+void lm_boost_background(struct lm_region *r)
+{
+    if (!atomic_load(&r->bg_running) || pthread_mutex_trylock(&r->bg_lock))
+        return;   /* not running, or being started/stopped/boosted by someone else */
+    if (r->bg_started && !atomic_exchange(&r->bg_boosted, 1)) {
+        struct sched_param sp = {0};
+        pthread_setschedparam(r->bg_tid, SCHED_OTHER, &sp);
+    }
+    pthread_mutex_unlock(&r->bg_lock);
+}
+
+/* ---- claims ---------------------------------------------------------------------------- */
+
+static uint8_t try_claim(struct lm_page_meta *m)
+{
+    uint8_t s = lm_state_load(m);
+    while (s == LM_EMPTY || s == LM_DEFERRED) {
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return s;
+    }
+    return s;
+}
+
+static uint8_t claim_wait(struct lm_page_meta *m)
+{
+    unsigned spins = 0;
+    for (;;) {
+        uint8_t s = lm_state_load(m);
+        if (s == LM_BUSY) {
+            lm_wait_busy(&spins);   /* held for one copy or madvise at most */
+            continue;
+        }
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return s;
+    }
+}
+
+/*
+ * Lazy records. Writing one 32-byte record per page is most of the cost of deferring a
+ * large range or restoring a large snapshot (for 1 GiB, 8 MiB of fresh shared memory), so
+ * records themselves are filled lazily: a page whose bit in base_done is clear has no
+ * authoritative record yet; its record comes from the newest range deferral covering it
+ * (lm_meta_defer's fast path), else from a restore's page table, else it is a fresh page. The
+ * first claim of the page fills it (and sets the bit); lm_meta_sync_locked() fills them all.
+ *
+ * Ordering: the claimer sets the bit before it reads the range list, and a deferral publishes
+ * a range before it reads the bits (both sequentially consistent). So either the claimer sees
+ * the new range, or the deferral sees the bit and updates that page's record itself.
+ *
+ * Called with the page claimed (BUSY) from EMPTY; returns the state the page is really in.
+ */
+static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint64_t bit);
+
+static uint8_t apply_base(struct lm_region *r, size_t p, uint8_t s)
+{
+    if (s != LM_EMPTY)
+        return s;
+    /* Every first claim sets the bit, lazy records or not: a page that has left EMPTY always
+       has an authoritative record, which a later range deferral must update itself. */
+    uint64_t bit = (uint64_t)1 << (p & 63);
+    /* Counted before the bit is taken: lm_meta_sync_locked() must not drop the ranges while a
+       claimer that took a bit it had skipped is still reading them. */
+    atomic_fetch_add_explicit(&r->applying, 1, memory_order_seq_cst);
+    s = apply_lazy_record(r, p, s, bit);
+    atomic_fetch_sub_explicit(&r->applying, 1, memory_order_release);
+    return s;
+}
+
+/* Fill claimed page p's record from a restore's page map (moved from snapshot.c's
+   lm_snap_apply_base, unchanged); returns the state the page is really in. */
+static uint8_t apply_table(struct lm_region *r, size_t p, uint8_t s)
+{
+    const struct lm_snap_page *map = atomic_load_explicit(&r->base_table, memory_order_acquire);
+    if (!map)
+        return s;
+    struct lm_page_meta *m = &r->meta[p];
+    uint32_t e = map[p].entry;
+    if (e == LM_SNAP_ZERO) {
+        m->cls = LM_CLS_ZERO;
+        m->signature = r->zero_sig;
+        return LM_DEFERRED;
+    }
+    if (e >= LM_SNAP_STORED) {
+        /* Sequentially consistent: see lm_meta_fill_signatures(). */
+        const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_seq_cst);
+        m->cls = LM_CLS_SNAPSHOT;
+        m->aux = e - LM_SNAP_STORED;   /* below nstored: checked by lm_restore_table */
+        m->signature = sigs ? sigs[m->aux] : 0;
+        m->flags = LM_F_NEEDS_UPDATE;
+        return LM_DEFERRED;
+    }
+    return s;
+}
+
+static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint64_t bit)
+{
+    if (atomic_fetch_or_explicit(&r->base_done[p >> 6], bit, memory_order_seq_cst) & bit)
+        return s;   /* the record is authoritative */
+    if (!atomic_load_explicit(&r->lazy_records, memory_order_seq_cst))
+        return s;
+    struct lm_page_meta *m = &r->meta[p];
+    unsigned n = atomic_load_explicit(&r->nranges, memory_order_seq_cst);
+    for (unsigned i = n; i-- > 0;) {
+        const struct lm_range *g = &r->ranges[i];
+        if (p < g->first || p >= g->first + g->n)
+            continue;
+        m->cls = g->cls;
+        m->canon = g->canon;
+        m->signature = g->signature;
+        m->flags = g->cls == LM_CLS_CANONICAL ? LM_F_NEEDS_UPDATE : 0;
+        return LM_DEFERRED;
+    }
+    return apply_table(r, p, s);   /* a restore's page map, if any */
+}
+
+uint8_t lm_claim(struct lm_region *r, size_t p)
+{
+    uint8_t s = try_claim(&r->meta[p]);
+    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+}
+
+uint8_t lm_claim_wait(struct lm_region *r, size_t p)
+{
+    uint8_t s = claim_wait(&r->meta[p]);
+    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+}
+
+bool lm_claim_present(struct lm_region *r, size_t p)
+{
+    uint8_t present = LM_PRESENT;
+    return __atomic_compare_exchange_n(&r->meta[p].state, &present, LM_BUSY, false,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+bool lm_needs_copy(const struct lm_page_meta *m)
+{
+    return m->cls == LM_CLS_CANONICAL || m->cls == LM_CLS_SNAPSHOT;
+}
+
+/*
+ * Claim the lazy pages that follow `first` (already claimed, old state old[0]) and can be
+ * filled together with it: same kind, still lazy, at most `max` in all. Returns the run length.
+ */
+size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
+{
+    size_t run = 1;
+    while (run < max && first + run < r->npages) {
+        struct lm_page_meta *m = &r->meta[first + run];
+        uint8_t s = lm_claim(r, first + run);
+        if (s != LM_EMPTY && s != LM_DEFERRED)
+            break;
+        if (lm_needs_copy(m) != lm_needs_copy(&r->meta[first])) {
+            lm_release(r, first + run, s);
+            break;
+        }
+        old[run++] = s;
+    }
+    return run;
+}
+
+/* ---- ends of a claim ------------------------------------------------------------------- */
+
+void lm_release(struct lm_region *r, size_t page, uint8_t state)
+{
+    store_state(r, page, state, "release");
+}
+
+void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old)
+{
+    for (size_t i = 0; i < n; i++)
+        store_state(r, first + i, old[i], "unclaim");
+}
+
+static uint8_t path_of(uint16_t flags)
+{
+    return flags & LM_F_READAHEAD      ? LM_PATH_READAHEAD
+           : flags & LM_F_PREFETCHED   ? LM_PATH_PREFETCH
+           : flags & LM_F_BACKGROUND   ? LM_PATH_BACKGROUND
+           : flags & LM_F_MATERIALIZED ? LM_PATH_MATERIALIZE
+                                       : LM_PATH_DEMAND;
+}
+
+void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
+                     size_t ordered)
+{
+    if (r->tl_us) {   /* claimed pages: nobody else writes these entries now */
+        uint64_t us = (lm_now_ns() - r->tl_t0) / 1000 + 1;
+        for (size_t i = first; i < first + n; i++) {
+            if (!r->tl_us[i]) {
+                r->tl_us[i] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+                r->tl_path[i] = path_of(flags);
+            }
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct lm_page_meta *m = &r->meta[first + i];
+        m->flags = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE)) | flags);
+        if (m->cls == LM_CLS_NONE) {   /* a fresh page now maps the zero page */
+            m->cls = LM_CLS_ZERO;
+            m->signature = r->zero_sig;
+        }
+        if (i < ordered && !m->order)
+            m->order = atomic_fetch_add_explicit(&r->touch_seq, 1, memory_order_relaxed);
+        store_state(r, first + i, LM_PRESENT, "mark_present");
+    }
+    atomic_fetch_add_explicit(&r->st_present, (int64_t)n, memory_order_relaxed);
+}
+
+void lm_mark_poisoned(struct lm_region *r, size_t page)
+{
+    r->meta[page].flags |= LM_F_POISONED;
+    store_state(r, page, LM_PRESENT, "mark_poisoned");
+}
+
+/* ---- record fields written by a holder ----------------------------------------------- */
+
+void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon)
+{
+    struct lm_page_meta *m = &r->meta[page];
+    CHECK_HELD(r, page, LM_PRESENT, "set_data");
+    m->cls = LM_CLS_DATA;
+    m->signature = 0;
+    if (forget_canon)
+        m->canon = 0;
+}
+
+/* Not a transition: a signature computed from a present page's contents. (Written without a
+   claim today, by lm_signatures and the checkpoint's classification.) */
+void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig)
+{
+    r->meta[page].signature = sig;
+}
+
+/* ---- syncing lazy records ------------------------------------------------------------ */
+
+void lm_records_lock(struct lm_region *r)
+{
+    pthread_mutex_lock(&r->records_lock);
+}
+
+void lm_records_unlock(struct lm_region *r)
+{
+    pthread_mutex_unlock(&r->records_lock);
+}
+
+/* Fill every record still pending; afterwards no lazy record is read again. */
+void lm_meta_sync_locked(struct lm_region *r)
+{
+    if (atomic_load(&r->lazy_records)) {
+        for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
+            uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_relaxed);
+            if (done == ~(uint64_t)0)
+                continue;
+            for (size_t p = w * 64; p < (w + 1) * 64 && p < r->npages; p++)
+                if (!(done & ((uint64_t)1 << (p & 63))))
+                    lm_release(r, p, lm_claim_wait(r, p));
+        }
+        /* Every bit is set: no new claim reads the ranges or the table; wait for claimers
+           that took a bit before this pass saw it and may still be reading them. */
+        for (unsigned spins = 0; atomic_load_explicit(&r->applying, memory_order_seq_cst);)
+            lm_wait_busy(&spins);
+        atomic_store(&r->nranges, 0);
+        atomic_store(&r->lazy_records, 0);
+    }
+}
+
+int lm_meta_pending(struct lm_region *r)
+{
+    return atomic_load(&r->lazy_records);
+}
+
+bool lm_meta_pristine(struct lm_region *r)
+{
+    return !r->base_table && !atomic_load(&r->nranges);
+}
+
+void lm_meta_install_base(struct lm_region *r, const struct lm_snap_page *map)
+{
+    /* The caller keeps `map` alive until lm_meta_pending() is 0 or the region ends. */
+    atomic_store_explicit(&r->base_table, map, memory_order_release);
+    atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
+}
+
+/*
+ * Records filled from the page map before the signatures were published have signature 0:
+ * give them theirs. A claimer that took its bit before the publication may not have seen the
+ * signatures; this pass sees its bit (both sequentially consistent) and waits for its claim to
+ * end. (The second half of lm_source_signatures, moved from snapshot.c, unchanged.)
+ */
+void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs)
+{
+    for (size_t w = 0; w < (r->npages + 63) / 64; w++) {
+        uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_seq_cst);
+        for (; done; done &= done - 1) {
+            size_t p = w * 64 + (size_t)__builtin_ctzll(done);
+            struct lm_page_meta *m = &r->meta[p];
+            uint8_t s = lm_state_load(m);
+            if (s != LM_BUSY &&
+                !(s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT && m->signature == 0))
+                continue;
+            s = lm_claim_wait(r, p);
+            if (s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT && m->signature == 0)
+                m->signature = sigs[m->aux];
+            lm_release(r, p, s);
+        }
+    }
+}
+
+/* ---- deferral ------------------------------------------------------------------------ */
+
+#define CHUNK 512   /* pages claimed at once: keeps the BUSY window short */
+
+static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                       uint64_t sig, uint16_t flags, bool only_done);
+
+/* The record part of lm_defer_fill (moved from region.c, unchanged). */
+int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                  uint64_t sig, uint16_t flags)
+{
+    int rc;
+    pthread_mutex_lock(&r->records_lock);
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
+        lm_meta_sync_locked(r);   /* the list is full: fill every record once, start anew */
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) < LM_MAX_RANGES) {
+        /* Fast path: record the deferral once for the whole range. Pages whose record is not
+           authoritative yet take it when first claimed; the others are updated below. */
+        struct lm_range *g = &r->ranges[atomic_load(&r->nranges)];
+        *g = (struct lm_range){first, n, (uint8_t)cls, canon, sig};
+        atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
+        atomic_fetch_add_explicit(&r->nranges, 1, memory_order_seq_cst);
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, true);
+    } else {
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, false);
+    }
+    pthread_mutex_unlock(&r->records_lock);
+    return rc;
+}
+
+/* The per-page part of a deferral: with only_done, pages whose record is not yet
+   authoritative are left to the range just published. */
+static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                       uint64_t sig, uint16_t flags, bool only_done)
+{
+    int rc = 0;
+    for (size_t c = first; c < first + n; c += CHUNK) {
+        size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
+        size_t present = 0, claimed = 0;
+        bool mine[CHUNK], was_present[CHUNK];
+        for (size_t i = c; i < c + len; i++) {
+            mine[i - c] = !only_done ||
+                          (atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst) &
+                           ((uint64_t)1 << (i & 63)));
+            was_present[i - c] = false;
+            if (!mine[i - c])
+                continue;
+            struct lm_page_meta *m = &r->meta[i];
+            if (lm_claim_wait(r, i) == LM_PRESENT) {
+                present++;
+                was_present[i - c] = true;
+            }
+            m->cls = (uint8_t)cls;
+            m->canon = canon;
+            m->signature = sig;
+            m->order = 0;
+            m->flags = flags;
+            claimed++;
+        }
+        if (!claimed)
+            continue;
+        /* Return the old contents' memory; the range is missing again, so the next access
+           faults into the handler, which finds the update recorded above. Only pages this
+           call holds: a page it left to the range record may be being filled right now. */
+        for (size_t i = 0; present && i < len && rc == 0;) {
+            if (!was_present[i]) {
+                i++;
+                continue;
+            }
+            size_t run = 1;
+            while (i + run < len && was_present[i + run])
+                run++;
+            if (madvise(r->base + (c + i) * r->page_size, run * r->page_size,
+                        MADV_DONTNEED) < 0)
+                rc = LM_FAIL("madvise(MADV_DONTNEED)");
+            i += run;
+        }
+        atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
+        for (size_t i = c; i < c + len; i++)
+            if (mine[i - c])
+                store_state(r, i, LM_DEFERRED, "defer");
+        if (rc < 0)
+            return rc;
+    }
+    return rc;
+}
+
+/* A page range given by a caller: inside the region and not empty. */
+int lm_check_range(struct lm_region *r, size_t first, size_t n)
+{
+    if (n == 0 || first >= r->npages || n > r->npages - first)
+        return lm_fail("page range outside the region", ERANGE);
+    return 0;
+}

@@ -1,0 +1,360 @@
+/*
+ * prefetch.c: bringing pages in before they are touched: restore's working-set prefetch (a
+ * pipeline of store reads and copies) and the background fill (an idle-class thread that
+ * fills every pending page). Moved from snapshot.c, unchanged but for the page-state calls
+ * (meta.c) and fill_or_poison (now lm_fill_or_poison, fill.c); lm_boost_background moved to
+ * meta.c, which waiters call.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+#define BG_MIN 16u               /* background chunk after a demand fault: 64 KiB */
+#define BG_MAX 1024u             /* ... grown while idle up to 4 MiB */
+#define PREFETCH_BATCH 256u
+
+static int by_store(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
+}
+
+/*
+ * Copy claimed snapshot pages from a buffer holding store entries [base, base + nbuf): runs
+ * of address-adjacent pages with consecutive entries go in one UFFDIO_COPY.
+ */
+static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t k,
+                              const char *buf, uint64_t base)
+{
+    size_t ps = r->page_size, done = 0;
+    for (size_t i = 0; i < k;) {
+        uint64_t idx = pairs[2 * i], p = pairs[2 * i + 1];
+        const char *src = buf + (idx - base) * ps;
+        if (r->src_verify && XXH3_64bits(src, ps) != r->meta[p].signature) {
+            lm_poison_page(r, p, lm_fail("verify: page contents differ from the snapshot's "
+                                         "signature", EBADMSG));
+            i++;
+            continue;
+        }
+        size_t run = 1;
+        while (i + run < k && pairs[2 * (i + run)] == idx + run &&
+               pairs[2 * (i + run) + 1] == p + run &&
+               (!r->src_verify ||
+                XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
+            run++;
+        char *dst = r->base + p * ps;
+        /* One ioctl that also wakes: prefetch normally runs before anyone can fault here, and
+           a faulter that is waiting sees the page present a moment before its record does. */
+        int rc = lm_uffd_copy(r->uffd, dst, src, run * ps, true);
+        if (rc == 0) {
+            atomic_fetch_add_explicit(&r->st_bytes, run * ps, memory_order_relaxed);
+            lm_mark_present(r, p, run, LM_F_PREFETCHED, 0);
+            done += run;
+        } else {
+            for (size_t q = 0; q < run; q++)
+                lm_poison_page(r, p + q, rc);
+        }
+        i += run;
+    }
+    return done;
+}
+
+/*
+ * The store's entries are read in batches, in order, by one thread (one sequential stream for
+ * the kernel's readahead), while this thread and a second helper copy the batches already read
+ * to the pages that use them: on a cold page cache the disk and the copies overlap, and both
+ * CPUs copy (one UFFDIO_COPY per run of pages, ~2 us a page, is most of a scattered prefetch).
+ */
+enum { PREFETCH_BUFS = 8 };
+
+struct batch {
+    size_t i, j;        /* pairs[i..j) */
+    uint64_t base, count;
+    bool ready;         /* read into bufs[index % PREFETCH_BUFS] */
+    bool done;          /* copied (pages that failed to copy are poisoned) */
+};
+
+struct pipeline {
+    struct lm_region *r;
+    const uint64_t *pairs;
+    struct batch *b;
+    size_t nb, next_copy, copied;
+    char *bufs[PREFETCH_BUFS];
+    int rc;             /* a failed read: -errno, and op names it (the reader's lm_last_op) */
+    const char *op;
+    bool stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+
+static void *pipeline_reader(void *arg)
+{
+    struct pipeline *pl = arg;
+    for (size_t idx = 0; idx < pl->nb; idx++) {
+        pthread_mutex_lock(&pl->mu);
+        /* its buffer is free once the batch PREFETCH_BUFS earlier has been copied */
+        while (!pl->stop && idx >= PREFETCH_BUFS && !pl->b[idx - PREFETCH_BUFS].done)
+            pthread_cond_wait(&pl->cv, &pl->mu);
+        bool stop = pl->stop;
+        pthread_mutex_unlock(&pl->mu);
+        if (stop)
+            break;
+        struct batch *b = &pl->b[idx];
+        int rc = lm_src_read(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS]);
+        pthread_mutex_lock(&pl->mu);
+        if (rc < 0) {
+            pl->rc = rc;
+            pl->op = lm_last_op();
+            pl->stop = true;
+        } else {
+            b->ready = true;
+        }
+        pthread_cond_broadcast(&pl->cv);
+        pthread_mutex_unlock(&pl->mu);
+        if (rc < 0)
+            break;
+    }
+    return NULL;
+}
+
+static void *pipeline_copier(void *arg)
+{
+    struct pipeline *pl = arg;
+    size_t copied = 0;
+    pthread_mutex_lock(&pl->mu);
+    while (pl->next_copy < pl->nb) {
+        size_t idx = pl->next_copy;
+        struct batch *b = &pl->b[idx];
+        if (!b->ready) {
+            if (pl->stop)
+                break;   /* the store could not be read */
+            pthread_cond_wait(&pl->cv, &pl->mu);
+            continue;    /* the other copier may have taken it meanwhile */
+        }
+        pl->next_copy++;
+        pthread_mutex_unlock(&pl->mu);
+        copied += copy_from_batch(pl->r, pl->pairs + 2 * b->i, b->j - b->i,
+                                  pl->bufs[idx % PREFETCH_BUFS], b->base);
+        pthread_mutex_lock(&pl->mu);
+        b->done = true;
+        pthread_cond_broadcast(&pl->cv);
+    }
+    pl->copied += copied;
+    pthread_mutex_unlock(&pl->mu);
+    return NULL;
+}
+
+static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size_t k,
+                                size_t *done)
+{
+    if (!k)
+        return 0;
+    struct pipeline pl = {.r = r, .pairs = pairs};
+    pl.b = malloc(k * sizeof(*pl.b));
+    if (!pl.b)
+        return lm_fail("malloc(prefetch batches)", ENOMEM);
+    for (size_t i = 0; i < k; pl.nb++) {
+        size_t j = i;
+        while (j < k && pairs[2 * j] - pairs[2 * i] < PREFETCH_BATCH)
+            j++;
+        pl.b[pl.nb] = (struct batch){i, j, pairs[2 * i], pairs[2 * (j - 1)] - pairs[2 * i] + 1,
+                                     false, false};
+        i = j;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < (pl.nb < PREFETCH_BUFS ? pl.nb : PREFETCH_BUFS) && rc == 0; i++)
+        if (!(pl.bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)))
+            rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
+    pthread_mutex_init(&pl.mu, NULL);
+    pthread_cond_init(&pl.cv, NULL);
+    pthread_t reader, copier;
+    bool have_reader = false, have_copier = false;
+    if (rc == 0 && pl.nb > 1 && (have_reader = lm_thread_start(&reader, NULL, pipeline_reader, &pl) == 0)) {
+        have_copier = lm_thread_start(&copier, NULL, pipeline_copier, &pl) == 0;
+        pipeline_copier(&pl);
+    } else if (rc == 0) {
+        /* one batch, or no thread to be had: read a batch, copy it, and so on */
+        for (size_t idx = 0; idx < pl.nb && pl.rc == 0; idx++) {
+            struct batch *b = &pl.b[idx];
+            if ((pl.rc = lm_src_read(r, b->base, b->count, pl.bufs[0])) < 0) {
+                pl.op = lm_last_op();
+                break;
+            }
+            pl.copied += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, pl.bufs[0], b->base);
+            b->done = true;
+        }
+    }
+    pthread_mutex_lock(&pl.mu);
+    pl.stop = true;   /* a reader still waiting for a buffer after a failure: let it go */
+    pthread_cond_broadcast(&pl.cv);
+    pthread_mutex_unlock(&pl.mu);
+    if (have_copier)
+        pthread_join(copier, NULL);
+    if (have_reader)
+        pthread_join(reader, NULL);
+    if (rc == 0 && pl.rc < 0)
+        rc = lm_fail(pl.op, -pl.rc);
+    *done += pl.copied;
+    /* The store could not be read: every page not copied goes back, still lazy, and the
+       caller fails (restore() raises rather than return a broken region). */
+    for (size_t idx = 0; idx < pl.nb; idx++)
+        if (!pl.b[idx].done)
+            for (size_t q = pl.b[idx].i; q < pl.b[idx].j; q++)
+                lm_release(r, pairs[2 * q + 1], LM_DEFERRED);
+    pthread_mutex_destroy(&pl.mu);
+    pthread_cond_destroy(&pl.cv);
+    for (size_t i = 0; i < PREFETCH_BUFS; i++)
+        free(pl.bufs[i]);
+    free(pl.b);
+    return rc;
+}
+
+/*
+ * Working-set prefetch. The working set's pages are the first entries of the store, in the
+ * order given, so the store is read in large sequential chunks (PREFETCH_BATCH entries per
+ * pread) and each entry copied to the pages that use it; pages of other kinds (zero,
+ * canonical) are filled one by one.
+ */
+int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (pages[i] >= r->npages)
+            return lm_fail("prefetch: page index outside the region", ERANGE);
+    size_t ps = r->page_size;
+    struct lm_serve_thread t = {.r = r};
+    t.scratch = malloc((size_t)r->cfg.max_cluster_pages * ps);
+    uint64_t *pairs = malloc((n ? n : 1) * 2 * sizeof(uint64_t));
+    if (!t.scratch || !pairs) {
+        free(t.scratch);
+        free(pairs);
+        return lm_fail("malloc(prefetch buffers)", ENOMEM);
+    }
+    size_t done = 0, k = 0;
+    unsigned spins = 0;
+    int rc = 0;
+    for (size_t i = 0; i < n;) {
+        size_t p = pages[i];
+        uint8_t s = lm_claim(r, p);
+        if (s == LM_BUSY) {
+            lm_wait_busy(&spins);
+            continue;
+        }
+        i++;
+        if (s == LM_PRESENT)
+            continue;
+        if (s == LM_EMPTY) {   /* untouched memory: nothing to bring in */
+            lm_release(r, p, s);
+            continue;
+        }
+        if (r->meta[p].cls == LM_CLS_SNAPSHOT) {
+            pairs[2 * k] = r->meta[p].aux;   /* stays claimed until copied below */
+            pairs[2 * k + 1] = p;
+            k++;
+        } else {
+            done += lm_fill_or_poison(r, &t, p, 1, &s, LM_F_PREFETCHED);
+        }
+    }
+    qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
+    rc = copy_store_pipelined(r, pairs, k, &done);
+    atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
+    free(t.scratch);
+    free(pairs);
+    return rc;
+}
+
+/* ---- background fill ----------------------------------------------------------------- */
+
+static void *bg_main(void *arg)
+{
+    struct lm_region *r = arg;
+    /* Demand faults always come first: run only when a CPU would otherwise idle, and restart
+       with small chunks after every demand fault (CRIU's lazy-pages policy). */
+    struct sched_param sp = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+    uint8_t *old = malloc(BG_MAX);
+    uint32_t chunk = BG_MIN;
+    uint64_t faults_seen = atomic_load(&r->st_faults);
+    size_t p = 0;
+    while (old && p < r->npages && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed)) {
+        uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
+        if (f != faults_seen) {
+            faults_seen = f;
+            chunk = BG_MIN;
+            sched_yield();
+        } else if (chunk < BG_MAX) {
+            chunk *= 2;
+        }
+        struct lm_page_meta *m = &r->meta[p];
+        if (lm_state_load(m) == LM_PRESENT) {
+            p++;
+            continue;
+        }
+        uint8_t s = lm_claim(r, p);
+        if (s != LM_DEFERRED || !(m->flags & LM_F_NEEDS_UPDATE)) {
+            /* zero and untouched pages cost nothing until touched: leave them */
+            if (s != LM_BUSY && s != LM_PRESENT)
+                lm_release(r, p, s);
+            p++;
+            continue;
+        }
+        old[0] = s;
+        size_t run = lm_claim_run(r, p, chunk, old);
+        size_t done = lm_fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
+        atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
+        p += run;
+        if (atomic_exchange(&r->bg_boosted, 0))
+            pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);   /* back to idle */
+    }
+    free(old);
+    atomic_store(&r->bg_running, 0);
+    return NULL;
+}
+
+static int background_start_locked(struct lm_region *r);
+
+int lm_background_start(struct lm_region *r)
+{
+    pthread_mutex_lock(&r->bg_lock);
+    int rc = background_start_locked(r);
+    pthread_mutex_unlock(&r->bg_lock);
+    return rc;
+}
+
+static int background_start_locked(struct lm_region *r)
+{
+    if (r->bg_started)
+        return 0;
+    if (!r->bg.scratch) {
+        r->bg.r = r;
+        r->bg.scratch = malloc((size_t)BG_MAX * r->page_size);
+        if (!r->bg.scratch)
+            return lm_fail("malloc(background scratch)", ENOMEM);
+    }
+    atomic_store(&r->bg_stop, 0);
+    atomic_store(&r->bg_running, 1);
+    int err = lm_thread_start(&r->bg_tid, NULL, bg_main, r);
+    if (err) {
+        atomic_store(&r->bg_running, 0);
+        return lm_fail("pthread_create(background fill)", err);
+    }
+    r->bg_started = true;
+    return 0;
+}
+
+int lm_background_stop(struct lm_region *r)
+{
+    pthread_mutex_lock(&r->bg_lock);
+    if (r->bg_started) {
+        atomic_store(&r->bg_stop, 1);
+        pthread_join(r->bg_tid, NULL);
+        r->bg_started = false;
+    }
+    pthread_mutex_unlock(&r->bg_lock);
+    return 0;
+}

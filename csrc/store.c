@@ -1,0 +1,372 @@
+/*
+ * store.c: the content stores a lazy page's contents come from, and reading them without
+ * faulting: the canonical store (moved from region.c, unchanged) and the snapshot source file
+ * (moved from snapshot.c), the restore's table checks, lm_page_read, and lm_meta_sync (the
+ * store's signatures first, then meta.c's sync of every lazy record).
+ * The file format is in docs/snapshot-format.md; the Python side reads and checks the header
+ * and hands the tables over.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+#define SRC_CHECK_NS 10000000u   /* how often the store file is checked for changes (10 ms) */
+
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshot tables are little-endian");
+_Static_assert(sizeof(struct lm_snap_page) == 4, "snapshot page-map entry is 4 bytes");
+
+/* ---- canonical pages ----------------------------------------------------------------- */
+
+const char *lm_canon_page(struct lm_region *r, uint32_t id)
+{
+    return r->canon_base + (size_t)(id - 1) * r->page_size;
+}
+
+int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig)
+{
+    if (id == 0 || id > atomic_load_explicit(&r->canon_count, memory_order_acquire))
+        return lm_fail("canonical id does not belong to this region", EINVAL);
+    *sig = r->canon_sig[id - 1];
+    return 0;
+}
+
+static int canon_index_insert(struct lm_region *r, uint64_t sig, uint32_t id)
+{
+    if ((size_t)(atomic_load(&r->canon_count) + 1) * 2 > r->canon_index_cap) {
+        size_t cap = r->canon_index_cap * 2;
+        uint32_t *idx = calloc(cap, sizeof(uint32_t));
+        if (!idx)
+            return lm_fail("calloc(canonical index)", ENOMEM);
+        for (size_t i = 0; i < r->canon_index_cap; i++) {
+            uint32_t old = r->canon_index[i];
+            if (!old)
+                continue;
+            size_t h = r->canon_sig[old - 1] & (cap - 1);
+            while (idx[h])
+                h = (h + 1) & (cap - 1);
+            idx[h] = old;
+        }
+        free(r->canon_index);
+        r->canon_index = idx;
+        r->canon_index_cap = cap;
+    }
+    size_t h = sig & (r->canon_index_cap - 1);
+    while (r->canon_index[h])
+        h = (h + 1) & (r->canon_index_cap - 1);
+    r->canon_index[h] = id;
+    return 0;
+}
+
+int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64_t *sig_out)
+{
+    uint64_t sig = XXH3_64bits(page, r->page_size);
+    int rc = 0;
+    pthread_mutex_lock(&r->canon_lock);
+    size_t mask = r->canon_index_cap - 1;
+    for (size_t h = sig & mask; r->canon_index[h]; h = (h + 1) & mask) {
+        uint32_t id = r->canon_index[h];
+        if (r->canon_sig[id - 1] == sig &&
+            memcmp(lm_canon_page(r, id), page, r->page_size) == 0) {
+            *id_out = id;
+            goto out;
+        }
+    }
+    uint32_t n = atomic_load(&r->canon_count);
+    if (n >= r->canon_cap) {
+        rc = lm_fail("canonical store full (one canonical page per region page)", ENOSPC);
+        goto out;
+    }
+    uint32_t id = n + 1;
+    memcpy((char *)lm_canon_page(r, id), page, r->page_size);
+    r->canon_sig[id - 1] = sig;
+    if ((rc = canon_index_insert(r, sig, id)) < 0)
+        goto out;
+    /* Publish: the fault path may read page `id` once a deferral names it. */
+    atomic_store_explicit(&r->canon_count, id, memory_order_release);
+    *id_out = id;
+out:
+    pthread_mutex_unlock(&r->canon_lock);
+    if (rc == 0)
+        *sig_out = sig;
+    return rc;
+}
+
+int lm_canonical_read(struct lm_region *r, uint32_t id, void *out)
+{
+    if (id == 0 || id > atomic_load_explicit(&r->canon_count, memory_order_acquire))
+        return lm_fail("canonical id out of range", EINVAL);
+    memcpy(out, lm_canon_page(r, id), r->page_size);
+    return 0;
+}
+
+uint32_t lm_canonical_count(struct lm_region *r)
+{
+    return atomic_load(&r->canon_count);
+}
+
+/* ---- the snapshot source file ----------------------------------------------------- */
+
+int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
+                     uint64_t sigs_offset, uint64_t sigs_xxh3, int verify)
+{
+    if (r->src_fd >= 0)
+        return lm_fail("region already has a snapshot source", EBUSY);
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return LM_FAIL("fstat(snapshot)");
+    if (store_offset % r->page_size || nstored > (uint64_t)st.st_size / r->page_size ||
+        store_offset + nstored * r->page_size > (uint64_t)st.st_size ||
+        sigs_offset > (uint64_t)st.st_size || nstored > ((uint64_t)st.st_size - sigs_offset) / 8)
+        return lm_fail("snapshot store or signatures outside the file", EINVAL);
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dup < 0)
+        return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
+    r->src_fd = dup;
+    r->src_store_off = store_offset;
+    r->src_nstored = nstored;
+    r->src_verify = verify != 0;
+    r->src_size = st.st_size;
+    r->src_mtime = st.st_mtim;
+    r->src_sigs_off = sigs_offset;
+    r->src_sigs_xxh3 = sigs_xxh3;
+    atomic_store(&r->src_checked_ns, lm_now_ns());
+    /* Verification compares every page served with its signature: they must be there first. */
+    int rc = verify ? lm_source_signatures(r) : 0;
+    if (rc < 0) {
+        lm_source_close(r);
+        return rc;
+    }
+    return 0;
+}
+
+void lm_source_close(struct lm_region *r)
+{
+    if (r->src_fd >= 0)
+        close(r->src_fd);
+    r->src_fd = -1;
+    free(atomic_exchange(&r->src_sigs, NULL));
+}
+
+static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t off);
+
+/*
+ * The store's signatures are needed only to verify pages, to checkpoint a restored region
+ * again (deduplication and the new file's signatures without reading the store) and to show
+ * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them.
+ */
+int lm_source_signatures(struct lm_region *r)
+{
+    if (r->src_fd < 0 || atomic_load(&r->src_sigs))
+        return 0;
+    size_t n = r->src_nstored;
+    uint64_t *sigs = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (!sigs)
+        return lm_fail("malloc(snapshot signatures)", ENOMEM);
+    int rc = src_pread(r, sigs, n * sizeof(uint64_t), r->src_sigs_off);
+    if (rc == 0 && XXH3_64bits(sigs, n * sizeof(uint64_t)) != r->src_sigs_xxh3)
+        rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature section)",
+                     EBADMSG);
+    if (rc < 0) {
+        free(sigs);
+        return rc;
+    }
+    uint64_t *none = NULL;
+    if (!atomic_compare_exchange_strong(&r->src_sigs, &none, sigs)) {
+        free(sigs);   /* another thread read them first */
+        return 0;
+    }
+    lm_meta_fill_signatures(r, sigs);   /* records filled before now have signature 0 */
+    return 0;
+}
+
+/* A store that changes under a running restore must fail loudly, not serve mixed data. */
+static int source_still_valid(struct lm_region *r)
+{
+    int broken = atomic_load_explicit(&r->src_broken, memory_order_relaxed);
+    if (broken)
+        return broken;
+    uint64_t now = lm_now_ns();
+    uint64_t last = atomic_load_explicit(&r->src_checked_ns, memory_order_relaxed);
+    if (now - last < SRC_CHECK_NS)
+        return 0;
+    atomic_store_explicit(&r->src_checked_ns, now, memory_order_relaxed);
+    struct stat st;
+    if (fstat(r->src_fd, &st) < 0)
+        broken = -errno;
+    else if (st.st_size != r->src_size || st.st_mtim.tv_sec != r->src_mtime.tv_sec ||
+             st.st_mtim.tv_nsec != r->src_mtime.tv_nsec)
+        broken = -ESTALE;
+    if (broken)
+        atomic_store(&r->src_broken, broken);
+    return broken;
+}
+
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
+{
+    if (r->src_fd < 0)
+        return lm_fail("snapshot page without a snapshot source", ENOENT);
+    if (index > r->src_nstored || count > r->src_nstored - index)
+        return lm_fail("snapshot store index out of range", ERANGE);
+    size_t len = count * r->page_size;
+    int rc = src_pread(r, dst, len, r->src_store_off + index * r->page_size);
+    if (rc == 0)
+        atomic_fetch_add_explicit(&r->st_src_bytes, len, memory_order_relaxed);
+    return rc;
+}
+
+static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset)
+{
+    int broken = source_still_valid(r);
+    if (broken)
+        return lm_fail("snapshot file changed or vanished under a running restore", -broken);
+    size_t done = 0;
+    off_t off = (off_t)offset;
+    while (done < len) {
+        ssize_t got = pread(r->src_fd, (char *)dst + done, len - done, off + (off_t)done);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return LM_FAIL("pread(snapshot)");
+        }
+        if (got == 0) {
+            atomic_store(&r->src_broken, -ENODATA);
+            return lm_fail("pread(snapshot): file truncated under a running restore", ENODATA);
+        }
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+/* ---- restore ------------------------------------------------------------------------- */
+
+int lm_snap_check(const struct lm_snap_page *map, size_t npages, uint64_t nstored,
+                  const uint64_t *ws, size_t nws, uint64_t *counts)
+{
+    int rc = 0;
+    uint64_t *used = calloc((nstored + 63) / 64 + 1, sizeof(uint64_t));
+    uint64_t *in_ws = calloc((npages + 63) / 64 + 1, sizeof(uint64_t));
+    if (!used || !in_ws) {
+        rc = lm_fail("snapshot check: out of memory", ENOMEM);
+        goto out;
+    }
+    for (size_t i = 0; i < nws; i++) {
+        if (ws[i] >= npages) {
+            rc = lm_fail("working set names a page outside the region", EINVAL);
+            goto out;
+        }
+        if (in_ws[ws[i] >> 6] & ((uint64_t)1 << (ws[i] & 63))) {
+            rc = lm_fail("working set lists a page twice", EINVAL);
+            goto out;
+        }
+        in_ws[ws[i] >> 6] |= (uint64_t)1 << (ws[i] & 63);
+    }
+    /* Branch-free: the classes of neighbouring pages are as good as random. */
+    uint64_t c[LM_SNAP_STORED] = {0, 0}, top = 0;
+    for (size_t i = 0; i < npages; i++) {
+        uint64_t e = map[i].entry;
+        top = e > top ? e : top;
+        c[0] += e == LM_SNAP_UNTOUCHED;
+        c[1] += e == LM_SNAP_ZERO;
+        uint64_t k = e - LM_SNAP_STORED;   /* wraps for the two classes that are not stored */
+        used[(k < nstored ? k : nstored + 63) >> 6] |= (uint64_t)(k < nstored) << (k & 63);
+    }
+    if (top >= nstored + LM_SNAP_STORED) {
+        rc = lm_fail("page map points past the end of the store", EINVAL);
+        goto out;
+    }
+    for (uint64_t w = 0; w < nstored / 64; w++)
+        if (used[w] != ~(uint64_t)0) {
+            rc = lm_fail("store has entries no page uses", EINVAL);
+            goto out;
+        }
+    if (nstored % 64 && used[nstored / 64] != ((uint64_t)1 << (nstored % 64)) - 1) {
+        rc = lm_fail("store has entries no page uses", EINVAL);
+        goto out;
+    }
+    if (counts) {
+        counts[0] = c[0];
+        counts[1] = c[1];
+        counts[2] = npages - c[0] - c[1];
+    }
+out:
+    free(used);
+    free(in_ws);
+    return rc;
+}
+
+int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t npages,
+                     uint64_t nstored)
+{
+    if (npages != r->npages)
+        return lm_fail("snapshot page count differs from the region's", EINVAL);
+    if (!lm_meta_pristine(r) || r->used || atomic_load(&r->st_faults) ||
+        atomic_load(&r->st_present))
+        return lm_fail("restore into a region that is already in use", EBUSY);
+    if (nstored > r->src_nstored)
+        return lm_fail("page map names more store entries than the source has", EINVAL);
+    /* Every store index the fault path will read must be in range (a vectorised max). */
+    uint32_t top = 0;
+    for (size_t i = 0; i < npages; i++)
+        top = map[i].entry > top ? map[i].entry : top;
+    if (top >= nstored + LM_SNAP_STORED)
+        return lm_fail("page map: store index out of range", EINVAL);
+    lm_meta_install_base(r, map);   /* the caller keeps `map` alive (lazymem.h) */
+    return 0;
+}
+
+/* ---- syncing every record ------------------------------------------------------------ */
+
+int lm_meta_sync(struct lm_region *r)
+{
+    /* Records of restored pages carry signatures only once the snapshot's signature section
+       has been read: whoever reads every record needs them. A failure to read them (a corrupt
+       section) leaves those signatures 0 (unknown) and is returned. Under the records lock,
+       so that a second caller waits until the first has given lazy records their signatures.
+       (Moved from region.c: checkpoint.c, above this layer, calls it.) */
+    lm_records_lock(r);
+    int rc = lm_source_signatures(r);
+    lm_meta_sync_locked(r);
+    lm_records_unlock(r);
+    return rc < 0 ? rc : 0;
+}
+
+/* ---- reading contents without faulting ----------------------------------------------- */
+
+int lm_page_read(struct lm_region *r, size_t page, void *out)
+{
+    if (page >= r->npages)
+        return lm_fail("page index outside the region", ERANGE);
+    struct lm_page_meta *m = &r->meta[page];
+    unsigned spins = 0;
+    for (;;) {
+        uint8_t s = lm_state_load(m);
+        if (s == LM_BUSY) {
+            lm_wait_busy(&spins);
+            continue;
+        }
+        if (s == LM_PRESENT) {
+            memcpy(out, r->base + page * r->page_size, r->page_size);
+            return 0;
+        }
+        /* Lazy: take the page so it cannot change under us, read its source, give it back. */
+        s = lm_claim(r, page);
+        if (s == LM_BUSY || s == LM_PRESENT)
+            continue;
+        int rc = 0;
+        if (m->cls == LM_CLS_CANONICAL)
+            memcpy(out, lm_canon_page(r, m->canon), r->page_size);
+        else if (m->cls == LM_CLS_SNAPSHOT)
+            rc = lm_src_read(r, m->aux, 1, out);
+        else
+            memset(out, 0, r->page_size);
+        lm_release(r, page, s);
+        return rc;
+    }
+}

@@ -1,0 +1,101 @@
+/*
+ * util.c: the bottom layer. The failing operation of the calling thread, the clock, the page
+ * size, hashing, thread start and the service-time histogram. Calls nothing above it.
+ *
+ * C functions return -errno; the name of what failed ("ioctl(UFFDIO_COPY)") is kept here so
+ * the bindings can turn both into one message in one place.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+/* ---- errors (moved from errors.c, unchanged) ----------------------------------------- */
+
+static __thread const char *last_op = "";
+
+int lm_fail(const char *op, int err)
+{
+    last_op = op;
+    return -(err ? err : EIO);
+}
+
+const char *lm_last_op(void)
+{
+    return last_op;
+}
+
+unsigned lm_abi_version(void)
+{
+    return LM_ABI_VERSION;
+}
+
+/* ---- clock, page size, hash (moved from wstrack.c and region.c, unchanged) ------------ */
+
+uint64_t lm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+long lm_page_size(void)
+{
+    static long ps;
+    if (!ps)
+        ps = sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+uint64_t lm_xxh3(const void *data, size_t len)
+{
+    return XXH3_64bits(data, len);
+}
+
+/* ---- threads (moved from handler.c, unchanged) ----------------------------------------- */
+
+int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);   /* the new thread inherits this mask */
+    int err = pthread_create(tid, attr, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return err;
+}
+
+/* ---- service-time histogram (moved from handler.c; takes the counters, not the region) - */
+
+/* Log-linear buckets: exact below 16 ns, then 8 buckets per power of two. */
+static int hist_bucket(uint64_t ns)
+{
+    if (ns < 16)
+        return (int)ns;
+    int e = 63 - __builtin_clzll(ns);
+    int b = 16 + (e - 4) * 8 + (int)((ns >> (e - 3)) & 7);
+    return b < LM_HIST_BUCKETS ? b : LM_HIST_BUCKETS - 1;
+}
+
+uint64_t lm_hist_bucket_upper(int b)
+{
+    if (b < 16)
+        return (uint64_t)b + 1;
+    int e = (b - 16) / 8 + 4, sub = (b - 16) % 8;
+    return (uint64_t)(9 + sub) << (e - 3);
+}
+
+void lm_hist_add(struct lm_latency *l, uint64_t ns)
+{
+    atomic_fetch_add_explicit(&l->hist[hist_bucket(ns)], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&l->ns_total, ns, memory_order_relaxed);
+    uint64_t max = atomic_load_explicit(&l->ns_max, memory_order_relaxed);
+    while (ns > max && !atomic_compare_exchange_weak_explicit(&l->ns_max, &max, ns,
+                                                              memory_order_relaxed,
+                                                              memory_order_relaxed))
+        ;
+}
