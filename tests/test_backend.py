@@ -20,7 +20,7 @@ from test_snapshot_format import UNTOUCHED, ZERO, SnapFile, stored
 
 # Many tests here name the core's API to check that the ctypes backend refuses it: they run
 # under both backends; the ones that need the core say so with NEEDS_CORE.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.any_backend]
+pytestmark = [pytest.mark.timeout(120)]
 
 NEEDS_CORE = pytest.mark.core(reason="starts an interpreter with the cffi backend")
 
