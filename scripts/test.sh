@@ -4,8 +4,10 @@
 #   1. PYLAZYMEM_BACKEND=cffi, the compiled core: every test. Explicit, so that a core that
 #      fails to load is an error here instead of a quiet fall-back to ctypes;
 #   2. PYLAZYMEM_BACKEND=ctypes, pure Python: every test that applies. Tests that need the core
-#      (marker `core`, found automatically by tests/conftest.py) are skipped with the reason,
-#      and counted in the last line of the run; every other test runs and must pass.
+#      declare it (marker `core`: `pytestmark` of their module, or a decorator) and are skipped
+#      with the reason, counted in the run's summary line; every other test runs and must pass.
+#      A test that uses the core without the marker fails here (UnavailableError), it is never
+#      skipped or passed by accident (tests/conftest.py).
 # Both runs always happen; the script fails if either fails. Arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,17 +1,24 @@
 """Fixtures and markers for the pylazymem test suite.
 
-Markers (skips are on *declared features*, never on a bare try/except):
-  uffd       the test needs userfaultfd: skipped when plm.features().mode == "unavailable"
-  uffd_full  the test needs kernel accesses to be served: skipped unless mode == "full"
-  core       the test needs the compiled core (in-process lazy regions, checkpoint, restore):
-             skipped under the ctypes backend (PYLAZYMEM_BACKEND=ctypes). Applied automatically
-             (see _CoreScan below) to every test whose code names the core's API; may also be
-             written by hand for what that cannot see. Every other test runs under both
-             backends: scripts/test.sh runs the suite once per backend.
-  any_backend  the test names the core's API but runs under both backends (it checks what the
-             ctypes backend does with it): no automatic `core` marker.
-  cc         the test compiles csrc/ itself (gcc, nm): skipped when either is missing; it does
-             not need the compiled core, so it runs under both backends.
+Markers: every test declares what it needs, and is skipped (with the reason) where this run
+does not offer it; skips are on *declared needs*, never on a bare try/except. Declare them with
+`pytestmark = ...` right after a module's imports when every test of the module has the need,
+with a decorator on each test that has it when a module mixes, or with `marks=` on a
+pytest.param. The needs (NEEDS below; a new one is one more entry):
+  core       the compiled core: in-process lazy regions (Region, make_region), checkpoint,
+             restore, Canonical, Handler, the C serving engine, the cffi module, `pylazymem
+             demo|bench`, also when only a subprocess uses them. Skipped under the ctypes
+             backend (PYLAZYMEM_BACKEND=ctypes); scripts/test.sh runs the suite once per
+             backend, so every test without it runs under both. `core(reason="...")` adds to
+             the skip reason. A test that needs the core and lacks the marker FAILS under
+             ctypes (the stand-ins raise UnavailableError; a refusal the test swallows, or that
+             a run_py child died of, fails it too): it is never skipped or passed by accident.
+  uffd_full  kernel accesses to missing pages are served: skipped unless features().mode ==
+             "full"
+  uffd       userfaultfd: skipped when features().mode == "unavailable"
+  cc         a C toolchain (gcc, nm): the test compiles csrc/ itself (tests/test_layering.py);
+             it does not need the compiled core, so it runs under both backends
+The run ends with how many tests each need skipped (pytest -rs shows each reason).
 
 Timeouts: pytest-timeout (configured in pyproject) bounds every test; tests that touch lazy
 memory also carry an explicit @pytest.mark.timeout. If pytest-timeout is not installed, an
@@ -21,8 +28,6 @@ through `run_py`, which kills the whole process group and fails the test on time
 """
 
 import faulthandler
-import importlib
-import inspect
 import json
 import os
 import re
@@ -31,7 +36,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import types
 import zlib
 from typing import NamedTuple
 
@@ -101,6 +105,7 @@ def run_py(code, timeout=60, env=None, prelude=True, args=()):
         res = PyResult(proc.returncode, out, err)
         pytest.fail(f"subprocess timed out after {timeout}s (hang?)\n{res.describe()}",
                     pytrace=False)
+    _note_child_refusals(err)
     return PyResult(proc.returncode, out, err)
 
 
@@ -164,181 +169,148 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
-# ---- backends: which tests need the compiled core -------------------------------------------
+# ---- markers: what a test needs -------------------------------------------------------------
 #
-# A test needs the core when the code it runs names the core's API. "The code it runs" is the
-# test function, the fixtures it uses, the helper functions and classes of tests/ they call
-# (followed through their globals, transitively), the Python scripts they hand to subprocesses
-# (string constants, module-level script strings, helper functions those scripts call, .py
-# files given as parameters) and pylazymem command lines. "The core's API" is
-# pylazymem._backend.CORE_API (Region, Canonical, Handler, checkpoint, restore: the names the
-# ctypes backend refuses), the compiled modules and the CLI commands of CORE_COMMANDS.
-# The detection errs towards running: a test it misses fails loudly under ctypes (the
-# stand-ins raise UnavailableError), it is never silently skipped; what it finds is written
-# into the skip reason, so `pytest -rs` shows why each test did not run.
+# Every test declares what it needs: `pytestmark = pytest.mark.core` (or a list with uffd,
+# uffd_full, timeout) right after a module's imports when all its tests need it, a decorator
+# (`@pytest.mark.core`) on the tests that do when a module mixes, or `marks=` on the pytest.param
+# of a parametrised case that does. Nothing guesses it from the test's code.
+#
+# A need is a marker and a check: the check returns None when this run offers it, else the
+# reason the test is skipped. The first unmet need (in this order) is the skip reason and the
+# one it is counted under. A new need (say, a C compiler) is one more entry.
 
-_CORE_NAMES = frozenset(plm._backend.CORE_API)
-_CORE_MODULE_NAMES = frozenset({"_binding", "_lazymem", "_buffer", "pylazymem._binding",
-                                "pylazymem._lazymem", "pylazymem._buffer", "pylazymem.region"})
-# In scripts: a use of the API (an attribute, an import, the fixture), not a quoted module
-# name (a script that blocks "pylazymem._lazymem" does not need it).
-_CORE_TEXT = re.compile(
-    r"(?<![\"'])\b(?:plm|pylazymem)\.(?:%s|_binding|_lazymem|_buffer|region)\b"
-    r"|\b(?:import|from)\s+pylazymem\.(?:_binding|_lazymem|_buffer|region)\b"
-    r"|\bfrom\s+pylazymem\s+import\s[^\n]*\b(?:%s|_binding|region)\b"
-    r"|\bmake_region\b" % ("|".join(_CORE_NAMES), "|".join(_CORE_NAMES)))
-_HELPER_REF = re.compile(r"\b(_\w+)\.(\w*)")
+class Need(NamedTuple):
+    marker: str          # the marker's name
+    doc: str             # its registration line (`pytest --markers`)
+    missing: object      # () -> None when this run offers it, else the skip reason
 
 
-def _in_tests(obj):
-    try:
-        return os.path.dirname(os.path.abspath(inspect.getfile(obj))) == TESTS_DIR
-    except TypeError:
-        return False
+def _core_missing():
+    if plm.backend == "cffi":
+        return None
+    return "needs the compiled core; this run's backend is %s" % plm.backend
 
 
-class _CoreScan:
-    """Finds the core's API in the code a test runs; results memoised per code object."""
-
-    def __init__(self):
-        self.memo = {}
-
-    def code(self, code, glb, where):
-        key = id(code)
-        if key in self.memo:
-            return self.memo[key][1]
-        self.memo[key] = (code, [])          # in progress: a cycle adds nothing
-        found = []
-        names = set(code.co_names)
-        for n in sorted(names & _CORE_NAMES):
-            found.append("%s names %s" % (where, n))
-        for n in sorted(names & _CORE_MODULE_NAMES):
-            found.append("%s imports %s" % (where, n))
-        for c in code.co_consts:
-            if isinstance(c, types.CodeType):
-                found += self.code(c, glb, where)
-            elif isinstance(c, str):
-                found += self.text(c, where)
-        for n in sorted(names):
-            obj = glb.get(n)
-            if obj is None and os.path.isfile(os.path.join(TESTS_DIR, n + ".py")):
-                obj = importlib.import_module(n)   # imported in the function: `from n import x`
-            if isinstance(obj, str) and n.isupper():           # a module-level script
-                found += self.text(obj, "%s (script %s)" % (where, n))
-            elif obj is not None:
-                found += self.obj(obj, names)
-        self.memo[key] = (code, found)
-        return found
-
-    def obj(self, obj, names=()):
-        """A helper of tests/: a function, a class (its methods) or a module (the attributes
-        of it that the calling code names)."""
-        if isinstance(obj, types.FunctionType) and _in_tests(obj):
-            return self.code(obj.__code__, obj.__globals__, obj.__qualname__)
-        if isinstance(obj, type) and _in_tests(obj):
-            out = []
-            for v in vars(obj).values():
-                v = getattr(v, "__func__", v)
-                if isinstance(v, types.FunctionType):
-                    out += self.obj(v)
-            return out
-        if isinstance(obj, types.ModuleType) and _in_tests(obj):
-            out = []
-            for n in names:
-                v = getattr(obj, n, None)
-                if isinstance(v, (types.FunctionType, type)):
-                    out += self.obj(v)
-            return out
-        return []
-
-    def text(self, s, where):
-        """A script or a command line: core names, helper calls, core CLI commands."""
-        found = []
-        if s in plm._backend.CORE_COMMANDS:
-            found.append("%s runs 'pylazymem %s'" % (where, s))
-        m = _CORE_TEXT.search(s)
-        if m:
-            found.append("%s runs %r" % (where, m.group(0)))
-        for mod_name, attr in _HELPER_REF.findall(s):
-            if not os.path.isfile(os.path.join(TESTS_DIR, mod_name + ".py")):
-                continue
-            mod = importlib.import_module(mod_name)   # tests/ helpers are on sys.path
-            if attr and isinstance(getattr(mod, attr, None), types.FunctionType):
-                found += self.obj(getattr(mod, attr))
-            else:                             # a name built at run time: any of the module's
-                found += [f for v in vars(mod).values() if isinstance(v, types.FunctionType)
-                          and _in_tests(v) for f in self.obj(v)]
-        return found
-
-    def item(self, item):
-        fn = getattr(item, "function", None)
-        if fn is None:
-            return []
-        found = self.obj(fn) if _in_tests(fn) else []
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        for name in item.fixturenames:
-            for fd in defs.get(name, ()):
-                f = getattr(fd, "func", None)
-                if isinstance(f, types.FunctionType) and _in_tests(f):
-                    found += ["fixture %s: %s" % (name, x) for x in self.obj(f)]
-        callspec = getattr(item, "callspec", None)
-        for v in (callspec.params.values() if callspec else ()):
-            if isinstance(v, str) and v.endswith(".py") and os.path.isfile(v):
-                with open(v) as f:
-                    found += self.text(f.read(), os.path.relpath(v, REPO_DIR))
-        return found
+def _uffd_full_missing():
+    f = plm.features()
+    return None if f.mode == "full" else (
+        "needs full-mode userfaultfd; features().mode=%r: %s" % (f.mode, f.reason))
 
 
-def pytest_collection_modifyitems(session, config, items):
-    scan = _CoreScan()
-    for item in items:
-        if item.get_closest_marker("core") or item.get_closest_marker("any_backend"):
-            continue
-        found = scan.item(item)
-        if found:
-            item.add_marker(pytest.mark.core(reason="; ".join(dict.fromkeys(found))))
+def _uffd_missing():
+    f = plm.features()
+    return None if f.mode != "unavailable" else "userfaultfd unavailable: %s" % f.reason
 
 
-_core_skips = []
+def _cc_missing():
+    missing = [t for t in ("gcc", "nm") if shutil.which(t) is None]
+    return "needs a C toolchain: %s not on PATH" % " and ".join(missing) if missing else None
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if plm.backend != "cffi":
-        skipped = len(terminalreporter.stats.get("skipped", ()))
-        terminalreporter.write_line(
-            "pylazymem backend %s: %d tests skipped as needing the compiled core (marker "
-            "'core'; pytest -rs shows what each uses), %d skipped for other declared reasons; "
-            "every other test ran." % (plm.backend, len(_core_skips), skipped - len(_core_skips)))
+NEEDS = [
+    Need("core", "core(reason=None): needs the compiled core (in-process lazy regions, "
+                 "checkpoint, restore, the C serving engine, the cffi module); skipped under "
+                 "PYLAZYMEM_BACKEND=ctypes", _core_missing),
+    Need("uffd_full", "uffd_full: needs features().mode == 'full' (kernel accesses to missing "
+                      "pages are served)", _uffd_full_missing),
+    Need("uffd", "uffd: needs userfaultfd (features().mode != 'unavailable')", _uffd_missing),
+    Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
+]
+
+_skipped_for = {n.marker: 0 for n in NEEDS}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "uffd: needs userfaultfd (features().mode != 'unavailable')")
-    config.addinivalue_line("markers", "core(reason): needs the compiled core (in-process lazy "
-                                       "regions); skipped under PYLAZYMEM_BACKEND=ctypes")
-    config.addinivalue_line("markers", "any_backend: names the core's API, runs under both "
-                                       "backends (no automatic core marker)")
-    config.addinivalue_line("markers", "cc: compiles csrc/ itself; skipped without gcc and nm")
-    config.addinivalue_line("markers", "uffd_full: needs features().mode == 'full' "
-                                       "(kernel accesses to missing pages are served)")
+    for need in NEEDS:
+        config.addinivalue_line("markers", need.doc)
     if not config.pluginmanager.hasplugin("timeout"):
         config.addinivalue_line("markers", "timeout(seconds): per-test timeout (pytest-timeout)")
+    _record_refusals()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    core = item.get_closest_marker("core")
-    if core is not None and plm.backend != "cffi":
-        _core_skips.append(item.nodeid)
-        pytest.skip("needs the compiled core (%s); backend is %s"
-                    % (core.kwargs.get("reason", "marked core"), plm.backend))
-    if item.get_closest_marker("cc") is not None:
-        missing = [t for t in ("gcc", "nm") if shutil.which(t) is None]
-        if missing:
-            pytest.skip("needs a C toolchain: %s not on PATH" % " and ".join(missing))
-    f = plm.features()
-    if item.get_closest_marker("uffd_full") is not None and f.mode != "full":
-        pytest.skip(f"needs full-mode userfaultfd; features().mode={f.mode!r}: {f.reason}")
-    if item.get_closest_marker("uffd") is not None and f.mode == "unavailable":
-        pytest.skip(f"userfaultfd unavailable: {f.reason}")
+    del _refused[:]
+    for need in NEEDS:
+        mark = item.get_closest_marker(need.marker)
+        if mark is None:
+            continue
+        why = need.missing()
+        if why is not None:
+            _skipped_for[need.marker] += 1
+            extra = mark.kwargs.get("reason") or (mark.args[0] if mark.args else None)
+            pytest.skip("%s (%s)" % (why, extra) if extra else why)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = len(terminalreporter.stats.get("skipped", ()))
+    declared = sum(_skipped_for.values())
+    terminalreporter.write_line(
+        "pylazymem backend %s: %d tests skipped as needing the compiled core (marker 'core'), "
+        "%d for other declared needs (%s), %d for other reasons; every other test ran."
+        % (plm.backend, _skipped_for["core"], declared - _skipped_for["core"],
+           ", ".join("%s: %d" % (m, n) for m, n in _skipped_for.items() if m != "core"),
+           skipped - declared))
+
+
+# ---- a forgotten `core` marker fails loudly ---------------------------------------------------
+#
+# Under the ctypes backend the core's API (Region, checkpoint, restore, ...: _backend.CORE_API)
+# is made of stand-ins that raise UnavailableError, so a test that needs the core and forgot the
+# marker fails in the ctypes run. That holds even where the test would not notice the error (a
+# pytest.raises(OSError) around plm.Region, a subprocess expected to fail): every refusal made
+# during a test, in this process or in a run_py child (its traceback on stderr), is recorded,
+# and a test not marked `core` that was refused something FAILS, saying to mark it.
+
+_refused = []          # what the ctypes backend refused during the current test
+_CHILD_REFUSAL = re.compile(r"^\S*(?:UnavailableError|CoreNotLoaded): .*"
+                            r"(?:is not offered by|is not loaded under) the ctypes backend",
+                            re.MULTILINE)
+_MARK_IT = ("it needs the compiled core: mark it @pytest.mark.core, or its module "
+            "`pytestmark = pytest.mark.core` (docs/backends.md, 'Tests: once per backend')")
+
+
+def _record_refusals():
+    """Under the ctypes backend, wrap _backend.unavailable (which every stand-in calls, at
+    call time) so that refusals are recorded."""
+    if plm.backend == "cffi" or getattr(plm._backend.unavailable, "_records", False):
+        return
+    unavailable = plm._backend.unavailable
+
+    def recording(what):
+        _refused.append(what)
+        return unavailable(what)
+
+    recording._records = True
+    plm._backend.unavailable = recording
+
+
+def _note_child_refusals(stderr):
+    """A run_py child refused by the ctypes backend (an uncaught UnavailableError or
+    CoreNotLoaded in its stderr) counts as a refusal of the test that ran it."""
+    for m in _CHILD_REFUSAL.finditer(stderr or ""):
+        _refused.append("a run_py subprocess: " + m.group(0)[:200])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not _refused or item.get_closest_marker("core") is not None or rep.when == "teardown":
+        return
+    what = "; ".join(dict.fromkeys(_refused))
+    if rep.failed:
+        rep.sections.append(("pylazymem backend %s" % plm.backend,
+                             "this test was refused %s: %s" % (what, _MARK_IT)))
+    elif rep.when == "call":
+        # passed, or skipped, although the core's API was refused: the test did not do what
+        # it says; fail it rather than let the ctypes run pass by not testing
+        rep.outcome = "failed"
+        rep.longrepr = ("%s is not marked core, but under the %s backend it was refused %s "
+                        "(UnavailableError) and still %s; %s"
+                        % (item.nodeid, plm.backend, what,
+                           "passed" if call.excinfo is None else "skipped", _MARK_IT))
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,12 @@ import pylazymem as plm
 from _helpers import PAGE_SIZE, REPO_DIR
 from test_snapshot_format import UNTOUCHED, ZERO, SnapFile, stored
 
-# Many tests here name the core's API to check that the ctypes backend refuses it: they run
-# under both backends; the ones that need the core say so with NEEDS_CORE.
-pytestmark = [pytest.mark.timeout(120), pytest.mark.any_backend]
+# pytester: the check that a forgotten `core` marker fails (end of this file)
+pytest_plugins = ["pytester"]
+
+# Most tests here run under both backends (many check what the ctypes backend refuses, in a
+# subprocess); the ones that need the core say so with NEEDS_CORE or their own core marker.
+pytestmark = [pytest.mark.timeout(120)]
 
 NEEDS_CORE = pytest.mark.core(reason="starts an interpreter with the cffi backend")
 
@@ -353,58 +356,122 @@ def test_header_constants_match_the_core():
     assert _meta.SNAP_PAGE_DTYPE.names == struct_dtype("struct lm_snap_page").names
 
 
-# ---- the suite's split between backends -------------------------------------------------------
+# ---- the suite's split between backends: a forgotten `core` marker fails ---------------------
+#
+# Tests declare that they need the compiled core (docs/backends.md); nothing checks the
+# declarations by reading test code. What keeps them honest is that a test needing the core and
+# not marked fails under the ctypes backend, whatever the test does with the refusal. Shown on a
+# small suite run by pytest in a subprocess with this suite's own conftest.py: under ctypes the
+# unmarked tests that use the core fail and say to mark them, the marked ones are skipped with
+# the reason and counted; under cffi (the control: the same tests are right) all of them pass.
 
-COLLECT = '''
-import json, sys
+FORGETFUL = """
+import os
 import pytest
-class Report:
-    def pytest_collection_finish(self, session):
-        marks = {}
-        for item in session.items:
-            m = item.get_closest_marker("core")
-            marks[item.nodeid] = (m.kwargs.get("reason") or "marked by hand") if m else None
-        print("MARKS=" + json.dumps(marks))
-sys.exit(pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", *sys.argv[1:]],
-                     plugins=[Report()]))
-'''
+import pylazymem as plm
+
+PS = os.sysconf("SC_PAGE_SIZE")
 
 
-def test_core_marker_found_where_the_core_is_used(run_py):
-    """The automatic `core` marker, both ways, on the suite itself: what must run under ctypes
-    is not marked (else the ctypes run would pass by skipping), what needs the core is, each
-    through a different route of tests/conftest.py's scan."""
-    files = ["test_uffd_binding.py", "test_features.py", "test_cli.py", "test_region.py",
-             "test_contents.py", "test_examples.py", "test_reliability_crash.py"]
-    res = run_py(COLLECT, prelude=False, timeout=120, args=["tests/" + f for f in files])
+def test_forgot_the_marker():
+    plm.Region(PS).close()
+
+
+def test_forgot_the_marker_and_swallowed_the_refusal():
+    try:
+        plm.Region(PS).close()
+    except OSError:
+        pass
+
+
+def test_forgot_the_marker_child_must_succeed(run_py):
+    res = run_py("plm.Region(PS).close()")
     assert res.returncode == 0, res.describe()
-    marks = json.loads(res.stdout.split("MARKS=", 1)[1].splitlines()[0])
 
-    def of(name):
-        got = {k.split("::", 1)[1]: v for k, v in marks.items() if k.startswith("tests/" + name)}
-        assert got, "no tests collected from %s" % name
-        return got
 
-    # the uffd binding, the features probe, the CLI's features command: both backends
-    binding = of("test_uffd_binding.py")
-    # one test compares the binding with the core's own probe: marked by hand, and only it
-    assert binding.pop("test_probe_agrees_with_the_cffi_core") is not None
-    assert not any(binding.values()), binding
-    feats = of("test_features.py")
-    assert feats["test_features_fields_consistent"] is None
-    assert of("test_cli.py")["test_features"] is None
-    # plm.Region / the make_region fixture
-    assert all(of("test_region.py").values())
-    # _workloads.<name> in a subprocess script, the name built at run time
-    assert all("names Region" in r for r in of("test_contents.py").values())
-    # examples/*.py files given as parameters
-    assert all("examples/" in r for r in of("test_examples.py").values())
-    # a module-level script calling a helper of tests/_reliability.py
-    assert all("crash_child" in r for r in of("test_reliability_crash.py").values())
-    # a CLI command that runs regions; a fixture that checkpoints
-    cli = of("test_cli.py")
-    assert all("pylazymem demo" in r for n, r in cli.items() if n.startswith("test_demo"))
-    assert "fixture snapshot" in cli["test_inspect_table_and_json"]
+def test_forgot_the_marker_child_must_fail(run_py):
+    res = run_py("plm.restore('/nonexistent/x.snap')")
+    assert res.returncode != 0
+
+
+def test_needs_nothing():
+    assert plm.features().mode in ("full", "user-mode-only", "unavailable")
+
+
+@pytest.mark.core
+def test_marked():
+    plm.Region(PS).close()
+
+
+@pytest.mark.core(reason="the C engine")
+def test_marked_with_reason():
+    plm.Region(PS).close()
+"""
+
+MARKED_MODULE = """
+import os
+import pytest
+import pylazymem as plm
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd]
+
+
+def test_in_a_marked_module():
+    plm.Region(os.sysconf("SC_PAGE_SIZE")).close()
+"""
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cffi", marks=[pytest.mark.core(reason="the control run"), pytest.mark.uffd]),
+    "ctypes"])
+def test_forgotten_core_marker_fails_under_ctypes(pytester, monkeypatch, backend):
+    with open(os.path.join(REPO_DIR, "tests", "conftest.py")) as f:
+        pytester.makeconftest(f.read())
+    pytester.makepyfile(test_forgetful=FORGETFUL, test_marked_module=MARKED_MODULE)
+    monkeypatch.setenv("PYLAZYMEM_BACKEND", backend)
+    monkeypatch.setenv("PYTHONPATH", os.path.join(REPO_DIR, "tests"))   # _helpers
+    res = pytester.runpytest_subprocess("-rfs", "-p", "no:cacheprovider", "-o", "timeout=60",
+                                        timeout=100)
+    out = res.stdout.str()
+    if backend == "cffi":
+        res.assert_outcomes(passed=8)
+        assert "backend cffi: 0 tests skipped as needing the compiled core" in out, out
+        return
+    res.assert_outcomes(passed=1, failed=4, skipped=3)
+    # what each unmarked test that uses the core is told
+    res.stdout.fnmatch_lines([
+        # the refusal raised through the test
+        "*_ test_forgot_the_marker _*",
+        "*UnavailableError*pylazymem.Region is not offered by the ctypes backend*",
+        "*- pylazymem backend ctypes -*",
+        "this test was refused pylazymem.Region: it needs the compiled core: mark it "
+        "@pytest.mark.core*",
+        # the refusal swallowed by the test: failed, not passed
+        "*_ test_forgot_the_marker_and_swallowed_the_refusal _*",
+        "test_forgetful.py::test_forgot_the_marker_and_swallowed_the_refusal is not marked "
+        "core, but under the ctypes backend it was refused pylazymem.Region (UnavailableError) "
+        "and still passed; it needs the compiled core: mark it @pytest.mark.core*",
+        # a run_py child that died of the refusal: the test's own assertion, and the advice
+        "*_ test_forgot_the_marker_child_must_succeed _*",
+        "*UnavailableError: *pylazymem.Region is not offered by the ctypes backend*",
+        "*- pylazymem backend ctypes -*",
+        "this test was refused a run_py subprocess: *UnavailableError: *pylazymem.Region is "
+        "not offered by the ctypes backend*mark it @pytest.mark.core*",
+        # a child expected to fail, failing for the wrong reason: failed, not passed
+        "*_ test_forgot_the_marker_child_must_fail _*",
+        "test_forgetful.py::test_forgot_the_marker_child_must_fail is not marked core, but "
+        "under the ctypes backend it was refused a run_py subprocess: *pylazymem.restore() is "
+        "not offered by the ctypes backend*and still passed; *mark it @pytest.mark.core*",
+    ])
+    # the marked ones: skipped with the reason, and counted
+    res.stdout.fnmatch_lines_random([
+        "SKIPPED [[]2[]] conftest.py:*: needs the compiled core; this run's backend is ctypes",
+        "SKIPPED [[]1[]] conftest.py:*: needs the compiled core; this run's backend is ctypes "
+        "(the C engine)",
+        "pylazymem backend ctypes: 3 tests skipped as needing the compiled core (marker "
+        "'core'), 0 for other declared needs (*), 0 for other reasons; every other test ran.",
+        "FAILED test_forgetful.py::test_forgot_the_marker - pylazymem*",
+    ])
 
 
 # ---- helpers ----------------------------------------------------------------------------------

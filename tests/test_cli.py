@@ -43,6 +43,7 @@ def test_features():
     assert json.loads(out)["mode"] == f.mode
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_inspect_table_and_json(snapshot):
     rc, out, err = cli("inspect", snapshot)
@@ -65,6 +66,7 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_inspect_plot(snapshot, tmp_path):
     pytest.importorskip("matplotlib")
@@ -76,6 +78,7 @@ def test_inspect_plot(snapshot, tmp_path):
     assert os.path.getsize(png) > 5000
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_inspect_corrupt_snapshot(snapshot, tmp_path):
     bad = tmp_path / "bad.plm"
@@ -99,6 +102,7 @@ def test_usage_errors_exit_2(args):
     assert "error" in err
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_demo_small_json():
     rc, out, err = cli("demo", "--size", "32", "--requests", "20", "--warmup", "20", "--json",
@@ -114,6 +118,7 @@ def test_demo_small_json():
     assert d["process_a"]["snapshot_bytes"] > 0
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_demo_table_output():
     rc, out, err = cli("demo", "--size", "16", "--requests", "10", "--warmup", "10")
@@ -123,6 +128,7 @@ def test_demo_table_output():
         assert "\n%s " % v in out
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 def test_demo_plots(tmp_path):
     pytest.importorskip("matplotlib")

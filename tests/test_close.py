@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 
 @pytest.mark.parametrize("region_kw", ["{}", "{'max_cluster_pages': 1}"])

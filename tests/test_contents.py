@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(300)]
 
 CONFIGS = {
     "default": {},

@@ -9,7 +9,7 @@ import pytest
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 MiB = 1 << 20
 S = plm.PageState

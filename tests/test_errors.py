@@ -9,7 +9,7 @@ import pytest
 import pylazymem as plm
 from _helpers import PAGE_SIZE, random_page
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(60)]
 
 PS = PAGE_SIZE
 

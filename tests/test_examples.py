@@ -9,7 +9,7 @@ from _helpers import REPO_DIR
 
 EXAMPLES = sorted(glob.glob(os.path.join(REPO_DIR, "examples", "*.py")))
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(200)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(200)]
 
 # Smaller than their defaults, so the suite stays quick; the defaults run in the README's demo.
 EXAMPLE_ARGS = {

@@ -137,6 +137,7 @@ def _unprivileged_sysctl():
         return None
 
 
+@pytest.mark.core
 @pytest.mark.timeout(120)
 def test_unprivileged_auto_mode(run_py_ok):
     """Without privilege, auto acquisition degrades as documented and says why."""
@@ -164,6 +165,7 @@ def test_unprivileged_auto_mode(run_py_ok):
         assert res["ok"] is True, res
 
 
+@pytest.mark.core
 @pytest.mark.timeout(120)
 def test_unavailable_raises_unavailable_error(run_py_ok):
     """PYLAZYMEM_UFFD=dev without access to the device: Region() raises UnavailableError

@@ -362,7 +362,6 @@ def test_client_killed_mid_storm(fc_client, server, memory_file):
     server.assert_alive()
 
 
-@pytest.mark.any_backend   # the snapshot is written by a cffi subprocess; served by either
 @pytest.mark.parametrize("engine", ENGINES)
 def test_snapshot_source(fc_client, memory_file, tmp_path, engine):
     """`serve --snapshot`: the same bytes as the memory file, from a pylazymem snapshot (zero,

@@ -4,7 +4,7 @@ Everything runs in subprocesses (a hang fails the test)."""
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(150)]
 
 SETUP = """
     rng = np.random.default_rng(9)

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 SCRIPT = """
     sys.setswitchinterval(1e-4)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(150)]
 
 
 def test_stop_then_restart_serves_faults(run_py_ok):

@@ -41,6 +41,7 @@ def test_run_py_fails_on_timeout_and_kills_the_group(run_py, tmp_path):
         pytest.fail("grandchild survived the timeout")
 
 
+@pytest.mark.core
 @pytest.mark.uffd
 @pytest.mark.timeout(60)
 def test_run_py_kills_a_process_stuck_in_a_fault(run_py):

@@ -6,7 +6,7 @@ Run in subprocesses: a kernel access that is never served would block in the sys
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 SETUP = """
     rng = np.random.default_rng(3)

@@ -6,7 +6,7 @@ import pytest
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(60)]
 
 S = plm.PageState
 C = plm.PageClass

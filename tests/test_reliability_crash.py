@@ -25,7 +25,7 @@ import pytest
 import pylazymem as plm
 from _reliability import LONG, kill_tree, last_json, record, start_py
 
-pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(3600 if LONG else 300)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(3600 if LONG else 300)]
 
 NBYTES = 256 << 20
 KILLS = 60 if LONG else 8

@@ -24,7 +24,7 @@ import pytest
 
 from _reliability import LONG, UNDER_ASAN, finish_all, last_json, record, start_py
 
-pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(7200 if LONG else 400)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(7200 if LONG else 400)]
 
 FILES = 10 ** 6 if LONG else 20_000
 CHUNK = 50_000 if LONG else 10_000   # files per subprocess (each with its own seed)

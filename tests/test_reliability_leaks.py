@@ -13,7 +13,7 @@ import pytest
 
 from _reliability import UNDER_ASAN, last_json, record
 
-pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(300)]
 
 RSS_SLACK_KIB = 16 << 10
 

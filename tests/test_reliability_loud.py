@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 SETUP = """
 r = plm.Region(16 * PS, _test_broken_source=True)

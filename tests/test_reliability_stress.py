@@ -15,7 +15,7 @@ import pytest
 
 from _reliability import LONG, last_json, record
 
-pytestmark = [pytest.mark.timeout(7200 if LONG else 600)]
+pytestmark = [pytest.mark.core, pytest.mark.timeout(7200 if LONG else 600)]
 
 MIN_FAULTS = 10 ** 7 if LONG else 10 ** 6
 RESTORE_ROUNDS = 60 if LONG else 6

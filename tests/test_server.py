@@ -58,7 +58,6 @@ def sock(tmp_path):
     return str(tmp_path / "srv.sock")
 
 
-@pytest.mark.any_backend   # its snapshot is written by a cffi subprocess; served by either
 @pytest.mark.parametrize("source", ["memory-file", "snapshot"])
 @pytest.mark.parametrize("engine", _engines())
 def test_two_clients(tmp_path, sock, engine, source, run_py):
@@ -394,7 +393,6 @@ print("OK")
         assert srv.clients == [], "a client that exited is still listed"
 
 
-@pytest.mark.any_backend   # its snapshot is written by a cffi subprocess; served by either
 @pytest.mark.parametrize("engine", _engines())
 def test_snapshot_source(tmp_path, sock, engine, run_py):
     """A snapshot (zero, duplicate and unique pages) served to a client whose one range
@@ -465,6 +463,7 @@ def stop_server(p):
     return p.communicate()
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("engine", _engines())
 def test_region_served_by_server(tmp_path, sock, engine, run_py):
     """A Region's contents come from the server's memory file; writes stay local; the region
@@ -565,6 +564,7 @@ def _storm(tmp_path, sock, engine, snapshot):
         srv.communicate()
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("engine", _engines())
 def test_server_killed_plain_region_fails_loudly(tmp_path, sock, engine):
     """Region(server=...) holds pages only the server could give: after kill -9 of the server
@@ -648,6 +648,7 @@ print("OK")
         out, err = stop_server(srv)
 
 
+@pytest.mark.core
 def test_region_served_checkpoint_reads_through(tmp_path, sock, run_py):
     """Region(server=...) then checkpoint: pages only the server had are fetched, so the
     snapshot holds the server's contents, not zeros."""

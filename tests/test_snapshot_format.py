@@ -240,6 +240,7 @@ def assert_arrays_equal(got, want):
 
 # ---- tests --------------------------------------------------------------------------------
 
+@pytest.mark.core
 def test_written_file_follows_the_document(make_region, rng, tmp_path):
     r = make_region(12 * PS, max_cluster_pages=1)
     w = r.alloc("w", 4, np.float32)
@@ -302,6 +303,7 @@ def test_written_file_follows_the_document(make_region, rng, tmp_path):
     assert i2.working_set.tolist() == info.working_set.tolist()
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("dtype", [STRUCT_DTYPE, SUBARRAY_DTYPE], ids=["flat", "subarray"])
 def test_structured_dtype_in_manifest(make_region, rng, tmp_path, dtype):
     r = make_region(8 * PS, max_cluster_pages=1)
@@ -321,6 +323,7 @@ def test_structured_dtype_in_manifest(make_region, rng, tmp_path, dtype):
         assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.core
 def test_hand_written_file_restores(tmp_path, rng):
     """A file written from the document alone (not by checkpoint) restores byte for byte."""
     page_a, page_b = random_page(rng), random_page(rng)
@@ -350,6 +353,7 @@ def test_hand_written_file_restores(tmp_path, rng):
             assert s.tobytes() == page_a[:16].tobytes()
 
 
+@pytest.mark.core
 def test_foreign_page_size_inspects_but_does_not_restore(tmp_path, rng):
     other = 8192 if PS != 8192 else 16384
     page = rng.integers(0, 256, other, dtype=np.uint8).tobytes()
@@ -361,6 +365,7 @@ def test_foreign_page_size_inspects_but_does_not_restore(tmp_path, rng):
         plm.restore(path)
 
 
+@pytest.mark.core
 def test_argument_errors(make_region, tmp_path):
     r = make_region(4 * PS)
     path = str(tmp_path / "s.snap")
@@ -382,6 +387,7 @@ def test_snapshot_error_is_a_value_error():
 
 
 
+@pytest.mark.core
 def test_path_like_paths(make_region, tmp_path):
     r = make_region(4 * PS)
     pages(r)[1] = 7
@@ -429,6 +435,7 @@ def _no_core(run_py, *paths):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.core
 def test_page_sources(make_region, rng, tmp_path, run_py):
     r = make_region(9 * PS, max_cluster_pages=1)
     v = pages(r)
@@ -459,6 +466,7 @@ def test_page_sources(make_region, rng, tmp_path, run_py):
     assert got["pbc"] == info.pages_by_class
 
 
+@pytest.mark.core
 def test_reader_without_core_rejects_what_restore_rejects(tmp_path, run_py):
     """The numpy checks (no compiled core) reject bad tables like the C checks do."""
     from test_snapshot_hostile import CASES, make_valid
@@ -473,6 +481,7 @@ def test_reader_without_core_rejects_what_restore_rejects(tmp_path, run_py):
     assert not accepted, accepted
 
 
+@pytest.mark.core
 def test_version_1_files_are_refused_with_the_fix(tmp_path):
     """Version 1 (16-byte page table entries with signatures) is not read: the message says
     what to do instead of only that the file is bad."""
@@ -484,6 +493,7 @@ def test_version_1_files_are_refused_with_the_fix(tmp_path):
             fn(path)
 
 
+@pytest.mark.core
 def test_checkpoint_compares_pages_with_equal_signatures(tmp_path, rng):
     """Pages with the same signature share a store entry only if their bytes are equal too. A
     snapshot whose signature section gives two different entries one signature (restore does

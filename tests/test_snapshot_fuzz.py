@@ -18,7 +18,7 @@ from _helpers import PAGE_SIZE, pages, random_page
 from test_snapshot_format import (FIELD_SIZE, HEADER_CHECKED, HEADER_FIELDS, STORED, SnapFile,
                                   patch_header_field, xxh3)
 
-pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(240)]
 
 PS = PAGE_SIZE
 NPAGES = 6

@@ -19,7 +19,7 @@ from _helpers import PAGE_SIZE, pages, random_page
 from test_snapshot_format import (FIELD_OFFSET, HEADER_CHECKED, ZERO, SnapFile,
                                   patch_header_field, stored, write_file, xxh3)
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(180)]
 
 PS = PAGE_SIZE
 NPAGES = 8

@@ -14,7 +14,7 @@ import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
 from test_snapshot_format import SnapFile
 
-pytestmark = [pytest.mark.uffd_full, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(120)]
 
 PS = PAGE_SIZE
 N = 32

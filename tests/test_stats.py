@@ -6,7 +6,7 @@ import pytest
 import pylazymem as plm
 from _helpers import PAGE_SIZE, pages, random_page
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(60)]
 
 KEYS = {"faults", "faults_by_class", "faults_spurious", "faults_write", "readahead_pages",
         "pages_present", "bytes_materialized", "materialized_pages", "errors", "serving_threads",

@@ -5,7 +5,7 @@ import pytest
 import pylazymem as plm
 from _helpers import PAGE_SIZE
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 PS = PAGE_SIZE
 
 

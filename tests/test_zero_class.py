@@ -8,7 +8,7 @@ import pytest
 import pylazymem as plm
 from _helpers import pages
 
-pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
 MiB = 1 << 20
 SLACK = 4 * MiB
