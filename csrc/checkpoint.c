@@ -18,6 +18,11 @@
 
 /* ---- signatures ---------------------------------------------------------------------- */
 
+/*
+ * Every page is held while it is read (a present page pinned, a lazy one claimed), so that a
+ * deferral cannot slip in between the hash and the record. A poisoned page has no signature:
+ * 0 in out, and -EHWPOISON once the others are done (the caller names them from the records).
+ */
 int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
 {
     int rc = lm_check_range(r, first, n);
@@ -25,57 +30,77 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
         return rc;
     if ((rc = lm_meta_sync(r)) < 0)
         return rc;
+    bool poisoned = false;
     for (size_t i = first; i < first + n; i++) {
-        struct lm_page_meta *m = &r->meta[i];
-        uint8_t s;
-        for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
-            lm_wait_busy(&spins);
+        uint8_t s = lm_hold(r, i);
         uint64_t sig;
         if (s == LM_PRESENT) {
-            /* Reading a present page never waits on the fault path (unless something outside
-               pylazymem dropped it, and then the handler serves it). */
             sig = XXH3_64bits(r->base + i * r->page_size, r->page_size);
             lm_meta_note_signature(r, i, sig);
         } else if (s == LM_EMPTY) {
             sig = r->zero_sig;    /* fresh anonymous memory reads as zero */
+        } else if (s == LM_POISONED) {
+            sig = 0;
+            poisoned = true;
         } else {
-            sig = m->signature;   /* pending contents: known when the update was recorded */
+            sig = r->meta[i].signature;   /* pending contents: known when recorded */
         }
+        lm_unhold(r, i, s);
         if (out)
             out[i - first] = sig;
     }
-    return 0;
+    return poisoned ? lm_fail("signatures: poisoned pages in the range", EHWPOISON) : 0;
 }
 
 /* ---- checkpoint ---------------------------------------------------------------------- */
 
-/* Where a page's contents come from, for comparing two pages without faulting either. */
-struct content {
-    const char *mem;   /* in memory (present page or canonical page), or NULL */
-    uint64_t store;    /* snapshot store entry when mem is NULL */
-};
-
-static int page_equal(struct lm_region *r, const struct content *a, const struct content *b,
-                      char *buf_a, char *buf_b, bool *equal)
+/* Page p's contents while it is held in state s: in the region (pinned), in the canonical
+   store, or read into buf (a snapshot page). Never faults a page in. */
+static int view_held(struct lm_region *r, size_t p, uint8_t s, char *buf, const char **out)
 {
-    const char *pa = a->mem, *pb = b->mem;
-    int rc;
-    if (!pa && !pb && a->store == b->store) {
-        *equal = true;
+    const struct lm_page_meta *m = &r->meta[p];
+    if (s == LM_PRESENT) {
+        *out = r->base + p * r->page_size;
         return 0;
     }
-    if (!pa) {
-        if ((rc = lm_src_read(r, a->store, 1, buf_a)) < 0)
-            return rc;
-        pa = buf_a;
+    if (s == LM_DEFERRED && m->cls == LM_CLS_CANONICAL) {
+        *out = lm_canon_page(r, m->canon);
+        return 0;
     }
-    if (!pb) {
-        if ((rc = lm_src_read(r, b->store, 1, buf_b)) < 0)
-            return rc;
-        pb = buf_b;
+    *out = buf;
+    return lm_read_held(r, p, s, buf);
+}
+
+/* Compare the contents of pages a and b byte by byte, without faulting either. Each is held
+   while it is read; a is never held while this waits for b (the holder of b may be waiting
+   for a: a deferral claims pages in order). */
+static int pages_equal(struct lm_region *r, size_t a, size_t b, char *buf_a, char *buf_b,
+                       bool *equal)
+{
+    size_t ps = r->page_size;
+    const char *pa, *pb;
+    uint8_t sa = lm_hold(r, a);
+    int rc = view_held(r, a, sa, buf_a, &pa);
+    bool a_held = true;
+    uint8_t sb = rc < 0 ? LM_BUSY : lm_try_hold(r, b);
+    if (rc == 0 && sb == LM_BUSY) {
+        if (pa != buf_a) {
+            memcpy(buf_a, pa, ps);
+            pa = buf_a;
+        }
+        lm_unhold(r, a, sa);
+        a_held = false;
+        sb = lm_hold(r, b);
     }
-    *equal = memcmp(pa, pb, r->page_size) == 0;
-    return 0;
+    if (rc == 0) {
+        rc = view_held(r, b, sb, buf_b, &pb);
+        if (rc == 0)
+            *equal = memcmp(pa, pb, ps) == 0;
+        lm_unhold(r, b, sb);
+    }
+    if (a_held)
+        lm_unhold(r, a, sa);
+    return rc;
 }
 
 static bool is_zero(const char *p, size_t len)
@@ -100,57 +125,57 @@ struct dedup {
 
 /* What the plan knows of one page. */
 struct plan_page {
-    struct content c;
     uint64_t sig;
     uint8_t cls;      /* enum lm_snap_class */
     bool placed;      /* has its store entry (working-set pages are placed first) */
 };
 
-/* Classify one page: its class, signature and where its contents are. */
+/* Classify one page: its class and signature. The page is held while its record and contents
+   are read (a fault, a deferral or a poisoning cannot change them meanwhile). */
 static int classify(struct lm_region *r, size_t p, struct plan_page *e)
 {
     struct lm_page_meta *m = &r->meta[p];
-    uint8_t s;
-    for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
-        lm_wait_busy(&spins);
+    uint8_t s = lm_hold(r, p);
+    int rc = 0;
     memset(e, 0, sizeof(*e));
     if (s == LM_EMPTY) {
         e->cls = LM_SNAP_UNTOUCHED;
-        return 0;
-    }
-    if (s == LM_DEFERRED) {
+    } else if (s == LM_DEFERRED) {
         if (m->cls == LM_CLS_CANONICAL) {
-            e->c.mem = lm_canon_page(r, m->canon);
             e->sig = m->signature;
-            e->cls = is_zero(e->c.mem, r->page_size) ? LM_SNAP_ZERO : LM_SNAP_STORED;
+            e->cls = is_zero(lm_canon_page(r, m->canon), r->page_size) ? LM_SNAP_ZERO
+                                                                       : LM_SNAP_STORED;
         } else if (m->cls == LM_CLS_SNAPSHOT) {
             /* Taken from the source store, not faulted in; its signature from the source's
                signature section (lm_ckpt_plan has read it). */
             const uint64_t *sigs = atomic_load(&r->src_sigs);
             if (!sigs)
-                return lm_fail("checkpoint: the source snapshot's signatures are not available",
-                               ENODATA);
-            e->c.store = m->aux;
-            e->sig = sigs[m->aux];
+                rc = lm_fail("checkpoint: the source snapshot's signatures are not available",
+                             ENODATA);
+            else
+                e->sig = sigs[m->aux];
             e->cls = e->sig == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
         } else {
             e->cls = LM_SNAP_ZERO;
         }
         if (e->cls == LM_SNAP_ZERO)
             e->sig = r->zero_sig;
-        return 0;
+    } else if (s == LM_PRESENT) {   /* pinned: hash what is there */
+        const char *mem = r->base + p * r->page_size;
+        if (is_zero(mem, r->page_size)) {
+            e->cls = LM_SNAP_ZERO;
+            e->sig = r->zero_sig;
+        } else {
+            e->cls = LM_SNAP_STORED;
+            e->sig = XXH3_64bits(mem, r->page_size);
+        }
+        lm_meta_note_signature(r, p, e->sig);
+    } else {   /* LM_POISONED: its contents are lost; a checkpoint must not pretend */
+        rc = lm_fail("checkpoint: poisoned pages (their contents could not be served)",
+                     EHWPOISON);
     }
-    /* Present: hash what is there. */
-    e->c.mem = r->base + p * r->page_size;
-    if (is_zero(e->c.mem, r->page_size)) {
-        e->cls = LM_SNAP_ZERO;
-        e->sig = r->zero_sig;
-    } else {
-        e->cls = LM_SNAP_STORED;
-        e->sig = XXH3_64bits(e->c.mem, r->page_size);
-    }
-    lm_meta_note_signature(r, p, e->sig);
-    return 0;
+    lm_unhold(r, p, s);
+    return rc;
 }
 
 /*
@@ -171,8 +196,7 @@ static int place(struct lm_region *r, struct dedup *d, size_t p, struct plan_pag
         uint64_t idx = d->slots[h].store - 1;
         if (verify) {
             bool eq;
-            int rc = page_equal(r, &e->c, &pp[store_pages[idx]].c, buf, buf + r->page_size,
-                                &eq);
+            int rc = pages_equal(r, p, store_pages[idx], buf, buf + r->page_size, &eq);
             if (rc < 0)
                 return rc;
             if (!eq)
@@ -287,23 +311,6 @@ int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
     return rc;
 }
 
-/* Where page p's contents are now, without faulting it in. */
-static void locate(struct lm_region *r, size_t p, struct content *c)
-{
-    struct lm_page_meta *m = &r->meta[p];
-    uint8_t s;
-    for (unsigned spins = 0; (s = lm_state_load(m)) == LM_BUSY;)
-        lm_wait_busy(&spins);
-    c->mem = r->zero_src;
-    c->store = 0;
-    if (s == LM_PRESENT)
-        c->mem = r->base + p * r->page_size;
-    else if (s == LM_DEFERRED && m->cls == LM_CLS_CANONICAL)
-        c->mem = lm_canon_page(r, m->canon);
-    else if (s == LM_DEFERRED && m->cls == LM_CLS_SNAPSHOT)
-        c->mem = NULL, c->store = m->aux;
-}
-
 int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
                     const uint64_t *store_pages, uint64_t nstored)
 {
@@ -322,44 +329,53 @@ int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
         size_t owner = store_pages[e - LM_SNAP_STORED];
         if (owner == p)
             continue;
-        struct content a, b;
         bool eq;
-        locate(r, p, &a);
-        locate(r, owner, &b);
-        if ((rc = page_equal(r, &a, &b, buf, buf + r->page_size, &eq)) == 0 && !eq)
+        if ((rc = pages_equal(r, p, owner, buf, buf + r->page_size, &eq)) == 0 && !eq)
             rc = 1;   /* same signature, other contents */
     }
     free(buf);
     return rc;
 }
 
+/*
+ * Write the contents of store_pages[0..n) to fd at offset. Present pages are written straight
+ * from the region (pinned until their write is done), lazy ones are read from their source
+ * (never faulted in); adjacent pages coalesce. While pages are pinned, no other page is waited
+ * for: a page someone else holds ends the batch, which is written and unpinned first.
+ */
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n)
 {
     enum { IOV = 1024 };   /* IOV_MAX: fewer, larger writes */
     struct iovec iov[IOV];
+    size_t *pinned = malloc(IOV * sizeof(size_t));
     char *bufs = malloc((size_t)IOV * r->page_size);
-    if (!bufs)
-        return lm_fail("malloc(checkpoint buffer)", ENOMEM);
     int rc = 0;
+    if (!bufs || !pinned)
+        rc = lm_fail("malloc(checkpoint buffer)", ENOMEM);
     size_t ps = r->page_size;
+    if (rc == 0 && __builtin_mul_overflow(n, ps, &(size_t){0}))
+        rc = lm_fail("checkpoint: store larger than the address space", EINVAL);
     for (size_t i = 0; i < n && rc == 0;) {
-        /* Gather up to IOV pages; present pages are written straight from the region, lazy
-           ones are read from their source (never faulted in), adjacent pages coalesce. */
         int k = 0;
-        size_t bytes = 0, start = i;
+        size_t bytes = 0, start = i, npinned = 0;
         while (i < n && k < IOV) {
             size_t p = store_pages[i];
             if (p >= r->npages) {
                 rc = lm_fail("checkpoint: store page outside the region", ERANGE);
                 break;
             }
-            struct lm_page_meta *m = &r->meta[p];
+            uint8_t s = npinned ? lm_try_hold(r, p) : lm_hold(r, p);
+            if (s == LM_BUSY)
+                break;   /* held elsewhere: write what we have first */
             const char *src;
-            if (lm_state_load(m) == LM_PRESENT) {
+            if (s == LM_PRESENT) {
+                pinned[npinned++] = p;
                 src = r->base + p * ps;
             } else {
-                if ((rc = lm_page_read(r, p, bufs + (size_t)k * ps)) < 0)
+                rc = lm_read_held(r, p, s, bufs + (size_t)k * ps);
+                lm_unhold(r, p, s);
+                if (rc < 0)
                     break;
                 src = bufs + (size_t)k * ps;
             }
@@ -374,12 +390,10 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
             bytes += ps;
             i++;
         }
-        if (rc < 0)
-            break;
         off_t off = (off_t)(offset + start * ps);
         size_t written = 0;
         int first = 0;
-        while (written < bytes) {
+        while (rc == 0 && written < bytes) {
             ssize_t w = pwritev(fd, iov + first, k - first, off + (off_t)written);
             if (w < 0) {
                 if (errno == EINTR)
@@ -398,7 +412,10 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
                 iov[first].iov_len -= (size_t)w;
             }
         }
+        for (size_t q = 0; q < npinned; q++)
+            lm_unhold(r, pinned[q], LM_PRESENT);
     }
     free(bufs);
+    free(pinned);
     return rc;
 }

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <xxhash.h>
 
 #include "lm_internal.h"
@@ -52,6 +53,16 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
     return 0;
 }
 
+int lm_fill_hook(struct lm_region *r)
+{
+    int fail = atomic_load_explicit(&r->cfg_test_fail_fills, memory_order_relaxed);
+    if (fail == 1 ||
+        (fail > 1 && atomic_fetch_add_explicit(&r->fill_attempts, 1, memory_order_relaxed) %
+                             (uint64_t)fail == 0))
+        return lm_fail("test hook: the page source is broken", EIO);
+    return 0;
+}
+
 /*
  * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
  * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
@@ -59,18 +70,17 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
  * (the common case) is assembled once and reused.
  */
 int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
-                bool wake, bool write)
+                bool wake, bool write, size_t *filled)
 {
     char *dst = r->base + first * r->page_size;
-    size_t len = n * r->page_size;
+    size_t len = n * r->page_size, done = 0;
     struct lm_page_meta *m0 = &r->meta[first];
     int rc;
 
-    if (r->cfg.test_fail_fills == 1 ||
-        (r->cfg.test_fail_fills > 1 &&
-         atomic_fetch_add_explicit(&r->fill_attempts, 1, memory_order_relaxed) %
-                 (uint64_t)r->cfg.test_fail_fills == 0))
-        return lm_fail("test hook: the page source is broken", EIO);
+    if (filled)
+        *filled = 0;
+    if ((rc = lm_fill_hook(r)) < 0)
+        return rc;
 
     if (lm_needs_copy(m0)) {
         uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
@@ -78,21 +88,25 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
             if (r->meta[first + i].cls != LM_CLS_CANONICAL || r->meta[first + i].canon != same)
                 same = 0;
         if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
+            t->scratch_canon = 0;   /* partly overwritten if the assembly fails */
             if ((rc = assemble(r, t, first, n)) < 0)
                 return rc;
             t->scratch_canon = same;
             t->scratch_pages = same ? (uint32_t)n : 0;
         }
-        rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake);
+        rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake, &done);
     } else if (write && r->cfg.zero_write == LM_ZW_COPY) {
         /* The page is about to be written: allocate it now rather than map the zero page
            and take a second (kernel) fault for the copy-on-write. */
-        rc = lm_uffd_copy(r->uffd, dst, r->zero_src, len, wake);
+        rc = lm_uffd_copy(r->uffd, dst, r->zero_src, len, wake, &done);
     } else {
-        rc = lm_uffd_zeropage(r->uffd, dst, len, wake);
+        rc = lm_uffd_zeropage(r->uffd, dst, len, wake, &done);
     }
     if (rc == 0)
-        atomic_fetch_add_explicit(&r->st_bytes, len, memory_order_relaxed);
+        done = len;
+    if (filled)
+        *filled = done / r->page_size;
+    atomic_fetch_add_explicit(&r->st_bytes, done, memory_order_relaxed);
     return rc;
 }
 
@@ -102,41 +116,83 @@ void lm_record_error(struct lm_region *r, int rc)
     atomic_store_explicit(&r->st_last_error, rc, memory_order_relaxed);
 }
 
-/* A page we cannot serve must not leave its faulter waiting forever, nor read as zeros:
-   poison it, so the access raises SIGBUS. The page is claimed (BUSY) by the caller. */
-void lm_poison_page(struct lm_region *r, size_t page, int rc)
+/*
+ * Make an access to pages [first, first+n) fail loudly: UFFDIO_POISON (6.6+: SIGBUS, kernel
+ * accesses EFAULT); without it, the pages are made inaccessible (SIGSEGV; EFAULT), which the
+ * uffd registration survives. A deferral gives such pages new contents (meta.c). The faulter
+ * must be woken by the caller after the record says POISONED.
+ */
+static int make_loud(struct lm_region *r, size_t first, size_t n)
+{
+    char *addr = r->base + first * r->page_size;
+    size_t len = n * r->page_size;
+    if (r->has_poison)
+        return lm_uffd_poison(r->uffd, addr, len);
+    if (mprotect(addr, len, PROT_NONE) < 0)
+        return LM_FAIL("mprotect(PROT_NONE) of an unservable page");
+    return 0;
+}
+
+/* Pages we cannot serve must not leave their faulters waiting forever, nor read as zeros:
+   poison them. The pages are claimed (BUSY) by the caller; rc says why (stats.last_error). */
+void lm_poison_run(struct lm_region *r, size_t first, size_t n, int rc)
 {
     lm_record_error(r, rc);
     if (rc == -EBADMSG)   /* counted here, once per page, however many paths tried it */
-        atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
-    char *addr = r->base + page * r->page_size;
-    if (lm_uffd_poison(r->uffd, addr, r->page_size) == 0) {
-        lm_mark_poisoned(r, page);
-        lm_uffd_wake(r->uffd, addr, r->page_size);
-    } else {
-        /* No poison (kernel < 6.6): the faulter keeps waiting; stats.errors says why. */
-        lm_release(r, page, LM_DEFERRED);
+        atomic_fetch_add_explicit(&r->st_verify_fail, n, memory_order_relaxed);
+    int prc = make_loud(r, first, n);
+    if (prc < 0) {
+        /* Nothing can make these pages loud (out of memory for the mapping change): they stay
+           lazy, the faulter keeps waiting, stats.errors says why. */
+        lm_record_error(r, prc);
+        for (size_t i = 0; i < n; i++)   /* a fresh page stays fresh: never served as zero */
+            lm_release(r, first + i,
+                       r->meta[first + i].cls == LM_CLS_NONE ? LM_EMPTY : LM_DEFERRED);
+        return;
     }
+    for (size_t i = 0; i < n; i++)
+        lm_mark_poisoned(r, first + i);
+    lm_uffd_wake(r->uffd, r->base + first * r->page_size, n * r->page_size);
+}
+
+void lm_poison_page(struct lm_region *r, size_t page, int rc)
+{
+    lm_poison_run(r, page, 1, rc);
+}
+
+/* A poisoned page faulted again: its marker was dropped behind our back (madvise), or this
+   fault was raised before the poison. Poison it again; held (BUSY, from POISONED). */
+void lm_poison_again(struct lm_region *r, size_t page)
+{
+    int rc = make_loud(r, page, 1);
+    if (rc < 0)
+        lm_record_error(r, rc);
+    lm_release(r, page, LM_POISONED);
+    lm_uffd_wake(r->uffd, r->base + page * r->page_size, r->page_size);
 }
 
 /*
  * Fill claimed pages [first, first+n) (one kind), falling back to one page at a time when the
- * run fails, so that a single bad page is poisoned and its neighbours are still served.
+ * run fails, so that a single bad page is poisoned and its neighbours are still served. Pages
+ * a failed attempt did fill are marked present (their page-table entries are there).
  */
 size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first,
                          size_t n, const uint8_t *old, uint16_t flag)
 {
-    int rc = lm_fill_run(r, t, first, n, false, false);
-    if (rc == 0) {
-        lm_mark_present(r, first, n, flag, 0);
-        lm_uffd_wake(r->uffd, r->base + first * r->page_size, n * r->page_size);
-        return n;
+    size_t filled = 0;
+    int rc = lm_fill_run(r, t, first, n, false, false, &filled);
+    if (filled) {
+        lm_mark_present(r, first, filled, flag, 0);
+        lm_uffd_wake(r->uffd, r->base + first * r->page_size, filled * r->page_size);
     }
-    size_t done = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (n > 1)
-            rc = lm_fill_run(r, t, first + i, 1, false, false);
-        if (rc == 0) {
+    if (rc == 0)
+        return n;
+    size_t done = filled;
+    for (size_t i = filled; i < n; i++) {
+        size_t one = 0;
+        if (i > filled || n > 1)
+            rc = lm_fill_run(r, t, first + i, 1, false, false, &one);
+        if (rc == 0 || one) {
             lm_mark_present(r, first + i, 1, flag, 0);
             lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size, r->page_size);
             done++;
@@ -150,6 +206,11 @@ size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t 
     return done;
 }
 
+/*
+ * Carry out every pending update of [first, first+n) now. Present pages are passed over;
+ * poisoned pages cannot be made present: the rest is done and -EHWPOISON returned (the caller
+ * names them from the records). A fill that fails leaves its pages lazy (nothing is lost).
+ */
 int lm_materialize(struct lm_region *r, size_t first, size_t n)
 {
     int rc = lm_check_range(r, first, n);
@@ -163,30 +224,34 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
     r->used = true;
 
     size_t i = first, end = first + n;
+    bool poisoned = false;
     unsigned spins = 0;
     while (i < end && rc == 0) {
         /* Claim a run of lazy pages of one kind; present pages are passed over. */
         uint8_t s = lm_claim(r, i);
-        if (s == LM_BUSY) {
+        if (s == LM_BUSY || s == LM_PINNED) {
             lm_wait_busy(&spins);
             continue;
         }
-        if (s == LM_PRESENT) {
+        if (s == LM_PRESENT || s == LM_POISONED) {
+            poisoned |= s == LM_POISONED;
             i++;
             continue;
         }
         old[0] = s;
         size_t max = end - i < r->cfg.max_cluster_pages ? end - i : r->cfg.max_cluster_pages;
-        size_t run = lm_claim_run(r, i, max, old);
-        rc = lm_fill_run(r, &t, i, run, true, false);
-        if (rc == 0) {
-            lm_mark_present(r, i, run, LM_F_MATERIALIZED, 0);
-            atomic_fetch_add_explicit(&r->st_materialized, run, memory_order_relaxed);
-        } else {
-            lm_unclaim(r, i, run, old);   /* leave them lazy: nothing was lost */
+        size_t run = lm_claim_run(r, i, max, old), filled = 0;
+        rc = lm_fill_run(r, &t, i, run, true, false, &filled);
+        if (filled) {
+            lm_mark_present(r, i, filled, LM_F_MATERIALIZED, 0);
+            atomic_fetch_add_explicit(&r->st_materialized, filled, memory_order_relaxed);
         }
+        if (rc < 0)
+            lm_unclaim(r, i + filled, run - filled, old + filled);   /* still lazy */
         i += run;
     }
     free(t.scratch);
+    if (rc == 0 && poisoned)
+        rc = lm_fail("materialize: poisoned pages in the range", EHWPOISON);
     return rc;
 }

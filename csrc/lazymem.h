@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 6 };
+enum { LM_ABI_VERSION = 8 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -30,7 +30,12 @@ enum lm_state {
                           anonymous memory; an all-zero record is an EMPTY page */
     LM_DEFERRED = 1,   /* not present; its contents are described by cls/canon */
     LM_BUSY = 2,       /* claimed by one thread for a transition; others wait */
-    LM_PRESENT = 3     /* mapped in the region */
+    LM_PRESENT = 3,    /* mapped in the region */
+    LM_POISONED = 4,   /* could not be served (a failed fill, a verification mismatch, a lost
+                          page server): an access raises SIGBUS (SIGSEGV on kernels without
+                          UFFDIO_POISON); readers report it; a deferral gives new contents */
+    LM_PINNED = 5      /* present, held by one reader (signatures, checkpoint, page_read)
+                          while it reads the contents: transitions wait */
 };
 
 /* Known content classes. */
@@ -48,7 +53,7 @@ enum lm_flag {
     LM_F_READAHEAD = 2,      /* made present by readahead around another page's fault */
     LM_F_WRITE_FAULT = 4,    /* first touch was a store */
     LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
-    LM_F_POISONED = 16,      /* could not be served: access raises SIGBUS (see stats.errors) */
+    LM_F_POISONED = 16,      /* has been poisoned (state LM_POISONED; stats.errors says why) */
     LM_F_PREFETCHED = 32,    /* made present by a prefetch (restore's working set) */
     LM_F_BACKGROUND = 64     /* made present by the background fill */
 };
@@ -122,6 +127,7 @@ struct lm_config {
                                     read 0); N > 1 = every Nth fill attempt fails (injected
                                     failures for stress tests); 0 = off */
     int timeline;                /* record when and how each page was first made present */
+    int test_no_poison;          /* test hook: act as a kernel without UFFDIO_POISON (< 6.6) */
 };
 
 /* How a page was first made present (the fault timeline). */
@@ -158,6 +164,7 @@ struct lm_stats {
     uint64_t verify_failures;     /* pages whose contents did not match their signature */
     int background_running;
     int remote;                   /* enum lm_remote */
+    uint64_t pages_poisoned;      /* pages in state LM_POISONED now */
 };
 
 struct lm_region;
@@ -176,6 +183,8 @@ void *lm_region_addr(struct lm_region *r);
 size_t lm_region_npages(struct lm_region *r);
 int lm_region_meta_fd(struct lm_region *r);
 int lm_region_mode(struct lm_region *r);
+/* Test hook: change config.test_fail_fills of a live region. */
+void lm_region_test_fail_fills(struct lm_region *r, int n);
 
 int lm_region_start(struct lm_region *r);     /* start the serving threads */
 int lm_region_stop(struct lm_region *r);      /* stop and join them; idempotent */

@@ -59,6 +59,10 @@ struct uffdio_poison {
 #define LM_MAX_RANGES 64
 #define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
 #define LM_MAX_WATCH 4
+/* The snapshot format's limits (docs/snapshot-format.md; pylazymem/_snapfile.py has the same):
+   page-map entries are 32-bit, STORED + store index. */
+#define LM_SNAP_MAX_PAGES ((uint64_t)1 << 40)
+#define LM_SNAP_MAX_STORED ((uint64_t)UINT32_MAX + 1 - LM_SNAP_STORED)
 
 /* ==== util.c ============================================================================ */
 
@@ -82,8 +86,10 @@ void lm_hist_add(struct lm_latency *l, uint64_t ns);
 int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
 int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
-int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake);
-int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake);
+/* Fill missing pages (EEXIST: already there, skipped; EAGAIN retried). 0, or -errno with
+   *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
+int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
+int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done);
 /* Copy from src (NULL: map zero pages) and wake, returning -EAGAIN instead of retrying it:
    for the page server, which must read the pending event itself (server.c). */
 int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len);
@@ -129,6 +135,7 @@ struct lm_fill_helper {
     int state;                 /* 0 idle, 1 job posted, 2 job done, 3 exit */
     size_t first, n;           /* the job: claimed pages to fill */
     int rc;
+    size_t filled;             /* pages of the job filled when rc < 0 */
     struct lm_serve_thread t;  /* its scratch */
     _Atomic int busy;          /* a serving thread owns the helper for one run */
 };
@@ -151,6 +158,8 @@ struct lm_region {
     const char *zero_src;         /* max_cluster pages that read as zero: copy source */
     uint64_t zero_sig;            /* never-written anonymous memory: reads as zero */
     bool used;                    /* defer_fill or materialize has run (restore refuses) */
+    bool has_poison;              /* UFFDIO_POISON works here (6.6+); else pages that cannot
+                                     be served are made inaccessible (fill.c, lm_poison_page) */
 
     /* meta.c: the metadata array in a memfd, the single record of page state. */
     int meta_fd;
@@ -211,6 +220,7 @@ struct lm_region {
 
     /* fill.c */
     _Atomic uint64_t fill_attempts;   /* for config.test_fail_fills > 1 */
+    _Atomic int cfg_test_fail_fills;  /* config.test_fail_fills, changeable while serving */
 
     /* serve.c: serving threads, the fill helper and readahead streams. */
     struct lm_serve_thread threads[LM_MAX_THREADS];
@@ -235,7 +245,7 @@ struct lm_region {
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
         st_bytes, st_materialized, st_errors, st_empty_wakeups,
         st_prefetched, st_background, st_src_bytes, st_verify_fail;
-    _Atomic int64_t st_present;
+    _Atomic int64_t st_present, st_poisoned;
     _Atomic int st_last_error;
     struct lm_latency lat;
 };
@@ -255,6 +265,15 @@ uint8_t lm_claim(struct lm_region *r, size_t page);
 uint8_t lm_claim_wait(struct lm_region *r, size_t page);
 /* Claim a PRESENT page (PRESENT -> BUSY); false when it is in any other state. */
 bool lm_claim_present(struct lm_region *r, size_t page);
+/* Hold a page to read it: a PRESENT page is pinned (PRESENT -> PINNED: transitions wait, and
+   a fault on it is served without its record), any other page is claimed (-> BUSY, its record
+   filled if it was lazy). Waits while the page is BUSY or PINNED. Returns the state the page
+   is in (PRESENT for a pinned page); give it back with lm_unhold(r, page, that state). A
+   reader holds at most one page while it waits for another (lm_try_hold otherwise). */
+uint8_t lm_hold(struct lm_region *r, size_t page);
+/* lm_hold without waiting: LM_BUSY when the page is held by someone else. */
+uint8_t lm_try_hold(struct lm_region *r, size_t page);
+void lm_unhold(struct lm_region *r, size_t page, uint8_t state);
 /* Claim the lazy pages after `first` (claimed, old state old[0]) that fill together with it. */
 size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old);
 /* Back off while a page is BUSY (yield, then sleep briefly). */
@@ -270,11 +289,11 @@ void lm_unclaim(struct lm_region *r, size_t first, size_t n, const uint8_t *old)
    were touched (in that order). */
 void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags,
                      size_t ordered);
-/* BUSY -> PRESENT + POISONED: the page was poisoned (an access raises SIGBUS). */
+/* BUSY -> POISONED: the page could not be served and was poisoned (fill.c). */
 void lm_mark_poisoned(struct lm_region *r, size_t page);
 /* A claimed page about to hold the program's own data (write fault; page server's pages). */
 void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon);
-/* A present page's signature, just computed from its contents. */
+/* A held page's signature, just computed from its contents (the caller holds the page). */
 void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig);
 bool lm_needs_copy(const struct lm_page_meta *m);
 /* A caller's page range: inside the region, not empty (0 or -ERANGE). */
@@ -303,6 +322,9 @@ void lm_ws_close(struct lm_region *r);
 /* ==== store.c =========================================================================== */
 
 const char *lm_canon_page(struct lm_region *r, uint32_t id);
+/* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
+   -EHWPOISON for a poisoned page. */
+int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
 /* The signature of canonical page `id`, checking that the id is this region's. */
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
@@ -310,11 +332,19 @@ void lm_source_close(struct lm_region *r);
 
 /* ==== fill.c ============================================================================ */
 
-/* Fill claimed pages [first, first+n) that share one content kind (not marked present). */
+/* Fill claimed pages [first, first+n) that share one content kind (not marked present).
+   0, or -errno with *filled (may be NULL) = how many pages from `first` were filled before
+   the failure: their page-table entries are present, so the caller must mark them present. */
 int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
-                bool wake, bool write);
-/* A page we cannot serve: poison it (SIGBUS on access). Claimed (BUSY) by the caller. */
+                bool wake, bool write, size_t *filled);
+/* Test hook (config.test_fail_fills): -EIO when this fill attempt is to fail, else 0. */
+int lm_fill_hook(struct lm_region *r);
+/* Pages we cannot serve: poison them (SIGBUS on access; SIGSEGV without UFFDIO_POISON),
+   record POISONED and wake their faulters. Claimed (BUSY) by the caller; rc says why. */
+void lm_poison_run(struct lm_region *r, size_t first, size_t n, int rc);
 void lm_poison_page(struct lm_region *r, size_t page, int rc);
+/* A page held from POISONED that faulted again: poison it again, give it back, wake. */
+void lm_poison_again(struct lm_region *r, size_t page);
 /* Fill claimed pages, one at a time when the run fails (a bad page is poisoned), mark them
    present and wake; returns how many were filled. */
 size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,

@@ -6,21 +6,30 @@
  *
  * The state machine (enum lm_state, lazymem.h):
  *
- *            claim / claim_wait                  release(EMPTY)  (unclaim)
+ *            claim / claim_wait / hold            unclaim / release
  *   EMPTY ─────────────────────────► BUSY ─────► EMPTY
  *   DEFERRED ──────────────────────► BUSY ─────► DEFERRED        (unclaim; defer; sync)
- *   PRESENT ── claim_wait ─────────► BUSY ─────► PRESENT         (mark_present; mark_poisoned;
- *           └─ claim_present ──────►                              release(PRESENT))
+ *                                      │ ──────► PRESENT         (mark_present: contents in place)
+ *                                      └ ──────► POISONED        (mark_poisoned: cannot be served)
+ *   PRESENT ── claim_wait ─────────► BUSY ─────► PRESENT | DEFERRED (defer: memory dropped)
+ *   PRESENT ── hold (a reader) ────► PINNED ───► PRESENT         (unhold)
+ *   POISONED ─ claim_wait / hold ──► BUSY ─────► POISONED | DEFERRED (re-poison; defer)
  *
  *   - Claims are compare-and-swaps into BUSY: lm_claim (EMPTY/DEFERRED only, never waits),
- *     lm_claim_wait (any state, waits while BUSY), lm_claim_present (PRESENT only).
- *     lm_claim_run extends a claim over following lazy pages of the same kind.
+ *     lm_claim_wait (any state, waits while BUSY or PINNED), lm_claim_present (PRESENT only),
+ *     lm_hold (readers: PINNED for a present page, BUSY for any other). lm_claim_run extends a
+ *     claim over following lazy pages of the same kind.
  *   - The claimer owns the record until it leaves BUSY, with a release store, through exactly
- *     one of: lm_release / lm_unclaim (any state but BUSY: the claimed-from state given back,
- *     or DEFERRED after a deferral or a failed fill), lm_mark_present (PRESENT, contents in
- *     place), lm_mark_poisoned (PRESENT + LM_F_POISONED, access raises SIGBUS).
+ *     one of: lm_release / lm_unclaim / lm_unhold (any resting state: the claimed-from state
+ *     given back, or DEFERRED after a deferral), lm_mark_present (PRESENT, contents in place),
+ *     lm_mark_poisoned (POISONED: an access raises SIGBUS, or SIGSEGV where the kernel has no
+ *     UFFDIO_POISON). A PINNED page is present and unchanged: its reader gives it back to
+ *     PRESENT. A fault on a PINNED page (its memory dropped behind our back) is served a zero
+ *     page without its record (serve.c), so a reader never waits for the fault path.
  *   - Nobody else stores a state. Everybody else waits (lm_wait_busy, which lifts the idle-class
- *     background fill when it may be the holder) or passes over the page.
+ *     background fill when it may be the holder) or passes over the page. A thread holding
+ *     pages never waits for another held page unless it is the fault path's own claim order
+ *     (ascending, run by run); readers hold one page at a time while they wait.
  *   - A first claim of an EMPTY page also fills its record lazily (below, "lazy records"):
  *     the claim then returns DEFERRED if a range deferral or a restore's table describes it.
  *
@@ -49,7 +58,8 @@ static void illegal(const char *what, size_t page, uint8_t from, uint8_t to)
 #define CHECK_HELD(r, page, to, what)                                                  \
     do {                                                                               \
         uint8_t from_ = lm_state_load(&(r)->meta[page]);                               \
-        if (from_ != LM_BUSY || (to) == LM_BUSY || (to) > LM_PRESENT)                  \
+        if (from_ != LM_BUSY || (to) == LM_BUSY || (to) == LM_PINNED ||                \
+            (to) > LM_PINNED)                                                          \
             illegal((what), (page), from_, (to));                                      \
     } while (0)
 #else
@@ -117,8 +127,8 @@ static uint8_t claim_wait(struct lm_page_meta *m)
     unsigned spins = 0;
     for (;;) {
         uint8_t s = lm_state_load(m);
-        if (s == LM_BUSY) {
-            lm_wait_busy(&spins);   /* held for one copy or madvise at most */
+        if (s == LM_BUSY || s == LM_PINNED) {
+            lm_wait_busy(&spins);   /* held for one copy, madvise or read at most */
             continue;
         }
         if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
@@ -224,6 +234,46 @@ bool lm_claim_present(struct lm_region *r, size_t p)
                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* One attempt to hold page p for reading (see lm_hold); LM_BUSY if someone else holds it. */
+uint8_t lm_try_hold(struct lm_region *r, size_t p)
+{
+    struct lm_page_meta *m = &r->meta[p];
+    uint8_t s = lm_state_load(m);
+    if (s == LM_BUSY || s == LM_PINNED)
+        return LM_BUSY;
+    uint8_t to = s == LM_PRESENT ? LM_PINNED : LM_BUSY;
+    if (!__atomic_compare_exchange_n(&m->state, &s, to, false, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return LM_BUSY;
+    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+}
+
+uint8_t lm_hold(struct lm_region *r, size_t p)
+{
+    unsigned spins = 0;
+    for (;;) {
+        uint8_t s = lm_try_hold(r, p);
+        if (s != LM_BUSY)
+            return s;
+        if (spins == 16)
+            lm_boost_background(r);   /* the holder may be the preempted idle-class fill */
+        lm_wait_busy(&spins);
+    }
+}
+
+void lm_unhold(struct lm_region *r, size_t p, uint8_t s)
+{
+    if (s == LM_PRESENT) {
+#ifdef LM_CHECK_STATES
+        if (lm_state_load(&r->meta[p]) != LM_PINNED)
+            illegal("unhold", p, lm_state_load(&r->meta[p]), LM_PRESENT);
+#endif
+        __atomic_store_n(&r->meta[p].state, LM_PRESENT, __ATOMIC_RELEASE);
+    } else {
+        store_state(r, p, s, "unhold");
+    }
+}
+
 bool lm_needs_copy(const struct lm_page_meta *m)
 {
     return m->cls == LM_CLS_CANONICAL || m->cls == LM_CLS_SNAPSHOT;
@@ -301,7 +351,8 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
 void lm_mark_poisoned(struct lm_region *r, size_t page)
 {
     r->meta[page].flags |= LM_F_POISONED;
-    store_state(r, page, LM_PRESENT, "mark_poisoned");
+    atomic_fetch_add_explicit(&r->st_poisoned, 1, memory_order_relaxed);
+    store_state(r, page, LM_POISONED, "mark_poisoned");
 }
 
 /* ---- record fields written by a holder ----------------------------------------------- */
@@ -316,10 +367,15 @@ void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon)
         m->canon = 0;
 }
 
-/* Not a transition: a signature computed from a present page's contents. (Written without a
-   claim today, by lm_signatures and the checkpoint's classification.) */
+/* Not a transition: a signature computed from a held page's contents (lm_signatures, the
+   checkpoint's classification hold it: a deferral cannot slip in between). */
 void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig)
 {
+#ifdef LM_CHECK_STATES
+    uint8_t s = lm_state_load(&r->meta[page]);
+    if (s != LM_PINNED && s != LM_BUSY)
+        illegal("note_signature of a page not held", page, s, s);
+#endif
     r->meta[page].signature = sig;
 }
 
@@ -436,7 +492,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
     int rc = 0;
     for (size_t c = first; c < first + n; c += CHUNK) {
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
-        size_t present = 0, claimed = 0;
+        size_t present = 0, poisoned = 0, claimed = 0;
         bool mine[CHUNK], was_present[CHUNK];
         for (size_t i = c; i < c + len; i++) {
             mine[i - c] = !only_done ||
@@ -446,8 +502,20 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
             if (!mine[i - c])
                 continue;
             struct lm_page_meta *m = &r->meta[i];
-            if (lm_claim_wait(r, i) == LM_PRESENT) {
-                present++;
+            uint8_t old = lm_claim_wait(r, i);
+            if (old == LM_PRESENT || old == LM_POISONED) {
+                /* Both have a page-table entry to drop: the page, or the poison marker (which
+                   MADV_DONTNEED removes too); without UFFDIO_POISON the page was made
+                   inaccessible, and gets its access back first. */
+                if (old == LM_POISONED) {
+                    poisoned++;
+                    if (!r->has_poison &&
+                        mprotect(r->base + i * r->page_size, r->page_size,
+                                 PROT_READ | PROT_WRITE) < 0 && rc == 0)
+                        rc = LM_FAIL("mprotect(poisoned page)");
+                } else {
+                    present++;
+                }
                 was_present[i - c] = true;
             }
             m->cls = (uint8_t)cls;
@@ -462,7 +530,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         /* Return the old contents' memory; the range is missing again, so the next access
            faults into the handler, which finds the update recorded above. Only pages this
            call holds: a page it left to the range record may be being filled right now. */
-        for (size_t i = 0; present && i < len && rc == 0;) {
+        for (size_t i = 0; present + poisoned && i < len && rc == 0;) {
             if (!was_present[i]) {
                 i++;
                 continue;
@@ -476,6 +544,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
             i += run;
         }
         atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
+        atomic_fetch_sub_explicit(&r->st_poisoned, (int64_t)poisoned, memory_order_relaxed);
         for (size_t i = c; i < c + len; i++)
             if (mine[i - c])
                 store_state(r, i, LM_DEFERRED, "defer");

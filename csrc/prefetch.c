@@ -27,7 +27,8 @@ static int by_store(const void *a, const void *b)
 
 /*
  * Copy claimed snapshot pages from a buffer holding store entries [base, base + nbuf): runs
- * of address-adjacent pages with consecutive entries go in one UFFDIO_COPY.
+ * of address-adjacent pages with consecutive entries go in one UFFDIO_COPY. A page that fails
+ * verification or cannot be copied is poisoned; pages a failed copy did fill are present.
  */
 static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t k,
                               const char *buf, uint64_t base)
@@ -51,15 +52,18 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
         char *dst = r->base + p * ps;
         /* One ioctl that also wakes: prefetch normally runs before anyone can fault here, and
            a faulter that is waiting sees the page present a moment before its record does. */
-        int rc = lm_uffd_copy(r->uffd, dst, src, run * ps, true);
-        if (rc == 0) {
-            atomic_fetch_add_explicit(&r->st_bytes, run * ps, memory_order_relaxed);
-            lm_mark_present(r, p, run, LM_F_PREFETCHED, 0);
-            done += run;
-        } else {
-            for (size_t q = 0; q < run; q++)
-                lm_poison_page(r, p + q, rc);
+        size_t filled = 0;
+        int rc = lm_fill_hook(r);
+        if (rc == 0)
+            rc = lm_uffd_copy(r->uffd, dst, src, run * ps, true, &filled);
+        filled = rc == 0 ? run : filled / ps;
+        atomic_fetch_add_explicit(&r->st_bytes, filled * ps, memory_order_relaxed);
+        if (filled) {
+            lm_mark_present(r, p, filled, LM_F_PREFETCHED, 0);
+            done += filled;
         }
+        for (size_t q = filled; q < run; q++)
+            lm_poison_page(r, p + q, rc);
         i += run;
     }
     return done;
@@ -150,15 +154,39 @@ static void *pipeline_copier(void *arg)
     return NULL;
 }
 
+/* Everything the pipeline needs, allocated before any page is claimed: once pages are
+   claimed, nothing may fail but the reads and copies themselves, whose pages are given back
+   or poisoned (issue 10: a failed allocation here used to leave claimed pages BUSY). */
+struct pipeline_mem {
+    struct batch *b;              /* one per page at most */
+    char *bufs[PREFETCH_BUFS];
+    size_t nbufs;
+};
+
+static int pipeline_alloc(struct lm_region *r, size_t n, struct pipeline_mem *pm)
+{
+    memset(pm, 0, sizeof(*pm));
+    pm->b = malloc((n ? n : 1) * sizeof(*pm->b));
+    pm->nbufs = n < PREFETCH_BUFS ? n : PREFETCH_BUFS;
+    int ok = pm->b != NULL;
+    for (size_t i = 0; i < pm->nbufs && ok; i++)
+        ok = (pm->bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)) != NULL;
+    return ok ? 0 : lm_fail("malloc(prefetch buffers)", ENOMEM);
+}
+
+static void pipeline_free(struct pipeline_mem *pm)
+{
+    for (size_t i = 0; i < PREFETCH_BUFS; i++)
+        free(pm->bufs[i]);
+    free(pm->b);
+}
+
 static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size_t k,
-                                size_t *done)
+                                struct pipeline_mem *pm, size_t *done)
 {
     if (!k)
         return 0;
-    struct pipeline pl = {.r = r, .pairs = pairs};
-    pl.b = malloc(k * sizeof(*pl.b));
-    if (!pl.b)
-        return lm_fail("malloc(prefetch batches)", ENOMEM);
+    struct pipeline pl = {.r = r, .pairs = pairs, .b = pm->b};
     for (size_t i = 0; i < k; pl.nb++) {
         size_t j = i;
         while (j < k && pairs[2 * j] - pairs[2 * i] < PREFETCH_BATCH)
@@ -167,18 +195,17 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
                                      false, false};
         i = j;
     }
+    memcpy(pl.bufs, pm->bufs, sizeof(pl.bufs));   /* nb <= k <= n: enough of them */
     int rc = 0;
-    for (size_t i = 0; i < (pl.nb < PREFETCH_BUFS ? pl.nb : PREFETCH_BUFS) && rc == 0; i++)
-        if (!(pl.bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)))
-            rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
     pthread_mutex_init(&pl.mu, NULL);
     pthread_cond_init(&pl.cv, NULL);
     pthread_t reader, copier;
     bool have_reader = false, have_copier = false;
-    if (rc == 0 && pl.nb > 1 && (have_reader = lm_thread_start(&reader, NULL, pipeline_reader, &pl) == 0)) {
+    if (pl.nb > 1 &&
+        (have_reader = lm_thread_start(&reader, NULL, pipeline_reader, &pl) == 0)) {
         have_copier = lm_thread_start(&copier, NULL, pipeline_copier, &pl) == 0;
         pipeline_copier(&pl);
-    } else if (rc == 0) {
+    } else {
         /* one batch, or no thread to be had: read a batch, copy it, and so on */
         for (size_t idx = 0; idx < pl.nb && pl.rc == 0; idx++) {
             struct batch *b = &pl.b[idx];
@@ -198,7 +225,7 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
         pthread_join(copier, NULL);
     if (have_reader)
         pthread_join(reader, NULL);
-    if (rc == 0 && pl.rc < 0)
+    if (pl.rc < 0)
         rc = lm_fail(pl.op, -pl.rc);
     *done += pl.copied;
     /* The store could not be read: every page not copied goes back, still lazy, and the
@@ -209,17 +236,54 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
                 lm_release(r, pairs[2 * q + 1], LM_DEFERRED);
     pthread_mutex_destroy(&pl.mu);
     pthread_cond_destroy(&pl.cv);
-    for (size_t i = 0; i < PREFETCH_BUFS; i++)
-        free(pl.bufs[i]);
-    free(pl.b);
     return rc;
+}
+
+static int by_page(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
+}
+
+/*
+ * Which entries of pages[0..n) repeat an earlier one (first mention wins): bit i of skip.
+ * A bitmap over the region where the list is dense, else a sort of (page, index) pairs.
+ */
+static int find_repeats(struct lm_region *r, const uint64_t *pages, size_t n, uint64_t *skip)
+{
+    if (r->npages / 64 <= n) {
+        uint64_t *seen = calloc(r->npages / 64 + 1, sizeof(uint64_t));
+        if (!seen)
+            return lm_fail("calloc(prefetch: pages seen)", ENOMEM);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t p = pages[i], bit = (uint64_t)1 << (p & 63);
+            if (seen[p >> 6] & bit)
+                skip[i >> 6] |= (uint64_t)1 << (i & 63);
+            seen[p >> 6] |= bit;
+        }
+        free(seen);
+        return 0;
+    }
+    uint64_t *pi = malloc(n * 2 * sizeof(uint64_t));
+    if (!pi)
+        return lm_fail("malloc(prefetch: repeats)", ENOMEM);
+    for (size_t i = 0; i < n; i++)
+        pi[2 * i] = pages[i], pi[2 * i + 1] = i;
+    qsort(pi, n, 2 * sizeof(uint64_t), by_page);
+    for (size_t i = 1; i < n; i++)
+        if (pi[2 * i] == pi[2 * i - 2])
+            skip[pi[2 * i + 1] >> 6] |= (uint64_t)1 << (pi[2 * i + 1] & 63);
+    free(pi);
+    return 0;
 }
 
 /*
  * Working-set prefetch. The working set's pages are the first entries of the store, in the
  * order given, so the store is read in large sequential chunks (PREFETCH_BATCH entries per
  * pread) and each entry copied to the pages that use it; pages of other kinds (zero,
- * canonical) are filled one by one.
+ * canonical) are filled one by one. A page listed twice is taken once; a page another thread
+ * holds (a fault filling it, a deferral, a reader) is passed over, as are present and
+ * poisoned pages: prefetch holds the pages it collects, so it must never wait for another.
  */
 int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
 {
@@ -228,26 +292,23 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
             return lm_fail("prefetch: page index outside the region", ERANGE);
     size_t ps = r->page_size;
     struct lm_serve_thread t = {.r = r};
+    struct pipeline_mem pm;
     t.scratch = malloc((size_t)r->cfg.max_cluster_pages * ps);
     uint64_t *pairs = malloc((n ? n : 1) * 2 * sizeof(uint64_t));
-    if (!t.scratch || !pairs) {
-        free(t.scratch);
-        free(pairs);
-        return lm_fail("malloc(prefetch buffers)", ENOMEM);
-    }
+    uint64_t *skip = calloc(n / 64 + 1, sizeof(uint64_t));
+    int rc = pipeline_alloc(r, n, &pm);
+    if (rc == 0 && (!t.scratch || !pairs || !skip))
+        rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
+    if (rc == 0)
+        rc = find_repeats(r, pages, n, skip);
     size_t done = 0, k = 0;
-    unsigned spins = 0;
-    int rc = 0;
-    for (size_t i = 0; i < n;) {
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        if (skip[i >> 6] & ((uint64_t)1 << (i & 63)))
+            continue;
         size_t p = pages[i];
         uint8_t s = lm_claim(r, p);
-        if (s == LM_BUSY) {
-            lm_wait_busy(&spins);
-            continue;
-        }
-        i++;
-        if (s == LM_PRESENT)
-            continue;
+        if (s != LM_EMPTY && s != LM_DEFERRED)
+            continue;   /* not claimed: present, poisoned, or held by another thread */
         if (s == LM_EMPTY) {   /* untouched memory: nothing to bring in */
             lm_release(r, p, s);
             continue;
@@ -260,11 +321,15 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
             done += lm_fill_or_poison(r, &t, p, 1, &s, LM_F_PREFETCHED);
         }
     }
-    qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
-    rc = copy_store_pipelined(r, pairs, k, &done);
+    if (rc == 0) {
+        qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
+        rc = copy_store_pipelined(r, pairs, k, &pm, &done);
+    }
     atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
+    pipeline_free(&pm);
     free(t.scratch);
     free(pairs);
+    free(skip);
     return rc;
 }
 
@@ -297,8 +362,9 @@ static void *bg_main(void *arg)
         }
         uint8_t s = lm_claim(r, p);
         if (s != LM_DEFERRED || !(m->flags & LM_F_NEEDS_UPDATE)) {
-            /* zero and untouched pages cost nothing until touched: leave them */
-            if (s != LM_BUSY && s != LM_PRESENT)
+            /* zero and untouched pages cost nothing until touched: leave them (and pages it
+               could not claim: present, poisoned, or held by another thread) */
+            if (s == LM_EMPTY || s == LM_DEFERRED)
                 lm_release(r, p, s);
             p++;
             continue;
@@ -337,6 +403,7 @@ static int background_start_locked(struct lm_region *r)
             return lm_fail("malloc(background scratch)", ENOMEM);
     }
     atomic_store(&r->bg_stop, 0);
+    atomic_store(&r->bg_boosted, 0);   /* a boost of an earlier fill must not stick */
     atomic_store(&r->bg_running, 1);
     int err = lm_thread_start(&r->bg_tid, NULL, bg_main, r);
     if (err) {

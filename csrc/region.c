@@ -135,7 +135,15 @@ static int open_uffd(struct lm_region *r)
     }
     if (rc < 0)
         return rc;
+    /* How a page that cannot be served fails loudly (fill.c): poisoned where the kernel can
+       (6.6+), else made inaccessible. */
+    r->has_poison = (features & ((uint64_t)1 << 14)) && !r->cfg.test_no_poison;   /* POISON */
     return lm_ws_init(r, want);
+}
+
+void lm_region_test_fail_fills(struct lm_region *r, int n)
+{
+    atomic_store(&r->cfg_test_fail_fills, n);
 }
 
 int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_region **out)
@@ -166,6 +174,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     int rc = parse_config(r, cfg);
     if (rc < 0)
         goto fail;
+    atomic_store(&r->cfg_test_fail_fills, r->cfg.test_fail_fills);
 
     if ((rc = open_uffd(r)) < 0)
         goto fail;
@@ -366,6 +375,8 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->verify_failures = LD(st_verify_fail);
     o->background_running = LD(bg_running);
     o->remote = LD(remote);
+    int64_t poisoned = LD(st_poisoned);
+    o->pages_poisoned = poisoned > 0 ? (uint64_t)poisoned : 0;
 #undef LD
     return 0;
 }

@@ -28,6 +28,46 @@ int lm_region_uffd(struct lm_region *r)
     return r->uffd;
 }
 
+/*
+ * The server is gone and the pages it never sent are lost: poison them now, so that every
+ * reader (materialize, checkpoint, signatures, a fault) sees POISONED and fails loudly,
+ * instead of each having to know that an EMPTY page of this region is not zero. The pages it
+ * did send are in our page tables: recorded as program data first. O(pages) records written:
+ * a failure path.
+ */
+static int poison_lost(struct lm_region *r)
+{
+    int rc = lm_region_sync_present(r);
+    enum { MAX_RUN = 1 << 16 };
+    for (size_t p = 0; p < r->npages;) {
+        if (lm_state_load(&r->meta[p]) != LM_EMPTY) {
+            p++;
+            continue;
+        }
+        uint8_t s = lm_claim(r, p);
+        if (s != LM_EMPTY) {
+            if (s == LM_DEFERRED)
+                lm_release(r, p, s);   /* has contents here after all */
+            p++;
+            continue;
+        }
+        size_t run = 1;
+        while (run < MAX_RUN && p + run < r->npages &&
+               lm_state_load(&r->meta[p + run]) == LM_EMPTY) {
+            uint8_t t = lm_claim(r, p + run);
+            if (t != LM_EMPTY) {
+                if (t == LM_DEFERRED)
+                    lm_release(r, p + run, t);
+                break;
+            }
+            run++;
+        }
+        lm_poison_run(r, p, run, -EHOSTDOWN);
+        p += run;
+    }
+    return rc;
+}
+
 static void *watch_main(void *arg)
 {
     struct lm_region *r = arg;
@@ -54,7 +94,10 @@ static void *watch_main(void *arg)
        server had read but not answered is not delivered again; its thread retries the access
        when woken and raises a new fault, which our threads now read. */
     atomic_store(&r->remote, LM_REMOTE_LOST);
-    int rc = lm_serve_start(r);
+    int rc = r->remote_empty_unknown ? poison_lost(r) : 0;
+    if (rc < 0)
+        lm_record_error(r, rc);
+    rc = lm_serve_start(r);
     if (rc < 0) {
         atomic_fetch_add(&r->st_errors, 1);
         atomic_store(&r->st_last_error, rc);
@@ -158,8 +201,10 @@ int lm_region_sync_present(struct lm_region *r)
             if (lm_state_load(&r->meta[p]) == LM_PRESENT)
                 continue;
             uint8_t s = lm_claim_wait(r, p);
-            if (s == LM_PRESENT) {
-                lm_release(r, p, LM_PRESENT);
+            if (s != LM_EMPTY && s != LM_DEFERRED) {
+                /* present already, or poisoned (pagemap shows the poison marker as a swap
+                   entry): not a page the server filled */
+                lm_release(r, p, s);
                 continue;
             }
             /* whatever the server put there, possibly changed since */

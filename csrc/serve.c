@@ -81,11 +81,12 @@ static void *helper_main(void *arg)
             pthread_cond_wait(&h->cond, &h->lock);
         if (h->state == 3)
             break;
-        size_t first = h->first, n = h->n;
+        size_t first = h->first, n = h->n, filled = 0;
         pthread_mutex_unlock(&h->lock);
-        int rc = lm_fill_run(r, &h->t, first, n, false, false);
+        int rc = lm_fill_run(r, &h->t, first, n, false, false, &filled);
         pthread_mutex_lock(&h->lock);
         h->rc = rc;
+        h->filled = filled;
         h->state = 2;
         pthread_cond_broadcast(&h->cond);
     }
@@ -93,14 +94,24 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
+/*
+ * Fill the claimed run [first, first+n); ok[i] says which pages were filled (a failed fill
+ * may have filled some: their page-table entries are present, so their records must say so).
+ * Returns 0 when all were, else the first error.
+ */
 static int fill_split(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
-                      bool write)
+                      bool write, uint8_t *ok)
 {
     struct lm_fill_helper *h = &r->helper;
     int idle = 0;
+    size_t filled = 0;
     if (n < 2 * SPLIT_MIN || !h->started ||
-        !atomic_compare_exchange_strong(&h->busy, &idle, 1))
-        return lm_fill_run(r, t, first, n, false, write);
+        !atomic_compare_exchange_strong(&h->busy, &idle, 1)) {
+        int rc = lm_fill_run(r, t, first, n, false, write, &filled);
+        for (size_t i = 0; i < n; i++)
+            ok[i] = rc == 0 || i < filled;
+        return rc;
+    }
     size_t half = n / 2;
     pthread_mutex_lock(&h->lock);
     h->first = first + half;
@@ -108,14 +119,19 @@ static int fill_split(struct lm_region *r, struct lm_serve_thread *t, size_t fir
     h->state = 1;
     pthread_cond_signal(&h->cond);
     pthread_mutex_unlock(&h->lock);
-    int rc = lm_fill_run(r, t, first, half, false, write);
+    int rc = lm_fill_run(r, t, first, half, false, write, &filled);
     pthread_mutex_lock(&h->lock);
     while (h->state != 2)
         pthread_cond_wait(&h->cond, &h->lock);
     int rc2 = h->rc;
+    size_t filled2 = h->filled;
     h->state = 0;
     pthread_mutex_unlock(&h->lock);
     atomic_store(&h->busy, 0);
+    for (size_t i = 0; i < half; i++)
+        ok[i] = rc == 0 || i < filled;
+    for (size_t i = half; i < n; i++)
+        ok[i] = rc2 == 0 || i - half < filled2;
     return rc < 0 ? rc : rc2;
 }
 
@@ -164,17 +180,58 @@ static void helper_stop(struct lm_region *r)
     h->started = false;
 }
 
+/* The faulting page `page` and its readahead neighbours are filled: record, count, wake. */
+static void served(struct lm_serve_thread *t, size_t page, size_t run, bool write,
+                   struct lm_stream *stream, uint32_t want, uint64_t t0)
+{
+    struct lm_region *r = t->r;
+    if (write)
+        lm_meta_set_data(r, page, false);   /* about to be changed by the program */
+    lm_mark_present(r, page, 1, write ? LM_F_WRITE_FAULT : 0, 1);
+    if (run > 1) {
+        lm_mark_present(r, page + 1, run - 1, LM_F_READAHEAD, run - 1);
+        atomic_fetch_add_explicit(&r->st_readahead, run - 1, memory_order_relaxed);
+    }
+    if (stream) {
+        atomic_store_explicit(&stream->next, page + run, memory_order_relaxed);
+        atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
+    }
+    atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->served, 1, memory_order_relaxed);
+    lm_hist_add(&r->lat, lm_now_ns() - t0);
+    int rc = lm_uffd_wake(r->uffd, r->base + page * r->page_size, run * r->page_size);
+    if (rc < 0 && rc != -ENOENT)
+        lm_record_error(r, rc);
+}
+
+/* A fault on a page whose record says it is there (PRESENT, or PINNED by a reader): another
+   path filled it after this fault was raised, or the program dropped it behind our back
+   (madvise(MADV_DONTNEED)), and anonymous memory then reads as zero. A present page is held
+   while the zero page is mapped, so that defer_fill() cannot drop it and record new contents
+   in between; a pinned one is held by its reader already (who must not wait for us). */
+static void serve_spurious(struct lm_region *r, size_t page, bool pinned, uint64_t t0)
+{
+    atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
+    int rc = lm_uffd_zeropage(r->uffd, r->base + page * r->page_size, r->page_size, true,
+                              NULL);
+    if (!pinned)
+        lm_release(r, page, LM_PRESENT);
+    if (rc < 0 && rc != -ENOENT)
+        lm_record_error(r, rc);
+    lm_hist_add(&r->lat, lm_now_ns() - t0);   /* includes any wait for the page's filler */
+}
+
 /* Service time is taken before the wake-up: on the faulter's CPU the woken thread preempts us,
    and its run until the next fault is not ours to count. */
 static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, uint64_t t0)
 {
     struct lm_region *r = t->r;
-    uint8_t old[LM_MAX_CLUSTER];
+    uint8_t old[LM_MAX_CLUSTER], ok[LM_MAX_CLUSTER];
     if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->nbytes)
         return;   /* not ours: cannot happen with one uffd per region */
     size_t page = (size_t)(addr - (uintptr_t)r->base) >> r->page_shift;
     struct lm_page_meta *m = &r->meta[page];
-    char *dst = r->base + page * r->page_size;
 
     uint8_t s;
     unsigned spins = 0;
@@ -186,23 +243,24 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
             lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter */
             continue;
         }
-        if (s != LM_PRESENT)
-            break;   /* claimed: serve it below */
-        /* Already present: another path filled it after this fault was raised, or the program
-           dropped it behind our back (madvise(MADV_DONTNEED)), and anonymous memory then
-           reads as zero. Hold the page while mapping a zero page there, so that defer_fill()
-           cannot drop it and record new contents in between (it would find a zero page where
-           its update belongs). */
-        if (!lm_claim_present(r, page))
-            continue;
-        atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
-        int rc = lm_uffd_zeropage(r->uffd, dst, r->page_size, true);
-        lm_release(r, page, LM_PRESENT);
-        if (rc < 0 && rc != -ENOENT)
-            lm_record_error(r, rc);
-        lm_hist_add(&r->lat, lm_now_ns() - t0);   /* includes any wait for the page's filler */
-        return;
+        if (s == LM_PINNED) {
+            serve_spurious(r, page, true, t0);
+            return;
+        }
+        if (s == LM_PRESENT) {
+            if (!lm_claim_present(r, page))
+                continue;
+            serve_spurious(r, page, false, t0);
+            return;
+        }
+        if (s == LM_POISONED) {
+            if (lm_try_hold(r, page) != LM_POISONED)
+                continue;   /* it changed meanwhile (a deferral): look again */
+            atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
+            lm_poison_again(r, page);
+            return;
+        }
+        break;   /* claimed: serve it below */
     }
 
     if (s == LM_EMPTY && r->remote_empty_unknown) {
@@ -222,44 +280,53 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
     int rc;
     if (write && !lm_needs_copy(m) && run > 1 && r->cfg.zero_write == LM_ZW_COPY) {
         /* Only the stored-to page gets memory; its neighbours share the zero page. */
-        rc = lm_fill_run(r, t, page, 1, false, true);
-        if (rc == 0)
-            rc = lm_fill_run(r, t, page + 1, run - 1, false, false);
-    } else {
-        rc = fill_split(r, t, page, run, write);
-    }
-    if (rc < 0 && run > 1 && rc != -ENOENT && rc != -ESRCH) {
-        /* A readahead page may be the bad one (unreadable, or failed verification): give the
-           neighbours back and serve the faulting page alone. */
-        lm_unclaim(r, page + 1, run - 1, old + 1);
-        run = 1;
-        rc = lm_fill_run(r, t, page, 1, false, write);
-    }
-    if (rc < 0) {
-        atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
-        if (rc == -ENOENT || rc == -ESRCH) {
-            lm_unclaim(r, page, run, old);
-            return;   /* the range or the process is going away: nobody is waiting */
+        size_t filled = 0;
+        rc = lm_fill_run(r, t, page, 1, false, true, &filled);
+        ok[0] = rc == 0 || filled;
+        if (rc == 0) {
+            rc = lm_fill_run(r, t, page + 1, run - 1, false, false, &filled);
+            for (size_t i = 1; i < run; i++)
+                ok[i] = rc == 0 || i - 1 < filled;
+        } else {
+            memset(ok + 1, 0, run - 1);
         }
-        lm_poison_page(r, page, rc);   /* still claimed by us */
+    } else {
+        rc = fill_split(r, t, page, run, write, ok);
+    }
+    if (rc == 0) {
+        served(t, page, run, write, stream, want, t0);
         return;
     }
-    if (write) {
-        lm_meta_set_data(r, page, false);   /* about to be changed by the program */
+    /* Something failed. Neighbours that were filled are present (their records must say so);
+       the others are given back. The faulting page, if it was not filled, is tried alone (a
+       readahead page may be the bad one: unreadable, or failed verification); if that fails
+       too, it is poisoned: the faulter gets SIGBUS, never a wait that does not end. */
+    bool gone = rc == -ENOENT || rc == -ESRCH;   /* the range or the process is going away */
+    for (size_t i = 1; i < run; i++) {
+        if (ok[i])
+            lm_mark_present(r, page + i, 1, LM_F_READAHEAD, 0);
+        else
+            lm_release(r, page + i, old[i]);
     }
-    lm_mark_present(r, page, 1, write ? LM_F_WRITE_FAULT : 0, 1);
-    if (run > 1) {
-        lm_mark_present(r, page + 1, run - 1, LM_F_READAHEAD, run - 1);
-        atomic_fetch_add_explicit(&r->st_readahead, run - 1, memory_order_relaxed);
+    if (!ok[0] && !gone) {
+        size_t filled = 0;
+        rc = lm_fill_run(r, t, page, 1, false, write, &filled);
+        ok[0] = rc == 0 || filled;
+        gone = rc == -ENOENT || rc == -ESRCH;
     }
-    atomic_store_explicit(&stream->next, page + run, memory_order_relaxed);
-    atomic_store_explicit(&stream->cluster, want, memory_order_relaxed);
+    if (ok[0]) {
+        served(t, page, 1, write, stream, want, t0);
+        if (run > 1)
+            lm_uffd_wake(r->uffd, r->base + (page + 1) * r->page_size,
+                         (run - 1) * r->page_size);
+        return;
+    }
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&t->served, 1, memory_order_relaxed);
-    lm_hist_add(&r->lat, lm_now_ns() - t0);
-    rc = lm_uffd_wake(r->uffd, dst, run * r->page_size);
-    if (rc < 0 && rc != -ENOENT)
-        lm_record_error(r, rc);
+    if (gone) {
+        lm_release(r, page, old[0]);   /* nobody is waiting */
+        return;
+    }
+    lm_poison_page(r, page, rc);   /* still claimed by us */
 }
 
 static void *serve_main(void *arg)

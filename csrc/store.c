@@ -121,9 +121,13 @@ int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_
     struct stat st;
     if (fstat(fd, &st) < 0)
         return LM_FAIL("fstat(snapshot)");
-    if (store_offset % r->page_size || nstored > (uint64_t)st.st_size / r->page_size ||
-        store_offset + nstored * r->page_size > (uint64_t)st.st_size ||
-        sigs_offset > (uint64_t)st.st_size || nstored > ((uint64_t)st.st_size - sigs_offset) / 8)
+    /* Sizes from a file, checked here as well as in Python: nothing below may wrap. */
+    uint64_t size = (uint64_t)st.st_size, store_end, sigs_end;
+    if (store_offset % r->page_size || nstored > LM_SNAP_MAX_STORED ||
+        __builtin_mul_overflow(nstored, (uint64_t)r->page_size, &store_end) ||
+        __builtin_add_overflow(store_end, store_offset, &store_end) || store_end > size ||
+        __builtin_mul_overflow(nstored, (uint64_t)8, &sigs_end) ||
+        __builtin_add_overflow(sigs_end, sigs_offset, &sigs_end) || sigs_end > size)
         return lm_fail("snapshot store or signatures outside the file", EINVAL);
     int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dup < 0)
@@ -249,6 +253,11 @@ static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset
 int lm_snap_check(const struct lm_snap_page *map, size_t npages, uint64_t nstored,
                   const uint64_t *ws, size_t nws, uint64_t *counts)
 {
+    /* Sizes from a file: bounded here too, before they size anything (the format's limits,
+       as pylazymem/_snapfile.py checks them). */
+    if (npages == 0 || npages > LM_SNAP_MAX_PAGES || nstored > npages ||
+        nstored > LM_SNAP_MAX_STORED || nws > npages)
+        return lm_fail("snapshot check: page, store or working-set count out of range", EINVAL);
     int rc = 0;
     uint64_t *used = calloc((nstored + 63) / 64 + 1, sizeof(uint64_t));
     uint64_t *in_ws = calloc((npages + 63) / 64 + 1, sizeof(uint64_t));
@@ -306,19 +315,24 @@ int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t
 {
     if (npages != r->npages)
         return lm_fail("snapshot page count differs from the region's", EINVAL);
-    if (!lm_meta_pristine(r) || r->used || atomic_load(&r->st_faults) ||
-        atomic_load(&r->st_present))
-        return lm_fail("restore into a region that is already in use", EBUSY);
-    if (nstored > r->src_nstored)
+    if (nstored > r->src_nstored || nstored > LM_SNAP_MAX_STORED)
         return lm_fail("page map names more store entries than the source has", EINVAL);
     /* Every store index the fault path will read must be in range (a vectorised max). */
     uint32_t top = 0;
     for (size_t i = 0; i < npages; i++)
         top = map[i].entry > top ? map[i].entry : top;
-    if (top >= nstored + LM_SNAP_STORED)
+    if ((uint64_t)top >= nstored + LM_SNAP_STORED)
         return lm_fail("page map: store index out of range", EINVAL);
-    lm_meta_install_base(r, map);   /* the caller keeps `map` alive (lazymem.h) */
-    return 0;
+    /* "Unused" and the install under the records lock: a deferral cannot slip in between. */
+    int rc = 0;
+    lm_records_lock(r);
+    if (!lm_meta_pristine(r) || r->used || atomic_load(&r->st_faults) ||
+        atomic_load(&r->st_present))
+        rc = lm_fail("restore into a region that is already in use", EBUSY);
+    else
+        lm_meta_install_base(r, map);   /* the caller keeps `map` alive (lazymem.h) */
+    lm_records_unlock(r);
+    return rc;
 }
 
 /* ---- syncing every record ------------------------------------------------------------ */
@@ -339,34 +353,33 @@ int lm_meta_sync(struct lm_region *r)
 
 /* ---- reading contents without faulting ----------------------------------------------- */
 
+/* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in. */
+int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out)
+{
+    const struct lm_page_meta *m = &r->meta[p];
+    if (s == LM_PRESENT) {   /* pinned: a fault here is served without waiting for us */
+        memcpy(out, r->base + p * r->page_size, r->page_size);
+        return 0;
+    }
+    if (s == LM_POISONED)
+        return lm_fail("page_read: the page is poisoned (its contents could not be served)",
+                       EHWPOISON);
+    if (m->cls == LM_CLS_CANONICAL)
+        memcpy(out, lm_canon_page(r, m->canon), r->page_size);
+    else if (m->cls == LM_CLS_SNAPSHOT)
+        return lm_src_read(r, m->aux, 1, out);
+    else
+        memset(out, 0, r->page_size);
+    return 0;
+}
+
 int lm_page_read(struct lm_region *r, size_t page, void *out)
 {
     if (page >= r->npages)
         return lm_fail("page index outside the region", ERANGE);
-    struct lm_page_meta *m = &r->meta[page];
-    unsigned spins = 0;
-    for (;;) {
-        uint8_t s = lm_state_load(m);
-        if (s == LM_BUSY) {
-            lm_wait_busy(&spins);
-            continue;
-        }
-        if (s == LM_PRESENT) {
-            memcpy(out, r->base + page * r->page_size, r->page_size);
-            return 0;
-        }
-        /* Lazy: take the page so it cannot change under us, read its source, give it back. */
-        s = lm_claim(r, page);
-        if (s == LM_BUSY || s == LM_PRESENT)
-            continue;
-        int rc = 0;
-        if (m->cls == LM_CLS_CANONICAL)
-            memcpy(out, lm_canon_page(r, m->canon), r->page_size);
-        else if (m->cls == LM_CLS_SNAPSHOT)
-            rc = lm_src_read(r, m->aux, 1, out);
-        else
-            memset(out, 0, r->page_size);
-        lm_release(r, page, s);
-        return rc;
-    }
+    /* Held, so that it cannot change (a deferral, a fill, a poisoning) while it is read. */
+    uint8_t s = lm_hold(r, page);
+    int rc = lm_read_held(r, page, s, out);
+    lm_unhold(r, page, s);
+    return rc;
 }

@@ -152,20 +152,26 @@ static int op_zeropage(int fd, char *dst, const char *src, size_t len, bool wake
  * non-cooperative events must read the pending one before any fill can succeed.
  */
 static int fill(int fd, fill_op op, const char *name, char *dst, const char *src, size_t len,
-                bool wake, bool retry_eagain)
+                bool wake, bool retry_eagain, size_t *done_out)
 {
     size_t done = 0, ps = (size_t)lm_page_size();
+    size_t dummy;
+    if (!done_out)
+        done_out = &dummy;
+    *done_out = 0;
     bool skipped = false;
     while (done < len) {
         int64_t progress = 0;
         int err = op(fd, dst + done, src ? src + done : NULL, len - done, wake, &progress);
         if (progress > 0)
             done += (size_t)progress;
+        *done_out = done;
         if (!err || (err == EAGAIN && retry_eagain))
             continue;
         if (err != EEXIST)
             return lm_fail(name, err);
         done += ps;   /* this page is already there */
+        *done_out = done;
         skipped = true;
     }
     /* A wake-up may have been skipped with the page we stepped over. */
@@ -174,20 +180,21 @@ static int fill(int fd, fill_op op, const char *name, char *dst, const char *src
     return 0;
 }
 
-int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake)
+int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done)
 {
-    return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake, true);
+    return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake, true, done);
 }
 
-int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake)
+int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done)
 {
-    return fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, wake, true);
+    return fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, wake, true, done);
 }
 
 int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len)
 {
-    return src ? fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, true, false)
-               : fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, true, false);
+    return src ? fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, true, false, NULL)
+               : fill(fd, op_zeropage, "ioctl(UFFDIO_ZEROPAGE)", dst, NULL, len, true, false,
+                      NULL);
 }
 
 int lm_uffd_wake(int fd, void *addr, size_t len)

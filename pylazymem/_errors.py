@@ -24,13 +24,18 @@ class InvalidArgumentError(LazyMemError, ValueError, TypeError):
     """A size, type or value that cannot be used (both a ValueError and a TypeError)."""
 
 
+# Linux's "memory page has hardware error" (asm-generic/errno.h); Python's errno module does
+# not name it on every version.
+EHWPOISON = getattr(_errno, "EHWPOISON", 133)
+
+
 class PoisonedPageError(LazyMemError, OSError):
     """Pages whose contents could not be served (a failed fill, a verification mismatch, a
     lost page server) were asked for: `pages` lists them (indices into the region). Their
     contents are lost; defer_fill() can give them new ones."""
 
     def __init__(self, message, pages=()):
-        super().__init__(_errno.EHWPOISON, message)
+        super().__init__(EHWPOISON, message)
         self.pages = list(pages)
 
 
@@ -52,7 +57,7 @@ def status_error(err, op, what="", why_unavailable=None):
         return UnavailableError(err, "%s: %s" % (where, why))
     if err == _errno.ERANGE:
         return InvalidRangeError(where)
-    if err == _errno.EHWPOISON:
+    if err == EHWPOISON:
         return PoisonedPageError("%s: poisoned pages (their contents could not be served)" % where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):
         return InvalidArgumentError(where)

@@ -706,6 +706,7 @@ def _stats_dict(s, nthreads):
         "background_running": bool(s.background_running),
         "source_bytes_read": s.source_bytes_read,
         "verify_failures": s.verify_failures,
+        "pages_poisoned": s.pages_poisoned,
         "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),

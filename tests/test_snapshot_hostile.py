@@ -532,7 +532,7 @@ def test_c_entry_points_validate_sizes_themselves(run_py_ok, tmp_path):
     returns -EINVAL (or -ERANGE), never crashes; under ASan any out-of-bounds access fails."""
     path = str(tmp_path / "blob")
     with open(path, "wb") as f:
-        f.write(b"\\1" * (4 * PAGE_SIZE))
+        f.write(b"\x01" * (4 * PAGE_SIZE))
     out = run_py_ok(f"""
         import errno
         from pylazymem._binding import ffi, lib

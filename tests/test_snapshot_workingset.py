@@ -260,15 +260,19 @@ def test_prefetch_out_of_memory_leaves_pages_lazy(run_py_ok, tmp_path):
     table, read buffers, threads) fails in some run: prefetch either succeeds or raises, no
     page is left BUSY, and once the limit is lifted every page faults in right."""
     path = str(tmp_path / "big.snap")
-    out = run_py_ok(f"""
-        import resource
-        n = 1 << 16
+    # the snapshot is written by another process: this one's heap then has no free space
+    # left over from checkpoint() for prefetch's allocations to come from
+    run_py_ok(f"""
+        n = 1 << 17
         r = plm.Region(n * PS)
         v = pages(r)
         for p in range(0, n, 3):
             v[p, :8] = np.frombuffer(np.uint64(p + 1).tobytes(), np.uint8)
         plm.checkpoint(r, {path!r}, working_set="none")
-        r.close(); del v
+    """, timeout=120)
+    out = run_py_ok(f"""
+        import resource
+        n = 1 << 17
         want = np.arange(0, n, 3, dtype=np.uint64)
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         results = []
