@@ -519,6 +519,11 @@ class _Run:
                     return
         finally:
             os.close(fd)
+        p = self.first_pending(np.arange(self.n))
+        if p is not None:
+            self.violation("every page was read, yet a record still says DEFERRED (or EMPTY "
+                           "where the snapshot has contents)", who, p, meta=self.meta_of(p))
+            return
         flags = self.r.meta["flags"]
         npois = int(np.count_nonzero(flags & POISONED))
         st = self.r.stats()
@@ -537,6 +542,8 @@ class _Run:
                 self.violation("signatures() of the whole region raised", who,
                                error="%s: %s" % (type(e).__name__, e), npoisoned=npois)
         if sig is not None:
+            meta = self.r.meta
+            present = int(plm.PageState.PRESENT)
             for p in range(self.n):
                 if flags[p] & POISONED:
                     continue
@@ -545,6 +552,12 @@ class _Run:
                     self.violation("signatures() of a page that is not poisoned is not the "
                                    "xxh3 of its model bytes (final)", who, p,
                                    got=hex(int(sig[p])), want=hex(want), meta=self.meta_of(p))
+                    break
+                if meta["state"][p] == present and int(meta["signature"][p]) != want:
+                    self.violation("meta[\"signature\"] of a present page is not the xxh3 of "
+                                   "its model bytes after signatures() (final)", who, p,
+                                   got=hex(int(meta["signature"][p])), want=hex(want),
+                                   meta=self.meta_of(p))
                     break
         self.checkpoint_and_compare(who, os.path.join(self.workdir,
                                                       "model-r%d-final.snap" % self.round_no))
