@@ -98,15 +98,18 @@ class _Model:
     """What every page of the restored region must hold.
 
     base: the snapshot's bytes. Pages in `owner` (>= 0) may be written by that thread only;
-    versions[p] lists every content page p has had in this round (the owner appends under
-    `lock` after each write). `poisoned` holds pages seen failing with EFAULT, `served` pages
-    seen served with the right bytes."""
+    versions[p] lists every content page p has had in this round: versions[k] is the page after
+    its kth write (the owner appends under `lock` before it stores, and counts the write in
+    done[p] once the store is complete). Whoever saw done[p] == k before looking at page p
+    must see, byte by byte, one of versions[k:]. `poisoned` holds pages seen failing with
+    EFAULT, `served` pages seen served with the right bytes."""
 
     def __init__(self, base, owner):
         self.base = base
         self.nonzero = base.any(axis=1)
         self.owner = owner
         self.versions = {int(p): [base[p].copy()] for p in np.nonzero(owner >= 0)[0]}
+        self.done = dict.fromkeys(self.versions, 0)
         self.lock = threading.Lock()
         self.poisoned = set()
         self.served = set()
@@ -116,10 +119,20 @@ class _Model:
             vs = self.versions.get(p)
             return self.base[p] if vs is None else vs[-1]
 
-    def all_versions(self, p):
+    def completed(self):
+        """done[] now: the first version each written page may still show."""
+        with self.lock:
+            return dict(self.done)
+
+    def versions_since(self, p, done):
+        """The versions page p may show to whoever saw `done` (from completed()) before."""
         with self.lock:
             vs = self.versions.get(p)
-            return [self.base[p]] if vs is None else list(vs)
+            return [self.base[p]] if vs is None else vs[done.get(p, 0):]
+
+    def stored(self, p):
+        with self.lock:
+            self.done[p] += 1
 
 
 class _Run:
@@ -216,12 +229,25 @@ class _Run:
         i = np.nonzero(bad)[0]
         return int(pp[i[0]]) if i.size else None
 
+    def names_poisoned(self, e):
+        """Whether an error's message says poisoned pages are the cause: the word, or the
+        number of a page poisoned now."""
+        import re
+        msg = str(e)
+        if "poison" in msg.lower():
+            return True
+        flags = self.r.meta["flags"]
+        POISONED = int(self.plm.PageFlag.POISONED)
+        return any(int(x) < self.n and flags[int(x)] & POISONED
+                   for x in re.findall(r"\b\d+\b", msg))
+
     def meta_of(self, p):
         m = self.r.meta[p]
         return dict(state=int(m["state"]), cls=int(m["cls"]), flags=int(m["flags"]))
 
-    def check_read(self, who, p, got, exact):
-        """got: page p's bytes read by `who`; exact: nobody else may be writing it."""
+    def check_read(self, who, p, got, exact, before=None):
+        """got: page p's bytes read by `who`; exact: nobody else may be writing it;
+        before: the model's completed() from before the read."""
         m = self.model
         if p in m.poisoned:
             self.violation("a page that failed with EFAULT before was served later", who, p)
@@ -233,11 +259,11 @@ class _Run:
                                who, p, **self._page_diff(got, want))
                 return
         else:
-            vs = np.stack(m.all_versions(p))
+            vs = np.stack(m.versions_since(p, before))
             if not (vs == got[None, :]).any(axis=0).all():
                 self.violation("a page being written by its owner reads bytes none of its "
-                               "versions had", who, p,
-                               **self._page_diff(got, vs[-1]))
+                               "versions since the read began had (a lost or torn write?)",
+                               who, p, versions=len(vs), **self._page_diff(got, vs[-1]))
                 return
         m.served.add(p)
 
@@ -258,12 +284,14 @@ class _Run:
                     self.write_own(who, rng, src, int(rng.choice(mine)))
                     continue
                 p = int(rng.integers(0, self.n))
+                before = self.model.completed()
                 got = self.kread(fd, p)
                 self.count("kernel_reads")
                 if got is None:
                     self.on_efault(who, p, "read (pwrite from the region)")
                 else:
-                    self.check_read(who, p, got, exact=self.model.owner[p] == t)
+                    self.check_read(who, p, got, exact=self.model.owner[p] == t,
+                                    before=before)
         finally:
             os.close(fd)
             os.close(src)
@@ -282,6 +310,7 @@ class _Run:
             with m.lock:
                 m.versions[p].append(new)    # readers may see it before it is complete
             self.v[p, a:b] = data
+            m.stored(p)
             self.count("numpy_writes")
         elif p in m.poisoned:
             return
@@ -302,6 +331,7 @@ class _Run:
                 self.violation("a kernel write into a page wrote a part of it", who, p,
                                wrote=k, expected=b - a)
                 return
+            m.stored(p)
             self.count("kernel_writes")
         got = np.array(self.v[p])             # own page, just served: safe to read directly
         if not np.array_equal(got, new):
@@ -356,7 +386,7 @@ class _Run:
                 if not (flags & POISONED).any():
                     self.violation("signatures() raised on a range with no poisoned page",
                                    who, first, count=cnt, error="%s: %s" % (type(e).__name__, e))
-                elif "poison" not in str(e).lower():
+                elif not self.names_poisoned(e):
                     self.violation("signatures() raised on a range with poisoned pages, but "
                                    "does not say so", who, first, count=cnt, error=str(e))
                 continue
@@ -384,6 +414,7 @@ class _Run:
 
     def checkpoint_and_compare(self, who, path):
         plm, m = self.plm, self.model
+        before = m.completed()   # every write completed by now must be in the file
         try:
             plm.checkpoint(self.r, path, working_set="none", durable=False)
         except plm.LazyMemError as e:
@@ -392,7 +423,7 @@ class _Run:
             if not self.fail_every or npois == 0:
                 self.violation("checkpoint raised with no page poisoned", who,
                                error="%s: %s" % (type(e).__name__, e), poisoned_now=npois)
-            elif "poison" not in str(e).lower():
+            elif not self.names_poisoned(e):
                 self.violation("checkpoint refused a region with poisoned pages, but the "
                                "error does not name them", who,
                                error="%s: %s" % (type(e).__name__, e), poisoned_now=npois)
@@ -419,10 +450,12 @@ class _Run:
                                        who, p, error=str(e), file=path)
                         return
                     got = np.frombuffer(os.pread(fd, ps, 0), np.uint8)
-                    vs = np.stack(m.all_versions(p))
+                    vs = np.stack(m.versions_since(p, before))
                     if not (vs == got[None, :]).any(axis=0).all():
                         self.violation("a page of a checkpoint, restored, differs from the "
-                                       "model", who, p, file=path, source_meta=self.meta_of(p),
+                                       "model (for a page being written: from every version "
+                                       "since the checkpoint began)", who, p, file=path,
+                                       versions=len(vs), source_meta=self.meta_of(p),
                                        **self._page_diff(got, vs[-1]))
                         return
                 del mv2
@@ -538,7 +571,7 @@ class _Run:
         try:
             sig = self.r.signatures()
         except plm.LazyMemError as e:
-            if not npois or "poison" not in str(e).lower():
+            if not npois or not self.names_poisoned(e):
                 self.violation("signatures() of the whole region raised", who,
                                error="%s: %s" % (type(e).__name__, e), npoisoned=npois)
         if sig is not None:
