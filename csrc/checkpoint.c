@@ -346,9 +346,10 @@ int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n)
 {
-    enum { IOV = 1024 };   /* IOV_MAX: fewer, larger writes */
+    enum { IOV = 1024,     /* IOV_MAX: fewer, larger writes */
+           BATCH = 4096 }; /* pages per write (adjacent ones coalesce into one iovec) */
     struct iovec iov[IOV];
-    size_t *pinned = malloc(IOV * sizeof(size_t));
+    size_t *pinned = malloc(BATCH * sizeof(size_t));
     char *bufs = malloc((size_t)IOV * r->page_size);
     int rc = 0;
     if (!bufs || !pinned)
@@ -359,7 +360,7 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
     for (size_t i = 0; i < n && rc == 0;) {
         int k = 0;
         size_t bytes = 0, start = i, npinned = 0;
-        while (i < n && k < IOV) {
+        while (i < n && k < IOV && i - start < BATCH) {
             size_t p = store_pages[i];
             if (p >= r->npages) {
                 rc = lm_fail("checkpoint: store page outside the region", ERANGE);
