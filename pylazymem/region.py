@@ -567,7 +567,7 @@ class Region(AddressRange):
                 "%s: %d poisoned page%s (%s): their contents could not be served (a failed "
                 "fill, a verification mismatch or a lost page server; stats()['last_error'] "
                 "says which) and are lost; defer_fill() gives them new contents"
-                % (what or str(e).split(":")[0], bad.size, "" if bad.size == 1 else "s", shown),
+                % (what or (e.strerror or "").split(":")[0], bad.size, "" if bad.size == 1 else "s", shown),
                 bad.tolist()) from None
 
     def timeline(self):

@@ -325,7 +325,7 @@ def test_header_constants_match_the_core():
     assert family("LM_CLS_") == {m.name: m.value for m in _meta.PageClass}
     assert family("LM_F_") == {m.name: m.value for m in _meta.PageFlag}
     assert {n: v for n, v in family("LM_").items()
-            if n in ("EMPTY", "DEFERRED", "BUSY", "PRESENT")} == {
+            if n in ("EMPTY", "DEFERRED", "BUSY", "PRESENT", "POISONED", "PINNED")} == {
         m.name: m.value for m in _meta.PageState}
     paths = family("LM_PATH_")
     assert paths.pop("NONE") == 0

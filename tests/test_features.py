@@ -91,7 +91,8 @@ def test_forced_user_mode_only(probe_mode):
 
 def test_enums():
     assert [(m.name, int(m)) for m in plm.PageState] == [
-        ("EMPTY", 0), ("DEFERRED", 1), ("BUSY", 2), ("PRESENT", 3)]
+        ("EMPTY", 0), ("DEFERRED", 1), ("BUSY", 2), ("PRESENT", 3), ("POISONED", 4),
+        ("PINNED", 5)]
     assert [(m.name, int(m)) for m in plm.PageClass] == [
         ("NONE", 0), ("ZERO", 1), ("CANONICAL", 2), ("DATA", 3), ("SNAPSHOT", 4)]
     F = plm.PageFlag
