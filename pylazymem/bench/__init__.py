@@ -10,13 +10,15 @@ problems seen (wrong contents, handler errors).
   reap           REAP scenario, 1 GiB state, workload reads 10% of pages: eager np.load vs lazy restore
                  (no prefetch / working-set prefetch) vs state already in memory; cold and warm page cache
   restore_none   time for restore(prefetch="none") of a 1 GiB snapshot to return, and close()
+  restore_default  time for restore(path) with its default arguments (working-set prefetch, background
+                 fill) to return, and until the fill is done, beside prefetch="none", same snapshots
   restore_sequential  sequential read of a lazily restored region, per page, vs kernel first touch
   checkpoint     checkpoint of 1 GiB (50% zero, 25% duplicate, 25% unique pages) vs np.save: time and size
   server         4K fault service through a page server process (native, Python thread, Python
                  page provider) vs in-process serving
 """
-BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_sequential",
-              "checkpoint", "server")
+BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
+              "restore_sequential", "checkpoint", "server")
 
 __all__ = ["BENCHMARKS", "run"]
 
