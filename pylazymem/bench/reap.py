@@ -382,7 +382,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     for v, kind, cache, w in variants:
         rows[v] = C.summary(parts[v]["total"])
         rows[v]["cache"] = cache or "-"
-        rows[v]["workload"] = w
+        rows[v]["workload_kind"] = w
         for k in ("restore", "workload", "again", "close"):
             rows[v][k + "_ms_median"] = float(np.median(parts[v][k]))
         if cached[v]:
