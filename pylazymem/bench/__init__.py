@@ -6,17 +6,23 @@ problems seen (wrong contents, handler errors).
 
   fault_service  4K fault service, one Python thread: pylazymem vs a minimal C userfaultfd loop
   template_init  fill 1 GiB with a template page, read 1% of pages: defer_fill vs a numpy copy
-  sequential     sequential first touch per page: deferred canonical region vs kernel anonymous pages
-  reap           REAP scenario, 1 GiB state, workload reads 10% of pages: eager np.load vs lazy restore
-                 (no prefetch / working-set prefetch) vs state already in memory; cold and warm page cache
+  sequential     sequential first touch per page: deferred canonical region vs kernel anonymous pages,
+                 4 KiB pages and transparent huge pages, ratios to both side by side
+  reap           REAP scenario, 1 GiB state: eager np.load and np.load(mmap_mode="r") vs lazy restore
+                 (no prefetch / working-set prefetch) vs state already in memory; cold and warm page
+                 cache; a uniform 10% workload recorded and replayed, and a Zipf-chunk workload recorded
+                 on one sample and timed on another
   restore_none   time for restore(prefetch="none") of a 1 GiB snapshot to return, and close()
+  restore_default  time for restore(path) with its default arguments (working-set prefetch, background
+                 fill) to return, and until the fill is done, beside prefetch="none", same snapshots
   restore_sequential  sequential read of a lazily restored region, per page, vs kernel first touch
+                 (4 KiB pages and transparent huge pages)
   checkpoint     checkpoint of 1 GiB (50% zero, 25% duplicate, 25% unique pages) vs np.save: time and size
   server         4K fault service through a page server process (native, Python thread, Python
                  page provider) vs in-process serving
 """
-BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_sequential",
-              "checkpoint", "server")
+BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
+              "restore_sequential", "checkpoint", "server")
 
 __all__ = ["BENCHMARKS", "run"]
 

@@ -47,21 +47,47 @@ def environment(plm=None) -> dict:
         "cpus": sorted(os.sched_getaffinity(0)),
         "page_size": PAGE,
     }
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            env["thp"] = f.read().strip()
-    except OSError:
-        env["thp"] = "?"
+    env.update(thp_settings())
     if plm is not None:
         env["pylazymem"] = getattr(plm, "__version__", "?")
         env["uffd"] = features_dict(plm)
     return env
 
 
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+
+
+def thp_settings() -> dict:
+    """The machine's transparent huge page settings: enabled, defrag, use_zero_page ("?" if unreadable)."""
+    out = {}
+    for key, name in (("thp", "enabled"), ("thp_defrag", "defrag"), ("thp_zero_page", "use_zero_page")):
+        try:
+            with open(os.path.join(THP_DIR, name)) as f:
+                out[key] = f.read().strip()
+        except OSError:
+            out[key] = "?"
+    return out
+
+
+def thp_selected(setting: str) -> str:
+    """'madvise' from 'always [madvise] never'."""
+    if "[" in setting and "]" in setting:
+        return setting[setting.index("[") + 1:setting.index("]")]
+    return setting
+
+
+def minflt() -> int:
+    """Minor page faults of the calling thread so far (the whole process where RUSAGE_THREAD is missing)."""
+    import resource
+
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
+
+
 def print_environment(env: dict, file) -> None:
     u = env.get("uffd", {})
     print(f"# kernel {env['kernel']}  python {env['python']}  cpus {env['cpus']}  page {env['page_size']}"
-          f"  thp {env['thp']}", file=file)
+          f"  thp enabled={thp_selected(env['thp'])} defrag={thp_selected(env.get('thp_defrag', '?'))}"
+          f" use_zero_page={env.get('thp_zero_page', '?')}", file=file)
     if u:
         print(f"# pylazymem {env.get('pylazymem')}  uffd mode={u.get('mode')} source={u.get('source')}"
               f"  api_features={u.get('api_features')}"

@@ -31,6 +31,32 @@ TARGET_MS = 5.0
 CHECK_PAGES = 64
 
 
+def build_snapshots(plm, d, nbytes, rng, file):
+    """The state (50% zero, 25% duplicate, 25% unique pages, every page written) and its two
+    snapshots in d: "plain" (no working set) and "ws10" (a random 10% working set). Returns
+    (reference copy, {kind: path}, info, info10). Shared with restore_default."""
+    npages = nbytes // C.PAGE
+    t0 = C.now_ns()
+    ref = np.empty(nbytes, np.uint8)
+    K.fill_mixed(ref, K.mixed_layout(npages, rng), rng)
+    paths = {"plain": os.path.join(d, "state.snap"), "ws10": os.path.join(d, "state_ws10.snap")}
+    r0 = plm.Region(nbytes)
+    try:
+        st = r0.alloc("state", nbytes, np.uint8)
+        K.copy_into(st, ref)
+        del st
+        info = plm.checkpoint(r0, paths["plain"], working_set="none")
+        info10 = plm.checkpoint(r0, paths["ws10"],
+                                working_set=rng.choice(npages, npages // 10, replace=False))
+    finally:
+        r0.close()
+    os.sync()
+    print(f"# setup {(C.now_ns() - t0) / 1e9:.1f} s: snapshot {info.file_bytes / C.MiB:.1f} MiB "
+          f"{info.pages_by_class}; with 10% working set {info10.file_bytes / C.MiB:.1f} MiB "
+          f"({info10.working_set.size} pages)", file=file)
+    return ref, paths, info, info10
+
+
 def _run(plm, path, background, ref, check_pages):
     with C.quiet_gc():
         t0 = C.now_ns()
@@ -95,24 +121,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
               f"(+{C.WARMUP} warm-up rep discarded); default Region config; files in {d} ({K.filesystem(d)})",
               file=file)
         C.print_environment(env, file)
-        t0 = C.now_ns()
-        ref = np.empty(nbytes, np.uint8)
-        K.fill_mixed(ref, K.mixed_layout(npages, rng), rng)
-        paths = {"plain": os.path.join(d, "state.snap"), "ws10": os.path.join(d, "state_ws10.snap")}
-        r0 = plm.Region(nbytes)
-        try:
-            st = r0.alloc("state", nbytes, np.uint8)
-            K.copy_into(st, ref)
-            del st
-            info = plm.checkpoint(r0, paths["plain"], working_set="none")
-            info10 = plm.checkpoint(r0, paths["ws10"],
-                                    working_set=rng.choice(npages, npages // 10, replace=False))
-        finally:
-            r0.close()
-        os.sync()
-        print(f"# setup {(C.now_ns() - t0) / 1e9:.1f} s: snapshot {info.file_bytes / C.MiB:.1f} MiB "
-              f"{info.pages_by_class}; with 10% working set {info10.file_bytes / C.MiB:.1f} MiB "
-              f"({info10.working_set.size} pages)", file=file)
+        ref, paths, info, info10 = build_snapshots(plm, d, nbytes, rng, file)
 
         parts = {v[0]: {"restore": [], "close": []} for v in variants}
         cached, methods, stats = {v[0]: [] for v in variants}, set(), {}

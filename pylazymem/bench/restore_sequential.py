@@ -4,12 +4,15 @@ A 1 GiB snapshot of unique random pages (no working set). Per repetition, interl
   plm_cold      restore(prefetch="none", background=False) with the page cache dropped, then one byte
                 per page in address order (numpy strided read + sum, checked), ns per page
   plm_warm      the same with the snapshot file in the page cache
-  kernel_read   plain anonymous 4 KiB pages (mmap, MADV_NOHUGEPAGE), first touch = READ (zero page)
-  kernel_write  same mapping, first touch = WRITE (allocates and zeroes a page)
+  kernel_read_4k   plain anonymous 4 KiB pages (mmap, MADV_NOHUGEPAGE), first touch = READ (zero page)
+  kernel_write_4k  same mapping, first touch = WRITE (allocates and zeroes a page)
+  kernel_read_thp / kernel_write_thp  the kernel's huge-page path: the same mapping with transparent
+                huge pages allowed (MADV_HUGEPAGE when THP is "madvise"; see sequential.py)
   file_cold / file_warm  (extra, the floor) read() of the whole snapshot file into a reused,
                 populated 64 MiB buffer, ns per region page: what the disk / page cache delivers
-Target: plm / kernel_read <= 1.0x per page (the issue's wording; printed for cold and warm, and
-against kernel_write, which like a restore puts a fresh page behind every touch).
+Target: plm / kernel_read_4k <= 1.0x per page (the issue's wording; printed for cold and warm, and
+against kernel_write_4k, which like a restore puts a fresh page behind every touch). The same ratios
+against the THP rows are printed beside them (informational).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from . import _ckpt as K
 from . import _common as C
-from .sequential import _run_kernel
+from .sequential import KERNEL, _run_kernel, print_side_by_side, thp_advice
 
 NAME = "restore_sequential"
 TARGET = 1.0
@@ -57,14 +60,17 @@ def _run_file(path):
 def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     file, plm, env, nbytes, reps, npages = C.setup(quick, reps, file)
 
+    advice, advice_txt = thp_advice(env)
     rng = np.random.default_rng(20240613)
-    variants = [("plm_cold", "plm", "cold"), ("kernel_read", "kread", None), ("plm_warm", "plm", "warm"),
-                ("kernel_write", "kwrite", None), ("file_cold", "file", "cold"), ("file_warm", "file", "warm")]
+    variants = [("plm_cold", "plm", "cold"), ("kernel_read_4k", "kernel", None), ("plm_warm", "plm", "warm"),
+                ("kernel_write_4k", "kernel", None), ("kernel_read_thp", "kernel", None),
+                ("file_cold", "file", "cold"), ("kernel_write_thp", "kernel", None), ("file_warm", "file", "warm")]
     problems = []
     with K.scratch_dir(NAME) as d:
         print(f"# {NAME}: one byte per page in address order over a lazily restored {nbytes // C.MiB} MiB region "
               f"({npages} unique random pages; restore(prefetch='none', background=False), default Region config "
-              f"and readahead) vs kernel anonymous 4 KiB pages (MADV_NOHUGEPAGE); {reps} reps interleaved "
+              f"and readahead) vs kernel anonymous 4 KiB pages (MADV_NOHUGEPAGE) and huge pages ({advice_txt}); "
+              f"{reps} reps interleaved "
               f"(+{C.WARMUP} warm-up rep discarded); main thread unpinned; files in {d} ({K.filesystem(d)})", file=file)
         C.print_environment(env, file)
         t0 = C.now_ns()
@@ -84,6 +90,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
 
         parts = {v: {"read": [], "restore": [], "close": []} for v, _, _ in variants}
         cached, methods, stats = {v: [] for v, _, _ in variants}, set(), {}
+        kfaults = {v: [] for v in KERNEL}
         for rep in range(-C.WARMUP, reps):   # rep < 0: warm-up, not recorded
             for v, kind, cache in C.rotate(variants, rep):
                 frac = None
@@ -100,8 +107,11 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
                 elif kind == "file":
                     t, ok = _run_file(path)
                 else:
-                    dt, ok = _run_kernel(nbytes, kind == "kwrite")
+                    write, thp = KERNEL[v]
+                    dt, ok, nf = _run_kernel(nbytes, write, thp, advice)
                     t = {"read": dt}
+                    if rep >= 0:
+                        kfaults[v].append(nf)
                 if not ok:
                     problems.append(f"{v} rep {rep}: contents check failed")
                 if rep >= 0:
@@ -121,6 +131,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
             rows[v]["cached_fraction_max"] = max(cached[v])
         if v in stats:
             rows[v]["stats"] = stats[v]
+        if kfaults.get(v):
+            rows[v]["stats"] = {"faults": float(np.median(kfaults[v]))}   # minor faults of the touch
     cold_method = "+".join(sorted(methods)) or "none"
 
     headers = ["variant", "cache", "ns/page_med", "min", "max", "reps", "GB/s", "restore_ms", "close_ms", "faults",
@@ -138,17 +150,29 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
     print(f"# ns/page = the strided read (plm: after restore() returned; restore and close not included); GB/s = "
           f"4 KiB / ns per page; cold = page cache dropped via {cold_method}"
           f"{' (NOT cold)' if cold_method == 'none' else ''}; file_* = read() of the snapshot file (floor); "
-          f"stats of the last rep", file=file)
+          f"faults: plm = stats() of the last rep, kernel = median minor faults of the touch (getrusage; "
+          f"{npages // 512} = 2 MiB pages)", file=file)
 
+    print_side_by_side(rows, [("plm_cold", "kernel_read"), ("plm_warm", "kernel_read"), ("plm_cold", "kernel_write"),
+                              ("plm_warm", "kernel_write")], file)
     ratios = [
-        C.ratio("cold_vs_kernel_read", rows["plm_cold"]["median"], rows["kernel_read"]["median"], "<=", TARGET,
-                "restored region (cold file) / kernel READ first touch (zero page, no allocation)"),
-        C.ratio("warm_vs_kernel_read", rows["plm_warm"]["median"], rows["kernel_read"]["median"], "<=", TARGET,
-                "restored region (file in page cache) / kernel READ first touch"),
-        C.ratio("cold_vs_kernel_write", rows["plm_cold"]["median"], rows["kernel_write"]["median"], "<=", TARGET,
-                "informational: cold / kernel WRITE first touch (both put a fresh page behind every touch)"),
-        C.ratio("warm_vs_kernel_write", rows["plm_warm"]["median"], rows["kernel_write"]["median"], "<=", TARGET,
-                "informational: warm / kernel WRITE first touch"),
+        C.ratio("cold_vs_kernel_read_4k", rows["plm_cold"]["median"], rows["kernel_read_4k"]["median"], "<=", TARGET,
+                "restored region (cold file) / kernel READ first touch, 4 KiB pages (zero page, no allocation)"),
+        C.ratio("cold_vs_kernel_read_thp", rows["plm_cold"]["median"], rows["kernel_read_thp"]["median"], "<=",
+                TARGET, "informational: restored region (cold file) / kernel READ first touch, THP (huge zero page)"),
+        C.ratio("warm_vs_kernel_read_4k", rows["plm_warm"]["median"], rows["kernel_read_4k"]["median"], "<=", TARGET,
+                "restored region (file in page cache) / kernel READ first touch, 4 KiB pages"),
+        C.ratio("warm_vs_kernel_read_thp", rows["plm_warm"]["median"], rows["kernel_read_thp"]["median"], "<=",
+                TARGET, "informational: restored region (file in page cache) / kernel READ first touch, THP"),
+        C.ratio("cold_vs_kernel_write_4k", rows["plm_cold"]["median"], rows["kernel_write_4k"]["median"], "<=",
+                TARGET, "informational: cold / kernel WRITE first touch, 4 KiB pages (both put a fresh page behind "
+                "every touch)"),
+        C.ratio("cold_vs_kernel_write_thp", rows["plm_cold"]["median"], rows["kernel_write_thp"]["median"], "<=",
+                TARGET, "informational: cold / kernel WRITE first touch, THP (2 MiB pages)"),
+        C.ratio("warm_vs_kernel_write_4k", rows["plm_warm"]["median"], rows["kernel_write_4k"]["median"], "<=",
+                TARGET, "informational: warm / kernel WRITE first touch, 4 KiB pages"),
+        C.ratio("warm_vs_kernel_write_thp", rows["plm_warm"]["median"], rows["kernel_write_thp"]["median"], "<=",
+                TARGET, "informational: warm / kernel WRITE first touch, THP"),
         C.ratio("cold_vs_file_read", rows["plm_cold"]["median"], rows["file_cold"]["median"], "<=", TARGET,
                 "informational: cold / read() of the cold file (the disk's floor)"),
     ]
