@@ -14,7 +14,7 @@ except ImportError as e:
         "'pip install -e .' (or bash scripts/setup.sh), or use the pure-Python backend "
         "(PYLAZYMEM_BACKEND=ctypes: no in-process lazy regions)" % e, name=e.name) from e
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 if lib.lm_abi_version() != ABI_VERSION:  # a stale build left next to newer Python files
     raise ImportError(
