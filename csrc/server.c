@@ -81,6 +81,7 @@ struct lm_srv {
     uint32_t cluster;
     uint64_t last_served_ns;
 
+    int fatal;           /* an error found while reading events: the thread must stop */
     _Atomic int running;
     _Atomic uint64_t st_faults, st_zero, st_copied, st_removed_faults, st_remove, st_unmap,
         st_remap, st_errors, st_ns_total, st_ns_max, st_poisoned, st_unsupported,
@@ -125,7 +126,9 @@ static void mark_removed(struct lm_srv *s, uint64_t start, uint64_t end)
             continue;
         uint64_t npages = m->size >> s->shift;
         if (!m->removed && !(m->removed = calloc((npages + 63) / 64, 8))) {
-            srv_error(s, -ENOMEM);   /* those pages will be served from the source again */
+            /* Without the bitmap those pages would be served from the source again, where
+               the client expects zeros: stop serving instead (srv_main sees `fatal`). */
+            s->fatal = -ENOMEM;
             continue;
         }
         for (uint64_t p = (lo - m->base) >> s->shift; p < (hi - m->base + s->ps - 1) >> s->shift;
@@ -343,7 +346,11 @@ static void *srv_main(void *arg)
     int npfd = s->pidfd >= 0 ? 3 : 2;
     int rc = 0;
     for (;;) {
-        while (s->qlen) {
+        if (s->fatal) {
+            rc = s->fatal;
+            goto out;
+        }
+        while (s->qlen && !s->fatal) {
             struct uffd_msg *msg = &s->queue[s->qhead];
             if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
                 /* The client registered WP or MINOR with this uffd: those pages are present
@@ -356,10 +363,13 @@ static void *srv_main(void *arg)
             uint64_t t0 = now_ns();
             rc = serve(s, msg->arg.pagefault.address & ~(s->ps - 1));
             if (rc == -EAGAIN) {
-                rc = drain(s);   /* read the event that blocks the fill, then retry */
-                if (rc < 0)
+                int got = drain(s);   /* read the event that blocks the fill, then retry */
+                if (got < 0) {
+                    rc = got;
                     goto out;
-                if (rc == 0)
+                }
+                rc = 0;
+                if (got == 0)
                     sched_yield();   /* event read, its madvise/munmap not finished yet */
                 continue;
             }
