@@ -311,18 +311,51 @@ struct lm_srv_stats {
     int running;                /* 0 once the client has exited or its uffd failed */
     uint64_t service_ns_total;
     uint64_t service_ns_max;
+    uint64_t unsupported_faults; /* write-protect or minor faults: not ours to serve (they end
+                                    the serving, see `died`) */
+    uint64_t redelivered;       /* fault messages handed back to the kernel (the thread woken to
+                                   fault again) because the fault queue could not grow */
+    int died;                   /* -errno that ended the serving thread by an error (0: it
+                                   runs, or ended because the client exited or was stopped) */
 };
 
 struct lm_srv;
+/* A snapshot's page table, shared by every client of one server: source page i's contents
+   are at file offset entries[i], or -1 for a zero page. Reference counted: the server that
+   made it holds one reference, each lm_srv_start() takes one, lm_srv_destroy() drops it. */
+struct lm_srv_table;
+
+/* Copy `len` entries into a new table (one reference, the caller's). Entries must be -1 or
+   file offsets (>= 0). */
+int lm_srv_table_new(const int64_t *entries, uint64_t len, struct lm_srv_table **out);
+void lm_srv_table_release(struct lm_srv_table *t);
+uint64_t lm_srv_table_refs(struct lm_srv_table *t);
+/* Bytes held by every table alive in this process (what sharing saves is visible here). */
+uint64_t lm_srv_table_bytes_live(void);
+
+/* flags of lm_srv_start */
+enum {
+    /* peer_pidfd is the client's connection, not a pidfd: the client watches the server and
+       takes over when it closes. When the serving thread dies from an error it shuts that
+       connection down (the client takes over at once) instead of poisoning the client's
+       missing pages, which it does for other clients so that they fail loudly. */
+    LM_SRV_WATCHED = 1
+};
 
 /* Serve the faults of a client's userfaultfd on a native thread. Source page at byte `o` of
    the source: table == NULL: src_fd's bytes at offset o (a raw memory file; past its end the
-   page is poisoned); else table[o / page_size] is the file offset of its contents, or -1 for a
-   zero page (a snapshot's store). The table is copied, src_fd duplicated. On success the
-   server owns `uffd` and `peer_pidfd` (-1: none; when it becomes readable the client has
-   exited and the thread ends). */
-int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nmaps,
-                 uint64_t page_size, int src_fd, const int64_t *table, uint64_t table_len,
+   page is poisoned); else table's entry o / page_size (every map's source bytes must lie
+   within the table). The table gains a reference, src_fd is duplicated. Arguments are
+   checked (-EINVAL with the reason in lm_last_op): 1 to 64 page-aligned, non-empty,
+   non-overlapping maps that do not wrap around (address or source offset), the machine's
+   page size, max_cluster <= 4096 pages (0: the default). On success the server owns `uffd`
+   and `peer_pidfd` (-1: none; when it becomes readable the client has exited and the thread
+   ends); on failure the caller keeps them. Only MISSING faults are served: a write-protect or
+   minor fault ends the serving with -EOPNOTSUPP. When the serving thread dies from an error
+   it poisons the client's missing pages (see LM_SRV_WATCHED) and records the error in
+   stats.died. */
+int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_map *maps,
+                 int nmaps, uint64_t page_size, int src_fd, struct lm_srv_table *table,
                  uint32_t max_cluster, struct lm_srv **out);
 int lm_srv_running(struct lm_srv *s);
 void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out);
@@ -330,6 +363,11 @@ void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out);
    are poisoned first, so that a client that keeps running after we are gone fails loudly
    (SIGBUS) instead of waiting forever or, once the last uffd is closed, reading zeros. */
 void lm_srv_destroy(struct lm_srv *s, int poison);
+/* Test hooks (tests/test_server.py), set right after lm_srv_start:
+   LM_SRV_TEST_FAIL_AFTER: the thread fails with -EIO once n faults are served;
+   LM_SRV_TEST_QUEUE_CAP: the fault queue cannot grow past n messages (as if malloc failed). */
+enum { LM_SRV_TEST_FAIL_AFTER = 1, LM_SRV_TEST_QUEUE_CAP = 2 };
+int lm_srv_test_inject(struct lm_srv *s, int what, uint64_t n);
 
 /* ---- a region served by a page server (remote.c) ------------------------------------ */
 

@@ -12,6 +12,12 @@
  * with EAGAIN. The thread that gets EAGAIN is the one that must read the event, so a fill
  * never spins on EAGAIN: it returns, the pending messages are read and handled, and the fill
  * is retried.
+ *
+ * Only MISSING faults are served. A write-protect or minor fault cannot be resolved by a copy
+ * (the page is there: UFFDIO_COPY says EEXIST, the thread is woken, faults again, forever), so
+ * it ends the serving loudly. Whenever the thread ends from an error it does not leave the
+ * client waiting: it poisons the client's missing pages (or, for a client that watches the
+ * server, shuts the connection so that the client takes over) and records the error.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -23,6 +29,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +39,15 @@
 #define SRV_QUEUE_MIN 256
 #define SPIN_NS 100000     /* look for the next fault this long before sleeping */
 #define SRV_MAX_MAPS 64
+
+/* A snapshot's page table, shared by the clients of one server (lazymem.h). */
+struct lm_srv_table {
+    _Atomic uint64_t refs;
+    uint64_t len;
+    int64_t entries[];
+};
+
+static _Atomic uint64_t table_bytes_live;
 
 struct srv_map {
     uint64_t base, size, offset;
@@ -44,8 +60,8 @@ struct lm_srv {
     int shift;
     struct srv_map maps[SRV_MAX_MAPS];
     int nmaps;
-    int64_t *table;      /* snapshot mode: file offset per source page, -1 = zero */
-    uint64_t table_len;
+    struct lm_srv_table *table;   /* snapshot mode: file offset per source page, -1 = zero */
+    unsigned flags;
     uint32_t max_cluster;
     char *scratch;
     pthread_t tid;
@@ -57,16 +73,20 @@ struct lm_srv {
        one, and again when it retries). */
     struct uffd_msg *queue;
     size_t qcap, qhead, qlen;
+    _Atomic uint64_t test_queue_cap;   /* test hook: growth past this fails (0: none) */
+    _Atomic uint64_t test_fail_after;  /* test hook: fail with EIO after this many faults */
 
     /* Adaptive readahead: one sequential stream per client. */
     uint64_t next_addr;
     uint32_t cluster;
     uint64_t last_served_ns;
 
+    int fatal;           /* an error found while reading events: the thread must stop */
     _Atomic int running;
     _Atomic uint64_t st_faults, st_zero, st_copied, st_removed_faults, st_remove, st_unmap,
-        st_remap, st_errors, st_ns_total, st_ns_max, st_poisoned;
-    _Atomic int st_last_error;
+        st_remap, st_errors, st_ns_total, st_ns_max, st_poisoned, st_unsupported,
+        st_redelivered;
+    _Atomic int st_last_error, st_died;
 };
 
 static uint64_t now_ns(void)
@@ -106,7 +126,9 @@ static void mark_removed(struct lm_srv *s, uint64_t start, uint64_t end)
             continue;
         uint64_t npages = m->size >> s->shift;
         if (!m->removed && !(m->removed = calloc((npages + 63) / 64, 8))) {
-            srv_error(s, -ENOMEM);   /* those pages will be served from the source again */
+            /* Without the bitmap those pages would be served from the source again, where
+               the client expects zeros: stop serving instead (srv_main sees `fatal`). */
+            s->fatal = -ENOMEM;
             continue;
         }
         for (uint64_t p = (lo - m->base) >> s->shift; p < (hi - m->base + s->ps - 1) >> s->shift;
@@ -157,6 +179,9 @@ static void handle_event(struct lm_srv *s, const struct uffd_msg *msg)
 
 static int push(struct lm_srv *s, const struct uffd_msg *msg)
 {
+    uint64_t test_cap = atomic_load_explicit(&s->test_queue_cap, memory_order_relaxed);
+    if (test_cap && s->qlen >= test_cap)
+        return -ENOMEM;   /* the test hook: as if the queue could not grow */
     if (s->qlen == s->qcap) {
         size_t cap = s->qcap ? s->qcap * 2 : SRV_QUEUE_MIN;
         struct uffd_msg *q = malloc(cap * sizeof(*q));
@@ -173,12 +198,28 @@ static int push(struct lm_srv *s, const struct uffd_msg *msg)
     return 0;
 }
 
+/* A fault message we cannot keep (the queue cannot grow): the kernel delivers a message
+   once, so dropping it would leave its thread waiting forever. Wake the thread instead: it
+   retries its access, faults again and the kernel queues a new message for the same fault,
+   which we read once the queue has room. */
+static void redeliver(struct lm_srv *s, const struct uffd_msg *msg)
+{
+    atomic_fetch_add_explicit(&s->st_redelivered, 1, memory_order_relaxed);
+    struct uffdio_range r = {.start = msg->arg.pagefault.address & ~(s->ps - 1), .len = s->ps};
+    if (ioctl(s->uffd, UFFDIO_WAKE, &r) < 0 && errno != ENOENT && errno != ESRCH)
+        srv_error(s, -errno);
+}
+
 /* Read everything the uffd holds now (never blocks); events are handled at once, faults
-   queued. Returns the number of messages read, or -errno for a dead uffd. */
+   queued. Returns the number of messages read, or -errno for a dead uffd. When the queue
+   cannot take a fault, that fault is redelivered and reading stops after this batch (its
+   events handled): reading on would only read the retried fault again before the queue
+   drains; the caller serves the queue and reads again. */
 static int drain(struct lm_srv *s)
 {
     int total = 0;
-    for (;;) {
+    bool full = false;
+    while (!full) {
         struct uffd_msg buf[SRV_READ];
         ssize_t got = read(s->uffd, buf, sizeof(buf));
         if (got < 0)
@@ -186,10 +227,13 @@ static int drain(struct lm_srv *s)
         for (size_t i = 0; i < (size_t)got / sizeof(buf[0]); i++, total++) {
             if (buf[i].event != UFFD_EVENT_PAGEFAULT)
                 handle_event(s, &buf[i]);
-            else if (push(s, &buf[i]) < 0)
-                srv_error(s, -ENOMEM);   /* that thread waits until it faults again */
+            else if (push(s, &buf[i]) < 0) {
+                redeliver(s, &buf[i]);
+                full = true;
+            }
         }
     }
+    return total;
 }
 
 /* Where the source page at byte `o` of the source comes from: file offset, or -1 (zero), or
@@ -199,7 +243,7 @@ static int64_t source_of(struct lm_srv *s, uint64_t o)
     if (!s->table)
         return (int64_t)o;
     uint64_t i = o >> s->shift;
-    return i < s->table_len ? s->table[i] : -2;
+    return i < s->table->len ? s->table->entries[i] : -2;
 }
 
 static void poison(struct lm_srv *s, uint64_t addr, int rc)
@@ -274,6 +318,25 @@ static int serve(struct lm_srv *s, uint64_t addr)
     return rc == -EAGAIN ? rc : 0;
 }
 
+static void poison_missing(struct lm_srv *s);
+
+/* The serving thread ends from an error (`rc`): the client must not be left waiting on the
+   faults nobody will serve. A client that watches us gets its connection shut down (it sees
+   the server gone and serves itself); any other has its missing pages poisoned, as stop()
+   does, so that its accesses fail loudly (SIGBUS). */
+static void srv_die(struct lm_srv *s, int rc)
+{
+    srv_error(s, rc);
+    atomic_store(&s->st_died, rc);
+    if (s->flags & LM_SRV_WATCHED) {
+        if (shutdown(s->pidfd, SHUT_RDWR) < 0) {
+            /* not a socket or already closed: the client's watcher sees the same later */
+        }
+    } else {
+        poison_missing(s);
+    }
+}
+
 static void *srv_main(void *arg)
 {
     struct lm_srv *s = arg;
@@ -281,29 +344,48 @@ static void *srv_main(void *arg)
                             {.fd = s->stop_fd, .events = POLLIN},
                             {.fd = s->pidfd, .events = POLLIN}};
     int npfd = s->pidfd >= 0 ? 3 : 2;
+    int rc = 0;
     for (;;) {
-        while (s->qlen) {
+        if (s->fatal) {
+            rc = s->fatal;
+            goto out;
+        }
+        while (s->qlen && !s->fatal) {
             struct uffd_msg *msg = &s->queue[s->qhead];
+            if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+                /* The client registered WP or MINOR with this uffd: those pages are present
+                   (a COPY gets EEXIST and the thread faults again, forever) and only the
+                   client knows what it wanted. Not served: stop, loudly. */
+                atomic_fetch_add_explicit(&s->st_unsupported, 1, memory_order_relaxed);
+                rc = -EOPNOTSUPP;
+                goto out;
+            }
             uint64_t t0 = now_ns();
-            int rc = serve(s, msg->arg.pagefault.address & ~(s->ps - 1));
+            rc = serve(s, msg->arg.pagefault.address & ~(s->ps - 1));
             if (rc == -EAGAIN) {
-                rc = drain(s);   /* read the event that blocks the fill, then retry */
-                if (rc < 0) {
-                    srv_error(s, rc);
+                int got = drain(s);   /* read the event that blocks the fill, then retry */
+                if (got < 0) {
+                    rc = got;
                     goto out;
                 }
-                if (rc == 0)
+                rc = 0;
+                if (got == 0)
                     sched_yield();   /* event read, its madvise/munmap not finished yet */
                 continue;
             }
             s->qhead = (s->qhead + 1) % s->qcap;
             s->qlen--;
             uint64_t ns = now_ns() - t0;
-            atomic_fetch_add_explicit(&s->st_faults, 1, memory_order_relaxed);
+            uint64_t n = atomic_fetch_add_explicit(&s->st_faults, 1, memory_order_relaxed) + 1;
             atomic_fetch_add_explicit(&s->st_ns_total, ns, memory_order_relaxed);
             if (ns > atomic_load_explicit(&s->st_ns_max, memory_order_relaxed))
                 atomic_store_explicit(&s->st_ns_max, ns, memory_order_relaxed);
             s->last_served_ns = now_ns();
+            uint64_t fail_after = atomic_load_explicit(&s->test_fail_after, memory_order_relaxed);
+            if (fail_after && n >= fail_after) {
+                rc = -EIO;   /* the test hook: an unexpected error */
+                goto out;
+            }
         }
         /* During a fault storm the next fault comes a few microseconds after we wake the
            last one: look for it for a short while before sleeping. Being woken from poll()
@@ -312,8 +394,8 @@ static void *srv_main(void *arg)
         if (now_ns() - s->last_served_ns < SPIN_NS) {
             int got = drain(s);
             if (got < 0) {
-                srv_error(s, got);
-                break;
+                rc = got;
+                goto out;
             }
             if (got == 0)
                 sched_yield();
@@ -322,53 +404,114 @@ static void *srv_main(void *arg)
         if (poll(pfd, npfd, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            srv_error(s, -errno);
-            break;
+            rc = -errno;
+            goto out;
         }
         if (pfd[1].revents)
             break;   /* lm_srv_destroy */
         if (pfd[0].revents & POLLIN) {
-            int rc = drain(s);
-            if (rc < 0) {
-                srv_error(s, rc);
-                break;
-            }
+            rc = drain(s);
+            if (rc < 0)
+                goto out;
+            rc = 0;
             continue;   /* serve what was read before looking at the client's liveness */
         }
         if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            srv_error(s, -EBADF);
-            break;
+            rc = -EBADF;
+            goto out;
         }
         if (npfd == 3 && pfd[2].revents)
             break;   /* the client process has exited: nothing will fault again */
     }
 out:
+    if (rc < 0)
+        srv_die(s, rc);
     atomic_store(&s->running, 0);
     return NULL;
 }
 
-int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nmaps,
-                 uint64_t page_size, int src_fd, const int64_t *table, uint64_t table_len,
+static void table_release(struct lm_srv_table *t)
+{
+    if (t && atomic_fetch_sub(&t->refs, 1) == 1) {
+        atomic_fetch_sub(&table_bytes_live, t->len * sizeof(int64_t));
+        free(t);
+    }
+}
+
+int lm_srv_table_new(const int64_t *entries, uint64_t len, struct lm_srv_table **out)
+{
+    if (!out)
+        return lm_fail("page server table: out is NULL", EINVAL);
+    *out = NULL;
+    if (len && !entries)
+        return lm_fail("page server table: entries NULL with len > 0", EINVAL);
+    if (len > (SIZE_MAX - sizeof(struct lm_srv_table)) / sizeof(int64_t))
+        return lm_fail("page server table: len too large", EINVAL);
+    for (uint64_t i = 0; i < len; i++)
+        if (entries[i] < -1)
+            return lm_fail("page server table: an entry is below -1 (zero page)", EINVAL);
+    struct lm_srv_table *t = malloc(sizeof(*t) + len * sizeof(int64_t));
+    if (!t)
+        return lm_fail("malloc(page table)", ENOMEM);
+    atomic_init(&t->refs, 1);
+    t->len = len;
+    if (len)
+        memcpy(t->entries, entries, len * sizeof(int64_t));
+    atomic_fetch_add(&table_bytes_live, len * sizeof(int64_t));
+    *out = t;
+    return 0;
+}
+
+void lm_srv_table_release(struct lm_srv_table *t)
+{
+    table_release(t);
+}
+
+uint64_t lm_srv_table_refs(struct lm_srv_table *t)
+{
+    return t ? atomic_load(&t->refs) : 0;
+}
+
+uint64_t lm_srv_table_bytes_live(void)
+{
+    return atomic_load(&table_bytes_live);
+}
+
+int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_map *maps,
+                 int nmaps, uint64_t page_size, int src_fd, struct lm_srv_table *table,
                  uint32_t max_cluster, struct lm_srv **out)
 {
+    /* Checked here, not only by the Python caller: a bad map would make the thread fill
+       pages of the client's address space it never registered or read the table past its
+       end. */
+    if (!out)
+        return lm_fail("page server: out is NULL", EINVAL);
     *out = NULL;
-    if (nmaps < 1 || nmaps > SRV_MAX_MAPS)
+    if (!maps || nmaps < 1 || nmaps > SRV_MAX_MAPS)
         return lm_fail("page server: 1 to 64 memory ranges per client", EINVAL);
-    if (page_size != (uint64_t)lm_page_size())
+    if (!page_size || page_size & (page_size - 1) || page_size != (uint64_t)lm_page_size())
         return lm_fail("page server: page_size differs from this machine's", EINVAL);
+    if (uffd < 0 || src_fd < 0 || peer_pidfd < -1)
+        return lm_fail("page server: uffd and src_fd must be fds, peer_pidfd an fd or -1",
+                       EINVAL);
+    if (flags & ~(unsigned)LM_SRV_WATCHED)
+        return lm_fail("page server: unknown flags", EINVAL);
+    if (max_cluster > LM_MAX_CLUSTER)
+        return lm_fail("page server: max_cluster above 4096 pages", EINVAL);
     for (int i = 0; i < nmaps; i++) {
-        if ((maps[i].base | maps[i].size | maps[i].offset) & (page_size - 1) || !maps[i].size ||
-            maps[i].base + maps[i].size < maps[i].base)
+        const struct lm_srv_map *m = &maps[i];
+        if ((m->base | m->size | m->offset) & (page_size - 1) || !m->size)
             return lm_fail("page server: range not page aligned or empty", EINVAL);
+        if (m->base + m->size < m->base || m->offset + m->size < m->offset)
+            return lm_fail("page server: range wraps around (base or offset + size)", EINVAL);
+        if (table && (m->offset + m->size) / page_size > table->len)
+            return lm_fail("page server: range past the end of the page table", EINVAL);
         for (int j = 0; j < i; j++)
-            if (maps[i].base < maps[j].base + maps[j].size &&
-                maps[j].base < maps[i].base + maps[i].size)
+            if (m->base < maps[j].base + maps[j].size && maps[j].base < m->base + m->size)
                 return lm_fail("page server: ranges overlap", EINVAL);
     }
     if (max_cluster == 0)
         max_cluster = LM_DEFAULT_CLUSTER;
-    if (max_cluster > LM_MAX_CLUSTER)
-        max_cluster = LM_MAX_CLUSTER;
 
     struct lm_srv *s = calloc(1, sizeof(*s));
     if (!s)
@@ -386,13 +529,10 @@ int lm_srv_start(int uffd, int peer_pidfd, const struct lm_srv_map *maps, int nm
         s->maps[i].offset = maps[i].offset;
     }
     s->nmaps = nmaps;
+    s->flags = flags;
     if (table) {
-        if (!(s->table = malloc(table_len * sizeof(int64_t) + 1))) {
-            rc = lm_fail("malloc(page table)", ENOMEM);
-            goto fail;
-        }
-        memcpy(s->table, table, table_len * sizeof(int64_t));
-        s->table_len = table_len;
+        atomic_fetch_add(&table->refs, 1);   /* shared, never copied */
+        s->table = table;
     }
     if (!(s->scratch = malloc((size_t)max_cluster * page_size))) {
         rc = lm_fail("malloc(scratch)", ENOMEM);
@@ -451,6 +591,9 @@ void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out)
     out->service_ns_total = atomic_load(&s->st_ns_total);
     out->service_ns_max = atomic_load(&s->st_ns_max);
     out->running = atomic_load(&s->running);
+    out->unsupported_faults = atomic_load(&s->st_unsupported);
+    out->redelivered = atomic_load(&s->st_redelivered);
+    out->died = atomic_load(&s->st_died);
 }
 
 /* Poison every page of the maps that is still missing: EEXIST marks a present page, which
@@ -501,8 +644,21 @@ void lm_srv_destroy(struct lm_srv *s, int poison)
         close(s->stop_fd);
     if (s->src_fd >= 0)
         close(s->src_fd);
-    free(s->table);
+    table_release(s->table);
     free(s->scratch);
     free(s->queue);
     free(s);
+}
+
+int lm_srv_test_inject(struct lm_srv *s, int what, uint64_t n)
+{
+    if (!s)
+        return lm_fail("page server test hook: no server", EINVAL);
+    if (what == LM_SRV_TEST_FAIL_AFTER)
+        atomic_store(&s->test_fail_after, n);
+    else if (what == LM_SRV_TEST_QUEUE_CAP)
+        atomic_store(&s->test_queue_cap, n);
+    else
+        return lm_fail("page server test hook: unknown hook", EINVAL);
+    return 0;
 }

@@ -232,7 +232,7 @@ class Region(AddressRange):
     def _serve_from(self, socket_path, empty_unknown):
         """Hand our userfaultfd to the page server at socket_path and watch it: when it is
         gone (process exit, or it stops serving us) a native thread takes over here."""
-        from .server import connect, peer_pid
+        from ._protocol import connect, peer_pidfd
 
         with self._use() as lm:
             sock, answer = connect(socket_path, lib.lm_region_uffd(lm),
@@ -240,7 +240,7 @@ class Region(AddressRange):
             fds = [sock.fileno()]
             try:
                 try:
-                    fds.append(os.pidfd_open(peer_pid(sock)))
+                    fds.append(peer_pidfd(sock))   # SO_PEERPIDFD: no pid-reuse race
                 except ProcessLookupError:
                     pass   # already gone: the connection is at EOF and says so at once
                 check(lib.lm_region_watch_server(lm, ffi.new("int[]", fds), len(fds),

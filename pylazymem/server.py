@@ -16,7 +16,7 @@ here and only here: the faulting threads belong to another process, so they cann
 Clients are checked with SO_PEERCRED (default: only our own uid); the socket is created 0600.
 Each client's process is watched with a pidfd, so its serving thread ends when it exits.
 """
-import dataclasses
+import bisect
 import errno
 import fcntl
 import json
@@ -25,95 +25,38 @@ import os
 import select
 import socket
 import stat
-import struct
 import threading
 import time
 from collections import deque
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from . import _backend
+# The wire protocol lives in ._protocol (a leaf module the clients import too); its names are
+# re-exported here, where they have always been.
+from ._protocol import (  # noqa: F401
+    MAX_MAPPINGS,
+    MAX_MESSAGE,
+    PAGE_SIZE,
+    WATCHES_KEY,
+    Mapping,
+    ProtocolError,
+    connect,
+    parse_mappings,
+    peer_credentials,
+    peer_pid,
+    peer_pidfd,
+    receive_handshake,
+    send_answer,
+)
 from ._uffd_errors import InvalidRangeError, LazyMemError, UffdError, UnavailableError
 
 log = logging.getLogger("pylazymem.server")
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-MAX_MESSAGE = 64 * 1024     # the mappings JSON: Firecracker's handlers read into a few KiB
-MAX_MAPPINGS = 64
-HANDSHAKE_TIMEOUT = 5.0     # seconds a connected client has to send its fd and mappings
+HANDSHAKE_TIMEOUT = 5.0     # seconds a connected client has for its whole handshake
 MAX_HANDSHAKES = 16         # connections waiting for their handshake at once
 SPIN_NS = 100_000           # python engine: look for the next fault this long before sleeping
+MAX_CLUSTER_PAGES = 4096    # the native engine's readahead limit (LM_MAX_CLUSTER)
 ENGINES = ("auto", "c", "python")
-
-# Our own clients add this key to each mapping: they keep their uffd and watch the server, so
-# the server must not poison their missing pages when it stops (they take over or fail loudly
-# themselves). Firecracker ignores unknown keys in what it sends, we ignore them in what we get.
-WATCHES_KEY = "pylazymem_watches_server"
-
-
-class ProtocolError(LazyMemError, ValueError):
-    """A client sent something that is not a valid handshake (the message says what)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Mapping:
-    """One registered range of a client, as Firecracker's GuestRegionUffdMapping describes it."""
-    base_host_virt_addr: int
-    size: int
-    offset: int
-    page_size: int
-
-
-def _int_field(obj, key, i):
-    v = obj.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64:
-        raise ProtocolError("mapping %d: %r must be an unsigned 64-bit integer, got %r"
-                            % (i, key, v))
-    return v
-
-
-def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
-    """The mappings of a handshake message; raises ProtocolError with the reason.
-
-    Returns (mappings, watches_server). Accepts every layout Firecracker has sent: `page_size`
-    (bytes), the older `page_size_kib` (also bytes), or neither (base pages); unknown keys are
-    ignored. Every range must be page aligned, non-empty and not overlap another."""
-    try:
-        doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError("the handshake is not UTF-8 JSON: %s" % e) from None
-    if not isinstance(doc, list) or not doc:
-        raise ProtocolError("the handshake must be a non-empty JSON array of mappings "
-                            "(base_host_virt_addr, size, offset, page_size)")
-    if len(doc) > MAX_MAPPINGS:
-        raise ProtocolError("%d mappings: at most %d are accepted" % (len(doc), MAX_MAPPINGS))
-    maps, watches = [], False
-    for i, m in enumerate(doc):
-        if not isinstance(m, dict):
-            raise ProtocolError("mapping %d is not a JSON object" % i)
-        if "page_size" in m:
-            ps = _int_field(m, "page_size", i)
-        elif "page_size_kib" in m:
-            # Despite its name, Firecracker has always sent bytes here (docs/page-server.md).
-            ps = _int_field(m, "page_size_kib", i)
-        else:
-            ps = page_size   # Firecracker 1.1 to 1.6 sent no page size: base pages
-        if ps != page_size:
-            raise ProtocolError("mapping %d: page size %d, this server serves %d-byte pages "
-                                "(huge pages are not supported)" % (i, ps, page_size))
-        mp = Mapping(_int_field(m, "base_host_virt_addr", i), _int_field(m, "size", i),
-                     _int_field(m, "offset", i), ps)
-        if not mp.size or (mp.base_host_virt_addr | mp.size | mp.offset) % ps:
-            raise ProtocolError("mapping %d: address, size and offset must be multiples of "
-                                "the page size and size > 0" % i)
-        if mp.base_host_virt_addr + mp.size > 1 << 64:
-            raise ProtocolError("mapping %d wraps around the address space" % i)
-        for j, o in enumerate(maps):
-            if (mp.base_host_virt_addr < o.base_host_virt_addr + o.size
-                    and o.base_host_virt_addr < mp.base_host_virt_addr + mp.size):
-                raise ProtocolError("mappings %d and %d overlap" % (j, i))
-        watches |= m.get(WATCHES_KEY) is True
-        maps.append(mp)
-    return maps, watches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,11 +156,15 @@ class _ProviderSource:
 # ---------------------------------------------------------------------------------------------
 _SRV_STAT_FIELDS = ("faults", "pages_copied", "pages_zero", "removed_faults", "events_remove",
                     "events_unmap", "events_remap", "poisoned", "errors", "last_error",
-                    "service_ns_total", "service_ns_max")
+                    "service_ns_total", "service_ns_max", "unsupported_faults", "redelivered",
+                    "died")
 
 
 class Client:
-    """One connected client: its credentials, ranges and serving engine."""
+    """One connected client: its credentials, ranges and serving engine.
+
+    stats()["died"] is the -errno that ended its serving by an error (0 while it runs, or
+    when it ended because the client exited or the server stopped)."""
 
     def __init__(self, pid, uid, gid, mappings, watches, engine):
         self.pid, self.uid, self.gid = pid, uid, gid
@@ -286,26 +233,6 @@ def _poison_refused(fd, msg):
     u.detach()
 
 
-def _complete_json(data):
-    """False only for a prefix of a JSON document (more bytes may come); True for a whole
-    document and for anything malformed before its end (the parser then says what)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return e.start < len(data) - 3   # a multi-byte character may be cut at the end
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        return e.pos < len(text.rstrip())
-    return True
-
-
-def _peer_credentials(conn):
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
-    return pid, uid, gid
-
-
 def _is_userfaultfd(fd):
     try:
         return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
@@ -313,20 +240,65 @@ def _is_userfaultfd(fd):
         return False
 
 
-class _PyEngine:
-    """Serve one client in a Python thread with the ctypes binding (pylazymem.uffd)."""
+def _readable_now(fd):
+    """True if fd polls readable at once (a pidfd: its process has exited)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
 
-    def __init__(self, client, uffd_fd, pidfd, source):
+
+class _Intervals:
+    """A set of page numbers kept as sorted, disjoint, non-touching half-open intervals: the
+    pages a client removed. One MADV_DONTNEED of a TiB is one interval, not 2**28 numbers."""
+
+    def __init__(self):
+        self.starts: List[int] = []
+        self.ends: List[int] = []
+
+    def add(self, lo, hi):
+        if lo >= hi:
+            return
+        # Intervals i..j-1 overlap or touch [lo, hi): those ending at or after lo and
+        # starting at or before hi. They become one.
+        i = bisect.bisect_left(self.ends, lo)
+        j = bisect.bisect_right(self.starts, hi)
+        if i < j:
+            lo, hi = min(lo, self.starts[i]), max(hi, self.ends[j - 1])
+        self.starts[i:j] = [lo]
+        self.ends[i:j] = [hi]
+
+    def __contains__(self, page):
+        i = bisect.bisect_right(self.starts, page) - 1
+        return i >= 0 and page < self.ends[i]
+
+    def __len__(self):
+        return len(self.starts)
+
+
+class _Unsupported(Exception):
+    """A fault this server does not serve (write-protect or minor)."""
+
+
+class _PyEngine:
+    """Serve one client in a Python thread with the ctypes binding (pylazymem.uffd).
+
+    Ownership of the client's uffd and pidfd passes to the engine only once its thread has
+    started (`started`); until then the caller closes them, and discard() releases only what
+    the engine made itself. After that close() is their one closer."""
+
+    def __init__(self, client, uffd_fd, pidfd, source, fail_after=0):
         from .uffd import Userfaultfd
 
         self.client, self.source = client, source
-        self.uffd = Userfaultfd(uffd_fd)
+        self.uffd = Userfaultfd(uffd_fd, owned=False)
         self.uffd.eagain_timeout = 0        # EAGAIN: events are pending, and we must read them
+        self.started = False
+        self.fail_after = fail_after        # test hook: fail after this many faults (0: never)
         # poll() on a blocking uffd reports POLLERR; the flag is the shared file description's
         # and the client does not read from it.
         fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fcntl.fcntl(uffd_fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.pidfd = pidfd
-        self.removed = [set() for _ in client.mappings]   # removed page numbers per mapping
+        self.removed = [_Intervals() for _ in client.mappings]   # removed pages per mapping
         self.bases = [m.base_host_virt_addr for m in client.mappings]
         client._stop_r, client._stop_w = os.pipe2(os.O_CLOEXEC)
         self.pending = deque()
@@ -346,9 +318,8 @@ class _PyEngine:
             for i, m in enumerate(self.client.mappings):
                 lo, hi = max(ev.start, self.bases[i]), min(ev.end, self.bases[i] + m.size)
                 if lo < hi:
-                    self.removed[i].update(range((lo - self.bases[i]) // PAGE_SIZE,
-                                                 (hi - self.bases[i] + PAGE_SIZE - 1)
-                                                 // PAGE_SIZE))
+                    self.removed[i].add((lo - self.bases[i]) // PAGE_SIZE,
+                                        (hi - self.bases[i] + PAGE_SIZE - 1) // PAGE_SIZE)
         elif isinstance(ev, U.Remap):
             st["events_remap"] += 1
             i, m = self._find(ev.from_)
@@ -416,6 +387,15 @@ class _PyEngine:
             st["pages_copied"] += 1
 
     def run(self):
+        try:
+            self._loop()
+        except BaseException as e:   # never die silently: the client would wait forever
+            err = getattr(e, "errno", None)
+            rc = -(errno.EOPNOTSUPP if isinstance(e, _Unsupported) else
+                   err if isinstance(err, int) and err > 0 else errno.EIO)
+            self._die(rc, "%s: %s" % (type(e).__name__, e))
+
+    def _loop(self):
         st = self.client._py_stats
         poller = select.poll()
         poller.register(self.uffd.fileno(), select.POLLIN)
@@ -423,60 +403,108 @@ class _PyEngine:
         if self.pidfd >= 0:
             poller.register(self.pidfd, select.POLLIN)
         last = 0
-        try:
-            while True:
-                while self.pending:
-                    ev = self.pending[0]
-                    t0 = time.monotonic_ns()
-                    try:
-                        self._serve(ev.address & ~(PAGE_SIZE - 1))
-                    except UffdError as e:
-                        if e.errno == errno.EAGAIN:
-                            # the event that blocks the fill; then retry (if it was read
-                            # already, its madvise has not finished yet: let it run)
-                            if not self._read():
-                                time.sleep(0)
-                            continue
-                        if e.errno in (errno.ENOENT, errno.ESRCH):
-                            pass                  # the range or the client went away
-                        else:
-                            self._poison(ev.address & ~(PAGE_SIZE - 1), -e.errno, str(e))
-                    self.pending.popleft()
-                    ns = time.monotonic_ns() - t0
-                    st["faults"] += 1
-                    st["service_ns_total"] += ns
-                    st["service_ns_max"] = max(st["service_ns_max"], ns)
-                    last = time.monotonic_ns()
-                # In a fault storm the next fault follows within microseconds: look for it
-                # briefly before sleeping in poll() (a wake-up on another CPU costs more than
-                # the service itself); bounded after the last fault, so idle costs nothing.
-                if time.monotonic_ns() - last < SPIN_NS:
-                    if not self._read():
-                        time.sleep(0)
-                    continue
-                ready = dict(poller.poll())
-                if self.client._stop_r in ready:
-                    return
-                if self.uffd.fileno() in ready:
-                    if ready[self.uffd.fileno()] & select.POLLIN:
-                        self._read()
+        while True:
+            while self.pending:
+                ev = self.pending[0]
+                if ev.wp or ev.minor:
+                    # Registered WP or MINOR by the client: the page is there, a copy gets
+                    # EEXIST and the thread faults again, forever. Only MISSING is served.
+                    st["unsupported_faults"] += 1
+                    raise _Unsupported("a %s fault at %#x: this server serves missing pages "
+                                       "only (the client registered its memory with %s)"
+                                       % (("write-protect", ev.address, "UFFDIO_REGISTER_MODE_WP")
+                                          if ev.wp else ("minor", ev.address,
+                                                         "UFFDIO_REGISTER_MODE_MINOR")))
+                t0 = time.monotonic_ns()
+                try:
+                    self._serve(ev.address & ~(PAGE_SIZE - 1))
+                except UffdError as e:
+                    if e.errno == errno.EAGAIN:
+                        # the event that blocks the fill; then retry (if it was read
+                        # already, its madvise has not finished yet: let it run)
+                        if not self._read():
+                            time.sleep(0)
                         continue
-                    self._error(-errno.EBADF, "the userfaultfd reported an error")
-                    return
-                if self.pidfd in ready:
-                    return      # the client has exited
-        except Exception as e:   # never die silently: the client would wait forever
-            self._error(-errno.EIO, "serving thread failed: %s: %s" % (type(e).__name__, e))
-            raise
+                    if e.errno in (errno.ENOENT, errno.ESRCH):
+                        pass                  # the range or the client went away
+                    else:
+                        self._poison(ev.address & ~(PAGE_SIZE - 1), -e.errno, str(e))
+                self.pending.popleft()
+                ns = time.monotonic_ns() - t0
+                st["faults"] += 1
+                st["service_ns_total"] += ns
+                st["service_ns_max"] = max(st["service_ns_max"], ns)
+                last = time.monotonic_ns()
+                if self.fail_after and st["faults"] >= self.fail_after:
+                    raise OSError(errno.EIO, "injected failure (test hook) after %d faults"
+                                  % st["faults"])
+            # In a fault storm the next fault follows within microseconds: look for it
+            # briefly before sleeping in poll() (a wake-up on another CPU costs more than
+            # the service itself); bounded after the last fault, so idle costs nothing.
+            if time.monotonic_ns() - last < SPIN_NS:
+                if not self._read():
+                    time.sleep(0)
+                continue
+            ready = dict(poller.poll())
+            if self.client._stop_r in ready:
+                return
+            if self.uffd.fileno() in ready:
+                if ready[self.uffd.fileno()] & select.POLLIN:
+                    self._read()
+                    continue
+                raise OSError(errno.EBADF, "the userfaultfd reported an error")
+            if self.pidfd in ready:
+                return      # the client has exited
+
+    def _die(self, rc, why):
+        """The serving thread ends from an error: do not leave the client waiting on faults
+        nobody will serve (as the native engine's srv_die)."""
+        st = self.client._py_stats
+        self._error(rc, "serving stopped by an error: %s" % why)
+        st["died"] = rc
+        if self.client.watches_server:
+            conn = self.client._conn   # the client sees the server gone and serves itself
+            if conn is not None:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        else:
+            self._poison_all()
+
+    def _poison_all(self):
+        """Poison every page of the client's ranges that is still missing (present ones are
+        stepped over). An unread event makes POISON fail with EAGAIN: read it, then go on."""
+        self.pending.clear()   # their pages get poisoned here, which wakes their threads
+        for i, m in enumerate(self.client.mappings):
+            for _ in range(10000):
+                try:
+                    self.uffd.poison(self.bases[i], m.size)
+                    break
+                except UffdError as e:
+                    if e.errno != errno.EAGAIN:
+                        break   # ENOENT/ESRCH: the client has gone
+                    try:
+                        self._read()
+                    except UffdError:
+                        break
+                    self.pending.clear()
+                    time.sleep(0)
+
+    def discard(self):
+        """The thread did not start: release what the engine made; the uffd and the pidfd
+        stay the caller's."""
+        self.uffd.detach()
+        for fd in (self.client._stop_r, self.client._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self.client._stop_r = self.client._stop_w = -1
 
     def close(self, poison):
         if poison and not self.uffd.closed:
-            for i, m in enumerate(self.client.mappings):
-                try:
-                    self.uffd.poison(self.bases[i], m.size)
-                except UffdError:
-                    pass
-        self.uffd.close()
+            self._poison_all()
+        if not self.uffd.closed:
+            os.close(self.uffd.detach())   # ours since the thread started
         for fd in (self.pidfd, self.client._stop_r, self.client._stop_w):
             if fd >= 0:
                 os.close(fd)
@@ -494,12 +522,17 @@ class PageServer:
     0660 with group `socket_group`. `engine`: "c" (native serving threads; file sources, cffi
     backend), "python" (a Python thread per client through pylazymem.uffd; needed for a
     provider), or "auto". `max_clients`: clients served at once (one thread each); more are
-    refused. Use as a context manager, or start()/stop(); serve_forever() blocks.
+    refused. `handshake_timeout`: seconds a connected client has for its whole handshake
+    (one deadline, however slowly it sends). Use as a context manager, or start()/stop();
+    serve_forever() blocks.
+
+    A client in this very process is refused with the python engine (its serving thread
+    needs the GIL, which the client's faulting thread holds); the native engine serves it.
     """
 
     def __init__(self, socket_path, *, snapshot=None, memory_file=None, provider=None,
                  allow_uids=None, socket_group=None, engine="auto", max_cluster_pages=None,
-                 max_clients=256):
+                 max_clients=256, handshake_timeout=HANDSHAKE_TIMEOUT, _test_inject=None):
         given = [x is not None for x in (snapshot, memory_file, provider)]
         if sum(given) != 1:
             raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
@@ -509,6 +542,15 @@ class PageServer:
         self.allow_uids = frozenset([os.getuid()] if allow_uids is None else
                                     [int(u) for u in allow_uids])
         self.max_cluster_pages = int(max_cluster_pages or 0)
+        if not 0 <= self.max_cluster_pages <= MAX_CLUSTER_PAGES:
+            raise ValueError("max_cluster_pages must be 1 to %d (or None: the default), got %r"
+                             % (MAX_CLUSTER_PAGES, max_cluster_pages))
+        self.handshake_timeout = float(handshake_timeout)
+        if not self.handshake_timeout > 0:
+            raise ValueError("handshake_timeout must be > 0 seconds, got %r" % handshake_timeout)
+        # Test hooks (tests/test_server.py): {"fail_after": N} makes each client's engine fail
+        # after N faults; {"queue_cap": N} bounds the native engine's fault queue.
+        self._test_inject = dict(_test_inject or {})
         self.socket_group = None if socket_group is None else int(socket_group)
         have_core = _backend.NAME == "cffi"   # the C engine needs the compiled core
         if provider is not None:
@@ -527,6 +569,21 @@ class PageServer:
             self.source = _FileSource(memory_file)
         else:
             self.source = _ProviderSource(provider)
+        # The snapshot's page table, made once for the native engine and shared by all its
+        # clients (each takes a reference; released in stop() after the last client).
+        self._ctable = None
+        if self.engine == "c" and self.source.table is not None:
+            from ._binding import ffi, lib
+            from ._errors import check
+
+            out = ffi.new("struct lm_srv_table **")
+            try:
+                check(lib.lm_srv_table_new(ffi.from_buffer("int64_t[]", self.source.table),
+                                           len(self.source.table), out), "page server")
+            except BaseException:
+                self.source.close()
+                raise
+            self._ctable = out[0]
         self._clients: List[Client] = []
         self._engines: Dict[int, object] = {}
         self._lock = threading.Lock()
@@ -534,7 +591,7 @@ class PageServer:
         self._thread: Optional[threading.Thread] = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._stopped = False
-        self._finished = dict.fromkeys(_SRV_STAT_FIELDS, 0)   # counters of clients gone
+        self._finished = dict.fromkeys(_SRV_STAT_FIELDS + ("engines_died",), 0)   # clients gone
         self._served = 0
         self.refused = 0
         self.max_clients = int(max_clients)
@@ -622,7 +679,7 @@ class PageServer:
         if self._thread is not None:
             self._thread.join()
         for t in list(self._handshake_threads):
-            t.join()   # at most HANDSHAKE_TIMEOUT; a client it admits is ended below
+            t.join()   # at most handshake_timeout; a client it admits is ended below
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:
@@ -634,6 +691,10 @@ class PageServer:
             except OSError:
                 pass
             self._sock.close()
+        if self._ctable is not None:
+            from ._binding import lib
+            lib.lm_srv_table_release(self._ctable)   # after every client's reference
+            self._ctable = None
         self.source.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
@@ -659,6 +720,12 @@ class PageServer:
         for c in clients:
             _add_stats(total, c.stats())
         total["clients"] = self._served
+        # One page table per server, however many clients it serves.
+        total["page_table_bytes"] = (0 if self.source.table is None else
+                                     int(self.source.table.nbytes))
+        if self._ctable is not None:
+            from ._binding import lib
+            total["page_table_refs"] = int(lib.lm_srv_table_refs(self._ctable))
         total["clients_alive"] = sum(c.alive for c in clients)
         total["refused"] = self.refused
         return total
@@ -680,26 +747,40 @@ class PageServer:
             except OSError as e:
                 log.warning("accept: %s", e)
                 continue
+            # The connecting process, taken now: a pid looked up later may have been reused.
+            try:
+                pidfd = peer_pidfd(conn)
+            except OSError as e:
+                self._refuse(conn, "the connecting process cannot be watched (%s): it has "
+                             "exited already?" % e)
+                continue
             # Each handshake in its own short-lived thread: a client that connects and sends
-            # nothing must not hold up the others for HANDSHAKE_TIMEOUT.
+            # nothing must not hold up the others for the handshake's deadline.
             if not self._handshakes.acquire(blocking=False):
+                os.close(pidfd)
                 self._refuse(conn, "too many handshakes in progress")
                 continue
-            t = threading.Thread(target=self._handshake_thread, args=(conn,), daemon=True,
-                                 name="pylazymem-handshake")
+            t = threading.Thread(target=self._handshake_thread, args=(conn, pidfd),
+                                 daemon=True, name="pylazymem-handshake")
             self._handshake_threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except BaseException as e:
+                self._handshake_threads.discard(t)
+                self._handshakes.release()
+                os.close(pidfd)
+                self._refuse(conn, "cannot start a handshake thread: %s" % e)
 
     def _refuse(self, conn, why):
         with self._lock:
             self.refused += 1
         log.warning("client refused: %s", why)
-        _reply(conn, {"ok": False, "error": why})
+        send_answer(conn, {"ok": False, "error": why})
         conn.close()
 
-    def _handshake_thread(self, conn):
+    def _handshake_thread(self, conn, pidfd):
         try:
-            self._handshake(conn)
+            self._handshake(conn, pidfd)
         except Exception as e:   # one bad client must not stop the server
             self._refuse(conn, str(e))
         finally:
@@ -711,28 +792,29 @@ class PageServer:
             gone = [c for c in self._clients if not c.alive]
         for c in gone:
             st = c.stats()
+            if st["died"]:
+                log.error("client pid %d: serving stopped by an error (%s); %s", c.pid,
+                          os.strerror(-st["died"]), "it was told to serve itself"
+                          if c.watches_server else "its missing pages were poisoned")
             self._end_client(c, False)
             with self._lock:
                 self._clients.remove(c)
                 _add_stats(self._finished, st)
 
-    def _handshake(self, conn):
-        pid, uid, gid = _peer_credentials(conn)
-        conn.settimeout(HANDSHAKE_TIMEOUT)
-        msg, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
+    def _handshake(self, conn, pidfd):
+        """Admit one client. `pidfd` is the connecting process's, taken at accept: ours to
+        close unless an engine takes it (with the uffd) when it starts."""
+        fds, msg, watches = [], b"", False
         try:
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("handshake truncated (more than 4 fds)")
-            # One recvmsg returns Firecracker's whole message in practice, but a stream socket
-            # promises no boundaries: read on until the JSON is complete (never until EOF: the
-            # VMM keeps the connection open).
-            while msg and not _complete_json(msg):
-                if len(msg) >= MAX_MESSAGE:
-                    raise ProtocolError("handshake longer than %d bytes" % MAX_MESSAGE)
-                more = conn.recv(MAX_MESSAGE - len(msg))
-                if not more:
-                    break
-                msg += more
+            pid, uid, gid = peer_credentials(conn)
+            try:
+                msg, fds = receive_handshake(conn, time.monotonic() + self.handshake_timeout)
+            except TimeoutError:
+                raise ProtocolError("the handshake was not complete within %g s (one deadline "
+                                    "for the whole handshake)" % self.handshake_timeout) from None
+            except BaseException as e:
+                fds = getattr(e, "fds", [])
+                raise
             # Refused only now, after its message is read: the client then gets our answer
             # instead of a broken pipe in the middle of its send.
             if uid not in self.allow_uids:
@@ -749,33 +831,55 @@ class PageServer:
             if not _is_userfaultfd(fds[0]):
                 raise ProtocolError("the fd sent is not a userfaultfd")
             maps, watches = parse_mappings(msg)
+            if pid == os.getpid() and self.engine == "python":
+                # Its faulting thread holds our GIL while it waits for the fault, and the
+                # python engine's thread needs the GIL to serve it: a deadlock at once.
+                raise ProtocolError("the client is in the server's own process (pid %d): the "
+                                    "python engine would need the GIL its faulting thread "
+                                    "holds (a deadlock); serve it with engine='c', or from "
+                                    "another process" % pid)
+            if self.source.table is not None:
+                for i, m in enumerate(maps):
+                    if m.offset + m.size > self.source.nbytes:
+                        raise ProtocolError(
+                            "mapping %d: source bytes [%d, %d) are past the end of the "
+                            "snapshot (%d bytes)" % (i, m.offset, m.offset + m.size,
+                                                     self.source.nbytes))
             # When to stop serving: a client that watches us closes the connection when it no
             # longer needs us (or exits); Firecracker before 1.12 closed it at once, so for
             # other clients only the end of the process counts.
-            pidfd = (os.dup(conn.fileno()) if watches else os.pidfd_open(pid))
+            if _readable_now(pidfd):
+                raise ProtocolError("the process that connected (pid %d) has exited; the "
+                                    "handshake came from another one" % pid)
+            if watches:
+                fd, pidfd = pidfd, -1
+                os.close(fd)
+                pidfd = os.dup(conn.fileno())
+            client = Client(pid, uid, gid, maps, watches, self.engine)
+            client._conn = conn   # kept open while we serve: its closing tells the client
+            self._start_engine(client, fds[0], pidfd)   # on success it owns fds[0] and pidfd
         except BaseException:
+            # A refused client that watches us learns it from the answer; any other (say
+            # Firecracker, which never reads it) would hang at its first fault.
             if len(fds) == 1 and _is_userfaultfd(fds[0]):
                 _poison_refused(fds[0], msg)
             for fd in fds:
                 os.close(fd)
-            raise
-        client = Client(pid, uid, gid, maps, watches, self.engine)
-        client._conn = conn   # kept open while we serve: its closing tells the client we stopped
-        try:
-            self._start_engine(client, fds[0], pidfd)
-        except BaseException:
-            os.close(pidfd)
-            os.close(fds[0])
+            if pidfd >= 0:
+                os.close(pidfd)
             raise
         with self._lock:
             self._clients.append(client)
             self._served += 1
         log.info("serving pid %d (uid %d): %d ranges, %s engine", pid, uid, len(maps),
                  self.engine)
-        _reply(conn, {"ok": True, "server_pid": os.getpid(), "engine": self.engine,
-                      "source": self.source.identity})
+        send_answer(conn, {"ok": True, "server_pid": os.getpid(), "engine": self.engine,
+                           "source": self.source.identity})
 
     def _start_engine(self, client, uffd_fd, pidfd):
+        """Start serving: on success the engine owns uffd_fd and pidfd (it closes them); when
+        this raises, they are still the caller's, untouched."""
+        fail_after = int(self._test_inject.get("fail_after", 0))
         if self.engine == "c":
             from ._binding import check, ffi, lib
 
@@ -783,19 +887,33 @@ class PageServer:
             for i, m in enumerate(client.mappings):
                 maps[i].base, maps[i].size, maps[i].offset = (m.base_host_virt_addr, m.size,
                                                                m.offset)
-            table = self.source.table
-            tptr = ffi.NULL if table is None else ffi.from_buffer("int64_t[]", table)
             out = ffi.new("struct lm_srv **")
-            check(lib.lm_srv_start(uffd_fd, pidfd, maps, len(client.mappings), PAGE_SIZE,
-                                   self.source.fd, tptr, 0 if table is None else len(table),
+            check(lib.lm_srv_start(uffd_fd, pidfd,
+                                   lib.LM_SRV_WATCHED if client.watches_server else 0,
+                                   maps, len(client.mappings), PAGE_SIZE, self.source.fd,
+                                   ffi.NULL if self._ctable is None else self._ctable,
                                    self.max_cluster_pages, out), "page server")
             client._c = out[0]
+            if fail_after:
+                lib.lm_srv_test_inject(client._c, lib.LM_SRV_TEST_FAIL_AFTER, fail_after)
+            if self._test_inject.get("queue_cap"):
+                lib.lm_srv_test_inject(client._c, lib.LM_SRV_TEST_QUEUE_CAP,
+                                       int(self._test_inject["queue_cap"]))
         else:
-            eng = _PyEngine(client, uffd_fd, pidfd, self.source)
+            eng = _PyEngine(client, uffd_fd, pidfd, self.source, fail_after)
             client._thread = threading.Thread(target=eng.run, daemon=True,
                                               name="pylazymem-serve-%d" % client.pid)
             self._engines[id(client)] = eng
-            client._thread.start()
+            try:
+                client._thread.start()
+            except BaseException:
+                # Not started: nothing of the client's is the engine's yet. The caller
+                # closes the uffd and the pidfd, once.
+                del self._engines[id(client)]
+                eng.discard()
+                client._thread = None
+                raise
+            eng.started = True
 
     def _end_client(self, c, poison):
         if poison is None:
@@ -807,10 +925,11 @@ class PageServer:
         else:
             eng = self._engines.pop(id(c), None)
             if eng is not None:
+                serving = c._thread.is_alive()   # one that died has poisoned already
                 if c._stop_w >= 0:
                     os.write(c._stop_w, b"x")
                 c._thread.join()
-                eng.close(poison and _pid_alive(c.pid))
+                eng.close(poison and serving and _pid_alive(c.pid))
         if c._conn is not None:
             c._conn.close()
             c._conn = None
@@ -820,10 +939,11 @@ def _add_stats(total, st):
     for k in _SRV_STAT_FIELDS:
         if k == "service_ns_max":
             total[k] = max(total[k], st[k])
-        elif k == "last_error":
+        elif k in ("last_error", "died"):
             total[k] = st[k] or total[k]
         else:
             total[k] += st[k]
+    total["engines_died"] = total.get("engines_died", 0) + bool(st["died"])
 
 
 def _pid_alive(pid):
@@ -834,62 +954,3 @@ def _pid_alive(pid):
         return False
     except PermissionError:
         return True
-
-
-def _reply(conn, obj):
-    """Answer a handshake: one JSON line. Firecracker does not read it; our client does."""
-    try:
-        conn.settimeout(1.0)
-        conn.sendall((json.dumps(obj) + "\n").encode())
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The client side of the handshake
-# ---------------------------------------------------------------------------------------------
-def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0):
-    """Send a userfaultfd and its ranges to a PageServer, the way Firecracker does, and read
-    the server's answer. `mappings`: (base_address, size, offset) tuples or Mapping objects.
-    Returns (socket, answer dict); keep the socket open for as long as the memory is served
-    (the server's pid is its SO_PEERCRED). Raises ProtocolError when the server refuses."""
-    doc = []
-    for m in mappings:
-        if isinstance(m, Mapping):
-            m = (m.base_host_virt_addr, m.size, m.offset)
-        base, size, offset = (int(x) for x in m)
-        d = {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": PAGE_SIZE}
-        if watches_server:
-            d[WATCHES_KEY] = True
-        doc.append(d)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(timeout)
-        s.connect(os.fspath(socket_path))
-        try:
-            socket.send_fds(s, [json.dumps(doc).encode()], [uffd_fd])
-        except (BrokenPipeError, ConnectionResetError):
-            pass   # the server refused before reading: its answer says why
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ProtocolError("the page server at %s closed the connection without an "
-                                    "answer" % os.fspath(socket_path))
-            buf += chunk
-            if len(buf) > MAX_MESSAGE:
-                raise ProtocolError("the page server's answer is too long")
-        answer = json.loads(buf.decode())
-        if not answer.get("ok"):
-            raise ProtocolError("the page server at %s refused: %s"
-                                % (os.fspath(socket_path), answer.get("error", "no reason")))
-        s.settimeout(None)
-        return s, answer
-    except BaseException:
-        s.close()
-        raise
-
-
-def peer_pid(sock):
-    """The pid of the process at the other end of a connected Unix socket."""
-    return _peer_credentials(sock)[0]

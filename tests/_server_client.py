@@ -2,16 +2,18 @@
 which is fine only because the server is another process).
 
 It maps private anonymous memory, registers it with a userfaultfd through the ctypes binding,
-hands the fd to the server with pylazymem.server.connect() and then reads the memory.
+hands the fd to the server with pylazymem._protocol.connect() (the wire protocol's client
+side, which pylazymem.server re-exports) and then reads the memory.
 """
 import ctypes
 import mmap
 import os
 
 from pylazymem import uffd as U
-from pylazymem.server import connect
+from pylazymem._protocol import connect
 
 PS = U.PAGE_SIZE
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)   # 0x4000 on x86-64 and arm64
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
@@ -20,14 +22,15 @@ class ServedMemory:
     """`sizes` ranges of private anonymous memory, each served from `offsets[i]` of the source."""
 
     def __init__(self, socket_path, sizes, offsets, features=U.Feature.EVENT_REMOVE,
-                 watches_server=False):
+                 watches_server=False, noreserve=False, wp=False):
         self.uffd = U.open_userfaultfd()
         self.uffd.api(features)
         self.maps = []
         for size in sizes:
-            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                          | (MAP_NORESERVE if noreserve else 0))
             self.maps.append(m)
-            self.uffd.register(U.address_of(m), size)
+            self.uffd.register(U.address_of(m), size, wp=wp)
         self.sock, self.answer = connect(
             socket_path, self.uffd.fileno(),
             [(U.address_of(m), len(m), off) for m, off in zip(self.maps, offsets)],

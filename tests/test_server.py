@@ -5,6 +5,7 @@ that register private anonymous memory, send the uffd and read their memory, eac
 deadline. Both engines are exercised where they apply: "c" (native serving threads, file
 sources) and "python" (a Python thread per client through the ctypes binding).
 """
+import errno
 import json
 import os
 import pwd
@@ -752,3 +753,537 @@ print("OK", answer["ok"])
         for f in os.listdir(pub):
             os.unlink(os.path.join(pub, f))
         os.rmdir(pub)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure cases (issue 10): handshake deadline, same-process clients, huge removals, shared
+# page tables, pidfds taken at accept, WP/minor faults, engine death, thread-start failure,
+# faults the queue cannot take, lm_srv_start's own checks, and the protocol module's layering.
+# ---------------------------------------------------------------------------------------------
+def test_handshake_deadline_drops_trickling_client(tmp_path, sock):
+    """One deadline for the whole handshake: a client that sends a byte every 0.3 s (each
+    recv() would be well within any per-recv timeout) is dropped at the deadline, with a
+    reason, and its handshake slot is freed."""
+    import time
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path, handshake_timeout=1.0) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock)
+        t0 = time.monotonic()
+        s.sendall(b"[")
+        s.settimeout(0.3)
+        answer, dropped_after = b"", None
+        while time.monotonic() - t0 < 6:
+            try:
+                s.sendall(b" ")      # the JSON stays incomplete: more could always come
+                answer += s.recv(4096)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            dropped_after = time.monotonic() - t0
+            break
+        s.close()
+        assert dropped_after is not None, "a trickling client held its handshake for 6 s"
+        assert 0.9 <= dropped_after < 2.5, dropped_after
+        doc = json.loads(answer.decode().splitlines()[0])
+        assert doc["ok"] is False and "not complete within 1 s" in doc["error"], doc
+        assert srv.refused == 1 and srv._handshakes.acquire(blocking=False)
+        srv._handshakes.release()
+
+
+@pytest.mark.core(reason="Region(server=...) in the server's own process needs the core")
+def test_same_process_client(tmp_path, sock, run_py):
+    """A Region served by a server in its own process: the python engine would deadlock on the
+    GIL (the faulting thread holds it, the engine needs it), so that client is refused with
+    the reason; the native engine needs no GIL and serves it."""
+    path, _ = memory_file(tmp_path, 64)
+    res = run_py("""
+srv = plm.PageServer(sys.argv[1], memory_file=sys.argv[2], engine="python").start()
+try:
+    r = plm.Region(64 * PS, server=sys.argv[1])
+    print("NOT REFUSED", flush=True)
+    bytes(memoryview(r)[:PS])     # the deadlock this refusal prevents (run_py's timeout)
+except plm.ProtocolError as e:
+    print("REFUSED:", e)
+srv.stop()
+srv = plm.PageServer(sys.argv[1], memory_file=sys.argv[2], engine="c").start()
+r = plm.Region(64 * PS, server=sys.argv[1])
+assert r.server["engine"] == "c" and r.server["server_pid"] == os.getpid()
+assert bytes(memoryview(r)) == open(sys.argv[2], "rb").read()
+r.close()
+st = srv.stats()
+srv.stop()
+assert st["faults"] >= 1 and st["errors"] == 0, st
+print("C OK")
+""", args=(sock, str(path)), timeout=30)
+    assert res.returncode == 0, res.describe()
+    assert "NOT REFUSED" not in res.stdout and "REFUSED:" in res.stdout, res.describe()
+    assert "own process" in res.stdout and "GIL" in res.stdout, res.stdout
+    assert "C OK" in res.stdout
+
+
+def test_removed_pages_are_intervals():
+    """The python engine's removed pages: merged intervals, whatever the order of removals."""
+    from pylazymem.server import _Intervals
+    iv = _Intervals()
+    iv.add(10, 20)
+    iv.add(30, 40)
+    iv.add(0, 5)
+    assert len(iv) == 3 and 10 in iv and 19 in iv and 20 not in iv and 25 not in iv
+    iv.add(20, 30)                      # touches both neighbours: one interval
+    assert len(iv) == 2 and all(p in iv for p in range(10, 40)) and 40 not in iv
+    iv.add(3, 1 << 40)                  # swallows everything after 3
+    assert len(iv) == 1 and 0 in iv and (1 << 40) - 1 in iv and 1 << 40 not in iv
+    iv.add(7, 7)
+    assert len(iv) == 1
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_remove_huge_range_is_cheap(tmp_path, sock, engine, run_py):
+    """A balloon removing 8 GiB (2**21 pages) of a MAP_NORESERVE range costs the server no
+    memory per page (the python engine once kept a set of page numbers: hundreds of MB here,
+    minutes for a TiB); faults in the removed range read zeros, the rest the file."""
+    import tracemalloc
+    path, data = memory_file(tmp_path, 16, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        tracemalloc.start()
+        try:
+            res = run_py(client_code("""
+import time
+size = 8 << 30
+m = ServedMemory(sys.argv[1], [size], [0], noreserve=True)
+want = open(sys.argv[2], "rb").read()
+assert m.maps[0][:16 * PS] == want
+t0 = time.monotonic()
+m.remove(0, PS, size - 2 * PS)                # all but the first and the last page
+for off in (PS, 5 * PS, size // 2, size - 2 * PS):
+    assert m.maps[0][off:off + PS] == bytes(PS), off
+assert m.maps[0][:PS] == want[:PS]
+print("OK %.3f" % (time.monotonic() - t0))
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert res.returncode == 0, res.describe()
+        assert float(res.stdout.split()[1]) < 10, res.stdout
+        assert peak < 16 << 20, "the server allocated %d bytes of Python objects" % peak
+        st = srv.stats()
+        assert st["events_remove"] == 1 and st["removed_faults"] == 4 and st["errors"] == 0, st
+
+
+@pytest.mark.core(reason="the native engine's shared page table")
+def test_clients_share_one_page_table(tmp_path, sock):
+    """Six clients of one snapshot server hold references to one page table: the memory of
+    the tables alive in this process is one table's, not six; every client reads its bytes
+    right; the table is freed with the server."""
+    import subprocess
+    import sys
+    from pylazymem._binding import lib
+    npages = 512
+    path, data = memory_file(tmp_path, npages)
+    snap = _snapshot_of_file(tmp_path, path, npages)
+    before = lib.lm_srv_table_bytes_live()
+    body = """
+m = ServedMemory(sys.argv[1], [128 * PS], [int(sys.argv[3]) * PS])
+want = open(sys.argv[2], "rb").read()[int(sys.argv[3]) * PS:][:128 * PS]
+bad = first_mismatch(m.maps[0][:], want)
+print("OK" if bad is None else "BAD %s" % bad, flush=True)
+sys.stdin.read()      # hold the connection until the test lets go
+"""
+    with PageServer(sock, snapshot=snap, engine="c") as srv:
+        assert lib.lm_srv_table_bytes_live() - before == npages * 8
+        holders = [subprocess.Popen([sys.executable, "-c", client_code(body), sock, str(path),
+                                     str(k * 64)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True) for k in range(6)]
+        try:
+            for h in holders:
+                assert h.stdout.readline().strip() == "OK"
+            st = srv.stats()
+            assert st["clients_alive"] == 6 and st["page_table_refs"] == 7, st
+            assert st["page_table_bytes"] == npages * 8
+            assert lib.lm_srv_table_bytes_live() - before == npages * 8, \
+                "the page table was copied per client"
+        finally:
+            for h in holders:
+                h.stdin.close()
+                h.wait(30)
+    assert lib.lm_srv_table_bytes_live() == before
+
+
+def test_peer_pidfd(tmp_path):
+    """peer_pidfd(): a close-on-exec pidfd of the process that connected (SO_PEERPIDFD, or
+    pidfd_open of the SO_PEERCRED pid where the kernel lacks it), readable once it exits."""
+    import errno
+    import fcntl
+    import select
+    import subprocess
+    import sys
+    from pylazymem._protocol import SO_PEERPIDFD, peer_pidfd
+
+    def pid_of(fd):
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            return int(next(x for x in f if x.startswith("Pid:")).split()[1])
+
+    class OldKernel:
+        """A socket whose kernel has no SO_PEERPIDFD."""
+        def __init__(self, s):
+            self.s = s
+
+        def getsockopt(self, level, opt, size):
+            if opt == SO_PEERPIDFD:
+                raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+            return self.s.getsockopt(level, opt, size)
+
+    path = str(tmp_path / "p.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    child = subprocess.Popen([sys.executable, "-c", "import socket, sys\n"
+                              "s = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+                              "sys.stdin.read()\n", path], stdin=subprocess.PIPE)
+    conn, _ = lsock.accept()
+    fds = []
+    try:
+        for sock_like in (conn, OldKernel(conn)):
+            fd = peer_pidfd(sock_like)
+            fds.append(fd)
+            assert pid_of(fd) == child.pid
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert not select.select([fd], [], [], 0)[0]
+        child.stdin.close()
+        child.wait(10)
+        for fd in fds:
+            assert select.select([fd], [], [], 10)[0], "the pidfd did not see the exit"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        lsock.close()
+        if child.poll() is None:
+            child.kill()
+
+
+def test_handshake_from_other_process_than_connected_refused(tmp_path, sock, run_py):
+    """The client is the process that connected: its pidfd is taken at accept. A connection
+    handed to another process after the connecting one exited is refused with the reason;
+    the server never looks its pid up later (when it may name another process)."""
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path) as srv:
+        res = run_py(client_code("""
+import json, mmap, os, socket, time
+from pylazymem import uffd as U
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+time.sleep(0.5)                       # accepted by now
+parent = os.getpid()
+if os.fork():
+    os._exit(0)                       # the connecting process exits
+while os.getppid() == parent:
+    time.sleep(0.01)
+u = U.open_userfaultfd()
+u.api()
+m = mmap.mmap(-1, 4 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+u.register(U.address_of(m), 4 * PS)
+socket.send_fds(s, [json.dumps([{"base_host_virt_addr": U.address_of(m), "size": 4 * PS,
+                                 "offset": 0, "page_size": PS}]).encode()], [u.fileno()])
+print(s.makefile().readline().strip(), flush=True)
+os._exit(0)
+"""), args=(sock,), prelude=False, timeout=30)
+        assert res.stdout.strip(), res.describe()
+        answer = json.loads(res.stdout.strip().splitlines()[-1])
+        assert answer["ok"] is False and "has exited" in answer["error"], res.describe()
+        assert srv.refused == 1 and srv.clients == []
+
+
+WP_CLIENT = """
+import ctypes, threading, time
+from pylazymem import uffd as U
+m = ServedMemory(sys.argv[1], [8 * PS], [0], wp=True,
+                 features=U.Feature.EVENT_REMOVE | U.Feature.PAGEFAULT_FLAG_WP)
+want = open(sys.argv[2], "rb").read()
+assert m.maps[0][:PS] == want[:PS]          # a missing fault: served
+addr = U.address_of(m.maps[0])
+m.uffd.writeprotect(addr, PS, wp=True)
+libc = ctypes.CDLL(None)
+# A write to the protected page: a write-protect fault, which goes to the server. From a
+# thread, through libc (no GIL held while it waits).
+w = threading.Thread(target=libc.memset, args=(ctypes.c_void_p(addr), 1, 1), daemon=True)
+w.start()
+w.join(3)
+print("WRITER", "blocked" if w.is_alive() else "done", flush=True)
+print("touching", flush=True)
+m.maps[0][3 * PS]                            # missing: poisoned once serving stopped
+print("READ")
+"""
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_write_protect_fault_stops_serving_loudly(tmp_path, sock, engine, run_py):
+    """A client that registered WP with the uffd it sent and writes a protected page: the
+    server serves MISSING only. No busy loop (a COPY of a present page gets EEXIST, its wake
+    makes the thread fault again, forever): the serving stops with EOPNOTSUPP, counted and
+    logged, and the client's missing pages fail loudly."""
+    import time
+    path, _ = memory_file(tmp_path, 8, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code(WP_CLIENT), args=(sock, str(path)), prelude=False, timeout=30)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert "WRITER blocked" in res.stdout and "READ" not in res.stdout, res.describe()
+        deadline = time.monotonic() + 5
+        while srv.clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = srv.stats()
+        assert st["unsupported_faults"] == 1 and st["died"] == -errno.EOPNOTSUPP, st
+        assert st["engines_died"] == 1
+        assert st["faults"] <= 2, st   # the first page (plus nothing spinning)
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_engine_death_poisons_client(tmp_path, sock, engine, run_py):
+    """A serving thread that dies from an unexpected error (injected after 3 faults) does not
+    leave its client waiting: its missing pages are poisoned (SIGBUS), the error recorded."""
+    import time
+    path, data = memory_file(tmp_path, 32, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine,
+                    _test_inject={"fail_after": 3}) as srv:
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [32 * PS], [0])
+want = open(sys.argv[2], "rb").read()
+for p in (31, 20, 9):                # no sequential stream: one page per fault
+    assert m.maps[0][p * PS:(p + 1) * PS] == want[p * PS:(p + 1) * PS], p
+print("touching", flush=True)
+m.maps[0][15 * PS]
+print("READ")
+"""), args=(sock, str(path)), prelude=False, timeout=30)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert "touching" in res.stdout and "READ" not in res.stdout
+        deadline = time.monotonic() + 5
+        while srv.clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = srv.stats()
+        assert st["died"] == -errno.EIO and st["engines_died"] == 1 and st["faults"] == 3, st
+
+
+@pytest.mark.core(reason="Region(server=...) needs the core")
+@pytest.mark.parametrize("engine", _engines())
+def test_engine_death_watching_client_takes_over(tmp_path, sock, engine, run_py):
+    """A client that watches the server (a Region) is told at once when its serving thread
+    dies (the connection is shut down): the region serves itself ("lost"); its pages only the
+    server knew fail loudly, none hangs, none reads zeros."""
+    path, data = memory_file(tmp_path, 32, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine, _test_inject={"fail_after": 2}):
+        res = run_py("""
+r = plm.Region(32 * PS, server=sys.argv[1])
+want = open(sys.argv[2], "rb").read()
+mv = memoryview(r)
+for p in (31, 20):
+    assert bytes(mv[p * PS:(p + 1) * PS]) == want[p * PS:(p + 1) * PS], p
+deadline = time.monotonic() + 10
+while r.remote != "lost" and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("REMOTE", r.remote, flush=True)
+bytes(mv[5 * PS:6 * PS])
+print("READ")
+""", args=(sock, str(path)), timeout=30)
+        assert "REMOTE lost" in res.stdout, res.describe()
+        assert res.returncode == -signal.SIGBUS and "READ" not in res.stdout, res.describe()
+
+
+def test_python_engine_thread_start_failure(tmp_path, sock, monkeypatch, run_py):
+    """The python engine's thread fails to start: the client is refused with the reason and
+    its uffd is closed exactly once (an engine object left behind used to close the fd
+    number again when collected, by then another file's)."""
+    import gc
+    import threading
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("pylazymem-serve-"):
+            raise RuntimeError("can't start new thread (injected)")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    path, _ = memory_file(tmp_path, 4)
+    srv = PageServer(sock, memory_file=path, engine="python").start()
+    res = run_py(client_code("""
+try:
+    ServedMemory(sys.argv[1], [4 * PS], [0])
+except Exception as e:
+    print(type(e).__name__, e)
+"""), args=(sock,), prelude=False, timeout=30)
+    assert res.stdout.startswith("ProtocolError") and "can't start new thread" in res.stdout, \
+        res.describe()
+    assert srv.refused == 1 and srv.clients == [] and not srv._engines
+    srv.stop()
+    # The numbers freed by the refused client are now other files': nothing may close them.
+    sentinels = [fd for _ in range(16) for fd in os.pipe()]
+    try:
+        del srv
+        gc.collect()
+        for fd in sentinels:
+            os.fstat(fd)      # EBADF if a stale owner closed it
+    finally:
+        for fd in sentinels:
+            os.close(fd)
+
+
+@pytest.mark.core(reason="the native engine's fault queue")
+def test_fault_queue_full_never_drops_a_fault(tmp_path, sock, run_py):
+    """The native engine's fault queue cannot grow (test hook: at most 1 message, as if
+    malloc failed): faults it cannot keep are handed back to the kernel (their threads woken
+    to fault again), never dropped. 16 threads fault concurrently, every one finishes with
+    the right bytes."""
+    npages = 256
+    path, data = memory_file(tmp_path, npages)
+    with PageServer(sock, memory_file=path, engine="c", _test_inject={"queue_cap": 1}) as srv:
+        res = run_py(client_code("""
+import ctypes, random, threading
+m = ServedMemory(sys.argv[1], [256 * PS], [0])
+want = open(sys.argv[2], "rb").read()
+from pylazymem import uffd as U
+addr = U.address_of(m.maps[0])
+libc = ctypes.CDLL(None)
+libc.memcpy.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+bad = []
+
+def worker(k):
+    buf = ctypes.create_string_buffer(PS)
+    pages = list(range(k, 256, 16))
+    random.Random(k).shuffle(pages)
+    for p in pages:
+        libc.memcpy(buf, addr + p * PS, PS)      # faults without the GIL held
+        if buf.raw != want[p * PS:(p + 1) * PS]:
+            bad.append(p)
+
+ts = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print("BAD", bad) if bad else print("OK")
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip() == "OK", res.describe()
+        st = srv.stats()
+        assert st["errors"] == 0 and st["poisoned"] == 0, st
+        assert st["redelivered"] > 0, "the queue never filled: the test did not test it"
+
+
+@pytest.mark.core(reason="calls lm_srv_start of the compiled core")
+def test_srv_start_checks_its_arguments():
+    """lm_srv_start checks its inputs itself (not only the Python caller): -EINVAL and the
+    reason in lm_last_op, nothing started, nothing taken."""
+    from pylazymem._binding import ffi, lib
+    null = os.open("/dev/null", os.O_RDONLY)
+    table = ffi.new("struct lm_srv_table **")
+    assert lib.lm_srv_table_new(ffi.new("int64_t[]", [0, -1, PS, 2 * PS]), 4, table) == 0
+    try:
+        def start(maps, nmaps=None, ps=PS, uffd=null, src=null, tab=ffi.NULL, cluster=0,
+                  flags=0, pidfd=-1, out=True):
+            arr = ffi.new("struct lm_srv_map[]", max(1, len(maps)))
+            for i, (b, s, o) in enumerate(maps):
+                arr[i].base, arr[i].size, arr[i].offset = b, s, o
+            o = ffi.new("struct lm_srv **") if out else ffi.NULL
+            rc = lib.lm_srv_start(uffd, pidfd, flags, arr, len(maps) if nmaps is None else nmaps,
+                                  ps, src, tab, cluster, o)
+            assert not out or o[0] == ffi.NULL
+            return rc, ffi.string(lib.lm_last_op()).decode()
+
+        ok = [(1 << 30, 4 * PS, 0)]
+        cases = [
+            (dict(maps=ok, nmaps=0), "1 to 64"),
+            (dict(maps=ok, nmaps=65), "1 to 64"),
+            (dict(maps=ok, ps=0), "page_size"),
+            (dict(maps=ok, ps=PS + 1), "page_size"),
+            (dict(maps=ok, ps=PS * 2), "page_size"),
+            (dict(maps=[(1 << 30, PS + 1, 0)]), "page aligned"),
+            (dict(maps=[(1 << 30, 0, 0)]), "empty"),
+            (dict(maps=[((1 << 64) - PS, 2 * PS, 0)]), "wraps"),
+            (dict(maps=[(1 << 30, 2 * PS, (1 << 64) - PS)]), "wraps"),
+            (dict(maps=[(1 << 30, 4 * PS, 0), ((1 << 30) + 2 * PS, 4 * PS, 0)]), "overlap"),
+            (dict(maps=[(1 << 30, 8 * PS, 0)], tab=table[0]), "past the end of the page table"),
+            (dict(maps=[(1 << 30, 2 * PS, 3 * PS)], tab=table[0]), "past the end"),
+            (dict(maps=ok, cluster=4097), "max_cluster"),
+            (dict(maps=ok, flags=2), "flags"),
+            (dict(maps=ok, uffd=-1), "fds"),
+            (dict(maps=ok, src=-1), "fds"),
+            (dict(maps=ok, pidfd=-2), "fds"),
+            (dict(maps=ok, out=False), "out is NULL"),
+        ]
+        for kw, why in cases:
+            rc, op = start(**kw)
+            assert rc == -errno.EINVAL and why in op, (kw, rc, op)
+        assert lib.lm_srv_table_refs(table[0]) == 1      # no failed start kept a reference
+        t2 = ffi.new("struct lm_srv_table **")
+        assert lib.lm_srv_table_new(ffi.new("int64_t[]", [0, -2]), 2, t2) == -errno.EINVAL
+        assert "below -1" in ffi.string(lib.lm_last_op()).decode() and t2[0] == ffi.NULL
+    finally:
+        lib.lm_srv_table_release(table[0])
+        os.close(null)
+
+
+def test_protocol_module_is_a_leaf():
+    """pylazymem._protocol imports only the standard library and _uffd_errors (region,
+    server and snapshot can all import it without a cycle); server.py re-exports its names."""
+    import ast
+    import sys
+    import pylazymem._protocol as proto
+    import pylazymem.server as server
+    tree = ast.parse(open(proto.__file__).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module == "_uffd_errors", node.module
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            for n in names:
+                assert n.split(".")[0] in sys.stdlib_module_names, n
+    for name in ("ProtocolError", "connect", "peer_pid", "peer_pidfd", "parse_mappings",
+                 "Mapping"):
+        assert getattr(server, name) is getattr(proto, name)
+    assert plm.ProtocolError is proto.ProtocolError
+
+
+@pytest.mark.core(reason="Region(server=...) needs the compiled core")
+@pytest.mark.parametrize("engine", _engines())
+def test_server_lost_materialize_and_checkpoint_never_zeros(tmp_path, sock, engine, run_py):
+    """Issue 10, case 5: after the page server of a Region(server=...) was lost, materialize()
+    zero-filled and checkpoint() recorded as untouched the pages only the server had: silent
+    zeros. Now those pages are POISONED at the loss: materialize() and checkpoint() raise
+    PoisonedPageError naming them, and the pages received before the loss stay right."""
+    path, data = memory_file(tmp_path, 64)
+    srv = start_server(sock, "--memory-file", str(path), engine=engine)
+    try:
+        res = run_py("""
+want = open(sys.argv[2], "rb").read()
+r = plm.Region(64 * PS, server=sys.argv[1])
+mv = memoryview(r)
+got = bytes(mv[:8 * PS])                      # pages 0..7 received from the server
+print("RECEIVED", got == want[:8 * PS], flush=True)
+os.kill(int(sys.argv[3]), 9)
+deadline = time.monotonic() + 20
+while r.remote != "lost" and time.monotonic() < deadline:
+    time.sleep(0.01)
+out = {"remote": r.remote}
+for name, fn in (("materialize", lambda: r.materialize()),
+                 ("checkpoint", lambda: plm.checkpoint(r, sys.argv[4]))):
+    try:
+        fn()
+        out[name] = "returned"
+    except plm.PoisonedPageError as e:
+        out[name] = sorted(int(p) for p in e.pages)
+out["kept"] = bytes(mv[:8 * PS]) == want[:8 * PS]
+out["exists"] = os.path.exists(sys.argv[4])
+print(json.dumps(out), flush=True)
+""", args=(sock, str(path), str(srv.pid), str(tmp_path / "s.plm")), timeout=90)
+    finally:
+        srv.kill()
+        srv.wait()
+    assert res.returncode == 0, res.describe()
+    assert "RECEIVED True" in res.stdout, res.describe()
+    m = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1])
+    assert m["remote"] == "lost", m
+    # the pages the server had not sent (its readahead may have sent some past page 7)
+    lost = m["materialize"]
+    assert isinstance(lost, list) and lost == m["checkpoint"], m
+    assert lost and min(lost) >= 8 and 63 in lost, m
+    assert m["kept"] and not m["exists"], m

@@ -1,0 +1,255 @@
+"""The page server's wire protocol: what a client sends, what the server answers, and who is
+at the other end of the socket (docs/page-server.md).
+
+Both sides use it: the server (pylazymem.server) and the clients (pylazymem.region's
+Region(server=...), tests/_server_client.py). It is a leaf: the standard library and
+pylazymem._uffd_errors only, so that region, server and snapshot can all import it without a
+cycle.
+
+The handshake is Firecracker's: one sendmsg() of a JSON array of mappings with the userfaultfd
+in SCM_RIGHTS,
+
+    [{"base_host_virt_addr": 140234..., "size": 1073741824, "offset": 0, "page_size": 4096}]
+
+and, from our server, one JSON line back: {"ok": true, ...} or {"ok": false, "error": ...}.
+"""
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+import time
+
+from ._uffd_errors import LazyMemError
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MAX_MESSAGE = 64 * 1024     # the mappings JSON: Firecracker's handlers read into a few KiB
+MAX_MAPPINGS = 64
+MAX_FDS = 4                 # fds accepted in one handshake (one is expected)
+
+# Our own clients add this key to each mapping: they keep their uffd and watch the server, so
+# the server must not poison their missing pages when it stops (they take over or fail loudly
+# themselves). Firecracker ignores unknown keys in what it sends, we ignore them in what we get.
+WATCHES_KEY = "pylazymem_watches_server"
+
+# getsockopt(SOL_SOCKET, SO_PEERPIDFD) (Linux 6.5): a pidfd of the process that connected
+# (or listened), taken by the kernel at connect() time, so it cannot name a later process that
+# reused the pid. 77 on every architecture but alpha/mips/parisc/sparc, which pylazymem does
+# not run on (uffd.syscall_number() lists the machines it does).
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+class ProtocolError(LazyMemError, ValueError):
+    """A client sent something that is not a valid handshake, or a server refused one (the
+    message says what)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One registered range of a client, as Firecracker's GuestRegionUffdMapping describes it."""
+    base_host_virt_addr: int
+    size: int
+    offset: int
+    page_size: int
+
+
+def _int_field(obj, key, i):
+    v = obj.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64:
+        raise ProtocolError("mapping %d: %r must be an unsigned 64-bit integer, got %r"
+                            % (i, key, v))
+    return v
+
+
+def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
+    """The mappings of a handshake message; raises ProtocolError with the reason.
+
+    Returns (mappings, watches_server). Accepts every layout Firecracker has sent: `page_size`
+    (bytes), the older `page_size_kib` (also bytes), or neither (base pages); unknown keys are
+    ignored. Every range must be page aligned, non-empty and not overlap another, and its
+    source offset + size must fit in 64 bits."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("the handshake is not UTF-8 JSON: %s" % e) from None
+    if not isinstance(doc, list) or not doc:
+        raise ProtocolError("the handshake must be a non-empty JSON array of mappings "
+                            "(base_host_virt_addr, size, offset, page_size)")
+    if len(doc) > MAX_MAPPINGS:
+        raise ProtocolError("%d mappings: at most %d are accepted" % (len(doc), MAX_MAPPINGS))
+    maps, watches = [], False
+    for i, m in enumerate(doc):
+        if not isinstance(m, dict):
+            raise ProtocolError("mapping %d is not a JSON object" % i)
+        if "page_size" in m:
+            ps = _int_field(m, "page_size", i)
+        elif "page_size_kib" in m:
+            # Despite its name, Firecracker has always sent bytes here (docs/page-server.md).
+            ps = _int_field(m, "page_size_kib", i)
+        else:
+            ps = page_size   # Firecracker 1.1 to 1.6 sent no page size: base pages
+        if ps != page_size:
+            raise ProtocolError("mapping %d: page size %d, this server serves %d-byte pages "
+                                "(huge pages are not supported)" % (i, ps, page_size))
+        mp = Mapping(_int_field(m, "base_host_virt_addr", i), _int_field(m, "size", i),
+                     _int_field(m, "offset", i), ps)
+        if not mp.size or (mp.base_host_virt_addr | mp.size | mp.offset) % ps:
+            raise ProtocolError("mapping %d: address, size and offset must be multiples of "
+                                "the page size and size > 0" % i)
+        if mp.base_host_virt_addr + mp.size > 1 << 64:
+            raise ProtocolError("mapping %d wraps around the address space" % i)
+        if mp.offset + mp.size > 1 << 64:
+            raise ProtocolError("mapping %d: offset + size is past 2**64" % i)
+        for j, o in enumerate(maps):
+            if (mp.base_host_virt_addr < o.base_host_virt_addr + o.size
+                    and o.base_host_virt_addr < mp.base_host_virt_addr + mp.size):
+                raise ProtocolError("mappings %d and %d overlap" % (j, i))
+        watches |= m.get(WATCHES_KEY) is True
+        maps.append(mp)
+    return maps, watches
+
+
+def complete_json(data):
+    """False only for a prefix of a JSON document (more bytes may come); True for a whole
+    document and for anything malformed before its end (the parser then says what)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(data) - 3   # a multi-byte character may be cut at the end
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.pos < len(text.rstrip())
+    return True
+
+
+def receive_handshake(conn, deadline):
+    """The server's side of the handshake: read the client's message and fds until the JSON
+    is complete, all of it before `deadline` (time.monotonic()). One deadline for the whole
+    message: a timeout per recv() would let a client that trickles a byte now and then hold a
+    handshake slot forever. Returns (message, fds); the fds are the caller's (also when this
+    raises ProtocolError after receiving them: they are in the exception's `fds`)."""
+    def remaining():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the handshake was not complete within its deadline")
+        return left
+
+    conn.settimeout(remaining())
+    msg, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("handshake truncated (more than %d fds)" % MAX_FDS)
+        # One recvmsg returns Firecracker's whole message in practice, but a stream socket
+        # promises no boundaries: read on until the JSON is complete (never until EOF: the
+        # VMM keeps the connection open).
+        while msg and not complete_json(msg):
+            if len(msg) >= MAX_MESSAGE:
+                raise ProtocolError("handshake longer than %d bytes" % MAX_MESSAGE)
+            conn.settimeout(remaining())
+            more = conn.recv(MAX_MESSAGE - len(msg))
+            if not more:
+                break
+            msg += more
+    except BaseException as e:
+        e.fds = fds
+        raise
+    return msg, fds
+
+
+def send_answer(conn, obj):
+    """Answer a handshake: one JSON line. Firecracker does not read it; our client does."""
+    try:
+        conn.settimeout(1.0)
+        conn.sendall((json.dumps(obj) + "\n").encode())
+    except OSError:
+        pass
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket, as the
+    kernel recorded them at connect() (SO_PEERCRED; pid 0 if not visible in our pid
+    namespace)."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))
+
+
+def peer_pid(sock):
+    """The pid of the process at the other end of a connected Unix socket."""
+    return peer_credentials(sock)[0]
+
+
+def peer_pidfd(sock):
+    """A pidfd (close-on-exec) of the process at the other end of a connected Unix socket.
+
+    SO_PEERPIDFD where the kernel has it (6.5+): the kernel's own reference to the peer taken
+    at connect(), so it names that process even if it has exited and its pid been reused
+    since. Elsewhere pidfd_open() of the SO_PEERCRED pid: call it as soon as the connection
+    exists (at accept or connect), while the peer still holds the connection, to keep the
+    window for pid reuse as small as it can be. Raises ProcessLookupError when the peer has
+    gone (on old kernels), OSError otherwise."""
+    try:
+        fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError as e:
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        pid = peer_pid(sock)
+        if pid <= 0:
+            raise ProcessLookupError(errno.ESRCH, "the peer's pid is not visible in this pid "
+                                     "namespace") from None
+        return os.pidfd_open(pid)
+    # The kernel makes it close-on-exec today; say so ourselves rather than rely on it.
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+    return fd
+
+
+def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0):
+    """Send a userfaultfd and its ranges to a PageServer, the way Firecracker does, and read
+    the server's answer. `mappings`: (base_address, size, offset) tuples or Mapping objects.
+    Returns (socket, answer dict); keep the socket open for as long as the memory is served
+    (the server's pid is its SO_PEERCRED, peer_pidfd() gives a pidfd of it). Raises
+    ProtocolError when the server refuses."""
+    doc = []
+    for m in mappings:
+        if isinstance(m, Mapping):
+            m = (m.base_host_virt_addr, m.size, m.offset)
+        base, size, offset = (int(x) for x in m)
+        d = {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": PAGE_SIZE}
+        if watches_server:
+            d[WATCHES_KEY] = True
+        doc.append(d)
+    path = os.fspath(socket_path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        try:
+            socket.send_fds(s, [json.dumps(doc).encode()], [uffd_fd])
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the server refused before reading: its answer says why
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ProtocolError("the page server at %s closed the connection without an "
+                                    "answer" % path)
+            buf += chunk
+            if len(buf) > MAX_MESSAGE:
+                raise ProtocolError("the page server's answer is too long")
+        answer = json.loads(buf.decode())
+        if not answer.get("ok"):
+            raise ProtocolError("the page server at %s refused: %s"
+                                % (path, answer.get("error", "no reason")))
+        if answer.get("server_pid") == os.getpid() and answer.get("engine") == "python":
+            # A server of an older version that did not refuse us itself: its Python serving
+            # thread needs our GIL, which our faulting thread holds.
+            raise ProtocolError("the page server at %s runs in this process with its python "
+                                "engine, which would deadlock on the GIL at the first fault; "
+                                "use engine='c' or a server in another process" % path)
+        s.settimeout(None)
+        return s, answer
+    except BaseException:
+        s.close()
+        raise
