@@ -573,8 +573,7 @@ class PageServer:
         # clients (each takes a reference; released in stop() after the last client).
         self._ctable = None
         if self.engine == "c" and self.source.table is not None:
-            from ._binding import ffi, lib
-            from ._errors import check
+            from ._binding import check, ffi, lib
 
             out = ffi.new("struct lm_srv_table **")
             try:
