@@ -49,6 +49,7 @@ def test_thp_baseline_advice(setting, advice):
     assert C.thp_selected(setting) in text
 
 
+@pytest.mark.core(reason="reads the signature of the core's restore()")
 def test_restore_default_reads_the_signature():
     import inspect
 
