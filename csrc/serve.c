@@ -254,8 +254,12 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
             return;
         }
         if (s == LM_POISONED) {
-            if (lm_try_hold(r, page) != LM_POISONED)
-                continue;   /* it changed meanwhile (a deferral): look again */
+            uint8_t h = lm_try_hold(r, page);
+            if (h != LM_POISONED) {   /* it changed meanwhile (a deferral): look again */
+                if (h != LM_BUSY)
+                    lm_unhold(r, page, h);
+                continue;
+            }
             atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
             lm_poison_again(r, page);
             return;
