@@ -18,6 +18,8 @@ pytest.param. The needs (NEEDS below; a new one is one more entry):
   uffd       userfaultfd: skipped when features().mode == "unavailable"
   cc         a C toolchain (gcc, nm): the test compiles csrc/ itself (tests/test_layering.py);
              it does not need the compiled core, so it runs under both backends
+  source     the source tree beside tests/ (csrc/, docs/): skipped where the suite runs
+             against an installed package without it (the container matrix)
 The run ends with how many tests each need skipped (pytest -rs shows each reason).
 
 Timeouts: pytest-timeout (configured in pyproject) bounds every test; tests that touch lazy
@@ -208,6 +210,12 @@ def _cc_missing():
     return "needs a C toolchain: %s not on PATH" % " and ".join(missing) if missing else None
 
 
+def _source_missing():
+    missing = [d for d in ("csrc", "docs") if not os.path.isdir(os.path.join(REPO_DIR, d))]
+    return ("needs the source tree (%s beside tests/); this run uses an installed package"
+            % " and ".join(missing)) if missing else None
+
+
 NEEDS = [
     Need("core", "core(reason=None): needs the compiled core (in-process lazy regions, "
                  "checkpoint, restore, the C serving engine, the cffi module); skipped under "
@@ -216,6 +224,8 @@ NEEDS = [
                       "pages are served)", _uffd_full_missing),
     Need("uffd", "uffd: needs userfaultfd (features().mode != 'unavailable')", _uffd_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
+    Need("source", "source: reads csrc/ and docs/ of the source tree; skipped where the suite "
+                   "runs against an installed package", _source_missing),
 ]
 
 _skipped_for = {n.marker: 0 for n in NEEDS}

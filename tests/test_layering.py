@@ -111,6 +111,7 @@ def core_files():
     return sorted(f for f in os.listdir(CSRC) if f.endswith(".c") and f not in NOT_CORE)
 
 
+@pytest.mark.source
 @pytest.mark.cc
 def test_csrc_calls_only_downwards(tmp_path):
     files = core_files()
@@ -143,6 +144,7 @@ def test_checker_catches_upward_and_sideways_calls_and_unlisted_files():
     assert violations(ok, layers, list(ok)) == []
 
 
+@pytest.mark.source
 def test_layer_list_parses_and_design_doc_mirrors_it():
     layers = read_layers()
     flat = [f for layer in layers for f in layer]

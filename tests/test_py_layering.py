@@ -6,13 +6,15 @@ Imports are read from the sources (ast), so a lazy import inside a function coun
 at the top: a cycle that only closes at run time is still a cycle.
 """
 import ast
+import importlib.util
 import os
 
 import pytest
 
-from _helpers import REPO_DIR
-
-PKG = os.path.join(REPO_DIR, "pylazymem")
+# The package that runs (the source tree, or an installed one as in the container matrix),
+# found without importing it.
+PKG = os.path.dirname(importlib.util.find_spec("pylazymem").origin)
+ROOT = os.path.dirname(PKG)
 
 # Modules that import nothing of the package but the ones listed.
 LEAVES = {
@@ -24,7 +26,7 @@ LEAVES = {
 
 
 def _module_name(path):
-    rel = os.path.relpath(path, REPO_DIR)[:-3].replace(os.sep, ".")
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
     return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
 
 
@@ -59,7 +61,7 @@ def _imports(path, name):
 
 
 def _exists(mod):
-    p = os.path.join(REPO_DIR, *mod.split("."))
+    p = os.path.join(ROOT, *mod.split("."))
     return os.path.isfile(p + ".py") or os.path.isfile(os.path.join(p, "__init__.py"))
 
 
