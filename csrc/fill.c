@@ -190,7 +190,7 @@ size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t 
     size_t done = filled;
     for (size_t i = filled; i < n; i++) {
         size_t one = 0;
-        if (i > filled || n > 1)
+        if (n > 1)   /* else the one attempt above was this page's */
             rc = lm_fill_run(r, t, first + i, 1, false, false, &one);
         if (rc == 0 || one) {
             lm_mark_present(r, first + i, 1, flag, 0);
