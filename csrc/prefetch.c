@@ -19,7 +19,8 @@
 #define BG_MAX 1024u             /* ... grown while idle up to 4 MiB */
 #define PREFETCH_BATCH 256u
 
-static int by_store(const void *a, const void *b)
+/* Pairs of u64 in lexicographic order: (store entry, page) and (page, list index) alike. */
+static int by_pair(const void *a, const void *b)
 {
     const uint64_t *x = a, *y = b;
     return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
@@ -239,12 +240,6 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
     return rc;
 }
 
-static int by_page(const void *a, const void *b)
-{
-    const uint64_t *x = a, *y = b;
-    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] < y[1] ? -1 : x[1] > y[1]);
-}
-
 /*
  * Which entries of pages[0..n) repeat an earlier one (first mention wins): bit i of skip.
  * A bitmap over the region where the list is dense, else a sort of (page, index) pairs.
@@ -269,7 +264,7 @@ static int find_repeats(struct lm_region *r, const uint64_t *pages, size_t n, ui
         return lm_fail("malloc(prefetch: repeats)", ENOMEM);
     for (size_t i = 0; i < n; i++)
         pi[2 * i] = pages[i], pi[2 * i + 1] = i;
-    qsort(pi, n, 2 * sizeof(uint64_t), by_page);
+    qsort(pi, n, 2 * sizeof(uint64_t), by_pair);
     for (size_t i = 1; i < n; i++)
         if (pi[2 * i] == pi[2 * i - 2])
             skip[pi[2 * i + 1] >> 6] |= (uint64_t)1 << (pi[2 * i + 1] & 63);
@@ -322,7 +317,7 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         }
     }
     if (rc == 0) {
-        qsort(pairs, k, 2 * sizeof(uint64_t), by_store);
+        qsort(pairs, k, 2 * sizeof(uint64_t), by_pair);
         rc = copy_store_pipelined(r, pairs, k, &pm, &done);
     }
     atomic_fetch_add_explicit(&r->st_prefetched, done, memory_order_relaxed);
