@@ -320,12 +320,14 @@ class Region(AddressRange):
             self._lm = None   # new calls fail from here on
             while self._users:
                 self._lock.wait()   # calls in progress (GIL released) finish first
+        # The background fill copies into the range that is about to be unmapped (or kept only
+        # for the views left, where it is optional work): it stops first either way.
+        lib.lm_background_stop(lm)
         if self._detach():   # no view: unmapped now, while still registered
             self._teardown(lm)
         else:
             # Views keep the memory: it stays mapped and served; the buffer type calls
             # _last_view_released() when the last one goes.
-            lib.lm_background_stop(lm)   # optional work: not worth a thread any more
             self._pending_lm = lm
 
     def _last_view_released(self):
@@ -334,9 +336,9 @@ class Region(AddressRange):
             self._teardown(lm)
 
     def _teardown(self, lm):
-        """Stop serving and free everything; the data mapping is already gone (_detach)."""
+        """Stop serving and free everything; the data mapping is already gone (_detach) and
+        the background fill stopped (close())."""
         _live_regions.discard(self)
-        lib.lm_background_stop(lm)
         lib.lm_region_stop(lm)
         lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
