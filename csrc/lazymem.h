@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 8 };
+enum { LM_ABI_VERSION = 9 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -55,7 +55,12 @@ enum lm_flag {
     LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
     LM_F_POISONED = 16,      /* has been poisoned (state LM_POISONED; stats.errors says why) */
     LM_F_PREFETCHED = 32,    /* made present by a prefetch (restore's working set) */
-    LM_F_BACKGROUND = 64     /* made present by the background fill */
+    LM_F_BACKGROUND = 64,    /* made present by the background fill */
+    LM_F_SHARED = 128,       /* maps a shared page (a pool page of a shared restore) that this
+                                process has not written, as far as the last sync saw
+                                (docs/shared-pages.md, "Metadata truth") */
+    LM_F_PRIVATE_FILL = 256  /* a snapshot page of a shared region served by a private copy
+                                (prefetch of scattered pages, or publishing failed) */
 };
 
 /* One record per page; 32 bytes, lives in a memfd so another process can map it. */
@@ -165,6 +170,10 @@ struct lm_stats {
     int background_running;
     int remote;                   /* enum lm_remote */
     uint64_t pages_poisoned;      /* pages in state LM_POISONED now */
+    int shared;                   /* the region maps a shared pool (lm_region_share) */
+    uint64_t pages_shared_mapped; /* pages mapped from the pool (UFFDIO_CONTINUE) */
+    uint64_t pages_published;     /* pages this region put into the pool */
+    uint64_t pool_fallback_pages; /* snapshot pages of a shared region served by private copies */
 };
 
 struct lm_region;
@@ -183,6 +192,16 @@ void *lm_region_addr(struct lm_region *r);
 size_t lm_region_npages(struct lm_region *r);
 int lm_region_meta_fd(struct lm_region *r);
 int lm_region_mode(struct lm_region *r);
+/* Can a region share pages here: a userfaultfd with UFFD_FEATURE_MINOR_SHMEM (5.14), a
+   memfd, and a MISSING | MINOR registration of a private mapping of it offering CONTINUE?
+   0, or -errno with lm_last_op() naming what failed. */
+int lm_probe_shared(int acquire);
+/* Make a fresh region (serving not started, nothing restored or deferred yet) a shared one:
+   its memory becomes a private mapping of `pool_fd` (a memfd of at least the region's size,
+   duplicated; page p at offset p * page_size): pages the pool holds are mapped from it
+   (reads share them, a store copies), pages it does not hold are published into it when
+   filled (docs/shared-pages.md). */
+int lm_region_share(struct lm_region *r, int pool_fd);
 /* Test hook: change config.test_fail_fills of a live region. */
 void lm_region_test_fail_fills(struct lm_region *r, int n);
 
