@@ -202,6 +202,10 @@ int lm_probe_shared(int acquire);
    (reads share them, a store copies), pages it does not hold are published into it when
    filled (docs/shared-pages.md). */
 int lm_region_share(struct lm_region *r, int pool_fd);
+/* Where the region's pages are, from the page tables (PAGEMAP_SCAN, Linux 6.7): counts[0]
+   mapped from shared memory (a pool), [1] private (copies, written pages), [2] the kernel's
+   zero page, [3] not mapped. Costs a page-table walk (~15-40 ms per mapped GiB). */
+int lm_page_counts(struct lm_region *r, uint64_t *counts);
 /* Test hook: change config.test_fail_fills of a live region. */
 void lm_region_test_fail_fills(struct lm_region *r, int n);
 

@@ -282,3 +282,47 @@ def test_broken_source_fails_loudly(snap, run_py):
     ''', args=(path,))
     assert "START" in res.stdout and "READ" not in res.stdout, res.describe()
     assert res.returncode in (-7, -11), res.describe()
+
+
+def test_page_counts(snap):
+    """Region.page_counts() says where pages are: mapped from the pool, private, zero page."""
+    path, _ = snap
+    with plm.restore(path, share=True, prefetch="none", background=False) as r:
+        assert r.page_counts() == {"shared": 0, "private": 0, "zero": 0,
+                                   "not_present": NPAGES}
+        a = r.ndarray(np.uint8)
+        int(a[::PS].sum())                 # every page read
+        for p in (1, 2, 3):
+            a[p * PS] ^= 1                 # three copied by a store
+        del a
+        stored = NPAGES - len(ZERO_PAGES) - len(UNTOUCHED)
+        counts = r.page_counts()
+        assert counts["shared"] == stored - 3
+        assert counts["private"] == 3
+        assert counts["zero"] == len(ZERO_PAGES) + len(UNTOUCHED)
+        assert counts["not_present"] == 0
+
+
+def test_cli_inspect_pid(snap):
+    """`pylazymem inspect --pid PID` sums a process's pool mappings (smaps)."""
+    import json
+    import subprocess
+    import sys
+    path, _ = snap
+    with plm.restore(path, share=True, prefetch="none", background=False) as r:
+        a = r.ndarray(np.uint8)
+        int(a[::PS].sum())
+        a[:16 * PS] = 1                    # 16 pages copied by stores
+        del a
+        out = subprocess.run([sys.executable, "-m", "pylazymem", "inspect", "--pid",
+                              str(os.getpid()), "--json"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        t = json.loads(out.stdout)
+        assert t["mappings"] >= 1
+        stored = NPAGES - len(ZERO_PAGES) - len(UNTOUCHED)
+        assert t["Rss"] >= (stored - 16) * PS
+        assert t["Anonymous"] >= 16 * PS
+    bad = subprocess.run([sys.executable, "-m", "pylazymem", "inspect"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "SNAPSHOT or --pid" in bad.stderr
