@@ -38,6 +38,7 @@
 #define POOL_BACKLOG 16
 #define ACCEPTS_PER_WAKE 16   /* then the others pools' sockets get their turn */
 #define LINE_MAX_LEN 192
+#define BIND_TRIES 5          /* per slot, while a bound slot refuses connections */
 
 static pthread_mutex_t open_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t dir_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -91,9 +92,10 @@ static bool peer_is_us(int s)
 
 /* Ask slot `slot` for the pool `want` describes: 1 and *out when a process of ours answered
    with that pool, 0 when there was no pool to be had there (nobody listening, a foreign
-   listener, no answer within the timeout, a wrong answer or fd), -errno when we could not
+   listener, no answer within the timeout, a wrong answer or fd; *refused, if given, says
+   whether connect() was refused: nobody listens there, or not yet), -errno when we could not
    even ask. */
-static int join_slot(const struct lm_pool *want, int slot, struct lm_pool **out)
+static int join_slot(const struct lm_pool *want, int slot, struct lm_pool **out, bool *refused)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (s < 0)
@@ -101,7 +103,13 @@ static int join_slot(const struct lm_pool *want, int slot, struct lm_pool **out)
     struct sockaddr_un a;
     socklen_t alen = slot_addr(&a, want->id, slot);
     /* Non-blocking: a stopped listener whose backlog is full gives EAGAIN, i.e. no answer. */
-    if (connect(s, (struct sockaddr *)&a, alen) < 0 || !peer_is_us(s)) {
+    if (connect(s, (struct sockaddr *)&a, alen) < 0) {
+        if (refused)
+            *refused = errno == ECONNREFUSED;
+        close(s);
+        return 0;
+    }
+    if (!peer_is_us(s)) {
         close(s);
         return 0;
     }
@@ -488,7 +496,7 @@ int lm_pool_open(uint64_t header_xxh3, uint64_t npages, uint64_t page_size, uint
 
     /* Another process of ours may hold it: ask every slot. */
     for (int slot = 0; slot < LM_POOL_SLOTS && !p; slot++) {
-        rc = join_slot(&want, slot, &p);
+        rc = join_slot(&want, slot, &p, NULL);
         if (rc < 0)
             goto done;
     }
@@ -505,32 +513,41 @@ int lm_pool_open(uint64_t header_xxh3, uint64_t npages, uint64_t page_size, uint
         if (rc)
             goto done;
         p->role = LM_POOL_UNSHARED;    /* until a slot is ours */
-        for (int slot = 0; slot < LM_POOL_SLOTS; slot++) {
-            int s = bind_slot(want.id, slot);
-            if (s >= 0) {
-                p->listen_fd = s;
-                p->slot = slot;
-                p->role = LM_POOL_CREATED;
-                break;
-            }
-            if (s != -EADDRINUSE)
-                continue;
-            /* Taken: another process may have created the pool since we asked. Its pool is
-               the one to use (ours has no user yet); a slot that still does not answer is a
-               stale listener, passed over. */
-            struct lm_pool *q = NULL;
-            rc = join_slot(&want, slot, &q);
-            if (rc < 0) {
-                lm_pool_free(p);
-                p = NULL;
-                goto done;
-            }
-            if (rc == 1) {
-                lm_pool_free(p);
-                p = q;
-                p->role = LM_POOL_JOINED;
-                bind_as_joiner(p);
-                break;
+        for (int slot = 0; slot < LM_POOL_SLOTS && p->role == LM_POOL_UNSHARED; slot++) {
+            for (int tries = 0; tries < BIND_TRIES; tries++) {
+                int s = bind_slot(want.id, slot);
+                if (s >= 0) {
+                    p->listen_fd = s;
+                    p->slot = slot;
+                    p->role = LM_POOL_CREATED;
+                    break;
+                }
+                if (s != -EADDRINUSE)
+                    break;
+                /* Taken: another process may have created the pool since we asked. Its pool
+                   is the one to use (ours has no user yet); a slot that does not answer is a
+                   stale listener, passed over. */
+                struct lm_pool *q = NULL;
+                bool refused = false;
+                rc = join_slot(&want, slot, &q, &refused);
+                if (rc < 0) {
+                    lm_pool_free(p);
+                    p = NULL;
+                    goto done;
+                }
+                if (rc == 1) {
+                    lm_pool_free(p);
+                    p = q;
+                    p->role = LM_POOL_JOINED;
+                    bind_as_joiner(p);
+                    break;
+                }
+                if (!refused)
+                    break;
+                /* Bound but refusing: its owner is between bind() and listen(), or closing
+                   it. Either way it is worth asking again in a moment, not passing over: a
+                   creator caught in that window would otherwise get a twin pool. */
+                usleep(1000);
             }
         }
     }
