@@ -57,6 +57,7 @@ HOLDER = POOL_PRELUDE + """
 h, npages, timeout_ms, wait = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 lib.lm_pool_test_timeout(timeout_ms)
 if wait == "wait":
+    print("ready", flush=True)
     sys.stdin.readline()          # "go": start together with the others
 before = nfds()
 t0 = time.monotonic()
@@ -292,6 +293,8 @@ def test_processes_started_together_end_up_with_one_pool(procs):
     # A generous answer timeout: under load, a creator that binds first must still be heard by
     # the one that finds the slot taken (else that one correctly makes a second pool).
     ps = [holder(procs, h, timeout_ms=3000, wait=True) for _ in range(4)]
+    for p in ps:
+        assert p.line().strip() == "ready"
     for p in ps:
         p.send("go")
     infos = [json.loads(p.line()) for p in ps]
@@ -538,3 +541,53 @@ def test_fork_child_has_no_pools_of_the_parent_and_can_have_its_own(run_py):
     assert (first["parents"]["role"], first["parents"]["inode"]) == (JOINED, mine["inode"])
     assert (second["role"], second["inode"]) == (JOINED, mine["inode"])
     assert out["after"] == mine
+
+
+# ---- churn ----------------------------------------------------------------------------------
+
+CHURN = POOL_PRELUDE + """
+import threading
+h, rounds = int(sys.argv[1]), int(sys.argv[2])
+lib.lm_pool_test_timeout(50)
+p0 = pool_open(h ^ 7, 8)               # the pool thread and its eventfd stay for the run
+before = nfds()
+print("ready", flush=True)
+sys.stdin.readline()                   # "go": all start together
+roles = {}
+
+def churn():
+    for _ in range(rounds):
+        p = pool_open(h, 8)
+        r = info(p)["role"]
+        roles[r] = roles.get(r, 0) + 1
+        time.sleep(0.003)              # held a moment: long enough to be found by others
+        lib.lm_pool_release(p)
+
+ts = [threading.Thread(target=churn) for _ in range(2)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print(json.dumps({"roles": roles, "new_fds": nfds() - before}), flush=True)
+lib.lm_pool_release(p0)
+"""
+
+
+def test_pools_opened_and_released_in_a_loop_by_several_processes_and_threads(procs):
+    """Releases race with the pool thread's answers (a socket closed while it is polled, a
+    joiner whose pool goes away meanwhile): every open still gives a pool, nothing leaks."""
+    h = fresh_id()
+    ps = [Proc(CHURN, [h, 50], procs) for _ in range(3)]
+    for p in ps:
+        assert p.line().strip() == "ready"
+    for p in ps:
+        p.send("go")
+    outs = [json.loads(p.line(timeout=80)) for p in ps]
+    for out in outs:
+        assert out["new_fds"] == 0, outs
+        assert sum(out["roles"].values()) == 100, outs
+        assert set(out["roles"]) <= {str(CREATED), str(JOINED)}, outs
+    assert any(str(JOINED) in out["roles"] for out in outs), outs   # they did meet
+    for p in ps:
+        p.proc.stdin.close()
+        assert p.proc.wait(30) == 0, p.proc.stderr.read()
