@@ -414,6 +414,39 @@ int lm_region_remote(struct lm_region *r);   /* enum lm_remote */
    what a server filled, our records do not know of. */
 int lm_region_sync_present(struct lm_region *r);
 
+/* ---- shared pages: the pool (pool.c, pooldir.c; docs/shared-pages.md, section 2) ---- */
+
+struct lm_pool;
+enum lm_pool_role {
+    LM_POOL_CREATED = 1,    /* made here, answered for here */
+    LM_POOL_JOINED = 2,     /* received from another process of ours (same uid) */
+    LM_POOL_UNSHARED = 3    /* made here, but no slot was free to answer on: nobody finds it */
+};
+struct lm_pool_info {
+    uint64_t id;          /* pool id: XXH3-64 of ("plm-pool-1", header_xxh3, page_size, npages) */
+    uint64_t npages;      /* region pages; the pool file is (npages + 1) * page_size bytes */
+    uint64_t page_size;
+    int role;             /* enum lm_pool_role */
+    int slot;             /* abstract-socket slot this process answers on, -1: none */
+    int sealed;           /* F_SEAL_FUTURE_WRITE present (the pool is complete) */
+    int fd;               /* the memfd (owned by the pool; do not close) */
+    uint64_t bytes;       /* resident bytes of the pool: fstat st_blocks * 512 */
+    uint64_t inode;       /* st_ino of the memfd (tests compare pools across processes) */
+};
+/* Find this uid's live pool for a snapshot's content (header_xxh3, npages, page_size) among
+   processes on this machine (abstract Unix sockets, SCM_RIGHTS), or create one and answer
+   for it; max_bytes (0: no bound) refuses creating a larger pool (-EFBIG). One reference,
+   the caller's. The same pool opened twice in one process is one object. */
+int lm_pool_open(uint64_t header_xxh3, uint64_t npages, uint64_t page_size, uint64_t max_bytes,
+                 struct lm_pool **out);
+/* Drop a reference; the last one closes the pool's socket (its name is free when this
+   returns) and its memfd. */
+void lm_pool_release(struct lm_pool *p);
+/* -ESTALE for a pool inherited across fork(). */
+int lm_pool_info(struct lm_pool *p, struct lm_pool_info *out);
+/* Test hook: the answer timeout in ms for joining (default 100; negative: the default). */
+void lm_pool_test_timeout(int ms);
+
 /* CDEF END */
 
 #endif

@@ -13,7 +13,9 @@
  *   server.c      the page server for other processes (util and uffd only)
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
  *   wstrack.c     the working-set window (reads records' first-touch order)
- *   store.c       content stores: canonical pages, the snapshot source file; page_read, restore
+ *   store.c pool.c  content stores (canonical pages, the snapshot source file; page_read,
+ *                 restore); the shared-pages pool object (create, attach and its checks, info)
+ *   pooldir.c     finding one another's pools (abstract sockets, SCM_RIGHTS), the pool thread
  *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE, poison
  *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
  *   prefetch.c    restore's working-set prefetch pipeline and the background fill
@@ -346,6 +348,63 @@ int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
 void lm_source_close(struct lm_region *r);
+
+/* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */
+
+#define LM_POOL_NAME "pylazymem-pool"     /* the memfd's name, and the sockets' prefix */
+#define LM_POOL_TAG "plm-pool-1"          /* pool id = XXH3-64(tag, header_xxh3, ps, npages) */
+#define LM_POOL_TAG_LEN 10
+#define LM_POOL_MAGIC "PLMPOOL"           /* with its NUL: 8 bytes */
+#define LM_POOL_LAYOUT 1u
+#define LM_POOL_SLOTS 4                   /* abstract-socket slots per pool id */
+#define LM_POOL_TIMEOUT_MS 100            /* default answer timeout when joining */
+
+/* The pool's last page (offset npages * page_size), written once by its creator; integers in
+   the machine's byte order (pools never leave the machine). */
+struct lm_pool_header {
+    char magic[8];           /* "PLMPOOL\0" */
+    uint32_t version;        /* LM_POOL_LAYOUT */
+    uint32_t reserved;       /* 0 */
+    uint64_t page_size, npages, pool_id, header_xxh3;
+    uint64_t creator_pid;    /* informative: not compared when joining */
+    uint64_t created_ns;     /* CLOCK_REALTIME; informative */
+};
+
+struct lm_pool {
+    _Atomic uint64_t refs;   /* holders in this process; the last release closes it (pooldir.c) */
+    int fd;                  /* the memfd, O_RDWR; -1 once orphaned */
+    int listen_fd;           /* our listening socket for it (pooldir.c), -1: none */
+    int slot;                /* that socket's slot, -1: none */
+    int role;                /* enum lm_pool_role */
+    bool dead;               /* inherited across fork(): fds closed, only the memory is left */
+    uint64_t id, header_xxh3, npages, page_size;
+    struct lm_pool *next;    /* pooldir.c's table of this process's pools */
+};
+
+uint64_t lm_pool_id(uint64_t header_xxh3, uint64_t npages, uint64_t page_size);
+/* page_size must be this machine's, npages in 1..LM_SNAP_MAX_PAGES, the size an off_t: sets
+   *bytes = (npages + 1) * page_size, else -EINVAL. */
+int lm_pool_check_args(uint64_t npages, uint64_t page_size, uint64_t *bytes);
+/* A new pool (memfd, size, header page, seals), one reference, role and slot unset. */
+int lm_pool_create(uint64_t header_xxh3, uint64_t npages, uint64_t page_size,
+                   struct lm_pool **out);
+/* Check an fd received from another process (name, O_RDWR, seals, size, header page) and
+   wrap it; -EBADMSG when it is not that pool. Takes the fd: closed unless it succeeds. */
+int lm_pool_attach(int fd, uint64_t header_xxh3, uint64_t npages, uint64_t page_size,
+                   struct lm_pool **out);
+void lm_pool_ref(struct lm_pool *p);
+/* The memfd, O_RDWR, owned by the pool (do not close); -1 for a pool inherited across fork(). */
+int lm_pool_fd(const struct lm_pool *p);
+/* After fork(), in the child: close the memfd, mark the pool dead. */
+void lm_pool_orphan(struct lm_pool *p);
+/* Close the memfd (unless dead) and free; the listening socket is pooldir.c's to close. */
+void lm_pool_free(struct lm_pool *p);
+
+/* ==== pooldir.c: finding one another's pools, the pool thread =========================== */
+
+/* pthread_atfork child handler (registered with the first lm_pool_open): the child has no
+   pool thread and no pools; inherited listening sockets and memfds are closed. */
+void lm_pool_after_fork(void);
 
 /* ==== fill.c ============================================================================ */
 
