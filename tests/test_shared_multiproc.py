@@ -389,20 +389,14 @@ def test_pool_goes_away_with_its_last_user(workers, tmp_path, how):
     assert_all_good([ra, rb], "two users")
     assert_one_pool([ra["pool"], rb["pool"]], "two users")
     old = ra["pool"]
-    # one user leaves: the pool stays for the other
-    if how == "exit":
-        a.exit()
-    else:
-        a.kill()
+    leave = {"exit": Worker.exit, "sigkill": Worker.kill}[how]
+    leave(a)            # one user leaves: the pool stays for the other
     c, = workers(1)
     rc = c.run(code)
     assert rc["nbad"] == 0 and rc["pool"]["inode"] == old["inode"] and rc["pool"]["role"] == "joined", rc
     # the last users leave (one closes its region, one goes away), then a newcomer makes a new pool
     c.run("r.close()")
-    if how == "exit":
-        b.exit()
-    else:
-        b.kill()
+    leave(b)
     d, = workers(1)
     rd = d.run(code)
     assert rd["nbad"] == 0
