@@ -12,7 +12,7 @@ against values precomputed from the state: any wrong byte changes the sum):
             Variants, interleaved: shared = restore(share=True, prefetch="none", background=False);
             mmap_r = np.load(mmap_mode="r") of a .npy of the same bytes (reads only, no writes);
             mmap_c = np.load(mmap_mode="c") (the same writes); private = restore(share=False) of a
-            snapshot of at most 256 MiB (the private copies of 8 x 1 GiB would crowd the other
+            snapshot of at most 256 MiB (quick: 64 MiB; the private copies of 8 x 1 GiB would crowd the other
             work on this machine), scaled per snapshot byte. Memory is reported as the sum over
             the 8 of (Pss at the barrier - Pss before opening), per byte of the snapshot opened.
             Target: shared <= 1.5 (1 GiB shared + 8 x 1% private copies ~ 1.08).
@@ -57,7 +57,8 @@ NAME = "shared"
 PARTS = ("fanout", "second", "template", "reap")
 NPROCS = 8
 WRITE_EVERY = 100              # rank k writes the pages i with i % WRITE_EVERY == k (1%)
-PRIVATE_MAX = 256 * C.MiB      # the fan-out's private variant restores at most this much
+PRIVATE_MAX = (64 * C.MiB, 256 * C.MiB)   # the fan-out's private variant restores at most this much
+                                          # (quick, full): 8 private copies are slow to fill on 2 CPUs
 CHECK_PAGES = 4096             # pages per step of the contents check (16 MiB: small temporaries)
 TARGET_PSS = 1.5               # fan-out: sum of the 8 Pss deltas per snapshot byte
 TARGET_SECOND = 3.0            # first / second process
@@ -417,10 +418,11 @@ def make_state(plm, d, nbytes, rng, name="state"):
 FANOUT = ("shared", "mmap_r", "mmap_c", "private")
 
 
-def _fanout(plm, d, nbytes, reps, problems, file, unavailable, variants=FANOUT):
+def _fanout(plm, d, nbytes, reps, problems, file, unavailable, quick, variants=FANOUT):
     rng = np.random.default_rng([SEED, 1])
     main = make_state(plm, d, nbytes, rng)
-    priv = main if nbytes <= PRIVATE_MAX else make_state(plm, d, PRIVATE_MAX, rng, "private")
+    pmax = PRIVATE_MAX[0 if quick else 1]
+    priv = main if nbytes <= pmax else make_state(plm, d, pmax, rng, "private")
     variants = [v for v in variants if not (v == "shared" and unavailable)]
     state_of = {"shared": main, "mmap_r": main, "mmap_c": main, "private": priv}
     path_of = {"shared": "snap", "private": "snap", "mmap_r": "npy", "mmap_c": "npy"}
@@ -520,7 +522,7 @@ def _check_pools(done, problems, where):
 
 # ---- part 2: second process vs first, vs np.load(mmap_mode="r") ----------------------------------------------
 
-def _second(plm, d, nbytes, reps, problems, file, unavailable):
+def _second(plm, d, nbytes, reps, problems, file, unavailable, quick):
     state = make_state(plm, d, nbytes, np.random.default_rng([SEED, 2]))
     modes = ("word", "bytes")
     steps = (["first", "second"] if not unavailable else []) + ["private", "mmap_r"]
@@ -597,7 +599,7 @@ def _second(plm, d, nbytes, reps, problems, file, unavailable):
 
 # ---- part 3: template fill ---------------------------------------------------------------------------------
 
-def _template(plm, d, nbytes, reps, problems, file, unavailable):
+def _template(plm, d, nbytes, reps, problems, file, unavailable, quick):
     rng = np.random.default_rng([SEED, 3])
     npages = nbytes // C.PAGE
     template = rng.integers(0, 256, C.PAGE, dtype=np.uint8)
@@ -649,7 +651,7 @@ def _template(plm, d, nbytes, reps, problems, file, unavailable):
 
 # ---- part 4: REAP, shared restore in the pool's first process ---------------------------------------------------
 
-def _reap(plm, d, nbytes, reps, problems, file, unavailable):
+def _reap(plm, d, nbytes, reps, problems, file, unavailable, quick):
     npages = nbytes // C.PAGE
     rng = np.random.default_rng(20240611)     # reap.py's seed and draw: the same workload
     pages = rng.choice(npages, size=max(1, int(npages * reap.FRACTION)), replace=False)
@@ -735,19 +737,21 @@ def run(quick: bool = False, *, reps: int | None = None, file=None, parts=None, 
         problems.append(f"restore(share=True) unavailable, shared variants not run: {unavailable}")
         print(f"SKIP shared variants: {unavailable}", file=file)
     # part: (function, repetitions (quick, full), state size)
-    plan = {"fanout": (_fanout, (2, 5), nbytes), "second": (_second, (3, 5), nbytes),
+    plan = {"fanout": (_fanout, (1, 5), nbytes), "second": (_second, (2, 5), nbytes),
             "template": (_template, (3, 7), min(nbytes, 128 * C.MiB) if quick else nbytes),
             "reap": (_reap, (2, 5), nbytes)}
     with K.scratch_dir(NAME) as d:
         for p in parts:
             fn, (rq, rf), size = plan[p]
+            t0 = C.now_ns()
             try:
-                rows[p], q, info = fn(plm, d, size, reps or (rq if quick else rf), problems, file, unavailable)
+                rows[p], q, info = fn(plm, d, size, reps or (rq if quick else rf), problems, file, unavailable, quick)
             except Exception as e:   # a failed part is a problem; the others still run
                 problems.append(f"{p}: {type(e).__name__}: {e}")
                 print(f"PROBLEM {p} failed: {type(e).__name__}: {e}", file=file)
                 continue
             ratios += q
+            print(f"# part {p} took {(C.now_ns() - t0) / 1e9:.1f} s", file=file)
             if info:
                 extra[p] = info
                 if info.get("absent"):
