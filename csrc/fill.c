@@ -53,6 +53,105 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
     return 0;
 }
 
+/* ---- shared regions (docs/shared-pages.md, sections 1.3, 1.4, 2.4) ------------------------ */
+
+/* Publishing leaves the page mapped (inaccessible) in the view, holding page tables and
+   counted in this process's Rss: drop those entries every 2 MiB of publications. The pool's
+   page cache keeps the pages; a publisher racing with the drop only loses its view entry. */
+#define VIEW_ZAP_PAGES 512u
+
+static void published(struct lm_region *r, size_t n)
+{
+    atomic_fetch_add_explicit(&r->st_published, n, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&r->view_unzapped, n, memory_order_relaxed) + n >=
+            VIEW_ZAP_PAGES &&
+        atomic_exchange_explicit(&r->view_unzapped, 0, memory_order_relaxed) >= VIEW_ZAP_PAGES)
+        madvise(r->pool_view, r->nbytes, MADV_DONTNEED);
+}
+
+int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done)
+{
+    size_t got = 0;
+    int rc = lm_uffd_copy(r->uffd, r->pool_view + first * r->page_size, src,
+                          n * r->page_size, false, &got);
+    if (done)
+        *done = got / r->page_size;
+    if (got)
+        published(r, got / r->page_size);
+    return rc;
+}
+
+int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec)
+{
+    /* The pool's page cache is the only record of what is filled (design 2.4): no bitmap
+       that a killed filler could leave disagreeing with it. */
+    if (mincore(r->pool_view + first * r->page_size, n * r->page_size, vec) < 0)
+        return LM_FAIL("mincore(pool view)");
+    return 0;
+}
+
+/*
+ * Fill claimed snapshot pages of a shared region: the pages the pool lacks are read from the
+ * store (verified: share implies verification, so a pool holds only bytes the snapshot's
+ * content id commits to), published into the pool with UFFDIO_COPY through the view (the one
+ * atomic publication step: another process sees a hole or the whole page; EEXIST means someone
+ * published it first), then the run is mapped from the pool with one UFFDIO_CONTINUE. Stores
+ * to the pages later copy them (MAP_PRIVATE): the pool never changes.
+ * Publishing that fails for want of memory serves the page by a private copy instead: sharing
+ * is lost, data is not.
+ */
+static int fill_shared(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
+                       bool wake, size_t *filled)
+{
+    size_t ps = r->page_size, limit = n, done = 0;
+    unsigned char vec[LM_MAX_CLUSTER];
+    int rc = 0;
+    if (n > LM_MAX_CLUSTER)
+        return lm_fail("shared fill: run longer than a cluster", EINVAL);
+    if ((rc = lm_pool_holes(r, first, n, vec)) < 0)
+        return rc;
+    for (size_t a = 0; a < n && rc == 0;) {
+        if (vec[a] & 1) {
+            a++;
+            continue;
+        }
+        size_t b = a + 1;
+        while (b < n && !(vec[b] & 1))
+            b++;
+        t->scratch_canon = 0;   /* overwritten below */
+        if ((rc = assemble(r, t, first + a, b - a)) < 0) {
+            limit = a;   /* the caller retries page by page: only a bad page is poisoned */
+            break;
+        }
+        size_t pub = 0;
+        rc = lm_pool_publish(r, first + a, b - a, t->scratch, &pub);
+        if (rc == -ENOMEM || rc == -ENOSPC) {
+            /* The rest of the segment privately; CONTINUE below steps over these pages. */
+            size_t got = 0;
+            rc = lm_uffd_copy(r->uffd, r->base + (first + a + pub) * ps, t->scratch + pub * ps,
+                              (b - a - pub) * ps, false, &got);
+            atomic_fetch_add_explicit(&r->st_pool_fallback, got / ps, memory_order_relaxed);
+            for (size_t q = 0; q < got / ps; q++)
+                r->meta[first + a + pub + q].flags |= LM_F_PRIVATE_FILL;   /* claimed by us */
+            if (rc < 0)
+                pub += got / ps;
+        }
+        if (rc < 0)
+            limit = a + pub;
+        a = b;
+    }
+    /* Map what the pool now holds, up to the first page that could not be published. */
+    int crc = limit ? lm_uffd_continue(r->uffd, r->base + first * ps, limit * ps, wake, &done)
+                    : 0;
+    if (crc == 0)
+        done = limit * ps;
+    if (filled)
+        *filled = done / ps;
+    atomic_fetch_add_explicit(&r->st_shared_mapped, done / ps, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->st_bytes, done, memory_order_relaxed);
+    return rc < 0 ? rc : crc;
+}
+
 int lm_fill_hook(struct lm_region *r)
 {
     int fail = atomic_load_explicit(&r->cfg_test_fail_fills, memory_order_relaxed);
@@ -82,6 +181,8 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
     if ((rc = lm_fill_hook(r)) < 0)
         return rc;
 
+    if (m0->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0)   /* runs are of one kind (meta.c) */
+        return fill_shared(r, t, first, n, wake, filled);
     if (lm_needs_copy(m0)) {
         uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
         for (size_t i = 1; i < n && same; i++)

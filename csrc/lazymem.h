@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 8 };
+enum { LM_ABI_VERSION = 9 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -55,7 +55,12 @@ enum lm_flag {
     LM_F_MATERIALIZED = 8,   /* made present by lm_materialize(), not by a touch */
     LM_F_POISONED = 16,      /* has been poisoned (state LM_POISONED; stats.errors says why) */
     LM_F_PREFETCHED = 32,    /* made present by a prefetch (restore's working set) */
-    LM_F_BACKGROUND = 64     /* made present by the background fill */
+    LM_F_BACKGROUND = 64,    /* made present by the background fill */
+    LM_F_SHARED = 128,       /* maps a shared page (a pool page of a shared restore) that this
+                                process has not written, as far as the last sync saw
+                                (docs/shared-pages.md, "Metadata truth") */
+    LM_F_PRIVATE_FILL = 256  /* a snapshot page of a shared region served by a private copy
+                                (prefetch of scattered pages, or publishing failed) */
 };
 
 /* One record per page; 32 bytes, lives in a memfd so another process can map it. */
@@ -165,6 +170,10 @@ struct lm_stats {
     int background_running;
     int remote;                   /* enum lm_remote */
     uint64_t pages_poisoned;      /* pages in state LM_POISONED now */
+    int shared;                   /* the region maps a shared pool (lm_region_share) */
+    uint64_t pages_shared_mapped; /* pages mapped from the pool (UFFDIO_CONTINUE) */
+    uint64_t pages_published;     /* pages this region put into the pool */
+    uint64_t pool_fallback_pages; /* snapshot pages of a shared region served by private copies */
 };
 
 struct lm_region;
@@ -183,6 +192,20 @@ void *lm_region_addr(struct lm_region *r);
 size_t lm_region_npages(struct lm_region *r);
 int lm_region_meta_fd(struct lm_region *r);
 int lm_region_mode(struct lm_region *r);
+/* Can a region share pages here: a userfaultfd with UFFD_FEATURE_MINOR_SHMEM (5.14), a
+   memfd, and a MISSING | MINOR registration of a private mapping of it offering CONTINUE?
+   0, or -errno with lm_last_op() naming what failed. */
+int lm_probe_shared(int acquire);
+/* Make a fresh region (serving not started, nothing restored or deferred yet) a shared one:
+   its memory becomes a private mapping of `pool_fd` (a memfd of at least the region's size,
+   duplicated; page p at offset p * page_size): pages the pool holds are mapped from it
+   (reads share them, a store copies), pages it does not hold are published into it when
+   filled (docs/shared-pages.md). */
+int lm_region_share(struct lm_region *r, int pool_fd);
+/* Where the region's pages are, from the page tables (PAGEMAP_SCAN, Linux 6.7): counts[0]
+   mapped from shared memory (a pool), [1] private (copies, written pages), [2] the kernel's
+   zero page, [3] not mapped. Costs a page-table walk (~15-40 ms per mapped GiB). */
+int lm_page_counts(struct lm_region *r, uint64_t *counts);
 /* Test hook: change config.test_fail_fills of a live region. */
 void lm_region_test_fail_fills(struct lm_region *r, int n);
 
@@ -390,6 +413,39 @@ int lm_region_remote(struct lm_region *r);   /* enum lm_remote */
 /* Record every page that is present (or swapped) in the page tables as present program data:
    what a server filled, our records do not know of. */
 int lm_region_sync_present(struct lm_region *r);
+
+/* ---- shared pages: the pool (pool.c, pooldir.c; docs/shared-pages.md, section 2) ---- */
+
+struct lm_pool;
+enum lm_pool_role {
+    LM_POOL_CREATED = 1,    /* made here, answered for here */
+    LM_POOL_JOINED = 2,     /* received from another process of ours (same uid) */
+    LM_POOL_UNSHARED = 3    /* made here, but no slot was free to answer on: nobody finds it */
+};
+struct lm_pool_info {
+    uint64_t id;          /* pool id: XXH3-64 of ("plm-pool-1", header_xxh3, page_size, npages) */
+    uint64_t npages;      /* region pages; the pool file is (npages + 1) * page_size bytes */
+    uint64_t page_size;
+    int role;             /* enum lm_pool_role */
+    int slot;             /* abstract-socket slot this process answers on, -1: none */
+    int sealed;           /* F_SEAL_FUTURE_WRITE present (the pool is complete) */
+    int fd;               /* the memfd (owned by the pool; do not close) */
+    uint64_t bytes;       /* resident bytes of the pool: fstat st_blocks * 512 */
+    uint64_t inode;       /* st_ino of the memfd (tests compare pools across processes) */
+};
+/* Find this uid's live pool for a snapshot's content (header_xxh3, npages, page_size) among
+   processes on this machine (abstract Unix sockets, SCM_RIGHTS), or create one and answer
+   for it; max_bytes (0: no bound) refuses creating a larger pool (-EFBIG). One reference,
+   the caller's. The same pool opened twice in one process is one object. */
+int lm_pool_open(uint64_t header_xxh3, uint64_t npages, uint64_t page_size, uint64_t max_bytes,
+                 struct lm_pool **out);
+/* Drop a reference; the last one closes the pool's socket (its name is free when this
+   returns) and its memfd. */
+void lm_pool_release(struct lm_pool *p);
+/* -ESTALE for a pool inherited across fork(). */
+int lm_pool_info(struct lm_pool *p, struct lm_pool_info *out);
+/* Test hook: the answer timeout in ms for joining (default 100; negative: the default). */
+void lm_pool_test_timeout(int ms);
 
 /* CDEF END */
 

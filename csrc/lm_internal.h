@@ -13,7 +13,9 @@
  *   server.c      the page server for other processes (util and uffd only)
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
  *   wstrack.c     the working-set window (reads records' first-touch order)
- *   store.c       content stores: canonical pages, the snapshot source file; page_read, restore
+ *   store.c pool.c  content stores (canonical pages, the snapshot source file; page_read,
+ *                 restore); the shared-pages pool object (create, attach and its checks, info)
+ *   pooldir.c     finding one another's pools (abstract sockets, SCM_RIGHTS), the pool thread
  *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE, poison
  *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
  *   prefetch.c    restore's working-set prefetch pipeline and the background fill
@@ -90,6 +92,9 @@ int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
    *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done);
+/* Map pages the shared memory behind a MINOR registration holds (EEXIST: already mapped here,
+   skipped); -EFAULT at a hole, with *done = bytes mapped before it. */
+int lm_uffd_continue(int fd, void *dst, size_t len, bool wake, size_t *done);
 /* Copy from src (NULL: map zero pages) and wake, returning -EAGAIN instead of retrying it:
    for the page server, which must read the pending event itself (server.c). */
 int lm_uffd_fill_or_eagain(int fd, void *dst, const void *src, size_t len);
@@ -160,6 +165,13 @@ struct lm_region {
     bool used;                    /* defer_fill or materialize has run (restore refuses) */
     bool has_poison;              /* UFFDIO_POISON works here (6.6+); else pages that cannot
                                      be served are made inaccessible (fill.c, lm_poison_page) */
+    uint64_t api_features;        /* what this region's UFFDIO_API handshake enabled */
+    /* A shared region (lm_region_share, docs/shared-pages.md): the region is a MAP_PRIVATE
+       mapping of the pool memfd (page p at pool offset p), registered MISSING | MINOR; pages
+       are published into the pool through `pool_view`, a MAP_SHARED PROT_NONE mapping of it
+       registered MISSING on the same uffd (UFFDIO_COPY needs a registered destination). */
+    int pool_fd;                  /* -1: not shared */
+    char *pool_view;              /* MAP_FAILED when not shared */
 
     /* meta.c: the metadata array in a memfd, the single record of page state. */
     int meta_fd;
@@ -220,6 +232,7 @@ struct lm_region {
 
     /* fill.c */
     _Atomic uint64_t fill_attempts;   /* for config.test_fail_fills > 1 */
+    _Atomic uint64_t view_unzapped;   /* pages published since the view's PTEs were dropped */
     _Atomic int cfg_test_fail_fills;  /* config.test_fail_fills, changeable while serving */
 
     /* serve.c: serving threads, the fill helper and readahead streams. */
@@ -244,7 +257,8 @@ struct lm_region {
     _Atomic uint64_t st_faults, st_faults_zero, st_faults_canonical, st_faults_empty,
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
         st_bytes, st_materialized, st_errors, st_empty_wakeups,
-        st_prefetched, st_background, st_src_bytes, st_verify_fail;
+        st_prefetched, st_background, st_src_bytes, st_verify_fail,
+        st_shared_mapped, st_published, st_pool_fallback;
     _Atomic int64_t st_present, st_poisoned;
     _Atomic int st_last_error;
     struct lm_latency lat;
@@ -293,6 +307,9 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
 void lm_mark_poisoned(struct lm_region *r, size_t page);
 /* A claimed page about to hold the program's own data (write fault; page server's pages). */
 void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon);
+/* A page of a shared region found holding private memory (lm_ws_scan_private): if its record
+   says it maps the pool (LM_F_SHARED), it was written since: program data now. */
+void lm_meta_note_private(struct lm_region *r, size_t page);
 /* A held page's signature, just computed from its contents (the caller holds the page). */
 void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig);
 bool lm_needs_copy(const struct lm_page_meta *m);
@@ -318,6 +335,8 @@ void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs);
 
 int lm_ws_init(struct lm_region *r, uint64_t api_features);
 void lm_ws_close(struct lm_region *r);
+/* Shared regions: call fn(r, page) for every page that holds private (anonymous) memory. */
+int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_t));
 
 /* ==== store.c =========================================================================== */
 
@@ -330,6 +349,63 @@ int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
 void lm_source_close(struct lm_region *r);
 
+/* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */
+
+#define LM_POOL_NAME "pylazymem-pool"     /* the memfd's name, and the sockets' prefix */
+#define LM_POOL_TAG "plm-pool-1"          /* pool id = XXH3-64(tag, header_xxh3, ps, npages) */
+#define LM_POOL_TAG_LEN 10
+#define LM_POOL_MAGIC "PLMPOOL"           /* with its NUL: 8 bytes */
+#define LM_POOL_LAYOUT 1u
+#define LM_POOL_SLOTS 4                   /* abstract-socket slots per pool id */
+#define LM_POOL_TIMEOUT_MS 100            /* default answer timeout when joining */
+
+/* The pool's last page (offset npages * page_size), written once by its creator; integers in
+   the machine's byte order (pools never leave the machine). */
+struct lm_pool_header {
+    char magic[8];           /* "PLMPOOL\0" */
+    uint32_t version;        /* LM_POOL_LAYOUT */
+    uint32_t reserved;       /* 0 */
+    uint64_t page_size, npages, pool_id, header_xxh3;
+    uint64_t creator_pid;    /* informative: not compared when joining */
+    uint64_t created_ns;     /* CLOCK_REALTIME; informative */
+};
+
+struct lm_pool {
+    _Atomic uint64_t refs;   /* holders in this process; the last release closes it (pooldir.c) */
+    int fd;                  /* the memfd, O_RDWR; -1 once orphaned */
+    int listen_fd;           /* our listening socket for it (pooldir.c), -1: none */
+    int slot;                /* that socket's slot, -1: none */
+    int role;                /* enum lm_pool_role */
+    bool dead;               /* inherited across fork(): fds closed, only the memory is left */
+    uint64_t id, header_xxh3, npages, page_size;
+    struct lm_pool *next;    /* pooldir.c's table of this process's pools */
+};
+
+uint64_t lm_pool_id(uint64_t header_xxh3, uint64_t npages, uint64_t page_size);
+/* page_size must be this machine's, npages in 1..LM_SNAP_MAX_PAGES, the size an off_t: sets
+   *bytes = (npages + 1) * page_size, else -EINVAL. */
+int lm_pool_check_args(uint64_t npages, uint64_t page_size, uint64_t *bytes);
+/* A new pool (memfd, size, header page, seals), one reference, role and slot unset. */
+int lm_pool_create(uint64_t header_xxh3, uint64_t npages, uint64_t page_size,
+                   struct lm_pool **out);
+/* Check an fd received from another process (name, O_RDWR, seals, size, header page) and
+   wrap it; -EBADMSG when it is not that pool. Takes the fd: closed unless it succeeds. */
+int lm_pool_attach(int fd, uint64_t header_xxh3, uint64_t npages, uint64_t page_size,
+                   struct lm_pool **out);
+void lm_pool_ref(struct lm_pool *p);
+/* The memfd, O_RDWR, owned by the pool (do not close); -1 for a pool inherited across fork(). */
+int lm_pool_fd(const struct lm_pool *p);
+/* After fork(), in the child: close the memfd, mark the pool dead. */
+void lm_pool_orphan(struct lm_pool *p);
+/* Close the memfd (unless dead) and free; the listening socket is pooldir.c's to close. */
+void lm_pool_free(struct lm_pool *p);
+
+/* ==== pooldir.c: finding one another's pools, the pool thread =========================== */
+
+/* pthread_atfork child handler (registered with the first lm_pool_open): the child has no
+   pool thread and no pools; inherited listening sockets and memfds are closed. */
+void lm_pool_after_fork(void);
+
 /* ==== fill.c ============================================================================ */
 
 /* Fill claimed pages [first, first+n) that share one content kind (not marked present).
@@ -337,6 +413,10 @@ void lm_source_close(struct lm_region *r);
    the failure: their page-table entries are present, so the caller must mark them present. */
 int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
                 bool wake, bool write, size_t *filled);
+/* Shared regions: which of pages [first, first+n) the pool holds (vec[i] & 1, mincore), and
+   publishing pages into it from src (*done = pages published or found there before a failure). */
+int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec);
+int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done);
 /* Test hook (config.test_fail_fills): -EIO when this fill attempt is to fail, else 0. */
 int lm_fill_hook(struct lm_region *r);
 /* Pages we cannot serve: poison them (SIGBUS on access; SIGSEGV without UFFDIO_POISON),

@@ -279,6 +279,15 @@ bool lm_needs_copy(const struct lm_page_meta *m)
     return m->cls == LM_CLS_CANONICAL || m->cls == LM_CLS_SNAPSHOT;
 }
 
+/* Pages fill together when they take one path through lm_fill_run: the zero page, a copy, or
+   (snapshot pages of a shared region) the pool. */
+static int fill_kind(const struct lm_region *r, const struct lm_page_meta *m)
+{
+    if (m->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0)
+        return 2;
+    return lm_needs_copy(m);
+}
+
 /*
  * Claim the lazy pages that follow `first` (already claimed, old state old[0]) and can be
  * filled together with it: same kind, still lazy, at most `max` in all. Returns the run length.
@@ -291,7 +300,7 @@ size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
         uint8_t s = lm_claim(r, first + run);
         if (s != LM_EMPTY && s != LM_DEFERRED)
             break;
-        if (lm_needs_copy(m) != lm_needs_copy(&r->meta[first])) {
+        if (fill_kind(r, m) != fill_kind(r, &r->meta[first])) {
             lm_release(r, first + run, s);
             break;
         }
@@ -336,7 +345,12 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
     }
     for (size_t i = 0; i < n; i++) {
         struct lm_page_meta *m = &r->meta[first + i];
-        m->flags = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE)) | flags);
+        uint16_t f = (uint16_t)((m->flags & ~(LM_F_NEEDS_UPDATE | LM_F_SHARED)) | flags);
+        /* A snapshot page of a shared region maps the pool's page unless it was copied
+           privately (fill.c, prefetch.c say so with PRIVATE_FILL). */
+        if (m->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0 && !(f & LM_F_PRIVATE_FILL))
+            f |= LM_F_SHARED;
+        m->flags = f;
         if (m->cls == LM_CLS_NONE) {   /* a fresh page now maps the zero page */
             m->cls = LM_CLS_ZERO;
             m->signature = r->zero_sig;
@@ -365,6 +379,20 @@ void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon)
     m->signature = 0;
     if (forget_canon)
         m->canon = 0;
+}
+
+void lm_meta_note_private(struct lm_region *r, size_t page)
+{
+    struct lm_page_meta *m = &r->meta[page];
+    if (!(__atomic_load_n(&m->flags, __ATOMIC_RELAXED) & LM_F_SHARED))
+        return;   /* a private copy we made (zero, canonical, PRIVATE_FILL) or already known */
+    uint8_t s = lm_claim_wait(r, page);
+    if (s == LM_PRESENT && (m->flags & LM_F_SHARED)) {
+        m->flags &= (uint16_t)~LM_F_SHARED;
+        m->cls = LM_CLS_DATA;   /* a store copied the pool's page: the program's data now */
+        m->signature = 0;
+    }
+    lm_release(r, page, s);
 }
 
 /* Not a transition: a signature computed from a held page's contents (lm_signatures, the

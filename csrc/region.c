@@ -13,7 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -105,7 +107,11 @@ static int open_uffd(struct lm_region *r)
 {
     struct lm_features why = {0};
     uint64_t features, ioctls;
-    uint64_t want = supported_features(r->cfg.acquire) & UFFD_FEATURE_WP_ASYNC_BIT;
+    uint64_t supported = supported_features(r->cfg.acquire);
+    uint64_t want = supported & UFFD_FEATURE_WP_ASYNC_BIT;
+    /* Asked for whenever offered: they change nothing for anonymous memory, and a region may
+       become shared (lm_region_share) only after its one UFFDIO_API handshake. */
+    uint64_t shmem = supported & (UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
     int rc;
 
     r->base = mmap(NULL, r->nbytes, PROT_READ | PROT_WRITE,
@@ -123,8 +129,9 @@ static int open_uffd(struct lm_region *r)
         r->uffd = lm_uffd_open(r->cfg.acquire, &r->mode, &r->source, &why);
         if (r->uffd < 0)
             return r->uffd;
-        if ((rc = lm_uffd_api(r->uffd, want, &features, &ioctls)) < 0)
+        if ((rc = lm_uffd_api(r->uffd, want | shmem, &features, &ioctls)) < 0)
             return rc;
+        r->api_features = features;
         uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (want ? UFFDIO_REGISTER_MODE_WP : 0);
         rc = lm_uffd_register(r->uffd, r->base, r->nbytes, mode);
         if (rc == 0 || !want)
@@ -157,6 +164,8 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     if (!r)
         return lm_fail("calloc(region)", ENOMEM);
     r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = r->src_fd = r->pagemap_fd = -1;
+    r->pool_fd = -1;
+    r->pool_view = MAP_FAILED;
     r->watch_stop_fd = -1;
     r->base = MAP_FAILED;
     r->canon_base = MAP_FAILED;
@@ -258,6 +267,10 @@ static void free_bookkeeping(struct lm_region *r)
         close(r->canon_fd);
     if (r->stop_fd >= 0)
         close(r->stop_fd);
+    if (r->pool_view != MAP_FAILED)
+        munmap(r->pool_view, r->nbytes);
+    if (r->pool_fd >= 0)
+        close(r->pool_fd);   /* the pool lives on while other processes map it */
     free(r->canon_sig);
     free(r->canon_index);
     free(r->bg.scratch);
@@ -300,12 +313,71 @@ void lm_region_forget(struct lm_region *r)
         close(r->uffd);
     r->meta = MAP_FAILED;
     r->canon_base = MAP_FAILED;
+    r->pool_view = MAP_FAILED;   /* not inherited either (MADV_DONTFORK) */
     r->zero_src = NULL;
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
     r->bg.scratch = NULL;
     r->helper.t.scratch = NULL;
     free_bookkeeping(r);
     free(r);
+}
+
+/* ---- sharing a pool (docs/shared-pages.md, section 1.2) ---------------------------- */
+
+int lm_region_share(struct lm_region *r, int pool_fd)
+{
+    size_t len = r->nbytes;
+    struct stat st;
+    if (r->pool_fd >= 0)
+        return lm_fail("region already shares a pool", EBUSY);
+    if (atomic_load(&r->serving) || r->used || atomic_load(&r->st_faults) ||
+        atomic_load(&r->st_present) || !lm_meta_pristine(r) || r->src_fd >= 0)
+        return lm_fail("share: the region must be fresh (before serving, restore or deferral)",
+                       EBUSY);
+    if (!(r->api_features & UFFD_FEATURE_MINOR_SHMEM))
+        return lm_fail("share: the kernel has no UFFD_FEATURE_MINOR_SHMEM (needs Linux 5.14)",
+                       EOPNOTSUPP);
+    if (fstat(pool_fd, &st) < 0)
+        return LM_FAIL("fstat(pool)");
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < len)
+        return lm_fail("share: the pool is not a memfd of at least the region's size", EINVAL);
+    int fd = fcntl(pool_fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
+    r->pool_fd = fd;
+    /* The view first: a failure below leaves the region's anonymous mapping untouched. */
+    char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (view == MAP_FAILED)
+        return LM_FAIL("mmap(pool view)");
+    r->pool_view = view;
+    madvise(view, len, MADV_DONTFORK);
+    int rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING);
+    if (rc < 0)
+        return rc;
+    /* The region over the pool: PROT_NONE until registered, so that nothing (mlockall's
+       population, another thread) can fault a hole of the pool in as a zero page that every
+       other process would then map (the kernel allocates into shmem on a hole). MISSING as
+       well as MINOR for the same reason. MAP_NORESERVE: a private writable mapping of this
+       size would otherwise be refused under heuristic overcommit. */
+    if (mmap(r->base, len, PROT_NONE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, 0) ==
+        MAP_FAILED)
+        return LM_FAIL("mmap(region over the pool)");
+    if (madvise(r->base, len, MADV_DONTFORK) < 0)   /* per VMA: the new one needs it again */
+        return LM_FAIL("madvise(MADV_DONTFORK)");
+    /* Not WP: on a file-backed range registered for write protection, dropping a page
+       (defer_fill's MADV_DONTNEED) leaves a uffd-wp marker in its page-table entry, and
+       UFFDIO_ZEROPAGE / UFFDIO_COPY then fail with EEXIST on it (measured): a deferral to
+       zero over a shared page would read the pool's page again. The working-set window of a
+       shared region therefore sees first touches (in order, every one: MINOR registration
+       has no fault-around) but not writes to pages present at the mark; checkpoint finds
+       written pages in the page tables (lm_meta_sync). */
+    r->wp_async = false;
+    uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+    if ((rc = lm_uffd_register(r->uffd, r->base, len, mode)) < 0)
+        return rc;
+    if (mprotect(r->base, len, PROT_READ | PROT_WRITE) < 0)
+        return LM_FAIL("mprotect(shared region)");
+    return 0;
 }
 
 /* ---- deferred updates ---------------------------------------------------------------- */
@@ -377,6 +449,10 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->remote = LD(remote);
     int64_t poisoned = LD(st_poisoned);
     o->pages_poisoned = poisoned > 0 ? (uint64_t)poisoned : 0;
+    o->shared = r->pool_fd >= 0;
+    o->pages_shared_mapped = LD(st_shared_mapped);
+    o->pages_published = LD(st_published);
+    o->pool_fallback_pages = LD(st_pool_fallback);
 #undef LD
     return 0;
 }

@@ -209,12 +209,16 @@ static void served(struct lm_serve_thread *t, size_t page, size_t run, bool writ
    (madvise(MADV_DONTNEED)), and anonymous memory then reads as zero. A present page is held
    while the zero page is mapped, so that defer_fill() cannot drop it and record new contents
    in between; a pinned one is held by its reader already (who must not wait for us). */
-static void serve_spurious(struct lm_region *r, size_t page, bool pinned, uint64_t t0)
+static void serve_spurious(struct lm_region *r, size_t page, bool pinned, bool minor,
+                           uint64_t t0)
 {
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
-    int rc = lm_uffd_zeropage(r->uffd, r->base + page * r->page_size, r->page_size, true,
-                              NULL);
+    /* In a shared region a dropped page reads as the pool's page when the pool holds one (a
+       MINOR fault): what a private file mapping gives back after MADV_DONTNEED. */
+    char *addr = r->base + page * r->page_size;
+    int rc = minor ? lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL)
+                   : lm_uffd_zeropage(r->uffd, addr, r->page_size, true, NULL);
     if (!pinned)
         lm_release(r, page, LM_PRESENT);
     if (rc < 0 && rc != -ENOENT)
@@ -224,7 +228,8 @@ static void serve_spurious(struct lm_region *r, size_t page, bool pinned, uint64
 
 /* Service time is taken before the wake-up: on the faulter's CPU the woken thread preempts us,
    and its run until the next fault is not ours to count. */
-static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, uint64_t t0)
+static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bool minor,
+                        uint64_t t0)
 {
     struct lm_region *r = t->r;
     uint8_t old[LM_MAX_CLUSTER], ok[LM_MAX_CLUSTER];
@@ -244,13 +249,13 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, ui
             continue;
         }
         if (s == LM_PINNED) {
-            serve_spurious(r, page, true, t0);
+            serve_spurious(r, page, true, minor, t0);
             return;
         }
         if (s == LM_PRESENT) {
             if (!lm_claim_present(r, page))
                 continue;
-            serve_spurious(r, page, false, t0);
+            serve_spurious(r, page, false, minor, t0);
             return;
         }
         if (s == LM_POISONED) {
@@ -365,8 +370,10 @@ static void *serve_main(void *arg)
         for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;   /* no other events are requested */
+            uint64_t flags = msgs[i].arg.pagefault.flags;
             serve_fault(t, msgs[i].arg.pagefault.address & ~(uint64_t)(r->page_size - 1),
-                        msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE, lm_now_ns());
+                        flags & UFFD_PAGEFAULT_FLAG_WRITE, flags & UFFD_PAGEFAULT_FLAG_MINOR,
+                        lm_now_ns());
         }
     }
     return NULL;

@@ -347,8 +347,11 @@ int lm_meta_sync(struct lm_region *r)
     lm_records_lock(r);
     int rc = lm_source_signatures(r);
     lm_meta_sync_locked(r);
+    /* A shared region's pages mapped from the pool may have been written (copied by the
+       kernel, unseen by us): the page tables say which. */
+    int src = r->pool_fd >= 0 ? lm_ws_scan_private(r, lm_meta_note_private) : 0;
     lm_records_unlock(r);
-    return rc < 0 ? rc : 0;
+    return rc < 0 ? rc : src < 0 ? src : 0;
 }
 
 /* ---- reading contents without faulting ----------------------------------------------- */

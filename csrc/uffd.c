@@ -6,8 +6,10 @@
  * (or with vm.unprivileged_userfaultfd=1); UFFD_USER_MODE_ONLY works unprivileged but kernel
  * accesses to missing pages (read() into the region, KVM) then fail with EFAULT.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -103,6 +105,50 @@ int lm_probe(int acquire, struct lm_features *out)
     return 0;
 }
 
+/* What a shared region needs, tried on one page: the feature, a memfd, and a MISSING | MINOR
+   registration of a private mapping of it that offers CONTINUE (lm_region_share). */
+int lm_probe_shared(int acquire)
+{
+    struct lm_features why = {0};
+    int mode, source, rc;
+    size_t ps = (size_t)lm_page_size();
+    int fd = lm_uffd_open(acquire, &mode, &source, &why);
+    if (fd < 0)
+        return fd;
+    uint64_t features = 0, ioctls = 0;
+    if ((rc = lm_uffd_api(fd, 0, &features, &ioctls)) < 0)
+        goto out;
+    if (!(features & UFFD_FEATURE_MINOR_SHMEM)) {
+        rc = lm_fail("the kernel has no UFFD_FEATURE_MINOR_SHMEM (needs Linux 5.14)",
+                     EOPNOTSUPP);
+        goto out;
+    }
+    close(fd);   /* UFFDIO_API is once per uffd: a second one asks for the feature */
+    if ((fd = lm_uffd_open(acquire, &mode, &source, &why)) < 0)
+        return fd;
+    if ((rc = lm_uffd_api(fd, UFFD_FEATURE_MINOR_SHMEM, &features, &ioctls)) < 0)
+        goto out;
+    int mfd = memfd_create("pylazymem-probe", MFD_CLOEXEC);
+    if (mfd < 0) {
+        rc = LM_FAIL("memfd_create");
+        goto out;
+    }
+    void *p = MAP_FAILED;
+    if (ftruncate(mfd, (off_t)ps) < 0)
+        rc = LM_FAIL("ftruncate(memfd)");
+    else if ((p = mmap(NULL, ps, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, mfd, 0)) == MAP_FAILED)
+        rc = LM_FAIL("mmap(memfd, MAP_PRIVATE)");
+    else
+        rc = lm_uffd_register(fd, p, ps,
+                              UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    if (p != MAP_FAILED)
+        munmap(p, ps);
+    close(mfd);
+out:
+    close(fd);
+    return rc;
+}
+
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode)
 {
     struct uffdio_register reg = {
@@ -114,6 +160,8 @@ int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode)
     if (!(reg.ioctls & ((uint64_t)1 << _UFFDIO_COPY)) ||
         !(reg.ioctls & ((uint64_t)1 << _UFFDIO_ZEROPAGE)))
         return lm_fail("ioctl(UFFDIO_REGISTER): COPY/ZEROPAGE not offered", ENOTSUP);
+    if ((mode & UFFDIO_REGISTER_MODE_MINOR) && !(reg.ioctls & ((uint64_t)1 << _UFFDIO_CONTINUE)))
+        return lm_fail("ioctl(UFFDIO_REGISTER): CONTINUE not offered", ENOTSUP);
     return 0;
 }
 
@@ -178,6 +226,28 @@ static int fill(int fd, fill_op op, const char *name, char *dst, const char *src
     if (skipped && wake)
         return lm_uffd_wake(fd, dst, len);
     return 0;
+}
+
+/* UFFDIO_CONTINUE: map the pages the shared memory behind a MINOR-registered range already
+   holds. Over a range with a hole (a page the memory does not hold) the kernel maps the pages
+   before it and says EAGAIN; the retry, starting at the hole, fails with EFAULT, which is
+   returned: the caller publishes holes before it continues (fill.c). */
+static int op_continue(int fd, char *dst, const char *src, size_t len, bool wake,
+                       int64_t *progress)
+{
+    (void)src;
+    struct uffdio_continue c = {
+        .range = {.start = (uintptr_t)dst, .len = len},
+        .mode = wake ? 0 : UFFDIO_CONTINUE_MODE_DONTWAKE,
+    };
+    int rc = ioctl(fd, UFFDIO_CONTINUE, &c) == 0 ? 0 : errno;
+    *progress = rc ? c.mapped : (int64_t)len;
+    return rc;
+}
+
+int lm_uffd_continue(int fd, void *dst, size_t len, bool wake, size_t *done)
+{
+    return fill(fd, op_continue, "ioctl(UFFDIO_CONTINUE)", dst, NULL, len, wake, true, done);
 }
 
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done)

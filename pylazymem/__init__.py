@@ -21,6 +21,7 @@ from ._errors import (  # noqa: E402
     LazyMemError,
     PoisonedPageError,
     RegionClosedError,
+    SharingUnavailableError,
     UffdError,
     UnavailableError,
 )
@@ -59,7 +60,8 @@ else:
 __all__ = [
     "__version__", "features", "Features", "Region", "Canonical", "Handler", "ZERO",
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
-    "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError", "UffdError",
+    "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError",
+    "SharingUnavailableError", "UffdError",
     "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
 ]

@@ -2,6 +2,7 @@
 
     pylazymem features [--json]
     pylazymem inspect SNAPSHOT [--json] [--plot FILE.png]
+    pylazymem inspect --pid PID [--json]
     pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
     pylazymem bench [NAME ...] [--quick] [--json]
     pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
@@ -39,12 +40,43 @@ def _features(args):
             print("%-14s %s" % (name[4:] + ":", "yes" if getattr(f, name) else "no"))
         if f.reason:
             print("reason:        %s" % f.reason)
+        print("shared pages:  %s" % ("yes" if f.shared_pages else
+                                     "no (%s)" % f.shared_pages_reason))
     return 0 if f.mode != "unavailable" else 1
+
+
+def _usage(message):
+    print(message, file=sys.stderr)
+    return 2
+
+
+def _inspect_pid(args):
+    from ._smaps import pool_mappings
+
+    t = pool_mappings(args.pid)
+    if args.json:
+        print(json.dumps(t, indent=1))
+        return 0
+    print("process:       %d, %d shared-pool mapping%s" % (args.pid, t["mappings"],
+                                                        "" if t["mappings"] == 1 else "s"))
+    mib = lambda k: t[k] / 2**20   # noqa: E731
+    print("resident:      %.1f MiB (Pss %.1f MiB)" % (mib("Rss"), mib("Pss")))
+    print("shared:        %.1f MiB (pool pages also mapped by other processes)"
+          % (mib("Shared_Clean") + mib("Shared_Dirty")))
+    print("private:       %.1f MiB (of which written copies: %.1f MiB)"
+          % (mib("Private_Clean") + mib("Private_Dirty"), mib("Anonymous")))
+    return 0
 
 
 def _inspect(args):
     from ._snapfile import inspect_tables
 
+    if args.pid is not None:
+        if args.snapshot is not None:
+            return _usage("pylazymem inspect: error: give a SNAPSHOT or --pid PID, not both")
+        return _inspect_pid(args)
+    if args.snapshot is None:
+        return _usage("pylazymem inspect: error: give a SNAPSHOT or --pid PID")
     info, table = inspect_tables(args.snapshot)
     pbc = info.pages_by_class
     raw = info.npages * info.page_size
@@ -146,8 +178,11 @@ def main(argv=None):
     p = sub.add_parser("features", help="what this machine and build support, and the fixes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_features)
-    p = sub.add_parser("inspect", help="describe a snapshot file")
-    p.add_argument("snapshot")
+    p = sub.add_parser("inspect", help="describe a snapshot file, or a process's shared "
+                                       "pool mappings (--pid)")
+    p.add_argument("snapshot", nargs="?")
+    p.add_argument("--pid", type=int, help="sum the pylazymem-pool mappings of a process: "
+                                           "resident, Pss, shared and private bytes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the page map")
     p.set_defaults(func=_inspect)

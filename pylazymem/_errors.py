@@ -39,6 +39,11 @@ class PoisonedPageError(LazyMemError, OSError):
         self.pages = list(pages)
 
 
+class SharingUnavailableError(UnavailableError):
+    """restore(share=True) cannot share pages here (the kernel, the privilege mode, the page
+    server or a bound says why); share="auto" restores privately instead."""
+
+
 class CoreNotLoaded(ImportError):
     """The compiled core was asked for under the ctypes backend (pylazymem._backend)."""
 

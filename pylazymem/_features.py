@@ -36,6 +36,10 @@ class Features:
     has_poison: bool
     has_move: bool
     reason: str               # why degraded, and the fix ("" in full mode)
+    # restore(share=True) can map snapshot pages from a pool shared between processes
+    # (docs/shared-pages.md); if not, why and the fix
+    shared_pages: bool = False
+    shared_pages_reason: str = ""
 
     @property
     def unservable_fault(self):
@@ -102,7 +106,14 @@ def _probe_cffi(acquire):
     f = ffi.new("struct lm_features *")
     lib.lm_probe(ACQUIRE[acquire], f)
     mode = MODES[f.mode]
-    return _features(mode, SOURCES[f.source], f.api_features, _reason(f, mode))
+    out = _features(mode, SOURCES[f.source], f.api_features, _reason(f, mode))
+    if mode == "unavailable":
+        why = "no userfaultfd: " + out.reason
+    else:
+        rc = lib.lm_probe_shared(ACQUIRE[acquire])
+        why = "" if rc == 0 else "%s: %s" % (ffi.string(lib.lm_last_op()).decode(),
+                                             os.strerror(-rc))
+    return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why)
 
 
 def _probe_ctypes(acquire):
@@ -112,7 +123,9 @@ def _probe_ctypes(acquire):
     # Same words as the core's probe, except where only the binding knows why (a machine
     # whose syscall number or ioctl layout it does not know).
     reason = p.reason if uffd.SYS_userfaultfd is None else _reason(p, p.mode)
-    return _features(p.mode, p.source, int(p.features), reason)
+    return dataclasses.replace(
+        _features(p.mode, p.source, int(p.features), reason),
+        shared_pages_reason="shared pages need the compiled core (the cffi backend)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -140,17 +140,19 @@ class Region(AddressRange):
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
                  timeline=None, server=None, _test_broken_source=False, _test_no_poison=False,
-                 _start=True):
+                 _start=True, _pool=None):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
         self._empty_unknown = False
         self.server = None
+        self.share_reason = "not a restore"   # restore(share=...) sets it: why not shared
         self._forked = False
         self._arrays = {}
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None
+        self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
         self._lock = threading.Condition()
         self._users = 0
         try:
@@ -205,10 +207,13 @@ class Region(AddressRange):
             self._meta_map = mmap.mmap(lib.lm_region_meta_fd(lm), 0, mmap.MAP_SHARED,
                                        mmap.PROT_READ)
             self._meta = np.frombuffer(self._meta_map, dtype=META_DTYPE)
+            if _pool is not None:   # before anything can touch the memory (restore)
+                check(lib.lm_region_share(lm, _pool.fd), "restore(share=True)")
             self._attach(int(ffi.cast("uintptr_t", lib.lm_region_addr(lm))), nbytes)
         except BaseException:
             lib.lm_region_destroy(lm, 1)
             raise
+        self._pool = _pool
         self._lm = lm
         self.nbytes = nbytes
         self.page_size = PAGE_SIZE
@@ -254,6 +259,19 @@ class Region(AddressRange):
         self._server_sock = sock
         self._empty_unknown = bool(empty_unknown)
         self.server = answer
+
+    @property
+    def shared(self):
+        """Whether the region maps a pool shared with other processes (restore(share=...))."""
+        return self._pool is not None
+
+    @property
+    def pool(self):
+        """The shared pool (restore(share=True)): a dict with "id", "role" (created, joined
+        or unshared), "slot", "sealed", "bytes" (resident) and "inode"; None when the region
+        is not shared."""
+        self._check_open()
+        return None if self._pool is None else self._pool.info()
 
     @property
     def remote(self):
@@ -343,6 +361,9 @@ class Region(AddressRange):
         lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
         self._base_table = None
+        if self._pool is not None:   # after the mappings are gone: others may hold it still
+            self._pool.release()
+            self._pool = None
         if self._server_sock is not None:
             self._server_sock.close()   # after the watcher is gone: not a server loss
             self._server_sock = None
@@ -351,6 +372,9 @@ class Region(AddressRange):
         lm, self._lm = self._lm, None
         pending, self._pending_lm = self._pending_lm, None
         self._forked = True
+        if self._pool is not None:
+            self._pool.forget()
+            self._pool = None
         for x in (lm, pending):
             if x is not None:
                 lib.lm_region_forget(x)
@@ -487,8 +511,10 @@ class Region(AddressRange):
         # Records of large deferrals and of restored pages are filled lazily (docs/design.md,
         # "Deferred metadata"): before anyone reads them, every record must say what its page
         # holds.
+        # A shared restore's pages may have been written behind the records' back (the kernel
+        # copies a pool page on a store without telling us): the sync asks the page tables.
         with self._use() as lm:
-            if lib.lm_meta_pending(lm):
+            if lib.lm_meta_pending(lm) or self._pool is not None:
                 lib.lm_meta_sync(lm)
         self._base_table = None   # the restore's table is not read any more
         return self._meta
@@ -585,6 +611,16 @@ class Region(AddressRange):
         pages = pages[np.argsort(us[pages], kind="stable")]
         return {"page": pages, "t_us": us[pages].astype(np.int64) - 1,
                 "path": np.array([PATHS[p] for p in path[pages]], dtype=object)}
+
+    def page_counts(self):
+        """Where the region's pages are now, from the page tables (explicit: a walk of the
+        region's page tables, ~15-40 ms per mapped GiB): "shared" (mapped from a pool shared
+        with other processes, not copied), "private" (this process's own copies: written
+        pages, private fills), "zero" (the kernel's zero page), "not_present"."""
+        out = ffi.new("uint64_t[4]")
+        with self._use() as lm:
+            check(lib.lm_page_counts(lm, out), "page_counts")
+        return {"shared": out[0], "private": out[1], "zero": out[2], "not_present": out[3]}
 
     def stats(self):
         s = ffi.new("struct lm_stats *")
@@ -709,6 +745,10 @@ def _stats_dict(s, nthreads):
         "source_bytes_read": s.source_bytes_read,
         "verify_failures": s.verify_failures,
         "pages_poisoned": s.pages_poisoned,
+        "shared": bool(s.shared),
+        "pages_shared_mapped": s.pages_shared_mapped,
+        "pages_published": s.pages_published,
+        "pool_fallback_pages": s.pool_fallback_pages,
         "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),

@@ -294,8 +294,43 @@ def _serve_snapshot_from(region, server, fd, path):
                                src.get("path", "?")))
 
 
+def _memory_total():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _share_pool(h, share, server):
+    """The pool a shared restore maps, or (None, why) where sharing cannot be had."""
+    from ._errors import InvalidArgumentError, LazyMemError
+    from ._features import features
+    from ._pool import Pool
+    from .region import _env_int
+
+    if share not in (False, True, "auto"):
+        raise InvalidArgumentError("share must be False, True or 'auto', not %r" % (share,))
+    if not share:
+        return None, "not asked for (share=False)"
+    f = features()
+    if not f.shared_pages:
+        return None, f.shared_pages_reason
+    if server is not None:
+        return None, ("sharing the pool of a page server is not available yet "
+                      "(docs/shared-pages.md, section 5.3)")
+    limit = _env_int("PYLAZYMEM_POOL_MAX_BYTES", _memory_total() // 2)
+    try:
+        return Pool(h["header_xxh3"], h["npages"], h["page_size"], max(0, limit)), ""
+    except LazyMemError as e:
+        return None, str(e)
+
+
 def restore(path, prefetch="working-set", background=None, verify=False, server=None,
-            **region_kw):
+            share=False, **region_kw):
     """A new Region holding the snapshot's state, served lazily from the file.
 
     prefetch: "working-set" loads the saved working set before returning, "all" everything,
@@ -304,12 +339,17 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     against its signature as it is served; a mismatch poisons the page (the access raises
     SIGBUS) and is counted in stats()["verify_failures"]. server: the socket of a page server
     (`pylazymem serve --snapshot` of this same file) that serves the region's faults; if it
-    dies, the region is served from the file here (docs/page-server.md). Other keyword
-    arguments go to Region().
+    dies, the region is served from the file here (docs/page-server.md). share: True maps the
+    snapshot's pages from a pool shared by this user's processes restoring the same content
+    (reads share one copy; a store gives this process its own) or raises
+    SharingUnavailableError saying why it cannot; "auto" shares where it can, else restores
+    privately (Region.shared says which, Region.share_reason why not); False (default)
+    restores privately. Sharing verifies every page it publishes into the pool
+    (docs/shared-pages.md). Other keyword arguments go to Region().
     """
     from ._binding import PAGE_SIZE, ffi, lib
     from ._binding import check
-    from ._errors import InvalidArgumentError
+    from ._errors import InvalidArgumentError, SharingUnavailableError
     from .region import Region
 
     if prefetch not in PREFETCH_MODES:
@@ -325,11 +365,24 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                                                              PAGE_SIZE))
         if background is None:
             background = server is None
-        region = Region(h["npages"] * h["page_size"], _start=server is None, **region_kw)
+        pool, why = _share_pool(h, share, server)
+        if pool is None and share is True:
+            raise SharingUnavailableError("%s: restore(share=True): %s" % (path, why))
+        try:
+            region = Region(h["npages"] * h["page_size"], _start=server is None, _pool=pool,
+                            **region_kw)
+        except BaseException:
+            if pool is not None:
+                pool.release()
+            raise
+        region.share_reason = "" if pool is not None else why
         try:
             with region._use() as lm:
+                # A shared restore verifies what it publishes: a pool holds only bytes the
+                # snapshot's content id (its header checksum) commits to, whoever filled it.
                 rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
-                                          h["sigs_offset"], h["sigs_xxh3"], bool(verify))
+                                          h["sigs_offset"], h["sigs_xxh3"],
+                                          bool(verify) or pool is not None)
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
                     _fail(path, ffi.string(lib.lm_last_op()).decode())
                 check(rc, "restore")
@@ -343,6 +396,11 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                      + [0])
             if prefetch == "working-set":
                 region.prefetch(p.working_set)
+            elif prefetch == "all" and pool is not None:
+                # The working set first (scattered pages copied privately: faster, and on the
+                # critical path), then the rest in address order, published in clusters.
+                region.prefetch(p.working_set)
+                region.materialize()
             elif prefetch == "all":
                 rest = np.setdiff1d(np.arange(h["npages"], dtype=np.uint64), p.working_set,
                                     assume_unique=True)

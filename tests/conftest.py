@@ -216,6 +216,11 @@ def _source_missing():
             % " and ".join(missing)) if missing else None
 
 
+def _shared_pages_missing():
+    f = plm.features()
+    return None if f.shared_pages else "needs shared pages: %s" % f.shared_pages_reason
+
+
 NEEDS = [
     Need("core", "core(reason=None): needs the compiled core (in-process lazy regions, "
                  "checkpoint, restore, the C serving engine, the cffi module); skipped under "
@@ -223,6 +228,8 @@ NEEDS = [
     Need("uffd_full", "uffd_full: needs features().mode == 'full' (kernel accesses to missing "
                       "pages are served)", _uffd_full_missing),
     Need("uffd", "uffd: needs userfaultfd (features().mode != 'unavailable')", _uffd_missing),
+    Need("shared_pages", "shared_pages: needs features().shared_pages (restore(share=True): "
+                         "MINOR userfaultfd on shmem, memfd)", _shared_pages_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
     Need("source", "source: reads csrc/ and docs/ of the source tree; skipped where the suite "
                    "runs against an installed package", _source_missing),

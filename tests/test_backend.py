@@ -309,7 +309,16 @@ def test_features_agree_between_backends(run_py, uffd):
     a = report(run_py, "cffi", uffd=uffd)
     b = report(run_py, "ctypes", uffd=uffd)
     assert (a["backend"], b["backend"]) == ("cffi", "ctypes")
+    # Shared pages need the core: only the cffi backend can offer them.
+    shared = [f.pop("shared_pages") for f in (a["features"], b["features"])]
+    why = [f.pop("shared_pages_reason") for f in (a["features"], b["features"])]
     assert a["features"] == b["features"]
+    assert shared[1] is False and "cffi" in why[1]
+    assert shared[0] == (not why[0])
+    if a["features"]["mode"] == "unavailable":
+        assert shared[0] is False
+    elif a["features"]["has_minor_shmem"] != shared[0]:
+        assert "memfd" in why[0] or "REGISTER" in why[0], why[0]   # the feature alone is not all
 
 
 @pytest.mark.core(reason="reads the compiled header through the cffi module")
