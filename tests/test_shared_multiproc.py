@@ -27,17 +27,7 @@ from _helpers import PAGE_SIZE as PS
 from _reliability import kill_tree, start_py
 
 
-def _shared_missing():
-    f = plm.features()
-    if not hasattr(f, "shared_pages"):
-        return "this build has no shared pages (features().shared_pages missing: issue 11 not built)"
-    if not f.shared_pages:
-        return "features().shared_pages is false: %s" % (getattr(f, "shared_pages_reason", "") or "?")
-    return None
-
-
-pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(300),
-              pytest.mark.skipif(_shared_missing() is not None, reason=str(_shared_missing()))]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.shared_pages, pytest.mark.timeout(300)]
 
 REPLY_TIMEOUT = 120
 
