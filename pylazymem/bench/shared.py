@@ -710,6 +710,7 @@ def _reap(plm, d, nbytes, reps, problems, file, unavailable, quick):
                               "<=", 1.1, "informational: shared first process / private restore (design: 1.05-1.1x)"))
     for p in (npy, snap, off_path):
         os.unlink(p)
+    setups[reap.UNIFORM].pop("ws_pages", None)   # an array of pages: not for the JSON output
     return rows, ratios, {"setup": setups[reap.UNIFORM]}
 
 
