@@ -59,3 +59,46 @@ def test_restore_default_reads_the_signature():
     sig = inspect.signature(plm.restore)
     assert restore_default.restore_defaults(plm) == {
         "prefetch": sig.parameters["prefetch"].default, "background": sig.parameters["background"].default}
+
+
+def test_shared_page_checksums_find_every_wrong_byte():
+    from pylazymem.bench import shared
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 64 * C.PAGE, dtype=np.uint8)
+    sums = shared.page_checksums(data)
+    assert shared.bad_pages(data, sums) == []
+    for page, byte, delta in ((0, 0, 1), (17, 4095, 255), (63, 2048, 128)):
+        bad = data.copy()
+        bad[page * C.PAGE + byte] ^= np.uint8(delta)
+        assert shared.bad_pages(bad, sums) == [page]
+    zeroed = data.copy()
+    zeroed[5 * C.PAGE:6 * C.PAGE] = 0   # a page served as zeros
+    assert shared.bad_pages(zeroed, sums) == [5]
+
+
+@pytest.mark.core(reason="runs bench/shared.py's parts at 8 MiB")
+@pytest.mark.uffd
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("part", ["fanout", "second", "template", "reap"])
+def test_shared_bench_smoke(part):
+    """Each part of bench/shared.py end to end at 8 MiB, one repetition: workers spawn, contents
+    are checked, ratios come out, no problem. Parts with shared variants are skipped (with the
+    reason) where restore(share=True) is unavailable: the module itself then reports a PROBLEM."""
+    import io
+
+    import pylazymem as plm
+    from pylazymem.bench import shared
+
+    why = shared.share_unavailable(plm)
+    if why and part != "template":
+        pytest.skip("restore(share=True) unavailable: %s" % why)
+    out = io.StringIO()
+    res = shared.run(True, reps=1, file=out, parts=[part], nbytes=8 << 20)
+    problems = [p for p in res["problems"] if not (why and "unavailable" in p)]
+    assert problems == [], out.getvalue()
+    assert part in res["rows"] and res["ratios"], out.getvalue()
+    for r in res["ratios"].values():
+        assert r["value"] > 0, (r, out.getvalue())
+    if part == "fanout":
+        assert res["rows"]["fanout"]["shared"]["median"] < res["rows"]["fanout"]["private"]["median"]

@@ -20,9 +20,12 @@ problems seen (wrong contents, handler errors).
   checkpoint     checkpoint of 1 GiB (50% zero, 25% duplicate, 25% unique pages) vs np.save: time and size
   server         4K fault service through a page server process (native, Python thread, Python
                  page provider) vs in-process serving
+  shared         restore(share=True) across spawned processes (issue 11): Pss of 8 processes sharing
+                 one snapshot vs np.load(mmap_mode="r"/"c") and private restores; second process vs
+                 first vs np.load(mmap_mode="r"); template fill; REAP with a shared first restore
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
-              "restore_sequential", "checkpoint", "server")
+              "restore_sequential", "checkpoint", "server", "shared")
 
 __all__ = ["BENCHMARKS", "run"]
 
