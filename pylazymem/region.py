@@ -154,6 +154,7 @@ class Region(AddressRange):
         self._base_table = None
         self._ws_inherited = None
         self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
+        self._chunks = False   # a canonical deferral may have mapped chunks (defer_fill)
         self._lock = threading.Condition()
         self._users = 0
         try:
@@ -528,10 +529,11 @@ class Region(AddressRange):
         # Records of large deferrals and of restored pages are filled lazily (docs/design.md,
         # "Deferred metadata"): before anyone reads them, every record must say what its page
         # holds.
-        # A shared restore's pages may have been written behind the records' back (the kernel
-        # copies a pool page on a store without telling us): the sync asks the page tables.
+        # A shared restore's pages, and canonical pages mapped from a chunk, may have been
+        # written behind the records' back (the kernel copies a shared page on a store without
+        # telling us): the sync asks the page tables.
         with self._use() as lm:
-            if lib.lm_meta_pending(lm) or self._pool is not None:
+            if lib.lm_meta_pending(lm) or self._pool is not None or self._chunks:
                 lib.lm_meta_sync(lm)
         self._base_table = None   # the restore's table is not read any more
         return self._meta
@@ -561,6 +563,7 @@ class Region(AddressRange):
             if what._region() is not self:
                 raise InvalidArgumentError("canonical page belongs to another region")
             cls, canon = lib.LM_CLS_CANONICAL, what.id
+            self._chunks = True
         elif what is PageClass.ZERO or (isinstance(what, int) and what == PageClass.ZERO
                                          and not isinstance(what, bool)):
             cls, canon = lib.LM_CLS_ZERO, 0
