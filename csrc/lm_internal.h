@@ -13,13 +13,15 @@
  *   server.c      the page server for other processes (util and uffd only)
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
  *   wstrack.c     the working-set window (reads records' first-touch order)
- *   store.c       content stores: canonical pages, the snapshot source file; page_read, restore
- *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE, poison
+ *   store.c       content stores: canonical pages and their shared chunks, the snapshot
+ *                 source file; page_read, restore
+ *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE/CONTINUE, poison
  *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
  *   prefetch.c    restore's working-set prefetch pipeline and the background fill
  *   checkpoint.c  signatures, checkpoint plan / compare / write
  *   remote.c      served by a page server in another process: watcher, sync_present
- *   region.c      create / destroy / forget, defer_fill, stats, timeline
+ *   region.c      create / destroy / forget, defer_fill (incl. mapping canonical chunks and
+ *                 their VMA budget), stats, timeline
  * LAYERS END
  */
 #ifndef LM_INTERNAL_H
