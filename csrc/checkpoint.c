@@ -166,6 +166,14 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
            no hashing. A shared restore never publishes a zero page (zero pages are holes). */
         e->sig = atomic_load(&r->src_sigs)[m->aux];
         e->cls = e->sig == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
+    } else if (s == LM_PRESENT && (m->flags & LM_F_SHARED) && m->cls == LM_CLS_CANONICAL &&
+               lm_canon_signature(r, m->canon, &e->sig) == 0) {
+        /* Maps its chunk's page, unwritten (lm_meta_sync just looked: a written one is DATA
+           now): the canonical page's signature, no hashing. */
+        e->cls = is_zero(lm_canon_page(r, m->canon), r->page_size) ? LM_SNAP_ZERO
+                                                                   : LM_SNAP_STORED;
+        if (e->cls == LM_SNAP_ZERO)
+            e->sig = r->zero_sig;
     } else if (s == LM_PRESENT) {   /* pinned: hash what is there */
         const char *mem = r->base + p * r->page_size;
         if (is_zero(mem, r->page_size)) {

@@ -152,6 +152,25 @@ static int fill_shared(struct lm_region *r, struct lm_serve_thread *t, size_t fi
     return rc < 0 ? rc : crc;
 }
 
+/*
+ * Fill claimed canonical pages whose block maps a chunk of their template (records SHARED,
+ * region.c): the chunk is complete and immutable, so the run is one UFFDIO_CONTINUE, which maps
+ * the chunk's page-cache pages (no copy, no memory of ours); a store later copies the page
+ * (MAP_PRIVATE). EEXIST (already mapped here) is stepped over by lm_uffd_continue.
+ */
+static int fill_chunk(struct lm_region *r, size_t first, size_t n, bool wake, size_t *filled)
+{
+    size_t ps = r->page_size, done = 0;
+    int rc = lm_uffd_continue(r->uffd, r->base + first * ps, n * ps, wake, &done);
+    if (rc == 0)
+        done = n * ps;
+    if (filled)
+        *filled = done / ps;
+    atomic_fetch_add_explicit(&r->st_canon_shared, done / ps, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->st_bytes, done, memory_order_relaxed);
+    return rc;
+}
+
 int lm_fill_hook(struct lm_region *r)
 {
     int fail = atomic_load_explicit(&r->cfg_test_fail_fills, memory_order_relaxed);
@@ -183,6 +202,8 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
 
     if (m0->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0)   /* runs are of one kind (meta.c) */
         return fill_shared(r, t, first, n, wake, filled);
+    if (m0->cls == LM_CLS_CANONICAL && (m0->flags & LM_F_SHARED))
+        return fill_chunk(r, first, n, wake, filled);
     if (lm_needs_copy(m0)) {
         uint32_t same = m0->cls == LM_CLS_CANONICAL ? m0->canon : 0;
         for (size_t i = 1; i < n && same; i++)
@@ -196,6 +217,12 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
             t->scratch_pages = same ? (uint32_t)n : 0;
         }
         rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake, &done);
+        /* Pages that a shared chunk would have served but for the VMA budget (region.c). */
+        size_t copied = rc == 0 ? n : done / r->page_size, fb = 0;
+        for (size_t i = 0; i < copied; i++)
+            fb += (r->meta[first + i].flags & LM_F_COPY_FALLBACK) != 0;
+        if (fb)
+            atomic_fetch_add_explicit(&r->st_canon_copied, fb, memory_order_relaxed);
     } else if (write && r->cfg.zero_write == LM_ZW_COPY) {
         /* The page is about to be written: allocate it now rather than map the zero page
            and take a second (kernel) fault for the copy-on-write. */

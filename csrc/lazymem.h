@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 9 };
+enum { LM_ABI_VERSION = 10 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -59,8 +59,10 @@ enum lm_flag {
     LM_F_SHARED = 128,       /* maps a shared page (a pool page of a shared restore) that this
                                 process has not written, as far as the last sync saw
                                 (docs/shared-pages.md, "Metadata truth") */
-    LM_F_PRIVATE_FILL = 256  /* a snapshot page of a shared region served by a private copy
+    LM_F_PRIVATE_FILL = 256, /* a snapshot page of a shared region served by a private copy
                                 (prefetch of scattered pages, or publishing failed) */
+    LM_F_COPY_FALLBACK = 512 /* a page of a canonical deferral that would have mapped a shared
+                                chunk but is copied: the VMA budget was spent (region.c) */
 };
 
 /* One record per page; 32 bytes, lives in a memfd so another process can map it. */
@@ -133,7 +135,14 @@ struct lm_config {
                                     failures for stress tests); 0 = off */
     int timeline;                /* record when and how each page was first made present */
     int test_no_poison;          /* test hook: act as a kernel without UFFDIO_POISON (< 6.6) */
+    int share_canonical;         /* enum lm_share_canonical: canonical deferrals map a shared
+                                    chunk of the template (docs/shared-pages.md, section 3) */
 };
+
+/* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
+   (UFFD_FEATURE_MINOR_SHMEM) and within the VMA budget; OFF: copy at each first touch; ON: as
+   AUTO, but creating the region fails with -EOPNOTSUPP where the kernel cannot. */
+enum lm_share_canonical { LM_SC_AUTO = 0, LM_SC_OFF = 1, LM_SC_ON = 2 };
 
 /* How a page was first made present (the fault timeline). */
 enum lm_path {
@@ -174,6 +183,10 @@ struct lm_stats {
     uint64_t pages_shared_mapped; /* pages mapped from the pool (UFFDIO_CONTINUE) */
     uint64_t pages_published;     /* pages this region put into the pool */
     uint64_t pool_fallback_pages; /* snapshot pages of a shared region served by private copies */
+    uint64_t canonical_shared_pages;  /* canonical pages mapped from a shared chunk (CONTINUE) */
+    uint64_t canonical_copied_pages;  /* canonical pages copied because the VMA budget was spent */
+    uint64_t map_budget_fallbacks;    /* defer_fill calls that found the VMA budget spent */
+    int share_canonical;          /* canonical deferrals may map shared chunks here */
 };
 
 struct lm_region;
@@ -206,6 +219,10 @@ int lm_region_share(struct lm_region *r, int pool_fd);
    mapped from shared memory (a pool), [1] private (copies, written pages), [2] the kernel's
    zero page, [3] not mapped. Costs a page-table walk (~15-40 ms per mapped GiB). */
 int lm_page_counts(struct lm_region *r, uint64_t *counts);
+/* Test hook: the process-wide budget of VMAs that canonical chunks may create (n >= 0), or
+   back to the default (n < 0: vm.max_map_count / 2 minus the mappings there were when first
+   needed). Returns the budget now in force (VMAs in use are not counted off). */
+long lm_test_map_budget(long n);
 /* Test hook: change config.test_fail_fills of a live region. */
 void lm_region_test_fail_fills(struct lm_region *r, int n);
 
@@ -226,7 +243,10 @@ int lm_canonical_read(struct lm_region *r, uint32_t id, void *out);
 uint32_t lm_canonical_count(struct lm_region *r);
 
 /* Record an update for pages [first, first+n): cls is LM_CLS_ZERO or LM_CLS_CANONICAL (then
-   canon is the id). Present pages are discarded; nothing is written until first access. */
+   canon is the id). Present pages are discarded; nothing is written until first access.
+   A canonical deferral maps each whole 2 MiB block of the range (counted from the region's
+   start) from one shared chunk of the template where config.share_canonical allows: first
+   touches map the chunk's page (UFFDIO_CONTINUE), stores copy it (docs/shared-pages.md 3). */
 int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon);
 
 /* Carry out pending updates now: every page in the range becomes present. */

@@ -13,15 +13,17 @@
  *   server.c      the page server for other processes (util and uffd only)
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
  *   wstrack.c     the working-set window (reads records' first-touch order)
- *   store.c pool.c  content stores (canonical pages, the snapshot source file; page_read,
- *                 restore); the shared-pages pool object (create, attach and its checks, info)
+ *   store.c pool.c  content stores (canonical pages and their shared chunks, the snapshot
+ *                 source file; page_read, restore); the shared-pages pool object (create,
+ *                 attach and its checks, info)
  *   pooldir.c     finding one another's pools (abstract sockets, SCM_RIGHTS), the pool thread
- *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE, poison
+ *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE/CONTINUE, poison
  *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
  *   prefetch.c    restore's working-set prefetch pipeline and the background fill
  *   checkpoint.c  signatures, checkpoint plan / compare / write
  *   remote.c      served by a page server in another process: watcher, sync_present
- *   region.c      create / destroy / forget, defer_fill, stats, timeline
+ *   region.c      create / destroy / forget, defer_fill (incl. mapping canonical chunks and
+ *                 their VMA budget), stats, timeline
  * LAYERS END
  */
 #ifndef LM_INTERNAL_H
@@ -107,6 +109,7 @@ int lm_uffd_poison(int fd, void *addr, size_t len);
 struct lm_range {
     size_t first, n;
     uint8_t cls;
+    uint16_t flags;       /* the records' flags (NEEDS_UPDATE; SHARED for a chunk span) */
     uint32_t canon;
     uint64_t signature;
 };
@@ -172,6 +175,18 @@ struct lm_region {
        registered MISSING on the same uffd (UFFDIO_COPY needs a registered destination). */
     int pool_fd;                  /* -1: not shared */
     char *pool_view;              /* MAP_FAILED when not shared */
+    /* Canonical chunks (docs/shared-pages.md 3): per 2 MiB block of the region (block b =
+       pages [b * blk_pages, (b + 1) * blk_pages)), the canonical id whose chunk is mapped there,
+       0 = the region's normal backing (anonymous memory, or the pool). A flat table rather than
+       a sorted span list: one lookup per block, 4 bytes per 2 MiB. Allocated at the first
+       chunk mapping; written by lm_defer_fill under chunk_lock; read without it by the
+       working-set scan (a stale read there costs one page's write record, nothing else). */
+    bool share_canonical;         /* chunks may be mapped (config and kernel allow) */
+    size_t blk_pages;             /* pages per 2 MiB block */
+    size_t nblocks;
+    _Atomic(uint32_t *) chunk_of;
+    _Atomic size_t chunk_vmas;    /* blocks mapped from a chunk now: VMAs held in the budget */
+    pthread_mutex_t chunk_lock;
 
     /* meta.c: the metadata array in a memfd, the single record of page state. */
     int meta_fd;
@@ -217,6 +232,10 @@ struct lm_region {
     uint32_t *canon_index;        /* open-addressing hash -> id, 0 = empty */
     size_t canon_index_cap;
     pthread_mutex_t canon_lock;   /* writers only; the fault path reads without it */
+    /* store.c: per canonical id, the sealed 2 MiB memfd of copies of it (lm_canon_chunk_fd),
+       created on first use under canon_lock, closed with the region. */
+    struct lm_chunk { uint32_t canon; int fd; } *chunks;
+    size_t nchunks, chunks_cap;
     /* store.c: snapshot source, store entry i at src_store_off + i * page_size. */
     int src_fd;
     uint64_t src_store_off;
@@ -258,7 +277,8 @@ struct lm_region {
         st_faults_snapshot, st_faults_spurious, st_faults_write, st_readahead,
         st_bytes, st_materialized, st_errors, st_empty_wakeups,
         st_prefetched, st_background, st_src_bytes, st_verify_fail,
-        st_shared_mapped, st_published, st_pool_fallback;
+        st_shared_mapped, st_published, st_pool_fallback,
+        st_canon_shared, st_canon_copied, st_budget_fallbacks;
     _Atomic int64_t st_present, st_poisoned;
     _Atomic int st_last_error;
     struct lm_latency lat;
@@ -319,6 +339,15 @@ int lm_check_range(struct lm_region *r, size_t first, size_t n);
    records, present pages dropped (MADV_DONTNEED). */
 int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
                   uint64_t sig, uint16_t flags);
+/* A deferral that also changes the memory behind [first, first+n) (canonical chunks): every
+   page is claimed (waiting for fills in flight, so none runs against the old mapping with a
+   new record or the other way round), remap(r, c, len, arg) replaces the mapping of each
+   claimed stretch (whole blocks; it discards the old contents), then the records are written
+   (per page: no range record) and the pages released DEFERRED. remap's error is returned;
+   the records are written either way (remap leaves the memory registered and missing). */
+int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                        uint64_t sig, uint16_t flags,
+                        int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg);
 /* Lazy records. lm_meta_sync_locked fills every pending one; call it between
    lm_records_lock() and lm_records_unlock() (lm_meta_sync in store.c does). */
 void lm_records_lock(struct lm_region *r);
@@ -341,6 +370,10 @@ int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_
 /* ==== store.c =========================================================================== */
 
 const char *lm_canon_page(struct lm_region *r, uint32_t id);
+/* The sealed memfd of `bytes` (a multiple of the page size) of copies of canonical page `id`,
+   created on first use; owned by the region (do not close). -errno on failure. */
+int lm_canon_chunk_fd(struct lm_region *r, uint32_t id, size_t bytes);
+void lm_canon_chunks_close(struct lm_region *r);
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);

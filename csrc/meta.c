@@ -209,7 +209,7 @@ static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint6
         m->cls = g->cls;
         m->canon = g->canon;
         m->signature = g->signature;
-        m->flags = g->cls == LM_CLS_CANONICAL ? LM_F_NEEDS_UPDATE : 0;
+        m->flags = g->flags;
         return LM_DEFERRED;
     }
     return apply_table(r, p, s);   /* a restore's page map, if any */
@@ -279,12 +279,15 @@ bool lm_needs_copy(const struct lm_page_meta *m)
     return m->cls == LM_CLS_CANONICAL || m->cls == LM_CLS_SNAPSHOT;
 }
 
-/* Pages fill together when they take one path through lm_fill_run: the zero page, a copy, or
-   (snapshot pages of a shared region) the pool. */
+/* Pages fill together when they take one path through lm_fill_run: the zero page, a copy,
+   (snapshot pages of a shared region) the pool, or (canonical pages recorded SHARED: their
+   block maps a chunk of the template, region.c) UFFDIO_CONTINUE of the chunk's pages. */
 static int fill_kind(const struct lm_region *r, const struct lm_page_meta *m)
 {
     if (m->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0)
         return 2;
+    if (m->cls == LM_CLS_CANONICAL && (m->flags & LM_F_SHARED))
+        return 3;
     return lm_needs_copy(m);
 }
 
@@ -295,7 +298,13 @@ static int fill_kind(const struct lm_region *r, const struct lm_page_meta *m)
 size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
 {
     size_t run = 1;
+    /* Once canonical chunks have been mapped, every 2 MiB block boundary may be a VMA boundary
+       (region.c), and one UFFDIO_COPY / ZEROPAGE / CONTINUE acts inside one VMA (across one it
+       fails with ENOENT): runs stop there. */
+    size_t blk = atomic_load_explicit(&r->chunk_of, memory_order_relaxed) ? r->blk_pages : 0;
     while (run < max && first + run < r->npages) {
+        if (blk && (first + run) % blk == 0)
+            break;
         struct lm_page_meta *m = &r->meta[first + run];
         uint8_t s = lm_claim(r, first + run);
         if (s != LM_EMPTY && s != LM_DEFERRED)
@@ -349,6 +358,11 @@ void lm_mark_present(struct lm_region *r, size_t first, size_t n, uint16_t flags
         /* A snapshot page of a shared region maps the pool's page unless it was copied
            privately (fill.c, prefetch.c say so with PRIVATE_FILL). */
         if (m->cls == LM_CLS_SNAPSHOT && r->pool_fd >= 0 && !(f & LM_F_PRIVATE_FILL))
+            f |= LM_F_SHARED;
+        /* A canonical page recorded SHARED was filled from its chunk (runs are of one kind,
+           fill.c CONTINUEs them): it maps the chunk's page. A write fault made it DATA
+           (lm_meta_set_data) before this: the store about to happen copies the page. */
+        if (m->cls == LM_CLS_CANONICAL && (m->flags & LM_F_SHARED))
             f |= LM_F_SHARED;
         m->flags = f;
         if (m->cls == LM_CLS_NONE) {   /* a fresh page now maps the zero page */
@@ -486,8 +500,9 @@ void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs)
 
 #define CHUNK 512   /* pages claimed at once: keeps the BUSY window short */
 
+typedef int (*remap_fn)(struct lm_region *, size_t, size_t, void *);
 static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
-                       uint64_t sig, uint16_t flags, bool only_done);
+                       uint64_t sig, uint16_t flags, bool only_done, remap_fn remap, void *arg);
 
 /* The record part of lm_defer_fill (moved from region.c, unchanged). */
 int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
@@ -501,13 +516,26 @@ int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
         /* Fast path: record the deferral once for the whole range. Pages whose record is not
            authoritative yet take it when first claimed; the others are updated below. */
         struct lm_range *g = &r->ranges[atomic_load(&r->nranges)];
-        *g = (struct lm_range){first, n, (uint8_t)cls, canon, sig};
+        *g = (struct lm_range){first, n, (uint8_t)cls, flags, canon, sig};
         atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
         atomic_fetch_add_explicit(&r->nranges, 1, memory_order_seq_cst);
-        rc = defer_pages(r, first, n, cls, canon, sig, flags, true);
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, true, NULL, NULL);
     } else {
-        rc = defer_pages(r, first, n, cls, canon, sig, flags, false);
+        rc = defer_pages(r, first, n, cls, canon, sig, flags, false, NULL, NULL);
     }
+    pthread_mutex_unlock(&r->records_lock);
+    return rc;
+}
+
+/* No range record here: a page left to one could be claimed by a fault between the new
+   record and the new mapping, and filled the new way into the old memory (a CONTINUE into
+   anonymous memory fails; a copy into a chunk span would be discarded by the remap while its
+   record says PRESENT). Holding every page across the remap rules both out. */
+int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                        uint64_t sig, uint16_t flags, remap_fn remap, void *arg)
+{
+    pthread_mutex_lock(&r->records_lock);
+    int rc = defer_pages(r, first, n, cls, canon, sig, flags, false, remap, arg);
     pthread_mutex_unlock(&r->records_lock);
     return rc;
 }
@@ -515,7 +543,7 @@ int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
 /* The per-page part of a deferral: with only_done, pages whose record is not yet
    authoritative are left to the range just published. */
 static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
-                       uint64_t sig, uint16_t flags, bool only_done)
+                       uint64_t sig, uint16_t flags, bool only_done, remap_fn remap, void *arg)
 {
     int rc = 0;
     for (size_t c = first; c < first + n; c += CHUNK) {
@@ -555,10 +583,17 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         }
         if (!claimed)
             continue;
+        /* A remap (canonical chunks) replaces the memory of the held pages: MAP_FIXED
+           discards the old contents and poison markers itself. */
+        if (remap) {
+            int mrc = remap(r, c, len, arg);
+            if (mrc < 0 && rc == 0)
+                rc = mrc;
+        }
         /* Return the old contents' memory; the range is missing again, so the next access
            faults into the handler, which finds the update recorded above. Only pages this
            call holds: a page it left to the range record may be being filled right now. */
-        for (size_t i = 0; present + poisoned && i < len && rc == 0;) {
+        for (size_t i = 0; !remap && present + poisoned && i < len && rc == 0;) {
             if (!was_present[i]) {
                 i++;
                 continue;

@@ -94,8 +94,10 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
             continue;
         }
         size_t run = 1;
+        /* Chunk blocks (region.c) make 2 MiB boundaries VMA boundaries: no ioctl crosses one. */
+        size_t blk = atomic_load(&r->chunk_of) ? r->blk_pages : 0;
         while (i + run < k && pairs[2 * (i + run)] == idx + run &&
-               pairs[2 * (i + run) + 1] == p + run &&
+               pairs[2 * (i + run) + 1] == p + run && !(blk && (p + run) % blk == 0) &&
                (!r->src_verify ||
                 XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
             run++;

@@ -22,6 +22,8 @@
 #include "lm_internal.h"
 
 #define CANON_RESERVE_MIN 65536u  /* canonical pages reserved (address space only) */
+#define CHUNK_BYTES ((size_t)2 << 20)   /* a canonical chunk maps one 2 MiB block (design 3.6:
+                                           a larger chunk saves VMAs but costs more to fill) */
 
 /* ---- creation and teardown ----------------------------------------------------------- */
 
@@ -34,6 +36,8 @@ static int parse_config(struct lm_region *r, const struct lm_config *cfg)
         r->cfg.zero_write = LM_ZW_COPY;
     if (r->cfg.zero_write != LM_ZW_COPY && r->cfg.zero_write != LM_ZW_ZEROPAGE)
         return lm_fail("config: zero_write must be COPY or ZEROPAGE", EINVAL);
+    if (r->cfg.share_canonical < LM_SC_AUTO || r->cfg.share_canonical > LM_SC_ON)
+        return lm_fail("config: share_canonical must be AUTO, OFF or ON", EINVAL);
     if (!r->cfg.max_cluster_pages)
         r->cfg.max_cluster_pages = LM_DEFAULT_CLUSTER;
     if (r->cfg.max_cluster_pages > LM_MAX_CLUSTER)
@@ -145,6 +149,13 @@ static int open_uffd(struct lm_region *r)
     /* How a page that cannot be served fails loudly (fill.c): poisoned where the kernel can
        (6.6+), else made inaccessible. */
     r->has_poison = (features & ((uint64_t)1 << 14)) && !r->cfg.test_no_poison;   /* POISON */
+    /* Canonical chunks need MINOR faults on a private shmem mapping. */
+    bool minor = (features & UFFD_FEATURE_MINOR_SHMEM) != 0;
+    if (r->cfg.share_canonical == LM_SC_ON && !minor)
+        return lm_fail("Region(share_canonical=True): the kernel has no "
+                       "UFFD_FEATURE_MINOR_SHMEM (needs Linux 5.14)", EOPNOTSUPP);
+    r->share_canonical = minor && r->cfg.share_canonical != LM_SC_OFF &&
+                         r->page_size <= CHUNK_BYTES;
     return lm_ws_init(r, want);
 }
 
@@ -174,7 +185,10 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     r->page_shift = __builtin_ctzl(ps);
     r->nbytes = nbytes;
     r->npages = nbytes / ps;
+    r->blk_pages = ps <= CHUNK_BYTES ? CHUNK_BYTES / ps : 1;
+    r->nblocks = r->npages / r->blk_pages;   /* whole blocks only: a tail never maps a chunk */
     atomic_store(&r->touch_seq, 1);
+    pthread_mutex_init(&r->chunk_lock, NULL);
     pthread_mutex_init(&r->canon_lock, NULL);
     pthread_mutex_init(&r->serve_lock, NULL);
     pthread_mutex_init(&r->records_lock, NULL);
@@ -271,6 +285,9 @@ static void free_bookkeeping(struct lm_region *r)
         munmap(r->pool_view, r->nbytes);
     if (r->pool_fd >= 0)
         close(r->pool_fd);   /* the pool lives on while other processes map it */
+    lm_canon_chunks_close(r);   /* the mappings keep the chunks' memory while they exist */
+    free(atomic_load(&r->chunk_of));
+    pthread_mutex_destroy(&r->chunk_lock);
     free(r->canon_sig);
     free(r->canon_index);
     free(r->bg.scratch);
@@ -286,10 +303,16 @@ static void free_bookkeeping(struct lm_region *r)
     pthread_mutex_destroy(&r->bg_lock);
 }
 
+static void budget_give(size_t n);
+
 void lm_region_destroy(struct lm_region *r, int unmap_data)
 {
     if (!r)
         return;
+    /* The chunk VMAs go back to the budget now; with unmap_data 0 they live on until the
+       buffer object unmaps the range (close() with views left): the budget's half of
+       vm.max_map_count in reserve absorbs that. */
+    budget_give(atomic_exchange(&r->chunk_vmas, 0));
     lm_remote_close(r);   /* first: the watcher may be starting serving threads */
     lm_background_stop(r);
     lm_serve_stop(r);
@@ -309,6 +332,7 @@ void lm_region_forget(struct lm_region *r)
        inherited (MADV_DONTFORK), only the descriptors and the heap copy. */
     if (!r)
         return;
+    budget_give(atomic_exchange(&r->chunk_vmas, 0));   /* the child has none of them */
     if (r->uffd >= 0)
         close(r->uffd);
     r->meta = MAP_FAILED;
@@ -382,6 +406,290 @@ int lm_region_share(struct lm_region *r, int pool_fd)
 
 /* ---- deferred updates ---------------------------------------------------------------- */
 
+/* ---- canonical chunks (docs/shared-pages.md, section 3) ------------------------------ */
+
+/*
+ * The VMA budget. Every 2 MiB block mapped from a chunk is a VMA of its own (adjacent blocks map
+ * the same file offset, which the kernel cannot merge), and vm.max_map_count bounds them for the
+ * whole process: Python, its libraries, thread stacks, other regions. pylazymem's chunks may use
+ * at most half of it, less the mappings the process had when chunks were first wanted; blocks
+ * past that are copied as before. Process-wide: every region's chunks count.
+ */
+static _Atomic long vma_used;
+static _Atomic long vma_test = -1;   /* lm_test_map_budget: a budget set by a test */
+static long vma_default;
+static pthread_once_t vma_once = PTHREAD_ONCE_INIT;
+
+static long count_lines(const char *path, long fallback)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fallback;
+    char buf[16384];
+    long lines = 0;
+    for (;;) {
+        ssize_t k = read(fd, buf, sizeof(buf));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            break;
+        for (ssize_t i = 0; i < k; i++)
+            lines += buf[i] == '\n';
+    }
+    close(fd);
+    return lines;
+}
+
+static void budget_init(void)
+{
+    long max = 65530;   /* the kernel's default, if the sysctl cannot be read */
+    char buf[32] = {0};
+    int fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, buf, sizeof(buf) - 1) > 0 && atol(buf) > 0)
+            max = atol(buf);
+        close(fd);
+    }
+    /* Unknown maps count: assume the worst plausible, so that chunks stay modest. */
+    long now = count_lines("/proc/self/maps", max / 4);
+    vma_default = max / 2 - now > 0 ? max / 2 - now : 0;
+}
+
+static long budget_limit(void)
+{
+    pthread_once(&vma_once, budget_init);
+    long t = atomic_load(&vma_test);
+    return t >= 0 ? t : vma_default;
+}
+
+long lm_test_map_budget(long n)
+{
+    atomic_store(&vma_test, n < 0 ? -1 : n);
+    return budget_limit();
+}
+
+/* Take up to `want` VMAs from the budget; returns how many were granted. */
+static size_t budget_take(size_t want)
+{
+    long limit = budget_limit(), used = atomic_load(&vma_used);
+    for (;;) {
+        long room = limit - used;
+        if (room <= 0 || want == 0)
+            return 0;
+        long take = (long)want < room ? (long)want : room;
+        if (atomic_compare_exchange_weak(&vma_used, &used, used + take))
+            return (size_t)take;
+    }
+}
+
+static void budget_give(size_t n)
+{
+    if (n)
+        atomic_fetch_sub(&vma_used, (long)n);
+}
+
+/* What lm_defer_fill's remap puts behind blocks: chunk `target` (its fd), or with target 0
+   the region's normal backing. */
+struct remap_job {
+    uint32_t target;
+    int fd;
+    size_t *added;   /* blocks that became chunk blocks (their VMAs were reserved before) */
+};
+
+/*
+ * Map blocks [b0, b1) (each replaced with MAP_FIXED, which discards what was there) and register
+ * them on the region's uffd: a new VMA is unregistered and inherits nothing (no MADV_DONTFORK
+ * either) until told again. The pages are held by the caller (lm_meta_defer_remap), so no fill
+ * can run against them meanwhile.
+ *
+ * Chunk blocks are registered MISSING | MINOR (MINOR: every first touch still reaches us, so the
+ * working set keeps first touches; MISSING: required with MINOR on shmem) and not WP: on a
+ * file-backed range registered for write protection, dropping a page leaves a uffd-wp marker
+ * and UFFDIO_ZEROPAGE / UFFDIO_COPY then fail with EEXIST (lm_region_share says more), which a
+ * later partial deferral inside the block would meet. Anonymous blocks get the region's own
+ * registration back (MISSING, plus WP where the working set tracks writes).
+ *
+ * The window between mmap and register: a chunk or anonymous block is mapped readable at once
+ * and dropped again (MADV_DONTNEED) once registered, so anything the kernel populated meanwhile
+ * without us (a racing access sees the chunk's template or zeros: the deferral's new contents)
+ * is gone before the records are written. A pool block is mapped PROT_NONE until registered
+ * instead (as lm_region_share does): an unregistered access to a pool hole would allocate a
+ * zero page in the pool itself, which other processes would map.
+ */
+static int remap_blocks(struct lm_region *r, size_t b0, size_t b1, const struct remap_job *j)
+{
+    char *addr = r->base + b0 * CHUNK_BYTES;
+    size_t len = (b1 - b0) * CHUNK_BYTES;
+    bool pool = !j->target && r->pool_fd >= 0;
+    uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
+    for (size_t b = b0; b < b1; b++) {
+        char *blk = r->base + b * CHUNK_BYTES;
+        void *p;
+        if (j->target)
+            p = mmap(blk, CHUNK_BYTES, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, j->fd, 0);
+        else if (pool)
+            p = mmap(blk, CHUNK_BYTES, PROT_NONE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE,
+                     r->pool_fd, (off_t)(b * CHUNK_BYTES));
+        else
+            p = mmap(blk, CHUNK_BYTES, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return LM_FAIL(j->target ? "mmap(canonical chunk over the region)"
+                                     : "mmap(region memory back over a chunk)");
+    }
+    if (j->target || pool)
+        mode |= UFFDIO_REGISTER_MODE_MINOR;
+    else if (r->wp_async)
+        mode |= UFFDIO_REGISTER_MODE_WP;
+    if (!j->target && !pool)
+        madvise(addr, len, MADV_NOHUGEPAGE);   /* as open_uffd: a fault moves one cluster */
+    int rc = lm_uffd_register(r->uffd, addr, len, mode);
+    if (rc < 0)
+        return rc;
+    if (madvise(addr, len, MADV_DONTFORK) < 0)   /* per VMA: the new ones need it again */
+        return LM_FAIL("madvise(MADV_DONTFORK)");
+    if (pool && mprotect(addr, len, PROT_READ | PROT_WRITE) < 0)
+        return LM_FAIL("mprotect(region over the pool)");
+    if (!pool && madvise(addr, len, MADV_DONTNEED) < 0)
+        return LM_FAIL("madvise(MADV_DONTNEED)");
+    return 0;
+}
+
+/* lm_meta_defer_remap's callback: pages [first, first+n) are whole blocks, all held. */
+static int remap_held(struct lm_region *r, size_t first, size_t n, void *arg)
+{
+    const struct remap_job *j = arg;
+    uint32_t *chunk_of = atomic_load(&r->chunk_of);
+    size_t b0 = first / r->blk_pages, b1 = (first + n) / r->blk_pages;
+    int rc = remap_blocks(r, b0, b1, j);
+    if (rc < 0 && j->target) {
+        /* Whatever was mapped is not fit to serve (unregistered, or a hole): the region's
+           normal backing again, and its budget back. The records then say copy: the caller
+           writes them without SHARED when this fails (lm_defer_fill). */
+        struct remap_job normal = {0, -1, NULL};
+        int brc = remap_blocks(r, b0, b1, &normal);
+        if (brc < 0)
+            lm_record_error(r, brc);   /* the range cannot be served: stats say why */
+    }
+    for (size_t b = b0; b < b1; b++) {
+        uint32_t now = rc < 0 ? 0 : j->target;
+        if (chunk_of[b] && !now) {
+            atomic_fetch_sub(&r->chunk_vmas, 1);
+            budget_give(1);
+        } else if (!chunk_of[b] && now) {
+            atomic_fetch_add(&r->chunk_vmas, 1);   /* reserved by defer_blocks */
+            (*j->added)++;
+        }
+        chunk_of[b] = now;
+    }
+    return rc;
+}
+
+/* How one piece of a deferral is recorded (defer_blocks). */
+struct piece {
+    bool remap;        /* its blocks' mapping changes */
+    uint32_t target;   /* chunk mapped there afterwards, 0 = normal backing */
+    uint16_t flags;    /* the records' flags */
+};
+
+static int defer_piece(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                       uint64_t sig, uint16_t flags, const struct piece *k, int fd,
+                       size_t *added)
+{
+    if (!k->remap)
+        return lm_meta_defer(r, first, n, cls, canon, sig, k->flags);
+    struct remap_job j = {k->target, fd, added};
+    int rc = lm_meta_defer_remap(r, first, n, cls, canon, sig, k->flags, remap_held, &j);
+    if (rc < 0 && k->target)   /* back on the normal backing (remap_held): records that copy */
+        lm_meta_defer(r, first, n, cls, canon, sig, flags);
+    return rc;
+}
+
+/*
+ * A deferral over a region that has (or is to have) chunk blocks, under chunk_lock. The range
+ * [first, first+n) is cut into pieces, each recorded by meta.c in one call, in address order:
+ *  - whole blocks whose mapping changes (to chunk `canon`, from a chunk to another chunk or to
+ *    the normal backing) go through lm_meta_defer_remap (pages held across the remap);
+ *  - the other pages get records only: SHARED where their block maps this very chunk (a
+ *    deferral of the same template over a chunk span: MADV_DONTNEED of the present pages, which
+ *    brings COWed pages back to the chunk, is all it takes), COPY_FALLBACK for whole blocks the
+ *    budget refused, the plain flags elsewhere (the partial blocks at the ends, and pages in
+ *    blocks of another chunk, are served by copies or zero pages into whatever maps them).
+ */
+static int defer_blocks(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                        uint64_t sig, uint16_t flags)
+{
+    size_t bp = r->blk_pages, end = first + n;
+    size_t b0 = (first + bp - 1) / bp, b1 = end / bp;   /* the whole blocks of the range */
+    bool chunks = cls == LM_CLS_CANONICAL && r->share_canonical && b0 < b1;
+    uint32_t *chunk_of = atomic_load(&r->chunk_of);
+    struct remap_job job = {chunks ? canon : 0, -1, NULL};
+    int rc = 0;
+    if (!chunks && !chunk_of)
+        return lm_meta_defer(r, first, n, cls, canon, sig, flags);
+    if (chunks) {
+        if ((job.fd = lm_canon_chunk_fd(r, canon, CHUNK_BYTES)) < 0)
+            return job.fd;   /* nothing changed yet */
+        if (!chunk_of) {
+            if (!(chunk_of = calloc(r->nblocks, sizeof(uint32_t))))
+                return lm_fail("calloc(chunk table)", ENOMEM);
+            atomic_store(&r->chunk_of, chunk_of);
+        }
+    }
+    if (b0 > b1)
+        b0 = b1 = 0;   /* inside one block: no whole block */
+    /* Blocks that need a new chunk VMA, granted in address order as far as the budget goes. */
+    size_t need = 0;
+    for (size_t b = b0; chunks && b < b1; b++)
+        need += !chunk_of[b];
+    size_t granted = budget_take(need), reserved = granted, added = 0;
+    if (granted < need)
+        atomic_fetch_add_explicit(&r->st_budget_fallbacks, 1, memory_order_relaxed);
+
+    /* One block at a time, in address order (the budget is granted in that order); blocks
+       that take the same path are recorded together. */
+    struct piece cur = {0};
+    size_t start = first, stop = first;
+    bool open = false;
+    for (size_t b = first / bp; b <= (end - 1) / bp && rc == 0; b++) {
+        size_t lo = b * bp > first ? b * bp : first;
+        size_t hi = (b + 1) * bp < end ? (b + 1) * bp : end;
+        uint32_t have = chunk_of && b < r->nblocks ? chunk_of[b] : 0;
+        struct piece k = {false, have, 0};   /* a partial block keeps its mapping */
+        bool fallback = false;
+        if (b >= b0 && b < b1) {
+            k.target = job.target;
+            if (k.target && !have) {
+                if (granted) {
+                    granted--;
+                } else {
+                    k.target = 0;
+                    fallback = true;
+                }
+            }
+            k.remap = k.target != have;
+        }
+        k.flags = k.target && k.target == canon && cls == LM_CLS_CANONICAL
+                      ? LM_F_SHARED
+                      : (uint16_t)(flags | (fallback ? LM_F_COPY_FALLBACK : 0));
+        if (open && k.remap == cur.remap && k.target == cur.target && k.flags == cur.flags) {
+            stop = hi;
+            continue;
+        }
+        if (open)
+            rc = defer_piece(r, start, stop - start, cls, canon, sig, flags, &cur, job.fd, &added);
+        cur = k;
+        start = lo;
+        stop = hi;
+        open = true;
+    }
+    if (open && rc == 0)
+        rc = defer_piece(r, start, stop - start, cls, canon, sig, flags, &cur, job.fd, &added);
+    budget_give(reserved - added);   /* reserved for blocks a failure left unmapped */
+    return rc;
+}
+
 int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon)
 {
     int rc = lm_check_range(r, first, n);
@@ -401,7 +709,11 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
     } else {
         return lm_fail("defer_fill: class must be ZERO or CANONICAL", EINVAL);
     }
-    return lm_meta_defer(r, first, n, cls, canon, sig, flags);
+    /* Serialises the mapping decisions (chunk table, budget) of concurrent deferrals. */
+    pthread_mutex_lock(&r->chunk_lock);
+    rc = defer_blocks(r, first, n, cls, canon, sig, flags);
+    pthread_mutex_unlock(&r->chunk_lock);
+    return rc;
 }
 
 /* ---- statistics ---------------------------------------------------------------------- */
@@ -453,6 +765,10 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->pages_shared_mapped = LD(st_shared_mapped);
     o->pages_published = LD(st_published);
     o->pool_fallback_pages = LD(st_pool_fallback);
+    o->canonical_shared_pages = LD(st_canon_shared);
+    o->canonical_copied_pages = LD(st_canon_copied);
+    o->map_budget_fallbacks = LD(st_budget_fallbacks);
+    o->share_canonical = r->share_canonical;
 #undef LD
     return 0;
 }

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -96,6 +97,97 @@ out:
     if (rc == 0)
         *sig_out = sig;
     return rc;
+}
+
+/*
+ * Canonical chunks (docs/shared-pages.md 3): a memfd holding `bytes` of copies of one
+ * canonical page, which defer_fill maps MAP_PRIVATE over each whole 2 MiB block of a canonical
+ * range, so that every page read there is the one shared page-cache page of the chunk, and a
+ * store copies it (the chunk never changes). Filled with pwrite before anyone maps it (so no
+ * reader can see it half-written), then sealed against writes and size changes: immutable, and
+ * always complete (UFFDIO_CONTINUE never meets a hole). One per id, kept until the region ends.
+ */
+static int chunk_create(struct lm_region *r, uint32_t id, size_t bytes)
+{
+    size_t ps = r->page_size;
+    int fd = memfd_create("pylazymem-chunk", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return LM_FAIL("memfd_create(canonical chunk)");
+    int rc = 0;
+    char *buf = malloc(bytes);
+    if (!buf) {
+        rc = lm_fail("malloc(canonical chunk)", ENOMEM);
+        goto fail;
+    }
+    for (size_t o = 0; o < bytes; o += ps)
+        memcpy(buf + o, lm_canon_page(r, id), ps);
+    if (ftruncate(fd, (off_t)bytes) < 0) {
+        rc = LM_FAIL("ftruncate(canonical chunk)");
+        goto fail;
+    }
+    for (size_t done = 0; done < bytes;) {
+        ssize_t k = pwrite(fd, buf + done, bytes - done, (off_t)done);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            rc = k < 0 ? LM_FAIL("pwrite(canonical chunk)")
+                       : lm_fail("pwrite(canonical chunk): no progress", EIO);
+            goto fail;
+        }
+        done += (size_t)k;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) < 0) {
+        rc = LM_FAIL("fcntl(F_ADD_SEALS, canonical chunk)");
+        goto fail;
+    }
+    free(buf);
+    return fd;
+fail:
+    free(buf);
+    close(fd);
+    return rc;
+}
+
+int lm_canon_chunk_fd(struct lm_region *r, uint32_t id, size_t bytes)
+{
+    uint64_t sig;
+    int rc = lm_canon_signature(r, id, &sig);   /* the id is this region's */
+    if (rc < 0)
+        return rc;
+    if (bytes == 0 || bytes % r->page_size)
+        return lm_fail("canonical chunk: size not a positive multiple of the page size", EINVAL);
+    pthread_mutex_lock(&r->canon_lock);
+    for (size_t i = 0; i < r->nchunks; i++) {
+        if (r->chunks[i].canon == id) {
+            rc = r->chunks[i].fd;
+            goto out;
+        }
+    }
+    if (r->nchunks == r->chunks_cap) {
+        size_t cap = r->chunks_cap ? 2 * r->chunks_cap : 8;
+        struct lm_chunk *c = realloc(r->chunks, cap * sizeof(*c));
+        if (!c) {
+            rc = lm_fail("realloc(canonical chunks)", ENOMEM);
+            goto out;
+        }
+        r->chunks = c;
+        r->chunks_cap = cap;
+    }
+    if ((rc = chunk_create(r, id, bytes)) >= 0)
+        r->chunks[r->nchunks++] = (struct lm_chunk){id, rc};
+out:
+    pthread_mutex_unlock(&r->canon_lock);
+    return rc;
+}
+
+/* The mappings keep a chunk's memory alive as long as they exist; the fds go with the region. */
+void lm_canon_chunks_close(struct lm_region *r)
+{
+    for (size_t i = 0; i < r->nchunks; i++)
+        close(r->chunks[i].fd);
+    free(r->chunks);
+    r->chunks = NULL;
+    r->nchunks = r->chunks_cap = 0;
 }
 
 int lm_canonical_read(struct lm_region *r, uint32_t id, void *out)
@@ -347,9 +439,11 @@ int lm_meta_sync(struct lm_region *r)
     lm_records_lock(r);
     int rc = lm_source_signatures(r);
     lm_meta_sync_locked(r);
-    /* A shared region's pages mapped from the pool may have been written (copied by the
-       kernel, unseen by us): the page tables say which. */
-    int src = r->pool_fd >= 0 ? lm_ws_scan_private(r, lm_meta_note_private) : 0;
+    /* A shared region's pages mapped from the pool, and canonical pages mapped from a chunk
+       (region.c), may have been written (copied by the kernel, unseen by us): the page
+       tables say which. */
+    bool chunks = atomic_load(&r->chunk_vmas) > 0;
+    int src = r->pool_fd >= 0 || chunks ? lm_ws_scan_private(r, lm_meta_note_private) : 0;
     lm_records_unlock(r);
     return rc < 0 ? rc : src < 0 ? src : 0;
 }

@@ -84,10 +84,13 @@ int lm_ws_mark(struct lm_region *r)
         return 0;
     struct lm_page_region vec[64];
     uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
+    /* Blocks mapped from a canonical chunk are registered without WP (region.c says why):
+       the scan passes over them instead of failing (CHECK_WPASYNC would refuse the region). */
+    uint64_t check = atomic_load(&r->chunk_vmas) ? 0 : LM_PM_SCAN_CHECK_WPASYNC;
     while (start < end) {
         size_t n;
-        int rc = scan(r, LM_PM_SCAN_WP_MATCHING | LM_PM_SCAN_CHECK_WPASYNC, LM_PAGE_IS_PRESENT,
-                      vec, 64, &n, &start);
+        int rc = scan(r, LM_PM_SCAN_WP_MATCHING | check, LM_PAGE_IS_PRESENT, vec, 64, &n,
+                      &start);
         if (rc < 0)
             return rc;
     }
@@ -172,6 +175,11 @@ written:
                 uint64_t o = r->meta[p].order;
                 if (o && o >= r->ws_mark_seq)
                     continue;   /* already listed as a first touch */
+                /* Not write-protected (a chunk block): every present page reads as written.
+                   Writes there are seen only as first touches, like a shared restore's. */
+                const uint32_t *chunk_of = atomic_load(&r->chunk_of);
+                if (chunk_of && chunk_of[p / r->blk_pages])
+                    continue;
                 out[n++] = p;
             }
         }

@@ -37,6 +37,7 @@ class PageFlag(enum.IntFlag):    # enum lm_flag (LM_F_*)
     BACKGROUND = 64
     SHARED = 128         # maps a pool page (shared restore) not written here as of the last sync
     PRIVATE_FILL = 256   # a shared restore's snapshot page served by a private copy
+    COPY_FALLBACK = 512  # a canonical page copied because the VMA budget for chunks was spent
 
 
 #: How a page was first made present, in Region.timeline() (enum lm_path, LM_PATH_*).

@@ -4,6 +4,7 @@ Python configures, starts, stops and observes; faults are resolved by native thr
 never need the GIL (docs/design.md, "The GIL rule").
 """
 import contextlib
+import errno
 import mmap
 import operator
 import os
@@ -15,7 +16,7 @@ import numpy as np
 from ._binding import PAGE_SIZE, check, ffi, lib
 from ._buffer import AddressRange, set_closed_error
 from ._errors import (InvalidArgumentError, InvalidRangeError, PoisonedPageError,
-                      RegionClosedError)
+                      RegionClosedError, SharingUnavailableError)
 from ._features import acquire_mode, features
 from ._meta import META_DTYPE, PATHS, PageClass, PageState
 
@@ -139,8 +140,8 @@ class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
-                 timeline=None, server=None, _test_broken_source=False, _test_no_poison=False,
-                 _start=True, _pool=None):
+                 timeline=None, server=None, share_canonical="auto", _test_broken_source=False,
+                 _test_no_poison=False, _start=True, _pool=None):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
@@ -153,6 +154,7 @@ class Region(AddressRange):
         self._base_table = None
         self._ws_inherited = None
         self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
+        self._chunks = False   # a canonical deferral may have mapped chunks (defer_fill)
         self._lock = threading.Condition()
         self._users = 0
         try:
@@ -199,9 +201,25 @@ class Region(AddressRange):
         if timeline is None:
             timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
         cfg.timeline = bool(timeline)
+        # Canonical deferrals map one shared chunk of the template per 2 MiB block
+        # (docs/shared-pages.md, section 3): "auto" where the kernel can, True or an error.
+        if share_canonical is True:
+            cfg.share_canonical = lib.LM_SC_ON
+        elif share_canonical is False:
+            cfg.share_canonical = lib.LM_SC_OFF
+        elif share_canonical == "auto":
+            cfg.share_canonical = lib.LM_SC_AUTO
+        else:
+            raise InvalidArgumentError("share_canonical must be True, False or \"auto\", not %r"
+                                       % (share_canonical,))
 
         out = ffi.new("struct lm_region **")
-        check(lib.lm_region_create(nbytes, cfg, out), "Region", _unavailable_reason)
+        rc = lib.lm_region_create(nbytes, cfg, out)
+        if rc == -errno.EOPNOTSUPP and share_canonical is True:
+            raise SharingUnavailableError(
+                "Region(share_canonical=True): %s; share_canonical=\"auto\" copies instead"
+                % ffi.string(lib.lm_last_op()).decode())
+        check(rc, "Region", _unavailable_reason)
         lm = out[0]
         try:
             self._meta_map = mmap.mmap(lib.lm_region_meta_fd(lm), 0, mmap.MAP_SHARED,
@@ -511,10 +529,11 @@ class Region(AddressRange):
         # Records of large deferrals and of restored pages are filled lazily (docs/design.md,
         # "Deferred metadata"): before anyone reads them, every record must say what its page
         # holds.
-        # A shared restore's pages may have been written behind the records' back (the kernel
-        # copies a pool page on a store without telling us): the sync asks the page tables.
+        # A shared restore's pages, and canonical pages mapped from a chunk, may have been
+        # written behind the records' back (the kernel copies a shared page on a store without
+        # telling us): the sync asks the page tables.
         with self._use() as lm:
-            if lib.lm_meta_pending(lm) or self._pool is not None:
+            if lib.lm_meta_pending(lm) or self._pool is not None or self._chunks:
                 lib.lm_meta_sync(lm)
         self._base_table = None   # the restore's table is not read any more
         return self._meta
@@ -544,6 +563,7 @@ class Region(AddressRange):
             if what._region() is not self:
                 raise InvalidArgumentError("canonical page belongs to another region")
             cls, canon = lib.LM_CLS_CANONICAL, what.id
+            self._chunks = True
         elif what is PageClass.ZERO or (isinstance(what, int) and what == PageClass.ZERO
                                          and not isinstance(what, bool)):
             cls, canon = lib.LM_CLS_ZERO, 0
@@ -749,6 +769,10 @@ def _stats_dict(s, nthreads):
         "pages_shared_mapped": s.pages_shared_mapped,
         "pages_published": s.pages_published,
         "pool_fallback_pages": s.pool_fallback_pages,
+        "share_canonical": bool(s.share_canonical),
+        "canonical_shared_pages": s.canonical_shared_pages,
+        "canonical_copied_pages": s.canonical_copied_pages,
+        "map_budget_fallbacks": s.map_budget_fallbacks,
         "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),

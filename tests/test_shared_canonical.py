@@ -1,0 +1,279 @@
+"""Canonical pages shared (issue 11, docs/shared-pages.md section 3): defer_fill(canonical) maps
+one sealed 2 MiB chunk of the template over each whole 2 MiB block of the range; first touches map
+the chunk's page (UFFDIO_CONTINUE), stores copy it; partial blocks at the ends are copied as
+before; a VMA budget bounds the chunk mappings (past it: copies, counted in stats())."""
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.shared_pages,
+              pytest.mark.timeout(120)]
+
+PS = PAGE_SIZE
+BLK = (2 << 20) // PS          # pages per 2 MiB block
+S = plm.PageState
+C = plm.PageClass
+F = plm.PageFlag
+
+
+def template(seed):
+    return np.random.default_rng(seed).integers(1, 256, PS, dtype=np.uint8)
+
+
+def pages(r):
+    return r.ndarray(np.uint8).reshape(-1, PS)
+
+
+@pytest.fixture
+def budget():
+    """Set the process-wide chunk VMA budget for one test; the default afterwards."""
+    from pylazymem._binding import lib   # the compiled core (marker "core"): not at import
+    yield lambda n: lib.lm_test_map_budget(n)
+    lib.lm_test_map_budget(-1)
+
+
+def test_contents_unaligned_range_every_byte():
+    t = template(1)
+    with plm.Region(16 << 20) as r:
+        assert r.stats()["share_canonical"]
+        c = r.canonical(t.tobytes())
+        first, n = 3, 5 * BLK + 7            # partial blocks at both ends, 4 whole blocks
+        r.defer_fill(first * PS, n * PS, c)
+        v = pages(r)
+        exp = np.zeros_like(v)
+        exp[first:first + n] = t
+        assert np.array_equal(v, exp)
+        st = r.stats()
+        assert st["canonical_shared_pages"] == 4 * BLK       # blocks 1..4
+        assert st["canonical_copied_pages"] == 0 and st["errors"] == 0
+        m = r.meta
+        whole = slice(BLK, 5 * BLK)
+        assert (m["state"][whole] == S.PRESENT).all()
+        assert (m["flags"][whole] & F.SHARED).all()
+        assert (m["cls"][whole] == C.CANONICAL).all()
+        assert not (m["flags"][first:BLK] & F.SHARED).any()   # head: copied
+        assert not (m["flags"][5 * BLK:first + n] & F.SHARED).any()
+
+
+def test_stores_copy_neighbours_and_other_regions_unaffected():
+    t = template(2)
+    with plm.Region(8 << 20) as r, plm.Region(8 << 20) as r2:
+        c, c2 = r.canonical(t.tobytes()), r2.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        r2.defer_fill(0, r2.nbytes, c2)
+        v, v2 = pages(r), pages(r2)
+        assert int(v[10, 0]) == t[0]         # mapped from the chunk
+        v[10, :] = 9                         # COW
+        v[700, 100] = 0                      # a store as first touch
+        exp = np.broadcast_to(t, v.shape).copy()
+        exp[10, :] = 9
+        exp[700, 100] = 0
+        assert np.array_equal(v, exp)
+        assert np.array_equal(v2, np.broadcast_to(t, v2.shape))
+        m = r.meta                            # the sync finds the written pages
+        assert m["cls"][10] == C.DATA and not m["flags"][10] & F.SHARED
+        assert m["cls"][700] == C.DATA
+        assert m["cls"][11] == C.CANONICAL and m["flags"][11] & F.SHARED
+        assert r.stats()["errors"] == 0
+
+
+def test_defer_again_same_id_other_id_zero():
+    ta, tb = template(3), template(4)
+    with plm.Region(12 << 20) as r:
+        a, b = r.canonical(ta.tobytes()), r.canonical(tb.tobytes())
+        r.defer_fill(0, r.nbytes, a)
+        v = pages(r)
+        v[5, 5] = 1
+        v[BLK + 1, 7] = 2
+        assert int(v[3 * BLK, 0]) == ta[0]
+        # same id: records and MADV_DONTNEED; COWed pages come back to the template
+        r.defer_fill(0, 2 * BLK * PS, a)
+        assert (r.meta["state"][:2 * BLK] == S.DEFERRED).all()
+        assert np.array_equal(v[:2 * BLK], np.broadcast_to(ta, (2 * BLK, PS)))
+        # another id over blocks 1..2 plus a partial page on each side
+        r.defer_fill((BLK - 1) * PS, (2 * BLK + 2) * PS, b)
+        # zero over block 4 and part of block 5
+        r.defer_fill(4 * BLK * PS, (BLK + 10) * PS, plm.ZERO)
+        exp = np.broadcast_to(ta, v.shape).copy()
+        exp[BLK - 1:3 * BLK + 1] = tb
+        exp[4 * BLK:5 * BLK + 10] = 0
+        assert np.array_equal(v, exp)
+        # and back to a over everything
+        r.defer_fill(0, r.nbytes, a)
+        assert np.array_equal(v, np.broadcast_to(ta, v.shape))
+        assert r.stats()["errors"] == 0
+
+
+def test_budget_exhausted_falls_back_to_copies(budget):
+    """The budget is process-wide and counts live chunk VMAs: views of closed regions are
+    dropped first (a region closed with views left keeps its mappings, and its VMAs, until
+    they go)."""
+    gc.collect()
+    t = template(5)
+    with plm.Region(8 << 20) as r:
+        c = r.canonical(t.tobytes())
+        used = budget(10 ** 9)
+        budget(0)
+        r.defer_fill(0, r.nbytes, c)
+        st = r.stats()
+        assert st["map_budget_fallbacks"] == 1
+        v = pages(r)
+        assert np.array_equal(v, np.broadcast_to(t, v.shape))
+        st = r.stats()
+        assert st["canonical_shared_pages"] == 0
+        assert st["canonical_copied_pages"] == r.npages
+        assert (r.meta["flags"] & F.COPY_FALLBACK).all()
+        assert used > 0
+        del v
+    # a budget of 2 blocks: two mapped, the other two copied
+    with plm.Region(8 << 20) as r:
+        c = r.canonical(t.tobytes())
+        budget(2)
+        r.defer_fill(0, r.nbytes, c)
+        v = pages(r)
+        assert np.array_equal(v, np.broadcast_to(t, v.shape))
+        st = r.stats()
+        assert st["canonical_shared_pages"] == 2 * BLK
+        assert st["canonical_copied_pages"] == 2 * BLK
+        assert st["map_budget_fallbacks"] == 1
+        del v
+    # closing returned the VMAs: the same budget maps again
+    with plm.Region(8 << 20) as r:
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, 4 * BLK * PS, c)
+        assert int(pages(r)[0, 0]) == t[0]
+        assert r.stats()["canonical_shared_pages"] >= 1
+        assert r.stats()["map_budget_fallbacks"] == 1
+
+
+def test_share_canonical_false_copies_and_bad_value():
+    t = template(6)
+    with plm.Region(4 << 20, share_canonical=False) as r:
+        assert not r.stats()["share_canonical"]
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        v = pages(r)
+        assert np.array_equal(v, np.broadcast_to(t, v.shape))
+        assert r.stats()["canonical_shared_pages"] == 0
+        assert r.stats()["canonical_copied_pages"] == 0   # copies by choice, not budget
+    with pytest.raises(plm.InvalidArgumentError):
+        plm.Region(4 << 20, share_canonical="yes")
+    with plm.Region(4 << 20, share_canonical=True) as r:
+        assert r.stats()["share_canonical"]
+
+
+def test_working_set_keeps_first_touches_in_order():
+    t = template(7)
+    with plm.Region(8 << 20, max_cluster_pages=1) as r:
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        r.mark_working_set()
+        v = pages(r)
+        order = [700, 3, 1500, 512, 1024, 2047]
+        for p in order:
+            assert int(v[p, 1]) == t[1]
+        assert r.working_set().tolist() == order
+        assert r.stats()["canonical_shared_pages"] == len(order)
+
+
+def test_checkpoint_restore_exact(tmp_path):
+    t = template(8)
+    path = str(tmp_path / "c.snap")
+    with plm.Region(8 << 20) as r:
+        c = r.canonical(t.tobytes())
+        r.defer_fill(PS, r.nbytes - 2 * PS, c)
+        v = pages(r)
+        int(v[::3, 0].sum())                  # some pages present from the chunk
+        v[100, :] = 5                         # written (COW)
+        v[1000, 17] = 0
+        v[1500, :] = t                        # written with the same bytes
+        exp = v.copy()
+        plm.checkpoint(r, path)
+    with plm.restore(path) as r2:
+        assert np.array_equal(pages(r2), exp)
+
+
+def test_restore_shared_then_defer_canonical_and_zero(tmp_path):
+    path = str(tmp_path / "s.snap")
+    rng = np.random.default_rng(9)
+    with plm.Region(8 << 20, max_cluster_pages=1) as r:
+        data = rng.integers(0, 256, (r.npages, PS), dtype=np.uint8)
+        pages(r)[:] = data
+        plm.checkpoint(r, path)
+    t = template(10)
+    with plm.restore(path, share=True) as r:
+        assert r.shared
+        v = pages(r)
+        int(v[::5, 0].sum())
+        c = r.canonical(t.tobytes())
+        r.defer_fill(BLK * PS, 2 * BLK * PS, c)       # two whole blocks: chunk
+        r.defer_fill(10 * PS, 20 * PS, plm.ZERO)       # partial: records
+        exp = data.copy()
+        exp[BLK:3 * BLK] = t
+        exp[10:30] = 0
+        assert np.array_equal(v, exp)
+        assert r.stats()["canonical_shared_pages"] > 0
+        r.defer_fill(BLK * PS, BLK * PS, plm.ZERO)     # a chunk block back to the pool
+        exp[BLK:2 * BLK] = 0
+        assert np.array_equal(v, exp)
+        r.defer_fill(2 * BLK * PS, BLK * PS, plm.ZERO)
+        exp[2 * BLK:3 * BLK] = 0
+        v[3 * BLK + 1, 0] = 1
+        exp[3 * BLK + 1, 0] = 1
+        assert np.array_equal(v, exp)
+        assert r.stats()["errors"] == 0
+
+
+def test_fork_child_gets_nothing(run_py_ok):
+    out = run_py_ok("""
+        import os, numpy as np, pylazymem as plm
+        r = plm.Region(8 << 20)
+        c = r.canonical(bytes(range(256)) * 16)
+        r.defer_fill(0, r.nbytes, c)
+        v = r.ndarray(np.uint8)
+        assert int(v[5]) == 5
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                maps = open("/proc/self/maps").read()
+                lo, hi = r.address, r.address + r.nbytes
+                inside = [l for l in maps.splitlines()
+                          if lo <= int(l.split("-")[0], 16) < hi]
+                try:
+                    r.ndarray(np.uint8)
+                except plm.RegionClosedError:
+                    code = 0 if not inside else 4
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), int(v[4097]))
+    """)
+    assert "child 0 1" in out
+
+
+def private_kb():
+    tot = 0
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            tot += int(line.split()[1])
+    return tot
+
+
+def test_reading_chunk_range_costs_little_private_memory():
+    t = template(11)
+    with plm.Region(64 << 20) as r:
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        v = pages(r)
+        before = private_kb()
+        assert int(v[:, 7].astype(np.int64).sum()) == int(t[7]) * r.npages
+        grown = private_kb() - before
+        assert r.stats()["canonical_shared_pages"] == r.npages
+        assert grown < 16 * 1024, grown          # far below the 64 MiB read
