@@ -273,8 +273,8 @@ class Region(AddressRange):
     @property
     def pool(self):
         """The shared pool (restore(share=True)): a dict with "id", "role" (created, joined
-        or unshared), "slot", "sealed", "bytes" (resident) and "inode"; None when the region
-        is not shared."""
+        or unshared; "server" for a page server's pool, which adds "server_pid"), "slot",
+        "sealed", "bytes" (resident) and "inode"; None when the region is not shared."""
         self._check_open()
         return None if self._pool is None else self._pool.info()
 
