@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "lm_internal.h"
@@ -81,10 +82,40 @@ int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src
     return rc;
 }
 
+/* A read-only pool (a page server's, docs/shared-pages.md 5.3) has no view to run mincore()
+   on: ask the memfd's page cache with SEEK_DATA / SEEK_HOLE instead (shmem answers both from
+   its page cache; the file position they move is never used for I/O here). */
+static int holes_by_seek(struct lm_region *r, size_t first, size_t n, unsigned char *vec)
+{
+    off_t ps = (off_t)r->page_size, pos = (off_t)first * ps, end = (off_t)(first + n) * ps;
+    memset(vec, 0, n);
+    while (pos < end) {
+        off_t d = lseek(r->pool_fd, pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno == ENXIO)
+                break;   /* no data from pos to the end of the pool */
+            return LM_FAIL("lseek(pool, SEEK_DATA)");
+        }
+        if (d >= end)
+            break;
+        off_t h = lseek(r->pool_fd, d, SEEK_HOLE);
+        if (h < 0)
+            return LM_FAIL("lseek(pool, SEEK_HOLE)");
+        if (h > end)
+            h = end;
+        for (off_t q = d / ps; q < (h + ps - 1) / ps; q++)
+            vec[q - (off_t)first] = 1;
+        pos = h > d ? h : d + ps;
+    }
+    return 0;
+}
+
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec)
 {
     /* The pool's page cache is the only record of what is filled (design 2.4): no bitmap
        that a killed filler could leave disagreeing with it. */
+    if (r->pool_view == MAP_FAILED)
+        return holes_by_seek(r, first, n, vec);
     if (mincore(r->pool_view + first * r->page_size, n * r->page_size, vec) < 0)
         return LM_FAIL("mincore(pool view)");
     return 0;
@@ -95,61 +126,70 @@ int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *ve
  * store (verified: share implies verification, so a pool holds only bytes the snapshot's
  * content id commits to), published into the pool with UFFDIO_COPY through the view (the one
  * atomic publication step: another process sees a hole or the whole page; EEXIST means someone
- * published it first), then the run is mapped from the pool with one UFFDIO_CONTINUE. Stores
- * to the pages later copy them (MAP_PRIVATE): the pool never changes.
- * Publishing that fails for want of memory serves the page by a private copy instead: sharing
- * is lost, data is not.
+ * published it first), then mapped from the pool with UFFDIO_CONTINUE. Stores to the pages
+ * later copy them (MAP_PRIVATE): the pool never changes.
+ * Pages that cannot be published are served by a private copy instead (sharing is lost, data
+ * is not): publishing failed for want of memory, or the pool is read-only here (a page
+ * server's pool, after the server died: docs/shared-pages.md 2.7, 5.3). Those pages are never
+ * CONTINUE'd: over a pool hole CONTINUE fails with EFAULT even where a private page is mapped
+ * (the kernel looks the page up in the pool first), so each segment of the run gets the one
+ * operation that fits it.
  */
 static int fill_shared(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
                        bool wake, size_t *filled)
 {
-    size_t ps = r->page_size, limit = n, done = 0;
+    size_t ps = r->page_size, done = 0;   /* pages filled from `first` without a gap */
     unsigned char vec[LM_MAX_CLUSTER];
     int rc = 0;
+    if (filled)
+        *filled = 0;
     if (n > LM_MAX_CLUSTER)
         return lm_fail("shared fill: run longer than a cluster", EINVAL);
     if ((rc = lm_pool_holes(r, first, n, vec)) < 0)
         return rc;
     for (size_t a = 0; a < n && rc == 0;) {
-        if (vec[a] & 1) {
-            a++;
-            continue;
-        }
+        bool in_pool = vec[a] & 1;
         size_t b = a + 1;
-        while (b < n && !(vec[b] & 1))
+        while (b < n && (bool)(vec[b] & 1) == in_pool)
             b++;
-        t->scratch_canon = 0;   /* overwritten below */
-        if ((rc = assemble(r, t, first + a, b - a)) < 0) {
-            limit = a;   /* the caller retries page by page: only a bad page is poisoned */
-            break;
+        size_t seg = b - a, pub = seg, got = 0;
+        char *dst = r->base + (first + a) * ps;
+        if (!in_pool) {
+            t->scratch_canon = 0;   /* overwritten below */
+            if ((rc = assemble(r, t, first + a, seg)) < 0)
+                break;   /* the caller retries page by page: only a bad page is poisoned */
+            pub = 0;
+            rc = r->pool_view != MAP_FAILED
+                     ? lm_pool_publish(r, first + a, seg, t->scratch, &pub)
+                     : -EROFS;
         }
-        size_t pub = 0;
-        rc = lm_pool_publish(r, first + a, b - a, t->scratch, &pub);
-        if (rc == -ENOMEM || rc == -ENOSPC) {
-            /* The rest of the segment privately; CONTINUE below steps over these pages. */
-            size_t got = 0;
-            rc = lm_uffd_copy(r->uffd, r->base + (first + a + pub) * ps, t->scratch + pub * ps,
-                              (b - a - pub) * ps, false, &got);
-            atomic_fetch_add_explicit(&r->st_pool_fallback, got / ps, memory_order_relaxed);
-            for (size_t q = 0; q < got / ps; q++)
+        int prc = rc;   /* the publication's outcome; pages [a, a + pub) are in the pool */
+        rc = 0;
+        if (pub) {
+            rc = lm_uffd_continue(r->uffd, dst, pub * ps, wake, &got);
+            got = rc == 0 ? pub : got / ps;
+            atomic_fetch_add_explicit(&r->st_shared_mapped, got, memory_order_relaxed);
+            atomic_fetch_add_explicit(&r->st_bytes, got * ps, memory_order_relaxed);
+            done = a + got;
+        }
+        if (rc == 0 && (prc == -ENOMEM || prc == -ENOSPC || prc == -EROFS)) {
+            size_t priv = 0;
+            rc = lm_uffd_copy(r->uffd, dst + pub * ps, t->scratch + pub * ps, (seg - pub) * ps,
+                              wake, &priv);
+            priv = rc == 0 ? seg - pub : priv / ps;
+            for (size_t q = 0; q < priv; q++)
                 r->meta[first + a + pub + q].flags |= LM_F_PRIVATE_FILL;   /* claimed by us */
-            if (rc < 0)
-                pub += got / ps;
+            atomic_fetch_add_explicit(&r->st_pool_fallback, priv, memory_order_relaxed);
+            atomic_fetch_add_explicit(&r->st_bytes, priv * ps, memory_order_relaxed);
+            done = a + pub + priv;
+        } else if (rc == 0 && prc < 0) {
+            rc = prc;
         }
-        if (rc < 0)
-            limit = a + pub;
         a = b;
     }
-    /* Map what the pool now holds, up to the first page that could not be published. */
-    int crc = limit ? lm_uffd_continue(r->uffd, r->base + first * ps, limit * ps, wake, &done)
-                    : 0;
-    if (crc == 0)
-        done = limit * ps;
     if (filled)
-        *filled = done / ps;
-    atomic_fetch_add_explicit(&r->st_shared_mapped, done / ps, memory_order_relaxed);
-    atomic_fetch_add_explicit(&r->st_bytes, done, memory_order_relaxed);
-    return rc < 0 ? rc : crc;
+        *filled = done;
+    return rc;
 }
 
 /*

@@ -213,7 +213,9 @@ int lm_probe_shared(int acquire);
    its memory becomes a private mapping of `pool_fd` (a memfd of at least the region's size,
    duplicated; page p at offset p * page_size): pages the pool holds are mapped from it
    (reads share them, a store copies), pages it does not hold are published into it when
-   filled (docs/shared-pages.md). */
+   filled (docs/shared-pages.md). A read-only pool fd (O_RDONLY: a page server's pool,
+   section 5.3) is mapped but never published into: the region's own fills map the pages the
+   pool holds and serve its holes by private copies (stats.pool_fallback_pages). */
 int lm_region_share(struct lm_region *r, int pool_fd);
 /* Where the region's pages are, from the page tables (PAGEMAP_SCAN, Linux 6.7): counts[0]
    mapped from shared memory (a pool), [1] private (copies, written pages), [2] the kernel's
@@ -360,6 +362,10 @@ struct lm_srv_stats {
                                    fault again) because the fault queue could not grow */
     int died;                   /* -errno that ended the serving thread by an error (0: it
                                    runs, or ended because the client exited or was stopped) */
+    uint64_t pages_published;   /* sharing client: pages this client's faults put into the pool */
+    uint64_t pages_shared_mapped; /* sharing client: pages mapped from the pool (UFFDIO_CONTINUE) */
+    uint64_t pool_fallback_pages; /* sharing client: snapshot pages served by private copies
+                                     because publishing failed (out of memory) */
 };
 
 struct lm_srv;
@@ -375,6 +381,31 @@ void lm_srv_table_release(struct lm_srv_table *t);
 uint64_t lm_srv_table_refs(struct lm_srv_table *t);
 /* Bytes held by every table alive in this process (what sharing saves is visible here). */
 uint64_t lm_srv_table_bytes_live(void);
+
+/* A page server's shared pool (docs/shared-pages.md 5.3): a memfd "pylazymem-pool" of
+   (npages + 1) pages holding source page i at offset i, sealed against shrinking and growing,
+   and a view of it (MAP_SHARED, PROT_NONE) registered MISSING on a userfaultfd of the
+   server's own, through which the server publishes pages with UFFDIO_COPY (the one atomic
+   way: another process sees a hole or the whole page); then sealed F_SEAL_FUTURE_WRITE, so
+   that nobody can get a writable mapping or write() it, while the view keeps publishing.
+   The server is the pool's only filler; its sharing clients map it read-only. Reference
+   counted like the table: lm_srv_pool_new gives the caller one, each lm_srv_start with it
+   takes one. `acquire` as lm_config.acquire (how to get a userfaultfd). */
+struct lm_srv_pool;
+int lm_srv_pool_new(uint64_t npages, uint64_t page_size, int acquire, struct lm_srv_pool **out);
+void lm_srv_pool_release(struct lm_srv_pool *p);
+int lm_srv_pool_fd(struct lm_srv_pool *p);   /* the pool memfd (the server's; reopen it
+                                                O_RDONLY to hand it out) */
+/* Publish every page of the table that is not a zero page and not in the pool yet (pread of
+   src_fd, UFFDIO_COPY into the view). 0 or -errno; *published = pages it published. */
+int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
+                     uint64_t *published);
+/* 1 when every non-zero page of the table is in the pool (it stays so: pages are never
+   removed), 0 when some is a hole, or -errno. */
+int lm_srv_pool_complete(struct lm_srv_pool *p, struct lm_srv_table *t);
+/* Bytes the pool holds (its resident pages), and pages published by anyone. */
+uint64_t lm_srv_pool_bytes(struct lm_srv_pool *p);
+uint64_t lm_srv_pool_published(struct lm_srv_pool *p);
 
 /* flags of lm_srv_start */
 enum {
@@ -393,13 +424,20 @@ enum {
    non-overlapping maps that do not wrap around (address or source offset), the machine's
    page size, max_cluster <= 4096 pages (0: the default). On success the server owns `uffd`
    and `peer_pidfd` (-1: none; when it becomes readable the client has exited and the thread
-   ends); on failure the caller keeps them. Only MISSING faults are served: a write-protect or
-   minor fault ends the serving with -EOPNOTSUPP. When the serving thread dies from an error
+   ends); on failure the caller keeps them. Only MISSING faults are served (and minor ones of
+   a sharing client, below): a write-protect or other minor fault ends the serving with
+   -EOPNOTSUPP. When the serving thread dies from an error
    it poisons the client's missing pages (see LM_SRV_WATCHED) and records the error in
-   stats.died. */
+   stats.died.
+   pool (NULL: none) makes the client a sharing one (it mapped `pool`'s memfd MAP_PRIVATE over
+   its maps and registered them MISSING | MINOR; needs a table, and each map's source offset
+   is its pool offset): a minor fault (the pool holds the page) is served with UFFDIO_CONTINUE
+   on the client's uffd; a missing fault on a source page by publishing it into the pool
+   (read from src_fd, UFFDIO_COPY into the pool's view; EEXIST: someone was first) and then
+   UFFDIO_CONTINUE; zero pages with UFFDIO_ZEROPAGE. The pool gains a reference. */
 int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_map *maps,
                  int nmaps, uint64_t page_size, int src_fd, struct lm_srv_table *table,
-                 uint32_t max_cluster, struct lm_srv **out);
+                 struct lm_srv_pool *pool, uint32_t max_cluster, struct lm_srv **out);
 int lm_srv_running(struct lm_srv *s);
 void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out);
 /* Stop the thread and close everything. With poison, pages the client has not received yet

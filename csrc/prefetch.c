@@ -11,6 +11,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <xxhash.h>
 
 #include "lm_internal.h"
@@ -50,7 +51,8 @@ static int prefetch_shared(struct lm_region *r, size_t p, size_t run, const char
             b++;
         char *dst = r->base + (p + a) * ps;
         size_t n = b - a, got = 0, pub = n;
-        bool private_copy = !in_pool && n < PUBLISH_MIN_RUN;
+        /* A read-only pool (a page server's, section 5.3) has no view: every hole private. */
+        bool private_copy = !in_pool && (n < PUBLISH_MIN_RUN || r->pool_view == MAP_FAILED);
         if (private_copy) {
             rc = lm_uffd_copy(r->uffd, dst, src + a * ps, n * ps, true, &got);
             atomic_fetch_add_explicit(&r->st_pool_fallback, got / ps, memory_order_relaxed);

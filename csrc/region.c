@@ -369,15 +369,23 @@ int lm_region_share(struct lm_region *r, int pool_fd)
     if (fd < 0)
         return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
     r->pool_fd = fd;
-    /* The view first: a failure below leaves the region's anonymous mapping untouched. */
-    char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    if (view == MAP_FAILED)
-        return LM_FAIL("mmap(pool view)");
-    r->pool_view = view;
-    madvise(view, len, MADV_DONTFORK);
-    int rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING);
-    if (rc < 0)
-        return rc;
+    int rc, acc = fcntl(fd, F_GETFL);
+    if (acc < 0)
+        return LM_FAIL("fcntl(pool, F_GETFL)");
+    /* A read-only pool (a page server's, docs/shared-pages.md 5.3) gets no view: a MAP_SHARED
+       mapping of an O_RDONLY fd cannot be registered (no VM_MAYWRITE: EPERM), so this region
+       can map the pool's pages but never publish; its holes are served by private copies
+       (fill.c, prefetch.c: pool_view == MAP_FAILED). */
+    if ((acc & O_ACCMODE) != O_RDONLY) {
+        /* The view first: a failure below leaves the region's anonymous mapping untouched. */
+        char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (view == MAP_FAILED)
+            return LM_FAIL("mmap(pool view)");
+        r->pool_view = view;
+        madvise(view, len, MADV_DONTFORK);
+        if ((rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0)
+            return rc;
+    }
     /* The region over the pool: PROT_NONE until registered, so that nothing (mlockall's
        population, another thread) can fault a hole of the pool in as a zero page that every
        other process would then map (the kernel allocates into shmem on a hole). MISSING as

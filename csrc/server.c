@@ -13,7 +13,14 @@
  * never spins on EAGAIN: it returns, the pending messages are read and handled, and the fill
  * is retried.
  *
- * Only MISSING faults are served. A write-protect or minor fault cannot be resolved by a copy
+ * A sharing client (docs/shared-pages.md 5.3) mapped the server's pool over its memory,
+ * MAP_PRIVATE, registered MISSING | MINOR: a minor fault (the pool holds the page) is served with
+ * UFFDIO_CONTINUE on the client's uffd, which maps the pool's page into the client (the ioctls
+ * act on the mm the uffd belongs to); a missing fault on a source page first publishes the
+ * page into the pool through the server's own view, then continues it. The server is the
+ * pool's only filler.
+ *
+ * Otherwise only MISSING faults are served. A write-protect or minor fault cannot be resolved by a copy
  * (the page is there: UFFDIO_COPY says EEXIST, the thread is woken, faults again, forever), so
  * it ends the serving loudly. Whenever the thread ends from an error it does not leave the
  * client waiting: it poisons the client's missing pages (or, for a client that watches the
@@ -29,6 +36,8 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,6 +58,21 @@ struct lm_srv_table {
 
 static _Atomic uint64_t table_bytes_live;
 
+/* A server's pool (lazymem.h): the memfd, the server's view of it and the uffd that view is
+   registered on (only ever an ioctl target: nothing reads its messages, since a CPU access to
+   a PROT_NONE view is SIGSEGV before it could fault to us). */
+struct lm_srv_pool {
+    _Atomic uint64_t refs;
+    int fd, uffd;
+    char *view;
+    uint64_t npages, ps;
+    _Atomic uint64_t published;
+    _Atomic uint64_t unzapped;   /* pages published since the view's entries were dropped */
+    _Atomic int complete;        /* every non-zero page of the table is in the pool */
+};
+
+#define POOL_ZAP_PAGES 512u
+
 struct srv_map {
     uint64_t base, size, offset;
     uint64_t *removed;   /* one bit per page: removed by the client, faults back as zeros */
@@ -61,6 +85,7 @@ struct lm_srv {
     struct srv_map maps[SRV_MAX_MAPS];
     int nmaps;
     struct lm_srv_table *table;   /* snapshot mode: file offset per source page, -1 = zero */
+    struct lm_srv_pool *pool;     /* a sharing client: the pool it maps (NULL: none) */
     unsigned flags;
     uint32_t max_cluster;
     char *scratch;
@@ -85,7 +110,7 @@ struct lm_srv {
     _Atomic int running;
     _Atomic uint64_t st_faults, st_zero, st_copied, st_removed_faults, st_remove, st_unmap,
         st_remap, st_errors, st_ns_total, st_ns_max, st_poisoned, st_unsupported,
-        st_redelivered;
+        st_redelivered, st_published, st_shared_mapped, st_pool_fallback;
     _Atomic int st_last_error, st_died;
 };
 
@@ -257,6 +282,295 @@ static void poison(struct lm_srv *s, uint64_t addr, int rc)
     }
 }
 
+/* ---- the pool (docs/shared-pages.md 5.3) ------------------------------------------------ */
+
+/* The view holds an (inaccessible) page-table entry per published page, counted in the
+   server's Rss: drop them every 2 MiB of publications. The pool's page cache keeps the pages. */
+static void pool_published(struct lm_srv_pool *p, uint64_t n)
+{
+    atomic_fetch_add_explicit(&p->published, n, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&p->unzapped, n, memory_order_relaxed) + n >= POOL_ZAP_PAGES &&
+        atomic_exchange_explicit(&p->unzapped, 0, memory_order_relaxed) >= POOL_ZAP_PAGES)
+        madvise(p->view, p->npages * p->ps, MADV_DONTNEED);
+}
+
+/* Publish n pages from buf at pool page `first`: UFFDIO_COPY into the view, the one atomic
+   way (a page becomes visible complete or not at all; never pwrite, never fallocate). Pages
+   already there (EEXIST: published by another client's thread) are stepped over. */
+static int pool_publish(struct lm_srv_pool *p, uint64_t first, uint64_t n, const char *buf,
+                        uint64_t *published)
+{
+    size_t done = 0;
+    int rc = lm_uffd_copy(p->uffd, p->view + first * p->ps, buf, n * p->ps, false, &done);
+    *published = done / p->ps;
+    if (*published)
+        pool_published(p, *published);
+    return rc;
+}
+
+/* Which of pool pages [first, first + n) the pool holds (vec[i] & 1): its page cache is the
+   only record of what is filled. */
+static int pool_holes(struct lm_srv_pool *p, uint64_t first, uint64_t n, unsigned char *vec)
+{
+    if (mincore(p->view + first * p->ps, n * p->ps, vec) < 0)
+        return LM_FAIL("mincore(pool view)");
+    return 0;
+}
+
+int lm_srv_pool_new(uint64_t npages, uint64_t page_size, int acquire, struct lm_srv_pool **out)
+{
+    if (!out)
+        return lm_fail("page server pool: out is NULL", EINVAL);
+    *out = NULL;
+    if (!page_size || page_size != (uint64_t)lm_page_size())
+        return lm_fail("page server pool: page_size differs from this machine's", EINVAL);
+    if (!npages || npages > LM_SNAP_MAX_PAGES)
+        return lm_fail("page server pool: 1 to 2**40 pages", EINVAL);
+    struct lm_srv_pool *p = calloc(1, sizeof(*p));
+    if (!p)
+        return lm_fail("calloc(pool)", ENOMEM);
+    atomic_init(&p->refs, 1);
+    p->fd = p->uffd = -1;
+    p->view = MAP_FAILED;
+    p->npages = npages;
+    p->ps = page_size;
+    uint64_t len = npages * page_size;
+    struct lm_features why = {0};
+    int mode, source, rc;
+    uint64_t features, ioctls;
+    /* One page more than the snapshot: the header page of the pool layout (2.2), left a hole
+       here (this pool is never found by discovery, only handed out by the server). */
+    if ((p->fd = memfd_create("pylazymem-pool", MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+        rc = LM_FAIL("memfd_create(pylazymem-pool)");
+        goto fail;
+    }
+    if (ftruncate(p->fd, (off_t)(len + page_size)) < 0) {
+        rc = LM_FAIL("ftruncate(pool)");
+        goto fail;
+    }
+    /* Nobody may ever truncate it under its users' mappings (SIGBUS in every client). */
+    if (fcntl(p->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+        rc = LM_FAIL("fcntl(pool, F_ADD_SEALS, SHRINK | GROW)");
+        goto fail;
+    }
+    if ((p->uffd = lm_uffd_open(acquire, &mode, &source, &why)) < 0) {
+        rc = p->uffd;
+        goto fail;
+    }
+    if ((rc = lm_uffd_api(p->uffd, 0, &features, &ioctls)) < 0)
+        goto fail;
+    p->view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, p->fd, 0);
+    if (p->view == MAP_FAILED) {
+        rc = LM_FAIL("mmap(pool view)");
+        goto fail;
+    }
+    madvise(p->view, len, MADV_DONTFORK);
+    if ((rc = lm_uffd_register(p->uffd, p->view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0)
+        goto fail;
+    /* Only now: from here on no write(), no new writable shared mapping and no new MISSING
+       registration of a view, by anyone holding the fd; our registered view keeps
+       publishing into holes with UFFDIO_COPY (measured, exp1 G; tests/test_server_share.py). */
+    if (fcntl(p->fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) < 0) {
+        rc = LM_FAIL("fcntl(pool, F_ADD_SEALS, FUTURE_WRITE)");
+        goto fail;
+    }
+    *out = p;
+    return 0;
+fail:
+    lm_srv_pool_release(p);
+    return rc;
+}
+
+void lm_srv_pool_release(struct lm_srv_pool *p)
+{
+    if (!p || atomic_fetch_sub(&p->refs, 1) != 1)
+        return;
+    if (p->view != MAP_FAILED)
+        munmap(p->view, p->npages * p->ps);
+    if (p->uffd >= 0)
+        close(p->uffd);
+    if (p->fd >= 0)
+        close(p->fd);   /* the pool lives on while clients map it */
+    free(p);
+}
+
+int lm_srv_pool_fd(struct lm_srv_pool *p)
+{
+    return p ? p->fd : -1;
+}
+
+uint64_t lm_srv_pool_bytes(struct lm_srv_pool *p)
+{
+    struct stat st;
+    if (!p || fstat(p->fd, &st) < 0)
+        return 0;
+    return (uint64_t)st.st_blocks * 512;
+}
+
+uint64_t lm_srv_pool_published(struct lm_srv_pool *p)
+{
+    return p ? atomic_load(&p->published) : 0;
+}
+
+static int pool_check_table(struct lm_srv_pool *p, struct lm_srv_table *t)
+{
+    if (!p || !t)
+        return lm_fail("page server pool: pool and table needed", EINVAL);
+    if (t->len > p->npages)
+        return lm_fail("page server pool: the table has more pages than the pool", EINVAL);
+    return 0;
+}
+
+int lm_srv_pool_complete(struct lm_srv_pool *p, struct lm_srv_table *t)
+{
+    int rc = pool_check_table(p, t);
+    if (rc < 0)
+        return rc;
+    if (atomic_load(&p->complete))
+        return 1;   /* pages never leave the pool (sealed, never punched) */
+    enum { CHUNK = 4096 };
+    unsigned char vec[CHUNK];
+    for (uint64_t i = 0; i < t->len; i += CHUNK) {
+        uint64_t n = t->len - i < CHUNK ? t->len - i : CHUNK;
+        if ((rc = pool_holes(p, i, n, vec)) < 0)
+            return rc;
+        for (uint64_t q = 0; q < n; q++)
+            if (t->entries[i + q] >= 0 && !(vec[q] & 1))
+                return 0;
+    }
+    atomic_store(&p->complete, 1);
+    return 1;
+}
+
+int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
+                     uint64_t *published)
+{
+    int rc = pool_check_table(p, t);
+    if (published)
+        *published = 0;
+    if (rc < 0)
+        return rc;
+    enum { CHUNK = 512 };   /* 2 MiB of 4 KiB pages per read and copy */
+    unsigned char vec[CHUNK];
+    char *buf = malloc(CHUNK * p->ps);
+    if (!buf)
+        return lm_fail("malloc(pool fill)", ENOMEM);
+    for (uint64_t i = 0; i < t->len && rc == 0; i += CHUNK) {
+        uint64_t n = t->len - i < CHUNK ? t->len - i : CHUNK;
+        if ((rc = pool_holes(p, i, n, vec)) < 0)
+            break;
+        /* runs of holes with consecutive file offsets: one pread and one copy each */
+        for (uint64_t a = 0; a < n && rc == 0;) {
+            int64_t src = t->entries[i + a];
+            if (src < 0 || (vec[a] & 1)) {
+                a++;
+                continue;
+            }
+            uint64_t b = a + 1;
+            while (b < n && !(vec[b] & 1) && t->entries[i + b] == src + (int64_t)((b - a) * p->ps))
+                b++;
+            ssize_t got = pread(src_fd, buf, (b - a) * p->ps, src);
+            if (got != (ssize_t)((b - a) * p->ps)) {
+                rc = got < 0 ? LM_FAIL("pread(snapshot)")
+                             : lm_fail("pread(snapshot): past the end of the file", ENODATA);
+                break;
+            }
+            uint64_t pub = 0;
+            rc = pool_publish(p, i + a, b - a, buf, &pub);
+            if (published)
+                *published += pub;
+            a = b;
+        }
+    }
+    free(buf);
+    if (rc == 0 && p->npages)
+        madvise(p->view, p->npages * p->ps, MADV_DONTNEED);   /* the view's entries, not the pool */
+    return rc;
+}
+
+/* UFFDIO_CONTINUE of [addr, addr + len) on the client's uffd, waking the faulter. A page the
+   client has mapped already (EEXIST) is stepped over. The kernel stops at a hole of the pool
+   with EAGAIN after mapping what precedes it, and the retry at the hole says EFAULT, which is
+   returned; EAGAIN with nothing mapped means an event is pending: returned for the caller to
+   read it (a client whose events we must read never blocks on our spinning). */
+static int client_continue(struct lm_srv *s, uint64_t addr, uint64_t len, uint64_t *mapped)
+{
+    uint64_t done = 0;
+    bool skipped = false;
+    int rc = 0;
+    while (done < len) {
+        struct uffdio_continue c = {.range = {.start = addr + done, .len = len - done}};
+        if (ioctl(s->uffd, UFFDIO_CONTINUE, &c) == 0) {
+            done = len;
+            break;
+        }
+        int err = errno;
+        if (c.mapped > 0)
+            done += (uint64_t)c.mapped;
+        if (err == EEXIST) {
+            done += s->ps;
+            skipped = true;
+        } else if (err != EAGAIN || c.mapped <= 0) {
+            rc = -err;
+            break;
+        }
+    }
+    *mapped = done > len ? len : done;
+    if (skipped && rc == 0) {
+        struct uffdio_range r = {.start = addr, .len = len};
+        if (ioctl(s->uffd, UFFDIO_WAKE, &r) < 0 && errno != ENOENT && errno != ESRCH)
+            rc = -errno;
+    }
+    return rc;
+}
+
+/* A sharing client's run of n source pages at `addr` (consecutive in the file from `src`):
+   publish the ones the pool lacks, and map the run from the pool, segment by segment (a page
+   served by a private copy because publishing failed is never CONTINUE'd: over a pool hole
+   CONTINUE is EFAULT whatever the client has mapped). Returns 0, -EAGAIN (an event first) or
+   -errno. */
+static int serve_shared(struct lm_srv *s, uint64_t addr, uint64_t pool_page, int64_t src,
+                        uint64_t n)
+{
+    struct lm_srv_pool *p = s->pool;
+    unsigned char vec[LM_MAX_CLUSTER];
+    int rc = pool_holes(p, pool_page, n, vec);
+    for (uint64_t a = 0; a < n && rc == 0;) {
+        bool in_pool = vec[a] & 1;
+        uint64_t b = a + 1;
+        while (b < n && (bool)(vec[b] & 1) == in_pool)
+            b++;
+        uint64_t len = (b - a) * s->ps, pub = b - a, at = addr + a * s->ps;
+        int prc = 0;
+        if (!in_pool) {
+            ssize_t got = pread(s->src_fd, s->scratch, len, src + (int64_t)(a * s->ps));
+            if (got != (ssize_t)len)
+                return got < 0 ? -errno : -ENODATA;
+            prc = pool_publish(p, pool_page + a, b - a, s->scratch, &pub);
+            atomic_fetch_add_explicit(&s->st_published, pub, memory_order_relaxed);
+        }
+        if (pub) {
+            uint64_t mapped = 0;
+            rc = client_continue(s, at, pub * s->ps, &mapped);
+            atomic_fetch_add_explicit(&s->st_shared_mapped, mapped / s->ps,
+                                      memory_order_relaxed);
+        }
+        if (rc == 0 && (prc == -ENOMEM || prc == -ENOSPC)) {
+            /* Out of memory for the pool (a memcg limit): the rest of the segment by a
+               private copy into the client; sharing is lost, data is not. */
+            rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)(at + pub * s->ps),
+                                        s->scratch + pub * s->ps, len - pub * s->ps);
+            if (rc == 0)
+                atomic_fetch_add_explicit(&s->st_pool_fallback, b - a - pub,
+                                          memory_order_relaxed);
+        } else if (rc == 0 && prc < 0) {
+            rc = prc;
+        }
+        a = b;
+    }
+    return rc;
+}
+
 /*
  * Serve one fault: the faulting page plus, for a sequential stream, following pages of the
  * same kind (zero, or consecutive in the file) inside the same map and not removed.
@@ -297,6 +611,10 @@ static int serve(struct lm_srv *s, uint64_t addr)
         rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)addr, NULL, n * s->ps);
         if (rc == 0)
             atomic_fetch_add_explicit(&s->st_zero, n, memory_order_relaxed);
+    } else if (s->pool) {
+        /* -ENODATA: past the end of the file; -EFAULT: the pool lost a published page
+           (impossible while it is sealed against shrinking): poisoned below, loudly */
+        rc = serve_shared(s, addr, (m->offset + (addr - m->base)) >> s->shift, src, n);
     } else {
         ssize_t got = pread(s->src_fd, s->scratch, n * s->ps, src);
         if (got < (ssize_t)s->ps) {
@@ -352,10 +670,12 @@ static void *srv_main(void *arg)
         }
         while (s->qlen && !s->fatal) {
             struct uffd_msg *msg = &s->queue[s->qhead];
-            if (msg->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+            uint64_t ff = msg->arg.pagefault.flags;
+            if ((ff & UFFD_PAGEFAULT_FLAG_WP) || ((ff & UFFD_PAGEFAULT_FLAG_MINOR) && !s->pool)) {
                 /* The client registered WP or MINOR with this uffd: those pages are present
                    (a COPY gets EEXIST and the thread faults again, forever) and only the
-                   client knows what it wanted. Not served: stop, loudly. */
+                   client knows what it wanted. Not served: stop, loudly. (A sharing client's
+                   minor faults are served: CONTINUE maps the pool's page.) */
                 atomic_fetch_add_explicit(&s->st_unsupported, 1, memory_order_relaxed);
                 rc = -EOPNOTSUPP;
                 goto out;
@@ -479,7 +799,7 @@ uint64_t lm_srv_table_bytes_live(void)
 
 int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_map *maps,
                  int nmaps, uint64_t page_size, int src_fd, struct lm_srv_table *table,
-                 uint32_t max_cluster, struct lm_srv **out)
+                 struct lm_srv_pool *pool, uint32_t max_cluster, struct lm_srv **out)
 {
     /* Checked here, not only by the Python caller: a bad map would make the thread fill
        pages of the client's address space it never registered or read the table past its
@@ -498,6 +818,9 @@ int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_m
         return lm_fail("page server: unknown flags", EINVAL);
     if (max_cluster > LM_MAX_CLUSTER)
         return lm_fail("page server: max_cluster above 4096 pages", EINVAL);
+    if (pool && (!table || table->len > pool->npages || pool->ps != page_size))
+        return lm_fail("page server: a pool needs a snapshot table of at most its pages",
+                       EINVAL);
     for (int i = 0; i < nmaps; i++) {
         const struct lm_srv_map *m = &maps[i];
         if ((m->base | m->size | m->offset) & (page_size - 1) || !m->size)
@@ -533,6 +856,10 @@ int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_m
     if (table) {
         atomic_fetch_add(&table->refs, 1);   /* shared, never copied */
         s->table = table;
+    }
+    if (pool) {
+        atomic_fetch_add(&pool->refs, 1);
+        s->pool = pool;
     }
     if (!(s->scratch = malloc((size_t)max_cluster * page_size))) {
         rc = lm_fail("malloc(scratch)", ENOMEM);
@@ -594,6 +921,9 @@ void lm_srv_stats(struct lm_srv *s, struct lm_srv_stats *out)
     out->unsupported_faults = atomic_load(&s->st_unsupported);
     out->redelivered = atomic_load(&s->st_redelivered);
     out->died = atomic_load(&s->st_died);
+    out->pages_published = atomic_load(&s->st_published);
+    out->pages_shared_mapped = atomic_load(&s->st_shared_mapped);
+    out->pool_fallback_pages = atomic_load(&s->st_pool_fallback);
 }
 
 /* Poison every page of the maps that is still missing: EEXIST marks a present page, which
@@ -645,6 +975,7 @@ void lm_srv_destroy(struct lm_srv *s, int poison)
     if (s->src_fd >= 0)
         close(s->src_fd);
     table_release(s->table);
+    lm_srv_pool_release(s->pool);
     free(s->scratch);
     free(s->queue);
     free(s);

@@ -7,6 +7,7 @@
     pylazymem bench [NAME ...] [--quick] [--json]
     pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
                     [--socket-group GID] [--engine auto|c|python] [--stats-every SECONDS]
+                    [--share [--prefetch-pool]]
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error. Errors go to stderr on one line,
 with the fix where there is one.
@@ -145,7 +146,7 @@ def _serve(args):
                         stream=sys.stderr)
     srv = PageServer(args.socket, memory_file=args.memory_file, snapshot=args.snapshot,
                      allow_uids=args.allow_uid or None, socket_group=args.socket_group,
-                     engine=args.engine)
+                     engine=args.engine, share=args.share, prefetch_pool=args.prefetch_pool)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -158,7 +159,9 @@ def _serve(args):
                   "removed %d, poisoned %d, errors %d, refused %d" % (
                       st["clients"], st["clients_alive"], st["faults"], st["pages_copied"],
                       st["pages_zero"], st["removed_faults"], st["poisoned"], st["errors"],
-                      st["refused"]), file=sys.stderr, flush=True)
+                      st["refused"]) + (", pool %d KiB (published %d)" % (
+                      st["pool_bytes"] // 1024, st["pool_published"]) if "pool_bytes" in st
+                      else ""), file=sys.stderr, flush=True)
     finally:
         srv.stop()
     return 0
@@ -209,6 +212,13 @@ def main(argv=None):
     p.add_argument("--engine", choices=("auto", "c", "python"), default="auto")
     p.add_argument("--stats-every", type=float, default=0, metavar="SECONDS",
                    help="print the counters to stderr this often (default: never)")
+    p.add_argument("--share", action="store_true",
+                   help="--snapshot only: one pool of the snapshot's pages shared by the clients "
+                        "that ask for it (restore(..., server=, share=True)): they map its pages "
+                        "instead of each holding a copy (docs/shared-pages.md 5.3)")
+    p.add_argument("--prefetch-pool", action="store_true",
+                   help="with --share: publish every page into the pool before listening (a "
+                        "complete pool; clients of other uids get only a complete one)")
     p.set_defaults(func=_serve)
     args = ap.parse_args(argv)
     if args.command == "demo":

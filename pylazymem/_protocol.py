@@ -34,6 +34,12 @@ MAX_FDS = 4                 # fds accepted in one handshake (one is expected)
 # themselves). Firecracker ignores unknown keys in what it sends, we ignore them in what we get.
 WATCHES_KEY = "pylazymem_watches_server"
 
+# A pylazymem client that wants to map the server's shared pool (restore(server=, share=...),
+# docs/shared-pages.md 5.3) adds this key to each mapping. A sharing server's answer then holds
+# "pool": {"id", "npages", "page_size"} and comes with an O_RDONLY fd of the pool (SCM_RIGHTS);
+# any other server answers "pool": null (or, before sharing existed, nothing).
+SHARE_KEY = "pylazymem_share"
+
 # getsockopt(SOL_SOCKET, SO_PEERPIDFD) (Linux 6.5): a pidfd of the process that connected
 # (or listened), taken by the kernel at connect() time, so it cannot name a later process that
 # reused the pid. 77 on every architecture but alpha/mips/parisc/sparc, which pylazymem does
@@ -111,6 +117,17 @@ def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
     return maps, watches
 
 
+def asks_share(data) -> bool:
+    """Whether a handshake message (already accepted by parse_mappings) asks for the
+    server's shared pool: SHARE_KEY true in its mappings."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, list) and any(isinstance(m, dict) and m.get(SHARE_KEY) is True
+                                         for m in doc)
+
+
 def complete_json(data):
     """False only for a prefix of a JSON document (more bytes may come); True for a whole
     document and for anything malformed before its end (the parser then says what)."""
@@ -159,13 +176,19 @@ def receive_handshake(conn, deadline):
     return msg, fds
 
 
-def send_answer(conn, obj):
-    """Answer a handshake: one JSON line. Firecracker does not read it; our client does."""
+def send_answer(conn, obj, fds=()):
+    """Answer a handshake: one JSON line, with `fds` (SCM_RIGHTS) on its first bytes.
+    Firecracker does not read it; our client does. Returns False if it could not be sent."""
+    data = (json.dumps(obj) + "\n").encode()
     try:
         conn.settimeout(1.0)
-        conn.sendall((json.dumps(obj) + "\n").encode())
+        if fds:
+            sent = socket.send_fds(conn, [data], list(fds))
+            data = data[sent:]
+        conn.sendall(data)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def peer_credentials(sock):
@@ -205,12 +228,19 @@ def peer_pidfd(sock):
     return fd
 
 
-def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0):
+def connect(socket_path, uffd_fd, mappings, *, watches_server=False, share=False,
+            timeout=5.0):
     """Send a userfaultfd and its ranges to a PageServer, the way Firecracker does, and read
     the server's answer. `mappings`: (base_address, size, offset) tuples or Mapping objects.
     Returns (socket, answer dict); keep the socket open for as long as the memory is served
     (the server's pid is its SO_PEERCRED, peer_pidfd() gives a pidfd of it). Raises
-    ProtocolError when the server refuses."""
+    ProtocolError when the server refuses.
+
+    share: ask for the server's shared pool (SHARE_KEY). The answer's "pool" is then a dict
+    {"id", "npages", "page_size"} or None, and answer["pool_fd"] is the pool's O_RDONLY fd
+    received with it (close-on-exec, the caller's to close) or None. The server starts
+    serving the uffd at once: the caller maps the pool over its ranges (lm_region_share)
+    before anything touches them."""
     doc = []
     for m in mappings:
         if isinstance(m, Mapping):
@@ -219,6 +249,8 @@ def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0
         d = {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": PAGE_SIZE}
         if watches_server:
             d[WATCHES_KEY] = True
+        if share:
+            d[SHARE_KEY] = True
         doc.append(d)
     path = os.fspath(socket_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -229,16 +261,34 @@ def connect(socket_path, uffd_fd, mappings, *, watches_server=False, timeout=5.0
             socket.send_fds(s, [json.dumps(doc).encode()], [uffd_fd])
         except (BrokenPipeError, ConnectionResetError):
             pass   # the server refused before reading: its answer says why
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ProtocolError("the page server at %s closed the connection without an "
-                                    "answer" % path)
-            buf += chunk
-            if len(buf) > MAX_MESSAGE:
-                raise ProtocolError("the page server's answer is too long")
-        answer = json.loads(buf.decode())
+        buf, got_fds = b"", []
+        try:
+            while not buf.endswith(b"\n"):
+                # The pool's fd comes with the answer's first bytes: receive fds on every
+                # read (a stream has no boundaries), closing any we did not ask for.
+                chunk, fds, flags, _ = socket.recv_fds(s, 4096, MAX_FDS,
+                                                       socket.MSG_CMSG_CLOEXEC)
+                got_fds += fds
+                if flags & socket.MSG_CTRUNC:
+                    raise ProtocolError("the page server's answer came with too many fds")
+                if not chunk:
+                    raise ProtocolError("the page server at %s closed the connection "
+                                        "without an answer" % path)
+                buf += chunk
+                if len(buf) > MAX_MESSAGE:
+                    raise ProtocolError("the page server's answer is too long")
+            answer = json.loads(buf.decode())
+            if share:
+                if answer.get("ok") and answer.get("pool") and len(got_fds) == 1:
+                    answer["pool_fd"] = got_fds.pop()
+                elif answer.get("ok") and answer.get("pool"):
+                    raise ProtocolError("the page server at %s offered a pool with %d fds "
+                                        "(one expected)" % (path, len(got_fds)))
+                else:
+                    answer["pool"], answer["pool_fd"] = None, None
+        finally:
+            for fd in got_fds:
+                os.close(fd)
         if not answer.get("ok"):
             raise ProtocolError("the page server at %s refused: %s"
                                 % (path, answer.get("error", "no reason")))

@@ -252,14 +252,19 @@ class Region(AddressRange):
 
     # ---- served by a page server (pylazymem.server, csrc/remote.c) -----------------------
 
-    def _serve_from(self, socket_path, empty_unknown):
+    def _serve_from(self, socket_path, empty_unknown, _connected=None):
         """Hand our userfaultfd to the page server at socket_path and watch it: when it is
-        gone (process exit, or it stops serving us) a native thread takes over here."""
+        gone (process exit, or it stops serving us) a native thread takes over here.
+        _connected: (socket, answer) of a handshake made already (restore(share=...) asks
+        for the server's pool first, and maps it before the records are set up)."""
         from ._protocol import connect, peer_pidfd
 
         with self._use() as lm:
-            sock, answer = connect(socket_path, lib.lm_region_uffd(lm),
-                                   [(self.address, self.nbytes, 0)], watches_server=True)
+            if _connected is None:
+                sock, answer = connect(socket_path, lib.lm_region_uffd(lm),
+                                       [(self.address, self.nbytes, 0)], watches_server=True)
+            else:
+                sock, answer = _connected
             fds = [sock.fileno()]
             try:
                 try:
@@ -286,8 +291,8 @@ class Region(AddressRange):
     @property
     def pool(self):
         """The shared pool (restore(share=True)): a dict with "id", "role" (created, joined
-        or unshared), "slot", "sealed", "bytes" (resident) and "inode"; None when the region
-        is not shared."""
+        or unshared; "server" for a page server's pool, which adds "server_pid"), "slot",
+        "sealed", "bytes" (resident) and "inode"; None when the region is not shared."""
         self._check_open()
         return None if self._pool is None else self._pool.info()
 

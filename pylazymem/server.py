@@ -37,8 +37,10 @@ from ._protocol import (  # noqa: F401
     MAX_MAPPINGS,
     MAX_MESSAGE,
     PAGE_SIZE,
+    SHARE_KEY,
     WATCHES_KEY,
     Mapping,
+    asks_share,
     ProtocolError,
     connect,
     parse_mappings,
@@ -157,7 +159,18 @@ class _ProviderSource:
 _SRV_STAT_FIELDS = ("faults", "pages_copied", "pages_zero", "removed_faults", "events_remove",
                     "events_unmap", "events_remap", "poisoned", "errors", "last_error",
                     "service_ns_total", "service_ns_max", "unsupported_faults", "redelivered",
-                    "died")
+                    "died", "pages_published", "pages_shared_mapped", "pool_fallback_pages")
+
+
+def pool_id(header_xxh3, npages, page_size):
+    """The content id of a snapshot's pool (docs/shared-pages.md 2.1), as 16 hex digits:
+    XXH3-64 of b"plm-pool-1" and the header checksum, page size and page count (little-endian
+    64-bit). Two copies of one snapshot have one id; a snapshot with other content another."""
+    import struct
+
+    import xxhash
+    return "%016x" % xxhash.xxh3_64_intdigest(
+        b"plm-pool-1" + struct.pack("<QQQ", header_xxh3, page_size, npages))
 
 
 class Client:
@@ -166,10 +179,11 @@ class Client:
     stats()["died"] is the -errno that ended its serving by an error (0 while it runs, or
     when it ended because the client exited or the server stopped)."""
 
-    def __init__(self, pid, uid, gid, mappings, watches, engine):
+    def __init__(self, pid, uid, gid, mappings, watches, engine, shares=False):
         self.pid, self.uid, self.gid = pid, uid, gid
         self.mappings: List[Mapping] = mappings
         self.watches_server = watches
+        self.shares = shares     # maps the server's pool (handed it at the handshake)
         self.engine = engine
         self.connected_at = time.time()
         self._c = None           # C engine: struct lm_srv *
@@ -528,11 +542,18 @@ class PageServer:
 
     A client in this very process is refused with the python engine (its serving thread
     needs the GIL, which the client's faulting thread holds); the native engine serves it.
+
+    share (snapshot source, native engine): one pool memfd for the snapshot, shared by the
+    clients that ask for it (restore(..., server=, share=...)): they map its pages, the
+    server publishes pages into it as they are first needed (docs/shared-pages.md 5.3).
+    Clients of another uid get the pool only once it is complete (every non-zero page in it):
+    prefetch_pool=True publishes every page at start, before the socket listens.
     """
 
     def __init__(self, socket_path, *, snapshot=None, memory_file=None, provider=None,
                  allow_uids=None, socket_group=None, engine="auto", max_cluster_pages=None,
-                 max_clients=256, handshake_timeout=HANDSHAKE_TIMEOUT, _test_inject=None):
+                 max_clients=256, handshake_timeout=HANDSHAKE_TIMEOUT, share=False,
+                 prefetch_pool=False, _test_inject=None):
         given = [x is not None for x in (snapshot, memory_file, provider)]
         if sum(given) != 1:
             raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
@@ -563,6 +584,15 @@ class PageServer:
                                    "this process uses the ctypes backend")
         else:
             self.engine = "c" if engine in ("auto", "c") and have_core else "python"
+        self.share = bool(share)
+        if prefetch_pool and not self.share:
+            raise ValueError("prefetch_pool fills the shared pool: it needs share=True")
+        if self.share and snapshot is None:
+            raise ValueError("share=True shares a snapshot's pages: it needs snapshot=")
+        if self.share and self.engine != "c":
+            raise UnavailableError(errno.ENOSYS, "share=True needs the native engine (the C "
+                                   "core, backend cffi, engine 'c' or 'auto'): the python "
+                                   "engine cannot serve a shared pool")
         if snapshot is not None:
             self.source = _SnapshotSource(snapshot)
         elif memory_file is not None:
@@ -583,6 +613,18 @@ class PageServer:
                 self.source.close()
                 raise
             self._ctable = out[0]
+        # The shared pool (share=True): made once, before any client can connect.
+        self._cpool = None
+        self.pool_info = None   # what sharing clients are told: {"id", "npages", "page_size"}
+        if self.share:
+            try:
+                self._make_pool(bool(prefetch_pool))
+            except BaseException:
+                from ._binding import lib
+                lib.lm_srv_table_release(self._ctable)
+                self._ctable = None
+                self.source.close()
+                raise
         self._clients: List[Client] = []
         self._engines: Dict[int, object] = {}
         self._lock = threading.Lock()
@@ -596,6 +638,59 @@ class PageServer:
         self.max_clients = int(max_clients)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._handshake_threads = set()
+
+    def _make_pool(self, prefetch):
+        from ._binding import check, ffi, lib
+        from ._features import acquire_mode
+        from ._snapfile import _read
+
+        h = _read(self.source.fd, self.source.path).header
+        npages = len(self.source.table)
+        out = ffi.new("struct lm_srv_pool **")
+        check(lib.lm_srv_pool_new(npages, PAGE_SIZE, acquire_mode(), out), "page server pool")
+        self._cpool = out[0]
+        self.pool_info = {"id": pool_id(h["header_xxh3"], npages, PAGE_SIZE), "npages": npages,
+                          "page_size": PAGE_SIZE}
+        if prefetch:
+            n = ffi.new("uint64_t *")
+            check(lib.lm_srv_pool_fill(self._cpool, self._ctable, self.source.fd, n),
+                  "page server pool (prefetch)")
+            log.info("pool: %d pages published at start", n[0])
+
+    def pool_complete(self):
+        """Whether every non-zero page of the snapshot is in the pool (False without one)."""
+        if self._cpool is None:
+            return False
+        from ._binding import check, lib
+        return bool(check(lib.lm_srv_pool_complete(self._cpool, self._ctable), "page server pool"))
+
+    def pool_stats(self):
+        """The pool's resident bytes and the pages published into it (None without one)."""
+        if self._cpool is None:
+            return None
+        from ._binding import lib
+        return {"bytes": int(lib.lm_srv_pool_bytes(self._cpool)),
+                "published": int(lib.lm_srv_pool_published(self._cpool)),
+                "complete": self.pool_complete()}
+
+    def _pool_for(self, uid):
+        """(answer's "pool", O_RDONLY fd or -1, why not) for a client of `uid` that asked
+        for it. Another uid gets it only once it is complete: until then a client could plant
+        zero pages in its holes (mapping it privately without a userfaultfd makes shmem
+        allocate one) that every other client would then map (docs/shared-pages.md 2.6)."""
+        if self._cpool is None:
+            return None, -1, ("the page server (pid %d) does not share its pages (started "
+                              "without --share)" % os.getpid())
+        if uid != os.getuid() and not self.pool_complete():
+            return None, -1, ("the page server (pid %d) gives its pool to other uids only "
+                              "once it is complete (--prefetch-pool)" % os.getpid())
+        from ._binding import lib
+        # A reopen, not a dup: O_RDONLY is a property of the open file description, and with
+        # it the client can map the pool privately and continue pages, never publish
+        # (registering a shared view needs a writable fd: EPERM).
+        fd = os.open("/proc/self/fd/%d" % lib.lm_srv_pool_fd(self._cpool),
+                     os.O_RDONLY | os.O_CLOEXEC)
+        return dict(self.pool_info), fd, ""
 
     # -- lifetime -------------------------------------------------------------------------
     def _bind(self):
@@ -694,6 +789,10 @@ class PageServer:
             from ._binding import lib
             lib.lm_srv_table_release(self._ctable)   # after every client's reference
             self._ctable = None
+        if self._cpool is not None:
+            from ._binding import lib
+            lib.lm_srv_pool_release(self._cpool)   # clients' mappings keep the pool alive
+            self._cpool = None
         self.source.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
@@ -727,6 +826,9 @@ class PageServer:
             total["page_table_refs"] = int(lib.lm_srv_table_refs(self._ctable))
         total["clients_alive"] = sum(c.alive for c in clients)
         total["refused"] = self.refused
+        ps = self.pool_stats()
+        if ps is not None:
+            total["pool_bytes"], total["pool_published"] = ps["bytes"], ps["published"]
         return total
 
     # -- serving --------------------------------------------------------------------------
@@ -830,6 +932,7 @@ class PageServer:
             if not _is_userfaultfd(fds[0]):
                 raise ProtocolError("the fd sent is not a userfaultfd")
             maps, watches = parse_mappings(msg)
+            wants_pool = asks_share(msg)
             if pid == os.getpid() and self.engine == "python":
                 # Its faulting thread holds our GIL while it waits for the fault, and the
                 # python engine's thread needs the GIL to serve it: a deadlock at once.
@@ -854,9 +957,23 @@ class PageServer:
                 fd, pidfd = pidfd, -1
                 os.close(fd)
                 pidfd = os.dup(conn.fileno())
-            client = Client(pid, uid, gid, maps, watches, self.engine)
+            pool, pool_fd, why_not = self._pool_for(uid) if wants_pool else (None, -1, "")
+            if pool is not None:
+                # The pool's offsets are the snapshot's: a client maps it at offset 0 over
+                # one range (restore); other layouts are not ours to guess.
+                if len(maps) != 1 or maps[0].offset != 0 or maps[0].size != self.source.nbytes:
+                    os.close(pool_fd)
+                    pool, pool_fd = None, -1
+                    why_not = ("the pool is mapped by one range covering the whole snapshot "
+                               "at offset 0")
+            client = Client(pid, uid, gid, maps, watches, self.engine, shares=pool is not None)
             client._conn = conn   # kept open while we serve: its closing tells the client
-            self._start_engine(client, fds[0], pidfd)   # on success it owns fds[0] and pidfd
+            try:
+                self._start_engine(client, fds[0], pidfd)   # on success it owns fds[0], pidfd
+            except BaseException:
+                if pool_fd >= 0:
+                    os.close(pool_fd)
+                raise
         except BaseException:
             # A refused client that watches us learns it from the answer; any other (say
             # Firecracker, which never reads it) would hang at its first fault.
@@ -870,10 +987,18 @@ class PageServer:
         with self._lock:
             self._clients.append(client)
             self._served += 1
-        log.info("serving pid %d (uid %d): %d ranges, %s engine", pid, uid, len(maps),
-                 self.engine)
-        send_answer(conn, {"ok": True, "server_pid": os.getpid(), "engine": self.engine,
-                           "source": self.source.identity})
+        log.info("serving pid %d (uid %d): %d ranges, %s engine%s", pid, uid, len(maps),
+                 self.engine, ", shares the pool" if pool is not None else
+                 ", asked for the pool, served privately" if wants_pool else "")
+        try:
+            answer = {"ok": True, "server_pid": os.getpid(), "engine": self.engine,
+                      "source": self.source.identity, "pool": pool}
+            if why_not:
+                answer["pool_reason"] = why_not
+            send_answer(conn, answer, [pool_fd] if pool_fd >= 0 else ())
+        finally:
+            if pool_fd >= 0:
+                os.close(pool_fd)   # the client has its own reference now (or is gone)
 
     def _start_engine(self, client, uffd_fd, pidfd):
         """Start serving: on success the engine owns uffd_fd and pidfd (it closes them); when
@@ -891,6 +1016,7 @@ class PageServer:
                                    lib.LM_SRV_WATCHED if client.watches_server else 0,
                                    maps, len(client.mappings), PAGE_SIZE, self.source.fd,
                                    ffi.NULL if self._ctable is None else self._ctable,
+                                   self._cpool if client.shares else ffi.NULL,
                                    self.max_cluster_pages, out), "page server")
             client._c = out[0]
             if fail_after:

@@ -282,16 +282,96 @@ def _version():
 
 # ---- restore -----------------------------------------------------------------------------
 
-def _serve_snapshot_from(region, server, fd, path):
-    """Hand the restored region to a page server, after checking that it serves this file."""
-    region._serve_from(server, empty_unknown=False)
-    src = region.server.get("source", {})
+def _check_server_source(answer, server, fd, path):
+    src = answer.get("source", {})
     st = os.fstat(fd)
     if src.get("kind") != "snapshot" or (src.get("dev"), src.get("ino")) != (st.st_dev,
                                                                            st.st_ino):
         raise SnapshotError("%s: the page server at %s serves %s %s, not this snapshot"
                             % (path, os.fspath(server), src.get("kind", "?"),
                                src.get("path", "?")))
+
+
+def _serve_snapshot_from(region, server, fd, path, connected=None):
+    """Hand the restored region to a page server, after checking that it serves this file.
+    connected: the (socket, answer) of a handshake made already (a shared restore)."""
+    region._serve_from(server, empty_unknown=False, _connected=connected)
+    _check_server_source(region.server, server, fd, path)
+
+
+class _ServerPool:
+    """A page server's pool, received O_RDONLY at the handshake (docs/shared-pages.md 5.3):
+    the region maps its pages; only the server publishes into it. The interface of
+    pylazymem._pool.Pool (fd, info, release, forget)."""
+
+    def __init__(self, fd, desc, server_pid):
+        self._fd = fd
+        self._desc = dict(desc)
+        self._server_pid = server_pid
+
+    @property
+    def fd(self):
+        if self._fd < 0:
+            raise ValueError("pool released")
+        return self._fd
+
+    def info(self):
+        import fcntl
+        st = os.fstat(self.fd)
+        seals = fcntl.fcntl(self.fd, getattr(fcntl, "F_GET_SEALS", 1034))
+        return {"id": self._desc["id"], "role": "server", "slot": -1,
+                "sealed": bool(seals & 0x10),   # F_SEAL_FUTURE_WRITE: nobody may write it
+                "bytes": st.st_blocks * 512, "inode": st.st_ino,
+                "server_pid": self._server_pid}
+
+    def release(self):
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def forget(self):
+        self.release()   # after fork(): the child's copy of the fd is its own to close
+
+
+def _ask_server_pool(region, server, fd, path, h, share):
+    """Hand the region's uffd to the page server asking for its pool (5.3); map the pool
+    over the region when it comes. Returns ((socket, answer), why-not-shared or "")."""
+    from ._binding import check, lib
+    from ._errors import SharingUnavailableError
+    from ._protocol import connect
+    from .server import pool_id
+
+    with region._use() as lm:
+        sock, answer = connect(server, lib.lm_region_uffd(lm), [(region.address,
+                                                                 region.nbytes, 0)],
+                               watches_server=True, share=True)
+    # From here the server serves the region's faults (nothing touches it yet): the region
+    # owns the connection, so that close() ends the server's client on any failure below.
+    region._server_sock, region.server = sock, answer
+    pool_fd = answer.pop("pool_fd", None)
+    try:
+        _check_server_source(answer, server, fd, path)
+        desc = answer.get("pool")
+        if desc is None:
+            why = answer.get("pool_reason") or ("the page server at %s does not share its "
+                                                "pages (started without --share)"
+                                                % os.fspath(server))
+            if share is True:
+                raise SharingUnavailableError("%s: restore(share=True): %s" % (path, why))
+            return (sock, answer), why
+        want = pool_id(h["header_xxh3"], h["npages"], h["page_size"])
+        if (desc.get("id"), desc.get("npages"), desc.get("page_size")) != (
+                want, h["npages"], h["page_size"]):
+            raise SnapshotError("%s: the page server at %s offers the pool %r, not this "
+                                "snapshot's (%s, %d pages)" % (path, os.fspath(server), desc,
+                                                               want, h["npages"]))
+        with region._use() as lm:
+            check(lib.lm_region_share(lm, pool_fd), "restore(server=, share=True)")
+        region._pool, pool_fd = _ServerPool(pool_fd, desc, answer.get("server_pid")), None
+        return (sock, answer), ""
+    finally:
+        if pool_fd is not None:
+            os.close(pool_fd)
 
 
 def _memory_total():
@@ -303,6 +383,9 @@ def _memory_total():
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+_FROM_SERVER = object()
 
 
 def _share_pool(h, share, server):
@@ -320,8 +403,7 @@ def _share_pool(h, share, server):
     if not f.shared_pages:
         return None, f.shared_pages_reason
     if server is not None:
-        return None, ("sharing the pool of a page server is not available yet "
-                      "(docs/shared-pages.md, section 5.3)")
+        return _FROM_SERVER, ""   # the server's pool, asked for at the handshake
     limit = _env_int("PYLAZYMEM_POOL_MAX_BYTES", _memory_total() // 2)
     try:
         return Pool(h["header_xxh3"], h["npages"], h["page_size"], max(0, limit)), ""
@@ -366,7 +448,10 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
         if background is None:
             background = server is None
         pool, why = _share_pool(h, share, server)
-        if pool is None and share is True:
+        from_server = pool is _FROM_SERVER
+        if from_server:
+            pool = None
+        if pool is None and share is True and not from_server:
             raise SharingUnavailableError("%s: restore(share=True): %s" % (path, why))
         try:
             region = Region(h["npages"] * h["page_size"], _start=server is None, _pool=pool,
@@ -376,13 +461,21 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 pool.release()
             raise
         region.share_reason = "" if pool is not None else why
+        connected = None
         try:
+            if from_server:
+                # The server's pool comes in the answer to the handshake that hands it our
+                # uffd: mapped before the records are set up and anything touches the region.
+                connected, region.share_reason = _ask_server_pool(region, server, fd, path, h,
+                                                                  share)
             with region._use() as lm:
                 # A shared restore verifies what it publishes: a pool holds only bytes the
                 # snapshot's content id (its header checksum) commits to, whoever filled it.
+                # (A page server's pool is published by the server only: nothing to verify
+                # here beyond what verify= asks.)
                 rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
                                           h["sigs_offset"], h["sigs_xxh3"],
-                                          bool(verify) or pool is not None)
+                                          bool(verify) or (pool is not None))
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
                     _fail(path, ffi.string(lib.lm_last_op()).decode())
                 check(rc, "restore")
@@ -396,7 +489,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                      + [0])
             if prefetch == "working-set":
                 region.prefetch(p.working_set)
-            elif prefetch == "all" and pool is not None:
+            elif prefetch == "all" and region.shared:
                 # The working set first (scattered pages copied privately: faster, and on the
                 # critical path), then the rest in address order, published in clusters.
                 region.prefetch(p.working_set)
@@ -409,7 +502,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             # not be seen: they stay in the working set (REAP's policy) unless re-marked.
             region.mark_working_set(inherit=p.working_set if prefetch != "none" else None)
             if server is not None:
-                _serve_snapshot_from(region, server, fd, path)
+                _serve_snapshot_from(region, server, fd, path, connected)
             if background:
                 region.background_start()
         except BaseException:

@@ -1185,7 +1185,7 @@ def test_srv_start_checks_its_arguments():
                 arr[i].base, arr[i].size, arr[i].offset = b, s, o
             o = ffi.new("struct lm_srv **") if out else ffi.NULL
             rc = lib.lm_srv_start(uffd, pidfd, flags, arr, len(maps) if nmaps is None else nmaps,
-                                  ps, src, tab, cluster, o)
+                                  ps, src, tab, ffi.NULL, cluster, o)
             assert not out or o[0] == ffi.NULL
             return rc, ffi.string(lib.lm_last_op()).decode()
 
