@@ -495,7 +495,7 @@ int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
    read it (a client whose events we must read never blocks on our spinning). */
 static int client_continue(struct lm_srv *s, uint64_t addr, uint64_t len, uint64_t *mapped)
 {
-    uint64_t done = 0;
+    uint64_t done = 0, nskipped = 0;
     bool skipped = false;
     int rc = 0;
     while (done < len) {
@@ -509,13 +509,15 @@ static int client_continue(struct lm_srv *s, uint64_t addr, uint64_t len, uint64
             done += (uint64_t)c.mapped;
         if (err == EEXIST) {
             done += s->ps;
+            nskipped++;
             skipped = true;
         } else if (err != EAGAIN || c.mapped <= 0) {
             rc = -err;
             break;
         }
     }
-    *mapped = done > len ? len : done;
+    /* mapped here now: pages the client had already (a refault raced with us) not counted */
+    *mapped = (done > len ? len : done) - nskipped * s->ps;
     if (skipped && rc == 0) {
         struct uffdio_range r = {.start = addr, .len = len};
         if (ioctl(s->uffd, UFFDIO_WAKE, &r) < 0 && errno != ENOENT && errno != ESRCH)
