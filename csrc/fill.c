@@ -72,13 +72,13 @@ static void published(struct lm_region *r, size_t n)
 
 int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done)
 {
-    size_t got = 0;
-    int rc = lm_uffd_copy(r->uffd, r->pool_view + first * r->page_size, src,
-                          n * r->page_size, false, &got);
+    size_t got = 0, fresh = 0;
+    int rc = lm_uffd_copy_counted(r->uffd, r->pool_view + first * r->page_size, src,
+                                  n * r->page_size, &got, &fresh);
     if (done)
         *done = got / r->page_size;
-    if (got)
-        published(r, got / r->page_size);
+    if (fresh)   /* not pages another process published first (EEXIST) */
+        published(r, fresh / r->page_size);
     return rc;
 }
 

@@ -94,6 +94,10 @@ int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
    *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done);
+/* lm_uffd_copy without waking, also saying in *fresh how many bytes this call copied (not
+   found there already): publishing into a pool counts what it published. */
+int lm_uffd_copy_counted(int fd, void *dst, const void *src, size_t len, size_t *done,
+                         size_t *fresh);
 /* Map pages the shared memory behind a MINOR registration holds (EEXIST: already mapped here,
    skipped); -EFAULT at a hole, with *done = bytes mapped before it. */
 int lm_uffd_continue(int fd, void *dst, size_t len, bool wake, size_t *done);

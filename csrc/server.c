@@ -298,13 +298,18 @@ static void pool_published(struct lm_srv_pool *p, uint64_t n)
    way (a page becomes visible complete or not at all; never pwrite, never fallocate). Pages
    already there (EEXIST: published by another client's thread) are stepped over. */
 static int pool_publish(struct lm_srv_pool *p, uint64_t first, uint64_t n, const char *buf,
-                        uint64_t *published)
+                        uint64_t *published, uint64_t *fresh_out)
 {
-    size_t done = 0;
-    int rc = lm_uffd_copy(p->uffd, p->view + first * p->ps, buf, n * p->ps, false, &done);
+    size_t done = 0, fresh = 0;
+    int rc = lm_uffd_copy_counted(p->uffd, p->view + first * p->ps, buf, n * p->ps, &done,
+                                  &fresh);
+    /* *published: pages now in the pool from here (the caller continues them); the pool's
+       count only those this call put there: two clients' threads may race on one page. */
     *published = done / p->ps;
-    if (*published)
-        pool_published(p, *published);
+    if (fresh_out)
+        *fresh_out = fresh / p->ps;
+    if (fresh)
+        pool_published(p, fresh / p->ps);
     return rc;
 }
 
@@ -475,10 +480,10 @@ int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
                              : lm_fail("pread(snapshot): past the end of the file", ENODATA);
                 break;
             }
-            uint64_t pub = 0;
-            rc = pool_publish(p, i + a, b - a, buf, &pub);
+            uint64_t pub = 0, fresh = 0;
+            rc = pool_publish(p, i + a, b - a, buf, &pub, &fresh);
             if (published)
-                *published += pub;
+                *published += fresh;
             a = b;
         }
     }
@@ -548,8 +553,9 @@ static int serve_shared(struct lm_srv *s, uint64_t addr, uint64_t pool_page, int
             ssize_t got = pread(s->src_fd, s->scratch, len, src + (int64_t)(a * s->ps));
             if (got != (ssize_t)len)
                 return got < 0 ? -errno : -ENODATA;
-            prc = pool_publish(p, pool_page + a, b - a, s->scratch, &pub);
-            atomic_fetch_add_explicit(&s->st_published, pub, memory_order_relaxed);
+            uint64_t fresh = 0;
+            prc = pool_publish(p, pool_page + a, b - a, s->scratch, &pub, &fresh);
+            atomic_fetch_add_explicit(&s->st_published, fresh, memory_order_relaxed);
         }
         if (pub) {
             uint64_t mapped = 0;

@@ -199,8 +199,20 @@ static int op_zeropage(int fd, char *dst, const char *src, size_t len, bool wake
  * where the kernel stopped, or, without retry_eagain, returned: a handler that receives
  * non-cooperative events must read the pending one before any fill can succeed.
  */
+static int fill_counted(int fd, fill_op op, const char *name, char *dst, const char *src,
+                        size_t len, bool wake, bool retry_eagain, size_t *done_out,
+                        size_t *skipped_out);
+
 static int fill(int fd, fill_op op, const char *name, char *dst, const char *src, size_t len,
                 bool wake, bool retry_eagain, size_t *done_out)
+{
+    return fill_counted(fd, op, name, dst, src, len, wake, retry_eagain, done_out, NULL);
+}
+
+/* fill, also saying how many bytes were stepped over as already there (EEXIST). */
+static int fill_counted(int fd, fill_op op, const char *name, char *dst, const char *src,
+                        size_t len, bool wake, bool retry_eagain, size_t *done_out,
+                        size_t *skipped_out)
 {
     size_t done = 0, ps = (size_t)lm_page_size();
     size_t dummy;
@@ -221,6 +233,8 @@ static int fill(int fd, fill_op op, const char *name, char *dst, const char *src
         done += ps;   /* this page is already there */
         *done_out = done;
         skipped = true;
+        if (skipped_out)
+            *skipped_out += ps;
     }
     /* A wake-up may have been skipped with the page we stepped over. */
     if (skipped && wake)
@@ -248,6 +262,20 @@ static int op_continue(int fd, char *dst, const char *src, size_t len, bool wake
 int lm_uffd_continue(int fd, void *dst, size_t len, bool wake, size_t *done)
 {
     return fill(fd, op_continue, "ioctl(UFFDIO_CONTINUE)", dst, NULL, len, wake, true, done);
+}
+
+int lm_uffd_copy_counted(int fd, void *dst, const void *src, size_t len, size_t *done,
+                         size_t *fresh)
+{
+    size_t skipped = 0, d = 0;
+    int rc = fill_counted(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, false, true, &d,
+                          &skipped);
+    if (rc == 0)
+        d = len;
+    if (done)
+        *done = d;
+    *fresh = (d - (skipped < d ? skipped : d));
+    return rc;
 }
 
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done)
