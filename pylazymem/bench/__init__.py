@@ -23,9 +23,12 @@ problems seen (wrong contents, handler errors).
   shared         restore(share=True) across spawned processes (issue 11): Pss of 8 processes sharing
                  one snapshot vs np.load(mmap_mode="r"/"c") and private restores; second process vs
                  first vs np.load(mmap_mode="r"); template fill; REAP with a shared first restore
+  arrays         named tensors (issue 14), 2 GiB in 200 arrays: plm.save/plm.load vs safetensors,
+                 np.load(mmap_mode="r") and torch.load: time to the first inference, time until all
+                 resident, Pss of 4 processes loading the same state
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
-              "restore_sequential", "checkpoint", "server", "shared")
+              "restore_sequential", "checkpoint", "server", "shared", "arrays")
 
 __all__ = ["BENCHMARKS", "run"]
 

@@ -311,13 +311,14 @@ def _worker() -> None:
 
 
 class Worker:
-    """A spawned worker process (fresh interpreter, not a fork)."""
+    """A spawned worker process (fresh interpreter, not a fork) running `module`'s _worker()
+    (this module's by default; bench/arrays.py has its own commands)."""
 
-    def __init__(self):
+    def __init__(self, module="pylazymem.bench.shared"):
         self._err = tempfile.TemporaryFile(mode="w+")
         self._buf = b""
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from pylazymem.bench.shared import _worker; _worker()"],
+            [sys.executable, "-c", f"from {module} import _worker; _worker()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, bufsize=0)
 
     def send(self, **cmd) -> None:
@@ -368,8 +369,8 @@ class Worker:
             self._err.close()
 
 
-def spawn(n) -> list:
-    ws = [Worker() for _ in range(n)]
+def spawn(n, module="pylazymem.bench.shared") -> list:
+    ws = [Worker(module) for _ in range(n)]
     try:
         for w in ws:
             w.recv(timeout=120)    # "ready": imported
