@@ -38,12 +38,16 @@ backend_features = _backend.FEATURES
 if backend == "cffi":
     from .region import Canonical, Handler, Region  # noqa: E402
     from .snapshot import SnapshotError, SnapshotInfo, checkpoint, inspect, restore  # noqa: E402
+    from .arrays import LoadedState, load, record_working_set, save  # noqa: E402
 else:
     # Stand-ins that raise UnavailableError with the reason and the fix: a program written for
     # the cffi backend fails at the first call it cannot make, with words, not at import.
     _refusals = _backend.refusals()
     Region, Canonical, Handler = _refusals["Region"], _refusals["Canonical"], _refusals["Handler"]
     checkpoint, restore = _refusals["checkpoint"], _refusals["restore"]
+    save, load = _refusals["save"], _refusals["load"]
+    record_working_set = _refusals["record_working_set"]
+    LoadedState = None   # nothing is ever loaded without the core
     del _refusals
 
     def __getattr__(name):
@@ -63,5 +67,6 @@ __all__ = [
     "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError",
     "SharingUnavailableError", "UffdError",
     "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
+    "save", "load", "record_working_set", "LoadedState",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
 ]

@@ -85,7 +85,8 @@ def _inspect(args):
         d = dataclasses.asdict(info)
         d["working_set"] = [int(x) for x in info.working_set]
         d["arrays"] = {n: {"offset": a["offset"], "dtype": str(a["dtype"]),
-                           "shape": list(a["shape"])} for n, a in info.arrays.items()}
+                           "shape": list(a["shape"]), "nbytes": a["nbytes"], "kind": a["kind"]}
+                       for n, a in info.arrays.items()}
         print(json.dumps(d, indent=1))
     else:
         ps = info.page_size
@@ -102,10 +103,13 @@ def _inspect(args):
         print("working set:   %d pages (%.1f MiB), prefetched first on restore" % (
             len(info.working_set), len(info.working_set) * ps / 2**20))
         if info.arrays:
-            print("arrays:")
+            print("arrays:        %d, %.1f MiB" % (len(info.arrays), sum(
+                a["nbytes"] for a in info.arrays.values()) / 2**20))
+            print("  %-28s %-16s %-12s %-20s %12s %12s" % ("name", "kind", "dtype", "shape",
+                                                          "bytes", "offset"))
             for n, a in info.arrays.items():
-                print("  %-20s %-12s %-20s at offset %d" % (n, a["dtype"], tuple(a["shape"]),
-                                                            a["offset"]))
+                print("  %-28s %-16s %-12s %-20s %12d %12d" % (
+                    n, a["kind"], a["dtype"], tuple(a["shape"]), a["nbytes"], a["offset"]))
     if args.plot:
         from .plot import page_map
 

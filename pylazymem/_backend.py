@@ -38,6 +38,9 @@ CORE_API = {
     "Handler": "A Region's serving threads.",
     "checkpoint": "Write a Region to a snapshot file.",
     "restore": "A Region restored from a snapshot file.",
+    "save": "Write named arrays, tensors and tables to a snapshot file.",
+    "load": "Load a snapshot (or .npy/.npz/.safetensors file) lazily as named arrays.",
+    "record_working_set": "Store the pages a loaded state touched as its snapshot's working set.",
 }
 #: Command-line commands that run in-process lazy regions (pylazymem demo, pylazymem bench).
 CORE_COMMANDS = ("demo", "bench")

@@ -297,6 +297,7 @@ def _check_map(pmap, nstored, ws, path):
 
 def _info(path, p):
     h = p.header
+    kinds = _leaf_kinds(p.manifest)
     untouched, zero, stored = h["counts"]
     return SnapshotInfo(
         path=os.fspath(path), version=h["version"], npages=h["npages"],
@@ -305,9 +306,36 @@ def _info(path, p):
                         "unique": h["nstored"], "duplicate": stored - h["nstored"]},
         stored_bytes=h["store_bytes"], file_bytes=h["file_bytes"],
         working_set=p.working_set.copy(),
-        arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"]}
+        arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"],
+                    "nbytes": _nbytes(a), "kind": kinds.get(n, "numpy")}
                 for n, a in p.manifest["arrays"].items()},
     )
+
+
+def _nbytes(a):
+    n = a["dtype"].itemsize
+    for x in a["shape"]:
+        n *= x
+    return n
+
+
+def _leaf_kinds(manifest):
+    """array name -> what plm.load() makes of it ("numpy", "numpy bfloat16", "torch float32",
+    "arrow table", ...), from the state tree plm.save() writes; nothing for a malformed tree
+    (load() says what is wrong with it; describing a file must not fail on it)."""
+    out = {}
+    state = manifest.get("state")
+    todo = [state.get("tree")] if isinstance(state, dict) else []
+    while todo and len(out) < 1 << 20:
+        node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("kind") == "dict" and isinstance(node.get("items"), dict):
+            todo.extend(node["items"].values())
+        elif isinstance(node.get("array"), str):
+            extra = node.get("ml_dtype") or node.get("torch_dtype") or node.get("what")
+            out[node["array"]] = " ".join(str(x) for x in (node.get("kind"), extra) if x)
+    return out
 
 
 def _open(path):

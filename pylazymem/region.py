@@ -150,6 +150,8 @@ class Region(AddressRange):
         self.share_reason = "not a restore"   # restore(share=...) sets it: why not shared
         self._forked = False
         self._arrays = {}
+        self._manifest_extra = {}   # manifest keys beside the arrays (arrays.py's state tree)
+        self._snapshot = None       # (path, content id) of the snapshot restored into it
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None

@@ -137,18 +137,11 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     # goes, and the store is written again.
     nstored = plan(False)
     ws = _dedup_keep_order(ws, npages)   # as lm_ckpt_plan placed them: first mention wins
-    manifest = json.dumps({
-        "pylazymem": _version(),
-        "arrays": {n: {"offset": a["offset"], "dtype": _json_dtype(a["dtype"]),
-                       "shape": list(a["shape"])} for n, a in region._arrays.items()},
-    }, sort_keys=True).encode()
+    manifest = _manifest_bytes(region._arrays, region._manifest_extra)
     header_bytes = max(4096, ps)
 
-    d, base = os.path.split(os.path.abspath(path))
-    _sweep_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
         for attempt in (0, 1):
             h = _layout(npages, ps, nstored, ws.size, len(manifest))
             result = []
@@ -167,31 +160,10 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
             if result[0] < 0:
                 check(result[0], "checkpoint: %s" % result[1])
             nstored = plan(True)   # a collision: lay the store out again, comparing
-        tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
-        sigs_raw = sigs[:nstored].tobytes()
-        h["tables_xxh3"] = _xxh3(tail)
-        h["sigs_xxh3"] = _xxh3(sigs_raw)
-        h["header_xxh3"] = 0
-        raw = bytearray(header_bytes)
-        _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-        h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
-        _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-        _pwrite_all(fd, tail + sigs_raw, h["map_offset"])
-        _pwrite_all(fd, raw, 0)
-        if durable:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.rename(tmp, path)
-        if durable:
-            _fsync_dir(d)
+        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored])
+        fd = _commit(fd, tmp, path, durable)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _abandon(fd, tmp)
         raise
     if progress is not None:
         progress(h["file_bytes"], h["file_bytes"])
@@ -202,6 +174,66 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
                      npages - int(counts[UNTOUCHED]) - int(counts[ZERO])))
     return _info(path, _Parsed(h, pmap, ws.astype(np.uint64),
                                _parse_manifest(manifest, h, path)))
+
+
+def _manifest_bytes(arrays, extra):
+    """The manifest: the named arrays, and what the writer of the state added (arrays.py's
+    "state" tree); the reader keeps keys it does not know, so a restored region's extras
+    survive the next checkpoint."""
+    man = dict(extra or {})
+    man["pylazymem"] = _version()
+    man["arrays"] = {n: {"offset": a["offset"], "dtype": _json_dtype(a["dtype"]),
+                         "shape": list(a["shape"])} for n, a in arrays.items()}
+    return json.dumps(man, sort_keys=True).encode()
+
+
+def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs):
+    """Everything after the store (page map, working set, manifest, signatures), then the
+    header with its checksums last: a file is whole only once its header is."""
+    tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
+    sigs_raw = np.ascontiguousarray(sigs, dtype="<u8").tobytes()
+    h["tables_xxh3"] = _xxh3(tail)
+    h["sigs_xxh3"] = _xxh3(sigs_raw)
+    h["header_xxh3"] = 0
+    raw = bytearray(header_bytes)
+    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
+    h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
+    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
+    _pwrite_all(fd, tail + sigs_raw, h["map_offset"])
+    _pwrite_all(fd, raw, 0)
+
+
+def _temporary(path):
+    """(fd, name) of a new temporary beside `path`, for an atomic replacement by _commit()."""
+    d, base = os.path.split(os.path.abspath(path))
+    _sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
+    except BaseException:
+        _abandon(fd, tmp)
+        raise
+    return fd, tmp
+
+
+def _commit(fd, tmp, path, durable):
+    """Replace `path` with the finished temporary; returns -1 (the fd is closed)."""
+    if durable:
+        os.fsync(fd)
+    os.close(fd)
+    os.rename(tmp, path)
+    if durable:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return -1
+
+
+def _abandon(fd, tmp):
+    if fd >= 0:
+        os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def _layout(npages, ps, nstored, nws, manifest_bytes):
@@ -278,6 +310,79 @@ def _fsync_dir(d):
 def _version():
     from ._version import __version__
     return __version__
+
+
+def rewrite_working_set(path, working_set, expect_id=None, durable=True):
+    """Replace the working set of the snapshot at `path` (page indices, in prefetch order),
+    keeping every page's contents: the store is laid out again with the new working set's
+    entries first (docs/snapshot-format.md), atomically, as checkpoint() writes. expect_id:
+    the content id (header checksum) the file must still have, else SnapshotError (the file
+    was replaced since the working set was recorded against it)."""
+    from ._errors import InvalidArgumentError
+
+    path = os.fspath(path)
+    fd = _open(path)
+    try:
+        p = _read(fd, path, signatures=True)
+        h = p.header
+        if expect_id is not None and h["header_xxh3"] != expect_id:
+            raise SnapshotError("%s: the file changed since the working set was recorded "
+                                "(another snapshot is at that path now)" % path)
+        npages, ps = h["npages"], h["page_size"]
+        try:
+            ws = np.asarray(working_set, dtype=np.int64).ravel()
+        except (TypeError, ValueError):
+            raise InvalidArgumentError("working_set must be page indices") from None
+        if ws.size and (ws.min() < 0 or ws.max() >= npages):
+            raise InvalidArgumentError("working_set has page indices outside 0..%d"
+                                       % (npages - 1))
+        ws = _dedup_keep_order(ws.astype(np.uint64), npages)
+        # Store entries in the order the format asks for: the working set's (first mention
+        # first), then the others in the address order of the first page that uses them.
+        stored = p.map >= STORED
+        used = np.concatenate([p.map[ws][stored[ws]], p.map[stored]]).astype(np.int64) - STORED
+        _, first = np.unique(used, return_index=True)
+        order = used[np.sort(first)]                    # new position -> old entry
+        new_of_old = np.empty(h["nstored"], np.int64)
+        new_of_old[order] = np.arange(order.size)
+        pmap = p.map.copy()
+        pmap[stored] = (new_of_old[p.map[stored].astype(np.int64) - STORED] + STORED
+                        ).astype(MAP_DTYPE)
+        manifest = _manifest_bytes(p.manifest["arrays"], {k: v for k, v in p.manifest.items()
+                                                          if k not in ("arrays", "pylazymem")})
+        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest))
+        header_bytes = out["store_offset"]
+        tfd, tmp = _temporary(path)
+        try:
+            _copy_entries(fd, h["store_offset"], tfd, header_bytes, order, ps)
+            _write_tables(tfd, out, header_bytes, ps, pmap, ws, manifest, p.sigs[order])
+            _commit(tfd, tmp, path, durable)
+        except BaseException:
+            _abandon(tfd, tmp)
+            raise
+    finally:
+        os.close(fd)
+    return inspect(path)
+
+
+def _copy_entries(src, src_off, dst, dst_off, order, ps, batch=4096):
+    """Write old store entries order[0], order[1], ... as new entries 0, 1, ...: runs of
+    consecutive old entries are one read; a batch is one write."""
+    for b in range(0, order.size, batch):
+        sel = order[b:b + batch]
+        buf = bytearray(sel.size * ps)
+        view = memoryview(buf)
+        i = 0
+        while i < sel.size:
+            j = i + 1
+            while j < sel.size and sel[j] == sel[j - 1] + 1:
+                j += 1
+            want = (j - i) * ps
+            got = os.preadv(src, [view[i * ps:j * ps]], src_off + int(sel[i]) * ps)
+            if got != want:
+                raise SnapshotError("snapshot store is shorter than its header says")
+            i = j
+        _pwrite_all(dst, buf, dst_off + b * ps)
 
 
 # ---- restore -----------------------------------------------------------------------------
@@ -484,6 +589,9 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             region._base_table = p.map   # read by the C core until every record is filled
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
+            region._manifest_extra = {k: v for k, v in p.manifest.items()
+                                      if k not in ("arrays", "pylazymem")}
+            region._snapshot = (path, h["header_xxh3"])
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
                                      + [0])

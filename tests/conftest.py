@@ -30,6 +30,7 @@ through `run_py`, which kills the whole process group and fails the test on time
 """
 
 import faulthandler
+import importlib.util
 import json
 import os
 import re
@@ -221,6 +222,15 @@ def _shared_pages_missing():
     return None if f.shared_pages else "needs shared pages: %s" % f.shared_pages_reason
 
 
+def _package_missing(mark=None):
+    """package("name", ...): the optional Python packages a test uses (pyarrow, torch, ...)."""
+    names = mark.args if mark is not None else ()
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    return ("needs the Python package%s %s (pip install %s)"
+            % ("s" if len(missing) > 1 else "", ", ".join(missing), " ".join(missing))
+            if missing else None)
+
+
 NEEDS = [
     Need("core", "core(reason=None): needs the compiled core (in-process lazy regions, "
                  "checkpoint, restore, the C serving engine, the cffi module); skipped under "
@@ -231,6 +241,9 @@ NEEDS = [
     Need("shared_pages", "shared_pages: needs features().shared_pages (restore(share=True): "
                          "MINOR userfaultfd on shmem, memfd)", _shared_pages_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
+    Need("package", "package(name, ...): needs optional Python packages (pyarrow, torch, "
+                    "safetensors, scikit-learn, ml_dtypes: the interop extra); skipped where one "
+                    "is not installed", _package_missing),
     Need("source", "source: reads csrc/ and docs/ of the source tree; skipped where the suite "
                    "runs against an installed package", _source_missing),
 ]
@@ -253,10 +266,12 @@ def pytest_runtest_setup(item):
         mark = item.get_closest_marker(need.marker)
         if mark is None:
             continue
-        why = need.missing()
+        # package(...) names what it needs in the marker's arguments; the others need nothing
+        why = need.missing(mark) if need.marker == "package" else need.missing()
         if why is not None:
             _skipped_for[need.marker] += 1
-            extra = mark.kwargs.get("reason") or (mark.args[0] if mark.args else None)
+            extra = mark.kwargs.get("reason") or (
+                mark.args[0] if mark.args and need.marker != "package" else None)
             pytest.skip("%s (%s)" % (why, extra) if extra else why)
 
 

@@ -1,0 +1,453 @@
+"""Named arrays, tensors and tables in a snapshot: plm.save / plm.load (docs/arrays.md).
+
+save() copies what the caller has (numpy arrays of any dtype and layout, PyTorch CPU tensors,
+Arrow arrays and tables, nested dicts of those) once into a region, page-aligned, and writes it
+as an ordinary snapshot whose manifest also holds the *state tree*: which array is which leaf,
+of what kind. load() restores the snapshot lazily and hands back views of the region: nothing
+is read until a page is touched, and the working set recorded at the previous load is prefetched
+first. Files of other formats (.npy, .npz, .safetensors) are read lazily through the same fault
+path (pylazymem/_foreign.py).
+
+Kinds of leaves (manifest "state" -> "tree", format version STATE_VERSION):
+  numpy   {"kind": "numpy", "array": NAME, "fortran": bool[, "ml_dtype": "bfloat16"]}
+  torch   {"kind": "torch", "array": NAME, "fortran": bool, "torch_dtype": "float32"}
+  arrow   {"kind": "arrow", "array": NAME, "what": "table"|"array"|"chunked"|"batch"}
+          (an Arrow IPC stream in the region: reading it back maps its buffers, zero-copy)
+  dict    {"kind": "dict", "items": {key: node}}
+NAME is the leaf's path joined with "/" (keys may not contain "/"), the name `pylazymem
+inspect` shows.
+"""
+from collections.abc import Mapping
+import os
+import warnings
+
+import numpy as np
+
+from ._errors import InvalidArgumentError
+
+STATE_VERSION = 1
+SEP = "/"
+MAX_DEPTH = 64        # nesting of a state tree, written or read
+
+# torch dtypes stored as a numpy dtype of the same size; bfloat16 has no numpy twin and
+# travels as its bits (uint16).
+_TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                 "uint8", "bool", "complex64", "complex128", "uint16", "uint32", "uint64")
+
+
+# ---- save --------------------------------------------------------------------------------
+
+def save(path, state, *, working_set=None, compress=None, durable=True):
+    """Write `state` (a dict of numpy arrays, torch CPU tensors, Arrow arrays/tables, or nested
+    dicts of those; or a LoadedState from load()) to `path` as a snapshot; returns its
+    SnapshotInfo.
+
+    working_set: None (none), a LoadedState of this same state (the pages its program touched
+    since load, in order: saving a LoadedState uses its own by default), or page indices.
+    compress: None only, for now: compressed snapshots come with issue 12's store.
+    durable: as checkpoint()."""
+    from .snapshot import checkpoint
+
+    if compress is not None:
+        raise InvalidArgumentError("save(compress=%r): this version writes uncompressed "
+                                   "snapshots only (compress=None)" % (compress,))
+    if isinstance(state, LoadedState):
+        ws = working_set if working_set is not None else state
+        return checkpoint(state.region, path, working_set=_ws_pages(ws, state.region),
+                          durable=durable)
+    if not isinstance(state, Mapping):
+        raise InvalidArgumentError("save() takes a dict of arrays, not %s"
+                                   % type(state).__name__)
+    leaves = []                                  # (name, node, numpy array to store)
+    tree = _plan(state, (), leaves, 0)
+    from ._binding import PAGE_SIZE
+    from .region import Region
+
+    ps = PAGE_SIZE
+    nbytes = sum(-(-max(a.nbytes, 1) // ps) * ps for _, _, a in leaves) or ps
+    with Region(nbytes) as r:
+        for name, _, a in leaves:
+            view = r.alloc(name, a.shape, a.dtype)
+            if a.size:
+                view[...] = a
+        r._manifest_extra = {"state": {"version": STATE_VERSION, "tree": tree}}
+        ws = _ws_pages(working_set, r) if working_set is not None else "none"
+        return checkpoint(r, path, working_set=ws, durable=durable)
+
+
+def _ws_pages(working_set, region):
+    if isinstance(working_set, LoadedState):
+        if working_set.region is not region:
+            raise InvalidArgumentError("working_set: a LoadedState's working set applies to "
+                                       "that state only (save the LoadedState itself)")
+        return working_set.working_set()
+    return working_set
+
+
+def _check_key(key, path):
+    if not isinstance(key, str) or not key or SEP in key:
+        raise InvalidArgumentError("state key %r at %s: keys must be non-empty strings "
+                                   "without %r" % (key, SEP.join(path) or "the top", SEP))
+
+
+def _plan(obj, path, leaves, depth):
+    """The state tree of `obj`; appends (name, node, array) for every leaf to store."""
+    if depth > MAX_DEPTH:
+        raise InvalidArgumentError("state nested more than %d deep" % MAX_DEPTH)
+    if isinstance(obj, Mapping):
+        items = {}
+        for k, v in obj.items():
+            _check_key(k, path)
+            items[k] = _plan(v, path + (k,), leaves, depth + 1)
+        return {"kind": "dict", "items": items}
+    if not path:
+        raise InvalidArgumentError("save() takes a dict at the top")
+    name = SEP.join(path)
+    node, array = _leaf(obj, name)
+    node["array"] = name
+    leaves.append((name, node, array))
+    return node
+
+
+def _leaf(obj, name):
+    """(node, the numpy array whose bytes are stored) for one leaf."""
+    kind = _kind_of(obj)
+    if kind == "torch":
+        return _torch_leaf(obj, name)
+    if kind == "arrow":
+        return _arrow_leaf(obj, name)
+    if kind is None:
+        raise InvalidArgumentError("state[%r]: cannot save a %s (numpy arrays, torch CPU "
+                                   "tensors, Arrow arrays/tables and dicts of them)"
+                                   % (name, type(obj).__name__))
+    a = np.asarray(obj)
+    node = {"kind": "numpy"}
+    a, node["fortran"] = _c_order(a)
+    a, ml = _plain_dtype(a, name)
+    if ml:
+        node["ml_dtype"] = ml
+    return node, a
+
+
+def _kind_of(obj):
+    t = type(obj)
+    mod = t.__module__ or ""
+    if mod.startswith("torch") and t.__name__ in ("Tensor", "Parameter"):
+        return "torch"
+    if mod.startswith("pyarrow") and t.__name__ in ("Table", "ChunkedArray", "RecordBatch") \
+            or (mod.startswith("pyarrow") and _is_arrow_array(obj)):
+        return "arrow"
+    if isinstance(obj, (np.ndarray, np.generic)) or hasattr(obj, "__array_interface__"):
+        return "numpy"
+    return None
+
+
+def _is_arrow_array(obj):
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return False
+    return isinstance(obj, pa.Array)
+
+
+def _c_order(a):
+    """(C-contiguous array, fortran): a Fortran-ordered array is stored as its transpose, so
+    its bytes are stored as they are and load() gives a Fortran-ordered view back."""
+    if a.ndim > 1 and a.flags.f_contiguous and not a.flags.c_contiguous:
+        return a.T, True
+    # (not np.ascontiguousarray: it makes a 0-d array 1-d)
+    return (a if a.flags.c_contiguous else a.copy(order="C")), False
+
+
+def _plain_dtype(a, name):
+    """ml_dtypes' types (bfloat16, float8_*) have no numpy descriptor that reads back: store
+    their bits as an unsigned integer of the same size and the type's name beside it."""
+    if a.dtype.hasobject:
+        raise InvalidArgumentError("state[%r]: arrays of Python objects cannot be saved" % name)
+    if type(a.dtype).__module__.startswith("ml_dtypes") or (
+            a.dtype.kind == "V" and a.dtype.fields is None and a.dtype.type.__module__
+            .startswith("ml_dtypes")):
+        return a.view("<u%d" % a.dtype.itemsize), a.dtype.name
+    if a.dtype.kind == "V" and a.dtype.fields is None and a.dtype.itemsize == 0:
+        raise InvalidArgumentError("state[%r]: dtype %s has no size" % (name, a.dtype))
+    return a, None
+
+
+def _torch_leaf(t, name):
+    if t.device.type != "cpu":
+        raise InvalidArgumentError("state[%r]: a tensor on %s: move it to the CPU first "
+                                   "(tensor.cpu())" % (name, t.device))
+    dt = str(t.dtype).replace("torch.", "")
+    if dt not in _TORCH_DTYPES:
+        raise InvalidArgumentError("state[%r]: torch dtype %s is not supported" % (name, dt))
+    t = t.detach()
+    fortran = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+    if fortran:
+        t = t.t()
+    t = t.contiguous()
+    if dt == "bfloat16":
+        import torch
+        a = t.view(torch.int16).numpy().view(np.uint16)
+    else:
+        a = t.numpy()
+    return {"kind": "torch", "fortran": fortran, "torch_dtype": dt}, a
+
+
+def _arrow_leaf(obj, name):
+    """An Arrow object as an IPC stream (schema, then record batches), 64-byte-aligned
+    buffers: read back through pyarrow's IPC reader over the region, which maps the buffers
+    instead of copying them."""
+    import pyarrow as pa
+
+    if isinstance(obj, pa.Table):
+        what, table = "table", obj
+    elif isinstance(obj, pa.RecordBatch):
+        what, table = "batch", pa.Table.from_batches([obj])
+    elif isinstance(obj, pa.ChunkedArray):
+        what, table = "chunked", pa.table({"a": obj})
+    else:
+        what, table = "array", pa.table({"a": obj})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    buf = sink.getvalue()
+    return {"kind": "arrow", "what": what}, np.frombuffer(buf, np.uint8)
+
+
+# ---- load --------------------------------------------------------------------------------
+
+class LoadedState(Mapping):
+    """What load() returns: name -> lazily loaded array (numpy, torch or Arrow, as saved),
+    nested dicts for nested state. The arrays are views of one region (`.region`); pages are
+    read when first touched. Writes to them stay in this process unless it saves again.
+
+    close(): releases the region; arrays still referenced keep its memory valid (and served)
+    until they go. working_set(): the pages touched since load, in first-touch order (what
+    record_working_set() and save() store)."""
+
+    def __init__(self, region, items, path, fmt, metadata=None):
+        self.region = region
+        self._items = items
+        self.path = path
+        self.format = fmt          # "pylazymem", "npy", "npz" or "safetensors"
+        self.metadata = metadata or {}
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __repr__(self):
+        return "<pylazymem.LoadedState %s %s: %d entries%s>" % (
+            self.format, self.path, len(self._items), " (closed)" if self.region.closed else "")
+
+    def working_set(self):
+        return self.region.working_set()
+
+    def close(self):
+        self.region.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path, *, prefetch="working-set", share=False, readonly=False, background=None,
+         verify=False, **region_kw):
+    """Load a state saved by save() (or an .npy, .npz or .safetensors file) lazily: returns a
+    LoadedState. prefetch, share, background, verify: as restore() (a foreign file has no
+    working set: "working-set" prefetches nothing there). readonly: the arrays returned refuse
+    writes (numpy's writeable flag; Arrow data is read-only anyway)."""
+    from ._snapfile import MAGIC, SnapshotError, _open
+
+    path = os.fspath(path)
+    fd = _open(path)
+    try:
+        head = os.pread(fd, 64, 0)
+    finally:
+        os.close(fd)
+    if head.startswith(MAGIC):
+        return _load_snapshot(path, prefetch, share, readonly, background, verify, region_kw)
+    try:
+        from ._foreign import detect, open_foreign
+    except ImportError:   # a build without the foreign formats' reader
+        def detect(head):
+            return None
+    fmt = detect(head)
+    if fmt is None:
+        raise SnapshotError("%s: not a pylazymem snapshot, .npy, .npz or .safetensors file"
+                            % path)
+    region, entries = open_foreign(
+        path, fmt, prefetch="none" if prefetch == "working-set" else prefetch, share=share,
+        background=background, verify=verify, **region_kw)
+    try:
+        items = {}
+        for name, e in entries.items():
+            a = _view(region, e["dtype"], e["shape"], e["offset"], e.get("fortran", False))
+            items[name] = _readonly(a) if readonly else a
+        return LoadedState(region, items, path, fmt, getattr(region, "foreign_metadata", None))
+    except BaseException:
+        region.close()
+        raise
+
+
+def _load_snapshot(path, prefetch, share, readonly, background, verify, region_kw):
+    from .snapshot import restore
+
+    region = restore(path, prefetch=prefetch, share=share, background=background,
+                     verify=verify, **region_kw)
+    try:
+        state = region._manifest_extra.get("state")
+        arrays = region._arrays
+        if state is None:   # a snapshot of a Region's alloc()ed arrays: flat, numpy
+            tree = {"kind": "dict", "items": {n: {"kind": "numpy", "array": n,
+                                                  "fortran": False} for n in arrays}}
+        else:
+            tree = _checked_tree(state, path)
+        items = _build(tree, region, arrays, readonly, path, 0)
+        return LoadedState(region, items, path, "pylazymem")
+    except BaseException:
+        region.close()
+        raise
+
+
+def _checked_tree(state, path):
+    from ._snapfile import SnapshotError
+
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION \
+            or not isinstance(state.get("tree"), dict) or state["tree"].get("kind") != "dict":
+        raise SnapshotError("%s: manifest 'state' is not a state tree of version %d"
+                            % (path, STATE_VERSION))
+    return state["tree"]
+
+
+def _build(node, region, arrays, readonly, path, depth):
+    from ._snapfile import SnapshotError
+
+    def bad(what):
+        raise SnapshotError("%s: manifest state tree: %s" % (path, what))
+
+    if not isinstance(node, dict) or depth > MAX_DEPTH:
+        bad("a node is not an object, or the tree is nested more than %d deep" % MAX_DEPTH)
+    kind = node.get("kind")
+    if kind == "dict":
+        items = node.get("items")
+        if not isinstance(items, dict):
+            bad("a dict node without items")
+        out = {k: _build(v, region, arrays, readonly, path, depth + 1) for k, v in items.items()}
+        return out
+    name = node.get("array")
+    if not isinstance(name, str) or name not in arrays:
+        bad("a leaf names an array the manifest does not have: %r" % (name,))
+    a = arrays[name]
+    fortran = node.get("fortran", False)
+    if not isinstance(fortran, bool):
+        bad("%r: 'fortran' must be true or false" % name)
+    view = _view(region, a["dtype"], a["shape"], a["offset"], fortran)
+    if kind == "numpy":
+        ml = node.get("ml_dtype")
+        if ml is not None:
+            view = _ml_view(view, ml, name, bad)
+        return _readonly(view) if readonly else view
+    if kind == "torch":
+        dt = node.get("torch_dtype")
+        if dt not in _TORCH_DTYPES:
+            bad("%r: unknown torch dtype %r" % (name, dt))
+        return _torch_view(view, dt, readonly, name, bad)
+    if kind == "arrow":
+        if node.get("what") not in ("table", "array", "chunked", "batch"):
+            bad("%r: unknown Arrow object %r" % (name, node.get("what")))
+        return _arrow_view(view, node["what"], name, path)
+    bad("%r: unknown kind %r" % (name, kind))
+
+
+def _view(region, dtype, shape, offset, fortran):
+    shape = tuple(shape)
+    if fortran:
+        return region.ndarray(dtype, shape, offset).T
+    return region.ndarray(dtype, shape, offset)
+
+
+def _readonly(a):
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def _ml_view(view, ml, name, bad):
+    try:
+        import ml_dtypes
+    except ImportError:
+        # The bits are right; without ml_dtypes numpy has no type for them. Said, not hidden.
+        warnings.warn("%s: %s needs the ml_dtypes package; returned as its bits (%s)"
+                      % (name, ml, view.dtype), stacklevel=4)
+        return view
+    t = getattr(ml_dtypes, ml, None) if isinstance(ml, str) else None
+    if t is None or np.dtype(t).itemsize != view.dtype.itemsize:
+        bad("%r: unknown ml_dtypes type %r" % (name, ml))
+    return view.view(t)
+
+
+def _torch_view(view, dt, readonly, name, bad):
+    import torch
+
+    if readonly:
+        view = _readonly(view)
+    with warnings.catch_warnings():
+        # torch warns that it cannot mark a tensor read-only; readonly= is numpy's promise.
+        warnings.simplefilter("ignore", UserWarning)
+        if dt == "bfloat16":
+            if view.dtype != np.uint16:
+                bad("%r: bfloat16 stored as %s, not uint16" % (name, view.dtype))
+            return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
+        t = torch.from_numpy(view)
+    if str(t.dtype).replace("torch.", "") != dt:
+        bad("%r: stored as %s, which is not torch %s" % (name, view.dtype, dt))
+    return t
+
+
+def _arrow_view(view, what, name, path):
+    import pyarrow as pa
+    from ._snapfile import SnapshotError
+
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(view))
+        table = reader.read_all()
+        table.validate()
+    except (pa.ArrowException, ValueError) as e:
+        raise SnapshotError("%s: Arrow data of %r cannot be read: %s" % (path, name, e)) from None
+    if what == "table":
+        return table
+    if what == "batch":
+        return table.combine_chunks().to_batches()[0] if table.num_rows else \
+            pa.RecordBatch.from_pylist([], schema=table.schema)
+    col = table.column(0)
+    if what == "chunked":
+        return col
+    return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+
+
+# ---- working sets ------------------------------------------------------------------------
+
+def record_working_set(path, state):
+    """Store in the snapshot at `path` the working set `state` (what load(path) returned)
+    has recorded since it was loaded, keeping every page's contents as saved (the program's
+    writes are not saved: save() does that). The file is rewritten atomically."""
+    from .snapshot import rewrite_working_set
+
+    if not isinstance(state, LoadedState):
+        raise InvalidArgumentError("record_working_set() takes what load() returned")
+    if state.format != "pylazymem":
+        raise InvalidArgumentError("%s is a %s file, which has no working set: convert it with "
+                                   "plm.save(new_path, dict(state))" % (state.path, state.format))
+    src = state.region._snapshot
+    if src is None or os.path.realpath(src[0]) != os.path.realpath(os.fspath(path)):
+        raise InvalidArgumentError("record_working_set(%r): that state was loaded from %r"
+                                   % (os.fspath(path), src[0] if src else None))
+    return rewrite_working_set(path, state.working_set(), expect_id=src[1])

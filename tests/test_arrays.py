@@ -1,0 +1,347 @@
+"""plm.save / plm.load (issue 14, pylazymem/arrays.py): named arrays, tensors and tables saved
+once and loaded lazily; writes stay private; the working set is recorded across loads."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from _helpers import PAGE_SIZE
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
+PS = PAGE_SIZE
+
+
+def _same(a, b):
+    """Equal values, dtype and shape (NaN == NaN; structured arrays compared as bytes)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.dtype.fields is not None or a.dtype.kind == "V":
+        return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    return np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+
+
+rng = np.random.default_rng(14)
+NUMPY_CASES = {
+    "f32": rng.standard_normal(3000).astype(np.float32),
+    "f16": rng.standard_normal((17, 33)).astype(np.float16),
+    "f64_nan": np.array([1.0, np.nan, -np.inf, 0.0]),
+    "c128": (rng.standard_normal(40) + 1j * rng.standard_normal(40)),
+    "bool": rng.integers(0, 2, 5000).astype(bool),
+    "u8_multi_page": rng.integers(0, 256, 3 * PS + 5, dtype=np.uint8),
+    "i64_3d": np.arange(2 * 3 * 4, dtype=np.int64).reshape(2, 3, 4),
+    "big_endian": np.arange(100, dtype=">i4"),
+    "big_endian_f8": np.linspace(0, 1, 9).astype(">f8"),
+    "zero_d": np.array(3.25),
+    "scalar": np.float32(-2.5),
+    "empty": np.zeros((0, 7), np.float32),
+    "fortran": np.asfortranarray(rng.standard_normal((31, 45))),
+    "sliced": np.arange(1000, dtype=np.int32)[::3],
+    "transposed_3d": np.arange(60, dtype=np.int16).reshape(3, 4, 5).transpose(1, 0, 2),
+    "structured": np.array([(1, 2.5, b"ab"), (3, -1.0, b"cd")],
+                           dtype=[("i", "<i4"), ("f", ">f8"), ("s", "S2")]),
+    "datetime": np.array(["2026-12-05", "1970-01-01"], dtype="datetime64[D]"),
+    "unicode": np.array(["pylazymem", "é"], dtype="<U9"),
+}
+
+
+def test_numpy_round_trip_every_kind(tmp_path):
+    path = tmp_path / "s.plm"
+    info = plm.save(path, NUMPY_CASES)
+    assert set(info.arrays) == set(NUMPY_CASES)
+    with plm.load(path) as st:
+        assert set(st) == set(NUMPY_CASES) and st.format == "pylazymem"
+        for name, want in NUMPY_CASES.items():
+            got = st[name]
+            assert _same(got, want), name
+        assert st["fortran"].flags.f_contiguous and not st["fortran"].flags.c_contiguous
+        assert st["zero_d"].shape == () and st["scalar"].shape == ()
+        assert st["big_endian"].dtype.byteorder == ">"
+
+
+@pytest.mark.package("ml_dtypes")
+def test_bfloat16_and_float8_round_trip(tmp_path):
+    import ml_dtypes
+
+    st = {"bf16": np.arange(-8, 8, 0.5).astype(ml_dtypes.bfloat16),
+          "f8": np.linspace(-2, 2, 11).astype(ml_dtypes.float8_e4m3fn)}
+    plm.save(tmp_path / "s.plm", st)
+    with plm.load(tmp_path / "s.plm") as got:
+        for k, v in st.items():
+            assert got[k].dtype == v.dtype
+            assert got[k].view(np.uint8).tobytes() == v.view(np.uint8).tobytes()
+
+
+def test_nested_dicts_and_names(tmp_path):
+    st = {"model": {"layer0": {"w": np.ones((4, 4)), "b": np.zeros(4)},
+                    "layer1": {"w": np.full((2, 4), 7.0)}},
+          "step": np.array(12)}
+    info = plm.save(tmp_path / "s.plm", st)
+    assert set(info.arrays) == {"model/layer0/w", "model/layer0/b", "model/layer1/w", "step"}
+    with plm.load(tmp_path / "s.plm") as got:
+        assert isinstance(got["model"]["layer0"], dict)
+        assert _same(got["model"]["layer1"]["w"], st["model"]["layer1"]["w"])
+        assert int(got["step"]) == 12
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"a/b": np.zeros(3)}, "without '/'"),
+    ({"": np.zeros(3)}, "non-empty"),
+    ({3: np.zeros(3)}, "non-empty strings"),
+    ({"o": np.array([object()])}, "Python objects"),
+    ({"x": "a string"}, "cannot save a str"),
+    ({"x": [1, 2, 3]}, "cannot save a list"),
+    (np.zeros(3), "dict of arrays"),
+])
+def test_bad_state_is_refused_and_writes_nothing(tmp_path, bad, why):
+    path = tmp_path / "s.plm"
+    with pytest.raises(plm.InvalidArgumentError, match=why):
+        plm.save(path, bad)
+    assert not os.listdir(tmp_path)
+
+
+def test_compress_is_refused_not_ignored(tmp_path):
+    with pytest.raises(plm.InvalidArgumentError, match="compress"):
+        plm.save(tmp_path / "s.plm", {"a": np.zeros(3)}, compress="zstd")
+
+
+def test_loading_reads_nothing_until_touched(tmp_path):
+    n = 64 * PS // 8
+    st = {k: np.full(n, i + 1, np.float64) for i, k in enumerate("abcd")}
+    plm.save(tmp_path / "s.plm", st)
+    with plm.load(tmp_path / "s.plm", prefetch="none", background=False) as got:
+        s0 = got.region.stats()
+        assert s0["pages_present"] == 0 and s0["source_bytes_read"] == 0
+        assert float(got["c"].sum()) == 3.0 * n
+        s1 = got.region.stats()
+        # only c's pages (64), give or take what readahead brought with them
+        assert 64 <= s1["pages_present"] < 4 * 64
+        assert float(got["a"][0]) == 1.0
+
+
+def test_writes_stay_private_until_saved(tmp_path):
+    path, path2 = tmp_path / "s.plm", tmp_path / "t.plm"
+    plm.save(path, {"w": np.arange(5000, dtype=np.float32)})
+    before = path.read_bytes()
+    with plm.load(path) as got:
+        got["w"][10:20] = -1
+        with plm.load(path) as other:   # a second load of the file: untouched values
+            assert float(other["w"][15]) == 15.0
+        plm.save(path2, got)            # saving the loaded state keeps the writes
+    assert path.read_bytes() == before
+    with plm.load(path2) as again:
+        assert (again["w"][10:20] == -1).all() and float(again["w"][25]) == 25.0
+
+
+def test_readonly_arrays_refuse_writes(tmp_path):
+    plm.save(tmp_path / "s.plm", {"w": np.zeros(10), "n": {"v": np.ones(3)}})
+    with plm.load(tmp_path / "s.plm", readonly=True) as got:
+        with pytest.raises(ValueError):
+            got["w"][0] = 1
+        with pytest.raises(ValueError):
+            got["n"]["v"][0] = 1
+
+
+def test_working_set_recorded_across_loads(tmp_path):
+    path = tmp_path / "s.plm"
+    n = 32 * PS // 8
+    st = {k: np.full(n, i, np.float64) for i, k in enumerate(["a", "b", "c", "d"])}
+    plm.save(path, st)
+    info = plm.inspect(path)
+    b = info.arrays["b"]
+    b_pages = np.arange(b["offset"] // PS, (b["offset"] + n * 8) // PS)
+    with plm.load(path, prefetch="none", background=False) as got:
+        assert float(got["b"].sum()) == 1.0 * n     # the "first inference" touches b only
+        ws = got.working_set()
+        # b's pages, first touch first; readahead may have brought (and so recorded) a few
+        # pages past them, never pages before b
+        assert ws[0] == b_pages[0] and np.isin(b_pages, ws).all() and ws.min() >= b_pages[0]
+        assert ws.size < 3 * b_pages.size
+        info2 = plm.record_working_set(path, got)
+    assert np.array_equal(info2.working_set, ws)
+    # contents unchanged, and the next load prefetches exactly that working set
+    with plm.load(path, background=False) as again:
+        present = again.region.meta["state"] == plm.PageState.PRESENT
+        assert np.array_equal(np.flatnonzero(present), np.sort(ws))
+        for k, v in st.items():
+            assert _same(again[k], v)
+
+
+def test_record_working_set_checks_its_file(tmp_path):
+    p1, p2 = tmp_path / "one.plm", tmp_path / "two.plm"
+    plm.save(p1, {"a": np.zeros(10)})
+    plm.save(p2, {"a": np.zeros(10)})
+    with plm.load(p1) as got:
+        with pytest.raises(plm.InvalidArgumentError, match="loaded from"):
+            plm.record_working_set(p2, got)
+        plm.save(p1, {"a": np.ones(10)})          # another snapshot at the same path now
+        with pytest.raises(plm.SnapshotError, match="changed since"):
+            plm.record_working_set(p1, got)
+    with plm.load(p1) as again:
+        assert (again["a"] == 1).all()
+
+
+def _snapshot_with_tree(path, tree, arrays=None):
+    """A well-formed snapshot (checksums right) whose manifest carries `tree`."""
+    with plm.Region(4 * PS) as r:
+        for name, a in (arrays or {"x": np.arange(4.0)}).items():
+            r.alloc(name, a.shape, a.dtype)[...] = a
+        r._manifest_extra = {"state": tree}
+        plm.checkpoint(r, path)
+
+
+@pytest.mark.parametrize("tree, why", [
+    ({"version": 99, "tree": {"kind": "dict", "items": {}}}, "version"),
+    ({"version": 1, "tree": {"kind": "numpy", "array": "x"}}, "state tree"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "numpy", "array": "nope"}}}},
+     "does not have"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "pickle", "array": "x"}}}},
+     "unknown kind"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "torch", "array": "x",
+                                                              "torch_dtype": "evil"}}}},
+     "unknown torch dtype"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "numpy", "array": "x",
+                                                              "fortran": "yes"}}}}, "fortran"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "dict", "items": 3}}}},
+     "without items"),
+    ({"version": 1, "tree": {"kind": "dict", "items": {"y": {"kind": "arrow", "array": "x",
+                                                              "what": "pandas"}}}},
+     "unknown Arrow"),
+])
+def test_hostile_state_tree_is_a_clear_error(tmp_path, tree, why):
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, tree)
+    with pytest.raises(plm.SnapshotError, match=why):
+        plm.load(path)
+
+
+def test_deeply_nested_tree_is_refused(tmp_path):
+    node = {"kind": "numpy", "array": "x"}
+    for _ in range(200):
+        node = {"kind": "dict", "items": {"k": node}}
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, {"version": 1, "tree": node})
+    with pytest.raises(plm.SnapshotError, match="deep"):
+        plm.load(path)
+
+
+def test_plain_region_snapshot_loads_flat(tmp_path):
+    with plm.Region(4 * PS) as r:
+        r.alloc("v", (5,), np.int32)[...] = [1, 2, 3, 4, 5]
+        plm.checkpoint(r, tmp_path / "s.plm")
+    with plm.load(tmp_path / "s.plm") as got:
+        assert list(got) == ["v"] and got["v"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_not_a_snapshot_is_a_clear_error(tmp_path):
+    p = tmp_path / "junk.bin"
+    p.write_bytes(b"hello, not a snapshot" * 100)
+    with pytest.raises(plm.SnapshotError, match="not a pylazymem snapshot"):
+        plm.load(p)
+    with pytest.raises(plm.SnapshotError, match="no such"):
+        plm.load(tmp_path / "missing.plm")
+
+
+def test_closing_with_arrays_alive_keeps_them_valid(tmp_path):
+    plm.save(tmp_path / "s.plm", {"w": np.arange(3 * PS, dtype=np.uint8)})
+    got = plm.load(tmp_path / "s.plm", prefetch="none", background=False)
+    w = got["w"]
+    got.close()
+    assert np.array_equal(w, np.arange(3 * PS, dtype=np.uint8))
+
+
+@pytest.mark.package("pyarrow")
+def test_arrow_round_trip_zero_copy(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"i": pa.array([1, None, 3] * 1000, pa.int64()),
+                      "s": pa.array(["x", "yy", None] * 1000),
+                      "l": pa.array([[1, 2], [], None] * 1000, pa.list_(pa.int32())),
+                      "d": pa.array(["a", "b", "a"] * 1000).dictionary_encode()})
+    st = {"table": table,
+          "array": pa.array(np.arange(10000, dtype=np.float32)),
+          "chunked": pa.chunked_array([pa.array([1, 2]), pa.array([3])]),
+          "batch": pa.RecordBatch.from_pydict({"q": [1.5, 2.5]}),
+          "sliced": pa.array(np.arange(100))[10:20]}
+    plm.save(tmp_path / "s.plm", st)
+    with plm.load(tmp_path / "s.plm", prefetch="none", background=False) as got:
+        assert got["table"].equals(table)
+        assert got["array"].equals(st["array"])
+        assert got["chunked"].equals(st["chunked"])
+        assert got["batch"].equals(st["batch"])
+        assert got["sliced"].equals(st["sliced"])
+        # zero-copy: the data buffer lies inside the region's memory
+        buf = got["array"].buffers()[1]
+        base, size = got.region.address, got.region.nbytes
+        assert base <= buf.address < base + size
+
+
+@pytest.mark.package("torch")
+def test_torch_round_trip(tmp_path):
+    import torch
+
+    st = {"w": torch.randn(33, 17), "h": torch.randn(8).half(), "b": torch.randn(5, 3).bfloat16(),
+          "t": torch.randn(4, 6).t(), "i": torch.arange(10), "flag": torch.tensor([True, False])}
+    plm.save(tmp_path / "s.plm", st)
+    with plm.load(tmp_path / "s.plm") as got:
+        for k, v in st.items():
+            assert isinstance(got[k], torch.Tensor) and got[k].dtype == v.dtype
+            assert torch.equal(got[k], v), k
+
+
+TRAINED_MODEL = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import pylazymem as plm
+    from sklearn.linear_model import LogisticRegression
+
+    path, mode = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((600, 20))
+    y = (X[:, :3].sum(axis=1) > 0).astype(int) + (X[:, 3] > 1)
+    Xtest = rng.standard_normal((200, 20))
+    if mode == "train":
+        m = LogisticRegression(max_iter=500).fit(X, y)
+        plm.save(path, {"coef": m.coef_, "intercept": m.intercept_, "classes": m.classes_})
+        print(json.dumps(m.predict_proba(Xtest).tolist()))
+    else:
+        st = plm.load(path, prefetch="none", background=False)
+        assert st.region.stats()["pages_present"] == 0     # nothing read before use
+        m = LogisticRegression()
+        m.coef_, m.intercept_, m.classes_ = st["coef"], st["intercept"], st["classes"]
+        m.n_features_in_ = st["coef"].shape[1]
+        print(json.dumps(m.predict_proba(Xtest).tolist()))
+""")
+
+
+@pytest.mark.package("sklearn")
+def test_trained_model_predicts_the_same_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / "model.plm")
+    out = []
+    for mode in ("train", "load"):
+        p = subprocess.run([sys.executable, "-c", TRAINED_MODEL, path, mode],
+                           capture_output=True, text=True, timeout=90)
+        assert p.returncode == 0, p.stderr
+        out.append(np.array(json.loads(p.stdout)))
+    assert out[0].shape == (200, 3)
+    assert np.array_equal(out[0], out[1])   # bit for bit: the same weights, the same math
+
+
+def test_cli_inspect_lists_named_arrays(tmp_path):
+    path = tmp_path / "s.plm"
+    plm.save(path, {"model": {"w": np.zeros((64, 32), np.float16), "b": np.zeros(32, np.float32)},
+                    "step": np.array(3)})
+    cli = [sys.executable, "-m", "pylazymem", "inspect", str(path)]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.startswith("  ")}
+    assert lines["model/w"][1:3] == ["numpy", "float16"] and lines["model/w"][-2] == str(64 * 32 * 2)
+    assert lines["model/b"][-2] == str(32 * 4) and lines["step"][-2] == "8"
+    p = subprocess.run(cli + ["--json"], capture_output=True, text=True, timeout=60)
+    d = json.loads(p.stdout)["arrays"]
+    assert d["model/w"]["nbytes"] == 4096 and d["model/w"]["shape"] == [64, 32]
+    assert d["step"]["kind"] == "numpy"
