@@ -102,3 +102,91 @@ def test_shared_bench_smoke(part):
         assert r["value"] > 0, (r, out.getvalue())
     if part == "fanout":
         assert res["rows"]["fanout"]["shared"]["median"] < res["rows"]["fanout"]["private"]["median"]
+
+
+def test_arrays_layout_is_model_shaped():
+    """bench/arrays.py's state: 200 tensors in 40 layers, just under the size asked, every tensor
+    a whole number of uint64 words (the inference sums words), float16 and float32."""
+    from pylazymem.bench import arrays
+
+    for nbytes in (64 << 20, 2 << 30):
+        spec = arrays.layout(nbytes)
+        sizes = [int(np.prod(s)) * dt.itemsize for _, s, dt in spec]
+        assert len(spec) == 200 and len({n for n, _, _ in spec}) == 200
+        assert 0.9 * nbytes < sum(sizes) <= nbytes
+        assert all(b % 8 == 0 for b in sizes)
+        assert {dt.name for _, _, dt in spec} == {"float16", "float32"}
+        first = arrays.first_names([n for n, _, _ in spec])
+        assert len(first) == 20 and all(n.startswith(("layers.0.", "layers.1.", "layers.2.", "layers.3."))
+                                        for n in first)
+    a = arrays.make_tensor(7, "layers.1.attn.out", (16, 16), np.dtype(np.float16))
+    assert np.array_equal(a, arrays.make_tensor(7, "layers.1.attn.out", (16, 16), np.dtype(np.float16)))
+    b = a.copy()
+    b.reshape(-1).view(np.uint8)[100] ^= 1    # one flipped bit changes the inference's sum
+    assert arrays.word_sum(a) != arrays.word_sum(b)
+
+
+@pytest.fixture(scope="module")
+def arrays_quick():
+    """`python -m pylazymem.bench arrays --quick` (64 MiB), one repetition per variant, run once
+    for the tests below."""
+    import io
+
+    from pylazymem.bench import arrays
+
+    out = io.StringIO()
+    res = arrays.run(True, reps=1, file=out)
+    return res, out.getvalue()
+
+
+@pytest.mark.core(reason="bench/arrays.py spawns workers that load lazily")
+@pytest.mark.uffd
+@pytest.mark.timeout(900)
+def test_arrays_bench_quick(arrays_quick):
+    """Every part runs end to end in spawned workers, every tensor's sum checks, the peers that
+    need nothing optional (np.load, np.load(mmap_mode="r")) and the pylazymem variants have rows,
+    and whatever is not run is listed as absent with its reason."""
+    import importlib.util
+
+    import pylazymem as plm
+    from pylazymem.bench import arrays
+
+    res, out = arrays_quick
+    assert res["problems"] == [], out
+    assert arrays.plm_unavailable(plm) is None, "this build has plm.save/plm.load"
+    rows = res["rows"]
+    want = {"first": ["plm_ws", "plm_ws_bg", "plm_none", "npy_mmap"],
+            "resident": ["plm_bg_wait", "plm_materialize", "npy_load", "npy_mmap_touch"],
+            "pss": ["plm_private", "npy_mmap"] + (["plm_shared"] if plm.features().shared_pages else [])}
+    for part, variants in want.items():
+        for v in variants:
+            assert v in rows[part] and rows[part][v]["median"] > 0, (part, v, out)
+    assert rows["first"]["plm_ws"]["stats"]["prefetched_pages"] > 0, out   # the recorded working set was used
+    assert rows["first"]["plm_none"]["stats"]["prefetched_pages"] == 0, out
+    # four private copies cost about four times one; np.load(mmap_mode="r") shares the page cache
+    assert rows["pss"]["plm_private"]["median"] > 3.0, out
+    assert rows["pss"]["npy_mmap"]["median"] < 1.5, out
+    if "plm_shared" in rows["pss"]:
+        assert rows["pss"]["plm_shared"]["median"] < rows["pss"]["plm_private"]["median"] / 2, out
+    for r in res["ratios"].values():
+        assert r["value"] > 0, (r, out)
+    # what is not run says why; torch and safetensors only where they are not installed
+    for lib, variants in (("torch", ["first.torch_load_mmap", "pss.torch_load_mmap"]),
+                          ("safetensors", ["first.st_load_file", "resident.st_load_file"])):
+        missing = importlib.util.find_spec(lib) is None
+        for v in variants:
+            assert missing == any(a.startswith(v + ":") for a in res["absent"]), (v, res["absent"])
+
+
+@pytest.mark.core(reason="bench/arrays.py spawns workers that load lazily")
+@pytest.mark.uffd
+@pytest.mark.package("safetensors")
+@pytest.mark.timeout(900)
+def test_arrays_bench_quick_safetensors(arrays_quick):
+    """The safetensors peers ran in every part (where safetensors is installed)."""
+    res, out = arrays_quick
+    for part, v in (("first", "st_load_file"), ("first", "st_safe_open"), ("resident", "st_load_file"),
+                    ("pss", "st_load_file")):
+        assert v in res["rows"][part] and res["rows"][part][v]["median"] > 0, (part, v, out)
+    # load_file copies: four processes hold about four copies
+    assert res["rows"]["pss"]["st_load_file"]["median"] > 3.0, out

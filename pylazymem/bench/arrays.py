@@ -18,7 +18,9 @@ load and its work with perf_counter_ns and sends the figures back as a JSON line
 
   first     time from the load call until the first inference is done, page cache cold:
             plm_ws (plm.load, prefetch="working-set", background=False), plm_ws_bg (the same with
-            background=True), plm_none (prefetch="none", background=False); st_load_file
+            background=True), plm_none (prefetch="none", background=False), plm_safetensors
+            (plm.load of the .safetensors file itself, prefetch="none", where that is built);
+            st_load_file
             (safetensors.numpy.load_file: every tensor read into memory, eager), st_safe_open
             (safe_open(framework="numpy"), get_tensor of each tensor the inference needs),
             npy_mmap (np.load(mmap_mode="r") of every .npy), torch_load (eager) and
@@ -80,6 +82,7 @@ REPS = {"first": (2, 7), "resident": (2, 5), "pss": (1, 3)}   # (quick, full)
 
 # variant: (format it reads, eager or lazy); the order is the tables'
 FIRST = {"plm_ws": ("plm", "lazy"), "plm_ws_bg": ("plm", "lazy"), "plm_none": ("plm", "lazy"),
+         "plm_safetensors": ("plm_foreign", "lazy"),
          "st_load_file": ("safetensors", "eager"), "st_safe_open": ("safetensors", "lazy"),
          "npy_mmap": ("npy", "lazy"), "torch_load": ("torch", "eager"), "torch_load_mmap": ("torch", "lazy")}
 RESIDENT = {"plm_bg_wait": ("plm", "lazy"), "plm_materialize": ("plm", "lazy"),
@@ -92,6 +95,7 @@ PSS = {"plm_shared": ("plm_share", "lazy"), "plm_private": ("plm", "lazy"), "npy
 PLM_ARGS = {"plm_ws": {"prefetch": "working-set", "background": False},
             "plm_ws_bg": {"prefetch": "working-set", "background": True},
             "plm_none": {"prefetch": "none", "background": False},
+            "plm_safetensors": {"prefetch": "none", "background": False},
             "plm_bg_wait": {"prefetch": "working-set", "background": True},
             "plm_materialize": {"prefetch": "working-set", "background": False},
             "plm_shared": {"share": True}, "plm_private": {"share": False}}
@@ -125,6 +129,10 @@ def availability(plm) -> dict:
     out = {"plm": why, "plm_share": why or share_unavailable(plm), "npy": None}
     for fmt, mod in (("safetensors", "safetensors"), ("torch", "torch")):
         out[fmt] = None if importlib.util.find_spec(mod) else f"{mod} is not importable here"
+    # plm.load of the .safetensors file (pylazymem/_foreign.py): needs that file too
+    out["plm_foreign"] = why or out["safetensors"] or (
+        None if importlib.util.find_spec("pylazymem._foreign") else
+        "pylazymem._foreign absent: plm.load of a .safetensors file not built")
     return out
 
 
@@ -314,7 +322,7 @@ class _Loaded:
 def _load(plm, variant, paths, names) -> _Loaded:
     """The variant's load call (timed by the caller)."""
     if variant.startswith("plm_"):
-        st = plm.load(paths["plm"], **PLM_ARGS[variant])
+        st = plm.load(paths["safetensors" if variant == "plm_safetensors" else "plm"], **PLM_ARGS[variant])
         return _Loaded(st.__getitem__, st.close, st.region)
     if variant == "st_load_file":
         import safetensors.numpy as stn
@@ -465,7 +473,7 @@ def _worker() -> None:
 # ---- the parts ----------------------------------------------------------------------------------------
 
 def _files(info, fmt):
-    return info["files"]["plm" if fmt == "plm_share" else fmt]
+    return info["files"][{"plm_share": "plm", "plm_foreign": "safetensors"}.get(fmt, fmt)]
 
 
 def _present(table, avail, absent, part):
