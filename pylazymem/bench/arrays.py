@@ -187,7 +187,7 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
-def build(plm, d, nbytes, avail, problems, file) -> dict:
+def build(plm, d, nbytes, avail, problems) -> dict:
     """Generate the state and save it once per available format. Returns paths, names, the
     expected sums and what saving took."""
     spec = layout(nbytes)
@@ -236,7 +236,7 @@ def build(plm, d, nbytes, avail, problems, file) -> dict:
         paths["plm"] = os.path.join(d, "state.plm")
         timed("plm", lambda: plm.save(paths["plm"], state), [paths["plm"]])
         del state
-        info["record"] = record_working_set(plm, paths["plm"], first, expected, problems)
+        info["record"] = _record(plm, paths["plm"], first, expected, problems)
         _fsync(paths["plm"])
         info["file_bytes"]["plm"] = os.path.getsize(paths["plm"])
     else:
@@ -245,7 +245,7 @@ def build(plm, d, nbytes, avail, problems, file) -> dict:
     return info
 
 
-def record_working_set(plm, path, first, expected, problems) -> dict:
+def _record(plm, path, first, expected, problems) -> dict:
     """The working set the way a user records it: load lazily, run the first inference, store
     what it touched (plm.record_working_set rewrites the file)."""
     t0 = C.now_ns()
@@ -496,7 +496,11 @@ def _timed_runs(part, table, info, variants, reps, problems):
     last = {}
     for rep in range(-C.WARMUP, reps):
         for v in C.rotate(variants, rep):
-            ws = S.spawn(1, MODULE)
+            try:
+                ws = S.spawn(1, MODULE)
+            except RuntimeError as e:
+                problems.append(f"{part} {v} rep {rep}: {e}")
+                continue
             try:
                 drop(all_files)
                 frac = cached(_files(info, table[v][0]))
@@ -713,7 +717,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None, parts=None, 
             if why:
                 print(f"# absent in this build/environment: {fmt} variants ({why})", file=file)
         t0 = C.now_ns()
-        info = build(plm, d, nbytes, avail, problems, file)
+        info = build(plm, d, nbytes, avail, problems)
         print(f"# state: {len(info['names'])} tensors, {info['nbytes'] / C.MiB:.1f} MiB (d = {info['d']}), first "
               f"inference {len(info['first'])} tensors / {info['first_bytes'] / C.MiB:.1f} MiB; generated in "
               f"{info['gen_s']:.1f} s; set-up {(C.now_ns() - t0) / 1e9:.1f} s", file=file)
