@@ -345,3 +345,17 @@ def test_cli_inspect_lists_named_arrays(tmp_path):
     d = json.loads(p.stdout)["arrays"]
     assert d["model/w"]["nbytes"] == 4096 and d["model/w"]["shape"] == [64, 32]
     assert d["step"]["kind"] == "numpy"
+
+
+@pytest.mark.shared_pages
+def test_shared_loads_share_one_pool_and_keep_writes_private(tmp_path):
+    path = tmp_path / "s.plm"
+    w = np.random.default_rng(3).standard_normal(16 * PS // 8)
+    plm.save(path, {"w": w})
+    with plm.load(path, share=True) as a, plm.load(path, share=True) as b:
+        assert a.region.shared and b.region.shared
+        assert np.array_equal(a["w"], w) and np.array_equal(b["w"], w)
+        a["w"][:10] = 0
+        assert np.array_equal(b["w"], w)            # b still sees the snapshot's values
+        counts = b.region.page_counts()
+        assert counts["shared"] >= 16 - 1             # b's pages map the pool
