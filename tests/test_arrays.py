@@ -359,3 +359,41 @@ def test_shared_loads_share_one_pool_and_keep_writes_private(tmp_path):
         assert np.array_equal(b["w"], w)            # b still sees the snapshot's values
         counts = b.region.page_counts()
         assert counts["shared"] >= 16 - 1             # b's pages map the pool
+
+
+TORCH_MLP = textwrap.dedent("""
+    import json, sys
+    import torch
+    import pylazymem as plm
+
+    path, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(5)
+    X = torch.randn(512, 16)
+    y = (X[:, :4].sum(dim=1) > 0).long()
+    Xtest = torch.randn(64, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    if mode == "train":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(30):     # a few epochs
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        plm.save(path, {"model": dict(model.state_dict())})
+    else:
+        st = plm.load(path, prefetch="none", background=False)
+        model.load_state_dict(st["model"])
+    with torch.no_grad():
+        print(json.dumps(model(Xtest).tolist()))
+""")
+
+
+@pytest.mark.package("torch")
+def test_trained_torch_mlp_predicts_the_same_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / "mlp.plm")
+    out = []
+    for mode in ("train", "load"):
+        p = subprocess.run([sys.executable, "-c", TORCH_MLP, path, mode],
+                           capture_output=True, text=True, timeout=90)
+        assert p.returncode == 0, p.stderr
+        out.append(np.array(json.loads(p.stdout)))
+    assert out[0].shape == (64, 2) and np.array_equal(out[0], out[1])
