@@ -42,6 +42,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -586,6 +587,12 @@ static int remap_block(struct lm_region *r, size_t c, size_t len, size_t base, i
     bool mine[CHUNK];
     int rc = 0;
     for (size_t i = c; i < c + len; i++) {
+        if (!all && i % 64 == 0 && i + 64 <= c + len &&
+            !atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst)) {
+            memset(&mine[i - c], 0, 64);   /* 64 pages never claimed: nothing to hold */
+            i += 63;
+            continue;
+        }
         mine[i - c] = all || authoritative(r, i);
         if (!mine[i - c])
             continue;
@@ -667,6 +674,21 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
     return rc;
 }
 
+/* Word by word: does [c, c+len) hold no page that is authoritative and not in skip? Only
+   for 64-aligned stretches (else: false, the caller looks page by page). */
+static bool nothing_to_do(struct lm_region *r, size_t c, size_t len, size_t first,
+                          const uint64_t *skip)
+{
+    if (c % 64 || len % 64 || (c - first) % 64)
+        return false;
+    for (size_t w = c / 64; w < (c + len) / 64; w++) {
+        uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_seq_cst);
+        if (done & ~(skip ? skip[(w * 64 - first) / 64] : 0))
+            return false;
+    }
+    return true;
+}
+
 /* The per-page part of a deferral: with only_done, pages whose record is not yet
    authoritative are left to the range just published; pages set in skip (bits relative to
    first) were recorded already. */
@@ -679,6 +701,8 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
         size_t present = 0, poisoned = 0, claimed = 0;
         bool mine[CHUNK], was_present[CHUNK];
+        if (only_done && nothing_to_do(r, c, len, first, skip))
+            continue;   /* no page here was ever claimed, or all were recorded already */
         for (size_t i = c; i < c + len; i++) {
             mine[i - c] = !bit_set(skip, i - first) && (!only_done || authoritative(r, i));
             was_present[i - c] = false;
