@@ -193,8 +193,9 @@ struct lm_region {
        pages [b * blk_pages, (b + 1) * blk_pages)), the canonical id whose chunk is mapped there,
        0 = the region's normal backing (anonymous memory, or the pool). A flat table rather than
        a sorted span list: one lookup per block, 4 bytes per 2 MiB. Allocated at the first
-       chunk mapping; written by lm_defer_fill under chunk_lock; read without it by the
-       working-set scan (a stale read there costs one page's write record, nothing else). */
+       chunk mapping; written by lm_defer_fill and lm_chunk_take_over (store.c) under
+       chunk_lock; read without it by the working-set scan (a stale read there costs one page's
+       write record, nothing else) and by lm_kernel_page. */
     bool share_canonical;         /* chunks may be mapped (config and kernel allow) */
     bool kernel_first_touch;      /* whole chunk blocks are left unregistered: the kernel
                                      serves their first touches (config.shared_first_touch) */
@@ -371,7 +372,10 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
                         uint64_t sig, uint16_t flags,
                         int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg,
                         size_t *failed_at);
-/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL)? Stable while p is held. */
+/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL)? While p is held it can only
+   turn true (a deferral remapping the block onto a kernel-served chunk holds only pages
+   claimed before it looked; it records this one again afterwards), never false (leaving the
+   kernel-served state holds every page of the block): true means "no fault here reaches us". */
 static inline bool lm_kernel_page(struct lm_region *r, size_t p)
 {
     const uint32_t *co = atomic_load_explicit(&r->chunk_of, memory_order_acquire);
