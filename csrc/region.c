@@ -553,12 +553,10 @@ static int remap_blocks(struct lm_region *r, size_t b0, size_t b1, const struct 
                                      : "mmap(region memory back over a chunk)");
     }
     /* Kernel-served: left unregistered, so nothing we do races with the kernel's own
-       serving; whatever it maps from now on is the chunk's template, the new contents. */
-    if (kernel) {
-        if (madvise(addr, len, MADV_DONTFORK) < 0)   /* per VMA, as below */
-            return LM_FAIL("madvise(MADV_DONTFORK)");
+       serving; whatever it maps from now on is the chunk's template, the new contents.
+       MADV_DONTFORK: once for the whole piece, by defer_piece (one call for 512 VMAs). */
+    if (kernel)
         return 0;
-    }
     if (j->target || pool)
         mode |= UFFDIO_REGISTER_MODE_MINOR;
     else if (r->wp_async)
@@ -643,6 +641,14 @@ static int defer_piece(struct lm_region *r, size_t first, size_t n, int cls, uin
     size_t failed_at;
     int rc = lm_meta_defer_remap(r, first, n, cls, canon, sig, k->flags, remap_held, &j,
                                  &failed_at);
+    /* The new VMAs of kernel-served blocks (remap_blocks): a forked child must not inherit
+       them. One call over the blocks mapped (a block that failed has the normal backing back,
+       which needs it too: it is included). */
+    size_t mapped_end = failed_at < first + n ? failed_at + r->blk_pages : first + n;
+    if ((k->target & LM_CHUNK_KERNEL) &&
+        madvise(r->base + first * r->page_size, (mapped_end - first) * r->page_size,
+                MADV_DONTFORK) < 0 && rc == 0)
+        rc = LM_FAIL("madvise(MADV_DONTFORK)");
     if (rc < 0 && k->target)   /* back on the normal backing (remap_held): records that copy */
         lm_meta_defer(r, failed_at, first + n - failed_at, cls, canon, sig, flags);
     return rc;
