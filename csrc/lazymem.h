@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 10 };
+enum { LM_ABI_VERSION = 11 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -137,12 +137,21 @@ struct lm_config {
     int test_no_poison;          /* test hook: act as a kernel without UFFDIO_POISON (< 6.6) */
     int share_canonical;         /* enum lm_share_canonical: canonical deferrals map a shared
                                     chunk of the template (docs/shared-pages.md, section 3) */
+    int shared_first_touch;      /* enum lm_first_touch: who serves first touches of a chunk
+                                    block (docs/shared-pages.md, section 3 item 3) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
    (UFFD_FEATURE_MINOR_SHMEM) and within the VMA budget; OFF: copy at each first touch; ON: as
    AUTO, but creating the region fails with -EOPNOTSUPP where the kernel cannot. */
 enum lm_share_canonical { LM_SC_AUTO = 0, LM_SC_OFF = 1, LM_SC_ON = 2 };
+
+/* Region config shared_first_touch: chunk blocks (never pool pages) are either registered
+   MISSING | MINOR, every first touch a uffd round trip served with UFFDIO_CONTINUE and stamped
+   in the working set (SEEN), or left unregistered, first touches served by the kernel itself
+   (fault-around, no round trip) and invisible to the working set (KERNEL). DEFAULT is KERNEL:
+   benchmark 3 decided it (docs/shared-pages.md, section 3). */
+enum lm_first_touch { LM_FT_DEFAULT = 0, LM_FT_SEEN = 1, LM_FT_KERNEL = 2 };
 
 /* How a page was first made present (the fault timeline). */
 enum lm_path {
@@ -187,6 +196,9 @@ struct lm_stats {
     uint64_t canonical_copied_pages;  /* canonical pages copied because the VMA budget was spent */
     uint64_t map_budget_fallbacks;    /* defer_fill calls that found the VMA budget spent */
     int share_canonical;          /* canonical deferrals may map shared chunks here */
+    int shared_first_touch;       /* 1: chunk blocks registered (first touches reach us); 0:
+                                     served by the kernel (config.shared_first_touch) */
+    uint64_t canonical_kernel_pages;  /* pages of kernel-served chunk blocks now */
 };
 
 struct lm_region;

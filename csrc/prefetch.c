@@ -353,6 +353,11 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
     if (rc == 0)
         rc = find_repeats(r, pages, n, skip);
+    /* Pages of kernel-served chunk blocks are filled by us only once their block is registered
+       (store.c); taken over before any page is claimed here (a take-over holds whole blocks). */
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (lm_kernel_page(r, pages[i]))
+            rc = lm_chunk_take_over(r, pages[i], 1, false);
     size_t done = 0, k = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
         if (skip[i >> 6] & ((uint64_t)1 << (i & 63)))

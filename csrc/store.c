@@ -190,6 +190,59 @@ void lm_canon_chunks_close(struct lm_region *r)
     r->nchunks = r->chunks_cap = 0;
 }
 
+/*
+ * A kernel-served chunk block becomes a registered one (docs/shared-pages.md 3, the rule in
+ * lm_internal.h at LM_CHUNK_KERNEL): the one way any of our fill paths gets to act on one of
+ * its pages (materialize, prefetch, a deferral of other contents over part of it). Every page
+ * of the block is held (readers of it read its memory, and must not be reading when faults
+ * start reaching us), the block registered MISSING | MINOR on the region's uffd (re-registering
+ * an unregistered VMA of the same process: its pages stay mapped, a private copy keeps the
+ * program's bytes), then the records made true from the page tables: a page the kernel mapped
+ * is PRESENT (SHARED, or DATA when a store copied it), so no DEFERRED page of a registered
+ * block is mapped; the others stay DEFERRED and their first touch is a MINOR fault now.
+ */
+static int take_over_block(struct lm_region *r, uint32_t *chunk_of, size_t b)
+{
+    size_t bp = r->blk_pages, first = b * bp;
+    uint8_t old[LM_MAX_CLUSTER];
+    uint64_t pm[LM_MAX_CLUSTER];
+    if (bp > LM_MAX_CLUSTER)
+        return lm_fail("chunk block larger than a cluster", EINVAL);
+    for (size_t i = 0; i < bp; i++)
+        old[i] = lm_claim_wait(r, first + i);
+    int rc = lm_uffd_register(r->uffd, r->base + first * r->page_size, bp * r->page_size,
+                              UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    if (rc == 0)
+        rc = lm_ws_pagemap(r, first, bp, pm);
+    if (rc < 0) {
+        /* Left as it was (registered or not, the kernel serves what is mapped; a MINOR fault
+           on a page not mapped is served as any registered chunk page): records unchanged. */
+        lm_unclaim(r, first, bp, old);
+        return rc;
+    }
+    __atomic_store_n(&chunk_of[b], chunk_of[b] & ~LM_CHUNK_KERNEL, __ATOMIC_RELEASE);
+    atomic_fetch_sub(&r->kernel_blocks, 1);
+    lm_meta_release_registered(r, first, bp, old, pm);
+    return 0;
+}
+
+int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
+{
+    uint32_t *chunk_of = atomic_load(&r->chunk_of);
+    if (!chunk_of || !atomic_load(&r->kernel_blocks))
+        return 0;
+    int rc = 0;
+    if (!locked)
+        pthread_mutex_lock(&r->chunk_lock);
+    size_t b1 = (first + n + r->blk_pages - 1) / r->blk_pages;
+    for (size_t b = first / r->blk_pages; b < b1 && b < r->nblocks && rc == 0; b++)
+        if (chunk_of[b] & LM_CHUNK_KERNEL)
+            rc = take_over_block(r, chunk_of, b);
+    if (!locked)
+        pthread_mutex_unlock(&r->chunk_lock);
+    return rc;
+}
+
 int lm_canonical_read(struct lm_region *r, uint32_t id, void *out)
 {
     if (id == 0 || id > atomic_load_explicit(&r->canon_count, memory_order_acquire))
@@ -461,6 +514,12 @@ int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out)
     if (s == LM_POISONED)
         return lm_fail("page_read: the page is poisoned (its contents could not be served)",
                        EHWPOISON);
+    if (m->cls == LM_CLS_CANONICAL && (m->flags & LM_F_SHARED) && lm_kernel_page(r, p)) {
+        /* Kernel-served: the page tables are the truth (the template, or what a store since
+           the last sync wrote), and reading the memory raises no fault that reaches us. */
+        memcpy(out, r->base + p * r->page_size, r->page_size);
+        return 0;
+    }
     if (m->cls == LM_CLS_CANONICAL)
         memcpy(out, lm_canon_page(r, m->canon), r->page_size);
     else if (m->cls == LM_CLS_SNAPSHOT)
