@@ -52,6 +52,9 @@ struct uffdio_poison {
 };
 #define UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct uffdio_poison)
 #endif
+#ifndef UFFDIO_POISON_MODE_DONTWAKE
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+#endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
