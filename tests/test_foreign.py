@@ -817,8 +817,9 @@ def test_fuzz_headers(tmp_path, fmt):
                                  order="F" if e["fortran"] else "C")
                 assert same(got, ref[k]), (i, k)
             outcomes["agreed"] += 1
-    print(fmt, outcomes)
     assert outcomes["refused"] > FUZZ_ROUNDS // 4 and outcomes["read"] > 0, outcomes
+    if fmt != "safetensors" or _has("safetensors"):
+        assert outcomes["agreed"] > 0, outcomes
 
 
 def _has(module):
