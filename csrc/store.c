@@ -285,11 +285,6 @@ void lm_source_close(struct lm_region *r)
 
 static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t off);
 
-/*
- * The store's signatures are needed only to verify pages, to checkpoint a restored region
- * again (deduplication and the new file's signatures without reading the store) and to show
- * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them.
- */
 static int src_read_entries(struct lm_region *r, uint64_t index, size_t count, void *dst,
                             size_t *got);
 
@@ -313,6 +308,11 @@ static int raw_signatures(struct lm_region *r, uint64_t *sigs)
     return rc;
 }
 
+/*
+ * The store's signatures are needed only to verify pages, to checkpoint a restored region
+ * again (deduplication and the new file's signatures without reading the store) and to show
+ * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them.
+ */
 int lm_source_signatures(struct lm_region *r)
 {
     if (r->src_fd < 0 || atomic_load(&r->src_sigs))
