@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 11 };
+enum { LM_ABI_VERSION = 12 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -293,8 +293,17 @@ struct lm_snap_page {
    a mismatch poisons the page (access raises SIGBUS). */
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
                      uint64_t sigs_offset, uint64_t sigs_xxh3, int verify);
+/* Serve SNAPSHOT pages from a raw file (a .npy, .npz or .safetensors file restored as the
+   region's image, docs/foreign-formats.md): `fd` (duplicated, a regular file of exactly
+   `nbytes` bytes now: -ESTALE otherwise) has ceil(nbytes / page_size) store entries, entry i
+   being the file's bytes [i * page_size, (i + 1) * page_size) and the bytes past the end of
+   the file reading as zero. Size and modification time are watched as for a snapshot. There is
+   no signature section: lm_source_signatures() hashes the file's pages when signatures are
+   first needed (verify: now, one read of the whole file). */
+int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verify);
 /* Read and check the source's signatures if that has not been done yet (idempotent); lazy
-   page records filled before then get theirs. 0 when the region has no snapshot source. */
+   page records filled before then get theirs (a raw source's are computed by hashing its
+   pages). 0 when the region has no snapshot source. */
 int lm_source_signatures(struct lm_region *r);
 /* Check a snapshot's page map and working set: entries name store entries in range, every
    store entry is used, working-set pages are in range and listed once. counts[3] receives

@@ -257,8 +257,12 @@ struct lm_region {
        created on first use under canon_lock, closed with the region. */
     struct lm_chunk { uint32_t canon; int fd; } *chunks;
     size_t nchunks, chunks_cap;
-    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. */
+    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. A raw source
+       (lm_source_attach_raw) is a file of src_raw_bytes whose page i is entry i, the last one
+       zero-filled past the end; it has no signature section (hashed when first needed). */
     int src_fd;
+    bool src_raw;
+    uint64_t src_raw_bytes;
     uint64_t src_store_off;
     uint64_t src_nstored;
     bool src_verify;

@@ -289,7 +289,11 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
     try:
         items = {}
         for name, e in entries.items():
-            a = _view(region, e["dtype"], e["shape"], e["offset"], e.get("fortran", False))
+            # a foreign entry's shape is the array's own (a Fortran-ordered .npy's data are its
+            # transpose's, C-ordered: the shape _view wants is reversed)
+            fortran = e.get("fortran", False)
+            shape = tuple(e["shape"])[::-1] if fortran else e["shape"]
+            a = _view(region, e["dtype"], shape, e["offset"], fortran)
             items[name] = _readonly(a) if readonly else a
         return LoadedState(region, items, path, fmt, getattr(region, "foreign_metadata", None))
     except BaseException:

@@ -397,3 +397,38 @@ def test_trained_torch_mlp_predicts_the_same_in_a_fresh_process(tmp_path):
         assert p.returncode == 0, p.stderr
         out.append(np.array(json.loads(p.stdout)))
     assert out[0].shape == (64, 2) and np.array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_load_reads_npy_npz_lazily(tmp_path, order):
+    a = np.asarray(np.arange(6 * PS, dtype=np.int32).reshape(6, PS), order=order)
+    b = np.linspace(0, 1, 77)
+    np.save(tmp_path / "a.npy", a)
+    np.savez(tmp_path / "ab.npz", a=a, b=b)
+    with plm.load(tmp_path / "a.npy", background=False) as got:
+        assert got.format == "npy" and list(got) == ["array"]
+        assert got.region.stats()["pages_present"] == 0
+        assert np.array_equal(got["array"], a)
+        assert got["array"].flags.f_contiguous == (order == "F")
+    with plm.load(tmp_path / "ab.npz") as got:
+        assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b)
+        plm.save(tmp_path / "conv.plm", dict(got))      # converted to a pylazymem snapshot
+    with plm.load(tmp_path / "conv.plm") as conv:
+        assert np.array_equal(conv["a"], a) and np.array_equal(conv["b"], b)
+
+
+@pytest.mark.package("safetensors")
+def test_load_reads_safetensors_lazily(tmp_path):
+    import safetensors.numpy as stn
+
+    arrays = {"w": np.random.default_rng(1).standard_normal((300, 40)).astype(np.float32),
+              "b": np.arange(40, dtype=np.float16)}
+    path = str(tmp_path / "m.safetensors")
+    stn.save_file(arrays, path, metadata={"epoch": "3"})
+    with plm.load(path, background=False, readonly=True) as got:
+        assert got.format == "safetensors" and got.metadata == {"epoch": "3"}
+        assert got.region.stats()["pages_present"] == 0
+        for k, v in arrays.items():
+            assert np.array_equal(got[k], v)
+        with pytest.raises(ValueError):
+            got["w"][0, 0] = 1
