@@ -432,3 +432,19 @@ def test_load_reads_safetensors_lazily(tmp_path):
             assert np.array_equal(got[k], v)
         with pytest.raises(ValueError):
             got["w"][0, 0] = 1
+
+
+def test_cli_inspect_lists_a_foreign_files_arrays(tmp_path):
+    np.savez(tmp_path / "ab.npz", a=np.zeros((4, 5), np.float32), b=np.arange(3))
+    cli = [sys.executable, "-m", "pylazymem", "inspect", str(tmp_path / "ab.npz")]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "npz" in p.stdout.splitlines()[0]
+    lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.startswith("  ")}
+    assert lines["a"][1] == "float32" and lines["a"][-2] == "80"
+    d = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True,
+                                  timeout=60).stdout)
+    assert d["format"] == "npz" and d["arrays"]["b"]["shape"] == [3]
+    p = subprocess.run(cli + ["--plot", str(tmp_path / "x.png")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and "needs a pylazymem snapshot" in p.stderr
