@@ -448,3 +448,66 @@ def test_cli_inspect_lists_a_foreign_files_arrays(tmp_path):
     p = subprocess.run(cli + ["--plot", str(tmp_path / "x.png")], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode != 0 and "needs a pylazymem snapshot" in p.stderr
+
+
+def _via_region(path, arrays, extra, ws="none"):
+    """The same arrays written the long way: a region holding them, checkpoint()."""
+    end = 0
+    for a in arrays.values():      # page-aligned, one after the other, as save() lays them out
+        end = -(-end // PS) * PS + a.nbytes
+    with plm.Region(max(PS, -(-end // PS) * PS)) as r:
+        for name, a in arrays.items():
+            v = r.alloc(name, a.shape, a.dtype)
+            if a.size:
+                v[...] = a
+        r._manifest_extra = extra
+        plm.checkpoint(r, path, working_set=ws)
+
+
+def test_save_writes_the_file_checkpoint_would(tmp_path):
+    """save() writes straight to the file (no region): byte for byte what checkpoint() of a
+    region holding the same arrays writes: zero pages, duplicates, partial last pages."""
+    from pylazymem.snapshot import write_arrays
+
+    r = np.random.default_rng(9)
+    page = r.integers(0, 256, PS, dtype=np.uint8)
+    arrays = {"dups": np.tile(page, 5), "zeros": np.zeros(3 * PS + 10, np.uint8),
+              "mixed": np.concatenate([page, np.zeros(PS, np.uint8), r.integers(0, 256, 2 * PS + 7,
+                                                                              dtype=np.uint8)]),
+              "empty": np.zeros(0, np.float32), "tail": np.arange(100, dtype=np.float64)}
+    extra = {"state": {"version": 1, "tree": {"kind": "dict", "items": {}}}}
+    write_arrays(tmp_path / "direct.plm", arrays, extra)
+    _via_region(tmp_path / "region.plm", arrays, extra)
+    assert (tmp_path / "direct.plm").read_bytes() == (tmp_path / "region.plm").read_bytes()
+    ws = [7, 3, 0, 11]
+    write_arrays(tmp_path / "direct_ws.plm", arrays, extra, working_set=ws)
+    _via_region(tmp_path / "region_ws.plm", arrays, extra, ws=ws)
+    assert (tmp_path / "direct_ws.plm").read_bytes() == (tmp_path / "region_ws.plm").read_bytes()
+
+
+def test_save_compares_pages_whose_signatures_collide(tmp_path, monkeypatch):
+    """Equal signatures are not taken for equal pages: every hash collides here, and every
+    distinct page still gets its own store entry."""
+    import pylazymem.snapshot as snap
+
+    monkeypatch.setattr(snap, "_page_signature", lambda b: 42)
+    a = np.arange(6 * PS // 8, dtype=np.uint64)     # 6 distinct pages
+    b = a[:PS // 8].copy()                           # equal to a's first page
+    info = snap.write_arrays(tmp_path / "s.plm", {"a": a, "b": b})
+    assert info.pages_by_class["unique"] == 6 and info.pages_by_class["duplicate"] == 1
+    monkeypatch.undo()
+    with plm.load(tmp_path / "s.plm") as got:
+        assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b)
+
+
+def test_save_with_a_working_set(tmp_path):
+    st = {"a": np.ones(4 * PS // 8), "b": np.full(4 * PS // 8, 2.0)}
+    info = plm.save(tmp_path / "s.plm", st, working_set=[5, 4])
+    assert info.working_set.tolist() == [5, 4]
+    with plm.load(tmp_path / "s.plm", background=False) as got:
+        present = np.flatnonzero(got.region.meta["state"] == plm.PageState.PRESENT)
+        assert present.tolist() == [4, 5]
+        assert float(got["b"].sum()) == 2.0 * 4 * PS // 8
+    with pytest.raises(plm.InvalidArgumentError, match="outside"):
+        plm.save(tmp_path / "t.plm", st, working_set=[8])
+    assert not (tmp_path / "t.plm").exists()
