@@ -168,6 +168,10 @@ static void *pipeline_reader(void *arg)
         if (stop)
             break;
         struct batch *b = &pl->b[idx];
+        /* the batch a buffer-ring later is read ahead by the kernel meanwhile */
+        if (idx + PREFETCH_BUFS < pl->nb)
+            lm_src_willneed(pl->r, pl->b[idx + PREFETCH_BUFS].base,
+                            pl->b[idx + PREFETCH_BUFS].count);
         int rc = lm_src_read(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS]);
         pthread_mutex_lock(&pl->mu);
         if (rc < 0) {
@@ -428,6 +432,7 @@ static void *bg_main(void *arg)
         }
         old[0] = s;
         size_t run = lm_claim_run(r, p, chunk, old);
+        lm_src_willneed_pages(r, p + run, BG_MAX);   /* read on while this run is copied */
         size_t done = lm_fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         p += run;
