@@ -365,7 +365,12 @@ size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t 
             lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size, r->page_size);
             done++;
         } else if (rc == -ENOENT || rc == -ESRCH) {
-            lm_unclaim(r, first + i, n - i, old + i);   /* region going away */
+            /* The range is not registered (any more): a deferral remapped the block to a
+               kernel-served chunk under us (it records the pages again), or the region is
+               going away. Given back; a faulter waiting on them retries. */
+            lm_unclaim(r, first + i, n - i, old + i);
+            lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size,
+                         (n - i) * r->page_size);
             break;
         } else {
             lm_poison_page(r, first + i, rc);
@@ -393,7 +398,9 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
 
     size_t i = first, end = first + n;
     bool poisoned = false;
-    unsigned spins = 0;
+    unsigned spins = 0, retries = 0;
+    /* Kernel-served chunk blocks are filled by us only once registered (store.c). */
+    rc = lm_chunk_take_over(r, first, n, false);
     while (i < end && rc == 0) {
         /* Claim a run of lazy pages of one kind; present pages are passed over. */
         uint8_t s = lm_claim(r, i);
@@ -416,6 +423,13 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
         }
         if (rc < 0)
             lm_unclaim(r, i + filled, run - filled, old + filled);   /* still lazy */
+        if (rc == -ENOENT && retries++ < 8) {
+            /* A concurrent deferral made this block kernel-served after the take-over
+               above: take it over again and carry on from the first page not filled. */
+            i += filled;
+            rc = lm_chunk_take_over(r, i, 1, false);
+            continue;
+        }
         i += run;
     }
     free(t.scratch);

@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 10 };
+enum { LM_ABI_VERSION = 12 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -137,12 +137,21 @@ struct lm_config {
     int test_no_poison;          /* test hook: act as a kernel without UFFDIO_POISON (< 6.6) */
     int share_canonical;         /* enum lm_share_canonical: canonical deferrals map a shared
                                     chunk of the template (docs/shared-pages.md, section 3) */
+    int shared_first_touch;      /* enum lm_first_touch: who serves first touches of a chunk
+                                    block (docs/shared-pages.md, section 3 item 3) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
    (UFFD_FEATURE_MINOR_SHMEM) and within the VMA budget; OFF: copy at each first touch; ON: as
    AUTO, but creating the region fails with -EOPNOTSUPP where the kernel cannot. */
 enum lm_share_canonical { LM_SC_AUTO = 0, LM_SC_OFF = 1, LM_SC_ON = 2 };
+
+/* Region config shared_first_touch: chunk blocks (never pool pages) are either registered
+   MISSING | MINOR, every first touch a uffd round trip served with UFFDIO_CONTINUE and stamped
+   in the working set (SEEN), or left unregistered, first touches served by the kernel itself
+   (fault-around, no round trip) and invisible to the working set (KERNEL). DEFAULT is KERNEL:
+   benchmark 3 decided it (docs/shared-pages.md, section 3). */
+enum lm_first_touch { LM_FT_DEFAULT = 0, LM_FT_SEEN = 1, LM_FT_KERNEL = 2 };
 
 /* How a page was first made present (the fault timeline). */
 enum lm_path {
@@ -187,6 +196,9 @@ struct lm_stats {
     uint64_t canonical_copied_pages;  /* canonical pages copied because the VMA budget was spent */
     uint64_t map_budget_fallbacks;    /* defer_fill calls that found the VMA budget spent */
     int share_canonical;          /* canonical deferrals may map shared chunks here */
+    int shared_first_touch;       /* 1: chunk blocks registered (first touches reach us); 0:
+                                     served by the kernel (config.shared_first_touch) */
+    uint64_t canonical_kernel_pages;  /* pages of kernel-served chunk blocks now */
 };
 
 struct lm_region;
@@ -281,8 +293,17 @@ struct lm_snap_page {
    a mismatch poisons the page (access raises SIGBUS). */
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
                      uint64_t sigs_offset, uint64_t sigs_xxh3, int verify);
+/* Serve SNAPSHOT pages from a raw file (a .npy, .npz or .safetensors file restored as the
+   region's image, docs/foreign-formats.md): `fd` (duplicated, a regular file of exactly
+   `nbytes` bytes now: -ESTALE otherwise) has ceil(nbytes / page_size) store entries, entry i
+   being the file's bytes [i * page_size, (i + 1) * page_size) and the bytes past the end of
+   the file reading as zero. Size and modification time are watched as for a snapshot. There is
+   no signature section: lm_source_signatures() hashes the file's pages when signatures are
+   first needed (verify: now, one read of the whole file). */
+int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verify);
 /* Read and check the source's signatures if that has not been done yet (idempotent); lazy
-   page records filled before then get theirs. 0 when the region has no snapshot source. */
+   page records filled before then get theirs (a raw source's are computed by hashing its
+   pages). 0 when the region has no snapshot source. */
 int lm_source_signatures(struct lm_region *r);
 /* Check a snapshot's page map and working set: entries name store entries in range, every
    store entry is used, working-set pages are in range and listed once. counts[3] receives

@@ -52,6 +52,9 @@ struct uffdio_poison {
 };
 #define UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct uffdio_poison)
 #endif
+#ifndef UFFDIO_POISON_MODE_DONTWAKE
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+#endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
@@ -108,6 +111,16 @@ int lm_uffd_wake(int fd, void *addr, size_t len);
 int lm_uffd_poison(int fd, void *addr, size_t len);
 
 /* ==== the region ======================================================================== */
+
+/* chunk_of[b] with this bit: block b maps chunk (chunk_of[b] & ~LM_CHUNK_KERNEL) and is not
+   registered on the uffd: the kernel serves its first touches, no fault reaches us. Its pages'
+   records are DEFERRED, CANONICAL, SHARED (or PRESENT DATA once a sync found them written):
+   the contents are the template's wherever the page tables do not hold a private page.
+   The rule for such a block (docs/shared-pages.md 3): whoever reads a page of it holds the
+   page and may read its memory (no uffd fault can come of it); whoever must fill a page of it
+   first converts the whole block to a registered chunk block (lm_chunk_take_over, store.c);
+   whoever changes its mapping or registration holds every page of the block. */
+#define LM_CHUNK_KERNEL 0x80000000u
 
 /* A deferral recorded once for a range of pages (lm_meta_defer's fast path). */
 struct lm_range {
@@ -183,13 +196,17 @@ struct lm_region {
        pages [b * blk_pages, (b + 1) * blk_pages)), the canonical id whose chunk is mapped there,
        0 = the region's normal backing (anonymous memory, or the pool). A flat table rather than
        a sorted span list: one lookup per block, 4 bytes per 2 MiB. Allocated at the first
-       chunk mapping; written by lm_defer_fill under chunk_lock; read without it by the
-       working-set scan (a stale read there costs one page's write record, nothing else). */
+       chunk mapping; written by lm_defer_fill and lm_chunk_take_over (store.c) under
+       chunk_lock; read without it by the working-set scan (a stale read there costs one page's
+       write record, nothing else) and by lm_kernel_page. */
     bool share_canonical;         /* chunks may be mapped (config and kernel allow) */
+    bool kernel_first_touch;      /* whole chunk blocks are left unregistered: the kernel
+                                     serves their first touches (config.shared_first_touch) */
     size_t blk_pages;             /* pages per 2 MiB block */
     size_t nblocks;
     _Atomic(uint32_t *) chunk_of;
     _Atomic size_t chunk_vmas;    /* blocks mapped from a chunk now: VMAs held in the budget */
+    _Atomic size_t kernel_blocks; /* of those, blocks served by the kernel (LM_CHUNK_KERNEL) */
     pthread_mutex_t chunk_lock;
 
     /* meta.c: the metadata array in a memfd, the single record of page state. */
@@ -240,8 +257,12 @@ struct lm_region {
        created on first use under canon_lock, closed with the region. */
     struct lm_chunk { uint32_t canon; int fd; } *chunks;
     size_t nchunks, chunks_cap;
-    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. */
+    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. A raw source
+       (lm_source_attach_raw) is a file of src_raw_bytes whose page i is entry i, the last one
+       zero-filled past the end; it has no signature section (hashed when first needed). */
     int src_fd;
+    bool src_raw;
+    uint64_t src_raw_bytes;
     uint64_t src_store_off;
     uint64_t src_nstored;
     bool src_verify;
@@ -332,7 +353,9 @@ void lm_mark_poisoned(struct lm_region *r, size_t page);
 /* A claimed page about to hold the program's own data (write fault; page server's pages). */
 void lm_meta_set_data(struct lm_region *r, size_t page, bool forget_canon);
 /* A page of a shared region found holding private memory (lm_ws_scan_private): if its record
-   says it maps the pool (LM_F_SHARED), it was written since: program data now. */
+   says it maps the pool or a chunk (LM_F_SHARED), it was written since: program data now. A
+   DEFERRED page of a kernel-served chunk block (the kernel mapped it and a store copied it,
+   neither told us) becomes PRESENT DATA. */
 void lm_meta_note_private(struct lm_region *r, size_t page);
 /* A held page's signature, just computed from its contents (the caller holds the page). */
 void lm_meta_note_signature(struct lm_region *r, size_t page, uint64_t sig);
@@ -343,15 +366,36 @@ int lm_check_range(struct lm_region *r, size_t first, size_t n);
    records, present pages dropped (MADV_DONTNEED). */
 int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
                   uint64_t sig, uint16_t flags);
-/* A deferral that also changes the memory behind [first, first+n) (canonical chunks): every
-   page is claimed (waiting for fills in flight, so none runs against the old mapping with a
-   new record or the other way round), remap(r, c, len, arg) replaces the mapping of each
-   claimed stretch (whole blocks; it discards the old contents), then the records are written
-   (per page: no range record) and the pages released DEFERRED. remap's error is returned;
-   the records are written either way (remap leaves the memory registered and missing). */
+/* A deferral that also changes the memory behind [first, first+n) (whole blocks: canonical
+   chunks). Per block: the pages whose record is authoritative (and every page of a
+   kernel-served block) are held, remap(r, block's first page, block's pages, arg) replaces the
+   block's mapping (discarding the old contents), their records are written and they are given
+   back DEFERRED. Then one range record is published for the pages never claimed, and pages
+   claimed meanwhile (a fill in flight from before the remap) are held and recorded one by one
+   (meta.c says why that is race-free). remap's first error is returned, with *failed_at = the
+   first page of the block that failed (the rest are left alone: the caller records them);
+   else *failed_at = first + n. */
 int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
                         uint64_t sig, uint16_t flags,
-                        int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg);
+                        int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg,
+                        size_t *failed_at);
+/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL)? While p is held it can only
+   turn true (a deferral remapping the block onto a kernel-served chunk holds only pages
+   claimed before it looked; it records this one again afterwards), never false (leaving the
+   kernel-served state holds every page of the block): true means "no fault here reaches us". */
+static inline bool lm_kernel_page(struct lm_region *r, size_t p)
+{
+    const uint32_t *co = atomic_load_explicit(&r->chunk_of, memory_order_acquire);
+    size_t b = p / r->blk_pages;
+    return co && b < r->nblocks &&
+           (__atomic_load_n(&co[b], __ATOMIC_ACQUIRE) & LM_CHUNK_KERNEL);
+}
+/* Make the records of a block that is becoming registered true (lm_chunk_take_over): pages
+   [first, first+n) are held by the caller; pm[i] is page i's /proc/self/pagemap entry. Present
+   file pages become PRESENT SHARED, private ones PRESENT DATA, the rest stay as they were; each
+   page is given back. */
+void lm_meta_release_registered(struct lm_region *r, size_t first, size_t n, const uint8_t *old,
+                                const uint64_t *pm);
 /* Lazy records. lm_meta_sync_locked fills every pending one; call it between
    lm_records_lock() and lm_records_unlock() (lm_meta_sync in store.c does). */
 void lm_records_lock(struct lm_region *r);
@@ -370,6 +414,11 @@ int lm_ws_init(struct lm_region *r, uint64_t api_features);
 void lm_ws_close(struct lm_region *r);
 /* Shared regions: call fn(r, page) for every page that holds private (anonymous) memory. */
 int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_t));
+/* The raw /proc/self/pagemap entries of pages [first, first+n) (LM_PM_* bits). */
+int lm_ws_pagemap(struct lm_region *r, size_t first, size_t n, uint64_t *out);
+#define LM_PM_PRESENT ((uint64_t)1 << 63)
+#define LM_PM_SWAPPED ((uint64_t)1 << 62)
+#define LM_PM_FILE ((uint64_t)1 << 61)
 
 /* ==== store.c =========================================================================== */
 
@@ -378,12 +427,21 @@ const char *lm_canon_page(struct lm_region *r, uint32_t id);
    created on first use; owned by the region (do not close). -errno on failure. */
 int lm_canon_chunk_fd(struct lm_region *r, uint32_t id, size_t bytes);
 void lm_canon_chunks_close(struct lm_region *r);
+/* Convert the kernel-served chunk blocks that overlap pages [first, first+n) to registered
+   ones (MISSING | MINOR on the same uffd; present pages stay, private ones keep the program's
+   bytes), their records made true from the page tables. The caller holds no page. With
+   `locked`, the caller holds chunk_lock. 0 or -errno. */
+int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked);
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
 /* The signature of canonical page `id`, checking that the id is this region's. */
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+/* Hints only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store entries
+   [index, index+count), or the entries that pages [first, first+n) will need. */
+void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);
+void lm_src_willneed_pages(struct lm_region *r, size_t first, size_t n);
 void lm_source_close(struct lm_region *r);
 
 /* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */

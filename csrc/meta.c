@@ -42,6 +42,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -405,8 +406,38 @@ void lm_meta_note_private(struct lm_region *r, size_t page)
         m->flags &= (uint16_t)~LM_F_SHARED;
         m->cls = LM_CLS_DATA;   /* a store copied the pool's page: the program's data now */
         m->signature = 0;
+    } else if (s == LM_DEFERRED && (m->flags & LM_F_SHARED) && m->cls == LM_CLS_CANONICAL &&
+               lm_kernel_page(r, page)) {
+        /* The kernel served its first touch and a store copied it: program data, present.
+           Not a first touch we saw: no order. */
+        m->cls = LM_CLS_DATA;
+        m->signature = 0;
+        lm_mark_present(r, page, 1, 0, 0);
+        return;
     }
     lm_release(r, page, s);
+}
+
+void lm_meta_release_registered(struct lm_region *r, size_t first, size_t n, const uint8_t *old,
+                                const uint64_t *pm)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct lm_page_meta *m = &r->meta[first + i];
+        bool mapped = (pm[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
+        if (old[i] != LM_DEFERRED || !mapped || m->cls != LM_CLS_CANONICAL ||
+            !(m->flags & LM_F_SHARED)) {
+            store_state(r, first + i, old[i], "release_registered");
+            continue;
+        }
+        /* Mapped by the kernel while unregistered: the chunk's page (SHARED, kept by
+           lm_mark_present) or a private copy a store made (the program's data). A registered
+           block must not have DEFERRED pages that are mapped: no fault would ever come. */
+        if (!(pm[i] & LM_PM_FILE)) {
+            m->cls = LM_CLS_DATA;
+            m->signature = 0;
+        }
+        lm_mark_present(r, first + i, 1, 0, 0);
+    }
 }
 
 /* Not a transition: a signature computed from a held page's contents (lm_signatures, the
@@ -502,58 +533,178 @@ void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs)
 
 typedef int (*remap_fn)(struct lm_region *, size_t, size_t, void *);
 static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
-                       uint64_t sig, uint16_t flags, bool only_done, remap_fn remap, void *arg);
+                       uint64_t sig, uint16_t flags, bool only_done, const uint64_t *skip,
+                       remap_fn remap, void *arg);
+
+static bool publish_range(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                          uint64_t sig, uint16_t flags)
+{
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
+        lm_meta_sync_locked(r);   /* the list is full: fill every record once, start anew */
+    if (n < LM_RANGE_MIN_PAGES || atomic_load(&r->nranges) >= LM_MAX_RANGES)
+        return false;
+    struct lm_range *g = &r->ranges[atomic_load(&r->nranges)];
+    *g = (struct lm_range){first, n, (uint8_t)cls, flags, canon, sig};
+    atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&r->nranges, 1, memory_order_seq_cst);
+    return true;
+}
 
 /* The record part of lm_defer_fill (moved from region.c, unchanged). */
 int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
                   uint64_t sig, uint16_t flags)
 {
-    int rc;
     pthread_mutex_lock(&r->records_lock);
-    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
-        lm_meta_sync_locked(r);   /* the list is full: fill every record once, start anew */
-    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) < LM_MAX_RANGES) {
-        /* Fast path: record the deferral once for the whole range. Pages whose record is not
-           authoritative yet take it when first claimed; the others are updated below. */
-        struct lm_range *g = &r->ranges[atomic_load(&r->nranges)];
-        *g = (struct lm_range){first, n, (uint8_t)cls, flags, canon, sig};
-        atomic_store_explicit(&r->lazy_records, 1, memory_order_seq_cst);
-        atomic_fetch_add_explicit(&r->nranges, 1, memory_order_seq_cst);
-        rc = defer_pages(r, first, n, cls, canon, sig, flags, true, NULL, NULL);
-    } else {
-        rc = defer_pages(r, first, n, cls, canon, sig, flags, false, NULL, NULL);
-    }
+    /* Fast path: record the deferral once for the whole range. Pages whose record is not
+       authoritative yet take it when first claimed; the others are updated below. */
+    bool fast = publish_range(r, first, n, cls, canon, sig, flags);
+    int rc = defer_pages(r, first, n, cls, canon, sig, flags, fast, NULL, NULL, NULL);
     pthread_mutex_unlock(&r->records_lock);
     return rc;
 }
 
-/* No range record here: a page left to one could be claimed by a fault between the new
-   record and the new mapping, and filled the new way into the old memory (a CONTINUE into
-   anonymous memory fails; a copy into a chunk span would be discarded by the remap while its
-   record says PRESENT). Holding every page across the remap rules both out. */
-int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
-                        uint64_t sig, uint16_t flags, remap_fn remap, void *arg)
+static inline bool bit_set(const uint64_t *bits, size_t i)
 {
+    return bits && (bits[i >> 6] >> (i & 63)) & 1;
+}
+
+static inline bool authoritative(struct lm_region *r, size_t p)
+{
+    return (atomic_load_explicit(&r->base_done[p >> 6], memory_order_seq_cst) >> (p & 63)) & 1;
+}
+
+/*
+ * One block of lm_meta_defer_remap: hold the pages `all` says (every page) or whose record is
+ * authoritative, write their records, remap the block, give them back DEFERRED; held[] (bits
+ * relative to `base`) says which were held. On a failed remap the held pages are recorded as
+ * copies (the caller's remap put the normal backing back; the caller records the block again).
+ */
+static int remap_block(struct lm_region *r, size_t c, size_t len, size_t base, int cls,
+                       uint32_t canon, uint64_t sig, uint16_t flags, bool all, uint64_t *held,
+                       remap_fn remap, void *arg)
+{
+    size_t present = 0, poisoned = 0;
+    bool mine[CHUNK];
+    int rc = 0;
+    for (size_t i = c; i < c + len; i++) {
+        if (!all && i % 64 == 0 && i + 64 <= c + len &&
+            !atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst)) {
+            memset(&mine[i - c], 0, 64);   /* 64 pages never claimed: nothing to hold */
+            i += 63;
+            continue;
+        }
+        mine[i - c] = all || authoritative(r, i);
+        if (!mine[i - c])
+            continue;
+        struct lm_page_meta *m = &r->meta[i];
+        uint8_t old = lm_claim_wait(r, i);
+        if (old == LM_POISONED) {
+            poisoned++;   /* the remap drops the marker; PROT_NONE (no UFFDIO_POISON) too */
+        } else if (old == LM_PRESENT) {
+            present++;
+        }
+        m->cls = (uint8_t)cls;
+        m->canon = canon;
+        m->signature = sig;
+        m->order = 0;
+        m->flags = flags;
+        if (held)
+            held[(i - base) >> 6] |= (uint64_t)1 << ((i - base) & 63);
+    }
+    rc = remap(r, c, len, arg);
+    atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&r->st_poisoned, (int64_t)poisoned, memory_order_relaxed);
+    for (size_t i = c; i < c + len; i++) {
+        if (!mine[i - c])
+            continue;
+        if (rc < 0)
+            r->meta[i].flags = (uint16_t)((flags & ~LM_F_SHARED) | LM_F_NEEDS_UPDATE);
+        store_state(r, i, LM_DEFERRED, "defer_remap");
+    }
+    return rc;
+}
+
+/*
+ * Why the pages never claimed need no hold (only authoritative ones are held): a page whose
+ * base_done bit is clear has never been claimed, so no fill, reader or fault is working on
+ * it when its block is remapped. One may be claimed during the remap (a fault raised against
+ * the old mapping, a reader): the claim sets the bit and then reads the ranges, and we publish
+ * the range and then read the bits (all sequentially consistent), so either the claimer sees
+ * the new range (published only after every block was remapped: the new record meets the new
+ * mapping), or the pass after publication sees its bit and holds the page (waiting for its
+ * fill to end), rewrites its record and drops what the fill put there (MADV_DONTNEED: back to
+ * the chunk). A fill with an old record against the new mapping either lands there (dropped
+ * again by that pass) or fails with ENOENT when the new block is not registered (kernel-served):
+ * the fill paths give such a page back and wake its faulter (serve.c, fill.c), never poison it.
+ * Kernel-served blocks being remapped are held whole: readers read their memory (store.c).
+ */
+int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
+                        uint64_t sig, uint16_t flags, remap_fn remap, void *arg,
+                        size_t *failed_at)
+{
+    size_t bp = r->blk_pages;
+    int rc = 0;
+    *failed_at = first + n;
     pthread_mutex_lock(&r->records_lock);
-    int rc = defer_pages(r, first, n, cls, canon, sig, flags, false, remap, arg);
+    if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
+        lm_meta_sync_locked(r);   /* room for the range record below */
+    bool fast = n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) < LM_MAX_RANGES &&
+                bp <= CHUNK;
+    uint64_t *held = fast ? calloc((n + 63) / 64, sizeof(uint64_t)) : NULL;
+    fast = held != NULL;
+    for (size_t c = first; c < first + n && rc == 0; c += bp) {
+        if (!fast) {   /* every page held across its block's remap */
+            rc = defer_pages(r, c, bp, cls, canon, sig, flags, false, NULL, remap, arg);
+        } else {
+            rc = remap_block(r, c, bp, first, cls, canon, sig, flags, lm_kernel_page(r, c),
+                             held, remap, arg);
+        }
+        if (rc < 0)
+            *failed_at = c;
+    }
+    size_t done = *failed_at - first;
+    if (fast && done) {
+        publish_range(r, first, done, cls, canon, sig, flags);   /* room was made above */
+        int prc = defer_pages(r, first, done, cls, canon, sig, flags, true, held, NULL, NULL);
+        if (rc == 0)
+            rc = prc;
+    }
+    free(held);
     pthread_mutex_unlock(&r->records_lock);
     return rc;
+}
+
+/* Word by word: does [c, c+len) hold no page that is authoritative and not in skip? Only
+   for 64-aligned stretches (else: false, the caller looks page by page). */
+static bool nothing_to_do(struct lm_region *r, size_t c, size_t len, size_t first,
+                          const uint64_t *skip)
+{
+    if (c % 64 || len % 64 || (c - first) % 64)
+        return false;
+    for (size_t w = c / 64; w < (c + len) / 64; w++) {
+        uint64_t done = atomic_load_explicit(&r->base_done[w], memory_order_seq_cst);
+        if (done & ~(skip ? skip[(w * 64 - first) / 64] : 0))
+            return false;
+    }
+    return true;
 }
 
 /* The per-page part of a deferral: with only_done, pages whose record is not yet
-   authoritative are left to the range just published. */
+   authoritative are left to the range just published; pages set in skip (bits relative to
+   first) were recorded already. */
 static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
-                       uint64_t sig, uint16_t flags, bool only_done, remap_fn remap, void *arg)
+                       uint64_t sig, uint16_t flags, bool only_done, const uint64_t *skip,
+                       remap_fn remap, void *arg)
 {
     int rc = 0;
     for (size_t c = first; c < first + n; c += CHUNK) {
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
         size_t present = 0, poisoned = 0, claimed = 0;
         bool mine[CHUNK], was_present[CHUNK];
+        if (only_done && nothing_to_do(r, c, len, first, skip))
+            continue;   /* no page here was ever claimed, or all were recorded already */
         for (size_t i = c; i < c + len; i++) {
-            mine[i - c] = !only_done ||
-                          (atomic_load_explicit(&r->base_done[i >> 6], memory_order_seq_cst) &
-                           ((uint64_t)1 << (i & 63)));
+            mine[i - c] = !bit_set(skip, i - first) && (!only_done || authoritative(r, i));
             was_present[i - c] = false;
             if (!mine[i - c])
                 continue;
@@ -608,9 +759,13 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         }
         atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
         atomic_fetch_sub_explicit(&r->st_poisoned, (int64_t)poisoned, memory_order_relaxed);
-        for (size_t i = c; i < c + len; i++)
-            if (mine[i - c])
-                store_state(r, i, LM_DEFERRED, "defer");
+        for (size_t i = c; i < c + len; i++) {
+            if (!mine[i - c])
+                continue;
+            if (remap && rc < 0)   /* the normal backing is back: copy, never CONTINUE */
+                r->meta[i].flags = (uint16_t)((flags & ~LM_F_SHARED) | LM_F_NEEDS_UPDATE);
+            store_state(r, i, LM_DEFERRED, "defer");
+        }
         if (rc < 0)
             return rc;
     }

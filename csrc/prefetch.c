@@ -168,6 +168,10 @@ static void *pipeline_reader(void *arg)
         if (stop)
             break;
         struct batch *b = &pl->b[idx];
+        /* the batch a buffer-ring later is read ahead by the kernel meanwhile */
+        if (idx + PREFETCH_BUFS < pl->nb)
+            lm_src_willneed(pl->r, pl->b[idx + PREFETCH_BUFS].base,
+                            pl->b[idx + PREFETCH_BUFS].count);
         int rc = lm_src_read(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS]);
         pthread_mutex_lock(&pl->mu);
         if (rc < 0) {
@@ -353,6 +357,11 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
         rc = lm_fail("malloc(prefetch buffers)", ENOMEM);
     if (rc == 0)
         rc = find_repeats(r, pages, n, skip);
+    /* Pages of kernel-served chunk blocks are filled by us only once their block is registered
+       (store.c); taken over before any page is claimed here (a take-over holds whole blocks). */
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (lm_kernel_page(r, pages[i]))
+            rc = lm_chunk_take_over(r, pages[i], 1, false);
     size_t done = 0, k = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
         if (skip[i >> 6] & ((uint64_t)1 << (i & 63)))
@@ -423,6 +432,7 @@ static void *bg_main(void *arg)
         }
         old[0] = s;
         size_t run = lm_claim_run(r, p, chunk, old);
+        lm_src_willneed_pages(r, p + run, BG_MAX);   /* read on while this run is copied */
         size_t done = lm_fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         p += run;

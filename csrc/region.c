@@ -38,6 +38,8 @@ static int parse_config(struct lm_region *r, const struct lm_config *cfg)
         return lm_fail("config: zero_write must be COPY or ZEROPAGE", EINVAL);
     if (r->cfg.share_canonical < LM_SC_AUTO || r->cfg.share_canonical > LM_SC_ON)
         return lm_fail("config: share_canonical must be AUTO, OFF or ON", EINVAL);
+    if (r->cfg.shared_first_touch < LM_FT_DEFAULT || r->cfg.shared_first_touch > LM_FT_KERNEL)
+        return lm_fail("config: shared_first_touch must be DEFAULT, SEEN or KERNEL", EINVAL);
     if (!r->cfg.max_cluster_pages)
         r->cfg.max_cluster_pages = LM_DEFAULT_CLUSTER;
     if (r->cfg.max_cluster_pages > LM_MAX_CLUSTER)
@@ -156,6 +158,9 @@ static int open_uffd(struct lm_region *r)
                        "UFFD_FEATURE_MINOR_SHMEM (needs Linux 5.14)", EOPNOTSUPP);
     r->share_canonical = minor && r->cfg.share_canonical != LM_SC_OFF &&
                          r->page_size <= CHUNK_BYTES;
+    /* Benchmark 3 decided the default (docs/shared-pages.md 3): the kernel serves first
+       touches of chunk blocks unless the program asks to see them. */
+    r->kernel_first_touch = r->cfg.shared_first_touch != LM_FT_SEEN;
     return lm_ws_init(r, want);
 }
 
@@ -529,6 +534,7 @@ static int remap_blocks(struct lm_region *r, size_t b0, size_t b1, const struct 
     char *addr = r->base + b0 * CHUNK_BYTES;
     size_t len = (b1 - b0) * CHUNK_BYTES;
     bool pool = !j->target && r->pool_fd >= 0;
+    bool kernel = (j->target & LM_CHUNK_KERNEL) != 0;
     uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
     for (size_t b = b0; b < b1; b++) {
         char *blk = r->base + b * CHUNK_BYTES;
@@ -546,6 +552,11 @@ static int remap_blocks(struct lm_region *r, size_t b0, size_t b1, const struct 
             return LM_FAIL(j->target ? "mmap(canonical chunk over the region)"
                                      : "mmap(region memory back over a chunk)");
     }
+    /* Kernel-served: left unregistered, so nothing we do races with the kernel's own
+       serving; whatever it maps from now on is the chunk's template, the new contents.
+       MADV_DONTFORK: once for the whole piece, by defer_piece (one call for 512 VMAs). */
+    if (kernel)
+        return 0;
     if (j->target || pool)
         mode |= UFFDIO_REGISTER_MODE_MINOR;
     else if (r->wp_async)
@@ -589,7 +600,11 @@ static int remap_held(struct lm_region *r, size_t first, size_t n, void *arg)
             atomic_fetch_add(&r->chunk_vmas, 1);   /* reserved by defer_blocks */
             (*j->added)++;
         }
-        chunk_of[b] = now;
+        if (chunk_of[b] & LM_CHUNK_KERNEL)
+            atomic_fetch_sub(&r->kernel_blocks, 1);
+        if (now & LM_CHUNK_KERNEL)
+            atomic_fetch_add(&r->kernel_blocks, 1);
+        __atomic_store_n(&chunk_of[b], now, __ATOMIC_RELEASE);
     }
     return rc;
 }
@@ -605,12 +620,37 @@ static int defer_piece(struct lm_region *r, size_t first, size_t n, int cls, uin
                        uint64_t sig, uint16_t flags, const struct piece *k, int fd,
                        size_t *added)
 {
+    if (!k->remap && (k->target & LM_CHUNK_KERNEL)) {
+        if (!(k->flags & LM_F_SHARED)) {
+            /* Other contents inside a kernel-served block: pages we are to fill. The block
+               becomes registered first (its records made true), then records as anywhere. */
+            int rc = lm_chunk_take_over(r, first, n, true);
+            if (rc < 0)
+                return rc;
+        } else if (madvise(r->base + first * r->page_size, n * r->page_size,
+                           MADV_DONTNEED) < 0) {
+            /* The same template again: pages the program wrote go back to the chunk's. The
+               records below say DEFERRED SHARED for all of them (a PRESENT DATA page that a
+               sync found written is held and dropped again by lm_meta_defer). */
+            return LM_FAIL("madvise(MADV_DONTNEED)");
+        }
+    }
     if (!k->remap)
         return lm_meta_defer(r, first, n, cls, canon, sig, k->flags);
     struct remap_job j = {k->target, fd, added};
-    int rc = lm_meta_defer_remap(r, first, n, cls, canon, sig, k->flags, remap_held, &j);
+    size_t failed_at;
+    int rc = lm_meta_defer_remap(r, first, n, cls, canon, sig, k->flags, remap_held, &j,
+                                 &failed_at);
+    /* The new VMAs of kernel-served blocks (remap_blocks): a forked child must not inherit
+       them. One call over the blocks mapped (a block that failed has the normal backing back,
+       which needs it too: it is included). */
+    size_t mapped_end = failed_at < first + n ? failed_at + r->blk_pages : first + n;
+    if ((k->target & LM_CHUNK_KERNEL) &&
+        madvise(r->base + first * r->page_size, (mapped_end - first) * r->page_size,
+                MADV_DONTFORK) < 0 && rc == 0)
+        rc = LM_FAIL("madvise(MADV_DONTFORK)");
     if (rc < 0 && k->target)   /* back on the normal backing (remap_held): records that copy */
-        lm_meta_defer(r, first, n, cls, canon, sig, flags);
+        lm_meta_defer(r, failed_at, first + n - failed_at, cls, canon, sig, flags);
     return rc;
 }
 
@@ -632,7 +672,8 @@ static int defer_blocks(struct lm_region *r, size_t first, size_t n, int cls, ui
     size_t b0 = (first + bp - 1) / bp, b1 = end / bp;   /* the whole blocks of the range */
     bool chunks = cls == LM_CLS_CANONICAL && r->share_canonical && b0 < b1;
     uint32_t *chunk_of = atomic_load(&r->chunk_of);
-    struct remap_job job = {chunks ? canon : 0, -1, NULL};
+    uint32_t kbit = r->kernel_first_touch ? LM_CHUNK_KERNEL : 0;
+    struct remap_job job = {chunks ? canon | kbit : 0, -1, NULL};
     int rc = 0;
     if (!chunks && !chunk_of)
         return lm_meta_defer(r, first, n, cls, canon, sig, flags);
@@ -678,7 +719,7 @@ static int defer_blocks(struct lm_region *r, size_t first, size_t n, int cls, ui
             }
             k.remap = k.target != have;
         }
-        k.flags = k.target && k.target == canon && cls == LM_CLS_CANONICAL
+        k.flags = k.target && (k.target & ~LM_CHUNK_KERNEL) == canon && cls == LM_CLS_CANONICAL
                       ? LM_F_SHARED
                       : (uint16_t)(flags | (fallback ? LM_F_COPY_FALLBACK : 0));
         if (open && k.remap == cur.remap && k.target == cur.target && k.flags == cur.flags) {
@@ -777,6 +818,8 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->canonical_copied_pages = LD(st_canon_copied);
     o->map_budget_fallbacks = LD(st_budget_fallbacks);
     o->share_canonical = r->share_canonical;
+    o->shared_first_touch = !r->kernel_first_touch;
+    o->canonical_kernel_pages = LD(kernel_blocks) * r->blk_pages;
 #undef LD
     return 0;
 }

@@ -221,7 +221,10 @@ static void serve_spurious(struct lm_region *r, size_t page, bool pinned, bool m
                    : lm_uffd_zeropage(r->uffd, addr, r->page_size, true, NULL);
     if (!pinned)
         lm_release(r, page, LM_PRESENT);
-    if (rc < 0 && rc != -ENOENT)
+    if (rc == -ENOENT)   /* raised against a mapping replaced since (a kernel-served chunk
+                            block now): the faulter retries, and the kernel serves it */
+        lm_uffd_wake(r->uffd, addr, r->page_size);
+    else if (rc < 0)
         lm_record_error(r, rc);
     lm_hist_add(&r->lat, lm_now_ns() - t0);   /* includes any wait for the page's filler */
 }
@@ -270,6 +273,16 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
             return;
         }
         break;   /* claimed: serve it below */
+    }
+
+    if (lm_kernel_page(r, page)) {
+        /* Raised against the mapping a deferral has replaced since with a kernel-served chunk
+           block (checked while the page is held: a take-over holds every page of the block):
+           not ours to fill. The faulter retries and the kernel serves it. */
+        lm_release(r, page, s);
+        atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
+        lm_uffd_wake(r->uffd, r->base + page * r->page_size, r->page_size);
+        return;
     }
 
     if (s == LM_EMPTY && r->remote_empty_unknown) {
@@ -332,7 +345,11 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
     }
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
     if (gone) {
-        lm_release(r, page, old[0]);   /* nobody is waiting */
+        /* The range is not registered (any more): the region is going away, or a deferral
+           remapped the block to a kernel-served chunk under us (it records the page again).
+           The faulter, if any, retries. */
+        lm_release(r, page, old[0]);
+        lm_uffd_wake(r->uffd, r->base + page * r->page_size, r->page_size);
         return;
     }
     lm_poison_page(r, page, rc);   /* still claimed by us */

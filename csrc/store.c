@@ -1,8 +1,9 @@
 /*
  * store.c: the content stores a lazy page's contents come from, and reading them without
  * faulting: the canonical store (moved from region.c, unchanged) and the snapshot source file
- * (moved from snapshot.c), the restore's table checks, lm_page_read, and lm_meta_sync (the
- * store's signatures first, then meta.c's sync of every lazy record).
+ * (moved from snapshot.c), or a raw file served as a region's image (a .npy, .npz or
+ * .safetensors file, docs/foreign-formats.md), the restore's table checks, lm_page_read, and
+ * lm_meta_sync (the store's signatures first, then meta.c's sync of every lazy record).
  * The file format is in docs/snapshot-format.md; the Python side reads and checks the header
  * and hands the tables over.
  */
@@ -190,6 +191,59 @@ void lm_canon_chunks_close(struct lm_region *r)
     r->nchunks = r->chunks_cap = 0;
 }
 
+/*
+ * A kernel-served chunk block becomes a registered one (docs/shared-pages.md 3, the rule in
+ * lm_internal.h at LM_CHUNK_KERNEL): the one way any of our fill paths gets to act on one of
+ * its pages (materialize, prefetch, a deferral of other contents over part of it). Every page
+ * of the block is held (readers of it read its memory, and must not be reading when faults
+ * start reaching us), the block registered MISSING | MINOR on the region's uffd (re-registering
+ * an unregistered VMA of the same process: its pages stay mapped, a private copy keeps the
+ * program's bytes), then the records made true from the page tables: a page the kernel mapped
+ * is PRESENT (SHARED, or DATA when a store copied it), so no DEFERRED page of a registered
+ * block is mapped; the others stay DEFERRED and their first touch is a MINOR fault now.
+ */
+static int take_over_block(struct lm_region *r, uint32_t *chunk_of, size_t b)
+{
+    size_t bp = r->blk_pages, first = b * bp;
+    uint8_t old[LM_MAX_CLUSTER];
+    uint64_t pm[LM_MAX_CLUSTER];
+    if (bp > LM_MAX_CLUSTER)
+        return lm_fail("chunk block larger than a cluster", EINVAL);
+    for (size_t i = 0; i < bp; i++)
+        old[i] = lm_claim_wait(r, first + i);
+    int rc = lm_uffd_register(r->uffd, r->base + first * r->page_size, bp * r->page_size,
+                              UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    if (rc == 0)
+        rc = lm_ws_pagemap(r, first, bp, pm);
+    if (rc < 0) {
+        /* Left as it was (registered or not, the kernel serves what is mapped; a MINOR fault
+           on a page not mapped is served as any registered chunk page): records unchanged. */
+        lm_unclaim(r, first, bp, old);
+        return rc;
+    }
+    __atomic_store_n(&chunk_of[b], chunk_of[b] & ~LM_CHUNK_KERNEL, __ATOMIC_RELEASE);
+    atomic_fetch_sub(&r->kernel_blocks, 1);
+    lm_meta_release_registered(r, first, bp, old, pm);
+    return 0;
+}
+
+int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
+{
+    uint32_t *chunk_of = atomic_load(&r->chunk_of);
+    if (!chunk_of || !atomic_load(&r->kernel_blocks))
+        return 0;
+    int rc = 0;
+    if (!locked)
+        pthread_mutex_lock(&r->chunk_lock);
+    size_t b1 = (first + n + r->blk_pages - 1) / r->blk_pages;
+    for (size_t b = first / r->blk_pages; b < b1 && b < r->nblocks && rc == 0; b++)
+        if (chunk_of[b] & LM_CHUNK_KERNEL)
+            rc = take_over_block(r, chunk_of, b);
+    if (!locked)
+        pthread_mutex_unlock(&r->chunk_lock);
+    return rc;
+}
+
 int lm_canonical_read(struct lm_region *r, uint32_t id, void *out)
 {
     if (id == 0 || id > atomic_load_explicit(&r->canon_count, memory_order_acquire))
@@ -204,6 +258,25 @@ uint32_t lm_canonical_count(struct lm_region *r)
 }
 
 /* ---- the snapshot source file ----------------------------------------------------- */
+
+/* Take the source: a duplicate of fd and what fstat said of it (the reference that
+   source_still_valid compares against while pages are served). */
+static int source_take(struct lm_region *r, int fd, const struct stat *st, int verify)
+{
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dup < 0)
+        return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
+    r->src_fd = dup;
+    r->src_verify = verify != 0;
+    r->src_size = st->st_size;
+    r->src_mtime = st->st_mtim;
+    atomic_store(&r->src_checked_ns, lm_now_ns());
+    /* Verification compares every page served with its signature: they must be there first. */
+    int rc = verify ? lm_source_signatures(r) : 0;
+    if (rc < 0)
+        lm_source_close(r);
+    return rc;
+}
 
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
                      uint64_t sigs_offset, uint64_t sigs_xxh3, int verify)
@@ -221,25 +294,38 @@ int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_
         __builtin_mul_overflow(nstored, (uint64_t)8, &sigs_end) ||
         __builtin_add_overflow(sigs_end, sigs_offset, &sigs_end) || sigs_end > size)
         return lm_fail("snapshot store or signatures outside the file", EINVAL);
-    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (dup < 0)
-        return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
-    r->src_fd = dup;
+    r->src_raw = false;
     r->src_store_off = store_offset;
     r->src_nstored = nstored;
-    r->src_verify = verify != 0;
-    r->src_size = st.st_size;
-    r->src_mtime = st.st_mtim;
     r->src_sigs_off = sigs_offset;
     r->src_sigs_xxh3 = sigs_xxh3;
-    atomic_store(&r->src_checked_ns, lm_now_ns());
-    /* Verification compares every page served with its signature: they must be there first. */
-    int rc = verify ? lm_source_signatures(r) : 0;
-    if (rc < 0) {
-        lm_source_close(r);
-        return rc;
-    }
-    return 0;
+    return source_take(r, fd, &st, verify);
+}
+
+int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verify)
+{
+    if (r->src_fd >= 0)
+        return lm_fail("region already has a snapshot source", EBUSY);
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return LM_FAIL("fstat(raw source)");
+    if (!S_ISREG(st.st_mode))
+        return lm_fail("raw source: not a regular file", EINVAL);
+    /* The caller parsed the file at this size: a different size now means it changed. */
+    if ((uint64_t)st.st_size != nbytes)
+        return lm_fail("raw source: the file's size differs from the size it was read at "
+                       "(changed since)", ESTALE);
+    uint64_t ps = r->page_size, entries = nbytes / ps + (nbytes % ps != 0);
+    if (nbytes == 0 || entries > LM_SNAP_MAX_STORED || entries > r->npages)
+        return lm_fail("raw source: empty, or more pages than the region or a page map holds",
+                       EINVAL);
+    r->src_raw = true;
+    r->src_raw_bytes = nbytes;
+    r->src_store_off = 0;   /* entry i is the file's page i: the region is the file's image */
+    r->src_nstored = entries;
+    r->src_sigs_off = 0;
+    r->src_sigs_xxh3 = 0;
+    return source_take(r, fd, &st, verify);
 }
 
 void lm_source_close(struct lm_region *r)
@@ -251,6 +337,29 @@ void lm_source_close(struct lm_region *r)
 }
 
 static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t off);
+
+static int src_read_entries(struct lm_region *r, uint64_t index, size_t count, void *dst,
+                            size_t *got);
+
+/* A raw source has no signature section: hash its pages (one sequential read of the whole
+   file, 4 MiB at a time). Never made up: a page whose contents cannot be read fails here. */
+static int raw_signatures(struct lm_region *r, uint64_t *sigs)
+{
+    size_t ps = r->page_size, chunk = (4u << 20) / ps ? (4u << 20) / ps : 1;
+    char *buf = malloc(chunk * ps);
+    if (!buf)
+        return lm_fail("malloc(raw source signatures)", ENOMEM);
+    int rc = 0;
+    for (uint64_t i = 0; i < r->src_nstored && rc == 0;) {
+        size_t k = r->src_nstored - i < chunk ? (size_t)(r->src_nstored - i) : chunk, got;
+        rc = src_read_entries(r, i, k, buf, &got);
+        for (size_t j = 0; rc == 0 && j < k; j++)
+            sigs[i + j] = XXH3_64bits(buf + j * ps, ps);
+        i += k;
+    }
+    free(buf);
+    return rc;
+}
 
 /*
  * The store's signatures are needed only to verify pages, to checkpoint a restored region
@@ -265,10 +374,15 @@ int lm_source_signatures(struct lm_region *r)
     uint64_t *sigs = malloc((n ? n : 1) * sizeof(uint64_t));
     if (!sigs)
         return lm_fail("malloc(snapshot signatures)", ENOMEM);
-    int rc = src_pread(r, sigs, n * sizeof(uint64_t), r->src_sigs_off);
-    if (rc == 0 && XXH3_64bits(sigs, n * sizeof(uint64_t)) != r->src_sigs_xxh3)
-        rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature section)",
-                     EBADMSG);
+    int rc;
+    if (r->src_raw) {
+        rc = raw_signatures(r, sigs);
+    } else {
+        rc = src_pread(r, sigs, n * sizeof(uint64_t), r->src_sigs_off);
+        if (rc == 0 && XXH3_64bits(sigs, n * sizeof(uint64_t)) != r->src_sigs_xxh3)
+            rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature section)",
+                         EBADMSG);
+    }
     if (rc < 0) {
         free(sigs);
         return rc;
@@ -304,17 +418,75 @@ static int source_still_valid(struct lm_region *r)
     return broken;
 }
 
+/* Store entries [index, index + count) into dst; *got = bytes read from the file. A raw
+   source's last entry is the file's tail: the bytes past its end read as zero (the file is
+   not a whole number of pages), which is not truncation; the file's size is still watched. */
+static int src_read_entries(struct lm_region *r, uint64_t index, size_t count, void *dst,
+                            size_t *got)
+{
+    size_t len = count * r->page_size, avail = len;
+    uint64_t off = r->src_store_off + index * r->page_size;
+    if (r->src_raw)
+        avail = off >= r->src_raw_bytes ? 0
+                : r->src_raw_bytes - off < len ? (size_t)(r->src_raw_bytes - off) : len;
+    int rc = src_pread(r, dst, avail, off);
+    if (rc < 0)
+        return rc;
+    memset((char *)dst + avail, 0, len - avail);
+    *got = avail;
+    return 0;
+}
+
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
 {
     if (r->src_fd < 0)
         return lm_fail("snapshot page without a snapshot source", ENOENT);
     if (index > r->src_nstored || count > r->src_nstored - index)
         return lm_fail("snapshot store index out of range", ERANGE);
-    size_t len = count * r->page_size;
-    int rc = src_pread(r, dst, len, r->src_store_off + index * r->page_size);
+    size_t got = 0;
+    int rc = src_read_entries(r, index, count, dst, &got);
     if (rc == 0)
-        atomic_fetch_add_explicit(&r->st_src_bytes, len, memory_order_relaxed);
+        atomic_fetch_add_explicit(&r->st_src_bytes, got, memory_order_relaxed);
     return rc;
+}
+
+/*
+ * Reading ahead of the copies. A fill reads its store entries with pread and then copies them;
+ * while it copies, the disk would idle (the kernel's own readahead window is small next to a
+ * 1-4 MiB read). Telling the kernel what comes next keeps the disk reading during the copy:
+ * the background fill and the prefetch pipeline hint the next chunk before they copy this one.
+ */
+void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
+{
+    if (r->src_fd < 0 || index >= r->src_nstored)
+        return;
+    if (count > r->src_nstored - index)
+        count = r->src_nstored - index;
+    (void)posix_fadvise(r->src_fd, (off_t)(r->src_store_off + index * r->page_size),
+                        (off_t)(count * r->page_size), POSIX_FADV_WILLNEED);
+}
+
+void lm_src_willneed_pages(struct lm_region *r, size_t first, size_t n)
+{
+    const struct lm_snap_page *map = atomic_load_explicit(&r->base_table, memory_order_acquire);
+    if (!map || first >= r->npages)
+        return;
+    if (n > r->npages - first)
+        n = r->npages - first;
+    /* The store is in address order past the working set: the range spanned by these pages'
+       entries is (nearly) theirs. A span much wider than the pages (entries shared with far
+       pages, the working set's) is not worth a hint. */
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t p = first; p < first + n; p++) {
+        uint32_t e = map[p].entry;
+        if (e < LM_SNAP_STORED)
+            continue;
+        uint64_t i = e - LM_SNAP_STORED;
+        lo = i < lo ? i : lo;
+        hi = i > hi ? i : hi;
+    }
+    if (lo <= hi && hi - lo < 2 * (uint64_t)n)
+        lm_src_willneed(r, lo, hi - lo + 1);
 }
 
 static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset)
@@ -461,6 +633,12 @@ int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out)
     if (s == LM_POISONED)
         return lm_fail("page_read: the page is poisoned (its contents could not be served)",
                        EHWPOISON);
+    if (m->cls == LM_CLS_CANONICAL && (m->flags & LM_F_SHARED) && lm_kernel_page(r, p)) {
+        /* Kernel-served: the page tables are the truth (the template, or what a store since
+           the last sync wrote), and reading the memory raises no fault that reaches us. */
+        memcpy(out, r->base + p * r->page_size, r->page_size);
+        return 0;
+    }
     if (m->cls == LM_CLS_CANONICAL)
         memcpy(out, lm_canon_page(r, m->canon), r->page_size);
     else if (m->cls == LM_CLS_SNAPSHOT)

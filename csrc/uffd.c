@@ -304,9 +304,12 @@ int lm_uffd_wake(int fd, void *addr, size_t len)
 }
 
 /* Make an access to the range fail with SIGBUS: how an unservable fault fails loudly. */
+/* DONTWAKE: the caller wakes the faulters once the record says POISONED, so that a woken
+   faulter (and whoever reads r.meta after its SIGBUS) never sees the page still BUSY. */
 int lm_uffd_poison(int fd, void *addr, size_t len)
 {
-    struct uffdio_poison p = {.range = {.start = (uintptr_t)addr, .len = len}, .mode = 0};
+    struct uffdio_poison p = {.range = {.start = (uintptr_t)addr, .len = len},
+                              .mode = UFFDIO_POISON_MODE_DONTWAKE};
     if (ioctl(fd, UFFDIO_POISON, &p) < 0 && errno != EEXIST)
         return LM_FAIL("ioctl(UFFDIO_POISON)");
     return 0;

@@ -195,10 +195,34 @@ written:
  * page; the caller decides which of them it cares about (pages it mapped from the pool).
  * Reading pagemap works on every kernel (PAGEMAP_SCAN needs 6.7); ~20 ms per mapped GiB.
  */
-#define PM_PRESENT ((uint64_t)1 << 63)
-#define PM_SWAPPED ((uint64_t)1 << 62)
-#define PM_FILE ((uint64_t)1 << 61)
 #define PM_CHUNK 4096
+
+static int pagemap_read(int fd, struct lm_region *r, size_t first, size_t n, uint64_t *e)
+{
+    size_t base = (uintptr_t)r->base >> r->page_shift;
+    size_t want = n * sizeof(uint64_t), got = 0;
+    while (got < want) {
+        ssize_t k = pread(fd, (char *)e + got, want - got,
+                          (off_t)((base + first) * sizeof(uint64_t) + got));
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return k < 0 ? LM_FAIL("pread(/proc/self/pagemap)")
+                         : lm_fail("pread(/proc/self/pagemap): short read", EIO);
+        got += (size_t)k;
+    }
+    return 0;
+}
+
+int lm_ws_pagemap(struct lm_region *r, size_t first, size_t n, uint64_t *out)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return LM_FAIL("open(/proc/self/pagemap)");
+    int rc = pagemap_read(fd, r, first, n, out);
+    close(fd);
+    return rc;
+}
 
 int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_t))
 {
@@ -207,24 +231,12 @@ int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_
         return LM_FAIL("open(/proc/self/pagemap)");
     uint64_t *e = malloc(PM_CHUNK * sizeof(uint64_t));
     int rc = e ? 0 : lm_fail("malloc(pagemap)", ENOMEM);
-    size_t first = (uintptr_t)r->base >> r->page_shift;
     for (size_t p = 0; p < r->npages && rc == 0; p += PM_CHUNK) {
         size_t n = r->npages - p < PM_CHUNK ? r->npages - p : PM_CHUNK;
-        size_t want = n * sizeof(uint64_t), got = 0;
-        while (got < want) {
-            ssize_t k = pread(fd, (char *)e + got, want - got,
-                              (off_t)((first + p) * sizeof(uint64_t) + got));
-            if (k < 0 && errno == EINTR)
-                continue;
-            if (k <= 0) {
-                rc = k < 0 ? LM_FAIL("pread(/proc/self/pagemap)")
-                           : lm_fail("pread(/proc/self/pagemap): short read", EIO);
-                break;
-            }
-            got += (size_t)k;
-        }
-        for (size_t i = 0; i < n && rc == 0; i++)
-            if ((e[i] & (PM_PRESENT | PM_SWAPPED)) && !(e[i] & PM_FILE))
+        if ((rc = pagemap_read(fd, r, p, n, e)) < 0)
+            break;
+        for (size_t i = 0; i < n; i++)
+            if ((e[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) && !(e[i] & LM_PM_FILE))
                 fn(r, p + i);
     }
     free(e);

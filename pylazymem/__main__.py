@@ -69,6 +69,50 @@ def _inspect_pid(args):
     return 0
 
 
+def _inspect_foreign(args):
+    """`pylazymem inspect` of an .npy/.npz/.safetensors file (what plm.load reads too): its
+    arrays; None when the file is not one (then it is read as a snapshot, and errors say so)."""
+    from ._foreign import HEAD_BYTES, detect, read_header
+    from ._snapfile import _open
+
+    fd = _open(args.snapshot)
+    try:
+        fmt = detect(os.pread(fd, HEAD_BYTES, 0))
+    finally:
+        os.close(fd)
+    if fmt is None:
+        return None
+    if args.plot:
+        return _usage("pylazymem inspect: error: --plot needs a pylazymem snapshot, not a "
+                      "%s file" % fmt)
+    fmt, entries, metadata, size = read_header(args.snapshot, fmt)
+
+    def nbytes(e):
+        n = e["dtype"].itemsize
+        for x in e["shape"]:
+            n *= x
+        return n
+    if args.json:
+        print(json.dumps({"path": args.snapshot, "format": fmt, "file_bytes": size,
+                          "metadata": metadata,
+                          "arrays": {n: {"offset": e["offset"], "dtype": str(e["dtype"]),
+                                         "shape": list(e["shape"]), "nbytes": nbytes(e),
+                                         "fortran": e["fortran"]}
+                                     for n, e in entries.items()}}, indent=1))
+        return 0
+    print("file:          %s (%s, %.1f MiB; plm.load reads it lazily)" % (args.snapshot, fmt,
+                                                                        size / 2**20))
+    if metadata:
+        print("metadata:      %s" % json.dumps(metadata))
+    print("arrays:        %d, %.1f MiB" % (len(entries), sum(nbytes(e) for e in
+                                                           entries.values()) / 2**20))
+    print("  %-28s %-12s %-20s %12s %12s" % ("name", "dtype", "shape", "bytes", "offset"))
+    for n, e in entries.items():
+        print("  %-28s %-12s %-20s %12d %12d" % (n, e["dtype"], tuple(e["shape"]), nbytes(e),
+                                                 e["offset"]))
+    return 0
+
+
 def _inspect(args):
     from ._snapfile import inspect_tables
 
@@ -78,6 +122,9 @@ def _inspect(args):
         return _inspect_pid(args)
     if args.snapshot is None:
         return _usage("pylazymem inspect: error: give a SNAPSHOT or --pid PID")
+    foreign = _inspect_foreign(args)
+    if foreign is not None:
+        return foreign
     info, table = inspect_tables(args.snapshot)
     pbc = info.pages_by_class
     raw = info.npages * info.page_size

@@ -58,21 +58,17 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     if not isinstance(state, Mapping):
         raise InvalidArgumentError("save() takes a dict of arrays, not %s"
                                    % type(state).__name__)
+    from .snapshot import write_arrays
+
     leaves = []                                  # (name, node, numpy array to store)
     tree = _plan(state, (), leaves, 0)
-    from ._binding import PAGE_SIZE
-    from .region import Region
-
-    ps = PAGE_SIZE
-    nbytes = sum(-(-max(a.nbytes, 1) // ps) * ps for _, _, a in leaves) or ps
-    with Region(nbytes) as r:
-        for name, _, a in leaves:
-            view = r.alloc(name, a.shape, a.dtype)
-            if a.size:
-                view[...] = a
-        r._manifest_extra = {"state": {"version": STATE_VERSION, "tree": tree}}
-        ws = _ws_pages(working_set, r) if working_set is not None else "none"
-        return checkpoint(r, path, working_set=ws, durable=durable)
+    if isinstance(working_set, LoadedState):
+        raise InvalidArgumentError("working_set: a LoadedState's working set applies to that "
+                                   "state only (save the LoadedState itself)")
+    # Straight to the file: each array's bytes are read once, no region holds a second copy.
+    return write_arrays(path, {name: a for name, _, a in leaves},
+                        {"state": {"version": STATE_VERSION, "tree": tree}},
+                        working_set=working_set, durable=durable)
 
 
 def _ws_pages(working_set, region):
@@ -289,7 +285,11 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
     try:
         items = {}
         for name, e in entries.items():
-            a = _view(region, e["dtype"], e["shape"], e["offset"], e.get("fortran", False))
+            # a foreign entry's shape is the array's own (a Fortran-ordered .npy's data are its
+            # transpose's, C-ordered: the shape _view wants is reversed)
+            fortran = e.get("fortran", False)
+            shape = tuple(e["shape"])[::-1] if fortran else e["shape"]
+            a = _view(region, e["dtype"], shape, e["offset"], fortran)
             items[name] = _readonly(a) if readonly else a
         return LoadedState(region, items, path, fmt, getattr(region, "foreign_metadata", None))
     except BaseException:

@@ -140,7 +140,8 @@ class Region(AddressRange):
     """Private anonymous memory registered with userfaultfd; see the package docstring."""
 
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
-                 timeline=None, server=None, share_canonical="auto", _test_broken_source=False,
+                 timeline=None, server=None, share_canonical="auto", shared_first_touch=None,
+                 _test_broken_source=False,
                  _test_no_poison=False, _start=True, _pool=None):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
@@ -214,6 +215,18 @@ class Region(AddressRange):
         else:
             raise InvalidArgumentError("share_canonical must be True, False or \"auto\", not %r"
                                        % (share_canonical,))
+        # Who serves the first touches of those chunk blocks (section 3 item 3): True = us
+        # (registered MINOR: every first touch is seen, in order, by the working set); False =
+        # the kernel (unregistered: no uffd round trip, not seen). None: the default, False.
+        if shared_first_touch is None:
+            cfg.shared_first_touch = lib.LM_FT_DEFAULT
+        elif shared_first_touch is True:
+            cfg.shared_first_touch = lib.LM_FT_SEEN
+        elif shared_first_touch is False:
+            cfg.shared_first_touch = lib.LM_FT_KERNEL
+        else:
+            raise InvalidArgumentError("shared_first_touch must be True, False or None, not %r"
+                                       % (shared_first_touch,))
 
         out = ffi.new("struct lm_region **")
         rc = lib.lm_region_create(nbytes, cfg, out)
@@ -780,6 +793,8 @@ def _stats_dict(s, nthreads):
         "canonical_shared_pages": s.canonical_shared_pages,
         "canonical_copied_pages": s.canonical_copied_pages,
         "map_budget_fallbacks": s.map_budget_fallbacks,
+        "shared_first_touch": bool(s.shared_first_touch),
+        "canonical_kernel_pages": s.canonical_kernel_pages,
         "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),

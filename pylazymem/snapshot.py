@@ -25,6 +25,7 @@ from ._snapfile import (  # noqa: F401  (inspect, inspect_tables, page_sources r
     MAGIC,
     MAP_DTYPE,
     PREFETCH_MODES,
+    MAX_STORED,
     STORED,
     UNTOUCHED,
     VERSION,
@@ -174,6 +175,122 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
                      npages - int(counts[UNTOUCHED]) - int(counts[ZERO])))
     return _info(path, _Parsed(h, pmap, ws.astype(np.uint64),
                                _parse_manifest(manifest, h, path)))
+
+
+def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_size=None):
+    """Write named arrays (name -> C-contiguous numpy array) straight to a snapshot file, as
+    checkpoint() of a region holding them page-aligned in this order would (zero pages take
+    no entry, equal pages one, signatures beside them, no working set), without the region:
+    no second copy of the data in memory, no faults. extra: manifest keys beside the arrays
+    (plm.save's state tree). Returns the SnapshotInfo of the file."""
+    from ._binding import PAGE_SIZE
+
+    ps = page_size or PAGE_SIZE
+    placed, offset = {}, 0
+    for name, a in arrays.items():
+        offset = -(-offset // ps) * ps
+        placed[name] = {"offset": offset, "dtype": a.dtype, "shape": a.shape}
+        offset += a.nbytes
+    npages = max(1, -(-offset // ps))
+    pmap = np.full(npages, UNTOUCHED, MAP_DTYPE)
+    entry_of = {}            # signature -> store entries with it (a collision gets its own)
+    sigs, sources = [], []   # per store entry: signature, (array name, page of that array)
+    flats = {name: _flat_bytes(a) for name, a in arrays.items()}
+    for name, flat in flats.items():
+        first = placed[name]["offset"] // ps
+        whole = flat.size // ps
+        nonzero = np.ones(whole + (flat.size % ps > 0), bool)
+        if whole:
+            nonzero[:whole] = flat[:whole * ps].view(np.uint64).reshape(whole, -1).any(axis=1)
+        mv = memoryview(flat)
+        for i in range(nonzero.size):
+            # whole pages are hashed in place; only a partial last page is copied (padded)
+            page = mv[i * ps:(i + 1) * ps] if i < whole else _page_bytes(flat, i, ps)
+            if not nonzero[i] or (i == whole and not page.strip(b"\0")):
+                pmap[first + i] = ZERO
+                continue
+            sig = _page_signature(page)
+            for e in entry_of.get(sig, ()):
+                src_name, src_page = sources[e]
+                if _page_bytes(flats[src_name], src_page, ps) == bytes(page):
+                    pmap[first + i] = STORED + e
+                    break
+            else:
+                entry_of.setdefault(sig, []).append(len(sigs))
+                pmap[first + i] = STORED + len(sigs)
+                sigs.append(sig)
+                sources.append((name, i))
+    nstored = len(sigs)
+    if nstored > MAX_STORED:
+        raise SnapshotError("%s: %d distinct pages: more than a snapshot holds" % (path, nstored))
+    ws = np.zeros(0, np.uint64)
+    if working_set is not None:
+        from ._errors import InvalidArgumentError
+        ws = np.asarray(working_set, dtype=np.int64).ravel()
+        if ws.size and (ws.min() < 0 or ws.max() >= npages):
+            raise InvalidArgumentError("working_set has page indices outside 0..%d"
+                                       % (npages - 1))
+        ws = _dedup_keep_order(ws.astype(np.uint64), npages)
+        # the working set's entries first, in its order; the others stay in address order
+        stored = pmap >= STORED
+        used = np.concatenate([pmap[ws][stored[ws]], pmap[stored]]).astype(np.int64) - STORED
+        _, firsts = np.unique(used, return_index=True)
+        order = used[np.sort(firsts)]
+        new_of_old = np.empty(nstored, np.int64)
+        new_of_old[order] = np.arange(nstored)
+        pmap[stored] = (new_of_old[pmap[stored].astype(np.int64) - STORED] + STORED
+                        ).astype(MAP_DTYPE)
+        sigs = [sigs[e] for e in order]
+        sources = [sources[e] for e in order]
+    manifest = _manifest_bytes(placed, extra)
+    h = _layout(npages, ps, nstored, ws.size, len(manifest))
+    header_bytes = h["store_offset"]
+    fd, tmp = _temporary(path)
+    try:
+        # Runs of entries that are consecutive pages of one array are one slice of it.
+        iov, at, e = [], header_bytes, 0
+        while e < nstored:
+            name, i = sources[e]
+            n = 1
+            while e + n < nstored and sources[e + n] == (name, i + n):
+                n += 1
+            flat = flats[name]
+            if (i + n) * ps <= flat.size:
+                iov.append(memoryview(flat)[i * ps:(i + n) * ps])
+            else:   # the run ends with the array's partial last page: pad it
+                iov.append(memoryview(flat)[i * ps:(i + n - 1) * ps])
+                iov.append(_page_bytes(flat, i + n - 1, ps))
+            e += n
+            if len(iov) >= 512 or e == nstored:
+                at = _pwritev_all(fd, iov, at)
+                iov = []
+        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, np.array(sigs, dtype="<u8"))
+        fd = _commit(fd, tmp, path, durable)
+    except BaseException:
+        _abandon(fd, tmp)
+        raise
+    return inspect(path)
+
+
+_page_signature = _xxh3   # a page's signature (its own name: a test makes every page collide)
+
+
+def _flat_bytes(a):
+    return a.reshape(-1).view(np.uint8) if a.nbytes else np.zeros(0, np.uint8)
+
+
+def _pwritev_all(fd, iov, offset):
+    """Write the buffers one after the other at `offset`; returns the offset after them."""
+    for b in iov:
+        _pwrite_all(fd, b, offset)
+        offset += len(b)
+    return offset
+
+
+def _page_bytes(flat, i, ps):
+    """Page i of a byte array, the last one padded with zeros to a whole page."""
+    page = flat[i * ps:(i + 1) * ps].tobytes()
+    return page if len(page) == ps else page + bytes(ps - len(page))
 
 
 def _manifest_bytes(arrays, extra):

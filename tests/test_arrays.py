@@ -345,3 +345,169 @@ def test_cli_inspect_lists_named_arrays(tmp_path):
     d = json.loads(p.stdout)["arrays"]
     assert d["model/w"]["nbytes"] == 4096 and d["model/w"]["shape"] == [64, 32]
     assert d["step"]["kind"] == "numpy"
+
+
+@pytest.mark.shared_pages
+def test_shared_loads_share_one_pool_and_keep_writes_private(tmp_path):
+    path = tmp_path / "s.plm"
+    w = np.random.default_rng(3).standard_normal(16 * PS // 8)
+    plm.save(path, {"w": w})
+    with plm.load(path, share=True) as a, plm.load(path, share=True) as b:
+        assert a.region.shared and b.region.shared
+        assert np.array_equal(a["w"], w) and np.array_equal(b["w"], w)
+        a["w"][:10] = 0
+        assert np.array_equal(b["w"], w)            # b still sees the snapshot's values
+        counts = b.region.page_counts()
+        assert counts["shared"] >= 16 - 1             # b's pages map the pool
+
+
+TORCH_MLP = textwrap.dedent("""
+    import json, sys
+    import torch
+    import pylazymem as plm
+
+    path, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(5)
+    X = torch.randn(512, 16)
+    y = (X[:, :4].sum(dim=1) > 0).long()
+    Xtest = torch.randn(64, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    if mode == "train":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(30):     # a few epochs
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        plm.save(path, {"model": dict(model.state_dict())})
+    else:
+        st = plm.load(path, prefetch="none", background=False)
+        model.load_state_dict(st["model"])
+    with torch.no_grad():
+        print(json.dumps(model(Xtest).tolist()))
+""")
+
+
+@pytest.mark.package("torch")
+def test_trained_torch_mlp_predicts_the_same_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / "mlp.plm")
+    out = []
+    for mode in ("train", "load"):
+        p = subprocess.run([sys.executable, "-c", TORCH_MLP, path, mode],
+                           capture_output=True, text=True, timeout=90)
+        assert p.returncode == 0, p.stderr
+        out.append(np.array(json.loads(p.stdout)))
+    assert out[0].shape == (64, 2) and np.array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_load_reads_npy_npz_lazily(tmp_path, order):
+    a = np.asarray(np.arange(6 * PS, dtype=np.int32).reshape(6, PS), order=order)
+    b = np.linspace(0, 1, 77)
+    np.save(tmp_path / "a.npy", a)
+    np.savez(tmp_path / "ab.npz", a=a, b=b)
+    with plm.load(tmp_path / "a.npy", background=False) as got:
+        assert got.format == "npy" and list(got) == ["array"]
+        assert got.region.stats()["pages_present"] == 0
+        assert np.array_equal(got["array"], a)
+        assert got["array"].flags.f_contiguous == (order == "F")
+    with plm.load(tmp_path / "ab.npz") as got:
+        assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b)
+        plm.save(tmp_path / "conv.plm", dict(got))      # converted to a pylazymem snapshot
+    with plm.load(tmp_path / "conv.plm") as conv:
+        assert np.array_equal(conv["a"], a) and np.array_equal(conv["b"], b)
+
+
+@pytest.mark.package("safetensors")
+def test_load_reads_safetensors_lazily(tmp_path):
+    import safetensors.numpy as stn
+
+    arrays = {"w": np.random.default_rng(1).standard_normal((300, 40)).astype(np.float32),
+              "b": np.arange(40, dtype=np.float16)}
+    path = str(tmp_path / "m.safetensors")
+    stn.save_file(arrays, path, metadata={"epoch": "3"})
+    with plm.load(path, background=False, readonly=True) as got:
+        assert got.format == "safetensors" and got.metadata == {"epoch": "3"}
+        assert got.region.stats()["pages_present"] == 0
+        for k, v in arrays.items():
+            assert np.array_equal(got[k], v)
+        with pytest.raises(ValueError):
+            got["w"][0, 0] = 1
+
+
+def test_cli_inspect_lists_a_foreign_files_arrays(tmp_path):
+    np.savez(tmp_path / "ab.npz", a=np.zeros((4, 5), np.float32), b=np.arange(3))
+    cli = [sys.executable, "-m", "pylazymem", "inspect", str(tmp_path / "ab.npz")]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "npz" in p.stdout.splitlines()[0]
+    lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.startswith("  ")}
+    assert lines["a"][1] == "float32" and lines["a"][-2] == "80"
+    d = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True,
+                                  timeout=60).stdout)
+    assert d["format"] == "npz" and d["arrays"]["b"]["shape"] == [3]
+    p = subprocess.run(cli + ["--plot", str(tmp_path / "x.png")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and "needs a pylazymem snapshot" in p.stderr
+
+
+def _via_region(path, arrays, extra, ws="none"):
+    """The same arrays written the long way: a region holding them, checkpoint()."""
+    end = 0
+    for a in arrays.values():      # page-aligned, one after the other, as save() lays them out
+        end = -(-end // PS) * PS + a.nbytes
+    with plm.Region(max(PS, -(-end // PS) * PS)) as r:
+        for name, a in arrays.items():
+            v = r.alloc(name, a.shape, a.dtype)
+            if a.size:
+                v[...] = a
+        r._manifest_extra = extra
+        plm.checkpoint(r, path, working_set=ws)
+
+
+def test_save_writes_the_file_checkpoint_would(tmp_path):
+    """save() writes straight to the file (no region): byte for byte what checkpoint() of a
+    region holding the same arrays writes: zero pages, duplicates, partial last pages."""
+    from pylazymem.snapshot import write_arrays
+
+    r = np.random.default_rng(9)
+    page = r.integers(0, 256, PS, dtype=np.uint8)
+    arrays = {"dups": np.tile(page, 5), "zeros": np.zeros(3 * PS + 10, np.uint8),
+              "mixed": np.concatenate([page, np.zeros(PS, np.uint8), r.integers(0, 256, 2 * PS + 7,
+                                                                              dtype=np.uint8)]),
+              "empty": np.zeros(0, np.float32), "tail": np.arange(100, dtype=np.float64)}
+    extra = {"state": {"version": 1, "tree": {"kind": "dict", "items": {}}}}
+    write_arrays(tmp_path / "direct.plm", arrays, extra)
+    _via_region(tmp_path / "region.plm", arrays, extra)
+    assert (tmp_path / "direct.plm").read_bytes() == (tmp_path / "region.plm").read_bytes()
+    ws = [7, 3, 0, 11]
+    write_arrays(tmp_path / "direct_ws.plm", arrays, extra, working_set=ws)
+    _via_region(tmp_path / "region_ws.plm", arrays, extra, ws=ws)
+    assert (tmp_path / "direct_ws.plm").read_bytes() == (tmp_path / "region_ws.plm").read_bytes()
+
+
+def test_save_compares_pages_whose_signatures_collide(tmp_path, monkeypatch):
+    """Equal signatures are not taken for equal pages: every hash collides here, and every
+    distinct page still gets its own store entry."""
+    import pylazymem.snapshot as snap
+
+    monkeypatch.setattr(snap, "_page_signature", lambda b: 42)
+    a = np.arange(6 * PS // 8, dtype=np.uint64)     # 6 distinct pages
+    b = a[:PS // 8].copy()                           # equal to a's first page
+    info = snap.write_arrays(tmp_path / "s.plm", {"a": a, "b": b})
+    assert info.pages_by_class["unique"] == 6 and info.pages_by_class["duplicate"] == 1
+    monkeypatch.undo()
+    with plm.load(tmp_path / "s.plm") as got:
+        assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b)
+
+
+def test_save_with_a_working_set(tmp_path):
+    st = {"a": np.ones(4 * PS // 8), "b": np.full(4 * PS // 8, 2.0)}
+    info = plm.save(tmp_path / "s.plm", st, working_set=[5, 4])
+    assert info.working_set.tolist() == [5, 4]
+    with plm.load(tmp_path / "s.plm", background=False) as got:
+        present = np.flatnonzero(got.region.meta["state"] == plm.PageState.PRESENT)
+        assert present.tolist() == [4, 5]
+        assert float(got["b"].sum()) == 2.0 * 4 * PS // 8
+    with pytest.raises(plm.InvalidArgumentError, match="outside"):
+        plm.save(tmp_path / "t.plm", st, working_set=[8])
+    assert not (tmp_path / "t.plm").exists()

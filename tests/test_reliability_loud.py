@@ -306,7 +306,9 @@ def test_split_run_failure_keeps_records_true(run_py):
     res = run_py("""
 import errno
 N = 4096
-r = plm.Region(N * PS, _test_broken_source=3)
+# shared_first_touch=True: chunk blocks registered, so that every first touch is a fault we
+# fill (kernel-served blocks, the default, would never reach the fill path)
+r = plm.Region(N * PS, _test_broken_source=3, shared_first_touch=True)
 c = r.canonical(bytes(range(256)) * (PS // 256))
 r.defer_fill(0, r.nbytes, c)
 fd = os.memfd_create("probe")

@@ -25,7 +25,7 @@ against values precomputed from the state: any wrong byte changes the sum):
             pool against the page cache's PMD-mapped large folios).
   template  Region + canonical(template) + defer_fill of the whole region + 1% random page reads
             vs np.empty + template fill + the same reads (template_init.py's two runs, reused),
-            plus Region(share_canonical=True) and Region(shared_first_touch=False) variants when
+            plus Region(share_canonical=True) and Region(shared_first_touch=False / True) variants when
             those keyword arguments exist (reported as absent otherwise). Target >= 20x.
   reap      reap.py's uniform 10% workload, recorded and replayed: eager np.load + workload vs
             restore(prefetch="working-set", background=False) + workload with share=True, the
@@ -70,7 +70,8 @@ SEED = 20241111
 SHARE_STATS = ("pages_shared_mapped", "pages_published", "pool_fallback_pages")
 # the template part's sharing variants: Region keyword arguments (run where they exist)
 CANONICAL_VARIANTS = {"plm_share_canonical": {"share_canonical": True},
-                      "plm_kernel_first_touch": {"share_canonical": True, "shared_first_touch": False}}
+                      "plm_kernel_first_touch": {"share_canonical": True, "shared_first_touch": False},
+                      "plm_seen_first_touch": {"share_canonical": True, "shared_first_touch": True}}
 
 
 # ---- availability ------------------------------------------------------------------------------

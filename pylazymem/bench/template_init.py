@@ -3,7 +3,10 @@
 Fill 1 GiB with a 4 KiB template page and then read 1% of its pages (one byte each, random pages
 in random order), end to end:
   pylazymem: Region(1 GiB) + canonical(template) + defer_fill over the whole region + the reads
-             (default configuration: readahead and serving threads as shipped);
+             (default configuration: readahead and serving threads as shipped; chunk blocks
+             kernel-served, shared_first_touch=False);
+  pylazymem_seen: the same with Region(shared_first_touch=True): chunk blocks registered MINOR,
+             every first touch a uffd round trip (UFFDIO_CONTINUE), seen by the working set;
   numpy:     np.empty(1 GiB) + broadcast-copy of the template into every page + the same reads
              (numpy's large allocations get transparent huge pages).
   pylazymem_copy: the same with Region(share_canonical=False): every first touch copies the
@@ -24,12 +27,15 @@ TOUCH_OFFSET = 777
 FRACTION = 0.01
 
 
-def _run_plm(plm, nbytes, template, offsets, cpu=None, share=True):
+def _run_plm(plm, nbytes, template, offsets, cpu=None, share=True, first_touch=None):
     """cpu None: default Region, main thread unpinned; else main thread and one serving thread on `cpu`.
-    share False: Region(share_canonical=False), template copied at each first touch."""
+    share False: Region(share_canonical=False), template copied at each first touch.
+    first_touch True/False: Region(shared_first_touch=...); None: the default."""
     kw = {} if cpu is None else {"serve_cpus": [cpu]}
     if not share:
         kw["share_canonical"] = False
+    if first_touch is not None:
+        kw["shared_first_touch"] = first_touch
     with C.quiet_gc(), C.pinned(cpu):
         t0 = C.now_ns()
         r = plm.Region(nbytes, **kw)
@@ -82,7 +88,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
 
     faulter, _ = C.cpu_pair()
     # pylazymem_pinned (informational): main thread pinned to one CPU, serve_cpus=[that CPU]
-    variants = ["pylazymem", "numpy", "pylazymem_pinned", "pylazymem_copy"]
+    variants = ["pylazymem", "numpy", "pylazymem_seen", "pylazymem_pinned", "pylazymem_copy"]
     parts = {v: {k: [] for k in ("total", "create", "fill", "reads", "free")} for v in variants}
     stats = {}
     problems = []
@@ -90,7 +96,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
         for v in C.rotate(variants, rep):
             if v.startswith("pylazymem"):
                 t, bad, st = _run_plm(plm, nbytes, template, offsets, faulter if v.endswith("_pinned") else None,
-                                      share=not v.endswith("_copy"))
+                                      share=not v.endswith("_copy"),
+                                      first_touch=True if v.endswith("_seen") else None)
                 stats[v] = st
             else:
                 t, bad = _run_numpy(nbytes, template, offsets)
@@ -110,7 +117,8 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
             rows[v]["stats"] = {k: stats[v].get(k) for k in ("faults", "readahead_pages", "pages_present",
                                                              "bytes_materialized", "serving_threads",
                                                              "fault_service_ns", "errors",
-                                                             "canonical_shared_pages", "canonical_copied_pages")}
+                                                             "canonical_shared_pages", "canonical_copied_pages",
+                                                             "canonical_kernel_pages")}
 
     headers = ["variant", "total_ms_med", "min", "max", "reps", "create_ms", "fill_ms", "reads_ms",
                "us/read", "free_ms"]
@@ -131,6 +139,9 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
 
     ratios = [C.ratio("speedup", rows["numpy"]["median"], rows["pylazymem"]["median"], ">=", TARGET,
                       "numpy total / pylazymem total, default Region (higher is better)"),
+              C.ratio("speedup_seen", rows["numpy"]["median"], rows["pylazymem_seen"]["median"], ">=", TARGET,
+                      "informational: numpy total / pylazymem total with shared_first_touch=True (first touches "
+                      "served by us, seen by the working set)"),
               C.ratio("speedup_pinned", rows["numpy"]["median"], rows["pylazymem_pinned"]["median"], ">=", TARGET,
                       "informational: numpy total / pylazymem total, faulter and serving thread on one CPU"),
               C.ratio("speedup_copy", rows["numpy"]["median"], rows["pylazymem_copy"]["median"], ">=", TARGET,
