@@ -47,7 +47,7 @@ else:
     checkpoint, restore = _refusals["checkpoint"], _refusals["restore"]
     save, load = _refusals["save"], _refusals["load"]
     record_working_set = _refusals["record_working_set"]
-    LoadedState = None   # nothing is ever loaded without the core
+    from .arrays import LoadedState  # noqa: E402  (a class only: nothing loads without the core)
     del _refusals
 
     def __getattr__(name):

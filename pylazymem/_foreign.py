@@ -22,6 +22,7 @@ import os
 import stat
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import xxhash
@@ -31,6 +32,7 @@ from ._snapfile import MAP_DTYPE, STORED, SnapshotError, _fail
 FORMATS = ("npy", "npz", "safetensors")
 #: Bytes detect() needs to tell the formats apart (it copes with fewer: then None).
 HEAD_BYTES = 16
+MAX_EXTENT = 1 << 62   # bytes an array's shape may span, zero dimensions counted as 1
 
 NPY_MAGIC = b"\x93NUMPY"
 # numpy's own bound on a .npy header (np.load's max_header_size default): the header is
@@ -100,6 +102,18 @@ def _pread(fd, n, offset, path, what):
     return out
 
 
+def _check_extent(path, where, shape, dtype):
+    """numpy must be able to make a view of this shape: with a zero dimension the data size is
+    0 and passes every size check, but numpy still refuses (OverflowError, ValueError) a shape
+    whose other dimensions multiply past its index range."""
+    extent = dtype.itemsize
+    for x in shape:
+        extent *= max(x, 1)
+    if extent > MAX_EXTENT:
+        _fail(path, "%s: shape %.100r of %s is beyond what an array can index (%d bytes, "
+              "ignoring zero dimensions)" % (where, tuple(shape), dtype, extent))
+
+
 def read_header(path, fmt=None):
     """(fmt, entries, metadata, file_bytes) of a checked .npy / .npz / .safetensors file,
     without restoring it and without compiled code (for inspect-like tools). fmt None:
@@ -114,6 +128,8 @@ def read_header(path, fmt=None):
             if fmt is None:
                 _fail(path, "not a .npy, .npz or .safetensors file (no magic number of any)")
         entries, metadata = _parse(fd, path, fmt, size)
+        if fmt == "npz":
+            _check_crcs(fd, path, entries, verify=False)
     finally:
         os.close(fd)
     return fmt, entries, metadata, size
@@ -194,6 +210,7 @@ def _npy_entry(fd, path, base, limit, where):
               "into 'shape')" % (at, dtype))
     if dtype.itemsize == 0:
         _fail(path, "%s.npy header: dtype %s has no size" % (at, dtype))
+    _check_extent(path, "%s.npy" % at, shape, dtype)
     nbytes = math.prod(shape) * dtype.itemsize   # Python integers: no overflow
     data = hstart + hlen
     if nbytes > limit - data:
@@ -300,6 +317,7 @@ def _npz_entries(fd, path, size):
                                                             start_dir))
         entry, _ = _npy_entry(fd, path, data, info.file_size, where)
         entry["meta"]["member"] = name
+        entry["meta"]["crc32"] = (data, info.file_size, info.CRC)   # checked by verify=True
         entries[key] = entry
         spans.append((off, end, name))
     spans.sort()
@@ -307,6 +325,25 @@ def _npz_entries(fd, path, size):
         if start < end:
             _fail(path, "members %r and %r overlap" % (a, b))
     return entries
+
+
+def _check_crcs(fd, path, entries, verify=True):
+    """verify=True of an .npz: each member's CRC-32, as np.load checks it (one read of the
+    member; without verify nothing is read at open, and a damaged member is not noticed)."""
+    for key, e in entries.items():
+        start, n, want = e["meta"].pop("crc32")
+        if not verify:
+            continue
+        crc, done = 0, 0
+        while done < n:
+            chunk = os.pread(fd, min(1 << 20, n - done), start + done)
+            if not chunk:
+                _fail(path, "member %r: the file ends inside it" % e["meta"]["member"])
+            crc = zlib.crc32(chunk, crc)
+            done += len(chunk)
+        if crc != want:
+            _fail(path, "member %r: CRC-32 mismatch (the member is damaged)"
+                  % e["meta"]["member"])
 
 
 # ---- .safetensors --------------------------------------------------------------------------
@@ -379,6 +416,7 @@ def _safetensors_entries(fd, path, size):
             _fail(path, "%s: data_offsets must be [begin, end] within the %d bytes of data, "
                   "not %.100r" % (where, data_len, offsets))
         dtype = _st_dtype(st_dtype)
+        _check_extent(path, where, shape, dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes != offsets[1] - offsets[0]:
             _fail(path, "%s: %s of shape %s is %d bytes, its data_offsets span %d"
@@ -474,6 +512,8 @@ def open_foreign(path, fmt, *, prefetch="none", share=False, background=None, ve
         if size == 0:
             _fail(path, "empty file")
         entries, metadata = _parse(fd, path, fmt, size)
+        if fmt == "npz":
+            _check_crcs(fd, path, entries, verify)
         npages = -(-size // PAGE_SIZE)
         pages = _prefetch_pages(prefetch, npages)
         cid = content_id(st)

@@ -51,6 +51,13 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     if compress is not None:
         raise InvalidArgumentError("save(compress=%r): this version writes uncompressed "
                                    "snapshots only (compress=None)" % (compress,))
+    if isinstance(state, LoadedState) and state.format != "pylazymem":
+        # the region of a foreign file is the file's image and has no named arrays: save the
+        # arrays themselves (converted to a snapshot)
+        if isinstance(working_set, LoadedState):
+            raise InvalidArgumentError("working_set: a %s file's state has no working set "
+                                       "to save" % state.format)
+        state = dict(state)
     if isinstance(state, LoadedState):
         ws = working_set if working_set is not None else state
         return checkpoint(state.region, path, working_set=_ws_pages(ws, state.region),
@@ -258,8 +265,10 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
          verify=False, **region_kw):
     """Load a state saved by save() (or an .npy, .npz or .safetensors file) lazily: returns a
     LoadedState. prefetch, share, background, verify: as restore() (a foreign file has no
-    working set: "working-set" prefetches nothing there). readonly: the arrays returned refuse
-    writes (numpy's writeable flag; Arrow data is read-only anyway)."""
+    working set: "working-set" prefetches nothing there; verify=True of an .npz also checks
+    its members' CRC-32s, which are not read otherwise). readonly: the arrays returned refuse
+    writes (numpy's writeable flag; Arrow data is read-only anyway). Arrow leaves are
+    validated in full at load (their pages are read then)."""
     from ._snapfile import MAGIC, SnapshotError, _open
 
     path = os.fspath(path)
@@ -419,7 +428,9 @@ def _arrow_view(view, what, name, path):
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(view))
         table = reader.read_all()
-        table.validate()
+        # full=True reads the leaf's buffers now (its pages load at load() time): the cheap
+        # check lets a damaged offset through, and pyarrow would then read out of bounds
+        table.validate(full=True)
     except (pa.ArrowException, ValueError) as e:
         raise SnapshotError("%s: Arrow data of %r cannot be read: %s" % (path, name, e)) from None
     if what == "table":

@@ -5,6 +5,7 @@ never need the GIL (docs/design.md, "The GIL rule").
 """
 import contextlib
 import errno
+import math
 import mmap
 import operator
 import os
@@ -457,7 +458,7 @@ class Region(AddressRange):
             shape = (count,)
         else:
             shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(shape)
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)   # Python integers: a huge shape cannot wrap
             if count < 0 or offset + count * dtype.itemsize > self.nbytes:
                 raise InvalidRangeError("%d items of %s at offset %d do not fit in %d bytes"
                                         % (count, dtype, offset, self.nbytes))

@@ -162,10 +162,10 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
                 check(result[0], "checkpoint: %s" % result[1])
             nstored = plan(True)   # a collision: lay the store out again, comparing
         _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored])
-        fd = _commit(fd, tmp, path, durable)
     except BaseException:
         _abandon(fd, tmp)
         raise
+    _commit(fd, tmp, path, durable)
     if progress is not None:
         progress(h["file_bytes"], h["file_bytes"])
     # What inspect() would say of the file, from what was just written.
@@ -186,6 +186,7 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
     from ._binding import PAGE_SIZE
 
     ps = page_size or PAGE_SIZE
+    ws_in = None if working_set is None else _page_indices(working_set)
     placed, offset = {}, 0
     for name, a in arrays.items():
         offset = -(-offset // ps) * ps
@@ -224,13 +225,8 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
     if nstored > MAX_STORED:
         raise SnapshotError("%s: %d distinct pages: more than a snapshot holds" % (path, nstored))
     ws = np.zeros(0, np.uint64)
-    if working_set is not None:
-        from ._errors import InvalidArgumentError
-        ws = np.asarray(working_set, dtype=np.int64).ravel()
-        if ws.size and (ws.min() < 0 or ws.max() >= npages):
-            raise InvalidArgumentError("working_set has page indices outside 0..%d"
-                                       % (npages - 1))
-        ws = _dedup_keep_order(ws.astype(np.uint64), npages)
+    if ws_in is not None:
+        ws = _dedup_keep_order(_in_region(ws_in, npages), npages)
         # the working set's entries first, in its order; the others stay in address order
         stored = pmap >= STORED
         used = np.concatenate([pmap[ws][stored[ws]], pmap[stored]]).astype(np.int64) - STORED
@@ -265,10 +261,10 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
                 at = _pwritev_all(fd, iov, at)
                 iov = []
         _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, np.array(sigs, dtype="<u8"))
-        fd = _commit(fd, tmp, path, durable)
     except BaseException:
         _abandon(fd, tmp)
         raise
+    _commit(fd, tmp, path, durable)
     return inspect(path)
 
 
@@ -301,7 +297,8 @@ def _manifest_bytes(arrays, extra):
     man["pylazymem"] = _version()
     man["arrays"] = {n: {"offset": a["offset"], "dtype": _json_dtype(a["dtype"]),
                          "shape": list(a["shape"])} for n, a in arrays.items()}
-    return json.dumps(man, sort_keys=True).encode()
+    # Not sort_keys: the state tree's dicts keep the order they were saved in.
+    return json.dumps(man).encode()
 
 
 def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs):
@@ -334,14 +331,23 @@ def _temporary(path):
 
 
 def _commit(fd, tmp, path, durable):
-    """Replace `path` with the finished temporary; returns -1 (the fd is closed)."""
-    if durable:
-        os.fsync(fd)
+    """Replace `path` with the finished temporary. It owns fd and tmp from the call on (the
+    caller must not abandon them): whatever fails, the fd is closed once and the temporary
+    removed, and the error is the one that happened."""
+    try:
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        _abandon(fd, tmp)
+        raise
     os.close(fd)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _abandon(-1, tmp)
+        raise
     if durable:
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    return -1
 
 
 def _abandon(fd, tmp):
@@ -446,14 +452,7 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
             raise SnapshotError("%s: the file changed since the working set was recorded "
                                 "(another snapshot is at that path now)" % path)
         npages, ps = h["npages"], h["page_size"]
-        try:
-            ws = np.asarray(working_set, dtype=np.int64).ravel()
-        except (TypeError, ValueError):
-            raise InvalidArgumentError("working_set must be page indices") from None
-        if ws.size and (ws.min() < 0 or ws.max() >= npages):
-            raise InvalidArgumentError("working_set has page indices outside 0..%d"
-                                       % (npages - 1))
-        ws = _dedup_keep_order(ws.astype(np.uint64), npages)
+        ws = _dedup_keep_order(_in_region(_page_indices(working_set), npages), npages)
         # Store entries in the order the format asks for: the working set's (first mention
         # first), then the others in the address order of the first page that uses them.
         stored = p.map >= STORED
@@ -473,13 +472,35 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
         try:
             _copy_entries(fd, h["store_offset"], tfd, header_bytes, order, ps)
             _write_tables(tfd, out, header_bytes, ps, pmap, ws, manifest, p.sigs[order])
-            _commit(tfd, tmp, path, durable)
         except BaseException:
             _abandon(tfd, tmp)
             raise
+        _commit(tfd, tmp, path, durable)
     finally:
         os.close(fd)
     return inspect(path)
+
+
+def _page_indices(working_set):
+    """Page indices given by a caller: integers (a float is an error, not truncated)."""
+    from ._errors import InvalidArgumentError
+    try:
+        ws = np.asarray(working_set)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("working_set must be page indices") from None
+    if ws.size == 0:
+        return np.zeros(0, np.int64)
+    if ws.dtype.kind not in "iu":
+        raise InvalidArgumentError("working_set must be integer page indices, not %s"
+                                   % ws.dtype)
+    return ws.astype(np.int64).ravel()
+
+
+def _in_region(ws, npages):
+    from ._errors import InvalidArgumentError
+    if ws.size and (ws.min() < 0 or ws.max() >= npages):
+        raise InvalidArgumentError("working_set has page indices outside 0..%d" % (npages - 1))
+    return ws.astype(np.uint64)
 
 
 def _copy_entries(src, src_off, dst, dst_off, order, ps, batch=4096):
@@ -494,10 +515,13 @@ def _copy_entries(src, src_off, dst, dst_off, order, ps, batch=4096):
             j = i + 1
             while j < sel.size and sel[j] == sel[j - 1] + 1:
                 j += 1
-            want = (j - i) * ps
-            got = os.preadv(src, [view[i * ps:j * ps]], src_off + int(sel[i]) * ps)
-            if got != want:
-                raise SnapshotError("snapshot store is shorter than its header says")
+            done, want = 0, (j - i) * ps
+            while done < want:   # a read may return less than asked (2 GiB at most, signals)
+                got = os.preadv(src, [view[i * ps + done:j * ps]],
+                                src_off + int(sel[i]) * ps + done)
+                if got <= 0:
+                    raise SnapshotError("snapshot store is shorter than its header says")
+                done += got
             i = j
         _pwrite_all(dst, buf, dst_off + b * ps)
 

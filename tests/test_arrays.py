@@ -511,3 +511,66 @@ def test_save_with_a_working_set(tmp_path):
     with pytest.raises(plm.InvalidArgumentError, match="outside"):
         plm.save(tmp_path / "t.plm", st, working_set=[8])
     assert not (tmp_path / "t.plm").exists()
+
+
+def test_failed_replacement_leaves_no_temporary_and_says_why(tmp_path):
+    """save()/checkpoint() onto a path that cannot be replaced (a directory): the error is the
+    rename's, and no temporary stays behind."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError):
+        plm.save(tmp_path / "out", {"a": np.zeros(3)})
+    with plm.Region(PS) as r, pytest.raises(IsADirectoryError):
+        plm.checkpoint(r, tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_saving_a_foreign_state_saves_its_arrays(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.arange(1000.0), y=np.ones(3))
+    with plm.load(tmp_path / "a.npz") as st:
+        info = plm.save(tmp_path / "s.plm", st)
+    assert set(info.arrays) == {"x", "y"}
+    with plm.load(tmp_path / "s.plm") as got:
+        assert np.array_equal(got["x"], np.arange(1000.0)) and got["y"].tolist() == [1, 1, 1]
+
+
+def test_state_keeps_its_key_order(tmp_path):
+    plm.save(tmp_path / "s.plm", {"b": np.zeros(2), "a": np.ones(2),
+                                  "c": {"z": np.ones(1), "y": np.ones(1)}})
+    with plm.load(tmp_path / "s.plm") as got:
+        assert list(got) == ["b", "a", "c"] and list(got["c"]) == ["z", "y"]
+
+
+def test_working_set_must_be_integers(tmp_path):
+    with pytest.raises(plm.InvalidArgumentError, match="integer"):
+        plm.save(tmp_path / "s.plm", {"a": np.zeros(4 * PS)}, working_set=[1.7])
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.package("pyarrow")
+def test_damaged_arrow_offsets_are_an_error_not_a_crash(tmp_path):
+    """A string column whose offsets point past its data (a hostile or damaged file: store
+    pages are not verified unless asked) is refused at load, before pyarrow reads it."""
+    import pyarrow as pa
+
+    col = pa.array(["x" * (i % 7) for i in range(1000)])
+    path = tmp_path / "t.plm"
+    plm.save(path, {"t": pa.table({"s": col})})
+    offsets = np.frombuffer(col.buffers()[1], np.int32)
+    with plm.load(path) as st:   # where the offsets sit in the region, then patch the file
+        raw = bytes(st.region.ndarray(np.uint8))
+        buf = st["t"].column(0).chunk(0).buffers()[1]
+        at = buf.address - st.region.address
+        assert raw[at:at + offsets.nbytes] == offsets.tobytes()
+    from pylazymem._snapfile import _open, _read
+    fd = _open(str(path))
+    try:
+        p = _read(fd, str(path))
+    finally:
+        os.close(fd)
+    page, within = divmod(at + 500 * 4, PS)          # offset 500 of the string column
+    pos = p.header["store_offset"] + (int(p.map[page]) - 2) * PS + within
+    blob = bytearray(path.read_bytes())
+    blob[pos:pos + 4] = np.int32(1 << 30).tobytes()
+    path.write_bytes(bytes(blob))
+    with pytest.raises(plm.SnapshotError, match="Arrow data"):
+        plm.load(path)

@@ -546,7 +546,9 @@ NPY_CASES = {
                       data=bytes(16)), "sub-array"),
     "data_short": (_npy(GOOD_NPY, data=bytes(15)), "needs 16 bytes of data, 15"),
     "huge_shape": (_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (%d, %d)}"
-                        % (1 << 40, 1 << 40), data=bytes(16)), "truncated"),
+                        % (1 << 40, 1 << 40), data=bytes(16)), "beyond what an array can index"),
+    "large_shape": (_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (%d, %d)}"
+                         % (1 << 20, 1 << 20), data=bytes(16)), "truncated"),
     "bad_utf8_v3": (_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (2,)}",
                          (3, 0), bytes(16)).replace(b"descr", b"d\xffscr"), "not utf8 text"),
 }
@@ -853,3 +855,30 @@ def test_fuzz_restores(tmp_path, fmt):
                 assert same(got, want)
         restored += 1
     assert restored > 0
+
+
+@lazy
+@pytest.mark.parametrize("shape", [(0, 2**62, 2**62), (0, 2**70), (2**70, 0)])
+def test_zero_sized_array_with_huge_dimensions_is_refused(tmp_path, shape):
+    """A zero dimension makes the data size 0, which passes every size check; numpy could
+    still not make the view (OverflowError, "array is too big"): a clear SnapshotError."""
+    import struct as _struct
+    h = repr({"descr": "<f8", "fortran_order": shape[0] > 0, "shape": shape}).encode()
+    h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
+    p = tmp_path / "z.npy"
+    p.write_bytes(b"\x93NUMPY\x01\x00" + _struct.pack("<H", len(h)) + h)
+    with pytest.raises(plm.SnapshotError, match="beyond what an array can index"):
+        plm.load(p)
+
+
+@lazy
+def test_npz_crc_checked_with_verify(tmp_path):
+    a = np.arange(512.0)
+    np.savez(tmp_path / "a.npz", x=a)
+    raw = bytearray((tmp_path / "a.npz").read_bytes())
+    raw[raw.find(a.tobytes()) + 8] ^= 0xFF
+    (tmp_path / "a.npz").write_bytes(bytes(raw))
+    with pytest.raises(plm.SnapshotError, match="CRC-32 mismatch"):
+        plm.load(tmp_path / "a.npz", verify=True)
+    with plm.load(tmp_path / "a.npz") as st:   # without verify: the bytes as they are
+        assert st["x"][1] != 1.0
