@@ -93,6 +93,7 @@ void lm_hist_add(struct lm_latency *l, uint64_t ns);
 int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
 int lm_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode);
+int lm_uffd_unregister(int fd, void *addr, size_t len);
 /* Fill missing pages (EEXIST: already there, skipped; EAGAIN retried). 0, or -errno with
    *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);

@@ -120,8 +120,18 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
                 done += filled;
             }
         }
-        for (size_t q = filled; q < run; q++)
-            lm_poison_page(r, p + q, rc);
+        if (rc == -ENOENT || rc == -ESRCH) {
+            /* Not registered any more: a deferral made the block kernel-served under us (it
+               records the pages again), or the region is going away. Given back, not
+               poisoned, as lm_fill_or_poison does; whoever waits on them retries. */
+            for (size_t q = filled; q < run; q++)
+                lm_release(r, p + q, LM_DEFERRED);
+            if (filled < run)
+                lm_uffd_wake(r->uffd, r->base + (p + filled) * ps, (run - filled) * ps);
+        } else {
+            for (size_t q = filled; q < run; q++)
+                lm_poison_page(r, p + q, rc);
+        }
         i += run;
     }
     return done;

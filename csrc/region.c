@@ -649,8 +649,16 @@ static int defer_piece(struct lm_region *r, size_t first, size_t n, int cls, uin
         madvise(r->base + first * r->page_size, (mapped_end - first) * r->page_size,
                 MADV_DONTFORK) < 0 && rc == 0)
         rc = LM_FAIL("madvise(MADV_DONTFORK)");
-    if (rc < 0 && k->target)   /* back on the normal backing (remap_held): records that copy */
+    if (rc < 0 && k->target && failed_at < first + n) {
+        /* The failed block is back on the normal backing (remap_held); the blocks after it
+           were never remapped and may still be kernel-served chunks of other contents, which
+           no fault would ever correct: registered first, so that records that copy are
+           carried out by the fault path everywhere. */
+        int trc = lm_chunk_take_over(r, failed_at, first + n - failed_at, true);
+        if (trc < 0)
+            lm_record_error(r, trc);
         lm_meta_defer(r, failed_at, first + n - failed_at, cls, canon, sig, flags);
+    }
     return rc;
 }
 

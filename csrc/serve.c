@@ -278,9 +278,17 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
     if (lm_kernel_page(r, page)) {
         /* Raised against the mapping a deferral has replaced since with a kernel-served chunk
            block (checked while the page is held: a take-over holds every page of the block):
-           not ours to fill. The faulter retries and the kernel serves it. */
+           not ours to fill. The faulter retries and the kernel serves it. Or the block is
+           registered although its flag says kernel-served (a take-over that failed after it
+           registered the block, and could not undo that): then the retry would fault here
+           again, forever. Mapping the chunk's page settles both: CONTINUE fails on the
+           unregistered mapping (the kernel serves the retry) and maps the template's page on
+           the registered one, which is what the record says the page holds. */
         lm_release(r, page, s);
         atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
+        size_t done = 0;
+        (void)lm_uffd_continue(r->uffd, r->base + page * r->page_size, r->page_size, false,
+                               &done);
         lm_uffd_wake(r->uffd, r->base + page * r->page_size, r->page_size);
         return;
     }

@@ -213,11 +213,16 @@ static int take_over_block(struct lm_region *r, uint32_t *chunk_of, size_t b)
         old[i] = lm_claim_wait(r, first + i);
     int rc = lm_uffd_register(r->uffd, r->base + first * r->page_size, bp * r->page_size,
                               UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    bool registered = rc == 0;
     if (rc == 0)
         rc = lm_ws_pagemap(r, first, bp, pm);
     if (rc < 0) {
-        /* Left as it was (registered or not, the kernel serves what is mapped; a MINOR fault
-           on a page not mapped is served as any registered chunk page): records unchanged. */
+        /* Left kernel-served, records unchanged: a block registered here is unregistered
+           again. Should that fail too, a fault on its unmapped pages maps the chunk's page
+           (serve.c: the fault path of a page whose block says kernel-served). */
+        if (registered)
+            (void)lm_uffd_unregister(r->uffd, r->base + first * r->page_size,
+                                     bp * r->page_size);
         lm_unclaim(r, first, bp, old);
         return rc;
     }

@@ -149,6 +149,15 @@ out:
     return rc;
 }
 
+/* Undo a registration (the kernel wakes the faults pending in the range: they retry). */
+int lm_uffd_unregister(int fd, void *addr, size_t len)
+{
+    struct uffdio_range range = {.start = (uintptr_t)addr, .len = len};
+    if (ioctl(fd, UFFDIO_UNREGISTER, &range) < 0)
+        return LM_FAIL("ioctl(UFFDIO_UNREGISTER)");
+    return 0;
+}
+
 int lm_uffd_register(int fd, void *addr, size_t len, uint64_t mode)
 {
     struct uffdio_register reg = {

@@ -512,3 +512,35 @@ def test_deferral_races_faults_and_readers():
             assert np.array_equal(v, np.broadcast_to(ta, v.shape))
             st = r.stats()
             assert st["errors"] == 0 and st["pages_poisoned"] == 0
+
+
+def test_failed_take_over_leaves_the_block_kernel_served():
+    """A take-over (materialize of a kernel-served block) that fails after registering the block
+    (no file descriptor left for /proc/self/pagemap) unregisters it again: the block stays
+    kernel-served, every page reads the template, nothing hangs (review, session 5)."""
+    import resource
+    t = template(21)
+    with plm.Region(8 << 20, shared_first_touch=False) as r:
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        v = pages(r)
+        assert (v[0] == t).all()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        fds = []
+        try:
+            try:
+                while True:
+                    fds.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            with pytest.raises(plm.LazyMemError, match="Too many open files"):
+                r.materialize(0, PS)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert r.stats()["canonical_kernel_pages"] == r.npages
+        assert (v[400] == t).all() and (v == t).all()
+        r.materialize(0, PS)                 # with descriptors again, the take-over works
+        assert (v == t).all()
