@@ -19,7 +19,6 @@ import errno
 import json
 import math
 import os
-import stat
 import struct
 import zipfile
 import zlib
@@ -28,6 +27,7 @@ import numpy as np
 import xxhash
 
 from ._snapfile import MAP_DTYPE, STORED, SnapshotError, _fail
+from ._snapfile import _open as _open_file
 
 FORMATS = ("npy", "npz", "safetensors")
 #: Bytes detect() needs to tell the formats apart (it copes with fewer: then None).
@@ -76,19 +76,7 @@ def detect(head):
 # ---- reading a file's header -------------------------------------------------------------
 
 def _open(path):
-    # O_NONBLOCK: opening a FIFO must not wait for a writer. Regular files ignore it.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise SnapshotError("%s: no such file" % path) from None
-    except IsADirectoryError:
-        raise SnapshotError("%s: is a directory, not an array file" % path) from None
-    except OSError as e:
-        raise SnapshotError("%s: cannot open: %s" % (path, e.strerror)) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError("%s: not a regular file" % path)
-    return fd
+    return _open_file(path, "array file")
 
 
 def _pread(fd, n, offset, path, what):

@@ -338,14 +338,16 @@ def _leaf_kinds(manifest):
     return out
 
 
-def _open(path):
+def _open(path, kind="snapshot file"):
+    """A read-only fd of the regular file at `path`, or SnapshotError saying why not (`kind`
+    names what the file should be, for the message)."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer. Regular files ignore it.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SnapshotError("%s: no such snapshot file" % path) from None
+        raise SnapshotError("%s: no such %s" % (path, kind)) from None
     except IsADirectoryError:
-        raise SnapshotError("%s: is a directory, not a snapshot file" % path) from None
+        raise SnapshotError("%s: is a directory, not a %s" % (path, kind)) from None
     except OSError as e:
         raise SnapshotError("%s: cannot open: %s" % (path, e.strerror)) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -395,7 +395,7 @@ def test_arguments(tmp_path):
         F.open_foreign(path, "npy", server="/nonexistent.sock")
     with pytest.raises(plm.InvalidArgumentError, match="format"):
         F.open_foreign(path, "pickle")
-    with pytest.raises(SnapshotError, match="no such file"):
+    with pytest.raises(SnapshotError, match="no such array file"):
         F.open_foreign(str(tmp_path / "missing.npy"), "npy")
     with pytest.raises(SnapshotError, match="empty file"):
         F.open_foreign(write(tmp_path, "empty.npy", b""), "npy")
