@@ -439,10 +439,9 @@ int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
 /* The signature of canonical page `id`, checking that the id is this region's. */
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
-/* Hints only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store entries
-   [index, index+count), or the entries that pages [first, first+n) will need. */
+/* A hint only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store
+   entries [index, index+count) will be read soon. */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);
-void lm_src_willneed_pages(struct lm_region *r, size_t first, size_t n);
 void lm_source_close(struct lm_region *r);
 
 /* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */

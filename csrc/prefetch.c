@@ -442,7 +442,11 @@ static void *bg_main(void *arg)
         }
         old[0] = s;
         size_t run = lm_claim_run(r, p, chunk, old);
-        lm_src_willneed_pages(r, p + run, BG_MAX);   /* read on while this run is copied */
+        /* Read on while this run is copied: past the working set the store is in address
+           order, so the next pages' entries follow this run's last one. (Only held records
+           are read: the restore table itself may be gone once every record is filled.) */
+        if (r->meta[p + run - 1].cls == LM_CLS_SNAPSHOT)
+            lm_src_willneed(r, (uint64_t)r->meta[p + run - 1].aux + 1, BG_MAX);
         size_t done = lm_fill_or_poison(r, &r->bg, p, run, old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         p += run;

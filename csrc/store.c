@@ -471,29 +471,6 @@ void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
                         (off_t)(count * r->page_size), POSIX_FADV_WILLNEED);
 }
 
-void lm_src_willneed_pages(struct lm_region *r, size_t first, size_t n)
-{
-    const struct lm_snap_page *map = atomic_load_explicit(&r->base_table, memory_order_acquire);
-    if (!map || first >= r->npages)
-        return;
-    if (n > r->npages - first)
-        n = r->npages - first;
-    /* The store is in address order past the working set: the range spanned by these pages'
-       entries is (nearly) theirs. A span much wider than the pages (entries shared with far
-       pages, the working set's) is not worth a hint. */
-    uint64_t lo = UINT64_MAX, hi = 0;
-    for (size_t p = first; p < first + n; p++) {
-        uint32_t e = map[p].entry;
-        if (e < LM_SNAP_STORED)
-            continue;
-        uint64_t i = e - LM_SNAP_STORED;
-        lo = i < lo ? i : lo;
-        hi = i > hi ? i : hi;
-    }
-    if (lo <= hi && hi - lo < 2 * (uint64_t)n)
-        lm_src_willneed(r, lo, hi - lo + 1);
-}
-
 static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset)
 {
     int broken = source_still_valid(r);
