@@ -1,9 +1,9 @@
 """pytest plugin for docker/matrix_checks.py: records every test's markers and outcome.
 
 Loaded with `-p matrix_plugin`; writes a JSON list to $PYLAZYMEM_MATRIX_REPORT at the end of
-the session: [{"nodeid", "markers", "outcome", "reason", "where"}]. The matrix uses it to check
-that tests skip on the *declared* feature: a test carrying a `uffd`/`uffd_full` marker that
-tests/conftest.py skips (`where` is the conftest line that skipped it), not on message text.
+the session: [{"nodeid", "markers", "outcome", "reason", "where", "skipped_for"}]. The matrix
+uses it to check that tests skip on the *declared* feature: `skipped_for` is the need
+(marker) tests/conftest.py skipped the test for, not message text.
 """
 import json
 import os
@@ -21,6 +21,7 @@ def pytest_runtest_logreport(report):
     rec = _results.setdefault(report.nodeid, {"outcome": "passed", "reason": "", "where": ""})
     if report.skipped:
         rec["outcome"] = "skipped"
+        rec["skipped_for"] = dict(report.user_properties).get("skipped_for", "")
         longrepr = report.longrepr
         if isinstance(longrepr, tuple) and len(longrepr) == 3:   # (path, line, reason)
             rec["where"] = "%s:%s" % (longrepr[0], longrepr[1])

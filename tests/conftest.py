@@ -270,6 +270,9 @@ def pytest_runtest_setup(item):
         why = need.missing(mark) if need.marker == "package" else need.missing()
         if why is not None:
             _skipped_for[need.marker] += 1
+            # which need skipped it, for docker/matrix_checks.py (a container with full
+            # userfaultfd must skip nothing for uffd, while a missing package is fine)
+            item.user_properties.append(("skipped_for", need.marker))
             extra = mark.kwargs.get("reason") or (
                 mark.args[0] if mark.args and need.marker != "package" else None)
             pytest.skip("%s (%s)" % (why, extra) if extra else why)
