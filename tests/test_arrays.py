@@ -318,15 +318,21 @@ TRAINED_MODEL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.package("sklearn")
-def test_trained_model_predicts_the_same_in_a_fresh_process(tmp_path):
-    path = str(tmp_path / "model.plm")
+def _train_then_load(script, path):
+    """The model's outputs printed by `script` in a fresh process that trains and saves it,
+    then in another that loads it lazily: [trained, loaded]."""
     out = []
     for mode in ("train", "load"):
-        p = subprocess.run([sys.executable, "-c", TRAINED_MODEL, path, mode],
+        p = subprocess.run([sys.executable, "-c", script, path, mode],
                            capture_output=True, text=True, timeout=90)
         assert p.returncode == 0, p.stderr
         out.append(np.array(json.loads(p.stdout)))
+    return out
+
+
+@pytest.mark.package("sklearn")
+def test_trained_model_predicts_the_same_in_a_fresh_process(tmp_path):
+    out = _train_then_load(TRAINED_MODEL, str(tmp_path / "model.plm"))
     assert out[0].shape == (200, 3)
     assert np.array_equal(out[0], out[1])   # bit for bit: the same weights, the same math
 
@@ -389,13 +395,7 @@ TORCH_MLP = textwrap.dedent("""
 
 @pytest.mark.package("torch")
 def test_trained_torch_mlp_predicts_the_same_in_a_fresh_process(tmp_path):
-    path = str(tmp_path / "mlp.plm")
-    out = []
-    for mode in ("train", "load"):
-        p = subprocess.run([sys.executable, "-c", TORCH_MLP, path, mode],
-                           capture_output=True, text=True, timeout=90)
-        assert p.returncode == 0, p.stderr
-        out.append(np.array(json.loads(p.stdout)))
+    out = _train_then_load(TORCH_MLP, str(tmp_path / "mlp.plm"))
     assert out[0].shape == (64, 2) and np.array_equal(out[0], out[1])
 
 
