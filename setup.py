@@ -24,7 +24,7 @@ def _want_core():
     sys.stderr.write(
         "pylazymem: no C compiler found: installing without the compiled core (ctypes backend: "
         "page server, uffd binding and inspect work; in-process lazy regions, checkpoint and "
-        "restore need the core). Install gcc and libxxhash-dev and reinstall to get them.\n")
+        "restore need the core). Install gcc, libxxhash-dev, libzstd-dev and liblz4-dev and reinstall to get them.\n")
     return False
 
 

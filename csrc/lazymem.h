@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 12 };
+enum { LM_ABI_VERSION = 13 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -285,6 +285,47 @@ enum lm_snap_class { LM_SNAP_UNTOUCHED = 0, LM_SNAP_ZERO = 1, LM_SNAP_STORED = 2
 struct lm_snap_page {
     uint32_t entry;
 };
+
+/* Codecs of store entries (snapshot format version 3, the entry index): an index entry is a
+   u32, the entry's stored length in bits 0..27 and its codec in bits 28..31. */
+enum lm_codec { LM_CODEC_RAW = 0, LM_CODEC_ZSTD = 1, LM_CODEC_LZ4 = 2 };
+/* 1 when this build can write and read entries of that codec, else 0. */
+int lm_codec_available(int codec);
+/* The level used when 0 is asked for (zstd: measured, codec.c says why; 0 for the others). */
+int lm_codec_default_level(int codec);
+/* Compress n pages at src (n * page_size bytes) one by one with `codec` (level 0: the
+   default), using up to `threads` threads (0: one per CPU we may run on): out (capacity
+   n * page_size bytes, not overlapping src) receives the entries one after the other, a page
+   that does not shrink stored raw; index[i] is entry i's index word; *out_bytes the bytes
+   written to out (the sum of the lengths). */
+int lm_pack_pages(const void *src, size_t n, size_t page_size, int codec, int level,
+                  int threads, void *out, uint32_t *index, uint64_t *out_bytes);
+/* Decode one entry (`len` bytes at src, index word `entry`) into dst, exactly page_size
+   bytes: a length or codec the index does not allow, or contents that do not decode to
+   exactly one page, are -EBADMSG (nothing is written past dst + page_size). */
+int lm_unpack_entry(const void *src, size_t len, uint32_t entry, size_t page_size, void *dst);
+
+/* One file of a source of several layers (lm_source_attach_layers): `nstored` store entries
+   at store_offset (store_bytes bytes), either of page_size bytes each (index NULL) or
+   described by an entry index of nstored words (copied); their signatures, nstored u64 with
+   XXH3-64 sigs_xxh3, at sigs_offset. */
+struct lm_src_layer {
+    int fd;
+    uint64_t store_offset;
+    uint64_t store_bytes;
+    uint64_t nstored;
+    const uint32_t *index;
+    uint64_t sigs_offset;
+    uint64_t sigs_xxh3;
+};
+/* Serve SNAPSHOT pages from several files: the store entries of layer 0 are global ids
+   [0, n0), layer 1's [n0, n0 + n1), and so on (at most LM_SNAP_MAX_STORED in all); the page
+   map handed to lm_restore_table and the signatures use these ids. Each fd is duplicated and
+   watched for changes; a compressed entry is decoded when read (a failure poisons the page
+   on the fault path). 1 to 64 layers; every layer checked (offsets inside the file, index
+   entries well-formed and summing to store_bytes). verify as lm_source_attach. */
+int lm_source_attach_layers(struct lm_region *r, const struct lm_src_layer *layers, size_t n,
+                            int verify);
 
 /* Serve SNAPSHOT pages from `fd` (duplicated): store entry i is page_size bytes at
    store_offset + i * page_size; the store's signatures (one u64 per entry, XXH3-64 sigs_xxh3

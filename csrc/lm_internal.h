@@ -9,6 +9,7 @@
  *
  * LAYERS BEGIN (bottom first)
  *   util.c        errors (lm_fail), clock, page size, hashing, thread start, latency histogram
+ *   codec.c       compressing store entries (zstd, LZ4) and decoding one into a page, checked
  *   uffd.c        acquiring a userfaultfd, probe, the uffd ioctls and their EEXIST/EAGAIN policy
  *   server.c      the page server for other processes (util and uffd only)
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
@@ -88,6 +89,17 @@ struct lm_latency {
 };
 void lm_hist_add(struct lm_latency *l, uint64_t ns);
 
+/* ==== codec.c =========================================================================== */
+
+/* A store entry of the version 3 entry index (docs/snapshot-format.md): bits 0..27 its length
+   in bytes, bits 28..31 its codec (enum lm_codec). */
+#define LM_ENTRY_LEN(e) ((uint32_t)(e) & 0x0FFFFFFFu)
+#define LM_ENTRY_CODEC(e) ((uint32_t)(e) >> 28)
+#define LM_ENTRY(len, codec) ((uint32_t)(len) | ((uint32_t)(codec) << 28))
+/* 0 when an index entry is well-formed for this page size (raw: one page; zstd, LZ4: 1 to
+   page_size - 1 bytes), else -EBADMSG. */
+int lm_entry_check(uint32_t entry, size_t page_size);
+
 /* ==== uffd.c ============================================================================ */
 
 int lm_uffd_open(int acquire, int *mode, int *source, struct lm_features *why);
@@ -122,6 +134,26 @@ int lm_uffd_poison(int fd, void *addr, size_t len);
    first converts the whole block to a registered chunk block (lm_chunk_take_over, store.c);
    whoever changes its mapping or registration holds every page of the block. */
 #define LM_CHUNK_KERNEL 0x80000000u
+
+/* One layer of a snapshot source (store.c). Entry e of the layer (global id first + e) is
+   page_size bytes at store_off + e * page_size (index NULL), or index[e]'s length at
+   store_off + offset of e: chk[e / LM_SRC_CHK] plus the lengths of the entries from that
+   checkpoint to e (a few additions instead of 8 bytes of offset per entry). */
+#define LM_SRC_CHK 64
+struct lm_src_file {
+    int fd;
+    uint64_t first, nstored;
+    uint64_t store_off, store_bytes;
+    uint32_t *index;              /* NULL: fixed-size entries */
+    uint64_t *chk;
+    bool raw;                     /* lm_source_attach_raw: a file that is the region's image */
+    uint64_t raw_bytes;
+    uint64_t sigs_off, sigs_xxh3;
+    off_t size;
+    struct timespec mtime;
+    _Atomic uint64_t checked_ns;
+    _Atomic int broken;           /* -errno once the file changed under us */
+};
 
 /* A deferral recorded once for a range of pages (lm_meta_defer's fast path). */
 struct lm_range {
@@ -258,21 +290,15 @@ struct lm_region {
        created on first use under canon_lock, closed with the region. */
     struct lm_chunk { uint32_t canon; int fd; } *chunks;
     size_t nchunks, chunks_cap;
-    /* store.c: snapshot source, store entry i at src_store_off + i * page_size. A raw source
-       (lm_source_attach_raw) is a file of src_raw_bytes whose page i is entry i, the last one
-       zero-filled past the end; it has no signature section (hashed when first needed). */
-    int src_fd;
-    bool src_raw;
-    uint64_t src_raw_bytes;
-    uint64_t src_store_off;
+    /* store.c: the snapshot source: one or more layers (files), whose store entries are
+       numbered one after the other (global ids; lm_source_attach_layers). src_nstored is the
+       sum. A raw source (lm_source_attach_raw) is one layer of src_raw_bytes whose page i is
+       entry i, the last one zero-filled past the end; it has no signature section (hashed
+       when first needed). */
+    struct lm_src_file *src_layers;
+    size_t src_nlayers;           /* 0: no source */
     uint64_t src_nstored;
     bool src_verify;
-    off_t src_size;
-    struct timespec src_mtime;
-    _Atomic uint64_t src_checked_ns;
-    _Atomic int src_broken;       /* -errno once the file changed under us */
-    uint64_t src_sigs_off;        /* the store's signatures: one u64 per entry, at this offset */
-    uint64_t src_sigs_xxh3;       /* ... and their checksum */
     _Atomic(uint64_t *) src_sigs; /* read when first needed (lm_source_signatures), else NULL */
 
     /* fill.c */
@@ -438,7 +464,15 @@ int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
 /* The signature of canonical page `id`, checking that the id is this region's. */
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
+/* Store entries [index, index + count) (global ids, across layers) into dst, count pages:
+   compressed entries decoded. An entry that does not decode (a corrupt or hostile file) fails
+   the read with -EBADMSG; the fault path then poisons its page. */
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+/* lm_src_read, but an entry that does not decode does not fail the read: bad[i] is 1 for it
+   (its page in dst is not to be used), 0 for the others. -errno only when the file cannot be
+   read. */
+int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
+                     uint8_t *bad);
 /* A hint only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store
    entries [index, index+count) will be read soon. */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);

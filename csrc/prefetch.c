@@ -83,12 +83,18 @@ static int prefetch_shared(struct lm_region *r, size_t p, size_t run, const char
  * verification or cannot be copied is poisoned; pages a failed copy did fill are present.
  */
 static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t k,
-                              const char *buf, uint64_t base)
+                              const char *buf, const uint8_t *bad, uint64_t base)
 {
     size_t ps = r->page_size, done = 0;
     for (size_t i = 0; i < k;) {
         uint64_t idx = pairs[2 * i], p = pairs[2 * i + 1];
         const char *src = buf + (idx - base) * ps;
+        if (bad[idx - base]) {   /* a compressed entry that does not decode: never served */
+            lm_poison_page(r, p, lm_fail("snapshot store: entry does not decompress to one "
+                                         "page (corrupt compressed entry)", EBADMSG));
+            i++;
+            continue;
+        }
         if (r->src_verify && XXH3_64bits(src, ps) != r->meta[p].signature) {
             lm_poison_page(r, p, lm_fail("verify: page contents differ from the snapshot's "
                                          "signature", EBADMSG));
@@ -100,6 +106,7 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
         size_t blk = atomic_load(&r->chunk_of) ? r->blk_pages : 0;
         while (i + run < k && pairs[2 * (i + run)] == idx + run &&
                pairs[2 * (i + run) + 1] == p + run && !(blk && (p + run) % blk == 0) &&
+               !bad[idx + run - base] &&
                (!r->src_verify ||
                 XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
             run++;
@@ -158,6 +165,7 @@ struct pipeline {
     struct batch *b;
     size_t nb, next_copy, copied;
     char *bufs[PREFETCH_BUFS];
+    uint8_t *bad[PREFETCH_BUFS];   /* per buffer: entries that did not decode */
     int rc;             /* a failed read: -errno, and op names it (the reader's lm_last_op) */
     const char *op;
     bool stop;
@@ -182,7 +190,8 @@ static void *pipeline_reader(void *arg)
         if (idx + PREFETCH_BUFS < pl->nb)
             lm_src_willneed(pl->r, pl->b[idx + PREFETCH_BUFS].base,
                             pl->b[idx + PREFETCH_BUFS].count);
-        int rc = lm_src_read(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS]);
+        int rc = lm_src_read_each(pl->r, b->base, b->count, pl->bufs[idx % PREFETCH_BUFS],
+                                  pl->bad[idx % PREFETCH_BUFS]);
         pthread_mutex_lock(&pl->mu);
         if (rc < 0) {
             pl->rc = rc;
@@ -216,7 +225,8 @@ static void *pipeline_copier(void *arg)
         pl->next_copy++;
         pthread_mutex_unlock(&pl->mu);
         copied += copy_from_batch(pl->r, pl->pairs + 2 * b->i, b->j - b->i,
-                                  pl->bufs[idx % PREFETCH_BUFS], b->base);
+                                  pl->bufs[idx % PREFETCH_BUFS], pl->bad[idx % PREFETCH_BUFS],
+                                  b->base);
         pthread_mutex_lock(&pl->mu);
         b->done = true;
         pthread_cond_broadcast(&pl->cv);
@@ -232,6 +242,7 @@ static void *pipeline_copier(void *arg)
 struct pipeline_mem {
     struct batch *b;              /* one per page at most */
     char *bufs[PREFETCH_BUFS];
+    uint8_t *bad[PREFETCH_BUFS];
     size_t nbufs;
 };
 
@@ -242,14 +253,17 @@ static int pipeline_alloc(struct lm_region *r, size_t n, struct pipeline_mem *pm
     pm->nbufs = n < PREFETCH_BUFS ? n : PREFETCH_BUFS;
     int ok = pm->b != NULL;
     for (size_t i = 0; i < pm->nbufs && ok; i++)
-        ok = (pm->bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)) != NULL;
+        ok = (pm->bufs[i] = malloc((size_t)PREFETCH_BATCH * r->page_size)) != NULL &&
+             (pm->bad[i] = malloc(PREFETCH_BATCH)) != NULL;
     return ok ? 0 : lm_fail("malloc(prefetch buffers)", ENOMEM);
 }
 
 static void pipeline_free(struct pipeline_mem *pm)
 {
-    for (size_t i = 0; i < PREFETCH_BUFS; i++)
+    for (size_t i = 0; i < PREFETCH_BUFS; i++) {
         free(pm->bufs[i]);
+        free(pm->bad[i]);
+    }
     free(pm->b);
 }
 
@@ -268,6 +282,7 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
         i = j;
     }
     memcpy(pl.bufs, pm->bufs, sizeof(pl.bufs));   /* nb <= k <= n: enough of them */
+    memcpy(pl.bad, pm->bad, sizeof(pl.bad));
     int rc = 0;
     pthread_mutex_init(&pl.mu, NULL);
     pthread_cond_init(&pl.cv, NULL);
@@ -281,11 +296,12 @@ static int copy_store_pipelined(struct lm_region *r, const uint64_t *pairs, size
         /* one batch, or no thread to be had: read a batch, copy it, and so on */
         for (size_t idx = 0; idx < pl.nb && pl.rc == 0; idx++) {
             struct batch *b = &pl.b[idx];
-            if ((pl.rc = lm_src_read(r, b->base, b->count, pl.bufs[0])) < 0) {
+            if ((pl.rc = lm_src_read_each(r, b->base, b->count, pl.bufs[0], pl.bad[0])) < 0) {
                 pl.op = lm_last_op();
                 break;
             }
-            pl.copied += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, pl.bufs[0], b->base);
+            pl.copied += copy_from_batch(r, pairs + 2 * b->i, b->j - b->i, pl.bufs[0],
+                                         pl.bad[0], b->base);
             b->done = true;
         }
     }

@@ -179,7 +179,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
     struct lm_region *r = calloc(1, sizeof(*r));
     if (!r)
         return lm_fail("calloc(region)", ENOMEM);
-    r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = r->src_fd = r->pagemap_fd = -1;
+    r->uffd = r->meta_fd = r->canon_fd = r->stop_fd = r->pagemap_fd = -1;
     r->pool_fd = -1;
     r->pool_view = MAP_FAILED;
     r->watch_stop_fd = -1;
@@ -360,7 +360,7 @@ int lm_region_share(struct lm_region *r, int pool_fd)
     if (r->pool_fd >= 0)
         return lm_fail("region already shares a pool", EBUSY);
     if (atomic_load(&r->serving) || r->used || atomic_load(&r->st_faults) ||
-        atomic_load(&r->st_present) || !lm_meta_pristine(r) || r->src_fd >= 0)
+        atomic_load(&r->st_present) || !lm_meta_pristine(r) || r->src_nlayers)
         return lm_fail("share: the region must be fresh (before serving, restore or deferral)",
                        EBUSY);
     if (!(r->api_features & UFFD_FEATURE_MINOR_SHMEM))

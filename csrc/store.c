@@ -262,54 +262,162 @@ uint32_t lm_canonical_count(struct lm_region *r)
     return atomic_load(&r->canon_count);
 }
 
-/* ---- the snapshot source file ----------------------------------------------------- */
+/* ---- the snapshot source: one or more files (layers) ---------------------------------- */
 
-/* Take the source: a duplicate of fd and what fstat said of it (the reference that
+#define LM_MAX_LAYERS 64
+
+static void layer_free(struct lm_src_file *f)
+{
+    if (f->fd >= 0)
+        close(f->fd);
+    f->fd = -1;
+    free(f->index);
+    free(f->chk);
+    f->index = NULL;
+    f->chk = NULL;
+}
+
+void lm_source_close(struct lm_region *r)
+{
+    for (size_t i = 0; i < r->src_nlayers; i++)
+        layer_free(&r->src_layers[i]);
+    free(r->src_layers);
+    r->src_layers = NULL;
+    r->src_nlayers = 0;
+    r->src_nstored = 0;
+    free(atomic_exchange(&r->src_sigs, NULL));
+}
+
+/* Take a layer's file: a duplicate of fd and what fstat said of it (the reference that
    source_still_valid compares against while pages are served). */
-static int source_take(struct lm_region *r, int fd, const struct stat *st, int verify)
+static int layer_take(struct lm_src_file *f, int fd, const struct stat *st)
 {
     int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dup < 0)
         return LM_FAIL("fcntl(F_DUPFD_CLOEXEC)");
-    r->src_fd = dup;
+    f->fd = dup;
+    f->size = st->st_size;
+    f->mtime = st->st_mtim;
+    atomic_store(&f->checked_ns, lm_now_ns());
+    return 0;
+}
+
+/* A compressed layer's entry index, copied and checked: every word well-formed (codec known,
+   length allowed for it), the lengths adding up to the store's size. The offset of every
+   LM_SRC_CHK-th entry is kept (chk) so that any entry's offset is a few additions away. */
+static int layer_index(struct lm_src_file *f, const uint32_t *index, size_t ps)
+{
+    uint64_t n = f->nstored;
+    f->index = malloc((n ? n : 1) * sizeof(uint32_t));
+    f->chk = malloc((n / LM_SRC_CHK + 1) * sizeof(uint64_t));
+    if (!f->index || !f->chk)
+        return lm_fail("malloc(snapshot entry index)", ENOMEM);
+    memcpy(f->index, index, n * sizeof(uint32_t));
+    uint64_t o = 0;
+    for (uint64_t e = 0; e < n; e++) {
+        if (e % LM_SRC_CHK == 0)
+            f->chk[e / LM_SRC_CHK] = o;
+        int rc = lm_entry_check(f->index[e], ps);
+        if (rc < 0)
+            return lm_fail("snapshot entry index: an entry's codec or length is not allowed",
+                           EINVAL);
+        o += LM_ENTRY_LEN(f->index[e]);
+    }
+    if (n % LM_SRC_CHK == 0)
+        f->chk[n / LM_SRC_CHK] = o;
+    if (o != f->store_bytes)
+        return lm_fail("snapshot entry index: the lengths do not add up to the store's size",
+                       EINVAL);
+    return 0;
+}
+
+/* Publish the layers (the region owns them from here), then read the signatures now when
+   every page is to be verified against them. */
+static int source_publish(struct lm_region *r, struct lm_src_file *files, size_t n,
+                          uint64_t total, int verify)
+{
+    r->src_layers = files;
+    r->src_nlayers = n;
+    r->src_nstored = total;
     r->src_verify = verify != 0;
-    r->src_size = st->st_size;
-    r->src_mtime = st->st_mtim;
-    atomic_store(&r->src_checked_ns, lm_now_ns());
-    /* Verification compares every page served with its signature: they must be there first. */
     int rc = verify ? lm_source_signatures(r) : 0;
     if (rc < 0)
         lm_source_close(r);
     return rc;
 }
 
+int lm_source_attach_layers(struct lm_region *r, const struct lm_src_layer *layers, size_t n,
+                            int verify)
+{
+    if (r->src_nlayers)
+        return lm_fail("region already has a snapshot source", EBUSY);
+    if (n == 0 || n > LM_MAX_LAYERS || !layers)
+        return lm_fail("snapshot source: 1 to 64 layers", EINVAL);
+    struct lm_src_file *files = calloc(n, sizeof(*files));
+    if (!files)
+        return lm_fail("calloc(snapshot layers)", ENOMEM);
+    for (size_t i = 0; i < n; i++)
+        files[i].fd = -1;
+    uint64_t total = 0, ps = r->page_size;
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const struct lm_src_layer *l = &layers[i];
+        struct lm_src_file *f = &files[i];
+        struct stat st;
+        if (fstat(l->fd, &st) < 0) {
+            rc = LM_FAIL("fstat(snapshot)");
+            break;
+        }
+        /* Sizes from a file, checked here as well as in Python: nothing below may wrap. */
+        uint64_t size = (uint64_t)st.st_size, store_end, sigs_end, fixed;
+        if (l->store_offset % ps || l->nstored > LM_SNAP_MAX_STORED ||
+            __builtin_add_overflow(l->store_offset, l->store_bytes, &store_end) ||
+            store_end > size || __builtin_mul_overflow(l->nstored, (uint64_t)8, &sigs_end) ||
+            __builtin_add_overflow(sigs_end, l->sigs_offset, &sigs_end) || sigs_end > size) {
+            rc = lm_fail("snapshot store or signatures outside the file", EINVAL);
+            break;
+        }
+        if (__builtin_add_overflow(total, l->nstored, &total) || total > LM_SNAP_MAX_STORED) {
+            rc = lm_fail("snapshot layers: more store entries than a page map can name", EINVAL);
+            break;
+        }
+        if (!l->index && (__builtin_mul_overflow(l->nstored, ps, &fixed) ||
+                          fixed != l->store_bytes)) {
+            rc = lm_fail("snapshot store: size is not its entries times the page size", EINVAL);
+            break;
+        }
+        f->first = total - l->nstored;
+        f->nstored = l->nstored;
+        f->store_off = l->store_offset;
+        f->store_bytes = l->store_bytes;
+        f->sigs_off = l->sigs_offset;
+        f->sigs_xxh3 = l->sigs_xxh3;
+        if (l->index && (rc = layer_index(f, l->index, ps)) < 0)
+            break;
+        rc = layer_take(f, l->fd, &st);
+    }
+    if (rc < 0) {
+        for (size_t i = 0; i < n; i++)
+            layer_free(&files[i]);
+        free(files);
+        return rc;
+    }
+    return source_publish(r, files, n, total, verify);
+}
+
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
                      uint64_t sigs_offset, uint64_t sigs_xxh3, int verify)
 {
-    if (r->src_fd >= 0)
-        return lm_fail("region already has a snapshot source", EBUSY);
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        return LM_FAIL("fstat(snapshot)");
-    /* Sizes from a file, checked here as well as in Python: nothing below may wrap. */
-    uint64_t size = (uint64_t)st.st_size, store_end, sigs_end;
-    if (store_offset % r->page_size || nstored > LM_SNAP_MAX_STORED ||
-        __builtin_mul_overflow(nstored, (uint64_t)r->page_size, &store_end) ||
-        __builtin_add_overflow(store_end, store_offset, &store_end) || store_end > size ||
-        __builtin_mul_overflow(nstored, (uint64_t)8, &sigs_end) ||
-        __builtin_add_overflow(sigs_end, sigs_offset, &sigs_end) || sigs_end > size)
+    uint64_t bytes;
+    if (__builtin_mul_overflow(nstored, (uint64_t)r->page_size, &bytes))
         return lm_fail("snapshot store or signatures outside the file", EINVAL);
-    r->src_raw = false;
-    r->src_store_off = store_offset;
-    r->src_nstored = nstored;
-    r->src_sigs_off = sigs_offset;
-    r->src_sigs_xxh3 = sigs_xxh3;
-    return source_take(r, fd, &st, verify);
+    struct lm_src_layer l = {fd, store_offset, bytes, nstored, NULL, sigs_offset, sigs_xxh3};
+    return lm_source_attach_layers(r, &l, 1, verify);
 }
 
 int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verify)
 {
-    if (r->src_fd >= 0)
+    if (r->src_nlayers)
         return lm_fail("region already has a snapshot source", EBUSY);
     struct stat st;
     if (fstat(fd, &st) < 0)
@@ -324,40 +432,40 @@ int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verif
     if (nbytes == 0 || entries > LM_SNAP_MAX_STORED || entries > r->npages)
         return lm_fail("raw source: empty, or more pages than the region or a page map holds",
                        EINVAL);
-    r->src_raw = true;
-    r->src_raw_bytes = nbytes;
-    r->src_store_off = 0;   /* entry i is the file's page i: the region is the file's image */
-    r->src_nstored = entries;
-    r->src_sigs_off = 0;
-    r->src_sigs_xxh3 = 0;
-    return source_take(r, fd, &st, verify);
+    struct lm_src_file *f = calloc(1, sizeof(*f));
+    if (!f)
+        return lm_fail("calloc(snapshot layers)", ENOMEM);
+    f->fd = -1;
+    f->raw = true;
+    f->raw_bytes = nbytes;
+    f->store_off = 0;   /* entry i is the file's page i: the region is the file's image */
+    f->nstored = entries;
+    f->store_bytes = entries * ps;
+    int rc = layer_take(f, fd, &st);
+    if (rc < 0) {
+        free(f);
+        return rc;
+    }
+    return source_publish(r, f, 1, entries, verify);
 }
 
-void lm_source_close(struct lm_region *r)
-{
-    if (r->src_fd >= 0)
-        close(r->src_fd);
-    r->src_fd = -1;
-    free(atomic_exchange(&r->src_sigs, NULL));
-}
+static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t off);
 
-static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t off);
-
-static int src_read_entries(struct lm_region *r, uint64_t index, size_t count, void *dst,
-                            size_t *got);
+static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                      char *dst, uint8_t *bad, size_t *got);
 
 /* A raw source has no signature section: hash its pages (one sequential read of the whole
    file, 4 MiB at a time). Never made up: a page whose contents cannot be read fails here. */
-static int raw_signatures(struct lm_region *r, uint64_t *sigs)
+static int raw_signatures(struct lm_region *r, struct lm_src_file *f, uint64_t *sigs)
 {
     size_t ps = r->page_size, chunk = (4u << 20) / ps ? (4u << 20) / ps : 1;
     char *buf = malloc(chunk * ps);
     if (!buf)
         return lm_fail("malloc(raw source signatures)", ENOMEM);
     int rc = 0;
-    for (uint64_t i = 0; i < r->src_nstored && rc == 0;) {
-        size_t k = r->src_nstored - i < chunk ? (size_t)(r->src_nstored - i) : chunk, got;
-        rc = src_read_entries(r, i, k, buf, &got);
+    for (uint64_t i = 0; i < f->nstored && rc == 0;) {
+        size_t k = f->nstored - i < chunk ? (size_t)(f->nstored - i) : chunk, got;
+        rc = layer_read(r, f, i, k, buf, NULL, &got);
         for (size_t j = 0; rc == 0 && j < k; j++)
             sigs[i + j] = XXH3_64bits(buf + j * ps, ps);
         i += k;
@@ -369,24 +477,30 @@ static int raw_signatures(struct lm_region *r, uint64_t *sigs)
 /*
  * The store's signatures are needed only to verify pages, to checkpoint a restored region
  * again (deduplication and the new file's signatures without reading the store) and to show
- * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them.
+ * lazy pages' signatures (Region.meta, signatures()), so restore() does not read them. A
+ * source of several layers has its layers' signature sections one after the other (global
+ * ids), each checked against its own checksum.
  */
 int lm_source_signatures(struct lm_region *r)
 {
-    if (r->src_fd < 0 || atomic_load(&r->src_sigs))
+    if (!r->src_nlayers || atomic_load(&r->src_sigs))
         return 0;
     size_t n = r->src_nstored;
     uint64_t *sigs = malloc((n ? n : 1) * sizeof(uint64_t));
     if (!sigs)
         return lm_fail("malloc(snapshot signatures)", ENOMEM);
-    int rc;
-    if (r->src_raw) {
-        rc = raw_signatures(r, sigs);
-    } else {
-        rc = src_pread(r, sigs, n * sizeof(uint64_t), r->src_sigs_off);
-        if (rc == 0 && XXH3_64bits(sigs, n * sizeof(uint64_t)) != r->src_sigs_xxh3)
-            rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature section)",
-                         EBADMSG);
+    int rc = 0;
+    for (size_t i = 0; i < r->src_nlayers && rc == 0; i++) {
+        struct lm_src_file *f = &r->src_layers[i];
+        if (f->raw) {
+            rc = raw_signatures(r, f, sigs + f->first);
+        } else {
+            rc = src_pread(f, sigs + f->first, f->nstored * sizeof(uint64_t), f->sigs_off);
+            if (rc == 0 &&
+                XXH3_64bits(sigs + f->first, f->nstored * sizeof(uint64_t)) != f->sigs_xxh3)
+                rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature "
+                             "section)", EBADMSG);
+        }
     }
     if (rc < 0) {
         free(sigs);
@@ -402,57 +516,146 @@ int lm_source_signatures(struct lm_region *r)
 }
 
 /* A store that changes under a running restore must fail loudly, not serve mixed data. */
-static int source_still_valid(struct lm_region *r)
+static int source_still_valid(struct lm_src_file *f)
 {
-    int broken = atomic_load_explicit(&r->src_broken, memory_order_relaxed);
+    int broken = atomic_load_explicit(&f->broken, memory_order_relaxed);
     if (broken)
         return broken;
     uint64_t now = lm_now_ns();
-    uint64_t last = atomic_load_explicit(&r->src_checked_ns, memory_order_relaxed);
+    uint64_t last = atomic_load_explicit(&f->checked_ns, memory_order_relaxed);
     if (now - last < SRC_CHECK_NS)
         return 0;
-    atomic_store_explicit(&r->src_checked_ns, now, memory_order_relaxed);
+    atomic_store_explicit(&f->checked_ns, now, memory_order_relaxed);
     struct stat st;
-    if (fstat(r->src_fd, &st) < 0)
+    if (fstat(f->fd, &st) < 0)
         broken = -errno;
-    else if (st.st_size != r->src_size || st.st_mtim.tv_sec != r->src_mtime.tv_sec ||
-             st.st_mtim.tv_nsec != r->src_mtime.tv_nsec)
+    else if (st.st_size != f->size || st.st_mtim.tv_sec != f->mtime.tv_sec ||
+             st.st_mtim.tv_nsec != f->mtime.tv_nsec)
         broken = -ESTALE;
     if (broken)
-        atomic_store(&r->src_broken, broken);
+        atomic_store(&f->broken, broken);
     return broken;
 }
 
-/* Store entries [index, index + count) into dst; *got = bytes read from the file. A raw
-   source's last entry is the file's tail: the bytes past its end read as zero (the file is
-   not a whole number of pages), which is not truncation; the file's size is still watched. */
-static int src_read_entries(struct lm_region *r, uint64_t index, size_t count, void *dst,
-                            size_t *got)
+/* Byte offset of entry e (e <= nstored) in a compressed layer's store. */
+static uint64_t entry_off(const struct lm_src_file *f, uint64_t e)
 {
-    size_t len = count * r->page_size, avail = len;
-    uint64_t off = r->src_store_off + index * r->page_size;
-    if (r->src_raw)
-        avail = off >= r->src_raw_bytes ? 0
-                : r->src_raw_bytes - off < len ? (size_t)(r->src_raw_bytes - off) : len;
-    int rc = src_pread(r, dst, avail, off);
+    uint64_t o = f->chk[e / LM_SRC_CHK];
+    for (uint64_t k = e - e % LM_SRC_CHK; k < e; k++)
+        o += LM_ENTRY_LEN(f->index[k]);
+    return o;
+}
+
+/*
+ * Entries [e, e + count) of one layer into dst (count pages); *got = bytes read from the file.
+ * A raw source's last entry is the file's tail: the bytes past its end read as zero (the file
+ * is not a whole number of pages), which is not truncation; the file's size is still watched.
+ * A compressed run is one pread of its entries' bytes, into the tail of dst (they take at
+ * most count pages), then each entry is decoded into its page from the first on: entry j's
+ * input starts at or after page j (the entries after it take at most a page each), so
+ * decoding it never overwrites an input not yet decoded; only its own input may overlap its
+ * page, and is then copied aside first. An entry that does not decode is an error (bad ==
+ * NULL) or marked in bad[] (its page in dst is then not to be used).
+ */
+static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                      char *dst, uint8_t *bad, size_t *got)
+{
+    size_t ps = r->page_size, len = count * ps;
+    if (!f->index) {
+        uint64_t off = f->store_off + e * ps;
+        size_t avail = len;
+        if (f->raw)
+            avail = off >= f->raw_bytes ? 0
+                    : f->raw_bytes - off < len ? (size_t)(f->raw_bytes - off) : len;
+        int rc = src_pread(f, dst, avail, off);
+        if (rc < 0)
+            return rc;
+        memset(dst + avail, 0, len - avail);
+        if (bad)
+            memset(bad, 0, count);
+        *got = avail;
+        return 0;
+    }
+    uint64_t a = entry_off(f, e), b = a;
+    for (size_t j = 0; j < count; j++)
+        b += LM_ENTRY_LEN(f->index[e + j]);
+    size_t clen = (size_t)(b - a);   /* <= count pages: every entry is at most a page */
+    char *in = dst + len - clen;
+    int rc = src_pread(f, in, clen, f->store_off + a);
     if (rc < 0)
         return rc;
-    memset((char *)dst + avail, 0, len - avail);
-    *got = avail;
-    return 0;
+    *got = clen;
+    char small[4096], *aside = NULL;
+    for (size_t j = 0, at = 0; j < count; j++) {
+        uint32_t w = f->index[e + j];
+        size_t elen = LM_ENTRY_LEN(w);
+        const char *src = in + at;
+        char *out = dst + j * ps;
+        at += elen;
+        if (LM_ENTRY_CODEC(w) != LM_CODEC_RAW && src < out + ps) {
+            if (!aside)
+                aside = ps <= sizeof(small) ? small : malloc(ps);
+            if (!aside)
+                return lm_fail("malloc(decompression buffer)", ENOMEM);
+            memcpy(aside, src, elen);
+            src = aside;
+        }
+        rc = lm_unpack_entry(src, elen, w, ps, out);
+        if (rc < 0) {
+            if (!bad)
+                break;
+            bad[j] = 1;
+            rc = 0;
+        } else if (bad) {
+            bad[j] = 0;
+        }
+    }
+    if (aside && aside != small)
+        free(aside);
+    return rc;
+}
+
+/* The layer holding global entry id `index` (the layers' ids are ascending). */
+static struct lm_src_file *layer_of(struct lm_region *r, uint64_t index)
+{
+    size_t lo = 0, hi = r->src_nlayers;
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (r->src_layers[mid].first <= index)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return &r->src_layers[lo];
+}
+
+int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
+                     uint8_t *bad)
+{
+    if (!r->src_nlayers)
+        return lm_fail("snapshot page without a snapshot source", ENOENT);
+    if (index > r->src_nstored || count > r->src_nstored - index)
+        return lm_fail("snapshot store index out of range", ERANGE);
+    size_t total = 0, done = 0;
+    int rc = 0;
+    while (done < count && rc == 0) {
+        struct lm_src_file *f = layer_of(r, index + done);
+        uint64_t e = index + done - f->first;
+        size_t k = count - done, got = 0;
+        if (k > f->nstored - e)
+            k = (size_t)(f->nstored - e);   /* the rest comes from the next layer */
+        rc = layer_read(r, f, e, k, (char *)dst + done * r->page_size, bad ? bad + done : NULL,
+                        &got);
+        total += got;
+        done += k;
+    }
+    atomic_fetch_add_explicit(&r->st_src_bytes, total, memory_order_relaxed);
+    return rc;
 }
 
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
 {
-    if (r->src_fd < 0)
-        return lm_fail("snapshot page without a snapshot source", ENOENT);
-    if (index > r->src_nstored || count > r->src_nstored - index)
-        return lm_fail("snapshot store index out of range", ERANGE);
-    size_t got = 0;
-    int rc = src_read_entries(r, index, count, dst, &got);
-    if (rc == 0)
-        atomic_fetch_add_explicit(&r->st_src_bytes, got, memory_order_relaxed);
-    return rc;
+    return lm_src_read_each(r, index, count, dst, NULL);
 }
 
 /*
@@ -463,30 +666,40 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
  */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
 {
-    if (r->src_fd < 0 || index >= r->src_nstored)
+    if (!r->src_nlayers || index >= r->src_nstored)
         return;
     if (count > r->src_nstored - index)
         count = r->src_nstored - index;
-    (void)posix_fadvise(r->src_fd, (off_t)(r->src_store_off + index * r->page_size),
-                        (off_t)(count * r->page_size), POSIX_FADV_WILLNEED);
+    while (count) {
+        struct lm_src_file *f = layer_of(r, index);
+        uint64_t e = index - f->first, k = count;
+        if (k > f->nstored - e)
+            k = f->nstored - e;
+        uint64_t a = f->index ? entry_off(f, e) : e * r->page_size;
+        uint64_t b = f->index ? entry_off(f, e + k) : (e + k) * r->page_size;
+        (void)posix_fadvise(f->fd, (off_t)(f->store_off + a), (off_t)(b - a),
+                            POSIX_FADV_WILLNEED);
+        index += k;
+        count -= k;
+    }
 }
 
-static int src_pread(struct lm_region *r, void *dst, size_t len, uint64_t offset)
+static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t offset)
 {
-    int broken = source_still_valid(r);
+    int broken = source_still_valid(f);
     if (broken)
         return lm_fail("snapshot file changed or vanished under a running restore", -broken);
     size_t done = 0;
     off_t off = (off_t)offset;
     while (done < len) {
-        ssize_t got = pread(r->src_fd, (char *)dst + done, len - done, off + (off_t)done);
+        ssize_t got = pread(f->fd, (char *)dst + done, len - done, off + (off_t)done);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
             return LM_FAIL("pread(snapshot)");
         }
         if (got == 0) {
-            atomic_store(&r->src_broken, -ENODATA);
+            atomic_store(&f->broken, -ENODATA);
             return lm_fail("pread(snapshot): file truncated under a running restore", ENODATA);
         }
         done += (size_t)got;

@@ -231,8 +231,12 @@ MIRROR=${PYLAZYMEM_DOCKER_MIRROR:-$(host_mirror)}
 BASE=pylazymem-base:$REL
 BUILD_BASE=pylazymem-base:$REL-build
 IMAGE=pylazymem-test:$REL
-RUNTIME_PKGS=python3,python3-venv,libxxhash0
-BUILD_PKGS="gcc libc6-dev libxxhash-dev python3-dev"
+# The core links libxxhash, libzstd and liblz4 (compressed snapshots): their runtime libraries in
+# the base image, their -dev packages in the build base. The list is recorded in a label of both
+# images, so that base images made before a package was added here are made again.
+RUNTIME_PKGS=python3,python3-venv,libxxhash0,libzstd1,liblz4-1
+BUILD_PKGS="gcc libc6-dev libxxhash-dev libzstd-dev liblz4-dev python3-dev"
+PKGS_LABEL="$RUNTIME_PKGS $BUILD_PKGS"
 
 import_rootfs() {   # dir tag: tar the tree into `docker import` with labels read from the tree
     local dir=$1 tag=$2 py glibc arch
@@ -242,14 +246,16 @@ import_rootfs() {   # dir tag: tar the tree into `docker import` with labels rea
     $SUDO chroot "$dir" apt-get clean
     $SUDO rm -rf "$dir"/var/lib/apt/lists/*
     $SUDO tar --numeric-owner -C "$dir" -cf - . | docker import \
-        --change "LABEL org.pylazymem.python=$py org.pylazymem.glibc=$glibc org.pylazymem.arch=$arch org.pylazymem.release=$REL" \
+        --change "LABEL org.pylazymem.python=$py org.pylazymem.glibc=$glibc org.pylazymem.arch=$arch org.pylazymem.release=$REL org.pylazymem.pkgs=\"$PKGS_LABEL\"" \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
         --change 'CMD ["/bin/bash"]' \
         - "$tag" >/dev/null
 }
 
+base_pkgs() { docker image inspect -f '{{index .Config.Labels "org.pylazymem.pkgs"}}' "$1" 2>/dev/null; }
 if [ "$REBUILD_BASE" -eq 1 ] || ! docker image inspect "$BASE" >/dev/null 2>&1 \
-        || ! docker image inspect "$BUILD_BASE" >/dev/null 2>&1; then
+        || ! docker image inspect "$BUILD_BASE" >/dev/null 2>&1 \
+        || [ "$(base_pkgs "$BASE")" != "$PKGS_LABEL" ] || [ "$(base_pkgs "$BUILD_BASE")" != "$PKGS_LABEL" ]; then
     t=$(now)
     need=()
     command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
@@ -266,7 +272,7 @@ if [ "$REBUILD_BASE" -eq 1 ] || ! docker image inspect "$BASE" >/dev/null 2>&1 \
     $SUDO debootstrap --variant=minbase --include="$RUNTIME_PKGS" "$REL" "$ROOTFS" "$MIRROR" \
         >"$OUT/debootstrap.log" 2>&1 \
         || fail_step "debootstrap $REL" "$(since "$t")" "debootstrap failed" "$OUT/debootstrap.log"
-    row "debootstrap $REL (minbase, python3, libxxhash0)" "$(since "$t")" "$(du -sh "$ROOTFS" | cut -f1)"
+    row "debootstrap $REL (minbase, python3, libxxhash0, libzstd1, liblz4-1)" "$(since "$t")" "$(du -sh "$ROOTFS" | cut -f1)"
     t=$(now)
     import_rootfs "$ROOTFS" "$BASE" \
         || fail_step "docker import $BASE" "$(since "$t")" "docker import failed"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh Debian-like machine: system packages (compiler, libxxhash),
+# Idempotent set-up on a fresh Debian-like machine: system packages (compiler, libxxhash, and
+# libzstd/liblz4 for compressed snapshots),
 # a virtual environment in .venv, and pylazymem built and installed into it (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 [ -f /usr/include/xxhash.h ] || need_apt+=(libxxhash-dev)
+[ -f /usr/include/zstd.h ] || need_apt+=(libzstd-dev)
+[ -f /usr/include/lz4.h ] || need_apt+=(liblz4-dev)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || need_apt+=(python3-dev)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
