@@ -434,3 +434,56 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
     free(pinned);
     return rc;
 }
+
+/*
+ * Checkpoint, step 2 for a compressed store (snapshot format version 3): the pages are copied
+ * out in batches (each held only while it is copied, as lm_page_read does), each batch is
+ * compressed page by page on every CPU we may run on (lm_pack_pages), and its entries are
+ * written one after the other from `offset`. The compression runs with the pages given back:
+ * a page is never held for longer than a copy.
+ */
+int lm_ckpt_write_packed(struct lm_region *r, int fd, uint64_t offset,
+                         const uint64_t *store_pages, size_t n, int codec, int level,
+                         uint32_t *index, uint64_t *written)
+{
+    enum { BATCH = 2048 };   /* pages per compression batch: 8 MiB of 4 KiB pages */
+    size_t ps = r->page_size;
+    char *in = malloc((size_t)BATCH * ps), *out = malloc((size_t)BATCH * ps);
+    int rc = 0;
+    uint64_t total = 0;
+    if (!in || !out)
+        rc = lm_fail("malloc(checkpoint compression buffers)", ENOMEM);
+    for (size_t i = 0; i < n && rc == 0;) {
+        size_t k = n - i < BATCH ? n - i : BATCH;
+        for (size_t j = 0; j < k && rc == 0; j++) {
+            size_t p = store_pages[i + j];
+            if (p >= r->npages) {
+                rc = lm_fail("checkpoint: store page outside the region", ERANGE);
+                break;
+            }
+            uint8_t s = lm_hold(r, p);
+            rc = lm_read_held(r, p, s, in + j * ps);
+            lm_unhold(r, p, s);
+        }
+        uint64_t bytes = 0;
+        if (rc == 0)
+            rc = lm_pack_pages(in, k, ps, codec, level, 0, out, index + i, &bytes);
+        for (uint64_t done = 0; rc == 0 && done < bytes;) {
+            ssize_t w = pwrite(fd, out + done, bytes - done, (off_t)(offset + total + done));
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0) {
+                rc = w < 0 ? LM_FAIL("pwrite(snapshot)") : lm_fail("pwrite(snapshot): no "
+                                                                   "progress", EIO);
+                break;
+            }
+            done += (uint64_t)w;
+        }
+        total += bytes;
+        i += k;
+    }
+    free(in);
+    free(out);
+    *written = total;
+    return rc;
+}

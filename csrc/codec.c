@@ -25,14 +25,18 @@
 #include "lm_internal.h"
 
 /*
- * The default zstd level, measured on this project's 2-vCPU VM with 4 KiB pages
- * (python -m pylazymem.bench compress, and the level sweep in docs/benchmarks.md): per-page
- * frames of the benchmark's state (MLP weights, text, a sparse float array) compress at
- * level 1 at ~390 MB/s per core, level 3 at ~250 MB/s and level 6 at ~95 MB/s, while the
- * stored bytes shrink by only 1-3% from level 1 to 3 and under 2% more to 6: a 4 KiB frame
- * gives the matcher little history to exploit, so higher levels buy almost nothing but time.
- * Decompression speed does not depend on the level. Level 1 keeps a checkpoint of compressible
- * state close to disk speed; callers may ask for another (compress_level).
+ * The default zstd level, measured on the project's 2-vCPU VM (4 KiB pages, one thread,
+ * lm_pack_pages over the state of `python -m pylazymem.bench compress`; load ~1.4):
+ *
+ *   level        text (stdlib .py, 64 MiB)   sparse f32 (2% set)   MLP weights (f64)
+ *   1            0.323 of raw, 277 MB/s      0.042, 794 MB/s       0.965, 449 MB/s
+ *   3            0.314,        224 MB/s      0.042, 773 MB/s       0.965, 389 MB/s
+ *   6            0.299,         93 MB/s      0.039, 322 MB/s       0.965, 246 MB/s
+ *   (LZ4         0.458,        591 MB/s      0.049, 3421 MB/s      1.000, 3270 MB/s)
+ *
+ * A 4 KiB frame gives the matcher little history, so levels above 1 buy 3% (level 3) or 7%
+ * (level 6) smaller text for 20% or 3x more time; decompression speed does not depend on the
+ * level. Level 1 keeps a checkpoint of compressible state near disk speed on two cores.
  */
 #define LM_ZSTD_DEFAULT_LEVEL 1
 

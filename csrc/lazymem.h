@@ -385,6 +385,13 @@ int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
 /* Checkpoint, step 2: write the contents of store_pages[0..n) to fd at offset. */
 int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *store_pages,
                   size_t n);
+/* Checkpoint, step 2 of a compressed store: the contents of store_pages[0..n) compressed page
+   by page with `codec` (lm_pack_pages: level 0 the default, every CPU we may run on; a page
+   that does not shrink stored raw), written one after the other to fd from offset; index[i]
+   is entry i's index word, *written the bytes written. */
+int lm_ckpt_write_packed(struct lm_region *r, int fd, uint64_t offset,
+                         const uint64_t *store_pages, size_t n, int codec, int level,
+                         uint32_t *index, uint64_t *written);
 
 /* Working-set window: pages first touched since the mark (in touch order), plus present pages
    written since the mark (write-protect tracking, where the kernel has WP_ASYNC). */

@@ -44,13 +44,12 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
 
     working_set: None (none), a LoadedState of this same state (the pages its program touched
     since load, in order: saving a LoadedState uses its own by default), or page indices.
-    compress: None only, for now: compressed snapshots come with issue 12's store.
+    compress: None (pages stored as they are), "zstd" or "lz4": each stored page compressed on
+    its own (snapshot format version 3; load() decompresses pages as they are touched).
     durable: as checkpoint()."""
-    from .snapshot import checkpoint
+    from .snapshot import _codec_arg, checkpoint
 
-    if compress is not None:
-        raise InvalidArgumentError("save(compress=%r): this version writes uncompressed "
-                                   "snapshots only (compress=None)" % (compress,))
+    _codec_arg(compress)   # an unknown codec fails before anything is done
     if isinstance(state, LoadedState) and state.format != "pylazymem":
         # the region of a foreign file is the file's image and has no named arrays: save the
         # arrays themselves (converted to a snapshot)
@@ -61,7 +60,7 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     if isinstance(state, LoadedState):
         ws = working_set if working_set is not None else state
         return checkpoint(state.region, path, working_set=_ws_pages(ws, state.region),
-                          durable=durable)
+                          durable=durable, compress=compress)
     if not isinstance(state, Mapping):
         raise InvalidArgumentError("save() takes a dict of arrays, not %s"
                                    % type(state).__name__)
@@ -75,7 +74,7 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     # Straight to the file: each array's bytes are read once, no region holds a second copy.
     return write_arrays(path, {name: a for name, _, a in leaves},
                         {"state": {"version": STATE_VERSION, "tree": tree}},
-                        working_set=working_set, durable=durable)
+                        working_set=working_set, durable=durable, compress=compress)
 
 
 def _ws_pages(working_set, region):

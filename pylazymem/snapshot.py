@@ -19,13 +19,23 @@ import numpy as np
 # below this one: it needs no compiled code and the page server uses it too.
 from ._snapfile import (  # noqa: F401  (inspect, inspect_tables, page_sources re-exported)
     _FIELDS,
+    _FIELDS3,
     _HEADER,
+    _HEADER3,
     _SECTIONS,
+    _SECTIONS3,
+    CODECS,
+    ENTRY_LEN_MASK,
+    FLAG_COMPRESSED,
+    FLAG_PARENT,
     HEADER_CHECKED,
+    HEADER3_CHECKED,
+    VERSION_3,
     MAGIC,
     MAP_DTYPE,
     PREFETCH_MODES,
     MAX_STORED,
+    PARENT,
     STORED,
     UNTOUCHED,
     VERSION,
@@ -91,7 +101,23 @@ def _json_dtype(dtype):
     return np.lib.format.dtype_to_descr(dtype)
 
 
-def checkpoint(region, path, working_set="auto", progress=None, durable=True):
+def _codec_arg(compress):
+    """The codec number of compress= (None: an uncompressed, version 2 file)."""
+    from ._errors import InvalidArgumentError, UnavailableError
+    if compress is None:
+        return None
+    if not isinstance(compress, str) or compress not in CODECS or compress == "raw":
+        raise InvalidArgumentError("compress must be None, 'zstd' or 'lz4', not %r"
+                                   % (compress,))
+    from ._binding import lib
+    if not lib.lm_codec_available(CODECS[compress]):
+        raise UnavailableError("compress=%r: this build of the core has no %s (install its "
+                               "-dev package and rebuild: bash scripts/setup.sh)"
+                               % (compress, compress))
+    return CODECS[compress]
+
+
+def checkpoint(region, path, working_set="auto", progress=None, durable=True, compress=None):
     """Write the region's state to `path` atomically; returns its SnapshotInfo.
 
     working_set: "auto" (the current window, Region.working_set()), "none", or page indices
@@ -99,10 +125,14 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     durable: fsync the file and its directory before returning (a crash after return keeps
     the new snapshot). With durable=False the replacement is still atomic (rename), but a
     machine crash soon after may leave the old snapshot or none instead of the new one.
+    compress: None (the default: pages stored as they are, format version 2), "zstd" or "lz4":
+    each stored page compressed on its own (format version 3; a page that does not shrink is
+    stored raw), in C on every CPU, signatures still of the uncompressed contents.
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
     """
     from ._binding import check, ffi, lib
 
+    codec = _codec_arg(compress)
     region._check_open()
     path = os.fspath(path)
     region._prepare_checkpoint()   # records up to date with what a page server filled
@@ -142,6 +172,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
     header_bytes = max(4096, ps)
 
     fd, tmp = _temporary(path)
+    index = None
     try:
         for attempt in (0, 1):
             h = _layout(npages, ps, nstored, ws.size, len(manifest))
@@ -151,8 +182,15 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
                 checker = threading.Thread(target=compare, args=(result,), daemon=True)
                 checker.start()
             try:
-                _write_store(region, fd, store_pages, nstored, header_bytes, h["file_bytes"],
-                             progress)
+                if codec is None:
+                    _write_store(region, fd, store_pages, nstored, header_bytes,
+                                 h["file_bytes"], progress)
+                else:
+                    index, store_bytes = _write_store_packed(region, fd, store_pages, nstored,
+                                                             header_bytes, h["file_bytes"],
+                                                             codec, progress)
+                    h = _layout(npages, ps, nstored, ws.size, len(manifest),
+                                store_bytes=store_bytes)
             finally:
                 if checker is not None:
                     checker.join()
@@ -161,7 +199,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
             if result[0] < 0:
                 check(result[0], "checkpoint: %s" % result[1])
             nstored = plan(True)   # a collision: lay the store out again, comparing
-        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored])
+        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored], index)
     except BaseException:
         _abandon(fd, tmp)
         raise
@@ -170,21 +208,31 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True):
         progress(h["file_bytes"], h["file_bytes"])
     # What inspect() would say of the file, from what was just written.
     counts = np.bincount(pmap[pmap < STORED], minlength=STORED)
-    h.update(version=VERSION, page_size=ps,
+    h.update(page_size=ps,
              counts=(int(counts[UNTOUCHED]), int(counts[ZERO]),
-                     npages - int(counts[UNTOUCHED]) - int(counts[ZERO])))
+                     npages - int(counts[UNTOUCHED]) - int(counts[ZERO])),
+             codec_counts=_codec_counts(index, nstored))
     return _info(path, _Parsed(h, pmap, ws.astype(np.uint64),
                                _parse_manifest(manifest, h, path)))
 
 
-def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_size=None):
+def _codec_counts(index, nstored):
+    if index is None:
+        return {"raw": nstored} if nstored else {}
+    n = np.bincount(index >> 28, minlength=len(CODECS))
+    return {name: int(n[c]) for name, c in sorted(CODECS.items(), key=lambda x: x[1]) if n[c]}
+
+
+def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_size=None,
+                 compress=None):
     """Write named arrays (name -> C-contiguous numpy array) straight to a snapshot file, as
     checkpoint() of a region holding them page-aligned in this order would (zero pages take
     no entry, equal pages one, signatures beside them, no working set), without the region:
     no second copy of the data in memory, no faults. extra: manifest keys beside the arrays
-    (plm.save's state tree). Returns the SnapshotInfo of the file."""
+    (plm.save's state tree). compress: as checkpoint(). Returns the SnapshotInfo of the file."""
     from ._binding import PAGE_SIZE
 
+    codec = _codec_arg(compress)
     ps = page_size or PAGE_SIZE
     ws_in = None if working_set is None else _page_indices(working_set)
     placed, offset = {}, 0
@@ -242,6 +290,7 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
     h = _layout(npages, ps, nstored, ws.size, len(manifest))
     header_bytes = h["store_offset"]
     fd, tmp = _temporary(path)
+    packer = None if codec is None else _Packer(fd, header_bytes, ps, codec, nstored)
     try:
         # Runs of entries that are consecutive pages of one array are one slice of it.
         iov, at, e = [], header_bytes, 0
@@ -257,10 +306,19 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
                 iov.append(memoryview(flat)[i * ps:(i + n - 1) * ps])
                 iov.append(_page_bytes(flat, i + n - 1, ps))
             e += n
-            if len(iov) >= 512 or e == nstored:
+            if packer is not None:
+                for b in iov:
+                    packer.add(b)
+                iov = []
+            elif len(iov) >= 512 or e == nstored:
                 at = _pwritev_all(fd, iov, at)
                 iov = []
-        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, np.array(sigs, dtype="<u8"))
+        index = None
+        if packer is not None:
+            index, store_bytes = packer.finish()
+            h = _layout(npages, ps, nstored, ws.size, len(manifest), store_bytes=store_bytes)
+        _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, np.array(sigs, dtype="<u8"),
+                      index)
     except BaseException:
         _abandon(fd, tmp)
         raise
@@ -269,6 +327,60 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
 
 
 _page_signature = _xxh3   # a page's signature (its own name: a test makes every page collide)
+
+
+class _Packer:
+    """Compressed store entries written one after the other from `offset`: pages handed in
+    (whole pages, any number at a time) are gathered into batches of BATCH pages, each
+    compressed by lm_pack_pages (C, every CPU, the GIL released) and written."""
+
+    BATCH = 2048
+
+    def __init__(self, fd, offset, ps, codec, nstored):
+        from ._binding import ffi
+        self.fd, self.at, self.ps, self.codec = fd, offset, ps, codec
+        self.start = offset
+        self.index = np.empty(nstored, "<u4")
+        self.done = 0                       # entries packed
+        self.stage = np.empty(self.BATCH * ps, np.uint8)
+        self.out = np.empty(self.BATCH * ps, np.uint8)
+        self.fill = 0                       # pages staged
+        self._out_bytes = ffi.new("uint64_t *")
+
+    def add(self, buf):
+        mv = memoryview(buf).cast("B")
+        pages = len(mv) // self.ps
+        i = 0
+        while i < pages:
+            k = min(pages - i, self.BATCH - self.fill)
+            self.stage[self.fill * self.ps:(self.fill + k) * self.ps] = np.frombuffer(
+                mv[i * self.ps:(i + k) * self.ps], np.uint8)
+            self.fill += k
+            i += k
+            if self.fill == self.BATCH:
+                self._flush()
+
+    def _flush(self):
+        from ._binding import check, ffi, lib
+        if not self.fill:
+            return
+        n = self.fill
+        check(lib.lm_pack_pages(ffi.from_buffer(self.stage), n, self.ps, self.codec, 0, 0,
+                                ffi.from_buffer(self.out),
+                                ffi.from_buffer("uint32_t[]", self.index[self.done:self.done + n]),
+                                self._out_bytes), "compress")
+        nbytes = int(self._out_bytes[0])
+        _pwrite_all(self.fd, memoryview(self.out)[:nbytes], self.at)
+        self.at += nbytes
+        self.done += n
+        self.fill = 0
+
+    def finish(self):
+        """(entry index, store bytes)."""
+        self._flush()
+        assert self.done == self.index.size, "packed %d entries of %d" % (self.done,
+                                                                          self.index.size)
+        return self.index, self.at - self.start
 
 
 def _flat_bytes(a):
@@ -301,20 +413,29 @@ def _manifest_bytes(arrays, extra):
     return json.dumps(man).encode()
 
 
-def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs):
-    """Everything after the store (page map, working set, manifest, signatures), then the
-    header with its checksums last: a file is whole only once its header is."""
+def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs, index=None):
+    """Everything after the store ((entry index,) page map, working set, manifest,
+    signatures), then the header with its checksums last: a file is whole only once its
+    header is. The version and flags are _layout()'s. The file is cut at its end (a store
+    written again shorter, after a hash collision, leaves nothing behind)."""
+    v3 = h.get("version", VERSION) == VERSION_3
     tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
+    if v3 and h["flags"] & FLAG_COMPRESSED:
+        tail = np.ascontiguousarray(index, dtype="<u4").tobytes() + tail
     sigs_raw = np.ascontiguousarray(sigs, dtype="<u8").tobytes()
     h["tables_xxh3"] = _xxh3(tail)
     h["sigs_xxh3"] = _xxh3(sigs_raw)
     h["header_xxh3"] = 0
+    hdr, fields, checked = ((_HEADER3, _FIELDS3, HEADER3_CHECKED) if v3
+                            else (_HEADER, _FIELDS, HEADER_CHECKED))
+    version, flags = (VERSION_3, h["flags"]) if v3 else (VERSION, 0)
     raw = bytearray(header_bytes)
-    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-    h["header_xxh3"] = _xxh3(bytes(raw[:HEADER_CHECKED]))
-    _HEADER.pack_into(raw, 0, MAGIC, VERSION, header_bytes, ps, 0, *(h[f] for f in _FIELDS))
-    _pwrite_all(fd, tail + sigs_raw, h["map_offset"])
+    hdr.pack_into(raw, 0, MAGIC, version, header_bytes, ps, flags, *(h[f] for f in fields))
+    h["header_xxh3"] = _xxh3(bytes(raw[:checked]))
+    hdr.pack_into(raw, 0, MAGIC, version, header_bytes, ps, flags, *(h[f] for f in fields))
+    _pwrite_all(fd, tail + sigs_raw, h["index_offset"] if v3 else h["map_offset"])
     _pwrite_all(fd, raw, 0)
+    os.ftruncate(fd, h["file_bytes"])
 
 
 def _temporary(path):
@@ -359,17 +480,55 @@ def _abandon(fd, tmp):
         pass
 
 
-def _layout(npages, ps, nstored, nws, manifest_bytes):
-    """Header fields of a file with these sections: sizes and offsets, in section order."""
+def _layout(npages, ps, nstored, nws, manifest_bytes, store_bytes=None, flags=0, parent_id=0):
+    """Header fields of a file with these sections: sizes and offsets, in section order.
+    Version 2 unless the store is compressed (store_bytes: its size, an entry index follows
+    it) or flags/parent_id say the file has a parent: then version 3."""
     sizes = {"store": nstored * ps, "map": npages * MAP_DTYPE.itemsize, "ws": nws * 8,
              "manifest": manifest_bytes, "sigs": nstored * 8}
     h = {"npages": npages, "nstored": nstored, "nws": nws}
+    sections = _SECTIONS
+    if store_bytes is not None:
+        flags |= FLAG_COMPRESSED
+    if flags:
+        sections = _SECTIONS3
+        sizes["index"] = nstored * 4 if flags & FLAG_COMPRESSED else 0
+        if flags & FLAG_COMPRESSED:
+            sizes["store"] = store_bytes
+        h.update(version=VERSION_3, flags=flags, parent_id=parent_id)
+    else:
+        h.update(version=VERSION, flags=0)
     offset = max(4096, ps)
-    for name in _SECTIONS:
+    for name in sections:
         h[name + "_offset"], h[name + "_bytes"] = offset, sizes[name]
         offset += sizes[name]
     h["file_bytes"] = offset
     return h
+
+
+def _write_store_packed(region, fd, store_pages, nstored, header_bytes, total, codec,
+                        progress):
+    """The store of a compressed checkpoint (lm_ckpt_write_packed, in chunks for progress):
+    returns (entry index, store bytes)."""
+    from ._binding import check, ffi, lib
+
+    ps = region.page_size
+    chunk = max(1, (64 << 20) // ps)
+    index = np.empty(nstored, "<u4")
+    written = ffi.new("uint64_t *")
+    at = header_bytes
+    with region._poisoned_named(0, region.npages, "checkpoint"), region._use() as lm:
+        for i in range(0, nstored, chunk):
+            n = min(chunk, nstored - i)
+            check(lib.lm_ckpt_write_packed(lm, fd, at,
+                                           ffi.from_buffer("uint64_t[]", store_pages[i:i + n]),
+                                           n, codec, 0,
+                                           ffi.from_buffer("uint32_t[]", index[i:i + n]),
+                                           written), "checkpoint")
+            at += int(written[0])
+            if progress is not None:
+                progress(header_bytes + (i + n) * ps, total)
+    return index, at - header_bytes
 
 
 def _write_store(region, fd, store_pages, nstored, header_bytes, total, progress):
@@ -455,7 +614,7 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
         ws = _dedup_keep_order(_in_region(_page_indices(working_set), npages), npages)
         # Store entries in the order the format asks for: the working set's (first mention
         # first), then the others in the address order of the first page that uses them.
-        stored = p.map >= STORED
+        stored = (p.map >= STORED) & (p.map != PARENT)   # PARENT: only in files with a parent
         used = np.concatenate([p.map[ws][stored[ws]], p.map[stored]]).astype(np.int64) - STORED
         _, first = np.unique(used, return_index=True)
         order = used[np.sort(first)]                    # new position -> old entry
@@ -466,12 +625,21 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
                         ).astype(MAP_DTYPE)
         manifest = _manifest_bytes(p.manifest["arrays"], {k: v for k, v in p.manifest.items()
                                                           if k not in ("arrays", "pylazymem")})
-        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest))
+        # The file keeps its version, compression and parent: only the order changes.
+        index = None if p.index is None else p.index[order]
+        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest),
+                      store_bytes=None if index is None else h["store_bytes"],
+                      flags=h["flags"] & FLAG_PARENT, parent_id=h["parent_id"])
         header_bytes = out["store_offset"]
         tfd, tmp = _temporary(path)
         try:
-            _copy_entries(fd, h["store_offset"], tfd, header_bytes, order, ps)
-            _write_tables(tfd, out, header_bytes, ps, pmap, ws, manifest, p.sigs[order])
+            if p.index is None:
+                _copy_entries(fd, h["store_offset"], tfd, header_bytes, order, ps)
+            else:
+                _copy_packed_entries(fd, h["store_offset"], p.index, tfd, header_bytes, order,
+                                     path)
+            _write_tables(tfd, out, header_bytes, ps, pmap, ws, manifest, p.sigs[order],
+                          index)
         except BaseException:
             _abandon(tfd, tmp)
             raise
@@ -524,6 +692,31 @@ def _copy_entries(src, src_off, dst, dst_off, order, ps, batch=4096):
                 done += got
             i = j
         _pwrite_all(dst, buf, dst_off + b * ps)
+
+
+def _copy_packed_entries(src, src_off, index, dst, dst_off, order, path, batch=8 << 20):
+    """_copy_entries for a compressed store: entry e is index[e]'s length at its offset (the
+    lengths before it summed); runs of consecutive old entries are one read, and the new
+    entries are written one after the other in batches of about `batch` bytes."""
+    lengths = (index & ENTRY_LEN_MASK).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    buf, at, i = bytearray(), dst_off, 0
+    while i < order.size:
+        j = i + 1
+        while j < order.size and order[j] == order[j - 1] + 1 and \
+                offsets[order[j] + 1] - offsets[order[i]] <= batch:
+            j += 1
+        a, b = int(offsets[order[i]]), int(offsets[order[j - 1] + 1])
+        chunk = os.pread(src, b - a, src_off + a)
+        if len(chunk) != b - a:
+            raise SnapshotError("%s: snapshot store is shorter than its header says" % path)
+        buf += chunk
+        if len(buf) >= batch:
+            _pwrite_all(dst, buf, at)
+            at += len(buf)
+            buf = bytearray()
+        i = j
+    _pwrite_all(dst, buf, at)
 
 
 # ---- restore -----------------------------------------------------------------------------
@@ -688,6 +881,9 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     try:
         p = _read(fd, path)
         h = p.header
+        if h["flags"] & FLAG_PARENT:
+            _fail(path, "has a parent snapshot (%s): restoring a chain of snapshots is not "
+                  "supported by this version" % h["parent"]["path"])
         if h["page_size"] != PAGE_SIZE:
             _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
                                                                              PAGE_SIZE))
@@ -719,9 +915,17 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 # snapshot's content id (its header checksum) commits to, whoever filled it.
                 # (A page server's pool is published by the server only: nothing to verify
                 # here beyond what verify= asks.)
-                rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
-                                          h["sigs_offset"], h["sigs_xxh3"],
-                                          bool(verify) or (pool is not None))
+                verify_now = bool(verify) or (pool is not None)
+                if p.index is None:
+                    rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
+                                              h["sigs_offset"], h["sigs_xxh3"], verify_now)
+                else:   # a compressed store: one layer with its entry index
+                    layer = ffi.new("struct lm_src_layer *", {
+                        "fd": fd, "store_offset": h["store_offset"],
+                        "store_bytes": h["store_bytes"], "nstored": h["nstored"],
+                        "index": ffi.from_buffer("uint32_t[]", p.index),
+                        "sigs_offset": h["sigs_offset"], "sigs_xxh3": h["sigs_xxh3"]})
+                    rc = lib.lm_source_attach_layers(lm, layer, 1, verify_now)
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
                     _fail(path, ffi.string(lib.lm_last_op()).decode())
                 check(rc, "restore")
@@ -731,7 +935,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
             region._manifest_extra = {k: v for k, v in p.manifest.items()
-                                      if k not in ("arrays", "pylazymem")}
+                                      if k not in ("arrays", "pylazymem", "parent")}
             region._snapshot = (path, h["header_xxh3"])
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
