@@ -43,6 +43,7 @@ def _features(args):
             print("reason:        %s" % f.reason)
         print("shared pages:  %s" % ("yes" if f.shared_pages else
                                      "no (%s)" % f.shared_pages_reason))
+        print("compression:   %s" % (", ".join(f.codecs) or "none (needs the compiled core)"))
     return 0 if f.mode != "unavailable" else 1
 
 
@@ -142,11 +143,23 @@ def _inspect(args):
         print("file:          %.1f MiB (%.1f%% of the region)" % (
             info.file_bytes / 2**20, 100.0 * info.file_bytes / raw))
         print("%-14s %10s %10s" % ("pages", "count", "MiB"))
-        for name in ("untouched", "zero", "unique", "duplicate"):
+        for name in ("untouched", "zero", "unique", "duplicate", "parent"):
+            if name not in pbc:
+                continue
             print("  %-12s %10d %10.1f" % (name, pbc[name], pbc[name] * ps / 2**20))
         saved_zero = (pbc["zero"] + pbc["untouched"]) * ps
         print("zero/untouched savings: %.1f MiB; dedup savings: %.1f MiB; stored %.1f MiB" % (
             saved_zero / 2**20, pbc["duplicate"] * ps / 2**20, info.stored_bytes / 2**20))
+        if info.compressed:
+            print("compression:   %s; stored %.1f MiB of %.1f MiB of pages (%.1f%%)" % (
+                ", ".join("%s %d" % kv for kv in info.codecs.items()),
+                info.stored_bytes / 2**20, info.raw_bytes / 2**20,
+                100.0 * info.stored_bytes / max(1, info.raw_bytes)))
+        else:
+            print("compression:   none")
+        if info.parent is not None:
+            print("parent:        %s (id %#018x), %d pages held there" % (
+                info.parent["path"], info.parent["id"], pbc.get("parent", 0)))
         print("working set:   %d pages (%.1f MiB), prefetched first on restore" % (
             len(info.working_set), len(info.working_set) * ps / 2**20))
         if info.arrays:

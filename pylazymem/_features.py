@@ -40,6 +40,10 @@ class Features:
     # (docs/shared-pages.md); if not, why and the fix
     shared_pages: bool = False
     shared_pages_reason: str = ""
+    # Codecs this build writes and reads compressed snapshots with (checkpoint(compress=),
+    # docs/snapshot-format.md, version 3): "zstd", "lz4"; empty without the compiled core
+    # (which links libzstd and liblz4).
+    codecs: tuple = ()
 
     @property
     def unservable_fault(self):
@@ -113,7 +117,10 @@ def _probe_cffi(acquire):
         rc = lib.lm_probe_shared(ACQUIRE[acquire])
         why = "" if rc == 0 else "%s: %s" % (ffi.string(lib.lm_last_op()).decode(),
                                              os.strerror(-rc))
-    return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why)
+    codecs = tuple(name for name, c in (("zstd", lib.LM_CODEC_ZSTD), ("lz4", lib.LM_CODEC_LZ4))
+                   if lib.lm_codec_available(c))
+    return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why,
+                               codecs=codecs)
 
 
 def _probe_ctypes(acquire):

@@ -511,6 +511,15 @@ def page_sources(path):
     needs no compiled code."""
     p = _load(path)
     h = p.header
+    if h["flags"] & (FLAG_COMPRESSED | FLAG_PARENT):
+        # The page server's table is one file offset per page of page_size bytes (server.c):
+        # a compressed entry has a length and a codec, a parent's page another file.
+        _fail(path, "%s: the page server serves snapshots whose pages are stored whole in the "
+              "one file (format version 2); restore this one in-process, or write it with "
+              "compress=None and no parent" % (
+                  "compressed store (format version 3, %s entries)"
+                  % "/".join(c for c in h["codec_counts"] if c != "raw")
+                  if h["flags"] & FLAG_COMPRESSED else "has a parent snapshot"))
     entry = p.map.astype(np.int64) - STORED
     offsets = np.where(entry >= 0, h["store_offset"] + entry * h["page_size"], -1)
     return _info(path, p), offsets
