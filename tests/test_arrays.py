@@ -104,9 +104,10 @@ def test_bad_state_is_refused_and_writes_nothing(tmp_path, bad, why):
     assert not os.listdir(tmp_path)
 
 
-def test_compress_is_refused_not_ignored(tmp_path):
+def test_unknown_compress_is_refused_not_ignored(tmp_path):
     with pytest.raises(plm.InvalidArgumentError, match="compress"):
-        plm.save(tmp_path / "s.plm", {"a": np.zeros(3)}, compress="zstd")
+        plm.save(tmp_path / "s.plm", {"a": np.zeros(3)}, compress="zip")
+    assert not (tmp_path / "s.plm").exists()   # compressed saves: tests/test_compress.py
 
 
 def test_loading_reads_nothing_until_touched(tmp_path):
