@@ -190,3 +190,29 @@ def test_arrays_bench_quick_safetensors(arrays_quick):
         assert v in res["rows"][part] and res["rows"][part][v]["median"] > 0, (part, v, out)
     # load_file copies: four processes hold about four copies
     assert res["rows"]["pss"]["st_load_file"]["median"] > 3.0, out
+
+
+@pytest.mark.core(reason="bench/compress.py saves and loads compressed snapshots")
+@pytest.mark.uffd
+@pytest.mark.package("sklearn")
+@pytest.mark.timeout(600)
+def test_compress_bench_quick():
+    """Every variant saves and loads each state (contents compared by the bench itself), and
+    the states are what the docstring says: trained weights, text, 2% set floats."""
+    import io
+
+    from pylazymem.bench import compress as B
+
+    sparse = B.state_sparse(1 << 20)
+    assert abs(np.count_nonzero(sparse) / sparse.size - 0.02) < 0.001
+    text = B.state_text(1 << 20)
+    assert text.size == 1 << 20 and b"def " in text.tobytes()
+    res = B.run(quick=True, reps=1, file=io.StringIO())
+    assert res["problems"] == []
+    for state in ("mlp", "text", "sparse"):
+        rows = res["rows"][state]
+        assert set(rows) == set(B.VARIANTS)
+        # compressible state shrinks with every codec; plain plm.save is the raw size
+        assert rows["plm_none"]["size_ratio"] >= 1.0
+        if state != "mlp":
+            assert rows["plm_zstd"]["size_ratio"] < 0.5 and rows["plm_lz4"]["size_ratio"] < 0.6
