@@ -519,3 +519,120 @@ def test_entry_that_does_not_decode_fails_readers_loudly(base):
                 plm.checkpoint(r, str(tmp / "again.plm"), compress=again)
             assert not os.path.exists(tmp / "again.plm")
         assert r.stats()["pages_present"] == 0   # nothing was mapped meanwhile
+
+
+# ---- generated corruptions of a compressed file (hypothesis) ------------------------------
+
+_zstd.ZSTD_decompress.restype = ctypes.c_size_t
+_zstd.ZSTD_decompress.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                  ctypes.c_size_t]
+_zstd.ZSTD_findFrameCompressedSize.restype = ctypes.c_size_t
+_zstd.ZSTD_findFrameCompressedSize.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_lz4.LZ4_decompress_safe.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+                                     ctypes.c_int]
+
+
+def decode(entry, word, ps):
+    """The document's rule for one entry, with the system decoders: the page, or None."""
+    codec, n = int(word) >> 28, int(word) & ((1 << 28) - 1)
+    if n != len(entry):
+        return None
+    if codec == RAW:
+        return entry if n == ps else None
+    if not 1 <= n < ps:
+        return None
+    out = ctypes.create_string_buffer(ps)
+    if codec == ZSTD:
+        if _zstd.ZSTD_findFrameCompressedSize(entry, n) != n:
+            return None
+        got = _zstd.ZSTD_decompress(out, ps, entry, n)
+        return out.raw if got == ps else None
+    if codec == LZ4:
+        return out.raw if _lz4.LZ4_decompress_safe(entry, out, n, ps) == ps else None
+    return None
+
+
+@pytest.mark.uffd_full
+@pytest.mark.parametrize("codec", CODECS)
+def test_generated_corruptions(tmp_path, codec, features):
+    """Every generated corruption either is refused with SnapshotError, or restores so that
+    each page holds exactly what the document says it holds (its entry decodes to one page
+    whose XXH3 is its signature) or is poisoned, never anything else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    if not features.has_poison:
+        pytest.skip("needs UFFDIO_POISON to poison pages")
+    expected = make_state("mixed", 12, seed=2)
+    expected[3] = text_page(np.random.default_rng(1))
+    path, _ = checkpointed(tmp_path, expected, codec, ws=[5, 1])
+    data = open(path, "rb").read()
+    base = SnapV3.parse(data)
+    fuzzed = str(tmp_path / "fuzzed.plm")
+    seen = {"refused": 0, "restored": 0, "poisoned": 0}
+
+    @st.composite
+    def corruption(draw):
+        kind = draw(st.sampled_from(["flip", "truncate", "index", "entry", "header"]))
+        if kind == "flip":
+            raw = bytearray(data)
+            for off, bit in draw(st.lists(st.tuples(st.integers(0, len(data) - 1),
+                                                    st.integers(0, 7)), min_size=1, max_size=3)):
+                raw[off] ^= 1 << bit
+            return bytes(raw)
+        if kind == "truncate":
+            return data[:draw(st.integers(0, len(data) - 1))]
+        g = SnapV3.parse(data)
+        e = draw(st.integers(0, len(g.entries) - 1))
+        if kind == "index":       # index words rewritten, checksums made to agree
+            idx = [int(w) for w in g.index]
+            idx[e] = draw(st.one_of(st.integers(0, (1 << 32) - 1),
+                                    st.integers(0, 15).map(lambda c: (c << 28) | len(g.entries[e]))))
+            return g.build(index=idx, store_bytes=draw(st.sampled_from(
+                [None, sum(w & ((1 << 28) - 1) for w in idx)])))
+        if kind == "entry":       # an entry's bytes changed, its length kept or not
+            b = bytearray(g.entries[e])
+            for off in draw(st.lists(st.integers(0, max(0, len(b) - 1)), min_size=1,
+                                     max_size=3)):
+                if b:
+                    b[off] = draw(st.integers(0, 255))
+            if draw(st.booleans()):
+                b = b[:draw(st.integers(1, max(1, len(b))))] + draw(st.binary(max_size=8))
+            g.entries[e] = bytes(b)
+            return g.build()
+        return g.build(flags=draw(st.integers(0, 7)), parent_id=draw(st.sampled_from([0, 1])))
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(corruption())
+    def prop(blob):
+        with open(fuzzed, "wb") as f:
+            f.write(blob)
+        try:
+            r = plm.restore(fuzzed, prefetch="all", background=False)
+        except plm.SnapshotError as e:
+            assert str(e)
+            seen["refused"] += 1
+            return
+        g = SnapV3.parse(blob)
+        with r:
+            m = r.meta
+            v = pages(r)
+            for p in range(r.npages):
+                entry = int(g.map[p])
+                if entry < 2:
+                    assert m["state"][p] != plm.PageState.POISONED
+                    assert not v[p].any()
+                    continue
+                e = entry - 2
+                page = decode(g.entries[e], g.index[e], PS)
+                ok = page is not None and xxh3(page) == int(g.sigs[e])
+                poisoned = m["state"][p] == plm.PageState.POISONED
+                assert poisoned == (not ok), (p, e)
+                if ok:
+                    assert v[p].tobytes() == page
+                seen["poisoned"] += poisoned
+        seen["restored"] += 1
+
+    prop()
+    assert seen["refused"] > 20 and seen["restored"] > 5 and seen["poisoned"] > 0, seen
