@@ -28,14 +28,9 @@ pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(180)]
 PS = PAGE_SIZE
 CODECS = ("zstd", "lz4")
 SIGBUS_RC = -signal.SIGBUS
-MAGIC = b"PLMSNAP\x00"
-HDR3 = struct.Struct("<8sIIII20Q")
-FIELDS3 = ("npages", "nstored", "nws", "store_offset", "store_bytes", "index_offset",
-           "index_bytes", "map_offset", "map_bytes", "ws_offset", "ws_bytes", "manifest_offset",
-           "manifest_bytes", "sigs_offset", "sigs_bytes", "file_bytes", "parent_id",
-           "tables_xxh3", "sigs_xxh3", "header_xxh3")
-COMPRESSED, PARENT = 1, 2
-RAW, ZSTD, LZ4 = 0, 1, 2
+from _snapformat import (CODEC_LZ4 as LZ4, CODEC_RAW as RAW, CODEC_ZSTD as ZSTD,  # noqa: E402
+                         FLAG_COMPRESSED as COMPRESSED, FLAG_PARENT as PARENT, HDR3, MAGIC)
+from _snapformat import HEADER3_FIELDS as FIELDS3  # noqa: E402
 xxh3 = xxhash.xxh3_64_intdigest
 
 # ---- the system codecs, independently of pylazymem ---------------------------------------
