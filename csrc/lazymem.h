@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 12 };
+enum { LM_ABI_VERSION = 13 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -139,6 +139,8 @@ struct lm_config {
                                     chunk of the template (docs/shared-pages.md, section 3) */
     int shared_first_touch;      /* enum lm_first_touch: who serves first touches of a chunk
                                     block (docs/shared-pages.md, section 3 item 3) */
+    int test_no_dirty;           /* test hook: dirty tracking as on a kernel without
+                                    WP_ASYNC and PAGEMAP_SCAN (LM_DIRTY_NONE) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
@@ -351,6 +353,24 @@ int lm_ws_mark(struct lm_region *r);
 /* Up to cap pages into out; returns the count (or -errno). */
 long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap);
 int lm_ws_tracks_writes(struct lm_region *r);
+
+/* Dirty tracking (dirty.c, docs/design.md "Dirty tracking"): which pages may differ from what
+   they held when the epoch began (region creation, or the last lm_dirty_reset: a checkpoint
+   calls it before it reads the pages, a restore once the table is set). Never a false
+   negative; the false positives each mode keeps are listed in the design. */
+enum lm_dirty_mode {
+    LM_DIRTY_NONE = 0,        /* no page-table tracking (a kernel without WP_ASYNC and
+                                 PAGEMAP_SCAN, 6.7): every page that is not lazy as the epoch
+                                 or a deferral since left it is reported */
+    LM_DIRTY_WP_ASYNC = 1,    /* async write-protect, harvested with PAGEMAP_SCAN */
+    LM_DIRTY_PAGE_TABLES = 2  /* a shared region (not registered for WP): a page is dirty
+                                 when it holds a private copy, in every epoch since */
+};
+int lm_dirty_mode(struct lm_region *r);
+/* Start a new epoch: nothing is dirty but pages the mode cannot vouch for. */
+int lm_dirty_reset(struct lm_region *r);
+/* ceil(npages / 64) words: bit p (word p / 64, bit p % 64) set = page p may have changed. */
+int lm_dirty_bitmap(struct lm_region *r, uint64_t *words);
 
 /* ---- page server (server.c, docs/page-server.md) -------------------------------------- */
 

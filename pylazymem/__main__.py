@@ -43,6 +43,8 @@ def _features(args):
             print("reason:        %s" % f.reason)
         print("shared pages:  %s" % ("yes" if f.shared_pages else
                                      "no (%s)" % f.shared_pages_reason))
+        print("dirty pages:   %s%s" % (f.dirty_tracking, " (%s)" % f.dirty_tracking_reason
+                                       if f.dirty_tracking_reason else ""))
     return 0 if f.mode != "unavailable" else 1
 
 

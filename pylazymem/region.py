@@ -24,6 +24,8 @@ from ._meta import META_DTYPE, PATHS, PageClass, PageState
 set_closed_error(RegionClosedError)
 
 _ZERO_WRITE = {"copy": lib.LM_ZW_COPY, "zeropage": lib.LM_ZW_ZEROPAGE}
+_DIRTY_MODES = {lib.LM_DIRTY_NONE: "none", lib.LM_DIRTY_WP_ASYNC: "wp-async",
+                lib.LM_DIRTY_PAGE_TABLES: "page-tables"}
 
 
 def _env_int(name, default):
@@ -143,7 +145,7 @@ class Region(AddressRange):
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
                  timeline=None, server=None, share_canonical="auto", shared_first_touch=None,
                  _test_broken_source=False,
-                 _test_no_poison=False, _start=True, _pool=None):
+                 _test_no_poison=False, _test_no_dirty=False, _start=True, _pool=None):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
@@ -202,6 +204,8 @@ class Region(AddressRange):
         cfg.test_fail_fills = int(_test_broken_source)
         # tests only: act as on a kernel without UFFDIO_POISON (before 6.6)
         cfg.test_no_poison = bool(_test_no_poison)
+        # tests only: dirty tracking as without WP_ASYNC + PAGEMAP_SCAN (mode "none")
+        cfg.test_no_dirty = bool(_test_no_dirty)
         if timeline is None:
             timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
         cfg.timeline = bool(timeline)
@@ -523,6 +527,32 @@ class Region(AddressRange):
         """Whether the working-set window sees writes to pages present at the mark."""
         with self._use() as lm:
             return bool(lib.lm_ws_tracks_writes(lm))
+
+    # ---- dirty tracking (docs/design.md, "Dirty tracking") ---------------------------------
+
+    def dirty_pages(self):
+        """Indices (uint64, ascending) of the pages whose contents may differ from what they
+        held when the epoch began: region creation, the last restore() or reset_dirty()
+        (checkpoint() resets it). A page that changed is always listed; a listed page may not
+        have changed (which ones, per mode: docs/design.md)."""
+        words = np.zeros(-(-self.npages // 64), np.uint64)
+        with self._use() as lm:
+            check(lib.lm_dirty_bitmap(lm, ffi.from_buffer("uint64_t[]", words)), "dirty_pages")
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.npages]
+        return np.flatnonzero(bits).astype(np.uint64)
+
+    def reset_dirty(self):
+        """Start a new epoch: from now on dirty_pages() lists only pages changed after this call
+        (call it before reading the pages whose state the epoch starts from)."""
+        with self._use() as lm:
+            check(lib.lm_dirty_reset(lm), "reset_dirty")
+
+    @property
+    def dirty_tracking(self):
+        """How dirty_pages() knows: "wp-async" (async write-protect, PAGEMAP_SCAN), "page-tables"
+        (a shared restore: pages holding a private copy), or "none" (every page not lazy)."""
+        with self._use() as lm:
+            return _DIRTY_MODES[lib.lm_dirty_mode(lm)]
 
     def prefetch(self, pages):
         """Carry out the pending updates of the given pages now, in the given order."""
