@@ -193,14 +193,16 @@ def _checkpoint(region, path, working_set, progress, durable, chain):
     # difference (a 64-bit hash collision, never seen) makes the plan again, comparing as it
     # goes, and the store is written again.
     nstored = plan(False)
-    if chain is not None:
-        # A page read and found to have its parent page's signature was mapped to the parent:
-        # compare its contents (a 64-bit hash collision must not lose a change). Pages known
-        # clean were not read and need no comparison.
+    if chain is not None and clean is not None:
+        # A page written since the parent was taken whose signature is still its parent
+        # page's was mapped to the parent: compare its contents (a 64-bit hash collision must
+        # not lose a change). Such pages are rare (a page written back to what it held).
+        # Without tracking (clean is None) every page is such a page, and reading the parent
+        # again would cost a full read: there a page equal by signature to its own earlier
+        # version is taken as unchanged (docs/snapshot-format.md, "Parents and chains").
         suspect = np.flatnonzero(pmap == PARENT)
-        if clean is not None and suspect.size:
-            bits = np.unpackbits(clean.view(np.uint8), bitorder="little")[:npages]
-            suspect = suspect[bits[suspect] == 0]
+        bits = np.unpackbits(clean.view(np.uint8), bitorder="little")[:npages]
+        suspect = suspect[bits[suspect] == 0]
         differ = _differs_from_parent(region, chain, suspect)
         if differ.size:   # a collision: those pages are not the parent's
             pcls[differ] = lib.LM_PARENT_UNKNOWN
