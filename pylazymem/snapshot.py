@@ -560,7 +560,7 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
         ws = _dedup_keep_order(_in_region(_page_indices(working_set), npages), npages)
         # Store entries in the order the format asks for: the working set's (first mention
         # first), then the others in the address order of the first page that uses them.
-        stored = p.map >= STORED
+        stored = (p.map >= STORED) & (p.map != PARENT)
         used = np.concatenate([p.map[ws][stored[ws]], p.map[stored]]).astype(np.int64) - STORED
         _, first = np.unique(used, return_index=True)
         order = used[np.sort(first)]                    # new position -> old entry
@@ -571,7 +571,8 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
                         ).astype(MAP_DTYPE)
         manifest = _manifest_bytes(p.manifest["arrays"], {k: v for k, v in p.manifest.items()
                                                           if k not in ("arrays", "pylazymem")})
-        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest))
+        # A child keeps its parent: the working set is the leaf's, the pages are unchanged.
+        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest), parent_id=h["parent_id"])
         header_bytes = out["store_offset"]
         tfd, tmp = _temporary(path)
         try:

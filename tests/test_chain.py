@@ -247,3 +247,16 @@ def test_cli_inspect_and_compact(region, tmp_path):
     os.unlink(p)
     code, out, err = cli("inspect", c)
     assert code == 1 and "chain:         broken" in out
+
+
+def test_rewriting_a_childs_working_set_keeps_its_parent(region, tmp_path):
+    from pylazymem.snapshot import rewrite_working_set
+
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    pages = write_random(a, rng, 4)
+    plm.checkpoint(r, c, parent=p, working_set=[int(x) for x in pages[::-1]] + [50])
+    info = rewrite_working_set(c, [50, int(pages[0])])
+    assert info.parent["path"] == p and info.working_set.tolist() == [50, int(pages[0])]
+    assert contents(c) == bytes(a)
