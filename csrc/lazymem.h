@@ -282,8 +282,12 @@ uint64_t lm_xxh3(const void *data, size_t len);
 /* ---- snapshots (docs/snapshot-format.md) --------------------------------------------- */
 
 /* One page-map entry of a snapshot file (4 bytes, little-endian on disk): LM_SNAP_UNTOUCHED,
-   LM_SNAP_ZERO, or LM_SNAP_STORED + i for the contents of store entry i. */
+   LM_SNAP_ZERO, LM_SNAP_STORED + i for the contents of store entry i, or (version 3 files with
+   a parent only) LM_SNAP_PARENT: whatever the parent snapshot's page of the same index holds. */
 enum lm_snap_class { LM_SNAP_UNTOUCHED = 0, LM_SNAP_ZERO = 1, LM_SNAP_STORED = 2 };
+enum { LM_SNAP_PARENT = 0xFFFFFFFF };
+/* A parent page class the checkpoint plan must not rely on (lm_ckpt_plan_parent). */
+enum { LM_PARENT_UNKNOWN = 255 };
 struct lm_snap_page {
     uint32_t entry;
 };
@@ -338,6 +342,17 @@ int lm_page_read(struct lm_region *r, size_t page, void *out);
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
                  struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
                  uint64_t *nstored, int compare);
+/* An incremental checkpoint's plan: as lm_ckpt_plan, against a parent snapshot described per
+   page by parent_cls (LM_SNAP_UNTOUCHED, LM_SNAP_ZERO, LM_SNAP_STORED or LM_PARENT_UNKNOWN) and
+   parent_sigs (the signature of a stored page). Pages set in `clean` (ceil(npages / 64) words,
+   bit p % 64 of word p / 64; NULL: none) are known unchanged since the parent was taken and are
+   not read: a stored one maps to LM_SNAP_PARENT, the others keep the parent's class. Every
+   other page is classified, and a stored page with its parent page's signature maps to
+   LM_SNAP_PARENT (the caller compares those pages' contents with the parent's). */
+int lm_ckpt_plan_parent(struct lm_region *r, const uint64_t *ws, size_t nws,
+                        struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                        uint64_t *nstored, int compare, const uint8_t *parent_cls,
+                        const uint64_t *parent_sigs, const uint64_t *clean);
 /* Compare every page sharing a store entry with the entry's page, byte by byte: 0 if all are
    equal, 1 if some page differs (a hash collision: plan again with compare), or -errno. It
    can run while lm_ckpt_write() writes the store. */

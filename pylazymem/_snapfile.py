@@ -18,7 +18,8 @@ import xxhash
 from ._uffd_errors import LazyMemError
 
 MAGIC = b"PLMSNAP\x00"
-VERSION = 2
+VERSION = 2       # what a plain snapshot is written as
+VERSION_3 = 3     # a snapshot with a parent or compressed entries
 # magic, version, header_bytes, page_size, flags, then 17 little-endian u64 fields.
 _HEADER = struct.Struct("<8sIIII17Q")
 _FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offset", "map_bytes",
@@ -27,6 +28,18 @@ _FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offse
 # The sections in file order (docs/snapshot-format.md, "Layout").
 _SECTIONS = ("store", "map", "ws", "manifest", "sigs")
 HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
+# Version 3: an entry index after the store, and the parent's content id.
+_HEADER_V3 = struct.Struct("<8sIIII20Q")
+_FIELDS_V3 = ("npages", "nstored", "nws", "store_offset", "store_bytes", "index_offset",
+              "index_bytes", "map_offset", "map_bytes", "ws_offset", "ws_bytes",
+              "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes", "file_bytes",
+              "parent_id", "tables_xxh3", "sigs_xxh3", "header_xxh3")
+_SECTIONS_V3 = ("store", "index", "map", "ws", "manifest", "sigs")
+HEADER_CHECKED_V3 = _HEADER_V3.size - 8
+FLAG_COMPRESSED = 1   # the entry index is there: entries have their own lengths and codecs
+FLAG_PARENT = 2       # pages may be PARENT: as the parent (parent_id, manifest "parent")
+PARENT = 0xFFFFFFFF   # page-map value: "as the parent's page of the same index"
+MAX_STORED_V3 = (1 << 32) - 3   # STORED + i must stay below PARENT
 MAX_MANIFEST = 64 << 20
 MAX_PAGES = 1 << 40
 MAX_REGION_BYTES = 1 << 46     # 64 TiB: x86-64 user address space is 128 TiB
@@ -55,6 +68,9 @@ class SnapshotInfo:
     file_bytes: int
     working_set: np.ndarray   # page indices in first-touch order
     arrays: dict              # name -> {"offset", "dtype", "shape"}
+    # An incremental snapshot's parent: {"path": where it is looked for, "id": its content id
+    # (hex), "pages": pages of this file left to it}; None for a file that needs no parent.
+    parent: dict = None
 
 
 @dataclasses.dataclass
@@ -64,6 +80,7 @@ class _Parsed:
     working_set: np.ndarray
     manifest: dict
     sigs: np.ndarray = None    # one per store entry, when read
+    index: dict = None         # a compressed store's entry index (_check_index)
 
 
 # ---- reading and checking ----------------------------------------------------------------
@@ -84,31 +101,46 @@ def _pread_exact(fd, n, offset, path, what):
     return buf
 
 
+def _header_struct(version):
+    """(struct, field names, sections, bytes the header checksum covers) of a version."""
+    if version == VERSION_3:
+        return _HEADER_V3, _FIELDS_V3, _SECTIONS_V3, HEADER_CHECKED_V3
+    return _HEADER, _FIELDS, _SECTIONS, HEADER_CHECKED
+
+
 def _parse_header(raw, path, file_size):
     if len(raw) < _HEADER.size:
         _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), _HEADER.size))
-    magic, version, header_bytes, page_size, flags, *rest = _HEADER.unpack_from(raw)
+    magic, version = struct.unpack_from("<8sI", raw)
     if magic != MAGIC:
         _fail(path, "not a pylazymem snapshot (bad magic %r)" % magic)
     if version == 1:
         _fail(path, "snapshot format version 1 (written by an older pylazymem) is not supported: "
               "this pylazymem reads version %d; re-create the snapshot with this version "
               "(restore it with the pylazymem that wrote it and checkpoint it again)" % VERSION)
-    if version != VERSION:
-        _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d)"
-              % (version, VERSION))
-    h = dict(zip(_FIELDS, rest), version=version, header_bytes=header_bytes,
+    if version not in (VERSION, VERSION_3):
+        _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d and %d)"
+              % (version, VERSION, VERSION_3))
+    hs, fields, sections, checked = _header_struct(version)
+    if len(raw) < hs.size:
+        _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), hs.size))
+    _, _, header_bytes, page_size, flags, *rest = hs.unpack_from(raw)
+    h = dict(zip(fields, rest), version=version, header_bytes=header_bytes,
              page_size=page_size, flags=flags)
-    if _xxh3(raw[:HEADER_CHECKED]) != h["header_xxh3"]:
+    h.setdefault("parent_id", 0)
+    h.setdefault("index_bytes", 0)
+    if _xxh3(raw[:checked]) != h["header_xxh3"]:
         _fail(path, "header checksum mismatch (corrupt header)")
     ps = page_size
     if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
         _fail(path, "bad page size %d" % ps)
-    if flags:
+    if flags & ~((FLAG_COMPRESSED | FLAG_PARENT) if version == VERSION_3 else 0):
         _fail(path, "unknown header flags 0x%x" % flags)
-    if header_bytes < _HEADER.size or header_bytes % ps or header_bytes > (1 << 21):
+    if bool(flags & FLAG_PARENT) != bool(h["parent_id"]):
+        _fail(path, "the parent flag and the parent's content id disagree")
+    if header_bytes < hs.size or header_bytes % ps or header_bytes > (1 << 21):
         _fail(path, "bad header size %d" % header_bytes)
-    if any(raw[_HEADER.size:header_bytes]):
+    if any(raw[hs.size:header_bytes]):
         _fail(path, "reserved header bytes are not zero")
     if not 1 <= h["npages"] <= MAX_PAGES:
         _fail(path, "bad page count %d" % h["npages"])
@@ -120,11 +152,19 @@ def _parse_header(raw, path, file_size):
     if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
         _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
               % (h["nstored"], h["nws"], h["npages"]))
-    if h["nstored"] > MAX_STORED:
-        _fail(path, "%d store entries: the page map can name at most %d"
-              % (h["nstored"], MAX_STORED))
+    most = MAX_STORED_V3 if version == VERSION_3 else MAX_STORED
+    if h["nstored"] > most:
+        _fail(path, "%d store entries: the page map can name at most %d" % (h["nstored"], most))
     sizes = {"store": h["nstored"] * ps, "map": map_bytes, "ws": h["nws"] * 8,
              "sigs": h["nstored"] * 8}
+    if version == VERSION_3:
+        compressed = bool(flags & FLAG_COMPRESSED)
+        sizes["index"] = h["nstored"] * 4 if compressed else 0
+        if compressed:   # entries have their own lengths: the index's sum is checked at read
+            del sizes["store"]
+            if h["store_bytes"] > h["nstored"] * ps:
+                _fail(path, "compressed store of %d bytes is larger than its %d pages"
+                      % (h["store_bytes"], h["nstored"]))
     for name, size in sizes.items():
         if h[name + "_bytes"] != size:
             _fail(path, "%s section is %d bytes, expected %d" % (name, h[name + "_bytes"], size))
@@ -132,7 +172,7 @@ def _parse_header(raw, path, file_size):
         _fail(path, "manifest of %d bytes is larger than allowed" % h["manifest_bytes"])
     # The sections follow each other in a fixed order: nothing overlaps, nothing is skipped.
     expect = header_bytes
-    for name in _SECTIONS:
+    for name in sections:
         if h[name + "_offset"] != expect:
             _fail(path, "%s section at offset %d, expected %d (overlapping or misplaced)"
                   % (name, h[name + "_offset"], expect))
@@ -233,30 +273,74 @@ def _read(fd, path, signatures=False):
         if 4096 < hb <= (1 << 21):
             raw += os.pread(fd, hb - 4096, 4096)
     h = _parse_header(raw, path, size)
-    # map, working set and manifest: one read, one checksum
-    tail = _pread_exact(fd, h["sigs_offset"] - h["map_offset"], h["map_offset"], path,
+    # (entry index,) map, working set and manifest: one read, one checksum
+    first = h["index_offset"] if h["version"] == VERSION_3 else h["map_offset"]
+    tail = _pread_exact(fd, h["sigs_offset"] - first, first, path,
                         "the page map, working set and manifest")
     if _xxh3(tail) != h["tables_xxh3"]:
         _fail(path, "tables checksum mismatch (corrupt page map, working set or manifest)")
-    pmap = np.frombuffer(tail, MAP_DTYPE, h["npages"])
-    ws = np.frombuffer(tail, "<u8", h["nws"], h["map_bytes"]).astype(np.uint64)
-    man = _parse_manifest(bytes(tail[h["map_bytes"] + h["ws_bytes"]:]), h, path)
+    at = h["index_bytes"]
+    pmap = np.frombuffer(tail, MAP_DTYPE, h["npages"], at)
+    ws = np.frombuffer(tail, "<u8", h["nws"], at + h["map_bytes"]).astype(np.uint64)
+    man = _parse_manifest(bytes(tail[at + h["map_bytes"] + h["ws_bytes"]:]), h, path)
+    index = None
+    if h["index_bytes"]:
+        index = _check_index(np.frombuffer(tail, "<u4", h["nstored"]), h, path)
+    checked = pmap
+    parent_pages = 0
+    if h["flags"] & FLAG_PARENT:
+        _check_parent_ref(man, path)
+        inherit = pmap == PARENT
+        parent_pages = int(np.count_nonzero(inherit))
+        if parent_pages:   # checked as untouched pages (which take no entry either)
+            checked = np.where(inherit, UNTOUCHED, pmap).astype(MAP_DTYPE)
 
     core = _core()
     if core is None:
-        h["counts"] = _check_map(pmap, h["nstored"], ws, path)
+        counts = _check_map(checked, h["nstored"], ws, path)
     else:   # the same checks in C, several times faster (restore's time to return)
         ffi, lib = core
-        counts = ffi.new("uint64_t[3]")
-        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", pmap), h["npages"],
-                             h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size,
-                             counts) < 0:
+        c = ffi.new("uint64_t[3]")
+        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", checked), h["npages"],
+                             h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size, c) < 0:
             _fail(path, ffi.string(lib.lm_last_op()).decode())
-        h["counts"] = tuple(counts)
+        counts = tuple(c)
+    h["counts"] = (counts[0] - parent_pages, counts[1], counts[2])
+    h["parent_pages"] = parent_pages
     p = _Parsed(h, pmap, ws, man)
+    p.index = index
     if signatures:
         p.sigs = _read_signatures(fd, h, path)
     return p
+
+
+def _check_parent_ref(man, path):
+    parent = man.get("parent")
+    if not isinstance(parent, dict) or not isinstance(parent.get("path"), str) \
+            or not parent["path"] or "\0" in parent["path"]:
+        _fail(path, "a snapshot with a parent must name it: manifest 'parent' {'path': ...}")
+
+
+def _check_index(index, h, path):
+    """The entry index of a compressed store (docs/snapshot-format.md): lengths that add up to
+    the store, codecs this reader knows. Returns it with each entry's offset in the store."""
+    ps = h["page_size"]
+    lengths = (index & 0x0FFFFFFF).astype(np.int64)
+    codecs = index >> 28
+    if index.size:
+        if int(codecs.max()) > 2:
+            _fail(path, "entry index: unknown codec %d" % int(codecs.max()))
+        raw = codecs == 0
+        if (lengths[raw] != ps).any():
+            _fail(path, "entry index: a raw entry is not one page long")
+        if (lengths[~raw] < 1).any() or (lengths[~raw] >= ps).any():
+            _fail(path, "entry index: a compressed entry is empty or not smaller than a page")
+    offsets = np.zeros(index.size + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if int(offsets[-1]) != h["store_bytes"]:
+        _fail(path, "entry index: entries add up to %d bytes, the store is %d"
+              % (int(offsets[-1]), h["store_bytes"]))
+    return {"raw": index, "lengths": lengths, "codecs": codecs, "offsets": offsets[:-1]}
 
 
 def _read_signatures(fd, h, path):
@@ -299,11 +383,19 @@ def _info(path, p):
     h = p.header
     kinds = _leaf_kinds(p.manifest)
     untouched, zero, stored = h["counts"]
+    parent = None
+    by_class = {"zero": zero, "untouched": untouched, "unique": h["nstored"],
+                "duplicate": stored - h["nstored"]}
+    if h.get("parent_id"):
+        rel = p.manifest["parent"]["path"]
+        parent = {"path": os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                        rel)),
+                  "id": "%016x" % h["parent_id"], "pages": h.get("parent_pages", 0)}
+        by_class["parent"] = h.get("parent_pages", 0)
     return SnapshotInfo(
         path=os.fspath(path), version=h["version"], npages=h["npages"],
         page_size=h["page_size"],
-        pages_by_class={"zero": zero, "untouched": untouched,
-                        "unique": h["nstored"], "duplicate": stored - h["nstored"]},
+        pages_by_class=by_class, parent=parent,
         stored_bytes=h["store_bytes"], file_bytes=h["file_bytes"],
         working_set=p.working_set.copy(),
         arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"],

@@ -156,6 +156,10 @@ class Region(AddressRange):
         self._arrays = {}
         self._manifest_extra = {}   # manifest keys beside the arrays (arrays.py's state tree)
         self._snapshot = None       # (path, content id) of the snapshot restored into it
+        # Content id of the snapshot this region last wrote or was restored from, while the
+        # dirty-tracking epoch started then is unbroken: what an incremental checkpoint
+        # against that snapshot may take unchanged pages from without reading them.
+        self._epoch_id = None
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None
@@ -344,6 +348,30 @@ class Region(AddressRange):
                 int(view[first * self.page_size:(first + n) * self.page_size:self.page_size]
                     .max())
             check(lib.lm_region_sync_present(lm), "sync with page server")
+
+    def _page_bytes(self, page):
+        """Page `page`'s contents, without faulting it in (a lazy page is read from where its
+        update comes from)."""
+        out = ffi.new("char[]", self.page_size)
+        with self._use() as lm:
+            check(lib.lm_page_read(lm, page, out), "page_read")
+        return ffi.buffer(out)[:]
+
+    def _take_dirty(self):
+        """Start a new dirty-tracking epoch; returns (content id of the epoch that ends, or
+        None, and a bitmap of the pages that may have changed in it: ceil(npages / 64) u64
+        words, or None where that is not known)."""
+        epoch, self._epoch_id = self._epoch_id, None
+        return epoch, None
+
+    def _clean_since(self, content_id):
+        """Words of a bitmap of pages known unchanged since the snapshot `content_id` was
+        written from or restored into this region, or None (then every page is compared).
+        Starts a new epoch."""
+        epoch, dirty = self._take_dirty()
+        if dirty is None or epoch != content_id:
+            return None
+        return ~dirty
 
     def _prepare_checkpoint(self):
         """Before a checkpoint trusts our page records: bring them up to date with what a

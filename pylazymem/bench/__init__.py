@@ -26,9 +26,11 @@ problems seen (wrong contents, handler errors).
   arrays         named tensors (issue 14), 2 GiB in 200 arrays: plm.save/plm.load vs safetensors,
                  np.load(mmap_mode="r") and torch.load: time to the first inference, time until all
                  resident, Pss of 4 processes loading the same state
+  incremental    checkpoint(parent=) of 1 GiB after 2% of pages were written vs the full checkpoint
+                 before it (issue 12): time and file size, with and without dirty tracking
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
-              "restore_sequential", "checkpoint", "server", "shared", "arrays")
+              "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental")
 
 __all__ = ["BENCHMARKS", "run"]
 
