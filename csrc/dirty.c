@@ -155,9 +155,9 @@ static inline size_t page_of(struct lm_region *r, uint64_t addr)
 }
 
 /* Scan A: written pages of WP-registered VMAs, protected again as they are returned; ORed
-   into `dirty` unless skip_dirty, into `ws_written` unless skip_ws. VMAs without WP are
-   passed over by the kernel (WP_MATCHING skips them): scan B covers those. */
-static int harvest_wp(struct lm_region *r, bool skip_dirty, bool skip_ws)
+   into `dst` (NULL: none) and, with `ws`, into ws_written. VMAs without WP are passed over by
+   the kernel (WP_MATCHING skips them): scan B covers those. */
+static int harvest_wp(struct lm_region *r, _Atomic uint64_t *dst, bool ws)
 {
     struct lm_page_region vec[VEC];
     uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
@@ -173,9 +173,9 @@ static int harvest_wp(struct lm_region *r, bool skip_dirty, bool skip_ws)
             return rc;
         for (size_t v = 0; v < n; v++) {
             size_t p = page_of(r, vec[v].start), k = page_of(r, vec[v].end) - p;
-            if (!skip_dirty)
-                bits_or_range(r->dirty, p, k);
-            if (!skip_ws)
+            if (dst)
+                bits_or_range(dst, p, k);
+            if (ws)
                 bits_or_range(r->ws_written, p, k);
         }
     }
@@ -185,7 +185,7 @@ static int harvest_wp(struct lm_region *r, bool skip_dirty, bool skip_ws)
 /* Pages [from, to) are neither present nor swapped: those whose record says PRESENT were
    dropped behind our back. Pages never claimed (base_done clear) cannot be PRESENT, and their
    records are not read (reading them would fault in the metadata memfd's pages). */
-static void absent_pages(struct lm_region *r, size_t from, size_t to)
+static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from, size_t to)
 {
     for (size_t p = from; p < to; p++) {
         uint64_t done = atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed);
@@ -197,13 +197,15 @@ static void absent_pages(struct lm_region *r, size_t from, size_t to)
             continue;
         uint8_t s = lm_state_load(&r->meta[p]);
         if (s == LM_PRESENT || s == LM_PINNED)
-            bit_or(r->dirty, p);
+            bit_or(dst, p);
     }
 }
 
 /* Scan B: every present or swapped page with its categories. Private copies in VMAs without
-   WP are dirty; with `absent`, PRESENT records of pages the walk did not see are too. */
-static int scan_tables(struct lm_region *r, bool absent)
+   WP go into `dst` and `sticky` (either may be NULL); with `absent`, PRESENT records of pages
+   the walk did not see go into `dst`. */
+static int scan_tables(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t *sticky,
+                       bool absent)
 {
     struct lm_page_region vec[VEC];
     uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
@@ -219,14 +221,18 @@ static int scan_tables(struct lm_region *r, bool absent)
             size_t p = page_of(r, vec[v].start), q = page_of(r, vec[v].end);
             uint64_t c = vec[v].categories;
             if (absent && p > next)
-                absent_pages(r, next, p);
+                absent_pages(r, dst, next, p);
             next = q;
-            if (!(c & (LM_PAGE_IS_WPALLOWED | LM_PAGE_IS_FILE | LM_PAGE_IS_PFNZERO)))
-                bits_or_range(r->dirty, p, q - p);
+            if (c & (LM_PAGE_IS_WPALLOWED | LM_PAGE_IS_FILE | LM_PAGE_IS_PFNZERO))
+                continue;
+            if (dst)
+                bits_or_range(dst, p, q - p);
+            if (sticky)
+                bits_or_range(sticky, p, q - p);
         }
     }
     if (absent && next < r->npages)
-        absent_pages(r, next, r->npages);
+        absent_pages(r, dst, next, r->npages);
     return 0;
 }
 
@@ -235,35 +241,19 @@ int lm_dirty_harvest(struct lm_region *r, int reset)
     if (!r->wp_async)
         return 0;
     pthread_mutex_lock(&r->harvest_lock);
-    /* Cleared before the scan: a store the scan returns is then kept in the other bitmap,
-       and one landing after it is returned by the next harvest. Harvests are serialised, so
-       none can OR a store into the bitmap between our clear and our scan only to lose it. */
+    /* Cleared before the scan: a store the scan returns is then kept in `dirty`, and one
+       landing after it is returned by the next harvest. Harvests are serialised, so none can
+       OR a store into ws_written between our clear and our scan only to lose it. */
     if (reset & LM_HARVEST_RESET_WS)
         bits_clear(r->ws_written, r->npages);
-    int rc = harvest_wp(r, false, (reset & LM_HARVEST_RESET_WS) != 0);
+    int rc = harvest_wp(r, r->dirty, !(reset & LM_HARVEST_RESET_WS));
     pthread_mutex_unlock(&r->harvest_lock);
-    return rc;
-}
-
-int lm_dirty_reset(struct lm_region *r)
-{
-    int rc = 0;
-    pthread_mutex_lock(&r->harvest_lock);
-    bits_clear(r->dirty, r->npages);
-    if (r->wp_async)
-        rc = harvest_wp(r, true, false);
-    /* Copies in VMAs without WP stay dirty (sticky: see the top of this file). */
-    if (rc == 0 && lm_dirty_mode(r) != LM_DIRTY_NONE)
-        rc = scan_tables(r, false);
-    pthread_mutex_unlock(&r->harvest_lock);
-    if (rc < 0)
-        lm_dirty_mark(r, 0, r->npages);   /* an epoch we cannot vouch for: all of it */
     return rc;
 }
 
 /* Mode NONE: every page that is not lazy. A page never claimed is lazy (its record comes
    from a deferral or the restore's table, unchanged unless lm_dirty_mark said so). */
-static void not_lazy(struct lm_region *r)
+static void not_lazy(struct lm_region *r, _Atomic uint64_t *dst)
 {
     for (size_t p = 0; p < r->npages; p++) {
         uint64_t done = atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed);
@@ -275,27 +265,73 @@ static void not_lazy(struct lm_region *r)
             continue;
         uint8_t s = lm_state_load(&r->meta[p]);
         if (s != LM_EMPTY && s != LM_DEFERRED)
-            bit_or(r->dirty, p);
+            bit_or(dst, p);
     }
+}
+
+/* Everything the epoch so far changed, ORed into dst (harvest_lock held). */
+static int collect(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t *sticky)
+{
+    int rc = 0, mode = lm_dirty_mode(r);
+    if (r->wp_async)
+        rc = harvest_wp(r, dst, true);
+    if (rc == 0 && mode != LM_DIRTY_NONE)
+        rc = scan_tables(r, dst, sticky, true);
+    if (mode == LM_DIRTY_NONE)
+        not_lazy(r, dst);
+    return rc;
+}
+
+static void mask_tail(struct lm_region *r, uint64_t *words)
+{
+    if (r->npages & 63)
+        words[r->npages / 64] &= ((uint64_t)1 << (r->npages & 63)) - 1;
+}
+
+/*
+ * The epoch's bitmap is taken and cleared in one atomic exchange per word, then the scans add
+ * what they find to the taken copy: a store or a mark lands either in the epoch that ends
+ * (before the exchange, or before the scan passes its page) or in the new one, never in
+ * neither. A store between the exchange and the scan counts for the old epoch only, which is
+ * right for a caller that reads the pages after this returns (a checkpoint).
+ */
+int lm_dirty_reset(struct lm_region *r, uint64_t *words)
+{
+    size_t nw = (r->npages + 63) / 64;
+    int rc;
+    pthread_mutex_lock(&r->harvest_lock);
+    for (size_t w = 0; w < nw; w++) {
+        uint64_t old = atomic_exchange_explicit(&r->dirty[w], 0, memory_order_relaxed);
+        if (words)
+            words[w] = old;
+    }
+    /* Copies in VMAs without WP stay dirty (sticky: see the top of this file). */
+    if (words)
+        rc = collect(r, (_Atomic uint64_t *)words, r->dirty);
+    else if ((rc = r->wp_async ? harvest_wp(r, NULL, true) : 0) == 0 &&
+             lm_dirty_mode(r) != LM_DIRTY_NONE)
+        rc = scan_tables(r, NULL, r->dirty, false);
+    pthread_mutex_unlock(&r->harvest_lock);
+    if (rc < 0) {
+        /* An epoch we cannot vouch for: all of it, in both. */
+        lm_dirty_mark(r, 0, r->npages);
+        if (words)
+            memset(words, 0xff, nw * sizeof(uint64_t));
+    }
+    if (words)
+        mask_tail(r, words);
+    return rc;
 }
 
 int lm_dirty_bitmap(struct lm_region *r, uint64_t *words)
 {
-    int rc = 0, mode = lm_dirty_mode(r);
     pthread_mutex_lock(&r->harvest_lock);
-    if (r->wp_async)
-        rc = harvest_wp(r, false, false);
-    if (rc == 0 && mode != LM_DIRTY_NONE)
-        rc = scan_tables(r, true);
-    if (mode == LM_DIRTY_NONE)
-        not_lazy(r);
+    int rc = collect(r, r->dirty, NULL);
     pthread_mutex_unlock(&r->harvest_lock);
     if (rc < 0)
         return rc;
-    size_t nw = (r->npages + 63) / 64;
-    for (size_t w = 0; w < nw; w++)
+    for (size_t w = 0; w < (r->npages + 63) / 64; w++)
         words[w] = atomic_load_explicit(&r->dirty[w], memory_order_relaxed);
-    if (r->npages & 63)
-        words[nw - 1] &= ((uint64_t)1 << (r->npages & 63)) - 1;
+    mask_tail(r, words);
     return 0;
 }

@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 13 };
+enum { LM_ABI_VERSION = 14 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -382,8 +382,12 @@ enum lm_dirty_mode {
                                  when it holds a private copy, in every epoch since */
 };
 int lm_dirty_mode(struct lm_region *r);
-/* Start a new epoch: nothing is dirty but pages the mode cannot vouch for. */
-int lm_dirty_reset(struct lm_region *r);
+/* End the epoch and start a new one, in one step: words (NULL, or ceil(npages / 64) words as
+   lm_dirty_bitmap's) receive the pages that may have changed in the epoch that ends; a change
+   goes to that epoch or to the new one, never to neither. Afterwards nothing is dirty but
+   pages the mode cannot vouch for (LM_DIRTY_PAGE_TABLES: private copies). On failure every
+   page counts as changed, in both epochs. */
+int lm_dirty_reset(struct lm_region *r, uint64_t *words);
 /* ceil(npages / 64) words: bit p (word p / 64, bit p % 64) set = page p may have changed. */
 int lm_dirty_bitmap(struct lm_region *r, uint64_t *words);
 

@@ -360,9 +360,14 @@ class Region(AddressRange):
     def _take_dirty(self):
         """Start a new dirty-tracking epoch; returns (content id of the epoch that ends, or
         None, and a bitmap of the pages that may have changed in it: ceil(npages / 64) u64
-        words, or None where that is not known)."""
+        words, or None where that is not known). A change lands in the epoch that ends or in
+        the new one, never in neither (lm_dirty_reset takes both in one step)."""
         epoch, self._epoch_id = self._epoch_id, None
-        return epoch, None
+        words = np.zeros(-(-self.npages // 64), np.uint64)
+        with self._use() as lm:
+            rc = lib.lm_dirty_reset(lm, ffi.from_buffer("uint64_t[]", words))
+        # A failed scan: the core counts every page as changed; so do we (compare them all).
+        return epoch, (words if rc >= 0 else None)
 
     def _clean_since(self, content_id):
         """Words of a bitmap of pages known unchanged since the snapshot `content_id` was
@@ -571,9 +576,16 @@ class Region(AddressRange):
 
     def reset_dirty(self):
         """Start a new epoch: from now on dirty_pages() lists only pages changed after this call
-        (call it before reading the pages whose state the epoch starts from)."""
+        (call it before reading the pages whose state the epoch starts from). The epoch is no
+        snapshot's: the next checkpoint(parent=) compares every page with its parent."""
+        self._epoch_id = None
+        self._restart_epoch()
+
+    def _restart_epoch(self):
+        """reset_dirty() that keeps the epoch's snapshot: for restore(), whose prefetch filled
+        pages with the snapshot's own contents after the epoch began."""
         with self._use() as lm:
-            check(lib.lm_dirty_reset(lm), "reset_dirty")
+            check(lib.lm_dirty_reset(lm, ffi.NULL), "reset_dirty")
 
     @property
     def dirty_tracking(self):

@@ -921,8 +921,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 rest = np.setdiff1d(np.arange(h["npages"], dtype=np.uint64), p.working_set,
                                     assume_unique=True)
                 region.prefetch(np.concatenate([p.working_set, rest]))
-            # A clean epoch for dirty tracking: what the snapshot holds, prefetched or lazy.
-            region.reset_dirty()
+            # Prefetched pages hold the snapshot's contents: the epoch restarts after them.
+            region._restart_epoch()
             # The next window starts now. Prefetched pages are present, so touching them will
             # not be seen: they stay in the working set (REAP's policy) unless re-marked.
             region.mark_working_set(inherit=p.working_set if prefetch != "none" else None)

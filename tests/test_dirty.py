@@ -392,3 +392,50 @@ def test_working_set_of_present_pages_still_sees_writes(make_region, rng, wp):
     v[2, 0] ^= 1
     assert r.working_set().tolist() == [2, 6]
     assert dirty(r) == {2, 4, 6}
+
+
+def test_taking_the_epoch_loses_no_store(make_region, wp):
+    """_take_dirty (lm_dirty_reset with a bitmap: what checkpoint(parent=) uses) while 4 threads
+    store: a store made after take number e returned is in the bitmap of a later take. Each
+    writer reads the take count before its store and logs it with the page."""
+    n = 2048
+    r = make_region(n * PS)
+    v = pages(r)
+    v[:] = 1
+    r._take_dirty()
+    stop = threading.Event()
+    count = [0]
+    logs = [[] for _ in range(4)]
+
+    def writer(i):
+        g = np.random.default_rng(3000 + i)
+        while not stop.is_set():
+            for p in g.integers(0, n, 32).tolist():
+                e = count[0]
+                v[p, 16 + i] ^= 1
+                logs[i].append((e, p))
+
+    ts = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    taken = [None]                             # taken[e]: bitmap of take number e
+    try:
+        for e in range(1, 60):
+            time.sleep(0.001)
+            _, words = r._take_dirty()
+            taken.append(words)
+            count[0] = e
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    _, words = r._take_dirty()                 # after the last store
+    taken.append(words)
+    sets = [None] + [set(np.flatnonzero(np.unpackbits(w.view(np.uint8), bitorder="little")
+                                        [:n]).tolist()) for w in taken[1:]]
+    later = [set() for _ in sets]              # later[e]: union of takes after take e
+    for e in range(len(sets) - 2, -1, -1):
+        later[e] = later[e + 1] | sets[e + 1]
+    lost = [(ep, p) for x in logs for (ep, p) in x if p not in later[ep]]
+    assert not lost, lost[:8]
+    assert sum(len(x) for x in logs) > 0
