@@ -15,15 +15,16 @@
  * keeping what it found would lose writes (lm_ws_mark once did). Each harvest ORs the written
  * pages into two bitmaps: `dirty` (since lm_dirty_reset) and `ws_written` (since lm_ws_mark).
  *
- * What the page tables say elsewhere (scan B, no protection involved):
- *  - VMAs not registered for WP (a shared restore's pool mapping, canonical chunk blocks) read
+ * What the page tables say elsewhere (no protection involved):
+ *  - (scan B) VMAs not registered for WP (a shared restore's pool mapping, canonical chunk blocks) read
  *    WRITTEN for every present page, so WRITTEN means nothing there. They are private file
  *    mappings, though: a page the program stored to is an anonymous copy (PAGE_IS_FILE clear,
  *    not the zero page). Such pages are dirty, and stay dirty across resets ("sticky"): a later
  *    store to a page that is already a copy is not visible at all, and a copy dropped by the
  *    program (MADV_DONTNEED) reads as the file's page again without anyone being told.
- *  - A page whose record says PRESENT but that is neither present nor swapped was dropped by
- *    the program (madvise): it now reads as zero (or as the pool's page). Dirty.
+ *  - (scan C, when the bitmap is read) A page whose record says PRESENT but that is neither
+ *    present nor swapped was dropped by the program (madvise): it now reads as zero (or as
+ *    the pool's page). Dirty, and reported again by every epoch until it is touched.
  * What other layers tell us (lm_dirty_mark): record changes (defer_fill: new contents),
  * poisoning (the contents are lost), and a refault of a dropped page (serve.c).
  *
@@ -201,37 +202,54 @@ static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from
     }
 }
 
-/* Scan B: every present or swapped page with its categories. Private copies in VMAs without
-   WP go into `dst` and `sticky` (either may be NULL); with `absent`, PRESENT records of pages
-   the walk did not see go into `dst`. */
-static int scan_tables(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t *sticky,
-                       bool absent)
+/* Scan B: private copies (present or swapped, not a file page, not the zero page) in VMAs
+   without WP go into `dst` and `sticky` (either may be NULL). The kernel passes over the
+   VMAs whose categories cannot match (WP ones) without walking them: nearly free on a plain
+   region. */
+static int scan_copies(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t *sticky)
 {
     struct lm_page_region vec[VEC];
     uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
-    size_t next = 0;   /* first page not yet accounted for (absent check) */
+    uint64_t not = LM_PAGE_IS_WPALLOWED | LM_PAGE_IS_FILE | LM_PAGE_IS_PFNZERO;
     while (start < end) {
         size_t n;
-        int rc = scan(r, 0, 0, 0, LM_PAGE_IS_PRESENT | LM_PAGE_IS_SWAPPED,
-                      LM_PAGE_IS_WPALLOWED | LM_PAGE_IS_FILE | LM_PAGE_IS_PFNZERO, vec, &n,
-                      &start);
+        int rc = scan(r, 0, not, not, LM_PAGE_IS_PRESENT | LM_PAGE_IS_SWAPPED,
+                      LM_PAGE_IS_PRESENT, vec, &n, &start);
         if (rc < 0)
             return rc;
         for (size_t v = 0; v < n; v++) {
             size_t p = page_of(r, vec[v].start), q = page_of(r, vec[v].end);
-            uint64_t c = vec[v].categories;
-            if (absent && p > next)
-                absent_pages(r, dst, next, p);
-            next = q;
-            if (c & (LM_PAGE_IS_WPALLOWED | LM_PAGE_IS_FILE | LM_PAGE_IS_PFNZERO))
-                continue;
             if (dst)
                 bits_or_range(dst, p, q - p);
             if (sticky)
                 bits_or_range(sticky, p, q - p);
         }
     }
-    if (absent && next < r->npages)
+    return 0;
+}
+
+/* Scan C: pages whose record says PRESENT but that are neither present nor swapped (dropped
+   behind our back) go into `dst`. Only the page tables' present bits are asked for, which
+   the kernel answers without looking at the pages. */
+static int scan_absent(struct lm_region *r, _Atomic uint64_t *dst)
+{
+    struct lm_page_region vec[VEC];
+    uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
+    size_t next = 0;   /* first page not yet accounted for */
+    while (start < end) {
+        size_t n;
+        int rc = scan(r, 0, 0, 0, LM_PAGE_IS_PRESENT | LM_PAGE_IS_SWAPPED,
+                      LM_PAGE_IS_PRESENT | LM_PAGE_IS_SWAPPED, vec, &n, &start);
+        if (rc < 0)
+            return rc;
+        for (size_t v = 0; v < n; v++) {
+            size_t p = page_of(r, vec[v].start);
+            if (p > next)
+                absent_pages(r, dst, next, p);
+            next = page_of(r, vec[v].end);
+        }
+    }
+    if (next < r->npages)
         absent_pages(r, dst, next, r->npages);
     return 0;
 }
@@ -276,7 +294,9 @@ static int collect(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t 
     if (r->wp_async)
         rc = harvest_wp(r, dst, true);
     if (rc == 0 && mode != LM_DIRTY_NONE)
-        rc = scan_tables(r, dst, sticky, true);
+        rc = scan_copies(r, dst, sticky);
+    if (rc == 0 && mode != LM_DIRTY_NONE)
+        rc = scan_absent(r, dst);
     if (mode == LM_DIRTY_NONE)
         not_lazy(r, dst);
     return rc;
@@ -310,7 +330,7 @@ int lm_dirty_reset(struct lm_region *r, uint64_t *words)
         rc = collect(r, (_Atomic uint64_t *)words, r->dirty);
     else if ((rc = r->wp_async ? harvest_wp(r, NULL, true) : 0) == 0 &&
              lm_dirty_mode(r) != LM_DIRTY_NONE)
-        rc = scan_tables(r, NULL, r->dirty, false);
+        rc = scan_copies(r, NULL, r->dirty);
     pthread_mutex_unlock(&r->harvest_lock);
     if (rc < 0) {
         /* An epoch we cannot vouch for: all of it, in both. */
