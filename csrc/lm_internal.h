@@ -44,6 +44,9 @@
 #define UFFD_USER_MODE_ONLY 1
 #endif
 #define UFFD_FEATURE_WP_ASYNC_BIT ((uint64_t)1 << 15)
+#ifndef UFFDIO_COPY_MODE_WP
+#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
+#endif
 
 #ifndef UFFDIO_POISON
 struct uffdio_poison {
@@ -98,6 +101,8 @@ int lm_uffd_unregister(int fd, void *addr, size_t len);
 /* Fill missing pages (EEXIST: already there, skipped; EAGAIN retried). 0, or -errno with
    *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
+/* lm_uffd_copy, the pages write-protected (the range must be registered MODE_WP). */
+int lm_uffd_copy_wp(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done);
 /* lm_uffd_copy without waking, also saying in *fresh how many bytes this call copied (not
    found there already): publishing into a pool counts what it published. */

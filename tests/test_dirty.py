@@ -298,18 +298,31 @@ def test_restore_starts_a_clean_epoch(snap, wp):
         assert dirty(r) == set()              # lazy pages and the prefetched working set
         assert int(v[10:20].sum()) >= 0       # present (prefetched) pages read: clean
         assert dirty(r) == set()
-        assert int(v[50, 0]) >= 0             # a lazy page read-faulted: filled without the
-        assert int(v[210, 0]) == 0            # write-protect bit, reported (documented); the
-        got = dirty(r)                        # untouched page maps the zero page: clean
-        assert got == {50}
+        assert int(v[50, 0]) >= 0             # a lazy page read-faulted: filled
+        assert int(v[210, 0]) == 0            # write-protected; the untouched page maps the
+        assert dirty(r) == set()              # zero page: both clean
         v[15, 1] ^= 1                         # prefetched page stored to
-        v[60, 1] ^= 1                         # lazy page stored to
+        v[50, 1] ^= 1                         # read-faulted page stored to
+        v[60, 1] ^= 1                         # lazy page stored to (a write fault)
         assert dirty(r) == {15, 50, 60}
         r.reset_dirty()
-        assert int(v[50, 0]) >= 0
         assert dirty(r) == set()
         v[50, 2] ^= 1
         assert dirty(r) == {50}
+
+
+def test_restore_background_fill_is_clean(snap, wp):
+    """The background fill installs the snapshot's own contents write-protected: after it has
+    filled everything, nothing is dirty but what was stored to."""
+    with plm.restore(snap, prefetch="none", background=True) as r:
+        deadline = time.monotonic() + 60
+        while r.stats()["background_running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not r.stats()["background_running"]
+        assert (r.meta["state"] == S.PRESENT).sum() >= 200
+        v = pages(r)
+        v[7, 0] ^= 1
+        assert dirty(r) == {7}
 
 
 def test_restore_prefetch_all_then_stores(snap, wp, rng):
