@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 from ._snapfile import (
+    MAX_STORED_V3,
+    PARENT,
     STORED,
     UNTOUCHED,
     ZERO,
@@ -23,11 +25,6 @@ from ._snapfile import (
     _read,
     _read_signatures,
 )
-
-#: Page-map value of a version 3 file with a parent: "as the parent's page of this index".
-PARENT = 0xFFFFFFFF
-#: Store entries a page map can name when PARENT is one of its values.
-MAX_STORED_V3 = (1 << 32) - 3
 
 #: The deepest chain a reader follows: a longer one is almost surely a mistake (compact it).
 MAX_DEPTH = 64

@@ -15,6 +15,7 @@ import struct
 import numpy as np
 import xxhash
 
+from ._meta import SNAP_PARENT
 from ._uffd_errors import LazyMemError
 
 MAGIC = b"PLMSNAP\x00"
@@ -38,7 +39,7 @@ _SECTIONS_V3 = ("store", "index", "map", "ws", "manifest", "sigs")
 HEADER_CHECKED_V3 = _HEADER_V3.size - 8
 FLAG_COMPRESSED = 1   # the entry index is there: entries have their own lengths and codecs
 FLAG_PARENT = 2       # pages may be PARENT: as the parent (parent_id, manifest "parent")
-PARENT = 0xFFFFFFFF   # page-map value: "as the parent's page of the same index"
+PARENT = SNAP_PARENT  # page-map value: "as the parent's page of the same index"
 MAX_STORED_V3 = (1 << 32) - 3   # STORED + i must stay below PARENT
 MAX_MANIFEST = 64 << 20
 MAX_PAGES = 1 << 40
