@@ -126,8 +126,20 @@ struct dedup {
 /* What the plan knows of one page. */
 struct plan_page {
     uint64_t sig;
-    uint8_t cls;      /* enum lm_snap_class */
+    uint8_t cls;      /* enum lm_snap_class, or PLAN_PARENT */
     bool placed;      /* has its store entry (working-set pages are placed first) */
+};
+
+/* A page an incremental checkpoint leaves to its parent (map entry LM_SNAP_PARENT). */
+enum { PLAN_PARENT = 0xFE };
+
+/* The parent of an incremental checkpoint, as the plan sees it: per page the class the parent
+   records (LM_SNAP_UNTOUCHED / ZERO / STORED, or LM_PARENT_UNKNOWN) and, for a stored page, its
+   signature; `clean` marks pages known unchanged since the parent was taken (dirty tracking). */
+struct plan_parent {
+    const uint8_t *cls;
+    const uint64_t *sigs;
+    const uint64_t *clean;   /* ceil(npages / 64) words, or NULL */
 };
 
 /* Classify one page: its class and signature. The page is held while its record and contents
@@ -236,26 +248,52 @@ static int place(struct lm_region *r, struct dedup *d, size_t p, struct plan_pag
 struct plan_part {
     struct lm_region *r;
     struct plan_page *pp;
+    const struct plan_parent *parent;
     size_t lo, hi;
     int rc;
     const char *op;       /* lm_last_op() of a failure, from the thread that failed */
 };
 
+/*
+ * Against a parent, a page known clean is not read at all: what the parent records is what it
+ * holds (a stored page becomes PARENT, a zero or untouched one keeps its class, which costs no
+ * store entry either way). Any other page is classified, and a stored page whose signature is
+ * the parent's stored page's becomes PARENT too (the caller compares such pages' contents:
+ * they are the only ones a hash collision could make wrong).
+ */
+static int classify_against(struct lm_region *r, size_t p, const struct plan_parent *par,
+                            struct plan_page *e)
+{
+    uint8_t pc = par->cls[p];
+    if (pc != LM_PARENT_UNKNOWN && par->clean && (par->clean[p / 64] >> (p % 64) & 1)) {
+        memset(e, 0, sizeof(*e));
+        e->cls = pc == LM_SNAP_STORED ? PLAN_PARENT : pc;
+        e->sig = pc == LM_SNAP_STORED ? par->sigs[p] : pc == LM_SNAP_ZERO ? r->zero_sig : 0;
+        return 0;
+    }
+    int rc = classify(r, p, e);
+    if (rc == 0 && e->cls == LM_SNAP_STORED && pc == LM_SNAP_STORED && e->sig == par->sigs[p])
+        e->cls = PLAN_PARENT;
+    return rc;
+}
+
 static void *plan_part_main(void *arg)
 {
     struct plan_part *a = arg;
     for (size_t p = a->lo; p < a->hi && a->rc == 0; p++)
-        a->rc = classify(a->r, p, &a->pp[p]);
+        a->rc = a->parent ? classify_against(a->r, p, a->parent, &a->pp[p])
+                          : classify(a->r, p, &a->pp[p]);
     if (a->rc < 0)
         a->op = lm_last_op();
     return NULL;
 }
 
-static int classify_all(struct lm_region *r, struct plan_page *pp)
+static int classify_all(struct lm_region *r, struct plan_page *pp,
+                        const struct plan_parent *parent)
 {
     size_t n = r->npages;
-    struct plan_part part[2] = {{.r = r, .pp = pp, .lo = 0, .hi = n / 2},
-                                {.r = r, .pp = pp, .lo = n / 2, .hi = n}};
+    struct plan_part part[2] = {{.r = r, .pp = pp, .parent = parent, .lo = 0, .hi = n / 2},
+                                {.r = r, .pp = pp, .parent = parent, .lo = n / 2, .hi = n}};
     pthread_t tid;
     bool threaded = false;
     if (n >= 4096) {   /* a thread costs more than classifying a small region */
@@ -289,8 +327,8 @@ static int plan_place(struct lm_region *r, struct plan_page *pp, const uint64_t 
         goto out;
     }
     *nstored = 0;
-    for (size_t p = 0; p < n; p++)
-        map[p].entry = pp[p].cls;   /* stored pages get their entry below */
+    for (size_t p = 0; p < n; p++)   /* stored pages get their entry below */
+        map[p].entry = pp[p].cls == PLAN_PARENT ? LM_SNAP_PARENT : pp[p].cls;
     for (size_t i = 0; i < nws && rc == 0; i++)
         if (pp[ws[i]].cls == LM_SNAP_STORED && !pp[ws[i]].placed)
             rc = place(r, &d, ws[i], pp, map, sigs, store_pages, nstored, buf, verify);
@@ -303,12 +341,12 @@ out:
     return rc;
 }
 
-int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
-                 struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
-                 uint64_t *nstored, int compare)
+static int plan(struct lm_region *r, const uint64_t *ws, size_t nws, struct lm_snap_page *map,
+                uint64_t *sigs, uint64_t *store_pages, uint64_t *nstored, int compare,
+                const struct plan_parent *parent)
 {
     size_t n = r->npages;
-    if (n > UINT32_MAX - LM_SNAP_STORED)
+    if (n > UINT32_MAX - LM_SNAP_STORED - 1)
         return lm_fail("checkpoint: more pages than the format's 32-bit page map", EFBIG);
     for (size_t i = 0; i < nws; i++)
         if (ws[i] >= n)
@@ -319,10 +357,32 @@ int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
     struct plan_page *pp = malloc(n * sizeof(*pp));
     if (!pp)
         return lm_fail("checkpoint: out of memory", ENOMEM);
-    if ((rc = classify_all(r, pp)) == 0)
+    if ((rc = classify_all(r, pp, parent)) == 0)
         rc = plan_place(r, pp, ws, nws, map, sigs, store_pages, nstored, compare != 0);
     free(pp);
     return rc;
+}
+
+int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
+                 struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                 uint64_t *nstored, int compare)
+{
+    return plan(r, ws, nws, map, sigs, store_pages, nstored, compare, NULL);
+}
+
+int lm_ckpt_plan_parent(struct lm_region *r, const uint64_t *ws, size_t nws,
+                        struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                        uint64_t *nstored, int compare, const uint8_t *parent_cls,
+                        const uint64_t *parent_sigs, const uint64_t *clean)
+{
+    if (!parent_cls || !parent_sigs)
+        return lm_fail("checkpoint: a parent needs its classes and signatures", EINVAL);
+    /* Checked where they enter: a class the plan does not know would become a map entry. */
+    for (size_t p = 0; p < r->npages; p++)
+        if (parent_cls[p] > LM_SNAP_STORED && parent_cls[p] != LM_PARENT_UNKNOWN)
+            return lm_fail("checkpoint: parent page class out of range", EINVAL);
+    struct plan_parent par = {parent_cls, parent_sigs, clean};
+    return plan(r, ws, nws, map, sigs, store_pages, nstored, compare, &par);
 }
 
 int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
@@ -334,7 +394,7 @@ int lm_ckpt_compare(struct lm_region *r, const struct lm_snap_page *map,
     int rc = 0;
     for (size_t p = 0; p < r->npages && rc == 0; p++) {
         uint64_t e = map[p].entry;
-        if (e < LM_SNAP_STORED)
+        if (e < LM_SNAP_STORED || e == LM_SNAP_PARENT)
             continue;
         if (e - LM_SNAP_STORED >= nstored || store_pages[e - LM_SNAP_STORED] >= r->npages) {
             rc = lm_fail("checkpoint: page map and store disagree", EINVAL);

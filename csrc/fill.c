@@ -221,6 +221,22 @@ int lm_fill_hook(struct lm_region *r)
     return 0;
 }
 
+/* May claimed pages [first, first+n) be filled write-protected: the region is registered
+   for async WP and none of them lies in a chunk block (registered MINOR, without WP; a held
+   page's block cannot be remapped: the remap holds it first). */
+static bool fill_wp(struct lm_region *r, size_t first, size_t n)
+{
+    if (!r->wp_async || r->pool_fd >= 0)
+        return false;
+    const uint32_t *chunk_of = atomic_load_explicit(&r->chunk_of, memory_order_acquire);
+    if (!chunk_of)
+        return true;
+    for (size_t b = first / r->blk_pages; b <= (first + n - 1) / r->blk_pages; b++)
+        if (b < r->nblocks && __atomic_load_n(&chunk_of[b], __ATOMIC_ACQUIRE))
+            return false;
+    return true;
+}
+
 /*
  * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
  * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
@@ -256,7 +272,14 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
             t->scratch_canon = same;
             t->scratch_pages = same ? (uint32_t)n : 0;
         }
-        rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake, &done);
+        /* The record's own contents, installed write-protected where the region tracks
+           writes, so that dirty tracking does not take the fill for a store (dirty.c). Not
+           for a write fault: its page is stored to at once, and the protection would cost
+           the writer a second (kernel-resolved) fault for nothing. */
+        if (!write && fill_wp(r, first, n))
+            rc = lm_uffd_copy_wp(r->uffd, dst, t->scratch, len, wake, &done);
+        else
+            rc = lm_uffd_copy(r->uffd, dst, t->scratch, len, wake, &done);
         /* Pages that a shared chunk would have served but for the VMA budget (region.c). */
         size_t copied = rc == 0 ? n : done / r->page_size, fb = 0;
         for (size_t i = 0; i < copied; i++)

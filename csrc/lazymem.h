@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 13 };
+enum { LM_ABI_VERSION = 15 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -139,6 +139,8 @@ struct lm_config {
                                     chunk of the template (docs/shared-pages.md, section 3) */
     int shared_first_touch;      /* enum lm_first_touch: who serves first touches of a chunk
                                     block (docs/shared-pages.md, section 3 item 3) */
+    int test_no_dirty;           /* test hook: dirty tracking as on a kernel without
+                                    WP_ASYNC and PAGEMAP_SCAN (LM_DIRTY_NONE) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
@@ -280,8 +282,12 @@ uint64_t lm_xxh3(const void *data, size_t len);
 /* ---- snapshots (docs/snapshot-format.md) --------------------------------------------- */
 
 /* One page-map entry of a snapshot file (4 bytes, little-endian on disk): LM_SNAP_UNTOUCHED,
-   LM_SNAP_ZERO, or LM_SNAP_STORED + i for the contents of store entry i. */
+   LM_SNAP_ZERO, LM_SNAP_STORED + i for the contents of store entry i, or (version 3 files with
+   a parent only) LM_SNAP_PARENT: whatever the parent snapshot's page of the same index holds. */
 enum lm_snap_class { LM_SNAP_UNTOUCHED = 0, LM_SNAP_ZERO = 1, LM_SNAP_STORED = 2 };
+enum { LM_SNAP_PARENT = 0xFFFFFFFF };
+/* A parent page class the checkpoint plan must not rely on (lm_ckpt_plan_parent). */
+enum { LM_PARENT_UNKNOWN = 255 };
 struct lm_snap_page {
     uint32_t entry;
 };
@@ -377,6 +383,17 @@ int lm_page_read(struct lm_region *r, size_t page, void *out);
 int lm_ckpt_plan(struct lm_region *r, const uint64_t *ws, size_t nws,
                  struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
                  uint64_t *nstored, int compare);
+/* An incremental checkpoint's plan: as lm_ckpt_plan, against a parent snapshot described per
+   page by parent_cls (LM_SNAP_UNTOUCHED, LM_SNAP_ZERO, LM_SNAP_STORED or LM_PARENT_UNKNOWN) and
+   parent_sigs (the signature of a stored page). Pages set in `clean` (ceil(npages / 64) words,
+   bit p % 64 of word p / 64; NULL: none) are known unchanged since the parent was taken and are
+   not read: a stored one maps to LM_SNAP_PARENT, the others keep the parent's class. Every
+   other page is classified, and a stored page with its parent page's signature maps to
+   LM_SNAP_PARENT (the caller compares those pages' contents with the parent's). */
+int lm_ckpt_plan_parent(struct lm_region *r, const uint64_t *ws, size_t nws,
+                        struct lm_snap_page *map, uint64_t *sigs, uint64_t *store_pages,
+                        uint64_t *nstored, int compare, const uint8_t *parent_cls,
+                        const uint64_t *parent_sigs, const uint64_t *clean);
 /* Compare every page sharing a store entry with the entry's page, byte by byte: 0 if all are
    equal, 1 if some page differs (a hash collision: plan again with compare), or -errno. It
    can run while lm_ckpt_write() writes the store. */
@@ -399,6 +416,28 @@ int lm_ws_mark(struct lm_region *r);
 /* Up to cap pages into out; returns the count (or -errno). */
 long lm_ws_collect(struct lm_region *r, uint64_t *out, size_t cap);
 int lm_ws_tracks_writes(struct lm_region *r);
+
+/* Dirty tracking (dirty.c, docs/design.md "Dirty tracking"): which pages may differ from what
+   they held when the epoch began (region creation, or the last lm_dirty_reset: a checkpoint
+   calls it before it reads the pages, a restore once the table is set). Never a false
+   negative; the false positives each mode keeps are listed in the design. */
+enum lm_dirty_mode {
+    LM_DIRTY_NONE = 0,        /* no page-table tracking (a kernel without WP_ASYNC and
+                                 PAGEMAP_SCAN, 6.7): every page that is not lazy as the epoch
+                                 or a deferral since left it is reported */
+    LM_DIRTY_WP_ASYNC = 1,    /* async write-protect, harvested with PAGEMAP_SCAN */
+    LM_DIRTY_PAGE_TABLES = 2  /* a shared region (not registered for WP): a page is dirty
+                                 when it holds a private copy, in every epoch since */
+};
+int lm_dirty_mode(struct lm_region *r);
+/* End the epoch and start a new one, in one step: words (NULL, or ceil(npages / 64) words as
+   lm_dirty_bitmap's) receive the pages that may have changed in the epoch that ends; a change
+   goes to that epoch or to the new one, never to neither. Afterwards nothing is dirty but
+   pages the mode cannot vouch for (LM_DIRTY_PAGE_TABLES: private copies). On failure every
+   page counts as changed, in both epochs. */
+int lm_dirty_reset(struct lm_region *r, uint64_t *words);
+/* ceil(npages / 64) words: bit p (word p / 64, bit p % 64) set = page p may have changed. */
+int lm_dirty_bitmap(struct lm_region *r, uint64_t *words);
 
 /* ---- page server (server.c, docs/page-server.md) -------------------------------------- */
 

@@ -12,6 +12,7 @@
  *   codec.c       compressing store entries (zstd, LZ4) and decoding one into a page, checked
  *   uffd.c        acquiring a userfaultfd, probe, the uffd ioctls and their EEXIST/EAGAIN policy
  *   server.c      the page server for other processes (util and uffd only)
+ *   dirty.c       dirty tracking: the write-protect harvest (PAGEMAP_SCAN), dirty bitmaps
  *   meta.c        THE page record: claims, releases, every state transition, lazy records
  *   wstrack.c     the working-set window (reads records' first-touch order)
  *   store.c pool.c  content stores (canonical pages and their shared chunks, the snapshot
@@ -44,6 +45,9 @@
 #define UFFD_USER_MODE_ONLY 1
 #endif
 #define UFFD_FEATURE_WP_ASYNC_BIT ((uint64_t)1 << 15)
+#ifndef UFFDIO_COPY_MODE_WP
+#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
+#endif
 
 #ifndef UFFDIO_POISON
 struct uffdio_poison {
@@ -109,6 +113,8 @@ int lm_uffd_unregister(int fd, void *addr, size_t len);
 /* Fill missing pages (EEXIST: already there, skipped; EAGAIN retried). 0, or -errno with
    *done (may be NULL) = bytes from dst filled (or already there) before the failure. */
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
+/* lm_uffd_copy, the pages write-protected (the range must be registered MODE_WP). */
+int lm_uffd_copy_wp(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done);
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done);
 /* lm_uffd_copy without waking, also saying in *fresh how many bytes this call copied (not
    found there already): publishing into a pool counts what it published. */
@@ -272,8 +278,14 @@ struct lm_region {
 
     /* wstrack.c: the working-set window. */
     uint64_t ws_mark_seq;
-    bool wp_async;                /* registered for async write-protect tracking */
+    /* dirty.c: write-protect tracking and dirty pages (one bit per page, atomic words). */
+    bool wp_async;                /* registered for async write-protect tracking (region.c
+                                     clears it for a shared region: never registered WP) */
     int pagemap_fd;
+    _Atomic uint64_t *dirty;      /* may have changed since lm_dirty_reset */
+    _Atomic uint64_t *ws_written; /* written since lm_ws_mark (wstrack.c reads it) */
+    pthread_mutex_t harvest_lock; /* one harvest (protecting scan) at a time */
+    bool harvest_lock_ok;
 
     /* store.c: canonical store, page i (1-based id) at canon_base + (i-1)*page_size, in a
        memfd so that a handler in another process could map it; ids are published by
@@ -335,6 +347,34 @@ struct lm_region {
     _Atomic int st_last_error;
     struct lm_latency lat;
 };
+
+/* ==== dirty.c =========================================================================== */
+
+/* PAGEMAP_SCAN (linux/fs.h, 6.7); spelled out for older headers. */
+struct lm_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct lm_page_region {
+    uint64_t start, end, categories;
+};
+#define LM_PAGEMAP_SCAN _IOWR('f', 16, struct lm_pm_scan_arg)
+#define LM_PAGE_IS_WRITTEN (1u << 1)
+#define LM_PAGE_IS_FILE (1u << 2)
+#define LM_PAGE_IS_PRESENT (1u << 3)
+#define LM_PAGE_IS_SWAPPED (1u << 4)
+#define LM_PAGE_IS_PFNZERO (1u << 5)
+
+/* Opens the pagemap fd where the kernel has WP_ASYNC (then wp_async), allocates the bitmaps. */
+int lm_dirty_init(struct lm_region *r, uint64_t api_features);
+void lm_dirty_close(struct lm_region *r);
+/* Pages [first, first+n) may have changed (a deferral, poisoning, a refault of a dropped
+   page): call it after the change is recorded, so that a reset in between cannot lose it. */
+void lm_dirty_mark(struct lm_region *r, size_t first, size_t n);
+/* Collect the stores since the last harvest (re-protecting those pages) into both bitmaps;
+   with LM_HARVEST_RESET_WS, ws_written is cleared first and gets none of them (lm_ws_mark). */
+#define LM_HARVEST_RESET_WS 1
+int lm_dirty_harvest(struct lm_region *r, int reset);
 
 /* ==== meta.c: the page record and its transitions (state machine: top of meta.c) ========= */
 
@@ -437,6 +477,7 @@ void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs);
 
 /* ==== wstrack.c ========================================================================= */
 
+/* lm_dirty_init / lm_dirty_close, and the window's start. */
 int lm_ws_init(struct lm_region *r, uint64_t api_features);
 void lm_ws_close(struct lm_region *r);
 /* Shared regions: call fn(r, page) for every page that holds private (anonymous) memory. */

@@ -382,6 +382,7 @@ void lm_mark_poisoned(struct lm_region *r, size_t page)
     r->meta[page].flags |= LM_F_POISONED;
     atomic_fetch_add_explicit(&r->st_poisoned, 1, memory_order_relaxed);
     store_state(r, page, LM_POISONED, "mark_poisoned");
+    lm_dirty_mark(r, page, 1);   /* its contents are lost: changed, as far as anyone knows */
 }
 
 /* ---- record fields written by a holder ----------------------------------------------- */

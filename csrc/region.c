@@ -770,6 +770,9 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
     pthread_mutex_lock(&r->chunk_lock);
     rc = defer_blocks(r, first, n, cls, canon, sig, flags);
     pthread_mutex_unlock(&r->chunk_lock);
+    /* New contents relative to the epoch's, once recorded (a reset meanwhile keeps them
+       dirty); on failure too: part of the range may be recorded. */
+    lm_dirty_mark(r, first, n);
     return rc;
 }
 

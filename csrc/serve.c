@@ -217,6 +217,9 @@ static void serve_spurious(struct lm_region *r, size_t page, bool pinned, bool m
     /* In a shared region a dropped page reads as the pool's page when the pool holds one (a
        MINOR fault): what a private file mapping gives back after MADV_DONTNEED. */
     char *addr = r->base + page * r->page_size;
+    /* If dropped, the page now reads as zero (or as the pool's page) without a store: no
+       write-protect bit tells, so dirty tracking is told here (dirty.c). */
+    lm_dirty_mark(r, page, 1);
     int rc = minor ? lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL)
                    : lm_uffd_zeropage(r->uffd, addr, r->page_size, true, NULL);
     if (!pinned)

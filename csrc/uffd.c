@@ -189,6 +189,20 @@ static int op_copy(int fd, char *dst, const char *src, size_t len, bool wake, in
     return rc;
 }
 
+/* UFFDIO_COPY with the uffd-wp bit set on the new page-table entries: where the region is
+   registered for async write-protect, the page then counts as not written (dirty.c). */
+static int op_copy_wp(int fd, char *dst, const char *src, size_t len, bool wake,
+                      int64_t *progress)
+{
+    struct uffdio_copy c = {
+        .dst = (uintptr_t)dst, .src = (uintptr_t)src, .len = len,
+        .mode = UFFDIO_COPY_MODE_WP | (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE),
+    };
+    int rc = ioctl(fd, UFFDIO_COPY, &c) == 0 ? 0 : errno;
+    *progress = rc ? c.copy : (int64_t)len;
+    return rc;
+}
+
 static int op_zeropage(int fd, char *dst, const char *src, size_t len, bool wake,
                        int64_t *progress)
 {
@@ -290,6 +304,12 @@ int lm_uffd_copy_counted(int fd, void *dst, const void *src, size_t len, size_t 
 int lm_uffd_copy(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done)
 {
     return fill(fd, op_copy, "ioctl(UFFDIO_COPY)", dst, src, len, wake, true, done);
+}
+
+int lm_uffd_copy_wp(int fd, void *dst, const void *src, size_t len, bool wake, size_t *done)
+{
+    return fill(fd, op_copy_wp, "ioctl(UFFDIO_COPY, MODE_WP)", dst, src, len, wake, true,
+                done);
 }
 
 int lm_uffd_zeropage(int fd, void *dst, size_t len, bool wake, size_t *done)

@@ -18,36 +18,16 @@
 
 #include "lm_internal.h"
 
-/* PAGEMAP_SCAN (linux/fs.h, 6.7); spelled out for older headers. */
-struct lm_pm_scan_arg {
-    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-struct lm_page_region {
-    uint64_t start, end, categories;
-};
-#define LM_PAGEMAP_SCAN _IOWR('f', 16, struct lm_pm_scan_arg)
-#define LM_PM_SCAN_WP_MATCHING (1u << 0)
-#define LM_PM_SCAN_CHECK_WPASYNC (1u << 1)
-#define LM_PAGE_IS_WRITTEN (1u << 1)
-#define LM_PAGE_IS_PRESENT (1u << 3)
-
 int lm_ws_init(struct lm_region *r, uint64_t api_features)
 {
     r->ws_mark_seq = 1;
-    r->wp_async = false;
-    if (!(api_features & UFFD_FEATURE_WP_ASYNC_BIT))
-        return 0;
-    r->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    r->wp_async = r->pagemap_fd >= 0;   /* without it the window sees first touches only */
-    return 0;
+    /* The write-protect state (and the pagemap fd) is dirty.c's: it harvests for both. */
+    return lm_dirty_init(r, api_features);
 }
 
 void lm_ws_close(struct lm_region *r)
 {
-    if (r->pagemap_fd >= 0)
-        close(r->pagemap_fd);
-    r->pagemap_fd = -1;
+    lm_dirty_close(r);
 }
 
 int lm_ws_tracks_writes(struct lm_region *r)
@@ -55,46 +35,12 @@ int lm_ws_tracks_writes(struct lm_region *r)
     return r->wp_async;
 }
 
-/* One PAGEMAP_SCAN call from *start; advances *start to where the walk stopped. */
-static int scan(struct lm_region *r, uint64_t flags, uint64_t mask, struct lm_page_region *vec,
-                size_t veclen, size_t *nvec_out, uint64_t *start)
-{
-    struct lm_pm_scan_arg a = {
-        .size = sizeof(a),
-        .flags = flags,
-        .start = *start,
-        .end = (uintptr_t)r->base + r->nbytes,
-        .vec = (uintptr_t)vec,
-        .vec_len = veclen,
-        .category_mask = mask,
-        .return_mask = mask,
-    };
-    long n = ioctl(r->pagemap_fd, LM_PAGEMAP_SCAN, &a);
-    if (n < 0)
-        return LM_FAIL("ioctl(PAGEMAP_SCAN)");
-    *nvec_out = (size_t)n;
-    *start = a.walk_end;
-    return 0;
-}
-
 int lm_ws_mark(struct lm_region *r)
 {
     r->ws_mark_seq = atomic_load(&r->touch_seq);
-    if (!r->wp_async)
-        return 0;
-    struct lm_page_region vec[64];
-    uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
-    /* Blocks mapped from a canonical chunk are registered without WP (region.c says why):
-       the scan passes over them instead of failing (CHECK_WPASYNC would refuse the region). */
-    uint64_t check = atomic_load(&r->chunk_vmas) ? 0 : LM_PM_SCAN_CHECK_WPASYNC;
-    while (start < end) {
-        size_t n;
-        int rc = scan(r, LM_PM_SCAN_WP_MATCHING | check, LM_PAGE_IS_PRESENT, vec, 64, &n,
-                      &start);
-        if (rc < 0)
-            return rc;
-    }
-    return 0;
+    /* Re-protecting the present pages goes through the harvest: the stores it finds still
+       count for dirty tracking (a plain WP_MATCHING pass here used to drop them). */
+    return lm_dirty_harvest(r, LM_HARVEST_RESET_WS);
 }
 
 static int by_order(const void *a, const void *b)
@@ -162,26 +108,23 @@ written:
         return (long)n;
 
     /* Then pages present before the mark and written since, in address order. */
-    struct lm_page_region vec[256];
-    uint64_t start = (uintptr_t)r->base, end = start + r->nbytes;
-    while (start < end && n < cap) {
-        size_t nv = 0;
-        int rc = scan(r, 0, LM_PAGE_IS_WRITTEN | LM_PAGE_IS_PRESENT, vec, 256, &nv, &start);
-        if (rc < 0)
-            return rc;
-        for (size_t v = 0; v < nv; v++) {
-            for (uint64_t a = vec[v].start; a < vec[v].end && n < cap; a += r->page_size) {
-                size_t p = (a - (uintptr_t)r->base) >> r->page_shift;
-                uint64_t o = r->meta[p].order;
-                if (o && o >= r->ws_mark_seq)
-                    continue;   /* already listed as a first touch */
-                /* Not write-protected (a chunk block): every present page reads as written.
-                   Writes there are seen only as first touches, like a shared restore's. */
-                const uint32_t *chunk_of = atomic_load(&r->chunk_of);
-                if (chunk_of && chunk_of[p / r->blk_pages])
-                    continue;
-                out[n++] = p;
-            }
+    int rc = lm_dirty_harvest(r, 0);
+    if (rc < 0)
+        return rc;
+    const uint32_t *chunk_of = atomic_load(&r->chunk_of);
+    for (size_t w = 0; w < (r->npages + 63) / 64 && n < cap; w++) {
+        uint64_t bits = atomic_load_explicit(&r->ws_written[w], memory_order_relaxed);
+        while (bits && n < cap) {
+            size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            uint64_t o = r->meta[p].order;
+            if (o && o >= r->ws_mark_seq)
+                continue;   /* already listed as a first touch */
+            /* Chunk blocks are not write-protected: writes there are seen only as first
+               touches, like a shared restore's (a bit from before the block was mapped). */
+            if (chunk_of && p / r->blk_pages < r->nblocks && chunk_of[p / r->blk_pages])
+                continue;
+            out[n++] = p;
         }
     }
     return (long)n;
@@ -250,9 +193,6 @@ int lm_ws_scan_private(struct lm_region *r, void (*fn)(struct lm_region *, size_
  * pages), [2] pages mapping the kernel's zero page, [3] pages not mapped. PAGEMAP_SCAN tells
  * the zero page apart (6.7+); reading /proc/self/pagemap, the fallback, counts it as private.
  */
-#define LM_PAGE_IS_FILE (1u << 2)
-#define LM_PAGE_IS_SWAPPED (1u << 4)
-#define LM_PAGE_IS_PFNZERO (1u << 5)
 
 int lm_page_counts(struct lm_region *r, uint64_t *counts)
 {

@@ -37,7 +37,8 @@ backend_features = _backend.FEATURES
 
 if backend == "cffi":
     from .region import Canonical, Handler, Region  # noqa: E402
-    from .snapshot import SnapshotError, SnapshotInfo, checkpoint, inspect, restore  # noqa: E402
+    from .snapshot import (  # noqa: E402
+        SnapshotError, SnapshotInfo, checkpoint, compact, inspect, restore)
     from .arrays import LoadedState, load, record_working_set, save  # noqa: E402
 else:
     # Stand-ins that raise UnavailableError with the reason and the fix: a program written for
@@ -59,6 +60,11 @@ else:
             value = getattr(_snapfile, name)
             globals()[name] = value
             return value
+        if name == "compact":   # a file operation: reads and writes files, maps nothing
+            from .snapshot import compact
+
+            globals()[name] = compact
+            return compact
         raise AttributeError("module 'pylazymem' has no attribute %r" % name)
 
 __all__ = [
@@ -66,7 +72,7 @@ __all__ = [
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
     "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError",
     "SharingUnavailableError", "UffdError",
-    "checkpoint", "restore", "inspect", "SnapshotInfo", "SnapshotError",
+    "checkpoint", "restore", "compact", "inspect", "SnapshotInfo", "SnapshotError",
     "save", "load", "record_working_set", "LoadedState",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
 ]

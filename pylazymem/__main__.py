@@ -3,6 +3,7 @@
     pylazymem features [--json]
     pylazymem inspect SNAPSHOT [--json] [--plot FILE.png]
     pylazymem inspect --pid PID [--json]
+    pylazymem compact SNAPSHOT OUT
     pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
     pylazymem bench [NAME ...] [--quick] [--json]
     pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
@@ -43,6 +44,8 @@ def _features(args):
             print("reason:        %s" % f.reason)
         print("shared pages:  %s" % ("yes" if f.shared_pages else
                                      "no (%s)" % f.shared_pages_reason))
+        print("dirty pages:   %s%s" % (f.dirty_tracking, " (%s)" % f.dirty_tracking_reason
+                                       if f.dirty_tracking_reason else ""))
         print("compression:   %s" % (", ".join(f.codecs) or "none (needs the compiled core)"))
     return 0 if f.mode != "unavailable" else 1
 
@@ -157,11 +160,12 @@ def _inspect(args):
                 100.0 * info.stored_bytes / max(1, info.raw_bytes)))
         else:
             print("compression:   none")
-        if info.parent is not None:
-            print("parent:        %s (id %#018x), %d pages held there" % (
-                info.parent["path"], info.parent["id"], pbc.get("parent", 0)))
         print("working set:   %d pages (%.1f MiB), prefetched first on restore" % (
             len(info.working_set), len(info.working_set) * ps / 2**20))
+        if info.parent is not None:
+            broken = _print_chain(info)
+            if broken:
+                return 1
         if info.arrays:
             print("arrays:        %d, %.1f MiB" % (len(info.arrays), sum(
                 a["nbytes"] for a in info.arrays.values()) / 2**20))
@@ -177,6 +181,38 @@ def _inspect(args):
                  title="%s: %d pages" % (info.path, info.npages))
         if not args.json:
             print("page map:      %s" % args.plot)
+    return 0
+
+
+def _print_chain(info):
+    """The chain of parents an incremental snapshot needs, leaf first; True if it is broken
+    (restore() would fail with the same reason)."""
+    from ._chain import open_chain
+    from ._snapfile import SnapshotError
+
+    print("parent pages:  %d (as the parent holds them)" % info.parent["pages"])
+    try:
+        chain = open_chain(info.path)
+    except SnapshotError as e:
+        print("chain:         broken: %s" % e)
+        return True
+    with chain:
+        print("chain:         %d files, leaf first" % len(chain.layers))
+        print("  %-40s %-16s %10s %10s %10s" % ("file", "content id", "stored", "parent",
+                                                "MiB"))
+        for d in chain.describe():
+            print("  %-40s %-16s %10d %10d %10.1f" % (d["path"], d["id"], d["stored_pages"],
+                                                      d["parent_pages"],
+                                                      d["file_bytes"] / 2**20))
+    return False
+
+
+def _compact(args):
+    from .snapshot import compact
+
+    info = compact(args.snapshot, args.out)
+    print("%s: %d pages, %.1f MiB, needs no parent" % (info.path, info.npages,
+                                                       info.file_bytes / 2**20))
     return 0
 
 
@@ -253,6 +289,10 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="FILE.png", help="write a picture of the page map")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("compact", help="fold a chain of incremental snapshots into one file")
+    p.add_argument("snapshot", help="the chain's last snapshot")
+    p.add_argument("out", help="the file to write (atomically; not a file of the chain)")
+    p.set_defaults(func=_compact)
     p = sub.add_parser("demo", help="suspend a vector-search service, resume it lazily")
     demo_arguments(p)
     p.set_defaults(func=_demo)

@@ -40,6 +40,12 @@ class Features:
     # (docs/shared-pages.md); if not, why and the fix
     shared_pages: bool = False
     shared_pages_reason: str = ""
+    # How Region.dirty_pages() knows which pages changed since a checkpoint or restore:
+    # "wp-async" (async write-protect + PAGEMAP_SCAN) or "none" (every page not lazy is
+    # reported; the caller compares signatures); why, when "none". A shared restore's region
+    # says "page-tables" (Region.dirty_tracking, docs/design.md "Dirty tracking").
+    dirty_tracking: str = "none"
+    dirty_tracking_reason: str = ""
     # Codecs this build writes and reads compressed snapshots with (checkpoint(compress=),
     # docs/snapshot-format.md, version 3): "zstd", "lz4"; empty without the compiled core
     # (which links libzstd and liblz4).
@@ -89,8 +95,21 @@ def _reason(f, mode):
     return "userfaultfd unavailable (%s): %s" % ("; ".join(failures), remedy(main))
 
 
+def _dirty(mode, feats):
+    """Dirty tracking's mode here, and why not better (the kernel decides; same words under
+    both backends)."""
+    if mode == "unavailable":
+        return "none", "no userfaultfd"
+    if feats & UFFD_FEATURE_WP_ASYNC:
+        return "wp-async", ""
+    return "none", ("the kernel has no UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (Linux 6.7): "
+                    "every page that is present or not lazy is reported dirty; soft-dirty "
+                    "bits are not used (clearing them is process-wide)")
+
+
 def _features(mode, source, feats, reason):
     feats = feats if mode != "unavailable" else 0
+    dirty, dirty_reason = _dirty(mode, feats)
     return Features(
         mode=mode,
         source=source,
@@ -101,6 +120,8 @@ def _features(mode, source, feats, reason):
         has_poison=bool(feats & UFFD_FEATURE_POISON),
         has_move=bool(feats & UFFD_FEATURE_MOVE),
         reason=reason,
+        dirty_tracking=dirty,
+        dirty_tracking_reason=dirty_reason,
     )
 
 

@@ -544,6 +544,7 @@ def open_foreign(path, fmt, *, prefetch="none", share=False, background=None, ve
                 region.materialize()   # published in clusters, mapped from the pool
             elif pages is not None:
                 region.prefetch(pages)
+            region.reset_dirty()   # the file's contents, prefetched or lazy: a clean epoch
             region.mark_working_set(inherit=pages)
             if background is None or background:
                 region.background_start()

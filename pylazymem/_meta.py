@@ -51,6 +51,8 @@ ZERO = PageClass.ZERO
 SNAP_UNTOUCHED = 0
 SNAP_ZERO = 1
 SNAP_STORED = 2
+#: In a version 3 file with a parent: "as the parent's page of the same index".
+SNAP_PARENT = 0xFFFFFFFF
 
 #: struct lm_page_meta, one 32-byte record per page (Region.meta).
 META_DTYPE = np.dtype({

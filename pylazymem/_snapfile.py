@@ -15,13 +15,12 @@ import struct
 import numpy as np
 import xxhash
 
+from ._meta import SNAP_PARENT
 from ._uffd_errors import LazyMemError
 
 MAGIC = b"PLMSNAP\x00"
-#: What a writer writes unless a snapshot is compressed or has a parent (then VERSION_3).
-VERSION = 2
-VERSION_3 = 3
-VERSIONS = (VERSION, VERSION_3)
+VERSION = 2       # what a plain snapshot is written as
+VERSION_3 = 3     # a snapshot with a parent or compressed entries
 # magic, version, header_bytes, page_size, flags, then 17 little-endian u64 fields.
 _HEADER = struct.Struct("<8sIIII17Q")
 _FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offset", "map_bytes",
@@ -30,16 +29,18 @@ _FIELDS = ("npages", "nstored", "nws", "store_offset", "store_bytes", "map_offse
 # The sections in file order (docs/snapshot-format.md, "Layout").
 _SECTIONS = ("store", "map", "ws", "manifest", "sigs")
 HEADER_CHECKED = _HEADER.size - 8     # header_xxh3 covers the bytes before it
-# Version 3: an entry index after the store (compressed stores) and a parent reference.
-_HEADER3 = struct.Struct("<8sIIII20Q")
-_FIELDS3 = ("npages", "nstored", "nws", "store_offset", "store_bytes", "index_offset",
-            "index_bytes", "map_offset", "map_bytes", "ws_offset", "ws_bytes", "manifest_offset",
-            "manifest_bytes", "sigs_offset", "sigs_bytes", "file_bytes", "parent_id",
-            "tables_xxh3", "sigs_xxh3", "header_xxh3")
-_SECTIONS3 = ("store", "index", "map", "ws", "manifest", "sigs")
-HEADER3_CHECKED = _HEADER3.size - 8
-#: Version 3 header flags: the store has an entry index; the snapshot has a parent.
-FLAG_COMPRESSED, FLAG_PARENT = 1, 2
+# Version 3: an entry index after the store, and the parent's content id.
+_HEADER_V3 = struct.Struct("<8sIIII20Q")
+_FIELDS_V3 = ("npages", "nstored", "nws", "store_offset", "store_bytes", "index_offset",
+              "index_bytes", "map_offset", "map_bytes", "ws_offset", "ws_bytes",
+              "manifest_offset", "manifest_bytes", "sigs_offset", "sigs_bytes", "file_bytes",
+              "parent_id", "tables_xxh3", "sigs_xxh3", "header_xxh3")
+_SECTIONS_V3 = ("store", "index", "map", "ws", "manifest", "sigs")
+HEADER_CHECKED_V3 = _HEADER_V3.size - 8
+FLAG_COMPRESSED = 1   # the entry index is there: entries have their own lengths and codecs
+FLAG_PARENT = 2       # pages may be PARENT: as the parent (parent_id, manifest "parent")
+PARENT = SNAP_PARENT  # page-map value: "as the parent's page of the same index"
+MAX_STORED_V3 = (1 << 32) - 3   # STORED + i must stay below PARENT
 #: Codecs of store entries (index word bits 28..31; csrc/lazymem.h enum lm_codec).
 CODECS = {"raw": 0, "zstd": 1, "lz4": 2}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
@@ -51,10 +52,6 @@ PREFETCH_MODES = ("working-set", "all", "none")
 # Page-map entries (4 bytes, little-endian): untouched, zero, or STORED + store entry.
 UNTOUCHED, ZERO, STORED = 0, 1, 2
 MAX_STORED = (1 << 32) - STORED
-#: Version 3 page-map value of a page the parent holds (files with FLAG_PARENT only); there
-#: STORED + i stays below it: nstored <= MAX_STORED_V3.
-PARENT = 0xFFFFFFFF
-MAX_STORED_V3 = MAX_STORED - 1
 MAP_DTYPE = np.dtype("<u4")
 #: The page map decoded, as inspect_tables() returns it: class and store entry per page.
 TABLE_DTYPE = np.dtype([("cls", "u1"), ("store", "<u4")])
@@ -76,12 +73,14 @@ class SnapshotInfo:
     file_bytes: int
     working_set: np.ndarray   # page indices in first-touch order
     arrays: dict              # name -> {"offset", "dtype", "shape"}
-    # Version 3 (compressed stores, parents). stored_bytes is what the store takes in the
-    # file; raw_bytes what its entries hold (nstored pages).
+    # An incremental snapshot's parent: {"path": where it is looked for, "id": its content id
+    # (hex), "pages": pages of this file left to it}; None for a file that needs no parent.
+    parent: dict = None
+    # Compressed stores (flag COMPRESSED): stored_bytes is what the store takes in the file,
+    # raw_bytes what its entries hold (nstored pages); codecs counts the entries per codec.
     raw_bytes: int = 0
-    compressed: bool = False  # the store has an entry index (FLAG_COMPRESSED)
-    codecs: dict = dataclasses.field(default_factory=dict)   # codec name -> store entries
-    parent: dict = None       # {"path": the parent's path, "id": its content id}, or None
+    compressed: bool = False
+    codecs: dict = dataclasses.field(default_factory=dict)
     flags: int = 0
 
 
@@ -92,7 +91,7 @@ class _Parsed:
     working_set: np.ndarray
     manifest: dict
     sigs: np.ndarray = None    # one per store entry, when read
-    index: np.ndarray = None   # the entry index (<u4, one per store entry) of a compressed store
+    index: dict = None         # a compressed store's entry index (_check_index)
 
 
 # ---- reading and checking ----------------------------------------------------------------
@@ -113,6 +112,13 @@ def _pread_exact(fd, n, offset, path, what):
     return buf
 
 
+def _header_struct(version):
+    """(struct, field names, sections, bytes the header checksum covers) of a version."""
+    if version == VERSION_3:
+        return _HEADER_V3, _FIELDS_V3, _SECTIONS_V3, HEADER_CHECKED_V3
+    return _HEADER, _FIELDS, _SECTIONS, HEADER_CHECKED
+
+
 def _parse_header(raw, path, file_size):
     if len(raw) < _HEADER.size:
         _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), _HEADER.size))
@@ -121,40 +127,31 @@ def _parse_header(raw, path, file_size):
         _fail(path, "not a pylazymem snapshot (bad magic %r)" % magic)
     if version == 1:
         _fail(path, "snapshot format version 1 (written by an older pylazymem) is not supported: "
-              "this pylazymem reads versions 2 and 3; re-create the snapshot with this version "
-              "(restore it with the pylazymem that wrote it and checkpoint it again)")
-    if version not in VERSIONS:
-        _fail(path, "snapshot format version %d is not supported (this pylazymem reads 2 and 3)"
-              % version)
-    hdr, fields, checked, sections = ((_HEADER, _FIELDS, HEADER_CHECKED, _SECTIONS)
-                                      if version == VERSION else
-                                      (_HEADER3, _FIELDS3, HEADER3_CHECKED, _SECTIONS3))
-    if len(raw) < hdr.size:
-        _fail(path, "truncated: %d bytes, a version %d header needs %d" % (len(raw), version,
-                                                                           hdr.size))
-    _, _, header_bytes, page_size, flags, *rest = hdr.unpack_from(raw)
+              "this pylazymem reads version %d; re-create the snapshot with this version "
+              "(restore it with the pylazymem that wrote it and checkpoint it again)" % VERSION)
+    if version not in (VERSION, VERSION_3):
+        _fail(path, "snapshot format version %d is not supported (this pylazymem reads %d and %d)"
+              % (version, VERSION, VERSION_3))
+    hs, fields, sections, checked = _header_struct(version)
+    if len(raw) < hs.size:
+        _fail(path, "truncated: %d bytes, a snapshot header needs %d" % (len(raw), hs.size))
+    _, _, header_bytes, page_size, flags, *rest = hs.unpack_from(raw)
     h = dict(zip(fields, rest), version=version, header_bytes=header_bytes,
              page_size=page_size, flags=flags)
+    h.setdefault("parent_id", 0)
+    h.setdefault("index_bytes", 0)
     if _xxh3(raw[:checked]) != h["header_xxh3"]:
         _fail(path, "header checksum mismatch (corrupt header)")
     ps = page_size
     if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
         _fail(path, "bad page size %d" % ps)
-    if version == VERSION:
-        if flags:
-            _fail(path, "unknown header flags 0x%x" % flags)
-        # Version 2 as a version 3 without an index or a parent: one set of checks below.
-        h.update(index_offset=h["map_offset"], index_bytes=0, parent_id=0)
-        sections = _SECTIONS3
-    else:
-        if flags & ~(FLAG_COMPRESSED | FLAG_PARENT):
-            _fail(path, "unknown header flags 0x%x" % (flags & ~(FLAG_COMPRESSED | FLAG_PARENT)))
-        if bool(flags & FLAG_PARENT) != (h["parent_id"] != 0):
-            _fail(path, "parent id %#x does not agree with the PARENT flag (%s)"
-                  % (h["parent_id"], "set" if flags & FLAG_PARENT else "clear"))
-    if header_bytes < hdr.size or header_bytes % ps or header_bytes > (1 << 21):
+    if flags & ~((FLAG_COMPRESSED | FLAG_PARENT) if version == VERSION_3 else 0):
+        _fail(path, "unknown header flags 0x%x" % flags)
+    if bool(flags & FLAG_PARENT) != bool(h["parent_id"]):
+        _fail(path, "the parent flag and the parent's content id disagree")
+    if header_bytes < hs.size or header_bytes % ps or header_bytes > (1 << 21):
         _fail(path, "bad header size %d" % header_bytes)
-    if any(raw[hdr.size:header_bytes]):
+    if any(raw[hs.size:header_bytes]):
         _fail(path, "reserved header bytes are not zero")
     if not 1 <= h["npages"] <= MAX_PAGES:
         _fail(path, "bad page count %d" % h["npages"])
@@ -166,19 +163,20 @@ def _parse_header(raw, path, file_size):
     if h["nstored"] > h["npages"] or h["nws"] > h["npages"]:
         _fail(path, "more stored or working-set pages (%d, %d) than pages (%d)"
               % (h["nstored"], h["nws"], h["npages"]))
-    max_stored = MAX_STORED if version == VERSION else MAX_STORED_V3
-    if h["nstored"] > max_stored:
-        _fail(path, "%d store entries: the page map can name at most %d"
-              % (h["nstored"], max_stored))
-    compressed = bool(flags & FLAG_COMPRESSED)
-    sizes = {"map": map_bytes, "ws": h["nws"] * 8, "sigs": h["nstored"] * 8,
-             "index": h["nstored"] * 4 if compressed else 0}
-    if not compressed:
-        sizes["store"] = h["nstored"] * ps
-    elif not h["nstored"] <= h["store_bytes"] <= h["nstored"] * ps:
-        # each entry takes 1 to page_size bytes (the index says which: checked with it)
-        _fail(path, "compressed store section is %d bytes, outside %d..%d for %d entries"
-              % (h["store_bytes"], h["nstored"], h["nstored"] * ps, h["nstored"]))
+    most = MAX_STORED_V3 if version == VERSION_3 else MAX_STORED
+    if h["nstored"] > most:
+        _fail(path, "%d store entries: the page map can name at most %d" % (h["nstored"], most))
+    sizes = {"store": h["nstored"] * ps, "map": map_bytes, "ws": h["nws"] * 8,
+             "sigs": h["nstored"] * 8}
+    if version == VERSION_3:
+        compressed = bool(flags & FLAG_COMPRESSED)
+        sizes["index"] = h["nstored"] * 4 if compressed else 0
+        if compressed:   # entries have their own lengths: the index's sum is checked at read
+            del sizes["store"]
+            if not h["nstored"] <= h["store_bytes"] <= h["nstored"] * ps:
+                # each entry takes 1 to page_size bytes (the index says which: checked with it)
+                _fail(path, "compressed store of %d bytes, outside %d..%d for its %d entries"
+                      % (h["store_bytes"], h["nstored"], h["nstored"] * ps, h["nstored"]))
     for name, size in sizes.items():
         if h[name + "_bytes"] != size:
             _fail(path, "%s section is %d bytes, expected %d" % (name, h[name + "_bytes"], size))
@@ -288,92 +286,113 @@ def _read(fd, path, signatures=False):
             raw += os.pread(fd, hb - 4096, 4096)
     h = _parse_header(raw, path, size)
     # (entry index,) map, working set and manifest: one read, one checksum
-    tail = _pread_exact(fd, h["sigs_offset"] - h["index_offset"], h["index_offset"], path,
-                        "the entry index, page map, working set and manifest"
-                        if h["index_bytes"] else "the page map, working set and manifest")
+    first = h["index_offset"] if h["version"] == VERSION_3 else h["map_offset"]
+    tail = _pread_exact(fd, h["sigs_offset"] - first, first, path,
+                        "the page map, working set and manifest")
     if _xxh3(tail) != h["tables_xxh3"]:
         _fail(path, "tables checksum mismatch (corrupt %spage map, working set or manifest)"
               % ("entry index, " if h["index_bytes"] else ""))
-    index = None
-    if h["index_bytes"]:
-        index = np.frombuffer(tail, "<u4", h["nstored"])
-        h["codec_counts"] = _check_index(index, h, path)
-    else:
-        h["codec_counts"] = {"raw": h["nstored"]} if h["nstored"] else {}
     at = h["index_bytes"]
     pmap = np.frombuffer(tail, MAP_DTYPE, h["npages"], at)
     ws = np.frombuffer(tail, "<u8", h["nws"], at + h["map_bytes"]).astype(np.uint64)
     man = _parse_manifest(bytes(tail[at + h["map_bytes"] + h["ws_bytes"]:]), h, path)
-    h["parent"] = _parse_parent(man, h, path)
-
-    check_map, nparent = pmap, 0
+    index = None
+    if h["index_bytes"]:
+        index = _check_index(np.frombuffer(tail, "<u4", h["nstored"]), h, path)
+    checked = pmap
+    parent_pages = 0
+    if not h["flags"] & FLAG_PARENT and "parent" in man:
+        # a writer that keeps unknown manifest keys must not carry a link into a file that
+        # does not say it has a parent
+        _fail(path, "manifest names a parent, the header has no PARENT flag")
     if h["flags"] & FLAG_PARENT:
-        # PARENT entries are pages of the parent (the chain reader follows them): checked
-        # here as untouched pages, counted apart.
-        is_parent = pmap == PARENT
-        nparent = int(np.count_nonzero(is_parent))
-        if nparent:
-            check_map = np.where(is_parent, MAP_DTYPE.type(UNTOUCHED), pmap).astype(MAP_DTYPE)
+        _check_parent_ref(man, path)
+        inherit = pmap == PARENT
+        parent_pages = int(np.count_nonzero(inherit))
+        if parent_pages:   # checked as untouched pages (which take no entry either)
+            checked = np.where(inherit, UNTOUCHED, pmap).astype(MAP_DTYPE)
+
     core = _core()
     if core is None:
-        counts = _check_map(check_map, h["nstored"], ws, path)
+        counts = _check_map(checked, h["nstored"], ws, path)
     else:   # the same checks in C, several times faster (restore's time to return)
         ffi, lib = core
         c = ffi.new("uint64_t[3]")
-        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", check_map), h["npages"],
+        if lib.lm_snap_check(ffi.from_buffer("struct lm_snap_page[]", checked), h["npages"],
                              h["nstored"], ffi.from_buffer("uint64_t[]", ws), ws.size, c) < 0:
             _fail(path, ffi.string(lib.lm_last_op()).decode())
         counts = tuple(c)
-    h["counts"] = (counts[0] - nparent, counts[1], counts[2])
-    h["parent_pages"] = nparent
-    p = _Parsed(h, pmap, ws, man, index=index)
+    h["counts"] = (counts[0] - parent_pages, counts[1], counts[2])
+    h["parent_pages"] = parent_pages
+    p = _Parsed(h, pmap, ws, man)
+    p.index = index
     if signatures:
         p.sigs = _read_signatures(fd, h, path)
     return p
 
 
+def _check_parent_ref(man, path):
+    parent = man.get("parent")
+    if not isinstance(parent, dict) or not isinstance(parent.get("path"), str) \
+            or not parent["path"] or "\0" in parent["path"]:
+        _fail(path, "a snapshot with a parent must name it: manifest 'parent' {'path': ...}")
+
+
 def _check_index(index, h, path):
-    """A compressed store's entry index (docs/snapshot-format.md, "Entry index"): every word
-    names a known codec and a length it allows (raw: one page; zstd, LZ4: 1 to page_size - 1
-    bytes), and the lengths add up to the store section. Returns entries per codec name."""
+    """The entry index of a compressed store (docs/snapshot-format.md, "Entry index"): every
+    word names a known codec and a length it allows (raw: one page; zstd, LZ4: 1 to
+    page_size - 1 bytes), and the lengths add up to the store section. Returns it with each
+    entry's length, codec and offset in the store, and the entries per codec name."""
     ps = h["page_size"]
-    lengths = index & ENTRY_LEN_MASK
+    lengths = (index & ENTRY_LEN_MASK).astype(np.int64)
     codecs = index >> 28
     bad = ~np.isin(codecs, list(CODEC_NAMES))
     if bad.any():
         e = int(np.flatnonzero(bad)[0])
         _fail(path, "entry index: entry %d has unknown codec %d" % (e, int(codecs[e])))
     raw = codecs == CODECS["raw"]
-    bad = np.where(raw, lengths != ps, (lengths == 0) | (lengths >= ps))
+    bad = np.where(raw, lengths != ps, (lengths < 1) | (lengths >= ps))
     if bad.any():
         e = int(np.flatnonzero(bad)[0])
         _fail(path, "entry index: entry %d (%s) has length %d, allowed: %s"
               % (e, CODEC_NAMES[int(codecs[e])], int(lengths[e]),
                  "the page size (%d)" % ps if raw[e] else "1 to %d" % (ps - 1)))
-    total = int(lengths.sum(dtype=np.uint64))
-    if total != h["store_bytes"]:
-        _fail(path, "entry index: the entries' lengths add up to %d bytes, the store section "
-              "has %d" % (total, h["store_bytes"]))
+    offsets = np.zeros(index.size + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if int(offsets[-1]) != h["store_bytes"]:
+        _fail(path, "entry index: entries add up to %d bytes, the store is %d"
+              % (int(offsets[-1]), h["store_bytes"]))
     n = np.bincount(codecs, minlength=len(CODEC_NAMES))
-    return {CODEC_NAMES[c]: int(n[c]) for c in sorted(CODEC_NAMES) if n[c]}
+    return {"raw": index, "lengths": lengths, "codecs": codecs, "offsets": offsets[:-1],
+            "counts": {CODEC_NAMES[c]: int(n[c]) for c in sorted(CODEC_NAMES) if n[c]}}
 
 
-def _parse_parent(man, h, path):
-    """The parent reference of a version 3 file with FLAG_PARENT: {"path": P resolved against
-    the file's directory, "id": parent_id}; None without the flag, where the manifest must
-    not name one either (a writer that keeps unknown keys must not carry it into a file that
-    does not say it has a parent)."""
-    ref = man.get("parent")
-    if not h["flags"] & FLAG_PARENT:
-        if ref is not None:
-            _fail(path, "manifest names a parent, the header has no PARENT flag")
-        return None
-    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not ref["path"] \
-            or "\0" in ref["path"]:
-        _fail(path, "manifest: 'parent' must be {\"path\": a non-empty relative path} in a "
-              "file with the PARENT flag")
-    where = os.path.join(os.path.dirname(os.path.abspath(os.fspath(path))), ref["path"])
-    return {"path": os.path.normpath(where), "id": h["parent_id"]}
+def _read_compressed_entries(fd, parsed, ids, path):
+    """Contents of store entries `ids` of a compressed file, page_size bytes each, in the
+    order given (compact(), Python readers): each entry read and decoded by the core
+    (lm_unpack_entry: checked lengths and codec, exactly one page), then checked against its
+    signature, as restore checks them. Needs the compiled core (it links the codecs)."""
+    h, idx = parsed.header, parsed.index
+    ps = h["page_size"]
+    core = _core()
+    if core is None:
+        _fail(path, "reading a compressed store needs the compiled core (its codecs)")
+    ffi, lib = core
+    sigs = parsed.sigs if parsed.sigs is not None else _read_signatures(fd, h, path)
+    out = bytearray(len(ids) * ps)
+    view = memoryview(out)
+    for k, e in enumerate(np.asarray(ids, np.int64).tolist()):
+        n = int(idx["lengths"][e])
+        data = _pread_exact(fd, n, h["store_offset"] + int(idx["offsets"][e]), path,
+                            "a store entry")
+        page = view[k * ps:(k + 1) * ps]
+        if lib.lm_unpack_entry(ffi.from_buffer(data), n, int(idx["raw"][e]), ps,
+                               ffi.from_buffer(page)) < 0:
+            _fail(path, "store entry %d: %s" % (e, ffi.string(lib.lm_last_op()).decode()))
+        if _xxh3(page) != int(sigs[e]):
+            _fail(path, "store entry %d: decoded page differs from its signature (corrupt "
+                  "compressed entry)" % e)
+    return out
 
 
 def _read_signatures(fd, h, path):
@@ -416,23 +435,31 @@ def _info(path, p):
     h = p.header
     kinds = _leaf_kinds(p.manifest)
     untouched, zero, stored = h["counts"]
-    by_class = {"zero": zero, "untouched": untouched,
-                "unique": h["nstored"], "duplicate": stored - h["nstored"]}
-    if h.get("parent_pages"):
-        by_class["parent"] = h["parent_pages"]   # held by the parent snapshot
+    parent = None
+    by_class = {"zero": zero, "untouched": untouched, "unique": h["nstored"],
+                "duplicate": stored - h["nstored"]}
+    if h.get("parent_id"):
+        rel = p.manifest["parent"]["path"]
+        parent = {"path": os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                        rel)),
+                  "id": "%016x" % h["parent_id"], "pages": h.get("parent_pages", 0)}
+        by_class["parent"] = h.get("parent_pages", 0)
+    flags = h.get("flags", 0)
+    if p.index is not None:
+        codecs = dict(p.index["counts"])
+    else:
+        codecs = {"raw": h["nstored"]} if h["nstored"] else {}
     return SnapshotInfo(
         path=os.fspath(path), version=h["version"], npages=h["npages"],
         page_size=h["page_size"],
-        pages_by_class=by_class,
+        pages_by_class=by_class, parent=parent,
+        raw_bytes=h["nstored"] * h["page_size"], compressed=bool(flags & FLAG_COMPRESSED),
+        codecs=codecs, flags=flags,
         stored_bytes=h["store_bytes"], file_bytes=h["file_bytes"],
         working_set=p.working_set.copy(),
         arrays={n: {"offset": a["offset"], "dtype": a["dtype"], "shape": a["shape"],
                     "nbytes": _nbytes(a), "kind": kinds.get(n, "numpy")}
                 for n, a in p.manifest["arrays"].items()},
-        raw_bytes=h["nstored"] * h["page_size"],
-        compressed=bool(h.get("flags", 0) & FLAG_COMPRESSED),
-        codecs=dict(h.get("codec_counts") or ({"raw": h["nstored"]} if h["nstored"] else {})),
-        parent=h.get("parent"), flags=h.get("flags", 0),
     )
 
 
@@ -518,7 +545,7 @@ def page_sources(path):
               "one file (format version 2); restore this one in-process, or write it with "
               "compress=None and no parent" % (
                   "compressed store (format version 3, %s entries)"
-                  % "/".join(c for c in h["codec_counts"] if c != "raw")
+                  % "/".join(c for c in p.index["counts"] if c != "raw")
                   if h["flags"] & FLAG_COMPRESSED else "has a parent snapshot"))
     entry = p.map.astype(np.int64) - STORED
     offsets = np.where(entry >= 0, h["store_offset"] + entry * h["page_size"], -1)

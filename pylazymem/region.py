@@ -24,6 +24,8 @@ from ._meta import META_DTYPE, PATHS, PageClass, PageState
 set_closed_error(RegionClosedError)
 
 _ZERO_WRITE = {"copy": lib.LM_ZW_COPY, "zeropage": lib.LM_ZW_ZEROPAGE}
+_DIRTY_MODES = {lib.LM_DIRTY_NONE: "none", lib.LM_DIRTY_WP_ASYNC: "wp-async",
+                lib.LM_DIRTY_PAGE_TABLES: "page-tables"}
 
 
 def _env_int(name, default):
@@ -143,7 +145,7 @@ class Region(AddressRange):
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
                  timeline=None, server=None, share_canonical="auto", shared_first_touch=None,
                  _test_broken_source=False,
-                 _test_no_poison=False, _start=True, _pool=None):
+                 _test_no_poison=False, _test_no_dirty=False, _start=True, _pool=None):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
@@ -154,6 +156,10 @@ class Region(AddressRange):
         self._arrays = {}
         self._manifest_extra = {}   # manifest keys beside the arrays (arrays.py's state tree)
         self._snapshot = None       # (path, content id) of the snapshot restored into it
+        # Content id of the snapshot this region last wrote or was restored from, while the
+        # dirty-tracking epoch started then is unbroken: what an incremental checkpoint
+        # against that snapshot may take unchanged pages from without reading them.
+        self._epoch_id = None
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None
@@ -202,6 +208,8 @@ class Region(AddressRange):
         cfg.test_fail_fills = int(_test_broken_source)
         # tests only: act as on a kernel without UFFDIO_POISON (before 6.6)
         cfg.test_no_poison = bool(_test_no_poison)
+        # tests only: dirty tracking as without WP_ASYNC + PAGEMAP_SCAN (mode "none")
+        cfg.test_no_dirty = bool(_test_no_dirty)
         if timeline is None:
             timeline = os.environ.get("PYLAZYMEM_TIMELINE", "") not in ("", "0")
         cfg.timeline = bool(timeline)
@@ -340,6 +348,35 @@ class Region(AddressRange):
                 int(view[first * self.page_size:(first + n) * self.page_size:self.page_size]
                     .max())
             check(lib.lm_region_sync_present(lm), "sync with page server")
+
+    def _page_bytes(self, page):
+        """Page `page`'s contents, without faulting it in (a lazy page is read from where its
+        update comes from)."""
+        out = ffi.new("char[]", self.page_size)
+        with self._use() as lm:
+            check(lib.lm_page_read(lm, page, out), "page_read")
+        return ffi.buffer(out)[:]
+
+    def _take_dirty(self):
+        """Start a new dirty-tracking epoch; returns (content id of the epoch that ends, or
+        None, and a bitmap of the pages that may have changed in it: ceil(npages / 64) u64
+        words, or None where that is not known). A change lands in the epoch that ends or in
+        the new one, never in neither (lm_dirty_reset takes both in one step)."""
+        epoch, self._epoch_id = self._epoch_id, None
+        words = np.zeros(-(-self.npages // 64), np.uint64)
+        with self._use() as lm:
+            rc = lib.lm_dirty_reset(lm, ffi.from_buffer("uint64_t[]", words))
+        # A failed scan: the core counts every page as changed; so do we (compare them all).
+        return epoch, (words if rc >= 0 else None)
+
+    def _clean_since(self, content_id):
+        """Words of a bitmap of pages known unchanged since the snapshot `content_id` was
+        written from or restored into this region, or None (then every page is compared).
+        Starts a new epoch."""
+        epoch, dirty = self._take_dirty()
+        if dirty is None or epoch != content_id:
+            return None
+        return ~dirty
 
     def _prepare_checkpoint(self):
         """Before a checkpoint trusts our page records: bring them up to date with what a
@@ -523,6 +560,39 @@ class Region(AddressRange):
         """Whether the working-set window sees writes to pages present at the mark."""
         with self._use() as lm:
             return bool(lib.lm_ws_tracks_writes(lm))
+
+    # ---- dirty tracking (docs/design.md, "Dirty tracking") ---------------------------------
+
+    def dirty_pages(self):
+        """Indices (uint64, ascending) of the pages whose contents may differ from what they
+        held when the epoch began: region creation, the last restore() or reset_dirty()
+        (checkpoint() resets it). A page that changed is always listed; a listed page may not
+        have changed (which ones, per mode: docs/design.md)."""
+        words = np.zeros(-(-self.npages // 64), np.uint64)
+        with self._use() as lm:
+            check(lib.lm_dirty_bitmap(lm, ffi.from_buffer("uint64_t[]", words)), "dirty_pages")
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.npages]
+        return np.flatnonzero(bits).astype(np.uint64)
+
+    def reset_dirty(self):
+        """Start a new epoch: from now on dirty_pages() lists only pages changed after this call
+        (call it before reading the pages whose state the epoch starts from). The epoch is no
+        snapshot's: the next checkpoint(parent=) compares every page with its parent."""
+        self._epoch_id = None
+        self._restart_epoch()
+
+    def _restart_epoch(self):
+        """reset_dirty() that keeps the epoch's snapshot: for restore(), whose prefetch filled
+        pages with the snapshot's own contents after the epoch began."""
+        with self._use() as lm:
+            check(lib.lm_dirty_reset(lm, ffi.NULL), "reset_dirty")
+
+    @property
+    def dirty_tracking(self):
+        """How dirty_pages() knows: "wp-async" (async write-protect, PAGEMAP_SCAN), "page-tables"
+        (a shared restore: pages holding a private copy), or "none" (every page not lazy)."""
+        with self._use() as lm:
+            return _DIRTY_MODES[lib.lm_dirty_mode(lm)]
 
     def prefetch(self, pages):
         """Carry out the pending updates of the given pages now, in the given order."""

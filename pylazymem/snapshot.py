@@ -18,20 +18,17 @@ import numpy as np
 # The file reader (format constants, checks, inspect, page_sources) is a module of its own
 # below this one: it needs no compiled code and the page server uses it too.
 from ._snapfile import (  # noqa: F401  (inspect, inspect_tables, page_sources re-exported)
-    _FIELDS,
-    _FIELDS3,
-    _HEADER,
-    _HEADER3,
     _SECTIONS,
-    _SECTIONS3,
-    CODECS,
-    ENTRY_LEN_MASK,
+    _SECTIONS_V3,
     FLAG_COMPRESSED,
     FLAG_PARENT,
-    HEADER_CHECKED,
-    HEADER3_CHECKED,
-    VERSION_3,
+    CODECS,
+    ENTRY_LEN_MASK,
+    _check_index,
     MAGIC,
+    PARENT,
+    VERSION_3,
+    _header_struct,
     MAP_DTYPE,
     PREFETCH_MODES,
     MAX_STORED,
@@ -117,7 +114,8 @@ def _codec_arg(compress):
     return CODECS[compress]
 
 
-def checkpoint(region, path, working_set="auto", progress=None, durable=True, compress=None):
+def checkpoint(region, path, working_set="auto", progress=None, durable=True, parent=None,
+               compress=None):
     """Write the region's state to `path` atomically; returns its SnapshotInfo.
 
     working_set: "auto" (the current window, Region.working_set()), "none", or page indices
@@ -129,15 +127,63 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, co
     each stored page compressed on its own (format version 3; a page that does not shrink is
     stored raw), in C on every CPU, signatures still of the uncompressed contents.
     Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
+    parent: an earlier snapshot of this region (a path, or its SnapshotInfo): the new file
+    holds only the pages that differ from it and refers to it, by content id, for the rest
+    (an incremental checkpoint; restore() follows the chain, compact() folds it into one
+    file). Pages unchanged since the parent was taken from or restored into this region are
+    known without reading them (Region.dirty_tracking); the others are compared by contents.
     """
     from ._binding import check, ffi, lib
 
     codec = _codec_arg(compress)
     region._check_open()
     path = os.fspath(path)
+    chain = _open_parent(region, path, parent) if parent is not None else None
+    try:
+        return _checkpoint(region, path, working_set, progress, durable, chain, codec)
+    finally:
+        if chain is not None:
+            chain.close()
+
+
+def _open_parent(region, path, parent):
+    """The parent chain of an incremental checkpoint, checked against the region and the
+    target path."""
+    from . import _chain
+    from ._errors import InvalidArgumentError
+
+    open_chain, MAX_DEPTH = _chain.open_chain, _chain.MAX_DEPTH
+    ppath = os.fspath(getattr(parent, "path", parent))
+    if os.path.abspath(ppath) == os.path.abspath(path) or (
+            os.path.exists(path) and os.path.exists(ppath) and os.path.samefile(path, ppath)):
+        raise InvalidArgumentError("checkpoint(parent=%r): the parent is the file being "
+                                   "written, which would replace it (write the child to another "
+                                   "path)" % ppath)
+    chain = open_chain(ppath, signatures=True)
+    if len(chain.layers) >= MAX_DEPTH:
+        chain.close()
+        raise SnapshotError("%s: chain of parents deeper than %d files with the new one (compact "
+                            "it first: pylazymem compact)" % (ppath, MAX_DEPTH))
+    h = chain.leaf.header
+    if (h["npages"], h["page_size"]) != (region.npages, region.page_size):
+        chain.close()
+        raise InvalidArgumentError("checkpoint(parent=%r): the parent holds %d pages of %d bytes, "
+                                   "the region %d of %d" % (ppath, h["npages"], h["page_size"],
+                                                            region.npages, region.page_size))
+    return chain
+
+
+def _checkpoint(region, path, working_set, progress, durable, chain, codec):
+    from ._binding import check, ffi, lib
+
     region._prepare_checkpoint()   # records up to date with what a page server filled
     ws = _working_set_arg(region, working_set)
     npages, ps = region.npages, region.page_size
+    # A new dirty-tracking epoch starts before any page is read: a store from here on is the
+    # next checkpoint's. Until this file is whole, no snapshot is the epoch's.
+    clean = region._clean_since(chain.content_id if chain is not None else None)
+    if chain is not None:
+        pcls, psigs = chain.page_classes()
     pmap = np.empty(npages, MAP_DTYPE)
     sigs = np.empty(npages, "<u8")
     store_pages = np.empty(npages, np.uint64)
@@ -147,9 +193,14 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, co
 
     def plan(compare):
         with region._poisoned_named(0, npages, "checkpoint"), region._use() as lm:
-            rc = lib.lm_ckpt_plan(lm, ffi.from_buffer("uint64_t[]", ws), ws.size, c_map,
-                                  ffi.from_buffer("uint64_t[]", sigs), c_pages, nstored_p,
-                                  compare)
+            args = (lm, ffi.from_buffer("uint64_t[]", ws), ws.size, c_map,
+                    ffi.from_buffer("uint64_t[]", sigs), c_pages, nstored_p, compare)
+            if chain is None:
+                rc = lib.lm_ckpt_plan(*args)
+            else:
+                rc = lib.lm_ckpt_plan_parent(
+                    *args, ffi.from_buffer("uint8_t[]", pcls), ffi.from_buffer("uint64_t[]", psigs),
+                    ffi.NULL if clean is None else ffi.from_buffer("uint64_t[]", clean))
             if rc == -errno.EBADMSG:   # the source snapshot of a restored region is damaged
                 raise SnapshotError("checkpoint: the region's source snapshot cannot be used: %s"
                                     % ffi.string(lib.lm_last_op()).decode())
@@ -167,15 +218,36 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, co
     # difference (a 64-bit hash collision, never seen) makes the plan again, comparing as it
     # goes, and the store is written again.
     nstored = plan(False)
+    if chain is not None and clean is not None:
+        # A page written since the parent was taken whose signature is still its parent
+        # page's was mapped to the parent: compare its contents (a 64-bit hash collision must
+        # not lose a change). Such pages are rare (a page written back to what it held).
+        # Without tracking (clean is None) every page is such a page, and reading the parent
+        # again would cost a full read: there a page equal by signature to its own earlier
+        # version is taken as unchanged (docs/snapshot-format.md, "Parents and chains").
+        suspect = np.flatnonzero(pmap == PARENT)
+        bits = np.unpackbits(clean.view(np.uint8), bitorder="little")[:npages]
+        suspect = suspect[bits[suspect] == 0]
+        differ = _differs_from_parent(region, chain, suspect)
+        if differ.size:   # a collision: those pages are not the parent's
+            pcls[differ] = lib.LM_PARENT_UNKNOWN
+            nstored = plan(False)
     ws = _dedup_keep_order(ws, npages)   # as lm_ckpt_plan placed them: first mention wins
-    manifest = _manifest_bytes(region._arrays, region._manifest_extra)
+    extra = dict(region._manifest_extra)
+    extra.pop("parent", None)   # a restored chain's own link is not this file's
+    parent_id = 0
+    if chain is not None:
+        parent_id = chain.content_id
+        extra["parent"] = {"path": os.path.relpath(
+            os.path.abspath(chain.layers[0].path), os.path.dirname(os.path.abspath(path)))}
+    manifest = _manifest_bytes(region._arrays, extra)
     header_bytes = max(4096, ps)
 
     fd, tmp = _temporary(path)
     index = None
     try:
         for attempt in (0, 1):
-            h = _layout(npages, ps, nstored, ws.size, len(manifest))
+            h = _layout(npages, ps, nstored, ws.size, len(manifest), parent_id=parent_id)
             result = []
             checker = None
             if attempt == 0 and nstored:
@@ -190,7 +262,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, co
                                                              header_bytes, h["file_bytes"],
                                                              codec, progress)
                     h = _layout(npages, ps, nstored, ws.size, len(manifest),
-                                store_bytes=store_bytes)
+                                parent_id=parent_id, store_bytes=store_bytes)
             finally:
                 if checker is not None:
                     checker.join()
@@ -204,23 +276,31 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, co
         _abandon(fd, tmp)
         raise
     _commit(fd, tmp, path, durable)
+    region._epoch_id = h["header_xxh3"]   # the next incremental checkpoint's parent
     if progress is not None:
         progress(h["file_bytes"], h["file_bytes"])
     # What inspect() would say of the file, from what was just written.
     counts = np.bincount(pmap[pmap < STORED], minlength=STORED)
-    h.update(page_size=ps,
+    inherit = int(np.count_nonzero(pmap == PARENT))
+    h.update(page_size=ps, parent_pages=inherit,
              counts=(int(counts[UNTOUCHED]), int(counts[ZERO]),
-                     npages - int(counts[UNTOUCHED]) - int(counts[ZERO])),
-             codec_counts=_codec_counts(index, nstored))
-    return _info(path, _Parsed(h, pmap, ws.astype(np.uint64),
-                               _parse_manifest(manifest, h, path)))
+                     npages - int(counts[UNTOUCHED]) - int(counts[ZERO]) - inherit))
+    return _info(path, _Parsed(h, pmap, ws.astype(np.uint64), _parse_manifest(manifest, h, path),
+                               index=None if index is None else _check_index(index, h, path)))
 
 
-def _codec_counts(index, nstored):
-    if index is None:
-        return {"raw": nstored} if nstored else {}
-    n = np.bincount(index >> 28, minlength=len(CODECS))
-    return {name: int(n[c]) for name, c in sorted(CODECS.items(), key=lambda x: x[1]) if n[c]}
+def _differs_from_parent(region, chain, pages, batch=1024):
+    """Those of `pages` whose contents in the region differ from the parent's (read without
+    faulting either)."""
+    out = []
+    ps = region.page_size
+    for i in range(0, pages.size, batch):
+        part = pages[i:i + batch]
+        theirs = chain.read_pages(part)
+        for j, p in enumerate(part):
+            if region._page_bytes(int(p)) != theirs[j * ps:(j + 1) * ps]:
+                out.append(int(p))
+    return np.array(out, np.int64)
 
 
 def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_size=None,
@@ -416,24 +496,21 @@ def _manifest_bytes(arrays, extra):
 def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs, index=None):
     """Everything after the store ((entry index,) page map, working set, manifest,
     signatures), then the header with its checksums last: a file is whole only once its
-    header is. The version and flags are _layout()'s. The file is cut at its end (a store
-    written again shorter, after a hash collision, leaves nothing behind)."""
-    v3 = h.get("version", VERSION) == VERSION_3
-    tail = pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
-    if v3 and h["flags"] & FLAG_COMPRESSED:
-        tail = np.ascontiguousarray(index, dtype="<u4").tobytes() + tail
+    header is. The version and flags are _layout's (h). The file is cut at its end (a
+    compressed store written again shorter, after a hash collision, leaves nothing behind)."""
+    version = h["version"]
+    hs, fields, _, checked = _header_struct(version)
+    tail = (b"" if index is None else np.ascontiguousarray(index, "<u4").tobytes()) \
+        + pmap.tobytes() + ws.astype("<u8").tobytes() + manifest
     sigs_raw = np.ascontiguousarray(sigs, dtype="<u8").tobytes()
     h["tables_xxh3"] = _xxh3(tail)
     h["sigs_xxh3"] = _xxh3(sigs_raw)
     h["header_xxh3"] = 0
-    hdr, fields, checked = ((_HEADER3, _FIELDS3, HEADER3_CHECKED) if v3
-                            else (_HEADER, _FIELDS, HEADER_CHECKED))
-    version, flags = (VERSION_3, h["flags"]) if v3 else (VERSION, 0)
     raw = bytearray(header_bytes)
-    hdr.pack_into(raw, 0, MAGIC, version, header_bytes, ps, flags, *(h[f] for f in fields))
+    hs.pack_into(raw, 0, MAGIC, version, header_bytes, ps, h["flags"], *(h[f] for f in fields))
     h["header_xxh3"] = _xxh3(bytes(raw[:checked]))
-    hdr.pack_into(raw, 0, MAGIC, version, header_bytes, ps, flags, *(h[f] for f in fields))
-    _pwrite_all(fd, tail + sigs_raw, h["index_offset"] if v3 else h["map_offset"])
+    hs.pack_into(raw, 0, MAGIC, version, header_bytes, ps, h["flags"], *(h[f] for f in fields))
+    _pwrite_all(fd, tail + sigs_raw, h["index_offset" if version == VERSION_3 else "map_offset"])
     _pwrite_all(fd, raw, 0)
     os.ftruncate(fd, h["file_bytes"])
 
@@ -480,26 +557,21 @@ def _abandon(fd, tmp):
         pass
 
 
-def _layout(npages, ps, nstored, nws, manifest_bytes, store_bytes=None, flags=0, parent_id=0):
+def _layout(npages, ps, nstored, nws, manifest_bytes, parent_id=0, store_bytes=None):
     """Header fields of a file with these sections: sizes and offsets, in section order.
-    Version 2 unless the store is compressed (store_bytes: its size, an entry index follows
-    it) or flags/parent_id say the file has a parent: then version 3."""
-    sizes = {"store": nstored * ps, "map": npages * MAP_DTYPE.itemsize, "ws": nws * 8,
+    Version 2 unless the file has a parent (parent_id) or a compressed store (store_bytes:
+    the entries' compressed lengths added up; an entry index follows the store)."""
+    compressed = store_bytes is not None
+    v3 = bool(parent_id) or compressed
+    sizes = {"store": store_bytes if compressed else nstored * ps,
+             "index": nstored * 4 if compressed else 0,
+             "map": npages * MAP_DTYPE.itemsize, "ws": nws * 8,
              "manifest": manifest_bytes, "sigs": nstored * 8}
-    h = {"npages": npages, "nstored": nstored, "nws": nws}
-    sections = _SECTIONS
-    if store_bytes is not None:
-        flags |= FLAG_COMPRESSED
-    if flags:
-        sections = _SECTIONS3
-        sizes["index"] = nstored * 4 if flags & FLAG_COMPRESSED else 0
-        if flags & FLAG_COMPRESSED:
-            sizes["store"] = store_bytes
-        h.update(version=VERSION_3, flags=flags, parent_id=parent_id)
-    else:
-        h.update(version=VERSION, flags=0)
+    h = {"npages": npages, "nstored": nstored, "nws": nws, "parent_id": parent_id,
+         "version": VERSION_3 if v3 else VERSION,
+         "flags": (FLAG_PARENT if parent_id else 0) | (FLAG_COMPRESSED if compressed else 0)}
     offset = max(4096, ps)
-    for name in sections:
+    for name in _SECTIONS_V3 if v3 else _SECTIONS:
         h[name + "_offset"], h[name + "_bytes"] = offset, sizes[name]
         offset += sizes[name]
     h["file_bytes"] = offset
@@ -614,7 +686,7 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
         ws = _dedup_keep_order(_in_region(_page_indices(working_set), npages), npages)
         # Store entries in the order the format asks for: the working set's (first mention
         # first), then the others in the address order of the first page that uses them.
-        stored = (p.map >= STORED) & (p.map != PARENT)   # PARENT: only in files with a parent
+        stored = (p.map >= STORED) & (p.map != PARENT)
         used = np.concatenate([p.map[ws][stored[ws]], p.map[stored]]).astype(np.int64) - STORED
         _, first = np.unique(used, return_index=True)
         order = used[np.sort(first)]                    # new position -> old entry
@@ -625,18 +697,18 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
                         ).astype(MAP_DTYPE)
         manifest = _manifest_bytes(p.manifest["arrays"], {k: v for k, v in p.manifest.items()
                                                           if k not in ("arrays", "pylazymem")})
-        # The file keeps its version, compression and parent: only the order changes.
-        index = None if p.index is None else p.index[order]
-        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest),
-                      store_bytes=None if index is None else h["store_bytes"],
-                      flags=h["flags"] & FLAG_PARENT, parent_id=h["parent_id"])
+        # The file keeps its parent and its compression: only the order changes (a child's
+        # working set is the leaf's, the pages are unchanged).
+        index = None if p.index is None else p.index["raw"][order]
+        out = _layout(npages, ps, h["nstored"], ws.size, len(manifest), parent_id=h["parent_id"],
+                      store_bytes=None if index is None else h["store_bytes"])
         header_bytes = out["store_offset"]
         tfd, tmp = _temporary(path)
         try:
             if p.index is None:
                 _copy_entries(fd, h["store_offset"], tfd, header_bytes, order, ps)
             else:
-                _copy_packed_entries(fd, h["store_offset"], p.index, tfd, header_bytes, order,
+                _copy_packed_entries(fd, h["store_offset"], p.index["raw"], tfd, header_bytes, order,
                                      path)
             _write_tables(tfd, out, header_bytes, ps, pmap, ws, manifest, p.sigs[order],
                           index)
@@ -647,6 +719,70 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
     finally:
         os.close(fd)
     return inspect(path)
+
+
+def compact(path, out, durable=True):
+    """Fold the chain of incremental snapshots ending at `path` into one file at `out` that
+    needs no parent: every page as the chain restores it, the leaf's working set and
+    manifest, equal contents stored once. Written atomically like checkpoint(); `path` and
+    its parents are left as they are. Returns the new file's SnapshotInfo."""
+    from ._chain import open_chain
+    from ._errors import InvalidArgumentError
+
+    path, out = os.fspath(path), os.fspath(out)
+    with open_chain(path, signatures=True) as chain:
+        for layer in chain.layers:
+            if os.path.exists(out) and os.path.samefile(out, layer.path):
+                raise InvalidArgumentError("compact(%r, %r): the output is a file of the chain "
+                                           "(%s); write it elsewhere, then rename it"
+                                           % (path, out, layer.path))
+        leaf = chain.leaf
+        h = leaf.header
+        npages, ps = h["npages"], h["page_size"]
+        gmap = chain.map()
+        gsigs = chain.signatures()
+        ws = leaf.working_set
+        stored = gmap >= STORED
+        # Entries in the order the format asks for (the working set's first), then equal
+        # contents from different files of the chain merged into one entry.
+        used = np.concatenate([gmap[ws][stored[ws]], gmap[stored]]).astype(np.int64) - STORED
+        _, first = np.unique(used, return_index=True)
+        order = used[np.sort(first)]                 # global ids, in new-store order
+        new_of_old = np.full(chain.nstored, -1, np.int64)
+        keep = []
+        by_sig = {}
+        for gid in order.tolist():
+            sig = int(gsigs[gid])
+            for k in by_sig.get(sig, ()):
+                if chain.read_entries([order[k]]) == chain.read_entries([gid]):
+                    new_of_old[gid] = k
+                    break
+            else:
+                new_of_old[gid] = len(keep)
+                by_sig.setdefault(sig, []).append(len(keep))
+                keep.append(gid)
+        keep = np.array(keep, np.int64)
+        pmap = gmap.copy()
+        pmap[stored] = (new_of_old[gmap[stored].astype(np.int64) - STORED] + STORED
+                        ).astype(MAP_DTYPE)
+        extra = {k: v for k, v in leaf.manifest.items()
+                 if k not in ("arrays", "pylazymem", "parent")}
+        manifest = _manifest_bytes(leaf.manifest["arrays"], extra)
+        hout = _layout(npages, ps, keep.size, ws.size, len(manifest))
+        header_bytes = hout["store_offset"]
+        tfd, tmp = _temporary(out)
+        try:
+            at = header_bytes
+            for i in range(0, keep.size, 1024):
+                data = chain.read_entries(keep[i:i + 1024])
+                _pwrite_all(tfd, data, at)
+                at += len(data)
+            _write_tables(tfd, hout, header_bytes, ps, pmap, ws, manifest, gsigs[keep])
+        except BaseException:
+            _abandon(tfd, tmp)
+            raise
+        _commit(tfd, tmp, out, durable)
+    return inspect(out)
 
 
 def _page_indices(working_set):
@@ -883,7 +1019,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
         h = p.header
         if h["flags"] & FLAG_PARENT:
             _fail(path, "has a parent snapshot (%s): restoring a chain of snapshots is not "
-                  "supported by this version" % h["parent"]["path"])
+                  "supported by this version" % p.manifest["parent"]["path"])
         if h["page_size"] != PAGE_SIZE:
             _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
                                                                              PAGE_SIZE))
@@ -923,7 +1059,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                     layer = ffi.new("struct lm_src_layer *", {
                         "fd": fd, "store_offset": h["store_offset"],
                         "store_bytes": h["store_bytes"], "nstored": h["nstored"],
-                        "index": ffi.from_buffer("uint32_t[]", p.index),
+                        "index": ffi.from_buffer("uint32_t[]", p.index["raw"]),
                         "sigs_offset": h["sigs_offset"], "sigs_xxh3": h["sigs_xxh3"]})
                     rc = lib.lm_source_attach_layers(lm, layer, 1, verify_now)
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
@@ -932,6 +1068,10 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", p.map),
                                            h["npages"], h["nstored"]), "restore")
             region._base_table = p.map   # read by the C core until every record is filled
+            # Pages stay as the snapshot has them until written: an incremental checkpoint
+            # against it reads only those written (or deferred) from now on.
+            region._take_dirty()
+            region._epoch_id = h["header_xxh3"]
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
             region._manifest_extra = {k: v for k, v in p.manifest.items()
@@ -951,6 +1091,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 rest = np.setdiff1d(np.arange(h["npages"], dtype=np.uint64), p.working_set,
                                     assume_unique=True)
                 region.prefetch(np.concatenate([p.working_set, rest]))
+            # Prefetched pages hold the snapshot's contents: the epoch restarts after them.
+            region._restart_epoch()
             # The next window starts now. Prefetched pages are present, so touching them will
             # not be seen: they stay in the working set (REAP's policy) unless re-marked.
             region.mark_working_set(inherit=p.working_set if prefetch != "none" else None)

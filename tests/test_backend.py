@@ -343,7 +343,7 @@ def test_header_constants_match_the_core():
     assert paths.pop("NONE") == 0
     assert {v: n.lower() for n, v in paths.items()} == _meta.PATHS
     assert family("LM_SNAP_") == {"UNTOUCHED": _meta.SNAP_UNTOUCHED, "ZERO": _meta.SNAP_ZERO,
-                                  "STORED": _meta.SNAP_STORED}
+                                  "STORED": _meta.SNAP_STORED, "PARENT": _meta.SNAP_PARENT}
     names = {"UNAVAILABLE": "unavailable", "FULL": "full", "USER_ONLY": "user-mode-only"}
     assert {v: names[n] for n, v in family("LM_MODE_").items()} == _features.MODES
     srcs = {"NONE": None, "DEV": "/dev/userfaultfd", "SYSCALL": "syscall"}

@@ -26,13 +26,15 @@ problems seen (wrong contents, handler errors).
   arrays         named tensors (issue 14), 2 GiB in 200 arrays: plm.save/plm.load vs safetensors,
                  np.load(mmap_mode="r") and torch.load: time to the first inference, time until all
                  resident, Pss of 4 processes loading the same state
+  incremental    checkpoint(parent=) of 1 GiB after 2% of pages were written vs the full checkpoint
+                 before it (issue 12): time and file size, with and without dirty tracking
   compress       compressed snapshots (issue 12): plm.save(compress=None/zstd/lz4) beside
                  np.savez_compressed and zstd over the raw bytes, on a trained scikit-learn MLP's
                  weights, the stdlib's sources as text and a sparse float array: size, save time,
                  load time (prefetch all)
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
-              "restore_sequential", "checkpoint", "server", "shared", "arrays", "compress")
+              "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental", "compress")
 
 __all__ = ["BENCHMARKS", "run"]
 

@@ -1,0 +1,262 @@
+"""Incremental checkpoints (checkpoint(parent=)), chains of them, compact() and inspect of a
+chain (issue 12; docs/snapshot-format.md, "Parents and chains"). File-level checks here read
+the chain through pylazymem._chain; restoring chains lazily is in test_chain_restore.py."""
+
+import os
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from pylazymem import _chain
+from pylazymem.snapshot import _layout, _manifest_bytes, _write_tables
+from _helpers import PAGE_SIZE
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(120)]
+
+PS = PAGE_SIZE
+NP = 96
+
+
+def contents(path):
+    with _chain.open_chain(path) as c:
+        return c.read_pages(np.arange(c.leaf.header["npages"]))
+
+
+def write_random(a, rng, n):
+    """Change n random pages (a byte each, or a whole page zeroed): returns the pages."""
+    pages = rng.choice(NP, n, replace=False)
+    for p in pages:
+        if rng.random() < 0.2:
+            a[p * PS:(p + 1) * PS] = 0
+        else:
+            a[p * PS + int(rng.integers(PS))] ^= np.uint8(1 + rng.integers(255))
+    return pages
+
+
+@pytest.fixture
+def region():
+    rng = np.random.default_rng(7)
+    with plm.Region(NP * PS) as r:
+        a = r.ndarray(np.uint8)
+        a[: (NP - 8) * PS] = rng.integers(0, 256, (NP - 8) * PS, dtype=np.uint8)
+        a[10 * PS:11 * PS] = a[20 * PS:21 * PS]     # a duplicate page
+        yield r, a, rng
+
+
+def test_chain_of_five_then_compact(region, tmp_path):
+    r, a, rng = region
+    paths, states = [], []
+    for k in range(5):
+        path = str(tmp_path / ("s%d.plm" % k))
+        info = plm.checkpoint(r, path, parent=paths[-1] if paths else None)
+        paths.append(path)
+        states.append(bytes(a))
+        if k:
+            assert info.version == 3 and info.parent["path"] == paths[-2]
+            assert info.pages_by_class["parent"] > 0
+        write_random(a, rng, 6)
+    for path, state in zip(paths, states):
+        assert contents(path) == state, path
+    # every child stores at most the pages changed since its parent
+    for path in paths[1:]:
+        info = plm.inspect(path)
+        assert info.pages_by_class["unique"] + info.pages_by_class["duplicate"] <= 6
+    out = str(tmp_path / "flat.plm")
+    info = plm.compact(paths[-1], out)
+    assert info.version == 2 and info.parent is None
+    assert contents(out) == states[-1]
+    full = plm.checkpoint(r, str(tmp_path / "full.plm"))
+    # the compacted file has the same contents as a full checkpoint would have of that state
+    assert info.pages_by_class["unique"] <= full.pages_by_class["unique"] + 6
+
+
+def test_unchanged_region_child_stores_nothing(region, tmp_path):
+    r, a, rng = region
+    plm.checkpoint(r, str(tmp_path / "p.plm"))
+    info = plm.checkpoint(r, str(tmp_path / "c.plm"), parent=str(tmp_path / "p.plm"))
+    assert info.pages_by_class["unique"] == 0 and info.stored_bytes == 0
+    assert contents(str(tmp_path / "c.plm")) == bytes(a)
+
+
+def test_parent_from_another_region(region, tmp_path):
+    """Any snapshot of the same size can be a parent: pages are compared by contents."""
+    r, a, rng = region
+    with plm.Region(NP * PS) as other:
+        b = other.ndarray(np.uint8)
+        b[:] = a
+        b[3 * PS] ^= 1
+        plm.checkpoint(other, str(tmp_path / "other.plm"))
+    info = plm.checkpoint(r, str(tmp_path / "c.plm"), parent=str(tmp_path / "other.plm"))
+    assert info.pages_by_class["unique"] == 1
+    assert contents(str(tmp_path / "c.plm")) == bytes(a)
+
+
+def test_parent_replaced_or_deleted_is_named(region, tmp_path):
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    write_random(a, rng, 3)
+    plm.checkpoint(r, c, parent=p)
+    a[0] ^= 1
+    plm.checkpoint(r, p)      # another snapshot at the parent's path: a different content id
+    with pytest.raises(plm.SnapshotError, match="p.plm.*content id.*replaced or changed"):
+        contents(c)
+    with pytest.raises(plm.SnapshotError, match="content id"):
+        plm.compact(c, str(tmp_path / "x.plm"))
+    os.unlink(p)
+    with pytest.raises(plm.SnapshotError, match="p.plm.*cannot be opened.*no such"):
+        contents(c)
+    assert not os.path.exists(str(tmp_path / "x.plm"))
+
+
+def test_parent_path_is_relative_to_the_child(region, tmp_path):
+    """A directory of chain files can be moved as a whole."""
+    r, a, rng = region
+    d = tmp_path / "d"
+    d.mkdir()
+    plm.checkpoint(r, str(d / "p.plm"))
+    write_random(a, rng, 2)
+    plm.checkpoint(r, str(d / "c.plm"), parent=str(d / "p.plm"))
+    os.rename(str(d), str(tmp_path / "moved"))
+    assert contents(str(tmp_path / "moved" / "c.plm")) == bytes(a)
+
+
+def test_bad_parent_arguments(region, tmp_path):
+    r, a, rng = region
+    p = str(tmp_path / "p.plm")
+    plm.checkpoint(r, p)
+    with pytest.raises(plm.InvalidArgumentError, match="the parent is the file being written"):
+        plm.checkpoint(r, p, parent=p)
+    assert contents(p) == bytes(a)     # untouched
+    with plm.Region(8 * PS) as small:
+        with pytest.raises(plm.InvalidArgumentError, match="parent holds 96 pages"):
+            plm.checkpoint(small, str(tmp_path / "s.plm"), parent=p)
+    with pytest.raises(plm.SnapshotError, match="no such"):
+        plm.checkpoint(r, str(tmp_path / "c.plm"), parent=str(tmp_path / "missing.plm"))
+    # a SnapshotInfo is accepted as the parent too
+    info = plm.checkpoint(r, str(tmp_path / "c.plm"), parent=plm.inspect(p))
+    assert info.parent["path"] == p
+
+
+def test_compact_refuses_to_overwrite_its_chain(region, tmp_path):
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    plm.checkpoint(r, c, parent=p)
+    for out in (p, c):
+        with pytest.raises(plm.InvalidArgumentError, match="output is a file of the chain"):
+            plm.compact(c, out)
+    assert contents(c) == bytes(a)
+
+
+def rewrite_manifest(path, change):
+    """Rewrite a snapshot's manifest (checksums made valid again): a hostile or broken file
+    that is well formed."""
+    from pylazymem._snapfile import _open, _read, _read_signatures
+
+    fd = _open(path)
+    try:
+        p = _read(fd, path)
+        sigs = _read_signatures(fd, p.header, path)
+        h = p.header
+        store = os.pread(fd, h["store_bytes"], h["store_offset"])
+    finally:
+        os.close(fd)
+    man = {k: v for k, v in p.manifest.items() if k not in ("arrays", "pylazymem")}
+    change(man)
+    manifest = _manifest_bytes(p.manifest["arrays"], man)
+    out = _layout(h["npages"], h["page_size"], h["nstored"], h["nws"], len(manifest),
+                  parent_id=h["parent_id"])
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.pwrite(fd, store, out["store_offset"])
+        _write_tables(fd, out, out["store_offset"], h["page_size"], p.map, p.working_set,
+                      manifest, sigs)
+    finally:
+        os.close(fd)
+
+
+def test_cycle_and_missing_parent_name(region, tmp_path):
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    a[5] ^= 1
+    plm.checkpoint(r, c, parent=p)
+    rewrite_manifest(c, lambda m: m["parent"].update(path="c.plm"))
+    with pytest.raises(plm.SnapshotError, match="already in the chain .a cycle"):
+        contents(c)
+    rewrite_manifest(c, lambda m: m.pop("parent"))
+    with pytest.raises(plm.SnapshotError, match="must name it"):
+        plm.inspect(c)
+
+
+def test_chain_deeper_than_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(_chain, "MAX_DEPTH", 4)
+    with plm.Region(2 * PS) as r:
+        a = r.ndarray(np.uint8)
+        prev = None
+        for k in range(5):
+            a[0] = k + 1
+            path = str(tmp_path / ("s%d.plm" % k))
+            if k < 4:
+                plm.checkpoint(r, path, parent=prev)
+            else:
+                with pytest.raises(plm.SnapshotError, match="deeper than 4 files.*compact"):
+                    plm.checkpoint(r, path, parent=prev)
+            prev = path
+        plm.compact(str(tmp_path / "s3.plm"), str(tmp_path / "flat.plm"))
+        assert contents(str(tmp_path / "flat.plm"))[:1] == b"\x04"
+
+
+def test_signature_equal_but_different_page_is_stored(region, tmp_path, monkeypatch):
+    """A page whose signature is its parent page's is compared byte by byte: a hash
+    collision (forced here by lying about the parent's signatures) must not lose a change."""
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    a[7 * PS + 1] ^= 0x55
+    now = r.signatures()
+    real = _chain.Chain.page_classes
+
+    def colliding(self):
+        cls, sig = real(self)
+        sig[7] = now[7]   # the changed page "collides" with its parent page
+        return cls, sig
+
+    monkeypatch.setattr(_chain.Chain, "page_classes", colliding)
+    info = plm.checkpoint(r, c, parent=p)
+    monkeypatch.undo()
+    assert info.pages_by_class["unique"] == 1
+    assert contents(c) == bytes(a)
+
+
+def test_cli_inspect_and_compact(region, tmp_path):
+    from test_cli import cli
+
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    a[0] ^= 1
+    plm.checkpoint(r, c, parent=p)
+    code, out, err = cli("inspect", c)
+    assert code == 0, err
+    assert "chain:         2 files, leaf first" in out and p in out
+    code, out, err = cli("compact", c, str(tmp_path / "flat.plm"))
+    assert code == 0 and "needs no parent" in out, err
+    os.unlink(p)
+    code, out, err = cli("inspect", c)
+    assert code == 1 and "chain:         broken" in out
+
+
+def test_rewriting_a_childs_working_set_keeps_its_parent(region, tmp_path):
+    from pylazymem.snapshot import rewrite_working_set
+
+    r, a, rng = region
+    p, c = str(tmp_path / "p.plm"), str(tmp_path / "c.plm")
+    plm.checkpoint(r, p)
+    pages = write_random(a, rng, 4)
+    plm.checkpoint(r, c, parent=p, working_set=[int(x) for x in pages[::-1]] + [50])
+    info = rewrite_working_set(c, [50, int(pages[0])])
+    assert info.parent["path"] == p and info.working_set.tolist() == [50, int(pages[0])]
+    assert contents(c) == bytes(a)
