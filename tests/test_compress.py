@@ -652,3 +652,69 @@ def test_compressed_chain_compacts(tmp_path, codec):
     plm.snapshot.compact(child, out)
     with plm.restore(out, prefetch="all", background=False) as r:
         assert np.array_equal(pages(r), expected)
+
+
+def test_source_of_several_layers(tmp_path):
+    """lm_source_attach_layers with three files (a compressed one, an uncompressed one, a
+    compressed one): global entry ids run through the layers in order, a run of entries that
+    crosses a layer boundary is read from both, signatures are the layers' concatenated (each
+    section checked on its own), and prefetch, faults and the background fill serve them all."""
+    from pylazymem._binding import ffi, lib
+    from pylazymem._snapfile import _read
+
+    files, layers, keep = [], [], []
+    rng = np.random.default_rng(21)
+    contents = []
+    for i, codec in enumerate(("zstd", None, "lz4")):
+        pages_ = np.stack([text_page(rng) if k % 2 else random_page(rng) for k in range(6)])
+        contents.append(pages_)
+        d = tmp_path / ("layer%d" % i)
+        d.mkdir()
+        path, _ = checkpointed(d, pages_, codec)
+        fd = os.open(path, os.O_RDONLY)
+        files.append(fd)
+        p = _read(fd, path)
+        h = p.header
+        assert [int(x) for x in p.map] == [2 + k for k in range(6)]
+        idx = ffi.NULL
+        if p.index is not None:
+            keep.append(np.ascontiguousarray(p.index["raw"]))
+            idx = ffi.from_buffer("uint32_t[]", keep[-1])
+        layers.append({"fd": fd, "store_offset": h["store_offset"],
+                       "store_bytes": h["store_bytes"], "nstored": h["nstored"], "index": idx,
+                       "sigs_offset": h["sigs_offset"], "sigs_xxh3": h["sigs_xxh3"]})
+    allpages = np.concatenate(contents)            # global entry g holds allpages[g]
+    # the region's page p holds entry order[p]: runs across layer boundaries (5, 6, 7 and
+    # 11, 12) and backwards
+    order = np.array([4, 5, 6, 7, 17, 16, 0, 11, 12, 13, 1, 2, 3, 8, 9, 10, 14, 15], np.uint32)
+    pmap = (order + 2).astype("<u4")
+    try:
+        for how in ("faults", "prefetch", "background"):
+            r = plm.Region(len(order) * PS)
+            try:
+                with r._use() as lm:
+                    c_layers = ffi.new("struct lm_src_layer[]", layers)
+                    assert lib.lm_source_attach_layers(lm, c_layers, 3, 0) == 0
+                    assert lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", pmap),
+                                                len(order), 18) == 0
+                r._base_table = pmap
+                if how == "prefetch":
+                    r.prefetch(np.arange(len(order), dtype=np.uint64))
+                elif how == "background":
+                    r.background_start()
+                    import time
+                    deadline = time.monotonic() + 30
+                    while r.stats()["background_running"]:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.005)
+                got = pages(r)
+                for p, g in enumerate(order):
+                    assert np.array_equal(got[p], allpages[g]), (how, p, g)
+                sigs = r.signatures()
+                assert [int(x) for x in sigs] == [xxh3(allpages[g].tobytes()) for g in order]
+                assert r.stats()["errors"] == 0
+            finally:
+                r.close()
+    finally:
+        for fd in files:
+            os.close(fd)
