@@ -1014,12 +1014,16 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                    % (", ".join(PREFETCH_MODES), prefetch))
     path = os.fspath(path)
     fd = _open(path)
+    chain = None
     try:
         p = _read(fd, path)
         h = p.header
         if h["flags"] & FLAG_PARENT:
-            _fail(path, "has a parent snapshot (%s): restoring a chain of snapshots is not "
-                  "supported by this version" % p.manifest["parent"]["path"])
+            if server is not None:
+                _fail(path, "has a parent snapshot: a page server serves single files (fold "
+                      "the chain first: pylazymem compact)")
+            from ._chain import open_chain
+            chain = open_chain(path)   # every link checked; its files open until attached
         if h["page_size"] != PAGE_SIZE:
             _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
                                                                              PAGE_SIZE))
@@ -1052,7 +1056,23 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 # (A page server's pool is published by the server only: nothing to verify
                 # here beyond what verify= asks.)
                 verify_now = bool(verify) or (pool is not None)
-                if p.index is None:
+                table, nstored = p.map, h["nstored"]
+                if chain is not None:   # every file of the chain a layer, leaf first
+                    layers = ffi.new("struct lm_src_layer[]", len(chain.layers))
+                    indexes = []
+                    for k, layer in enumerate(chain.layers):
+                        lh, lp = layer.parsed.header, layer.parsed
+                        idx = ffi.NULL
+                        if lp.index is not None:
+                            idx = ffi.from_buffer("uint32_t[]", lp.index["raw"])
+                            indexes.append(idx)
+                        layers[k] = {"fd": layer.fd, "store_offset": lh["store_offset"],
+                                     "store_bytes": lh["store_bytes"], "nstored": lh["nstored"],
+                                     "index": idx, "sigs_offset": lh["sigs_offset"],
+                                     "sigs_xxh3": lh["sigs_xxh3"]}
+                    rc = lib.lm_source_attach_layers(lm, layers, len(chain.layers), verify_now)
+                    table, nstored = chain.map(), chain.nstored
+                elif p.index is None:
                     rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
                                               h["sigs_offset"], h["sigs_xxh3"], verify_now)
                 else:   # a compressed store: one layer with its entry index
@@ -1065,9 +1085,9 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
                     _fail(path, ffi.string(lib.lm_last_op()).decode())
                 check(rc, "restore")
-                check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", p.map),
-                                           h["npages"], h["nstored"]), "restore")
-            region._base_table = p.map   # read by the C core until every record is filled
+                check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", table),
+                                           h["npages"], nstored), "restore")
+            region._base_table = table   # read by the C core until every record is filled
             # Pages stay as the snapshot has them until written: an incremental checkpoint
             # against it reads only those written (or deferred) from now on.
             region._take_dirty()
@@ -1105,4 +1125,6 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             raise
     finally:
         os.close(fd)
+        if chain is not None:
+            chain.close()   # the source holds its own duplicates of the files
     return region
