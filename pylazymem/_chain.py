@@ -25,6 +25,7 @@ from ._snapfile import (
     _read,
     _read_compressed_entries,
     _read_signatures,
+    parent_path,
 )
 
 #: The deepest chain a reader follows: a longer one is almost surely a mistake (compact it).
@@ -150,13 +151,6 @@ class Chain:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def parent_path(child_path, parsed):
-    """Where the parent of the file at child_path is: its manifest's relative path, resolved
-    against the child's directory."""
-    rel = parsed.manifest["parent"]["path"]
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child_path)), rel))
 
 
 def open_chain(path, signatures=False):

@@ -439,9 +439,7 @@ def _info(path, p):
     by_class = {"zero": zero, "untouched": untouched, "unique": h["nstored"],
                 "duplicate": stored - h["nstored"]}
     if h.get("parent_id"):
-        rel = p.manifest["parent"]["path"]
-        parent = {"path": os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                        rel)),
+        parent = {"path": parent_path(path, p),
                   "id": "%016x" % h["parent_id"], "pages": h.get("parent_pages", 0)}
         by_class["parent"] = h.get("parent_pages", 0)
     flags = h.get("flags", 0)
@@ -461,6 +459,13 @@ def _info(path, p):
                     "nbytes": _nbytes(a), "kind": kinds.get(n, "numpy")}
                 for n, a in p.manifest["arrays"].items()},
     )
+
+
+def parent_path(child_path, parsed):
+    """Where the parent of the file at child_path is: its manifest's relative path, resolved
+    against the child's directory."""
+    rel = parsed.manifest["parent"]["path"]
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child_path)), rel))
 
 
 def _nbytes(a):
