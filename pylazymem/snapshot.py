@@ -1089,8 +1089,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                            h["npages"], nstored), "restore")
             region._base_table = table   # read by the C core until every record is filled
             # Pages stay as the snapshot has them until written: an incremental checkpoint
-            # against it reads only those written (or deferred) from now on.
-            region._take_dirty()
+            # against it reads only those written (or deferred) after the epoch restarts,
+            # once the prefetch below is done.
             region._epoch_id = h["header_xxh3"]
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
