@@ -183,10 +183,12 @@ static int harvest_wp(struct lm_region *r, _Atomic uint64_t *dst, bool ws)
     return 0;
 }
 
-/* Pages [from, to) are neither present nor swapped: those whose record says PRESENT were
-   dropped behind our back. Pages never claimed (base_done clear) cannot be PRESENT, and their
-   records are not read (reading them would fault in the metadata memfd's pages). */
-static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from, size_t to)
+/* Mark in dst the pages of [from, to) that have been claimed and whose state `want` accepts.
+   Pages never claimed (base_done clear) are lazy: their records come from a deferral or the
+   restore's table and are not read (reading them would fault in the metadata memfd's
+   pages). */
+static void mark_claimed(struct lm_region *r, _Atomic uint64_t *dst, size_t from, size_t to,
+                         bool (*want)(uint8_t))
 {
     for (size_t p = from; p < to; p++) {
         uint64_t done = atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed);
@@ -194,12 +196,26 @@ static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from
             p |= 63;
             continue;
         }
-        if (!((done >> (p & 63)) & 1))
-            continue;
-        uint8_t s = lm_state_load(&r->meta[p]);
-        if (s == LM_PRESENT || s == LM_PINNED)
+        if ((done >> (p & 63)) & 1 && want(lm_state_load(&r->meta[p])))
             bit_or(dst, p);
     }
+}
+
+static bool present(uint8_t s)
+{
+    return s == LM_PRESENT || s == LM_PINNED;
+}
+
+static bool not_lazy(uint8_t s)
+{
+    return s != LM_EMPTY && s != LM_DEFERRED;
+}
+
+/* Pages [from, to) are neither present nor swapped: those whose record says PRESENT were
+   dropped behind our back. */
+static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from, size_t to)
+{
+    mark_claimed(r, dst, from, to, present);
 }
 
 /* Scan B: private copies (present or swapped, not a file page, not the zero page) in VMAs
@@ -269,23 +285,6 @@ int lm_dirty_harvest(struct lm_region *r, int reset)
     return rc;
 }
 
-/* Mode NONE: every page that is not lazy. A page never claimed is lazy (its record comes
-   from a deferral or the restore's table, unchanged unless lm_dirty_mark said so). */
-static void not_lazy(struct lm_region *r, _Atomic uint64_t *dst)
-{
-    for (size_t p = 0; p < r->npages; p++) {
-        uint64_t done = atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed);
-        if (!done) {
-            p |= 63;
-            continue;
-        }
-        if (!((done >> (p & 63)) & 1))
-            continue;
-        uint8_t s = lm_state_load(&r->meta[p]);
-        if (s != LM_EMPTY && s != LM_DEFERRED)
-            bit_or(dst, p);
-    }
-}
 
 /* Everything the epoch so far changed, ORed into dst (harvest_lock held). */
 static int collect(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t *sticky)
@@ -298,7 +297,7 @@ static int collect(struct lm_region *r, _Atomic uint64_t *dst, _Atomic uint64_t 
     if (rc == 0 && mode != LM_DIRTY_NONE)
         rc = scan_absent(r, dst);
     if (mode == LM_DIRTY_NONE)
-        not_lazy(r, dst);
+        mark_claimed(r, dst, 0, r->npages, not_lazy);   /* mode NONE: every page not lazy */
     return rc;
 }
 
