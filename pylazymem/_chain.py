@@ -103,7 +103,7 @@ class Chain:
         as one bytes object in the order given."""
         ids = np.asarray(ids, np.int64)
         ps = self.leaf.header["page_size"]
-        out = bytearray(ids.size * ps)
+        out = np.empty((ids.size, ps), np.uint8)
         bases = np.array([layer.base for layer in self.layers], np.int64)
         which = np.searchsorted(bases, ids, side="right") - 1
         for k, layer in enumerate(self.layers):
@@ -111,10 +111,8 @@ class Chain:
             if sel.size:
                 data = _read_store_entries(layer.fd, layer.parsed, ids[sel] - layer.base,
                                            layer.path)
-                view = memoryview(out)
-                for j, i in enumerate(sel):
-                    view[i * ps:(i + 1) * ps] = data[j * ps:(j + 1) * ps]
-        return bytes(out)
+                out[sel] = np.frombuffer(data, np.uint8).reshape(sel.size, ps)
+        return out.tobytes()
 
     def read_pages(self, pages):
         """The contents of region pages `pages` as the chain restores them (zero for zero and
@@ -122,14 +120,12 @@ class Chain:
         pages = np.asarray(pages, np.int64)
         ps = self.leaf.header["page_size"]
         m = self.map()[pages]
-        out = bytearray(pages.size * ps)
+        out = np.zeros((pages.size, ps), np.uint8)
         stored = np.flatnonzero(m >= STORED)
         if stored.size:
             data = self.read_entries(m[stored].astype(np.int64) - STORED)
-            view = memoryview(out)
-            for j, i in enumerate(stored):
-                view[i * ps:(i + 1) * ps] = data[j * ps:(j + 1) * ps]
-        return bytes(out)
+            out[stored] = np.frombuffer(data, np.uint8).reshape(stored.size, ps)
+        return out.tobytes()
 
     def describe(self):
         """One dict per file, leaf first: path, content id, pages it stores, bytes."""
