@@ -54,21 +54,21 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
 
 /* ---- checkpoint ---------------------------------------------------------------------- */
 
-/* Page p's contents while it is held in state s: in the region (pinned), in the canonical
-   store, or read into buf (a snapshot page). Never faults a page in. */
-static int view_held(struct lm_region *r, size_t p, uint8_t s, char *buf, const char **out)
+/* A held page's contents (its view, freeze.c): in the region (pinned) or in staging, in the
+   canonical store, or read into buf (a snapshot page). Never faults a page in. */
+static int view_bytes(struct lm_region *r, size_t p, const struct lm_view *v, char *buf,
+                      const char **out)
 {
-    const struct lm_page_meta *m = &r->meta[p];
-    if (s == LM_PRESENT) {
-        *out = r->base + p * r->page_size;
+    if (v->s == LM_PRESENT) {
+        *out = v->mem;
         return 0;
     }
-    if (s == LM_DEFERRED && m->cls == LM_CLS_CANONICAL) {
-        *out = lm_canon_page(r, m->canon);
+    if (v->s == LM_DEFERRED && v->m->cls == LM_CLS_CANONICAL) {
+        *out = lm_canon_page(r, v->m->canon);
         return 0;
     }
     *out = buf;
-    return lm_read_held(r, p, s, buf);
+    return lm_view_read(r, p, v, buf);
 }
 
 /* Compare the contents of pages a and b byte by byte, without faulting either. Each is held
@@ -79,27 +79,29 @@ static int pages_equal(struct lm_region *r, size_t a, size_t b, char *buf_a, cha
 {
     size_t ps = r->page_size;
     const char *pa, *pb;
-    uint8_t sa = lm_hold(r, a);
-    int rc = view_held(r, a, sa, buf_a, &pa);
+    struct lm_view va, vb;
+    lm_view_hold(r, a, true, &va);
+    int rc = view_bytes(r, a, &va, buf_a, &pa);
     bool a_held = true;
-    uint8_t sb = rc < 0 ? LM_BUSY : lm_try_hold(r, b);
+    uint8_t sb = rc < 0 ? LM_BUSY : lm_view_hold(r, b, false, &vb);
     if (rc == 0 && sb == LM_BUSY) {
         if (pa != buf_a) {
             memcpy(buf_a, pa, ps);
             pa = buf_a;
         }
-        lm_unhold(r, a, sa);
+        lm_view_unhold(r, a, &va);
         a_held = false;
-        sb = lm_hold(r, b);
+        lm_view_hold(r, b, true, &vb);
+        sb = vb.s;
     }
     if (rc == 0) {
-        rc = view_held(r, b, sb, buf_b, &pb);
+        rc = view_bytes(r, b, &vb, buf_b, &pb);
         if (rc == 0)
             *equal = memcmp(pa, pb, ps) == 0;
-        lm_unhold(r, b, sb);
+        lm_view_unhold(r, b, &vb);
     }
     if (a_held)
-        lm_unhold(r, a, sa);
+        lm_view_unhold(r, a, &va);
     return rc;
 }
 
@@ -146,8 +148,9 @@ struct plan_parent {
    are read (a fault, a deferral or a poisoning cannot change them meanwhile). */
 static int classify(struct lm_region *r, size_t p, struct plan_page *e)
 {
-    struct lm_page_meta *m = &r->meta[p];
-    uint8_t s = lm_hold(r, p);
+    struct lm_view v;
+    uint8_t s = lm_view_hold(r, p, true, &v);
+    const struct lm_page_meta *m = v.m;
     int rc = 0;
     memset(e, 0, sizeof(*e));
     if (s == LM_EMPTY) {
@@ -186,8 +189,8 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
                                                                    : LM_SNAP_STORED;
         if (e->cls == LM_SNAP_ZERO)
             e->sig = r->zero_sig;
-    } else if (s == LM_PRESENT) {   /* pinned: hash what is there */
-        const char *mem = r->base + p * r->page_size;
+    } else if (s == LM_PRESENT) {   /* pinned (or staged): hash what is there */
+        const char *mem = v.mem;
         if (is_zero(mem, r->page_size)) {
             e->cls = LM_SNAP_ZERO;
             e->sig = r->zero_sig;
@@ -195,12 +198,13 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
             e->cls = LM_SNAP_STORED;
             e->sig = XXH3_64bits(mem, r->page_size);
         }
-        lm_meta_note_signature(r, p, e->sig);
+        if (!v.frozen)   /* the page's contents now, not the pause's */
+            lm_meta_note_signature(r, p, e->sig);
     } else {   /* LM_POISONED: its contents are lost; a checkpoint must not pretend */
         rc = lm_fail("checkpoint: poisoned pages (their contents could not be served)",
                      EHWPOISON);
     }
-    lm_unhold(r, p, s);
+    lm_view_unhold(r, p, &v);
     return rc;
 }
 
@@ -424,9 +428,10 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
            BATCH = 4096 }; /* pages per write (adjacent ones coalesce into one iovec) */
     struct iovec iov[IOV];
     size_t *pinned = malloc(BATCH * sizeof(size_t));
+    uint8_t *pin_held = malloc(BATCH);
     char *bufs = malloc((size_t)IOV * r->page_size);
     int rc = 0;
-    if (!bufs || !pinned)
+    if (!bufs || !pinned || !pin_held)
         rc = lm_fail("malloc(checkpoint buffer)", ENOMEM);
     size_t ps = r->page_size;
     if (rc == 0 && __builtin_mul_overflow(n, ps, &(size_t){0}))
@@ -440,16 +445,17 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
                 rc = lm_fail("checkpoint: store page outside the region", ERANGE);
                 break;
             }
-            uint8_t s = npinned ? lm_try_hold(r, p) : lm_hold(r, p);
-            if (s == LM_BUSY)
+            struct lm_view v;
+            if (lm_view_hold(r, p, npinned == 0, &v) == LM_BUSY)
                 break;   /* held elsewhere: write what we have first */
             const char *src;
-            if (s == LM_PRESENT) {
+            if (v.s == LM_PRESENT) {
+                pin_held[npinned] = v.held;
                 pinned[npinned++] = p;
-                src = r->base + p * ps;
+                src = v.mem;
             } else {
-                rc = lm_read_held(r, p, s, bufs + (size_t)k * ps);
-                lm_unhold(r, p, s);
+                rc = lm_view_read(r, p, &v, bufs + (size_t)k * ps);
+                lm_view_unhold(r, p, &v);
                 if (rc < 0)
                     break;
                 src = bufs + (size_t)k * ps;
@@ -488,10 +494,13 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
             }
         }
         for (size_t q = 0; q < npinned; q++)
-            lm_unhold(r, pinned[q], LM_PRESENT);
+            lm_unhold(r, pinned[q], pin_held[q]);
+        if (rc == 0)
+            lm_freeze_count_written(r, i - start);
     }
     free(bufs);
     free(pinned);
+    free(pin_held);
     return rc;
 }
 
@@ -521,9 +530,10 @@ int lm_ckpt_write_packed(struct lm_region *r, int fd, uint64_t offset,
                 rc = lm_fail("checkpoint: store page outside the region", ERANGE);
                 break;
             }
-            uint8_t s = lm_hold(r, p);
-            rc = lm_read_held(r, p, s, in + j * ps);
-            lm_unhold(r, p, s);
+            struct lm_view v;
+            lm_view_hold(r, p, true, &v);
+            rc = lm_view_read(r, p, &v, in + j * ps);
+            lm_view_unhold(r, p, &v);
         }
         uint64_t bytes = 0;
         if (rc == 0)
@@ -541,6 +551,8 @@ int lm_ckpt_write_packed(struct lm_region *r, int fd, uint64_t offset,
         }
         total += bytes;
         i += k;
+        if (rc == 0)
+            lm_freeze_count_written(r, k);
     }
     free(in);
     free(out);

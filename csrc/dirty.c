@@ -354,3 +354,33 @@ int lm_dirty_bitmap(struct lm_region *r, uint64_t *words)
     mask_tail(r, words);
     return 0;
 }
+
+/*
+ * A background checkpoint's pause (freeze.c): the epoch's bitmap is taken (into words) and
+ * pause(arg) moves the region's pages away, both under harvest_lock, so that no harvest
+ * protects a page and files its store under the new epoch in between: a store before the
+ * pause is then in words or still in its page-table entry (which moves with the page: the
+ * freeze reads it there), one after it is the new epoch's.
+ */
+int lm_dirty_freeze(struct lm_region *r, uint64_t *words, int (*pause)(void *), void *arg)
+{
+    size_t nw = (r->npages + 63) / 64;
+    pthread_mutex_lock(&r->harvest_lock);
+    for (size_t w = 0; w < nw; w++)
+        words[w] = atomic_exchange_explicit(&r->dirty[w], 0, memory_order_relaxed);
+    int rc = pause(arg);
+    if (rc < 0)   /* nothing moved: the epoch goes on */
+        for (size_t w = 0; w < nw; w++)
+            atomic_fetch_or_explicit(&r->dirty[w], words[w], memory_order_relaxed);
+    pthread_mutex_unlock(&r->harvest_lock);
+    return rc;
+}
+
+/* Give an epoch's pages back to the current one (a background checkpoint that failed: its
+   epoch does not end). */
+void lm_dirty_merge(struct lm_region *r, const uint64_t *words)
+{
+    for (size_t w = 0; w < (r->npages + 63) / 64; w++)
+        if (words[w])
+            atomic_fetch_or_explicit(&r->dirty[w], words[w], memory_order_relaxed);
+}

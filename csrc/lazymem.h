@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 15 };
+enum { LM_ABI_VERSION = 16 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -409,6 +409,46 @@ int lm_ckpt_write(struct lm_region *r, int fd, uint64_t offset, const uint64_t *
 int lm_ckpt_write_packed(struct lm_region *r, int fd, uint64_t offset,
                          const uint64_t *store_pages, size_t n, int codec, int level,
                          uint32_t *index, uint64_t *written);
+
+/* Background checkpoints (freeze.c, docs/design.md "Background checkpoints"). A freeze
+   captures the region as it is at one instant, the pause, without stopping the program for
+   longer than that: lm_freeze_begin moves the present pages to a staging range in one mremap
+   (page tables move whole), after which the program's first touch of a page is served from
+   staging, and the lm_ckpt_* calls read every page as it was at the pause. Needs a private
+   region registered for async write-protect (6.7+), not served by a page server, with no
+   canonical chunk blocks, and UFFD_FEATURE_EVENT_REMAP. One freeze at a time per region;
+   deferrals are refused (EBUSY) until it ends. */
+struct lm_freeze;
+struct lm_freeze_stats {
+    uint64_t arm_ns;            /* waiting for deferrals and claims in flight (program runs) */
+    uint64_t pause_ns;          /* the pause: the mremap that moves the pages */
+    uint64_t begin_ns;          /* lm_freeze_begin, whole */
+    uint64_t staged;            /* pages present at the pause (known after lm_freeze_scan) */
+    uint64_t copied_back;       /* staged pages brought back by lm_freeze_copy_back */
+    uint64_t fault_served;      /* staged pages brought back by a fault (the program touched
+                                   them first) */
+    uint64_t written;           /* pages written by lm_ckpt_write* while frozen */
+    uint64_t stray;             /* faults in the staging range served zeros (never expected) */
+};
+/* test_copy: NULL, or nbytes where the region's bytes are copied inside the pause (tests: a
+   copy independent of everything the checkpoint reads; pages lazy at the pause read zero). */
+int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out);
+/* Which pages were present at the pause, and the dirty-tracking epoch that ended there. */
+int lm_freeze_scan(struct lm_freeze *fz);
+/* Bring every staged page back into the region (its bytes stay in staging for the
+   checkpoint). Needs lm_freeze_scan first. */
+int lm_freeze_copy_back(struct lm_freeze *fz);
+/* The pages that may have changed in the epoch that ended at the pause (words as
+   lm_dirty_bitmap's); needs lm_freeze_scan first. */
+int lm_freeze_old_dirty(struct lm_freeze *fz, uint64_t *words);
+/* Page `page` as it was at the pause. */
+int lm_freeze_page_read(struct lm_freeze *fz, size_t page, void *out);
+void lm_freeze_stats(struct lm_freeze *fz, struct lm_freeze_stats *out);
+/* End the freeze: staged pages not yet back are brought back, staging is unmapped, the
+   records' stash dropped. failed: the checkpoint did not complete, so the epoch that ended at
+   the pause is merged back into the current one. 0 (fz freed) or -errno (still frozen: call
+   again, or close the region). */
+int lm_freeze_end(struct lm_freeze *fz, int failed);
 
 /* Working-set window: pages first touched since the mark (in touch order), plus present pages
    written since the mark (write-protect tracking, where the kernel has WP_ASYNC). */

@@ -20,6 +20,8 @@
  *                 attach and its checks, info)
  *   pooldir.c     finding one another's pools (abstract sockets, SCM_RIGHTS), the pool thread
  *   fill.c        filling claimed pages: assemble from the stores, COPY/ZEROPAGE/CONTINUE, poison
+ *   freeze.c      a background checkpoint's pause (staging by mremap), serving staged pages,
+ *                 the region as it was at the pause (views), bringing pages back
  *   serve.c       serving threads: fault messages, readahead streams, split-fill helper
  *   prefetch.c    restore's working-set prefetch pipeline and the background fill
  *   checkpoint.c  signatures, checkpoint plan / compare / write
@@ -259,6 +261,13 @@ struct lm_region {
     _Atomic unsigned nranges;
     _Atomic int lazy_records;     /* some record may still come from a range or the table */
     pthread_mutex_t records_lock; /* writers of ranges; lm_meta_sync */
+    /* A background checkpoint's freeze (note_lazy in meta.c): while armed, the first claim of
+       a lazy page keeps its record in stash (stash_bits: which are kept); deferrals in
+       progress are counted so that arming can wait for them. */
+    _Atomic int freeze_armed;
+    struct lm_page_meta *stash;
+    _Atomic uint64_t *stash_bits;
+    _Atomic int defers_active;
     _Atomic unsigned applying;    /* claimers filling a record from the ranges right now */
     _Atomic uint64_t touch_seq;   /* next first-touch order */
     /* Fault timeline (config.timeline), written by lm_mark_present: see lm_timeline(). */
@@ -275,6 +284,11 @@ struct lm_region {
     struct lm_serve_thread bg;    /* its scratch and scratch cache */
     _Atomic int bg_boosted;       /* a serving thread lifted it out of SCHED_IDLE */
     pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
+
+    /* freeze.c: the background checkpoint in progress (NULL: none), and the fault-path
+       threads reading it right now (lm_freeze_end waits for them before freeing it). */
+    _Atomic(struct lm_freeze *) freeze;
+    _Atomic int freeze_users;
 
     /* wstrack.c: the working-set window. */
     uint64_t ws_mark_seq;
@@ -375,6 +389,10 @@ void lm_dirty_mark(struct lm_region *r, size_t first, size_t n);
    with LM_HARVEST_RESET_WS, ws_written is cleared first and gets none of them (lm_ws_mark). */
 #define LM_HARVEST_RESET_WS 1
 int lm_dirty_harvest(struct lm_region *r, int reset);
+/* Take the epoch's bitmap into words and run pause(arg), under the harvest lock (a failed
+   pause puts the bitmap back); lm_dirty_merge ORs an epoch's words back into the current. */
+int lm_dirty_freeze(struct lm_region *r, uint64_t *words, int (*pause)(void *), void *arg);
+void lm_dirty_merge(struct lm_region *r, const uint64_t *words);
 
 /* ==== meta.c: the page record and its transitions (state machine: top of meta.c) ========= */
 
@@ -475,6 +493,14 @@ void lm_meta_install_base(struct lm_region *r, const struct lm_snap_page *map);
    from the base table before then (signature 0) theirs. */
 void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs);
 
+/* Freezing for a background checkpoint (freeze.c; note_lazy in meta.c says how). Arming
+   waits for deferrals and for claims of lazy pages taken before it; 0 or -errno. */
+int lm_meta_freeze_arm(struct lm_region *r);
+void lm_meta_freeze_disarm(struct lm_region *r);
+void lm_meta_freeze_free(struct lm_region *r);
+/* The record page p had when first claimed since arming (its state in ->state), or NULL. */
+const struct lm_page_meta *lm_meta_stashed(struct lm_region *r, size_t p);
+
 /* ==== wstrack.c ========================================================================= */
 
 /* lm_dirty_init / lm_dirty_close, and the window's start. */
@@ -503,6 +529,9 @@ int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
+/* lm_read_held with the record given (a background checkpoint's stash, freeze.c). */
+int lm_read_record(struct lm_region *r, size_t p, const struct lm_page_meta *m, uint8_t s,
+                   void *out);
 /* The signature of canonical page `id`, checking that the id is this region's. */
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 /* Store entries [index, index + count) (global ids, across layers) into dst, count pages:
@@ -600,6 +629,34 @@ void lm_poison_again(struct lm_region *r, size_t page);
 size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
                          const uint8_t *old, uint16_t flag);
 void lm_record_error(struct lm_region *r, int rc);
+
+/* ==== freeze.c ========================================================================== */
+
+/* A page as a checkpoint reads it: the region's now, or, while a background checkpoint's
+   freeze is in place, as it was at the pause. The page is held between lm_view_hold and
+   lm_view_unhold (as lm_hold does); `s` is the state to act on (PRESENT: the bytes are at
+   `mem`; others: the record `m` describes them, lm_view_read). */
+struct lm_view {
+    uint8_t held;                 /* what lm_hold returned (given back by lm_view_unhold) */
+    uint8_t s;
+    bool frozen;
+    const struct lm_page_meta *m;
+    const char *mem;
+};
+/* lm_hold (wait) or lm_try_hold (!wait: LM_BUSY when held elsewhere), then the view. */
+uint8_t lm_view_hold(struct lm_region *r, size_t p, bool wait, struct lm_view *v);
+void lm_view_unhold(struct lm_region *r, size_t p, const struct lm_view *v);
+/* The page's bytes into out (any state; -EHWPOISON for a poisoned page). */
+int lm_view_read(struct lm_region *r, size_t p, const struct lm_view *v, void *out);
+/* Checkpoint progress while frozen: pages written. */
+void lm_freeze_count_written(struct lm_region *r, size_t n);
+/* The fault path's part (serve.c): true when the fault at page p was handled here (served
+   from staging, or to be retried); a fault at `addr` outside the region that falls in a
+   staging range is served zeros (lm_freeze_stray: true when it did). */
+bool lm_freeze_fault(struct lm_region *r, size_t p);
+bool lm_freeze_stray(struct lm_region *r, uint64_t addr);
+/* A region torn down while frozen (region.c): staging unmapped, stash freed. */
+void lm_freeze_abandon(struct lm_region *r);
 
 /* ==== serve.c =========================================================================== */
 

@@ -116,7 +116,7 @@ static uint8_t try_claim(struct lm_page_meta *m)
 {
     uint8_t s = lm_state_load(m);
     while (s == LM_EMPTY || s == LM_DEFERRED) {
-        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_SEQ_CST,
                                         __ATOMIC_ACQUIRE))
             return s;
     }
@@ -132,7 +132,7 @@ static uint8_t claim_wait(struct lm_page_meta *m)
             lm_wait_busy(&spins);   /* held for one copy, madvise or read at most */
             continue;
         }
-        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_ACQ_REL,
+        if (__atomic_compare_exchange_n(&m->state, &s, LM_BUSY, false, __ATOMIC_SEQ_CST,
                                         __ATOMIC_ACQUIRE))
             return s;
     }
@@ -216,16 +216,49 @@ static uint8_t apply_lazy_record(struct lm_region *r, size_t p, uint8_t s, uint6
     return apply_table(r, p, s);   /* a restore's page map, if any */
 }
 
+/*
+ * Freezing (a background checkpoint, freeze.c): the checkpoint must read every page as it was
+ * at its pause. A page present then is in the staging range; a lazy one is described by its
+ * record, which stays true until a claimer fills the page. So while a freeze is armed, the
+ * first claim of a lazy page keeps a copy of the record it found (the stash), before the
+ * claimer can fill or change anything; the checkpoint reads the stash. Claims taken before
+ * arming are waited for by lm_meta_freeze_arm (their fills could land after the pause with no
+ * stash): the claim's compare-and-swap and the load of freeze_armed below, and arming's store
+ * and its load of each state, are sequentially consistent, so either the claimer sees the
+ * freeze or the arming sees the claim.
+ */
+static uint8_t note_lazy(struct lm_region *r, size_t p, uint8_t s)
+{
+    if (!atomic_load_explicit(&r->freeze_armed, memory_order_seq_cst))
+        return s;
+    uint64_t bit = (uint64_t)1 << (p & 63);
+    if (atomic_load_explicit(&r->stash_bits[p >> 6], memory_order_acquire) & bit)
+        return s;   /* the first claim since arming kept it; a lazy record does not change */
+    r->stash[p] = r->meta[p];
+    r->stash[p].state = s;
+    atomic_fetch_or_explicit(&r->stash_bits[p >> 6], bit, memory_order_release);
+    return s;
+}
+
+static inline bool lazy(uint8_t s)
+{
+    return s == LM_EMPTY || s == LM_DEFERRED;
+}
+
 uint8_t lm_claim(struct lm_region *r, size_t p)
 {
     uint8_t s = try_claim(&r->meta[p]);
-    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+    if (s == LM_EMPTY)
+        s = apply_base(r, p, s);
+    return lazy(s) ? note_lazy(r, p, s) : s;
 }
 
 uint8_t lm_claim_wait(struct lm_region *r, size_t p)
 {
     uint8_t s = claim_wait(&r->meta[p]);
-    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+    if (s == LM_EMPTY)
+        s = apply_base(r, p, s);
+    return lazy(s) ? note_lazy(r, p, s) : s;
 }
 
 bool lm_claim_present(struct lm_region *r, size_t p)
@@ -243,10 +276,12 @@ uint8_t lm_try_hold(struct lm_region *r, size_t p)
     if (s == LM_BUSY || s == LM_PINNED)
         return LM_BUSY;
     uint8_t to = s == LM_PRESENT ? LM_PINNED : LM_BUSY;
-    if (!__atomic_compare_exchange_n(&m->state, &s, to, false, __ATOMIC_ACQ_REL,
+    if (!__atomic_compare_exchange_n(&m->state, &s, to, false, __ATOMIC_SEQ_CST,
                                      __ATOMIC_ACQUIRE))
         return LM_BUSY;
-    return s == LM_EMPTY ? apply_base(r, p, s) : s;
+    if (s == LM_EMPTY)
+        s = apply_base(r, p, s);
+    return lazy(s) ? note_lazy(r, p, s) : s;
 }
 
 uint8_t lm_hold(struct lm_region *r, size_t p)
@@ -528,6 +563,88 @@ void lm_meta_fill_signatures(struct lm_region *r, const uint64_t *sigs)
     }
 }
 
+/* ---- freezing (see note_lazy) ------------------------------------------------------- */
+
+int lm_meta_freeze_arm(struct lm_region *r)
+{
+    size_t words = (r->npages + 63) / 64;
+    if (!r->stash) {
+        /* Never freed before the region: a claimer that read freeze_armed just before a
+           disarm may still write its page's slot (harmless in memory we keep). */
+        void *st = mmap(NULL, r->npages * sizeof(struct lm_page_meta), PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (st == MAP_FAILED)
+            return LM_FAIL("mmap(freeze stash)");
+        r->stash_bits = calloc(words, sizeof(uint64_t));
+        if (!r->stash_bits) {
+            munmap(st, r->npages * sizeof(struct lm_page_meta));
+            return lm_fail("calloc(freeze stash bits)", ENOMEM);
+        }
+        r->stash = st;
+    }
+    for (size_t w = 0; w < words; w++)
+        atomic_store_explicit(&r->stash_bits[w], 0, memory_order_relaxed);
+    atomic_store_explicit(&r->freeze_armed, 1, memory_order_seq_cst);
+    /* Deferrals change records and memory together: those in flight finish, new ones are
+       refused (defer_enter). */
+    for (unsigned spins = 0; atomic_load_explicit(&r->defers_active, memory_order_seq_cst);)
+        lm_wait_busy(&spins);
+    /* A page BUSY now without a stash may be a claim from before arming: wait for it to end.
+       (A claim from after arming has stashed, or will before it fills anything.) */
+    for (size_t p = 0; p < r->npages; p++) {
+        uint64_t bit = (uint64_t)1 << (p & 63);
+        for (unsigned spins = 0;
+             __atomic_load_n(&r->meta[p].state, __ATOMIC_SEQ_CST) == LM_BUSY &&
+             !(atomic_load_explicit(&r->stash_bits[p >> 6], memory_order_acquire) & bit);) {
+            if (spins == 16)
+                lm_boost_background(r);
+            lm_wait_busy(&spins);
+        }
+    }
+    return 0;
+}
+
+void lm_meta_freeze_disarm(struct lm_region *r)
+{
+    atomic_store_explicit(&r->freeze_armed, 0, memory_order_seq_cst);
+    if (r->stash)
+        madvise(r->stash, r->npages * sizeof(struct lm_page_meta), MADV_DONTNEED);
+}
+
+const struct lm_page_meta *lm_meta_stashed(struct lm_region *r, size_t p)
+{
+    if (!r->stash)
+        return NULL;
+    uint64_t bit = (uint64_t)1 << (p & 63);
+    return atomic_load_explicit(&r->stash_bits[p >> 6], memory_order_acquire) & bit
+               ? &r->stash[p]
+               : NULL;
+}
+
+void lm_meta_freeze_free(struct lm_region *r)
+{
+    if (r->stash)
+        munmap(r->stash, r->npages * sizeof(struct lm_page_meta));
+    free(r->stash_bits);
+    r->stash = NULL;
+    r->stash_bits = NULL;
+}
+
+/* A deferral changes records and memory: not while a freeze is armed. */
+static int defer_enter(struct lm_region *r)
+{
+    atomic_fetch_add_explicit(&r->defers_active, 1, memory_order_seq_cst);
+    if (!atomic_load_explicit(&r->freeze_armed, memory_order_seq_cst))
+        return 0;
+    atomic_fetch_sub_explicit(&r->defers_active, 1, memory_order_seq_cst);
+    return lm_fail("defer_fill: a background checkpoint is in progress (wait for it)", EBUSY);
+}
+
+static void defer_leave(struct lm_region *r)
+{
+    atomic_fetch_sub_explicit(&r->defers_active, 1, memory_order_seq_cst);
+}
+
 /* ---- deferral ------------------------------------------------------------------------ */
 
 #define CHUNK 512   /* pages claimed at once: keeps the BUSY window short */
@@ -555,12 +672,16 @@ static bool publish_range(struct lm_region *r, size_t first, size_t n, int cls, 
 int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t canon,
                   uint64_t sig, uint16_t flags)
 {
+    int rc = defer_enter(r);
+    if (rc < 0)
+        return rc;
     pthread_mutex_lock(&r->records_lock);
     /* Fast path: record the deferral once for the whole range. Pages whose record is not
        authoritative yet take it when first claimed; the others are updated below. */
     bool fast = publish_range(r, first, n, cls, canon, sig, flags);
-    int rc = defer_pages(r, first, n, cls, canon, sig, flags, fast, NULL, NULL, NULL);
+    rc = defer_pages(r, first, n, cls, canon, sig, flags, fast, NULL, NULL, NULL);
     pthread_mutex_unlock(&r->records_lock);
+    defer_leave(r);
     return rc;
 }
 
@@ -644,7 +765,10 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
                         size_t *failed_at)
 {
     size_t bp = r->blk_pages;
-    int rc = 0;
+    *failed_at = first;
+    int rc = defer_enter(r);
+    if (rc < 0)
+        return rc;
     *failed_at = first + n;
     pthread_mutex_lock(&r->records_lock);
     if (n >= LM_RANGE_MIN_PAGES && atomic_load(&r->nranges) == LM_MAX_RANGES)
@@ -672,6 +796,7 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
     }
     free(held);
     pthread_mutex_unlock(&r->records_lock);
+    defer_leave(r);
     return rc;
 }
 

@@ -118,6 +118,9 @@ static int open_uffd(struct lm_region *r)
     /* Asked for whenever offered: they change nothing for anonymous memory, and a region may
        become shared (lm_region_share) only after its one UFFDIO_API handshake. */
     uint64_t shmem = supported & (UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    /* A background checkpoint's pause moves the region's page tables whole only with it
+       (freeze.c); the serving threads read and pass over the REMAP events it brings. */
+    uint64_t remap = supported & UFFD_FEATURE_EVENT_REMAP;
     int rc;
 
     r->base = mmap(NULL, r->nbytes, PROT_READ | PROT_WRITE,
@@ -135,7 +138,7 @@ static int open_uffd(struct lm_region *r)
         r->uffd = lm_uffd_open(r->cfg.acquire, &r->mode, &r->source, &why);
         if (r->uffd < 0)
             return r->uffd;
-        if ((rc = lm_uffd_api(r->uffd, want | shmem, &features, &ioctls)) < 0)
+        if ((rc = lm_uffd_api(r->uffd, want | shmem | remap, &features, &ioctls)) < 0)
             return rc;
         r->api_features = features;
         uint64_t mode = UFFDIO_REGISTER_MODE_MISSING | (want ? UFFDIO_REGISTER_MODE_WP : 0);
@@ -321,6 +324,7 @@ void lm_region_destroy(struct lm_region *r, int unmap_data)
     lm_remote_close(r);   /* first: the watcher may be starting serving threads */
     lm_background_stop(r);
     lm_serve_stop(r);
+    lm_freeze_abandon(r);   /* nobody serves staged pages now: staging goes */
     /* Unmap before closing the uffd: closing it first would let a straggling access fault
        in a zero page where deferred contents belong. */
     if (unmap_data && r->base != MAP_FAILED)
@@ -768,8 +772,14 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
     }
     /* Serialises the mapping decisions (chunk table, budget) of concurrent deferrals. */
     pthread_mutex_lock(&r->chunk_lock);
-    rc = defer_blocks(r, first, n, cls, canon, sig, flags);
+    /* Under chunk_lock: lm_freeze_begin checks for chunk blocks and arms under it too. */
+    if (atomic_load(&r->freeze_armed))
+        rc = lm_fail("defer_fill: a background checkpoint is in progress (wait for it)", EBUSY);
+    else
+        rc = defer_blocks(r, first, n, cls, canon, sig, flags);
     pthread_mutex_unlock(&r->chunk_lock);
+    if (rc == -EBUSY && atomic_load(&r->freeze_armed))
+        return rc;   /* nothing was recorded */
     /* New contents relative to the epoch's, once recorded (a reset meanwhile keeps them
        dirty); on failure too: part of the range may be recorded. */
     lm_dirty_mark(r, first, n);

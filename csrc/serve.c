@@ -239,10 +239,16 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
 {
     struct lm_region *r = t->r;
     uint8_t old[LM_MAX_CLUSTER], ok[LM_MAX_CLUSTER];
-    if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->nbytes)
+    if (addr < (uintptr_t)r->base || addr >= (uintptr_t)r->base + r->nbytes) {
+        (void)lm_freeze_stray(r, addr);   /* a background checkpoint's staging, or nothing */
         return;   /* not ours: cannot happen with one uffd per region */
+    }
     size_t page = (size_t)(addr - (uintptr_t)r->base) >> r->page_shift;
     struct lm_page_meta *m = &r->meta[page];
+    /* A background checkpoint moved the page away at its pause: it comes back from staging
+       (freeze.c). Before anything reads the record, which says PRESENT for such a page. */
+    if (lm_freeze_fault(r, page))
+        return;
 
     uint8_t s;
     unsigned spins = 0;

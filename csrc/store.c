@@ -837,7 +837,12 @@ int lm_meta_sync(struct lm_region *r)
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out)
 {
-    const struct lm_page_meta *m = &r->meta[p];
+    return lm_read_record(r, p, &r->meta[p], s, out);
+}
+
+int lm_read_record(struct lm_region *r, size_t p, const struct lm_page_meta *m, uint8_t s,
+                   void *out)
+{
     if (s == LM_PRESENT) {   /* pinned: a fault here is served without waiting for us */
         memcpy(out, r->base + p * r->page_size, r->page_size);
         return 0;

@@ -16,6 +16,7 @@ from ._version import __version__  # noqa: E402,F401
 from . import _backend  # noqa: E402
 from ._backend import BackendFeatures  # noqa: E402
 from ._errors import (  # noqa: E402
+    BusyError,
     InvalidArgumentError,
     InvalidRangeError,
     LazyMemError,
@@ -40,6 +41,7 @@ if backend == "cffi":
     from .snapshot import (  # noqa: E402
         SnapshotError, SnapshotInfo, checkpoint, compact, inspect, restore)
     from .arrays import LoadedState, load, record_working_set, save  # noqa: E402
+    from ._bgckpt import CheckpointHandle  # noqa: E402
 else:
     # Stand-ins that raise UnavailableError with the reason and the fix: a program written for
     # the cffi backend fails at the first call it cannot make, with words, not at import.
@@ -71,7 +73,7 @@ __all__ = [
     "__version__", "features", "Features", "Region", "Canonical", "Handler", "ZERO",
     "PageState", "PageClass", "PageFlag", "META_DTYPE", "LazyMemError", "InvalidArgumentError",
     "InvalidRangeError", "PoisonedPageError", "RegionClosedError", "UnavailableError",
-    "SharingUnavailableError", "UffdError",
+    "SharingUnavailableError", "UffdError", "BusyError", "CheckpointHandle",
     "checkpoint", "restore", "compact", "inspect", "SnapshotInfo", "SnapshotError",
     "save", "load", "record_working_set", "LoadedState",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",

@@ -8,7 +8,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 # In layer order, bottom first (csrc/lm_internal.h, "LAYERS"; tests/test_layering.py).
 CORE_SOURCES = ["util.c", "codec.c", "uffd.c", "server.c", "dirty.c", "meta.c", "wstrack.c", "store.c", "pool.c",
-                "pooldir.c", "fill.c", "serve.c", "prefetch.c", "checkpoint.c", "remote.c",
+                "pooldir.c", "fill.c", "freeze.c", "serve.c", "prefetch.c", "checkpoint.c", "remote.c",
                 "region.c"]
 
 

@@ -48,6 +48,11 @@ class CoreNotLoaded(ImportError):
     """The compiled core was asked for under the ctypes backend (pylazymem._backend)."""
 
 
+class BusyError(LazyMemError, OSError):
+    """The region is in the middle of something that excludes this call: a background
+    checkpoint (wait() for its handle first)."""
+
+
 class RegionClosedError(LazyMemError, ValueError):
     """The region was closed (or belongs to the parent process after fork())."""
 
@@ -64,6 +69,10 @@ def status_error(err, op, what="", why_unavailable=None):
         return InvalidRangeError(where)
     if err == EHWPOISON:
         return PoisonedPageError("%s: poisoned pages (their contents could not be served)" % where)
+    if err == _errno.EBUSY and not op.startswith("ioctl"):
+        return BusyError(err, where)
+    if err == _errno.EOPNOTSUPP and op.startswith("background checkpoint"):
+        return UnavailableError(err, where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):
         return InvalidArgumentError(where)
     return UffdError(err, "%s: %s" % (where, os.strerror(err)))

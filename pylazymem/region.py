@@ -160,6 +160,7 @@ class Region(AddressRange):
         # dirty-tracking epoch started then is unbroken: what an incremental checkpoint
         # against that snapshot may take unchanged pages from without reading them.
         self._epoch_id = None
+        self._bg = None          # the CheckpointHandle of a background checkpoint, if any
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None
@@ -378,6 +379,14 @@ class Region(AddressRange):
             return None
         return ~dirty
 
+    def _check_no_background(self):
+        """Calls that a background checkpoint in progress excludes raise BusyError."""
+        bg = getattr(self, "_bg", None)
+        if bg is not None and not bg.done:
+            from ._errors import BusyError
+            raise BusyError(errno.EBUSY, "a background checkpoint of this region is in progress "
+                            "(to %s): wait() for it first" % bg.path)
+
     def _prepare_checkpoint(self):
         """Before a checkpoint trusts our page records: bring them up to date with what a
         page server filled (and, where only it knows the contents, fetch them)."""
@@ -578,6 +587,7 @@ class Region(AddressRange):
         """Start a new epoch: from now on dirty_pages() lists only pages changed after this call
         (call it before reading the pages whose state the epoch starts from). The epoch is no
         snapshot's: the next checkpoint(parent=) compares every page with its parent."""
+        self._check_no_background()   # its epoch began at its pause; ours would not be it
         self._epoch_id = None
         self._restart_epoch()
 

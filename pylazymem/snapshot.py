@@ -115,7 +115,7 @@ def _codec_arg(compress):
 
 
 def checkpoint(region, path, working_set="auto", progress=None, durable=True, parent=None,
-               compress=None):
+               compress=None, background=False):
     """Write the region's state to `path` atomically; returns its SnapshotInfo.
 
     working_set: "auto" (the current window, Region.working_set()), "none", or page indices
@@ -132,12 +132,19 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     (an incremental checkpoint; restore() follows the chain, compact() folds it into one
     file). Pages unchanged since the parent was taken from or restored into this region are
     known without reading them (Region.dirty_tracking); the others are compared by contents.
+    background: return a CheckpointHandle after a pause (the program's threads stop for one
+    mremap, well under a millisecond for a GiB) instead of the SnapshotInfo: the file holds the
+    region exactly as it was at the pause, while the program goes on storing to it; the handle
+    says how far the writing is, and wait() returns the SnapshotInfo or raises what went wrong
+    (the previous file at `path` is then untouched). docs/design.md, "Background checkpoints".
     """
-    from ._binding import check, ffi, lib
-
     codec = _codec_arg(compress)
     region._check_open()
+    region._check_no_background()
     path = os.fspath(path)
+    if background:
+        from . import _bgckpt
+        return _bgckpt.start(region, path, working_set, progress, durable, parent, codec)
     chain = _open_parent(region, path, parent) if parent is not None else None
     try:
         return _checkpoint(region, path, working_set, progress, durable, chain, codec)
@@ -173,15 +180,29 @@ def _open_parent(region, path, parent):
     return chain
 
 
-def _checkpoint(region, path, working_set, progress, durable, chain, codec):
+def _checkpoint(region, path, working_set, progress, durable, chain, codec, frozen=None):
+    """The checkpoint itself. frozen: (freeze, clean) of a background checkpoint (_bgckpt):
+    the core reads every page as it was at the pause, whose epoch ended there (clean is what
+    it knew unchanged since the parent, or None); working_set is then page indices already."""
     from ._binding import check, ffi, lib
 
-    region._prepare_checkpoint()   # records up to date with what a page server filled
-    ws = _working_set_arg(region, working_set)
     npages, ps = region.npages, region.page_size
-    # A new dirty-tracking epoch starts before any page is read: a store from here on is the
-    # next checkpoint's. Until this file is whole, no snapshot is the epoch's.
-    clean = region._clean_since(chain.content_id if chain is not None else None)
+    if frozen is None:
+        region._prepare_checkpoint()   # records up to date with what a page server filled
+        ws = _working_set_arg(region, working_set)
+        # A new dirty-tracking epoch starts before any page is read: a store from here on is
+        # the next checkpoint's. Until this file is whole, no snapshot is the epoch's.
+        clean = region._clean_since(chain.content_id if chain is not None else None)
+        read_page = region._page_bytes
+    else:
+        ws = working_set
+        fz, clean = frozen
+
+        def read_page(page):
+            out = ffi.new("char[]", ps)
+            with region._use():
+                check(lib.lm_freeze_page_read(fz, page, out), "page_read")
+            return ffi.buffer(out)[:]
     if chain is not None:
         pcls, psigs = chain.page_classes()
     pmap = np.empty(npages, MAP_DTYPE)
@@ -228,7 +249,7 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec):
         suspect = np.flatnonzero(pmap == PARENT)
         bits = np.unpackbits(clean.view(np.uint8), bitorder="little")[:npages]
         suspect = suspect[bits[suspect] == 0]
-        differ = _differs_from_parent(region, chain, suspect)
+        differ = _differs_from_parent(read_page, ps, chain, suspect)
         if differ.size:   # a collision: those pages are not the parent's
             pcls[differ] = lib.LM_PARENT_UNKNOWN
             nstored = plan(False)
@@ -289,16 +310,15 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec):
                                index=None if index is None else _check_index(index, h, path)))
 
 
-def _differs_from_parent(region, chain, pages, batch=1024):
-    """Those of `pages` whose contents in the region differ from the parent's (read without
-    faulting either)."""
+def _differs_from_parent(read_page, ps, chain, pages, batch=1024):
+    """Those of `pages` whose contents (read_page(p): the region's, without faulting it in)
+    differ from the parent's."""
     out = []
-    ps = region.page_size
     for i in range(0, pages.size, batch):
         part = pages[i:i + batch]
         theirs = chain.read_pages(part)
         for j, p in enumerate(part):
-            if region._page_bytes(int(p)) != theirs[j * ps:(j + 1) * ps]:
+            if read_page(int(p)) != theirs[j * ps:(j + 1) * ps]:
                 out.append(int(p))
     return np.array(out, np.int64)
 

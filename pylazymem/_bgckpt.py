@@ -1,0 +1,192 @@
+"""Background checkpoints: checkpoint(region, path, background=True).
+
+The pause is the core's (freeze.c): one mremap moves the region's present pages to a staging
+range, after which the program runs on and every page it touches first is brought back from
+staging by the fault path. This module runs the rest on a thread: find what was staged, bring
+the remaining pages back, then the ordinary checkpoint (snapshot._checkpoint) with the core
+reading every page as it was at the pause, and end the freeze whatever happened. The handle
+reports on it. docs/design.md, "Background checkpoints".
+"""
+import threading
+import time
+
+import numpy as np
+
+from ._binding import check, ffi, lib
+from ._errors import InvalidArgumentError
+
+
+class CheckpointHandle:
+    """A checkpoint being written in the background (checkpoint(..., background=True)).
+
+    pause: seconds the program's threads were stopped (the move of the pages to staging);
+    started: seconds the checkpoint() call took in all. done: the checkpoint has finished,
+    written or failed. progress: 0.0 to 1.0. wait(timeout=None): the SnapshotInfo, or the
+    exception the checkpoint failed with (the file at `path` is then what it was before).
+    stats(): the freeze's counters."""
+
+    def __init__(self, region, path, fz):
+        self.region = region
+        self.path = path
+        self._fz = fz
+        self._done = threading.Event()
+        self._result = None
+        self._error = None
+        self._nstored = None
+        self._final = None     # the freeze's counters once it has ended
+        st = self._stats()
+        self.pause = st["pause_ns"] / 1e9
+        self.started = None
+
+    def _stats(self):
+        if self._final is not None:
+            return dict(self._final)
+        st = ffi.new("struct lm_freeze_stats *")
+        lib.lm_freeze_stats(self._fz, st)
+        return {k: getattr(st, k) for k in ("arm_ns", "pause_ns", "begin_ns", "staged",
+                                             "copied_back", "fault_served", "written", "stray")}
+
+    def stats(self):
+        """The freeze's counters: arm_ns, pause_ns, begin_ns, staged (pages present at the
+        pause), copied_back and fault_served (how staged pages came back), written (store
+        pages written), stray (faults in staging: always 0 unless something is wrong)."""
+        return self._stats()
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+    @property
+    def progress(self):
+        """A fifth for bringing the staged pages back, the rest for writing the store."""
+        if self.done:
+            return 1.0
+        st = self._stats()
+        back = 1.0 if not st["staged"] else min(
+            1.0, (st["copied_back"] + st["fault_served"]) / st["staged"])
+        written = 0.0 if not self._nstored else min(1.0, st["written"] / self._nstored)
+        return min(0.99, 0.2 * back + 0.8 * written)
+
+    def wait(self, timeout=None):
+        """Block until the checkpoint is written; its SnapshotInfo, or its exception raised.
+        TimeoutError when `timeout` seconds pass first."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("background checkpoint to %s: not done after %s s"
+                               % (self.path, timeout))
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def __repr__(self):
+        state = "done" if self.done else "%.0f%%" % (100 * self.progress)
+        return "<CheckpointHandle %s %s pause %.3f ms>" % (self.path, state, self.pause * 1e3)
+
+
+def start(region, path, working_set, progress, durable, parent, codec, _test_copy=None):
+    """checkpoint(background=True): everything that can fail early fails here, before the
+    pause; the rest runs on a thread."""
+    from . import snapshot
+
+    t0 = time.perf_counter()
+    if _test_copy is not None and memoryview(_test_copy).nbytes != region.nbytes:
+        raise InvalidArgumentError("_test_copy must be region.nbytes long")
+    if region._empty_unknown or region._server_sock is not None:
+        raise InvalidArgumentError("checkpoint(background=True): not of a region a page server "
+                                   "serves (checkpoint it in the foreground)")
+    chain = snapshot._open_parent(region, path, parent) if parent is not None else None
+    use = region._use()
+    try:
+        ws = snapshot._working_set_arg(region, working_set)
+        lm = use.__enter__()   # held until the end: close() waits for the checkpoint
+        try:
+            out = ffi.new("struct lm_freeze **")
+            tc = ffi.NULL if _test_copy is None else ffi.from_buffer(_test_copy)
+            check(lib.lm_freeze_begin(lm, tc, out), "checkpoint(background=True)")
+        except BaseException:
+            use.__exit__(None, None, None)
+            raise
+    except BaseException:
+        if chain is not None:
+            chain.close()
+        raise
+    fz = out[0]
+    # The epoch that ended at the pause is the freeze's now: the file, once whole, is the
+    # new epoch's snapshot; if it fails, the old epoch goes on (lm_freeze_end merges it back).
+    epoch, region._epoch_id = region._epoch_id, None
+    handle = CheckpointHandle(region, path, fz)
+    region._bg = handle
+    t = threading.Thread(target=_run, name="pylazymem-checkpoint",
+                         args=(handle, region, use, fz, path, ws, progress, durable, chain, codec,
+                               epoch), daemon=True)
+    t.start()
+    handle.started = time.perf_counter() - t0
+    return handle
+
+
+def _run(handle, region, use, fz, path, ws, progress, durable, chain, codec, epoch):
+    from . import snapshot
+
+    failed = True
+    try:
+        check(lib.lm_freeze_scan(fz), "background checkpoint")
+        check(lib.lm_freeze_copy_back(fz), "background checkpoint")
+        clean = None
+        if chain is not None and epoch is not None and epoch == chain.content_id:
+            words = np.zeros(-(-region.npages // 64), np.uint64)
+            check(lib.lm_freeze_old_dirty(fz, ffi.from_buffer("uint64_t[]", words)),
+                  "background checkpoint")
+            clean = ~words
+        handle._result = snapshot._checkpoint(region, path, ws, _Progress(handle, progress),
+                                              durable, chain, codec, frozen=(fz, clean))
+        failed = False
+    except BaseException as e:   # handed to wait()
+        handle._error = e
+    finally:
+        end_rc = _end(handle, fz, failed)
+        if end_rc < 0 and handle._error is None:
+            handle._error = _status(end_rc)
+        if failed:
+            region._epoch_id = epoch
+        if chain is not None:
+            chain.close()
+        use.__exit__(None, None, None)
+        handle._done.set()
+
+
+def _end(handle, fz, failed):
+    """End the freeze; retried a few times (bringing pages back can fail for want of memory).
+    While it cannot end, the fault path keeps serving staged pages from staging."""
+    for attempt in range(50):
+        st = ffi.new("struct lm_freeze_stats *")
+        lib.lm_freeze_stats(fz, st)
+        final = {k: getattr(st, k) for k in ("arm_ns", "pause_ns", "begin_ns", "staged",
+                                             "copied_back", "fault_served", "written", "stray")}
+        rc = lib.lm_freeze_end(fz, 1 if failed else 0)
+        if rc == 0:
+            handle._final = final
+            handle._fz = None
+            return 0
+        time.sleep(0.1)
+    return rc
+
+
+def _status(rc):
+    from ._errors import status_error
+    return status_error(-rc, ffi.string(lib.lm_last_op()).decode(), "background checkpoint")
+
+
+class _Progress:
+    """progress= of the background checkpoint: the user's callback, and the store's size for
+    the handle (the first call after the plan knows the total)."""
+
+    def __init__(self, handle, user):
+        self.handle, self.user = handle, user
+
+    def __call__(self, done, total):
+        if self.handle._nstored is None:
+            self.handle._nstored = max(1, total // self.handle.region.page_size)
+        if self.user is not None:
+            self.user(done, total)
+
+    def __bool__(self):
+        return True
