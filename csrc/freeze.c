@@ -156,18 +156,19 @@ static int do_pause(void *arg)
 
 static int refuse(struct lm_region *r)
 {
-    if (!(r->api_features & UFFD_FEATURE_EVENT_REMAP))
-        return lm_fail("background checkpoint: the kernel has no UFFD_FEATURE_EVENT_REMAP",
-                       EOPNOTSUPP);
-    if (!r->wp_async || r->pagemap_fd < 0)
-        return lm_fail("background checkpoint: needs async write-protect and PAGEMAP_SCAN "
-                       "(Linux 6.7)", EOPNOTSUPP);
+    /* What the region is first: a shared region is not registered for WP at all. */
     if (r->pool_fd >= 0)
         return lm_fail("background checkpoint: not of a shared restore (share=True)",
                        EOPNOTSUPP);
     if (atomic_load(&r->remote) != LM_REMOTE_NONE)
         return lm_fail("background checkpoint: not of a region a page server serves",
                        EOPNOTSUPP);
+    if (!(r->api_features & UFFD_FEATURE_EVENT_REMAP))
+        return lm_fail("background checkpoint: the kernel has no UFFD_FEATURE_EVENT_REMAP",
+                       EOPNOTSUPP);
+    if (!r->wp_async || r->pagemap_fd < 0)
+        return lm_fail("background checkpoint: needs async write-protect and PAGEMAP_SCAN "
+                       "(Linux 6.7)", EOPNOTSUPP);
     if (!atomic_load(&r->serving))
         return lm_fail("background checkpoint: the region is not serving", EINVAL);
     return 0;

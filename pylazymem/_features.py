@@ -23,6 +23,7 @@ UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_POISON = 1 << 14
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 UFFD_FEATURE_MOVE = 1 << 16
+UFFD_FEATURE_EVENT_REMAP = 1 << 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Features:
     # docs/snapshot-format.md, version 3): "zstd", "lz4"; empty without the compiled core
     # (which links libzstd and liblz4).
     codecs: tuple = ()
+    # checkpoint(background=True) (docs/design.md, "Background checkpoints"): the pause moves
+    # page tables whole (UFFD_FEATURE_EVENT_REMAP) and pages are tracked with async
+    # write-protect and PAGEMAP_SCAN (6.7); needs the compiled core. Why not, when False.
+    background_checkpoint: bool = False
+    background_checkpoint_reason: str = "needs the compiled core (the cffi backend)"
 
     @property
     def unservable_fault(self):
@@ -140,8 +146,21 @@ def _probe_cffi(acquire):
                                              os.strerror(-rc))
     codecs = tuple(name for name, c in (("zstd", lib.LM_CODEC_ZSTD), ("lz4", lib.LM_CODEC_LZ4))
                    if lib.lm_codec_available(c))
+    bg_why = _background_reason(mode, out.api_features)
     return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why,
-                               codecs=codecs)
+                               codecs=codecs, background_checkpoint=not bg_why,
+                               background_checkpoint_reason=bg_why)
+
+
+def _background_reason(mode, feats):
+    if mode == "unavailable":
+        return "no userfaultfd"
+    if not feats & UFFD_FEATURE_EVENT_REMAP:
+        return "the kernel has no UFFD_FEATURE_EVENT_REMAP"
+    if not feats & UFFD_FEATURE_WP_ASYNC:
+        return ("the kernel has no UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (Linux 6.7): the "
+                "pause could not find and keep the pages written before it")
+    return ""
 
 
 def _probe_ctypes(acquire):

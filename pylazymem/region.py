@@ -415,7 +415,11 @@ class Region(AddressRange):
         serving stops, the memory is unmapped and freed. Views that are still alive keep the
         memory valid, with its contents, and served, until the last of them is released; then
         the teardown happens (Python's mmap raises BufferError instead; arrays outliving the
-        object they came from are common in numpy code, so they stay correct here)."""
+        object they came from are common in numpy code, so they stay correct here).
+        A background checkpoint in progress is waited for first (its file completes)."""
+        bg = getattr(self, "_bg", None)
+        if bg is not None and threading.current_thread().name != "pylazymem-checkpoint":
+            bg._done.wait()
         with self._lock:
             lm = self._lm
             if lm is None:

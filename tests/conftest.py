@@ -222,6 +222,12 @@ def _shared_pages_missing():
     return None if f.shared_pages else "needs shared pages: %s" % f.shared_pages_reason
 
 
+def _background_checkpoint_missing():
+    f = plm.features()
+    return None if f.background_checkpoint else (
+        "needs background checkpoints: %s" % f.background_checkpoint_reason)
+
+
 def _package_missing(mark=None):
     """package("name", ...): the optional Python packages a test uses (pyarrow, torch, ...)."""
     names = mark.args if mark is not None else ()
@@ -240,6 +246,9 @@ NEEDS = [
     Need("uffd", "uffd: needs userfaultfd (features().mode != 'unavailable')", _uffd_missing),
     Need("shared_pages", "shared_pages: needs features().shared_pages (restore(share=True): "
                          "MINOR userfaultfd on shmem, memfd)", _shared_pages_missing),
+    Need("background_checkpoint", "background_checkpoint: needs features()."
+                                  "background_checkpoint (checkpoint(background=True))",
+         _background_checkpoint_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
     Need("package", "package(name, ...): needs optional Python packages (pyarrow, torch, "
                     "safetensors, scikit-learn, ml_dtypes: the interop extra); skipped where one "

@@ -1,0 +1,264 @@
+"""checkpoint(background=True): the file holds the region exactly as it was at the pause while
+threads keep storing to it; failures leave the previous file; the dirty epoch ends at the pause.
+docs/design.md, "Background checkpoints"."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from pylazymem import _bgckpt, snapshot
+from _helpers import PAGE_SIZE, REPO_DIR, pages
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.background_checkpoint,
+              pytest.mark.timeout(180)]
+
+
+def _fill(r, rng, zero_every=7):
+    p = pages(r)
+    data = rng.integers(0, 256, size=p.shape, dtype=np.uint8)
+    data[::zero_every] = 0
+    p[:] = data
+    return data
+
+
+def _restored_bytes(path):
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        return pages(r2).copy()
+
+
+class _Writers:
+    """n threads storing to random pages of the region until stopped; each store writes a
+    whole 8-byte word (a counter) so that a torn page cannot look like an old one."""
+
+    def __init__(self, r, n, seed):
+        self.view = r.ndarray(np.uint64)
+        self.stop = threading.Event()
+        self.stores = [0] * n
+        self.threads = [threading.Thread(target=self._run, args=(i, seed + i)) for i in range(n)]
+
+    def _run(self, i, seed):
+        rng = np.random.default_rng(seed)
+        words = self.view.size
+        k = 0
+        while not self.stop.is_set():
+            idx = rng.integers(0, words, size=64)
+            self.view[idx] = np.uint64((i + 1) << 48) + np.arange(k, k + 64, dtype=np.uint64)
+            k += 64
+            self.stores[i] += 64
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _start(r, path, copy, **kw):
+    """checkpoint(background=True) with the test hook: `copy` receives the region's bytes
+    inside the pause (the core copies staging right after the move), independent of
+    everything the checkpoint reads."""
+    kw.setdefault("working_set", "auto")
+    return _bgckpt.start(r, os.fspath(path), kw["working_set"], None, True,
+                         kw.get("parent"), kw.get("codec"), _test_copy=copy)
+
+
+def test_file_is_the_region_at_the_pause_with_four_writers(tmp_path, rng):
+    """Acceptance: 4 threads store to random pages throughout; the file equals, page by page,
+    a copy taken inside the pause."""
+    with plm.Region(32 << 20) as r:
+        _fill(r, rng)
+        copy = np.zeros(r.nbytes, np.uint8)
+        with _Writers(r, 4, 11) as w:
+            h = _start(r, tmp_path / "a.plm", copy)
+            info = h.wait(120)
+            stores_during = sum(w.stores)
+        assert stores_during > 0
+        got = _restored_bytes(info.path)
+        want = copy.reshape(r.npages, PAGE_SIZE)
+        bad = np.flatnonzero((got != want).any(axis=1))
+        assert bad.size == 0, "pages differing from the pause: %s" % bad[:10]
+        # The region kept every store: it differs from the pause where the writers wrote.
+        assert not np.array_equal(pages(r), want)
+        st = h.stats()
+        assert st["staged"] == r.npages and st["stray"] == 0
+        assert st["copied_back"] + st["fault_served"] == r.npages
+        assert h.done and h.progress == 1.0 and h.pause > 0
+
+
+def test_public_call_and_compression(tmp_path, rng):
+    with plm.Region(4 << 20) as r:
+        data = _fill(r, rng)
+        h = plm.checkpoint(r, tmp_path / "c.plm", background=True, compress="zstd")
+        assert isinstance(h, plm.CheckpointHandle)
+        pages(r)[3] = 1   # after the pause: not in the file
+        info = h.wait(60)
+        assert info.compressed
+        assert np.array_equal(_restored_bytes(info.path), data)
+
+
+def test_lazy_restored_region_keeps_pause_contents(tmp_path, rng):
+    """A restored region whose pages are still lazy at the pause: the file has the snapshot's
+    contents for them even when the program fills and overwrites them during the checkpoint;
+    also deferred zero and canonical pages."""
+    with plm.Region(8 << 20) as r:
+        data = _fill(r, rng)
+        plm.checkpoint(r, tmp_path / "src.plm")
+    with plm.restore(tmp_path / "src.plm", prefetch="none", background=False) as r:
+        p = pages(r)
+        p[0:10] = 5           # some present (written) pages
+        data[0:10] = 5
+        canon = r.canonical(bytes([9]) * PAGE_SIZE)
+        r.defer_fill(100 * PAGE_SIZE, 20 * PAGE_SIZE, plm.ZERO)
+        data[100:120] = 0
+        r.defer_fill(200 * PAGE_SIZE, 8 * PAGE_SIZE, canon)   # less than a chunk block
+        data[200:208] = 9
+        copy = np.zeros(r.nbytes, np.uint8)
+        h = _start(r, tmp_path / "b.plm", copy)
+        p[50:400] = 77        # fills lazy pages (snapshot, zero, canonical) and overwrites them
+        info = h.wait(60)
+        got = _restored_bytes(info.path)
+        assert np.array_equal(got, data)
+        assert np.all(p[50:400] == 77)
+
+
+def test_incremental_background_child(tmp_path, rng):
+    """parent= with background=True: only the pages written since the parent (before the
+    pause) are stored; the chain restores to the pause."""
+    with plm.Region(16 << 20) as r:
+        _fill(r, rng)
+        parent = plm.checkpoint(r, tmp_path / "p.plm")
+        pages(r)[10:20] = 3
+        copy = np.zeros(r.nbytes, np.uint8)
+        h = _start(r, tmp_path / "child.plm", copy, parent=parent)
+        pages(r)[30:40] = 4   # after the pause
+        info = h.wait(60)
+        assert info.pages_by_class["unique"] + info.pages_by_class["duplicate"] <= 10
+        assert np.array_equal(_restored_bytes(info.path), copy.reshape(r.npages, PAGE_SIZE))
+        # The next epoch began at the pause: exactly the pages stored after it are dirty.
+        assert set(r.dirty_pages().tolist()) == set(range(30, 40))
+        nxt = plm.checkpoint(r, tmp_path / "next.plm", parent=info)
+        assert nxt.pages_by_class["unique"] + nxt.pages_by_class["duplicate"] == 10
+        assert np.array_equal(_restored_bytes(nxt.path), pages(r))
+
+
+def test_failure_keeps_previous_file_and_epoch(tmp_path, rng, monkeypatch):
+    with plm.Region(4 << 20) as r:
+        _fill(r, rng)
+        path = tmp_path / "f.plm"
+        first = plm.checkpoint(r, path)
+        before = path.read_bytes()
+        pages(r)[5] = 8   # written before the failed checkpoint's pause
+
+        def boom(p):
+            raise OSError(28, "No space left on device (test)")
+        monkeypatch.setattr(snapshot, "_temporary", boom)
+        h = plm.checkpoint(r, path, background=True)
+        with pytest.raises(OSError, match="test"):
+            h.wait(60)
+        monkeypatch.undo()
+        assert path.read_bytes() == before
+        assert np.all(pages(r)[5] == 8)
+        # The epoch did not end: an incremental against the first file still sees page 5.
+        child = plm.checkpoint(r, tmp_path / "g.plm", parent=first)
+        assert np.array_equal(_restored_bytes(child.path), pages(r))
+        assert child.pages_by_class["unique"] + child.pages_by_class["duplicate"] == 1
+
+
+def test_refusals_while_in_progress(tmp_path, rng):
+    with plm.Region(64 << 20) as r:
+        _fill(r, rng)
+        slow = threading.Event()
+
+        def progress(done, total):
+            slow.wait(30)
+        h = plm.checkpoint(r, tmp_path / "x.plm", background=True, progress=progress)
+        try:
+            with pytest.raises(plm.BusyError):
+                plm.checkpoint(r, tmp_path / "y.plm")
+            with pytest.raises(plm.BusyError):
+                plm.checkpoint(r, tmp_path / "y.plm", background=True)
+            with pytest.raises(plm.BusyError):
+                r.reset_dirty()
+            with pytest.raises(plm.BusyError):
+                r.defer_fill(0, PAGE_SIZE, plm.ZERO)
+            assert not h.done
+        finally:
+            slow.set()
+        h.wait(60)
+        r.defer_fill(0, PAGE_SIZE, plm.ZERO)   # allowed again
+
+
+def test_close_waits_for_the_checkpoint(tmp_path, rng):
+    r = plm.Region(16 << 20)
+    data = _fill(r, rng)
+    h = plm.checkpoint(r, tmp_path / "z.plm", background=True)
+    r.close()
+    assert h.done
+    assert np.array_equal(_restored_bytes(h.wait(0).path), data)
+
+
+@pytest.mark.shared_pages
+def test_shared_restore_is_refused_clearly(tmp_path, rng):
+    with plm.Region(1 << 20) as r:
+        _fill(r, rng)
+        plm.checkpoint(r, tmp_path / "s.plm")
+    with plm.restore(tmp_path / "s.plm", share=True) as r:
+        with pytest.raises(plm.UnavailableError, match="shared restore"):
+            plm.checkpoint(r, tmp_path / "t.plm", background=True)
+        plm.checkpoint(r, tmp_path / "t.plm")   # the foreground one still works
+
+
+def test_repeated_background_checkpoints(tmp_path, rng):
+    """Freeze after freeze on one region (the stash and staging are set up again each time),
+    with a writer running."""
+    with plm.Region(8 << 20) as r:
+        _fill(r, rng)
+        with _Writers(r, 1, 5):
+            for i in range(5):
+                copy = np.zeros(r.nbytes, np.uint8)
+                info = _start(r, tmp_path / ("r%d.plm" % i), copy).wait(60)
+                assert np.array_equal(_restored_bytes(info.path),
+                                      copy.reshape(r.npages, PAGE_SIZE))
+
+
+_KILL_SCRIPT = r"""
+import os, signal, sys
+import numpy as np
+import pylazymem as plm
+path = sys.argv[1]
+r = plm.Region(64 << 20)
+v = r.ndarray(np.uint8)
+v[:] = 1
+plm.checkpoint(r, path)            # the previous file: all ones
+v[:] = np.arange(v.size, dtype=np.uint64).astype(np.uint8)
+
+def progress(done, total):
+    if done < total:
+        os.kill(os.getpid(), signal.SIGKILL)   # in the middle of writing the store
+
+plm.checkpoint(r, path, background=True, progress=progress).wait(60)
+"""
+
+
+def test_sigkill_mid_checkpoint_keeps_previous_file(tmp_path):
+    path = tmp_path / "k.plm"
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(path)], timeout=120,
+                          cwd=REPO_DIR, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    temps = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert temps, "the killed checkpoint should have left its temporary"
+    got = _restored_bytes(path)
+    assert np.all(got == 1)   # the previous snapshot, whole
+    # The next checkpoint to that path sweeps the dead process's temporary.
+    with plm.Region(1 << 20) as r:
+        plm.checkpoint(r, path)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
