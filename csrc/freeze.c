@@ -65,9 +65,18 @@ struct lm_freeze {
     char *test_copy;              /* lm_freeze_begin's test_copy */
     int stop_fd;                  /* eventfd: stops the pump */
     pthread_t pump;
+    /* The copier: scan and copy-back, started right after the pause so that pages come back
+       at once, without waiting for the caller (a Python thread may wait long for the GIL
+       while the program's threads fault on staged pages). */
+    pthread_t copier;
+    bool copier_started, copier_joined;
+    int copier_rc;
+    pthread_mutex_t copier_lock;
     uint64_t arm_ns, pause_ns, begin_ns, nstaged;
     _Atomic uint64_t copied_back, fault_served, written, stray;
 };
+
+static void *copier_main(void *arg);
 
 static inline bool bit(const uint64_t *bits, size_t p)
 {
@@ -83,6 +92,9 @@ static void freeze_free(struct lm_freeze *fz)
 {
     if (!fz)
         return;
+    if (fz->copier_started && !fz->copier_joined)
+        pthread_join(fz->copier, NULL);
+    pthread_mutex_destroy(&fz->copier_lock);
     if (fz->resv && fz->resv != MAP_FAILED)
         munmap(fz->resv, fz->resv_len);
     if (fz->stop_fd >= 0)
@@ -187,6 +199,7 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
         return lm_fail("calloc(freeze)", ENOMEM);
     fz->r = r;
     fz->stop_fd = -1;
+    pthread_mutex_init(&fz->copier_lock, NULL);
     fz->test_copy = test_copy;
     fz->back = calloc(r->npages, 1);
     fz->staged = calloc(words, sizeof(uint64_t));
@@ -249,6 +262,8 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
         freeze_free(fz);
         return rc;
     }
+    /* Without the copier the caller's lm_freeze_copy_back does its work. */
+    fz->copier_started = lm_thread_start(&fz->copier, NULL, copier_main, fz) == 0;
     fz->begin_ns = lm_now_ns() - t_begin;
     *out = fz;
     return 0;
@@ -256,7 +271,7 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
 
 /* ---- what was staged ------------------------------------------------------------------ */
 
-int lm_freeze_scan(struct lm_freeze *fz)
+static int scan(struct lm_freeze *fz)
 {
     struct lm_region *r = fz->r;
     if (atomic_load(&fz->scanned))
@@ -429,10 +444,10 @@ bool lm_freeze_stray(struct lm_region *r, uint64_t addr)
 
 /* ---- bringing pages back ------------------------------------------------------------ */
 
-int lm_freeze_copy_back(struct lm_freeze *fz)
+static int copy_back(struct lm_freeze *fz)
 {
     struct lm_region *r = fz->r;
-    int rc = lm_freeze_scan(fz);
+    int rc = scan(fz);
     for (size_t p = 0; p < r->npages && rc == 0;) {
         if (!bit(fz->staged, p)) {
             p++;
@@ -459,6 +474,37 @@ int lm_freeze_copy_back(struct lm_freeze *fz)
         p += n;
     }
     return rc;
+}
+
+static void *copier_main(void *arg)
+{
+    struct lm_freeze *fz = arg;
+    fz->copier_rc = copy_back(fz);
+    return NULL;
+}
+
+/* The copier's work is done (joined), and with it the scan; its result. */
+static int copier_done(struct lm_freeze *fz)
+{
+    pthread_mutex_lock(&fz->copier_lock);
+    if (fz->copier_started && !fz->copier_joined) {
+        pthread_join(fz->copier, NULL);
+        fz->copier_joined = true;
+    }
+    int rc = fz->copier_started ? fz->copier_rc : copy_back(fz);
+    pthread_mutex_unlock(&fz->copier_lock);
+    return rc;
+}
+
+int lm_freeze_scan(struct lm_freeze *fz)
+{
+    return copier_done(fz);
+}
+
+int lm_freeze_copy_back(struct lm_freeze *fz)
+{
+    int rc = copier_done(fz);
+    return rc < 0 ? rc : copy_back(fz);   /* again: cheap, and retries what failed */
 }
 
 /* ---- the region as it was at the pause -------------------------------------------------- */

@@ -7,6 +7,7 @@ the remaining pages back, then the ordinary checkpoint (snapshot._checkpoint) wi
 reading every page as it was at the pause, and end the freeze whatever happened. The handle
 reports on it. docs/design.md, "Background checkpoints".
 """
+import os
 import threading
 import time
 
@@ -127,6 +128,7 @@ def _run(handle, region, use, fz, path, ws, progress, durable, chain, codec, epo
     from . import snapshot
 
     failed = True
+    _lower_priority()
     try:
         check(lib.lm_freeze_scan(fz), "background checkpoint")
         check(lib.lm_freeze_copy_back(fz), "background checkpoint")
@@ -151,6 +153,18 @@ def _run(handle, region, use, fz, path, ws, progress, durable, chain, codec, epo
             chain.close()
         use.__exit__(None, None, None)
         handle._done.set()
+
+
+def _lower_priority():
+    """The checkpoint's CPU time is the program's to lend, not to take: this thread (and the
+    threads the core starts from it, which inherit it: hashing, compression) runs at nice
+    +10 (Linux's nice is per thread). Pages the program touches are brought back by the
+    serving threads and the core's copier, which keep their priority."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+    except OSError:
+        pass   # not allowed (a container's limits): the checkpoint simply competes
 
 
 def _end(handle, fz, failed):

@@ -32,9 +32,13 @@ problems seen (wrong contents, handler errors).
                  np.savez_compressed and zstd over the raw bytes, on a trained scikit-learn MLP's
                  weights, the stdlib's sources as text and a sparse float array: size, save time,
                  load time (prefetch all)
+  bgckpt         checkpoint(background=True) of 1 GiB while a native or a Python thread stores to random
+                 pages (issue 12): the pause, the writer's store rate and longest stall beside its rate
+                 without a checkpoint, the synchronous checkpoint; the pause at 256 MiB, 1 GiB, 4 GiB
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
-              "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental", "compress")
+              "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental", "compress",
+              "bgckpt")
 
 __all__ = ["BENCHMARKS", "run"]
 

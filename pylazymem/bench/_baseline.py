@@ -32,8 +32,6 @@ void bl_destroy(bl_handler *h);
 
 CFLAGS = ["-O2", "-Wall"]
 
-_lib = None
-_ffi = None
 
 
 def _cache_dirs():
@@ -44,9 +42,9 @@ def _cache_dirs():
     yield Path(tempfile.gettempdir()) / f"pylazymem-bench-{os.getuid()}"
 
 
-def _key(source: str) -> str:
+def _key(source: str, cdef: str = CDEF) -> str:
     h = hashlib.sha256()
-    for part in (source, CDEF, " ".join(CFLAGS), sys.version, sysconfig.get_platform(),
+    for part in (source, cdef, " ".join(CFLAGS), sys.version, sysconfig.get_platform(),
                  sysconfig.get_config_var("EXT_SUFFIX") or ""):
         h.update(part.encode())
         h.update(b"\0")
@@ -61,7 +59,7 @@ def _load(path: Path, modname: str):
     return mod
 
 
-def _build(source: str, modname: str, dest: Path) -> Path:
+def _build(source: str, modname: str, dest: Path, cdef: str = CDEF) -> Path:
     import cffi
 
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
@@ -70,7 +68,7 @@ def _build(source: str, modname: str, dest: Path) -> Path:
         return target
     dest.mkdir(parents=True, exist_ok=True)
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(cdef)
     ffi.set_source(modname, source, extra_compile_args=CFLAGS, libraries=["pthread"])
     # Build in a private directory, then rename into the cache: concurrent builders never
     # see a half-written module.
@@ -83,25 +81,33 @@ def _build(source: str, modname: str, dest: Path) -> Path:
     return target
 
 
-def lib():
-    """The compiled module's (ffi, lib); builds it on first use."""
-    global _lib, _ffi
-    if _lib is None:
-        source = _SRC.read_text()
-        modname = "_plm_bench_baseline_" + _key(source)
+_compiled = {}
+
+
+def compiled(src: Path, cdef: str, prefix: str):
+    """(ffi, lib) of a C file of the benchmarks compiled with cffi (cached; built on first
+    use)."""
+    if src not in _compiled:
+        source = src.read_text()
+        modname = prefix + _key(source, cdef)
         errors = []
         for d in _cache_dirs():
             try:
-                path = _build(source, modname, d)
+                path = _build(source, modname, d, cdef)
             except OSError as e:  # unwritable cache dir: try the next one
                 errors.append(f"{d}: {e}")
                 continue
             mod = _load(path, modname)
-            _ffi, _lib = mod.ffi, mod.lib
+            _compiled[src] = (mod.ffi, mod.lib)
             break
         else:
-            raise RuntimeError("cannot build the baseline handler: " + "; ".join(errors))
-    return _ffi, _lib
+            raise RuntimeError(f"cannot build {src.name}: " + "; ".join(errors))
+    return _compiled[src]
+
+
+def lib():
+    """The compiled baseline handler's (ffi, lib); builds it on first use."""
+    return compiled(_SRC, CDEF, "_plm_bench_baseline_")
 
 
 class BaselineRegion:
