@@ -525,6 +525,15 @@ struct lm_srv_table;
 /* Copy `len` entries into a new table (one reference, the caller's). Entries must be -1 or
    file offsets (>= 0). */
 int lm_srv_table_new(const int64_t *entries, uint64_t len, struct lm_srv_table **out);
+/* A layered table: a compressed store or a chain of files (docs/snapshot-format.md). Page
+   i, when entries[i] >= 0, is the store entry at file offset entries[i] of fds[layers[i]]
+   (the table keeps its own duplicates of fds), with entry word codes[i] (length and codec, as
+   the version 3 entry index; a raw page: page_size | LM_CODEC_RAW << 28) and signature
+   sigs[i], which a decoded entry must match (else the page is poisoned, never served).
+   Every word and layer is checked here. */
+int lm_srv_table_new_layered(const int64_t *entries, const uint32_t *codes,
+                             const uint8_t *layers, const uint64_t *sigs, uint64_t len,
+                             const int *fds, int nfds, struct lm_srv_table **out);
 void lm_srv_table_release(struct lm_srv_table *t);
 uint64_t lm_srv_table_refs(struct lm_srv_table *t);
 /* Bytes held by every table alive in this process (what sharing saves is visible here). */

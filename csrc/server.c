@@ -49,10 +49,18 @@
 #define SPIN_NS 100000     /* look for the next fault this long before sleeping */
 #define SRV_MAX_MAPS 64
 
-/* A snapshot's page table, shared by the clients of one server (lazymem.h). */
+/* A snapshot's page table, shared by the clients of one server (lazymem.h). A layered table
+   (a compressed store, a chain of files) also says per page which file (layer, an index into
+   fds, which the table owns) and which entry word (length and codec, codec.c); its pages are
+   read by table_read(). A plain one's pages are page_size bytes of the client's src_fd. */
 struct lm_srv_table {
     _Atomic uint64_t refs;
     uint64_t len;
+    uint32_t *codes;    /* NULL: plain */
+    uint8_t *layer;
+    uint64_t *sigs;     /* checked after decoding a compressed entry */
+    int *fds;
+    int nfds;
     int64_t entries[];
 };
 
@@ -271,6 +279,57 @@ static int64_t source_of(struct lm_srv *s, uint64_t o)
     return i < s->table->len ? s->table->entries[i] : -2;
 }
 
+static bool layered(const struct lm_srv_table *t)
+{
+    return t && t->codes;
+}
+
+static int pread_full(int fd, char *buf, size_t len, int64_t off)
+{
+    ssize_t got = pread(fd, buf, len, off);
+    if (got == (ssize_t)len)
+        return 0;
+    return got < 0 ? -errno : -ENODATA;   /* past the end of the file */
+}
+
+/*
+ * Source pages [i, i + n) of a layered table, every one stored (entries >= 0), into buf:
+ * raw entries that follow one another in one file are read together; a compressed entry is
+ * read into tmp (page_size bytes), decoded (lm_unpack_entry: lengths and codec checked,
+ * exactly one page) and checked against its signature. -EBADMSG for an entry that does not
+ * decode to its page (a damaged or hostile file): the caller poisons, never serves it.
+ */
+static int table_read(const struct lm_srv_table *t, uint64_t ps, uint64_t i, uint64_t n,
+                      char *buf, char *tmp)
+{
+    for (uint64_t a = 0; a < n;) {
+        uint64_t p = i + a;
+        int64_t off = t->entries[p];
+        int fd = t->fds[t->layer[p]];
+        uint32_t code = t->codes[p];
+        int rc;
+        if (LM_ENTRY_CODEC(code) == LM_CODEC_RAW) {
+            uint64_t b = a + 1;
+            while (b < n && t->layer[i + b] == t->layer[p] &&
+                   LM_ENTRY_CODEC(t->codes[i + b]) == LM_CODEC_RAW &&
+                   t->entries[i + b] == off + (int64_t)((b - a) * ps))
+                b++;
+            if ((rc = pread_full(fd, buf + a * ps, (b - a) * ps, off)) < 0)
+                return rc;
+            a = b;
+            continue;
+        }
+        uint32_t len = LM_ENTRY_LEN(code);
+        if ((rc = pread_full(fd, tmp, len, off)) < 0)
+            return rc;
+        if (lm_unpack_entry(tmp, len, code, ps, buf + a * ps) < 0 ||
+            (t->sigs && lm_xxh3(buf + a * ps, ps) != t->sigs[p]))
+            return -EBADMSG;
+        a++;
+    }
+    return 0;
+}
+
 static void poison(struct lm_srv *s, uint64_t addr, int rc)
 {
     srv_error(s, rc);
@@ -457,7 +516,7 @@ int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
         return rc;
     enum { CHUNK = 512 };   /* 2 MiB of 4 KiB pages per read and copy */
     unsigned char vec[CHUNK];
-    char *buf = malloc(CHUNK * p->ps);
+    char *buf = malloc((CHUNK + 1) * p->ps);   /* and a page for a compressed entry */
     if (!buf)
         return lm_fail("malloc(pool fill)", ENOMEM);
     for (uint64_t i = 0; i < t->len && rc == 0; i += CHUNK) {
@@ -472,13 +531,25 @@ int lm_srv_pool_fill(struct lm_srv_pool *p, struct lm_srv_table *t, int src_fd,
                 continue;
             }
             uint64_t b = a + 1;
-            while (b < n && !(vec[b] & 1) && t->entries[i + b] == src + (int64_t)((b - a) * p->ps))
-                b++;
-            ssize_t got = pread(src_fd, buf, (b - a) * p->ps, src);
-            if (got != (ssize_t)((b - a) * p->ps)) {
-                rc = got < 0 ? LM_FAIL("pread(snapshot)")
-                             : lm_fail("pread(snapshot): past the end of the file", ENODATA);
-                break;
+            if (layered(t)) {   /* any stored pages: table_read takes them as they come */
+                while (b < n && !(vec[b] & 1) && t->entries[i + b] >= 0)
+                    b++;
+                if ((rc = table_read(t, p->ps, i + a, b - a, buf, buf + CHUNK * p->ps)) < 0) {
+                    rc = lm_fail(rc == -EBADMSG ? "pool fill: a store entry does not decode "
+                                                  "to its page (damaged snapshot)"
+                                                : "pread(snapshot)", -rc);
+                    break;
+                }
+            } else {
+                while (b < n && !(vec[b] & 1) &&
+                       t->entries[i + b] == src + (int64_t)((b - a) * p->ps))
+                    b++;
+                ssize_t got = pread(src_fd, buf, (b - a) * p->ps, src);
+                if (got != (ssize_t)((b - a) * p->ps)) {
+                    rc = got < 0 ? LM_FAIL("pread(snapshot)")
+                                 : lm_fail("pread(snapshot): past the end of the file", ENODATA);
+                    break;
+                }
             }
             uint64_t pub = 0, fresh = 0;
             rc = pool_publish(p, i + a, b - a, buf, &pub, &fresh);
@@ -550,9 +621,16 @@ static int serve_shared(struct lm_srv *s, uint64_t addr, uint64_t pool_page, int
         uint64_t len = (b - a) * s->ps, pub = b - a, at = addr + a * s->ps;
         int prc = 0;
         if (!in_pool) {
-            ssize_t got = pread(s->src_fd, s->scratch, len, src + (int64_t)(a * s->ps));
-            if (got != (ssize_t)len)
-                return got < 0 ? -errno : -ENODATA;
+            if (layered(s->table)) {
+                int trc = table_read(s->table, s->ps, pool_page + a, b - a, s->scratch,
+                                     s->scratch + (size_t)s->max_cluster * s->ps);
+                if (trc < 0)
+                    return trc;
+            } else {
+                ssize_t got = pread(s->src_fd, s->scratch, len, src + (int64_t)(a * s->ps));
+                if (got != (ssize_t)len)
+                    return got < 0 ? -errno : -ENODATA;
+            }
             uint64_t fresh = 0;
             prc = pool_publish(p, pool_page + a, b - a, s->scratch, &pub, &fresh);
             atomic_fetch_add_explicit(&s->st_published, fresh, memory_order_relaxed);
@@ -608,9 +686,11 @@ static int serve(struct lm_srv *s, uint64_t addr)
         want = s->cluster * 2 < s->max_cluster ? s->cluster * 2 : s->max_cluster;
     uint64_t n = 1;
     uint64_t left = (m->size >> s->shift) - page;
+    bool lay = layered(s->table);
     while (n < want && n < left && !removed(m, page + n)) {
         int64_t nx = source_of(s, m->offset + (addr - m->base) + n * s->ps);
-        if (src == -1 ? nx != -1 : nx != src + (int64_t)(n * s->ps))
+        /* a layered table's stored pages need not follow one another (table_read) */
+        if (src == -1 ? nx != -1 : lay ? nx < 0 : nx != src + (int64_t)(n * s->ps))
             break;
         n++;
     }
@@ -623,6 +703,14 @@ static int serve(struct lm_srv *s, uint64_t addr)
         /* -ENODATA: past the end of the file; -EFAULT: the pool lost a published page
            (impossible while it is sealed against shrinking): poisoned below, loudly */
         rc = serve_shared(s, addr, (m->offset + (addr - m->base)) >> s->shift, src, n);
+    } else if (lay) {
+        rc = table_read(s->table, s->ps, (m->offset + (addr - m->base)) >> s->shift, n,
+                        s->scratch, s->scratch + (size_t)s->max_cluster * s->ps);
+        if (rc == 0)
+            rc = lm_uffd_fill_or_eagain(s->uffd, (void *)(uintptr_t)addr, s->scratch,
+                                        n * s->ps);
+        if (rc == 0)
+            atomic_fetch_add_explicit(&s->st_copied, n, memory_order_relaxed);
     } else {
         ssize_t got = pread(s->src_fd, s->scratch, n * s->ps, src);
         if (got < (ssize_t)s->ps) {
@@ -758,11 +846,28 @@ out:
     return NULL;
 }
 
+static uint64_t table_bytes(const struct lm_srv_table *t)
+{
+    return t->len * (sizeof(int64_t) + (t->codes ? sizeof(uint32_t) + 1 + sizeof(uint64_t) : 0));
+}
+
+static void table_free(struct lm_srv_table *t)
+{
+    for (int k = 0; k < t->nfds; k++)
+        if (t->fds[k] >= 0)
+            close(t->fds[k]);
+    free(t->fds);
+    free(t->codes);
+    free(t->layer);
+    free(t->sigs);
+    free(t);
+}
+
 static void table_release(struct lm_srv_table *t)
 {
     if (t && atomic_fetch_sub(&t->refs, 1) == 1) {
-        atomic_fetch_sub(&table_bytes_live, t->len * sizeof(int64_t));
-        free(t);
+        atomic_fetch_sub(&table_bytes_live, table_bytes(t));
+        table_free(t);
     }
 }
 
@@ -778,15 +883,70 @@ int lm_srv_table_new(const int64_t *entries, uint64_t len, struct lm_srv_table *
     for (uint64_t i = 0; i < len; i++)
         if (entries[i] < -1)
             return lm_fail("page server table: an entry is below -1 (zero page)", EINVAL);
-    struct lm_srv_table *t = malloc(sizeof(*t) + len * sizeof(int64_t));
+    struct lm_srv_table *t = calloc(1, sizeof(*t) + len * sizeof(int64_t));
     if (!t)
         return lm_fail("malloc(page table)", ENOMEM);
     atomic_init(&t->refs, 1);
     t->len = len;
     if (len)
         memcpy(t->entries, entries, len * sizeof(int64_t));
-    atomic_fetch_add(&table_bytes_live, len * sizeof(int64_t));
+    atomic_fetch_add(&table_bytes_live, table_bytes(t));
     *out = t;
+    return 0;
+}
+
+int lm_srv_table_new_layered(const int64_t *entries, const uint32_t *codes,
+                             const uint8_t *layers, const uint64_t *sigs, uint64_t len,
+                             const int *fds, int nfds, struct lm_srv_table **out)
+{
+    if (!out)
+        return lm_fail("page server table: out is NULL", EINVAL);
+    *out = NULL;
+    if (len && (!entries || !codes || !layers || !sigs))
+        return lm_fail("page server table: entries, codes, layers and sigs are needed", EINVAL);
+    if (!fds || nfds < 1 || nfds > 256)
+        return lm_fail("page server table: 1 to 256 files", EINVAL);
+    if (len > (SIZE_MAX - sizeof(struct lm_srv_table)) / 32)
+        return lm_fail("page server table: len too large", EINVAL);
+    size_t ps = (size_t)lm_page_size();
+    /* Checked where they enter: a code or layer the reader does not expect would read past
+       a buffer or an array. */
+    for (uint64_t i = 0; i < len; i++) {
+        if (entries[i] < -1)
+            return lm_fail("page server table: an entry is below -1 (zero page)", EINVAL);
+        if (entries[i] >= 0 && (layers[i] >= nfds || lm_entry_check(codes[i], ps) < 0))
+            return lm_fail("page server table: a page's file or entry word is out of range",
+                           EINVAL);
+    }
+    int rc = lm_srv_table_new(entries, len, out);
+    if (rc < 0)
+        return rc;
+    struct lm_srv_table *t = *out;
+    atomic_fetch_sub(&table_bytes_live, table_bytes(t));
+    t->codes = malloc(len * sizeof(uint32_t) + 1);
+    t->layer = malloc(len + 1);
+    t->sigs = malloc(len * sizeof(uint64_t) + 1);
+    t->fds = malloc((size_t)nfds * sizeof(int));
+    if (!t->codes || !t->layer || !t->sigs || !t->fds) {
+        table_free(t);
+        *out = NULL;
+        return lm_fail("malloc(page table)", ENOMEM);
+    }
+    memcpy(t->codes, codes, len * sizeof(uint32_t));
+    memcpy(t->layer, layers, len);
+    memcpy(t->sigs, sigs, len * sizeof(uint64_t));
+    for (int k = 0; k < nfds; k++)
+        t->fds[k] = -1;
+    t->nfds = nfds;
+    for (int k = 0; k < nfds; k++) {
+        if ((t->fds[k] = fcntl(fds[k], F_DUPFD_CLOEXEC, 0)) < 0) {
+            rc = LM_FAIL("fcntl(F_DUPFD_CLOEXEC) of a snapshot file");
+            table_free(t);
+            *out = NULL;
+            return rc;
+        }
+    }
+    atomic_fetch_add(&table_bytes_live, table_bytes(t));
     return 0;
 }
 
@@ -869,7 +1029,8 @@ int lm_srv_start(int uffd, int peer_pidfd, unsigned flags, const struct lm_srv_m
         atomic_fetch_add(&pool->refs, 1);
         s->pool = pool;
     }
-    if (!(s->scratch = malloc((size_t)max_cluster * page_size))) {
+    /* and one page more: a compressed entry's bytes before decoding (table_read) */
+    if (!(s->scratch = malloc(((size_t)max_cluster + 1) * page_size))) {
         rc = lm_fail("malloc(scratch)", ENOMEM);
         goto fail;
     }

@@ -127,6 +127,36 @@ class Chain:
             out[stored] = np.frombuffer(data, np.uint8).reshape(stored.size, ps)
         return out.tobytes()
 
+    def locations(self):
+        """Where each region page's bytes are, for a reader in another process (the page
+        server): (offsets, codes, layers, sigs) per page. offsets[p] is the file offset of its
+        store entry in file layers[p] (an index into self.layers), or -1 for a page that reads
+        as zero; codes[p] its entry word (length | codec << 28, as the version 3 index; a raw
+        page: page_size); sigs[p] its signature."""
+        m = self.map()
+        ps = self.leaf.header["page_size"]
+        offsets = np.full(m.size, -1, np.int64)
+        codes = np.zeros(m.size, np.uint32)
+        layers = np.zeros(m.size, np.uint8)
+        sigs = np.zeros(m.size, np.uint64)
+        stored = np.flatnonzero(m >= STORED)
+        gid = m[stored].astype(np.int64) - STORED
+        sigs[stored] = self.signatures()[gid]
+        bases = np.array([layer.base for layer in self.layers], np.int64)
+        which = np.searchsorted(bases, gid, side="right") - 1
+        for k, layer in enumerate(self.layers):
+            sel = which == k
+            e = gid[sel] - layer.base
+            h, idx = layer.parsed.header, layer.parsed.index
+            if idx is None:
+                offsets[stored[sel]] = h["store_offset"] + e * ps
+                codes[stored[sel]] = ps
+            else:
+                offsets[stored[sel]] = h["store_offset"] + idx["offsets"][e].astype(np.int64)
+                codes[stored[sel]] = idx["raw"][e]
+            layers[stored[sel]] = k
+        return offsets, codes, layers, sigs
+
     def describe(self):
         """One dict per file, leaf first: path, content id, pages it stores, bytes."""
         return [{"path": layer.path, "id": "%016x" % layer.parsed.header["header_xxh3"],

@@ -544,11 +544,12 @@ def page_sources(path):
     p = _load(path)
     h = p.header
     if h["flags"] & (FLAG_COMPRESSED | FLAG_PARENT):
-        # The page server's table is one file offset per page of page_size bytes (server.c):
-        # a compressed entry has a length and a codec, a parent's page another file.
-        _fail(path, "%s: the page server serves snapshots whose pages are stored whole in the "
-              "one file (format version 2); restore this one in-process, or write it with "
-              "compress=None and no parent" % (
+        # One file offset per page of page_size bytes: a compressed entry also has a length
+        # and a codec, a parent's page another file (pylazymem._chain: Chain.locations, which
+        # the page server uses for such files).
+        _fail(path, "%s: page_sources() lists pages stored whole in the one file (format "
+              "version 2); for this one open the chain (pylazymem._chain.open_chain(path)"
+              ".locations())" % (
                   "compressed store (format version 3, %s entries)"
                   % "/".join(c for c in p.index["counts"] if c != "raw")
                   if h["flags"] & FLAG_COMPRESSED else "has a parent snapshot"))

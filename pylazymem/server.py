@@ -93,23 +93,41 @@ class _FileSource:
 
 
 class _SnapshotSource(_FileSource):
-    """A pylazymem snapshot: source page i is the snapshot region's page i."""
+    """A pylazymem snapshot: source page i is the snapshot region's page i. A compressed store
+    or a chain of files (docs/snapshot-format.md, version 3 and "Parents and chains") is a
+    layered source: `chain` holds its files open, `layered` = (codes, layers, sigs) per page
+    beside the offsets (Chain.locations), and pages are read and decoded through the chain
+    (the Python engine) or by server.c (table_read)."""
     kind = "snapshot"
+    chain = None
+    layered = None
 
     def __init__(self, path):
         import numpy as np
 
-        from ._snapfile import page_sources
+        from ._snapfile import FLAG_COMPRESSED, FLAG_PARENT, _read, page_sources
 
         super().__init__(path)
         try:
-            info, offsets = page_sources(path)
             st = os.fstat(self.fd)
-            if st.st_size != info.file_bytes or os.stat(self.path).st_ino != st.st_ino:
+            p = _read(self.fd, self.path)
+            if p.header["flags"] & (FLAG_COMPRESSED | FLAG_PARENT):
+                from ._chain import open_chain
+
+                self.chain = open_chain(self.path, signatures=True)
+                if os.fstat(self.chain.layers[0].fd).st_ino != st.st_ino:
+                    raise InvalidRangeError("%s changed while it was being opened" % self.path)
+                offsets, codes, layers, sigs = self.chain.locations()
+                self.layered = (codes, layers, sigs)
+                file_bytes, page_size = p.header["file_bytes"], p.header["page_size"]
+            else:
+                info, offsets = page_sources(path)
+                file_bytes, page_size = info.file_bytes, info.page_size
+            if st.st_size != file_bytes or os.stat(self.path).st_ino != st.st_ino:
                 raise InvalidRangeError("%s changed while it was being opened" % self.path)
-            if info.page_size != PAGE_SIZE:
+            if page_size != PAGE_SIZE:
                 raise InvalidRangeError("%s has %d-byte pages; this machine's are %d"
-                                        % (self.path, info.page_size, PAGE_SIZE))
+                                        % (self.path, page_size, PAGE_SIZE))
         except BaseException:
             self.close()
             raise
@@ -124,7 +142,17 @@ class _SnapshotSource(_FileSource):
         if i >= len(self.table):
             raise EOFError("offset %d is past the snapshot's %d pages" % (offset, len(self.table)))
         at = int(self.table[i])
-        return None if at < 0 else super().page(at)
+        if at < 0:
+            return None
+        if self.chain is not None:   # decoded and checked against its signature
+            return self.chain.read_pages([i])
+        return super().page(at)
+
+    def close(self):
+        if self.chain is not None:
+            self.chain.close()
+            self.chain = None
+        super().close()
 
 
 class _ProviderSource:
@@ -607,8 +635,17 @@ class PageServer:
 
             out = ffi.new("struct lm_srv_table **")
             try:
-                check(lib.lm_srv_table_new(ffi.from_buffer("int64_t[]", self.source.table),
-                                           len(self.source.table), out), "page server")
+                t = ffi.from_buffer("int64_t[]", self.source.table)
+                if self.source.layered is None:
+                    check(lib.lm_srv_table_new(t, len(self.source.table), out), "page server")
+                else:
+                    codes, layers, sigs = self.source.layered
+                    fds = ffi.new("int[]", [x.fd for x in self.source.chain.layers])
+                    check(lib.lm_srv_table_new_layered(
+                        t, ffi.from_buffer("uint32_t[]", codes),
+                        ffi.from_buffer("uint8_t[]", layers), ffi.from_buffer("uint64_t[]", sigs),
+                        len(self.source.table), fds, len(self.source.chain.layers), out),
+                        "page server")
             except BaseException:
                 self.source.close()
                 raise

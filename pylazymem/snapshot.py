@@ -1039,9 +1039,6 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
         p = _read(fd, path)
         h = p.header
         if h["flags"] & FLAG_PARENT:
-            if server is not None:
-                _fail(path, "has a parent snapshot: a page server serves single files (fold "
-                      "the chain first: pylazymem compact)")
             from ._chain import open_chain
             chain = open_chain(path)   # every link checked; its files open until attached
         if h["page_size"] != PAGE_SIZE:

@@ -83,7 +83,10 @@ def test_broken_chain_is_refused_before_mapping(tmp_path):
         assert bytes(r.ndarray(np.uint8)) == states[0]
 
 
-def test_chain_with_a_page_server_is_refused(tmp_path):
+def test_broken_chain_is_refused_before_a_page_server_is_asked(tmp_path):
+    """A chain is served by a page server now (tests/test_server_layered.py); a broken one is
+    still refused before any connection is tried."""
     paths, states = build_chain(tmp_path, (None, None))
-    with pytest.raises(plm.SnapshotError, match="page server serves single files"):
+    os.unlink(paths[0])
+    with pytest.raises(plm.SnapshotError, match="cannot be opened"):
         plm.restore(paths[1], server=str(tmp_path / "none.sock"))

@@ -198,9 +198,11 @@ def test_without_compress_the_file_is_version_2(tmp_path):
     assert not info.compressed and info.stored_bytes == info.raw_bytes == 8 * PS
 
 
-def test_page_server_refuses_compressed_snapshots(tmp_path):
+def test_page_sources_lists_whole_pages_only(tmp_path):
+    """page_sources() is file offsets of whole pages; a compressed store says where to look
+    instead (the page server reads it through the chain: tests/test_server_layered.py)."""
     path, _ = checkpointed(tmp_path, make_state("text", 8), "zstd")
-    with pytest.raises(plm.SnapshotError, match="compressed"):
+    with pytest.raises(plm.SnapshotError, match="compressed.*locations"):
         plm.snapshot.page_sources(path)
 
 
