@@ -83,32 +83,20 @@ class CheckpointHandle:
         return "<CheckpointHandle %s %s pause %.3f ms>" % (self.path, state, self.pause * 1e3)
 
 
-def start(region, path, working_set, progress, durable, parent, codec, _test_copy=None):
-    """checkpoint(background=True): everything that can fail early fails here, before the
-    pause; the rest runs on a thread."""
-    from . import snapshot
-
+def start(region, path, chain, write, progress, _test_copy=None):
+    """The pause, then write(frozen, progress) on a thread (snapshot._start_background made
+    everything ready). Owns `chain` from here: closed when the checkpoint ends."""
     t0 = time.perf_counter()
     if _test_copy is not None and memoryview(_test_copy).nbytes != region.nbytes:
         raise InvalidArgumentError("_test_copy must be region.nbytes long")
-    if region._empty_unknown or region._server_sock is not None:
-        raise InvalidArgumentError("checkpoint(background=True): not of a region a page server "
-                                   "serves (checkpoint it in the foreground)")
-    chain = snapshot._open_parent(region, path, parent) if parent is not None else None
     use = region._use()
+    lm = use.__enter__()   # held until the end: close() waits for the checkpoint
     try:
-        ws = snapshot._working_set_arg(region, working_set)
-        lm = use.__enter__()   # held until the end: close() waits for the checkpoint
-        try:
-            out = ffi.new("struct lm_freeze **")
-            tc = ffi.NULL if _test_copy is None else ffi.from_buffer(_test_copy)
-            check(lib.lm_freeze_begin(lm, tc, out), "checkpoint(background=True)")
-        except BaseException:
-            use.__exit__(None, None, None)
-            raise
+        out = ffi.new("struct lm_freeze **")
+        tc = ffi.NULL if _test_copy is None else ffi.from_buffer(_test_copy)
+        check(lib.lm_freeze_begin(lm, tc, out), "checkpoint(background=True)")
     except BaseException:
-        if chain is not None:
-            chain.close()
+        use.__exit__(None, None, None)
         raise
     fz = out[0]
     # The epoch that ended at the pause is the freeze's now: the file, once whole, is the
@@ -117,16 +105,14 @@ def start(region, path, working_set, progress, durable, parent, codec, _test_cop
     handle = CheckpointHandle(region, path, fz)
     region._bg = handle
     t = threading.Thread(target=_run, name="pylazymem-checkpoint",
-                         args=(handle, region, use, fz, path, ws, progress, durable, chain, codec,
-                               epoch), daemon=True)
+                         args=(handle, region, use, fz, chain, write, progress, epoch),
+                         daemon=True)
     t.start()
     handle.started = time.perf_counter() - t0
     return handle
 
 
-def _run(handle, region, use, fz, path, ws, progress, durable, chain, codec, epoch):
-    from . import snapshot
-
+def _run(handle, region, use, fz, chain, write, progress, epoch):
     failed = True
     _lower_priority()
     try:
@@ -138,8 +124,7 @@ def _run(handle, region, use, fz, path, ws, progress, durable, chain, codec, epo
             check(lib.lm_freeze_old_dirty(fz, ffi.from_buffer("uint64_t[]", words)),
                   "background checkpoint")
             clean = ~words
-        handle._result = snapshot._checkpoint(region, path, ws, _Progress(handle, progress),
-                                              durable, chain, codec, frozen=(fz, clean))
+        handle._result = write((fz, clean), _Progress(handle, progress))
         failed = False
     except BaseException as e:   # handed to wait()
         handle._error = e

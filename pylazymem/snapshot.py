@@ -143,14 +143,38 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     region._check_no_background()
     path = os.fspath(path)
     if background:
-        from . import _bgckpt
-        return _bgckpt.start(region, path, working_set, progress, durable, parent, codec)
+        return _start_background(region, path, working_set, progress, durable, parent, codec)
     chain = _open_parent(region, path, parent) if parent is not None else None
     try:
         return _checkpoint(region, path, working_set, progress, durable, chain, codec)
     finally:
         if chain is not None:
             chain.close()
+
+
+def _start_background(region, path, working_set, progress, durable, parent, codec,
+                      _test_copy=None):
+    """checkpoint(background=True): what can fail early fails here; _bgckpt pauses and runs
+    the checkpoint (_checkpoint with the frozen view) on its thread. _test_copy: tests' copy of
+    the region taken inside the pause (lm_freeze_begin)."""
+    from . import _bgckpt
+    from ._errors import InvalidArgumentError
+
+    if region._empty_unknown or region._server_sock is not None:
+        raise InvalidArgumentError("checkpoint(background=True): not of a region a page server "
+                                   "serves (checkpoint it in the foreground)")
+    chain = _open_parent(region, path, parent) if parent is not None else None
+    try:
+        ws = _working_set_arg(region, working_set)
+
+        def write(frozen, progress_cb):
+            return _checkpoint(region, path, ws, progress_cb, durable, chain, codec,
+                               frozen=frozen)
+        return _bgckpt.start(region, path, chain, write, progress, _test_copy)
+    except BaseException:
+        if chain is not None:
+            chain.close()
+        raise
 
 
 def _open_parent(region, path, parent):

@@ -314,6 +314,10 @@ def test_features_agree_between_backends(run_py, uffd):
     why = [f.pop("shared_pages_reason") for f in (a["features"], b["features"])]
     # Compressed snapshots are read and written by the core: only the cffi backend has codecs.
     codecs = [f.pop("codecs") for f in (a["features"], b["features"])]
+    # So are background checkpoints (freeze.c).
+    bg = [f.pop("background_checkpoint") for f in (a["features"], b["features"])]
+    bg_why = [f.pop("background_checkpoint_reason") for f in (a["features"], b["features"])]
+    assert bg[1] is False and "cffi" in bg_why[1] and bg[0] == (not bg_why[0])
     assert sorted(codecs[0]) == ["lz4", "zstd"] and codecs[1] in ([], ())
     assert a["features"] == b["features"]
     assert shared[1] is False and "cffi" in why[1]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import pylazymem as plm
-from pylazymem import _bgckpt, snapshot
 from _helpers import PAGE_SIZE, REPO_DIR, pages
 
 pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.background_checkpoint,
@@ -67,8 +66,9 @@ def _start(r, path, copy, **kw):
     inside the pause (the core copies staging right after the move), independent of
     everything the checkpoint reads."""
     kw.setdefault("working_set", "auto")
-    return _bgckpt.start(r, os.fspath(path), kw["working_set"], None, True,
-                         kw.get("parent"), kw.get("codec"), _test_copy=copy)
+    from pylazymem import snapshot
+    return snapshot._start_background(r, os.fspath(path), kw["working_set"], None, True,
+                                      kw.get("parent"), kw.get("codec"), _test_copy=copy)
 
 
 def test_file_is_the_region_at_the_pause_with_four_writers(tmp_path, rng):
@@ -151,6 +151,7 @@ def test_incremental_background_child(tmp_path, rng):
 
 
 def test_failure_keeps_previous_file_and_epoch(tmp_path, rng, monkeypatch):
+    from pylazymem import snapshot
     with plm.Region(4 << 20) as r:
         _fill(r, rng)
         path = tmp_path / "f.plm"

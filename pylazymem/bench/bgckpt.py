@@ -108,7 +108,7 @@ def _fill_random(r, nbytes, rng):
 
 def _one(plm, r, path, writer, check_copy, problems):
     """One repetition: baseline window, then the background checkpoint's window."""
-    from .. import _bgckpt
+    from .. import snapshot
 
     time.sleep(0.2)
     writer.window()
@@ -120,7 +120,7 @@ def _one(plm, r, path, writer, check_copy, problems):
     if copy is None:
         h = plm.checkpoint(r, path, background=True)
     else:
-        h = _bgckpt.start(r, path, "auto", None, True, None, None, _test_copy=copy)
+        h = snapshot._start_background(r, path, "auto", None, True, None, None, _test_copy=copy)
     info = h.wait(600)
     t_ckpt = time.perf_counter() - t0
     stores, gap = writer.window()
