@@ -35,10 +35,12 @@ problems seen (wrong contents, handler errors).
   bgckpt         checkpoint(background=True) of 1 GiB while a native or a Python thread stores to random
                  pages (issue 12): the pause, the writer's store rate and longest stall beside its rate
                  without a checkpoint, the synchronous checkpoint; the pause at 256 MiB, 1 GiB, 4 GiB
+  reap_compressed  the REAP flow (Zipf workload, working set recorded on another sample) over a zstd
+                 snapshot of 1 GiB of text vs eager np.load, cold page cache (issue 12)
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
               "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental", "compress",
-              "bgckpt")
+              "bgckpt", "reap_compressed")
 
 __all__ = ["BENCHMARKS", "run"]
 
