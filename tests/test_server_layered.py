@@ -20,7 +20,17 @@ CLIENT = """
 import sys
 sys.path.insert(0, {tests!r})
 from _server_client import ServedMemory, first_mismatch, PS
+m = ServedMemory(sys.argv[1], [96 * PS], [0])
+want = open(sys.argv[2], "rb").read()
 """
+
+
+def _client(run_py, tmp_path, want, body):
+    """Run `body` in a client process whose 96 pages the server at tmp_path/s.sock serves
+    (`m`: its ServedMemory, `want`: the expected bytes)."""
+    (tmp_path / "want.bin").write_bytes(want)
+    return run_py(CLIENT.format(tests=TESTS) + body,
+                  args=(str(tmp_path / "s.sock"), str(tmp_path / "want.bin")), prelude=False)
 
 
 def _chain_files(tmp_path, codecs=("zstd", "lz4", None)):
@@ -47,18 +57,14 @@ def _chain_files(tmp_path, codecs=("zstd", "lz4", None)):
 @pytest.mark.parametrize("engine", ["c", "python"])
 def test_chain_of_compressed_files_served_to_another_process(tmp_path, engine, run_py):
     leaf, want = _chain_files(tmp_path)
-    (tmp_path / "want.bin").write_bytes(want)
-    sock = str(tmp_path / "s.sock")
-    with PageServer(sock, snapshot=leaf, engine=engine) as srv:
-        res = run_py(CLIENT.format(tests=TESTS) + """
-m = ServedMemory(sys.argv[1], [96 * PS], [0])
-want = open(sys.argv[2], "rb").read()
+    with PageServer(str(tmp_path / "s.sock"), snapshot=leaf, engine=engine) as srv:
+        res = _client(run_py, tmp_path, want, """
 for p in reversed(range(0, 96, 7)):   # scattered first: no readahead help
     assert m.maps[0][p * PS:(p + 1) * PS] == want[p * PS:(p + 1) * PS], p
 bad = first_mismatch(m.maps[0][:], want)
 assert bad is None, bad
 print("OK")
-""", args=(sock, str(tmp_path / "want.bin")), prelude=False)
+""")
         assert res.returncode == 0, res.describe()
         st = srv.stats()
         assert st["errors"] == 0 and st["pages_copied"] > 0 and st["poisoned"] == 0
@@ -103,18 +109,14 @@ def _damage_entry(path, page):
 def test_damaged_compressed_entry_is_poisoned_not_served(tmp_path, engine, run_py):
     leaf, want = _chain_files(tmp_path, ("zstd",))
     _damage_entry(leaf, 3)
-    (tmp_path / "want.bin").write_bytes(want)
-    sock = str(tmp_path / "s.sock")
     # Opening reads the index and the signatures, not the entries: the server starts.
-    with PageServer(sock, snapshot=leaf, engine=engine) as srv:
-        res = run_py(CLIENT.format(tests=TESTS) + """
-m = ServedMemory(sys.argv[1], [96 * PS], [0])
-want = open(sys.argv[2], "rb").read()
+    with PageServer(str(tmp_path / "s.sock"), snapshot=leaf, engine=engine) as srv:
+        res = _client(run_py, tmp_path, want, """
 assert m.maps[0][5 * PS:6 * PS] == want[5 * PS:6 * PS]   # an intact page first
 print("intact", flush=True)
 m.maps[0][3 * PS]   # the damaged one: SIGBUS (poisoned), never other bytes
 print("SERVED")
-""", args=(sock, str(tmp_path / "want.bin")), prelude=False)
+""")
         assert "intact" in res.stdout and "SERVED" not in res.stdout, res.describe()
         assert res.returncode == -signal.SIGBUS, res.describe()
         assert srv.stats()["poisoned"] >= 1
