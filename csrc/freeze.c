@@ -228,20 +228,22 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
 
     /* Arming and the check for chunk blocks under chunk_lock, where deferrals decide them. */
     pthread_mutex_lock(&r->chunk_lock);
-    struct lm_freeze *none = NULL;
     if (atomic_load(&r->chunk_of))
         rc = lm_fail("background checkpoint: not of a region with canonical chunks mapped "
                      "(share_canonical)", EOPNOTSUPP);
-    else if (!atomic_compare_exchange_strong(&r->freeze, &none, fz))
+    else if (atomic_load(&r->freeze) || atomic_load(&r->freeze_armed))
         rc = lm_fail("background checkpoint: another one is in progress", EBUSY);
     if (rc < 0) {
         pthread_mutex_unlock(&r->chunk_lock);
         freeze_free(fz);
         return rc;
     }
-    /* From here the fault path consults fz (nothing is staged until the pause). */
     uint64_t t_arm = lm_now_ns();
     rc = lm_meta_freeze_arm(r);
+    /* The fault path consults fz from here, not during arming: until the pause is over it
+       makes faulters retry (serve_staged), which only the pause itself should cost them. */
+    if (rc == 0)
+        atomic_store_explicit(&r->freeze, fz, memory_order_seq_cst);
     pthread_mutex_unlock(&r->chunk_lock);
     fz->arm_ns = lm_now_ns() - t_arm;
     int err = rc < 0 ? 0 : lm_thread_start(&fz->pump, NULL, pump_main, fz);
@@ -255,7 +257,7 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
         pthread_join(fz->pump, NULL);
     }
     if (rc < 0 && !atomic_load(&fz->moved)) {
-        atomic_store(&r->freeze, NULL);
+        atomic_store(&r->freeze, NULL);   /* (NULL already if arming failed) */
         for (unsigned spins = 0; atomic_load(&r->freeze_users);)
             lm_wait_busy(&spins);
         lm_meta_freeze_disarm(r);
