@@ -40,12 +40,7 @@ class CheckpointHandle:
         self.started = None
 
     def _stats(self):
-        if self._final is not None:
-            return dict(self._final)
-        st = ffi.new("struct lm_freeze_stats *")
-        lib.lm_freeze_stats(self._fz, st)
-        return {k: getattr(st, k) for k in ("arm_ns", "pause_ns", "begin_ns", "staged",
-                                             "copied_back", "fault_served", "written", "stray")}
+        return dict(self._final) if self._final is not None else _read_stats(self._fz)
 
     def stats(self):
         """The freeze's counters: arm_ns, pause_ns, begin_ns, staged (pages present at the
@@ -140,6 +135,16 @@ def _run(handle, region, use, fz, chain, write, progress, epoch):
         handle._done.set()
 
 
+_STATS = ("arm_ns", "pause_ns", "begin_ns", "staged", "copied_back", "fault_served", "written",
+          "stray")
+
+
+def _read_stats(fz):
+    st = ffi.new("struct lm_freeze_stats *")
+    lib.lm_freeze_stats(fz, st)
+    return {k: getattr(st, k) for k in _STATS}
+
+
 def _lower_priority():
     """The checkpoint's CPU time is the program's to lend, not to take: this thread (and the
     threads the core starts from it, which inherit it: hashing, compression) runs at nice
@@ -156,10 +161,7 @@ def _end(handle, fz, failed):
     """End the freeze; retried a few times (bringing pages back can fail for want of memory).
     While it cannot end, the fault path keeps serving staged pages from staging."""
     for attempt in range(50):
-        st = ffi.new("struct lm_freeze_stats *")
-        lib.lm_freeze_stats(fz, st)
-        final = {k: getattr(st, k) for k in ("arm_ns", "pause_ns", "begin_ns", "staged",
-                                             "copied_back", "fault_served", "written", "stray")}
+        final = _read_stats(fz)
         rc = lib.lm_freeze_end(fz, 1 if failed else 0)
         if rc == 0:
             handle._final = final
