@@ -71,6 +71,14 @@ struct lm_freeze {
     pthread_t copier;
     bool copier_started, copier_joined;
     int copier_rc;
+    const char *copier_op;        /* the copier thread's lm_last_op() when it failed */
+    /* The copier's scan is settled (done or failed): lm_freeze_scan returns then, while the
+       copier goes on bringing pages back beside the checkpoint's reads of staging. */
+    pthread_mutex_t scan_mu;
+    pthread_cond_t scan_cv;
+    bool scan_settled;
+    int scan_rc;
+    const char *scan_op;
     pthread_mutex_t copier_lock;
     uint64_t arm_ns, pause_ns, begin_ns, nstaged;
     _Atomic uint64_t copied_back, fault_served, written, stray;
@@ -95,6 +103,8 @@ static void freeze_free(struct lm_freeze *fz)
     if (fz->copier_started && !fz->copier_joined)
         pthread_join(fz->copier, NULL);
     pthread_mutex_destroy(&fz->copier_lock);
+    pthread_mutex_destroy(&fz->scan_mu);
+    pthread_cond_destroy(&fz->scan_cv);
     if (fz->resv && fz->resv != MAP_FAILED)
         munmap(fz->resv, fz->resv_len);
     if (fz->stop_fd >= 0)
@@ -200,6 +210,8 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
     fz->r = r;
     fz->stop_fd = -1;
     pthread_mutex_init(&fz->copier_lock, NULL);
+    pthread_mutex_init(&fz->scan_mu, NULL);
+    pthread_cond_init(&fz->scan_cv, NULL);
     fz->test_copy = test_copy;
     fz->back = calloc(r->npages, 1);
     fz->staged = calloc(words, sizeof(uint64_t));
@@ -299,6 +311,11 @@ static int scan(struct lm_freeze *fz)
             size_t p1 = (size_t)(vec[i].end - (uintptr_t)fz->stage) >> r->page_shift;
             uint64_t c = vec[i].categories;
             for (size_t p = p0; p < p1 && p < r->npages; p++) {
+                /* A poisoned page's marker moved too (PAGEMAP_SCAN calls it swapped): it has
+                   no contents to bring back, and its record stays POISONED, so a touch is
+                   poisoned again by the fault path (serve.c), and the checkpoint fails. */
+                if (lm_state_load(&r->meta[p]) == LM_POISONED)
+                    continue;
                 set_bit(fz->staged, p);
                 fz->nstaged++;
                 if (c & LM_PAGE_IS_PFNZERO)
@@ -331,6 +348,8 @@ static int is_staged(struct lm_freeze *fz, size_t p)
     struct lm_region *r = fz->r;
     if (atomic_load_explicit(&fz->scanned, memory_order_acquire))
         return bit(fz->staged, p);
+    if (lm_state_load(&r->meta[p]) == LM_POISONED)
+        return 0;   /* its marker moved, nothing else: as scan() decides */
     uint64_t e;
     off_t off = (off_t)(((uintptr_t)fz->stage + p * r->page_size) / r->page_size * 8);
     if (pread(r->pagemap_fd, &e, sizeof(e), off) != (ssize_t)sizeof(e))
@@ -481,7 +500,15 @@ static int copy_back(struct lm_freeze *fz)
 static void *copier_main(void *arg)
 {
     struct lm_freeze *fz = arg;
-    fz->copier_rc = copy_back(fz);
+    int rc = scan(fz);
+    pthread_mutex_lock(&fz->scan_mu);
+    fz->scan_rc = rc;
+    fz->scan_op = lm_last_op();
+    fz->scan_settled = true;
+    pthread_cond_broadcast(&fz->scan_cv);
+    pthread_mutex_unlock(&fz->scan_mu);
+    fz->copier_rc = rc < 0 ? rc : copy_back(fz);
+    fz->copier_op = lm_last_op();   /* thread-local: carried to whoever joins */
     return NULL;
 }
 
@@ -494,13 +521,27 @@ static int copier_done(struct lm_freeze *fz)
         fz->copier_joined = true;
     }
     int rc = fz->copier_started ? fz->copier_rc : copy_back(fz);
+    if (rc < 0 && fz->copier_started)
+        rc = lm_fail(fz->copier_op, -rc);   /* the failed op named in the caller's thread */
     pthread_mutex_unlock(&fz->copier_lock);
     return rc;
 }
 
 int lm_freeze_scan(struct lm_freeze *fz)
 {
-    return copier_done(fz);
+    if (!fz->copier_started) {   /* no thread to be had: scan here (copy-back comes later) */
+        pthread_mutex_lock(&fz->copier_lock);
+        int rc = scan(fz);
+        pthread_mutex_unlock(&fz->copier_lock);
+        return rc;
+    }
+    pthread_mutex_lock(&fz->scan_mu);
+    while (!fz->scan_settled)
+        pthread_cond_wait(&fz->scan_cv, &fz->scan_mu);
+    int rc = fz->scan_rc;
+    const char *op = fz->scan_op;
+    pthread_mutex_unlock(&fz->scan_mu);
+    return rc < 0 ? lm_fail(op, -rc) : 0;
 }
 
 int lm_freeze_copy_back(struct lm_freeze *fz)

@@ -433,7 +433,8 @@ struct lm_freeze_stats {
 /* test_copy: NULL, or nbytes where the region's bytes are copied inside the pause (tests: a
    copy independent of everything the checkpoint reads; pages lazy at the pause read zero). */
 int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out);
-/* Which pages were present at the pause, and the dirty-tracking epoch that ended there. */
+/* Which pages were present at the pause, and the dirty-tracking epoch that ended there. Returns
+   once they are known; the copier goes on bringing staged pages back meanwhile. */
 int lm_freeze_scan(struct lm_freeze *fz);
 /* Bring every staged page back into the region (its bytes stay in staging for the
    checkpoint). Needs lm_freeze_scan first. */

@@ -543,6 +543,11 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
    read. */
 int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
                      uint8_t *bad);
+/* lm_src_read_each in two halves, for callers that read on one thread and decode on another:
+   lm_src_fetch reads the entries (raw ones in place, compressed ones packed at the end of
+   dst), then lm_src_decode(same index, count, dst) decodes them into their pages. */
+int lm_src_fetch(struct lm_region *r, uint64_t index, size_t count, void *dst);
+int lm_src_decode(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad);
 /* A hint only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store
    entries [index, index+count) will be read soon. */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);

@@ -566,8 +566,8 @@ static uint64_t entry_off(const struct lm_src_file *f, uint64_t e)
  * hash costs ~0.2 us a page beside ~2-10 us of decoding; the signatures are read when the
  * layer is attached (source_publish).
  */
-static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
-                      char *dst, uint8_t *bad, size_t *got)
+static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                       char *dst, size_t *got)
 {
     size_t ps = r->page_size, len = count * ps;
     if (!f->index) {
@@ -580,8 +580,6 @@ static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, si
         if (rc < 0)
             return rc;
         memset(dst + avail, 0, len - avail);
-        if (bad)
-            memset(bad, 0, count);
         *got = avail;
         return 0;
     }
@@ -589,12 +587,27 @@ static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, si
     for (size_t j = 0; j < count; j++)
         b += LM_ENTRY_LEN(f->index[e + j]);
     size_t clen = (size_t)(b - a);   /* <= count pages: every entry is at most a page */
-    char *in = dst + len - clen;
-    int rc = src_pread(f, in, clen, f->store_off + a);
-    if (rc < 0)
-        return rc;
-    *got = clen;
+    int rc = src_pread(f, dst + len - clen, clen, f->store_off + a);
+    if (rc == 0)
+        *got = clen;
+    return rc;
+}
+
+/* The second half of a read: decode what layer_fetch left packed at the tail of dst. */
+static int layer_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                        char *dst, uint8_t *bad)
+{
+    if (bad)
+        memset(bad, 0, count);
+    if (!f->index)
+        return 0;   /* raw entries were read in place */
+    size_t ps = r->page_size, clen = 0;
+    for (size_t j = 0; j < count; j++)
+        clen += LM_ENTRY_LEN(f->index[e + j]);
+    const char *in = dst + count * ps - clen;
+    const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_acquire);
     char small[4096], *aside = NULL;
+    int rc = 0;
     for (size_t j = 0, at = 0; j < count; j++) {
         uint32_t w = f->index[e + j];
         size_t elen = LM_ENTRY_LEN(w);
@@ -610,26 +623,28 @@ static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, si
             src = aside;
         }
         rc = lm_unpack_entry(src, elen, w, ps, out);
-        if (rc == 0) {
-            const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_acquire);
-            if (!sigs || XXH3_64bits(out, ps) != sigs[f->first + e + j])
-                rc = lm_fail(sigs ? "snapshot store: a decoded page differs from its signature "
-                                    "(corrupt compressed entry)"
-                                  : "snapshot store: compressed entries without signatures",
-                             EBADMSG);
-        }
+        if (rc == 0 && (!sigs || XXH3_64bits(out, ps) != sigs[f->first + e + j]))
+            rc = lm_fail(sigs ? "snapshot store: a decoded page differs from its signature "
+                                "(corrupt compressed entry)"
+                              : "snapshot store: compressed entries without signatures",
+                         EBADMSG);
         if (rc < 0) {
             if (!bad)
                 break;
             bad[j] = 1;
             rc = 0;
-        } else if (bad) {
-            bad[j] = 0;
         }
     }
     if (aside && aside != small)
         free(aside);
     return rc;
+}
+
+static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                      char *dst, uint8_t *bad, size_t *got)
+{
+    int rc = layer_fetch(r, f, e, count, dst, got);
+    return rc ? rc : layer_decode(r, f, e, count, dst, bad);
 }
 
 /* The layer holding global entry id `index` (the layers' ids are ascending). */
@@ -646,8 +661,11 @@ static struct lm_src_file *layer_of(struct lm_region *r, uint64_t index)
     return &r->src_layers[lo];
 }
 
-int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
-                     uint8_t *bad)
+/* Walks the layers that entries [index, index + count) span: fetch (decode == false) or
+   decode each layer's part of dst. The split lets the prefetch pipeline read on one thread
+   and decode on the others: decoding, not the disk, bounds a compressed prefetch. */
+static int src_walk(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad,
+                    bool decode)
 {
     if (!r->src_nlayers)
         return lm_fail("snapshot page without a snapshot source", ENOENT);
@@ -661,13 +679,34 @@ int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *ds
         size_t k = count - done, got = 0;
         if (k > f->nstored - e)
             k = (size_t)(f->nstored - e);   /* the rest comes from the next layer */
-        rc = layer_read(r, f, e, k, (char *)dst + done * r->page_size, bad ? bad + done : NULL,
-                        &got);
+        char *part = (char *)dst + done * r->page_size;
+        if (decode)
+            rc = layer_decode(r, f, e, k, part, bad ? bad + done : NULL);
+        else
+            rc = layer_fetch(r, f, e, k, part, &got);
         total += got;
         done += k;
     }
-    atomic_fetch_add_explicit(&r->st_src_bytes, total, memory_order_relaxed);
+    if (!decode)
+        atomic_fetch_add_explicit(&r->st_src_bytes, total, memory_order_relaxed);
     return rc;
+}
+
+int lm_src_fetch(struct lm_region *r, uint64_t index, size_t count, void *dst)
+{
+    return src_walk(r, index, count, dst, NULL, false);
+}
+
+int lm_src_decode(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad)
+{
+    return src_walk(r, index, count, dst, bad, true);
+}
+
+int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
+                     uint8_t *bad)
+{
+    int rc = lm_src_fetch(r, index, count, dst);
+    return rc ? rc : lm_src_decode(r, index, count, dst, bad);
 }
 
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)

@@ -111,8 +111,9 @@ def _run(handle, region, use, fz, chain, write, progress, epoch):
     failed = True
     _lower_priority()
     try:
+        # The scan says what was staged; the core's copier goes on bringing staged pages back
+        # while the file is written from staging (the two overlap: neither changes staging).
         check(lib.lm_freeze_scan(fz), "background checkpoint")
-        check(lib.lm_freeze_copy_back(fz), "background checkpoint")
         clean = None
         if chain is not None and epoch is not None and epoch == chain.content_id:
             words = np.zeros(-(-region.npages // 64), np.uint64)
@@ -120,6 +121,7 @@ def _run(handle, region, use, fz, chain, write, progress, epoch):
                   "background checkpoint")
             clean = ~words
         handle._result = write((fz, clean), _Progress(handle, progress))
+        check(lib.lm_freeze_copy_back(fz), "background checkpoint")
         failed = False
     except BaseException as e:   # handed to wait()
         handle._error = e

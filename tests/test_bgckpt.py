@@ -263,3 +263,64 @@ def test_sigkill_mid_checkpoint_keeps_previous_file(tmp_path):
     with plm.Region(1 << 20) as r:
         plm.checkpoint(r, path)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+_POISONED = r"""
+import os, sys, time
+import numpy as np
+import pylazymem as plm
+from _helpers import PAGE_SIZE, pages
+src, out, bad = sys.argv[1], sys.argv[2], int(sys.argv[3])
+expected = np.load(sys.argv[4])
+r = plm.restore(src, verify=True, prefetch="none", background=True)
+deadline = time.monotonic() + 30
+while r.stats()["background_running"]:
+    assert time.monotonic() < deadline, "background fill did not finish"
+    time.sleep(0.005)
+assert r.poisoned_pages().tolist() == [bad], r.poisoned_pages()
+before = open(out, "rb").read()
+h = plm.checkpoint(r, out, background=True)
+try:
+    h.wait(60)
+    print("CHECKPOINT_SUCCEEDED", flush=True)
+except plm.PoisonedPageError as e:
+    print("RAISED", type(e).__name__, str(e).replace("\n", " "), flush=True)
+assert open(out, "rb").read() == before, "the previous file changed"
+others = [p for p in range(r.npages) if p != bad]
+assert np.array_equal(pages(r)[others], expected[others]), "pages around the poisoned one"
+assert r.poisoned_pages().tolist() == [bad]
+try:                                   # the foreground checkpoint agrees
+    plm.checkpoint(r, out)
+    print("SYNC_SUCCEEDED", flush=True)
+except plm.PoisonedPageError:
+    print("SYNC_RAISED", flush=True)
+print("TOUCHING", flush=True)
+x = int(pages(r)[bad].sum())           # must still raise SIGBUS: never zeros, never the old bytes
+print("READ_BAD_PAGE", x, flush=True)
+"""
+
+
+def test_poisoned_page_fails_the_checkpoint_and_stays_poisoned(tmp_path, run_py, features):
+    """A page that could not be served (a corrupt store entry under verify) is poisoned: a
+    background checkpoint fails with PoisonedPageError, the previous file stays, and the page
+    still raises SIGBUS afterwards (the freeze moved it to staging and back)."""
+    if not features.has_poison:
+        pytest.skip("needs UFFDIO_POISON")
+    from test_snapshot_verify import flip_store_byte
+    n, bad = 64, 21
+    rng = np.random.default_rng(3)
+    expected = rng.integers(0, 256, size=(n, PAGE_SIZE), dtype=np.uint8)
+    src, out = str(tmp_path / "src.plm"), str(tmp_path / "out.plm")
+    with plm.Region(n * PAGE_SIZE, max_cluster_pages=1) as r:
+        pages(r)[:] = expected
+        plm.checkpoint(r, src, working_set="none")
+        plm.checkpoint(r, out, working_set="none")   # the previous file at the target path
+    flip_store_byte(src, bad)
+    np.save(tmp_path / "expected.npy", expected)
+    res = run_py(_POISONED, timeout=120,
+                 args=(src, out, str(bad), str(tmp_path / "expected.npy")))
+    assert "RAISED PoisonedPageError" in res.stdout, res.describe()
+    assert "SYNC_RAISED" in res.stdout, res.describe()
+    assert "TOUCHING" in res.stdout, res.describe()
+    assert "READ_BAD_PAGE" not in res.stdout, res.describe()
+    assert res.returncode == -signal.SIGBUS, res.describe()
