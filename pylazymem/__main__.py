@@ -4,6 +4,8 @@
     pylazymem inspect SNAPSHOT [--json] [--plot FILE.png]
     pylazymem inspect --pid PID [--json]
     pylazymem compact SNAPSHOT OUT
+    pylazymem push SNAPSHOT s3://BUCKET/PREFIX [--name NAME] [--chunk-size BYTES] [--json]
+    pylazymem pull s3://BUCKET/PREFIX/NAME OUT
     pylazymem demo [--size MiB] [--requests N] [--json] [--quiet]
     pylazymem bench [NAME ...] [--quick] [--json]
     pylazymem serve --socket PATH (--memory-file FILE | --snapshot FILE) [--allow-uid UID ...]
@@ -48,6 +50,26 @@ def _features(args):
                                        if f.dirty_tracking_reason else ""))
         print("compression:   %s" % (", ".join(f.codecs) or "none (needs the compiled core)"))
     return 0 if f.mode != "unavailable" else 1
+
+
+def _push(args):
+    from .objstore import push
+
+    info = push(args.snapshot, args.url, chunk_bytes=args.chunk_size, name=args.name)
+    if args.json:
+        print(json.dumps(info._asdict()))
+    else:
+        print("%s: %d entries, %d new (%d chunks, %.1f MiB sent for a %.1f MiB file)"
+              % (info.url, info.entries, info.new_entries, info.chunks_uploaded,
+                 info.bytes_uploaded / 2**20, info.snapshot_bytes / 2**20))
+    return 0
+
+
+def _pull(args):
+    from .objstore import pull
+
+    print(pull(args.url, args.out))
+    return 0
 
 
 def _usage(message):
@@ -293,6 +315,19 @@ def main(argv=None):
     p.add_argument("snapshot", help="the chain's last snapshot")
     p.add_argument("out", help="the file to write (atomically; not a file of the chain)")
     p.set_defaults(func=_compact)
+    p = sub.add_parser("push", help="store a snapshot in an S3 bucket as content-addressed "
+                                    "chunks (only those the bucket lacks are sent)")
+    p.add_argument("snapshot")
+    p.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    p.add_argument("--name", help="the snapshot's name under PREFIX (default: the file's name)")
+    p.add_argument("--chunk-size", type=int, default=512 << 10, metavar="BYTES",
+                   help="bytes per chunk object (default 524288): the unit restores fetch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_push)
+    p = sub.add_parser("pull", help="make a local snapshot file from a pushed one")
+    p.add_argument("url", metavar="s3://BUCKET/PREFIX/NAME")
+    p.add_argument("out")
+    p.set_defaults(func=_pull)
     p = sub.add_parser("demo", help="suspend a vector-search service, resume it lazily")
     demo_arguments(p)
     p.set_defaults(func=_demo)
