@@ -3,8 +3,8 @@
 #
 # Nothing is downloaded during the build (docker/run-matrix.sh builds it with --network none):
 #   - the base images are local: pylazymem-base:<release> (python3, python3-venv, libxxhash0,
-#     libzstd1, liblz4-1) and pylazymem-base:<release>-build (the same plus gcc, libc6-dev,
-#     libxxhash-dev, libzstd-dev, liblz4-dev,
+#     libzstd1, liblz4-1, libcurl4) and pylazymem-base:<release>-build (the same plus gcc,
+#     libc6-dev, libxxhash-dev, libzstd-dev, liblz4-dev, libcurl4-openssl-dev,
 #     python3-dev), made by docker/run-matrix.sh with debootstrap + docker import;
 #   - every Python package comes from docker/wheelhouse/, which the script fills on the host
 #     with `pip download` for the base image's Python version and platform.
@@ -13,7 +13,7 @@
 ARG BASE=pylazymem-base:bookworm
 ARG BUILD_BASE=pylazymem-base:bookworm-build
 
-# ---- build stage: compile the C core (cffi + libxxhash, libzstd, liblz4) into a wheel for this Python -------------
+# ---- build stage: compile the C core (cffi + libxxhash, libzstd, liblz4, libcurl) into a wheel for this Python -------------
 FROM ${BUILD_BASE} AS build
 ENV PIP_NO_INDEX=1 \
     PIP_FIND_LINKS=/wheelhouse \

@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 16 };
+enum { LM_ABI_VERSION = 17 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -348,6 +348,65 @@ int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_
    no signature section: lm_source_signatures() hashes the file's pages when signatures are
    first needed (verify: now, one read of the whole file). */
 int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verify);
+/* ---- snapshots in an S3 object store (objstore.c, docs/object-store.md) ---------------- */
+/* Where the chunks are and how to ask for them. Strings are copied. */
+struct lm_objs_config {
+    const char *endpoint;       /* http(s)://host[:port] */
+    const char *region;         /* SigV4's region */
+    const char *bucket;
+    const char *access_key;
+    const char *secret_key;
+    const char *session_token;  /* NULL or "": none */
+    const char *cache_dir;      /* the per-machine chunk cache for this endpoint and bucket
+                                   (created 0700); NULL or "": no cache */
+    uint64_t cache_max_bytes;   /* evict the least recently used chunks above it; 0: no bound */
+    uint32_t retries;           /* attempts after the first on network or server failures (<= 10) */
+    uint32_t timeout_ms;        /* per request; 0: 30 s */
+};
+/* A chunk object <bucket>/.plm/chunks/<id as 32 hex digits, high word first>: length bytes
+   whose XXH3-128 is id (low, high). */
+struct lm_objs_chunk {
+    uint64_t id[2];
+    uint32_t length;
+    uint32_t reserved;
+};
+/* Where one store entry is: its chunk (an index into the chunk table) and byte offset. */
+struct lm_objs_entry {
+    uint32_t chunk;
+    uint32_t offset;
+};
+enum { LM_OBJS_MAX_CHUNK = 64 << 20 };
+/* Counters of lm_source_objs_stats, in this order. */
+enum lm_objs_stat {
+    LM_OBJS_REQUESTS = 0,       /* GETs sent */
+    LM_OBJS_FETCHES = 1,        /* chunks fetched and checked */
+    LM_OBJS_FETCH_BYTES = 2,    /* bytes received */
+    LM_OBJS_RETRIES = 3,        /* attempts repeated (network, server, corrupt body) */
+    LM_OBJS_FAILURES = 4,       /* chunks that could not be had: their pages were poisoned */
+    LM_OBJS_CORRUPT = 5,        /* bodies that differed from their chunk's id */
+    LM_OBJS_CACHE_HITS = 6,     /* reads served from the cache directory */
+    LM_OBJS_CACHE_WRITES = 7,   /* chunks written into it */
+    LM_OBJS_CACHE_WRITE_ERRORS = 8, /* chunks that could not be (a full directory): served anyway */
+    LM_OBJS_CACHE_BAD = 9,      /* cache files that failed their check: removed, fetched again */
+    LM_OBJS_EVICTED = 10,       /* cache files removed to stay under cache_max_bytes */
+    LM_OBJS_NSTATS = 11
+};
+struct lm_objs;
+/* The chunk table and one entry per store entry (both copied; every entry must start inside
+   its chunk). */
+int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *chunks,
+                size_t nchunks, const struct lm_objs_entry *entries, size_t nentries,
+                struct lm_objs **out);
+void lm_objs_free(struct lm_objs *o);
+/* Serve SNAPSHOT pages from an object store: `layer` as for lm_source_attach_layers, its fd a
+   file that holds everything of the snapshot but the store (the signatures are read from it),
+   its store read through `o` (entry i = o's entry i). On success the source owns o. */
+int lm_source_attach_remote(struct lm_region *r, const struct lm_src_layer *layer,
+                            struct lm_objs *o, int verify);
+/* The object store's counters (LM_OBJS_NSTATS of them); -ENOENT if the region's source is not
+   an object store. */
+int lm_source_objs_stats(struct lm_region *r, uint64_t *out);
+
 /* Read and check the source's signatures if that has not been done yet (idempotent); lazy
    page records filled before then get theirs (a raw source's are computed by hashing its
    pages). 0 when the region has no snapshot source. */

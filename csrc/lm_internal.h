@@ -10,6 +10,8 @@
  * LAYERS BEGIN (bottom first)
  *   util.c        errors (lm_fail), clock, page size, hashing, thread start, latency histogram
  *   codec.c       compressing store entries (zstd, LZ4) and decoding one into a page, checked
+ *   objstore.c    store entries in an S3 object store: chunk fetch (libcurl, SigV4), the
+ *                 per-machine chunk cache, every chunk checked against its content id
  *   uffd.c        acquiring a userfaultfd, probe, the uffd ioctls and their EEXIST/EAGAIN policy
  *   server.c      the page server for other processes (util and uffd only)
  *   dirty.c       dirty tracking: the write-protect harvest (PAGEMAP_SCAN), dirty bitmaps
@@ -153,6 +155,7 @@ struct lm_src_file {
     uint64_t first, nstored;
     uint64_t store_off, store_bytes;
     uint32_t *index;              /* NULL: fixed-size entries */
+    struct lm_objs *objs;         /* the store is in an object store (fd: the rest) */
     uint64_t *chk;
     bool raw;                     /* lm_source_attach_raw: a file that is the region's image */
     uint64_t raw_bytes;
@@ -543,6 +546,12 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
    read. */
 int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
                      uint8_t *bad);
+/* Entries [e, e + count) of an object store into out, one after another (each
+   LM_ENTRY_LEN(index[i]) bytes, or page_size without an index). 0 or -errno. */
+int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count, const uint32_t *index,
+                   size_t page_size, char *out);
+void lm_objs_stats(struct lm_objs *o, uint64_t *out);
+size_t lm_objs_nentries(const struct lm_objs *o);
 /* lm_src_read_each in two halves, for callers that read on one thread and decode on another:
    lm_src_fetch reads the entries (raw ones in place, compressed ones packed at the end of
    dst), then lm_src_decode(same index, count, dst) decodes them into their pages. */

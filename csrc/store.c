@@ -273,8 +273,10 @@ static void layer_free(struct lm_src_file *f)
     f->fd = -1;
     free(f->index);
     free(f->chk);
+    lm_objs_free(f->objs);
     f->index = NULL;
     f->chk = NULL;
+    f->objs = NULL;
 }
 
 void lm_source_close(struct lm_region *r)
@@ -407,6 +409,28 @@ int lm_source_attach_layers(struct lm_region *r, const struct lm_src_layer *laye
         return rc;
     }
     return source_publish(r, files, n, total, verify);
+}
+
+int lm_source_attach_remote(struct lm_region *r, const struct lm_src_layer *layer,
+                            struct lm_objs *o, int verify)
+{
+    if (!o || !layer)
+        return lm_fail("object store source: no store given", EINVAL);
+    /* o's entries are the layer's, one for one (lm_objs_new checked each against its chunk) */
+    if (lm_objs_nentries(o) != layer->nstored)
+        return lm_fail("object store source: entry count differs from the snapshot's", EINVAL);
+    int rc = lm_source_attach_layers(r, layer, 1, verify);
+    if (rc == 0)
+        r->src_layers[0].objs = o;   /* nothing reads the store before lm_restore_table */
+    return rc;
+}
+
+int lm_source_objs_stats(struct lm_region *r, uint64_t *out)
+{
+    if (!r->src_nlayers || !r->src_layers[0].objs)
+        return -ENOENT;
+    lm_objs_stats(r->src_layers[0].objs, out);
+    return 0;
 }
 
 int lm_source_attach(struct lm_region *r, int fd, uint64_t store_offset, uint64_t nstored,
@@ -570,6 +594,18 @@ static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
                        char *dst, size_t *got)
 {
     size_t ps = r->page_size, len = count * ps;
+    if (f->objs) {   /* in an object store: raw entries in place, compressed ones packed last */
+        size_t clen = len;
+        if (f->index) {
+            clen = 0;
+            for (size_t j = 0; j < count; j++)
+                clen += LM_ENTRY_LEN(f->index[e + j]);
+        }
+        int rc = lm_objs_gather(f->objs, e, count, f->index, ps, dst + len - clen);
+        if (rc == 0)
+            *got = clen;
+        return rc;
+    }
     if (!f->index) {
         uint64_t off = f->store_off + e * ps;
         size_t avail = len;
@@ -722,8 +758,8 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
  */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
 {
-    if (!r->src_nlayers || index >= r->src_nstored)
-        return;
+    if (!r->src_nlayers || index >= r->src_nstored || r->src_layers[0].objs)
+        return;   /* (an object store's source is one layer, and no file to hint) */
     if (count > r->src_nstored - index)
         count = r->src_nstored - index;
     while (count) {

@@ -231,11 +231,12 @@ MIRROR=${PYLAZYMEM_DOCKER_MIRROR:-$(host_mirror)}
 BASE=pylazymem-base:$REL
 BUILD_BASE=pylazymem-base:$REL-build
 IMAGE=pylazymem-test:$REL
-# The core links libxxhash, libzstd and liblz4 (compressed snapshots): their runtime libraries in
+# The core links libxxhash, libzstd and liblz4 (compressed snapshots) and libcurl (object
+# stores): their runtime libraries in
 # the base image, their -dev packages in the build base. The list is recorded in a label of both
 # images, so that base images made before a package was added here are made again.
-RUNTIME_PKGS=python3,python3-venv,libxxhash0,libzstd1,liblz4-1
-BUILD_PKGS="gcc libc6-dev libxxhash-dev libzstd-dev liblz4-dev python3-dev"
+RUNTIME_PKGS=python3,python3-venv,libxxhash0,libzstd1,liblz4-1,libcurl4
+BUILD_PKGS="gcc libc6-dev libxxhash-dev libzstd-dev liblz4-dev libcurl4-openssl-dev python3-dev"
 PKGS_LABEL="$RUNTIME_PKGS $BUILD_PKGS"
 
 import_rootfs() {   # dir tag: tar the tree into `docker import` with labels read from the tree
@@ -272,7 +273,7 @@ if [ "$REBUILD_BASE" -eq 1 ] || ! docker image inspect "$BASE" >/dev/null 2>&1 \
     $SUDO debootstrap --variant=minbase --include="$RUNTIME_PKGS" "$REL" "$ROOTFS" "$MIRROR" \
         >"$OUT/debootstrap.log" 2>&1 \
         || fail_step "debootstrap $REL" "$(since "$t")" "debootstrap failed" "$OUT/debootstrap.log"
-    row "debootstrap $REL (minbase, python3, libxxhash0, libzstd1, liblz4-1)" "$(since "$t")" "$(du -sh "$ROOTFS" | cut -f1)"
+    row "debootstrap $REL (minbase, python3, libxxhash0, libzstd1, liblz4-1, libcurl4)" "$(since "$t")" "$(du -sh "$ROOTFS" | cut -f1)"
     t=$(now)
     import_rootfs "$ROOTFS" "$BASE" \
         || fail_step "docker import $BASE" "$(since "$t")" "docker import failed"

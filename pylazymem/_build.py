@@ -7,7 +7,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 # In layer order, bottom first (csrc/lm_internal.h, "LAYERS"; tests/test_layering.py).
-CORE_SOURCES = ["util.c", "codec.c", "uffd.c", "server.c", "dirty.c", "meta.c", "wstrack.c", "store.c", "pool.c",
+CORE_SOURCES = ["util.c", "codec.c", "objstore.c", "uffd.c", "server.c", "dirty.c", "meta.c", "wstrack.c", "store.c", "pool.c",
                 "pooldir.c", "fill.c", "freeze.c", "serve.c", "prefetch.c", "checkpoint.c", "remote.c",
                 "region.c"]
 
@@ -41,7 +41,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(CSRC, s)) for s in CORE_SOURCES],
     include_dirs=[CSRC],
     depends=[os.path.relpath(os.path.join(CSRC, h)) for h in ("lazymem.h", "lm_internal.h")],
-    libraries=["xxhash", "zstd", "lz4", "pthread"],
+    libraries=["xxhash", "zstd", "lz4", "curl", "pthread"],
     extra_compile_args=_args,
     extra_link_args=_link,
 )

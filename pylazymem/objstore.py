@@ -412,3 +412,83 @@ def pull(url, out, *, client=None) -> str:
             pass
         raise
     return out
+
+
+# ---- restore: the native reader ------------------------------------------------------------
+
+OBJS_STATS = ("requests", "fetches", "fetch_bytes", "retries", "failures", "corrupt",
+              "cache_hits", "cache_writes", "cache_write_errors", "cache_bad", "evicted")
+
+
+def _tunable(name, default, lo, hi):
+    value = os.environ.get(name, "")
+    try:
+        v = int(value) if value else default
+    except ValueError:
+        v = None
+    if v is None or not lo <= v <= hi:
+        raise ValueError("%s=%r: expected an integer from %d to %d" % (name, value, lo, hi))
+    return v
+
+
+def cache_dir(config, bucket):
+    """The per-machine chunk cache of one endpoint and bucket: PYLAZYMEM_CACHE_DIR (`none`: no
+    cache), else $XDG_CACHE_HOME/pylazymem/chunks, else ~/.cache/pylazymem/chunks; one subdirectory per
+    endpoint and bucket (chunk ids are content hashes, but a bucket is not trusted with
+    another's cache)."""
+    root = os.environ.get("PYLAZYMEM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pylazymem", "chunks")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return os.path.join(root, "%016x" % xxhash.xxh3_64_intdigest(
+        ("%s\0%s" % (config.endpoint, bucket)).encode()))
+
+
+def skeleton_fd(m: Manifest):
+    """A memfd laid out as the pushed file, its store section a hole: the core reads the
+    header, tables and signatures from it as from the file; the store comes from the bucket."""
+    h = m.header
+    fd = os.memfd_create("pylazymem-s3-snapshot", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, m.file_bytes)
+        os.pwrite(fd, m.skeleton[:h["store_offset"]], 0)
+        os.pwrite(fd, m.skeleton[h["store_offset"]:], h["store_offset"] + h["store_bytes"])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def native_store(m: Manifest, config, bucket):
+    """The core's reader of m's entries (struct lm_objs *): the caller hands it to
+    lm_source_attach_remote (which then owns it) or frees it (lm_objs_free)."""
+    from ._binding import check, ffi, lib
+
+    keep = []
+
+    def cstr(s):
+        keep.append(ffi.new("char[]", s.encode()))
+        return keep[-1]
+
+    cfg = ffi.new("struct lm_objs_config *")
+    cfg.endpoint, cfg.region, cfg.bucket = cstr(config.endpoint), cstr(config.region), cstr(bucket)
+    cfg.access_key, cfg.secret_key = cstr(config.access_key), cstr(config.secret_key)
+    cfg.session_token = cstr(config.session_token or "")
+    cfg.cache_dir = (ffi.NULL if os.environ.get("PYLAZYMEM_CACHE_DIR") == "none"
+                     else cstr(cache_dir(config, bucket)))
+    cfg.cache_max_bytes = _tunable("PYLAZYMEM_CACHE_MAX_BYTES", 8 << 30, 0, 1 << 62)
+    cfg.retries = _tunable("PYLAZYMEM_S3_RETRIES", 3, 0, 10)
+    cfg.timeout_ms = _tunable("PYLAZYMEM_S3_TIMEOUT_MS", 30000, 1, 1 << 31)
+    out = ffi.new("struct lm_objs **")
+    check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
+                          ffi.from_buffer("struct lm_objs_entry[]", m.entries), len(m.entries), out),
+          "restore from an object store")
+    return out[0]
+
+
+def open_source(url):
+    """(manifest, skeleton fd, S3Config, bucket) for restore(url): the manifest read and checked
+    with the caller's credentials, so that refused credentials fail here, before any fault."""
+    client = S3Client()
+    m = read_manifest(url, client)
+    bucket, _ = parse_url(url)
+    return m, skeleton_fd(m), client.config, bucket

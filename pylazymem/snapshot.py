@@ -1057,7 +1057,16 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
         raise InvalidArgumentError("prefetch must be one of %s, not %r"
                                    % (", ".join(PREFETCH_MODES), prefetch))
     path = os.fspath(path)
-    fd = _open(path)
+    remote = None   # restore("s3://bucket/prefix/NAME"): (manifest, S3Config, bucket)
+    if isinstance(path, str) and path.startswith("s3://"):
+        if server is not None:
+            raise InvalidArgumentError("restore(%r, server=...): a page server serves local "
+                                       "files; restore from the object store directly" % path)
+        from . import objstore
+        m, fd, s3config, bucket = objstore.open_source(path)
+        remote = (m, s3config, bucket)
+    else:
+        fd = _open(path)
     chain = None
     try:
         p = _read(fd, path)
@@ -1113,6 +1122,18 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                      "sigs_xxh3": lh["sigs_xxh3"]}
                     rc = lib.lm_source_attach_layers(lm, layers, len(chain.layers), verify_now)
                     table, nstored = chain.map(), chain.nstored
+                elif remote is not None:   # the store in a bucket, the rest in the memfd
+                    from . import objstore
+                    layer = ffi.new("struct lm_src_layer *", {
+                        "fd": fd, "store_offset": h["store_offset"],
+                        "store_bytes": h["store_bytes"], "nstored": h["nstored"],
+                        "index": (ffi.NULL if p.index is None else
+                                  ffi.from_buffer("uint32_t[]", p.index["raw"])),
+                        "sigs_offset": h["sigs_offset"], "sigs_xxh3": h["sigs_xxh3"]})
+                    objs = objstore.native_store(*remote)
+                    rc = lib.lm_source_attach_remote(lm, layer, objs, verify_now)
+                    if rc < 0:
+                        lib.lm_objs_free(objs)
                 elif p.index is None:
                     rc = lib.lm_source_attach(lm, fd, h["store_offset"], h["nstored"],
                                               h["sigs_offset"], h["sigs_xxh3"], verify_now)

@@ -1,0 +1,536 @@
+/*
+ * objstore.c: the store entries of a snapshot kept in an S3 object store (issue 13,
+ * docs/object-store.md), read natively so that the fault path never waits for Python.
+ *
+ * A pushed snapshot's entries live in content-addressed chunk objects
+ * (<bucket>/.plm/chunks/<XXH3-128, 32 hex digits>). A read of entries [e, e + count) finds
+ * each entry's chunk, takes the chunk from the per-machine cache directory or fetches it
+ * (libcurl, AWS Signature Version 4), and copies the entries' bytes out.
+ *
+ * Nothing unchecked is served: a chunk is checked against its id when it is fetched (a bad
+ * one is fetched once more, then refused: -EBADMSG, the pages are poisoned) and, from the
+ * cache, at its first use in this process (a torn or damaged file is removed and fetched
+ * again). Cache files are written to a temporary and renamed, so other processes see a whole
+ * chunk or none; they are never written in place. Network failures are retried a bounded
+ * number of times with growing pauses, then fail the read (-EIO, or -EACCES / -ENOENT for a
+ * refused or missing object, which no retry mends).
+ */
+#define _GNU_SOURCE
+#include <curl/curl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "lm_internal.h"
+
+enum { C_UNKNOWN = 0, C_CHECKED = 1 };   /* per chunk: its cache file was checked here */
+
+struct lm_objs {
+    char *url_base;                  /* endpoint/bucket/.plm/chunks/ */
+    char *sigv4;                     /* "aws:amz:REGION:s3" */
+    char *user, *secret, *token_hdr; /* token_hdr: "x-amz-security-token: ..." or NULL */
+    char *cache;                     /* cache directory (this endpoint and bucket's), or NULL */
+    uint64_t cache_max;
+    uint32_t retries, timeout_ms;
+    struct lm_objs_chunk *chunks;
+    size_t nchunks;
+    struct lm_objs_entry *entries;
+    size_t nentries;
+    _Atomic uint8_t *state;          /* per chunk */
+    pthread_mutex_t fetch_mu;        /* one fetch of a chunk at a time in this process */
+    pthread_cond_t fetch_cv;
+    uint8_t *fetching;               /* per chunk, under fetch_mu */
+    pthread_key_t curl_key;          /* each thread its own easy handle (and connection) */
+    _Atomic uint64_t inserted;       /* cache bytes written since the last eviction scan */
+    _Atomic uint64_t st[LM_OBJS_NSTATS];
+};
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc;
+
+static void curl_init(void)
+{
+    curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+static void count(struct lm_objs *o, int which, uint64_t n)
+{
+    atomic_fetch_add_explicit(&o->st[which], n, memory_order_relaxed);
+}
+
+static void free_curl(void *h)
+{
+    curl_easy_cleanup(h);
+}
+
+static char *dup_or_null(const char *s, int *bad)
+{
+    if (!s)
+        return NULL;
+    char *d = strdup(s);
+    if (!d)
+        *bad = 1;
+    return d;
+}
+
+void lm_objs_free(struct lm_objs *o)
+{
+    if (!o)
+        return;
+    pthread_key_delete(o->curl_key);   /* handles of live threads go with those threads */
+    pthread_mutex_destroy(&o->fetch_mu);
+    pthread_cond_destroy(&o->fetch_cv);
+    free(o->url_base);
+    free(o->sigv4);
+    free(o->user);
+    free(o->secret);
+    free(o->token_hdr);
+    free(o->cache);
+    free(o->chunks);
+    free(o->entries);
+    free((void *)o->state);
+    free(o->fetching);
+    free(o);
+}
+
+/* A name component from outside (region, bucket): no separators or control characters. */
+static bool plain(const char *s, bool dots)
+{
+    if (!s || !*s || strlen(s) > 255)
+        return false;
+    for (const char *c = s; *c; c++)
+        if (*c <= ' ' || *c == '/' || *c == '\\' || *c == '?' || *c == '#' || *c == ':' ||
+            *c == '%' || *c == 0x7f || (!dots && *c == '.'))
+            return false;
+    return true;
+}
+
+int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *chunks,
+                size_t nchunks, const struct lm_objs_entry *entries, size_t nentries,
+                struct lm_objs **out)
+{
+    *out = NULL;
+    pthread_once(&curl_once, curl_init);
+    if (curl_init_rc != CURLE_OK)
+        return lm_fail("curl_global_init", EIO);
+    if (!cfg || !cfg->endpoint || !cfg->access_key || !cfg->secret_key ||
+        (strncmp(cfg->endpoint, "http://", 7) && strncmp(cfg->endpoint, "https://", 8)) ||
+        strlen(cfg->endpoint) > 1024 || !plain(cfg->region, true) || !plain(cfg->bucket, true) ||
+        strchr(cfg->access_key, ':'))
+        return lm_fail("object store: endpoint (http(s)://...), region, bucket and "
+                       "credentials are required", EINVAL);
+    if (nchunks > UINT32_MAX || nentries > LM_SNAP_MAX_STORED || (nentries && !entries) ||
+        (nchunks && !chunks))
+        return lm_fail("object store: chunk or entry count out of range", EINVAL);
+    /* Inputs from a manifest (checked in Python too): every entry inside its chunk. */
+    for (size_t c = 0; c < nchunks; c++)
+        if (chunks[c].length == 0 || chunks[c].length > LM_OBJS_MAX_CHUNK)
+            return lm_fail("object store: a chunk of 0 bytes or over 64 MiB", EINVAL);
+    for (size_t e = 0; e < nentries; e++)
+        if (entries[e].chunk >= nchunks || entries[e].offset >= chunks[entries[e].chunk].length)
+            return lm_fail("object store: an entry outside its chunk", EINVAL);
+    struct lm_objs *o = calloc(1, sizeof(*o));
+    if (!o)
+        return lm_fail("calloc(object store)", ENOMEM);
+    pthread_mutex_init(&o->fetch_mu, NULL);
+    pthread_cond_init(&o->fetch_cv, NULL);
+    if (pthread_key_create(&o->curl_key, free_curl)) {
+        pthread_mutex_destroy(&o->fetch_mu);
+        pthread_cond_destroy(&o->fetch_cv);
+        free(o);
+        return lm_fail("pthread_key_create", EAGAIN);
+    }
+    int bad = 0;
+    size_t elen = strlen(cfg->endpoint);
+    while (elen && cfg->endpoint[elen - 1] == '/')
+        elen--;
+    if (asprintf(&o->url_base, "%.*s/%s/.plm/chunks/", (int)elen, cfg->endpoint,
+                 cfg->bucket) < 0 ||
+        asprintf(&o->sigv4, "aws:amz:%s:s3", cfg->region) < 0 ||
+        (cfg->session_token && *cfg->session_token &&
+         asprintf(&o->token_hdr, "x-amz-security-token: %s", cfg->session_token) < 0))
+        bad = 1;
+    o->user = dup_or_null(cfg->access_key, &bad);
+    o->secret = dup_or_null(cfg->secret_key, &bad);
+    if (cfg->cache_dir && *cfg->cache_dir)
+        o->cache = dup_or_null(cfg->cache_dir, &bad);
+    o->cache_max = cfg->cache_max_bytes;
+    o->retries = cfg->retries > 10 ? 10 : cfg->retries;
+    o->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 30000;
+    o->chunks = malloc((nchunks ? nchunks : 1) * sizeof(*chunks));
+    o->entries = malloc((nentries ? nentries : 1) * sizeof(*entries));
+    o->state = calloc(nchunks ? nchunks : 1, 1);
+    o->fetching = calloc(nchunks ? nchunks : 1, 1);
+    if (bad || !o->chunks || !o->entries || !o->state || !o->fetching) {
+        lm_objs_free(o);
+        return lm_fail("malloc(object store)", ENOMEM);
+    }
+    if (nchunks)
+        memcpy(o->chunks, chunks, nchunks * sizeof(*chunks));
+    if (nentries)
+        memcpy(o->entries, entries, nentries * sizeof(*entries));
+    o->nchunks = nchunks;
+    o->nentries = nentries;
+    if (o->cache && mkdir(o->cache, 0700) < 0 && errno != EEXIST) {
+        int err = errno;
+        lm_objs_free(o);
+        return lm_fail("mkdir(object store cache)", err);
+    }
+    *out = o;
+    return 0;
+}
+
+static void chunk_hex(const struct lm_objs_chunk *c, char out[33])
+{
+    snprintf(out, 33, "%016" PRIx64 "%016" PRIx64, c->id[1], c->id[0]);
+}
+
+static bool chunk_ok(const struct lm_objs_chunk *c, const void *data, size_t len)
+{
+    if (len != c->length)
+        return false;
+    XXH128_hash_t h = XXH3_128bits(data, len);
+    return h.low64 == c->id[0] && h.high64 == c->id[1];
+}
+
+/* ---- the cache directory ------------------------------------------------------------- */
+
+/* Oldest first, then size: what eviction removes first. */
+struct cached { struct timespec t; off_t size; char name[40]; };
+
+static int by_age(const void *a, const void *b)
+{
+    const struct cached *x = a, *y = b;
+    if (x->t.tv_sec != y->t.tv_sec)
+        return x->t.tv_sec < y->t.tv_sec ? -1 : 1;
+    return (x->t.tv_nsec > y->t.tv_nsec) - (x->t.tv_nsec < y->t.tv_nsec);
+}
+
+/* Keep the cache under its bound: the least recently used chunks go (their mtime is touched
+   at each process's first use). One process evicts at a time (flock); a chunk removed while
+   another process reads it stays readable through its open descriptor, and a later reader
+   that finds it gone fetches it again. */
+static void evict(struct lm_objs *o)
+{
+    char lock[4096];
+    snprintf(lock, sizeof(lock), "%s/.lock", o->cache);
+    int lfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lfd < 0)
+        return;
+    if (flock(lfd, LOCK_EX | LOCK_NB) < 0) {   /* someone else is at it */
+        close(lfd);
+        return;
+    }
+    DIR *d = opendir(o->cache);
+    struct cached *list = NULL;
+    size_t n = 0, cap = 0;
+    uint64_t total = 0;
+    for (struct dirent *de; d && (de = readdir(d));) {
+        struct stat st;
+        if (strlen(de->d_name) != 32 || fstatat(dirfd(d), de->d_name, &st, 0) < 0 ||
+            !S_ISREG(st.st_mode))
+            continue;   /* chunks only: temporaries and the lock are not counted */
+        if (n == cap) {
+            cap = cap ? 2 * cap : 256;
+            struct cached *g = realloc(list, cap * sizeof(*list));
+            if (!g)
+                break;
+            list = g;
+        }
+        list[n].t = st.st_mtim;
+        list[n].size = st.st_size;
+        memcpy(list[n].name, de->d_name, 33);
+        total += (uint64_t)st.st_size;
+        n++;
+    }
+    if (total > o->cache_max && list) {
+        qsort(list, n, sizeof(*list), by_age);
+        uint64_t goal = o->cache_max - o->cache_max / 10;   /* some room: not at every insert */
+        for (size_t i = 0; i < n && total > goal; i++)
+            if (unlinkat(dirfd(d), list[i].name, 0) == 0) {
+                total -= (uint64_t)list[i].size;
+                count(o, LM_OBJS_EVICTED, 1);
+            }
+    }
+    free(list);
+    if (d)
+        closedir(d);
+    flock(lfd, LOCK_UN);
+    close(lfd);
+}
+
+/* Write a checked chunk into the cache: a temporary, then rename (whole or absent). A full
+   or unwritable directory only costs the caching: the read goes on from memory. */
+static void cache_put(struct lm_objs *o, const struct lm_objs_chunk *c, const char *data)
+{
+    char hex[33], path[4096], tmp[4096];
+    chunk_hex(c, hex);
+    snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
+    snprintf(tmp, sizeof(tmp), "%s/.tmp.%s.%d.%lu", o->cache, hex, (int)getpid(),
+             (unsigned long)pthread_self());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    bool ok = fd >= 0;
+    for (size_t done = 0; ok && done < c->length;) {
+        ssize_t w = write(fd, data + done, c->length - done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        ok = w > 0;
+        done += ok ? (size_t)w : 0;
+    }
+    if (fd >= 0)
+        close(fd);
+    if (ok && rename(tmp, path) == 0) {
+        count(o, LM_OBJS_CACHE_WRITES, 1);
+        uint64_t since = atomic_fetch_add(&o->inserted, c->length) + c->length;
+        if (o->cache_max && since > o->cache_max / 16) {
+            atomic_store(&o->inserted, 0);
+            evict(o);
+        }
+        return;
+    }
+    unlink(tmp);
+    count(o, LM_OBJS_CACHE_WRITE_ERRORS, 1);
+}
+
+/* Read [off, off + len) of chunk i from the cache into dst. 1 done, 0 not (or no longer) in
+   the cache, -errno. The first use in this process checks the whole file against the id. */
+static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
+{
+    if (!o->cache)
+        return 0;
+    const struct lm_objs_chunk *c = &o->chunks[i];
+    char hex[33], path[4096];
+    chunk_hex(c, hex);
+    snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    int rc = 1;
+    if (atomic_load_explicit(&o->state[i], memory_order_acquire) != C_CHECKED) {
+        char *all = malloc(c->length);
+        ssize_t got = all ? pread(fd, all, c->length, 0) : -1;
+        if (!all) {
+            rc = lm_fail("malloc(chunk)", ENOMEM);
+        } else if (got == (ssize_t)c->length && chunk_ok(c, all, c->length)) {
+            atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
+            futimens(fd, NULL);   /* recently used: the last to be evicted */
+            memcpy(dst, all + off, len);
+            free(all);
+            close(fd);
+            count(o, LM_OBJS_CACHE_HITS, 1);
+            return 1;
+        } else {
+            count(o, LM_OBJS_CACHE_BAD, 1);   /* torn or damaged: never used, fetched again */
+            unlink(path);
+            rc = 0;
+        }
+        free(all);
+        close(fd);
+        return rc;
+    }
+    ssize_t got = pread(fd, dst, len, off);
+    close(fd);
+    if (got != (ssize_t)len)
+        return 0;   /* replaced or truncated under us (never by us): fetch it */
+    count(o, LM_OBJS_CACHE_HITS, 1);
+    return 1;
+}
+
+/* ---- fetching ------------------------------------------------------------------------ */
+
+struct sink { char *buf; size_t cap, len; bool overflow; };
+
+static size_t sink_write(char *data, size_t size, size_t n, void *arg)
+{
+    struct sink *s = arg;
+    size_t k = size * n;
+    if (k > s->cap - s->len) {   /* longer than the chunk: not what we asked for */
+        s->overflow = true;
+        return 0;
+    }
+    memcpy(s->buf + s->len, data, k);
+    s->len += k;
+    return k;
+}
+
+static CURL *thread_handle(struct lm_objs *o)
+{
+    CURL *h = pthread_getspecific(o->curl_key);
+    if (!h) {
+        h = curl_easy_init();
+        if (h && pthread_setspecific(o->curl_key, h)) {
+            curl_easy_cleanup(h);
+            h = NULL;
+        }
+    }
+    return h;
+}
+
+/* One GET of chunk c into buf (c->length bytes). 0, or -errno: -EAGAIN for what a retry may
+   mend (network, 5xx, 429, a wrong body), -EACCES / -ENOENT / -EIO for a refusal. */
+static int get_once(struct lm_objs *o, const struct lm_objs_chunk *c, char *buf)
+{
+    CURL *h = thread_handle(o);
+    if (!h)
+        return lm_fail("curl_easy_init", ENOMEM);
+    char hex[33], url[2048];
+    chunk_hex(c, hex);
+    snprintf(url, sizeof(url), "%s%s", o->url_base, hex);
+    struct curl_slist *hdr = curl_slist_append(NULL, "x-amz-content-sha256: "
+                                               "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934c"
+                                               "a495991b7852b855");
+    if (hdr && o->token_hdr)
+        hdr = curl_slist_append(hdr, o->token_hdr);
+    if (!hdr)
+        return lm_fail("curl_slist_append", ENOMEM);
+    struct sink s = {buf, c->length, 0, false};
+    curl_easy_reset(h);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
+    curl_easy_setopt(h, CURLOPT_AWS_SIGV4, o->sigv4);
+    curl_easy_setopt(h, CURLOPT_USERNAME, o->user);
+    curl_easy_setopt(h, CURLOPT_PASSWORD, o->secret);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, sink_write);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &s);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);   /* threads: no SIGALRM for timeouts */
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)o->timeout_ms);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(o->timeout_ms < 5000 ? o->timeout_ms
+                                                                                : 5000));
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    CURLcode cc = curl_easy_perform(h);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_slist_free_all(hdr);
+    count(o, LM_OBJS_REQUESTS, 1);
+    if (cc != CURLE_OK && !(cc == CURLE_WRITE_ERROR && s.overflow))
+        return lm_fail("object store: GET of a chunk failed (network)", EAGAIN);
+    if (status == 403 || status == 401)
+        return lm_fail("object store: GET of a chunk refused (credentials)", EACCES);
+    if (status == 404)
+        return lm_fail("object store: a chunk is missing from the bucket", ENOENT);
+    if (status >= 500 || status == 429 || status == 408)
+        return lm_fail("object store: GET of a chunk failed (server busy or failing)", EAGAIN);
+    if (status != 200)
+        return lm_fail("object store: GET of a chunk: unexpected HTTP status", EIO);
+    count(o, LM_OBJS_FETCH_BYTES, s.len);
+    if (s.overflow || !chunk_ok(c, buf, s.len)) {
+        count(o, LM_OBJS_CORRUPT, 1);
+        return lm_fail("object store: a fetched chunk differs from its id (corrupt chunk)",
+                       EBADMSG);
+    }
+    return 0;
+}
+
+/* Fetch chunk i (checked) into buf, with bounded retries: up to `retries` more attempts after
+   network failures, pausing 50 ms, 100 ms, 200 ms...; a corrupt body is fetched once more. */
+static int fetch(struct lm_objs *o, size_t i, char *buf)
+{
+    int rc = 0, corrupt = 0;
+    for (uint32_t attempt = 0;; attempt++) {
+        rc = get_once(o, &o->chunks[i], buf);
+        if (rc == 0) {
+            count(o, LM_OBJS_FETCHES, 1);
+            return 0;
+        }
+        bool again = (rc == -EAGAIN && attempt < o->retries) ||
+                     (rc == -EBADMSG && corrupt++ == 0);
+        if (!again)
+            break;
+        count(o, LM_OBJS_RETRIES, 1);
+        struct timespec ts = {0, (long)(50000000L << (attempt < 4 ? attempt : 4))};
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+            ;
+    }
+    count(o, LM_OBJS_FAILURES, 1);
+    if (rc == -EAGAIN)   /* out of retries: the page cannot be served */
+        rc = lm_fail(lm_last_op(), EIO);
+    return rc;
+}
+
+/* The bytes [off, off + len) of chunk i: from the cache, else fetched (one fetch of a chunk
+   at a time in this process: a second reader waits for the first, then finds it cached). */
+static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
+{
+    for (;;) {
+        int rc = cache_read(o, i, off, len, dst);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        pthread_mutex_lock(&o->fetch_mu);
+        if (o->fetching[i]) {   /* another thread is fetching it: wait, then look again */
+            while (o->fetching[i])
+                pthread_cond_wait(&o->fetch_cv, &o->fetch_mu);
+            pthread_mutex_unlock(&o->fetch_mu);
+            if (o->cache)
+                continue;
+            pthread_mutex_lock(&o->fetch_mu);   /* no cache: fetch it ourselves */
+        }
+        o->fetching[i] = 1;
+        pthread_mutex_unlock(&o->fetch_mu);
+        char *buf = malloc(o->chunks[i].length);
+        rc = buf ? fetch(o, i, buf) : lm_fail("malloc(chunk)", ENOMEM);
+        if (rc == 0) {
+            memcpy(dst, buf + off, len);
+            if (o->cache) {
+                cache_put(o, &o->chunks[i], buf);
+                atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
+            }
+        }
+        free(buf);
+        pthread_mutex_lock(&o->fetch_mu);
+        o->fetching[i] = 0;
+        pthread_cond_broadcast(&o->fetch_cv);
+        pthread_mutex_unlock(&o->fetch_mu);
+        return rc;
+    }
+}
+
+int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count_, const uint32_t *lengths_word,
+                   size_t page_size, char *out)
+{
+    if (e > o->nentries || count_ > o->nentries - e)
+        return lm_fail("object store: entry out of range", ERANGE);
+    size_t at = 0;
+    for (size_t j = 0; j < count_;) {
+        const struct lm_objs_entry *x = &o->entries[e + j];
+        size_t len = lengths_word ? LM_ENTRY_LEN(lengths_word[e + j]) : page_size;
+        /* entries that follow one another in one chunk: one read */
+        size_t k = 1, run = len;
+        while (j + k < count_) {
+            const struct lm_objs_entry *y = &o->entries[e + j + k];
+            size_t l2 = lengths_word ? LM_ENTRY_LEN(lengths_word[e + j + k]) : page_size;
+            if (y->chunk != x->chunk || y->offset != x->offset + run)
+                break;
+            run += l2;
+            k++;
+        }
+        if ((uint64_t)x->offset + run > o->chunks[x->chunk].length)
+            return lm_fail("object store: an entry outside its chunk", EBADMSG);
+        int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at);
+        if (rc < 0)
+            return rc;
+        at += run;
+        j += k;
+    }
+    return 0;
+}
+
+void lm_objs_stats(struct lm_objs *o, uint64_t *out)
+{
+    for (int i = 0; i < LM_OBJS_NSTATS; i++)
+        out[i] = atomic_load_explicit(&o->st[i], memory_order_relaxed);
+}
+
+size_t lm_objs_nentries(const struct lm_objs *o)
+{
+    return o->nentries;
+}
