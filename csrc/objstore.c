@@ -33,7 +33,9 @@
 
 #include "lm_internal.h"
 
-enum { C_UNKNOWN = 0, C_CHECKED = 1 };   /* per chunk: its cache file was checked here */
+/* Per chunk: its cache file was checked here; or the bucket's copy was refused (corrupt
+   twice: every later read fails at once, instead of fetching it again per page). */
+enum { C_UNKNOWN = 0, C_CHECKED = 1, C_REFUSED = 2 };
 
 struct lm_objs {
     char *url_base;                  /* endpoint/bucket/.plm/chunks/ */
@@ -462,6 +464,9 @@ static int fetch(struct lm_objs *o, size_t i, char *buf)
 static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
 {
     for (;;) {
+        if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_REFUSED)
+            return lm_fail("object store: a chunk in the bucket differs from its id (corrupt "
+                           "chunk)", EBADMSG);
         int rc = cache_read(o, i, off, len, dst);
         if (rc != 0)
             return rc < 0 ? rc : 0;
@@ -484,6 +489,8 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
                 cache_put(o, &o->chunks[i], buf);
                 atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
             }
+        } else if (rc == -EBADMSG) {
+            atomic_store_explicit(&o->state[i], C_REFUSED, memory_order_release);
         }
         free(buf);
         pthread_mutex_lock(&o->fetch_mu);

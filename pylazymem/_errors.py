@@ -53,6 +53,16 @@ class BusyError(LazyMemError, OSError):
     checkpoint (wait() for its handle first)."""
 
 
+class ObjectStoreError(LazyMemError, OSError):
+    """An object store refused or failed a request, or pages of a region restored from one
+    could not be fetched: `status` (HTTP, 0 when the endpoint could not be reached), `code`
+    (S3's error code, such as NoSuchKey or AccessDenied), `what` (the request)."""
+
+    def __init__(self, message, status=0, code="", what=""):
+        super().__init__(message)
+        self.status, self.code, self.what = status, code, what
+
+
 class RegionClosedError(LazyMemError, ValueError):
     """The region was closed (or belongs to the parent process after fork())."""
 
@@ -75,4 +85,6 @@ def status_error(err, op, what="", why_unavailable=None):
         return UnavailableError(err, where)
     if err == _errno.EINVAL and not op.startswith("ioctl"):
         return InvalidArgumentError(where)
+    if op.startswith("object store:"):   # objstore.c: a chunk could not be had
+        return ObjectStoreError("%s: %s" % (where, os.strerror(err)), what=what)
     return UffdError(err, "%s: %s" % (where, os.strerror(err)))

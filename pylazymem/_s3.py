@@ -22,18 +22,9 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import NamedTuple
 
-from ._errors import LazyMemError
+from ._errors import ObjectStoreError
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-class ObjectStoreError(LazyMemError, OSError):
-    """An object store refused or failed a request: `status` (HTTP, 0 when the endpoint could
-    not be reached), `code` (S3's error code, such as NoSuchKey or AccessDenied), the request."""
-
-    def __init__(self, message, status=0, code="", what=""):
-        super().__init__(message)
-        self.status, self.code, self.what = status, code, what
 
 
 class S3Config(NamedTuple):

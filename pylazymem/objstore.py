@@ -22,7 +22,8 @@ import numpy as np
 import xxhash
 
 from . import _snapfile as S
-from ._s3 import ObjectStoreError, S3Client, parse_url
+from ._errors import ObjectStoreError
+from ._s3 import S3Client, parse_url
 
 MANIFEST_MAGIC = b"PLMS3MF\x00"
 INDEX_MAGIC = b"PLMS3IX\x00"
@@ -415,10 +416,6 @@ def pull(url, out, *, client=None) -> str:
 
 
 # ---- restore: the native reader ------------------------------------------------------------
-
-OBJS_STATS = ("requests", "fetches", "fetch_bytes", "retries", "failures", "corrupt",
-              "cache_hits", "cache_writes", "cache_write_errors", "cache_bad", "evicted")
-
 
 def _tunable(name, default, lo, hi):
     value = os.environ.get(name, "")

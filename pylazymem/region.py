@@ -16,8 +16,8 @@ import numpy as np
 
 from ._binding import PAGE_SIZE, check, ffi, lib
 from ._buffer import AddressRange, set_closed_error
-from ._errors import (InvalidArgumentError, InvalidRangeError, PoisonedPageError,
-                      RegionClosedError, SharingUnavailableError)
+from ._errors import (InvalidArgumentError, InvalidRangeError, ObjectStoreError,
+                      PoisonedPageError, RegionClosedError, SharingUnavailableError)
 from ._features import acquire_mode, features
 from ._meta import META_DTYPE, PATHS, PageClass, PageState
 
@@ -161,6 +161,7 @@ class Region(AddressRange):
         # against that snapshot may take unchanged pages from without reading them.
         self._epoch_id = None
         self._bg = None          # the CheckpointHandle of a background checkpoint, if any
+        self._remote = None      # restored from an object store: [url, failures reported]
         self._alloc_next = 0
         self._base_table = None
         self._ws_inherited = None
@@ -749,9 +750,31 @@ class Region(AddressRange):
 
     def stats(self):
         s = ffi.new("struct lm_stats *")
-        with self._use() as lm:
+        objs = ffi.new("uint64_t[]", len(_OBJS_STATS)) if self._remote else None
+        with _InUse(self, report=False) as lm:
             lib.lm_stats(lm, s)
-        return _stats_dict(s, self._nthreads)
+            if objs is not None:
+                lib.lm_source_objs_stats(lm, objs)
+        d = _stats_dict(s, self._nthreads)
+        if objs is not None:   # restored from an object store: its fetches and cache
+            d["object_store"] = dict(zip(_OBJS_STATS, objs))
+        return d
+
+    def _remote_failed(self, lm):
+        """Chunks an object store could not deliver since the last report: their pages were
+        poisoned (the accesses raised SIGBUS); the next call after that raises, once."""
+        objs = ffi.new("uint64_t[]", len(_OBJS_STATS))
+        if lib.lm_source_objs_stats(lm, objs) < 0:
+            return None
+        failures = objs[_OBJS_STATS.index("failures")]
+        if failures <= self._remote[1]:
+            return None
+        self._remote[1] = failures
+        return ObjectStoreError(
+            "%s: %d chunk(s) could not be fetched from the object store (bounded retries "
+            "exhausted, or refused): the pages that needed them are poisoned (an access "
+            "raises SIGBUS); stats()['object_store'] has the counts" % (self._remote[0], failures),
+            what="restore")
 
     # ---- argument checks ---------------------------------------------------------------
 
@@ -809,25 +832,38 @@ def _dtype_and_shape(dtype, shape):
     return dtype, shape
 
 
+# lm_source_objs_stats's counters, in the order of enum lm_objs_stat (lazymem.h)
+_OBJS_STATS = ("requests", "fetches", "fetch_bytes", "retries", "failures", "corrupt",
+               "cache_hits", "cache_writes", "cache_write_errors", "cache_bad", "evicted")
+
+
 class _InUse:
     """Keeps close() from freeing the C region while a call into it (GIL released) runs."""
 
-    __slots__ = ("region",)
+    __slots__ = ("region", "report")
 
-    def __init__(self, region):
+    def __init__(self, region, report=True):
         self.region = region
+        self.report = report
 
     def __enter__(self):
         region = self.region
         with region._lock:
             if region._lm is None:
                 raise region._closed_error()
+            if self.report and region._remote is not None:
+                err = region._remote_failed(region._lm)
+                if err is not None:
+                    raise err
             region._users += 1
             return region._lm
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         region = self.region
         with region._lock:
+            if exc_type is not None and issubclass(exc_type, ObjectStoreError) and \
+                    region._remote is not None:
+                region._remote_failed(region._lm)   # this call reported them already
             region._users -= 1
             if not region._users:
                 region._lock.notify_all()

@@ -1159,6 +1159,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             region._manifest_extra = {k: v for k, v in p.manifest.items()
                                       if k not in ("arrays", "pylazymem", "parent")}
             region._snapshot = (path, h["header_xxh3"])
+            if remote is not None:
+                region._remote = [path, 0]
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
                                      + [0])

@@ -4,13 +4,15 @@
 # this machine's loopback, its data in memory (memstore) or a file (bluestore), its state in
 # one directory.
 #
+#   bash scripts/s3-server.sh install   install Debian's Ceph packages where missing (apt-get)
 #   bash scripts/s3-server.sh start     start it (idempotent: a running one is left alone)
 #   bash scripts/s3-server.sh env       print the variables a client needs (eval "$(... env)")
 #   bash scripts/s3-server.sh status    exit 0 if the gateway answers, 1 if not (reason on stderr)
 #   bash scripts/s3-server.sh stop      stop every daemon and remove the state directory
 #
-# start exits 3 with the reason on stderr when Ceph's packages are not installed (the tests
-# then skip, naming that reason), 1 when a daemon does not come up (its log's tail is shown).
+# install and start exit 3 with the reason on stderr when Ceph's packages are not installed
+# and cannot be (a machine without Debian's Ceph: the tests then skip, naming that reason), 1
+# when a daemon does not come up (its log's tail is shown).
 #
 # Env: PLM_S3_DIR (state; default /tmp/pylazymem-s3), PLM_S3_ADDR (the address the gateway
 # listens on; default 127.0.0.1; tests in other network namespaces need one they can reach),
@@ -119,6 +121,26 @@ rgw dns name = $ADDR
 EOF
 }
 
+PACKAGES=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common)
+
+cmd_install() {
+    [ -z "$(missing_packages)" ] && return 0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "s3-server.sh: Ceph is not installed and this machine has no apt-get (Debian's packages: ${PACKAGES[*]})" >&2
+        exit 3
+    fi
+    local SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "s3-server.sh: installing ${PACKAGES[*]} with apt-get" >&2
+    $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    if ! apt-cache show radosgw >/dev/null 2>&1; then
+        echo "s3-server.sh: this machine's package sources have no Ceph (radosgw); Debian 12 ships Ceph 16.2" >&2
+        exit 3
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${PACKAGES[@]}" >/dev/null || die "apt-get install ${PACKAGES[*]} failed"
+}
+
 cmd_start() {
     local miss
     miss="$(missing_packages)"
@@ -217,9 +239,10 @@ cmd_status() {
 }
 
 case "${1:-}" in
+    install) cmd_install ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     env) cmd_env ;;
     status) cmd_status ;;
-    *) echo "usage: $0 start|stop|env|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|env|status" >&2; exit 2 ;;
 esac

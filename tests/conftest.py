@@ -228,6 +228,16 @@ def _background_checkpoint_missing():
         "needs background checkpoints: %s" % f.background_checkpoint_reason)
 
 
+def _s3_missing():
+    why = os.environ.get("PLM_S3_UNAVAILABLE")
+    if why:
+        return "needs an S3 gateway: %s" % why
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        return ("needs an S3 gateway: AWS_ENDPOINT_URL is not set (bash scripts/s3-server.sh "
+                "start; eval \"$(bash scripts/s3-server.sh env)\"; scripts/test.sh does both)")
+    return None
+
+
 def _package_missing(mark=None):
     """package("name", ...): the optional Python packages a test uses (pyarrow, torch, ...)."""
     names = mark.args if mark is not None else ()
@@ -249,6 +259,9 @@ NEEDS = [
     Need("background_checkpoint", "background_checkpoint: needs features()."
                                   "background_checkpoint (checkpoint(background=True))",
          _background_checkpoint_missing),
+    Need("s3", "s3: needs the S3 gateway of scripts/s3-server.sh (a Ceph RADOS Gateway; "
+               "scripts/test.sh starts it); skipped only where Ceph's packages are not to be "
+               "had (PLM_S3_UNAVAILABLE says why)", _s3_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
     Need("package", "package(name, ...): needs optional Python packages (pyarrow, torch, "
                     "safetensors, scikit-learn, ml_dtypes: the interop extra); skipped where one "

@@ -1,0 +1,487 @@
+"""Snapshots in an S3 object store (issue 13): push / pull, restore("s3://...") lazily through
+the per-machine chunk cache, and the failures: refused credentials, a corrupt chunk, the
+gateway going away, a full cache directory. Against the real gateway of
+scripts/s3-server.sh (a Ceph RADOS Gateway); docs/object-store.md."""
+import json
+import os
+import signal
+import socket
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from pylazymem import objstore
+from pylazymem._s3 import S3Client, S3Config
+from _helpers import PAGE_SIZE, pages
+
+# core: the snapshots pushed here are made by checkpoint() (push and pull themselves are Python)
+pytestmark = [pytest.mark.core, pytest.mark.s3, pytest.mark.timeout(300)]
+
+SIGBUS_RC = -signal.SIGBUS
+
+
+@pytest.fixture
+def bucket():
+    return "plm-%s" % uuid.uuid4().hex[:20]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(d))
+    return d
+
+
+def _cached_files(cache):
+    return sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 32)
+
+
+def _state(r, rng, unique_pages):
+    """unique random pages first, then zero pages, then copies of the first pages."""
+    v = pages(r)
+    v[:unique_pages] = rng.integers(0, 256, size=(unique_pages, PAGE_SIZE), dtype=np.uint8)
+    v[unique_pages:unique_pages + 8] = 0
+    rest = r.npages - unique_pages - 8
+    v[unique_pages + 8:] = v[:rest]
+    return v.copy()
+
+
+@pytest.fixture
+def snap(tmp_path, rng):
+    """A 4 MiB snapshot with a working set (pages 100..199 touched), its contents."""
+    path = tmp_path / "s.plm"
+    with plm.Region(4 << 20) as r:
+        data = _state(r, rng, 700)
+        plm.checkpoint(r, path, working_set=np.arange(100, 200))
+    return path, data
+
+
+# ---- push / pull ---------------------------------------------------------------------------
+
+def test_push_creates_the_bucket_and_pull_gives_the_same_file(snap, bucket, tmp_path):
+    path, _ = snap
+    info = objstore.push(path, "s3://%s/team/models" % bucket, chunk_bytes=64 << 10)
+    assert info.url == "s3://%s/team/models/s.plm" % bucket
+    assert info.new_entries == info.entries > 0
+    assert info.chunks_uploaded >= info.entries * PAGE_SIZE // (64 << 10)
+    out = tmp_path / "back.plm"
+    objstore.pull(info.url, out)
+    assert out.read_bytes() == path.read_bytes()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_second_push_sends_only_what_the_bucket_lacks(snap, bucket, tmp_path, rng):
+    path, data = snap
+    first = objstore.push(path, "s3://%s/p" % bucket)
+    again = objstore.push(path, "s3://%s/p" % bucket, name="again.plm")
+    assert again.new_entries == 0 and again.chunks_uploaded == 0
+    # a snapshot sharing all but 10 pages with the first: 10 entries sent
+    with plm.Region(4 << 20) as r:
+        pages(r)[:] = data
+        pages(r)[300:310] = rng.integers(0, 256, size=(10, PAGE_SIZE), dtype=np.uint8)
+        plm.checkpoint(r, tmp_path / "t.plm")
+    second = objstore.push(tmp_path / "t.plm", "s3://%s/other-prefix" % bucket)
+    assert second.new_entries == 10
+    assert second.bytes_uploaded < 0.15 * first.bytes_uploaded
+    objstore.pull(second.url, tmp_path / "t2.plm")
+    assert (tmp_path / "t2.plm").read_bytes() == (tmp_path / "t.plm").read_bytes()
+
+
+def test_compressed_snapshot_round_trip(tmp_path, bucket, rng):
+    with plm.Region(2 << 20) as r:
+        pages(r)[:] = np.repeat(rng.integers(0, 4, size=(r.npages, 64), dtype=np.uint8), 64, 1)
+        plm.checkpoint(r, tmp_path / "z.plm", compress="zstd")
+        want = pages(r).copy()
+    info = objstore.push(tmp_path / "z.plm", "s3://%s" % bucket)
+    assert info.url == "s3://%s/z.plm" % bucket
+    objstore.pull(info.url, tmp_path / "z2.plm")
+    assert (tmp_path / "z2.plm").read_bytes() == (tmp_path / "z.plm").read_bytes()
+    with plm.restore(info.url, prefetch="none", background=False) as r2:
+        assert np.array_equal(pages(r2), want)
+
+
+def test_a_chain_is_refused_with_the_fix(tmp_path, bucket, rng):
+    with plm.Region(1 << 20) as r:
+        _state(r, rng, 100)
+        first = plm.checkpoint(r, tmp_path / "a.plm")
+        pages(r)[3] = 1
+        plm.checkpoint(r, tmp_path / "b.plm", parent=first)
+    with pytest.raises(plm.SnapshotError, match="compact"):
+        objstore.push(tmp_path / "b.plm", "s3://%s" % bucket)
+
+
+def test_bad_urls_and_names(snap):
+    path, _ = snap
+    for url in ("s3:/x", "http://x/y", "s3://A_B/x", "s3://ab", "s3://abc/../x"):
+        with pytest.raises(ValueError):
+            objstore.push(path, url)
+    with pytest.raises(ValueError, match="chunk store"):
+        objstore.push(path, "s3://abc/.plm")
+
+
+def test_missing_snapshot_and_refused_credentials(snap, bucket, monkeypatch):
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        objstore.pull("s3://%s/nothing.plm" % bucket, "/tmp/never-written.plm")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(plm.ObjectStoreError, match="credentials refused") as e:
+        objstore.pull(info.url, "/tmp/never-written.plm")
+    assert e.value.status == 403
+    assert not os.path.exists("/tmp/never-written.plm")
+
+
+def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with pytest.raises(plm.ObjectStoreError, match="no S3 credentials"):
+        S3Config.from_environment()
+
+
+def _manifest_bytes(url):
+    bucket, key = objstore.parse_url(url)
+    return S3Client().get(bucket, key)
+
+
+def test_hostile_manifests_are_refused(snap, bucket, rng):
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket)
+    data = _manifest_bytes(info.url)
+    m = objstore.parse_manifest(data, info.url)
+    assert m.file_bytes == os.path.getsize(path)
+    # every byte flip is caught by a checksum or a check
+    for at in rng.integers(0, len(data), size=200).tolist() + [0, 8, 20, 63, 64, len(data) - 1]:
+        bad = bytearray(data)
+        bad[at] ^= 0x5A
+        with pytest.raises(plm.SnapshotError):
+            objstore.parse_manifest(bytes(bad), info.url)
+    for cut in (0, 10, 64, len(data) // 2, len(data) - 1):
+        with pytest.raises(plm.SnapshotError):
+            objstore.parse_manifest(data[:cut], info.url)
+
+
+def test_hostile_tables_are_refused_by_the_core_too(snap, bucket):
+    """An entry outside its chunk, handed to the core directly (as a buggy caller would)."""
+    from pylazymem._binding import ffi, lib
+    path, _ = snap
+    m = objstore.read_manifest(objstore.push(path, "s3://%s" % bucket).url)
+    entries = m.entries.copy()
+    entries["offset"][3] = m.chunks["length"][entries["chunk"][3]]
+    cfg = ffi.new("struct lm_objs_config *")
+    keep = [ffi.new("char[]", s) for s in (b"http://127.0.0.1:1", b"us-east-1", b"bucket", b"k", b"s")]
+    cfg.endpoint, cfg.region, cfg.bucket, cfg.access_key, cfg.secret_key = keep
+    out = ffi.new("struct lm_objs **")
+    rc = lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
+                         ffi.from_buffer("struct lm_objs_entry[]", entries), len(entries), out)
+    assert rc < 0 and "outside its chunk" in ffi.string(lib.lm_last_op()).decode()
+
+
+# ---- restore ------------------------------------------------------------------------------------
+
+@pytest.mark.uffd_full
+@pytest.mark.parametrize("prefetch,background", [("none", False), ("working-set", False),
+                                                 ("working-set", True), ("all", False)])
+def test_restore_from_the_bucket(snap, bucket, cache, prefetch, background):
+    path, data = snap
+    info = objstore.push(path, "s3://%s/x" % bucket, chunk_bytes=32 << 10)
+    with plm.restore(info.url, prefetch=prefetch, background=background) as r:
+        assert np.array_equal(pages(r), data)
+        st = r.stats()["object_store"]
+        assert st["failures"] == 0 and st["corrupt"] == 0
+        assert st["fetches"] > 0 and st["fetches"] == st["requests"]
+        if prefetch == "working-set":
+            assert r.working_set().tolist()[:100] == list(range(100, 200))
+        # checkpointing it again works (signatures from the manifest, pages from the bucket)
+        again = plm.checkpoint(r, cache.parent / "again.plm")
+    with plm.restore(again.path, prefetch="none", background=False) as r2:
+        assert np.array_equal(pages(r2), data)
+
+
+@pytest.mark.uffd_full
+def test_second_restore_is_served_by_the_cache(snap, bucket, cache):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+        first = r.stats()["object_store"]
+    files = _cached_files(cache)
+    assert first["cache_writes"] == first["fetches"] == len(files) > 0
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+        second = r.stats()["object_store"]
+    assert second["requests"] == 0 and second["cache_hits"] > 0
+
+
+@pytest.mark.uffd_full
+def test_a_damaged_cache_file_is_never_used(snap, bucket, cache):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        pages(r).sum()
+    files = _cached_files(cache)
+    with open(files[0], "r+b") as f:          # a flipped byte
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with open(files[1], "r+b") as f:          # torn: half a chunk
+        f.truncate(os.path.getsize(files[1]) // 2)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+        st = r.stats()["object_store"]
+    assert st["cache_bad"] == 2 and st["fetches"] == 2
+
+
+@pytest.mark.uffd_full
+def test_cache_stays_under_its_bound(snap, bucket, cache, monkeypatch):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
+    monkeypatch.setenv("PYLAZYMEM_CACHE_MAX_BYTES", str(256 << 10))
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+        st = r.stats()["object_store"]
+    assert st["evicted"] > 0
+    total = sum(os.path.getsize(p) for p in _cached_files(cache))
+    assert total <= (256 << 10)
+
+
+_FULL_CACHE = r"""
+import resource, signal
+want = np.load(sys.argv[2])
+with plm.restore(sys.argv[1], prefetch="none", background=False) as r:
+    # from here on no chunk fits in the cache: a full directory (write() fails, EFBIG)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    ok = bool(np.array_equal(pages(r), want))
+    print(json.dumps(dict(ok=ok, **r.stats()["object_store"])))
+"""
+
+
+@pytest.mark.uffd_full
+def test_a_full_cache_directory_costs_only_the_caching(snap, bucket, cache, run_py, tmp_path):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    np.save(tmp_path / "want.npy", data)
+    res = run_py(_FULL_CACHE, timeout=120, args=(info.url, str(tmp_path / "want.npy")))
+    assert res.returncode == 0, res.describe()
+    st = json.loads(res.stdout.strip().splitlines()[-1])
+    assert st["ok"] and st["cache_write_errors"] > 0 and st["cache_writes"] == 0
+    assert not _cached_files(cache)
+    assert not [p for p in cache.rglob(".tmp.*")], "temporaries left behind"
+
+
+def test_restore_with_refused_credentials_fails_before_any_fault(snap, bucket, monkeypatch):
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY0000000000")
+    with pytest.raises(plm.ObjectStoreError, match="credentials refused"):
+        plm.restore(info.url)
+    with pytest.raises(FileNotFoundError):
+        monkeypatch.undo()
+        plm.restore("s3://%s/missing.plm" % bucket)
+
+
+# ---- the gateway misbehaving ----------------------------------------------------------------
+
+class _Proxy:
+    """A TCP relay in front of the real gateway, which the test can cut (the gateway seen to
+    stop: new connections refused, open ones reset) or make serve altered chunk bodies."""
+
+    def __init__(self, target):
+        host, port = target.split("//", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.conns = []
+        self.cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.cut:
+                c.close()
+                continue
+            u = socket.create_connection(self.target)
+            self.conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.cut = True
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+_GATEWAY_GONE = r"""
+url, want_path, stop_file = sys.argv[1], sys.argv[2], sys.argv[3]
+want = np.load(want_path)
+r = plm.restore(url, prefetch="none", background=False, max_cluster_pages=1)
+v = pages(r)
+half = r.npages // 2
+assert np.array_equal(v[:half], want[:half])        # served while the gateway is up
+open(stop_file, "w").close()                        # the test stops the gateway now
+while os.path.exists(stop_file):
+    pass
+st = r.stats()["object_store"]
+print("BEFORE", json.dumps(st), flush=True)
+try:
+    x = int(v[650].sum())                # a unique page whose chunk was never fetched: SIGBUS
+    print("READ", x, flush=True)
+except Exception as e:
+    print("EXC", type(e).__name__, flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_gateway_stopped_mid_restore_fails_loudly(snap, bucket, cache, run_py, tmp_path):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
+    np.save(tmp_path / "want.npy", data)
+    proxy = _Proxy(os.environ["AWS_ENDPOINT_URL"])
+    stop_file = tmp_path / "stop-now"
+    done = threading.Event()
+
+    def stopper():
+        while not stop_file.exists() and not done.is_set():
+            done.wait(0.01)
+        proxy.stop()
+        stop_file.unlink(missing_ok=True)
+    threading.Thread(target=stopper, daemon=True).start()
+    try:
+        res = run_py(_GATEWAY_GONE, timeout=120,
+                     env={"AWS_ENDPOINT_URL": proxy.url, "PYLAZYMEM_S3_RETRIES": "2",
+                          "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
+                     args=(info.url, str(tmp_path / "want.npy"), str(stop_file)))
+    finally:
+        done.set()
+    assert "BEFORE" in res.stdout, res.describe()
+    assert "READ" not in res.stdout, "a page was read as something: " + res.describe()
+    assert res.returncode == SIGBUS_RC, res.describe()
+
+
+_AFTER_FAILURE = r"""
+url, page = sys.argv[1], int(sys.argv[2])
+# the background fill meets the bad chunk (no access raised SIGBUS: nobody touched the page)
+r = plm.restore(url, prefetch="none", background=True)
+deadline = time.monotonic() + 60
+while r.stats()["background_running"]:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+print("STATS", json.dumps(r.stats()["object_store"]), flush=True)
+try:
+    r.meta
+    print("NO_EXCEPTION", flush=True)
+except plm.ObjectStoreError as e:
+    print("NEXT_CALL_RAISED", str(e)[:80], flush=True)
+want = [int(p) for p in sys.argv[3].split(",")]
+print("POISONED" if r.poisoned_pages().tolist() == want else "NOT_POISONED", flush=True)
+r.close()
+# a call that meets it itself raises, and the next one does not again
+r = plm.restore(url, prefetch="none", background=False, max_cluster_pages=1)
+try:
+    r.materialize(page * PAGE_SIZE, PAGE_SIZE)
+    print("READ_OK", flush=True)
+except plm.ObjectStoreError as e:
+    print("RAISED", str(e)[:100], flush=True)
+# a call that fails leaves its pages lazy (as prefetch does): a later access fails loudly
+print("THEN_OK" if r.poisoned_pages().size == 0 and
+      r.meta["state"][page] != int(plm.PageState.PRESENT) else "THEN_BAD", flush=True)
+try:   # every page of the refused chunk fails again, without fetching it again
+    r.materialize()
+except plm.ObjectStoreError:
+    print("ALL_LOST", flush=True)
+st = r.stats()["object_store"]
+print("REFUSED_ONCE" if st["corrupt"] == 2 and st["failures"] == 1 else "AGAIN %r" % st,
+      flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_corrupt_chunk_is_fetched_again_then_poisoned(snap, bucket, cache, run_py):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
+    m = objstore.read_manifest(info.url)
+    # damage the chunk of some page's entry in the bucket itself
+    page = 250
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        from pylazymem import _snapfile as S
+        pmap = S._read(fd, str(path)).map.astype(np.int64)
+    finally:
+        os.close(fd)
+    entry = int(pmap[page]) - 2
+    c = int(m.entries["chunk"][entry])
+    in_chunk = np.flatnonzero(m.entries["chunk"] == c)   # the whole chunk is refused
+    lost = np.flatnonzero(np.isin(pmap - 2, in_chunk))
+    body = bytearray(S3Client().get(bucket, m.chunk_key(c)))
+    body[int(m.entries["offset"][entry]) + 7] ^= 0xFF
+    S3Client().put(bucket, m.chunk_key(c), bytes(body))
+    res = run_py(_AFTER_FAILURE, timeout=120,
+                 args=(info.url, str(page), ",".join(map(str, lost.tolist()))))
+    assert res.returncode == 0, res.describe()
+    st = json.loads(res.stdout.split("STATS ", 1)[1].splitlines()[0])
+    assert st["corrupt"] == 2 and st["failures"] == 1, st     # fetched once more, then refused
+    for want in ("NEXT_CALL_RAISED", "\nPOISONED", "RAISED materialize", "THEN_OK",
+                 "ALL_LOST", "REFUSED_ONCE"):
+        assert want in res.stdout, res.describe()
+
+
+_CONCURRENT = r"""
+want = np.load(sys.argv[2])
+with plm.restore(sys.argv[1], prefetch="working-set", background=True) as r:
+    assert np.array_equal(pages(r), want)
+print("OK", flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_processes_share_one_cache_safely(snap, bucket, cache, tmp_path):
+    import subprocess
+    import sys
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
+    np.save(tmp_path / "want.npy", data)
+    from conftest import PRELUDE, TESTS_DIR, REPO_DIR
+    env = dict(os.environ, PYTHONPATH=TESTS_DIR)
+    procs = [subprocess.Popen([sys.executable, "-c", PRELUDE + _CONCURRENT, info.url,
+                               str(tmp_path / "want.npy")], env=env, cwd=REPO_DIR,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "OK" in out, err
+    m = objstore.read_manifest(info.url)
+    files = _cached_files(cache)
+    assert len(files) == len(m.chunks)
+    assert not [p for p in cache.rglob(".tmp.*")]
