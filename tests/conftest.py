@@ -238,6 +238,12 @@ def _s3_missing():
     return None
 
 
+def _netns_missing():
+    from pylazymem.bench._machines import unavailable
+    why = unavailable()
+    return "needs network namespaces: %s" % why if why else None
+
+
 def _package_missing(mark=None):
     """package("name", ...): the optional Python packages a test uses (pyarrow, torch, ...)."""
     names = mark.args if mark is not None else ()
@@ -262,6 +268,8 @@ NEEDS = [
     Need("s3", "s3: needs the S3 gateway of scripts/s3-server.sh (a Ceph RADOS Gateway; "
                "scripts/test.sh starts it); skipped only where Ceph's packages are not to be "
                "had (PLM_S3_UNAVAILABLE says why)", _s3_missing),
+    Need("netns", "netns: starts processes in network namespaces of their own (several "
+                  "machines on one: root and iproute2)", _netns_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
     Need("package", "package(name, ...): needs optional Python packages (pyarrow, torch, "
                     "safetensors, scikit-learn, ml_dtypes: the interop extra); skipped where one "

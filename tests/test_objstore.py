@@ -5,8 +5,10 @@ scripts/s3-server.sh (a Ceph RADOS Gateway); docs/object-store.md."""
 import json
 import os
 import signal
-import socket
+import subprocess
+import sys
 import threading
+import urllib.parse
 import uuid
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import pylazymem as plm
 from pylazymem import objstore
 from pylazymem._s3 import S3Client, S3Config
+from pylazymem.bench._machines import Machines, Relay
 from _helpers import PAGE_SIZE, pages
 
 # core: the snapshots pushed here are made by checkpoint() (push and pull themselves are Python)
@@ -287,62 +290,6 @@ def test_restore_with_refused_credentials_fails_before_any_fault(snap, bucket, m
 
 # ---- the gateway misbehaving ----------------------------------------------------------------
 
-class _Proxy:
-    """A TCP relay in front of the real gateway, which the test can cut (the gateway seen to
-    stop: new connections refused, open ones reset) or make serve altered chunk bodies."""
-
-    def __init__(self, target):
-        host, port = target.split("//", 1)[1].split(":")
-        self.target = (host, int(port))
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.conns = []
-        self.cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.cut:
-                c.close()
-                continue
-            u = socket.create_connection(self.target)
-            self.conns += [c, u]
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while True:
-                d = a.recv(65536)
-                if not d:
-                    break
-                b.sendall(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def stop(self):
-        self.cut = True
-        self.sock.close()
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 _GATEWAY_GONE = r"""
 url, want_path, stop_file = sys.argv[1], sys.argv[2], sys.argv[3]
 want = np.load(want_path)
@@ -368,19 +315,21 @@ def test_gateway_stopped_mid_restore_fails_loudly(snap, bucket, cache, run_py, t
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
     np.save(tmp_path / "want.npy", data)
-    proxy = _Proxy(os.environ["AWS_ENDPOINT_URL"])
+    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
+    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))   # the gateway, as far as it knows
     stop_file = tmp_path / "stop-now"
     done = threading.Event()
 
     def stopper():
         while not stop_file.exists() and not done.is_set():
             done.wait(0.01)
-        proxy.stop()
+        proxy.cut()
         stop_file.unlink(missing_ok=True)
     threading.Thread(target=stopper, daemon=True).start()
     try:
         res = run_py(_GATEWAY_GONE, timeout=120,
-                     env={"AWS_ENDPOINT_URL": proxy.url, "PYLAZYMEM_S3_RETRIES": "2",
+                     env={"AWS_ENDPOINT_URL": "http://127.0.0.1:%d" % proxy.address[1],
+                          "PYLAZYMEM_S3_RETRIES": "2",
                           "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
                      args=(info.url, str(tmp_path / "want.npy"), str(stop_file)))
     finally:
@@ -467,8 +416,6 @@ print("OK", flush=True)
 
 @pytest.mark.uffd_full
 def test_processes_share_one_cache_safely(snap, bucket, cache, tmp_path):
-    import subprocess
-    import sys
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
     np.save(tmp_path / "want.npy", data)
@@ -485,3 +432,58 @@ def test_processes_share_one_cache_safely(snap, bucket, cache, tmp_path):
     files = _cached_files(cache)
     assert len(files) == len(m.chunks)
     assert not [p for p in cache.rglob(".tmp.*")]
+
+
+_MACHINE = r"""
+url, want_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+want = np.load(want_path)
+pages_read = np.random.default_rng(seed).choice(want.shape[0], 200, replace=False)
+with plm.restore(url, prefetch="working-set", background=False) as r:
+    v = pages(r)
+    ok = all(np.array_equal(v[p], want[p]) for p in pages_read.tolist())
+    print(json.dumps(dict(ok=ok, **r.stats()["object_store"])), flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+@pytest.mark.netns
+def test_machines_restore_concurrently_through_their_own_caches(snap, bucket, tmp_path):
+    """Three machines (network namespaces, each with its own cache) restore one snapshot at
+    once against the one gateway: every page they read is right, each machine fetches a chunk
+    at most once."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
+    np.save(tmp_path / "want.npy", data)
+    from conftest import PRELUDE, TESTS_DIR, REPO_DIR
+    with Machines(3, os.environ["AWS_ENDPOINT_URL"]) as ms:
+        procs = []
+        for k in range(3):
+            env = dict(os.environ, PYTHONPATH=TESTS_DIR,
+                       PYLAZYMEM_CACHE_DIR=str(tmp_path / ("cache-%d" % k)))
+            procs.append(ms.popen(k, [sys.executable, "-c", PRELUDE + _MACHINE, info.url,
+                                      str(tmp_path / "want.npy"), str(k)], env=env,
+                                  cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    for k, st in enumerate(results):
+        assert st["ok"], (k, st)
+        assert st["fetches"] == st["requests"] == st["cache_writes"] > 0, (k, st)
+        cached = [p for p in (tmp_path / ("cache-%d" % k)).rglob("*") if len(p.name) == 32]
+        assert len(cached) == st["fetches"]
+
+
+@pytest.mark.uffd_full
+@pytest.mark.shared_pages
+def test_shared_restore_from_the_bucket(snap, bucket, cache):
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    with plm.restore(info.url, share=True) as r1, plm.restore(info.url, share=True) as r2:
+        assert r1.shared and r2.shared
+        assert np.array_equal(pages(r1), data)
+        pages(r2)[5] = 9                       # private to r2
+        assert np.array_equal(pages(r1), data)
+        assert np.all(pages(r2)[5] == 9)
