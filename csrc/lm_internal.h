@@ -552,6 +552,10 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count, const uint32_t *
                    size_t page_size, char *out);
 void lm_objs_stats(struct lm_objs *o, uint64_t *out);
 size_t lm_objs_nentries(const struct lm_objs *o);
+/* A hint: entries [e, e + n) will be read soon; their chunks are fetched into the cache by
+   LM_OBJS_FETCHERS threads meanwhile (nothing without a cache). */
+#define LM_OBJS_FETCHERS 4
+void lm_objs_willneed(struct lm_objs *o, uint64_t e, size_t n);
 /* lm_src_read_each in two halves, for callers that read on one thread and decode on another:
    lm_src_fetch reads the entries (raw ones in place, compressed ones packed at the end of
    dst), then lm_src_decode(same index, count, dst) decodes them into their pages. */

@@ -53,6 +53,18 @@ struct lm_objs {
     pthread_cond_t fetch_cv;
     uint8_t *fetching;               /* per chunk, under fetch_mu */
     pthread_key_t curl_key;          /* each thread its own easy handle (and connection) */
+    _Atomic int *fds;                /* per chunk: its checked cache file kept open, or -1 */
+    _Atomic int open_fds;
+    /* Read-ahead (lm_objs_willneed): chunks queued for the fetcher threads, which bring them
+       into the cache while the caller works on earlier ones. Each chunk is queued once. */
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_cv;
+    uint32_t *queue;
+    size_t q_head, q_tail;
+    uint8_t *queued;
+    pthread_t fetchers[LM_OBJS_FETCHERS];
+    int nfetchers;
+    bool stop;
     _Atomic uint64_t inserted;       /* cache bytes written since the last eviction scan */
     _Atomic uint64_t st[LM_OBJS_NSTATS];
 };
@@ -89,6 +101,20 @@ void lm_objs_free(struct lm_objs *o)
 {
     if (!o)
         return;
+    pthread_mutex_lock(&o->q_mu);
+    o->stop = true;
+    pthread_cond_broadcast(&o->q_cv);
+    pthread_mutex_unlock(&o->q_mu);
+    for (int i = 0; i < o->nfetchers; i++)
+        pthread_join(o->fetchers[i], NULL);
+    for (size_t i = 0; o->fds && i < o->nchunks; i++)
+        if (o->fds[i] >= 0)
+            close(o->fds[i]);
+    pthread_mutex_destroy(&o->q_mu);
+    pthread_cond_destroy(&o->q_cv);
+    free((void *)o->fds);
+    free(o->queue);
+    free(o->queued);
     pthread_key_delete(o->curl_key);   /* handles of live threads go with those threads */
     pthread_mutex_destroy(&o->fetch_mu);
     pthread_cond_destroy(&o->fetch_cv);
@@ -146,9 +172,13 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
         return lm_fail("calloc(object store)", ENOMEM);
     pthread_mutex_init(&o->fetch_mu, NULL);
     pthread_cond_init(&o->fetch_cv, NULL);
+    pthread_mutex_init(&o->q_mu, NULL);
+    pthread_cond_init(&o->q_cv, NULL);
     if (pthread_key_create(&o->curl_key, free_curl)) {
         pthread_mutex_destroy(&o->fetch_mu);
         pthread_cond_destroy(&o->fetch_cv);
+        pthread_mutex_destroy(&o->q_mu);
+        pthread_cond_destroy(&o->q_cv);
         free(o);
         return lm_fail("pthread_key_create", EAGAIN);
     }
@@ -173,7 +203,13 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     o->entries = malloc((nentries ? nentries : 1) * sizeof(*entries));
     o->state = calloc(nchunks ? nchunks : 1, 1);
     o->fetching = calloc(nchunks ? nchunks : 1, 1);
-    if (bad || !o->chunks || !o->entries || !o->state || !o->fetching) {
+    o->fds = malloc((nchunks ? nchunks : 1) * sizeof(*o->fds));
+    o->queue = malloc((nchunks ? nchunks : 1) * sizeof(*o->queue));
+    o->queued = calloc(nchunks ? nchunks : 1, 1);
+    for (size_t i = 0; o->fds && i < nchunks; i++)
+        o->fds[i] = -1;
+    if (bad || !o->chunks || !o->entries || !o->state || !o->fetching || !o->fds || !o->queue ||
+        !o->queued) {
         lm_objs_free(o);
         return lm_fail("malloc(object store)", ENOMEM);
     }
@@ -305,11 +341,19 @@ static void cache_put(struct lm_objs *o, const struct lm_objs_chunk *c, const ch
 }
 
 /* Read [off, off + len) of chunk i from the cache into dst. 1 done, 0 not (or no longer) in
-   the cache, -errno. The first use in this process checks the whole file against the id. */
+   the cache, -errno. The first use in this process checks the whole file against the id;
+   the file then stays open (up to FD_KEEP of them), so later reads are one pread. */
+#define FD_KEEP 256
+
 static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
 {
     if (!o->cache)
         return 0;
+    int kept = atomic_load_explicit(&o->fds[i], memory_order_acquire);
+    if (kept >= 0 && pread(kept, dst, len, off) == (ssize_t)len) {
+        count(o, LM_OBJS_CACHE_HITS, 1);
+        return 1;
+    }
     const struct lm_objs_chunk *c = &o->chunks[i];
     char hex[33], path[4096];
     chunk_hex(c, hex);
@@ -317,35 +361,40 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    int rc = 1;
-    if (atomic_load_explicit(&o->state[i], memory_order_acquire) != C_CHECKED) {
-        char *all = malloc(c->length);
-        ssize_t got = all ? pread(fd, all, c->length, 0) : -1;
-        if (!all) {
-            rc = lm_fail("malloc(chunk)", ENOMEM);
-        } else if (got == (ssize_t)c->length && chunk_ok(c, all, c->length)) {
-            atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
-            futimens(fd, NULL);   /* recently used: the last to be evicted */
-            memcpy(dst, all + off, len);
-            free(all);
-            close(fd);
-            count(o, LM_OBJS_CACHE_HITS, 1);
-            return 1;
-        } else {
-            count(o, LM_OBJS_CACHE_BAD, 1);   /* torn or damaged: never used, fetched again */
-            unlink(path);
-            rc = 0;
-        }
-        free(all);
+    if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_CHECKED) {
+        ssize_t got = pread(fd, dst, len, off);
         close(fd);
-        return rc;
+        if (got != (ssize_t)len)
+            return 0;   /* replaced or truncated under us (never by us): fetch it */
+        count(o, LM_OBJS_CACHE_HITS, 1);
+        return 1;
     }
-    ssize_t got = pread(fd, dst, len, off);
-    close(fd);
-    if (got != (ssize_t)len)
-        return 0;   /* replaced or truncated under us (never by us): fetch it */
-    count(o, LM_OBJS_CACHE_HITS, 1);
-    return 1;
+    char *all = malloc(c->length);
+    ssize_t got = all ? pread(fd, all, c->length, 0) : -1;
+    int rc = 0;
+    if (!all) {
+        rc = lm_fail("malloc(chunk)", ENOMEM);
+    } else if (got == (ssize_t)c->length && chunk_ok(c, all, c->length)) {
+        atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
+        futimens(fd, NULL);   /* recently used: the last to be evicted */
+        memcpy(dst, all + off, len);
+        count(o, LM_OBJS_CACHE_HITS, 1);
+        int none = -1;
+        if (atomic_fetch_add(&o->open_fds, 1) < FD_KEEP &&
+            atomic_compare_exchange_strong(&o->fds[i], &none, fd)) {
+            fd = -1;   /* kept */
+        } else {
+            atomic_fetch_sub(&o->open_fds, 1);
+        }
+        rc = 1;
+    } else {
+        count(o, LM_OBJS_CACHE_BAD, 1);   /* torn or damaged: never used, fetched again */
+        unlink(path);
+    }
+    free(all);
+    if (fd >= 0)
+        close(fd);
+    return rc;
 }
 
 /* ---- fetching ------------------------------------------------------------------------ */
@@ -499,6 +548,60 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         pthread_mutex_unlock(&o->fetch_mu);
         return rc;
     }
+}
+
+/* ---- read-ahead -------------------------------------------------------------------- */
+
+/* Whether chunk i still needs bringing in (not checked or refused here, not in flight). */
+static bool wanted(struct lm_objs *o, size_t i)
+{
+    return atomic_load_explicit(&o->state[i], memory_order_acquire) == C_UNKNOWN;
+}
+
+static void *fetcher_main(void *arg)
+{
+    struct lm_objs *o = arg;
+    char one;
+    for (;;) {
+        pthread_mutex_lock(&o->q_mu);
+        while (!o->stop && o->q_head == o->q_tail)
+            pthread_cond_wait(&o->q_cv, &o->q_mu);
+        if (o->stop) {
+            pthread_mutex_unlock(&o->q_mu);
+            return NULL;
+        }
+        size_t i = o->queue[o->q_head++];
+        pthread_mutex_unlock(&o->q_mu);
+        /* a read of one byte brings it in as a demand read would: the cache, or a fetch
+           (with its retries) into the cache; failures are the demand path's to report */
+        if (wanted(o, i))
+            (void)chunk_read(o, i, 0, 1, &one);
+    }
+}
+
+void lm_objs_willneed(struct lm_objs *o, uint64_t e, size_t n)
+{
+    if (!o->cache || e >= o->nentries)
+        return;   /* without a cache, a chunk fetched ahead would have nowhere to wait */
+    if (n > o->nentries - e)
+        n = o->nentries - e;
+    pthread_mutex_lock(&o->q_mu);
+    size_t added = 0;
+    for (size_t j = 0; j < n; j++) {
+        uint32_t c = o->entries[e + j].chunk;
+        if (o->queued[c] || !wanted(o, c))
+            continue;
+        o->queued[c] = 1;
+        o->queue[o->q_tail++] = c;   /* each chunk at most once: the queue cannot overflow */
+        added++;
+    }
+    /* started at the first hint: a restore that never reads ahead starts no thread */
+    while (added && o->nfetchers < LM_OBJS_FETCHERS &&
+           lm_thread_start(&o->fetchers[o->nfetchers], NULL, fetcher_main, o) == 0)
+        o->nfetchers++;
+    if (added)
+        pthread_cond_broadcast(&o->q_cv);
+    pthread_mutex_unlock(&o->q_mu);
 }
 
 int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count_, const uint32_t *lengths_word,

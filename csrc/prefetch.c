@@ -187,7 +187,10 @@ static void *pipeline_reader(void *arg)
         if (stop)
             break;
         struct batch *b = &pl->b[idx];
-        /* the batch a buffer-ring later is read ahead by the kernel meanwhile */
+        /* the batch a buffer-ring later is read ahead meanwhile (the kernel's readahead, or
+           an object store's fetchers); at the start, the whole first ring */
+        for (size_t k = 1; idx == 0 && k < PREFETCH_BUFS && k < pl->nb; k++)
+            lm_src_willneed(pl->r, pl->b[k].base, pl->b[k].count);
         if (idx + PREFETCH_BUFS < pl->nb)
             lm_src_willneed(pl->r, pl->b[idx + PREFETCH_BUFS].base,
                             pl->b[idx + PREFETCH_BUFS].count);

@@ -758,8 +758,12 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
  */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
 {
-    if (!r->src_nlayers || index >= r->src_nstored || r->src_layers[0].objs)
-        return;   /* (an object store's source is one layer, and no file to hint) */
+    if (!r->src_nlayers || index >= r->src_nstored)
+        return;
+    if (r->src_layers[0].objs) {   /* one layer: its chunks fetched ahead */
+        lm_objs_willneed(r->src_layers[0].objs, index, count);
+        return;
+    }
     if (count > r->src_nstored - index)
         count = r->src_nstored - index;
     while (count) {

@@ -36,11 +36,15 @@ problems seen (wrong contents, handler errors).
                  pages (issue 12): the pause, the writer's store rate and longest stall beside its rate
                  without a checkpoint, the synchronous checkpoint; the pause at 256 MiB, 1 GiB, 4 GiB
   reap_compressed  the REAP flow (Zipf workload, working set recorded on another sample) over a zstd
-                 snapshot of 1 GiB of text vs eager np.load, cold page cache (issue 12)
+                 snapshot of 1 GiB of text vs eager np.load, cold page cache (issue 12); the
+                 uniform REAP flow of issue 3 beside it
+  objstore       snapshots in an S3 bucket (issue 13; needs the gateway of scripts/s3-server.sh):
+                 lazy restore vs download-then-restore, warm chunk cache vs a local file, 4
+                 machines at once (bytes fetched vs needed), the upload of a 90%-shared snapshot
 """
 BENCHMARKS = ("fault_service", "template_init", "sequential", "reap", "restore_none", "restore_default",
               "restore_sequential", "checkpoint", "server", "shared", "arrays", "incremental", "compress",
-              "bgckpt", "reap_compressed")
+              "bgckpt", "reap_compressed", "objstore")
 
 __all__ = ["BENCHMARKS", "run"]
 
