@@ -552,6 +552,8 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count, const uint32_t *
                    size_t page_size, char *out);
 void lm_objs_stats(struct lm_objs *o, uint64_t *out);
 size_t lm_objs_nentries(const struct lm_objs *o);
+/* The snapshot's signatures (per entry, owned by the source) to check cache reads against. */
+void lm_objs_set_signatures(struct lm_objs *o, const uint64_t *sigs, size_t page_size);
 /* A hint: entries [e, e + n) will be read soon; their chunks are fetched into the cache by
    LM_OBJS_FETCHERS threads meanwhile (nothing without a cache). */
 #define LM_OBJS_FETCHERS 4

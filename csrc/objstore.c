@@ -8,10 +8,13 @@
  * (libcurl, AWS Signature Version 4), and copies the entries' bytes out.
  *
  * Nothing unchecked is served: a chunk is checked against its id when it is fetched (a bad
- * one is fetched once more, then refused: -EBADMSG, the pages are poisoned) and, from the
- * cache, at its first use in this process (a torn or damaged file is removed and fetched
- * again). Cache files are written to a temporary and renamed, so other processes see a whole
- * chunk or none; they are never written in place. Network failures are retried a bounded
+ * one is fetched once more, then refused: -EBADMSG, the pages are poisoned); what is read
+ * from the cache is checked entry by entry against the snapshot's page signatures (XXH3-64
+ * of each raw page, ~0.2 us; a compressed entry is checked once decoded, store.c): a torn or
+ * damaged cache file is removed and its chunk fetched again. Hashing only what is read, not
+ * each whole chunk at its first use, is what keeps a warm restore near a local file's speed.
+ * Cache files are written to a temporary and renamed, so other processes see a whole chunk
+ * or none; they are never written in place. Network failures are retried a bounded
  * number of times with growing pauses, then fail the read (-EIO, or -EACCES / -ENOENT for a
  * refused or missing object, which no retry mends).
  */
@@ -26,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,8 +37,9 @@
 
 #include "lm_internal.h"
 
-/* Per chunk: its cache file was checked here; or the bucket's copy was refused (corrupt
-   twice: every later read fails at once, instead of fetching it again per page). */
+/* Per chunk: its cache file is known to be there (fetched, or opened) here; or the bucket's
+   copy was refused (corrupt twice: every later read fails at once, instead of fetching it
+   again per page). */
 enum { C_UNKNOWN = 0, C_CHECKED = 1, C_REFUSED = 2 };
 
 struct lm_objs {
@@ -53,8 +58,11 @@ struct lm_objs {
     pthread_cond_t fetch_cv;
     uint8_t *fetching;               /* per chunk, under fetch_mu */
     pthread_key_t curl_key;          /* each thread its own easy handle (and connection) */
-    _Atomic int *fds;                /* per chunk: its checked cache file kept open, or -1 */
+    _Atomic int *fds;                /* per chunk: its cache file kept open, or -1 */
+    const uint64_t *sigs;            /* per entry: XXH3-64 of its page (lm_objs_set_signatures) */
+    size_t page_size;
     _Atomic int open_fds;
+    int fd_keep;                     /* cache files kept open at most (a quarter of the fd limit) */
     /* Read-ahead (lm_objs_willneed): chunks queued for the fetcher threads, which bring them
        into the cache while the caller works on earlier ones. Each chunk is queued once. */
     pthread_mutex_t q_mu;
@@ -197,6 +205,9 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     if (cfg->cache_dir && *cfg->cache_dir)
         o->cache = dup_or_null(cfg->cache_dir, &bad);
     o->cache_max = cfg->cache_max_bytes;
+    struct rlimit rl;
+    o->fd_keep = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY
+                 ? (int)(rl.rlim_cur / 4) : 256;
     o->retries = cfg->retries > 10 ? 10 : cfg->retries;
     o->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 30000;
     o->chunks = malloc((nchunks ? nchunks : 1) * sizeof(*chunks));
@@ -340,11 +351,26 @@ static void cache_put(struct lm_objs *o, const struct lm_objs_chunk *c, const ch
     count(o, LM_OBJS_CACHE_WRITE_ERRORS, 1);
 }
 
-/* Read [off, off + len) of chunk i from the cache into dst. 1 done, 0 not (or no longer) in
-   the cache, -errno. The first use in this process checks the whole file against the id;
-   the file then stays open (up to FD_KEEP of them), so later reads are one pread. */
-#define FD_KEEP 256
+/* A cache file that failed its check: never read again (by anyone: removed). */
+static void cache_drop(struct lm_objs *o, size_t i)
+{
+    char hex[33], path[4096];
+    chunk_hex(&o->chunks[i], hex);
+    snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
+    unlink(path);
+    int fd = atomic_exchange(&o->fds[i], -1);
+    if (fd >= 0) {
+        close(fd);
+        atomic_fetch_sub(&o->open_fds, 1);
+    }
+    uint8_t c = C_CHECKED;
+    atomic_compare_exchange_strong(&o->state[i], &c, C_UNKNOWN);
+    count(o, LM_OBJS_CACHE_BAD, 1);
+}
 
+/* Read [off, off + len) of chunk i from the cache into dst. 1 done, 0 not (or no longer) in
+   the cache. The caller checks what it got (check_run). The file stays open once found (up
+   to fd_keep of them), so later reads are one pread. */
 static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
 {
     if (!o->cache)
@@ -354,47 +380,35 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         count(o, LM_OBJS_CACHE_HITS, 1);
         return 1;
     }
-    const struct lm_objs_chunk *c = &o->chunks[i];
     char hex[33], path[4096];
-    chunk_hex(c, hex);
+    chunk_hex(&o->chunks[i], hex);
     snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_CHECKED) {
-        ssize_t got = pread(fd, dst, len, off);
-        close(fd);
-        if (got != (ssize_t)len)
-            return 0;   /* replaced or truncated under us (never by us): fetch it */
-        count(o, LM_OBJS_CACHE_HITS, 1);
-        return 1;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && st.st_size != (off_t)o->chunks[i].length) {
+        close(fd);   /* torn: a size no chunk of this id has */
+        cache_drop(o, i);
+        return 0;
     }
-    char *all = malloc(c->length);
-    ssize_t got = all ? pread(fd, all, c->length, 0) : -1;
-    int rc = 0;
-    if (!all) {
-        rc = lm_fail("malloc(chunk)", ENOMEM);
-    } else if (got == (ssize_t)c->length && chunk_ok(c, all, c->length)) {
-        atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
+    if (pread(fd, dst, len, off) != (ssize_t)len) {
+        close(fd);   /* replaced or cut under us (never by us): fetch it */
+        return 0;
+    }
+    count(o, LM_OBJS_CACHE_HITS, 1);
+    if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_UNKNOWN) {
         futimens(fd, NULL);   /* recently used: the last to be evicted */
-        memcpy(dst, all + off, len);
-        count(o, LM_OBJS_CACHE_HITS, 1);
-        int none = -1;
-        if (atomic_fetch_add(&o->open_fds, 1) < FD_KEEP &&
-            atomic_compare_exchange_strong(&o->fds[i], &none, fd)) {
-            fd = -1;   /* kept */
-        } else {
-            atomic_fetch_sub(&o->open_fds, 1);
-        }
-        rc = 1;
-    } else {
-        count(o, LM_OBJS_CACHE_BAD, 1);   /* torn or damaged: never used, fetched again */
-        unlink(path);
+        uint8_t u = C_UNKNOWN;
+        atomic_compare_exchange_strong(&o->state[i], &u, C_CHECKED);
     }
-    free(all);
-    if (fd >= 0)
-        close(fd);
-    return rc;
+    int none = -1;
+    if (atomic_fetch_add(&o->open_fds, 1) < o->fd_keep &&
+        atomic_compare_exchange_strong(&o->fds[i], &none, fd))
+        return 1;   /* kept */
+    atomic_fetch_sub(&o->open_fds, 1);
+    close(fd);
+    return 1;
 }
 
 /* ---- fetching ------------------------------------------------------------------------ */
@@ -508,23 +522,25 @@ static int fetch(struct lm_objs *o, size_t i, char *buf)
     return rc;
 }
 
-/* The bytes [off, off + len) of chunk i: from the cache, else fetched (one fetch of a chunk
-   at a time in this process: a second reader waits for the first, then finds it cached). */
-static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
+/* The bytes [off, off + len) of chunk i: from the cache (unless `fresh`), else fetched (one
+   fetch of a chunk at a time in this process: a second reader waits for the first, then
+   finds it cached). 1: from the cache (to be checked), 0: fetched and checked, or -errno. */
+static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst,
+                      bool fresh)
 {
     for (;;) {
         if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_REFUSED)
             return lm_fail("object store: a chunk in the bucket differs from its id (corrupt "
                            "chunk)", EBADMSG);
-        int rc = cache_read(o, i, off, len, dst);
+        int rc = fresh ? 0 : cache_read(o, i, off, len, dst);
         if (rc != 0)
-            return rc < 0 ? rc : 0;
+            return rc;
         pthread_mutex_lock(&o->fetch_mu);
         if (o->fetching[i]) {   /* another thread is fetching it: wait, then look again */
             while (o->fetching[i])
                 pthread_cond_wait(&o->fetch_cv, &o->fetch_mu);
             pthread_mutex_unlock(&o->fetch_mu);
-            if (o->cache)
+            if (o->cache && !fresh)
                 continue;
             pthread_mutex_lock(&o->fetch_mu);   /* no cache: fetch it ourselves */
         }
@@ -534,10 +550,8 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         rc = buf ? fetch(o, i, buf) : lm_fail("malloc(chunk)", ENOMEM);
         if (rc == 0) {
             memcpy(dst, buf + off, len);
-            if (o->cache) {
+            if (o->cache)
                 cache_put(o, &o->chunks[i], buf);
-                atomic_store_explicit(&o->state[i], C_CHECKED, memory_order_release);
-            }
         } else if (rc == -EBADMSG) {
             atomic_store_explicit(&o->state[i], C_REFUSED, memory_order_release);
         }
@@ -548,6 +562,25 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         pthread_mutex_unlock(&o->fetch_mu);
         return rc;
     }
+}
+
+/* Entries [e, e + k) as read into buf against their signatures: raw entries (one page each)
+   hashed here; compressed ones are checked once decoded (store.c). True when all match, or
+   when there is nothing to check them against yet. */
+static bool check_run(struct lm_objs *o, uint64_t e, size_t k, const uint32_t *index,
+                      const char *buf)
+{
+    if (!o->sigs)
+        return true;
+    size_t at = 0;
+    for (size_t j = 0; j < k; j++) {
+        size_t len = index ? LM_ENTRY_LEN(index[e + j]) : o->page_size;
+        bool raw = !index || LM_ENTRY_CODEC(index[e + j]) == LM_CODEC_RAW;
+        if (raw && len == o->page_size && XXH3_64bits(buf + at, len) != o->sigs[e + j])
+            return false;
+        at += len;
+    }
+    return true;
 }
 
 /* ---- read-ahead -------------------------------------------------------------------- */
@@ -575,7 +608,7 @@ static void *fetcher_main(void *arg)
         /* a read of one byte brings it in as a demand read would: the cache, or a fetch
            (with its retries) into the cache; failures are the demand path's to report */
         if (wanted(o, i))
-            (void)chunk_read(o, i, 0, 1, &one);
+            (void)chunk_read(o, i, 0, 1, &one, false);
     }
 }
 
@@ -625,7 +658,14 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count_, const uint32_t 
         }
         if ((uint64_t)x->offset + run > o->chunks[x->chunk].length)
             return lm_fail("object store: an entry outside its chunk", EBADMSG);
-        int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at);
+        int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at, false);
+        if (rc == 1 && !check_run(o, e + j, k, lengths_word, out + at)) {
+            cache_drop(o, x->chunk);   /* a damaged cache file: the bucket's copy instead */
+            rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at, true);
+            if (rc == 0 && !check_run(o, e + j, k, lengths_word, out + at))
+                rc = lm_fail("object store: the bucket's entry differs from the snapshot's "
+                             "signature", EBADMSG);
+        }
         if (rc < 0)
             return rc;
         at += run;
@@ -638,6 +678,12 @@ void lm_objs_stats(struct lm_objs *o, uint64_t *out)
 {
     for (int i = 0; i < LM_OBJS_NSTATS; i++)
         out[i] = atomic_load_explicit(&o->st[i], memory_order_relaxed);
+}
+
+void lm_objs_set_signatures(struct lm_objs *o, const uint64_t *sigs, size_t page_size)
+{
+    o->page_size = page_size;
+    o->sigs = sigs;
 }
 
 size_t lm_objs_nentries(const struct lm_objs *o)

@@ -420,9 +420,18 @@ int lm_source_attach_remote(struct lm_region *r, const struct lm_src_layer *laye
     if (lm_objs_nentries(o) != layer->nstored)
         return lm_fail("object store source: entry count differs from the snapshot's", EINVAL);
     int rc = lm_source_attach_layers(r, layer, 1, verify);
-    if (rc == 0)
-        r->src_layers[0].objs = o;   /* nothing reads the store before lm_restore_table */
-    return rc;
+    if (rc < 0)
+        return rc;
+    r->src_layers[0].objs = o;   /* nothing reads the store before lm_restore_table */
+    /* The signatures check what the chunk cache gives back: read now (from the memfd). */
+    rc = lm_source_signatures(r);
+    if (rc < 0) {
+        r->src_layers[0].objs = NULL;   /* the caller still owns o */
+        lm_source_close(r);
+        return rc;
+    }
+    lm_objs_set_signatures(o, atomic_load(&r->src_sigs), r->page_size);
+    return 0;
 }
 
 int lm_source_objs_stats(struct lm_region *r, uint64_t *out)
