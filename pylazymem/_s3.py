@@ -212,6 +212,15 @@ class S3Client:
                                        what="GET " + key)
         return data
 
+    def get_unless(self, bucket, key, etag):
+        """(etag, bytes) of the object, or (etag, None) if its ETag is still `etag` (a
+        conditional GET: 304 Not Modified sends no body)."""
+        headers = {"if-none-match": etag} if etag else None
+        status, h, data = self.request("GET", bucket, key, headers=headers, ok=(200, 304))
+        if status == 304:
+            return etag, None
+        return h.get("etag", ""), data
+
     def exists(self, bucket, key):
         status, _, _ = self.request("HEAD", bucket, key, ok=(200, 404))
         return status == 200

@@ -341,18 +341,47 @@ def _check_skeleton(skeleton, file_bytes, nentries, url):
     return h, lengths
 
 
-def read_manifest(url, client=None) -> Manifest:
+def read_manifest(url, client=None, cache=None) -> Manifest:
+    """The manifest at url, checked (parse_manifest). With `cache` (a directory), the last
+    copy read is kept there with its ETag and asked for conditionally: unchanged, the gateway
+    sends no body (a warm restore saves the transfer); it is checked again all the same."""
     bucket, key = _split_url(url, "restore")
     if not key:
         raise ValueError("%s: names a bucket, not a snapshot (s3://bucket/prefix/NAME)" % url)
     client = client or S3Client()
+    kept = etag = None
+    if cache:
+        kept = os.path.join(cache, "m-%016x" % xxhash.xxh3_64_intdigest(key.encode()))
+        try:
+            with open(kept, "rb") as f:
+                etag = f.readline().decode().strip()
+                body = f.read()
+        except (OSError, UnicodeDecodeError):
+            etag = None
     try:
-        data = client.get(bucket, key)
+        new_etag, data = client.get_unless(bucket, key, etag)
     except ObjectStoreError as e:
         if e.status == 404:
             raise FileNotFoundError(2, "no snapshot at %s (%s)" % (url, e.code or "404")) from None
         raise
-    return parse_manifest(data, url)
+    if data is None:
+        try:
+            return parse_manifest(body, url)
+        except S.SnapshotError:   # the kept copy is damaged: the bucket's, whole
+            new_etag, data = client.get_unless(bucket, key, None)
+    m = parse_manifest(data, url)
+    if kept and new_etag and "\n" not in new_etag:
+        tmp = "%s.%d.tmp" % (kept, os.getpid())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(new_etag.encode() + b"\n" + bytes(data))
+            os.replace(tmp, kept)
+        except OSError:   # a full cache directory costs only this saving
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return m
 
 
 # ---- pull ----------------------------------------------------------------------------------
@@ -486,6 +515,10 @@ def open_source(url):
     """(manifest, skeleton fd, S3Config, bucket) for restore(url): the manifest read and checked
     with the caller's credentials, so that refused credentials fail here, before any fault."""
     client = S3Client()
-    m = read_manifest(url, client)
-    bucket, _ = parse_url(url)
+    bucket, _ = _split_url(url, "restore")
+    cache = None
+    if os.environ.get("PYLAZYMEM_CACHE_DIR") != "none":
+        cache = cache_dir(client.config, bucket)
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+    m = read_manifest(url, client, cache)
     return m, skeleton_fd(m), client.config, bucket

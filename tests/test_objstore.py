@@ -487,3 +487,33 @@ def test_shared_restore_from_the_bucket(snap, bucket, cache):
         pages(r2)[5] = 9                       # private to r2
         assert np.array_equal(pages(r1), data)
         assert np.all(pages(r2)[5] == 9)
+
+
+@pytest.mark.uffd_full
+def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket, cache,
+                                                                     tmp_path, rng):
+    """The manifest is kept in the cache and asked for conditionally (ETag): a snapshot pushed
+    again under the same name is the one restored next."""
+    path, data = snap
+    url = objstore.push(path, "s3://%s" % bucket, name="same.plm").url
+    with plm.restore(url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+    assert [p for p in cache.rglob("m-*")], "the manifest was not kept"
+    other = _state_file(tmp_path / "o.plm", rng)
+    objstore.push(tmp_path / "o.plm", "s3://%s" % bucket, name="same.plm")
+    with plm.restore(url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), other)
+    # a damaged kept copy is not trusted either
+    for p in cache.rglob("m-*"):
+        b = bytearray(p.read_bytes())
+        b[-3] ^= 1
+        p.write_bytes(bytes(b))
+    with plm.restore(url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), other)
+
+
+def _state_file(path, rng):
+    with plm.Region(4 << 20) as r:
+        data = _state(r, rng, 300)
+        plm.checkpoint(r, path)
+    return data

@@ -39,7 +39,8 @@ from . import _common as C
 from . import reap as R
 
 NAME = "objstore"
-CHUNK = 512 << 10
+# push's chunk size: 512 KiB (AWS Lambda's) unless PYLAZYMEM_BENCH_CHUNK_KIB says otherwise
+CHUNK = int(os.environ.get("PYLAZYMEM_BENCH_CHUNK_KIB") or 512) << 10
 MACHINES = 4
 
 
