@@ -228,6 +228,15 @@ class S3Client:
     def delete(self, bucket, key):
         self.request("DELETE", bucket, key, ok=(200, 204, 404))
 
+    def remove_bucket(self, bucket):
+        """Delete every object of the bucket, then the bucket (benchmarks clean up after
+        themselves: the test gateway keeps its data in memory)."""
+        import concurrent.futures
+        keys = [k for k, _ in self.list(bucket)]
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda k: self.delete(bucket, k), keys))
+        self.request("DELETE", bucket, ok=(200, 204, 404), what="delete bucket " + bucket)
+
     def list(self, bucket, prefix=""):
         """Every (key, size) under prefix, all pages of ListObjectsV2."""
         out, token = [], None
