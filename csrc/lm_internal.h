@@ -552,8 +552,9 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count, const uint32_t *
                    size_t page_size, char *out);
 void lm_objs_stats(struct lm_objs *o, uint64_t *out);
 size_t lm_objs_nentries(const struct lm_objs *o);
-/* The snapshot's signatures (per entry, owned by the source) to check cache reads against. */
-void lm_objs_set_signatures(struct lm_objs *o, const uint64_t *sigs, size_t page_size);
+/* Entry e (len bytes) read again from the bucket into out, its chunk's cache file removed:
+   for an entry that failed its check after a read from the cache. 0 or -errno. */
+int lm_objs_reread(struct lm_objs *o, uint64_t e, size_t len, char *out);
 /* A hint: entries [e, e + n) will be read soon; their chunks are fetched into the cache by
    LM_OBJS_FETCHERS threads meanwhile (nothing without a cache). */
 #define LM_OBJS_FETCHERS 4

@@ -9,9 +9,10 @@
  *
  * Nothing unchecked is served: a chunk is checked against its id when it is fetched (a bad
  * one is fetched once more, then refused: -EBADMSG, the pages are poisoned); what is read
- * from the cache is checked entry by entry against the snapshot's page signatures (XXH3-64
- * of each raw page, ~0.2 us; a compressed entry is checked once decoded, store.c): a torn or
- * damaged cache file is removed and its chunk fetched again. Hashing only what is read, not
+ * from the cache is checked entry by entry against the snapshot's page signatures by
+ * store.c (XXH3-64 of each page, ~0.2 us, once decoded; on the prefetch pipeline's copier
+ * threads), which has an entry that fails read again from the bucket (lm_objs_reread: the
+ * cache file is removed). A torn cache file (a wrong size) is removed when opened. Hashing only what is read, not
  * each whole chunk at its first use, is what keeps a warm restore near a local file's speed.
  * Cache files are written to a temporary and renamed, so other processes see a whole chunk
  * or none; they are never written in place. Network failures are retried a bounded
@@ -59,8 +60,6 @@ struct lm_objs {
     uint8_t *fetching;               /* per chunk, under fetch_mu */
     pthread_key_t curl_key;          /* each thread its own easy handle (and connection) */
     _Atomic int *fds;                /* per chunk: its cache file kept open, or -1 */
-    const uint64_t *sigs;            /* per entry: XXH3-64 of its page (lm_objs_set_signatures) */
-    size_t page_size;
     _Atomic int open_fds;
     int fd_keep;                     /* cache files kept open at most (a quarter of the fd limit) */
     /* Read-ahead (lm_objs_willneed): chunks queued for the fetcher threads, which bring them
@@ -564,25 +563,6 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
     }
 }
 
-/* Entries [e, e + k) as read into buf against their signatures: raw entries (one page each)
-   hashed here; compressed ones are checked once decoded (store.c). True when all match, or
-   when there is nothing to check them against yet. */
-static bool check_run(struct lm_objs *o, uint64_t e, size_t k, const uint32_t *index,
-                      const char *buf)
-{
-    if (!o->sigs)
-        return true;
-    size_t at = 0;
-    for (size_t j = 0; j < k; j++) {
-        size_t len = index ? LM_ENTRY_LEN(index[e + j]) : o->page_size;
-        bool raw = !index || LM_ENTRY_CODEC(index[e + j]) == LM_CODEC_RAW;
-        if (raw && len == o->page_size && XXH3_64bits(buf + at, len) != o->sigs[e + j])
-            return false;
-        at += len;
-    }
-    return true;
-}
-
 /* ---- read-ahead -------------------------------------------------------------------- */
 
 /* Whether chunk i still needs bringing in (not checked or refused here, not in flight). */
@@ -658,14 +638,9 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count_, const uint32_t 
         }
         if ((uint64_t)x->offset + run > o->chunks[x->chunk].length)
             return lm_fail("object store: an entry outside its chunk", EBADMSG);
+        /* what the cache gave is checked by the caller, entry by entry (store.c decodes and
+           checks on the copier threads), which calls lm_objs_reread for one that fails */
         int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at, false);
-        if (rc == 1 && !check_run(o, e + j, k, lengths_word, out + at)) {
-            cache_drop(o, x->chunk);   /* a damaged cache file: the bucket's copy instead */
-            rc = chunk_read(o, x->chunk, x->offset, (uint32_t)run, out + at, true);
-            if (rc == 0 && !check_run(o, e + j, k, lengths_word, out + at))
-                rc = lm_fail("object store: the bucket's entry differs from the snapshot's "
-                             "signature", EBADMSG);
-        }
         if (rc < 0)
             return rc;
         at += run;
@@ -674,16 +649,23 @@ int lm_objs_gather(struct lm_objs *o, uint64_t e, size_t count_, const uint32_t 
     return 0;
 }
 
+int lm_objs_reread(struct lm_objs *o, uint64_t e, size_t len, char *out)
+{
+    if (e >= o->nentries)
+        return lm_fail("object store: entry out of range", ERANGE);
+    const struct lm_objs_entry *x = &o->entries[e];
+    if ((uint64_t)x->offset + len > o->chunks[x->chunk].length)
+        return lm_fail("object store: an entry outside its chunk", EBADMSG);
+    if (o->cache)
+        cache_drop(o, x->chunk);   /* a damaged cache file: the bucket's copy instead */
+    int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)len, out, true);
+    return rc < 0 ? rc : 0;
+}
+
 void lm_objs_stats(struct lm_objs *o, uint64_t *out)
 {
     for (int i = 0; i < LM_OBJS_NSTATS; i++)
         out[i] = atomic_load_explicit(&o->st[i], memory_order_relaxed);
-}
-
-void lm_objs_set_signatures(struct lm_objs *o, const uint64_t *sigs, size_t page_size)
-{
-    o->page_size = page_size;
-    o->sigs = sigs;
 }
 
 size_t lm_objs_nentries(const struct lm_objs *o)

@@ -423,14 +423,13 @@ int lm_source_attach_remote(struct lm_region *r, const struct lm_src_layer *laye
     if (rc < 0)
         return rc;
     r->src_layers[0].objs = o;   /* nothing reads the store before lm_restore_table */
-    /* The signatures check what the chunk cache gives back: read now (from the memfd). */
+    /* The signatures check what the chunk cache gives back (layer_decode): read now. */
     rc = lm_source_signatures(r);
     if (rc < 0) {
         r->src_layers[0].objs = NULL;   /* the caller still owns o */
         lm_source_close(r);
         return rc;
     }
-    lm_objs_set_signatures(o, atomic_load(&r->src_sigs), r->page_size);
     return 0;
 }
 
@@ -639,11 +638,16 @@ static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
 }
 
 /* The second half of a read: decode what layer_fetch left packed at the tail of dst. */
+static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                       char *dst, uint8_t *bad);
+
 static int layer_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
                         char *dst, uint8_t *bad)
 {
     if (bad)
         memset(bad, 0, count);
+    if (f->objs)
+        return objs_decode(r, f, e, count, dst, bad);
     if (!f->index)
         return 0;   /* raw entries were read in place */
     size_t ps = r->page_size, clen = 0;
@@ -682,6 +686,67 @@ static int layer_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, 
     }
     if (aside && aside != small)
         free(aside);
+    return rc;
+}
+
+/*
+ * An object store's entries as gathered (raw ones in place, compressed ones packed last, as
+ * layer_fetch leaves a file's): every entry is checked against its signature once decoded,
+ * raw ones too, because the chunk cache on disk is not trusted (objstore.c); one that fails
+ * is read again from the bucket (its cache file removed) and checked again, and only then
+ * counts as bad. Compressed entries are first moved to a buffer of their own (decoding in
+ * place would overwrite inputs the retry may still need).
+ */
+static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
+                       char *dst, uint8_t *bad)
+{
+    size_t ps = r->page_size, clen = 0;
+    const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_acquire);
+    if (!sigs)
+        return lm_fail("object store source without signatures", EBADMSG);
+    char *packed = NULL;
+    if (f->index) {
+        for (size_t j = 0; j < count; j++)
+            clen += LM_ENTRY_LEN(f->index[e + j]);
+        packed = malloc(clen ? clen : 1);
+        if (!packed)
+            return lm_fail("malloc(decompression input)", ENOMEM);
+        memcpy(packed, dst + count * ps - clen, clen);
+    }
+    char again[4096], *aside = ps <= sizeof(again) ? again : malloc(ps);
+    int rc = aside ? 0 : lm_fail("malloc(object store entry)", ENOMEM);
+    for (size_t j = 0, at = 0; j < count && rc == 0; j++) {
+        uint32_t w = f->index ? f->index[e + j] : (uint32_t)ps;
+        size_t elen = f->index ? LM_ENTRY_LEN(w) : ps;
+        char *out = dst + j * ps;
+        const char *src = f->index ? packed + at : out;
+        at += elen;
+        int ok = 0;
+        for (int attempt = 0; attempt < 2 && !ok; attempt++) {
+            if (attempt) {   /* once more, from the bucket */
+                int rr = lm_objs_reread(f->objs, e + j, elen, aside);
+                if (rr < 0) {
+                    if (!bad)
+                        rc = rr;
+                    break;
+                }
+                src = aside;
+            }
+            int dr = f->index ? lm_unpack_entry(src, elen, w, ps, out)
+                              : (src != out ? (memcpy(out, src, ps), 0) : 0);
+            ok = dr == 0 && XXH3_64bits(out, ps) == sigs[f->first + e + j];
+        }
+        if (!ok && rc == 0) {
+            if (bad)
+                bad[j] = 1;
+            else
+                rc = lm_fail("snapshot store: an entry differs from its signature in the bucket "
+                             "too (corrupt chunk)", EBADMSG);
+        }
+    }
+    if (aside != again)
+        free(aside);
+    free(packed);
     return rc;
 }
 
