@@ -12,7 +12,6 @@ last: a visible manifest's chunks are all there.
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import mmap
 import os
 import struct

@@ -162,6 +162,15 @@ def print_ratios(ratios, file=None) -> None:
               f"{'PASS' if r['ok'] else 'MISS'}  # {r['what']}", file=file)
 
 
+def finish(name, quick, nbytes, reps, env, rows, ratios, problems, file=None) -> dict:
+    """The end of a benchmark's run(): its ratios and problems printed, its result returned."""
+    print_ratios(ratios, file)
+    for p in problems:
+        print(f"PROBLEM {p}", file=file or sys.stdout)
+    return {"name": name, "quick": quick, "nbytes": nbytes, "reps": reps, "env": env, "rows": rows,
+            "ratios": {x["name"]: x for x in ratios}, "problems": problems}
+
+
 def rotate(seq, k):
     k %= len(seq)
     return list(seq[k:]) + list(seq[:k])

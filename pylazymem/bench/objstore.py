@@ -53,11 +53,15 @@ def _unavailable():
     return None
 
 
-def _timed_restore(plm, src, offsets, cache):
-    """restore(src, working set) + workload; (ms, sum, object-store stats or {})."""
+def _timed(plm, src, offsets, cache, pull=None):
+    """[pull `pull` (a URL) to the local file src,] restore(src, working set) + workload:
+    (ms, sum, object-store stats or {})."""
     os.environ["PYLAZYMEM_CACHE_DIR"] = cache
     with C.quiet_gc():
         t0 = C.now_ns()
+        if pull is not None:
+            from pylazymem import objstore
+            objstore.pull(pull, src)
         r = plm.restore(src, prefetch="working-set", background=False)
         try:
             view = r.arrays["state"]
@@ -67,23 +71,9 @@ def _timed_restore(plm, src, offsets, cache):
             st = r.stats().get("object_store", {})
         finally:
             r.close()
+    if pull is not None:
+        os.unlink(src)
     return (t1 - t0) / 1e6, s, st
-
-
-def _timed_download(plm, objstore, url, local, offsets):
-    with C.quiet_gc():
-        t0 = C.now_ns()
-        objstore.pull(url, local)
-        r = plm.restore(local, prefetch="working-set", background=False)
-        try:
-            view = r.arrays["state"]
-            s = R._workload(view, offsets)
-            t1 = C.now_ns()
-            del view
-        finally:
-            r.close()
-    os.unlink(local)
-    return (t1 - t0) / 1e6, s
 
 
 _MACHINE = r"""
@@ -172,9 +162,9 @@ def _run(plm, file, env, nbytes, reps, npages, bucket, quick):
             order = C.rotate(["s3", "download", "local"], max(rep, 0))
             for v in order:
                 if v == "s3":
-                    t, s, st = _timed_restore(plm, url, timed, cold)
+                    t, s, st = _timed(plm, url, timed, cold)
                     os.sync()   # untimed: the cold restore's cache writes reach the disk first
-                    t2, s2, st2 = _timed_restore(plm, url, timed, cold)   # warm: a later restore
+                    t2, s2, st2 = _timed(plm, url, timed, cold)   # warm: a later restore
                     for name, tt, ss in (("s3_cold", t, s), ("s3_warm", t2, s2)):
                         if ss != want:
                             problems.append(f"{name} rep {rep}: wrong sum")
@@ -185,14 +175,14 @@ def _run(plm, file, env, nbytes, reps, npages, bucket, quick):
                     if st2.get("requests"):
                         problems.append(f"s3_warm rep {rep}: {st2['requests']} requests with a warm cache")
                 elif v == "download":
-                    t, s = _timed_download(plm, objstore, url, os.path.join(d, "dl.plm"), timed)
+                    t, s, _ = _timed(plm, os.path.join(d, "dl.plm"), timed, cold, pull=url)
                     if s != want:
                         problems.append(f"download rep {rep}: wrong sum")
                     if rep >= 0:
                         samples["download"].append(t)
                 else:
                     K.prepare("warm", [snap])
-                    t, s, _ = _timed_restore(plm, snap, timed, cold)
+                    t, s, _ = _timed(plm, snap, timed, cold)
                     if s != want:
                         problems.append(f"local rep {rep}: wrong sum")
                     if rep >= 0:
@@ -273,11 +263,7 @@ def _run(plm, file, env, nbytes, reps, npages, bucket, quick):
                       f"{MACHINES} machines at once: bytes fetched / the bytes of the chunks each one needs, summed"),
               C.ratio("second_push", p2.bytes_uploaded, p2.snapshot_bytes, "<=", 0.15,
                       "push of a snapshot sharing 90% of its pages: bytes uploaded / its size")]
-    C.print_ratios(ratios, file)
-    for p in problems:
-        print(f"PROBLEM {p}", file=file)
-    return {"name": NAME, "quick": quick, "nbytes": nbytes, "reps": reps, "env": env, "rows": rows,
-            "ratios": {x["name"]: x for x in ratios}, "problems": problems}
+    return C.finish(NAME, quick, nbytes, reps, env, rows, ratios, problems, file)
 
 
 if __name__ == "__main__":

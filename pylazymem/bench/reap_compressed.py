@@ -121,11 +121,7 @@ def run(quick: bool = False, *, reps: int | None = None, file=None) -> dict:
                       "<=", 1.5, "informational: compressed / uncompressed snapshot, uniform flow"),
               C.ratio("zipf_ws_zstd_vs_ws_raw", rows["zipf_ws_zstd"]["median"], rows["zipf_ws_raw"]["median"],
                       "<=", 1.5, "informational: compressed / uncompressed snapshot, zipf flow")]
-    C.print_ratios(ratios, file)
-    for p in problems:
-        print(f"PROBLEM {p}", file=file)
-    return {"name": NAME, "quick": quick, "nbytes": nbytes, "reps": reps, "env": env, "rows": rows,
-            "ratios": {x["name"]: x for x in ratios}, "problems": problems}
+    return C.finish(NAME, quick, nbytes, reps, env, rows, ratios, problems, file)
 
 
 if __name__ == "__main__":
