@@ -150,6 +150,16 @@ static bool plain(const char *s, bool dots)
     return true;
 }
 
+/* Goes into a request header (the token) or its signature: no control characters, which
+   could end a header line and start another. */
+static bool header_safe(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < ' ' || *s == 0x7f)
+            return false;
+    return true;
+}
+
 int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *chunks,
                 size_t nchunks, const struct lm_objs_entry *entries, size_t nentries,
                 struct lm_objs **out)
@@ -161,7 +171,8 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     if (!cfg || !cfg->endpoint || !cfg->access_key || !cfg->secret_key ||
         (strncmp(cfg->endpoint, "http://", 7) && strncmp(cfg->endpoint, "https://", 8)) ||
         strlen(cfg->endpoint) > 1024 || !plain(cfg->region, true) || !plain(cfg->bucket, true) ||
-        strchr(cfg->access_key, ':'))
+        strchr(cfg->access_key, ':') || !header_safe(cfg->access_key) ||
+        !header_safe(cfg->secret_key) || (cfg->session_token && !header_safe(cfg->session_token)))
         return lm_fail("object store: endpoint (http(s)://...), region, bucket and "
                        "credentials are required", EINVAL);
     if (nchunks > UINT32_MAX || nentries > LM_SNAP_MAX_STORED || (nentries && !entries) ||

@@ -228,6 +228,14 @@ class S3Client:
     def delete(self, bucket, key):
         self.request("DELETE", bucket, key, ok=(200, 204, 404))
 
+    def list_buckets(self):
+        """(name, creation date) of every bucket of these credentials."""
+        _, _, data = self.request("GET", "", what="list buckets")
+        root = ET.fromstring(data)
+        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        return [(b.findtext(ns + "Name"), b.findtext(ns + "CreationDate"))
+                for b in root.iter(ns + "Bucket")]
+
     def remove_bucket(self, bucket):
         """Delete every object of the bucket, then the bucket (benchmarks clean up after
         themselves: the test gateway keeps its data in memory)."""

@@ -216,3 +216,27 @@ def test_compress_bench_quick():
         assert rows["plm_none"]["size_ratio"] >= 1.0
         if state != "mlp":
             assert rows["plm_zstd"]["size_ratio"] < 0.5 and rows["plm_lz4"]["size_ratio"] < 0.6
+
+
+@pytest.mark.core(reason="bench/objstore.py checkpoints and restores")
+@pytest.mark.uffd_full
+@pytest.mark.s3
+@pytest.mark.timeout(600)
+def test_objstore_bench_quick(tmp_path, monkeypatch):
+    """The issue-13 benchmark runs against the gateway with one repetition: every workload sum
+    right (the bench checks them), the four ratios computed, the bucket removed after."""
+    import io
+
+    from pylazymem._s3 import S3Client
+    from pylazymem.bench import objstore as B
+
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(B, "MACHINES", 2)
+    before = {k for k, _ in S3Client().list_buckets()}
+    out = io.StringIO()
+    res = B.run(quick=True, reps=1, file=out)
+    assert res["problems"] == [], out.getvalue()
+    assert set(res["ratios"]) == {"download_vs_s3", "s3_warm_vs_local", "machines_fetched",
+                                  "second_push"}
+    assert res["ratios"]["second_push"]["value"] < 0.2   # 10% of the pages new: ~0.1x sent
+    assert {k for k, _ in S3Client().list_buckets()} <= before

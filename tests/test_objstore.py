@@ -181,6 +181,12 @@ def test_hostile_tables_are_refused_by_the_core_too(snap, bucket):
     rc = lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
                          ffi.from_buffer("struct lm_objs_entry[]", entries), len(entries), out)
     assert rc < 0 and "outside its chunk" in ffi.string(lib.lm_last_op()).decode()
+    # a header line smuggled in through a credential
+    token = ffi.new("char[]", b"tok\r\nx-amz-acl: public-read")
+    cfg.session_token = token
+    rc = lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
+                         ffi.from_buffer("struct lm_objs_entry[]", m.entries), len(m.entries), out)
+    assert rc < 0 and "credentials" in ffi.string(lib.lm_last_op()).decode()
 
 
 # ---- restore ------------------------------------------------------------------------------------
