@@ -181,9 +181,8 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         # each entry: where it is in the bucket already, or in a new chunk of this push
         keys = [_entry_key(view[o:o + ln], int(w)) for o, ln, w in
                 zip(offs.tolist(), lens.tolist(), words.tolist())]
-        where = {}                 # entry key -> (chunk id or ordinal of a new chunk, offset)
+        where = {}                 # entry key -> (ordinal of a new chunk, offset, length)
         new_chunks, cur, cur_len = [], [], 0
-        new_rows = []
         for i, k in enumerate(keys):
             if k in known or k in where:
                 continue
@@ -191,7 +190,7 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
             if cur and cur_len + ln > chunk_bytes:
                 new_chunks.append(cur)
                 cur, cur_len = [], 0
-            where[k] = (len(new_chunks), cur_len)
+            where[k] = (len(new_chunks), cur_len, ln)
             cur.append(i)
             cur_len += ln
         if cur:
@@ -229,19 +228,14 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
                 uploaded += got > 0
         # the index of this push's new entries, then the manifest
         rows = np.zeros(len(where), INDEX_DTYPE)
-        for r, (k, (j, off)) in enumerate(where.items()):
-            rows[r]["key"] = k
-            rows[r]["chunk"] = chunk_ids[j]
-            rows[r]["offset"] = off
-            rows[r]["chunk_length"] = len(bodies[j])
-        ln_of = {k: int(lens[i]) for i, k in enumerate(keys)}
-        rows["length"] = [ln_of[k] for k in where]
+        for r, (k, (j, off, ln)) in enumerate(where.items()):
+            rows[r] = (k, chunk_ids[j], off, ln, len(bodies[j]), 0)
         # the manifest's tables: the chunks this snapshot uses, each entry's place in one
         order, chunk_of = [], {}
         entries = np.zeros(n, ENTRY_DTYPE)
         for i, k in enumerate(keys):
             if k in where:
-                j, off = where[k]
+                j, off, _ = where[k]
                 cid = chunk_ids[j]
             else:
                 cid, off, _, _ = known[k]
