@@ -153,6 +153,13 @@ cmd_start() {
         return 0
     fi
     cmd_stop quiet
+    # another cluster (or anything) on our ports would answer our commands: refuse, loudly
+    local p
+    for p in "$MON_PORT" "$PORT"; do
+        if port_taken "$p"; then
+            die "port $p is in use on this machine (another gateway or Ceph monitor?); set PLM_S3_MON_PORT / PLM_S3_PORT"
+        fi
+    done
     mkdir -p "$DIR"/{run,log,mon/a,mgr/x,osd/0,rgw/a}
     local fsid
     fsid="$(python3 -c 'import uuid; print(uuid.uuid4())')"
@@ -166,6 +173,8 @@ cmd_start() {
     ceph-mon -c "$CONF" -i a || { show_log mon.a; die "ceph-mon did not start"; }
     wait_for 30 "the monitor" ceph -c "$CONF" --connect-timeout 2 mon stat \
         || { show_log mon.a; die "the monitor does not answer"; }
+    [ "$(ceph -c "$CONF" --connect-timeout 2 fsid 2>/dev/null)" = "$fsid" ] \
+        || die "the monitor at 127.0.0.1:$MON_PORT is another cluster's"
 
     # manager (pool commands of radosgw-admin and the health report go through it)
     ceph-mgr -c "$CONF" -i x || { show_log mgr.x; die "ceph-mgr did not start"; }
@@ -190,6 +199,13 @@ cmd_start() {
         --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >/dev/null \
         || die "radosgw-admin user create failed"
     echo "s3-server.sh: RADOS Gateway at $(endpoint) (Ceph $(ceph --version | awk '{print $3}'), $STORE, state in $DIR)"
+}
+
+port_taken() {
+    python3 -c 'import socket, sys
+s = socket.socket()
+s.settimeout(1)
+sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)' "$1"
 }
 
 osd_up() {
@@ -219,6 +235,10 @@ cmd_stop() {
             [ -f "$pidf" ] || continue
             kill -9 "$(cat "$pidf" 2>/dev/null || echo 0)" 2>/dev/null || true
         done
+    fi
+    # a daemon that never wrote its pid file (killed while starting) is ours by its config
+    if [ -f "$CONF" ] && pkill -9 -f -- "-c $CONF" 2>/dev/null; then
+        sleep 0.5
     fi
     rm -rf "$DIR"
     [ -n "$quiet" ] || echo "s3-server.sh: stopped"
