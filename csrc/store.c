@@ -598,17 +598,25 @@ static uint64_t entry_off(const struct lm_src_file *f, uint64_t e)
  * hash costs ~0.2 us a page beside ~2-10 us of decoding; the signatures are read when the
  * layer is attached (source_publish).
  */
+/* Bytes that entries [e, e + count) of a layer take in its store (count pages without an
+   index): what a read packs at the end of its destination. */
+static size_t packed_len(const struct lm_region *r, const struct lm_src_file *f, uint64_t e,
+                         size_t count)
+{
+    if (!f->index)
+        return count * r->page_size;
+    size_t n = 0;
+    for (size_t j = 0; j < count; j++)
+        n += LM_ENTRY_LEN(f->index[e + j]);
+    return n;
+}
+
 static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
                        char *dst, size_t *got)
 {
     size_t ps = r->page_size, len = count * ps;
     if (f->objs) {   /* in an object store: raw entries in place, compressed ones packed last */
-        size_t clen = len;
-        if (f->index) {
-            clen = 0;
-            for (size_t j = 0; j < count; j++)
-                clen += LM_ENTRY_LEN(f->index[e + j]);
-        }
+        size_t clen = packed_len(r, f, e, count);
         int rc = lm_objs_gather(f->objs, e, count, f->index, ps, dst + len - clen);
         if (rc == 0)
             *got = clen;
@@ -627,11 +635,8 @@ static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
         *got = avail;
         return 0;
     }
-    uint64_t a = entry_off(f, e), b = a;
-    for (size_t j = 0; j < count; j++)
-        b += LM_ENTRY_LEN(f->index[e + j]);
-    size_t clen = (size_t)(b - a);   /* <= count pages: every entry is at most a page */
-    int rc = src_pread(f, dst + len - clen, clen, f->store_off + a);
+    size_t clen = packed_len(r, f, e, count);   /* <= count pages: each entry is at most one */
+    int rc = src_pread(f, dst + len - clen, clen, f->store_off + entry_off(f, e));
     if (rc == 0)
         *got = clen;
     return rc;
@@ -650,9 +655,7 @@ static int layer_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, 
         return objs_decode(r, f, e, count, dst, bad);
     if (!f->index)
         return 0;   /* raw entries were read in place */
-    size_t ps = r->page_size, clen = 0;
-    for (size_t j = 0; j < count; j++)
-        clen += LM_ENTRY_LEN(f->index[e + j]);
+    size_t ps = r->page_size, clen = packed_len(r, f, e, count);
     const char *in = dst + count * ps - clen;
     const uint64_t *sigs = atomic_load_explicit(&r->src_sigs, memory_order_acquire);
     char small[4096], *aside = NULL;
@@ -706,8 +709,7 @@ static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
         return lm_fail("object store source without signatures", EBADMSG);
     char *packed = NULL;
     if (f->index) {
-        for (size_t j = 0; j < count; j++)
-            clen += LM_ENTRY_LEN(f->index[e + j]);
+        clen = packed_len(r, f, e, count);
         packed = malloc(clen ? clen : 1);
         if (!packed)
             return lm_fail("malloc(decompression input)", ENOMEM);
