@@ -71,6 +71,7 @@ struct uffdio_poison {
 #define LM_MAX_THREADS 64
 #define LM_DEFAULT_CLUSTER 512u  /* 2 MiB of 4 KiB pages: the measured per-page floor */
 #define LM_MAX_CLUSTER 4096
+#define LM_BG_THREADS 2          /* background fill threads at most (one per CPU) */
 #define LM_STREAMS 4             /* sequential streams tracked for readahead */
 #define LM_MAX_RANGES 64
 #define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
@@ -278,14 +279,17 @@ struct lm_region {
     uint8_t *tl_path;
     uint64_t tl_t0;
 
-    /* Background fill: started and stopped by prefetch.c; its thread id, lock and flags are
-       here so that a waiter in meta.c (lm_boost_background) can lift it without calling up. */
-    pthread_t bg_tid;
+    /* Background fill: started and stopped by prefetch.c; its threads' ids, lock and flags
+       are here so that a waiter in meta.c (lm_boost_background) can lift them without
+       calling up. Its threads take windows of the region from one cursor (bg_next). */
+    pthread_t bg_tid[LM_BG_THREADS];
+    unsigned bg_nthreads;         /* started (bg_tid[0..n) valid while bg_started) */
     bool bg_started;
     _Atomic int bg_stop;
-    _Atomic int bg_running;
-    struct lm_serve_thread bg;    /* its scratch and scratch cache */
-    _Atomic int bg_boosted;       /* a serving thread lifted it out of SCHED_IDLE */
+    _Atomic int bg_running;       /* threads still filling */
+    _Atomic uint64_t bg_next;     /* the next window's first page */
+    struct lm_serve_thread bg[LM_BG_THREADS];   /* their scratch and scratch caches */
+    _Atomic unsigned bg_boosted;  /* bit i: a serving thread lifted thread i out of SCHED_IDLE */
     pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
 
     /* freeze.c: the background checkpoint in progress (NULL: none), and the fault-path
@@ -567,6 +571,9 @@ int lm_src_decode(struct lm_region *r, uint64_t index, size_t count, void *dst, 
 /* A hint only (posix_fadvise WILLNEED: the kernel starts reading, nobody waits): store
    entries [index, index+count) will be read soon. */
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);
+/* Whether the source's own readahead follows a sequential reader (local files: the kernel's),
+   so that a hint is worth its cost only where the reads jump. */
+bool lm_src_follows_streams(const struct lm_region *r);
 void lm_source_close(struct lm_region *r);
 
 /* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */

@@ -103,9 +103,11 @@ void lm_boost_background(struct lm_region *r)
 {
     if (!atomic_load(&r->bg_running) || pthread_mutex_trylock(&r->bg_lock))
         return;   /* not running, or being started/stopped/boosted by someone else */
-    if (r->bg_started && !atomic_exchange(&r->bg_boosted, 1)) {
+    unsigned all = (1u << r->bg_nthreads) - 1;
+    if (r->bg_started && (atomic_fetch_or(&r->bg_boosted, all) & all) != all) {
         struct sched_param sp = {0};
-        pthread_setschedparam(r->bg_tid, SCHED_OTHER, &sp);
+        for (unsigned i = 0; i < r->bg_nthreads; i++)
+            pthread_setschedparam(r->bg_tid[i], SCHED_OTHER, &sp);
     }
     pthread_mutex_unlock(&r->bg_lock);
 }

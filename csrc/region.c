@@ -298,7 +298,8 @@ static void free_bookkeeping(struct lm_region *r)
     pthread_mutex_destroy(&r->chunk_lock);
     free(r->canon_sig);
     free(r->canon_index);
-    free(r->bg.scratch);
+    for (unsigned i = 0; i < LM_BG_THREADS; i++)
+        free(r->bg[i].scratch);
     free(r->helper.t.scratch);
     free(r->base_done);
     free(r->tl_us);
@@ -349,7 +350,8 @@ void lm_region_forget(struct lm_region *r)
     r->pool_view = MAP_FAILED;   /* not inherited either (MADV_DONTFORK) */
     r->zero_src = NULL;
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
-    r->bg.scratch = NULL;
+    for (unsigned i = 0; i < LM_BG_THREADS; i++)
+        r->bg[i].scratch = NULL;
     r->helper.t.scratch = NULL;
     free_bookkeeping(r);
     free(r);
@@ -827,7 +829,7 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->background_pages = LD(st_background);
     o->source_bytes_read = LD(st_src_bytes);
     o->verify_failures = LD(st_verify_fail);
-    o->background_running = LD(bg_running);
+    o->background_running = LD(bg_running) > 0;
     o->remote = LD(remote);
     int64_t poisoned = LD(st_poisoned);
     o->pages_poisoned = poisoned > 0 ? (uint64_t)poisoned : 0;

@@ -832,6 +832,11 @@ int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
  * 1-4 MiB read). Telling the kernel what comes next keeps the disk reading during the copy:
  * the background fill and the prefetch pipeline hint the next chunk before they copy this one.
  */
+bool lm_src_follows_streams(const struct lm_region *r)
+{
+    return r->src_nlayers && !r->src_layers[0].objs;   /* files: the kernel reads ahead */
+}
+
 void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
 {
     if (!r->src_nlayers || index >= r->src_nstored)
