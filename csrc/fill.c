@@ -238,6 +238,29 @@ static bool fill_wp(struct lm_region *r, size_t first, size_t n)
 }
 
 /*
+ * Read ahead of the copy: a pipeline (the background fill) assembles a claimed run on one
+ * thread and installs it with lm_fill_run on another, so that the store is read while the
+ * previous run is copied. Only runs that lm_fill_run would assemble into t->scratch (private
+ * copies); returns 1 (nothing done: the run is of another kind, or a canonical run of one
+ * template that scratch may hold already), 0 (assembled), or -errno (the fill will read the
+ * run again itself and poison what cannot be served).
+ */
+int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n)
+{
+    const struct lm_page_meta *m0 = &r->meta[first];
+    t->pre_n = 0;
+    if (m0->cls != LM_CLS_SNAPSHOT || r->pool_fd >= 0)
+        return 1;
+    t->scratch_canon = 0;   /* overwritten now */
+    int rc = assemble(r, t, first, n);
+    if (rc < 0)
+        return rc;
+    t->pre_first = first;
+    t->pre_n = n;
+    return 0;
+}
+
+/*
  * Carry out the updates of claimed pages [first, first+n), which all need a copy or all map
  * the zero page. Copies are assembled in the thread's scratch buffer so that a cluster costs
  * one UFFDIO_COPY; scratch remembers which canonical page it holds, so a run of one template
@@ -265,7 +288,11 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
         for (size_t i = 1; i < n && same; i++)
             if (r->meta[first + i].cls != LM_CLS_CANONICAL || r->meta[first + i].canon != same)
                 same = 0;
-        if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
+        bool ready = t->pre_n == n && t->pre_first == first;
+        t->pre_n = 0;
+        if (ready) {
+            t->scratch_canon = 0;   /* assembled by lm_fill_assemble: a mix, maybe */
+        } else if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {
             t->scratch_canon = 0;   /* partly overwritten if the assembly fails */
             if ((rc = assemble(r, t, first, n)) < 0)
                 return rc;

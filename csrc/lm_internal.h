@@ -71,7 +71,7 @@ struct uffdio_poison {
 #define LM_MAX_THREADS 64
 #define LM_DEFAULT_CLUSTER 512u  /* 2 MiB of 4 KiB pages: the measured per-page floor */
 #define LM_MAX_CLUSTER 4096
-#define LM_BG_THREADS 2          /* background fill threads at most (one per CPU) */
+#define LM_BG_THREADS 2          /* background fill threads: a reader and an installer */
 #define LM_STREAMS 4             /* sequential streams tracked for readahead */
 #define LM_MAX_RANGES 64
 #define LM_RANGE_MIN_PAGES 64   /* smaller deferrals just write their records */
@@ -193,6 +193,10 @@ struct lm_serve_thread {
     uint32_t scratch_pages;
     _Atomic uint64_t served;
     size_t bad_page;  /* set by lm_fill_run on a verification failure */
+    /* scratch already holds the contents of pages [pre_first, pre_first + pre_n)
+       (lm_fill_assemble): the next lm_fill_run of exactly that run installs them as they
+       are. pre_n == 0: nothing assembled ahead. */
+    size_t pre_first, pre_n;
 };
 
 /* A second filler for large runs (serve.c): a sequential stream's clusters are copied by two
@@ -281,14 +285,14 @@ struct lm_region {
 
     /* Background fill: started and stopped by prefetch.c; its threads' ids, lock and flags
        are here so that a waiter in meta.c (lm_boost_background) can lift them without
-       calling up. Its threads take windows of the region from one cursor (bg_next). */
+       calling up. Thread 0 claims and reads runs, thread 1 (where there is a second CPU)
+       installs them: struct lm_bgfill, prefetch.c's own. */
     pthread_t bg_tid[LM_BG_THREADS];
     unsigned bg_nthreads;         /* started (bg_tid[0..n) valid while bg_started) */
     bool bg_started;
     _Atomic int bg_stop;
-    _Atomic int bg_running;       /* threads still filling */
-    _Atomic uint64_t bg_next;     /* the next window's first page */
-    struct lm_serve_thread bg[LM_BG_THREADS];   /* their scratch and scratch caches */
+    _Atomic int bg_running;       /* 1 while the fill has pages left to do */
+    struct lm_bgfill *bgf;        /* the pipeline's slots, while bg_started */
     _Atomic unsigned bg_boosted;  /* bit i: a serving thread lifted thread i out of SCHED_IDLE */
     pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */
 
@@ -640,6 +644,10 @@ void lm_pool_after_fork(void);
    the failure: their page-table entries are present, so the caller must mark them present. */
 int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
                 bool wake, bool write, size_t *filled);
+/* Read claimed run [first, first+n) into t->scratch ahead of its lm_fill_run (which then
+   only installs it): 0, 1 when the run is not one that is read into scratch (the fill does
+   all of it), or -errno (the fill reads it again itself). */
+int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n);
 /* Shared regions: which of pages [first, first+n) the pool holds (vec[i] & 1, mincore), and
    publishing pages into it from src (*done = pages published or found there before a failure). */
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec);

@@ -1,9 +1,8 @@
 /*
  * prefetch.c: bringing pages in before they are touched: restore's working-set prefetch (a
- * pipeline of store reads and copies) and the background fill (an idle-class thread that
- * fills every pending page). Moved from snapshot.c, unchanged but for the page-state calls
- * (meta.c) and fill_or_poison (now lm_fill_or_poison, fill.c); lm_boost_background moved to
- * meta.c, which waiters call.
+ * pipeline of store reads and copies) and the background fill (idle-class threads, a reader
+ * and an installer, that fill every pending page). Waiters lift the fill's priority through
+ * lm_boost_background (meta.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -455,71 +454,184 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
 /* ---- background fill ----------------------------------------------------------------- */
 
 /*
- * One thread reads a run of store entries and then copies it: the disk idles while it copies,
- * and one CPU does every copy (2 GiB filled in 2.2-6 s against 0.9 s for the kernel to read the
- * file into its page cache, measured). So the fill runs one thread per CPU, up to LM_BG_THREADS,
- * each taking the next window of BG_MAX pages from one cursor: while one waits for its read,
- * the other copies, and the kernel's readahead of one stream serves both (their windows are
- * adjacent in the store past the working set).
+ * A reader and an installer. One thread that reads a run of store entries and then copies it
+ * leaves the disk idle while it copies and one CPU doing every copy: 2 GiB filled in 2.2-6 s
+ * against 0.9 s for the kernel to read the file into its page cache (measured). Two threads
+ * that each take the next window from a cursor overlap the two, but read the store as two
+ * interleaved streams that the kernel's readahead serves unevenly (1.2-2.8 s, bimodal). So
+ * here one thread (the reader) claims runs in address order and reads each into a slot's
+ * scratch (lm_fill_assemble): one sequential stream. The other (the installer) copies ready
+ * slots into the region (lm_fill_or_poison, which finds the run assembled). BG_SLOTS slots
+ * let the reader run ahead. A slot's pages are claimed from the moment the reader takes them
+ * until the installer has filled them, so the installer empties every ready slot even when
+ * told to stop; the reader waits for a free slot before it claims. On one CPU the reader fills
+ * each run itself.
  */
-static void *bg_main(void *arg)
+#define BG_SLOTS 4
+
+struct lm_bgslot {
+    struct lm_serve_thread t;   /* its scratch holds the run once read */
+    size_t first, n;
+    uint8_t old[BG_MAX];        /* the pages' states before the claim (lm_unclaim) */
+};
+
+struct lm_bgfill {
+    struct lm_region *r;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;        /* a slot became ready or free, or the reader finished */
+    unsigned head, count;       /* ready slots: head, head+1, ... (mod BG_SLOTS) */
+    bool reader_done;
+    struct lm_bgslot slot[BG_SLOTS];
+};
+
+/* A serving thread lifts both threads out of SCHED_IDLE while it waits for a page they hold
+   (lm_boost_background); each drops back once it has passed on the run it held. */
+static void bg_unboost(struct lm_region *r, unsigned self)
 {
-    struct lm_serve_thread *t = arg;
-    struct lm_region *r = t->r;
-    unsigned self = 1u << (t - r->bg);
+    struct sched_param sp = {0};
+    if (atomic_fetch_and(&r->bg_boosted, ~self) & self)
+        pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+}
+
+static void *bg_installer(void *arg)
+{
+    struct lm_bgfill *b = arg;
+    struct lm_region *r = b->r;
+    struct sched_param sp = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+    pthread_mutex_lock(&b->lock);
+    for (;;) {
+        while (!b->count && !b->reader_done)
+            pthread_cond_wait(&b->cond, &b->lock);
+        if (!b->count)
+            break;   /* the reader is done and every slot is filled */
+        struct lm_bgslot *s = &b->slot[b->head];
+        pthread_mutex_unlock(&b->lock);
+        size_t done = lm_fill_or_poison(r, &s->t, s->first, s->n, s->old, LM_F_BACKGROUND);
+        atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
+        bg_unboost(r, 2u);
+        pthread_mutex_lock(&b->lock);
+        b->head = (b->head + 1) % BG_SLOTS;
+        b->count--;
+        pthread_cond_broadcast(&b->cond);
+    }
+    pthread_mutex_unlock(&b->lock);
+    atomic_fetch_sub(&r->bg_running, 1);
+    return NULL;
+}
+
+/* Waits for a free slot (NULL: told to stop). */
+static struct lm_bgslot *bg_free_slot(struct lm_bgfill *b)
+{
+    struct lm_region *r = b->r;
+    pthread_mutex_lock(&b->lock);
+    while (b->count == BG_SLOTS && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed))
+        pthread_cond_wait(&b->cond, &b->lock);
+    struct lm_bgslot *s = b->count < BG_SLOTS ? &b->slot[(b->head + b->count) % BG_SLOTS] : NULL;
+    pthread_mutex_unlock(&b->lock);
+    return atomic_load_explicit(&r->bg_stop, memory_order_relaxed) ? NULL : s;
+}
+
+static void *bg_reader(void *arg)
+{
+    struct lm_bgfill *b = arg;
+    struct lm_region *r = b->r;
+    bool installer = r->bg_nthreads > 1;
     /* Demand faults always come first: run only when a CPU would otherwise idle, and restart
        with small chunks after every demand fault (CRIU's lazy-pages policy). */
     struct sched_param sp = {0};
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
-    uint8_t *old = malloc(BG_MAX);
     uint32_t chunk = BG_MIN;
     uint64_t faults_seen = atomic_load(&r->st_faults);
-    while (old && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed)) {
-        size_t p = atomic_fetch_add(&r->bg_next, BG_MAX);
-        if (p >= r->npages)
+    size_t p = 0;
+    while (p < r->npages) {
+        struct lm_bgslot *s = bg_free_slot(b);
+        if (!s)
             break;
-        size_t end = p + BG_MAX < r->npages ? p + BG_MAX : r->npages;
-        while (p < end && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed)) {
-            uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
-            if (f != faults_seen) {
-                faults_seen = f;
-                chunk = BG_MIN;
-                sched_yield();
-            } else if (chunk < BG_MAX) {
-                chunk *= 2;
-            }
+        /* the next run that needs an update, claimed */
+        size_t run = 0;
+        for (; p < r->npages && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed); p++) {
             struct lm_page_meta *m = &r->meta[p];
-            if (lm_state_load(m) == LM_PRESENT) {
-                p++;
+            if (lm_state_load(m) == LM_PRESENT)
                 continue;
+            uint8_t st = lm_claim(r, p);
+            if (st == LM_DEFERRED && (m->flags & LM_F_NEEDS_UPDATE)) {
+                uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
+                if (f != faults_seen) {
+                    faults_seen = f;
+                    chunk = BG_MIN;
+                    sched_yield();
+                } else if (chunk < BG_MAX) {
+                    chunk *= 2;
+                }
+                s->old[0] = st;
+                run = lm_claim_run(r, p, chunk < r->npages - p ? chunk : r->npages - p, s->old);
+                break;
             }
-            uint8_t s = lm_claim(r, p);
-            if (s != LM_DEFERRED || !(m->flags & LM_F_NEEDS_UPDATE)) {
-                /* zero and untouched pages cost nothing until touched: leave them (and pages
-                   it could not claim: present, poisoned, or held by another thread) */
-                if (s == LM_EMPTY || s == LM_DEFERRED)
-                    lm_release(r, p, s);
-                p++;
-                continue;
-            }
-            old[0] = s;
-            size_t run = lm_claim_run(r, p, chunk < end - p ? chunk : end - p, old);
-            /* Read on while this run is copied: past the working set the store is in address
-               order, so the next windows' entries follow this run's last one. (Only held
-               records are read: the restore table itself may be gone once every record is
-               filled.) */
-            if (r->meta[p + run - 1].cls == LM_CLS_SNAPSHOT)
-                lm_src_willneed(r, (uint64_t)r->meta[p + run - 1].aux + 1, BG_MAX);
-            size_t done = lm_fill_or_poison(r, t, p, run, old, LM_F_BACKGROUND);
-            atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
-            p += run;
-            if (atomic_fetch_and(&r->bg_boosted, ~self) & self)
-                pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);   /* back to idle */
+            /* zero and untouched pages cost nothing until touched: leave them (and pages it
+               could not claim: present, poisoned, or held by another thread) */
+            if (st == LM_EMPTY || st == LM_DEFERRED)
+                lm_release(r, p, st);
         }
+        if (!run)
+            break;
+        s->first = p;
+        s->n = run;
+        p += run;
+        /* Files need no hint: this is one sequential stream, which the kernel reads ahead. An
+           object store's chunks are fetched ahead on a hint (from held records only: the
+           restore table may be gone once every record is filled). */
+        const struct lm_page_meta *last = &r->meta[s->first + run - 1];
+        if (last->cls == LM_CLS_SNAPSHOT && !lm_src_follows_streams(r))
+            lm_src_willneed(r, (uint64_t)last->aux + 1, BG_MAX);
+        if (!installer) {
+            size_t done = lm_fill_or_poison(r, &s->t, s->first, run, s->old, LM_F_BACKGROUND);
+            atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
+        } else {
+            (void)lm_fill_assemble(r, &s->t, s->first, run);   /* a failure: the fill reads again */
+            pthread_mutex_lock(&b->lock);
+            b->count++;
+            pthread_cond_broadcast(&b->cond);
+            pthread_mutex_unlock(&b->lock);
+        }
+        bg_unboost(r, 1u);
     }
-    free(old);
+    pthread_mutex_lock(&b->lock);
+    b->reader_done = true;
+    pthread_cond_broadcast(&b->cond);
+    pthread_mutex_unlock(&b->lock);
     atomic_fetch_sub(&r->bg_running, 1);
     return NULL;
+}
+
+static void bgfill_free(struct lm_bgfill *b)
+{
+    if (!b)
+        return;
+    for (unsigned i = 0; i < BG_SLOTS; i++)
+        free(b->slot[i].t.scratch);
+    pthread_cond_destroy(&b->cond);
+    pthread_mutex_destroy(&b->lock);
+    free(b);
+}
+
+static struct lm_bgfill *bgfill_new(struct lm_region *r, unsigned nslots)
+{
+    struct lm_bgfill *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    b->r = r;
+    pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->cond, NULL);
+    for (unsigned i = 0; i < nslots; i++) {
+        b->slot[i].t.r = r;
+        b->slot[i].t.scratch = malloc((size_t)BG_MAX * r->page_size);
+        if (!b->slot[i].t.scratch) {
+            bgfill_free(b);
+            return NULL;
+        }
+    }
+    return b;
 }
 
 static int background_start_locked(struct lm_region *r);
@@ -537,29 +649,34 @@ static int background_start_locked(struct lm_region *r)
     if (r->bg_started)
         return 0;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    unsigned want = ncpu > 1 ? (ncpu < LM_BG_THREADS ? (unsigned)ncpu : LM_BG_THREADS) : 1;
-    for (unsigned i = 0; i < want; i++) {
-        if (r->bg[i].scratch)
-            continue;
-        r->bg[i].r = r;
-        r->bg[i].scratch = malloc((size_t)BG_MAX * r->page_size);
-        if (!r->bg[i].scratch)
-            return lm_fail("malloc(background scratch)", ENOMEM);
-    }
+    unsigned want = ncpu > 1 ? LM_BG_THREADS : 1;
+    /* one CPU: the reader fills each run itself, in one slot */
+    struct lm_bgfill *b = bgfill_new(r, want > 1 ? BG_SLOTS : 1);
+    if (!b)
+        return lm_fail("malloc(background fill)", ENOMEM);
     atomic_store(&r->bg_stop, 0);
     atomic_store(&r->bg_boosted, 0);   /* a boost of an earlier fill must not stick */
-    atomic_store(&r->bg_next, 0);
     atomic_store(&r->bg_running, (int)want);
-    unsigned n = 0;
+    r->bg_nthreads = want;   /* read by the reader: whether it has an installer */
     int err = 0;
-    for (; n < want; n++)
-        if ((err = lm_thread_start(&r->bg_tid[n], NULL, bg_main, &r->bg[n])) != 0)
-            break;
-    if (n < want)   /* the threads started fill everything; the others never run */
-        atomic_fetch_sub(&r->bg_running, (int)(want - n));
-    if (n == 0)
+    if (want > 1 && (err = lm_thread_start(&r->bg_tid[1], NULL, bg_installer, b)) != 0) {
+        want = 1;   /* then the reader fills alone */
+        r->bg_nthreads = 1;
+        atomic_store(&r->bg_running, 1);
+    }
+    if ((err = lm_thread_start(&r->bg_tid[0], NULL, bg_reader, b)) != 0) {
+        if (want > 1) {   /* the installer waits for a reader that never comes */
+            pthread_mutex_lock(&b->lock);
+            b->reader_done = true;
+            pthread_cond_broadcast(&b->cond);
+            pthread_mutex_unlock(&b->lock);
+            pthread_join(r->bg_tid[1], NULL);
+        }
+        atomic_store(&r->bg_running, 0);
+        bgfill_free(b);
         return lm_fail("pthread_create(background fill)", err);
-    r->bg_nthreads = n;
+    }
+    r->bgf = b;
     r->bg_started = true;
     return 0;
 }
@@ -569,8 +686,15 @@ int lm_background_stop(struct lm_region *r)
     pthread_mutex_lock(&r->bg_lock);
     if (r->bg_started) {
         atomic_store(&r->bg_stop, 1);
-        for (unsigned i = 0; i < r->bg_nthreads; i++)
-            pthread_join(r->bg_tid[i], NULL);
+        pthread_mutex_lock(&r->bgf->lock);   /* wakes a reader that waits for a slot */
+        pthread_cond_broadcast(&r->bgf->cond);
+        pthread_mutex_unlock(&r->bgf->lock);
+        /* the reader first: the installer then empties the slots it filled and ends */
+        pthread_join(r->bg_tid[0], NULL);
+        if (r->bg_nthreads > 1)
+            pthread_join(r->bg_tid[1], NULL);
+        bgfill_free(r->bgf);
+        r->bgf = NULL;
         r->bg_started = false;
     }
     pthread_mutex_unlock(&r->bg_lock);

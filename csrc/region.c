@@ -298,8 +298,6 @@ static void free_bookkeeping(struct lm_region *r)
     pthread_mutex_destroy(&r->chunk_lock);
     free(r->canon_sig);
     free(r->canon_index);
-    for (unsigned i = 0; i < LM_BG_THREADS; i++)
-        free(r->bg[i].scratch);
     free(r->helper.t.scratch);
     free(r->base_done);
     free(r->tl_us);
@@ -350,8 +348,7 @@ void lm_region_forget(struct lm_region *r)
     r->pool_view = MAP_FAILED;   /* not inherited either (MADV_DONTFORK) */
     r->zero_src = NULL;
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
-    for (unsigned i = 0; i < LM_BG_THREADS; i++)
-        r->bg[i].scratch = NULL;
+    r->bgf = NULL;   /* the parent's threads are not here: leaked, like the scratch buffers */
     r->helper.t.scratch = NULL;
     free_bookkeeping(r);
     free(r);
