@@ -37,7 +37,7 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
         while (i + run < n && r->meta[first + i + run].cls == LM_CLS_SNAPSHOT &&
                r->meta[first + i + run].aux == m->aux + run)
             run++;
-        int rc = lm_src_read(r, m->aux, run, out);
+        int rc = lm_src_read(r, m->aux, run, out, t->read_once ? LM_SRC_ONCE : 0);
         if (rc < 0)
             return rc;
         if (r->src_verify) {
@@ -439,7 +439,7 @@ int lm_materialize(struct lm_region *r, size_t first, size_t n)
     int rc = lm_check_range(r, first, n);
     if (rc < 0)
         return rc;
-    struct lm_serve_thread t = {.r = r};
+    struct lm_serve_thread t = {.r = r, .read_once = true};   /* every page copied once */
     uint8_t old[LM_MAX_CLUSTER];
     t.scratch = malloc((size_t)r->cfg.max_cluster_pages * r->page_size);
     if (!t.scratch)

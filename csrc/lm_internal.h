@@ -165,6 +165,7 @@ struct lm_src_file {
     struct timespec mtime;
     _Atomic uint64_t checked_ns;
     _Atomic int broken;           /* -errno once the file changed under us */
+    _Atomic bool no_dontcache;    /* its file system refused RWF_DONTCACHE: plain reads */
 };
 
 /* A deferral recorded once for a range of pages (lm_meta_defer's fast path). */
@@ -193,6 +194,7 @@ struct lm_serve_thread {
     uint32_t scratch_pages;
     _Atomic uint64_t served;
     size_t bad_page;  /* set by lm_fill_run on a verification failure */
+    bool read_once;   /* its reads pass LM_SRC_ONCE: a bulk fill, not a fault */
     /* scratch already holds the contents of pages [pre_first, pre_first + pre_n)
        (lm_fill_assemble): the next lm_fill_run of exactly that run installs them as they
        are. pre_n == 0: nothing assembled ahead. */
@@ -547,8 +549,16 @@ int lm_read_record(struct lm_region *r, size_t p, const struct lm_page_meta *m, 
 int lm_canon_signature(struct lm_region *r, uint32_t id, uint64_t *sig);
 /* Store entries [index, index + count) (global ids, across layers) into dst, count pages:
    compressed entries decoded. An entry that does not decode (a corrupt or hostile file) fails
-   the read with -EBADMSG; the fault path then poisons its page. */
-int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst);
+   the read with -EBADMSG; the fault path then poisons its page. `how`: 0, or LM_SRC_ONCE. */
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst, unsigned how);
+/* The caller keeps the only copy of these entries it will need (the background fill and
+   materialize copy every page into private memory): pages of the file that the read brings
+   into the page cache are dropped once read (RWF_DONTCACHE, Linux 6.14; pages that were
+   cached before stay). Otherwise a private restore holds the snapshot twice, and a VM whose
+   free memory goes back to its host (virtio-balloon free page reporting) pays a host fault
+   for each fresh page: a cold 3.2 GiB read took 3.2-5.9 s into the page cache, 1.4-1.6 s
+   without keeping it (measured here). A file system without it: plain reads. */
+#define LM_SRC_ONCE 1u
 /* lm_src_read, but an entry that does not decode does not fail the read: bad[i] is 1 for it
    (its page in dst is not to be used), 0 for the others. -errno only when the file cannot be
    read. */

@@ -625,6 +625,7 @@ static struct lm_bgfill *bgfill_new(struct lm_region *r, unsigned nslots)
     pthread_cond_init(&b->cond, NULL);
     for (unsigned i = 0; i < nslots; i++) {
         b->slot[i].t.r = r;
+        b->slot[i].t.read_once = true;   /* the bulk of the file: see LM_SRC_ONCE */
         b->slot[i].t.scratch = malloc((size_t)BG_MAX * r->page_size);
         if (!b->slot[i].t.scratch) {
             bgfill_free(b);

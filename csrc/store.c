@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -485,7 +486,8 @@ int lm_source_attach_raw(struct lm_region *r, int fd, uint64_t nbytes, int verif
     return source_publish(r, f, 1, entries, verify);
 }
 
-static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t off);
+static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t off,
+                     unsigned how);
 
 static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
                       char *dst, uint8_t *bad, size_t *got);
@@ -531,7 +533,7 @@ int lm_source_signatures(struct lm_region *r)
         if (f->raw) {
             rc = raw_signatures(r, f, sigs + f->first);
         } else {
-            rc = src_pread(f, sigs + f->first, f->nstored * sizeof(uint64_t), f->sigs_off);
+            rc = src_pread(f, sigs + f->first, f->nstored * sizeof(uint64_t), f->sigs_off, 0);
             if (rc == 0 &&
                 XXH3_64bits(sigs + f->first, f->nstored * sizeof(uint64_t)) != f->sigs_xxh3)
                 rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature "
@@ -612,7 +614,7 @@ static size_t packed_len(const struct lm_region *r, const struct lm_src_file *f,
 }
 
 static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
-                       char *dst, size_t *got)
+                       char *dst, size_t *got, unsigned how)
 {
     size_t ps = r->page_size, len = count * ps;
     if (f->objs) {   /* in an object store: raw entries in place, compressed ones packed last */
@@ -628,7 +630,7 @@ static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
         if (f->raw)
             avail = off >= f->raw_bytes ? 0
                     : f->raw_bytes - off < len ? (size_t)(f->raw_bytes - off) : len;
-        int rc = src_pread(f, dst, avail, off);
+        int rc = src_pread(f, dst, avail, off, how);
         if (rc < 0)
             return rc;
         memset(dst + avail, 0, len - avail);
@@ -636,7 +638,7 @@ static int layer_fetch(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
         return 0;
     }
     size_t clen = packed_len(r, f, e, count);   /* <= count pages: each entry is at most one */
-    int rc = src_pread(f, dst + len - clen, clen, f->store_off + entry_off(f, e));
+    int rc = src_pread(f, dst + len - clen, clen, f->store_off + entry_off(f, e), how);
     if (rc == 0)
         *got = clen;
     return rc;
@@ -755,7 +757,7 @@ static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
 static int layer_read(struct lm_region *r, struct lm_src_file *f, uint64_t e, size_t count,
                       char *dst, uint8_t *bad, size_t *got)
 {
-    int rc = layer_fetch(r, f, e, count, dst, got);
+    int rc = layer_fetch(r, f, e, count, dst, got, 0);
     return rc ? rc : layer_decode(r, f, e, count, dst, bad);
 }
 
@@ -777,7 +779,7 @@ static struct lm_src_file *layer_of(struct lm_region *r, uint64_t index)
    decode each layer's part of dst. The split lets the prefetch pipeline read on one thread
    and decode on the others: decoding, not the disk, bounds a compressed prefetch. */
 static int src_walk(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad,
-                    bool decode)
+                    bool decode, unsigned how)
 {
     if (!r->src_nlayers)
         return lm_fail("snapshot page without a snapshot source", ENOENT);
@@ -795,7 +797,7 @@ static int src_walk(struct lm_region *r, uint64_t index, size_t count, void *dst
         if (decode)
             rc = layer_decode(r, f, e, k, part, bad ? bad + done : NULL);
         else
-            rc = layer_fetch(r, f, e, k, part, &got);
+            rc = layer_fetch(r, f, e, k, part, &got, how);
         total += got;
         done += k;
     }
@@ -806,12 +808,12 @@ static int src_walk(struct lm_region *r, uint64_t index, size_t count, void *dst
 
 int lm_src_fetch(struct lm_region *r, uint64_t index, size_t count, void *dst)
 {
-    return src_walk(r, index, count, dst, NULL, false);
+    return src_walk(r, index, count, dst, NULL, false, 0);
 }
 
 int lm_src_decode(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad)
 {
-    return src_walk(r, index, count, dst, bad, true);
+    return src_walk(r, index, count, dst, bad, true, 0);
 }
 
 int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
@@ -821,9 +823,10 @@ int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *ds
     return rc ? rc : lm_src_decode(r, index, count, dst, bad);
 }
 
-int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst)
+int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst, unsigned how)
 {
-    return lm_src_read_each(r, index, count, dst, NULL);
+    int rc = src_walk(r, index, count, dst, NULL, false, how);
+    return rc ? rc : lm_src_decode(r, index, count, dst, NULL);
 }
 
 /*
@@ -861,7 +864,26 @@ void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
     }
 }
 
-static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t offset)
+#ifndef RWF_DONTCACHE
+#define RWF_DONTCACHE 0x00000080   /* linux/fs.h of Linux 6.14 */
+#endif
+
+/* pread, or with LM_SRC_ONCE a read that leaves no page of its own in the page cache where
+   the file system can (see LM_SRC_ONCE); EOPNOTSUPP (an older kernel or another file system)
+   is remembered per file. */
+static ssize_t pread_how(struct lm_src_file *f, void *dst, size_t len, off_t off, unsigned how)
+{
+    if ((how & LM_SRC_ONCE) && !atomic_load_explicit(&f->no_dontcache, memory_order_relaxed)) {
+        struct iovec iov = {.iov_base = dst, .iov_len = len};
+        ssize_t got = preadv2(f->fd, &iov, 1, off, RWF_DONTCACHE);
+        if (got >= 0 || errno != EOPNOTSUPP)
+            return got;
+        atomic_store_explicit(&f->no_dontcache, true, memory_order_relaxed);
+    }
+    return pread(f->fd, dst, len, off);
+}
+
+static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t offset, unsigned how)
 {
     int broken = source_still_valid(f);
     if (broken)
@@ -869,7 +891,7 @@ static int src_pread(struct lm_src_file *f, void *dst, size_t len, uint64_t offs
     size_t done = 0;
     off_t off = (off_t)offset;
     while (done < len) {
-        ssize_t got = pread(f->fd, (char *)dst + done, len - done, off + (off_t)done);
+        ssize_t got = pread_how(f, (char *)dst + done, len - done, off + (off_t)done, how);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -1019,7 +1041,7 @@ int lm_read_record(struct lm_region *r, size_t p, const struct lm_page_meta *m, 
     if (m->cls == LM_CLS_CANONICAL)
         memcpy(out, lm_canon_page(r, m->canon), r->page_size);
     else if (m->cls == LM_CLS_SNAPSHOT)
-        return lm_src_read(r, m->aux, 1, out);
+        return lm_src_read(r, m->aux, 1, out, 0);
     else
         memset(out, 0, r->page_size);
     return 0;

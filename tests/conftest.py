@@ -18,6 +18,7 @@ pytest.param. The needs (NEEDS below; a new one is one more entry):
   uffd       userfaultfd: skipped when features().mode == "unavailable"
   cc         a C toolchain (gcc, nm): the test compiles csrc/ itself (tests/test_layering.py);
              it does not need the compiled core, so it runs under both backends
+  dontcache  preadv2(RWF_DONTCACHE) works in the temporary directory (Linux 6.14+)
   source     the source tree beside tests/ (csrc/, docs/): skipped where the suite runs
              against an installed package without it (the container matrix)
 The run ends with how many tests each need skipped (pytest -rs shows each reason).
@@ -238,6 +239,22 @@ def _s3_missing():
     return None
 
 
+def _dontcache_missing():
+    """Whether reads here can leave no page behind in the page cache (RWF_DONTCACHE, Linux
+    6.14, and a file system that has it), tried on a file in the temporary directory."""
+    import tempfile
+    if not hasattr(os, "preadv"):
+        return "needs os.preadv"
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        try:
+            os.preadv(f.fileno(), [bytearray(4096)], 0, 0x80)   # RWF_DONTCACHE
+        except OSError as e:
+            return "needs RWF_DONTCACHE reads in %s: %s" % (tempfile.gettempdir(), e)
+    return None
+
+
 def _netns_missing():
     from pylazymem.bench._machines import unavailable
     why = unavailable()
@@ -268,6 +285,8 @@ NEEDS = [
     Need("s3", "s3: needs the S3 gateway of scripts/s3-server.sh (a Ceph RADOS Gateway; "
                "scripts/test.sh starts it); skipped only where Ceph's packages are not to be "
                "had (PLM_S3_UNAVAILABLE says why)", _s3_missing),
+    Need("dontcache", "dontcache: reads that leave the page cache as they found it "
+                      "(RWF_DONTCACHE: Linux 6.14 and a file system with it)", _dontcache_missing),
     Need("netns", "netns: starts processes in network namespaces of their own (several "
                   "machines on one: root and iproute2)", _netns_missing),
     Need("cc", "cc: compiles csrc/ itself; skipped without gcc and nm", _cc_missing),
