@@ -649,9 +649,11 @@ static int background_start_locked(struct lm_region *r)
 {
     if (r->bg_started)
         return 0;
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    /* The CPUs this process may run on (a cpuset or taskset), not the machine's: on one,
+       the reader fills each run itself, in one slot (a second thread would only take turns) */
+    cpu_set_t set;
+    long ncpu = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
     unsigned want = ncpu > 1 ? LM_BG_THREADS : 1;
-    /* one CPU: the reader fills each run itself, in one slot */
     struct lm_bgfill *b = bgfill_new(r, want > 1 ? BG_SLOTS : 1);
     if (!b)
         return lm_fail("malloc(background fill)", ENOMEM);

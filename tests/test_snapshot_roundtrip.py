@@ -119,9 +119,14 @@ def test_round_trip_arrays_have_the_right_places(mixed):
         assert new.ctypes.data - r.address >= end
 
 
-def test_readers_during_background_fill(run_py_ok, tmp_path):
+@pytest.mark.parametrize("one_cpu", [False, True], ids=["all_cpus", "one_cpu"])
+def test_readers_during_background_fill(run_py_ok, tmp_path, one_cpu):
+    """On one CPU (a cpuset, taskset) the background fill is one thread that reads and copies
+    each run; on more, a reader and an installer (csrc/prefetch.c)."""
     out = run_py_ok("""
         path = sys.argv[1]
+        if sys.argv[2] == "1":   # threads started from here inherit it, the fill's too
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         N = 16384                       # 64 MiB
         rng = np.random.default_rng(11)
         expected = np.zeros((N, PS), np.uint8)
@@ -166,7 +171,7 @@ def test_readers_during_background_fill(run_py_ok, tmp_path):
                               background_pages=s["background_pages"], faults=s["faults"],
                               errors_stat=s["errors"])))
         r.close()
-    """, timeout=150, args=(str(tmp_path / "big.snap"),))
+    """, timeout=150, args=(str(tmp_path / "big.snap"), "1" if one_cpu else "0"))
     m = json.loads(out.strip().splitlines()[-1])
     assert m["nerrors"] == 0, m
     assert m["whole_ok"], m
