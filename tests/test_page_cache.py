@@ -4,7 +4,6 @@ into the page cache (LM_SRC_ONCE in csrc/lm_internal.h): a restored snapshot is 
 twice. Pages that were cached before stay; faults and the working-set prefetch keep theirs
 (the next restore finds its working set warm)."""
 
-import os
 import time
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE
-from pylazymem.bench._ckpt import cached_fraction
+from pylazymem.bench._ckpt import cached_fraction, warm as read_in
+from pylazymem.bench.arrays import drop
 
 pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(120)]
 
@@ -32,19 +32,12 @@ def snap(tmp_path_factory):
 
 
 def cold(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop([path])   # this file only: fsync + POSIX_FADV_DONTNEED
     assert cached_fraction(path) < 0.01
 
 
 def warm(path):
-    with open(path, "rb") as f:
-        while f.read(1 << 20):
-            pass
+    read_in([path])
     assert cached_fraction(path) > 0.99
 
 
