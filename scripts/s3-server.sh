@@ -160,6 +160,8 @@ cmd_start() {
             die "port $p is in use on this machine (another gateway or Ceph monitor?); set PLM_S3_MON_PORT / PLM_S3_PORT"
         fi
     done
+    # a start that fails leaves nothing running (test.sh stops only a gateway that came up)
+    trap 'cmd_stop quiet' EXIT
     mkdir -p "$DIR"/{run,log,mon/a,mgr/x,osd/0,rgw/a}
     local fsid
     fsid="$(python3 -c 'import uuid; print(uuid.uuid4())')"
@@ -182,7 +184,10 @@ cmd_start() {
     # one OSD
     local osd_uuid
     osd_uuid="$(python3 -c 'import uuid; print(uuid.uuid4())')"
-    ceph -c "$CONF" osd new "$osd_uuid" 0 >/dev/null || die "ceph osd new failed"
+    # retried: a monitor that has just started can refuse it ("EPERM: problem getting command
+    # descriptions from mon", seen once on a loaded machine); with its uuid it is idempotent
+    wait_for 30 "the OSD's id" ceph -c "$CONF" --connect-timeout 2 osd new "$osd_uuid" 0 \
+        || { ceph -c "$CONF" --connect-timeout 2 osd new "$osd_uuid" 0 >/dev/null; die "ceph osd new failed"; }
     ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid" >/dev/null 2>&1 \
         || { show_log osd.0; die "ceph-osd --mkfs failed"; }
     ceph -c "$CONF" osd crush add-bucket localhost host >/dev/null 2>&1
@@ -198,6 +203,7 @@ cmd_start() {
     radosgw-admin -c "$CONF" user create --uid="$USER_ID" --display-name="pylazymem tests" \
         --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >/dev/null \
         || die "radosgw-admin user create failed"
+    trap - EXIT
     echo "s3-server.sh: RADOS Gateway at $(endpoint) (Ceph $(ceph --version | awk '{print $3}'), $STORE, state in $DIR)"
 }
 
