@@ -276,6 +276,9 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
 
     if (filled)
         *filled = 0;
+    /* what lm_fill_assemble left in scratch for exactly this run; any other call forgets it */
+    bool ready = t->pre_n == n && t->pre_first == first;
+    t->pre_n = 0;
     if ((rc = lm_fill_hook(r)) < 0)
         return rc;
 
@@ -288,8 +291,6 @@ int lm_fill_run(struct lm_region *r, struct lm_serve_thread *t, size_t first, si
         for (size_t i = 1; i < n && same; i++)
             if (r->meta[first + i].cls != LM_CLS_CANONICAL || r->meta[first + i].canon != same)
                 same = 0;
-        bool ready = t->pre_n == n && t->pre_first == first;
-        t->pre_n = 0;
         if (ready) {
             t->scratch_canon = 0;   /* assembled by lm_fill_assemble: a mix, maybe */
         } else if (!(same && t->scratch_canon == same && t->scratch_pages >= n)) {

@@ -293,7 +293,7 @@ struct lm_region {
     unsigned bg_nthreads;         /* started (bg_tid[0..n) valid while bg_started) */
     bool bg_started;
     _Atomic int bg_stop;
-    _Atomic int bg_running;       /* 1 while the fill has pages left to do */
+    _Atomic int bg_running;       /* the fill's threads still running (0: done) */
     struct lm_bgfill *bgf;        /* the pipeline's slots, while bg_started */
     _Atomic unsigned bg_boosted;  /* bit i: a serving thread lifted thread i out of SCHED_IDLE */
     pthread_mutex_t bg_lock;      /* bg_tid is valid while held and bg_started */

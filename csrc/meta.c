@@ -95,8 +95,9 @@ void lm_wait_busy(unsigned *spins)
 /*
  * Priority inheritance by hand. The fill runs at SCHED_IDLE and may be preempted while it holds
  * a run of pages BUSY; a serving thread that waits for one of them would then wait as long as
- * the CPUs stay busy (seconds, measured). So a waiter lifts the fill to normal priority; the
- * fill drops back to SCHED_IDLE as soon as it has released that run (prefetch.c, bg_main).
+ * the CPUs stay busy (seconds, measured). So a waiter lifts the fill's threads to normal
+ * priority; each drops back to SCHED_IDLE once it holds no claimed run (prefetch.c,
+ * bg_unboost), and a waiter that still waits lifts them again.
  * (Moved from snapshot.c, unchanged: the thread's data is in struct lm_region.)
  */
 void lm_boost_background(struct lm_region *r)
@@ -293,7 +294,7 @@ uint8_t lm_hold(struct lm_region *r, size_t p)
         uint8_t s = lm_try_hold(r, p);
         if (s != LM_BUSY)
             return s;
-        if (spins == 16)
+        if ((spins & 255) == 16)   /* again now and then: the fill drops back (below) */
             lm_boost_background(r);   /* the holder may be the preempted idle-class fill */
         lm_wait_busy(&spins);
     }
@@ -598,7 +599,7 @@ int lm_meta_freeze_arm(struct lm_region *r)
         for (unsigned spins = 0;
              __atomic_load_n(&r->meta[p].state, __ATOMIC_SEQ_CST) == LM_BUSY &&
              !(atomic_load_explicit(&r->stash_bits[p >> 6], memory_order_acquire) & bit);) {
-            if (spins == 16)
+            if ((spins & 255) == 16)
                 lm_boost_background(r);
             lm_wait_busy(&spins);
         }

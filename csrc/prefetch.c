@@ -485,12 +485,20 @@ struct lm_bgfill {
 };
 
 /* A serving thread lifts both threads out of SCHED_IDLE while it waits for a page they hold
-   (lm_boost_background); each drops back once it has passed on the run it held. */
+   (lm_boost_background); each drops back once it holds no claimed run: the reader when it has
+   passed its run on, the installer when no slot is ready. Not while the fill is being
+   stopped: lm_background_stop lifts both so that its join is not left to idle time. */
 static void bg_unboost(struct lm_region *r, unsigned self)
 {
     struct sched_param sp = {0};
-    if (atomic_fetch_and(&r->bg_boosted, ~self) & self)
+    if (atomic_load_explicit(&r->bg_stop, memory_order_relaxed))
+        return;
+    if (atomic_fetch_and(&r->bg_boosted, ~self) & self) {
         pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+        /* lifted again between the two (its booster saw the bit still set): stay up */
+        if (atomic_load(&r->bg_boosted) & self)
+            pthread_setschedparam(pthread_self(), SCHED_OTHER, &sp);
+    }
 }
 
 static void *bg_installer(void *arg)
@@ -509,11 +517,12 @@ static void *bg_installer(void *arg)
         pthread_mutex_unlock(&b->lock);
         size_t done = lm_fill_or_poison(r, &s->t, s->first, s->n, s->old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
-        bg_unboost(r, 2u);
         pthread_mutex_lock(&b->lock);
         b->head = (b->head + 1) % BG_SLOTS;
         b->count--;
         pthread_cond_broadcast(&b->cond);
+        if (!b->count)   /* a waiter's page may be in any ready slot */
+            bg_unboost(r, 2u);
     }
     pthread_mutex_unlock(&b->lock);
     atomic_fetch_sub(&r->bg_running, 1);
@@ -548,6 +557,15 @@ static void *bg_reader(void *arg)
         struct lm_bgslot *s = bg_free_slot(b);
         if (!s)
             break;
+        /* small again after a demand fault, and its turn given up before anything is held */
+        uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
+        if (f != faults_seen) {
+            faults_seen = f;
+            chunk = BG_MIN;
+            sched_yield();
+        } else if (chunk < BG_MAX) {
+            chunk *= 2;
+        }
         /* the next run that needs an update, claimed */
         size_t run = 0;
         for (; p < r->npages && !atomic_load_explicit(&r->bg_stop, memory_order_relaxed); p++) {
@@ -556,14 +574,6 @@ static void *bg_reader(void *arg)
                 continue;
             uint8_t st = lm_claim(r, p);
             if (st == LM_DEFERRED && (m->flags & LM_F_NEEDS_UPDATE)) {
-                uint64_t f = atomic_load_explicit(&r->st_faults, memory_order_relaxed);
-                if (f != faults_seen) {
-                    faults_seen = f;
-                    chunk = BG_MIN;
-                    sched_yield();
-                } else if (chunk < BG_MAX) {
-                    chunk *= 2;
-                }
                 s->old[0] = st;
                 run = lm_claim_run(r, p, chunk < r->npages - p ? chunk : r->npages - p, s->old);
                 break;
@@ -620,13 +630,15 @@ static struct lm_bgfill *bgfill_new(struct lm_region *r, unsigned nslots)
     struct lm_bgfill *b = calloc(1, sizeof(*b));
     if (!b)
         return NULL;
+    /* a run is at most BG_MAX pages, and no more than the region has */
+    size_t slot_pages = r->npages < BG_MAX ? r->npages : BG_MAX;
     b->r = r;
     pthread_mutex_init(&b->lock, NULL);
     pthread_cond_init(&b->cond, NULL);
     for (unsigned i = 0; i < nslots; i++) {
         b->slot[i].t.r = r;
         b->slot[i].t.read_once = true;   /* the bulk of the file: see LM_SRC_ONCE */
-        b->slot[i].t.scratch = malloc((size_t)BG_MAX * r->page_size);
+        b->slot[i].t.scratch = malloc((size_t)slot_pages * r->page_size);
         if (!b->slot[i].t.scratch) {
             bgfill_free(b);
             return NULL;
@@ -649,11 +661,14 @@ static int background_start_locked(struct lm_region *r)
 {
     if (r->bg_started)
         return 0;
-    /* The CPUs this process may run on (a cpuset or taskset), not the machine's: on one,
-       the reader fills each run itself, in one slot (a second thread would only take turns) */
+    /* The CPUs this thread may run on (a cpuset or taskset; the fill's threads inherit its
+       mask), not the machine's: on one, the reader fills each run itself, in one slot (a
+       second thread would only take turns). So it does for a shared region, whose runs go to
+       the pool rather than through scratch (nothing to read ahead). A mask too large for
+       cpu_set_t: more than one. */
     cpu_set_t set;
-    long ncpu = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    unsigned want = ncpu > 1 ? LM_BG_THREADS : 1;
+    long ncpu = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 2;
+    unsigned want = ncpu > 1 && r->pool_fd < 0 ? LM_BG_THREADS : 1;
     struct lm_bgfill *b = bgfill_new(r, want > 1 ? BG_SLOTS : 1);
     if (!b)
         return lm_fail("malloc(background fill)", ENOMEM);
@@ -689,6 +704,11 @@ int lm_background_stop(struct lm_region *r)
     pthread_mutex_lock(&r->bg_lock);
     if (r->bg_started) {
         atomic_store(&r->bg_stop, 1);
+        /* what they hold is finished at normal priority: the join does not wait for idle
+           CPUs (they no longer drop back, bg_unboost) */
+        struct sched_param sp = {0};
+        for (unsigned i = 0; i < r->bg_nthreads; i++)
+            pthread_setschedparam(r->bg_tid[i], SCHED_OTHER, &sp);
         pthread_mutex_lock(&r->bgf->lock);   /* wakes a reader that waits for a slot */
         pthread_cond_broadcast(&r->bgf->cond);
         pthread_mutex_unlock(&r->bgf->lock);

@@ -869,15 +869,17 @@ void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count)
 #endif
 
 /* pread, or with LM_SRC_ONCE a read that leaves no page of its own in the page cache where
-   the file system can (see LM_SRC_ONCE); EOPNOTSUPP (an older kernel or another file system)
-   is remembered per file. */
+   the file system can (see LM_SRC_ONCE); a refusal is remembered per file. */
 static ssize_t pread_how(struct lm_src_file *f, void *dst, size_t len, off_t off, unsigned how)
 {
     if ((how & LM_SRC_ONCE) && !atomic_load_explicit(&f->no_dontcache, memory_order_relaxed)) {
         struct iovec iov = {.iov_base = dst, .iov_len = len};
         ssize_t got = preadv2(f->fd, &iov, 1, off, RWF_DONTCACHE);
-        if (got >= 0 || errno != EOPNOTSUPP)
+        if (got >= 0 || errno == EINTR)
             return got;
+        /* the flag is advice: whatever refused it (an old kernel or file system, a seccomp
+           filter: EOPNOTSUPP, ENOSYS, EPERM), a plain read may work, and says what is wrong
+           if not */
         atomic_store_explicit(&f->no_dontcache, true, memory_order_relaxed);
     }
     return pread(f->fd, dst, len, off);
