@@ -240,10 +240,10 @@ static bool fill_wp(struct lm_region *r, size_t first, size_t n)
 /*
  * Read ahead of the copy: a pipeline (the background fill) assembles a claimed run on one
  * thread and installs it with lm_fill_run on another, so that the store is read while the
- * previous run is copied. Only runs that lm_fill_run would assemble into t->scratch (private
- * copies); returns 1 (nothing done: the run is of another kind, or a canonical run of one
- * template that scratch may hold already), 0 (assembled), or -errno (the fill will read the
- * run again itself and poison what cannot be served).
+ * previous run is copied. Only runs that start with a snapshot page of a private region
+ * (what there is to read); returns 1 (nothing done: lm_fill_run does all of such a run, a
+ * canonical one from memory), 0 (assembled), or -errno (the fill will read the run again
+ * itself and poison what cannot be served).
  */
 int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n)
 {

@@ -286,7 +286,7 @@ struct lm_region {
     uint64_t tl_t0;
 
     /* Background fill: started and stopped by prefetch.c; its threads' ids, lock and flags
-       are here so that a waiter in meta.c (lm_boost_background) can lift them without
+       are here so that a waiter in meta.c (lm_wait_held) can lift them without
        calling up. Thread 0 claims and reads runs, thread 1 (where there is a second CPU)
        installs them: struct lm_bgfill, prefetch.c's own. */
     pthread_t bg_tid[LM_BG_THREADS];
@@ -435,8 +435,9 @@ void lm_unhold(struct lm_region *r, size_t page, uint8_t state);
 size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old);
 /* Back off while a page is BUSY (yield, then sleep briefly). */
 void lm_wait_busy(unsigned *spins);
-/* Lift the idle-class background fill to normal priority: it may hold what we wait for. */
-void lm_boost_background(struct lm_region *r);
+/* lm_wait_busy for a page of r, lifting the idle-class background fill (which may hold it)
+   to normal priority after a few waits and again now and then. */
+void lm_wait_held(struct lm_region *r, unsigned *spins);
 /* BUSY -> state: give a claimed page back (the state it was claimed from, or the state the
    claimer's work left it in). */
 void lm_release(struct lm_region *r, size_t page, uint8_t state);

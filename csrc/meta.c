@@ -100,7 +100,7 @@ void lm_wait_busy(unsigned *spins)
  * bg_unboost), and a waiter that still waits lifts them again.
  * (Moved from snapshot.c, unchanged: the thread's data is in struct lm_region.)
  */
-void lm_boost_background(struct lm_region *r)
+static void lm_boost_background(struct lm_region *r)
 {
     if (!atomic_load(&r->bg_running) || pthread_mutex_trylock(&r->bg_lock))
         return;   /* not running, or being started/stopped/boosted by someone else */
@@ -111,6 +111,15 @@ void lm_boost_background(struct lm_region *r)
             pthread_setschedparam(r->bg_tid[i], SCHED_OTHER, &sp);
     }
     pthread_mutex_unlock(&r->bg_lock);
+}
+
+/* Every waiter for a held page: the holder may be the preempted idle-class fill. Lifted again
+   every 256 waits, since the fill drops back once it holds no claimed run. */
+void lm_wait_held(struct lm_region *r, unsigned *spins)
+{
+    if ((*spins & 255) == 16)
+        lm_boost_background(r);
+    lm_wait_busy(spins);
 }
 
 /* ---- claims ---------------------------------------------------------------------------- */
@@ -294,9 +303,7 @@ uint8_t lm_hold(struct lm_region *r, size_t p)
         uint8_t s = lm_try_hold(r, p);
         if (s != LM_BUSY)
             return s;
-        if ((spins & 255) == 16)   /* again now and then: the fill drops back (below) */
-            lm_boost_background(r);   /* the holder may be the preempted idle-class fill */
-        lm_wait_busy(&spins);
+        lm_wait_held(r, &spins);
     }
 }
 
@@ -599,9 +606,7 @@ int lm_meta_freeze_arm(struct lm_region *r)
         for (unsigned spins = 0;
              __atomic_load_n(&r->meta[p].state, __ATOMIC_SEQ_CST) == LM_BUSY &&
              !(atomic_load_explicit(&r->stash_bits[p >> 6], memory_order_acquire) & bit);) {
-            if ((spins & 255) == 16)
-                lm_boost_background(r);
-            lm_wait_busy(&spins);
+            lm_wait_held(r, &spins);
         }
     }
     return 0;

@@ -2,7 +2,7 @@
  * prefetch.c: bringing pages in before they are touched: restore's working-set prefetch (a
  * pipeline of store reads and copies) and the background fill (idle-class threads, a reader
  * and an installer, that fill every pending page). Waiters lift the fill's priority through
- * lm_boost_background (meta.c).
+ * lm_wait_held (meta.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -464,8 +464,8 @@ int lm_prefetch(struct lm_region *r, const uint64_t *pages, size_t n)
  * slots into the region (lm_fill_or_poison, which finds the run assembled). BG_SLOTS slots
  * let the reader run ahead. A slot's pages are claimed from the moment the reader takes them
  * until the installer has filled them, so the installer empties every ready slot even when
- * told to stop; the reader waits for a free slot before it claims. On one CPU the reader fills
- * each run itself.
+ * told to stop; the reader waits for a free slot before it claims. On one CPU, and for a shared
+ * region (nothing to read ahead), the reader fills each run itself.
  */
 #define BG_SLOTS 4
 
@@ -485,7 +485,7 @@ struct lm_bgfill {
 };
 
 /* A serving thread lifts both threads out of SCHED_IDLE while it waits for a page they hold
-   (lm_boost_background); each drops back once it holds no claimed run: the reader when it has
+   (lm_wait_held); each drops back once it holds no claimed run: the reader when it has
    passed its run on, the installer when no slot is ready. Not while the fill is being
    stopped: lm_background_stop lifts both so that its join is not left to idle time. */
 static void bg_unboost(struct lm_region *r, unsigned self)

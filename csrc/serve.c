@@ -255,9 +255,7 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
     for (;;) {
         s = lm_claim(r, page);
         if (s == LM_BUSY) {
-            if ((spins & 255) == 16)   /* again now and then: the fill drops back (meta.c) */
-                lm_boost_background(r);   /* the holder may be the preempted idle-class fill */
-            lm_wait_busy(&spins);   /* another path is filling it: its copy wakes our faulter */
+            lm_wait_held(r, &spins);   /* another path is filling it: its copy wakes our faulter */
             continue;
         }
         if (s == LM_PINNED) {

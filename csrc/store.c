@@ -816,17 +816,22 @@ int lm_src_decode(struct lm_region *r, uint64_t index, size_t count, void *dst, 
     return src_walk(r, index, count, dst, bad, true, 0);
 }
 
+static int src_read(struct lm_region *r, uint64_t index, size_t count, void *dst, uint8_t *bad,
+                    unsigned how)
+{
+    int rc = src_walk(r, index, count, dst, NULL, false, how);
+    return rc ? rc : src_walk(r, index, count, dst, bad, true, 0);
+}
+
 int lm_src_read_each(struct lm_region *r, uint64_t index, size_t count, void *dst,
                      uint8_t *bad)
 {
-    int rc = lm_src_fetch(r, index, count, dst);
-    return rc ? rc : lm_src_decode(r, index, count, dst, bad);
+    return src_read(r, index, count, dst, bad, 0);
 }
 
 int lm_src_read(struct lm_region *r, uint64_t index, size_t count, void *dst, unsigned how)
 {
-    int rc = src_walk(r, index, count, dst, NULL, false, how);
-    return rc ? rc : lm_src_decode(r, index, count, dst, NULL);
+    return src_read(r, index, count, dst, NULL, how);
 }
 
 /*

@@ -4,6 +4,7 @@ Everything here is plain Python/numpy; nothing touches a region by itself.
 """
 
 import os
+import time
 
 import numpy as np
 
@@ -45,3 +46,11 @@ def first_bad_pages(view, expected, limit=8):
     """Indices of (up to `limit`) pages whose bytes differ between two (npages, ps) arrays."""
     bad = np.nonzero((view != expected).any(axis=1))[0]
     return [int(i) for i in bad[:limit]], int(bad.size)
+
+
+def wait_background(r, timeout=30.0):
+    """Poll region r until its background fill has finished (an assertion after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while r.stats()["background_running"]:
+        assert time.monotonic() < deadline, "background fill still running after %ss" % timeout
+        time.sleep(0.005)

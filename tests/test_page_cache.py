@@ -4,13 +4,11 @@ into the page cache (LM_SRC_ONCE in csrc/lm_internal.h): a restored snapshot is 
 twice. Pages that were cached before stay; faults and the working-set prefetch keep theirs
 (the next restore finds its working set warm)."""
 
-import time
-
 import numpy as np
 import pytest
 
 import pylazymem as plm
-from _helpers import PAGE_SIZE
+from _helpers import PAGE_SIZE, wait_background
 from pylazymem.bench._ckpt import cached_fraction, warm as read_in
 from pylazymem.bench.arrays import drop
 
@@ -41,13 +39,6 @@ def warm(path):
     assert cached_fraction(path) > 0.99
 
 
-def wait_background(r, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while r.stats()["background_running"]:
-        assert time.monotonic() < deadline, "background fill still running after %ss" % timeout
-        time.sleep(0.005)
-
-
 def check(r, data):
     got = r.ndarray(np.uint8)
     assert np.array_equal(got[:data.size], data)
@@ -58,7 +49,7 @@ def test_background_fill_leaves_a_cold_snapshot_uncached(snap):
     path, data = snap
     cold(path)
     with plm.restore(path, prefetch="none", background=True) as r:
-        wait_background(r)
+        wait_background(r, timeout=60.0)
         assert r.stats()["pages_present"] == NPAGES
         frac = cached_fraction(path)
         check(r, data)
@@ -82,7 +73,7 @@ def test_bulk_reads_keep_a_warm_snapshot_cached(snap, how):
     warm(path)
     with plm.restore(path, prefetch="none", background=how == "background") as r:
         if how == "background":
-            wait_background(r)
+            wait_background(r, timeout=60.0)
         else:
             r.materialize()
         check(r, data)

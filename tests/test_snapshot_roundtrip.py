@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pylazymem as plm
-from _helpers import PAGE_SIZE, pages, random_page
+from _helpers import PAGE_SIZE, pages, random_page, wait_background
 from test_snapshot_format import STORED, SnapFile, assert_arrays_equal, fill_mixed, tmp_files
 
 pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(120)]
@@ -20,13 +20,6 @@ pytestmark = [pytest.mark.core, pytest.mark.uffd_full, pytest.mark.timeout(120)]
 PS = PAGE_SIZE
 S = plm.PageState
 C = plm.PageClass
-
-
-def wait_background(r, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while r.stats()["background_running"]:
-        assert time.monotonic() < deadline, "background fill still running after %ss" % timeout
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
