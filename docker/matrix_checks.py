@@ -218,7 +218,13 @@ def run_pytest(case):
     summary = ", ".join("%d %s" % (n, k) for k, n in sorted(counts.items())) or "no tests"
     say("pytest: exit %d, %s in %.1fs" % (proc.returncode, summary, secs))
     notes.append("%s (%.0fs)" % (summary, secs))
-    expect(proc.returncode == 0, "the test suite passes", "pytest exit %d" % proc.returncode)
+    failed = [r for r in recs if r["outcome"] == "failed"]
+    # The failures first and named in the verdict: CI shows only the head and tail of a long
+    # digest, and a failure listed after the skip reasons was cut from it.
+    for r in failed:
+        say("  failed       %s: %s" % (r["nodeid"], re.sub(r"\s+", " ", r["reason"])[-600:]))
+    expect(proc.returncode == 0, "the test suite passes", "pytest exit %d%s" % (
+        proc.returncode, "; failed: " + ", ".join(r["nodeid"] for r in failed[:3]) if failed else ""))
     expect(counts.get("passed", 0) > 0, "tests ran")
 
     def has(r, m):
@@ -237,9 +243,6 @@ def run_pytest(case):
         reasons[key] = reasons.get(key, 0) + 1
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         say("  skipped %3d  %s" % (n, reason))
-    for r in recs:
-        if r["outcome"] == "failed":
-            say("  failed       %s (%s)" % (r["nodeid"], r["reason"]))
     if case in ("full-root", "full-user"):
         bad = [r["nodeid"] for r in uffd_tests if by_marker(r)]
         expect(not bad, "no test is skipped for its uffd/uffd_full marker (%d marked tests)"

@@ -30,7 +30,9 @@ def pytest_runtest_logreport(report):
             rec["reason"] = str(longrepr)
     elif report.failed:
         rec["outcome"] = "failed"
-        rec["reason"] = "%s failed" % report.when
+        crash = getattr(report.longrepr, "reprcrash", None)   # where and why it failed
+        rec["reason"] = "%s failed%s" % (report.when, ": %s:%s: %s" % (
+            crash.path.split("/")[-1], crash.lineno, crash.message) if crash else "")
 
 
 def pytest_sessionfinish(session, exitstatus):
