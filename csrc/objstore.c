@@ -276,7 +276,7 @@ static int by_age(const void *a, const void *b)
 }
 
 /* Keep the cache under its bound: the least recently used chunks go (their mtime is touched
-   at each process's first use). One process evicts at a time (flock); a chunk removed while
+   at each process's first use, unless touched within the last minute). One process evicts at a time (flock); a chunk removed while
    another process reads it stays readable through its open descriptor, and a later reader
    that finds it gone fetches it again. */
 static void evict(struct lm_objs *o)
@@ -397,7 +397,8 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
     if (fd < 0)
         return 0;
     struct stat st;
-    if (fstat(fd, &st) == 0 && st.st_size != (off_t)o->chunks[i].length) {
+    bool stat_ok = fstat(fd, &st) == 0;
+    if (stat_ok && st.st_size != (off_t)o->chunks[i].length) {
         close(fd);   /* torn: a size no chunk of this id has */
         cache_drop(o, i);
         return 0;
@@ -408,7 +409,13 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
     }
     count(o, LM_OBJS_CACHE_HITS, 1);
     if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_UNKNOWN) {
-        futimens(fd, NULL);   /* recently used: the last to be evicted */
+        /* recently used: the last to be evicted. A minute's precision is plenty for that, and
+           a warm restore that finds its chunks touched moments ago skips a metadata write
+           per chunk. */
+        struct timespec now;
+        if (!stat_ok || clock_gettime(CLOCK_REALTIME, &now) < 0 ||
+            now.tv_sec - st.st_mtim.tv_sec > 60 || now.tv_sec < st.st_mtim.tv_sec)
+            futimens(fd, NULL);
         uint8_t u = C_UNKNOWN;
         atomic_compare_exchange_strong(&o->state[i], &u, C_CHECKED);
     }

@@ -56,11 +56,12 @@ class PushInfo(NamedTuple):
 
 class Manifest(NamedTuple):
     url: str
-    skeleton: bytes          # the snapshot file without its store section
+    skeleton: memoryview     # the snapshot file without its store section (a view of the
+                             # manifest's bytes)
     header: dict             # the skeleton's snapshot header (_snapfile fields)
-    chunks: np.ndarray       # CHUNK_DTYPE
-    entries: np.ndarray      # ENTRY_DTYPE, one per store entry
-    lengths: np.ndarray      # int64, each entry's stored length
+    chunks: np.ndarray       # CHUNK_DTYPE (read-only: a view of the manifest)
+    entries: np.ndarray      # ENTRY_DTYPE, one per store entry (read-only, likewise)
+    lengths: np.ndarray      # int64, each entry's stored length (read-only)
     file_bytes: int
 
     def chunk_key(self, i):
@@ -274,8 +275,10 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
 def parse_manifest(data, url="manifest") -> Manifest:
     """Check a manifest object and everything in it (it comes from the network: nothing is
     trusted): its checksums, the embedded snapshot's header and tables (as restore() checks a
-    file), every entry's place inside its chunk. Raises SnapshotError."""
-    data = memoryview(data)
+    file), every entry's place inside its chunk. Raises SnapshotError. `data`: any buffer,
+    not copied: the Manifest's skeleton and tables are read-only views of it (the caller
+    does not change it afterwards; bytes cannot be)."""
+    data = memoryview(data).cast("B")
     if len(data) < _MANIFEST.size:
         S._fail(url, "not a pylazymem manifest (%d bytes)" % len(data))
     magic, fmt, flags, skel, nchunks, nentries, file_bytes, body_xx, head_xx = \
@@ -295,18 +298,22 @@ def parse_manifest(data, url="manifest") -> Manifest:
     body = data[_MANIFEST.size:]
     if xxhash.xxh3_64_intdigest(body) != body_xx:
         S._fail(url, "manifest checksum mismatch (corrupt manifest)")
-    skeleton = bytes(body[:skel])
+    skeleton = body[:skel].toreadonly()
     header, lengths = _check_skeleton(skeleton, file_bytes, nentries, url)
-    chunks = np.frombuffer(body, CHUNK_DTYPE, nchunks, skel).copy()
-    entries = np.frombuffer(body, ENTRY_DTYPE, nentries, skel + nchunks * CHUNK_DTYPE.itemsize).copy()
+    chunks = np.frombuffer(body, CHUNK_DTYPE, nchunks, skel)
+    entries = np.frombuffer(body, ENTRY_DTYPE, nentries, skel + nchunks * CHUNK_DTYPE.itemsize)
+    chunks.flags.writeable = entries.flags.writeable = False
     if nchunks and (chunks["length"].max() > MAX_CHUNK_BYTES or chunks["length"].min() == 0
                     or chunks["reserved"].any()):
         S._fail(url, "manifest: a chunk of 0 or more than %d bytes" % MAX_CHUNK_BYTES)
     if nentries:
-        if int(entries["chunk"].max()) >= nchunks:
+        which = entries["chunk"]
+        if int(which.max()) >= nchunks:
             S._fail(url, "manifest: an entry names a chunk that is not in its table")
-        end = entries["offset"].astype(np.int64) + lengths
-        if (end > chunks["length"][entries["chunk"]]).any():
+        # every entry inside its chunk: offset <= chunk length - entry length (in int64)
+        room = chunks["length"].astype(np.int64)[which]
+        room -= lengths
+        if (entries["offset"] > room).any():
             S._fail(url, "manifest: an entry lies outside its chunk")
     return Manifest(url, skeleton, header, chunks, entries, lengths, file_bytes)
 
@@ -329,52 +336,101 @@ def _check_skeleton(skeleton, file_bytes, nentries, url):
     if h["index_bytes"]:
         idx = S._check_index(np.frombuffer(tail, "<u4", h["nstored"]), h, url)
         lengths = idx["lengths"]
-    else:
-        lengths = np.full(h["nstored"], h["page_size"], np.int64)
+    else:   # one length for all: a read-only broadcast, nothing allocated
+        lengths = np.broadcast_to(np.int64(h["page_size"]), (h["nstored"],))
     return h, lengths
+
+
+def _kept(path):
+    """(etag, body) of a manifest kept in the cache directory, or (None, None). Read, not
+    mapped: a mapping would turn the file cut short under us (by anything but pylazymem,
+    which replaces it whole) into SIGBUS in the interpreter."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None, None
+    nl = data.find(b"\n", 0, 1024)
+    try:
+        etag = data[:nl].decode() if nl > 0 else None
+    except UnicodeDecodeError:
+        etag = None
+    if etag is None:
+        return None, None
+    return etag, memoryview(data)[nl + 1:]
 
 
 def read_manifest(url, client=None, cache=None) -> Manifest:
     """The manifest at url, checked (parse_manifest). With `cache` (a directory), the last
     copy read is kept there with its ETag and asked for conditionally: unchanged, the gateway
     sends no body (a warm restore saves the transfer); it is checked again all the same."""
+    m, confirm = read_manifest_pending(url, client, cache)
+    fresh = confirm() if confirm else None
+    return fresh if fresh is not None else m
+
+
+def read_manifest_pending(url, client=None, cache=None):
+    """(manifest, confirm): read_manifest in two steps, so that a warm restore does its own
+    set-up during the round trip that asks the bucket whether the kept copy is current
+    (a conditional GET on a thread, while the kept copy is checked here). confirm() waits for
+    the answer: None if the manifest is current, else the bucket's new one (kept from now on);
+    it raises what the request raised (FileNotFoundError, ObjectStoreError). confirm is None
+    when the manifest came from the bucket already (no usable kept copy)."""
     bucket, key = _split_url(url, "restore")
     if not key:
         raise ValueError("%s: names a bucket, not a snapshot (s3://bucket/prefix/NAME)" % url)
     client = client or S3Client()
-    kept = etag = None
+    kept = etag = body = None
     if cache:
         kept = os.path.join(cache, "m-%016x" % xxhash.xxh3_64_intdigest(key.encode()))
+        etag, body = _kept(kept)
+
+    def ask(tag):
         try:
-            with open(kept, "rb") as f:
-                etag = f.readline().decode().strip()
-                body = f.read()
-        except (OSError, UnicodeDecodeError):
-            etag = None
+            return client.get_unless(bucket, key, tag)
+        except ObjectStoreError as e:
+            if e.status == 404:
+                raise FileNotFoundError(2, "no snapshot at %s (%s)"
+                                        % (url, e.code or "404")) from None
+            raise
+
+    def fetched(new_etag, data):   # the bucket's copy: checked, then kept
+        m = parse_manifest(data, url)
+        if kept and new_etag and "\n" not in new_etag:
+            _keep(kept, new_etag, data)
+        return m
+
+    if etag is None:
+        return fetched(*ask(None)), None
+    ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pylazymem-manifest")
+    answer = ex.submit(ask, etag)
+    ex.shutdown(wait=False)   # the thread ends with its request (bounded by its timeout)
     try:
-        new_etag, data = client.get_unless(bucket, key, etag)
-    except ObjectStoreError as e:
-        if e.status == 404:
-            raise FileNotFoundError(2, "no snapshot at %s (%s)" % (url, e.code or "404")) from None
-        raise
-    if data is None:
+        m = parse_manifest(body, url)
+    except S.SnapshotError:   # the kept copy is damaged: the bucket's, whole
+        new_etag, data = answer.result()
+        return fetched(*(ask(None) if data is None else (new_etag, data))), None
+    del body
+
+    def confirm():
+        new_etag, data = answer.result()
+        return None if data is None else fetched(new_etag, data)
+
+    return m, confirm
+
+
+def _keep(kept, etag, data):
+    tmp = "%s.%d.tmp" % (kept, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(etag.encode() + b"\n")
+            f.write(data)
+        os.replace(tmp, kept)
+    except OSError:   # a full cache directory costs only this saving
         try:
-            return parse_manifest(body, url)
-        except S.SnapshotError:   # the kept copy is damaged: the bucket's, whole
-            new_etag, data = client.get_unless(bucket, key, None)
-    m = parse_manifest(data, url)
-    if kept and new_etag and "\n" not in new_etag:
-        tmp = "%s.%d.tmp" % (kept, os.getpid())
-        try:
-            with open(tmp, "wb") as f:
-                f.write(new_etag.encode() + b"\n" + bytes(data))
-            os.replace(tmp, kept)
-        except OSError:   # a full cache directory costs only this saving
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return m
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 # ---- pull ----------------------------------------------------------------------------------
@@ -505,13 +561,20 @@ def native_store(m: Manifest, config, bucket):
 
 
 def open_source(url):
-    """(manifest, skeleton fd, S3Config, bucket) for restore(url): the manifest read and checked
-    with the caller's credentials, so that refused credentials fail here, before any fault."""
+    """(manifest, skeleton fd, S3Config, bucket, confirm) for restore(url): the manifest read
+    and checked with the caller's credentials, so that refused credentials fail here, before
+    any fault. confirm: None, or read_manifest_pending's (the caller calls it before anything
+    is read from the store, and starts again with the new manifest if it returns one)."""
     client = S3Client()
     bucket, _ = _split_url(url, "restore")
     cache = None
     if os.environ.get("PYLAZYMEM_CACHE_DIR") != "none":
         cache = cache_dir(client.config, bucket)
         os.makedirs(cache, mode=0o700, exist_ok=True)
-    m = read_manifest(url, client, cache)
-    return m, skeleton_fd(m), client.config, bucket
+    m, confirm = read_manifest_pending(url, client, cache)
+    return m, skeleton_fd(m), client.config, bucket, confirm
+
+
+class ManifestChanged(Exception):
+    """Internal: the snapshot was pushed again while restore() set up from the kept manifest
+    (restore starts again with the new one)."""

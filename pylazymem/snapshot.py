@@ -1048,6 +1048,22 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     restores privately. Sharing verifies every page it publishes into the pool
     (docs/shared-pages.md). Other keyword arguments go to Region().
     """
+    if not (isinstance(path, str) and path.startswith("s3://")):
+        return _restore_once(path, prefetch, background, verify, server, share, region_kw)
+    from . import objstore
+    for attempt in range(3):
+        try:
+            return _restore_once(path, prefetch, background, verify, server, share, region_kw)
+        except objstore.ManifestChanged:
+            # pushed again while this restore set up from the kept manifest: again, with the
+            # new one (kept by now)
+            pass
+    from ._errors import ObjectStoreError
+    raise ObjectStoreError("%s: the snapshot was pushed again during each of 3 restores" % path,
+                           what="GET manifest")
+
+
+def _restore_once(path, prefetch, background, verify, server, share, region_kw):
     from ._binding import PAGE_SIZE, ffi, lib
     from ._binding import check
     from ._errors import InvalidArgumentError, SharingUnavailableError
@@ -1058,12 +1074,13 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                                    % (", ".join(PREFETCH_MODES), prefetch))
     path = os.fspath(path)
     remote = None   # restore("s3://bucket/prefix/NAME"): (manifest, S3Config, bucket)
+    confirm = None  # ... and whether its kept manifest is current (objstore.open_source)
     if isinstance(path, str) and path.startswith("s3://"):
         if server is not None:
             raise InvalidArgumentError("restore(%r, server=...): a page server serves local "
                                        "files; restore from the object store directly" % path)
         from . import objstore
-        m, fd, s3config, bucket = objstore.open_source(path)
+        m, fd, s3config, bucket, confirm = objstore.open_source(path)
         remote = (m, s3config, bucket)
     else:
         fd = _open(path)
@@ -1164,6 +1181,10 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
                                      + [0])
+            if confirm is not None and confirm() is not None:
+                # the kept manifest was current when the set-up above began, no longer: nothing
+                # has been read from the store yet (the region is closed below)
+                raise objstore.ManifestChanged()
             if prefetch == "working-set":
                 region.prefetch(p.working_set)
             elif prefetch == "all" and region.shared:

@@ -167,6 +167,56 @@ def test_hostile_manifests_are_refused(snap, bucket, rng):
             objstore.parse_manifest(data[:cut], info.url)
 
 
+def _resealed(data, edit):
+    """The manifest `data` with edit(body) applied and both checksums made right again: what
+    a hostile writer sends (a byte flip alone stops at a checksum)."""
+    import xxhash
+    head = objstore._MANIFEST
+    fields = list(head.unpack_from(data))
+    body = bytearray(data[head.size:])
+    edit(body, fields)
+    fields[7] = xxhash.xxh3_64_intdigest(bytes(body))
+    fields[8] = xxhash.xxh3_64_intdigest(head.pack(*fields)[:head.size - 8])
+    return head.pack(*fields) + bytes(body)
+
+
+def test_sealed_manifests_with_bad_tables_are_refused(snap, bucket):
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
+    data = _manifest_bytes(info.url)
+    m = objstore.parse_manifest(data, info.url)
+    skel, nchunks = len(m.skeleton), len(m.chunks)
+    at_entries = skel + nchunks * objstore.CHUNK_DTYPE.itemsize
+
+    def entries_of(body):
+        return np.frombuffer(body, objstore.ENTRY_DTYPE, len(m.entries), at_entries)
+
+    def chunks_of(body):
+        return np.frombuffer(body, objstore.CHUNK_DTYPE, nchunks, skel)
+
+    def last_entry_past_its_chunk(body, fields):   # one byte over
+        e = entries_of(body)
+        e["offset"][-1] = chunks_of(body)["length"][e["chunk"][-1]] - PAGE_SIZE + 1
+
+    def entry_in_no_chunk(body, fields):
+        entries_of(body)["chunk"][0] = nchunks
+
+    def empty_chunk(body, fields):
+        chunks_of(body)["length"][0] = 0
+
+    def huge_offset(body, fields):   # wraps in 32 bits, not in the check
+        entries_of(body)["offset"][1] = 0xFFFFFFFF
+
+    for edit, says in ((last_entry_past_its_chunk, "outside its chunk"),
+                       (entry_in_no_chunk, "not in its table"), (empty_chunk, "a chunk of 0"),
+                       (huge_offset, "outside its chunk")):
+        with pytest.raises(plm.SnapshotError, match=says):
+            objstore.parse_manifest(_resealed(data, edit), info.url)
+    # the edit machinery itself changes nothing when it edits nothing
+    assert objstore.parse_manifest(_resealed(data, lambda b, f: None), info.url).file_bytes \
+        == m.file_bytes
+
+
 def test_hostile_tables_are_refused_by_the_core_too(snap, bucket):
     """An entry outside its chunk, handed to the core directly (as a buggy caller would)."""
     from pylazymem._binding import ffi, lib
@@ -299,6 +349,27 @@ def test_restore_with_refused_credentials_fails_before_any_fault(snap, bucket, m
     with pytest.raises(FileNotFoundError):
         monkeypatch.undo()
         plm.restore("s3://%s/missing.plm" % bucket)
+
+
+@pytest.mark.uffd_full
+def test_a_kept_manifest_does_not_outlive_its_snapshot_or_credentials(snap, bucket, cache,
+                                                                      monkeypatch):
+    """A warm restore sets up from the kept manifest while it asks the bucket: what the bucket
+    answers still decides, before restore() returns anything."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket)
+    with plm.restore(info.url, background=False) as r:   # keeps the manifest
+        assert np.array_equal(pages(r), data)
+    assert list(cache.rglob("m-*"))
+    with monkeypatch.context() as mp:
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(plm.ObjectStoreError, match="credentials refused") as e:
+            plm.restore(info.url, background=False)
+        assert e.value.status == 403
+    b, key = objstore.parse_url(info.url)
+    S3Client().delete(b, key)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        plm.restore(info.url, background=False)
 
 
 # ---- the gateway misbehaving ----------------------------------------------------------------
@@ -504,7 +575,7 @@ def test_shared_restore_from_the_bucket(snap, bucket, cache):
 
 @pytest.mark.uffd_full
 def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket, cache,
-                                                                     tmp_path, rng):
+                                                                     tmp_path, rng, monkeypatch):
     """The manifest is kept in the cache and asked for conditionally (ETag): a snapshot pushed
     again under the same name is the one restored next."""
     path, data = snap
@@ -514,8 +585,13 @@ def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket
     assert [p for p in cache.rglob("m-*")], "the manifest was not kept"
     other = _state_file(tmp_path / "o.plm", rng)
     objstore.push(tmp_path / "o.plm", "s3://%s" % bucket, name="same.plm")
-    with plm.restore(url, prefetch="none", background=False) as r:
-        assert np.array_equal(pages(r), other)
+    started = []   # the restore set up from the kept (old) manifest, then began again
+    real = objstore.open_source
+    monkeypatch.setattr(objstore, "open_source", lambda u: started.append(u) or real(u))
+    for prefetch in ("working-set", "none"):
+        with plm.restore(url, prefetch=prefetch, background=False) as r:
+            assert np.array_equal(pages(r), other)
+    assert len(started) == 3, started   # twice for the first restore, once for the second
     # a damaged kept copy is not trusted either
     for p in cache.rglob("m-*"):
         b = bytearray(p.read_bytes())
@@ -523,6 +599,28 @@ def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket
         p.write_bytes(bytes(b))
     with plm.restore(url, prefetch="none", background=False) as r:
         assert np.array_equal(pages(r), other)
+    # nor an empty one, or one without its ETag line: the bucket's copy, kept again
+    for damage in (b"", b"no etag line at all" * 100):
+        for p in cache.rglob("m-*"):
+            p.write_bytes(damage)
+        with plm.restore(url, prefetch="none", background=False) as r:
+            assert np.array_equal(pages(r), other)
+        assert all(p.stat().st_size > 4096 for p in cache.rglob("m-*"))
+
+
+def test_parse_manifest_reads_in_place(snap, bucket):
+    """A manifest is parsed where it lies (a warm restore maps the kept copy): the skeleton and
+    tables are read-only views of the buffer, never copies that a caller could change."""
+    path, _ = snap
+    url = objstore.push(path, "s3://%s" % bucket, name="inplace.plm").url
+    b, key = objstore.parse_url(url)
+    raw = bytearray(objstore.S3Client().get(b, key))
+    m = objstore.parse_manifest(raw, url)
+    assert m.skeleton.readonly and bytes(m.skeleton[:8]) == b"PLMSNAP\0"
+    assert not m.chunks.flags.writeable and not m.entries.flags.writeable
+    assert np.shares_memory(m.entries, np.frombuffer(raw, np.uint8))
+    with pytest.raises(ValueError):
+        m.entries["offset"][0] = 1
 
 
 def _state_file(path, rng):
