@@ -39,9 +39,9 @@
 #include "lm_internal.h"
 
 /* Per chunk: its cache file is known to be there (fetched, or opened) here; or the bucket's
-   copy was refused (corrupt twice: every later read fails at once, instead of fetching it
-   again per page). */
-enum { C_UNKNOWN = 0, C_CHECKED = 1, C_REFUSED = 2 };
+   copy was refused (corrupt twice) or is not there (404): every later read fails at once,
+   instead of fetching it again per page. */
+enum { C_UNKNOWN = 0, C_CHECKED = 1, C_REFUSED = 2, C_GONE = 3 };
 
 struct lm_objs {
     char *url_base;                  /* endpoint/bucket/.plm/chunks/ */
@@ -546,9 +546,12 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
                       bool fresh)
 {
     for (;;) {
-        if (atomic_load_explicit(&o->state[i], memory_order_acquire) == C_REFUSED)
+        uint8_t st = atomic_load_explicit(&o->state[i], memory_order_acquire);
+        if (st == C_REFUSED)
             return lm_fail("object store: a chunk in the bucket differs from its id (corrupt "
                            "chunk)", EBADMSG);
+        if (st == C_GONE)
+            return lm_fail("object store: a chunk is missing from the bucket", ENOENT);
         int rc = fresh ? 0 : cache_read(o, i, off, len, dst);
         if (rc != 0)
             return rc;
@@ -571,6 +574,11 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
                 cache_put(o, &o->chunks[i], buf);
         } else if (rc == -EBADMSG) {
             atomic_store_explicit(&o->state[i], C_REFUSED, memory_order_release);
+        } else if (rc == -ENOENT) {
+            /* chunks are content-addressed and never rewritten: one that is not there (a
+               removed snapshot's, or named by a manifest that points elsewhere) is not asked
+               for again by every page that needs it */
+            atomic_store_explicit(&o->state[i], C_GONE, memory_order_release);
         }
         free(buf);
         pthread_mutex_lock(&o->fetch_mu);

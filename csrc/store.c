@@ -744,8 +744,10 @@ static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
             if (bad)
                 bad[j] = 1;
             else
-                rc = lm_fail("snapshot store: an entry differs from its signature in the bucket "
-                             "too (corrupt chunk)", EBADMSG);
+                /* "object store:": Python raises ObjectStoreError for it (_errors.py) */
+                rc = lm_fail("object store: an entry differs from its signature in the bucket "
+                             "too (a corrupt chunk, or a manifest that points elsewhere)",
+                             EBADMSG);
         }
     }
     if (aside != again)

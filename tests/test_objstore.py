@@ -217,6 +217,78 @@ def test_sealed_manifests_with_bad_tables_are_refused(snap, bucket):
         == m.file_bytes
 
 
+@pytest.mark.uffd_full
+def test_resealed_manifests_never_serve_wrong_bytes(snap, bucket, cache, rng):
+    """A manifest whose chunk and entry tables were changed and sealed again (checksums right,
+    every entry still inside its chunk, so parse_manifest accepts it) points pages at other
+    bytes, or at chunks that are not there: each page is then served right or poisoned (its
+    signature, in the skeleton's own checksummed tables, decides), never served wrong."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    raw = _manifest_bytes(info.url)
+    m = objstore.parse_manifest(raw, info.url)
+    skel, nchunks, nent = len(m.skeleton), len(m.chunks), len(m.entries)
+    at_entries = skel + nchunks * objstore.CHUNK_DTYPE.itemsize
+
+    def entries_of(body):
+        return np.frombuffer(body, objstore.ENTRY_DTYPE, nent, at_entries)
+
+    def chunks_of(body):
+        return np.frombuffer(body, objstore.CHUNK_DTYPE, nchunks, skel)
+
+    def moved(body, fields):        # entries pointed at other pages of other chunks
+        e = entries_of(body)
+        for k in rng.choice(nent, size=5, replace=False).tolist():
+            c = int(rng.integers(0, nchunks))
+            e["chunk"][k] = c
+            e["offset"][k] = PAGE_SIZE * int(rng.integers(0, chunks_of(body)["length"][c] // PAGE_SIZE))
+
+    def swapped(body, fields):      # two entries' places exchanged
+        e = entries_of(body)
+        a, b = rng.choice(nent, size=2, replace=False).tolist()
+        e[[a, b]] = e[[b, a]]
+
+    def unknown_chunk(body, fields):   # a chunk id with no object behind it
+        chunks_of(body)["id"][int(rng.integers(0, nchunks))] ^= np.uint64(0x5A5A)
+
+    def longer_chunk(body, fields):   # a length its object does not have (entries fit)
+        chunks_of(body)["length"][int(rng.integers(0, nchunks))] += PAGE_SIZE
+    b, key = objstore.parse_url(info.url)
+    client = S3Client()
+    served = failed = 0
+    for n, edit in enumerate([moved, swapped, unknown_chunk, longer_chunk] * 2):
+        sealed = _resealed(raw, edit)
+        try:
+            objstore.parse_manifest(sealed, info.url)
+        except plm.SnapshotError:
+            continue   # refused where it is read: nothing to serve
+        name = "%s.hostile%d" % (key, n)
+        client.put(b, name, sealed)
+        with plm.restore("s3://%s/%s" % (b, name), prefetch="none", background=False) as r:
+            try:
+                r.materialize()
+            except (plm.ObjectStoreError, plm.PoisonedPageError):
+                # a call that could not serve a page raises and leaves the pages it did not
+                # reach lazy (touching one would fault, and raise SIGBUS if it cannot be
+                # served): page by page, then
+                for p in np.flatnonzero(r.meta["state"] != int(plm.PageState.PRESENT)).tolist():
+                    try:
+                        r.materialize(p * PAGE_SIZE, PAGE_SIZE)
+                    except (plm.ObjectStoreError, plm.PoisonedPageError):
+                        pass
+            present = np.flatnonzero(r.meta["state"] == int(plm.PageState.PRESENT))
+            v = pages(r)
+            for p in present.tolist():   # only present pages are read: none can fault
+                assert np.array_equal(v[p], data[p]), "page %d served wrong (%s)" % (
+                    p, edit.__name__)
+            served += present.size
+            failed += r.npages - present.size
+            st = r.stats()["object_store"]
+            if edit is unknown_chunk:   # a chunk the bucket lacks is asked for once, not per page
+                assert st["failures"] == 1 and st["requests"] == st["fetches"] + 1, st
+    assert failed > 0 and served > 0   # the edits took effect, and did not fail every page
+
+
 def test_hostile_tables_are_refused_by_the_core_too(snap, bucket):
     """An entry outside its chunk, handed to the core directly (as a buggy caller would)."""
     from pylazymem._binding import ffi, lib
