@@ -556,13 +556,14 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         if (rc != 0)
             return rc;
         pthread_mutex_lock(&o->fetch_mu);
-        if (o->fetching[i]) {   /* another thread is fetching it: wait, then look again */
+        if (o->fetching[i]) {
+            /* another thread is fetching it: wait, then look again from the top (the state:
+               the bucket may have refused it meanwhile; the cache, which has it now; else,
+               without a cache or for a fresh read, fetch it ourselves) */
             while (o->fetching[i])
                 pthread_cond_wait(&o->fetch_cv, &o->fetch_mu);
             pthread_mutex_unlock(&o->fetch_mu);
-            if (o->cache && !fresh)
-                continue;
-            pthread_mutex_lock(&o->fetch_mu);   /* no cache: fetch it ourselves */
+            continue;
         }
         o->fetching[i] = 1;
         pthread_mutex_unlock(&o->fetch_mu);

@@ -14,7 +14,10 @@ from __future__ import annotations
 import concurrent.futures
 import mmap
 import os
+import re
 import struct
+import tempfile
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -341,6 +344,12 @@ def _check_skeleton(skeleton, file_bytes, nentries, url):
     return h, lengths
 
 
+def _etag_ok(etag):
+    """An ETag fit to keep and to send back: printable ASCII, no spaces (an HTTP header
+    value that no client refuses to send)."""
+    return bool(etag) and len(etag) <= 256 and re.fullmatch(r"[!-~]+", etag) is not None
+
+
 def _kept(path):
     """(etag, body) of a manifest kept in the cache directory, or (None, None). Read, not
     mapped: a mapping would turn the file cut short under us (by anything but pylazymem,
@@ -351,13 +360,28 @@ def _kept(path):
     except OSError:
         return None, None
     nl = data.find(b"\n", 0, 1024)
-    try:
-        etag = data[:nl].decode() if nl > 0 else None
-    except UnicodeDecodeError:
-        etag = None
-    if etag is None:
+    etag = data[:nl].decode("ascii", "replace") if nl > 0 else None
+    if not _etag_ok(etag):   # damaged: as if nothing were kept (the bucket's copy replaces it)
         return None, None
     return etag, memoryview(data)[nl + 1:]
+
+
+def _in_background(fn, *args):
+    """A Future of fn(*args) run on a daemon thread: an interrupted or failed caller that
+    never waits for it does not hold the interpreter's exit for the request's timeout (a
+    ThreadPoolExecutor's thread would)."""
+    fut = concurrent.futures.Future()
+
+    def run():
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:   # handed to whoever asks for the result
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="pylazymem-manifest", daemon=True).start()
+    return fut
 
 
 def read_manifest(url, client=None, cache=None) -> Manifest:
@@ -373,9 +397,10 @@ def read_manifest_pending(url, client=None, cache=None):
     """(manifest, confirm): read_manifest in two steps, so that a warm restore does its own
     set-up during the round trip that asks the bucket whether the kept copy is current
     (a conditional GET on a thread, while the kept copy is checked here). confirm() waits for
-    the answer: None if the manifest is current, else the bucket's new one (kept from now on);
-    it raises what the request raised (FileNotFoundError, ObjectStoreError). confirm is None
-    when the manifest came from the bucket already (no usable kept copy)."""
+    the answer: None if the manifest is current, else the bucket's new one, checked (and kept,
+    where the cache directory takes it); it raises what the request raised
+    (FileNotFoundError, ObjectStoreError). confirm is None when the manifest came from the
+    bucket already (no usable kept copy)."""
     bucket, key = _split_url(url, "restore")
     if not key:
         raise ValueError("%s: names a bucket, not a snapshot (s3://bucket/prefix/NAME)" % url)
@@ -396,15 +421,13 @@ def read_manifest_pending(url, client=None, cache=None):
 
     def fetched(new_etag, data):   # the bucket's copy: checked, then kept
         m = parse_manifest(data, url)
-        if kept and new_etag and "\n" not in new_etag:
+        if kept and _etag_ok(new_etag):
             _keep(kept, new_etag, data)
         return m
 
     if etag is None:
         return fetched(*ask(None)), None
-    ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pylazymem-manifest")
-    answer = ex.submit(ask, etag)
-    ex.shutdown(wait=False)   # the thread ends with its request (bounded by its timeout)
+    answer = _in_background(ask, etag)
     try:
         m = parse_manifest(body, url)
     except S.SnapshotError:   # the kept copy is damaged: the bucket's, whole
@@ -420,13 +443,19 @@ def read_manifest_pending(url, client=None, cache=None):
 
 
 def _keep(kept, etag, data):
-    tmp = "%s.%d.tmp" % (kept, os.getpid())
+    """Keep a manifest (a temporary of this thread's own, then rename: a reader finds the
+    old copy or the new one whole, never one's ETag with the other's body)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(etag.encode() + b"\n")
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(kept) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(kept))
+    except OSError:   # a full or unwritable cache directory costs only this saving
+        return
+    try:
+        with open(fd, "wb") as f:
+            f.write(etag.encode("ascii") + b"\n")
             f.write(data)
         os.replace(tmp, kept)
-    except OSError:   # a full cache directory costs only this saving
+    except OSError:
         try:
             os.unlink(tmp)
         except OSError:
@@ -554,27 +583,38 @@ def native_store(m: Manifest, config, bucket):
     cfg.retries = _tunable("PYLAZYMEM_S3_RETRIES", 3, 0, 10)
     cfg.timeout_ms = _tunable("PYLAZYMEM_S3_TIMEOUT_MS", 30000, 1, 1 << 31)
     out = ffi.new("struct lm_objs **")
-    check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
-                          ffi.from_buffer("struct lm_objs_entry[]", m.entries), len(m.entries), out),
+    # copies: the manifest's tables are views at any offset of its bytes (the kept copy's
+    # ETag line shifts them), and C reads them as typed, aligned arrays
+    chunks, entries = m.chunks.copy(), m.entries.copy()
+    check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", chunks), len(chunks),
+                          ffi.from_buffer("struct lm_objs_entry[]", entries), len(entries), out),
           "restore from an object store")
     return out[0]
 
 
-def open_source(url):
+def open_source(url, manifest=None):
     """(manifest, skeleton fd, S3Config, bucket, confirm) for restore(url): the manifest read
     and checked with the caller's credentials, so that refused credentials fail here, before
     any fault. confirm: None, or read_manifest_pending's (the caller calls it before anything
-    is read from the store, and starts again with the new manifest if it returns one)."""
+    is read from the store, and starts again with the manifest it returns, if any, passed as
+    `manifest`: then nothing is asked again)."""
     client = S3Client()
     bucket, _ = _split_url(url, "restore")
     cache = None
-    if os.environ.get("PYLAZYMEM_CACHE_DIR") != "none":
-        cache = cache_dir(client.config, bucket)
-        os.makedirs(cache, mode=0o700, exist_ok=True)
-    m, confirm = read_manifest_pending(url, client, cache)
+    if manifest is not None:
+        m, confirm = manifest, None
+    else:
+        if os.environ.get("PYLAZYMEM_CACHE_DIR") != "none":
+            cache = cache_dir(client.config, bucket)
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+        m, confirm = read_manifest_pending(url, client, cache)
     return m, skeleton_fd(m), client.config, bucket, confirm
 
 
 class ManifestChanged(Exception):
-    """Internal: the snapshot was pushed again while restore() set up from the kept manifest
-    (restore starts again with the new one)."""
+    """Internal: the snapshot was pushed again while restore() set up from the kept manifest;
+    `manifest` is the new one (checked), which restore() starts again with."""
+
+    def __init__(self, manifest):
+        super().__init__("the snapshot was pushed again")
+        self.manifest = manifest

@@ -1051,19 +1051,16 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     if not (isinstance(path, str) and path.startswith("s3://")):
         return _restore_once(path, prefetch, background, verify, server, share, region_kw)
     from . import objstore
-    for attempt in range(3):
-        try:
-            return _restore_once(path, prefetch, background, verify, server, share, region_kw)
-        except objstore.ManifestChanged:
-            # pushed again while this restore set up from the kept manifest: again, with the
-            # new one (kept by now)
-            pass
-    from ._errors import ObjectStoreError
-    raise ObjectStoreError("%s: the snapshot was pushed again during each of 3 restores" % path,
-                           what="GET manifest")
+    try:
+        return _restore_once(path, prefetch, background, verify, server, share, region_kw)
+    except objstore.ManifestChanged as e:
+        # pushed again while this restore set up from the kept manifest: once more, with the
+        # bucket's new manifest as it was read (nothing asked again: it cannot be stale twice)
+        return _restore_once(path, prefetch, background, verify, server, share, region_kw,
+                             e.manifest)
 
 
-def _restore_once(path, prefetch, background, verify, server, share, region_kw):
+def _restore_once(path, prefetch, background, verify, server, share, region_kw, manifest=None):
     from ._binding import PAGE_SIZE, ffi, lib
     from ._binding import check
     from ._errors import InvalidArgumentError, SharingUnavailableError
@@ -1080,7 +1077,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw):
             raise InvalidArgumentError("restore(%r, server=...): a page server serves local "
                                        "files; restore from the object store directly" % path)
         from . import objstore
-        m, fd, s3config, bucket, confirm = objstore.open_source(path)
+        m, fd, s3config, bucket, confirm = objstore.open_source(path, manifest)
         remote = (m, s3config, bucket)
     else:
         fd = _open(path)
@@ -1181,10 +1178,11 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw):
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
                                      + [0])
-            if confirm is not None and confirm() is not None:
-                # the kept manifest was current when the set-up above began, no longer: nothing
-                # has been read from the store yet (the region is closed below)
-                raise objstore.ManifestChanged()
+            fresh = confirm() if confirm is not None else None
+            if fresh is not None:
+                # the kept manifest is not current: nothing has been read from the store yet
+                # (the region is closed below), and the caller starts again with this one
+                raise objstore.ManifestChanged(fresh)
             if prefetch == "working-set":
                 region.prefetch(p.working_set)
             elif prefetch == "all" and region.shared:

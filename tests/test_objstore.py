@@ -659,7 +659,7 @@ def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket
     objstore.push(tmp_path / "o.plm", "s3://%s" % bucket, name="same.plm")
     started = []   # the restore set up from the kept (old) manifest, then began again
     real = objstore.open_source
-    monkeypatch.setattr(objstore, "open_source", lambda u: started.append(u) or real(u))
+    monkeypatch.setattr(objstore, "open_source", lambda u, *a: started.append(u) or real(u, *a))
     for prefetch in ("working-set", "none"):
         with plm.restore(url, prefetch=prefetch, background=False) as r:
             assert np.array_equal(pages(r), other)
@@ -671,8 +671,11 @@ def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket
         p.write_bytes(bytes(b))
     with plm.restore(url, prefetch="none", background=False) as r:
         assert np.array_equal(pages(r), other)
-    # nor an empty one, or one without its ETag line: the bucket's copy, kept again
-    for damage in (b"", b"no etag line at all" * 100):
+    # nor an empty one, one without its ETag line, or one whose ETag no request can carry:
+    # the bucket's copy, kept again
+    good = _manifest_bytes(url)
+    for damage in (b"", b"no etag line at all" * 100, b'"e\rtag"\n' + good,
+                   '"\u20actag"\n'.encode() + good):
         for p in cache.rglob("m-*"):
             p.write_bytes(damage)
         with plm.restore(url, prefetch="none", background=False) as r:
@@ -680,9 +683,27 @@ def test_a_replaced_snapshot_is_never_served_from_the_kept_manifest(snap, bucket
         assert all(p.stat().st_size > 4096 for p in cache.rglob("m-*"))
 
 
+@pytest.mark.uffd_full
+def test_a_replaced_snapshot_is_restored_where_its_manifest_cannot_be_kept(snap, bucket, cache,
+                                                                          tmp_path, rng,
+                                                                          monkeypatch):
+    """The restart after a re-push takes the bucket's new manifest as read, not from the cache
+    (a full or read-only cache directory keeps the old copy there)."""
+    path, data = snap
+    url = objstore.push(path, "s3://%s" % bucket, name="same.plm").url
+    with plm.restore(url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+    other = _state_file(tmp_path / "o.plm", rng)
+    objstore.push(tmp_path / "o.plm", "s3://%s" % bucket, name="same.plm")
+    monkeypatch.setattr(objstore, "_keep", lambda *a: None)   # the cache takes nothing more
+    for _ in range(2):
+        with plm.restore(url, prefetch="working-set", background=False) as r:
+            assert np.array_equal(pages(r), other)
+
+
 def test_parse_manifest_reads_in_place(snap, bucket):
-    """A manifest is parsed where it lies (a warm restore maps the kept copy): the skeleton and
-    tables are read-only views of the buffer, never copies that a caller could change."""
+    """A manifest is parsed where it lies (a warm restore parses the kept copy as read): the
+    skeleton and tables are read-only views of the buffer, not copies."""
     path, _ = snap
     url = objstore.push(path, "s3://%s" % bucket, name="inplace.plm").url
     b, key = objstore.parse_url(url)

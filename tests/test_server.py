@@ -1133,11 +1133,13 @@ def test_fault_queue_full_never_drops_a_fault(tmp_path, sock, run_py):
     """The native engine's fault queue cannot grow (test hook: at most 1 message, as if
     malloc failed): faults it cannot keep are handed back to the kernel (their threads woken
     to fault again), never dropped. 16 threads fault concurrently, every one finishes with
-    the right bytes."""
+    the right bytes. The queue fills only when two faults are pending at once, which the
+    scheduler decides: the client runs again (a new process each time, every run checked)
+    until it has, at most 5 times."""
     npages = 256
     path, data = memory_file(tmp_path, npages)
     with PageServer(sock, memory_file=path, engine="c", _test_inject={"queue_cap": 1}) as srv:
-        res = run_py(client_code("""
+        code = client_code("""
 import ctypes, random, threading
 m = ServedMemory(sys.argv[1], [256 * PS], [0])
 want = open(sys.argv[2], "rb").read()
@@ -1162,11 +1164,15 @@ for t in ts:
 for t in ts:
     t.join()
 print("BAD", bad) if bad else print("OK")
-"""), args=(sock, str(path)), prelude=False, timeout=60)
-        assert res.returncode == 0 and res.stdout.strip() == "OK", res.describe()
-        st = srv.stats()
-        assert st["errors"] == 0 and st["poisoned"] == 0, st
-        assert st["redelivered"] > 0, "the queue never filled: the test did not test it"
+""")
+        for run in range(5):
+            res = run_py(code, args=(sock, str(path)), prelude=False, timeout=60)
+            assert res.returncode == 0 and res.stdout.strip() == "OK", res.describe()
+            st = srv.stats()
+            assert st["errors"] == 0 and st["poisoned"] == 0, st
+            if st["redelivered"]:
+                break
+        assert st["redelivered"] > 0, "the queue never filled in 5 runs: nothing was tested"
 
 
 @pytest.mark.core(reason="calls lm_srv_start of the compiled core")
