@@ -178,13 +178,6 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     if (nchunks > UINT32_MAX || nentries > LM_SNAP_MAX_STORED || (nentries && !entries) ||
         (nchunks && !chunks))
         return lm_fail("object store: chunk or entry count out of range", EINVAL);
-    /* Inputs from a manifest (checked in Python too): every entry inside its chunk. */
-    for (size_t c = 0; c < nchunks; c++)
-        if (chunks[c].length == 0 || chunks[c].length > LM_OBJS_MAX_CHUNK)
-            return lm_fail("object store: a chunk of 0 bytes or over 64 MiB", EINVAL);
-    for (size_t e = 0; e < nentries; e++)
-        if (entries[e].chunk >= nchunks || entries[e].offset >= chunks[entries[e].chunk].length)
-            return lm_fail("object store: an entry outside its chunk", EINVAL);
     struct lm_objs *o = calloc(1, sizeof(*o));
     if (!o)
         return lm_fail("calloc(object store)", ENOMEM);
@@ -234,12 +227,27 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
         lm_objs_free(o);
         return lm_fail("malloc(object store)", ENOMEM);
     }
+    /* Copied before anything is read of them: the caller's tables may lie at any address
+       (views of a manifest's bytes), ours are aligned. */
     if (nchunks)
         memcpy(o->chunks, chunks, nchunks * sizeof(*chunks));
     if (nentries)
         memcpy(o->entries, entries, nentries * sizeof(*entries));
     o->nchunks = nchunks;
     o->nentries = nentries;
+    /* Inputs from a manifest (checked in Python too): every entry inside its chunk. */
+    const char *bad_table = NULL;
+    for (size_t c = 0; c < nchunks && !bad_table; c++)
+        if (o->chunks[c].length == 0 || o->chunks[c].length > LM_OBJS_MAX_CHUNK)
+            bad_table = "object store: a chunk of 0 bytes or over 64 MiB";
+    for (size_t e = 0; e < nentries && !bad_table; e++)
+        if (o->entries[e].chunk >= nchunks ||
+            o->entries[e].offset >= o->chunks[o->entries[e].chunk].length)
+            bad_table = "object store: an entry outside its chunk";
+    if (bad_table) {
+        lm_objs_free(o);
+        return lm_fail(bad_table, EINVAL);
+    }
     if (o->cache && mkdir(o->cache, 0700) < 0 && errno != EEXIST) {
         int err = errno;
         lm_objs_free(o);

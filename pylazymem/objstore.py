@@ -583,9 +583,9 @@ def native_store(m: Manifest, config, bucket):
     cfg.retries = _tunable("PYLAZYMEM_S3_RETRIES", 3, 0, 10)
     cfg.timeout_ms = _tunable("PYLAZYMEM_S3_TIMEOUT_MS", 30000, 1, 1 << 31)
     out = ffi.new("struct lm_objs **")
-    # copies: the manifest's tables are views at any offset of its bytes (the kept copy's
-    # ETag line shifts them), and C reads them as typed, aligned arrays
-    chunks, entries = m.chunks.copy(), m.entries.copy()
+    # the manifest's tables are views at any offset of its bytes (the kept copy's ETag line
+    # shifts them): lm_objs_new copies them before it reads them as aligned arrays
+    chunks, entries = m.chunks, m.entries
     check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", chunks), len(chunks),
                           ffi.from_buffer("struct lm_objs_entry[]", entries), len(entries), out),
           "restore from an object store")

@@ -8,8 +8,11 @@
 # repository, so the editable install in this checkout is left alone; the tests run from that
 # copy with the venv's Python, with gcc's libasan and libubsan preloaded (Python itself is not
 # instrumented, so the runtime must come first). Every process of the run, subprocesses too,
-# writes its sanitizer reports to $WORK/reports/; the script fails if pytest fails or if any
+# writes its ASan reports to $WORK/reports/; the script fails if pytest fails or if any
 # report ("ERROR: AddressSanitizer", "runtime error:") appears there or in the output.
+# UBSan's reports go to stderr whatever its log_path says (gcc's combined runtime: measured),
+# so pytest captures only at the Python level (--capture=sys): a report written just before
+# an abort would otherwise die with pytest's capture of the test's file descriptors.
 #
 # Options for the sanitizers:
 #   detect_leaks=0     Python's own allocations are not ours to judge (leaks are checked by
@@ -89,7 +92,7 @@ echo "   tests import $(echo "$where" | head -1)"
 echo "== running the test suite under ASan + UBSan"
 t0=$(date +%s)
 set +e
-(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider -rs "$@") 2>&1 \
+(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider --capture=sys -rs "$@") 2>&1 \
     | tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
