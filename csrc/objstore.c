@@ -284,9 +284,9 @@ static int by_age(const void *a, const void *b)
 }
 
 /* Keep the cache under its bound: the least recently used chunks go (their mtime is touched
-   at each process's first use, unless touched within the last minute). One process evicts at a time (flock); a chunk removed while
-   another process reads it stays readable through its open descriptor, and a later reader
-   that finds it gone fetches it again. */
+   at each process's first use, unless touched within the last minute). One process evicts
+   at a time (flock); a chunk removed while another process reads it stays readable through
+   its open descriptor, and a later reader that finds it gone fetches it again. */
 static void evict(struct lm_objs *o)
 {
     char lock[4096];

@@ -585,9 +585,8 @@ def native_store(m: Manifest, config, bucket):
     out = ffi.new("struct lm_objs **")
     # the manifest's tables are views at any offset of its bytes (the kept copy's ETag line
     # shifts them): lm_objs_new copies them before it reads them as aligned arrays
-    chunks, entries = m.chunks, m.entries
-    check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", chunks), len(chunks),
-                          ffi.from_buffer("struct lm_objs_entry[]", entries), len(entries), out),
+    check(lib.lm_objs_new(cfg, ffi.from_buffer("struct lm_objs_chunk[]", m.chunks), len(m.chunks),
+                          ffi.from_buffer("struct lm_objs_entry[]", m.entries), len(m.entries), out),
           "restore from an object store")
     return out[0]
 

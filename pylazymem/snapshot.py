@@ -1048,7 +1048,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     restores privately. Sharing verifies every page it publishes into the pool
     (docs/shared-pages.md). Other keyword arguments go to Region().
     """
-    if not (isinstance(path, str) and path.startswith("s3://")):
+    where = os.fspath(path)
+    if not (isinstance(where, str) and where.startswith("s3://")):
         return _restore_once(path, prefetch, background, verify, server, share, region_kw)
     from . import objstore
     try:
