@@ -108,15 +108,20 @@ memstore device bytes = $STORE_BYTES
 bluestore block create = true
 bluestore block size = $STORE_BYTES
 osd memory target = 1073741824
+# the crush entry is made by this script before the OSD starts; the OSD's own update at start
+# is a monitor command sent before it has the monitor map, with a zero fsid, which the
+# monitor refuses ("wrong fsid": the OSD then exits), in about one start out of three here
+osd crush update on start = false
+osd class update on start = false
 [mon.a]
-mon data = $DIR/mon/a
+mon data = $DIR/$fsid/mon/a
 [mgr.x]
-mgr data = $DIR/mgr/x
+mgr data = $DIR/$fsid/mgr/x
 [osd.0]
-osd data = $DIR/osd/0
+osd data = $DIR/$fsid/osd/0
 [client.rgw.a]
 rgw frontends = beast endpoint=$ADDR:$PORT
-rgw data = $DIR/rgw/a
+rgw data = $DIR/$fsid/rgw/a
 rgw dns name = $ADDR
 EOF
 }
@@ -152,6 +157,27 @@ cmd_start() {
         echo "s3-server.sh: already running at $(endpoint) (state in $DIR)"
         return 0
     fi
+    # A fresh cluster from nothing, up to three times: a loaded machine has failed single
+    # steps of a start (the monitor refusing `osd new` with EPERM just after it started; the
+    # OSD's start-time crush update, now off in the configuration: "wrong fsid"), and a start
+    # again from nothing succeeded each time. Each attempt runs in a subshell: its `die` ends
+    # only it, and its EXIT trap stops what it started. (Not as an `if` condition: there bash
+    # ignores `set -e` inside, and a failing step would not end the attempt.)
+    local attempt rc
+    for attempt in 1 2 3; do
+        set +e
+        (set -e; start_once)
+        rc=$?
+        set -e
+        [ "$rc" -eq 0 ] && return 0
+        echo "s3-server.sh: start attempt $attempt of 3 failed (above)" >&2
+        cmd_stop quiet
+        sleep 2
+    done
+    die "the gateway did not start in 3 attempts"
+}
+
+start_once() {
     cmd_stop quiet
     # another cluster (or anything) on our ports would answer our commands: refuse, loudly
     local p
@@ -162,9 +188,12 @@ cmd_start() {
     done
     # a start that fails leaves nothing running (test.sh stops only a gateway that came up)
     trap 'cmd_stop quiet' EXIT
-    mkdir -p "$DIR"/{run,log,mon/a,mgr/x,osd/0,rgw/a}
     local fsid
     fsid="$(python3 -c 'import uuid; print(uuid.uuid4())')"
+    # The daemons' data under a directory of this cluster's own: a daemon of an earlier
+    # cluster still going down (a memstore OSD writes its store out when it stops) cannot
+    # write into this one's.
+    mkdir -p "$DIR"/{run,log} "$DIR/$fsid"/{mon/a,mgr/x,osd/0,rgw/a}
     write_conf "$fsid"
 
     # monitor
@@ -245,6 +274,14 @@ cmd_stop() {
     # a daemon that never wrote its pid file (killed while starting) is ours by its config
     if [ -f "$CONF" ] && pkill -9 -f -- "-c $CONF" 2>/dev/null; then
         sleep 0.5
+    fi
+    # killed is not yet gone: a process with much memory keeps its sockets while it is torn
+    # down; the next start needs the ports
+    if [ -f "$CONF" ]; then
+        for _ in $(seq 1 40); do
+            pgrep -f -- "-c $CONF" >/dev/null 2>&1 || break
+            sleep 0.25
+        done
     fi
     rm -rf "$DIR"
     [ -n "$quiet" ] || echo "s3-server.sh: stopped"
