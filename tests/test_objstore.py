@@ -167,6 +167,21 @@ def test_hostile_manifests_are_refused(snap, bucket, rng):
             objstore.parse_manifest(data[:cut], info.url)
 
 
+def _table_views(m):
+    """(chunks_of, entries_of): writable views of the chunk and entry tables in a manifest
+    body laid out as m's (for edits that _resealed seals again)."""
+    skel, nchunks = len(m.skeleton), len(m.chunks)
+
+    def chunks_of(body):
+        return np.frombuffer(body, objstore.CHUNK_DTYPE, nchunks, skel)
+
+    def entries_of(body):
+        return np.frombuffer(body, objstore.ENTRY_DTYPE, len(m.entries),
+                             skel + nchunks * objstore.CHUNK_DTYPE.itemsize)
+
+    return chunks_of, entries_of
+
+
 def _resealed(data, edit):
     """The manifest `data` with edit(body) applied and both checksums made right again: what
     a hostile writer sends (a byte flip alone stops at a checksum)."""
@@ -185,14 +200,8 @@ def test_sealed_manifests_with_bad_tables_are_refused(snap, bucket):
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
     data = _manifest_bytes(info.url)
     m = objstore.parse_manifest(data, info.url)
-    skel, nchunks = len(m.skeleton), len(m.chunks)
-    at_entries = skel + nchunks * objstore.CHUNK_DTYPE.itemsize
-
-    def entries_of(body):
-        return np.frombuffer(body, objstore.ENTRY_DTYPE, len(m.entries), at_entries)
-
-    def chunks_of(body):
-        return np.frombuffer(body, objstore.CHUNK_DTYPE, nchunks, skel)
+    nchunks = len(m.chunks)
+    chunks_of, entries_of = _table_views(m)
 
     def last_entry_past_its_chunk(body, fields):   # one byte over
         e = entries_of(body)
@@ -227,14 +236,8 @@ def test_resealed_manifests_never_serve_wrong_bytes(snap, bucket, cache, rng):
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
     raw = _manifest_bytes(info.url)
     m = objstore.parse_manifest(raw, info.url)
-    skel, nchunks, nent = len(m.skeleton), len(m.chunks), len(m.entries)
-    at_entries = skel + nchunks * objstore.CHUNK_DTYPE.itemsize
-
-    def entries_of(body):
-        return np.frombuffer(body, objstore.ENTRY_DTYPE, nent, at_entries)
-
-    def chunks_of(body):
-        return np.frombuffer(body, objstore.CHUNK_DTYPE, nchunks, skel)
+    nchunks, nent = len(m.chunks), len(m.entries)
+    chunks_of, entries_of = _table_views(m)
 
     def moved(body, fields):        # entries pointed at other pages of other chunks
         e = entries_of(body)
