@@ -12,7 +12,6 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -35,7 +34,7 @@ int lm_signatures(struct lm_region *r, size_t first, size_t n, uint64_t *out)
         uint8_t s = lm_hold(r, i);
         uint64_t sig;
         if (s == LM_PRESENT) {
-            sig = XXH3_64bits(r->base + i * r->page_size, r->page_size);
+            sig = lm_xxh3(r->base + i * r->page_size, r->page_size);
             lm_meta_note_signature(r, i, sig);
         } else if (s == LM_EMPTY) {
             sig = r->zero_sig;    /* fresh anonymous memory reads as zero */
@@ -196,7 +195,7 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
             e->sig = r->zero_sig;
         } else {
             e->cls = LM_SNAP_STORED;
-            e->sig = XXH3_64bits(mem, r->page_size);
+            e->sig = lm_xxh3(mem, r->page_size);
         }
         if (!v.frozen)   /* the page's contents now, not the pause's */
             lm_meta_note_signature(r, p, e->sig);

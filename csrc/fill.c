@@ -12,7 +12,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -42,7 +41,7 @@ static int assemble(struct lm_region *r, struct lm_serve_thread *t, size_t first
             return rc;
         if (r->src_verify) {
             for (size_t k = 0; k < run; k++) {
-                if (XXH3_64bits(out + k * ps, ps) != r->meta[first + i + k].signature) {
+                if (lm_xxh3(out + k * ps, ps) != r->meta[first + i + k].signature) {
                     t->bad_page = first + i + k;
                     return lm_fail("verify: page contents differ from the snapshot's signature",
                                    EBADMSG);

@@ -278,6 +278,7 @@ int lm_stats(struct lm_region *r, struct lm_stats *out);
 int lm_timeline(struct lm_region *r, uint32_t *us, uint8_t *path);
 uint64_t lm_hist_bucket_upper(int bucket);
 uint64_t lm_xxh3(const void *data, size_t len);
+const char *lm_xxh3_impl(void);
 
 /* ---- snapshots (docs/snapshot-format.md) --------------------------------------------- */
 

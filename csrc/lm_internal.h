@@ -87,6 +87,8 @@ struct uffdio_poison {
 int lm_fail(const char *op, int err);   /* records op, returns -err */
 #define LM_FAIL(op) lm_fail((op), errno)
 uint64_t lm_now_ns(void);
+/* XXH3-128 of data: out[0] the low half, out[1] the high (util.c, as lm_xxh3) */
+void lm_xxh3_128(const void *data, size_t len, uint64_t out[2]);
 /* pthread_create with every signal blocked in the new thread: our native threads must never
    run a signal handler (Python's run in its main thread). 0 or an errno value. */
 int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg);

@@ -34,7 +34,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -266,8 +265,9 @@ static bool chunk_ok(const struct lm_objs_chunk *c, const void *data, size_t len
 {
     if (len != c->length)
         return false;
-    XXH128_hash_t h = XXH3_128bits(data, len);
-    return h.low64 == c->id[0] && h.high64 == c->id[1];
+    uint64_t h[2];
+    lm_xxh3_128(data, len, h);
+    return h[0] == c->id[0] && h[1] == c->id[1];
 }
 
 /* ---- the cache directory ------------------------------------------------------------- */

@@ -23,7 +23,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -46,7 +45,7 @@ uint64_t lm_pool_id(uint64_t header_xxh3, uint64_t npages, uint64_t page_size)
     for (int i = 0; i < 3; i++)
         for (int b = 0; b < 8; b++)
             buf[LM_POOL_TAG_LEN + 8 * i + b] = (unsigned char)(v[i] >> (8 * b));
-    return XXH3_64bits(buf, sizeof buf);
+    return lm_xxh3(buf, sizeof buf);
 }
 
 int lm_pool_check_args(uint64_t npages, uint64_t page_size, uint64_t *bytes)

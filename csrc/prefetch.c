@@ -12,7 +12,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -95,7 +94,7 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
             i++;
             continue;
         }
-        if (r->src_verify && XXH3_64bits(src, ps) != r->meta[p].signature) {
+        if (r->src_verify && lm_xxh3(src, ps) != r->meta[p].signature) {
             lm_poison_page(r, p, lm_fail("verify: page contents differ from the snapshot's "
                                          "signature", EBADMSG));
             i++;
@@ -108,7 +107,7 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
                pairs[2 * (i + run) + 1] == p + run && !(blk && (p + run) % blk == 0) &&
                !bad[idx + run - base] &&
                (!r->src_verify ||
-                XXH3_64bits(src + run * ps, ps) == r->meta[p + run].signature))
+                lm_xxh3(src + run * ps, ps) == r->meta[p + run].signature))
             run++;
         char *dst = r->base + p * ps;
         /* One ioctl that also wakes: prefetch normally runs before anyone can fault here, and

@@ -17,7 +17,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -223,7 +222,7 @@ int lm_region_create(size_t nbytes, const struct lm_config *cfg, struct lm_regio
         goto fail;
     }
     r->zero_src = z;
-    r->zero_sig = XXH3_64bits(z, ps);
+    r->zero_sig = lm_xxh3(z, ps);
     /* An all-zero record is a fresh page (EMPTY, class NONE): the metadata memfd needs no
        initialisation pass and costs memory only where pages are used. */
 

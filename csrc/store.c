@@ -16,7 +16,6 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "lm_internal.h"
 
@@ -69,7 +68,7 @@ static int canon_index_insert(struct lm_region *r, uint64_t sig, uint32_t id)
 
 int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64_t *sig_out)
 {
-    uint64_t sig = XXH3_64bits(page, r->page_size);
+    uint64_t sig = lm_xxh3(page, r->page_size);
     int rc = 0;
     pthread_mutex_lock(&r->canon_lock);
     size_t mask = r->canon_index_cap - 1;
@@ -505,7 +504,7 @@ static int raw_signatures(struct lm_region *r, struct lm_src_file *f, uint64_t *
         size_t k = f->nstored - i < chunk ? (size_t)(f->nstored - i) : chunk, got;
         rc = layer_read(r, f, i, k, buf, NULL, &got);
         for (size_t j = 0; rc == 0 && j < k; j++)
-            sigs[i + j] = XXH3_64bits(buf + j * ps, ps);
+            sigs[i + j] = lm_xxh3(buf + j * ps, ps);
         i += k;
     }
     free(buf);
@@ -535,7 +534,7 @@ int lm_source_signatures(struct lm_region *r)
         } else {
             rc = src_pread(f, sigs + f->first, f->nstored * sizeof(uint64_t), f->sigs_off, 0);
             if (rc == 0 &&
-                XXH3_64bits(sigs + f->first, f->nstored * sizeof(uint64_t)) != f->sigs_xxh3)
+                lm_xxh3(sigs + f->first, f->nstored * sizeof(uint64_t)) != f->sigs_xxh3)
                 rc = lm_fail("snapshot signatures: checksum mismatch (corrupt signature "
                              "section)", EBADMSG);
         }
@@ -677,7 +676,7 @@ static int layer_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, 
             src = aside;
         }
         rc = lm_unpack_entry(src, elen, w, ps, out);
-        if (rc == 0 && (!sigs || XXH3_64bits(out, ps) != sigs[f->first + e + j]))
+        if (rc == 0 && (!sigs || lm_xxh3(out, ps) != sigs[f->first + e + j]))
             rc = lm_fail(sigs ? "snapshot store: a decoded page differs from its signature "
                                 "(corrupt compressed entry)"
                               : "snapshot store: compressed entries without signatures",
@@ -738,7 +737,7 @@ static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
             }
             int dr = f->index ? lm_unpack_entry(src, elen, w, ps, out)
                               : (src != out ? (memcpy(out, src, ps), 0) : 0);
-            ok = dr == 0 && XXH3_64bits(out, ps) == sigs[f->first + e + j];
+            ok = dr == 0 && lm_xxh3(out, ps) == sigs[f->first + e + j];
         }
         if (!ok && rc == 0) {
             if (bad)

@@ -56,6 +56,11 @@ class Features:
     # write-protect and PAGEMAP_SCAN (6.7); needs the compiled core. Why not, when False.
     background_checkpoint: bool = False
     background_checkpoint_reason: str = "needs the compiled core (the cffi backend)"
+    # Which XXH3 the core hashes pages and chunks with (csrc/util.c): "xxh3-dispatch" (the
+    # system libxxhash's run-time choice of AVX2 / AVX-512 kernel), "xxh3" (its plain,
+    # baseline entry points: a library built without its dispatcher, or another CPU), or ""
+    # without the compiled core.
+    hashing: str = ""
 
     @property
     def unservable_fault(self):
@@ -149,7 +154,9 @@ def _probe_cffi(acquire):
     bg_why = _background_reason(mode, out.api_features)
     return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why,
                                codecs=codecs, background_checkpoint=not bg_why,
-                               background_checkpoint_reason=bg_why)
+                               background_checkpoint_reason=bg_why,
+                               hashing={"dispatch": "xxh3-dispatch"}.get(
+                                   ffi.string(lib.lm_xxh3_impl()).decode(), "xxh3"))
 
 
 def _background_reason(mode, feats):
