@@ -41,6 +41,14 @@
    copy was refused (corrupt twice) or is not there (404): every later read fails at once,
    instead of fetching it again per page. */
 enum { C_UNKNOWN = 0, C_CHECKED = 1, C_REFUSED = 2, C_GONE = 3 };
+/* Per chunk: whether an entry that failed its check has had the bucket's copy fetched in
+   place of the cache file (lm_objs_reread): once per chunk and object, not once per entry. */
+enum { R_NONE = 0, R_FETCHING = 1, R_DONE = 2 };
+/* A chunk whose fetch failed after its retries (the network, the server, credentials) is not
+   asked for again within this long: a fault on a run of pages retries each page alone, and
+   readers that waited on the failed fetch each tried again, so one outage cost the whole
+   retry cycle (up to retries x timeout) once per page. Later reads try again. */
+#define FAILED_HOLD_NS 2000000000ull
 
 struct lm_objs {
     char *url_base;                  /* endpoint/bucket/.plm/chunks/ */
@@ -54,13 +62,18 @@ struct lm_objs {
     struct lm_objs_entry *entries;
     size_t nentries;
     _Atomic uint8_t *state;          /* per chunk */
+    _Atomic uint8_t *refreshed;      /* per chunk: R_* (lm_objs_reread), under fetch_mu to wait */
+    _Atomic uint64_t *failed_ns;     /* per chunk: when a fetch of it last failed, or 0 */
     pthread_mutex_t fetch_mu;        /* one fetch of a chunk at a time in this process */
     pthread_cond_t fetch_cv;
     uint8_t *fetching;               /* per chunk, under fetch_mu */
-    pthread_key_t curl_key;          /* each thread its own easy handle (and connection) */
+    /* Easy handles (each with its kept-alive connection) not in use: a request takes one and
+       gives it back, so that a thread that outlives the object (the caller's, which prefetch
+       and faults also run on) holds none of its handles or sockets after lm_objs_free. */
+    pthread_mutex_t curl_mu;
+    CURL **idle;
+    size_t nidle, idle_cap;
     _Atomic int *fds;                /* per chunk: its cache file kept open, or -1 */
-    _Atomic int open_fds;
-    int fd_keep;                     /* cache files kept open at most (a quarter of the fd limit) */
     /* Read-ahead (lm_objs_willneed): chunks queued for the fetcher threads, which bring them
        into the cache while the caller works on earlier ones. Each chunk is queued once. */
     pthread_mutex_t q_mu;
@@ -75,6 +88,23 @@ struct lm_objs {
     _Atomic uint64_t st[LM_OBJS_NSTATS];
 };
 
+/* Cache files kept open, by every object of the process together: at most a quarter of the
+   descriptor limit (read once), so that several restores at once leave the process, its
+   sockets and Python's own files the rest. */
+static _Atomic int kept_fds;
+static int kept_fds_max(void)
+{
+    static _Atomic int max;
+    int m = atomic_load_explicit(&max, memory_order_relaxed);
+    if (!m) {
+        struct rlimit rl;
+        m = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY
+            ? (int)(rl.rlim_cur / 4) : 256;
+        atomic_store_explicit(&max, m > 0 ? m : 1, memory_order_relaxed);
+    }
+    return m;
+}
+
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
 static CURLcode curl_init_rc;
 
@@ -88,9 +118,32 @@ static void count(struct lm_objs *o, int which, uint64_t n)
     atomic_fetch_add_explicit(&o->st[which], n, memory_order_relaxed);
 }
 
-static void free_curl(void *h)
+static CURL *handle_take(struct lm_objs *o)
 {
-    curl_easy_cleanup(h);
+    pthread_mutex_lock(&o->curl_mu);
+    CURL *h = o->nidle ? o->idle[--o->nidle] : NULL;
+    pthread_mutex_unlock(&o->curl_mu);
+    return h ? h : curl_easy_init();
+}
+
+static void handle_give_back(struct lm_objs *o, CURL *h)
+{
+    pthread_mutex_lock(&o->curl_mu);
+    if (o->nidle == o->idle_cap) {
+        size_t cap = o->idle_cap ? 2 * o->idle_cap : 8;
+        CURL **g = realloc(o->idle, cap * sizeof(*g));
+        if (g) {
+            o->idle = g;
+            o->idle_cap = cap;
+        }
+    }
+    if (o->nidle < o->idle_cap) {
+        o->idle[o->nidle++] = h;
+        h = NULL;
+    }
+    pthread_mutex_unlock(&o->curl_mu);
+    if (h)
+        curl_easy_cleanup(h);   /* no room to keep it: only its connection is lost */
 }
 
 static char *dup_or_null(const char *s, int *bad)
@@ -114,14 +167,19 @@ void lm_objs_free(struct lm_objs *o)
     for (int i = 0; i < o->nfetchers; i++)
         pthread_join(o->fetchers[i], NULL);
     for (size_t i = 0; o->fds && i < o->nchunks; i++)
-        if (o->fds[i] >= 0)
+        if (o->fds[i] >= 0) {
             close(o->fds[i]);
+            atomic_fetch_sub(&kept_fds, 1);
+        }
     pthread_mutex_destroy(&o->q_mu);
     pthread_cond_destroy(&o->q_cv);
     free((void *)o->fds);
     free(o->queue);
     free(o->queued);
-    pthread_key_delete(o->curl_key);   /* handles of live threads go with those threads */
+    for (size_t i = 0; i < o->nidle; i++)   /* every request is over: all handles idle */
+        curl_easy_cleanup(o->idle[i]);
+    free(o->idle);
+    pthread_mutex_destroy(&o->curl_mu);
     pthread_mutex_destroy(&o->fetch_mu);
     pthread_cond_destroy(&o->fetch_cv);
     free(o->url_base);
@@ -133,6 +191,8 @@ void lm_objs_free(struct lm_objs *o)
     free(o->chunks);
     free(o->entries);
     free((void *)o->state);
+    free((void *)o->refreshed);
+    free((void *)o->failed_ns);
     free(o->fetching);
     free(o);
 }
@@ -184,14 +244,7 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     pthread_cond_init(&o->fetch_cv, NULL);
     pthread_mutex_init(&o->q_mu, NULL);
     pthread_cond_init(&o->q_cv, NULL);
-    if (pthread_key_create(&o->curl_key, free_curl)) {
-        pthread_mutex_destroy(&o->fetch_mu);
-        pthread_cond_destroy(&o->fetch_cv);
-        pthread_mutex_destroy(&o->q_mu);
-        pthread_cond_destroy(&o->q_cv);
-        free(o);
-        return lm_fail("pthread_key_create", EAGAIN);
-    }
+    pthread_mutex_init(&o->curl_mu, NULL);
     int bad = 0;
     size_t elen = strlen(cfg->endpoint);
     while (elen && cfg->endpoint[elen - 1] == '/')
@@ -207,22 +260,22 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     if (cfg->cache_dir && *cfg->cache_dir)
         o->cache = dup_or_null(cfg->cache_dir, &bad);
     o->cache_max = cfg->cache_max_bytes;
-    struct rlimit rl;
-    o->fd_keep = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY
-                 ? (int)(rl.rlim_cur / 4) : 256;
     o->retries = cfg->retries > 10 ? 10 : cfg->retries;
     o->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 30000;
     o->chunks = malloc((nchunks ? nchunks : 1) * sizeof(*chunks));
     o->entries = malloc((nentries ? nentries : 1) * sizeof(*entries));
     o->state = calloc(nchunks ? nchunks : 1, 1);
+    o->refreshed = calloc(nchunks ? nchunks : 1, 1);
+    o->failed_ns = calloc(nchunks ? nchunks : 1, sizeof(*o->failed_ns));
     o->fetching = calloc(nchunks ? nchunks : 1, 1);
     o->fds = malloc((nchunks ? nchunks : 1) * sizeof(*o->fds));
     o->queue = malloc((nchunks ? nchunks : 1) * sizeof(*o->queue));
     o->queued = calloc(nchunks ? nchunks : 1, 1);
     for (size_t i = 0; o->fds && i < nchunks; i++)
         o->fds[i] = -1;
-    if (bad || !o->chunks || !o->entries || !o->state || !o->fetching || !o->fds || !o->queue ||
-        !o->queued) {
+    if (bad || !o->chunks || !o->entries || !o->state || !o->refreshed || !o->failed_ns ||
+        !o->fetching ||
+        !o->fds || !o->queue || !o->queued) {
         lm_objs_free(o);
         return lm_fail("malloc(object store)", ENOMEM);
     }
@@ -379,7 +432,7 @@ static void cache_drop(struct lm_objs *o, size_t i)
     int fd = atomic_exchange(&o->fds[i], -1);
     if (fd >= 0) {
         close(fd);
-        atomic_fetch_sub(&o->open_fds, 1);
+        atomic_fetch_sub(&kept_fds, 1);
     }
     uint8_t c = C_CHECKED;
     atomic_compare_exchange_strong(&o->state[i], &c, C_UNKNOWN);
@@ -388,7 +441,7 @@ static void cache_drop(struct lm_objs *o, size_t i)
 
 /* Read [off, off + len) of chunk i from the cache into dst. 1 done, 0 not (or no longer) in
    the cache. The caller checks what it got (check_run). The file stays open once found (up
-   to fd_keep of them), so later reads are one pread. */
+   to the process's budget, kept_fds_max), so later reads are one pread. */
 static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, char *dst)
 {
     if (!o->cache)
@@ -428,10 +481,10 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         atomic_compare_exchange_strong(&o->state[i], &u, C_CHECKED);
     }
     int none = -1;
-    if (atomic_fetch_add(&o->open_fds, 1) < o->fd_keep &&
+    if (atomic_fetch_add(&kept_fds, 1) < kept_fds_max() &&
         atomic_compare_exchange_strong(&o->fds[i], &none, fd))
         return 1;   /* kept */
-    atomic_fetch_sub(&o->open_fds, 1);
+    atomic_fetch_sub(&kept_fds, 1);
     close(fd);
     return 1;
 }
@@ -453,26 +506,22 @@ static size_t sink_write(char *data, size_t size, size_t n, void *arg)
     return k;
 }
 
-static CURL *thread_handle(struct lm_objs *o)
-{
-    CURL *h = pthread_getspecific(o->curl_key);
-    if (!h) {
-        h = curl_easy_init();
-        if (h && pthread_setspecific(o->curl_key, h)) {
-            curl_easy_cleanup(h);
-            h = NULL;
-        }
-    }
-    return h;
-}
+static int get_with(struct lm_objs *o, CURL *h, const struct lm_objs_chunk *c, char *buf);
 
 /* One GET of chunk c into buf (c->length bytes). 0, or -errno: -EAGAIN for what a retry may
    mend (network, 5xx, 429, a wrong body), -EACCES / -ENOENT / -EIO for a refusal. */
 static int get_once(struct lm_objs *o, const struct lm_objs_chunk *c, char *buf)
 {
-    CURL *h = thread_handle(o);
+    CURL *h = handle_take(o);
     if (!h)
         return lm_fail("curl_easy_init", ENOMEM);
+    int rc = get_with(o, h, c, buf);
+    handle_give_back(o, h);
+    return rc;
+}
+
+static int get_with(struct lm_objs *o, CURL *h, const struct lm_objs_chunk *c, char *buf)
+{
     char hex[33], url[2048];
     chunk_hex(c, hex);
     snprintf(url, sizeof(url), "%s%s", o->url_base, hex);
@@ -563,6 +612,10 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         int rc = fresh ? 0 : cache_read(o, i, off, len, dst);
         if (rc != 0)
             return rc;
+        uint64_t failed = atomic_load_explicit(&o->failed_ns[i], memory_order_acquire);
+        if (failed && lm_now_ns() - failed < FAILED_HOLD_NS)
+            return lm_fail("object store: GET of a chunk failed moments ago (network, server "
+                           "or credentials); not asked again yet", EIO);
         pthread_mutex_lock(&o->fetch_mu);
         if (o->fetching[i]) {
             /* another thread is fetching it: wait, then look again from the top (the state:
@@ -589,6 +642,8 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
                for again by every page that needs it */
             atomic_store_explicit(&o->state[i], C_GONE, memory_order_release);
         }
+        atomic_store_explicit(&o->failed_ns[i], rc < 0 ? lm_now_ns() : 0,
+                              memory_order_release);
         free(buf);
         pthread_mutex_lock(&o->fetch_mu);
         o->fetching[i] = 0;
@@ -691,9 +746,29 @@ int lm_objs_reread(struct lm_objs *o, uint64_t e, size_t len, char *out)
     const struct lm_objs_entry *x = &o->entries[e];
     if ((uint64_t)x->offset + len > o->chunks[x->chunk].length)
         return lm_fail("object store: an entry outside its chunk", EBADMSG);
-    if (o->cache)
-        cache_drop(o, x->chunk);   /* a damaged cache file: the bucket's copy instead */
-    int rc = chunk_read(o, x->chunk, x->offset, (uint32_t)len, out, true);
+    /* A damaged cache file: the first entry of the chunk to fail its check drops the file and
+       fetches the bucket's copy (checked against the chunk's id, and cached); the chunk's
+       other entries that fail wait for that, then read it, instead of fetching the chunk
+       again each (a zero-filled cache file of 128 entries cost 128 downloads). Whoever
+       still finds an entry wrong in the bucket's copy refuses it. */
+    size_t c = x->chunk;
+    uint8_t none = R_NONE;
+    if (atomic_compare_exchange_strong(&o->refreshed[c], &none, R_FETCHING)) {
+        if (o->cache)
+            cache_drop(o, c);
+        int rc = chunk_read(o, c, x->offset, (uint32_t)len, out, true);
+        pthread_mutex_lock(&o->fetch_mu);
+        atomic_store(&o->refreshed[c], R_DONE);
+        pthread_cond_broadcast(&o->fetch_cv);
+        pthread_mutex_unlock(&o->fetch_mu);
+        return rc < 0 ? rc : 0;
+    }
+    pthread_mutex_lock(&o->fetch_mu);
+    while (atomic_load(&o->refreshed[c]) == R_FETCHING)
+        pthread_cond_wait(&o->fetch_cv, &o->fetch_mu);
+    pthread_mutex_unlock(&o->fetch_mu);
+    /* the cache has the bucket's copy now (or, where it could not keep it, a fetch) */
+    int rc = chunk_read(o, c, x->offset, (uint32_t)len, out, false);
     return rc < 0 ? rc : 0;
 }
 

@@ -89,8 +89,9 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
         uint64_t idx = pairs[2 * i], p = pairs[2 * i + 1];
         const char *src = buf + (idx - base) * ps;
         if (bad[idx - base]) {   /* a compressed entry that does not decode: never served */
-            lm_poison_page(r, p, lm_fail("snapshot store: entry does not decompress to one "
-                                         "page (corrupt compressed entry)", EBADMSG));
+            lm_poison_page(r, p, lm_fail("snapshot store: an entry does not decompress to its "
+                                         "page or differs from its signature (corrupt entry)",
+                                         EBADMSG));
             i++;
             continue;
         }
@@ -246,7 +247,8 @@ static void *pipeline_copier(void *arg)
         uint8_t *bad = pl->bad[idx % PREFETCH_BUFS];
         int drc = lm_src_decode(pl->r, b->base, b->count, buf, bad);
         if (drc < 0) {
-            /* only an allocation fails a whole decode: the batch stays not done, and its
+            /* a whole decode fails on an allocation, or on an object store that could not
+               be asked again (the network, credentials): the batch stays not done, and its
                pages go back to lazy when the pipeline ends (copy_store_pipelined) */
             pthread_mutex_lock(&pl->mu);
             pl->rc = drc;

@@ -729,7 +729,12 @@ static int objs_decode(struct lm_region *r, struct lm_src_file *f, uint64_t e, s
             if (attempt) {   /* once more, from the bucket */
                 int rr = lm_objs_reread(f->objs, e + j, elen, aside);
                 if (rr < 0) {
-                    if (!bad)
+                    /* A chunk the bucket refuses (corrupt, EBADMSG) or lacks (ENOENT): the
+                       entry is bad for good. Anything else (the network after its retries,
+                       refused credentials, no memory) may pass: the whole read fails, so
+                       that its pages stay lazy and the caller raises, instead of poisoning
+                       pages the bucket holds intact. */
+                    if (!bad || (rr != -EBADMSG && rr != -ENOENT))
                         rc = rr;
                     break;
                 }

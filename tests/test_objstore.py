@@ -385,6 +385,225 @@ def test_a_damaged_cache_file_is_never_used(snap, bucket, cache, codec, tmp_path
 
 
 @pytest.mark.uffd_full
+@pytest.mark.parametrize("prefetch", ["all", "none"])
+def test_a_damaged_cache_file_costs_one_download(snap, bucket, cache, prefetch):
+    """Every entry of a zero-filled cache file fails its check: the first one fetches the
+    bucket's copy, the others read that copy (they fetched the chunk once each before: 16
+    downloads of one chunk here, 128 for a 512 KiB chunk). prefetch="all": the prefetch
+    pipeline (entries checked in batches); "none": the fault path."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        pages(r).sum()
+    victim = _cached_files(cache)[0]
+    size = os.path.getsize(victim)
+    victim.write_bytes(bytes(size))                    # the right size, no right byte
+    with plm.restore(info.url, prefetch=prefetch, background=False) as r:
+        assert np.array_equal(pages(r), data)
+        st = r.stats()["object_store"]
+        assert r.poisoned_pages().size == 0
+    assert st["fetches"] == 1 and st["cache_bad"] == 1, st
+    assert os.path.getsize(victim) == size and any(victim.read_bytes())   # mended
+
+
+_FILL_CACHE = r"""
+with plm.restore(sys.argv[1], prefetch="none", background=False) as r:
+    pages(r).sum()
+"""
+
+
+_CACHE_BAD_NETWORK_GONE = r"""
+url, stop_file = sys.argv[1], sys.argv[2]
+r = plm.restore(url, prefetch="none", background=False)   # manifest and set-up: gateway up
+open(stop_file, "w").close()                               # the test cuts the relay now
+while os.path.exists(stop_file):
+    time.sleep(0.01)
+try:
+    r.prefetch(np.arange(r.npages))
+    print("NO_RAISE", flush=True)
+except plm.ObjectStoreError as e:
+    print("RAISED", str(e)[:100], flush=True)
+print("STATS", json.dumps(r.stats()["object_store"]), flush=True)
+print("POISONED", r.poisoned_pages().size, flush=True)
+present = int((r.meta["state"] == int(plm.PageState.PRESENT)).sum())
+print("PRESENT", present, "OF", r.npages, flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_a_damaged_cache_file_with_the_gateway_gone_leaves_pages_lazy(snap, bucket, cache,
+                                                                      run_py, tmp_path,
+                                                                      monkeypatch):
+    """A cache entry fails its check and the bucket cannot be asked again (the network, not
+    the chunk): the prefetch raises and leaves those pages lazy, for a later access to get
+    from the bucket; it does not poison pages the bucket holds intact."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
+    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
+    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))
+    # The cache is per endpoint: filled through the relay, as the restore below reads it; in
+    # a process of its own (the relay's threads need this one's GIL, which a fault holds).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:%d" % proxy.address[1])
+    filled = run_py(_FILL_CACHE, timeout=120, args=(info.url,))
+    assert filled.returncode == 0, filled.describe()
+    victim = _cached_files(cache)[0]
+    with open(victim, "r+b") as f:          # one flipped byte: one entry fails its check
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    stop_file = tmp_path / "stop-now"
+    done = threading.Event()
+
+    def stopper():
+        while not stop_file.exists() and not done.is_set():
+            done.wait(0.01)
+        proxy.cut()
+        stop_file.unlink(missing_ok=True)
+    threading.Thread(target=stopper, daemon=True).start()
+    try:
+        res = run_py(_CACHE_BAD_NETWORK_GONE, timeout=120,
+                     env={"PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
+                     args=(info.url, str(stop_file)))
+    finally:
+        done.set()
+    assert res.returncode == 0, res.describe()
+    raised = [l for l in res.stdout.splitlines() if l.startswith("RAISED")]
+    assert raised and "object store" in raised[0], res.describe()
+    assert "POISONED 0\n" in res.stdout, res.describe()
+    n = int(res.stdout.split("PRESENT ", 1)[1].split()[0])
+    assert n < data.shape[0], res.describe()   # the failed batch's pages: lazy
+    st = json.loads(res.stdout.split("STATS ", 1)[1].splitlines()[0])
+    assert st["cache_bad"] == 1 and st["fetches"] == 0 and st["failures"] == 1, st
+
+
+_FDS = r"""
+def fds(prefix):
+    out = 0
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out += os.readlink("/proc/self/fd/" + f).startswith(prefix)
+        except OSError:
+            pass
+    return out
+"""
+
+_NO_SOCKET_KEPT = _FDS + r"""
+url = sys.argv[1]
+def cycle():
+    with plm.restore(url, prefetch="none", background=False) as r:
+        r.prefetch(np.arange(8))           # one batch: fetched on this (the caller's) thread
+        assert pages(r)[:8].any()
+cycle()
+base = fds("socket:")
+for _ in range(5):
+    cycle()
+print("GROWTH", fds("socket:") - base, flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_closed_restores_keep_no_connection(snap, bucket, run_py):
+    """A request's easy handle (and its kept-alive connection) belongs to the object store
+    reader, not to the thread that made the request: restoring and closing again and again
+    on one thread leaves no socket behind (one per cycle before)."""
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
+    res = run_py(_NO_SOCKET_KEPT, timeout=120, env={"PYLAZYMEM_CACHE_DIR": "none"},
+                 args=(info.url,))
+    assert res.returncode == 0, res.describe()
+    assert "GROWTH 0\n" in res.stdout, res.describe()
+
+
+_FD_BUDGET = r"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+""" + _FDS + r"""
+url, cache = sys.argv[1], sys.argv[2]
+a = plm.restore(url, prefetch="all", background=False)
+b = plm.restore(url, prefetch="all", background=False)
+print("KEPT", fds(cache), flush=True)
+assert np.array_equal(pages(a), pages(b))
+a.close(); b.close()
+print("AFTER", fds(cache), flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_cache_files_kept_open_within_one_budget_per_process(snap, bucket, cache, run_py):
+    """Cache files stay open for later reads up to a quarter of the descriptor limit for the
+    whole process, however many restores it has (each had its own quarter before: four
+    restores took every descriptor)."""
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
+    with plm.restore(info.url, prefetch="all", background=False):
+        pass                                   # the cache filled: ~180 chunk files
+    assert len(_cached_files(cache)) > 40
+    res = run_py(_FD_BUDGET, timeout=120, args=(info.url, str(cache)))
+    assert res.returncode == 0, res.describe()
+    kept = int(res.stdout.split("KEPT ", 1)[1].split()[0])
+    assert 0 < kept <= 16, res.describe()
+    assert "AFTER 0\n" in res.stdout, res.describe()
+
+
+_OUTAGE = r"""
+url, stop_file = sys.argv[1], sys.argv[2]
+r = plm.restore(url, prefetch="none", background=False)   # set up while the gateway is up
+open(stop_file, "w").close()                               # the test cuts the relay now
+while os.path.exists(stop_file):
+    time.sleep(0.01)
+t0 = time.monotonic()
+r.background_start()                                       # every chunk: a failed fetch
+while r.stats()["background_running"]:
+    assert time.monotonic() - t0 < 100, r.stats()["object_store"]
+    time.sleep(0.01)
+print("STATS", json.dumps(r.stats()["object_store"]), flush=True)
+try:
+    r.meta
+except plm.ObjectStoreError:   # the failures no call reported: raised once
+    print("RAISED_ONCE", flush=True)
+print("POISONED", r.poisoned_pages().size, flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_an_outage_costs_each_chunk_one_retry_cycle(snap, bucket, cache, run_py, tmp_path):
+    """The gateway gone: a fill that fails a run of pages tries each page alone, and each of
+    those asked the bucket again with all its retries (a run of 64 pages: 64 retry cycles,
+    up to retries x timeout each: minutes of a fault that does not end). A chunk whose fetch
+    failed is not asked for again for a moment: about one retry cycle per chunk."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=256 << 10)
+    nchunks = len(objstore.read_manifest(info.url).chunks)
+    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
+    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))
+    stop_file = tmp_path / "stop-now"
+    done = threading.Event()
+
+    def stopper():
+        while not stop_file.exists() and not done.is_set():
+            done.wait(0.01)
+        proxy.cut()
+        stop_file.unlink(missing_ok=True)
+    threading.Thread(target=stopper, daemon=True).start()
+    try:
+        res = run_py(_OUTAGE, timeout=150,
+                     env={"AWS_ENDPOINT_URL": "http://127.0.0.1:%d" % proxy.address[1],
+                          "PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
+                     args=(info.url, str(stop_file)))
+    finally:
+        done.set()
+    assert res.returncode == 0, res.describe()
+    st = json.loads(res.stdout.split("STATS ", 1)[1].splitlines()[0])
+    assert st["fetches"] == 0 and st["failures"] > 0, st
+    # two attempts (retries=1) per chunk, twice over for a chunk asked again after the hold
+    assert st["requests"] <= 4 * nchunks, (st, nchunks)
+    assert "RAISED_ONCE" in res.stdout, res.describe()
+    poisoned = int(res.stdout.split("POISONED ", 1)[1].split()[0])
+    assert poisoned > 0, res.describe()   # never read as anything: poisoned
+
+
+@pytest.mark.uffd_full
 def test_cache_stays_under_its_bound(snap, bucket, cache, monkeypatch):
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
