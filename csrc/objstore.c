@@ -85,6 +85,7 @@ struct lm_objs {
     int nfetchers;
     bool stop;
     _Atomic uint64_t inserted;       /* cache bytes written since the last eviction scan */
+    _Atomic bool wrote;              /* this reader has written to the cache (and so evicted) */
     _Atomic uint64_t st[LM_OBJS_NSTATS];
 };
 
@@ -325,6 +326,10 @@ static bool chunk_ok(const struct lm_objs_chunk *c, const void *data, size_t len
 
 /* ---- the cache directory ------------------------------------------------------------- */
 
+/* A temporary this old is a dead writer's (a live one renames its file within a request's
+   time): removed by the next eviction scan. */
+#define STALE_TMP_SEC 600
+
 /* Oldest first, then size: what eviction removes first. */
 struct cached { struct timespec t; off_t size; char name[40]; };
 
@@ -336,8 +341,10 @@ static int by_age(const void *a, const void *b)
     return (x->t.tv_nsec > y->t.tv_nsec) - (x->t.tv_nsec < y->t.tv_nsec);
 }
 
-/* Keep the cache under its bound: the least recently used chunks go (their mtime is touched
-   at each process's first use, unless touched within the last minute). One process evicts
+/* Keep the cache under its bound: the least recently used chunks and kept manifests go
+   (a chunk's mtime is touched at each process's first use, unless touched within the last
+   minute); temporaries of dead writers go too. Run by a reader at its first write to the
+   cache and after each sixteenth of the bound it writes. One process evicts
    at a time (flock); a chunk removed while another process reads it stays readable through
    its open descriptor, and a later reader that finds it gone fetches it again. */
 static void evict(struct lm_objs *o)
@@ -355,11 +362,25 @@ static void evict(struct lm_objs *o)
     struct cached *list = NULL;
     size_t n = 0, cap = 0;
     uint64_t total = 0;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
     for (struct dirent *de; d && (de = readdir(d));) {
         struct stat st;
-        if (strlen(de->d_name) != 32 || fstatat(dirfd(d), de->d_name, &st, 0) < 0 ||
+        const char *nm = de->d_name;
+        size_t len = strlen(nm);
+        bool tmp = strncmp(nm, ".tmp.", 5) == 0 ||
+                   (strncmp(nm, "m-", 2) == 0 && len > 4 && strcmp(nm + len - 4, ".tmp") == 0);
+        /* chunks (32 hex digits) and kept manifests (m-<16 hex digits>) count and go by age;
+           temporaries left by dead writers go once old; the lock and anything else stay */
+        bool counted = len == 32 || (len == 18 && strncmp(nm, "m-", 2) == 0);
+        if ((!tmp && !counted) || fstatat(dirfd(d), nm, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
             !S_ISREG(st.st_mode))
-            continue;   /* chunks only: temporaries and the lock are not counted */
+            continue;
+        if (tmp) {
+            if (now.tv_sec - st.st_mtim.tv_sec > STALE_TMP_SEC)
+                unlinkat(dirfd(d), nm, 0);
+            continue;
+        }
         if (n == cap) {
             cap = cap ? 2 * cap : 256;
             struct cached *g = realloc(list, cap * sizeof(*list));
@@ -369,7 +390,7 @@ static void evict(struct lm_objs *o)
         }
         list[n].t = st.st_mtim;
         list[n].size = st.st_size;
-        memcpy(list[n].name, de->d_name, 33);
+        memcpy(list[n].name, nm, len + 1);
         total += (uint64_t)st.st_size;
         n++;
     }
@@ -412,7 +433,10 @@ static void cache_put(struct lm_objs *o, const struct lm_objs_chunk *c, const ch
     if (ok && rename(tmp, path) == 0) {
         count(o, LM_OBJS_CACHE_WRITES, 1);
         uint64_t since = atomic_fetch_add(&o->inserted, c->length) + c->length;
-        if (o->cache_max && since > o->cache_max / 16) {
+        /* at this reader's first write too: many short restores that each write less than a
+           sixteenth of the bound would otherwise never evict, and the directory grow */
+        bool first = !atomic_exchange(&o->wrote, true);
+        if (o->cache_max && (first || since > o->cache_max / 16)) {
             atomic_store(&o->inserted, 0);
             evict(o);
         }

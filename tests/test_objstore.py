@@ -616,6 +616,43 @@ def test_cache_stays_under_its_bound(snap, bucket, cache, monkeypatch):
     assert total <= (256 << 10)
 
 
+@pytest.mark.uffd_full
+def test_a_small_restore_keeps_the_cache_under_its_bound(snap, bucket, cache, monkeypatch):
+    """Eviction also runs at a reader's first write: a restore that writes less than a
+    sixteenth of the bound still brings an over-full directory back under it (before, many
+    such restores never evicted). The scan clears temporaries a dead writer left (older than
+    10 minutes), keeps a live writer's, and counts kept manifests."""
+    path, data = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        pages(r)[:1].sum()                    # the cache directory made, a chunk in it
+    d = _cached_files(cache)[0].parent
+    for f in _cached_files(cache):
+        f.unlink()
+    old = 1_000_000_000                       # 2001: long ago
+    for i in range(12):                       # 12 MiB of other chunks, sparse, long unused
+        with open(d / ("%032x" % (i + 1)), "wb") as f:
+            f.truncate(1 << 20)
+        os.utime(d / ("%032x" % (i + 1)), (old, old))
+    (d / ("m-%016x" % 7)).write_bytes(b"etag\n" + bytes(1000))
+    os.utime(d / ("m-%016x" % 7), (old - 1000, old - 1000))   # the oldest of all
+    (d / ".tmp.dead.1.2").write_bytes(b"x")
+    os.utime(d / ".tmp.dead.1.2", (old, old))
+    (d / ".tmp.live.1.3").write_bytes(b"x")   # a writer at work right now
+    monkeypatch.setenv("PYLAZYMEM_CACHE_MAX_BYTES", str(8 << 20))
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r)[:8], data[:8])   # writes one or two chunks: < 512 KiB
+        st = r.stats()["object_store"]
+    assert 0 < st["cache_writes"] * (32 << 10) < (8 << 20) // 16
+    assert st["evicted"] >= 5, st
+    names = {p.name for p in d.iterdir()}
+    assert ".tmp.dead.1.2" not in names and ".tmp.live.1.3" in names
+    assert "m-%016x" % 7 not in names          # the oldest go first, kept manifests too
+    total = sum(p.stat().st_size for p in d.iterdir()
+                if len(p.name) == 32 or (len(p.name) == 18 and p.name.startswith("m-")))
+    assert total <= 8 << 20
+
+
 _FULL_CACHE = r"""
 import resource, signal
 want = np.load(sys.argv[2])
