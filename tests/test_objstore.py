@@ -406,6 +406,32 @@ def test_a_damaged_cache_file_costs_one_download(snap, bucket, cache, prefetch):
     assert os.path.getsize(victim) == size and any(victim.read_bytes())   # mended
 
 
+def _relay():
+    """A relay to the gateway, which the test can cut as a gateway that went away."""
+    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
+    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))
+    return proxy, "http://127.0.0.1:%d" % proxy.address[1]
+
+
+def _run_then_cut(run_py, code, proxy, endpoint, tmp_path, args, env, timeout=120):
+    """run_py(code) against `endpoint` (the relay); the snippet's last argument is a file it
+    creates when the relay is to be cut, then waits for it to be gone."""
+    stop_file = tmp_path / "stop-now"
+    done = threading.Event()
+
+    def stopper():
+        while not stop_file.exists() and not done.is_set():
+            done.wait(0.01)
+        proxy.cut()
+        stop_file.unlink(missing_ok=True)
+    threading.Thread(target=stopper, daemon=True).start()
+    try:
+        return run_py(code, timeout=timeout, env=dict(env, AWS_ENDPOINT_URL=endpoint),
+                      args=tuple(args) + (str(stop_file),))
+    finally:
+        done.set()
+
+
 _FILL_CACHE = r"""
 with plm.restore(sys.argv[1], prefetch="none", background=False) as r:
     pages(r).sum()
@@ -432,19 +458,17 @@ print("PRESENT", present, "OF", r.npages, flush=True)
 
 @pytest.mark.uffd_full
 def test_a_damaged_cache_file_with_the_gateway_gone_leaves_pages_lazy(snap, bucket, cache,
-                                                                      run_py, tmp_path,
-                                                                      monkeypatch):
+                                                                      run_py, tmp_path):
     """A cache entry fails its check and the bucket cannot be asked again (the network, not
     the chunk): the prefetch raises and leaves those pages lazy, for a later access to get
     from the bucket; it does not poison pages the bucket holds intact."""
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=64 << 10)
-    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
-    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))
+    proxy, endpoint = _relay()
     # The cache is per endpoint: filled through the relay, as the restore below reads it; in
     # a process of its own (the relay's threads need this one's GIL, which a fault holds).
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:%d" % proxy.address[1])
-    filled = run_py(_FILL_CACHE, timeout=120, args=(info.url,))
+    filled = run_py(_FILL_CACHE, timeout=120, env={"AWS_ENDPOINT_URL": endpoint},
+                    args=(info.url,))
     assert filled.returncode == 0, filled.describe()
     victim = _cached_files(cache)[0]
     with open(victim, "r+b") as f:          # one flipped byte: one entry fails its check
@@ -452,21 +476,9 @@ def test_a_damaged_cache_file_with_the_gateway_gone_leaves_pages_lazy(snap, buck
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
-    stop_file = tmp_path / "stop-now"
-    done = threading.Event()
-
-    def stopper():
-        while not stop_file.exists() and not done.is_set():
-            done.wait(0.01)
-        proxy.cut()
-        stop_file.unlink(missing_ok=True)
-    threading.Thread(target=stopper, daemon=True).start()
-    try:
-        res = run_py(_CACHE_BAD_NETWORK_GONE, timeout=120,
-                     env={"PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
-                     args=(info.url, str(stop_file)))
-    finally:
-        done.set()
+    res = _run_then_cut(run_py, _CACHE_BAD_NETWORK_GONE, proxy, endpoint, tmp_path,
+                        (info.url,),
+                        {"PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"})
     assert res.returncode == 0, res.describe()
     raised = [l for l in res.stdout.splitlines() if l.startswith("RAISED")]
     assert raised and "object store" in raised[0], res.describe()
@@ -575,24 +587,10 @@ def test_an_outage_costs_each_chunk_one_retry_cycle(snap, bucket, cache, run_py,
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=256 << 10)
     nchunks = len(objstore.read_manifest(info.url).chunks)
-    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
-    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))
-    stop_file = tmp_path / "stop-now"
-    done = threading.Event()
-
-    def stopper():
-        while not stop_file.exists() and not done.is_set():
-            done.wait(0.01)
-        proxy.cut()
-        stop_file.unlink(missing_ok=True)
-    threading.Thread(target=stopper, daemon=True).start()
-    try:
-        res = run_py(_OUTAGE, timeout=150,
-                     env={"AWS_ENDPOINT_URL": "http://127.0.0.1:%d" % proxy.address[1],
-                          "PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
-                     args=(info.url, str(stop_file)))
-    finally:
-        done.set()
+    proxy, endpoint = _relay()
+    res = _run_then_cut(run_py, _OUTAGE, proxy, endpoint, tmp_path, (info.url,),
+                        {"PYLAZYMEM_S3_RETRIES": "1", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
+                        timeout=150)
     assert res.returncode == 0, res.describe()
     st = json.loads(res.stdout.split("STATS ", 1)[1].splitlines()[0])
     assert st["fetches"] == 0 and st["failures"] > 0, st
@@ -737,25 +735,10 @@ def test_gateway_stopped_mid_restore_fails_loudly(snap, bucket, cache, run_py, t
     path, data = snap
     info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=32 << 10)
     np.save(tmp_path / "want.npy", data)
-    u = urllib.parse.urlsplit(os.environ["AWS_ENDPOINT_URL"])
-    proxy = Relay(("127.0.0.1", 0), (u.hostname, u.port))   # the gateway, as far as it knows
-    stop_file = tmp_path / "stop-now"
-    done = threading.Event()
-
-    def stopper():
-        while not stop_file.exists() and not done.is_set():
-            done.wait(0.01)
-        proxy.cut()
-        stop_file.unlink(missing_ok=True)
-    threading.Thread(target=stopper, daemon=True).start()
-    try:
-        res = run_py(_GATEWAY_GONE, timeout=120,
-                     env={"AWS_ENDPOINT_URL": "http://127.0.0.1:%d" % proxy.address[1],
-                          "PYLAZYMEM_S3_RETRIES": "2",
-                          "PYLAZYMEM_S3_TIMEOUT_MS": "2000"},
-                     args=(info.url, str(tmp_path / "want.npy"), str(stop_file)))
-    finally:
-        done.set()
+    proxy, endpoint = _relay()   # the gateway, as far as the restore knows
+    res = _run_then_cut(run_py, _GATEWAY_GONE, proxy, endpoint, tmp_path,
+                        (info.url, str(tmp_path / "want.npy")),
+                        {"PYLAZYMEM_S3_RETRIES": "2", "PYLAZYMEM_S3_TIMEOUT_MS": "2000"})
     assert "BEFORE" in res.stdout, res.describe()
     assert "READ" not in res.stdout, "a page was read as something: " + res.describe()
     assert res.returncode == SIGBUS_RC, res.describe()
