@@ -29,9 +29,11 @@ def test_core_xxh3_is_the_xxhash_package_s():
         for off in (0, 1, 7):   # the kernels load unaligned
             b = data[off:off + n]
             assert lib.lm_xxh3(ffi.from_buffer(b), n) == xxhash.xxh3_64_intdigest(b), (n, off)
+    assert plm.features().hashing in ("xxh3", "xxh3-dispatch")
 
 
 @pytest.mark.core
+@pytest.mark.source   # pylazymem._build reads csrc/lazymem.h: not in an installed package
 def test_features_name_the_hash_the_build_uses():
     from pylazymem import _build
 
@@ -88,6 +90,7 @@ def _cpu_flags():
 
 
 @pytest.mark.cc
+@pytest.mark.source   # builds csrc/util.c
 @pytest.mark.timeout(120)
 def test_dispatched_hash_leaves_vector_state_clean(tmp_path):
     from pylazymem import _build
