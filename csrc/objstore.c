@@ -275,8 +275,7 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     for (size_t i = 0; o->fds && i < nchunks; i++)
         o->fds[i] = -1;
     if (bad || !o->chunks || !o->entries || !o->state || !o->refreshed || !o->failed_ns ||
-        !o->fetching ||
-        !o->fds || !o->queue || !o->queued) {
+        !o->fetching || !o->fds || !o->queue || !o->queued) {
         lm_objs_free(o);
         return lm_fail("malloc(object store)", ENOMEM);
     }

@@ -109,14 +109,14 @@ void lm_xxh3_128(const void *data, size_t len, uint64_t out[2])
     out[1] = h.high64;
 }
 
-/* Which XXH3 entry points lm_xxh3 calls, for features(): "dispatch" (the library's run-time
-   choice of kernel) or "plain". */
+/* Which XXH3 entry points lm_xxh3 calls, as features().hashing says it: "xxh3-dispatch" (the
+   library's run-time choice of kernel) or "xxh3" (the plain ones). */
 const char *lm_xxh3_impl(void)
 {
 #ifdef LM_XXH_DISPATCH
-    return "dispatch";
+    return "xxh3-dispatch";
 #else
-    return "plain";
+    return "xxh3";
 #endif
 }
 

@@ -155,8 +155,7 @@ def _probe_cffi(acquire):
     return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why,
                                codecs=codecs, background_checkpoint=not bg_why,
                                background_checkpoint_reason=bg_why,
-                               hashing={"dispatch": "xxh3-dispatch"}.get(
-                                   ffi.string(lib.lm_xxh3_impl()).decode(), "xxh3"))
+                               hashing=ffi.string(lib.lm_xxh3_impl()).decode())
 
 
 def _background_reason(mode, feats):
