@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -416,9 +417,13 @@ static void cache_put(struct lm_objs *o, const struct lm_objs_chunk *c, const ch
     char hex[33], path[4096], tmp[4096];
     chunk_hex(c, hex);
     snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
-    snprintf(tmp, sizeof(tmp), "%s/.tmp.%s.%d.%lu", o->cache, hex, (int)getpid(),
-             (unsigned long)pthread_self());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /* A name no other writer can pick: processes in different PID namespaces share pids
+       (and thread addresses), and two writers of one temporary would tear it. */
+    uint64_t nonce;
+    if (getrandom(&nonce, sizeof(nonce), GRND_NONBLOCK) != (ssize_t)sizeof(nonce))
+        nonce = (uint64_t)lm_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)&nonce;
+    snprintf(tmp, sizeof(tmp), "%s/.tmp.%s.%016llx", o->cache, hex, (unsigned long long)nonce);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     bool ok = fd >= 0;
     for (size_t done = 0; ok && done < c->length;) {
         ssize_t w = write(fd, data + done, c->length - done);

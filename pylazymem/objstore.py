@@ -24,6 +24,7 @@ import numpy as np
 import xxhash
 
 from . import _snapfile as S
+from ._atomic import _abandon, _commit, _temporary
 from ._errors import ObjectStoreError
 from ._s3 import S3Client, parse_url
 
@@ -484,9 +485,11 @@ def pull(url, out, *, client=None) -> str:
     bucket, _ = parse_url(url)
     out = os.fspath(out)
     h = m.header
-    tmp = "%s.%d.pull.tmp" % (out, os.getpid())
+    # a snapshot temporary as checkpoint() makes one: locked until the rename, so that the
+    # next writer's sweep removes it only once this process is gone
+    fd, tmp = _temporary(out)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb", closefd=False) as f:
             f.write(m.skeleton[:h["store_offset"]])
             store_at = f.tell()
             f.truncate(store_at + h["store_bytes"])
@@ -501,7 +504,7 @@ def pull(url, out, *, client=None) -> str:
                 data = fetch_chunk(client, bucket, m, c)
                 for e in by_chunk[c]:
                     o, ln = int(m.entries["offset"][e]), int(m.lengths[e])
-                    os.pwrite(f.fileno(), data[o:o + ln], store_at + int(offs[e]))
+                    os.pwrite(fd, data[o:o + ln], store_at + int(offs[e]))
                 return len(data)
 
             with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
@@ -510,15 +513,11 @@ def pull(url, out, *, client=None) -> str:
             f.seek(store_at + h["store_bytes"])
             f.write(m.skeleton[h["store_offset"]:])
             f.flush()
-            os.fsync(f.fileno())
         S.inspect(tmp)   # the whole file checked as any snapshot is
-        os.replace(tmp, out)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _abandon(fd, tmp)
         raise
+    _commit(fd, tmp, out, durable=True)
     return out
 
 

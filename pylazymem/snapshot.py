@@ -6,15 +6,16 @@ new region whose pages are deferred updates served from that store, prefetches t
 returns, and lets the fault path and a background thread bring in the rest.
 """
 import errno
-import glob
+import fcntl
 import json
 import os
 import re
-import tempfile
 import threading
 
 import numpy as np
 
+# Writers replace files whole through locked temporaries (checkpoint, save, compact).
+from ._atomic import _abandon, _commit, _temporary
 # The file reader (format constants, checks, inspect, page_sources) is a module of its own
 # below this one: it needs no compiled code and the page server uses it too.
 from ._snapfile import (  # noqa: F401  (inspect, inspect_tables, page_sources re-exported)
@@ -71,27 +72,6 @@ def _working_set_arg(region, working_set):
         raise InvalidArgumentError("working_set has page indices outside 0..%d"
                                    % (region.npages - 1))
     return ws.astype(np.uint64)
-
-
-def _sweep_stale_temporaries(path):
-    """Temporaries of checkpoints whose process died (kill -9) are removed by the next one."""
-    d, base = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(d), ".%s.*.tmp" % glob.escape(base))):
-        m = re.match(r"\.%s\.(\d+)\..*\.tmp$" % re.escape(base), os.path.basename(tmp))
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        except PermissionError:
-            pass   # another user's live process
 
 
 def _json_dtype(dtype):
@@ -559,48 +539,6 @@ def _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs, index=None)
     os.ftruncate(fd, h["file_bytes"])
 
 
-def _temporary(path):
-    """(fd, name) of a new temporary beside `path`, for an atomic replacement by _commit()."""
-    d, base = os.path.split(os.path.abspath(path))
-    _sweep_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
-    except BaseException:
-        _abandon(fd, tmp)
-        raise
-    return fd, tmp
-
-
-def _commit(fd, tmp, path, durable):
-    """Replace `path` with the finished temporary. It owns fd and tmp from the call on (the
-    caller must not abandon them): whatever fails, the fd is closed once and the temporary
-    removed, and the error is the one that happened."""
-    try:
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        _abandon(fd, tmp)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        _abandon(-1, tmp)
-        raise
-    if durable:
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _abandon(fd, tmp):
-    if fd >= 0:
-        os.close(fd)
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-
-
 def _layout(npages, ps, nstored, nws, manifest_bytes, parent_id=0, store_bytes=None):
     """Header fields of a file with these sections: sizes and offsets, in section order.
     Version 2 unless the file has a parent (parent_id) or a compressed store (store_bytes:
@@ -669,17 +607,6 @@ def _pwrite_all(fd, data, offset):
         view, offset = view[n:], offset + n
 
 
-def _umask():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
 def _dedup_keep_order(ws, npages):
     if not ws.size:
         return ws
@@ -689,20 +616,6 @@ def _dedup_keep_order(ws, npages):
         return ws
     _, first = np.unique(ws, return_index=True)
     return ws[np.sort(first)]
-
-
-def _fsync_dir(d):
-    try:
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError as e:   # some filesystems cannot fsync a directory
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(dfd)
 
 
 def _version():

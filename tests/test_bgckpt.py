@@ -265,6 +265,48 @@ def test_sigkill_mid_checkpoint_keeps_previous_file(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+_HOLD_LOCK = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()   # until the test closes our stdin
+"""
+
+
+def test_sweep_spares_a_locked_temporary_whatever_pid_it_names(tmp_path):
+    # A writer in another PID namespace sharing the directory: the pid in its temporary's
+    # name is no process here. It holds its lock, so the next checkpoint leaves it alone;
+    # once the writer is gone (lock released), the next one removes it.
+    path = tmp_path / "k.plm"
+    tmp = tmp_path / (".k.plm.%d.abc123.tmp" % 4194000)   # above any pid_max default
+    tmp.write_bytes(b"partial")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with plm.Region(1 << 20) as r:
+            plm.checkpoint(r, path)
+        assert tmp.exists(), "a live writer's temporary was removed"
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+    with plm.Region(1 << 20) as r:
+        plm.checkpoint(r, path)
+    assert not tmp.exists()
+
+
+def test_sweep_removes_a_dead_writers_temporary_that_names_a_live_pid(tmp_path):
+    # The writer died; its pid now belongs to another process (here: our parent, alive).
+    path = tmp_path / "k.plm"
+    tmp = tmp_path / (".k.plm.%d.abc123.tmp" % os.getppid())
+    tmp.write_bytes(b"partial")
+    with plm.Region(1 << 20) as r:
+        plm.checkpoint(r, path)
+    assert not tmp.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
+
+
 _POISONED = r"""
 import os, sys, time
 import numpy as np
@@ -324,3 +366,17 @@ def test_poisoned_page_fails_the_checkpoint_and_stays_poisoned(tmp_path, run_py,
     assert "TOUCHING" in res.stdout, res.describe()
     assert "READ_BAD_PAGE" not in res.stdout, res.describe()
     assert res.returncode == -signal.SIGBUS, res.describe()
+
+
+def test_sweep_removes_an_old_unlocked_new_file_only(tmp_path):
+    # A writer killed between creating its temporary and locking it leaves a .new file:
+    # removed once a minute old; a fresh one may be a writer about to lock it.
+    path = tmp_path / "k.plm"
+    old, fresh = tmp_path / ".k.plm.1.old123.new", tmp_path / ".k.plm.1.new456.new"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    t = os.stat(old).st_mtime - 120
+    os.utime(old, (t, t))
+    with plm.Region(1 << 20) as r:
+        plm.checkpoint(r, path)
+    assert not old.exists() and fresh.exists()
