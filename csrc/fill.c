@@ -72,6 +72,11 @@ static void published(struct lm_region *r, size_t n)
 int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done)
 {
     size_t got = 0, fresh = 0;
+    if (r->cfg.test_fail_publish) {
+        if (done)
+            *done = 0;
+        return lm_fail("test hook: publishing into the pool", ENOMEM);
+    }
     int rc = lm_uffd_copy_counted(r->uffd, r->pool_view + first * r->page_size, src,
                                   n * r->page_size, &got, &fresh);
     if (done)

@@ -141,6 +141,8 @@ struct lm_config {
                                     block (docs/shared-pages.md, section 3 item 3) */
     int test_no_dirty;           /* test hook: dirty tracking as on a kernel without
                                     WP_ASYNC and PAGEMAP_SCAN (LM_DIRTY_NONE) */
+    int test_fail_publish;       /* test hook: every publication into a shared pool fails
+                                    with ENOMEM (a memory cgroup's limit reached) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can

@@ -49,28 +49,38 @@ static int prefetch_shared(struct lm_region *r, size_t p, size_t run, const char
         while (b < run && (bool)(vec[b] & 1) == in_pool)
             b++;
         char *dst = r->base + (p + a) * ps;
-        size_t n = b - a, got = 0, pub = n;
+        size_t n = b - a, got = 0, shared = 0, priv = 0;
         /* A read-only pool (a page server's, section 5.3) has no view: every hole private. */
-        bool private_copy = !in_pool && (n < PUBLISH_MIN_RUN || r->pool_view == MAP_FAILED);
-        if (private_copy) {
-            rc = lm_uffd_copy(r->uffd, dst, src + a * ps, n * ps, true, &got);
-            atomic_fetch_add_explicit(&r->st_pool_fallback, got / ps, memory_order_relaxed);
-        } else {
-            if (!in_pool)
-                rc = lm_pool_publish(r, p + a, n, src + a * ps, &pub);
-            if (pub)
-                rc = lm_uffd_continue(r->uffd, dst, pub * ps, true, &got) ?: rc;
-            atomic_fetch_add_explicit(&r->st_shared_mapped, got / ps, memory_order_relaxed);
+        size_t pub = !in_pool && (n < PUBLISH_MIN_RUN || r->pool_view == MAP_FAILED) ? 0 : n;
+        if (!in_pool && pub) {
+            int prc = lm_pool_publish(r, p + a, n, src + a * ps, &pub);   /* [a, a+pub) in */
+            /* Publishing refused for want of memory (a memory cgroup's limit, a full
+               tmpfs): the rest of the run is copied privately below, as fill_shared does:
+               sharing is lost, data is not. */
+            if (prc < 0 && prc != -ENOMEM && prc != -ENOSPC)
+                rc = prc;
         }
-        if (rc == 0)
-            got = private_copy ? n * ps : pub * ps;
-        atomic_fetch_add_explicit(&r->st_bytes, got, memory_order_relaxed);
-        if (got)
-            lm_mark_present(r, p + a, got / ps,
-                            LM_F_PREFETCHED | (private_copy ? LM_F_PRIVATE_FILL : 0), 0);
-        *done += got / ps;
-        if (rc == 0 && got / ps < n)
-            rc = lm_fail("prefetch: the pool lost a published page", EFAULT);
+        if (pub) {
+            int crc = lm_uffd_continue(r->uffd, dst, pub * ps, true, &got);
+            shared = got / ps;
+            if (rc == 0)
+                rc = crc;
+            if (rc == 0 && shared < pub)
+                rc = lm_fail("prefetch: the pool lost a published page", EFAULT);
+            atomic_fetch_add_explicit(&r->st_shared_mapped, shared, memory_order_relaxed);
+            if (shared)
+                lm_mark_present(r, p + a, shared, LM_F_PREFETCHED, 0);
+        }
+        if (rc == 0 && pub < n) {
+            rc = lm_uffd_copy(r->uffd, dst + pub * ps, src + (a + pub) * ps, (n - pub) * ps,
+                              true, &got);
+            priv = got / ps;
+            atomic_fetch_add_explicit(&r->st_pool_fallback, priv, memory_order_relaxed);
+            if (priv)
+                lm_mark_present(r, p + a + pub, priv, LM_F_PREFETCHED | LM_F_PRIVATE_FILL, 0);
+        }
+        atomic_fetch_add_explicit(&r->st_bytes, (shared + priv) * ps, memory_order_relaxed);
+        *done += shared + priv;
         a = b;
     }
     return rc;

@@ -20,6 +20,10 @@
 
 #include "lm_internal.h"
 
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
+#endif
+
 #define CANON_RESERVE_MIN 65536u  /* canonical pages reserved (address space only) */
 #define CHUNK_BYTES ((size_t)2 << 20)   /* a canonical chunk maps one 2 MiB block (design 3.6:
                                            a larger chunk saves VMAs but costs more to fill) */
@@ -382,8 +386,12 @@ int lm_region_share(struct lm_region *r, int pool_fd)
     /* A read-only pool (a page server's, docs/shared-pages.md 5.3) gets no view: a MAP_SHARED
        mapping of an O_RDONLY fd cannot be registered (no VM_MAYWRITE: EPERM), so this region
        can map the pool's pages but never publish; its holes are served by private copies
-       (fill.c, prefetch.c: pool_view == MAP_FAILED). */
-    if ((acc & O_ACCMODE) != O_RDONLY) {
+       (fill.c, prefetch.c: pool_view == MAP_FAILED). So does a pool sealed against writes
+       (F_SEAL_FUTURE_WRITE: a complete pool, section 2.5; a shared writable mapping of it
+       cannot be made, and a holder that sealed an incomplete one costs only sharing). */
+    int seals = fcntl(fd, F_GET_SEALS);
+    bool sealed = seals >= 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE));
+    if ((acc & O_ACCMODE) != O_RDONLY && !sealed) {
         /* The view first: a failure below leaves the region's anonymous mapping untouched. */
         char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (view == MAP_FAILED)

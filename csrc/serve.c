@@ -209,9 +209,10 @@ static void served(struct lm_serve_thread *t, size_t page, size_t run, bool writ
    (madvise(MADV_DONTNEED)), and anonymous memory then reads as zero. A present page is held
    while the zero page is mapped, so that defer_fill() cannot drop it and record new contents
    in between; a pinned one is held by its reader already (who must not wait for us). */
-static void serve_spurious(struct lm_region *r, size_t page, bool pinned, bool minor,
+static void serve_spurious(struct lm_serve_thread *t, size_t page, bool pinned, bool minor,
                            uint64_t t0)
 {
+    struct lm_region *r = t->r;
     atomic_fetch_add_explicit(&r->st_faults, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&r->st_faults_spurious, 1, memory_order_relaxed);
     /* In a shared region a dropped page reads as the pool's page when the pool holds one (a
@@ -220,8 +221,39 @@ static void serve_spurious(struct lm_region *r, size_t page, bool pinned, bool m
     /* If dropped, the page now reads as zero (or as the pool's page) without a store: no
        write-protect bit tells, so dirty tracking is told here (dirty.c). */
     lm_dirty_mark(r, page, 1);
-    int rc = minor ? lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL)
-                   : lm_uffd_zeropage(r->uffd, addr, r->page_size, true, NULL);
+    int rc;
+    if (minor) {
+        rc = lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL);
+    } else if (r->pool_fd >= 0 && r->meta[page].cls == LM_CLS_SNAPSHOT) {
+        /* A shared region's snapshot page that the pool does not hold although the record
+           says present: a private copy (PRIVATE_FILL) the program dropped, or a page lost
+           from the pool (a hole punched into the memfd by another process of this user:
+           F_SEAL_SHRINK does not forbid that). A private file mapping reads the file's page
+           there, so this reads the snapshot's: from the store, published again. Never zeros;
+           what cannot be served is poisoned. */
+        size_t filled = 0;
+        unsigned char in_pool = 0;
+        rc = lm_pool_holes(r, page, 1, &in_pool);
+        if (rc == 0 && (in_pool & 1)) {
+            /* The usual spurious fault: filled (published and mapped) by another path after
+               this fault was raised; EEXIST. Mapped from the pool should it not be. */
+            rc = lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL);
+            filled = rc == 0;
+        } else if (rc == 0) {
+            rc = lm_fill_run(r, t, page, 1, true, false, &filled);
+        }
+        if (rc < 0 && !filled && !pinned) {
+            lm_poison_page(r, page, rc);   /* held: marked POISONED, the faulter woken */
+            lm_hist_add(&r->lat, lm_now_ns() - t0);
+            return;
+        }
+        if (rc < 0 && filled)
+            rc = 0;
+        if (rc < 0)   /* pinned: its reader holds it; the faulter retries once it lets go */
+            lm_uffd_wake(r->uffd, addr, r->page_size);
+    } else {
+        rc = lm_uffd_zeropage(r->uffd, addr, r->page_size, true, NULL);
+    }
     if (!pinned)
         lm_release(r, page, LM_PRESENT);
     if (rc == -ENOENT)   /* raised against a mapping replaced since (a kernel-served chunk
@@ -259,13 +291,13 @@ static void serve_fault(struct lm_serve_thread *t, uint64_t addr, bool write, bo
             continue;
         }
         if (s == LM_PINNED) {
-            serve_spurious(r, page, true, minor, t0);
+            serve_spurious(t, page, true, minor, t0);
             return;
         }
         if (s == LM_PRESENT) {
             if (!lm_claim_present(r, page))
                 continue;
-            serve_spurious(r, page, false, minor, t0);
+            serve_spurious(t, page, false, minor, t0);
             return;
         }
         if (s == LM_POISONED) {

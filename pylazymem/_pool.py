@@ -42,5 +42,8 @@ class Pool:
             lib.lm_pool_release(p)
 
     def forget(self):
-        """After fork(), in the child: the core's fork handler has let the pool go."""
-        self._p = None
+        """After fork(), in the child: the core's fork handler has let the pool go (closed
+        its fds); this gives back the child's copy of the reference, which frees it."""
+        p, self._p = self._p, None
+        if p is not None:
+            lib.lm_pool_release(p)

@@ -958,8 +958,10 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     (reads share one copy; a store gives this process its own) or raises
     SharingUnavailableError saying why it cannot; "auto" shares where it can, else restores
     privately (Region.shared says which, Region.share_reason why not); False (default)
-    restores privately. Sharing verifies every page it publishes into the pool
-    (docs/shared-pages.md). Other keyword arguments go to Region().
+    restores privately. Sharing verifies every page it publishes into the pool, not pages
+    another process published (verify= included): every process of this user can write the
+    pool, so share only among processes that trust one another (docs/shared-pages.md 2.6).
+    Other keyword arguments go to Region().
     """
     where = os.fspath(path)
     if not (isinstance(where, str) and where.startswith("s3://")):

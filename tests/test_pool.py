@@ -388,6 +388,8 @@ hdr = struct.pack("=8sIIQQQQQQ", b"PLMPOOL\\0", 1, 0, PS, npages, pid_,
 os.pwrite(fd, hdr, npages * PS)
 if kind != "seals":
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+if kind == "sealed_writes":   # F_SEAL_FUTURE_WRITE: no region could publish into it
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0010)
 if kind == "readonly":
     ro = os.open("/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
     os.close(fd)
@@ -432,6 +434,40 @@ def test_an_answer_that_is_not_the_pool_is_refused(procs, kind):
     # Refused fds were closed: the opener keeps its pool, its socket and the eventfd only.
     assert io["new_fds"] == 3, io
     o.exit()
+
+
+@pytest.mark.uffd
+@pytest.mark.shared_pages
+def test_a_pool_sealed_against_writes_is_joined_without_a_view(procs, tmp_path):
+    # F_SEAL_FUTURE_WRITE (what a completed pool is to get, docs/shared-pages.md 2.5): no
+    # shared writable view can be mapped, so nothing is published; the pool's holes (here
+    # every page: the listener's pool holds only its header) are copied privately. Such a
+    # pool used to fail the restore (EPERM registering the view), even with share="auto".
+    import numpy as np
+    import pylazymem as plm
+    from pylazymem import _snapfile as S
+    path = str(tmp_path / "s.snap")
+    data = np.random.default_rng(3).integers(0, 256, NPAGES * PAGE_SIZE, dtype=np.uint8)
+    with plm.Region(NPAGES * PAGE_SIZE) as r:
+        a = r.ndarray(np.uint8)
+        a[:] = data
+        del a
+        plm.checkpoint(r, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = S._read(fd, path).header["header_xxh3"]
+    finally:
+        os.close(fd)
+    fake, fake_inode, _ = fake_listener(procs, "sealed_writes", h)
+    with plm.restore(path, share=True, prefetch="none", background=False) as r:
+        assert (r.pool["role"], r.pool["inode"]) == ("joined", fake_inode)
+        got = r.ndarray(np.uint8)
+        assert np.array_equal(got, data)
+        del got
+        st = r.stats()
+        assert st["pages_published"] == 0 and st["pool_fallback_pages"] == NPAGES
+        assert st["errors"] == 0 and st["pages_poisoned"] == 0
+    fake.kill()
 
 
 @pytest.mark.skipif(os.geteuid() != 0,

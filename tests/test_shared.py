@@ -326,3 +326,53 @@ def test_cli_inspect_pid(snap):
     bad = subprocess.run([sys.executable, "-m", "pylazymem", "inspect"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "SNAPSHOT or --pid" in bad.stderr
+
+
+@pytest.mark.parametrize("prefetch", ["working-set", "none"])
+def test_pool_refusing_memory_costs_sharing_not_data(tmp_path, prefetch):
+    # Publishing fails with ENOMEM (a memory cgroup's limit, a full tmpfs): prefetch and demand
+    # faults copy those pages privately (docs/shared-pages.md 2.7). The prefetch used to poison
+    # its run instead: SIGBUS at the first read of the working set.
+    path = str(tmp_path / "ws.snap")
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, 128 * PS, dtype=np.uint8)
+    with plm.Region(128 * PS) as r:
+        a = r.ndarray(np.uint8)
+        a[:] = data
+        del a
+        plm.checkpoint(r, path, working_set=np.arange(0, 48))   # one run: published, not copied
+    with plm.restore(path, share=True, prefetch=prefetch, background=False,
+                     _test_fail_publish=True) as r:
+        st = r.stats()
+        assert st["pages_poisoned"] == 0 and st["errors"] == 0, st
+        assert np.array_equal(r.ndarray(np.uint8), data)   # every page, demand faults too
+        st = r.stats()
+        assert st["pages_poisoned"] == 0 and st["pages_published"] == 0
+        assert st["pool_fallback_pages"] == 128
+
+
+def _punch(fd, offset, length):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 3, offset, length) != 0:   # FALLOC_FL_PUNCH_HOLE | KEEP_SIZE
+        raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+
+
+def test_a_page_lost_from_the_pool_reads_as_the_snapshots_never_zeros(snap):
+    # Another process of this user punches a hole into the pool (F_SEAL_SHRINK allows it):
+    # the kernel unmaps the page everywhere, the next read raises a MISSING fault on a page
+    # whose record says present. It is served from the store and published again; it used
+    # to be mapped as the zero page, for good.
+    path, expected = snap
+    page = 5
+    with plm.restore(path, share=True, prefetch="none", background=False) as r:
+        a = r.ndarray(np.uint8)
+        want = expected[page * PS:(page + 1) * PS]
+        assert np.array_equal(a[page * PS:(page + 1) * PS], want)
+        assert r.meta["state"][page] == int(S.PRESENT)
+        _punch(r._pool.fd, page * PS, PS)
+        assert page not in pool_data_pages(r)
+        assert np.array_equal(a[page * PS:(page + 1) * PS], want)
+        assert page in pool_data_pages(r) and pool_bytes(r, page) == want.tobytes()
+        assert r.stats()["pages_poisoned"] == 0
+        del a
