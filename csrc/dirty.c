@@ -318,6 +318,11 @@ int lm_dirty_reset(struct lm_region *r, uint64_t *words)
 {
     size_t nw = (r->npages + 63) / 64;
     int rc;
+    /* The epoch that ended at a background checkpoint's pause is that checkpoint's until it
+       ends (lm_freeze_end merges it back if it fails): another reset would take it, and a
+       later incremental checkpoint miss what was stored in it. */
+    if (atomic_load(&r->freeze) || atomic_load(&r->freeze_armed))
+        return lm_fail("a background checkpoint of this region is in progress", EBUSY);
     pthread_mutex_lock(&r->harvest_lock);
     for (size_t w = 0; w < nw; w++) {
         uint64_t old = atomic_exchange_explicit(&r->dirty[w], 0, memory_order_relaxed);

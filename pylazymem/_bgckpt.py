@@ -99,9 +99,12 @@ def start(region, path, chain, write, progress, _test_copy=None):
     epoch, region._epoch_id = region._epoch_id, None
     handle = CheckpointHandle(region, path, fz)
     region._bg = handle
+    # Not a daemon: the interpreter's exit waits for the file to be complete (a daemon thread
+    # was dropped mid-write at exit, its temporary left behind, the checkpoint silently lost).
     t = threading.Thread(target=_run, name="pylazymem-checkpoint",
                          args=(handle, region, use, fz, chain, write, progress, epoch),
-                         daemon=True)
+                         daemon=False)
+    handle._thread = t
     t.start()
     handle.started = time.perf_counter() - t0
     return handle

@@ -161,6 +161,10 @@ class Region(AddressRange):
         # against that snapshot may take unchanged pages from without reading them.
         self._epoch_id = None
         self._bg = None          # the CheckpointHandle of a background checkpoint, if any
+        # Held by whatever ends a dirty-tracking epoch (_epoch_owner): a checkpoint, the start
+        # of a background one up to its pause, reset_dirty().
+        self._epoch_lock = threading.Lock()
+        self._epoch_holder = None
         self._remote = None      # restored from an object store: [url, failures reported]
         self._alloc_next = 0
         self._base_table = None
@@ -381,6 +385,27 @@ class Region(AddressRange):
             return None
         return ~dirty
 
+    @contextlib.contextmanager
+    def _epoch_owner(self):
+        """Whatever ends the dirty-tracking epoch holds this throughout: a checkpoint from its
+        check to its commit, the start of a background checkpoint up to its pause, and
+        reset_dirty(). Two of them interleaved (two threads) would each take the other's
+        epoch, and an incremental checkpoint after them could miss a store: they take turns.
+        One started from a checkpoint's own callback (progress), on its thread, raises
+        BusyError, as one started while a background checkpoint runs does."""
+        from ._errors import BusyError
+        me = threading.get_ident()
+        if self._epoch_holder == me:
+            raise BusyError(errno.EBUSY, "a checkpoint of this region is in progress on this "
+                            "thread (called from its progress callback?)")
+        with self._epoch_lock:
+            self._epoch_holder = me
+            try:
+                self._check_no_background()
+                yield
+            finally:
+                self._epoch_holder = None
+
     def _check_no_background(self):
         """Calls that a background checkpoint in progress excludes raise BusyError."""
         bg = getattr(self, "_bg", None)
@@ -418,9 +443,15 @@ class Region(AddressRange):
         memory valid, with its contents, and served, until the last of them is released; then
         the teardown happens (Python's mmap raises BufferError instead; arrays outliving the
         object they came from are common in numpy code, so they stay correct here).
-        A background checkpoint in progress is waited for first (its file completes)."""
+        A background checkpoint in progress is waited for first (its file completes); from
+        its own thread (a progress callback), which holds the region until it ends: BusyError."""
         bg = getattr(self, "_bg", None)
-        if bg is not None and threading.current_thread().name != "pylazymem-checkpoint":
+        if bg is not None and not bg._done.is_set():
+            if threading.current_thread() is getattr(bg, "_thread", None):
+                from ._errors import BusyError
+                raise BusyError(errno.EBUSY, "close() from the background checkpoint's own "
+                                "thread (its progress callback), which holds the region until "
+                                "the checkpoint ends: close it after wait()")
             bg._done.wait()
         with self._lock:
             lm = self._lm
@@ -593,9 +624,9 @@ class Region(AddressRange):
         """Start a new epoch: from now on dirty_pages() lists only pages changed after this call
         (call it before reading the pages whose state the epoch starts from). The epoch is no
         snapshot's: the next checkpoint(parent=) compares every page with its parent."""
-        self._check_no_background()   # its epoch began at its pause; ours would not be it
-        self._epoch_id = None
-        self._restart_epoch()
+        with self._epoch_owner():   # not during a checkpoint, whose epoch this would end
+            self._epoch_id = None
+            self._restart_epoch()
 
     def _restart_epoch(self):
         """reset_dirty() that keeps the epoch's snapshot: for restore(), whose prefetch filled

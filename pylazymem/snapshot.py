@@ -120,16 +120,16 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     """
     codec = _codec_arg(compress)
     region._check_open()
-    region._check_no_background()
     path = os.fspath(path)
     if background:
         return _start_background(region, path, working_set, progress, durable, parent, codec)
-    chain = _open_parent(region, path, parent) if parent is not None else None
-    try:
-        return _checkpoint(region, path, working_set, progress, durable, chain, codec)
-    finally:
-        if chain is not None:
-            chain.close()
+    with region._epoch_owner():
+        chain = _open_parent(region, path, parent) if parent is not None else None
+        try:
+            return _checkpoint(region, path, working_set, progress, durable, chain, codec)
+        finally:
+            if chain is not None:
+                chain.close()
 
 
 def _start_background(region, path, working_set, progress, durable, parent, codec,
@@ -143,18 +143,27 @@ def _start_background(region, path, working_set, progress, durable, parent, code
     if region._empty_unknown or region._server_sock is not None:
         raise InvalidArgumentError("checkpoint(background=True): not of a region a page server "
                                    "serves (checkpoint it in the foreground)")
-    chain = _open_parent(region, path, parent) if parent is not None else None
-    try:
-        ws = _working_set_arg(region, working_set)
+    # The thread that writes the file resolves nothing: a chdir() meanwhile changes no path.
+    path = os.path.abspath(path)
+    if parent is not None:
+        parent = os.path.abspath(os.fspath(getattr(parent, "path", parent)))
+    with region._epoch_owner():
+        chain = _open_parent(region, path, parent) if parent is not None else None
+        try:
+            ws = _working_set_arg(region, working_set)
+            # What the region holds is named as at the pause (an alloc() after it is not in
+            # this file): taken here, just before it.
+            named = ({k: dict(v) for k, v in region._arrays.items()},
+                     dict(region._manifest_extra))
 
-        def write(frozen, progress_cb):
-            return _checkpoint(region, path, ws, progress_cb, durable, chain, codec,
-                               frozen=frozen)
-        return _bgckpt.start(region, path, chain, write, progress, _test_copy)
-    except BaseException:
-        if chain is not None:
-            chain.close()
-        raise
+            def write(frozen, progress_cb):
+                return _checkpoint(region, path, ws, progress_cb, durable, chain, codec,
+                                   frozen=frozen, named=named)
+            return _bgckpt.start(region, path, chain, write, progress, _test_copy)
+        except BaseException:
+            if chain is not None:
+                chain.close()
+            raise
 
 
 def _open_parent(region, path, parent):
@@ -171,6 +180,16 @@ def _open_parent(region, path, parent):
                                    "written, which would replace it (write the child to another "
                                    "path)" % ppath)
     chain = open_chain(ppath, signatures=True)
+    for layer in chain.layers[1:]:
+        # An ancestor replaced by its own descendant: the chain would name a file that is no
+        # longer the one it checked (and a cycle), and nothing of it could be restored.
+        if os.path.abspath(layer.path) == os.path.abspath(path) or (
+                os.path.exists(path) and os.path.samefile(layer.path, path)):
+            chain.close()
+            raise InvalidArgumentError("checkpoint(parent=%r): %s is in the parent's chain, and "
+                                       "writing it would break the chain (write the child to "
+                                       "another path, or compact the chain first)"
+                                       % (ppath, layer.path))
     if len(chain.layers) >= MAX_DEPTH:
         chain.close()
         raise SnapshotError("%s: chain of parents deeper than %d files with the new one (compact "
@@ -184,10 +203,12 @@ def _open_parent(region, path, parent):
     return chain
 
 
-def _checkpoint(region, path, working_set, progress, durable, chain, codec, frozen=None):
+def _checkpoint(region, path, working_set, progress, durable, chain, codec, frozen=None,
+                named=None):
     """The checkpoint itself. frozen: (freeze, clean) of a background checkpoint (_bgckpt):
     the core reads every page as it was at the pause, whose epoch ended there (clean is what
-    it knew unchanged since the parent, or None); working_set is then page indices already."""
+    it knew unchanged since the parent, or None); working_set is then page indices already.
+    named: (arrays, manifest extra) as they were at the pause; else the region's now."""
     from ._binding import check, ffi, lib
 
     npages, ps = region.npages, region.page_size
@@ -258,14 +279,15 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
             pcls[differ] = lib.LM_PARENT_UNKNOWN
             nstored = plan(False)
     ws = _dedup_keep_order(ws, npages)   # as lm_ckpt_plan placed them: first mention wins
-    extra = dict(region._manifest_extra)
+    arrays, extra = named if named is not None else (region._arrays, region._manifest_extra)
+    extra = dict(extra)
     extra.pop("parent", None)   # a restored chain's own link is not this file's
     parent_id = 0
     if chain is not None:
         parent_id = chain.content_id
         extra["parent"] = {"path": os.path.relpath(
             os.path.abspath(chain.layers[0].path), os.path.dirname(os.path.abspath(path)))}
-    manifest = _manifest_bytes(region._arrays, extra)
+    manifest = _manifest_bytes(arrays, extra)
     header_bytes = max(4096, ps)
 
     fd, tmp = _temporary(path)
@@ -297,13 +319,15 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
                 check(result[0], "checkpoint: %s" % result[1])
             nstored = plan(True)   # a collision: lay the store out again, comparing
         _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored], index)
+        # The last report comes before the file replaces the old one: a callback that raises
+        # here, like one that raises earlier, leaves the previous file at `path`.
+        if progress is not None:
+            progress(h["file_bytes"], h["file_bytes"])
     except BaseException:
         _abandon(fd, tmp)
         raise
     _commit(fd, tmp, path, durable)
     region._epoch_id = h["header_xxh3"]   # the next incremental checkpoint's parent
-    if progress is not None:
-        progress(h["file_bytes"], h["file_bytes"])
     # What inspect() would say of the file, from what was just written.
     counts = np.bincount(pmap[pmap < STORED], minlength=STORED)
     inherit = int(np.count_nonzero(pmap == PARENT))

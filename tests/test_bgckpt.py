@@ -380,3 +380,172 @@ def test_sweep_removes_an_old_unlocked_new_file_only(tmp_path):
     with plm.Region(1 << 20) as r:
         plm.checkpoint(r, path)
     assert not old.exists() and fresh.exists()
+
+
+def test_a_foreground_checkpoint_and_a_background_one_take_turns(tmp_path):
+    # A foreground checkpoint past its checks (here: inside its working set's __array__) and
+    # a background one started meanwhile used to run at once: the foreground one took the
+    # epoch the background one owned from its pause, and a checkpoint(parent=background file)
+    # then missed a store made after the pause. Now the background one pauses after the
+    # foreground one is done.
+    r = plm.Region(4 << 20)
+    v = pages(r)
+    v[:] = 1
+    plm.checkpoint(r, tmp_path / "p0.plm")
+    X = 100
+    in_a, go_a = threading.Event(), threading.Event()
+
+    class SlowWorkingSet:
+        def __array__(self, dtype=None, copy=None):
+            in_a.set()
+            go_a.wait(30)
+            return np.array([0], dtype=np.int64)
+
+    threads, handle = [], {}
+    threads.append(threading.Thread(target=lambda: plm.checkpoint(
+        r, tmp_path / "pA.plm", working_set=SlowWorkingSet())))
+    threads[0].start()
+    assert in_a.wait(30)
+    threads.append(threading.Thread(target=lambda: handle.setdefault(
+        "b", plm.checkpoint(r, tmp_path / "pB.plm", background=True))))
+    threads[1].start()
+    threads[1].join(0.3)
+    assert "b" not in handle, "the background checkpoint paused during the foreground one"
+    v[X, :] = 0x77
+    go_a.set()
+    for t in threads:
+        t.join(60)
+    handle["b"].wait(60)
+    plm.checkpoint(r, tmp_path / "pC.plm", parent=tmp_path / "pB.plm")
+    assert np.all(_restored_bytes(tmp_path / "pC.plm")[X] == 0x77)
+    r.close()
+
+
+def test_a_checkpoint_from_a_checkpoints_progress_callback_is_busy(tmp_path):
+    got = []
+
+    def progress(done, total):
+        if not got:
+            try:
+                plm.checkpoint(r, tmp_path / "inner.plm")
+            except plm.BusyError as e:
+                got.append(e)
+
+    with plm.Region(1 << 20) as r:
+        pages(r)[:] = 3
+        plm.checkpoint(r, tmp_path / "outer.plm", progress=progress)
+        with pytest.raises(plm.BusyError):
+            def reset(done, total):
+                r.reset_dirty()
+            plm.checkpoint(r, tmp_path / "outer2.plm", progress=reset)
+    assert got and not (tmp_path / "inner.plm").exists()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_writing_an_ancestor_of_the_parent_is_refused(tmp_path, background):
+    # a <- b (b's parent is a): checkpoint(path=a, parent=b) would replace the file b names
+    # (a cycle, and neither file restorable afterwards). Refused; both stay as they were.
+    a, b = tmp_path / "a.plm", tmp_path / "b.plm"
+    with plm.Region(1 << 20) as r:
+        pages(r)[:] = 1
+        plm.checkpoint(r, a)
+        pages(r)[3] = 2
+        plm.checkpoint(r, b, parent=a)
+        pages(r)[4] = 5
+        with pytest.raises(plm.InvalidArgumentError, match="in the parent's chain"):
+            h = plm.checkpoint(r, a, parent=b, background=background)
+            if background:
+                h.wait(60)
+    assert np.all(_restored_bytes(a) == 1)
+    got = _restored_bytes(b)
+    assert np.all(got[3] == 2) and np.all(got[4] == 1)
+
+
+def test_a_background_checkpoint_to_a_relative_path_ignores_a_later_chdir(tmp_path,
+                                                                         monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    gate = threading.Event()
+    with plm.Region(1 << 20) as r:
+        pages(r)[:] = 9
+        plm.checkpoint(r, "p.plm")
+        h = plm.checkpoint(r, "c.plm", parent="p.plm", background=True,
+                           progress=lambda done, total: gate.wait(30))
+        os.chdir(tmp_path / "b")
+        gate.set()
+        h.wait(60)
+    assert (tmp_path / "a" / "c.plm").exists() and not (tmp_path / "b" / "c.plm").exists()
+    assert np.all(_restored_bytes(tmp_path / "a" / "c.plm") == 9)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_progress_callback_raising_at_the_end_keeps_the_previous_file(tmp_path,
+                                                                        background):
+    path = tmp_path / "k.plm"
+
+    def progress(done, total):
+        if done == total:
+            raise RuntimeError("cancelled at the last report")
+
+    with plm.Region(1 << 20) as r:
+        pages(r)[:] = 1
+        plm.checkpoint(r, path)
+        pages(r)[:] = 2
+        with pytest.raises(RuntimeError, match="last report"):
+            h = plm.checkpoint(r, path, progress=progress, background=background)
+            if background:
+                h.wait(60)
+    assert np.all(_restored_bytes(path) == 1)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
+
+
+def test_an_array_allocated_after_the_pause_is_not_in_the_file(tmp_path):
+    path = tmp_path / "k.plm"
+    gate = threading.Event()
+    with plm.Region(4 << 20) as r:
+        r.alloc("before", (1024,), np.float64)[:] = 1
+        h = plm.checkpoint(r, path, background=True, progress=lambda d, t: gate.wait(30))
+        r.alloc("after_pause", (1024,), np.float64)[:] = 2
+        gate.set()
+        h.wait(60)
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        assert sorted(r2.arrays) == ["before"]
+
+
+def test_close_from_the_checkpoints_own_callback_is_busy_not_a_deadlock(tmp_path):
+    got = []
+
+    def progress(done, total):
+        if not got:
+            try:
+                r.close()
+            except plm.BusyError as e:
+                got.append(e)
+
+    r = plm.Region(1 << 20)
+    pages(r)[:] = 4
+    plm.checkpoint(r, tmp_path / "k.plm", background=True, progress=progress).wait(60)
+    assert got and not r.closed
+    r.close()
+
+
+_EXIT_MID_CHECKPOINT = r"""
+import sys, time
+import numpy as np
+import pylazymem as plm
+r = plm.Region(8 << 20)
+r.ndarray(np.uint8)[:] = 6
+plm.checkpoint(r, sys.argv[1], background=True, progress=lambda d, t: time.sleep(0.01))
+print("started", flush=True)
+# the interpreter exits now, the checkpoint still writing
+"""
+
+
+def test_interpreter_exit_waits_for_a_background_checkpoint(tmp_path):
+    path = tmp_path / "x.plm"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_MID_CHECKPOINT, str(path)], timeout=120,
+                          cwd=REPO_DIR, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert np.all(_restored_bytes(path) == 6)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]

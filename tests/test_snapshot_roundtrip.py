@@ -351,13 +351,20 @@ def test_killed_checkpoint_leaves_old_snapshot(run_py, make_region, tmp_path):
     stale = tmp_files(tmp_path, "state.snap")
     assert all(f.startswith(".state.snap.%d." % dead_pid) for f in stale), stale
 
-    # a stale temporary of another dead process, and one of a live process
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a stale temporary of another dead process, and one of a live writer (which holds its
+    # flock, as every writer does until its rename: pylazymem/_atomic.py)
+    live = tmp_path / (".state.snap.%d.abc.tmp" % os.getpid())
+    live.write_bytes(b"y" * 100)
+    sleeper = subprocess.Popen([sys.executable, "-c",
+                                "import fcntl, os, sys, time\n"
+                                "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                                "print('locked', flush=True)\n"
+                                "time.sleep(60)", str(live)], stdout=subprocess.PIPE)
     try:
+        assert sleeper.stdout.readline() == b"locked\n"
         fake_dead = tmp_path / (".state.snap.%d.zz9.tmp" % dead_pid)
         fake_dead.write_bytes(b"x" * 100)
-        live = tmp_path / (".state.snap.%d.abc.tmp" % sleeper.pid)
-        live.write_bytes(b"y" * 100)
         other = tmp_path / ".other.snap.999999.q.tmp"
         other.write_bytes(b"z")
         info = plm.checkpoint(old, path)
