@@ -134,8 +134,8 @@ def _inspect_foreign(args):
                                                            entries.values()) / 2**20))
     print("  %-28s %-12s %-20s %12s %12s" % ("name", "dtype", "shape", "bytes", "offset"))
     for n, e in entries.items():
-        print("  %-28s %-12s %-20s %12d %12d" % (n, e["dtype"], tuple(e["shape"]), nbytes(e),
-                                                 e["offset"]))
+        print("  %-28s %-12s %-20s %12d %12d" % (_shown(n), e["dtype"], tuple(e["shape"]),
+                                                 nbytes(e), e["offset"]))
     return 0
 
 
@@ -195,7 +195,8 @@ def _inspect(args):
                                                           "bytes", "offset"))
             for n, a in info.arrays.items():
                 print("  %-28s %-16s %-12s %-20s %12d %12d" % (
-                    n, a["kind"], a["dtype"], tuple(a["shape"]), a["nbytes"], a["offset"]))
+                    _shown(n), a["kind"], a["dtype"], tuple(a["shape"]), a["nbytes"],
+                    a["offset"]))
     if args.plot:
         from .plot import page_map
 
@@ -204,6 +205,18 @@ def _inspect(args):
         if not args.json:
             print("page map:      %s" % args.plot)
     return 0
+
+
+def _shown(name):
+    """A name from a file, fit for one line of a terminal: control characters and lone
+    surrogates (which a file's names may hold) escaped, as repr() would."""
+    if name.isprintable():
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    return repr(name)[1:-1]
 
 
 def _print_chain(info):

@@ -26,13 +26,12 @@ import zlib
 import numpy as np
 import xxhash
 
-from ._snapfile import MAP_DTYPE, STORED, SnapshotError, _fail
+from ._snapfile import MAP_DTYPE, MAX_EXTENT, STORED, SnapshotError, _fail
 from ._snapfile import _open as _open_file
 
 FORMATS = ("npy", "npz", "safetensors")
 #: Bytes detect() needs to tell the formats apart (it copes with fewer: then None).
 HEAD_BYTES = 16
-MAX_EXTENT = 1 << 62   # bytes an array's shape may span, zero dimensions counted as 1
 
 NPY_MAGIC = b"\x93NUMPY"
 # numpy's own bound on a .npy header (np.load's max_header_size default): the header is

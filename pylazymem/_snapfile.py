@@ -206,6 +206,10 @@ def _memory_bytes():
         return 1 << 40
 
 
+MAX_DIMS = 64          # numpy's limit (NPY_MAXDIMS of numpy 2)
+MAX_EXTENT = 1 << 62   # bytes an array's shape may span, zero dimensions counted as 1
+
+
 def _parse_manifest(raw, h, path):
     try:
         man = json.loads(raw.decode("utf-8"))
@@ -219,9 +223,11 @@ def _parse_manifest(raw, h, path):
         try:
             if not isinstance(a, dict):
                 raise ValueError("not an object")
-            dtype = np.dtype(_descr_from_json(a["dtype"]))
-            if not isinstance(a["shape"], list) or len(a["shape"]) > 32:
-                raise ValueError("shape must be a list of at most 32 dimensions")
+            # descr_to_dtype, as np.load reads a header: padding of an aligned structure
+            # ("" fields) becomes offsets again, not fields named f1, f2...
+            dtype = np.lib.format.descr_to_dtype(_descr_from_json(a["dtype"]))
+            if not isinstance(a["shape"], list) or len(a["shape"]) > MAX_DIMS:
+                raise ValueError("shape must be a list of at most %d dimensions" % MAX_DIMS)
             shape = tuple(_json_int(x, -(1 << 62)) for x in a["shape"])
             offset = _json_int(a["offset"], -(1 << 62))
         except KeyError as e:
@@ -236,13 +242,17 @@ def _parse_manifest(raw, h, path):
                   "sub-array's shape in 'shape')" % name)
         if dtype.itemsize == 0:
             _fail(path, "manifest entry %r has a zero-size dtype" % name)
-        count = 1
+        count, extent = 1, dtype.itemsize
         for x in shape:
             if x < 0:
                 _fail(path, "manifest entry %r has a negative dimension" % name)
-            if x > region_bytes:
-                _fail(path, "manifest entry %r has a dimension larger than the region" % name)
             count *= x
+            extent *= max(x, 1)
+        # A zero dimension makes the data size 0, but numpy still refuses a shape whose other
+        # dimensions multiply past its index range: checked as _foreign checks its headers.
+        if extent > MAX_EXTENT:
+            _fail(path, "manifest entry %r: shape %.100r is beyond what an array can index"
+                  % (name, shape))
         if offset < 0 or offset + count * dtype.itemsize > region_bytes:
             _fail(path, "manifest entry %r lies outside the region" % name)
         arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}

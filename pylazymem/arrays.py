@@ -19,6 +19,7 @@ inspect` shows.
 """
 from collections.abc import Mapping
 import os
+from types import MappingProxyType
 import warnings
 
 import numpy as np
@@ -122,6 +123,9 @@ def _leaf(obj, name):
         raise InvalidArgumentError("state[%r]: cannot save a %s (numpy arrays, torch CPU "
                                    "tensors, Arrow arrays/tables and dicts of them)"
                                    % (name, type(obj).__name__))
+    if isinstance(obj, np.ma.MaskedArray):   # np.asarray would drop the mask, silently
+        raise InvalidArgumentError("state[%r]: a masked array: save its data and its mask as "
+                                   "two arrays (a.data, np.ma.getmaskarray(a))" % name)
     a = np.asarray(obj)
     node = {"kind": "numpy"}
     a, node["fortran"] = _c_order(a)
@@ -170,9 +174,30 @@ def _plain_dtype(a, name):
             a.dtype.kind == "V" and a.dtype.fields is None and a.dtype.type.__module__
             .startswith("ml_dtypes")):
         return a.view("<u%d" % a.dtype.itemsize), a.dtype.name
-    if a.dtype.kind == "V" and a.dtype.fields is None and a.dtype.itemsize == 0:
+    if a.dtype.itemsize == 0:
         raise InvalidArgumentError("state[%r]: dtype %s has no size" % (name, a.dtype))
+    if a.dtype.fields is not None:
+        if _ml_fields(a.dtype):
+            raise InvalidArgumentError("state[%r]: a structured dtype with a field of an "
+                                       "ml_dtypes type (%s): it would come back as raw bytes; "
+                                       "save that field as an array of its own" % (name, a.dtype))
+        try:   # what the manifest stores: numpy cannot describe overlapping fields
+            np.lib.format.dtype_to_descr(a.dtype)
+        except ValueError as e:
+            raise InvalidArgumentError("state[%r]: dtype %s cannot be saved: %s"
+                                       % (name, a.dtype, e)) from None
     return a, None
+
+
+def _ml_fields(dtype):
+    """Whether a structured dtype has a field (at any depth) of an ml_dtypes type."""
+    for f in dtype.fields.values():
+        t = f[0].base
+        if type(t).__module__.startswith("ml_dtypes") or t.type.__module__.startswith("ml_dtypes"):
+            return True
+        if t.fields is not None and _ml_fields(t):
+            return True
+    return False
 
 
 def _torch_leaf(t, name):
@@ -220,8 +245,9 @@ def _arrow_leaf(obj, name):
 
 class LoadedState(Mapping):
     """What load() returns: name -> lazily loaded array (numpy, torch or Arrow, as saved),
-    nested dicts for nested state. The arrays are views of one region (`.region`); pages are
-    read when first touched. Writes to them stay in this process unless it saves again.
+    nested read-only mappings for nested state. The arrays are views of one region
+    (`.region`); pages are read when first touched. Writes to them stay in this process unless
+    it saves again.
 
     close(): releases the region; arrays still referenced keep its memory valid (and served)
     until they go. working_set(): the pages touched since load, in first-touch order (what
@@ -249,6 +275,20 @@ class LoadedState(Mapping):
 
     def working_set(self):
         return self.region.working_set()
+
+    def _recorded_working_set(self):
+        """working_set(), for storing: warns where the background fill made it partial."""
+        ws = self.region.working_set()
+        filled = self.region.stats()["background_pages"]
+        if filled:
+            # Pages the fill brought in are present before the program touches them: no
+            # fault, so no first touch to record. What is recorded then depends on timing.
+            warnings.warn("%s: the background fill brought in %d pages since load, and the "
+                          "program's first touches of those were not seen: this working set "
+                          "(%d pages) may miss pages it used. Record working sets from a "
+                          "load(..., background=False)." % (self.path, filled, len(ws)),
+                          RuntimeWarning, stacklevel=3)
+        return ws
 
     def close(self):
         self.region.close()
@@ -288,7 +328,8 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
         raise SnapshotError("%s: not a pylazymem snapshot, .npy, .npz or .safetensors file"
                             % path)
     region, entries = open_foreign(
-        path, fmt, prefetch="none" if prefetch == "working-set" else prefetch, share=share,
+        path, fmt, prefetch="none" if isinstance(prefetch, str) and prefetch == "working-set"
+        else prefetch, share=share,
         background=background, verify=verify, **region_kw)
     try:
         items = {}
@@ -349,7 +390,9 @@ def _build(node, region, arrays, readonly, path, depth):
         if not isinstance(items, dict):
             bad("a dict node without items")
         out = {k: _build(v, region, arrays, readonly, path, depth + 1) for k, v in items.items()}
-        return out
+        # Read-only, as the LoadedState itself: save() of a LoadedState writes the region's
+        # state tree, so an entry replaced or added here would be lost without a word.
+        return MappingProxyType(out)
     name = node.get("array")
     if not isinstance(name, str) or name not in arrays:
         bad("a leaf names an array the manifest does not have: %r" % (name,))
@@ -396,14 +439,25 @@ def _ml_view(view, ml, name, bad):
         warnings.warn("%s: %s needs the ml_dtypes package; returned as its bits (%s)"
                       % (name, ml, view.dtype), stacklevel=4)
         return view
-    t = getattr(ml_dtypes, ml, None) if isinstance(ml, str) else None
-    if t is None or np.dtype(t).itemsize != view.dtype.itemsize:
+    # only a name of a type numpy accepts: the manifest is not trusted ("__name__" is an
+    # attribute of the module too)
+    t = getattr(ml_dtypes, ml, None) if isinstance(ml, str) and ml.isidentifier() and \
+        not ml.startswith("_") else None
+    try:
+        size = np.dtype(t).itemsize if isinstance(t, type) else None
+    except TypeError:
+        size = None
+    if size is None or size != view.dtype.itemsize:
         bad("%r: unknown ml_dtypes type %r" % (name, ml))
     return view.view(t)
 
 
 def _torch_view(view, dt, readonly, name, bad):
-    import torch
+    try:
+        import torch
+    except ImportError:
+        bad("%r is a torch tensor, and torch is not installed here (load it with torch "
+            "installed)" % name)
 
     if readonly:
         view = _readonly(view)
@@ -430,7 +484,7 @@ def _arrow_view(view, what, name, path):
         # full=True reads the leaf's buffers now (its pages load at load() time): the cheap
         # check lets a damaged offset through, and pyarrow would then read out of bounds
         table.validate(full=True)
-    except (pa.ArrowException, ValueError) as e:
+    except (pa.ArrowException, ValueError, OSError) as e:   # ArrowIOError is an OSError
         raise SnapshotError("%s: Arrow data of %r cannot be read: %s" % (path, name, e)) from None
     if what == "table":
         return table
@@ -460,4 +514,4 @@ def record_working_set(path, state):
     if src is None or os.path.realpath(src[0]) != os.path.realpath(os.fspath(path)):
         raise InvalidArgumentError("record_working_set(%r): that state was loaded from %r"
                                    % (os.fspath(path), src[0] if src else None))
-    return rewrite_working_set(path, state.working_set(), expect_id=src[1])
+    return rewrite_working_set(path, state._recorded_working_set(), expect_id=src[1])

@@ -288,6 +288,7 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
         extra["parent"] = {"path": os.path.relpath(
             os.path.abspath(chain.layers[0].path), os.path.dirname(os.path.abspath(path)))}
     manifest = _manifest_bytes(arrays, extra)
+    _check_manifest(manifest, npages, ps, path)
     header_bytes = max(4096, ps)
 
     fd, tmp = _temporary(path)
@@ -336,6 +337,17 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
                      npages - int(counts[UNTOUCHED]) - int(counts[ZERO]) - inherit))
     return _info(path, _Parsed(h, pmap, ws.astype(np.uint64), _parse_manifest(manifest, h, path),
                                index=None if index is None else _check_index(index, h, path)))
+
+
+def _check_manifest(manifest, npages, ps, path):
+    """What a reader will check of the manifest, checked before the file is written: a
+    writer must not replace a good file with one no reader accepts."""
+    from ._errors import InvalidArgumentError
+    try:
+        _parse_manifest(manifest, {"npages": npages, "page_size": ps}, path)
+    except SnapshotError as e:
+        raise InvalidArgumentError("%s (nothing was written: the file at that path is "
+                                   "unchanged)" % e) from None
 
 
 def _differs_from_parent(read_page, ps, chain, pages, batch=1024):
@@ -415,6 +427,7 @@ def write_arrays(path, arrays, extra=None, working_set=None, durable=True, page_
         sigs = [sigs[e] for e in order]
         sources = [sources[e] for e in order]
     manifest = _manifest_bytes(placed, extra)
+    _check_manifest(manifest, npages, ps, path)
     h = _layout(npages, ps, nstored, ws.size, len(manifest))
     header_bytes = h["store_offset"]
     fd, tmp = _temporary(path)
@@ -1006,7 +1019,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
     from ._errors import InvalidArgumentError, SharingUnavailableError
     from .region import Region
 
-    if prefetch not in PREFETCH_MODES:
+    if not isinstance(prefetch, str) or prefetch not in PREFETCH_MODES:
         raise InvalidArgumentError("prefetch must be one of %s, not %r"
                                    % (", ".join(PREFETCH_MODES), prefetch))
     path = os.fspath(path)
