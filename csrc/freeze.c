@@ -82,6 +82,7 @@ struct lm_freeze {
     pthread_mutex_t copier_lock;
     uint64_t arm_ns, pause_ns, begin_ns, nstaged;
     _Atomic uint64_t copied_back, fault_served, written, stray;
+    _Atomic int test_fail_copies;  /* config.test_fail_copyback: copies left to fail */
 };
 
 static void *copier_main(void *arg);
@@ -208,6 +209,7 @@ int lm_freeze_begin(struct lm_region *r, void *test_copy, struct lm_freeze **out
     if (!fz)
         return lm_fail("calloc(freeze)", ENOMEM);
     fz->r = r;
+    atomic_store(&fz->test_fail_copies, r->cfg.test_fail_copyback);
     fz->stop_fd = -1;
     pthread_mutex_init(&fz->copier_lock, NULL);
     pthread_mutex_init(&fz->scan_mu, NULL);
@@ -357,15 +359,32 @@ static int is_staged(struct lm_freeze *fz, size_t p)
     return (e & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
 }
 
-/* Bring staged pages [first, first+n) back (claimed MOVING by the caller), waking faulters. */
-static int bring_back(struct lm_freeze *fz, size_t first, size_t n, bool zero)
+/* Bring staged pages [first, first+n) back (claimed MOVING by the caller), waking faulters,
+   and record which came back: B_BACK for those, B_UNKNOWN again for the rest (a copy can
+   fail for want of memory: staging doubles the region's). Those stay staged, whoever faults
+   on one is woken to fault again, which tries again (serve_staged), and so does the next
+   copy-back; a page never reads as zero, nor waits, because a copy failed once. */
+static int bring_back(struct lm_freeze *fz, size_t first, size_t n, bool zero, size_t *nback)
 {
     struct lm_region *r = fz->r;
-    size_t ps = r->page_size;
+    size_t ps = r->page_size, done = 0;
     char *dst = r->base + first * ps;
     /* The zero page again where it was (a copy would give each its own zeroed page). */
-    return zero ? lm_uffd_zeropage(r->uffd, dst, n * ps, true, NULL)
-                : lm_uffd_copy_wp(r->uffd, dst, fz->stage + first * ps, n * ps, true, NULL);
+    int rc;
+    if (!zero && atomic_load_explicit(&fz->test_fail_copies, memory_order_relaxed) > 0 &&
+        atomic_fetch_sub(&fz->test_fail_copies, 1) > 0)
+        rc = lm_fail("test hook: ioctl(UFFDIO_COPY, MODE_WP) of a copy-back", ENOMEM);
+    else
+        rc = zero ? lm_uffd_zeropage(r->uffd, dst, n * ps, true, &done)
+                  : lm_uffd_copy_wp(r->uffd, dst, fz->stage + first * ps, n * ps, true, &done);
+    size_t back = rc == 0 ? n : done / ps;
+    for (size_t i = 0; i < n; i++)
+        atomic_store_explicit(&fz->back[first + i], i < back ? B_BACK : B_UNKNOWN,
+                              memory_order_release);
+    if (back < n)
+        lm_uffd_wake(r->uffd, dst + back * ps, (n - back) * ps);
+    *nback = back;
+    return rc;
 }
 
 /* ---- the fault path ------------------------------------------------------------------- */
@@ -378,10 +397,13 @@ static bool serve_staged(struct lm_freeze *fz, size_t p)
         uint8_t b = atomic_load_explicit(&fz->back[p], memory_order_acquire);
         if (b == B_NOT_STAGED)
             return false;
-        if (b == B_BACK) {   /* brought back after this fault was raised */
-            lm_uffd_wake(r->uffd, addr, r->page_size);
-            return true;
-        }
+        if (b == B_BACK)
+            /* Brought back after this fault was raised (the normal path finds the page
+               present: EEXIST, the faulter woken), or dropped by the program since it came
+               back (madvise(MADV_DONTNEED)): then the normal path maps the zero page, as for
+               any dropped page. Waking alone here refaulted forever until the freeze ended,
+               and deadlocked a faulter that held the GIL the checkpoint needs. */
+            return false;
         if (b == B_MOVING) {   /* its copy wakes our faulter; wait so as not to handle it twice */
             lm_wait_busy(&spins);
             continue;
@@ -407,12 +429,11 @@ static bool serve_staged(struct lm_freeze *fz, size_t p)
         uint8_t u = B_UNKNOWN;
         if (!atomic_compare_exchange_strong(&fz->back[p], &u, B_MOVING))
             continue;
-        int rc = bring_back(fz, p, 1, false);
-        atomic_store_explicit(&fz->back[p], B_BACK, memory_order_release);
+        size_t back = 0;
+        int rc = bring_back(fz, p, 1, false, &back);   /* woken either way */
         if (rc < 0)
             lm_record_error(r, rc);
-        else
-            atomic_fetch_add_explicit(&fz->fault_served, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&fz->fault_served, back, memory_order_relaxed);
         return true;
     }
 }
@@ -468,8 +489,12 @@ bool lm_freeze_stray(struct lm_region *r, uint64_t addr)
 static int copy_back(struct lm_freeze *fz)
 {
     struct lm_region *r = fz->r;
-    int rc = scan(fz);
-    for (size_t p = 0; p < r->npages && rc == 0;) {
+    int rc = scan(fz), first_rc = 0;
+    if (rc < 0)
+        return rc;
+    /* A run that fails is left staged (bring_back) and the rest goes on: as much as can come
+       back does; the first failure is returned, and the next copy-back retries. */
+    for (size_t p = 0; p < r->npages;) {
         if (!bit(fz->staged, p)) {
             p++;
             continue;
@@ -487,14 +512,14 @@ static int copy_back(struct lm_freeze *fz)
             p++;
             continue;
         }
-        rc = bring_back(fz, p, n, zero);
-        for (size_t i = 0; i < n; i++)
-            atomic_store_explicit(&fz->back[p + i], B_BACK, memory_order_release);
-        if (rc == 0)
-            atomic_fetch_add_explicit(&fz->copied_back, n, memory_order_relaxed);
+        size_t back = 0;
+        rc = bring_back(fz, p, n, zero, &back);
+        atomic_fetch_add_explicit(&fz->copied_back, back, memory_order_relaxed);
+        if (rc < 0 && first_rc == 0)
+            first_rc = rc;
         p += n;
     }
-    return rc;
+    return first_rc;
 }
 
 static void *copier_main(void *arg)
@@ -546,8 +571,10 @@ int lm_freeze_scan(struct lm_freeze *fz)
 
 int lm_freeze_copy_back(struct lm_freeze *fz)
 {
-    int rc = copier_done(fz);
-    return rc < 0 ? rc : copy_back(fz);   /* again: cheap, and retries what failed */
+    /* The copier's result says whether all came back then; what failed is staged still and
+       tried again now (cheap where nothing is left): this is the answer. */
+    (void)copier_done(fz);
+    return copy_back(fz);
 }
 
 /* ---- the region as it was at the pause -------------------------------------------------- */

@@ -143,6 +143,8 @@ struct lm_config {
                                     WP_ASYNC and PAGEMAP_SCAN (LM_DIRTY_NONE) */
     int test_fail_publish;       /* test hook: every publication into a shared pool fails
                                     with ENOMEM (a memory cgroup's limit reached) */
+    int test_fail_copyback;      /* test hook: the first N copies that bring a background
+                                    checkpoint's staged pages back fail with ENOMEM */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can
