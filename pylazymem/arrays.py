@@ -18,6 +18,7 @@ NAME is the leaf's path joined with "/" (keys may not contain "/"), the name `py
 inspect` shows.
 """
 from collections.abc import Mapping
+import math
 import os
 from types import MappingProxyType
 import warnings
@@ -338,8 +339,7 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
             # transpose's, C-ordered: the shape _view wants is reversed)
             fortran = e.get("fortran", False)
             shape = tuple(e["shape"])[::-1] if fortran else e["shape"]
-            a = _view(region, e["dtype"], shape, e["offset"], fortran)
-            items[name] = _readonly(a) if readonly else a
+            items[name] = _view(region, e["dtype"], shape, e["offset"], fortran, readonly)
         return LoadedState(region, items, path, fmt, getattr(region, "foreign_metadata", None))
     except BaseException:
         region.close()
@@ -400,12 +400,12 @@ def _build(node, region, arrays, readonly, path, depth):
     fortran = node.get("fortran", False)
     if not isinstance(fortran, bool):
         bad("%r: 'fortran' must be true or false" % name)
-    view = _view(region, a["dtype"], a["shape"], a["offset"], fortran)
+    view = _view(region, a["dtype"], a["shape"], a["offset"], fortran, readonly)
     if kind == "numpy":
         ml = node.get("ml_dtype")
         if ml is not None:
             view = _ml_view(view, ml, name, bad)
-        return _readonly(view) if readonly else view
+        return view
     if kind == "torch":
         dt = node.get("torch_dtype")
         if dt not in _TORCH_DTYPES:
@@ -418,11 +418,19 @@ def _build(node, region, arrays, readonly, path, depth):
     bad("%r: unknown kind %r" % (name, kind))
 
 
-def _view(region, dtype, shape, offset, fortran):
+def _view(region, dtype, shape, offset, fortran, readonly=False):
     shape = tuple(shape)
-    if fortran:
-        return region.ndarray(dtype, shape, offset).T
-    return region.ndarray(dtype, shape, offset)
+    if readonly:
+        # Over a read-only buffer of the region: numpy's writeable flag alone can be set back
+        # and leaves .base (the region) writable; an array of a read-only buffer cannot be
+        # made writable, nor can anything taken from it. (torch.from_numpy of it is writable
+        # all the same: torch has no read-only tensors.)
+        flat = np.frombuffer(memoryview(region).toreadonly(), dtype=dtype,
+                             count=math.prod(shape), offset=offset)
+        a = flat.reshape(shape)
+    else:
+        a = region.ndarray(dtype, shape, offset)
+    return a.T if fortran else a
 
 
 def _readonly(a):

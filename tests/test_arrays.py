@@ -707,3 +707,24 @@ def test_inspect_escapes_names_that_would_forge_lines(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not any(line.startswith("FAKE") for line in out.stdout.splitlines())
     assert "a\\nFAKE LINE" in out.stdout
+
+
+def test_readonly_arrays_cannot_be_made_writable_through_their_base(tmp_path):
+    # readonly=True set numpy's writeable flag only: setflags(write=True), or a write through
+    # .base (the region), changed the array.
+    p = tmp_path / "s.plm"
+    plm.save(p, {"E": np.arange(12.0).reshape(3, 4), "F": np.asfortranarray(np.ones((3, 5)))})
+    with plm.load(p, readonly=True) as st:
+        for name in ("E", "F"):
+            a = st[name]
+            with pytest.raises(ValueError):
+                a[0, 0] = 42.0
+            with pytest.raises(ValueError):
+                a.setflags(write=True)
+            base = a
+            while isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            with pytest.raises((TypeError, ValueError)):
+                np.asarray(memoryview(base)).view(np.uint8)[0] = 1
+        assert st["F"].flags.f_contiguous and np.all(st["F"] == 1)
+        assert np.array_equal(st["E"], np.arange(12.0).reshape(3, 4))
