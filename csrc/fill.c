@@ -114,6 +114,33 @@ static int holes_by_seek(struct lm_region *r, size_t first, size_t n, unsigned c
     return 0;
 }
 
+/*
+ * With config.verify_shared: the pages of [first, first+n) that vec says the pool holds are
+ * read from the pool and checked; vec[i] becomes POOL_BAD for one that does not match its
+ * signature (`want`, when given, holds the run's good bytes: compared instead of hashed).
+ * Another process of this uid can write the pool (docs/shared-pages.md 2.6): this keeps a
+ * page planted before the check from being mapped; it cannot keep out a write after it.
+ */
+void lm_pool_check(struct lm_region *r, size_t first, size_t n, unsigned char *vec,
+                   const char *want, char *buf)
+{
+    size_t ps = r->page_size;
+    if (!r->cfg.verify_shared)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        if (!(vec[i] & 1))
+            continue;
+        ssize_t got = pread(r->pool_fd, buf, ps, (off_t)((first + i) * ps));
+        bool ok = got == (ssize_t)ps &&
+                  (want ? memcmp(buf, want + i * ps, ps) == 0
+                        : lm_xxh3(buf, ps) == r->meta[first + i].signature);
+        if (!ok) {
+            vec[i] = LM_POOL_BAD;
+            atomic_fetch_add_explicit(&r->st_verify_fail, 1, memory_order_relaxed);
+        }
+    }
+}
+
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec)
 {
     /* The pool's page cache is the only record of what is filled (design 2.4): no bitmap
@@ -151,14 +178,26 @@ static int fill_shared(struct lm_region *r, struct lm_serve_thread *t, size_t fi
         return lm_fail("shared fill: run longer than a cluster", EINVAL);
     if ((rc = lm_pool_holes(r, first, n, vec)) < 0)
         return rc;
+    for (size_t i = 0; i < n; i++)
+        vec[i] &= 1;
+    t->scratch_canon = 0;   /* the check reads pool pages into scratch */
+    lm_pool_check(r, first, n, vec, NULL, t->scratch);
     for (size_t a = 0; a < n && rc == 0;) {
-        bool in_pool = vec[a] & 1;
+        unsigned char kind = vec[a];
         size_t b = a + 1;
-        while (b < n && (bool)(vec[b] & 1) == in_pool)
+        while (b < n && vec[b] == kind)
             b++;
+        bool in_pool = kind == 1;
         size_t seg = b - a, pub = seg, got = 0;
         char *dst = r->base + (first + a) * ps;
-        if (!in_pool) {
+        if (kind == LM_POOL_BAD) {
+            /* held by the pool with other bytes than its signature's: the store's, privately */
+            t->scratch_canon = 0;
+            if ((rc = assemble(r, t, first + a, seg)) < 0)
+                break;
+            pub = 0;
+            rc = -EROFS;   /* served below by a private copy, never from the pool */
+        } else if (!in_pool) {
             t->scratch_canon = 0;   /* overwritten below */
             if ((rc = assemble(r, t, first + a, seg)) < 0)
                 break;   /* the caller retries page by page: only a bad page is poisoned */

@@ -145,6 +145,10 @@ struct lm_config {
                                     with ENOMEM (a memory cgroup's limit reached) */
     int test_fail_copyback;      /* test hook: the first N copies that bring a background
                                     checkpoint's staged pages back fail with ENOMEM */
+    int verify_shared;           /* a shared restore: pages another process published into
+                                    the pool are checked against their signatures before they
+                                    are mapped; one that differs is served by a private copy
+                                    from the store (restore(share=True, verify=True)) */
 };
 
 /* Region config share_canonical. AUTO (0, the default): map chunks where the kernel can

@@ -665,6 +665,12 @@ int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t firs
    publishing pages into it from src (*done = pages published or found there before a failure). */
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec);
 int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done);
+/* With config.verify_shared, the pages vec says the pool holds are read from it and checked
+   (against `want`'s bytes, else their signatures; buf: one page of room): one that differs
+   becomes LM_POOL_BAD in vec, served by a private copy from the store, never mapped. */
+#define LM_POOL_BAD 2
+void lm_pool_check(struct lm_region *r, size_t first, size_t n, unsigned char *vec,
+                   const char *want, char *buf);
 /* Test hook (config.test_fail_fills): -EIO when this fill attempt is to fail, else 0. */
 int lm_fill_hook(struct lm_region *r);
 /* Pages we cannot serve: poison them (SIGBUS on access; SIGSEGV without UFFDIO_POISON),

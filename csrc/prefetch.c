@@ -43,15 +43,27 @@ static int prefetch_shared(struct lm_region *r, size_t p, size_t run, const char
     unsigned char vec[PREFETCH_BATCH];
     *done = 0;
     int rc = lm_pool_holes(r, p, run, vec);
+    if (rc == 0 && r->cfg.verify_shared) {
+        char *buf = malloc(ps);
+        if (!buf)
+            return lm_fail("malloc(pool check)", ENOMEM);
+        for (size_t i = 0; i < run; i++)
+            vec[i] &= 1;
+        lm_pool_check(r, p, run, vec, src, buf);   /* src: the store's bytes, verified */
+        free(buf);
+    }
     for (size_t a = 0; a < run && rc == 0;) {
-        bool in_pool = vec[a] & 1;
+        unsigned char kind = vec[a] & 1 ? 1 : vec[a];
         size_t b = a + 1;
-        while (b < run && (bool)(vec[b] & 1) == in_pool)
+        while (b < run && (vec[b] & 1 ? 1 : vec[b]) == kind)
             b++;
+        bool in_pool = kind == 1;
         char *dst = r->base + (p + a) * ps;
         size_t n = b - a, got = 0, shared = 0, priv = 0;
-        /* A read-only pool (a page server's, section 5.3) has no view: every hole private. */
-        size_t pub = !in_pool && (n < PUBLISH_MIN_RUN || r->pool_view == MAP_FAILED) ? 0 : n;
+        /* A read-only pool (a page server's, section 5.3) has no view: every hole private.
+           So is a page the pool holds with other bytes than the store's (POOL_BAD). */
+        size_t pub = kind == LM_POOL_BAD ||
+                     (!in_pool && (n < PUBLISH_MIN_RUN || r->pool_view == MAP_FAILED)) ? 0 : n;
         if (!in_pool && pub) {
             int prc = lm_pool_publish(r, p + a, n, src + a * ps, &pub);   /* [a, a+pub) in */
             /* Publishing refused for want of memory (a memory cgroup's limit, a full

@@ -145,7 +145,8 @@ class Region(AddressRange):
     def __init__(self, nbytes, *, serve_cpus=None, serve_threads=None, max_cluster_pages=None,
                  timeline=None, server=None, share_canonical="auto", shared_first_touch=None,
                  _test_broken_source=False, _test_no_poison=False, _test_no_dirty=False,
-                 _test_fail_publish=False, _test_fail_copyback=0, _start=True, _pool=None):
+                 _test_fail_publish=False, _test_fail_copyback=0, _start=True, _pool=None,
+                 _verify_shared=False):
         self._lm = None
         self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
@@ -216,6 +217,7 @@ class Region(AddressRange):
         cfg.test_no_poison = bool(_test_no_poison)
         cfg.test_fail_publish = bool(_test_fail_publish)
         cfg.test_fail_copyback = int(_test_fail_copyback)
+        cfg.verify_shared = bool(_verify_shared)   # restore(share=True, verify=True)
         # tests only: dirty tracking as without WP_ASYNC + PAGEMAP_SCAN (mode "none")
         cfg.test_no_dirty = bool(_test_no_dirty)
         if timeline is None:

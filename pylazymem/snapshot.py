@@ -995,9 +995,11 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     (reads share one copy; a store gives this process its own) or raises
     SharingUnavailableError saying why it cannot; "auto" shares where it can, else restores
     privately (Region.shared says which, Region.share_reason why not); False (default)
-    restores privately. Sharing verifies every page it publishes into the pool, not pages
-    another process published (verify= included): every process of this user can write the
-    pool, so share only among processes that trust one another (docs/shared-pages.md 2.6).
+    restores privately. Sharing verifies every page it publishes into the pool; with
+    verify=True also every page another process published, before it is mapped (one that
+    differs is served privately from the file). Every process of this user can write the pool,
+    even after that check: share only among processes that trust one another
+    (docs/shared-pages.md 2.6).
     Other keyword arguments go to Region().
     """
     where = os.fspath(path)
@@ -1054,6 +1056,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
             raise SharingUnavailableError("%s: restore(share=True): %s" % (path, why))
         try:
             region = Region(h["npages"] * h["page_size"], _start=server is None, _pool=pool,
+                            _verify_shared=bool(verify) and pool is not None,
                             **region_kw)
         except BaseException:
             if pool is not None:

@@ -376,3 +376,29 @@ def test_a_page_lost_from_the_pool_reads_as_the_snapshots_never_zeros(snap):
         assert page in pool_data_pages(r) and pool_bytes(r, page) == want.tobytes()
         assert r.stats()["pages_poisoned"] == 0
         del a
+
+
+@pytest.mark.parametrize("prefetch", ["none", "working-set"])
+def test_verify_checks_pages_another_process_published(snap, prefetch):
+    # Any process of this uid can write the pool (docs/shared-pages.md 2.6). verify=True
+    # checks a page the pool already holds before mapping it: one planted with other bytes is
+    # served privately from the file (and counted); without verify it is mapped as it is.
+    path, expected = snap
+    page = 7                                          # in the working set (every 7th page)
+    want = expected[page * PS:(page + 1) * PS]
+    with plm.restore(path, share=True, prefetch="none", background=False) as filler:
+        a = filler.ndarray(np.uint8)
+        assert np.array_equal(a, expected)            # every page published
+        del a
+        os.pwrite(filler._pool.fd, b"\xEE" * PS, page * PS)   # another process's write
+        with plm.restore(path, share=True, prefetch=prefetch, background=False,
+                         verify=True) as r:
+            got = r.ndarray(np.uint8)
+            assert np.array_equal(got, expected)
+            del got
+            st = r.stats()
+            assert st["verify_failures"] == 1 and st["pages_poisoned"] == 0
+        with plm.restore(path, share=True, prefetch=prefetch, background=False) as r:
+            got = r.ndarray(np.uint8)
+            assert got[page * PS] == 0xEE and not np.array_equal(got[page * PS:][:PS], want)
+            del got
