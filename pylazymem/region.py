@@ -616,7 +616,10 @@ class Region(AddressRange):
         """Indices (uint64, ascending) of the pages whose contents may differ from what they
         held when the epoch began: region creation, the last restore() or reset_dirty()
         (checkpoint() resets it). A page that changed is always listed; a listed page may not
-        have changed (which ones, per mode: docs/design.md)."""
+        have changed (which ones, per mode: docs/design.md). Not while a background
+        checkpoint runs (BusyError): its staged pages are away from the region then, and would
+        be taken for pages the program dropped, listed as dirty for good."""
+        self._check_no_background()
         words = np.zeros(-(-self.npages // 64), np.uint64)
         with self._use() as lm:
             check(lib.lm_dirty_bitmap(lm, ffi.from_buffer("uint64_t[]", words)), "dirty_pages")

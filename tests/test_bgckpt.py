@@ -191,11 +191,14 @@ def test_refusals_while_in_progress(tmp_path, rng):
                 r.reset_dirty()
             with pytest.raises(plm.BusyError):
                 r.defer_fill(0, PAGE_SIZE, plm.ZERO)
+            with pytest.raises(plm.BusyError):   # staged pages would count as dropped
+                r.dirty_pages()
             assert not h.done
         finally:
             slow.set()
         h.wait(60)
         r.defer_fill(0, PAGE_SIZE, plm.ZERO)   # allowed again
+        assert r.dirty_pages().tolist() == [0]   # the deferral only: nothing left over
 
 
 def test_close_waits_for_the_checkpoint(tmp_path, rng):
