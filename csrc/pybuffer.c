@@ -26,7 +26,12 @@ typedef struct {
     int attached;
     int closed;
     int unmapped;
+    int placeholder;   /* after fork(): our PROT_NONE mapping holds the range (range_abandon) */
 } RangeObject;
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000   /* Linux 4.17; the value is ABI */
+#endif
 
 static PyObject *closed_error;   /* set by the package: pylazymem.RegionClosedError */
 
@@ -84,6 +89,10 @@ static void range_dealloc(RangeObject *self)
 {
     /* Exports keep a reference to us, so none is left here. */
     unmap_now(self);
+    if (self->placeholder) {
+        munmap(self->addr, (size_t)self->len);
+        self->placeholder = 0;
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -118,11 +127,23 @@ static PyObject *range_detach(RangeObject *self, PyObject *unused)
     Py_RETURN_FALSE;
 }
 
-/* After fork(): the range is not mapped in this process; forget it without munmap, which
-   could hit whatever has been mapped there since. */
+/* After fork(), in the child: the range is not mapped in this process (MADV_DONTFORK); forget
+   it without munmap, which could hit whatever has been mapped there since. And hold the range
+   with an inaccessible mapping while views inherited from the parent may point into it: else
+   the next mmap of the child lands there, and such a view reads and writes that memory
+   silently; with the placeholder an access faults (SIGSEGV). Where something is mapped there
+   already (a range not given up at fork), it is left alone. */
 static PyObject *range_abandon(RangeObject *self, PyObject *unused)
 {
     (void)unused;
+    if (self->attached && !self->unmapped && !self->placeholder) {
+        void *p = mmap(self->addr, (size_t)self->len, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p == (void *)self->addr)
+            self->placeholder = 1;
+        else if (p != MAP_FAILED)   /* a kernel that takes NOREPLACE as a hint only */
+            munmap(p, (size_t)self->len);
+    }
     self->closed = 1;
     self->unmapped = 1;
     Py_RETURN_NONE;

@@ -88,23 +88,29 @@ class Handler:
     def __init__(self, region):
         self._region = weakref.ref(region)
 
-    def _lm(self):
+    def _use(self):
+        """The region's C struct for one call, which close() waits for (it cannot be freed
+        in between)."""
         region = self._region()
-        if region is None or region._lm is None:
+        if region is None:
             raise RegionClosedError("the region is closed")
-        return region._lm
+        return region._use(report=False)
 
     def start(self):
-        check(lib.lm_region_start(self._lm()), "Handler.start")
+        with self._use() as lm:
+            check(lib.lm_region_start(lm), "Handler.start")
 
     def stop(self):
         """Stop serving. Accesses to lazy pages then wait until start() is called again."""
-        lib.lm_region_stop(self._lm())
+        with self._use() as lm:
+            lib.lm_region_stop(lm)
 
     def is_alive(self):
-        region = self._region()
-        return bool(region is not None and region._lm is not None
-                    and lib.lm_region_serving(region._lm) > 0)
+        try:
+            with self._use() as lm:
+                return lib.lm_region_serving(lm) > 0
+        except RegionClosedError:
+            return False
 
     @property
     def threads(self):
@@ -174,7 +180,11 @@ class Region(AddressRange):
         self._chunks = False   # a canonical deferral may have mapped chunks (defer_fill)
         self._lock = threading.Condition()
         self._users = 0
+        self._callers = {}          # thread id -> calls in progress on it (_InUse)
+        self._close_pending = None  # close() from inside a call: the last call ends it
         try:
+            if isinstance(nbytes, (bool, np.bool_)):
+                raise TypeError
             nbytes = operator.index(nbytes)
         except TypeError:
             raise InvalidArgumentError("Region size must be an integer number of bytes, not %s"
@@ -200,12 +210,17 @@ class Region(AddressRange):
         if cpus:
             cfg.cpus, cfg.ncpus = keep, len(cpus)
         else:
-            cfg.nthreads = operator.index(serve_threads or 1)
+            nthreads = operator.index(serve_threads or 1)
+            if not 1 <= nthreads <= 64:
+                raise InvalidArgumentError("serve_threads must be from 1 to 64, not %d"
+                                           % nthreads)
+            cfg.nthreads = nthreads
         if max_cluster_pages is None:
             max_cluster_pages = _env_int("PYLAZYMEM_MAX_CLUSTER", 0)
         max_cluster_pages = operator.index(max_cluster_pages)
-        if max_cluster_pages < 0:
-            raise InvalidArgumentError("max_cluster_pages must be >= 1")
+        if not 0 <= max_cluster_pages < 1 << 31:
+            raise InvalidArgumentError("max_cluster_pages must be >= 1 (0: the default), not %d"
+                                       % max_cluster_pages)
         cfg.max_cluster_pages = max_cluster_pages
         zw = os.environ.get("PYLAZYMEM_ZERO_WRITE", "copy")
         if zw not in _ZERO_WRITE:
@@ -431,8 +446,8 @@ class Region(AddressRange):
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def _use(self):
-        return _InUse(self)
+    def _use(self, report=True):
+        return _InUse(self, report)
 
     @property
     def closed(self):
@@ -461,16 +476,34 @@ class Region(AddressRange):
             if lm is None:
                 return
             self._lm = None   # new calls fail from here on
-            while self._users:
-                self._lock.wait()   # calls in progress (GIL released) finish first
+            if self._callers.get(threading.get_ident()):
+                # From inside a call of this region on this thread (a signal handler that ran
+                # while the call waited): that call still uses the region, and waiting for it
+                # here would wait for ourselves. The last call to end finishes the close.
+                self._close_pending = lm
+                return
+            try:
+                while self._users:
+                    self._lock.wait()   # calls in progress (GIL released) finish first
+            except BaseException:
+                # Interrupted (KeyboardInterrupt): calls still run, so the region stays open
+                # and close() can be called again; dropping it here would leak it.
+                self._lm = lm
+                raise
+        self._finish_close(lm)
+
+    def _finish_close(self, lm):
         # The background fill copies into the range that is about to be unmapped (or kept only
         # for the views left, where it is optional work): it stops first either way.
         lib.lm_background_stop(lm)
         if self._detach():   # no view: unmapped now, while still registered
             self._teardown(lm)
         else:
-            # Views keep the memory: it stays mapped and served; the buffer type calls
-            # _last_view_released() when the last one goes.
+            # Views keep the memory: it stays mapped and served (serving started again if the
+            # program had stopped it: a view of a region nobody serves waits forever); the
+            # buffer type calls _last_view_released() when the last one goes.
+            if self._server_sock is None and lib.lm_region_serving(lm) <= 0:
+                lib.lm_region_start(lm)
             self._pending_lm = lm
 
     def _last_view_released(self):
@@ -494,6 +527,13 @@ class Region(AddressRange):
             self._server_sock = None
 
     def _forget(self):
+        # Locks another thread of the parent held at fork() stay held here for good: new ones,
+        # so that a call in the child raises RegionClosedError instead of waiting forever.
+        self._lock = threading.Condition()
+        self._epoch_lock = threading.Lock()
+        self._epoch_holder = None
+        self._users = 0
+        self._callers = {}
         lm, self._lm = self._lm, None
         pending, self._pending_lm = self._pending_lm, None
         self._forked = True
@@ -564,14 +604,15 @@ class Region(AddressRange):
             raise InvalidArgumentError("dtype %s has no size" % dtype)
         if any(x < 0 for x in shape):
             raise InvalidArgumentError("negative dimension in shape %r" % (shape,))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize   # Python integers: no wrap-around
         offset = -(-self._alloc_next // self.page_size) * self.page_size
         if offset + nbytes > self.nbytes:
             raise InvalidArgumentError("array %r (%d bytes) does not fit: %d of %d bytes left"
                                        % (name, nbytes, max(0, self.nbytes - offset), self.nbytes))
+        view = self.ndarray(dtype, shape, offset)   # before anything is recorded
         self._arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
         self._alloc_next = offset + nbytes
-        return self.ndarray(dtype, shape, offset)
+        return view
 
     @property
     def arrays(self):
@@ -599,10 +640,10 @@ class Region(AddressRange):
 
     def mark_working_set(self, inherit=None):
         """Start a new working-set window (optionally seeded with pages known to be in it)."""
+        seed = None if inherit is None else self._page_list(inherit, "mark_working_set(inherit)")
         with self._use() as lm:
             check(lib.lm_ws_mark(lm), "mark_working_set")
-        self._ws_inherited = (None if inherit is None or not len(inherit)
-                              else np.asarray(inherit, dtype=np.uint64).copy())
+        self._ws_inherited = None if seed is None or not seed.size else seed.copy()
 
     @property
     def tracks_writes(self):
@@ -649,7 +690,7 @@ class Region(AddressRange):
 
     def prefetch(self, pages):
         """Carry out the pending updates of the given pages now, in the given order."""
-        pages = np.ascontiguousarray(pages, dtype=np.uint64).ravel()
+        pages = self._page_list(pages, "prefetch")
         if self._empty_unknown:
             self._refuse_remote("prefetch")
         with self._use() as lm:
@@ -834,6 +875,33 @@ class Region(AddressRange):
             raise InvalidRangeError("%s must be an integer, not %s"
                                     % (name, type(value).__name__)) from None
 
+    def _page_list(self, pages, what):
+        """Page indices (integers, each in the region) as a contiguous uint64 array: floats,
+        bools, nested sequences and indices outside the region are refused, not converted."""
+        self._check_open()
+        try:
+            a = np.asarray(pages)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError("%s: page indices expected (%s)" % (what, e)) from None
+        if a.size == 0:
+            return np.zeros(0, np.uint64)
+        if a.ndim > 1 or a.dtype.kind not in "iuO":
+            raise InvalidArgumentError("%s: page indices must be a sequence of integers, not %s "
+                                       "of %s" % (what, "a %d-d array" % a.ndim if a.ndim > 1
+                                                  else "an array", a.dtype))
+        if a.dtype.kind == "O":   # Python integers beyond 64 bits, or other objects
+            if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                       for x in a.ravel()):
+                raise InvalidArgumentError("%s: page indices must be integers" % what)
+            bad = [int(x) for x in a.ravel() if not 0 <= int(x) < self.npages]
+        else:
+            a = a.ravel()
+            bad = a[(a < 0) | (a >= self.npages)] if a.dtype.kind == "i" else a[a >= self.npages]
+        if len(bad):
+            raise InvalidRangeError("%s: page index %d outside the region (0..%d)"
+                                    % (what, int(bad[0]), self.npages - 1))
+        return np.ascontiguousarray(np.asarray(a, dtype=np.uint64).ravel())
+
     def _pages(self, offset, length):
         """Validate a byte range and turn it into (first page, page count)."""
         self._check_open()
@@ -878,33 +946,50 @@ _OBJS_STATS = ("requests", "fetches", "fetch_bytes", "retries", "failures", "cor
 class _InUse:
     """Keeps close() from freeing the C region while a call into it (GIL released) runs."""
 
-    __slots__ = ("region", "report")
+    __slots__ = ("region", "report", "lm")
 
     def __init__(self, region, report=True):
         self.region = region
         self.report = report
+        self.lm = None
 
     def __enter__(self):
         region = self.region
         with region._lock:
-            if region._lm is None:
+            lm = region._lm
+            if lm is None:
                 raise region._closed_error()
             if self.report and region._remote is not None:
-                err = region._remote_failed(region._lm)
+                err = region._remote_failed(lm)
                 if err is not None:
                     raise err
+            tid = threading.get_ident()
+            region._callers[tid] = region._callers.get(tid, 0) + 1
             region._users += 1
-            return region._lm
+            self.lm = lm
+            return lm
 
     def __exit__(self, exc_type, exc, tb):
         region = self.region
+        finish = None
         with region._lock:
-            if exc_type is not None and issubclass(exc_type, ObjectStoreError) and \
-                    region._remote is not None:
-                region._remote_failed(region._lm)   # this call reported them already
-            region._users -= 1
-            if not region._users:
-                region._lock.notify_all()
+            try:
+                if exc_type is not None and issubclass(exc_type, ObjectStoreError) and \
+                        region._remote is not None:
+                    region._remote_failed(self.lm)   # this call reported them already
+            finally:   # counted down whatever happens: close() waits for the count
+                region._users -= 1
+                tid = threading.get_ident()
+                left = region._callers.get(tid, 1) - 1
+                if left:
+                    region._callers[tid] = left
+                else:
+                    region._callers.pop(tid, None)
+                if not region._users:
+                    region._lock.notify_all()
+                    finish, region._close_pending = region._close_pending, None
+        if finish is not None:   # close() was called from inside a call: this was the last
+            region._finish_close(finish)
 
 
 def _quantile(hist, total, q):

@@ -183,3 +183,79 @@ def test_close_with_handler_stopped(run_py_ok):
         print("OK")
     """, timeout=30)
     assert out.strip().endswith("OK")
+
+
+def test_close_from_a_signal_handler_during_a_call_does_not_deadlock(run_py):
+    # A SIGTERM handler that closes the region runs on the main thread while that thread is
+    # inside a call of the region (materialize, GIL released in the core): close() waited for
+    # that call, i.e. for itself. The call ends, then the region closes.
+    res = run_py("""
+        import signal
+        # copied page by page by the core (not kernel-served chunks): a long call
+        r = plm.Region(256 << 20, share_canonical=False)
+        r.defer_fill(0, r.nbytes, r.canonical(bytes(range(256)) * (PS // 256)))
+        closed_in_handler = []
+
+        def on_term(sig, frame):
+            r.close()
+            closed_in_handler.append(r.closed)
+        signal.signal(signal.SIGTERM, on_term)
+        threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        try:
+            r.materialize()
+            print("materialize returned", flush=True)
+        except plm.RegionClosedError:
+            print("materialize saw the close", flush=True)
+        time.sleep(0.3)
+        print("handler ran:", closed_in_handler, "closed:", r.closed, flush=True)
+        print("OK")
+    """, timeout=60)
+    assert res.returncode == 0, res.describe()
+    assert "OK" in res.stdout and "closed: True" in res.stdout, res.describe()
+
+
+def test_an_interrupted_close_can_be_called_again(run_py):
+    # KeyboardInterrupt while close() waits for a call in progress: the region was marked
+    # closed already, so nothing ever freed its threads and descriptors.
+    res = run_py("""
+        import signal
+        r = plm.Region(4 << 20)
+        use = r._use()
+        entered, leave = threading.Event(), threading.Event()
+
+        def call_in_progress():
+            with use:
+                entered.set()
+                leave.wait(30)
+        t = threading.Thread(target=call_in_progress)
+        t.start()
+        entered.wait(30)
+        signal.signal(signal.SIGALRM, signal.default_int_handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        try:
+            r.close()
+            print("close returned", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted; closed:", r.closed, flush=True)
+        leave.set()
+        t.join()
+        r.close()
+        print("closed after all:", r.closed, "serving:", r.handler.is_alive())
+    """, timeout=60)
+    assert res.returncode == 0, res.describe()
+    assert "interrupted; closed: False" in res.stdout, res.describe()
+    assert "closed after all: True serving: False" in res.stdout, res.describe()
+
+
+def test_a_view_of_a_region_closed_while_its_handler_was_stopped_is_still_served(run_py):
+    res = run_py("""
+        r = plm.Region(4 << 20, share_canonical=False)   # first touches come to the handler
+        r.defer_fill(0, r.nbytes, r.canonical(b"\\x07" * PS))
+        a = r.ndarray(np.uint8)
+        r.handler.stop()
+        r.close()                 # views are left: the memory stays mapped, and served
+        signal_free = int(a[12345])
+        print("read", signal_free, flush=True)
+    """, timeout=60)
+    assert res.returncode == 0, res.describe()
+    assert "read 7" in res.stdout, res.describe()

@@ -179,3 +179,59 @@ def test_fork_child_inherited_view_faults(run_py_ok):
     """, timeout=60)
     assert "child read" not in out, out
     assert out.strip().endswith("OK"), out
+
+
+def test_fork_child_inherited_view_faults_even_after_the_child_maps_memory(run_py_ok):
+    """The child's next mmap used to land on the region's free range, and an inherited view
+    then read and wrote that memory silently. The range is held by an inaccessible mapping
+    in the child: the access faults."""
+    out = run_py_ok(SETUP + """
+    import mmap, signal
+    pid = os.fork()
+    if pid == 0:
+        m = mmap.mmap(-1, r.nbytes)             # the child's own memory, same size
+        m.write(b"\\x42" * r.nbytes)
+        x = int(v[1, 0])
+        print("child read", x, flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
+    parent_verify()
+    r.close()
+    print("OK")
+    """, timeout=60)
+    assert "child read" not in out, out
+    assert out.strip().endswith("OK"), out
+
+
+def test_fork_while_another_thread_holds_the_regions_lock(run_py_ok):
+    """A lock another parent thread held at fork() stays held in the child: its first call
+    waited forever instead of raising RegionClosedError."""
+    out = run_py_ok(SETUP + """
+    import signal
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with r._lock:
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        try:
+            r.stats()
+            print("child: stats() worked", flush=True)
+        except plm.RegionClosedError:
+            print("child: closed", flush=True)
+        os._exit(0)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), status
+    r.close()
+    print("OK")
+    """, timeout=60)
+    assert "child: closed" in out and out.strip().endswith("OK"), out
