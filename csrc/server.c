@@ -177,6 +177,14 @@ static void remap(struct lm_srv *s, uint64_t from, uint64_t to, uint64_t len)
     struct srv_map *m = find_map(s, from);
     if (m && m->base == from && m->size == len) {
         m->base = to;
+        /* What was mapped at the destination is gone (mremap replaced it): a map that
+           overlaps it would be found for addresses that are now m's, and served from its
+           own source. Disabled: faults there, if any, are refused loudly. */
+        for (int i = 0; i < s->nmaps; i++) {
+            struct srv_map *o = &s->maps[i];
+            if (o != m && o->size && o->base < to + len && to < o->base + o->size)
+                o->size = 0;
+        }
         return;
     }
     srv_error(s, -ENOTSUP);

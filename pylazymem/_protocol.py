@@ -78,7 +78,7 @@ def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
     source offset + size must fit in 64 bits."""
     try:
         doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError("the handshake is not UTF-8 JSON: %s" % e) from None
     if not isinstance(doc, list) or not doc:
         raise ProtocolError("the handshake must be a non-empty JSON array of mappings "
@@ -104,7 +104,7 @@ def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
         if not mp.size or (mp.base_host_virt_addr | mp.size | mp.offset) % ps:
             raise ProtocolError("mapping %d: address, size and offset must be multiples of "
                                 "the page size and size > 0" % i)
-        if mp.base_host_virt_addr + mp.size > 1 << 64:
+        if mp.base_host_virt_addr + mp.size >= 1 << 64:   # as the C engine: its end too
             raise ProtocolError("mapping %d wraps around the address space" % i)
         if mp.offset + mp.size > 1 << 64:
             raise ProtocolError("mapping %d: offset + size is past 2**64" % i)
@@ -300,6 +300,24 @@ def connect(socket_path, uffd_fd, mappings, *, watches_server=False, share=False
                                 "use engine='c' or a server in another process" % path)
         s.settimeout(None)
         return s, answer
+    except OSError as e:   # socket.timeout is one: the same type, saying which server
+        s.close()
+        why = ("no answer within %g s (a stopped or overloaded server?)" % timeout
+               if isinstance(e, socket.timeout) else
+               "not running (no such socket)" if isinstance(e, FileNotFoundError) else
+               "not running (nobody listens on the socket)"
+               if isinstance(e, ConnectionRefusedError) else e.strerror or str(e))
+        try:
+            named = type(e)(e.errno, "the page server at %s: %s" % (path, why))
+        except TypeError:
+            raise e from None
+        raise named from e
+    except ValueError as e:   # an answer that is not JSON (ProtocolError is a ValueError)
+        s.close()
+        if isinstance(e, ProtocolError):
+            raise
+        raise ProtocolError("the page server at %s answered something that is not JSON: %s"
+                            % (path, e)) from e
     except BaseException:
         s.close()
         raise

@@ -135,7 +135,17 @@ class _SnapshotSource(_FileSource):
         self.nbytes = len(self.table) * PAGE_SIZE
         # What a client restoring the same snapshot compares (restore(server=...)).
         self.identity = {"kind": self.kind, "path": self.path, "bytes": self.nbytes,
-                         "dev": st.st_dev, "ino": st.st_ino, "file_bytes": st.st_size}
+                         "dev": st.st_dev, "ino": st.st_ino, "file_bytes": st.st_size,
+                         "header_xxh3": p.header["header_xxh3"]}
+        self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check_unchanged(self):
+        """Raises ProtocolError if the file was written since it was opened (in place: the
+        same inode), where the table read then no longer describes its bytes."""
+        st = os.fstat(self.fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:
+            raise ProtocolError("the snapshot %s was written over since this server opened "
+                                "it: restart the server to serve its new contents" % self.path)
 
     def page(self, offset):
         i = offset // PAGE_SIZE
@@ -215,6 +225,10 @@ class Client:
         self.engine = engine
         self.connected_at = time.time()
         self._c = None           # C engine: struct lm_srv *
+        # Taken to read _c and call into it, and to take it away before it is freed: stats()
+        # from another thread (pylazymem serve --stats-every) read a freed struct otherwise.
+        self._c_lock = threading.Lock()
+        self._c_final = None     # C engine: its stats when it ended
         self._thread = None      # Python engine
         self._py_stats = dict.fromkeys(_SRV_STAT_FIELDS, 0)
         self._stop_r = self._stop_w = -1
@@ -222,19 +236,28 @@ class Client:
 
     @property
     def alive(self) -> bool:
-        if self._c is not None:
-            from ._binding import lib
-            return bool(lib.lm_srv_running(self._c))
+        with self._c_lock:
+            if self._c is not None:
+                from ._binding import lib
+                return bool(lib.lm_srv_running(self._c))
         return self._thread is not None and self._thread.is_alive()
 
+    def _c_stats(self):   # with _c_lock held, _c set
+        from ._binding import ffi, lib
+        st = ffi.new("struct lm_srv_stats *")
+        lib.lm_srv_stats(self._c, st)
+        return {k: int(getattr(st, k)) for k in _SRV_STAT_FIELDS}
+
     def stats(self) -> Dict[str, int]:
-        if self._c is not None:
-            from ._binding import ffi, lib
-            st = ffi.new("struct lm_srv_stats *")
-            lib.lm_srv_stats(self._c, st)
-            d = {k: int(getattr(st, k)) for k in _SRV_STAT_FIELDS}
-        else:
-            d = dict(self._py_stats)
+        with self._c_lock:
+            if self._c is not None:
+                from ._binding import lib
+                d = self._c_stats()
+                d["running"] = int(bool(lib.lm_srv_running(self._c)))
+                return d
+            if self._c_final is not None:
+                return dict(self._c_final, running=0)
+        d = dict(self._py_stats)
         d["running"] = int(self.alive)
         return d
 
@@ -367,6 +390,12 @@ class _PyEngine:
             i, m = self._find(ev.from_)
             if m is not None and self.bases[i] == ev.from_ and m.size == ev.len:
                 self.bases[i] = ev.to
+                # What was mapped at the destination is gone: a range that overlaps it would
+                # be found for addresses that are now this one's (served from its source).
+                for j, o in enumerate(self.client.mappings):
+                    if j != i and self.bases[j] < ev.to + ev.len and \
+                            ev.to < self.bases[j] + o.size:
+                        self.bases[j] = -(1 << 70)   # never found again: refused loudly
             else:
                 self._error(-errno.ENOTSUP, "partial mremap of a served range is not followed")
         elif isinstance(ev, U.Fork):
@@ -870,12 +899,23 @@ class PageServer:
 
     # -- serving --------------------------------------------------------------------------
     def _accept_loop(self):
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
+        # A connection is accepted only with a handshake slot in hand. Accepting one to turn
+        # it away unread threw its userfaultfd away with the unread message: a client that
+        # does not read the answer (Firecracker) then waited for its faults forever. Without
+        # a slot, connections wait in the listen backlog (their handshake deadline is ours).
+        listening = select.poll()
+        listening.register(self._sock.fileno(), select.POLLIN)
+        listening.register(self._stop_r, select.POLLIN)
+        waiting = select.poll()
+        waiting.register(self._stop_r, select.POLLIN)
+        slot = False
         while True:
-            ready = dict(poller.poll(500))
+            if not slot:
+                slot = self._handshakes.acquire(blocking=False)
+            ready = dict(listening.poll(500) if slot else waiting.poll(50))
             if self._stop_r in ready:
+                if slot:
+                    self._handshakes.release()
                 return
             self._reap()
             if self._sock.fileno() not in ready:
@@ -892,12 +932,10 @@ class PageServer:
                 self._refuse(conn, "the connecting process cannot be watched (%s): it has "
                              "exited already?" % e)
                 continue
-            # Each handshake in its own short-lived thread: a client that connects and sends
-            # nothing must not hold up the others for the handshake's deadline.
-            if not self._handshakes.acquire(blocking=False):
-                os.close(pidfd)
-                self._refuse(conn, "too many handshakes in progress")
-                continue
+            # Each handshake in its own short-lived thread (which gives the slot back): a
+            # client that connects and sends nothing must not hold up the others for the
+            # handshake's deadline.
+            slot = False
             t = threading.Thread(target=self._handshake_thread, args=(conn, pidfd),
                                  daemon=True, name="pylazymem-handshake")
             self._handshake_threads.add(t)
@@ -977,6 +1015,8 @@ class PageServer:
                                     "python engine would need the GIL its faulting thread "
                                     "holds (a deadlock); serve it with engine='c', or from "
                                     "another process" % pid)
+            if hasattr(self.source, "check_unchanged"):
+                self.source.check_unchanged()
             if self.source.table is not None:
                 for i, m in enumerate(maps):
                     if m.offset + m.size > self.source.nbytes:
@@ -1082,8 +1122,11 @@ class PageServer:
             poison = not c.watches_server
         if c._c is not None:
             from ._binding import lib
-            lib.lm_srv_destroy(c._c, bool(poison) and lib.lm_srv_running(c._c))
-            c._c = None
+            with c._c_lock:   # no reader holds it once it is taken away
+                srv, c._c_final = c._c, c._c_stats()
+                running = lib.lm_srv_running(srv)
+                c._c = None
+            lib.lm_srv_destroy(srv, bool(poison) and running)
         else:
             eng = self._engines.pop(id(c), None)
             if eng is not None:

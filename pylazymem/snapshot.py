@@ -851,7 +851,10 @@ def _copy_packed_entries(src, src_off, index, dst, dst_off, order, path, batch=8
 
 # ---- restore -----------------------------------------------------------------------------
 
-def _check_server_source(answer, server, fd, path):
+def _check_server_source(answer, server, fd, path, content_id):
+    """The server serves this very snapshot: the same file (device, inode) with the same
+    contents (its content id: a file written over in place keeps its inode, and the server
+    would serve the old layout over the new bytes)."""
     src = answer.get("source", {})
     st = os.fstat(fd)
     if src.get("kind") != "snapshot" or (src.get("dev"), src.get("ino")) != (st.st_dev,
@@ -859,13 +862,17 @@ def _check_server_source(answer, server, fd, path):
         raise SnapshotError("%s: the page server at %s serves %s %s, not this snapshot"
                             % (path, os.fspath(server), src.get("kind", "?"),
                                src.get("path", "?")))
+    if src.get("header_xxh3") != content_id:
+        raise SnapshotError("%s: the page server at %s opened this file when it held other "
+                            "contents (it was written over in place since): restart the "
+                            "server" % (path, os.fspath(server)))
 
 
 def _serve_snapshot_from(region, server, fd, path, connected=None):
     """Hand the restored region to a page server, after checking that it serves this file.
     connected: the (socket, answer) of a handshake made already (a shared restore)."""
     region._serve_from(server, empty_unknown=False, _connected=connected)
-    _check_server_source(region.server, server, fd, path)
+    _check_server_source(region.server, server, fd, path, region._snapshot[1])
 
 
 class _ServerPool:
@@ -919,7 +926,7 @@ def _ask_server_pool(region, server, fd, path, h, share):
     region._server_sock, region.server = sock, answer
     pool_fd = answer.pop("pool_fd", None)
     try:
-        _check_server_source(answer, server, fd, path)
+        _check_server_source(answer, server, fd, path, h["header_xxh3"])
         desc = answer.get("pool")
         if desc is None:
             why = answer.get("pool_reason") or ("the page server at %s does not share its "

@@ -1293,3 +1293,66 @@ print(json.dumps(out), flush=True)
     assert isinstance(lost, list) and lost == m["checkpoint"], m
     assert lost and min(lost) >= 8 and 63 in lost, m
     assert m["kept"] and not m["exists"], m
+
+
+# ---- found by a review (session 14) ------------------------------------------------------------
+
+def test_a_snapshot_written_over_in_place_is_not_served_with_the_old_layout(tmp_path, sock):
+    # `cp new.plm state.plm` keeps the inode: the client accepted the server (same device and
+    # inode) and was served the old page table over the new bytes (zeros, wrong pages).
+    import shutil
+    snap, other = str(tmp_path / "s.plm"), str(tmp_path / "t.plm")
+    rng = np.random.default_rng(3)
+    for path, zero in ((snap, True), (other, False)):
+        with plm.Region(16 * PS) as r:
+            data = rng.integers(0, 256, 16 * PS, dtype=np.uint8)
+            if zero:
+                data[:8 * PS] = 0
+            np.frombuffer(memoryview(r), np.uint8)[:] = data
+            plm.checkpoint(r, path)
+    with PageServer(sock, snapshot=snap, engine="c"):
+        ino = os.stat(snap).st_ino
+        shutil.copyfile(other, snap)                       # in place
+        assert os.stat(snap).st_ino == ino
+        with pytest.raises((ProtocolError, plm.SnapshotError), match="written over"):
+            plm.restore(snap, server=sock, prefetch="none")
+
+
+def test_connecting_to_no_server_names_the_socket(tmp_path):
+    snap = str(tmp_path / "s.plm")
+    with plm.Region(4 * PS) as r:
+        plm.checkpoint(r, snap)
+    missing = str(tmp_path / "none.sock")
+    with pytest.raises(FileNotFoundError, match="none.sock.*not running"):
+        plm.restore(snap, server=missing, prefetch="none")
+    stale = str(tmp_path / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.close()                                              # a socket file nobody listens on
+    with pytest.raises(ConnectionRefusedError, match="stale.sock.*nobody listens"):
+        plm.restore(snap, server=stale, prefetch="none")
+
+
+def test_a_client_arriving_while_every_handshake_slot_is_taken_is_served_later(tmp_path, sock,
+                                                                              run_py):
+    # Sixteen connections that send nothing hold every handshake slot. The server accepted the
+    # next one only to turn it away unread: its userfaultfd was thrown away with the message,
+    # and a client that does not read the answer (Firecracker) waited for its faults forever.
+    # It now waits in the listen backlog until a slot is free (the idle ones time out).
+    path, data = memory_file(tmp_path, 8)
+    with PageServer(sock, memory_file=path, engine="c", handshake_timeout=1.0):
+        idle = []
+        for _ in range(16):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(sock)
+            idle.append(c)
+        try:
+            res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [8 * PS], [0])
+assert m.maps[0][:] == open(sys.argv[2], "rb").read()
+print("OK")
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+        finally:
+            for c in idle:
+                c.close()
+        assert res.returncode == 0 and "OK" in res.stdout, res.describe()
