@@ -1297,6 +1297,7 @@ print(json.dumps(out), flush=True)
 
 # ---- found by a review (session 14) ------------------------------------------------------------
 
+@pytest.mark.core(reason="Region and restore need the compiled core")
 def test_a_snapshot_written_over_in_place_is_not_served_with_the_old_layout(tmp_path, sock):
     # `cp new.plm state.plm` keeps the inode: the client accepted the server (same device and
     # inode) and was served the old page table over the new bytes (zeros, wrong pages).
@@ -1318,6 +1319,7 @@ def test_a_snapshot_written_over_in_place_is_not_served_with_the_old_layout(tmp_
             plm.restore(snap, server=sock, prefetch="none")
 
 
+@pytest.mark.core(reason="Region and save need the compiled core")
 def test_connecting_to_no_server_names_the_socket(tmp_path):
     snap = str(tmp_path / "s.plm")
     with plm.Region(4 * PS) as r:
@@ -1333,6 +1335,7 @@ def test_connecting_to_no_server_names_the_socket(tmp_path):
         plm.restore(snap, server=stale, prefetch="none")
 
 
+@pytest.mark.core(reason="engine c needs the compiled core")
 def test_a_client_arriving_while_every_handshake_slot_is_taken_is_served_later(tmp_path, sock,
                                                                               run_py):
     # Sixteen connections that send nothing hold every handshake slot. The server accepted the
