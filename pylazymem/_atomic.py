@@ -49,6 +49,20 @@ def _sweep_stale_temporaries(path):
             os.close(fd)
 
 
+# flock refused by the filesystem itself (some NFS and FUSE mounts): the checkpoint goes on
+# unlocked. Its temporary is then never swept, because the sweep's own flock fails the same
+# way and it leaves alone what it cannot lock: a leftover file, never a live one removed.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _lock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+
+
 def _temporary(path):
     """(fd, name) of a new temporary beside `path`, for an atomic replacement by _commit()."""
     d, base = os.path.split(os.path.abspath(path))
@@ -58,7 +72,7 @@ def _temporary(path):
     fd, new = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".new")
     tmp = new[:-len(".new")] + ".tmp"
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # held until _commit's rename
+        _lock(fd)   # held until _commit's rename
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
         os.rename(new, tmp)
     except BaseException:

@@ -377,6 +377,36 @@ def test_killed_checkpoint_leaves_old_snapshot(run_py, make_region, tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.parametrize("err", ["ENOLCK", "EOPNOTSUPP"])
+def test_a_filesystem_without_flock_still_takes_checkpoints(make_region, tmp_path, monkeypatch,
+                                                            err):
+    """Some NFS and FUSE mounts refuse flock: checkpoints there must still be written (they
+    failed with the lock's OSError); the temporary, unlockable, is never swept as stale."""
+    import errno as _errno
+    import fcntl
+    from pylazymem import _atomic
+
+    def no_flock(fd, op):
+        raise OSError(getattr(_errno, err), os.strerror(getattr(_errno, err)))
+    monkeypatch.setattr(_atomic.fcntl, "flock", no_flock)
+    r = make_region(4 * PS)
+    pages(r)[1] = 7
+    path = str(tmp_path / "nolock.snap")
+    orphan = tmp_path / ".nolock.snap.1.x.tmp"   # another writer's, maybe alive: kept
+    orphan.write_bytes(b"x")
+    plm.checkpoint(r, path)
+    plm.checkpoint(r, path)
+    assert orphan.exists()
+    assert tmp_files(tmp_path, "nolock.snap") == [orphan.name]
+    with plm.restore(path, prefetch="none", background=False) as r2:
+        assert np.array_equal(pages(r2), pages(r))
+    monkeypatch.setattr(_atomic.fcntl, "flock",
+                        lambda fd, op: (_ for _ in ()).throw(OSError(_errno.EIO, "io")))
+    with pytest.raises(OSError) as ei:
+        plm.checkpoint(r, path)
+    assert ei.value.errno == _errno.EIO   # any other flock error is still an error
+
+
 def test_deferred_pages_are_checkpointed_without_faulting(make_region, tmp_path):
     """Pages with pending updates (defer_fill of a canonical page or zero) are saved from what
     their metadata says, not faulted in; the snapshot restores them."""
