@@ -128,6 +128,43 @@ class Handler:
 
 _live_regions = weakref.WeakSet()
 
+# Teardowns of regions closed while views of them were alive: run when the last view goes
+# (the buffer type's Mapping calls them), found here after a fork to be dropped in the child.
+_pending_teardowns = set()
+
+
+class _Pending:
+    """What a region's teardown frees, held apart from the region: views do not keep the
+    region alive (csrc/pybuffer.c), so it may be gone, or its attributes cleared by the
+    garbage collector, when the last view goes. Not the region itself: a reference to it
+    from here would make it immortal."""
+    __slots__ = ("lm", "pool", "server_sock", "region", "mapping")
+
+    def __init__(self, region, lm):
+        self.lm, self.pool, self.server_sock = lm, region._pool, region._server_sock
+        self.region = weakref.ref(region)
+        self.mapping = None
+
+    def __call__(self):   # the last view went (the range is unmapped already)
+        _pending_teardowns.discard(self)
+        self.mapping = None
+        region = self.region()
+        if region is not None:
+            region._teardown(self)
+        else:
+            _free(self)
+
+
+def _free(pending):
+    """Stop serving and free everything; the data mapping is already gone (_detach) and
+    the background fill stopped (close())."""
+    lib.lm_region_stop(pending.lm)
+    lib.lm_region_destroy(pending.lm, 0)
+    if pending.pool is not None:   # after the mappings are gone: others may hold it still
+        pending.pool.release()
+    if pending.server_sock is not None:
+        pending.server_sock.close()   # after the watcher is gone: not a server loss
+
 
 def _unavailable_reason():
     """Why no userfaultfd can be had here, with the fix (the cached feature probe)."""
@@ -140,6 +177,13 @@ def _forget_after_fork():
     # runs: make every region refuse use instead of reading memory nobody serves.
     for region in list(_live_regions):
         region._forget()
+    for pending in list(_pending_teardowns):   # regions gone, their views still alive
+        if pending.mapping is not None:
+            pending.mapping._abandon()   # drops the teardown: not the child's to run
+        lib.lm_region_forget(pending.lm)
+        if pending.pool is not None:
+            pending.pool.forget()
+    _pending_teardowns.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -154,7 +198,6 @@ class Region(AddressRange):
                  _test_fail_publish=False, _test_fail_copyback=0, _start=True, _pool=None,
                  _verify_shared=False):
         self._lm = None
-        self._pending_lm = None   # closed, but views still use the memory (close())
         self._server_sock = None
         self._empty_unknown = False
         self.server = None
@@ -496,35 +539,27 @@ class Region(AddressRange):
         # The background fill copies into the range that is about to be unmapped (or kept only
         # for the views left, where it is optional work): it stops first either way.
         lib.lm_background_stop(lm)
+        pending = _Pending(self, lm)
         if self._detach():   # no view: unmapped now, while still registered
-            self._teardown(lm)
+            self._teardown(pending)
         else:
             # Views keep the memory: it stays mapped and served (serving started again if the
             # program had stopped it: a view of a region nobody serves waits forever); the
-            # buffer type calls _last_view_released() when the last one goes.
+            # Mapping runs the teardown when the last one goes.
             if self._server_sock is None and lib.lm_region_serving(lm) <= 0:
                 lib.lm_region_start(lm)
-            self._pending_lm = lm
+            # The Mapping runs the teardown when the last view goes (this region may be
+            # gone by then: views do not hold it).
+            pending.mapping = self._mapping
+            _pending_teardowns.add(pending)
+            pending.mapping._set_on_release(pending)
 
-    def _last_view_released(self):
-        lm, self._pending_lm = self._pending_lm, None
-        if lm is not None and self._detach():
-            self._teardown(lm)
-
-    def _teardown(self, lm):
-        """Stop serving and free everything; the data mapping is already gone (_detach) and
-        the background fill stopped (close())."""
+    def _teardown(self, pending):
         _live_regions.discard(self)
-        lib.lm_region_stop(lm)
-        lib.lm_region_destroy(lm, 0)
         self._meta_map = None   # existing r.meta arrays keep the mapping alive
         self._base_table = None
-        if self._pool is not None:   # after the mappings are gone: others may hold it still
-            self._pool.release()
-            self._pool = None
-        if self._server_sock is not None:
-            self._server_sock.close()   # after the watcher is gone: not a server loss
-            self._server_sock = None
+        self._pool = self._server_sock = None
+        _free(pending)
 
     def _forget(self):
         # Locks another thread of the parent held at fork() stay held here for good: new ones,
@@ -535,7 +570,13 @@ class Region(AddressRange):
         self._users = 0
         self._callers = {}
         lm, self._lm = self._lm, None
-        pending, self._pending_lm = self._pending_lm, None
+        pending = None
+        mapping = self._mapping
+        if mapping is not None:
+            p = mapping._set_on_release(None)
+            if p is not None:
+                _pending_teardowns.discard(p)
+                pending = p.lm
         self._forked = True
         if self._pool is not None:
             self._pool.forget()
