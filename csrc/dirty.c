@@ -383,6 +383,14 @@ int lm_dirty_freeze(struct lm_region *r, uint64_t *words, int (*pause)(void *), 
 
 /* Give an epoch's pages back to the current one (a background checkpoint that failed: its
    epoch does not end). */
+int lm_dirty_putback(struct lm_region *r, const uint64_t *words)
+{
+    if (!words)
+        return lm_fail("lm_dirty_putback: no words", EINVAL);
+    lm_dirty_merge(r, words);
+    return 0;
+}
+
 void lm_dirty_merge(struct lm_region *r, const uint64_t *words)
 {
     for (size_t w = 0; w < (r->npages + 63) / 64; w++)

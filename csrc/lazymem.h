@@ -547,6 +547,9 @@ int lm_dirty_mode(struct lm_region *r);
 int lm_dirty_reset(struct lm_region *r, uint64_t *words);
 /* ceil(npages / 64) words: bit p (word p / 64, bit p % 64) set = page p may have changed. */
 int lm_dirty_bitmap(struct lm_region *r, uint64_t *words);
+/* Put back an epoch a failed checkpoint ended with lm_dirty_reset: words (as it filled them)
+   are ORed into the current epoch, so that its changes are not lost with the file. */
+int lm_dirty_putback(struct lm_region *r, const uint64_t *words);
 
 /* ---- page server (server.c, docs/page-server.md) -------------------------------------- */
 

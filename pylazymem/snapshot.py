@@ -106,7 +106,12 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     compress: None (the default: pages stored as they are, format version 2), "zstd" or "lz4":
     each stored page compressed on its own (format version 3; a page that does not shrink is
     stored raw), in C on every CPU, signatures still of the uncompressed contents.
-    Checkpoint a quiescent region: stores racing with the checkpoint may or may not be in it.
+    Stores racing with the checkpoint may or may not be in it; where the kernel tracks stores
+    exactly (Region.dirty_tracking "wp-async"), a page stored to between its hash and its
+    write is found in the file and the file written again (up to 3 times, then BusyError: a
+    region stored to all the time needs background=True). Without that tracking, checkpoint
+    a quiescent region: such a page's bytes may not be its signature (restore(verify=True)
+    refuses it). A checkpoint that fails leaves the region's dirty pages as they were.
     parent: an earlier snapshot of this region (a path, or its SnapshotInfo): the new file
     holds only the pages that differ from it and refers to it, by content id, for the rest
     (an incremental checkpoint; restore() follows the chain, compact() folds it into one
@@ -203,26 +208,90 @@ def _open_parent(region, path, parent):
     return chain
 
 
+def _content_ids(chain):
+    """The content ids whose pages the chain's leaf holds: its own and those of earlier
+    versions of the file with the same pages (a working set rewritten: same_pages_as)."""
+    return getattr(chain, "content_ids", None) or frozenset([chain.content_id])
+
+
+# Attempts of a foreground checkpoint whose pages were changed under it (below).
+CHANGED_ATTEMPTS = 3
+
+
+class _Changed(Exception):
+    """Pages were stored to while a foreground checkpoint wrote them, and their bytes in the
+    file are not what their signature says (_changed_entries)."""
+
+    def __init__(self, pages):
+        self.pages = pages
+
+
 def _checkpoint(region, path, working_set, progress, durable, chain, codec, frozen=None,
                 named=None):
     """The checkpoint itself. frozen: (freeze, clean) of a background checkpoint (_bgckpt):
     the core reads every page as it was at the pause, whose epoch ended there (clean is what
     it knew unchanged since the parent, or None); working_set is then page indices already.
     named: (arrays, manifest extra) as they were at the pause; else the region's now."""
+    if frozen is not None:
+        return _write_checkpoint(region, path, working_set, progress, durable, chain, codec,
+                                 frozen, named, False)
+    from ._binding import ffi, lib
+    from ._errors import BusyError, RegionClosedError
+
+    region._prepare_checkpoint()   # records up to date with what a page server filled
+    ws = _working_set_arg(region, working_set)
+    # A new dirty-tracking epoch starts before any page is read: a store from here on is the
+    # next checkpoint's. Until this file is whole, no snapshot is the epoch's; if it fails,
+    # the epoch that ended is put back (its changes would be missing from dirty_pages() and
+    # from the next incremental checkpoint's plan otherwise).
+    epoch, dirty = region._take_dirty()
+    clean = None
+    if dirty is not None and chain is not None and epoch in _content_ids(chain):
+        clean = ~dirty
+    # Where the kernel tracks stores exactly (async write-protect), the pages stored to while
+    # they were written are known, and checked in the file: a store landing between a page's
+    # hash (the plan) and its write, or during the write, left a page whose bytes are not
+    # its signature (restore(verify=True) poisons it; without verify it is served as it is,
+    # and deduplication may have given other pages those bytes). Such a file is written
+    # again; a region stored to all the time gets BusyError (background=True is the way).
+    with region._use() as lm:
+        verify = lib.lm_dirty_mode(lm) == lib.LM_DIRTY_WP_ASYNC
+    try:
+        for attempt in range(CHANGED_ATTEMPTS):
+            try:
+                return _write_checkpoint(region, path, ws, progress, durable, chain, codec,
+                                         (None, clean), named, verify)
+            except _Changed as e:
+                changed = e.pages
+        raise BusyError(errno.EBUSY, "checkpoint of %s: pages were stored to while they were "
+                        "written, %d times in a row (%d pages the last time, first %s): "
+                        "stop the threads that store to the region meanwhile, or use "
+                        "checkpoint(..., background=True), which saves the region as it was "
+                        "at a pause; the file at that path is unchanged"
+                        % (path, CHANGED_ATTEMPTS, changed.size, changed[:8].tolist()))
+    except BaseException:
+        if region._epoch_id is None:
+            region._epoch_id = epoch
+        if dirty is not None:
+            try:
+                with region._use(report=False) as lm:
+                    lib.lm_dirty_putback(lm, ffi.from_buffer("uint64_t[]", dirty))
+            except RegionClosedError:
+                pass
+        raise
+
+
+def _write_checkpoint(region, path, ws, progress, durable, chain, codec, frozen, named,
+                      verify):
+    """Plan and write the file. frozen: (freeze or None, clean). verify: check the pages
+    stored to since the epoch began in the written store (raises _Changed)."""
     from ._binding import check, ffi, lib
 
     npages, ps = region.npages, region.page_size
-    if frozen is None:
-        region._prepare_checkpoint()   # records up to date with what a page server filled
-        ws = _working_set_arg(region, working_set)
-        # A new dirty-tracking epoch starts before any page is read: a store from here on is
-        # the next checkpoint's. Until this file is whole, no snapshot is the epoch's.
-        clean = region._clean_since(chain.content_id if chain is not None else None)
+    fz, clean = frozen
+    if fz is None:
         read_page = region._page_bytes
     else:
-        ws = working_set
-        fz, clean = frozen
-
         def read_page(page):
             out = ffi.new("char[]", ps)
             with region._use():
@@ -319,6 +388,10 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
             if result[0] < 0:
                 check(result[0], "checkpoint: %s" % result[1])
             nstored = plan(True)   # a collision: lay the store out again, comparing
+        if verify:
+            changed = _changed_pages(region, fd, pmap, sigs, header_bytes, index, ps)
+            if changed.size:
+                raise _Changed(changed)
         _write_tables(fd, h, header_bytes, ps, pmap, ws, manifest, sigs[:nstored], index)
         # The last report comes before the file replaces the old one: a callback that raises
         # here, like one that raises earlier, leaves the previous file at `path`.
@@ -595,6 +668,41 @@ def _layout(npages, ps, nstored, nws, manifest_bytes, parent_id=0, store_bytes=N
         offset += sizes[name]
     h["file_bytes"] = offset
     return h
+
+
+def _changed_pages(region, fd, pmap, sigs, header_bytes, index, ps):
+    """Pages stored to since the epoch began (the dirty bitmap, not reset) whose store entry
+    in the file just written does not hash to its signature: read back (the page cache) and
+    hashed, entry by entry; none where nothing was stored to (one page-table scan)."""
+    from ._binding import check, ffi, lib
+    words = np.zeros(-(-region.npages // 64), np.uint64)
+    with region._use() as lm:
+        check(lib.lm_dirty_bitmap(lm, ffi.from_buffer("uint64_t[]", words)), "checkpoint")
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:region.npages].astype(bool)
+    pages = np.flatnonzero(bits & (pmap >= STORED) & (pmap != PARENT))
+    if not pages.size:
+        return pages
+    entries = np.unique(pmap[pages].astype(np.int64) - STORED)
+    bad = []
+    if index is None:
+        for e in entries.tolist():
+            data = os.pread(fd, ps, header_bytes + e * ps)
+            if len(data) != ps or _xxh3(data) != int(sigs[e]):
+                bad.append(e)
+    else:
+        lengths = (index & ENTRY_LEN_MASK).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        page = bytearray(ps)
+        for e in entries.tolist():
+            n = int(lengths[e])
+            data = os.pread(fd, n, header_bytes + int(offsets[e]))
+            if len(data) != n or lib.lm_unpack_entry(ffi.from_buffer(data), n, int(index[e]),
+                                                     ps, ffi.from_buffer(page)) < 0 \
+                    or _xxh3(bytes(page)) != int(sigs[e]):
+                bad.append(e)
+    if not bad:
+        return pages[:0]
+    return pages[np.isin(pmap[pages].astype(np.int64) - STORED, bad)]
 
 
 def _write_store_packed(region, fd, store_pages, nstored, header_bytes, total, codec,
