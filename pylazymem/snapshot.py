@@ -768,6 +768,9 @@ def _version():
     return __version__
 
 
+SAME_PAGES_AS_KEPT = 16   # earlier content ids a rewritten file keeps answering to
+
+
 def rewrite_working_set(path, working_set, expect_id=None, durable=True):
     """Replace the working set of the snapshot at `path` (page indices, in prefetch order),
     keeping every page's contents: the store is laid out again with the new working set's
@@ -781,7 +784,10 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
     try:
         p = _read(fd, path, signatures=True)
         h = p.header
-        if expect_id is not None and h["header_xxh3"] != expect_id:
+        # The ids this file's pages answer to: its own and its earlier versions' (each
+        # rewrite keeps the pages and records the id it replaces).
+        same = [int(x) for x in p.manifest.get("same_pages_as", ())]
+        if expect_id is not None and expect_id != h["header_xxh3"] and expect_id not in same:
             raise SnapshotError("%s: the file changed since the working set was recorded "
                                 "(another snapshot is at that path now)" % path)
         npages, ps = h["npages"], h["page_size"]
@@ -797,8 +803,12 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
         pmap = p.map.copy()
         pmap[stored] = (new_of_old[p.map[stored].astype(np.int64) - STORED] + STORED
                         ).astype(MAP_DTYPE)
-        manifest = _manifest_bytes(p.manifest["arrays"], {k: v for k, v in p.manifest.items()
-                                                          if k not in ("arrays", "pylazymem")})
+        extra = {k: v for k, v in p.manifest.items() if k not in ("arrays", "pylazymem")}
+        # Children of this file name it by its content id, which the new order changes: the
+        # id replaced is kept, so that they (and an incremental checkpoint against it) still
+        # find their parent (docs/snapshot-format.md, "Parents and chains").
+        extra["same_pages_as"] = (same + [h["header_xxh3"]])[-SAME_PAGES_AS_KEPT:]
+        manifest = _manifest_bytes(p.manifest["arrays"], extra)
         # The file keeps its parent and its compression: only the order changes (a child's
         # working set is the leaf's, the pages are unchanged).
         index = None if p.index is None else p.index["raw"][order]
@@ -851,40 +861,64 @@ def compact(path, out, durable=True):
         _, first = np.unique(used, return_index=True)
         order = used[np.sort(first)]                 # global ids, in new-store order
         new_of_old = np.full(chain.nstored, -1, np.int64)
-        keep = []
-        by_sig = {}
-        for gid in order.tolist():
-            sig = int(gsigs[gid])
-            for k in by_sig.get(sig, ()):
-                if chain.read_entries([order[k]]) == chain.read_entries([gid]):
-                    new_of_old[gid] = k
-                    break
-            else:
-                new_of_old[gid] = len(keep)
-                by_sig.setdefault(sig, []).append(len(keep))
-                keep.append(gid)
-        keep = np.array(keep, np.int64)
-        pmap = gmap.copy()
-        pmap[stored] = (new_of_old[gmap[stored].astype(np.int64) - STORED] + STORED
-                        ).astype(MAP_DTYPE)
         extra = {k: v for k, v in leaf.manifest.items()
                  if k not in ("arrays", "pylazymem", "parent")}
         manifest = _manifest_bytes(leaf.manifest["arrays"], extra)
-        hout = _layout(npages, ps, keep.size, ws.size, len(manifest))
-        header_bytes = hout["store_offset"]
         tfd, tmp = _temporary(out)
         try:
-            at = header_bytes
-            for i in range(0, keep.size, 1024):
-                data = chain.read_entries(keep[i:i + 1024])
-                _pwrite_all(tfd, data, at)
-                at += len(data)
+            # One pass: each entry read once, checked against its signature (a file's
+            # signatures are not trusted: an uncompressed store's are never recomputed), and
+            # merged with an earlier entry of equal contents. Equal signatures are compared
+            # by contents: the first entry of a signature by its bytes, and where a signature
+            # turns out to stand for several contents (a collision, or a hostile file full
+            # of them), by a 128-bit digest of the contents, so that the pass stays linear.
+            keep, first_of, digests = [], {}, {}
+            header_bytes = at = max(4096, ps)   # as _layout places the store
+            for i in range(0, order.size, 1024):
+                batch = order[i:i + 1024]
+                data = chain.read_entries(batch)
+                out_buf = bytearray()
+                for j, gid in enumerate(batch.tolist()):
+                    page = data[j * ps:(j + 1) * ps]
+                    sig = int(gsigs[gid])
+                    if _xxh3(page) != sig:
+                        _fail(path, "its chain's store entry %d differs from its signature "
+                              "(a damaged file): nothing was written to %s" % (gid, out))
+                    k = _merge_entry(page, sig, keep, first_of, digests, chain)
+                    new_of_old[gid] = k
+                    if k == len(keep):
+                        keep.append(gid)
+                        out_buf += page
+                _pwrite_all(tfd, bytes(out_buf), at)
+                at += len(out_buf)
+            keep = np.array(keep, np.int64)
+            hout = _layout(npages, ps, keep.size, ws.size, len(manifest))
+            assert hout["store_offset"] == header_bytes, (hout["store_offset"], header_bytes)
+            pmap = gmap.copy()
+            pmap[stored] = (new_of_old[gmap[stored].astype(np.int64) - STORED] + STORED
+                            ).astype(MAP_DTYPE)
             _write_tables(tfd, hout, header_bytes, ps, pmap, ws, manifest, gsigs[keep])
         except BaseException:
             _abandon(tfd, tmp)
             raise
         _commit(tfd, tmp, out, durable)
     return inspect(out)
+
+
+def _merge_entry(page, sig, keep, first_of, digests, chain):
+    """compact(): the new entry for contents `page` (signature `sig`, checked): the kept one
+    with equal contents, or len(keep) (a new one). Contents with the signature of a kept
+    entry are compared by a 128-bit digest (the first kept entry's bytes read again once)."""
+    import hashlib
+    k = first_of.get(sig)
+    if k is None:
+        first_of[sig] = len(keep)
+        return len(keep)
+    by_digest = digests.get(sig)
+    if by_digest is None:
+        first = chain.read_entries([keep[k]])
+        by_digest = digests[sig] = {hashlib.blake2b(first, digest_size=16).digest(): k}
+    return by_digest.setdefault(hashlib.blake2b(page, digest_size=16).digest(), len(keep))
 
 
 def _page_indices(working_set):
@@ -1130,6 +1164,18 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
                              e.manifest)
 
 
+def _stamp(fd):
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _unchanged_since(stamps):
+    for fd, stamp, where in stamps:
+        if _stamp(fd) != stamp:
+            _fail(where, "the file changed while it was being restored (written over in "
+                  "place?): restore it again once it is complete")
+
+
 def _restore_once(path, prefetch, background, verify, server, share, region_kw, manifest=None):
     from ._binding import PAGE_SIZE, ffi, lib
     from ._binding import check
@@ -1153,11 +1199,21 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
         fd = _open(path)
     chain = None
     try:
+        # The file as its tables were checked must be the file the core serves from: a file
+        # written over in place (same inode: `cp new old`) between the two was served with the
+        # old tables over the new bytes. The core watches for changes from its attach on; up
+        # to then, its size and times are compared after the attach (_unchanged_since).
+        stamps = [(fd, _stamp(fd), path)] if remote is None else []
         p = _read(fd, path)
         h = p.header
         if h["flags"] & FLAG_PARENT:
             from ._chain import open_chain
             chain = open_chain(path)   # every link checked; its files open until attached
+            # The chain opened the leaf again: the same file as read above?
+            if chain.content_id != h["header_xxh3"]:
+                _fail(path, "the file changed while it was being opened (another snapshot "
+                      "is at that path now): restore it again")
+            stamps += [(layer.fd, _stamp(layer.fd), layer.path) for layer in chain.layers]
         if h["page_size"] != PAGE_SIZE:
             _fail(path, "written with %d-byte pages, this machine has %d" % (h["page_size"],
                                                                              PAGE_SIZE))
@@ -1232,6 +1288,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                 if rc == -errno.EBADMSG:   # verify: the signatures are read now, and damaged
                     _fail(path, ffi.string(lib.lm_last_op()).decode())
                 check(rc, "restore")
+                _unchanged_since(stamps)
                 check(lib.lm_restore_table(lm, ffi.from_buffer("struct lm_snap_page[]", table),
                                            h["npages"], nstored), "restore")
             region._base_table = table   # read by the C core until every record is filled

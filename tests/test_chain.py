@@ -260,3 +260,43 @@ def test_rewriting_a_childs_working_set_keeps_its_parent(region, tmp_path):
     info = rewrite_working_set(c, [50, int(pages[0])])
     assert info.parent["path"] == p and info.working_set.tolist() == [50, int(pages[0])]
     assert contents(c) == bytes(a)
+
+
+def test_compact_checks_signatures_and_stays_linear_where_they_collide(tmp_path):
+    # compact() took an uncompressed store's signatures on trust (a file whose entries all
+    # claimed one signature was compared entry against entry: minutes for a few MiB, hours
+    # for 80 MiB) and copied lying signatures into its output.
+    from test_snapshot_format import SnapFile
+    from pylazymem.snapshot import _merge_entry
+    path = str(tmp_path / "s.plm")
+    n = 64
+    with plm.Region(n * PS) as r:
+        r.ndarray(np.uint64).reshape(n, -1)[:, 0] = np.arange(1, n + 1)
+        plm.checkpoint(r, path, working_set="none")
+    f = SnapFile.parse(open(path, "rb").read())
+    f.sigs[:] = 0x1234
+    open(path, "wb").write(f.build())
+    plm.inspect(path)   # checksums fine: only the contents tell
+    out = str(tmp_path / "out.plm")
+    with open(out, "wb") as o:
+        o.write(b"keep")
+    with pytest.raises(plm.SnapshotError, match="differs from its signature"):
+        plm.compact(path, out)
+    assert open(out, "rb").read() == b"keep"
+
+    # where a signature stands for many contents (collisions), merging is by a digest
+    pages_ = [bytes([i % 7]) * PS for i in range(3000)]
+
+    class Chain:
+        reads = 0
+
+        def read_entries(self, ids):
+            Chain.reads += 1
+            return pages_[ids[0]]
+    keep, first_of, digests = [], {}, {}
+    for i, p in enumerate(pages_):
+        k = _merge_entry(p, 42, keep, first_of, digests, Chain())
+        if k == len(keep):
+            keep.append(i)
+    # 7 contents kept; one entry read again (not one per pair of entries sharing a signature)
+    assert keep == list(range(7)) and Chain.reads == 1

@@ -90,3 +90,31 @@ def test_broken_chain_is_refused_before_a_page_server_is_asked(tmp_path):
     os.unlink(paths[0])
     with pytest.raises(plm.SnapshotError, match="cannot be opened"):
         plm.restore(paths[1], server=str(tmp_path / "none.sock"))
+
+
+def test_a_leaf_replaced_while_restore_opens_its_chain_is_refused(tmp_path, monkeypatch):
+    # restore() read the leaf's tables from its descriptor, then opened the chain by path: a
+    # checkpoint renamed over the path in between made the region serve one file's pages
+    # under the other's content id (and a later checkpoint(parent=...) of the first one
+    # restored the wrong pages).
+    import shutil
+    from pylazymem import _chain
+    d = str(tmp_path)
+    for name, val in (("a", 1), ("b", 2)):
+        with plm.Region(8 * PS) as r:
+            r.ndarray(np.uint8)[:] = val
+            plm.checkpoint(r, os.path.join(d, "base_%s.plm" % name))
+            r.ndarray(np.uint8)[PS:2 * PS] = val + 10
+            plm.checkpoint(r, os.path.join(d, "leaf_%s.plm" % name),
+                           parent=os.path.join(d, "base_%s.plm" % name))
+    path, other = os.path.join(d, "state.plm"), os.path.join(d, "leaf_b.plm")
+    shutil.copy(os.path.join(d, "leaf_a.plm"), path)
+    real = _chain.open_chain
+
+    def racing(p, *args, **kw):
+        if os.path.abspath(p) == path:
+            os.replace(other, path)   # a concurrent checkpoint to the same path
+        return real(p, *args, **kw)
+    monkeypatch.setattr(_chain, "open_chain", racing)
+    with pytest.raises(plm.SnapshotError, match="changed while it was being opened"):
+        plm.restore(path, prefetch="none", background=False)

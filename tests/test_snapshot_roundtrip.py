@@ -547,3 +547,26 @@ def test_lazy_pages_get_signatures_read_after_restore(tmp_path, rng):
         lazy = np.nonzero(m["state"] == S.DEFERRED)[0]
         assert lazy.size and (m["signature"][lazy] == np.array(want, np.uint64)[lazy]).all()
         assert r.stats()["faults"] <= 32, "signatures() must not fault lazy pages in"
+
+
+def test_a_file_written_over_in_place_before_the_core_attaches_is_refused(make_region, tmp_path,
+                                                                         monkeypatch):
+    # restore() checked the tables, then the core took the file as it was at its attach as
+    # the reference of its watch: bytes written in place in between were served silently.
+    import pylazymem.snapshot as snap
+    path = str(tmp_path / "s.plm")
+    r = make_region(8 * PS)
+    v = pages(r)
+    v[:] = 7
+    v[:, 0] = np.arange(8)
+    plm.checkpoint(r, path, working_set="none")
+    real = snap._share_pool
+
+    def write_in_place(*args, **kw):   # another process writing the file meanwhile
+        with open(path, "r+b") as f:
+            f.seek(4096 + 3 * PS)
+            f.write(b"\xee" * PS)
+        return real(*args, **kw)
+    monkeypatch.setattr(snap, "_share_pool", write_in_place)
+    with pytest.raises(plm.SnapshotError, match="changed while it was being restored"):
+        plm.restore(path, prefetch="none", background=False)
