@@ -124,14 +124,16 @@ def _run(handle, region, use, fz, chain, write, progress, epoch):
                   "background checkpoint")
             clean = ~words
         handle._result = write((fz, clean), _Progress(handle, progress))
-        check(lib.lm_freeze_copy_back(fz), "background checkpoint")
+        # The file is whole: from here on nothing fails the checkpoint. Staged pages that
+        # cannot come back yet (no memory) are served from staging and tried again (_end).
         failed = False
+        lib.lm_freeze_copy_back(fz)
     except BaseException as e:   # handed to wait()
         handle._error = e
     finally:
         end_rc = _end(handle, fz, failed)
         if end_rc < 0 and handle._error is None:
-            handle._error = _status(end_rc)
+            handle._error = _status(end_rc, None if failed else handle.path)
         if failed:
             region._epoch_id = epoch
         if chain is not None:
@@ -176,9 +178,16 @@ def _end(handle, fz, failed):
     return rc
 
 
-def _status(rc):
+def _status(rc, complete=None):
+    """The error of a failed freeze end; complete: the path of the file, if it was written
+    whole (then the error is the region's, not the file's, and says so)."""
     from ._errors import status_error
-    return status_error(-rc, ffi.string(lib.lm_last_op()).decode(), "background checkpoint")
+    what = "background checkpoint"
+    if complete is not None:
+        what = ("background checkpoint: the snapshot %s is complete, but the region's pages "
+                "could not all be brought back from staging (they are still served from it)"
+                % complete)
+    return status_error(-rc, ffi.string(lib.lm_last_op()).decode(), what)
 
 
 class _Progress:
