@@ -69,7 +69,11 @@ def _temporary(path):
     _sweep_stale_temporaries(path)
     # Made under a name the sweep does not match, locked, then given its .tmp name: a sweep
     # never sees this writer's temporary unlocked.
-    fd, new = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".new")
+    try:
+        fd, new = tempfile.mkstemp(dir=d, prefix=".%s.%d." % (base, os.getpid()), suffix=".new")
+    except OSError as e:   # named after the file asked for, not the temporary's random name
+        raise type(e)(e.errno, "cannot write %s (its temporary in %s: %s)"
+                      % (path, d, e.strerror), path) from None
     tmp = new[:-len(".new")] + ".tmp"
     try:
         _lock(fd)   # held until _commit's rename

@@ -463,8 +463,8 @@ def test_a_failed_checkpoint_puts_its_epoch_back(make_region, tmp_path, wp):
     r = make_region(16 * PS)
     v = pages(r)
     v[5, 0] = 7
-    with pytest.raises(FileNotFoundError):
-        plm.checkpoint(r, str(tmp_path / "no-such-dir" / "x.plm"))
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*no-such-dir/x\.plm"):
+        plm.checkpoint(r, str(tmp_path / "no-such-dir" / "x.plm"))   # (named: not its temporary)
     assert 5 in r.dirty_pages().tolist()
     v[9, 0] = 1
 
