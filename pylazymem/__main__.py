@@ -99,11 +99,11 @@ def _inspect_foreign(args):
     """`pylazymem inspect` of an .npy/.npz/.safetensors file (what plm.load reads too): its
     arrays; None when the file is not one (then it is read as a snapshot, and errors say so)."""
     from ._foreign import HEAD_BYTES, detect, read_header
-    from ._snapfile import _open
+    from ._snapfile import _open, _pread
 
     fd = _open(args.snapshot)
     try:
-        fmt = detect(os.pread(fd, HEAD_BYTES, 0))
+        fmt = detect(_pread(fd, HEAD_BYTES, 0, args.snapshot, "the file's magic number"))
     finally:
         os.close(fd)
     if fmt is None:
@@ -154,13 +154,21 @@ def _inspect(args):
     info, table = inspect_tables(args.snapshot)
     pbc = info.pages_by_class
     raw = info.npages * info.page_size
+    # An incremental snapshot is usable only with its chain: checked in both modes, as
+    # restore() checks it (a broken chain: exit 1).
+    chain = _check_chain(info) if info.parent is not None else None
     if args.json:
         d = dataclasses.asdict(info)
         d["working_set"] = [int(x) for x in info.working_set]
         d["arrays"] = {n: {"offset": a["offset"], "dtype": str(a["dtype"]),
                            "shape": list(a["shape"]), "nbytes": a["nbytes"], "kind": a["kind"]}
                        for n, a in info.arrays.items()}
+        # "chain": null for a file that needs no parent; else {"broken": null or why,
+        # "files": [one per file, leaf first]} (files empty when broken)
+        d["chain"] = chain
         print(json.dumps(d, indent=1))
+        if chain is not None and chain["broken"]:
+            return 1
     else:
         ps = info.page_size
         print("snapshot:      %s (format v%d)" % (info.path, info.version))
@@ -184,9 +192,9 @@ def _inspect(args):
             print("compression:   none")
         print("working set:   %d pages (%.1f MiB), prefetched first on restore" % (
             len(info.working_set), len(info.working_set) * ps / 2**20))
-        if info.parent is not None:
-            broken = _print_chain(info)
-            if broken:
+        if chain is not None:
+            _print_chain(info, chain)
+            if chain["broken"]:
                 return 1
         if info.arrays:
             print("arrays:        %d, %.1f MiB" % (len(info.arrays), sum(
@@ -195,7 +203,7 @@ def _inspect(args):
                                                           "bytes", "offset"))
             for n, a in info.arrays.items():
                 print("  %-28s %-16s %-12s %-20s %12d %12d" % (
-                    _shown(n), a["kind"], a["dtype"], tuple(a["shape"]), a["nbytes"],
+                    _shown(n), _shown(a["kind"]), a["dtype"], tuple(a["shape"]), a["nbytes"],
                     a["offset"]))
     if args.plot:
         from .plot import page_map
@@ -219,27 +227,39 @@ def _shown(name):
     return repr(name)[1:-1]
 
 
-def _print_chain(info):
-    """The chain of parents an incremental snapshot needs, leaf first; True if it is broken
-    (restore() would fail with the same reason)."""
+def _check_chain(info):
+    """The chain of parents an incremental snapshot needs, as open_chain() finds it:
+    {"broken": None or why (restore() would fail with the same reason), "files": one dict
+    per file, leaf first (Chain.describe())}."""
     from ._chain import open_chain
     from ._snapfile import SnapshotError
 
-    print("parent pages:  %d (as the parent holds them)" % info.parent["pages"])
     try:
         chain = open_chain(info.path)
     except SnapshotError as e:
-        print("chain:         broken: %s" % e)
-        return True
+        return {"broken": str(e), "files": []}
     with chain:
-        print("chain:         %d files, leaf first" % len(chain.layers))
-        print("  %-40s %-16s %10s %10s %10s" % ("file", "content id", "stored", "parent",
-                                                "MiB"))
-        for d in chain.describe():
-            print("  %-40s %-16s %10d %10d %10.1f" % (d["path"], d["id"], d["stored_pages"],
-                                                      d["parent_pages"],
-                                                      d["file_bytes"] / 2**20))
-    return False
+        return {"broken": None, "files": chain.describe()}
+
+
+def _print_chain(info, chain):
+    """The chain, leaf first, or why it is broken. Paths and reasons come from the files
+    (a parent's path is its child's manifest): escaped (_shown), one line each."""
+    print("parent pages:  %d (as the parent holds them)" % info.parent["pages"])
+    if chain["broken"]:
+        print("chain:         broken: %s" % _shown(chain["broken"]))
+        return
+    print("chain:         %d files, leaf first" % len(chain["files"]))
+    print("  %-40s %-16s %10s %10s %10s" % ("file", "content id", "stored", "parent", "MiB"))
+    for d in chain["files"]:
+        print("  %-40s %-16s %10d %10d %10.1f" % (_shown(d["path"]), d["id"], d["stored_pages"],
+                                                  d["parent_pages"], d["file_bytes"] / 2**20))
+    for child, d in zip(chain["files"], chain["files"][1:]):
+        if d["named_as"] != d["id"]:
+            # the parent's working set was rewritten since (same pages, a new content id)
+            print("  (%s was taken from %s as %s; its working set was rewritten since, its "
+                  "pages are the same)" % (_shown(child["path"]), _shown(d["path"]),
+                                           d["named_as"]))
 
 
 def _compact(args):
@@ -382,7 +402,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 1
     except Exception as e:  # one line with the reason; the library's messages name the fix
-        print("pylazymem: %s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""),
+        # escaped: a message may hold a path or a name from a file (control characters)
+        print("pylazymem: %s: %s" % (type(e).__name__,
+                                     _shown(str(e).splitlines()[0]) if str(e) else ""),
               file=sys.stderr)
         return 1
 

@@ -13,12 +13,14 @@ import os
 
 import numpy as np
 
+from . import _snapfile
 from ._snapfile import (
     MAX_STORED_V3,
     PARENT,
     STORED,
     UNTOUCHED,
     ZERO,
+    SnapshotError,
     _fail,
     _open,
     _pread_exact,
@@ -30,22 +32,37 @@ from ._snapfile import (
 
 #: The deepest chain a reader follows: a longer one is almost surely a mistake (compact it).
 MAX_DEPTH = 64
+#: What the tables of a chain's files (page maps, entry indexes, signatures) may take
+#: together, times the machine's memory: 4 times the bound of one file's page map
+#: (_snapfile._parse_header: memory / 4), which one file's tables never exceed. Without it,
+#: 64 files of untouched pages (page maps that are holes in sparse files, no disk at all)
+#: would ask 64 times one file's memory of every reader.
+CHAIN_TABLES_OF_MEMORY = 1
 
 
 @dataclasses.dataclass
 class Layer:
     path: str
     fd: int
-    parsed: object      # _snapfile._Parsed
+    parsed: object      # _snapfile._Parsed; a parent's page map is dropped once resolved
     base: int           # global id of its first store entry
+    named_as: int = 0   # the content id its child names it by (0 for the leaf): its own, or
+    #                     one of its same_pages_as (its working set rewritten since)
+
+
+def _content_ids(parsed):
+    """The content ids a file answers to: its own (header_xxh3), and those of the earlier
+    versions of it whose pages were all the same (manifest "same_pages_as", checked by the
+    reader: rewrite_working_set() changes the id, never a page)."""
+    return frozenset([parsed.header["header_xxh3"], *parsed.manifest.get("same_pages_as", ())])
 
 
 class Chain:
     """An open chain, leaf first. Owns the files' descriptors until close()."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, resolved=None):
         self.layers = layers
-        self._map = None
+        self._map = resolved
         self._sigs = None
 
     @property
@@ -57,6 +74,12 @@ class Chain:
         return self.leaf.header["header_xxh3"]
 
     @property
+    def content_ids(self):
+        """The leaf's content id and those of its earlier versions with the same pages
+        (same_pages_as): a child taken from any of them is a child of this chain."""
+        return _content_ids(self.leaf)
+
+    @property
     def nstored(self):
         """Store entries of every file together (the global id space)."""
         last = self.layers[-1]
@@ -64,19 +87,8 @@ class Chain:
 
     def map(self):
         """The resolved page map: UNTOUCHED, ZERO or STORED + global entry id per page (u32,
-        little-endian, as lm_restore_table reads it)."""
-        if self._map is None:
-            resolved = None
-            for layer in reversed(self.layers):     # root first: each child overrides it
-                m = layer.parsed.map
-                out = m.astype(np.uint32)
-                stored = (m >= STORED) & (m != PARENT)
-                out[stored] += np.uint32(layer.base)
-                inherit = m == PARENT
-                if inherit.any():
-                    out[inherit] = resolved[inherit]   # the reader let PARENT in only with a parent
-                resolved = out
-            self._map = resolved.astype("<u4")
+        little-endian, as lm_restore_table reads it). Resolved by open_chain as it reads the
+        files (_resolve), so that no parent's page map is kept."""
         return self._map
 
     def signatures(self):
@@ -158,11 +170,14 @@ class Chain:
         return offsets, codes, layers, sigs
 
     def describe(self):
-        """One dict per file, leaf first: path, content id, pages it stores, bytes."""
+        """One dict per file, leaf first: path, content id, pages it stores, bytes, and the
+        content id its child names it by ("named_as"; None for the leaf): another than "id"
+        where its working set was rewritten since the child was taken (same_pages_as)."""
+        # the counts are the reader's (_read), taken before a parent's page map was dropped
         return [{"path": layer.path, "id": "%016x" % layer.parsed.header["header_xxh3"],
-                 "stored_pages": int(np.count_nonzero((layer.parsed.map >= STORED)
-                                                      & (layer.parsed.map != PARENT))),
-                 "parent_pages": int(np.count_nonzero(layer.parsed.map == PARENT)),
+                 "named_as": "%016x" % layer.named_as if layer.named_as else None,
+                 "stored_pages": int(layer.parsed.header["counts"][2]),
+                 "parent_pages": int(layer.parsed.header["parent_pages"]),
                  "file_bytes": layer.parsed.header["file_bytes"]}
                 for layer in self.layers]
 
@@ -181,54 +196,118 @@ class Chain:
 
 def open_chain(path, signatures=False):
     """Open the snapshot at `path` and every parent it names, checking each link: the parent
-    exists, its content id is the one the child was taken from, it has the child's shape, the
-    chain has no cycle and is at most MAX_DEPTH files. SnapshotError names the file and the
-    parent at fault."""
+    exists, its content id is the one the child was taken from (or an earlier version's with
+    the same pages: same_pages_as), it has the child's shape, the chain has no cycle, is at
+    most MAX_DEPTH files and its tables fit the machine's memory (CHAIN_TABLES_OF_MEMORY).
+    SnapshotError names the file and the parent at fault. The page map is resolved as the
+    files are read; a parent's own page map is not kept."""
     path = os.fspath(path)
     layers = []
-    seen = set()
     try:
-        fd = _open(path)
-        layers.append(Layer(path, fd, _read(fd, path, signatures), 0))
-        seen.add(_identity(fd))
-        while layers[-1].parsed.header.get("parent_id"):
-            child = layers[-1]
-            ch = child.parsed.header
-            if len(layers) >= MAX_DEPTH:
-                _fail(path, "chain of parents deeper than %d files (compact it: pylazymem "
-                      "compact)" % MAX_DEPTH)
-            ppath = parent_path(child.path, child.parsed)
-            what = "%s names its parent %s, which" % (child.path, ppath)
-            try:
-                fd = _open(ppath, "parent snapshot")
-            except Exception as e:
-                _fail(path, "%s cannot be opened (%s)" % (what, _reason(e, ppath)))
-            layer = Layer(ppath, fd, None, 0)
-            layers.append(layer)
-            if _identity(fd) in seen:
-                _fail(path, "%s is already in the chain (a cycle)" % what)
-            seen.add(_identity(fd))
-            try:
-                layer.parsed = _read(fd, ppath, signatures)
-            except Exception as e:
-                _fail(path, "%s is not a usable snapshot (%s)" % (what, _reason(e, ppath)))
-            ph = layer.parsed.header
-            if ph["header_xxh3"] != ch["parent_id"]:
-                _fail(path, "%s has content id %016x, not %016x: it was replaced or changed "
-                      "since %s was taken from it" % (what, ph["header_xxh3"], ch["parent_id"],
-                                                      child.path))
-            if (ph["npages"], ph["page_size"]) != (ch["npages"], ch["page_size"]):
-                _fail(path, "%s holds %d pages of %d bytes, the child %d of %d"
-                      % (what, ph["npages"], ph["page_size"], ch["npages"], ch["page_size"]))
-            layer.base = child.base + ch["nstored"]
-        chain = Chain(layers)
-        if chain.nstored > MAX_STORED_V3:
-            _fail(path, "the chain stores %d entries together, more than a page map can name"
-                  % chain.nstored)
-        return chain
+        return _open_chain(path, signatures, layers)
+    except MemoryError:
+        # what the bound lets in may still not fit (other memory in use, RLIMIT_AS)
+        Chain(layers).close()
+        raise SnapshotError("%s: not enough memory to read the tables of its chain (%d files "
+                            "read)" % (path, len(layers))) from None
     except BaseException:
         Chain(layers).close()
         raise
+
+
+def _open_chain(path, signatures, layers):
+    seen = set()
+    budget = _snapfile._memory_bytes() * CHAIN_TABLES_OF_MEMORY
+    held = [0]
+
+    def bound(what):
+        def check(h):
+            # tables the reader holds (signatures: also those read later), before any is read
+            held[0] += h["map_bytes"] + h["index_bytes"] + h["sigs_bytes"]
+            if held[0] > budget:
+                _link_fail(path, "the tables of its chain (page maps, entry indexes, "
+                           "signatures) come to more than this machine's memory allows (%d "
+                           "bytes) with %s (file %d of the chain): too many files of too large "
+                           "a region to read here" % (budget, what, len(layers)))
+        return check
+
+    fd = _open(path)
+    layers.append(Layer(path, fd, None, 0))
+    seen.add(_identity(fd))
+    layers[0].parsed = _read(fd, path, signatures, bound(path))
+    resolved = layers[0].parsed.map.astype("<u4")   # the leaf's entries are 0.. (base 0)
+    while layers[-1].parsed.header.get("parent_id"):
+        child = layers[-1]
+        ch = child.parsed.header
+        if len(layers) >= MAX_DEPTH:
+            _fail(path, "chain of parents deeper than %d files (compact it: pylazymem "
+                  "compact)" % MAX_DEPTH)
+        ppath = parent_path(child.path, child.parsed)
+        what = "%s names its parent %s, which" % (child.path, ppath)
+        try:
+            fd = _open(ppath, "parent snapshot")
+        except Exception as e:
+            _fail(path, "%s cannot be opened (%s)" % (what, _reason(e, ppath)))
+        layer = Layer(ppath, fd, None, child.base + ch["nstored"], ch["parent_id"])
+        layers.append(layer)
+        if _identity(fd) in seen:
+            _fail(path, "%s is already in the chain (a cycle)" % what)
+        seen.add(_identity(fd))
+        check_size = bound(ppath)
+
+        def check(ph):
+            # the shape before the tables are read (a parent's map may be large); a file of
+            # another shape is no version of the parent: if its id differs, it was replaced
+            if (ph["npages"], ph["page_size"]) != (ch["npages"], ch["page_size"]):
+                if ph["header_xxh3"] != ch["parent_id"]:
+                    _link_fail(path, _replaced(what, ph, ch, child))
+                _link_fail(path, "%s holds %d pages of %d bytes, the child %d of %d"
+                           % (what, ph["npages"], ph["page_size"], ch["npages"],
+                              ch["page_size"]))
+            check_size(ph)
+        try:
+            layer.parsed = _read(fd, ppath, signatures, check)
+        except SnapshotError as e:
+            if getattr(e, "chain_link", False):   # ours (check), not about the parent's file
+                raise
+            _fail(path, "%s is not a usable snapshot (%s)" % (what, _reason(e, ppath)))
+        ph = layer.parsed.header
+        if ch["parent_id"] not in _content_ids(layer.parsed):
+            _fail(path, _replaced(what, ph, ch, child))
+        if layer.base + ph["nstored"] > MAX_STORED_V3:
+            _fail(path, "the chain stores %d entries together, more than a page map can name"
+                  % (layer.base + ph["nstored"]))
+        _resolve(resolved, layer)
+    return Chain(layers, resolved)   # the root has no PARENT page left (_read refuses it)
+
+
+def _resolve(resolved, layer):
+    """Give the pages of `resolved` still left to a parent (PARENT) what `layer`, that
+    parent, says of them (its entries numbered from layer.base), then drop the layer's page
+    map: a chain holds the resolved map and the leaf's, not one per file."""
+    p = layer.parsed
+    inherit = resolved == PARENT
+    if inherit.any():
+        m = p.map[inherit]
+        stored = (m >= STORED) & (m != PARENT)
+        m[stored] += np.uint32(layer.base)   # below PARENT: the sum was checked
+        resolved[inherit] = m
+    p.map = None
+    if p.index is not None:   # a view of the tables' buffer, which would keep it (and the map)
+        p.index["raw"] = p.index["raw"].copy()
+
+
+def _replaced(what, ph, ch, child):
+    return ("%s has content id %016x, not %016x: it was replaced or changed since %s was "
+            "taken from it" % (what, ph["header_xxh3"], ch["parent_id"], child.path))
+
+
+def _link_fail(path, what):
+    """SnapshotError about the chain of `path` raised from inside the reader of a parent
+    (_read's check_header), marked so that it is not taken for a fault of the parent's file."""
+    e = SnapshotError("%s: %s" % (path, what))
+    e.chain_link = True
+    raise e
 
 
 def _identity(fd):

@@ -28,6 +28,7 @@ import xxhash
 
 from ._snapfile import MAP_DTYPE, MAX_EXTENT, STORED, SnapshotError, _fail
 from ._snapfile import _open as _open_file
+from ._snapfile import _pread as _pread_once   # os.pread; an OSError a SnapshotError naming the file
 
 FORMATS = ("npy", "npz", "safetensors")
 #: Bytes detect() needs to tell the formats apart (it copes with fewer: then None).
@@ -82,7 +83,7 @@ def _pread(fd, n, offset, path, what):
     """Exactly n bytes at offset (n is bounded by the caller), or a SnapshotError."""
     out = b""
     while len(out) < n:
-        got = os.pread(fd, n - len(out), offset + len(out))
+        got = _pread_once(fd, n - len(out), offset + len(out), path, what)
         if not got:
             _fail(path, "truncated: %s needs %d bytes at offset %d" % (what, n, offset))
         out += got
@@ -111,7 +112,7 @@ def read_header(path, fmt=None):
     try:
         size = os.fstat(fd).st_size
         if fmt is None:
-            fmt = detect(os.pread(fd, HEAD_BYTES, 0))
+            fmt = detect(_pread_once(fd, HEAD_BYTES, 0, path, "the magic number"))
             if fmt is None:
                 _fail(path, "not a .npy, .npz or .safetensors file (no magic number of any)")
         entries, metadata = _parse(fd, path, fmt, size)
@@ -323,7 +324,8 @@ def _check_crcs(fd, path, entries, verify=True):
             continue
         crc, done = 0, 0
         while done < n:
-            chunk = os.pread(fd, min(1 << 20, n - done), start + done)
+            chunk = _pread_once(fd, min(1 << 20, n - done), start + done, path,
+                                "member %r" % e["meta"]["member"])
             if not chunk:
                 _fail(path, "member %r: the file ends inside it" % e["meta"]["member"])
             crc = zlib.crc32(chunk, crc)

@@ -55,6 +55,9 @@ MAX_STORED = (1 << 32) - STORED
 MAP_DTYPE = np.dtype("<u4")
 #: The page map decoded, as inspect_tables() returns it: class and store entry per page.
 TABLE_DTYPE = np.dtype([("cls", "u1"), ("store", "<u4")])
+#: inspect_tables() class of a page left to the parent (page map PARENT): UNTOUCHED, ZERO and
+#: STORED are the page map's own values, this one has no store entry of this file.
+TABLE_PARENT = 3
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
@@ -100,12 +103,30 @@ def _fail(path, what):
     raise SnapshotError("%s: %s" % (path, what))
 
 
+def _read_failed(path, what, offset, e):
+    """SnapshotError for a read that failed (EIO of a bad disk, a file that refuses pread):
+    names the file and what was being read, the OSError (errno) kept as its __cause__."""
+    raise SnapshotError("%s: cannot read: %s (%s at offset %d)"
+                        % (path, e.strerror or e, what, offset)) from e
+
+
+def _pread(fd, n, offset, path, what):
+    """os.pread, with a failure a SnapshotError naming the file (_read_failed)."""
+    try:
+        return os.pread(fd, n, offset)
+    except OSError as e:
+        _read_failed(path, what, offset, e)
+
+
 def _pread_exact(fd, n, offset, path, what):
     """Exactly n bytes at offset, read into one buffer (no intermediate copies)."""
     buf = bytearray(n)
     view, done = memoryview(buf), 0
     while done < n:
-        got = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        except OSError as e:
+            _read_failed(path, what, offset + done, e)
         if not got:
             _fail(path, "truncated: %s needs %d bytes at offset %d" % (what, n, offset))
         done += got
@@ -257,7 +278,23 @@ def _parse_manifest(raw, h, path):
             _fail(path, "manifest entry %r lies outside the region" % name)
         arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
     man["arrays"] = arrays
+    if "same_pages_as" in man:
+        man["same_pages_as"] = _same_pages_as(man["same_pages_as"], path)
     return man
+
+
+MAX_SAME_PAGES_AS = 64
+
+
+def _same_pages_as(ids, path):
+    """The manifest's "same_pages_as": content ids of earlier versions of this file whose
+    every page held what this one holds (a working set rewritten, docs/snapshot-format.md):
+    a child taken from one of them still has its parent in this file (_chain.open_chain)."""
+    if not isinstance(ids, list) or len(ids) > MAX_SAME_PAGES_AS or not all(
+            type(x) is int and 1 <= x < (1 << 64) for x in ids):
+        _fail(path, "manifest 'same_pages_as' must be a list of at most %d content ids "
+              "(integers 1 to 2**64 - 1)" % MAX_SAME_PAGES_AS)
+    return list(ids)
 
 
 def _descr_from_json(d, depth=0):
@@ -285,16 +322,22 @@ def _json_int(x, lo=0, hi=1 << 62):
     return x
 
 
-def _read(fd, path, signatures=False):
+def _read(fd, path, signatures=False, check_header=None):
     """Read and check everything but the store (and the signatures unless asked for them).
-    Raises SnapshotError before anything else."""
-    size = os.fstat(fd).st_size
-    raw = os.pread(fd, 4096, 0)
+    Raises SnapshotError before anything else. check_header: called with the checked header
+    before the tables are read (open_chain: its checks of a parent and its memory bound)."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as e:
+        raise SnapshotError("%s: cannot read: %s" % (path, e.strerror or e)) from e
+    raw = _pread(fd, 4096, 0, path, "the header")
     if len(raw) >= _HEADER.size:   # a header larger than 4 KiB (64 KiB pages)
         hb = _HEADER.unpack_from(raw)[2]
         if 4096 < hb <= (1 << 21):
-            raw += os.pread(fd, hb - 4096, 4096)
+            raw += _pread(fd, hb - 4096, 4096, path, "the header")
     h = _parse_header(raw, path, size)
+    if check_header is not None:
+        check_header(h)
     # (entry index,) map, working set and manifest: one read, one checksum
     first = h["index_offset"] if h["version"] == VERSION_3 else h["map_offset"]
     tail = _pread_exact(fd, h["sigs_offset"] - first, first, path,
@@ -538,11 +581,15 @@ def _load(path, signatures=False):
 
 def inspect_tables(path):
     """(SnapshotInfo, page table) of a checked snapshot file, for tools that draw page maps:
-    the table has the class (UNTOUCHED, ZERO, STORED) and store entry of every page."""
+    the table has the class (UNTOUCHED, ZERO, STORED, or TABLE_PARENT: left to the parent)
+    and store entry of every page (an entry of this file; 0 for the other classes)."""
     p = _load(path, signatures=True)
     table = np.empty(p.map.size, TABLE_DTYPE)
+    inherit = p.map == PARENT
+    stored = (p.map >= STORED) & ~inherit
     table["cls"] = np.minimum(p.map, STORED)
-    table["store"] = np.where(p.map >= STORED, p.map - STORED, 0)
+    table["cls"][inherit] = TABLE_PARENT
+    table["store"] = np.where(stored, p.map - np.uint32(STORED), 0)
     return _info(path, p), table
 
 

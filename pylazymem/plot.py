@@ -3,12 +3,14 @@ first-touch order). Needs matplotlib (pip install 'pylazymem[plot]')."""
 import numpy as np
 
 from ._meta import SNAP_STORED, SNAP_UNTOUCHED, SNAP_ZERO
+from ._snapfile import TABLE_PARENT
 
-CLASS_COLORS = {  # name: (table class or None, RGB)
+CLASS_COLORS = {  # name: (table class or None, RGB), in the order of their kind numbers
     "untouched": (SNAP_UNTOUCHED, (0.92, 0.92, 0.92)),
     "zero": (SNAP_ZERO, (0.70, 0.82, 0.95)),
     "unique": (None, (0.20, 0.55, 0.25)),
     "duplicate": (None, (0.95, 0.60, 0.10)),
+    "parent": (TABLE_PARENT, (0.60, 0.45, 0.75)),   # an incremental snapshot's parent has it
 }
 
 
@@ -40,12 +42,16 @@ def page_map(table, working_set, path, title=""):
     width = int(min(512, max(16, np.ceil(np.sqrt(npages)))))
     cls = table["cls"].astype(np.int64)
     store = table["store"]
-    kind = np.zeros(npages)                      # 0 untouched, 1 zero, 2 unique, 3 duplicate
+    kind = np.zeros(npages)          # 0 untouched, 1 zero, 2 unique, 3 duplicate, 4 parent
     kind[cls == SNAP_ZERO] = 1
+    kind[cls == TABLE_PARENT] = 4
     stored = cls == SNAP_STORED
-    counts = np.bincount(store[stored], minlength=1) if stored.any() else np.zeros(1)
     shared = np.zeros(npages, bool)
-    shared[stored] = counts[store[stored]] > 1
+    if stored.any():
+        # pages per store entry by np.unique, not bincount: its memory is the pages', not
+        # the largest entry number's
+        _, inverse, counts = np.unique(store[stored], return_inverse=True, return_counts=True)
+        shared[stored] = counts[inverse] > 1
     kind[stored] = 2
     kind[stored & shared] = 3
     order = np.full(npages, np.nan)
@@ -54,8 +60,8 @@ def page_map(table, working_set, path, title=""):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), constrained_layout=True)
     cmap = ListedColormap([c for _, c in CLASS_COLORS.values()])
-    axes[0].imshow(_grid(kind, width), cmap=cmap, vmin=-0.5, vmax=3.5, interpolation="nearest",
-                   aspect="auto")
+    axes[0].imshow(_grid(kind, width), cmap=cmap, vmin=-0.5, vmax=len(CLASS_COLORS) - 0.5,
+                   interpolation="nearest", aspect="auto")
     axes[0].set_title("pages by class")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for _, c in CLASS_COLORS.values()]
     labels = ["%s (%d)" % (n, int((kind == i).sum())) for i, n in enumerate(CLASS_COLORS)]
