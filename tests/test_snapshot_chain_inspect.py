@@ -1,5 +1,5 @@
-"""Snapshot files and chains (found by a review, session 15): a parent whose working set was rewritten keeps its
-children (same_pages_as), a chain's tables bounded together and parents' maps dropped,
+"""Snapshot files and chains (found by a review, session 15): a parent whose working set was
+rewritten keeps its children (same_pages_as), a chain's tables bounded together and parents' maps dropped,
 parent pages a class of their own in inspect_tables() and the plot, `inspect --json` of a
 broken chain, escaped paths in `inspect`, read errors naming the file."""
 
