@@ -18,6 +18,7 @@ with the fix where there is one.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -393,6 +394,19 @@ def main(argv=None):
                         "complete pool; clients of other uids get only a complete one)")
     p.set_defaults(func=_serve)
     args = ap.parse_args(argv)
+    if args.command == "serve":
+        if not (math.isfinite(args.stats_every) and args.stats_every >= 0):
+            ap.error("--stats-every must be a number of seconds >= 0 (0: never), not %r"
+                     % args.stats_every)
+        if args.stats_every and args.stats_every < 0.01:
+            ap.error("--stats-every below 0.01 s would print without pause")
+        if args.stats_every > 10 ** 6:
+            ap.error("--stats-every above 10**6 s: use 0 (never)")
+        for uid in args.allow_uid or ():
+            if not 0 <= uid < 2 ** 32 - 1:
+                ap.error("--allow-uid %d is not a uid (0 to 4294967294)" % uid)
+        if args.socket_group is not None and not 0 <= args.socket_group < 2 ** 32 - 1:
+            ap.error("--socket-group %d is not a gid (0 to 4294967294)" % args.socket_group)
     if args.command == "demo":
         for name in ("size", "requests", "warmup"):
             if getattr(args, name) <= 0:
@@ -404,7 +418,7 @@ def main(argv=None):
     except Exception as e:  # one line with the reason; the library's messages name the fix
         # escaped: a message may hold a path or a name from a file (control characters)
         print("pylazymem: %s: %s" % (type(e).__name__,
-                                     _shown(str(e).splitlines()[0]) if str(e) else ""),
+                                     _shown(str(e)) if str(e) else ""),
               file=sys.stderr)
         return 1
 

@@ -63,8 +63,30 @@ def _lock(fd):
             raise
 
 
+def _check_target(path):
+    """What is at `path` may be replaced by a file only if it is a regular file (or nothing):
+    a rename over a device node, a FIFO or a socket put a regular file in its place (as root,
+    `checkpoint(r, "/dev/null")` replaced /dev/null for the whole machine)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        return   # not ours to judge (a dangling name, no search permission): rename decides
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a device" if
+                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a FIFO" if
+                stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise IsADirectoryError(errno.EISDIR, "%s is a directory: a snapshot is written as a "
+                                "file" % path, path) if kind == "a directory" else \
+            FileExistsError(errno.EEXIST, "%s is %s: not replacing it with a file" % (path, kind),
+                            path)
+
+
 def _temporary(path):
     """(fd, name) of a new temporary beside `path`, for an atomic replacement by _commit()."""
+    _check_target(path)
     d, base = os.path.split(os.path.abspath(path))
     _sweep_stale_temporaries(path)
     # Made under a name the sweep does not match, locked, then given its .tmp name: a sweep
@@ -96,6 +118,7 @@ def _commit(fd, tmp, path, durable):
         _abandon(fd, tmp)
         raise
     try:
+        _check_target(path)   # again: it may have appeared while the file was written
         os.rename(tmp, path)   # before the close: the lock keeps the sweep off until then
     except BaseException:
         _abandon(fd, tmp)

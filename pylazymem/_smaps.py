@@ -14,7 +14,14 @@ def pool_mappings(pid):
     totals = dict.fromkeys(FIELDS, 0)
     mappings = 0
     inside = False
-    with open("/proc/%d/smaps" % pid) as f:
+    try:
+        f = open("/proc/%d/smaps" % pid)
+    except FileNotFoundError:
+        raise ProcessLookupError(3, "no process %d" % pid) from None
+    except PermissionError:
+        raise PermissionError(13, "cannot read the mappings of process %d (another user's: "
+                              "needs root or the same uid)" % pid) from None
+    with f:
         for line in f:
             head = line.split(None, 1)[0]
             if not head.endswith(":"):   # a mapping's first line: "start-end perms ... path"

@@ -14,9 +14,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -276,6 +278,14 @@ def run(args):
     workdir = args.workdir or tempfile.mkdtemp(prefix="pylazymem-demo-")
     os.makedirs(workdir, exist_ok=True)
     out = sys.stderr if args.json else sys.stdout
+    # SIGTERM (a CI timeout, `kill`) as an exception: subprocess.run() then kills the running
+    # process A or B and the finally below removes the work directory (about a GiB), where
+    # the default action left both behind.
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _terminated(signum, frame):
+            raise SystemExit(128 + signum)
+        old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         if not args.quiet:
             print("process A: build %d MiB of state, serve %d warm-up requests, suspend"
@@ -309,6 +319,8 @@ def run(args):
             raise RuntimeError("resumed answers differ from process A's")
         return 0
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 

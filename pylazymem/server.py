@@ -71,11 +71,14 @@ class _FileSource:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the server hung); cleared
+        # once the file is known to be a regular one.
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self.fd)
             raise InvalidRangeError("%s is not a regular file" % self.path)
+        os.set_blocking(self.fd, True)
         self.nbytes = st.st_size
         self.identity = {"kind": self.kind, "path": self.path, "bytes": self.nbytes}
 
@@ -781,7 +784,12 @@ class PageServer:
         # The mode of the socket inode is what bind() gives the path (masked by the umask):
         # set 0600 before bind, so there is no moment at which the path is more open.
         os.fchmod(s.fileno(), 0o600)
-        s.bind(self.path)
+        try:
+            s.bind(self.path)
+        except OSError as e:
+            s.close()
+            raise type(e)(e.errno, "cannot create the socket %s: %s" % (self.path, e.strerror),
+                          self.path) from None
         try:
             self._open_to_allowed()
         except BaseException:

@@ -648,6 +648,9 @@ def _uffd_error(op: str, err: int, hint: Optional[str] = None, done: int = 0) ->
 def _buffer_address(src, length: int):
     """(address, keep-alive object) of a bytes-like source of at least `length` bytes."""
     if isinstance(src, int):
+        if not 0 <= src or src + length > 1 << 64:   # (ctypes would truncate it)
+            raise InvalidRangeError("source address %#x + %d bytes is not in the address space"
+                                    % (src, length))
         return src, None
     mv = memoryview(src)
     if not mv.c_contiguous:
@@ -696,8 +699,9 @@ class Userfaultfd:
 
     def __init__(self, fd: int, *, mode: Optional[str] = None, source: Optional[str] = None,
                  owned: bool = True, page_size: int = PAGE_SIZE):
-        if not isinstance(fd, int) or fd < 0:
-            raise ValueError("fd must be a non-negative int, got %r" % (fd,))
+        if not isinstance(fd, int) or isinstance(fd, bool) or not 0 <= fd < 2 ** 31:
+            # (ctypes would truncate a larger one: the ioctls would go to another fd)
+            raise ValueError("fd must be a file descriptor (0 to 2**31 - 1), got %r" % (fd,))
         self._fd = fd
         self._owned = owned
         self.mode = mode
@@ -772,6 +776,11 @@ class Userfaultfd:
         if length % ps:
             raise InvalidRangeError("%s: length %d is not a multiple of the page size (%d)"
                                     % (op, length, ps))
+        if addr + length > 1 << 64:
+            # ctypes truncates to 64 bits: the operation landed on another address, or
+            # reported a length it never did
+            raise InvalidRangeError("%s: %s %#x + length %d is past the end of the address "
+                                    "space" % (op, what, addr, length))
 
     def _eagain_wait(self, op: str, state: list, done: int) -> None:
         """Back off after EAGAIN without progress; raise when eagain_timeout is used up.

@@ -17,12 +17,20 @@ bash scripts/setup.sh
 # Ceph packages skips those tests, with the script's reason (PLM_S3_UNAVAILABLE) and a count.
 s3rc=0
 was_up=0
+stop_s3=0
+cache_made=""
+# On exit: the gateway stopped if this run started it, the chunk cache removed if it made it.
+cleanup() {
+    [ "$stop_s3" -eq 0 ] || bash scripts/s3-server.sh stop >/dev/null 2>&1 || true
+    [ -z "$cache_made" ] || rm -rf "$cache_made"
+}
+trap cleanup EXIT
 bash scripts/s3-server.sh status >/dev/null 2>&1 && was_up=1
 { bash scripts/s3-server.sh install && bash scripts/s3-server.sh start; } 2>/tmp/pylazymem-s3-start.$$ || s3rc=$?
 if [ "$s3rc" -eq 0 ]; then
     eval "$(bash scripts/s3-server.sh env)"
     # stopped at the end if this run started it
-    [ "$was_up" -eq 1 ] || trap 'bash scripts/s3-server.sh stop >/dev/null 2>&1 || true' EXIT
+    [ "$was_up" -eq 1 ] || stop_s3=1
 elif [ "$s3rc" -eq 3 ]; then
     export PLM_S3_UNAVAILABLE="$(tail -n 1 /tmp/pylazymem-s3-start.$$)"
     echo "== test.sh: no S3 gateway: $PLM_S3_UNAVAILABLE (tests marked s3 skip)"
@@ -34,7 +42,10 @@ else
 fi
 rm -f /tmp/pylazymem-s3-start.$$
 # every test run gets its own chunk cache (the per-machine default is the user's ~/.cache)
-export PYLAZYMEM_CACHE_DIR="${PYLAZYMEM_CACHE_DIR:-$(mktemp -d /tmp/pylazymem-chunk-cache.XXXXXX)}"
+if [ -z "${PYLAZYMEM_CACHE_DIR:-}" ]; then
+    cache_made="$(mktemp -d /tmp/pylazymem-chunk-cache.XXXXXX)"
+    export PYLAZYMEM_CACHE_DIR="$cache_made"
+fi
 status=0
 echo "== test.sh: backend cffi (the compiled core)"
 PYLAZYMEM_BACKEND=cffi .venv/bin/python -m pytest -q "$@" || status=1

@@ -139,3 +139,86 @@ def test_demo_plots(tmp_path):
     for name in ("pagemap.png", "timeline.png"):
         w, h = png_size(str(out / name))
         assert 400 <= w <= 4000 and 300 <= h <= 4000, (name, w, h)
+
+
+# ---- found by a review (session 15) ---------------------------------------------------------
+
+@pytest.mark.core(reason="checkpoint and save need the compiled core")
+def test_writers_refuse_to_replace_a_device_a_fifo_or_a_directory(tmp_path):
+    # A snapshot is written beside its path and renamed over it: over a device node that put a
+    # regular file in its place (as root, `checkpoint(r, "/dev/null")` replaced the machine's
+    # /dev/null).
+    import stat as st_
+    targets = [str(tmp_path / "fifo")]
+    os.mkfifo(targets[0])
+    try:
+        os.mknod(str(tmp_path / "null"), 0o666 | st_.S_IFCHR, os.makedev(1, 3))
+        targets.append(str(tmp_path / "null"))
+    except PermissionError:
+        pass   # not root: the FIFO alone
+    src = str(tmp_path / "s.plm")
+    with plm.Region(4 * PAGE_SIZE) as r:
+        plm.checkpoint(r, src)
+        for t in targets:
+            mode = os.stat(t).st_mode
+            with pytest.raises(FileExistsError, match="not replacing it"):
+                plm.checkpoint(r, t)
+            with pytest.raises(FileExistsError, match="not replacing it"):
+                plm.save(t, {"a": np.ones(3)})
+            rc, out, err = cli("compact", src, t)
+            assert rc == 1 and "not replacing it" in err, (rc, err)
+            assert os.stat(t).st_mode == mode   # still what it was
+        with pytest.raises(IsADirectoryError):
+            plm.checkpoint(r, str(tmp_path))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
+
+
+def test_serve_refuses_a_fifo_and_bad_numbers_without_hanging(tmp_path):
+    fifo = str(tmp_path / "mem")
+    os.mkfifo(fifo)
+    sock = str(tmp_path / "s.sock")
+    for src in ("--memory-file", "--snapshot"):
+        rc, out, err = cli("serve", "--socket", sock, src, fifo, timeout=30)   # it hung
+        assert rc == 1 and "regular file" in err, (rc, err)
+    mem = str(tmp_path / "m.bin")
+    with open(mem, "wb") as f:
+        f.write(b"\0" * PAGE_SIZE)
+    for bad in (["--stats-every", "-1"], ["--stats-every", "nan"], ["--stats-every", "1e308"],
+                ["--allow-uid", "-5"], ["--socket-group", "99999999999999"]):
+        rc, out, err = cli("serve", "--socket", sock, "--memory-file", mem, *bad, timeout=30)
+        assert rc == 2 and "error:" in err, (bad, rc, err)   # argparse's usage error
+    rc, out, err = cli("serve", "--socket", str(tmp_path / "no" / "s.sock"), "--memory-file",
+                       mem, timeout=30)
+    assert rc == 1 and "no/s.sock" in err, err
+
+
+def test_inspect_pid_of_no_process_and_multi_line_errors(tmp_path):
+    rc, out, err = cli("inspect", "--pid", "999999999")
+    assert rc == 1 and "no process 999999999" in err and "Traceback" not in err, err
+    name = str(tmp_path / "new\nline.plm")
+    rc, out, err = cli("inspect", name)
+    assert rc == 1 and "line.plm" in err and "\\n" in err, err   # escaped, not cut at \n
+
+
+@pytest.mark.core(reason="the demo needs the compiled core")
+def test_sigterm_to_the_demo_leaves_no_process_and_no_work_directory(tmp_path):
+    import glob
+    import signal
+    import time
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "pylazymem", "demo", "--size", "64",
+                          "--quiet"], cwd=REPO_DIR, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(tmp_path / "pylazymem-demo-*" / "state.plm")):
+        assert p.poll() is None and time.monotonic() < deadline, "the demo ended early"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not glob.glob(str(tmp_path / "pylazymem-demo-*")), "work directory left"
+    ps = subprocess.run(["pgrep", "-f", "pylazymem.demo.*--child"], capture_output=True,
+                        text=True).stdout.split()
+    children = [q for q in ps if os.path.exists("/proc/%s" % q) and
+                str(tmp_path) in open("/proc/%s/cmdline" % q).read()]
+    assert not children, children

@@ -1208,3 +1208,26 @@ def test_serve_move_is_refused_across_processes():
         res = c.finish()
     assert refused == [errno.EINVAL] * 2
     assert res == {"served": [True] * 2, "stage_kept": [True] * 2}
+
+
+def test_addresses_and_fds_that_ctypes_would_truncate_are_refused():
+    # ctypes keeps the low 64 bits: copy(addr + 2**64) installed the page at addr, a length
+    # of 2**64 + PS was done as PS and reported whole, Userfaultfd(2**40) used fd 0.
+    m = mmap.mmap(-1, 4 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = U.address_of(m)
+    with U.open_userfaultfd() as u:
+        u.api(0)
+        u.register(addr, 4 * PS)
+        with pytest.raises(U.InvalidRangeError, match="address space"):
+            u.copy(addr + 2 ** 64, b"\xab" * PS, PS)
+        with pytest.raises(U.InvalidRangeError, match="address space"):
+            u.zeropage(addr + PS, 2 ** 64 + PS)
+        with pytest.raises(U.InvalidRangeError, match="address space"):
+            u.copy(addr, 2 ** 64 + 4096, PS)   # a source address
+        with pytest.raises(U.InvalidRangeError):
+            u.wake(addr, 2 ** 64)
+        assert u.copy(addr, b"\xcd" * PS, PS) == PS   # nothing else was installed meanwhile
+        assert m[0] == 0xCD
+    for fd in (2 ** 40, 2 ** 31, -1, True):
+        with pytest.raises(ValueError, match="file descriptor"):
+            U.Userfaultfd(fd)
