@@ -92,7 +92,13 @@ def _reason(f, mode):
     if mode == "full":
         return ""
     if mode == "user-mode-only":
-        why = ("; ".join(failures) + "; for full mode: " + remedy(f.dev_errno or f.syscall_errno)
+        # Both ways to full mode, each with its fix: the device's alone (a missing device,
+        # ENOENT) hid the fix for a refused syscall (CAP_SYS_PTRACE, the sysctl).
+        fixes = []
+        for err in (f.dev_errno, f.syscall_errno):
+            if err and remedy(err) not in fixes:
+                fixes.append(remedy(err))
+        why = ("; ".join(failures) + "; for full mode: " + " Or: ".join(fixes)
                if failures else "requested with PYLAZYMEM_UFFD=user-mode-only")
         return ("user-mode-only userfaultfd: kernel accesses to missing pages (read() or "
                 "readinto() into a region, os.write() from one, KVM) fail with EFAULT; call "

@@ -185,3 +185,15 @@ def test_unavailable_raises_unavailable_error(run_py_ok):
         print("OK")
     """, env={"PYLAZYMEM_UFFD": "dev"}, timeout=60)
     assert out.strip().endswith("OK"), out
+
+
+def test_user_mode_only_reason_gives_the_fix_for_each_way_to_full_mode():
+    # With no device (ENOENT) and the syscall refused (EPERM), the advice was the device's
+    # alone: the fix for the refused syscall (CAP_SYS_PTRACE, the sysctl) was missing.
+    import errno
+    from types import SimpleNamespace
+    from pylazymem import _features
+    f = SimpleNamespace(dev_errno=errno.ENOENT, syscall_errno=errno.EPERM, user_only_errno=0,
+                        api_errno=0)
+    why = _features._reason(f, "user-mode-only")
+    assert "does not exist" in why and "vm.unprivileged_userfaultfd" in why, why
