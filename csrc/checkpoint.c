@@ -143,6 +143,33 @@ struct plan_parent {
     const uint64_t *clean;   /* ceil(npages / 64) words, or NULL */
 };
 
+/*
+ * A page whose source signature is the zero page's is zero only if its bytes are: the
+ * signature comes from the file, which a damaged or hostile file (or a collision) can make
+ * lie, and a page classed ZERO is never read again, so its contents would be lost. Such pages
+ * are rare (a checkpoint stores a zero page as ZERO, never with a signature), so reading
+ * each one costs little. A non-zero page gets the signature of its bytes.
+ */
+static int zero_claimed(struct lm_region *r, size_t p, const struct lm_view *v,
+                        struct plan_page *e)
+{
+    char *buf = malloc(r->page_size);
+    if (!buf)
+        return lm_fail("checkpoint: out of memory", ENOMEM);
+    int rc = lm_view_read(r, p, v, buf);
+    if (rc == 0) {
+        if (is_zero(buf, r->page_size)) {
+            e->cls = LM_SNAP_ZERO;
+            e->sig = r->zero_sig;
+        } else {
+            e->cls = LM_SNAP_STORED;
+            e->sig = lm_xxh3(buf, r->page_size);
+        }
+    }
+    free(buf);
+    return rc;
+}
+
 /* Classify one page: its class and signature. The page is held while its record and contents
    are read (a fault, a deferral or a poisoning cannot change them meanwhile). */
 static int classify(struct lm_region *r, size_t p, struct plan_page *e)
@@ -168,7 +195,9 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
                              ENODATA);
             else
                 e->sig = sigs[m->aux];
-            e->cls = e->sig == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
+            e->cls = LM_SNAP_STORED;
+            if (rc == 0 && e->sig == r->zero_sig)
+                rc = zero_claimed(r, p, &v, e);
         } else {
             e->cls = LM_SNAP_ZERO;
         }
@@ -179,7 +208,9 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
         /* Maps the pool's page, unwritten (lm_meta_sync just looked): the source's signature,
            no hashing. A shared restore never publishes a zero page (zero pages are holes). */
         e->sig = atomic_load(&r->src_sigs)[m->aux];
-        e->cls = e->sig == r->zero_sig ? LM_SNAP_ZERO : LM_SNAP_STORED;
+        e->cls = LM_SNAP_STORED;
+        if (e->sig == r->zero_sig)
+            rc = zero_claimed(r, p, &v, e);
     } else if (s == LM_PRESENT && (m->flags & LM_F_SHARED) && m->cls == LM_CLS_CANONICAL &&
                lm_canon_signature(r, m->canon, &e->sig) == 0) {
         /* Maps its chunk's page, unwritten (lm_meta_sync just looked: a written one is DATA

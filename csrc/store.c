@@ -66,8 +66,17 @@ static int canon_index_insert(struct lm_region *r, uint64_t sig, uint32_t id)
     return 0;
 }
 
-int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64_t *sig_out)
+int lm_canonical(struct lm_region *r, const void *caller_page, uint32_t *id_out,
+                 uint64_t *sig_out)
 {
+    /* The caller's buffer may change while we work (the GIL is released, and it may be a
+       page of a region another thread stores to): one copy is taken, and that copy is what
+       is hashed, compared and stored, so the stored bytes always have the recorded
+       signature. Taken outside the lock: reading the buffer may fault. */
+    char *page = malloc(r->page_size);
+    if (!page)
+        return lm_fail("malloc(canonical page)", ENOMEM);
+    memcpy(page, caller_page, r->page_size);
     uint64_t sig = lm_xxh3(page, r->page_size);
     int rc = 0;
     pthread_mutex_lock(&r->canon_lock);
@@ -95,6 +104,7 @@ int lm_canonical(struct lm_region *r, const void *page, uint32_t *id_out, uint64
     *id_out = id;
 out:
     pthread_mutex_unlock(&r->canon_lock);
+    free(page);
     if (rc == 0)
         *sig_out = sig;
     return rc;

@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, PoisonedPageError, RegionClosedError
 
 STATE_VERSION = 1
 SEP = "/"
@@ -69,6 +69,7 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     from .snapshot import write_arrays
 
     leaves = []                                  # (name, node, numpy array to store)
+    _refuse_poisoned(state, ())   # before _plan: it may copy (read) an array's memory
     tree = _plan(state, (), leaves, 0)
     if isinstance(working_set, LoadedState):
         raise InvalidArgumentError("working_set: a LoadedState's working set applies to that "
@@ -77,6 +78,97 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     return write_arrays(path, {name: a for name, _, a in leaves},
                         {"state": {"version": STATE_VERSION, "tree": tree}},
                         working_set=working_set, durable=durable, compress=compress)
+
+
+def _refuse_poisoned(state, path):
+    """PoisonedPageError if a leaf's memory lies on a poisoned page of a live Region.
+
+    Reading such a page raises SIGBUS, which kills the interpreter; checkpoint() of the region
+    refuses it with PoisonedPageError, and so must saving its arrays (nothing is written: the
+    file at the path stays as it was). The span between an array's first and last byte is
+    checked, so a strided array may be refused for a page between its elements. A page
+    poisoned after this check (a fill failing meanwhile) still raises SIGBUS."""
+    from .region import _live_regions
+
+    regions = [r for r in list(_live_regions) if not r.closed]
+    if not regions:
+        return
+    for name, lo, hi in _leaf_spans(state, path, 0):
+        for r in regions:
+            start, end = max(lo, r.address), min(hi, r.address + r.nbytes)
+            if start >= end:
+                continue
+            first = (start - r.address) // r.page_size
+            last = (end - 1 - r.address) // r.page_size
+            try:
+                bad = r.poisoned_pages(first * r.page_size, (last + 1 - first) * r.page_size)
+            except RegionClosedError:   # closed meanwhile: its views keep serving the memory
+                continue
+            if bad.size:
+                shown = ", ".join(str(int(p)) for p in bad[:16]) + (", ..." if bad.size > 16
+                                                                    else "")
+                raise PoisonedPageError(
+                    "save: state[%r] lies on %d poisoned page%s (%s) of %r: their contents "
+                    "could not be served and are lost (reading them would raise SIGBUS); "
+                    "nothing was written" % (name, bad.size, "" if bad.size == 1 else "s",
+                                             shown, r), bad.tolist())
+
+
+def _leaf_spans(obj, path, depth):
+    """(name, first byte address, end address) of the memory of every leaf of a state."""
+    if depth > MAX_DEPTH:
+        return   # _plan refuses it, with words
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if isinstance(k, str) and k and SEP not in k:   # else _plan refuses it
+                yield from _leaf_spans(v, path + (k,), depth + 1)
+        return
+    name = SEP.join(path)
+    kind = _kind_of(obj)
+    spans = []
+    if kind == "numpy" and not isinstance(obj, np.ma.MaskedArray):
+        try:
+            a = np.asarray(obj)
+        except Exception:   # _plan says what is wrong with it
+            return
+        spans.append(_span(a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize))
+    elif kind == "torch":
+        if obj.device.type == "cpu":
+            es = obj.element_size()
+            spans.append(_span(obj.data_ptr(), tuple(obj.shape),
+                               tuple(x * es for x in obj.stride()), es))
+    elif kind == "arrow":
+        for buf in _arrow_buffers(obj):
+            spans.append((buf.address, buf.address + buf.size))
+    for lo, hi in spans:
+        if hi > lo:
+            yield name, lo, hi
+
+
+def _span(ptr, shape, strides, itemsize):
+    """[lo, hi) of the bytes an array with these strides (bytes) reaches from ptr."""
+    if any(n == 0 for n in shape):
+        return ptr, ptr
+    lo = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st < 0)
+    hi = ptr + sum((n - 1) * st for n, st in zip(shape, strides) if st > 0) + itemsize
+    return lo, hi
+
+
+def _arrow_buffers(obj):
+    """Every buffer of an Arrow table, batch, chunked array or array (children included)."""
+    import pyarrow as pa
+
+    if isinstance(obj, (pa.Table, pa.RecordBatch)):
+        cols = obj.columns
+    elif isinstance(obj, pa.ChunkedArray):
+        cols = obj.chunks
+    else:
+        cols = [obj]
+    for col in cols:
+        for arr in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
+            yield from (b for b in arr.buffers() if b is not None)
+            if isinstance(arr, pa.DictionaryArray):
+                yield from _arrow_buffers(arr.dictionary)
 
 
 def _ws_pages(working_set, region):

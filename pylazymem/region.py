@@ -17,7 +17,8 @@ import numpy as np
 from ._binding import PAGE_SIZE, check, ffi, lib
 from ._buffer import AddressRange, set_closed_error
 from ._errors import (InvalidArgumentError, InvalidRangeError, ObjectStoreError,
-                      PoisonedPageError, RegionClosedError, SharingUnavailableError)
+                      OutOfMemoryError, PoisonedPageError, RegionClosedError,
+                      SharingUnavailableError)
 from ._features import acquire_mode, features
 from ._meta import META_DTYPE, PATHS, PageClass, PageState
 
@@ -311,6 +312,15 @@ class Region(AddressRange):
             raise SharingUnavailableError(
                 "Region(share_canonical=True): %s; share_canonical=\"auto\" copies instead"
                 % ffi.string(lib.lm_last_op()).decode())
+        if rc == -errno.ENOMEM:   # say what it was for: the size asked for, not an internal step
+            op = ffi.string(lib.lm_last_op()).decode()
+            if op == "mmap(region)":
+                what = "its %d bytes of address space could not be reserved" % nbytes
+            else:
+                what = ("the metadata for its %d pages (page records, canonical store and "
+                        "index) could not be allocated" % (nbytes // PAGE_SIZE))
+            raise OutOfMemoryError(errno.ENOMEM, "Region(%d bytes): %s (%s: out of memory)"
+                                   % (nbytes, what, op))
         check(rc, "Region", _unavailable_reason)
         lm = out[0]
         try:
@@ -624,9 +634,11 @@ class Region(AddressRange):
             count = (self.nbytes - offset) // dtype.itemsize
             shape = (count,)
         else:
-            shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(shape)
+            shape = _view_shape(shape)
+            if any(x < 0 for x in shape):   # two negatives would make a positive count
+                raise InvalidRangeError("negative dimension in shape %r" % (shape,))
             count = math.prod(shape)   # Python integers: a huge shape cannot wrap
-            if count < 0 or offset + count * dtype.itemsize > self.nbytes:
+            if offset + count * dtype.itemsize > self.nbytes:
                 raise InvalidRangeError("%d items of %s at offset %d do not fit in %d bytes"
                                         % (count, dtype, offset, self.nbytes))
         return np.frombuffer(self, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -812,7 +824,10 @@ class Region(AddressRange):
         first, n = self._pages(offset, length)
         self._read_through(first, n)
         out = np.empty(n, dtype=np.uint64)
-        with self._poisoned_named(first, n), self._use() as lm:
+        # lm_signatures gives a poisoned page the signature 0 (no page's XXH3 in practice):
+        # the pages it met poisoned, whatever a concurrent defer_fill did since.
+        with self._poisoned_named(first, n, reported=lambda: first + np.nonzero(out == 0)[0]), \
+                self._use() as lm:
             check(lib.lm_signatures(lm, first, n, ffi.from_buffer("uint64_t[]", out)),
                   "signatures")
         return out
@@ -830,18 +845,29 @@ class Region(AddressRange):
                                   == int(PageState.POISONED))[0]
 
     @contextlib.contextmanager
-    def _poisoned_named(self, first, n, what=None):
-        """A PoisonedPageError from the core names the pages (the records are the truth)."""
+    def _poisoned_named(self, first, n, what=None, reported=None):
+        """A PoisonedPageError from the core names the pages: those the call reports
+        (`reported()`, where it says which), else those the records say are poisoned now."""
         try:
             yield
         except PoisonedPageError as e:
-            bad = self.poisoned_pages(first * self.page_size, n * self.page_size)
+            what = what or (e.strerror or "").split(":")[0]
+            bad = np.zeros(0, np.int64) if reported is None else np.asarray(reported())
+            if not bad.size:
+                bad = self.poisoned_pages(first * self.page_size, n * self.page_size)
+            if not bad.size:
+                # The call met poisoned pages, and a defer_fill() on another thread has given
+                # every one of them new contents since: none to name, and none lost any more.
+                raise PoisonedPageError(
+                    "%s: pages in the range were poisoned (their contents could not be "
+                    "served) when it ran, and have since been given new contents by a "
+                    "defer_fill(): call it again" % what) from None
             shown = ", ".join(str(int(p)) for p in bad[:16]) + (", ..." if bad.size > 16 else "")
             raise PoisonedPageError(
                 "%s: %d poisoned page%s (%s): their contents could not be served (a failed "
                 "fill, a verification mismatch or a lost page server; stats()['last_error'] "
                 "says which) and are lost; defer_fill() gives them new contents"
-                % (what or (e.strerror or "").split(":")[0], bad.size, "" if bad.size == 1 else "s", shown),
+                % (what, bad.size, "" if bad.size == 1 else "s", shown),
                 bad.tolist()) from None
 
     def timeline(self):
@@ -958,6 +984,20 @@ class Region(AddressRange):
             raise InvalidRangeError("range [%d, %d) outside the region of %d bytes"
                                     % (offset, offset + length, self.nbytes))
         return offset // self.page_size, length // self.page_size
+
+
+def _view_shape(shape):
+    """A view's shape as a tuple of Python integers, or InvalidArgumentError: floats, bools,
+    strings and nested sequences are refused here rather than by numpy (a bare TypeError or
+    ValueError that does not say it was the shape)."""
+    try:
+        dims = (shape,) if np.ndim(shape) == 0 else tuple(shape)
+        if any(isinstance(x, (bool, np.bool_)) for x in dims):
+            raise TypeError
+        return tuple(operator.index(x) for x in dims)
+    except (TypeError, ValueError):   # ValueError: np.ndim of a ragged sequence
+        raise InvalidArgumentError("shape must be an integer or a sequence of integers, not %r"
+                                   % (shape,)) from None
 
 
 def _dtype_and_shape(dtype, shape):
