@@ -401,12 +401,12 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
     its members' CRC-32s, which are not read otherwise). readonly: the arrays returned refuse
     writes (numpy's writeable flag; Arrow data is read-only anyway). Arrow leaves are
     validated in full at load (their pages are read then)."""
-    from ._snapfile import MAGIC, SnapshotError, _open
+    from ._snapfile import MAGIC, SnapshotError, _open, _pread
 
     path = os.fspath(path)
     fd = _open(path)
     try:
-        head = os.pread(fd, 64, 0)
+        head = _pread(fd, 64, 0, path, "the magic number")   # EIO: a SnapshotError naming it
     finally:
         os.close(fd)
     if head.startswith(MAGIC):

@@ -243,7 +243,11 @@ class Region(AddressRange):
         cfg.acquire = acquire_mode()
         if serve_cpus is None and serve_threads is None:
             serve_cpus = _default_cpus()
-        cpus = [operator.index(c) for c in (serve_cpus or [])]
+        try:
+            cpus = [operator.index(c) for c in (serve_cpus or [])]
+        except TypeError:
+            raise InvalidArgumentError("serve_cpus must be CPU numbers (a list of ints), not %r"
+                                       % (serve_cpus,)) from None
         allowed = os.sched_getaffinity(0)
         for c in cpus:
             if c not in allowed:

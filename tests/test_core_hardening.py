@@ -289,3 +289,13 @@ def test_ndarray_good_shapes(make_region):
     assert r.ndarray(np.uint8, shape=np.int64(5)).shape == (5,)
     assert r.ndarray(np.uint8, shape=[np.int32(2), 3]).shape == (2, 3)
     assert r.ndarray(np.uint8, shape=(0, 7)).shape == (0, 7)
+
+
+def test_load_read_error_and_serve_cpus_type_are_clear_errors():
+    # plm.load() of an unreadable file raised a bare OSError(EIO) naming nothing; a string or
+    # floats as serve_cpus a bare TypeError
+    with pytest.raises(plm.SnapshotError, match="/proc/self/mem: cannot read"):
+        plm.load("/proc/self/mem")
+    for bad in ("x", [1.5]):
+        with pytest.raises(plm.InvalidArgumentError, match="serve_cpus"):
+            plm.Region(4096, serve_cpus=bad)
