@@ -13,6 +13,7 @@ from ._uffd_errors import (  # noqa: E402,F401
     SECCOMP_BLOCKED,
     InvalidRangeError,
     LazyMemError,
+    SnapshotError,
     UffdError,
     UnavailableError,
     remedy,
@@ -72,36 +73,12 @@ class OutOfMemoryError(UffdError, MemoryError):
     before (except clauses written for that still catch it)."""
 
 
-# SnapshotDataError subclasses _snapfile.SnapshotError, which this leaf must not import when
-# the package is: _snapfile needs numpy (the ctypes backend imports it on first use only).
-# The class is made at its first use (a failing core call, so with the core loaded) and is
-# reached as pylazymem._errors.SnapshotDataError (PEP 562).
-_snapshot_data_error = None
-
-
-def _snapshot_data_error_class():
-    global _snapshot_data_error
-    if _snapshot_data_error is None:
-        from ._snapfile import SnapshotError
-
-        # UffdError first: OSError's constructor sets errno (SnapshotError's would not).
-        class SnapshotDataError(UffdError, SnapshotError):
-            """A page's bytes from a snapshot (a store entry, or a page checked with
-            verify=True) do not match what the snapshot records for them: the file was
-            changed or damaged after it was written. A SnapshotError, and the
-            UffdError(EBADMSG) it was before (except clauses written for that still catch
-            it)."""
-
-        SnapshotDataError.__module__ = __name__
-        SnapshotDataError.__qualname__ = "SnapshotDataError"
-        _snapshot_data_error = SnapshotDataError
-    return _snapshot_data_error
-
-
-def __getattr__(name):
-    if name == "SnapshotDataError":
-        return _snapshot_data_error_class()
-    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+# UffdError first: OSError's constructor sets errno (SnapshotError's would not).
+class SnapshotDataError(UffdError, SnapshotError):
+    """A page's bytes from a snapshot (a store entry, or a page checked with verify=True) do
+    not match what the snapshot records for them: the file was changed or damaged after it
+    was written. A SnapshotError, and the UffdError(EBADMSG) it was before (except clauses
+    written for that still catch it)."""
 
 
 def status_error(err, op, what="", why_unavailable=None):
@@ -131,7 +108,7 @@ def status_error(err, op, what="", why_unavailable=None):
                    "served")
         else:
             why = "the snapshot's data is damaged (changed after it was written, or corrupt)"
-        return _snapshot_data_error_class()(err, "%s: %s" % (where, why))
+        return SnapshotDataError(err, "%s: %s" % (where, why))
     if err == _errno.ENOMEM:
         return OutOfMemoryError(err, "%s: out of memory" % where)
     return UffdError(err, "%s: %s" % (where, os.strerror(err)))

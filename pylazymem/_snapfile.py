@@ -16,7 +16,7 @@ import numpy as np
 import xxhash
 
 from ._meta import SNAP_PARENT
-from ._uffd_errors import LazyMemError
+from ._uffd_errors import LazyMemError, SnapshotError  # noqa: F401  (re-exported)
 
 MAGIC = b"PLMSNAP\x00"
 VERSION = 2       # what a plain snapshot is written as
@@ -61,8 +61,6 @@ TABLE_PARENT = 3
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
-class SnapshotError(LazyMemError, ValueError):
-    """A snapshot file that cannot be used: truncated, corrupt, hostile or from elsewhere."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,12 @@ class UnavailableError(LazyMemError, OSError):
     """userfaultfd cannot be had here; the message says why and what fixes it."""
 
 
+class SnapshotError(LazyMemError, ValueError):
+    """A snapshot file that cannot be used: truncated, corrupt, hostile or from elsewhere.
+    (Defined in this leaf, with the other errors, so that the error module can derive from it
+    without importing the file reader; pylazymem._snapfile re-exports it.)"""
+
+
 class UffdError(LazyMemError, OSError):
     """A kernel call on the fault path or region failed."""
 

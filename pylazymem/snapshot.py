@@ -108,10 +108,11 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     stored raw), in C on every CPU, signatures still of the uncompressed contents.
     Stores racing with the checkpoint may or may not be in it; where the kernel tracks stores
     exactly (Region.dirty_tracking "wp-async"), a page stored to between its hash and its
-    write is found in the file and the file written again (up to 3 times, then BusyError: a
-    region stored to all the time needs background=True). Without that tracking, checkpoint
-    a quiescent region: such a page's bytes may not be its signature (restore(verify=True)
-    refuses it). A checkpoint that fails leaves the region's dirty pages as they were.
+    write is found in the file and the file written again; stored to again, the region is
+    taken as it was at a pause, as background=True does, and waited for (BusyError where that
+    cannot be done). Without that tracking, checkpoint a quiescent region: such a page's
+    bytes may not be its signature (restore(verify=True) refuses it). A checkpoint that fails
+    leaves the region's dirty pages as they were.
     parent: an earlier snapshot of this region (a path, or its SnapshotInfo): the new file
     holds only the pages that differ from it and refers to it, by content id, for the rest
     (an incremental checkpoint; restore() follows the chain, compact() folds it into one
@@ -132,9 +133,25 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
         chain = _open_parent(region, path, parent) if parent is not None else None
         try:
             return _checkpoint(region, path, working_set, progress, durable, chain, codec)
+        except _Changed as e:   # stored to under every attempt (the epoch was put back)
+            changed = e.pages
         finally:
             if chain is not None:
                 chain.close()
+    # A region stored to all the time: the file is taken as the region was at a pause, as
+    # background=True does (the stores go on, each page saved before its first store lands),
+    # and waited for. Where that cannot be done, BusyError says what to do.
+    from ._errors import BusyError, InvalidArgumentError, UnavailableError
+    try:
+        handle = _start_background(region, path, working_set, progress, durable, parent, codec)
+    except (UnavailableError, InvalidArgumentError) as e:
+        raise BusyError(errno.EBUSY, "checkpoint of %s: pages were stored to while they were "
+                        "written, %d times in a row (%d pages the last time, first %s), and "
+                        "the region as at a pause cannot be taken here (%s): stop the threads "
+                        "that store to it meanwhile; the file at that path is unchanged"
+                        % (path, CHANGED_ATTEMPTS, changed.size, changed[:8].tolist(), e)
+                        ) from None
+    return handle.wait()
 
 
 def _start_background(region, path, working_set, progress, durable, parent, codec,
@@ -214,8 +231,9 @@ def _content_ids(chain):
     return getattr(chain, "content_ids", None) or frozenset([chain.content_id])
 
 
-# Attempts of a foreground checkpoint whose pages were changed under it (below).
-CHANGED_ATTEMPTS = 3
+# Attempts of a foreground checkpoint whose pages were changed under it (below), before it
+# takes the region as at a pause (the background checkpoint's way).
+CHANGED_ATTEMPTS = 2
 
 
 class _Changed(Exception):
@@ -236,7 +254,7 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
         return _write_checkpoint(region, path, working_set, progress, durable, chain, codec,
                                  frozen, named, False)
     from ._binding import ffi, lib
-    from ._errors import BusyError, RegionClosedError
+    from ._errors import RegionClosedError
 
     region._prepare_checkpoint()   # records up to date with what a page server filled
     ws = _working_set_arg(region, working_set)
@@ -262,13 +280,8 @@ def _checkpoint(region, path, working_set, progress, durable, chain, codec, froz
                 return _write_checkpoint(region, path, ws, progress, durable, chain, codec,
                                          (None, clean), named, verify)
             except _Changed as e:
-                changed = e.pages
-        raise BusyError(errno.EBUSY, "checkpoint of %s: pages were stored to while they were "
-                        "written, %d times in a row (%d pages the last time, first %s): "
-                        "stop the threads that store to the region meanwhile, or use "
-                        "checkpoint(..., background=True), which saves the region as it was "
-                        "at a pause; the file at that path is unchanged"
-                        % (path, CHANGED_ATTEMPTS, changed.size, changed[:8].tolist()))
+                if attempt == CHANGED_ATTEMPTS - 1:
+                    raise   # checkpoint() takes the region as at a pause instead
     except BaseException:
         if region._epoch_id is None:
             region._epoch_id = epoch
