@@ -433,15 +433,38 @@ void lm_poison_again(struct lm_region *r, size_t page)
     lm_uffd_wake(r->uffd, r->base + page * r->page_size, r->page_size);
 }
 
+__thread int lm_fill_kept_lazy;   /* lm_internal.h */
+
+/* Give pages [first, first+n) back lazy (their states before the claim) and wake whoever
+   waits on them: they retry. */
+static void give_back(struct lm_region *r, size_t first, size_t n, const uint8_t *old)
+{
+    lm_unclaim(r, first, n, old);
+    lm_uffd_wake(r->uffd, r->base + first * r->page_size, n * r->page_size);
+}
+
 /*
  * Fill claimed pages [first, first+n) (one kind), falling back to one page at a time when the
  * run fails, so that a single bad page is poisoned and its neighbours are still served. Pages
  * a failed attempt did fill are marked present (their page-table entries are there).
+ *
+ * The background fill (flag LM_F_BACKGROUND) has no caller to report to and reads pages no
+ * one has asked for yet: an object store's failure that may pass (the gateway down or slow,
+ * credentials refused, the fill being stopped) leaves the run's unfilled pages lazy instead
+ * of poisoning them, and sets lm_fill_kept_lazy to its -errno (the fill backs off,
+ * prefetch.c); a demand fault on them later fetches again, and fails loudly then if it must.
+ * Only pages whose contents are wrong for good (a corrupt chunk or entry: -EBADMSG) are
+ * poisoned by it. Told to stop, it gives the rest of a run back rather than try each page.
  */
 size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first,
                          size_t n, const uint8_t *old, uint16_t flag)
 {
+    bool bg = flag == LM_F_BACKGROUND;
     size_t filled = 0;
+    if (bg) {
+        lm_fill_kept_lazy = 0;
+        (void)lm_objs_transient_take();
+    }
     int rc = lm_fill_run(r, t, first, n, false, false, &filled);
     if (filled) {
         lm_mark_present(r, first, filled, flag, 0);
@@ -452,6 +475,14 @@ size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t 
     size_t done = filled;
     for (size_t i = filled; i < n; i++) {
         size_t one = 0;
+        /* The run's failure (or the last page's) may pass, or the fill is being stopped:
+           the rest stays lazy, for a later read to try again. */
+        if (bg && (atomic_load_explicit(&r->bg_stop, memory_order_relaxed) ||
+                   (rc < 0 && rc != -EBADMSG && lm_objs_transient_take()))) {
+            lm_fill_kept_lazy = rc < 0 ? rc : -ECANCELED;
+            give_back(r, first + i, n - i, old + i);
+            break;
+        }
         if (n > 1)   /* else the one attempt above was this page's */
             rc = lm_fill_run(r, t, first + i, 1, false, false, &one);
         if (rc == 0 || one) {
@@ -462,9 +493,11 @@ size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t 
             /* The range is not registered (any more): a deferral remapped the block to a
                kernel-served chunk under us (it records the pages again), or the region is
                going away. Given back; a faulter waiting on them retries. */
-            lm_unclaim(r, first + i, n - i, old + i);
-            lm_uffd_wake(r->uffd, r->base + (first + i) * r->page_size,
-                         (n - i) * r->page_size);
+            give_back(r, first + i, n - i, old + i);
+            break;
+        } else if (bg && rc != -EBADMSG && lm_objs_transient_take()) {
+            lm_fill_kept_lazy = rc;
+            give_back(r, first + i, n - i, old + i);
             break;
         } else {
             lm_poison_page(r, first + i, rc);

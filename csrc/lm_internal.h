@@ -684,6 +684,17 @@ void lm_poison_again(struct lm_region *r, size_t page);
 size_t lm_fill_or_poison(struct lm_region *r, struct lm_serve_thread *t, size_t first, size_t n,
                          const uint8_t *old, uint16_t flag);
 void lm_record_error(struct lm_region *r, int rc);
+/* The -errno for which lm_fill_or_poison, called by the background fill, left pages lazy
+   (an object-store failure that may pass: network, credentials, a cancelled request), else
+   0; per thread. */
+extern __thread int lm_fill_kept_lazy;
+
+/* objstore.c, for the threads that read from an object store: the calling thread's requests
+   end once *cancel is nonzero, and its failures are reported by the reader they later fail
+   (quiet_failures); lm_objs_transient_take: its last failure that may pass (the network after
+   its retries, refused credentials, a cancel), taken and cleared; 0 if none. */
+void lm_objs_thread_setup(const _Atomic int *cancel, bool quiet_failures);
+int lm_objs_transient_take(void);
 
 /* ==== freeze.c ========================================================================== */
 

@@ -51,6 +51,36 @@ enum { R_NONE = 0, R_FETCHING = 1, R_DONE = 2 };
    retry cycle (up to retries x timeout) once per page. Later reads try again. */
 #define FAILED_HOLD_NS 2000000000ull
 
+/* The calling thread's requests: a flag that cancels them once nonzero (the background fill
+   points it at its stop flag, the fetcher threads at their object's: a close does not wait
+   for a stalled gateway's retry cycles), and whether its failures are its own to report
+   (`quiet`: the background fill and read-ahead leave pages lazy, nothing to report; the
+   first reader that a chunk's failure then fails counts it, once). */
+static __thread const _Atomic int *cancel_flag;
+static __thread bool quiet;
+/* The calling thread's last read that failed for a reason that may pass (the network after
+   its retries, refused credentials, a cancelled request, no memory): its -errno, else 0.
+   Never set for a chunk the bucket refuses (corrupt) or lacks: those are bad for good. */
+static __thread int transient_rc;
+
+void lm_objs_thread_setup(const _Atomic int *cancel, bool quiet_failures)
+{
+    cancel_flag = cancel;
+    quiet = quiet_failures;
+}
+
+int lm_objs_transient_take(void)
+{
+    int rc = transient_rc;
+    transient_rc = 0;
+    return rc;
+}
+
+static bool cancelled(void)
+{
+    return cancel_flag && atomic_load_explicit(cancel_flag, memory_order_relaxed);
+}
+
 struct lm_objs {
     char *url_base;                  /* endpoint/bucket/.plm/chunks/ */
     char *sigv4;                     /* "aws:amz:REGION:s3" */
@@ -65,6 +95,8 @@ struct lm_objs {
     _Atomic uint8_t *state;          /* per chunk */
     _Atomic uint8_t *refreshed;      /* per chunk: R_* (lm_objs_reread), under fetch_mu to wait */
     _Atomic uint64_t *failed_ns;     /* per chunk: when a fetch of it last failed, or 0 */
+    _Atomic uint8_t *unreported;     /* per chunk: its last failure was a quiet thread's */
+    _Atomic int cancel;              /* lm_objs_free: the fetchers' requests end now */
     pthread_mutex_t fetch_mu;        /* one fetch of a chunk at a time in this process */
     pthread_cond_t fetch_cv;
     uint8_t *fetching;               /* per chunk, under fetch_mu */
@@ -162,6 +194,7 @@ void lm_objs_free(struct lm_objs *o)
 {
     if (!o)
         return;
+    atomic_store(&o->cancel, 1);
     pthread_mutex_lock(&o->q_mu);
     o->stop = true;
     pthread_cond_broadcast(&o->q_cv);
@@ -195,6 +228,7 @@ void lm_objs_free(struct lm_objs *o)
     free((void *)o->state);
     free((void *)o->refreshed);
     free((void *)o->failed_ns);
+    free((void *)o->unreported);
     free(o->fetching);
     free(o);
 }
@@ -230,7 +264,7 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     if (curl_init_rc != CURLE_OK)
         return lm_fail("curl_global_init", EIO);
     if (!cfg || !cfg->endpoint || !cfg->access_key || !cfg->secret_key ||
-        (strncmp(cfg->endpoint, "http://", 7) && strncmp(cfg->endpoint, "https://", 8)) ||
+        (strncasecmp(cfg->endpoint, "http://", 7) && strncasecmp(cfg->endpoint, "https://", 8)) ||
         strlen(cfg->endpoint) > 1024 || !plain(cfg->region, true) || !plain(cfg->bucket, true) ||
         strchr(cfg->access_key, ':') || !header_safe(cfg->access_key) ||
         !header_safe(cfg->secret_key) || (cfg->session_token && !header_safe(cfg->session_token)))
@@ -269,6 +303,7 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     o->state = calloc(nchunks ? nchunks : 1, 1);
     o->refreshed = calloc(nchunks ? nchunks : 1, 1);
     o->failed_ns = calloc(nchunks ? nchunks : 1, sizeof(*o->failed_ns));
+    o->unreported = calloc(nchunks ? nchunks : 1, 1);
     o->fetching = calloc(nchunks ? nchunks : 1, 1);
     o->fds = malloc((nchunks ? nchunks : 1) * sizeof(*o->fds));
     o->queue = malloc((nchunks ? nchunks : 1) * sizeof(*o->queue));
@@ -276,6 +311,7 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
     for (size_t i = 0; o->fds && i < nchunks; i++)
         o->fds[i] = -1;
     if (bad || !o->chunks || !o->entries || !o->state || !o->refreshed || !o->failed_ns ||
+        !o->unreported ||
         !o->fetching || !o->fds || !o->queue || !o->queued) {
         lm_objs_free(o);
         return lm_fail("malloc(object store)", ENOMEM);
@@ -301,10 +337,12 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
         lm_objs_free(o);
         return lm_fail(bad_table, EINVAL);
     }
-    if (o->cache && mkdir(o->cache, 0700) < 0 && errno != EEXIST) {
-        int err = errno;
-        lm_objs_free(o);
-        return lm_fail("mkdir(object store cache)", err);
+    /* A cache directory that cannot be made or written costs only the caching (as a full
+       one does): every read fetches its chunk. */
+    if (o->cache && ((mkdir(o->cache, 0700) < 0 && errno != EEXIST) ||
+                     access(o->cache, W_OK | X_OK) < 0)) {
+        free(o->cache);
+        o->cache = NULL;
     }
     *out = o;
     return 0;
@@ -351,9 +389,14 @@ static void evict(struct lm_objs *o)
 {
     char lock[4096];
     snprintf(lock, sizeof(lock), "%s/.lock", o->cache);
-    int lfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    int lfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW, 0600);
     if (lfd < 0)
         return;
+    struct stat lst;
+    if (fstat(lfd, &lst) < 0 || !S_ISREG(lst.st_mode)) {   /* a FIFO planted there */
+        close(lfd);
+        return;
+    }
     if (flock(lfd, LOCK_EX | LOCK_NB) < 0) {   /* someone else is at it */
         close(lfd);
         return;
@@ -482,13 +525,23 @@ static int cache_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
     char hex[33], path[4096];
     chunk_hex(&o->chunks[i], hex);
     snprintf(path, sizeof(path), "%s/%s", o->cache, hex);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    /* Not blocking, not following a link: a FIFO (or device) under a chunk's name would
+       block the open or the read for good; anything but a regular file is a miss, removed
+       (the fetched chunk is renamed over its name). */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
+    if (fd < 0) {
+        if (errno == ELOOP)
+            cache_drop(o, i);   /* a symbolic link */
         return 0;
+    }
     struct stat st;
-    bool stat_ok = fstat(fd, &st) == 0;
-    if (stat_ok && st.st_size != (off_t)o->chunks[i].length) {
-        close(fd);   /* torn: a size no chunk of this id has */
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return 0;
+    }
+    bool stat_ok = true;
+    if (!S_ISREG(st.st_mode) || st.st_size != (off_t)o->chunks[i].length) {
+        close(fd);   /* torn (a size no chunk of this id has), or not a file */
         cache_drop(o, i);
         return 0;
     }
@@ -536,6 +589,15 @@ static size_t sink_write(char *data, size_t size, size_t n, void *arg)
 
 static int get_with(struct lm_objs *o, CURL *h, const struct lm_objs_chunk *c, char *buf);
 
+/* libcurl calls this during a transfer (at least once a second, stalled or not): a
+   cancelled thread's request ends there. */
+static int xfer_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                         curl_off_t ulnow)
+{
+    (void)arg, (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+    return cancelled();
+}
+
 /* One GET of chunk c into buf (c->length bytes). 0, or -errno: -EAGAIN for what a retry may
    mend (network, 5xx, 429, a wrong body), -EACCES / -ENOENT / -EIO for a refusal. */
 static int get_once(struct lm_objs *o, const struct lm_objs_chunk *c, char *buf)
@@ -574,11 +636,18 @@ static int get_with(struct lm_objs *o, CURL *h, const struct lm_objs_chunk *c, c
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(o->timeout_ms < 5000 ? o->timeout_ms
                                                                                 : 5000));
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (cancel_flag) {
+        curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, xfer_progress);
+        curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    }
     CURLcode cc = curl_easy_perform(h);
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
     curl_slist_free_all(hdr);
     count(o, LM_OBJS_REQUESTS, 1);
+    if (cc == CURLE_ABORTED_BY_CALLBACK || cancelled())
+        return lm_fail("object store: GET of a chunk cancelled (the reader is stopping)",
+                       ECANCELED);
     if (cc != CURLE_OK && !(cc == CURLE_WRITE_ERROR && s.overflow))
         return lm_fail("object store: GET of a chunk failed (network)", EAGAIN);
     if (status == 403 || status == 401)
@@ -609,16 +678,31 @@ static int fetch(struct lm_objs *o, size_t i, char *buf)
             count(o, LM_OBJS_FETCHES, 1);
             return 0;
         }
+        if (rc == -ECANCELED)
+            return rc;
         bool again = (rc == -EAGAIN && attempt < o->retries) ||
                      (rc == -EBADMSG && corrupt++ == 0);
         if (!again)
             break;
         count(o, LM_OBJS_RETRIES, 1);
-        struct timespec ts = {0, (long)(50000000L << (attempt < 4 ? attempt : 4))};
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-            ;
+        /* the pause in slices: a cancelled thread (a close) does not sit it out */
+        uint64_t end = lm_now_ns() + (50000000ull << (attempt < 4 ? attempt : 4));
+        for (uint64_t now; !cancelled() && (now = lm_now_ns()) < end;) {
+            uint64_t left = end - now < 10000000ull ? end - now : 10000000ull;
+            struct timespec ts = {0, (long)left};
+            nanosleep(&ts, NULL);
+        }
+        if (cancelled())
+            return lm_fail("object store: GET of a chunk cancelled (the reader is stopping)",
+                           ECANCELED);
     }
-    count(o, LM_OBJS_FAILURES, 1);
+    /* A chunk the bucket refuses or lacks fails every reader (its pages are poisoned, by
+       the background fill too): counted now. A failure that may pass, met by a quiet thread
+       (which leaves its pages lazy), is counted by the first reader it fails (chunk_read). */
+    if (quiet && rc != -EBADMSG && rc != -ENOENT)
+        atomic_store(&o->unreported[i], 1);
+    else
+        count(o, LM_OBJS_FAILURES, 1);
     if (rc == -EAGAIN)   /* out of retries: the page cannot be served */
         rc = lm_fail(lm_last_op(), EIO);
     return rc;
@@ -641,9 +725,13 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         if (rc != 0)
             return rc;
         uint64_t failed = atomic_load_explicit(&o->failed_ns[i], memory_order_acquire);
-        if (failed && lm_now_ns() - failed < FAILED_HOLD_NS)
+        if (failed && lm_now_ns() - failed < FAILED_HOLD_NS) {
+            if (!quiet && atomic_exchange(&o->unreported[i], 0))
+                count(o, LM_OBJS_FAILURES, 1);   /* a quiet thread's failure fails us */
+            transient_rc = -EIO;
             return lm_fail("object store: GET of a chunk failed moments ago (network, server "
                            "or credentials); not asked again yet", EIO);
+        }
         pthread_mutex_lock(&o->fetch_mu);
         if (o->fetching[i]) {
             /* another thread is fetching it: wait, then look again from the top (the state:
@@ -659,6 +747,7 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
         char *buf = malloc(o->chunks[i].length);
         rc = buf ? fetch(o, i, buf) : lm_fail("malloc(chunk)", ENOMEM);
         if (rc == 0) {
+            atomic_store(&o->unreported[i], 0);
             memcpy(dst, buf + off, len);
             if (o->cache)
                 cache_put(o, &o->chunks[i], buf);
@@ -670,8 +759,12 @@ static int chunk_read(struct lm_objs *o, size_t i, uint32_t off, uint32_t len, c
                for again by every page that needs it */
             atomic_store_explicit(&o->state[i], C_GONE, memory_order_release);
         }
-        atomic_store_explicit(&o->failed_ns[i], rc < 0 ? lm_now_ns() : 0,
-                              memory_order_release);
+        /* a cancelled fetch says nothing of the gateway: no hold for the readers after */
+        if (rc != -ECANCELED)
+            atomic_store_explicit(&o->failed_ns[i], rc < 0 ? lm_now_ns() : 0,
+                                  memory_order_release);
+        if (rc < 0 && rc != -EBADMSG && rc != -ENOENT)
+            transient_rc = rc;
         free(buf);
         pthread_mutex_lock(&o->fetch_mu);
         o->fetching[i] = 0;
@@ -693,6 +786,7 @@ static void *fetcher_main(void *arg)
 {
     struct lm_objs *o = arg;
     char one;
+    lm_objs_thread_setup(&o->cancel, true);
     for (;;) {
         pthread_mutex_lock(&o->q_mu);
         while (!o->stop && o->q_head == o->q_tail)
@@ -704,7 +798,8 @@ static void *fetcher_main(void *arg)
         size_t i = o->queue[o->q_head++];
         pthread_mutex_unlock(&o->q_mu);
         /* a read of one byte brings it in as a demand read would: the cache, or a fetch
-           (with its retries) into the cache; failures are the demand path's to report */
+           (with its retries) into the cache; failures are the demand path's to report
+           (quiet: counted by the first reader the failure fails) */
         if (wanted(o, i))
             (void)chunk_read(o, i, 0, 1, &one, false);
     }

@@ -8,9 +8,11 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "lm_internal.h"
@@ -18,6 +20,14 @@
 #define BG_MIN 16u               /* background chunk after a demand fault: 64 KiB */
 #define BG_MAX 1024u             /* ... grown while idle up to 4 MiB */
 #define PREFETCH_BATCH 256u
+/* After a run the fill left lazy (an object store that failed for a reason that may pass:
+   fill.c), the reader waits BG_BACKOFF_MS, doubled at each failure in a row up to
+   BG_BACKOFF_MAX_MS, then reads again from that run; after BG_GIVE_UP failures in a row it
+   stops (the rest stays lazy: faults fetch their pages). */
+#define BG_BACKOFF_MS 250u
+#define BG_BACKOFF_MAX_MS 8000u
+#define BG_GIVE_UP 10u
+
 
 /* Pairs of u64 in lexicographic order: (store entry, page) and (page, list index) alike. */
 static int by_pair(const void *a, const void *b)
@@ -504,6 +514,8 @@ struct lm_bgfill {
     pthread_cond_t cond;        /* a slot became ready or free, or the reader finished */
     unsigned head, count;       /* ready slots: head, head+1, ... (mod BG_SLOTS) */
     bool reader_done;
+    size_t retry_from;          /* the first page of a run left lazy (SIZE_MAX: none) */
+    unsigned streak;            /* runs left lazy since the last one filled */
     struct lm_bgslot slot[BG_SLOTS];
 };
 
@@ -524,11 +536,62 @@ static void bg_unboost(struct lm_region *r, unsigned self)
     }
 }
 
+/* Under b->lock: how a run that starts at `first` went (kept_lazy: lm_fill_kept_lazy). */
+static void bg_outcome(struct lm_bgfill *b, size_t first, int kept_lazy)
+{
+    if (kept_lazy) {
+        if (first < b->retry_from)
+            b->retry_from = first;
+        b->streak++;
+    } else if (b->retry_from == SIZE_MAX) {
+        b->streak = 0;
+    }
+}
+
+/* After runs were left lazy: wait (b->streak's pause, or until told to stop) and return the
+   page to read again from; SIZE_MAX: give up (too many failures in a row) or stop. */
+static size_t bg_backoff(struct lm_bgfill *b, size_t p)
+{
+    struct lm_region *r = b->r;
+    pthread_mutex_lock(&b->lock);
+    size_t again = b->retry_from;
+    unsigned streak = b->streak;
+    b->retry_from = SIZE_MAX;
+    if (again == SIZE_MAX) {
+        pthread_mutex_unlock(&b->lock);
+        return p;
+    }
+    if (streak >= BG_GIVE_UP) {
+        pthread_mutex_unlock(&b->lock);
+        return SIZE_MAX;
+    }
+    uint64_t ms = (uint64_t)BG_BACKOFF_MS << (streak > 1 ? (streak - 1 < 6 ? streak - 1 : 6) : 0);
+    if (ms > BG_BACKOFF_MAX_MS)
+        ms = BG_BACKOFF_MAX_MS;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)(ms / 1000);
+    until.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    /* lm_background_stop broadcasts b->cond under b->lock */
+    while (!atomic_load_explicit(&r->bg_stop, memory_order_relaxed) &&
+           pthread_cond_timedwait(&b->cond, &b->lock, &until) != ETIMEDOUT)
+        ;
+    pthread_mutex_unlock(&b->lock);
+    if (atomic_load_explicit(&r->bg_stop, memory_order_relaxed))
+        return SIZE_MAX;
+    return again < p ? again : p;
+}
+
 static void *bg_installer(void *arg)
 {
     struct lm_bgfill *b = arg;
     struct lm_region *r = b->r;
     struct sched_param sp = {0};
+    lm_objs_thread_setup(&r->bg_stop, true);
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     pthread_mutex_lock(&b->lock);
     for (;;) {
@@ -541,6 +604,7 @@ static void *bg_installer(void *arg)
         size_t done = lm_fill_or_poison(r, &s->t, s->first, s->n, s->old, LM_F_BACKGROUND);
         atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
         pthread_mutex_lock(&b->lock);
+        bg_outcome(b, s->first, lm_fill_kept_lazy);
         b->head = (b->head + 1) % BG_SLOTS;
         b->count--;
         pthread_cond_broadcast(&b->cond);
@@ -573,10 +637,31 @@ static void *bg_reader(void *arg)
        with small chunks after every demand fault (CRIU's lazy-pages policy). */
     struct sched_param sp = {0};
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
+    lm_objs_thread_setup(&r->bg_stop, true);
     uint32_t chunk = BG_MIN;
     uint64_t faults_seen = atomic_load(&r->st_faults);
     size_t p = 0;
-    while (p < r->npages) {
+    for (;;) {
+        /* runs left lazy (the store failed, may pass): pause, then from the first again */
+        size_t again = bg_backoff(b, p);
+        if (again == SIZE_MAX)
+            break;
+        if (again != p) {
+            p = again;
+            chunk = BG_MIN;
+        }
+        if (p >= r->npages) {
+            /* at the end: wait for the installer's last runs, which may be left lazy */
+            pthread_mutex_lock(&b->lock);
+            while (installer && b->count && b->retry_from == SIZE_MAX &&
+                   !atomic_load_explicit(&r->bg_stop, memory_order_relaxed))
+                pthread_cond_wait(&b->cond, &b->lock);
+            bool more = b->retry_from != SIZE_MAX;
+            pthread_mutex_unlock(&b->lock);
+            if (more)
+                continue;
+            break;
+        }
         struct lm_bgslot *s = bg_free_slot(b);
         if (!s)
             break;
@@ -607,7 +692,7 @@ static void *bg_reader(void *arg)
                 lm_release(r, p, st);
         }
         if (!run)
-            break;
+            continue;   /* at the end (or told to stop): the top decides */
         s->first = p;
         s->n = run;
         p += run;
@@ -620,6 +705,9 @@ static void *bg_reader(void *arg)
         if (!installer) {
             size_t done = lm_fill_or_poison(r, &s->t, s->first, run, s->old, LM_F_BACKGROUND);
             atomic_fetch_add_explicit(&r->st_background, done, memory_order_relaxed);
+            pthread_mutex_lock(&b->lock);
+            bg_outcome(b, s->first, lm_fill_kept_lazy);
+            pthread_mutex_unlock(&b->lock);
         } else {
             (void)lm_fill_assemble(r, &s->t, s->first, run);   /* a failure: the fill reads again */
             pthread_mutex_lock(&b->lock);
@@ -656,6 +744,7 @@ static struct lm_bgfill *bgfill_new(struct lm_region *r, unsigned nslots)
     /* a run is at most BG_MAX pages, and no more than the region has */
     size_t slot_pages = r->npages < BG_MAX ? r->npages : BG_MAX;
     b->r = r;
+    b->retry_from = SIZE_MAX;
     pthread_mutex_init(&b->lock, NULL);
     pthread_cond_init(&b->cond, NULL);
     for (unsigned i = 0; i < nslots; i++) {

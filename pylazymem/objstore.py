@@ -15,9 +15,11 @@ import concurrent.futures
 import mmap
 import os
 import re
+import stat
 import struct
 import tempfile
 import threading
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +38,7 @@ INDEXES = ".plm/index/"
 DEFAULT_CHUNK_BYTES = 512 << 10      # AWS Lambda's chunk size for container images
 MAX_CHUNK_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 1 << 34
+MAX_INDEX_BYTES = 1 << 32     # an index of 89 million new entries (a push of 340 GiB)
 
 # header: magic, format, flags, skeleton bytes, chunks, entries, the original file's size,
 # body checksum (XXH3-64 of everything after the header), header checksum (of the bytes before)
@@ -105,11 +108,17 @@ def _bucket_entries(client, bucket):
     bucket."""
     known = {}
     for key, size in client.list(bucket, INDEXES):
-        data = client.get(bucket, key)
         try:
+            if not _INDEX.size <= size <= MAX_INDEX_BYTES:
+                raise ValueError("listed with %d bytes" % size)
+            try:
+                data = client.get(bucket, key, max_bytes=size)
+            except ObjectStoreError as e:   # longer than listed: not the index it was
+                if e.code != "ResponseTooLarge":
+                    raise
+                raise ValueError(str(e)) from None
             rows = _parse_index(data)
         except ValueError as e:   # never trusted: a bad index only costs dedup
-            import warnings
             warnings.warn("s3://%s/%s: ignored (%s)" % (bucket, key, e), stacklevel=3)
             continue
         ok = (rows["offset"].astype(np.int64) + rows["length"] <= rows["chunk_length"]) & \
@@ -121,6 +130,56 @@ def _bucket_entries(client, bucket):
                 rows["chunk_length"][ok].tolist()):
             known.setdefault((k0, k1), ((c0, c1), off, ln, cl))
     return known
+
+
+def _check_reused(client, bucket, known, keys, lens, words):
+    """Entries of this push that the bucket's indexes say it holds already: each chunk that
+    holds some is read once (checked against its id) and every such entry's bytes against
+    its key. An index is not trusted: an entry that is not where its row says is dropped from
+    `known` (this push uploads it anew; a warning names the chunk). A chunk that is gone (404)
+    fails the push, naming the stale indexes to remove."""
+    by_chunk = {}   # (chunk id, chunk length) -> {entry key: (offset, length, word)}
+    for i, k in enumerate(keys):
+        row = known.get(k)
+        if row is not None:
+            by_chunk.setdefault((row[0], row[3]), {})[k] = (row[1], row[2], i)
+
+    def check(item):
+        (cid, clen), ents = item
+        try:
+            data = client.get(bucket, CHUNKS + chunk_name(cid), max_bytes=clen)
+        except ObjectStoreError as e:
+            if e.status == 404:
+                return cid, None
+            if e.code != "ResponseTooLarge":
+                raise
+            data = b""
+        if len(data) != clen or _id128(data) != cid:
+            return cid, list(ents)
+        mv = memoryview(data)
+        return cid, [k for k, (off, ln, i) in ents.items()
+                     if ln != int(lens[i]) or _entry_key(mv[off:off + ln], int(words[i])) != k]
+
+    gone, bad = [], {}
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
+        for cid, wrong in ex.map(check, by_chunk.items()):
+            if wrong is None:
+                gone.append(cid)
+            elif wrong:
+                bad[cid] = wrong
+    if gone:
+        raise ObjectStoreError(
+            "push: %d chunk(s) named by the bucket's indexes are missing (e.g. %s%s): "
+            "remove the stale index objects under s3://%s/%s and push again"
+            % (len(gone), CHUNKS, chunk_name(gone[0]), bucket, INDEXES), what="push")
+    for cid, wrong in bad.items():
+        warnings.warn("s3://%s/%s%s: %d entr%s the bucket's indexes place in it %s not there "
+                      "(a wrong index): uploaded anew"
+                      % (bucket, CHUNKS, chunk_name(cid), len(wrong),
+                         "y" if len(wrong) == 1 else "ies", "is" if len(wrong) == 1 else "are"),
+                      stacklevel=3)
+        for k in wrong:
+            known.pop(k, None)
 
 
 def _parse_index(data):
@@ -178,6 +237,7 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         raise ValueError("push: %s is inside the chunk store's own prefix" % url)
     client = client or S3Client()
     parsed, mm, offs, lens, words = _store_view(snapshot)
+    view = None   # set inside: a failure before it must report itself, not the cleanup's
     try:
         client.ensure_bucket(bucket)
         known = _bucket_entries(client, bucket)
@@ -186,6 +246,7 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         # each entry: where it is in the bucket already, or in a new chunk of this push
         keys = [_entry_key(view[o:o + ln], int(w)) for o, ln, w in
                 zip(offs.tolist(), lens.tolist(), words.tolist())]
+        _check_reused(client, bucket, known, keys, lens, words)
         where = {}                 # entry key -> (ordinal of a new chunk, offset, length)
         new_chunks, cur, cur_len = [], [], 0
         for i, k in enumerate(keys):
@@ -201,40 +262,36 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         if cur:
             new_chunks.append(cur)
         # build and upload the new chunks (content-addressed: one already there is skipped)
-        chunk_ids, uploaded, sent = [], 0, 0
-        bodies = []
+        # (ids hashed over the mapped file, bodies built by the upload that sends them: a
+        # push holds PARALLEL chunks in memory, not every new one)
+        chunk_ids, chunk_lens, uploaded, sent = [], [], 0, 0
         for members in new_chunks:
-            body = b"".join(view[int(offs[i]):int(offs[i]) + int(lens[i])] for i in members)
-            bodies.append(body)
-            chunk_ids.append(_id128(body))
+            h128, clen = xxhash.xxh3_128(), 0
+            for i in members:
+                o, ln = int(offs[i]), int(lens[i])
+                h128.update(view[o:o + ln])
+                clen += ln
+            d = h128.intdigest()
+            chunk_ids.append((d & ((1 << 64) - 1), d >> 64))
+            chunk_lens.append(clen)
 
         def upload(j):
             ck = CHUNKS + chunk_name(chunk_ids[j])
             if client.exists(bucket, ck):
                 return 0
-            client.put(bucket, ck, bodies[j])
-            return len(bodies[j])
-
-        # chunks that earlier pushes made, which this snapshot uses: they must still be there
-        reused = sorted({known[k][0] for k in keys if k in known and k not in where})
-
-        def still_there(cid):
-            return cid if not client.exists(bucket, CHUNKS + chunk_name(cid)) else None
+            body = b"".join(view[int(offs[i]):int(offs[i]) + int(lens[i])]
+                            for i in new_chunks[j])
+            client.put(bucket, ck, body)
+            return len(body)
 
         with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
-            gone = [c for c in ex.map(still_there, reused) if c is not None]
-            if gone:
-                raise ObjectStoreError(
-                    "push: %d chunk(s) named by the bucket's indexes are missing (e.g. %s%s): "
-                    "remove the stale index objects under s3://%s/%s and push again"
-                    % (len(gone), CHUNKS, chunk_name(gone[0]), bucket, INDEXES), what="push")
-            for got in ex.map(upload, range(len(bodies))):
+            for got in ex.map(upload, range(len(new_chunks))):
                 sent += got
                 uploaded += got > 0
         # the index of this push's new entries, then the manifest
         rows = np.zeros(len(where), INDEX_DTYPE)
         for r, (k, (j, off, ln)) in enumerate(where.items()):
-            rows[r] = (k, chunk_ids[j], off, ln, len(bodies[j]), 0)
+            rows[r] = (k, chunk_ids[j], off, ln, chunk_lens[j], 0)
         # the manifest's tables: the chunks this snapshot uses, each entry's place in one
         order, chunk_of = [], {}
         entries = np.zeros(n, ENTRY_DTYPE)
@@ -250,7 +307,7 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
                 order.append(cid)
             entries[i] = (c, off)
         chunk_len = {cid: cl for cid, _, _, cl in known.values()}
-        chunk_len.update((cid, len(bodies[j])) for j, cid in enumerate(chunk_ids))
+        chunk_len.update((cid, chunk_lens[j]) for j, cid in enumerate(chunk_ids))
         chunks = np.zeros(len(order), CHUNK_DTYPE)
         for c, cid in enumerate(order):
             chunks[c]["id"] = cid
@@ -270,8 +327,11 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         sent += len(head) + len(body)
         return PushInfo("s3://%s/%s" % (bucket, key), n, len(where), uploaded, sent, len(mm))
     finally:
-        del view
-        mm.close()
+        view = None
+        try:
+            mm.close()
+        except BufferError:   # a slice still held (by a traceback): unmapped when collected
+            pass
 
 
 # ---- manifests -----------------------------------------------------------------------------
@@ -345,20 +405,57 @@ def _check_skeleton(skeleton, file_bytes, nentries, url):
     return h, lengths
 
 
+_MAX_MANIFEST_OBJECT = (_MANIFEST.size + MAX_MANIFEST_BYTES + (1 << 32) * CHUNK_DTYPE.itemsize
+                        + S.MAX_STORED_V3 * ENTRY_DTYPE.itemsize)
+
+
+def _manifest_size(head):
+    """A manifest object's size as its first 64 bytes say (a bound on the body to read:
+    parse_manifest checks it exactly), or 4096 bytes (not a manifest: the
+    parse refuses it once read: what is read of it is bounded small, an endless body of
+    anything else must not fill the memory)."""
+    magic, _, _, skel, nchunks, nentries, _, _, _ = _MANIFEST.unpack_from(head)
+    if magic != MANIFEST_MAGIC:
+        return 4096
+    return (_MANIFEST.size + skel + nchunks * CHUNK_DTYPE.itemsize
+            + nentries * ENTRY_DTYPE.itemsize)
+
+
 def _etag_ok(etag):
     """An ETag fit to keep and to send back: printable ASCII, no spaces (an HTTP header
     value that no client refuses to send)."""
     return bool(etag) and len(etag) <= 256 and re.fullmatch(r"[!-~]+", etag) is not None
 
 
+def _read_regular(path, limit):
+    """The bytes of regular file `path`, or None: a FIFO, device, socket or symlink in its
+    place (opened without blocking and without following links, then fstat) counts as
+    nothing there, as does a file larger than `limit` (a FIFO opened for reading would block
+    until a writer came, and a device could be endless)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _kept(path):
     """(etag, body) of a manifest kept in the cache directory, or (None, None). Read, not
     mapped: a mapping would turn the file cut short under us (by anything but pylazymem,
-    which replaces it whole) into SIGBUS in the interpreter."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+    which replaces it whole) into SIGBUS in the interpreter. Anything but a regular file
+    there is as if nothing were kept (the bucket's copy replaces it)."""
+    data = _read_regular(path, 1024 + _MANIFEST.size + MAX_MANIFEST_BYTES)
+    if data is None:
         return None, None
     nl = data.find(b"\n", 0, 1024)
     etag = data[:nl].decode("ascii", "replace") if nl > 0 else None
@@ -413,7 +510,8 @@ def read_manifest_pending(url, client=None, cache=None):
 
     def ask(tag):
         try:
-            return client.get_unless(bucket, key, tag)
+            return client.get_unless(bucket, key, tag, max_bytes=_MAX_MANIFEST_OBJECT,
+                                     size_of=_manifest_size)
         except ObjectStoreError as e:
             if e.status == 404:
                 raise FileNotFoundError(2, "no snapshot at %s (%s)"
@@ -470,21 +568,70 @@ def fetch_chunk(client, bucket, m: Manifest, i) -> bytes:
     fetched once more, then refused)."""
     want = (int(m.chunks["id"][i][0]), int(m.chunks["id"][i][1]))
     for attempt in (0, 1):
-        data = client.get(bucket, m.chunk_key(i))
+        try:
+            data = client.get(bucket, m.chunk_key(i), max_bytes=int(m.chunks["length"][i]))
+        except ObjectStoreError as e:
+            if e.code != "ResponseTooLarge":
+                raise
+            continue   # longer than the chunk: not it
         if len(data) == int(m.chunks["length"][i]) and _id128(data) == want:
             return data
     raise ObjectStoreError("s3://%s/%s: content differs from its id (corrupt chunk)"
                            % (bucket, m.chunk_key(i)), what="chunk")
 
 
+def _entry_checker(m: Manifest, url):
+    """check(e, data): raise ObjectStoreError unless store entry e's bytes (decoded, for a
+    compressed entry) hash to the page signature the manifest's skeleton holds for it. A
+    chunk is checked against its id, but the manifest's entry table says which bytes of it
+    are which entry: a resealed table that swaps two entries passes every checksum, and only
+    the signatures tell (restore() checks them the same way)."""
+    h = m.header
+    sb = h["store_bytes"]
+    raw_sigs = m.skeleton[h["sigs_offset"] - sb:h["sigs_offset"] - sb + h["sigs_bytes"]]
+    if len(raw_sigs) != h["sigs_bytes"] or h["sigs_bytes"] != 8 * h["nstored"] or \
+            S._xxh3(raw_sigs) != h["sigs_xxh3"]:
+        S._fail(url, "manifest: signatures checksum mismatch (corrupt signature section)")
+    sigs = np.frombuffer(raw_sigs, "<u8")
+    ps = h["page_size"]
+    words = None
+    if h["index_bytes"]:
+        first = h["index_offset"] if h["version"] == S.VERSION_3 else h["map_offset"]
+        words = np.frombuffer(m.skeleton, "<u4", h["nstored"], first - sb)
+    ffi = lib = None
+
+    def check(e, data):
+        nonlocal ffi, lib
+        word = int(words[e]) if words is not None else ps
+        if word >> 28:   # a compressed entry: its page, decoded by the core's codecs
+            if lib is None:
+                from ._binding import ffi, lib
+            page = bytearray(ps)
+            if lib.lm_unpack_entry(ffi.from_buffer(data), len(data), word, ps,
+                                   ffi.from_buffer(page)) < 0:
+                raise ObjectStoreError("%s: store entry %d does not decode (%s): the manifest "
+                                       "and its chunks disagree; nothing written"
+                                       % (url, e, ffi.string(lib.lm_last_op()).decode()),
+                                       what="pull")
+            data = page
+        if S._xxh3(data) != int(sigs[e]):
+            raise ObjectStoreError("%s: store entry %d differs from its page signature (the "
+                                   "manifest's entry table names the wrong bytes); nothing "
+                                   "written" % (url, e), what="pull")
+    return check
+
+
 def pull(url, out, *, client=None) -> str:
     """Make snapshot file `out` again from `url` (byte for byte the file that was pushed),
-    written to a temporary beside it and renamed into place."""
+    written to a temporary beside it and renamed into place. Every entry is checked against
+    its page signature before it is written: a mismatch raises ObjectStoreError naming the
+    entry, and `out` is left as it was."""
     client = client or S3Client()
     m = read_manifest(url, client)
     bucket, _ = parse_url(url)
     out = os.fspath(out)
     h = m.header
+    check = _entry_checker(m, url)
     # a snapshot temporary as checkpoint() makes one: locked until the rename, so that the
     # next writer's sweep removes it only once this process is gone
     fd, tmp = _temporary(out)
@@ -504,7 +651,9 @@ def pull(url, out, *, client=None) -> str:
                 data = fetch_chunk(client, bucket, m, c)
                 for e in by_chunk[c]:
                     o, ln = int(m.entries["offset"][e]), int(m.lengths[e])
-                    os.pwrite(fd, data[o:o + ln], store_at + int(offs[e]))
+                    piece = memoryview(data)[o:o + ln]
+                    check(e, piece)
+                    os.pwrite(fd, piece, store_at + int(offs[e]))
                 return len(data)
 
             with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
@@ -546,6 +695,39 @@ def cache_dir(config, bucket):
         ("%s\0%s" % (config.endpoint, bucket)).encode()))
 
 
+_warned_caches = set()
+
+
+def usable_cache(config, bucket):
+    """cache_dir(config, bucket), made, or None: no cache where PYLAZYMEM_CACHE_DIR is `none`
+    or the directory cannot be made or written (a read-only $HOME, a full disk): that costs
+    only the caching (every read fetches its chunk), with a warning once per directory."""
+    if os.environ.get("PYLAZYMEM_CACHE_DIR") == "none":
+        return None
+    path = None
+    try:
+        path = cache_dir(config, bucket)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not a writable directory", path)
+        return path
+    except OSError as e:
+        key = path or os.environ.get("PYLAZYMEM_CACHE_DIR") or "~/.cache/pylazymem/chunks"
+        if key not in _warned_caches:
+            _warned_caches.add(key)
+            warnings.warn("object store: the chunk cache %s cannot be used (%s); restoring "
+                          "without a cache (every read fetches its chunk)"
+                          % (key, e.strerror or e), RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _tunables():
+    """(cache bound, retries, timeout ms) from the environment, checked (ValueError)."""
+    return (_tunable("PYLAZYMEM_CACHE_MAX_BYTES", 8 << 30, 1, 1 << 62),
+            _tunable("PYLAZYMEM_S3_RETRIES", 3, 0, 10),
+            _tunable("PYLAZYMEM_S3_TIMEOUT_MS", 30000, 1, (1 << 31) - 1))
+
+
 def skeleton_fd(m: Manifest):
     """A memfd laid out as the pushed file, its store section a hole: the core reads the
     header, tables and signatures from it as from the file; the store comes from the bucket."""
@@ -576,11 +758,9 @@ def native_store(m: Manifest, config, bucket):
     cfg.endpoint, cfg.region, cfg.bucket = cstr(config.endpoint), cstr(config.region), cstr(bucket)
     cfg.access_key, cfg.secret_key = cstr(config.access_key), cstr(config.secret_key)
     cfg.session_token = cstr(config.session_token or "")
-    cfg.cache_dir = (ffi.NULL if os.environ.get("PYLAZYMEM_CACHE_DIR") == "none"
-                     else cstr(cache_dir(config, bucket)))
-    cfg.cache_max_bytes = _tunable("PYLAZYMEM_CACHE_MAX_BYTES", 8 << 30, 0, 1 << 62)
-    cfg.retries = _tunable("PYLAZYMEM_S3_RETRIES", 3, 0, 10)
-    cfg.timeout_ms = _tunable("PYLAZYMEM_S3_TIMEOUT_MS", 30000, 1, 1 << 31)
+    cache = usable_cache(config, bucket)
+    cfg.cache_dir = ffi.NULL if cache is None else cstr(cache)
+    cfg.cache_max_bytes, cfg.retries, cfg.timeout_ms = _tunables()
     out = ffi.new("struct lm_objs **")
     # the manifest's tables are views at any offset of its bytes (the kept copy's ETag line
     # shifts them): lm_objs_new copies them before it reads them as aligned arrays
@@ -596,16 +776,13 @@ def open_source(url, manifest=None):
     any fault. confirm: None, or read_manifest_pending's (the caller calls it before anything
     is read from the store, and starts again with the manifest it returns, if any, passed as
     `manifest`: then nothing is asked again)."""
+    _tunables()   # a bad setting fails here, before anything is asked of the bucket
     client = S3Client()
     bucket, _ = _split_url(url, "restore")
-    cache = None
     if manifest is not None:
         m, confirm = manifest, None
     else:
-        if os.environ.get("PYLAZYMEM_CACHE_DIR") != "none":
-            cache = cache_dir(client.config, bucket)
-            os.makedirs(cache, mode=0o700, exist_ok=True)
-        m, confirm = read_manifest_pending(url, client, cache)
+        m, confirm = read_manifest_pending(url, client, usable_cache(client.config, bucket))
     return m, skeleton_fd(m), client.config, bucket, confirm
 
 

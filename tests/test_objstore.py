@@ -593,12 +593,14 @@ def test_an_outage_costs_each_chunk_one_retry_cycle(snap, bucket, cache, run_py,
                         timeout=150)
     assert res.returncode == 0, res.describe()
     st = json.loads(res.stdout.split("STATS ", 1)[1].splitlines()[0])
-    assert st["fetches"] == 0 and st["failures"] > 0, st
+    # the background fill leaves pages lazy in an outage (review 15): nothing lost, nothing
+    # to report; it backs off and gives up (docs/object-store.md, "The background fill")
+    assert st["fetches"] == 0 and st["failures"] == 0, st
     # two attempts (retries=1) per chunk, twice over for a chunk asked again after the hold
     assert st["requests"] <= 4 * nchunks, (st, nchunks)
-    assert "RAISED_ONCE" in res.stdout, res.describe()
+    assert "RAISED_ONCE" not in res.stdout, res.describe()
     poisoned = int(res.stdout.split("POISONED ", 1)[1].split()[0])
-    assert poisoned > 0, res.describe()   # never read as anything: poisoned
+    assert poisoned == 0, res.describe()   # lazy: a fault after the outage fetches them
 
 
 @pytest.mark.uffd_full

@@ -1,0 +1,491 @@
+"""The object store against hostile answers and failures (found by a review, session 15: push/pull, restore("s3://"), the chunk cache, the native
+fetcher): what it found, each pinned. Hostile answers come from a small fake S3 server run
+in a subprocess (_FAKE below: path style, no authentication, its mode set by PUT /__mode__);
+the rest runs against the real gateway of scripts/s3-server.sh. docs/object-store.md."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+import pylazymem as plm
+from pylazymem import objstore
+from pylazymem._errors import ObjectStoreError
+from pylazymem._s3 import S3Client, S3Config
+from _helpers import PAGE_SIZE, pages
+
+pytestmark = [pytest.mark.core, pytest.mark.timeout(300)]
+
+_FAKE = r'''
+import sys, time, re, urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+objs, buckets, MODE = {}, set(), ["normal"]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def _send(self, status, body=b"", extra=None, length=None):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for k, v in (extra or {}).items(): self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD": self.wfile.write(body)
+    def _path(self):
+        return urllib.parse.unquote(self.path.split("?", 1)[0]).lstrip("/")
+    def do_PUT(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        p = self._path()
+        if p == "__mode__":
+            MODE[0] = body.decode(); return self._send(200)
+        buckets.add(p.split("/")[0])
+        if "/" in p: objs[p] = body
+        self._send(200, extra={"ETag": '"%x"' % (hash(body) & 0xffffffff)})
+    def do_HEAD(self):
+        p = self._path()
+        ok = p in buckets if "/" not in p else p in objs
+        self._send(200 if ok else 404)
+    def do_DELETE(self):
+        objs.pop(self._path(), None); self._send(204)
+    def do_GET(self):
+        p, mode = self._path(), MODE[0]
+        q = self.path.split("?", 1)[1] if "?" in self.path else ""
+        if "list-type" in q:
+            if mode == "list-loop":
+                return self._send(200, b"<ListBucketResult><IsTruncated>true</IsTruncated>"
+                                  b"<NextContinuationToken>x</NextContinuationToken>"
+                                  b"</ListBucketResult>")
+            pre = urllib.parse.unquote(re.search(r"prefix=([^&]*)", q).group(1))
+            b = p.rstrip("/")
+            items = "".join("<Contents><Key>%s</Key><Size>%d</Size></Contents>"
+                            % (k[len(b) + 1:], len(v)) for k, v in objs.items()
+                            if k.startswith(b + "/" + pre))
+            return self._send(200, ("<ListBucketResult>%s<IsTruncated>false</IsTruncated>"
+                                    "</ListBucketResult>" % items).encode())
+        if p not in objs:
+            return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+        body = objs[p]
+        chunk = "/.plm/chunks/" in "/" + p
+        manifest = not chunk and "/.plm/" not in "/" + p
+        if chunk and mode == "c-fail":
+            return self._send(503, b"<Error><Code>SlowDown</Code></Error>")
+        if chunk and mode == "c-stall":
+            self._send(200, b"", length=len(body)); time.sleep(3600); return
+        if manifest and mode == "m-badstatus":
+            self.wfile.write(b"GARBAGE\r\n\r\n"); self.close_connection = True; return
+        if manifest and mode == "m-hugelen":
+            self._send(200, body, length=1 << 40); self.close_connection = True; return
+        if manifest and mode == "m-shortlen":
+            self._send(200, body[:len(body) // 2], length=len(body))
+            self.close_connection = True; return
+        if manifest and mode == "m-304":
+            self.send_response(304); self.send_header("ETag", '"x"'); self.end_headers(); return
+        if manifest and mode == "m-trickle":
+            self._send(200, b"", length=len(body))
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1]); self.wfile.flush(); time.sleep(0.005)
+            return
+        if manifest and mode == "m-infinite":
+            self.send_response(200); self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            blk = b"\0" * 65536
+            try:
+                while True:
+                    self.wfile.write(b"%x\r\n" % len(blk) + blk + b"\r\n")
+            except Exception:
+                return
+        self._send(200, body, extra={"ETag": '"%x"' % (hash(body) & 0xffffffff)})
+
+ThreadingHTTPServer.daemon_threads = True
+s = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+'''
+
+
+class Fake:
+    def __init__(self, port):
+        self.port = port
+        self.endpoint = "http://127.0.0.1:%d" % port
+
+    def mode(self, m):
+        urllib.request.urlopen(urllib.request.Request(
+            self.endpoint + "/__mode__", data=m.encode(), method="PUT"), timeout=10).read()
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    src = tmp_path / "fakes3.py"
+    src.write_text(_FAKE)
+    proc = subprocess.Popen([sys.executable, str(src)], stdout=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())
+        f = Fake(port)
+        for k, v in (("AWS_ENDPOINT_URL", f.endpoint), ("AWS_ACCESS_KEY_ID", "k"),
+                     ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(k, v)
+        for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(tmp_path / "cache"))
+        yield f
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def bucket():
+    name = "plm-r15-%s" % uuid.uuid4().hex[:16]
+    yield name
+    try:
+        S3Client().remove_bucket(name)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(d))
+    return d
+
+
+def _snap(path, rng, npages=256, compress=None):
+    with plm.Region(npages * PAGE_SIZE) as r:
+        data = rng.integers(0, 256, size=(npages, PAGE_SIZE), dtype=np.uint8)
+        if compress:   # compressible pages, still all different
+            data[:, 64:] = 0
+        pages(r)[:] = data
+        plm.checkpoint(r, path, working_set=np.arange(16), compress=compress)
+    return data
+
+
+def _resealed(data, edit):
+    import xxhash
+    head = objstore._MANIFEST
+    fields = list(head.unpack_from(data))
+    body = bytearray(data[head.size:])
+    edit(body, fields)
+    fields[7] = xxhash.xxh3_64_intdigest(bytes(body))
+    fields[8] = xxhash.xxh3_64_intdigest(head.pack(*fields)[:head.size - 8])
+    return head.pack(*fields) + bytes(body)
+
+
+# ---- 1: pull checks every entry against its signature -----------------------------------
+
+@pytest.mark.s3
+@pytest.mark.parametrize("compress", [None, "zstd"])
+def test_pull_refuses_a_resealed_manifest_that_swaps_entries(tmp_path, bucket, cache, rng,
+                                                             compress):
+    """A manifest whose entry table swaps two entries and is resealed passes every checksum
+    (the chunks are the bucket's own, checked against their ids): only the page signatures
+    tell. pull() wrote such a file, which inspect() accepted and restore served wrong."""
+    _snap(tmp_path / "s.plm", rng, compress=compress)
+    info = objstore.push(tmp_path / "s.plm", "s3://%s" % bucket, chunk_bytes=64 << 10)
+    c = S3Client()
+    raw = c.get(*objstore.parse_url(info.url))
+    m = objstore.parse_manifest(raw, info.url)
+    at = len(m.skeleton) + len(m.chunks) * objstore.CHUNK_DTYPE.itemsize
+
+    def swap(body, fields):
+        e = np.frombuffer(body, objstore.ENTRY_DTYPE, len(m.entries), at)
+        # two entries of one length (a compressed store's lengths differ)
+        same = np.flatnonzero(np.asarray(m.lengths) == int(m.lengths[3]))
+        j = int(same[same > 3][0])
+        e[[3, j]] = e[[j, 3]]
+
+    c.put(bucket, "evil.plm", _resealed(raw, swap))
+    objstore.parse_manifest(c.get(bucket, "evil.plm"))   # it is well formed
+    out = tmp_path / "out.plm"
+    with pytest.raises(ObjectStoreError, match=r"store entry \d+ (differs from its page "
+                                               r"signature|does not decode)"):
+        objstore.pull("s3://%s/evil.plm" % bucket, out)
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    objstore.pull(info.url, out)   # the honest one still pulls
+    assert out.read_bytes() == (tmp_path / "s.plm").read_bytes()
+
+
+# ---- 10: a push that fails before its upload says why -----------------------------------
+
+@pytest.mark.s3
+def test_push_failures_report_themselves(tmp_path, bucket, rng, monkeypatch):
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    bad = S3Client(S3Config.from_environment()._replace(secret_key="wrong"))
+    with pytest.raises(ObjectStoreError, match="credentials refused|access denied"):
+        objstore.push(tmp_path / "s.plm", "s3://%s" % bucket, client=bad)
+    down = S3Client(S3Config.from_environment()._replace(endpoint="http://127.0.0.1:1"))
+    with pytest.raises(ObjectStoreError, match="cannot reach"):
+        objstore.push(tmp_path / "s.plm", "s3://%s" % bucket, client=down)
+
+
+# ---- 3: an outage during the background fill leaves pages lazy --------------------------
+
+_BG_OUTAGE = """
+from pylazymem import objstore
+import urllib.request
+def mode(m):
+    urllib.request.urlopen(urllib.request.Request(os.environ["AWS_ENDPOINT_URL"] + "/__mode__",
+                                                  data=m.encode(), method="PUT")).read()
+data = np.fromfile(sys.argv[2], np.uint8).reshape(-1, PS)
+mode("c-fail")                      # every chunk GET fails (503) ...
+r = plm.restore(sys.argv[1], prefetch="none", background=True)
+time.sleep(3)
+mode("normal")                      # ... for 3 s, then the gateway is back
+time.sleep(2.5)                     # past the 2 s hold
+st = r.meta["state"]
+print("POISONED", int((st == int(plm.PageState.POISONED)).sum()), flush=True)
+r.materialize()
+print("EQUAL", bool(np.array_equal(pages(r), data)), flush=True)
+print("STATS", json.dumps(r.stats()["object_store"]), flush=True)
+r.close()
+"""
+
+
+@pytest.mark.uffd_full
+def test_an_outage_during_the_background_fill_leaves_pages_lazy(fake, tmp_path, rng,
+                                                                   run_py):
+    data = _snap(tmp_path / "s.plm", rng, npages=512)
+    data.tofile(tmp_path / "data.bin")
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p", chunk_bytes=64 << 10)
+    res = run_py(_BG_OUTAGE, timeout=120, args=(info.url, str(tmp_path / "data.bin")),
+                 env={"PYLAZYMEM_S3_RETRIES": "1"})
+    assert res.returncode == 0, res.describe()
+    assert "POISONED 0" in res.stdout, res.describe()
+    assert "EQUAL True" in res.stdout, res.describe()
+
+
+_FAULT_IN_OUTAGE = """
+from pylazymem import objstore
+r = plm.restore(sys.argv[1], prefetch="none", background=False)
+print("TOUCH", flush=True)
+x = int(pages(r)[5].sum())
+print("READ", x, flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_a_demand_fault_in_an_outage_still_fails_loudly(fake, tmp_path, rng, run_py):
+    _snap(tmp_path / "s.plm", rng, npages=64)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p", chunk_bytes=64 << 10)
+    fake.mode("c-fail")
+    res = run_py(_FAULT_IN_OUTAGE, timeout=120, args=(info.url,),
+                 env={"PYLAZYMEM_S3_RETRIES": "0"})
+    assert "TOUCH" in res.stdout and "READ" not in res.stdout, res.describe()
+    assert res.returncode == -signal.SIGBUS, res.describe()
+
+
+# ---- 9: close() does not wait out a stalled gateway -------------------------------------
+
+_STALL = """
+from pylazymem import objstore
+import urllib.request
+urllib.request.urlopen(urllib.request.Request(os.environ["AWS_ENDPOINT_URL"] + "/__mode__",
+                                              data=b"c-stall", method="PUT")).read()
+r = plm.restore(sys.argv[1], prefetch="none", background=True)
+time.sleep(1)
+t = time.monotonic()
+r.close()
+print("CLOSE %.2f" % (time.monotonic() - t), flush=True)
+"""
+
+
+@pytest.mark.uffd_full
+def test_close_does_not_wait_for_a_stalled_gateway(fake, tmp_path, rng, run_py):
+    _snap(tmp_path / "s.plm", rng, npages=512)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p", chunk_bytes=64 << 10)
+    res = run_py(_STALL, timeout=200, args=(info.url,),
+                 env={"PYLAZYMEM_S3_TIMEOUT_MS": "30000"})
+    assert res.returncode == 0, res.describe()
+    took = float(res.stdout.split("CLOSE ", 1)[1].split()[0])
+    assert took < 6, res.describe()   # was minutes: a retry cycle per chunk, per page
+
+
+# ---- 4, 6, 12: hostile answers to the Python client -------------------------------------
+
+def test_a_listing_that_never_ends_is_refused(fake, tmp_path, rng):
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode("list-loop")
+    t = time.monotonic()
+    with pytest.raises(ObjectStoreError, match="repeats itself"):
+        objstore.push(tmp_path / "s.plm", "s3://bkt/q")
+    assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("mode,match", [
+    ("m-badstatus", "broken answer"), ("m-shortlen", "broken answer"),
+    ("m-hugelen", "more than"), ("m-304", "HTTP 304")])
+def test_broken_answers_are_object_store_errors(fake, tmp_path, rng, mode, match,
+                                                monkeypatch):
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", "none")   # no kept copy: an unconditional GET
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode(mode)
+    for attempt in (lambda: objstore.pull(info.url, tmp_path / "out.plm"),
+                    lambda: objstore.read_manifest(info.url)):
+        t = time.monotonic()
+        with pytest.raises(ObjectStoreError, match=match):
+            attempt()
+        assert time.monotonic() - t < 20
+    fake.mode("normal")   # and the client still works after
+    objstore.pull(info.url, tmp_path / "out.plm")
+
+
+_ENDLESS = """
+import resource
+# an unbounded read would take the machine's memory (it did: the OOM killer): not here
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from pylazymem import objstore
+try:
+    objstore.read_manifest(sys.argv[1])
+except Exception as e:
+    print("RAISED", type(e).__name__, str(e)[:200], flush=True)
+"""
+
+
+def test_an_endless_body_is_refused(fake, tmp_path, rng, run_py, monkeypatch):
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", "none")
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode("m-infinite")   # a chunked body of zeros that never ends
+    res = run_py(_ENDLESS, timeout=60, args=(info.url,))
+    assert "RAISED ObjectStoreError" in res.stdout and "longer than" in res.stdout, \
+        res.describe()
+
+
+# ---- 7: PYLAZYMEM_S3_TIMEOUT_MS bounds a whole Python-side request ----------------------
+
+def test_a_trickled_manifest_times_out(fake, tmp_path, rng, monkeypatch):
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", "none")
+    _snap(tmp_path / "s.plm", rng, npages=64)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode("m-trickle")   # a byte every 5 ms: each read in time, the whole not
+    monkeypatch.setenv("PYLAZYMEM_S3_TIMEOUT_MS", "1000")
+    t = time.monotonic()
+    with pytest.raises(ObjectStoreError, match="PYLAZYMEM_S3_TIMEOUT_MS"):
+        plm.restore(info.url, prefetch="none", background=False)
+    assert time.monotonic() - t < 5
+
+
+# ---- 5: a FIFO in the cache is a miss, never a hang -------------------------------------
+
+_FIFO = """
+from pylazymem import objstore
+r = plm.restore(sys.argv[1], prefetch="none", background=False)
+print("RESTORED", flush=True)
+r.materialize()
+data = np.fromfile(sys.argv[2], np.uint8).reshape(-1, PS)
+print("EQUAL", bool(np.array_equal(pages(r), data)), flush=True)
+r.close()
+"""
+
+
+@pytest.mark.s3
+@pytest.mark.uffd_full
+def test_a_fifo_in_the_cache_is_a_miss(tmp_path, bucket, cache, rng, run_py):
+    data = _snap(tmp_path / "s.plm", rng, npages=64)
+    data.tofile(tmp_path / "data.bin")
+    info = objstore.push(tmp_path / "s.plm", "s3://%s" % bucket, chunk_bytes=64 << 10)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        r.materialize()   # fills the cache, keeps the manifest
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    chunks = [p for p in files if len(p.name) == 32]
+    kept = [p for p in files if p.name.startswith("m-") and len(p.name) == 18]
+    assert chunks and kept
+    for p in chunks[:2] + kept:
+        p.unlink()
+        os.mkfifo(p)
+    res = run_py(_FIFO, timeout=60, args=(info.url, str(tmp_path / "data.bin")))
+    assert res.returncode == 0, res.describe()
+    assert "EQUAL True" in res.stdout, res.describe()
+    for p in chunks[:2] + kept:   # replaced by the real thing
+        assert p.is_file() and not p.is_fifo()
+
+
+# ---- 8: a cache directory that cannot be written costs only the caching -----------------
+
+@pytest.mark.s3
+@pytest.mark.uffd_full
+def test_an_unusable_cache_directory_restores_without_a_cache(tmp_path, bucket, rng,
+                                                              monkeypatch):
+    data = _snap(tmp_path / "s.plm", rng, npages=64)
+    info = objstore.push(tmp_path / "s.plm", "s3://%s" % bucket)
+    (tmp_path / "afile").write_bytes(b"x")
+    # under a regular file: no directory can be made there (root or not)
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    with pytest.warns(RuntimeWarning, match="without a cache"):
+        r = plm.restore(info.url, prefetch="none", background=False)
+    with r:
+        assert np.array_equal(pages(r), data)
+        assert r.stats()["object_store"]["cache_writes"] == 0
+
+
+# ---- 10: settings and credentials that cannot work are clear errors ---------------------
+
+@pytest.mark.s3
+def test_cache_max_bytes_zero_is_refused(tmp_path, bucket, cache, rng, monkeypatch):
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    info = objstore.push(tmp_path / "s.plm", "s3://%s" % bucket)
+    monkeypatch.setenv("PYLAZYMEM_CACHE_MAX_BYTES", "0")
+    with pytest.raises(ValueError, match="PYLAZYMEM_CACHE_MAX_BYTES"):
+        plm.restore(info.url, prefetch="none", background=False)
+
+
+@pytest.mark.s3
+@pytest.mark.uffd_full
+def test_an_upper_case_endpoint_scheme_restores(tmp_path, bucket, cache, rng, monkeypatch):
+    data = _snap(tmp_path / "s.plm", rng, npages=16)
+    info = objstore.push(tmp_path / "s.plm", "s3://%s" % bucket)
+    ep = S3Config.from_environment().endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ep.replace("http://", "HTTP://"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with plm.restore(info.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+
+
+def test_a_session_token_with_a_newline_is_a_clear_error():
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+           "AWS_SESSION_TOKEN": "abc\ndef", "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    with pytest.raises(ObjectStoreError, match="AWS_SESSION_TOKEN"):
+        S3Config.from_environment(env)
+
+
+# ---- 2: push checks the entries an index says the bucket holds --------------------------
+
+@pytest.mark.s3
+@pytest.mark.uffd_full
+def test_push_does_not_trust_a_lying_index(tmp_path, bucket, cache, rng):
+    """A well-formed index that maps B's entries to bytes of A's chunk: push(B) reused them
+    all (nothing of B uploaded) and B could not be restored. Each reused entry is checked
+    against its key in the chunk it is said to be in; a wrong one is uploaded anew."""
+    import xxhash
+    _snap(tmp_path / "a.plm", rng, npages=32)
+    data_b = _snap(tmp_path / "b.plm", rng, npages=32)
+    c = S3Client()
+    ia = objstore.push(tmp_path / "a.plm", "s3://%s" % bucket)
+    ma = objstore.parse_manifest(c.get(*objstore.parse_url(ia.url)))
+    cid = (int(ma.chunks["id"][0][0]), int(ma.chunks["id"][0][1]))
+    clen = int(ma.chunks["length"][0])
+    _, mm, offs, lens, words = objstore._store_view(tmp_path / "b.plm")
+    view = memoryview(mm)
+    keys = [objstore._entry_key(view[o:o + ln], int(w))
+            for o, ln, w in zip(offs.tolist(), lens.tolist(), words.tolist())]
+    del view
+    mm.close()
+    rows = np.zeros(len(keys), objstore.INDEX_DTYPE)
+    for i, k in enumerate(keys):
+        rows[i] = (k, cid, 0, PAGE_SIZE, clen, 0)
+    idx = objstore._INDEX.pack(objstore.INDEX_MAGIC, 1, 0, len(rows),
+                               xxhash.xxh3_64_intdigest(rows.tobytes())) + rows.tobytes()
+    c.put(bucket, objstore.INDEXES + "0" * 32, idx)
+    with pytest.warns(UserWarning, match="uploaded anew"):
+        ib = objstore.push(tmp_path / "b.plm", "s3://%s" % bucket)
+    assert ib.new_entries == ib.entries == 32 and ib.chunks_uploaded >= 1
+    with plm.restore(ib.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data_b)
