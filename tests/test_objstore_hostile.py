@@ -1,7 +1,8 @@
 """The object store against hostile answers and failures (found by a review, session 15:
-push/pull, restore("s3://"), the chunk cache, the native fetcher), each pinned. Hostile answers come from a small fake S3 server run
-in a subprocess (_FAKE below: path style, no authentication, its mode set by PUT /__mode__);
-the rest runs against the real gateway of scripts/s3-server.sh. docs/object-store.md."""
+push/pull, restore("s3://"), the chunk cache, the native fetcher), each pinned. Hostile answers
+come from a small fake S3 server run in a subprocess (_FAKE below: path style, no
+authentication, its mode set by PUT /__mode__); the rest runs against the real gateway of
+scripts/s3-server.sh. docs/object-store.md."""
 import os
 import signal
 import subprocess
