@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
@@ -138,21 +137,7 @@ def fake(tmp_path, monkeypatch):
         proc.wait()
 
 
-@pytest.fixture
-def bucket():
-    name = "plm-r15-%s" % uuid.uuid4().hex[:16]
-    yield name
-    try:
-        S3Client().remove_bucket(name)
-    except Exception:
-        pass
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", str(d))
-    return d
+from test_objstore import bucket, cache  # noqa: E402,F401  (fixtures: a bucket, a chunk cache)
 
 
 def _snap(path, rng, npages=256, compress=None):
