@@ -288,7 +288,7 @@ def test_close_does_not_wait_for_a_stalled_gateway(fake, tmp_path, rng, run_py):
                  env={"PYLAZYMEM_S3_TIMEOUT_MS": "30000"})
     assert res.returncode == 0, res.describe()
     took = float(res.stdout.split("CLOSE ", 1)[1].split()[0])
-    assert took < 6, res.describe()   # was minutes: a retry cycle per chunk, per page
+    assert took < 20, res.describe()   # a hang bound (one stalled request alone is 30 s): was minutes
 
 
 # ---- 4, 6, 12: hostile answers to the Python client -------------------------------------
@@ -300,7 +300,7 @@ def test_a_listing_that_never_ends_is_refused(fake, tmp_path, rng):
     t = time.monotonic()
     with pytest.raises(ObjectStoreError, match="repeats itself"):
         objstore.push(tmp_path / "s.plm", "s3://bkt/q")
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < 30   # a hang bound: it looped forever
 
 
 @pytest.mark.parametrize("mode,match", [
@@ -324,8 +324,11 @@ def test_broken_answers_are_object_store_errors(fake, tmp_path, rng, mode, match
 
 _ENDLESS = """
 import resource
-# an unbounded read would take the machine's memory (it did: the OOM killer): not here
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+# an unbounded read would take the machine's memory (it did: the OOM killer): not here.
+# 4 GiB beyond what is mapped now (under ASan, its shadow is mapped already: terabytes)
+with open("/proc/self/status") as f:
+    vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 30), vm + (4 << 30)))
 from pylazymem import objstore
 try:
     objstore.read_manifest(sys.argv[1])
@@ -355,7 +358,7 @@ def test_a_trickled_manifest_times_out(fake, tmp_path, rng, monkeypatch):
     t = time.monotonic()
     with pytest.raises(ObjectStoreError, match="PYLAZYMEM_S3_TIMEOUT_MS"):
         plm.restore(info.url, prefetch="none", background=False)
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 20   # (a hang bound: the trickle alone takes ~50 s)
 
 
 # ---- 5: a FIFO in the cache is a miss, never a hang -------------------------------------
