@@ -138,6 +138,7 @@ def fake(tmp_path, monkeypatch):
 
 
 from test_objstore import bucket, cache  # noqa: E402,F401  (fixtures: a bucket, a chunk cache)
+from test_objstore import _resealed  # noqa: E402  (a manifest edited, its checksums made right)
 
 
 def _snap(path, rng, npages=256, compress=None):
@@ -150,15 +151,6 @@ def _snap(path, rng, npages=256, compress=None):
     return data
 
 
-def _resealed(data, edit):
-    import xxhash
-    head = objstore._MANIFEST
-    fields = list(head.unpack_from(data))
-    body = bytearray(data[head.size:])
-    edit(body, fields)
-    fields[7] = xxhash.xxh3_64_intdigest(bytes(body))
-    fields[8] = xxhash.xxh3_64_intdigest(head.pack(*fields)[:head.size - 8])
-    return head.pack(*fields) + bytes(body)
 
 
 # ---- 1: pull checks every entry against its signature -----------------------------------
