@@ -144,6 +144,7 @@ def test_demo_plots(tmp_path):
 # ---- found by a review (session 15) ---------------------------------------------------------
 
 @pytest.mark.core(reason="checkpoint and save need the compiled core")
+@pytest.mark.uffd
 def test_writers_refuse_to_replace_a_device_a_fifo_or_a_directory(tmp_path):
     # A snapshot is written beside its path and renamed over it: over a device node that put a
     # regular file in its place (as root, `checkpoint(r, "/dev/null")` replaced the machine's
@@ -201,6 +202,7 @@ def test_inspect_pid_of_no_process_and_multi_line_errors(tmp_path):
 
 
 @pytest.mark.core(reason="the demo needs the compiled core")
+@pytest.mark.uffd
 def test_sigterm_to_the_demo_leaves_no_process_and_no_work_directory(tmp_path):
     import glob
     import signal

@@ -19,7 +19,7 @@ from pylazymem._errors import ObjectStoreError
 from pylazymem._s3 import S3Client, S3Config
 from _helpers import PAGE_SIZE, pages
 
-pytestmark = [pytest.mark.core, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.timeout(300)]   # (snapshots: a Region)
 
 _FAKE = r'''
 import sys, time, re, urllib.parse
