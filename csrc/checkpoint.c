@@ -143,6 +143,18 @@ struct plan_parent {
     const uint64_t *clean;   /* ceil(npages / 64) words, or NULL */
 };
 
+/* A page by its bytes: ZERO, or STORED with their signature. */
+static void classify_bytes(struct lm_region *r, const char *mem, struct plan_page *e)
+{
+    if (is_zero(mem, r->page_size)) {
+        e->cls = LM_SNAP_ZERO;
+        e->sig = r->zero_sig;
+    } else {
+        e->cls = LM_SNAP_STORED;
+        e->sig = lm_xxh3(mem, r->page_size);
+    }
+}
+
 /*
  * A page whose source signature is the zero page's is zero only if its bytes are: the
  * signature comes from the file, which a damaged or hostile file (or a collision) can make
@@ -157,15 +169,8 @@ static int zero_claimed(struct lm_region *r, size_t p, const struct lm_view *v,
     if (!buf)
         return lm_fail("checkpoint: out of memory", ENOMEM);
     int rc = lm_view_read(r, p, v, buf);
-    if (rc == 0) {
-        if (is_zero(buf, r->page_size)) {
-            e->cls = LM_SNAP_ZERO;
-            e->sig = r->zero_sig;
-        } else {
-            e->cls = LM_SNAP_STORED;
-            e->sig = lm_xxh3(buf, r->page_size);
-        }
-    }
+    if (rc == 0)
+        classify_bytes(r, buf, e);
     free(buf);
     return rc;
 }
@@ -220,14 +225,7 @@ static int classify(struct lm_region *r, size_t p, struct plan_page *e)
         if (e->cls == LM_SNAP_ZERO)
             e->sig = r->zero_sig;
     } else if (s == LM_PRESENT) {   /* pinned (or staged): hash what is there */
-        const char *mem = v.mem;
-        if (is_zero(mem, r->page_size)) {
-            e->cls = LM_SNAP_ZERO;
-            e->sig = r->zero_sig;
-        } else {
-            e->cls = LM_SNAP_STORED;
-            e->sig = lm_xxh3(mem, r->page_size);
-        }
+        classify_bytes(r, v.mem, e);
         if (!v.frozen)   /* the page's contents now, not the pause's */
             lm_meta_note_signature(r, p, e->sig);
     } else {   /* LM_POISONED: its contents are lost; a checkpoint must not pretend */
