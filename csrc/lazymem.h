@@ -231,6 +231,11 @@ int lm_region_mode(struct lm_region *r);
    memfd, and a MISSING | MINOR registration of a private mapping of it offering CONTINUE?
    0, or -errno with lm_last_op() naming what failed. */
 int lm_probe_shared(int acquire);
+/* Can shared pages be huge here: a 2 MiB block of a memfd made one huge folio
+   (MADV_COLLAPSE, Linux 6.1, THP not "deny"), which a mapping then reads through one PMD?
+   Canonical chunks and complete pools are made so where it works (docs/shared-pages.md,
+   "Huge shared pages"). 0, or -errno with lm_last_op() naming what failed. */
+int lm_probe_huge_shared(void);
 /* Make a fresh region (serving not started, nothing restored or deferred yet) a shared one:
    its memory becomes a private mapping of `pool_fd` (a memfd of at least the region's size,
    duplicated; page p at offset p * page_size): pages the pool holds are mapped from it

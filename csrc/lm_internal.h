@@ -92,6 +92,18 @@ void lm_xxh3_128(const void *data, size_t len, uint64_t out[2]);
 /* pthread_create with every signal blocked in the new thread: our native threads must never
    run a signal handler (Python's run in its main thread). 0 or an errno value. */
 int lm_thread_start(pthread_t *tid, const pthread_attr_t *attr, void *(*fn)(void *), void *arg);
+/* mmap(len, prot, flags | MAP_FIXED, fd, off) at a 2 MiB-aligned address when len >= 2 MiB
+   (a block there can be mapped by one PMD); MAP_FAILED with errno on failure. */
+void *lm_map_aligned(size_t len, int prot, int flags, int fd, uint64_t off);
+/* Turn each whole 2 MiB block of the shmem mapping [addr, addr + len) into one huge folio in
+   the page cache (MADV_COLLAPSE), so that mappings of it read through PMDs. Holes become
+   pages of zeros: the caller collapses only blocks whose every page holds its final bytes,
+   or will write them. Best effort: returns how many blocks are huge now (0 where the kernel
+   cannot: before Linux 6.1, THP "deny", a block without any page). */
+size_t lm_collapse(void *addr, size_t len);
+/* lm_collapse of the 2 MiB-aligned range [off, off + len) of shmem file fd, through a
+   read-only mapping of its own. */
+size_t lm_shmem_collapse(int fd, uint64_t off, size_t len);
 
 /* Service-time histogram and its totals (log-linear buckets, lm_hist_bucket_upper()). */
 struct lm_latency {

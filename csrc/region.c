@@ -126,8 +126,10 @@ static int open_uffd(struct lm_region *r)
     uint64_t remap = supported & UFFD_FEATURE_EVENT_REMAP;
     int rc;
 
-    r->base = mmap(NULL, r->nbytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    /* 2 MiB-aligned: a block mapped from a shared huge folio (a canonical chunk, a complete
+       pool) is read through one PMD only if its address is aligned as its file offset is. */
+    r->base = lm_map_aligned(r->nbytes, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (r->base == MAP_FAILED)
         return LM_FAIL("mmap(region)");
     /* Huge pages would make a 4 KiB fault move 2 MiB; the fault path chooses its own

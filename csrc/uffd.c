@@ -343,3 +343,28 @@ int lm_uffd_poison(int fd, void *addr, size_t len)
         return LM_FAIL("ioctl(UFFDIO_POISON)");
     return 0;
 }
+
+int lm_probe_huge_shared(void)
+{
+    const size_t block = (size_t)2 << 20;
+    int rc = 0, mfd = memfd_create("pylazymem-probe", MFD_CLOEXEC);
+    if (mfd < 0)
+        return LM_FAIL("memfd_create");
+    static const char one = 1;
+    char *p = MAP_FAILED;
+    if (ftruncate(mfd, (off_t)block) < 0)
+        rc = LM_FAIL("ftruncate(memfd)");
+    else if (pwrite(mfd, &one, 1, 0) != 1)   /* a range without any page is refused */
+        rc = LM_FAIL("pwrite(memfd)");
+    else if ((p = lm_map_aligned(block, PROT_READ, MAP_SHARED, mfd, 0)) == MAP_FAILED)
+        rc = LM_FAIL("mmap(memfd)");
+    else if (madvise(p, block, 25 /* MADV_COLLAPSE */) < 0)
+        rc = errno == EINVAL ? lm_fail("madvise(MADV_COLLAPSE) of shmem (needs Linux 6.1 and "
+                                       "transparent_hugepage/shmem_enabled not \"deny\")",
+                                       EOPNOTSUPP)
+                             : LM_FAIL("madvise(MADV_COLLAPSE) of shmem");
+    if (p != MAP_FAILED)
+        munmap(p, block);
+    close(mfd);
+    return rc;
+}

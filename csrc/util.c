@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -42,6 +44,72 @@ unsigned lm_abi_version(void)
 }
 
 /* ---- clock, page size, hash (moved from wstrack.c and region.c, unchanged) ------------ */
+
+/* ---- huge folios for shared memory ---------------------------------------------------- */
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25   /* Linux 6.1; the value is ABI */
+#endif
+#define HUGE_BYTES ((size_t)2 << 20)
+
+void *lm_map_aligned(size_t len, int prot, int flags, int fd, uint64_t off)
+{
+    /* Reserve one block more, map at the aligned address inside, give the slack back. */
+    size_t slack = len >= HUGE_BYTES ? HUGE_BYTES : 0;
+    char *area = mmap(NULL, len + slack, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+    if (area == MAP_FAILED)
+        return MAP_FAILED;
+    char *at = (char *)(((uintptr_t)area + slack - (slack ? 1 : 0)) &
+                        ~(uintptr_t)(slack ? HUGE_BYTES - 1 : 0));
+    if (mmap(at, len, prot, flags | MAP_FIXED, fd, (off_t)off) == MAP_FAILED) {
+        int e = errno;
+        munmap(area, len + slack);
+        errno = e;
+        return MAP_FAILED;
+    }
+    size_t head = (size_t)(at - area);
+    if (head)
+        munmap(area, head);
+    if (slack - head)
+        munmap(at + len, slack - head);
+    return at;
+}
+
+/* Why: a 4 KiB page-cache page is mapped by one PTE per page, so reading 1 GiB of a shmem
+   file costs ~90 ms of faults however they are taken (fault-around, UFFDIO_CONTINUE
+   clusters, MADV_POPULATE_READ: docs/experiments/shared-pages/exp14_floor.c), against ~5 ms
+   for huge folios mapped by 512 PMDs (exp15_collapse.c). shmem allocates huge folios only
+   where shmem_enabled allows (`never` by default), but MADV_COLLAPSE ignores that setting
+   (it honours only `deny`), and a fault maps an existing huge folio through a PMD whatever
+   the setting. A range with no page at all is refused (EINVAL): the caller has one there. */
+size_t lm_collapse(void *addr, size_t len)
+{
+    size_t done = 0;
+    if ((uintptr_t)addr % HUGE_BYTES)
+        return 0;
+    for (size_t o = 0; o + HUGE_BYTES <= len; o += HUGE_BYTES) {
+        if (madvise((char *)addr + o, HUGE_BYTES, MADV_COLLAPSE) == 0)
+            done++;
+        else if (errno == EINVAL && done == 0 && o == 0)
+            break;   /* no MADV_COLLAPSE here (before 6.1, THP "deny"): none will work */
+    }
+    return done;
+}
+
+size_t lm_shmem_collapse(int fd, uint64_t off, size_t len)
+{
+    if (len < HUGE_BYTES || off % HUGE_BYTES || len % HUGE_BYTES)
+        return 0;
+    /* read-only and private to this call: the caller's own mappings keep their flags */
+    char *at = lm_map_aligned(len, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, off);
+    if (at == MAP_FAILED)
+        return 0;
+    madvise(at, len, MADV_DONTFORK);
+    size_t done = lm_collapse(at, len);
+    munmap(at, len);
+    return done;
+}
 
 uint64_t lm_now_ns(void)
 {

@@ -41,6 +41,11 @@ class Features:
     # (docs/shared-pages.md); if not, why and the fix
     shared_pages: bool = False
     shared_pages_reason: str = ""
+    # Shared pages are huge folios, read through one page-table entry per 2 MiB: canonical
+    # chunks always, a pool once it is complete (MADV_COLLAPSE, Linux 6.1; needs the compiled
+    # core). Without it they are shared all the same, 4 KiB at a time; why, when False.
+    huge_shared_pages: bool = False
+    huge_shared_pages_reason: str = "needs the compiled core (the cffi backend)"
     # How Region.dirty_pages() knows which pages changed since a checkpoint or restore:
     # "wp-async" (async write-protect + PAGEMAP_SCAN) or "none" (every page not lazy is
     # reported; the caller compares signatures); why, when "none". A shared restore's region
@@ -158,7 +163,12 @@ def _probe_cffi(acquire):
     codecs = tuple(name for name, c in (("zstd", lib.LM_CODEC_ZSTD), ("lz4", lib.LM_CODEC_LZ4))
                    if lib.lm_codec_available(c))
     bg_why = _background_reason(mode, out.api_features)
+    rc = lib.lm_probe_huge_shared()
+    huge_why = "" if rc == 0 else "%s: %s" % (ffi.string(lib.lm_last_op()).decode(),
+                                               os.strerror(-rc))
     return dataclasses.replace(out, shared_pages=not why, shared_pages_reason=why,
+                               huge_shared_pages=not huge_why,
+                               huge_shared_pages_reason=huge_why,
                                codecs=codecs, background_checkpoint=not bg_why,
                                background_checkpoint_reason=bg_why,
                                hashing=ffi.string(lib.lm_xxh3_impl()).decode())

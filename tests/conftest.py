@@ -18,6 +18,7 @@ pytest.param. The needs (NEEDS below; a new one is one more entry):
   uffd       userfaultfd: skipped when features().mode == "unavailable"
   cc         a C toolchain (gcc, nm): the test compiles csrc/ itself (tests/test_layering.py);
              it does not need the compiled core, so it runs under both backends
+  huge_shared  features().huge_shared_pages: shared pages become huge folios (MADV_COLLAPSE)
   dontcache  preadv2(RWF_DONTCACHE) works in the temporary directory (Linux 6.14+)
   source     the source tree beside tests/ (csrc/, docs/): skipped where the suite runs
              against an installed package without it (the container matrix)
@@ -223,6 +224,12 @@ def _shared_pages_missing():
     return None if f.shared_pages else "needs shared pages: %s" % f.shared_pages_reason
 
 
+def _huge_shared_missing():
+    f = plm.features()
+    return None if f.huge_shared_pages else (
+        "needs huge shared pages: %s" % f.huge_shared_pages_reason)
+
+
 def _background_checkpoint_missing():
     f = plm.features()
     return None if f.background_checkpoint else (
@@ -279,6 +286,9 @@ NEEDS = [
     Need("uffd", "uffd: needs userfaultfd (features().mode != 'unavailable')", _uffd_missing),
     Need("shared_pages", "shared_pages: needs features().shared_pages (restore(share=True): "
                          "MINOR userfaultfd on shmem, memfd)", _shared_pages_missing),
+    Need("huge_shared", "huge_shared: needs features().huge_shared_pages (shared pages made "
+                        "huge folios with MADV_COLLAPSE, read through PMDs)",
+         _huge_shared_missing),
     Need("background_checkpoint", "background_checkpoint: needs features()."
                                   "background_checkpoint (checkpoint(background=True))",
          _background_checkpoint_missing),

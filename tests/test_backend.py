@@ -322,6 +322,10 @@ def test_features_agree_between_backends(run_py, uffd):
     # So is hashing (csrc/util.c): the ctypes backend hashes nothing natively.
     hashing = [f.pop("hashing") for f in (a["features"], b["features"])]
     assert hashing[0] in ("xxh3", "xxh3-dispatch") and hashing[1] == ""
+    # So are huge shared pages (a probe of the core's, whatever userfaultfd offers).
+    huge = [f.pop("huge_shared_pages") for f in (a["features"], b["features"])]
+    huge_why = [f.pop("huge_shared_pages_reason") for f in (a["features"], b["features"])]
+    assert huge[1] is False and "cffi" in huge_why[1] and huge[0] == (not huge_why[0])
     assert a["features"] == b["features"]
     assert shared[1] is False and "cffi" in why[1]
     assert shared[0] == (not why[0])

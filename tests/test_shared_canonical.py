@@ -548,3 +548,43 @@ def test_failed_take_over_leaves_the_block_kernel_served():
         assert (v[400] == t).all() and (v == t).all()
         r.materialize(0, PS)                 # with descriptors again, the take-over works
         assert (v == t).all()
+
+
+def pmd_mapped(r):
+    """Bytes of r's range mapped through PMDs from shared memory (ShmemPmdMapped in smaps)."""
+    lo, hi, total, inside = r.address, r.address + r.nbytes, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                start = int(head.split("-")[0], 16)
+                inside = lo <= start < hi
+            elif inside and head == "ShmemPmdMapped:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.huge_shared
+def test_chunk_blocks_are_read_through_huge_pages():
+    """A kernel-served chunk block is one huge folio mapped by one PMD at its first read (the
+    region is 2 MiB-aligned, the chunk collapsed); a store splits it and copies one page only,
+    the other pages still read the template, the record of the written page finds it."""
+    t = template(7)
+    with plm.Region(8 << 20) as r:
+        assert r.address % (2 << 20) == 0
+        c = r.canonical(t.tobytes())
+        r.defer_fill(0, r.nbytes, c)
+        v = pages(r)
+        assert pmd_mapped(r) == 0
+        assert int(v[5, 9]) == int(t[9]) and int(v[BLK + 3, 100]) == int(t[100])
+        assert pmd_mapped(r) == 2 * (2 << 20)          # two blocks read: two PMDs
+        assert r.stats()["faults"] == 0
+        v[BLK + 7, :] = 3                              # a store: that page only is private
+        counts = r.page_counts()
+        assert counts["private"] == 1
+        assert pmd_mapped(r) == 2 << 20                # block 1's PMD was split, block 0's kept
+        exp = np.tile(t, (r.nbytes // PS, 1))
+        exp[BLK + 7] = 3
+        assert np.array_equal(v, exp)
+        m = r.meta
+        assert m["cls"][BLK + 7] == C.DATA and m["cls"][BLK + 6] == C.CANONICAL
