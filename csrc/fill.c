@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -112,6 +113,66 @@ static int holes_by_seek(struct lm_region *r, size_t first, size_t n, unsigned c
         pos = h > d ? h : d + ps;
     }
     return 0;
+}
+
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
+#endif
+
+int lm_pool_complete(struct lm_region *r)
+{
+    if (!r->pool_want || r->pool_fd < 0)
+        return 0;
+    /* The page cache is the record of what is filled (2.4): walk the pool's holes below
+       the header page; each must be a page the snapshot has as zero. */
+    off_t ps = (off_t)r->page_size, end = (off_t)r->npages * ps, pos = 0;
+    while (pos < end) {
+        off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
+        if (h < 0)
+            return LM_FAIL("lseek(pool, SEEK_HOLE)");
+        if (h >= end)
+            break;
+        off_t d = lseek(r->pool_fd, h, SEEK_DATA);
+        if (d < 0 && errno != ENXIO)
+            return LM_FAIL("lseek(pool, SEEK_DATA)");
+        if (d < 0 || d > end)
+            d = end;
+        for (size_t q = (size_t)(h / ps); q < (size_t)((d + ps - 1) / ps); q++)
+            if (r->pool_want[q >> 6] & ((uint64_t)1 << (q & 63)))
+                return 0;
+        pos = d > h ? d : h + ps;
+    }
+    return 1;
+}
+
+int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
+{
+    /* No view: the pool is read-only here (a page server's) or sealed already. */
+    if (r->pool_fd < 0 || r->pool_view == MAP_FAILED || !r->pool_want)
+        return 0;
+    int seals = fcntl(r->pool_fd, F_GET_SEALS);
+    if (seals < 0)
+        return LM_FAIL("fcntl(pool, F_GET_SEALS)");
+    if (seals & F_SEAL_FUTURE_WRITE)
+        return 1;
+    int rc = lm_pool_complete(r);
+    if (rc <= 0)
+        return rc;
+    /* Huge folios first, then the seal: a process that finds the pool sealed may map it for
+       the kernel to serve, and gets PMDs only for blocks collapsed by then. Holes left are
+       the snapshot's zero pages; a collapse makes those of its block pages of zeros, the
+       same contents. Mappings of the small pages (our region's, other processes') are
+       dropped by the kernel and fault again (MINOR: CONTINUE maps the huge folio's page). */
+    const size_t block = r->blk_pages * r->page_size;
+    size_t whole = r->npages / r->blk_pages;
+    for (size_t b = 0; b < whole && r->blk_pages > 1; b++) {
+        if (stop && atomic_load_explicit(stop, memory_order_relaxed))
+            return 0;   /* not sealed: the next fill to complete it does it all again */
+        lm_shmem_collapse(r->pool_fd, (uint64_t)(b * block), block);
+    }
+    if (fcntl(r->pool_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) < 0)
+        return LM_FAIL("fcntl(pool, F_ADD_SEALS, FUTURE_WRITE)");
+    return 1;
 }
 
 /*

@@ -22,7 +22,7 @@
 /* CDEF BEGIN */
 
 /* Bumped whenever a declaration below changes; the Python package checks it at import. */
-enum { LM_ABI_VERSION = 17 };
+enum { LM_ABI_VERSION = 18 };
 
 /* Page states: the only record of where a page is in its life (see docs/design.md). */
 enum lm_state {
@@ -209,6 +209,8 @@ struct lm_stats {
     int shared_first_touch;       /* 1: chunk blocks registered (first touches reach us); 0:
                                      served by the kernel (config.shared_first_touch) */
     uint64_t canonical_kernel_pages;  /* pages of kernel-served chunk blocks now */
+    uint64_t pool_kernel_pages;   /* pages of a complete pool the kernel serves now (restore
+                                     with shared_first_touch=False; docs/shared-pages.md) */
 };
 
 struct lm_region;

@@ -257,6 +257,19 @@ struct lm_region {
        registered MISSING on the same uffd (UFFDIO_COPY needs a registered destination). */
     int pool_fd;                  /* -1: not shared */
     char *pool_view;              /* MAP_FAILED when not shared */
+    /* Which pages the pool must hold to be complete: the snapshot's stored (non-zero) pages,
+       one bit each, from the restore's page map (lm_restore_table), kept after the map is
+       gone; pool_nwant of them. NULL before a shared restore. (docs/shared-pages.md 2.5) */
+    uint64_t *pool_want;
+    size_t pool_nwant;
+    /* Pages [0, pool_kernel_pages) of a shared region whose pool was complete at its restore
+       and which asked for kernel-served first touches (config.shared_first_touch false): not
+       registered, the kernel maps the pool's pages (huge folios: one PMD per 2 MiB) and no
+       fault reaches us. Whole 2 MiB blocks. Their records are DEFERRED SHARED without
+       NEEDS_UPDATE (class SNAPSHOT or ZERO: what the pool holds there), like a kernel-served
+       chunk block's, and the same rules apply (LM_CHUNK_KERNEL); the region leaves this state
+       whole, every page held (lm_chunk_take_over). */
+    _Atomic size_t pool_kernel_pages;
     /* Canonical chunks (docs/shared-pages.md 3): per 2 MiB block of the region (block b =
        pages [b * blk_pages, (b + 1) * blk_pages)), the canonical id whose chunk is mapped there,
        0 = the region's normal backing (anonymous memory, or the pool). A flat table rather than
@@ -492,12 +505,14 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
                         uint64_t sig, uint16_t flags,
                         int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg,
                         size_t *failed_at);
-/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL)? While p is held it can only
+/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL) or kernel-served pool span? While p is held it can only
    turn true (a deferral remapping the block onto a kernel-served chunk holds only pages
    claimed before it looked; it records this one again afterwards), never false (leaving the
    kernel-served state holds every page of the block): true means "no fault here reaches us". */
 static inline bool lm_kernel_page(struct lm_region *r, size_t p)
 {
+    if (p < atomic_load_explicit(&r->pool_kernel_pages, memory_order_acquire))
+        return true;   /* a complete pool served by the kernel (pool_kernel_pages) */
     const uint32_t *co = atomic_load_explicit(&r->chunk_of, memory_order_acquire);
     size_t b = p / r->blk_pages;
     return co && b < r->nblocks &&
@@ -554,6 +569,10 @@ void lm_canon_chunks_close(struct lm_region *r);
    bytes), their records made true from the page tables. The caller holds no page. With
    `locked`, the caller holds chunk_lock. 0 or -errno. */
 int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked);
+/* A kernel-served pool span (pool_kernel_pages) made registered, whole (also done by
+   lm_chunk_take_over for a range that overlaps it). The caller holds chunk_lock and no page.
+   0 (also when there is none) or -errno. */
+int lm_pool_take_over(struct lm_region *r);
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
@@ -677,6 +696,14 @@ int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t firs
    publishing pages into it from src (*done = pages published or found there before a failure). */
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec);
 int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done);
+/* Does the pool hold every page of r->pool_want (docs/shared-pages.md 2.5)? 1 yes, 0 no (or
+   no restore table), -errno. */
+int lm_pool_complete(struct lm_region *r);
+/* A complete pool (lm_pool_complete) made huge folios, block by block (lm_shmem_collapse),
+   and sealed F_SEAL_FUTURE_WRITE: the mark by which a process that joins it knows it
+   complete. Stops early, unsealed, once *stop (may be NULL) is set. 1 sealed (by this call
+   or before), 0 not complete or stopped, -errno. Not on a fault path: a collapse copies. */
+int lm_pool_finish(struct lm_region *r, const _Atomic int *stop);
 /* With config.verify_shared, the pages vec says the pool holds are read from it and checked
    (against `want`'s bytes, else their signatures; buf: one page of room): one that differs
    becomes LM_POOL_BAD in vec, served by a private copy from the store, never mapped. */

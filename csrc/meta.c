@@ -190,9 +190,14 @@ static uint8_t apply_table(struct lm_region *r, size_t p, uint8_t s)
         return s;
     struct lm_page_meta *m = &r->meta[p];
     uint32_t e = map[p].entry;
+    /* A kernel-served span of a complete pool (lm_internal.h, pool_kernel_pages): the pool
+       holds the page, the kernel maps it, nothing is to be carried out. */
+    bool kernel = p < atomic_load_explicit(&r->pool_kernel_pages, memory_order_acquire);
     if (e == LM_SNAP_ZERO) {
         m->cls = LM_CLS_ZERO;
         m->signature = r->zero_sig;
+        if (kernel)
+            m->flags = LM_F_SHARED;
         return LM_DEFERRED;
     }
     if (e >= LM_SNAP_STORED) {
@@ -201,7 +206,7 @@ static uint8_t apply_table(struct lm_region *r, size_t p, uint8_t s)
         m->cls = LM_CLS_SNAPSHOT;
         m->aux = e - LM_SNAP_STORED;   /* below nstored: checked by lm_restore_table */
         m->signature = sigs ? sigs[m->aux] : 0;
-        m->flags = LM_F_NEEDS_UPDATE;
+        m->flags = kernel ? LM_F_SHARED : LM_F_NEEDS_UPDATE;
         return LM_DEFERRED;
     }
     return s;
@@ -452,10 +457,9 @@ void lm_meta_note_private(struct lm_region *r, size_t page)
         m->flags &= (uint16_t)~LM_F_SHARED;
         m->cls = LM_CLS_DATA;   /* a store copied the pool's page: the program's data now */
         m->signature = 0;
-    } else if (s == LM_DEFERRED && (m->flags & LM_F_SHARED) && m->cls == LM_CLS_CANONICAL &&
-               lm_kernel_page(r, page)) {
-        /* The kernel served its first touch and a store copied it: program data, present.
-           Not a first touch we saw: no order. */
+    } else if (s == LM_DEFERRED && (m->flags & LM_F_SHARED) && lm_kernel_page(r, page)) {
+        /* The kernel served its first touch (a chunk's template, a complete pool's page) and
+           a store copied it: program data, present. Not a first touch we saw: no order. */
         m->cls = LM_CLS_DATA;
         m->signature = 0;
         lm_mark_present(r, page, 1, 0, 0);
@@ -470,13 +474,12 @@ void lm_meta_release_registered(struct lm_region *r, size_t first, size_t n, con
     for (size_t i = 0; i < n; i++) {
         struct lm_page_meta *m = &r->meta[first + i];
         bool mapped = (pm[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
-        if (old[i] != LM_DEFERRED || !mapped || m->cls != LM_CLS_CANONICAL ||
-            !(m->flags & LM_F_SHARED)) {
+        if (old[i] != LM_DEFERRED || !mapped || !(m->flags & LM_F_SHARED)) {
             store_state(r, first + i, old[i], "release_registered");
             continue;
         }
-        /* Mapped by the kernel while unregistered: the chunk's page (SHARED, kept by
-           lm_mark_present) or a private copy a store made (the program's data). A registered
+        /* Mapped by the kernel while unregistered: the chunk's or the pool's page (SHARED,
+           kept by lm_mark_present) or a private copy a store made (the program's data). A registered
            block must not have DEFERRED pages that are mapped: no fault would ever come. */
         if (!(pm[i] & LM_PM_FILE)) {
             m->cls = LM_CLS_DATA;

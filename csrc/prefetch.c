@@ -721,6 +721,11 @@ static void *bg_reader(void *arg)
     b->reader_done = true;
     pthread_cond_broadcast(&b->cond);
     pthread_mutex_unlock(&b->lock);
+    /* Every page of this region went through: a shared region's pool may be complete now
+       (other processes filled the rest, or this one did): made huge and sealed (2.5). At idle
+       priority, and given up when told to stop. A failure costs only the seal. */
+    if (r->pool_fd >= 0 && p >= r->npages && !atomic_load(&r->bg_stop))
+        (void)lm_pool_finish(r, &r->bg_stop);
     atomic_fetch_sub(&r->bg_running, 1);
     return NULL;
 }

@@ -300,6 +300,7 @@ static void free_bookkeeping(struct lm_region *r)
         close(r->pool_fd);   /* the pool lives on while other processes map it */
     lm_canon_chunks_close(r);   /* the mappings keep the chunks' memory while they exist */
     free(atomic_load(&r->chunk_of));
+    free(r->pool_want);
     pthread_mutex_destroy(&r->chunk_lock);
     free(r->canon_sig);
     free(r->canon_index);
@@ -396,12 +397,19 @@ int lm_region_share(struct lm_region *r, int pool_fd)
     if ((acc & O_ACCMODE) != O_RDONLY && !sealed) {
         /* The view first: a failure below leaves the region's anonymous mapping untouched. */
         char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-        if (view == MAP_FAILED)
-            return LM_FAIL("mmap(pool view)");
-        r->pool_view = view;
-        madvise(view, len, MADV_DONTFORK);
-        if ((rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0)
-            return rc;
+        if (view == MAP_FAILED) {
+            /* sealed between the look and the mmap (another process completed the pool:
+               lm_pool_finish): no view needed, nothing left to publish */
+            int err = errno;
+            seals = fcntl(fd, F_GET_SEALS);
+            if (err != EPERM || seals < 0 || !(seals & F_SEAL_FUTURE_WRITE))
+                return lm_fail("mmap(pool view)", err);
+        } else {
+            r->pool_view = view;
+            madvise(view, len, MADV_DONTFORK);
+            if ((rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0)
+                return rc;
+        }
     }
     /* The region over the pool: PROT_NONE until registered, so that nothing (mlockall's
        population, another thread) can fault a hole of the pool in as a zero page that every
@@ -783,7 +791,9 @@ int lm_defer_fill(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
     /* Under chunk_lock: lm_freeze_begin checks for chunk blocks and arms under it too. */
     if (atomic_load(&r->freeze_armed))
         rc = lm_fail("defer_fill: a background checkpoint is in progress (wait for it)", EBUSY);
-    else
+    /* A kernel-served pool span is registered first: the kernel would otherwise go on
+       mapping the pool's pages where the records now say other contents. */
+    else if ((rc = lm_pool_take_over(r)) == 0)
         rc = defer_blocks(r, first, n, cls, canon, sig, flags);
     pthread_mutex_unlock(&r->chunk_lock);
     if (rc == -EBUSY && atomic_load(&r->freeze_armed))
@@ -849,6 +859,7 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->share_canonical = r->share_canonical;
     o->shared_first_touch = !r->kernel_first_touch;
     o->canonical_kernel_pages = LD(kernel_blocks) * r->blk_pages;
+    o->pool_kernel_pages = LD(pool_kernel_pages);
 #undef LD
     return 0;
 }

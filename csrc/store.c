@@ -250,8 +250,67 @@ static int take_over_block(struct lm_region *r, uint32_t *chunk_of, size_t b)
     return 0;
 }
 
+/*
+ * A kernel-served pool span (pool_kernel_pages) becomes registered, whole: every page of it
+ * held (readers read the memory of kernel-served pages), the span registered MISSING | MINOR
+ * (pages the kernel mapped stay mapped), then the records made true from the page tables as
+ * for a chunk block (lm_meta_release_registered): mapped pages PRESENT (SHARED, or DATA where
+ * a store copied it); the others back to ordinary lazy records (a snapshot page NEEDS_UPDATE,
+ * a zero page nothing), served by the fault path from now on. Rare (a deferral, materialize
+ * or prefetch of such a region): it costs a pass over every page.
+ */
+int lm_pool_take_over(struct lm_region *r)
+{
+    size_t k = atomic_load(&r->pool_kernel_pages);
+    if (!k)
+        return 0;
+    uint8_t *old = malloc(k);
+    uint64_t *pm = malloc(LM_MAX_CLUSTER * sizeof(uint64_t));
+    if (!old || !pm) {
+        free(old);
+        free(pm);
+        return lm_fail("malloc(pool take-over)", ENOMEM);
+    }
+    for (size_t p = 0; p < k; p++)
+        old[p] = lm_claim_wait(r, p);
+    int rc = lm_uffd_register(r->uffd, r->base, k * r->page_size,
+                              UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    if (rc < 0) {
+        lm_unclaim(r, 0, k, old);   /* still kernel-served, records unchanged */
+        free(old);
+        free(pm);
+        return rc;
+    }
+    atomic_store_explicit(&r->pool_kernel_pages, 0, memory_order_release);
+    for (size_t first = 0; first < k; first += LM_MAX_CLUSTER) {
+        size_t n = k - first < LM_MAX_CLUSTER ? k - first : LM_MAX_CLUSTER;
+        if (lm_ws_pagemap(r, first, n, pm) < 0)
+            for (size_t i = 0; i < n; i++)   /* unknown: as if mapped and written (hashed) */
+                pm[i] = LM_PM_PRESENT;
+        for (size_t i = 0; i < n; i++) {
+            struct lm_page_meta *m = &r->meta[first + i];
+            bool mapped = (pm[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
+            if (old[first + i] == LM_DEFERRED && (m->flags & LM_F_SHARED) && !mapped)
+                m->flags = m->cls == LM_CLS_SNAPSHOT ? LM_F_NEEDS_UPDATE : 0;
+        }
+        lm_meta_release_registered(r, first, n, old + first, pm);
+    }
+    free(old);
+    free(pm);
+    return 0;
+}
+
 int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
 {
+    if (atomic_load(&r->pool_kernel_pages) && first < atomic_load(&r->pool_kernel_pages)) {
+        if (!locked)
+            pthread_mutex_lock(&r->chunk_lock);
+        int rc = lm_pool_take_over(r);
+        if (!locked)
+            pthread_mutex_unlock(&r->chunk_lock);
+        if (rc < 0)
+            return rc;
+    }
     uint32_t *chunk_of = atomic_load(&r->chunk_of);
     if (!chunk_of || !atomic_load(&r->kernel_blocks))
         return 0;
@@ -999,6 +1058,48 @@ out:
     return rc;
 }
 
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
+#endif
+
+/*
+ * A shared restore's table (docs/shared-pages.md 2.5): which pages the pool must hold to be
+ * complete (r->pool_want, kept for lm_pool_finish after the table is gone), and whether the
+ * region is served by the kernel from the start. That takes a pool complete and sealed
+ * (sealed by lm_pool_finish, and complete by this region's own table: a pool sealed by
+ * anyone else before it was complete would otherwise have zeros planted in its holes), a
+ * program that asked for it (config.shared_first_touch false: its first touches are not seen,
+ * so no working set), no verify= (pages are mapped without a check) and a pool we may write
+ * (not a page server's, which serves the faults). Then whole 2 MiB blocks are unregistered
+ * before any page is touched; their records come from the table as DEFERRED SHARED (meta.c,
+ * apply_table).
+ */
+static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
+{
+    size_t words = (r->npages + 63) / 64, nwant = 0;
+    uint64_t *want = calloc(words ? words : 1, sizeof(uint64_t));
+    if (!want)
+        return lm_fail("calloc(pool bitmap)", ENOMEM);
+    for (size_t p = 0; p < r->npages; p++)
+        if (map[p].entry >= LM_SNAP_STORED) {
+            want[p >> 6] |= (uint64_t)1 << (p & 63);
+            nwant++;
+        }
+    free(r->pool_want);
+    r->pool_want = want;
+    r->pool_nwant = nwant;
+    size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages * r->blk_pages : 0;
+    int acc = fcntl(r->pool_fd, F_GETFL), seals = fcntl(r->pool_fd, F_GET_SEALS);
+    if (r->cfg.shared_first_touch != LM_FT_KERNEL || r->cfg.verify_shared || !whole ||
+        acc < 0 || (acc & O_ACCMODE) == O_RDONLY || seals < 0 ||
+        !(seals & F_SEAL_FUTURE_WRITE) || lm_pool_complete(r) != 1)
+        return 0;
+    if (lm_uffd_unregister(r->uffd, r->base, whole * r->page_size) < 0)
+        return 0;   /* served as registered: correct, only slower */
+    atomic_store_explicit(&r->pool_kernel_pages, whole, memory_order_release);
+    return 0;
+}
+
 int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t npages,
                      uint64_t nstored)
 {
@@ -1018,6 +1119,8 @@ int lm_restore_table(struct lm_region *r, const struct lm_snap_page *map, size_t
     if (!lm_meta_pristine(r) || r->used || atomic_load(&r->st_faults) ||
         atomic_load(&r->st_present))
         rc = lm_fail("restore into a region that is already in use", EBUSY);
+    else if (r->pool_fd >= 0 && (rc = pool_table(r, map)) < 0)
+        ;
     else
         lm_meta_install_base(r, map);   /* the caller keeps `map` alive (lazymem.h) */
     lm_records_unlock(r);
@@ -1063,9 +1166,10 @@ int lm_read_record(struct lm_region *r, size_t p, const struct lm_page_meta *m, 
     if (s == LM_POISONED)
         return lm_fail("page_read: the page is poisoned (its contents could not be served)",
                        EHWPOISON);
-    if (m->cls == LM_CLS_CANONICAL && (m->flags & LM_F_SHARED) && lm_kernel_page(r, p)) {
-        /* Kernel-served: the page tables are the truth (the template, or what a store since
-           the last sync wrote), and reading the memory raises no fault that reaches us. */
+    if ((m->flags & LM_F_SHARED) && lm_kernel_page(r, p)) {
+        /* Kernel-served: the page tables are the truth (the template or the pool's page, or
+           what a store since the last sync wrote), and reading the memory raises no fault
+           that reaches us. */
         memcpy(out, r->base + p * r->page_size, r->page_size);
         return 0;
     }

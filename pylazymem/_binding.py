@@ -17,7 +17,7 @@ except ImportError as e:
 
 from ._errors import status_error  # noqa: E402
 
-ABI_VERSION = 17
+ABI_VERSION = 18
 
 if lib.lm_abi_version() != ABI_VERSION:  # a stale build left next to newer Python files
     raise ImportError(

@@ -1124,6 +1124,7 @@ def _stats_dict(s, nthreads):
         "map_budget_fallbacks": s.map_budget_fallbacks,
         "shared_first_touch": bool(s.shared_first_touch),
         "canonical_kernel_pages": s.canonical_kernel_pages,
+        "pool_kernel_pages": s.pool_kernel_pages,
         "remote": {0: None, 1: "served", 2: "lost"}.get(s.remote, s.remote),
         "fault_service_ns": {
             "p50": min(_quantile(hist, total, 0.50), top),

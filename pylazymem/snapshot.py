@@ -1324,7 +1324,13 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                 # the kept manifest is not current: nothing has been read from the store yet
                 # (the region is closed below), and the caller starts again with this one
                 raise objstore.ManifestChanged(fresh)
-            if prefetch == "working-set":
+            # A complete pool the kernel serves (Region(shared_first_touch=False) and a pool
+            # sealed complete: docs/shared-pages.md 2.5): every page is mapped at its first
+            # touch by the kernel, nothing to prefetch or to fill in the background.
+            kernel = pool is not None and region.stats()["pool_kernel_pages"] > 0
+            if kernel:
+                background = False
+            elif prefetch == "working-set":
                 region.prefetch(p.working_set)
             elif prefetch == "all" and region.shared:
                 # The working set first (scattered pages copied privately: faster, and on the

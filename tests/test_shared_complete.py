@@ -1,0 +1,185 @@
+"""A complete pool (issue 11, docs/shared-pages.md 2.5): the background fill that finds every
+page of the snapshot in the pool makes it huge folios and seals it; a process that restores
+from a sealed, complete pool with Region(shared_first_touch=False) is served by the kernel
+(reads through PMDs, no fault reaches us, no working set), and its records, checkpoints and
+deferrals stay true. Every process is a spawned worker (tests/test_shared_multiproc.py), every
+reply awaited with a timeout, every byte read compared with the snapshot's contents."""
+
+import numpy as np
+import pytest
+
+from test_shared_multiproc import (assert_all_good, make_snapshot, workers)  # noqa: F401
+
+pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.shared_pages,
+              pytest.mark.timeout(300)]
+
+# 2 MiB blocks and a partial block at the end (registered: never kernel-served)
+NPAGES = 8 * 512 + 100
+
+WAIT_SEALED = """
+import time
+_t = time.monotonic()
+while not r.pool["sealed"] and time.monotonic() - _t < 60:
+    time.sleep(0.02)
+out = dict(pool_of(r), background=r.stats()["background_pages"])
+"""
+
+PMD = """
+def pmd_mapped(r):
+    lo, hi, total, inside = r.address, r.address + r.nbytes, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                inside = lo <= int(head.split("-")[0], 16) < hi
+            elif inside and head == "ShmemPmdMapped:":
+                total += int(line.split()[1]) * 1024
+    return total
+"""
+
+
+def first_sealed(w, snap, seed):
+    """Worker w restores `snap` shared with the background fill on and waits for the pool to
+    be sealed (the fill found it complete); its every byte checked."""
+    res = w.run("exp = expected(%d, %d); snap = %r\nr = restore_shared(snap, background=True)\n"
+                % (seed, NPAGES, snap) + WAIT_SEALED)
+    assert res["sealed"], "the background fill did not seal the complete pool: %s" % res
+    assert_all_good([w.run("out = check(r, exp)")], "the filler after sealing")
+    return res
+
+
+def test_complete_pool_is_sealed_and_served_by_the_kernel(workers, tmp_path):
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 21)
+    a, b, c = workers(3)
+    sealed = first_sealed(a, snap, 21)
+    whole = NPAGES // 512 * 512
+    # a joiner that asks for kernel-served pages: the whole blocks are the kernel's, every byte
+    # right, no fault of those pages reaches us, stores stay private
+    res = b.run(PMD + """
+exp = expected(21, %d)
+r = restore_shared(%r, shared_first_touch=False, prefetch="working-set", background=None)
+st0 = r.stats()
+c0 = check(r, exp)
+st = r.stats()
+v = pages(r)
+v[[3, 700, %d]] = 7
+exp2 = exp.copy(); exp2[[3, 700, %d]] = 7
+out = dict(check(r, exp2), first=c0, kernel=st0["pool_kernel_pages"], faults=st["faults"],
+           bg=st["background_running"], pool=pool_of(r), counts=r.page_counts())
+""" % (NPAGES, snap, whole + 5, whole + 5))
+    assert res["first"]["nbad"] == 0 and res["nbad"] == 0, res
+    assert res["kernel"] == whole
+    assert res["faults"] <= NPAGES - whole      # only the registered partial block faulted
+    assert not res["bg"] and res["pool"]["inode"] == sealed["inode"]
+    assert res["counts"]["private"] == 3
+    # the others and the pool are unaffected by b's stores; a registered joiner (the default)
+    # maps the same pool
+    assert_all_good([a.run("out = check(r, exp)")], "the filler after b's stores")
+    res = c.run("exp = expected(21, %d); r = restore_shared(%r)\nout = dict(check(r, exp), "
+                "kernel=r.stats()['pool_kernel_pages'], pool=pool_of(r))" % (NPAGES, snap))
+    assert res["nbad"] == 0 and res["kernel"] == 0 and res["pool"]["inode"] == sealed["inode"]
+
+
+@pytest.mark.huge_shared
+def test_complete_pool_is_read_through_huge_pages(workers, tmp_path):
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 22)
+    a, b = workers(2)
+    first_sealed(a, snap, 22)
+    res = b.run(PMD + """
+exp = expected(22, %d)
+r = restore_shared(%r, shared_first_touch=False)
+c = check(r, exp)
+out = dict(c, pmd=pmd_mapped(r))
+""" % (NPAGES, snap))
+    assert res["nbad"] == 0
+    assert res["pmd"] == NPAGES // 512 * (2 << 20), res   # every whole block one huge page
+
+
+def test_checkpoint_of_a_kernel_served_restore_differs_exactly_at_the_written_pages(
+        workers, tmp_path):
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 23)
+    out_snap = str(tmp_path / "out.snap")
+    a, b = workers(2)
+    first_sealed(a, snap, 23)
+    written = sorted(np.random.default_rng(9).choice(NPAGES, 40, replace=False).tolist())
+    res = b.run("""
+exp = expected(23, %d)
+r = restore_shared(%r, shared_first_touch=False)
+assert r.stats()["pool_kernel_pages"] > 0
+v = pages(r)
+written = np.array(%r)
+_ = [int(v[i].sum()) for i in written[::2]]     # half read first (mapped), then written
+new = np.random.default_rng(10).integers(0, 256, (written.size, PS), dtype=np.uint8)
+new[:, 0] |= 1
+v[written] = new
+exp_after = exp.copy(); exp_after[written] = new
+m = r.meta
+info = plm.checkpoint(r, %r)
+x = plm.restore(%r, prefetch="none", background=False)
+y = plm.restore(%r, prefetch="none", background=False)
+out = dict(check(y, exp_after), changed=np.nonzero(x.signatures() != y.signatures())[0].tolist(),
+           hashed=getattr(info, "pages_hashed", None), data=int((m["cls"] == plm.PageClass.DATA).sum()))
+x.close(); y.close()
+""" % (NPAGES, snap, written, out_snap, snap, out_snap))
+    assert res["nbad"] == 0, res
+    assert res["changed"] == written
+    assert res["data"] == len(written)
+    if res["hashed"] is not None:
+        assert res["hashed"] == len(written)
+
+
+def test_deferral_and_materialize_over_a_kernel_served_pool(workers, tmp_path):
+    """defer_fill, materialize and prefetch need the region registered: it is taken over whole
+    (records made true from the page tables), and the new contents are served, never the
+    pool's pages; written pages keep the program's bytes."""
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 24)
+    a, b = workers(2)
+    first_sealed(a, snap, 24)
+    res = b.run("""
+exp = expected(24, %d)
+r = restore_shared(%r, shared_first_touch=False)
+v = pages(r)
+_ = int(v[10].sum()) + int(v[2000].sum())       # mapped by the kernel
+v[11] = 5                                        # written
+exp[11] = 5
+k0 = r.stats()["pool_kernel_pages"]
+r.defer_fill(600 * PS, 1000 * PS, plm.ZERO)      # zero over blocks 1..3 (partly)
+exp[600:1600] = 0
+k1 = r.stats()["pool_kernel_pages"]
+c1 = check(r, exp)
+r.materialize()
+c2 = check(r, exp)
+m = r.meta
+out = dict(c2, first=c1, k0=k0, k1=k1, cls11=int(m["cls"][11]), st10=int(m["state"][10]),
+           present=r.stats()["pages_present"])
+""" % (NPAGES, snap))
+    assert res["first"]["nbad"] == 0 and res["nbad"] == 0, res
+    assert res["k0"] > 0 and res["k1"] == 0
+    import pylazymem as plm
+    assert res["cls11"] == plm.PageClass.DATA
+    assert res["st10"] == plm.PageState.PRESENT
+    assert res["present"] == NPAGES
+
+
+def test_pool_sealed_by_another_before_it_was_complete_is_not_kernel_served(workers, tmp_path):
+    """Only a pool this process finds complete is left to the kernel: one sealed early (by a
+    foreign tool) keeps its holes registered, so they are read from the store, never as the
+    zeros the kernel would plant in the pool."""
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 25)
+    a, b = workers(2)
+    res = a.run("""
+import fcntl, os
+exp = expected(25, %d)
+r = restore_shared(%r)
+_ = [int(pages(r)[i].sum()) for i in range(0, %d, 3)]    # a third of the pool published
+# sealed through the pool's memfd (a stand-in for a foreign tool of this uid)
+fcntl.fcntl(r._pool.fd, 1033, 0x10)   # F_ADD_SEALS, F_SEAL_FUTURE_WRITE
+out = pool_of(r)
+""" % (NPAGES, snap, NPAGES))
+    assert res["sealed"]
+    res = b.run("""
+exp = expected(25, %d)
+r = restore_shared(%r, shared_first_touch=False)
+out = dict(check(r, exp), kernel=r.stats()["pool_kernel_pages"], sealed=r.pool["sealed"])
+""" % (NPAGES, snap))
+    assert res["sealed"] and res["kernel"] == 0 and res["nbad"] == 0, res
