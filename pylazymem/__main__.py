@@ -93,6 +93,8 @@ def _inspect_pid(args):
           % (mib("Shared_Clean") + mib("Shared_Dirty")))
     print("private:       %.1f MiB (of which written copies: %.1f MiB)"
           % (mib("Private_Clean") + mib("Private_Dirty"), mib("Anonymous")))
+    print("huge:          %.1f MiB (mapped 2 MiB at a time from a complete pool)"
+          % mib("ShmemPmdMapped"))
     return 0
 
 

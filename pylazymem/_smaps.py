@@ -6,7 +6,7 @@ are the process's own copies (Anonymous). `pylazymem inspect --pid PID` prints t
 """
 POOL_NAME = "/memfd:pylazymem-pool"
 FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty",
-          "Anonymous")
+          "Anonymous", "ShmemPmdMapped")   # the last: mapped as huge pages (a complete pool)
 
 
 def pool_mappings(pid):

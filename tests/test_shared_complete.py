@@ -89,10 +89,12 @@ def test_complete_pool_is_read_through_huge_pages(workers, tmp_path):
 exp = expected(22, %d)
 r = restore_shared(%r, shared_first_touch=False)
 c = check(r, exp)
-out = dict(c, pmd=pmd_mapped(r))
+from pylazymem._smaps import pool_mappings
+out = dict(c, pmd=pmd_mapped(r), inspect=pool_mappings(os.getpid())["ShmemPmdMapped"])
 """ % (NPAGES, snap))
     assert res["nbad"] == 0
     assert res["pmd"] == NPAGES // 512 * (2 << 20), res   # every whole block one huge page
+    assert res["inspect"] == res["pmd"]                    # what `pylazymem inspect --pid` says
 
 
 def test_checkpoint_of_a_kernel_served_restore_differs_exactly_at_the_written_pages(
