@@ -215,7 +215,20 @@ static bool not_lazy(uint8_t s)
    dropped behind our back. */
 static void absent_pages(struct lm_region *r, _Atomic uint64_t *dst, size_t from, size_t to)
 {
-    mark_claimed(r, dst, from, to, present);
+    /* Not a page recorded as a shared pool's unwritten page (SHARED): dropped, it reads the
+       same pool page again (serve.c, serve_spurious), and its stores are found as private
+       copies by scan_copies. A pool's completion drops them all (fill.c, lm_pool_finish). */
+    for (size_t p = from; p < to; p++) {
+        uint64_t done = atomic_load_explicit(&r->base_done[p >> 6], memory_order_relaxed);
+        if (!done) {
+            p |= 63;
+            continue;
+        }
+        const struct lm_page_meta *m = &r->meta[p];
+        if ((done >> (p & 63)) & 1 && present(lm_state_load(m)) &&
+            !(r->pool_fd >= 0 && (__atomic_load_n(&m->flags, __ATOMIC_RELAXED) & LM_F_SHARED)))
+            bit_or(dst, p);
+    }
 }
 
 /* Scan B: private copies (present or swapped, not a file page, not the zero page) in VMAs

@@ -119,32 +119,6 @@ static int holes_by_seek(struct lm_region *r, size_t first, size_t n, unsigned c
 #define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
 #endif
 
-int lm_pool_complete(struct lm_region *r)
-{
-    if (!r->pool_want || r->pool_fd < 0)
-        return 0;
-    /* The page cache is the record of what is filled (2.4): walk the pool's holes below
-       the header page; each must be a page the snapshot has as zero. */
-    off_t ps = (off_t)r->page_size, end = (off_t)r->npages * ps, pos = 0;
-    while (pos < end) {
-        off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
-        if (h < 0)
-            return LM_FAIL("lseek(pool, SEEK_HOLE)");
-        if (h >= end)
-            break;
-        off_t d = lseek(r->pool_fd, h, SEEK_DATA);
-        if (d < 0 && errno != ENXIO)
-            return LM_FAIL("lseek(pool, SEEK_DATA)");
-        if (d < 0 || d > end)
-            d = end;
-        for (size_t q = (size_t)(h / ps); q < (size_t)((d + ps - 1) / ps); q++)
-            if (r->pool_want[q >> 6] & ((uint64_t)1 << (q & 63)))
-                return 0;
-        pos = d > h ? d : h + ps;
-    }
-    return 1;
-}
-
 int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
 {
     /* No view: the pool is read-only here (a page server's) or sealed already. */
@@ -158,16 +132,41 @@ int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
     int rc = lm_pool_complete(r);
     if (rc <= 0)
         return rc;
-    /* Huge folios first, then the seal: a process that finds the pool sealed may map it for
-       the kernel to serve, and gets PMDs only for blocks collapsed by then. Holes left are
-       the snapshot's zero pages; a collapse makes those of its block pages of zeros, the
-       same contents. Mappings of the small pages (our region's, other processes') are
-       dropped by the kernel and fault again (MINOR: CONTINUE maps the huge folio's page). */
+    /* Huge folios first, then the seal: a process that finds the pool sealed may leave it to
+       the kernel (store.c, pool_table), and gets PMDs only for blocks collapsed by then.
+       The holes left are the snapshot's zero (and untouched) pages. In a block that holds
+       data they are filled with pages of zeros first (UFFDIO_ZEROPAGE through the view: the
+       one atomic way in, and zeros are those pages' contents): a block with a hole is
+       neither collapsed (the kernel refuses while a MISSING registration maps the file:
+       EBUSY) nor served by the kernel (its read fault would plant a zero page, harmless for
+       these pages but not counted anywhere). A block of zeros only stays a hole: no memory.
+       A collapse drops every process's mappings of the block's small pages; they fault
+       again (a registered region: a MINOR fault, CONTINUE of its PRESENT SHARED page). */
     const size_t block = r->blk_pages * r->page_size;
-    size_t whole = r->npages / r->blk_pages;
-    for (size_t b = 0; b < whole && r->blk_pages > 1; b++) {
+    size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages : 0;
+    for (size_t b = 0; b < whole; b++) {
         if (stop && atomic_load_explicit(stop, memory_order_relaxed))
             return 0;   /* not sealed: the next fill to complete it does it all again */
+        size_t first = b * r->blk_pages, data = 0;
+        for (size_t p = first; p < first + r->blk_pages; p++)
+            data += (r->pool_want[p >> 6] >> (p & 63)) & 1;
+        /* Zeros cost memory here, unlike holes: only in blocks that are mostly data (at most
+           a third more than the data; a sparse block stays small and registered). */
+        if (data * 4 < r->blk_pages * 3)
+            continue;
+        off_t pos = (off_t)(b * block), end = pos + (off_t)block;
+        while (pos < end) {
+            off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
+            if (h < 0 || h >= end)
+                break;
+            off_t d = lseek(r->pool_fd, h, SEEK_DATA);
+            if (d < 0 || d > end)
+                d = end;
+            size_t done = 0;
+            if (lm_uffd_zeropage(r->uffd, r->pool_view + h, (size_t)(d - h), false, &done) < 0)
+                break;   /* left a hole: the block stays small, served registered */
+            pos = d;
+        }
         lm_shmem_collapse(r->pool_fd, (uint64_t)(b * block), block);
     }
     if (fcntl(r->pool_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) < 0)

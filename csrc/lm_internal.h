@@ -262,14 +262,22 @@ struct lm_region {
        gone; pool_nwant of them. NULL before a shared restore. (docs/shared-pages.md 2.5) */
     uint64_t *pool_want;
     size_t pool_nwant;
-    /* Pages [0, pool_kernel_pages) of a shared region whose pool was complete at its restore
-       and which asked for kernel-served first touches (config.shared_first_touch false): not
-       registered, the kernel maps the pool's pages (huge folios: one PMD per 2 MiB) and no
-       fault reaches us. Whole 2 MiB blocks. Their records are DEFERRED SHARED without
-       NEEDS_UPDATE (class SNAPSHOT or ZERO: what the pool holds there), like a kernel-served
-       chunk block's, and the same rules apply (LM_CHUNK_KERNEL); the region leaves this state
-       whole, every page held (lm_chunk_take_over). */
-    _Atomic size_t pool_kernel_pages;
+    /* The 2 MiB blocks of a shared region that the kernel serves (bit b of pool_kernel_map):
+       the pool was complete and sealed at the restore, the program asked for kernel-served
+       first touches (config.shared_first_touch false), and the pool holds every page of the
+       block (no hole: an unregistered read of a hole would plant a page of zeros in the
+       pool). Not registered: the kernel maps the pool's pages (huge folios: one PMD per
+       block) and no fault reaches us. Their records are DEFERRED SHARED without NEEDS_UPDATE
+       (class SNAPSHOT, or ZERO for zero and untouched pages), like a kernel-served chunk
+       block's, and the same rules apply (LM_CHUNK_KERNEL). pool_kernel_blocks counts them;
+       0 means none (the map is not read then): the region leaves this state all at once,
+       every page of those blocks held (lm_pool_take_over). */
+    uint64_t *pool_kernel_map;
+    _Atomic size_t pool_kernel_blocks;
+    /* 2 MiB block boundaries may be VMA boundaries (canonical chunks were mapped, or pool
+       blocks were left to the kernel): one UFFDIO_COPY / ZEROPAGE / CONTINUE acts inside one
+       VMA (across one it fails with ENOENT), so runs stop there (lm_vma_blocks). Sticky. */
+    _Atomic bool vma_blocks;
     /* Canonical chunks (docs/shared-pages.md 3): per 2 MiB block of the region (block b =
        pages [b * blk_pages, (b + 1) * blk_pages)), the canonical id whose chunk is mapped there,
        0 = the region's normal backing (anonymous memory, or the pool). A flat table rather than
@@ -505,14 +513,29 @@ int lm_meta_defer_remap(struct lm_region *r, size_t first, size_t n, int cls, ui
                         uint64_t sig, uint16_t flags,
                         int (*remap)(struct lm_region *, size_t, size_t, void *), void *arg,
                         size_t *failed_at);
-/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL) or kernel-served pool span? While p is held it can only
+/* Pages per block when 2 MiB block boundaries may be VMA boundaries (runs stop there), else 0. */
+static inline size_t lm_vma_blocks(struct lm_region *r)
+{
+    return atomic_load_explicit(&r->chunk_of, memory_order_relaxed) ||
+                   atomic_load_explicit(&r->vma_blocks, memory_order_relaxed)
+               ? r->blk_pages
+               : 0;
+}
+/* Is page p in a block of a complete pool that the kernel serves (pool_kernel_map)? */
+static inline bool lm_pool_kernel_block(struct lm_region *r, size_t p)
+{
+    size_t b = p / r->blk_pages;
+    return atomic_load_explicit(&r->pool_kernel_blocks, memory_order_acquire) &&
+           b < r->nblocks && ((r->pool_kernel_map[b >> 6] >> (b & 63)) & 1);
+}
+/* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL) or kernel-served pool block? While p is held it can only
    turn true (a deferral remapping the block onto a kernel-served chunk holds only pages
    claimed before it looked; it records this one again afterwards), never false (leaving the
    kernel-served state holds every page of the block): true means "no fault here reaches us". */
 static inline bool lm_kernel_page(struct lm_region *r, size_t p)
 {
-    if (p < atomic_load_explicit(&r->pool_kernel_pages, memory_order_acquire))
-        return true;   /* a complete pool served by the kernel (pool_kernel_pages) */
+    if (lm_pool_kernel_block(r, p))
+        return true;
     const uint32_t *co = atomic_load_explicit(&r->chunk_of, memory_order_acquire);
     size_t b = p / r->blk_pages;
     return co && b < r->nblocks &&
@@ -569,10 +592,13 @@ void lm_canon_chunks_close(struct lm_region *r);
    bytes), their records made true from the page tables. The caller holds no page. With
    `locked`, the caller holds chunk_lock. 0 or -errno. */
 int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked);
-/* A kernel-served pool span (pool_kernel_pages) made registered, whole (also done by
-   lm_chunk_take_over for a range that overlaps it). The caller holds chunk_lock and no page.
+/* The kernel-served pool blocks (pool_kernel_map) made registered, all of them (also done by
+   lm_chunk_take_over for a range that overlaps one). The caller holds chunk_lock and no page.
    0 (also when there is none) or -errno. */
 int lm_pool_take_over(struct lm_region *r);
+/* Does the pool hold every page of r->pool_want (docs/shared-pages.md 2.5)? 1 yes, 0 no (or
+   no restore table), -errno. */
+int lm_pool_complete(struct lm_region *r);
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);
@@ -696,9 +722,6 @@ int lm_fill_assemble(struct lm_region *r, struct lm_serve_thread *t, size_t firs
    publishing pages into it from src (*done = pages published or found there before a failure). */
 int lm_pool_holes(struct lm_region *r, size_t first, size_t n, unsigned char *vec);
 int lm_pool_publish(struct lm_region *r, size_t first, size_t n, const char *src, size_t *done);
-/* Does the pool hold every page of r->pool_want (docs/shared-pages.md 2.5)? 1 yes, 0 no (or
-   no restore table), -errno. */
-int lm_pool_complete(struct lm_region *r);
 /* A complete pool (lm_pool_complete) made huge folios, block by block (lm_shmem_collapse),
    and sealed F_SEAL_FUTURE_WRITE: the mark by which a process that joins it knows it
    complete. Stops early, unsealed, once *stop (may be NULL) is set. 1 sealed (by this call

@@ -190,10 +190,12 @@ static uint8_t apply_table(struct lm_region *r, size_t p, uint8_t s)
         return s;
     struct lm_page_meta *m = &r->meta[p];
     uint32_t e = map[p].entry;
-    /* A kernel-served span of a complete pool (lm_internal.h, pool_kernel_pages): the pool
-       holds the page, the kernel maps it, nothing is to be carried out. */
-    bool kernel = p < atomic_load_explicit(&r->pool_kernel_pages, memory_order_acquire);
-    if (e == LM_SNAP_ZERO) {
+    /* A kernel-served block of a complete pool (lm_internal.h, pool_kernel_map): the pool
+       holds the page, the kernel maps it, nothing is to be carried out. An untouched page
+       there is a page of zeros the kernel maps from the pool (it has no hole in such a
+       block), and a store to it is found by the sync like any other: recorded as zero. */
+    bool kernel = lm_pool_kernel_block(r, p);
+    if (e == LM_SNAP_ZERO || (kernel && e == LM_SNAP_UNTOUCHED)) {
         m->cls = LM_CLS_ZERO;
         m->signature = r->zero_sig;
         if (kernel)
@@ -349,10 +351,11 @@ static int fill_kind(const struct lm_region *r, const struct lm_page_meta *m)
 size_t lm_claim_run(struct lm_region *r, size_t first, size_t max, uint8_t *old)
 {
     size_t run = 1;
-    /* Once canonical chunks have been mapped, every 2 MiB block boundary may be a VMA boundary
-       (region.c), and one UFFDIO_COPY / ZEROPAGE / CONTINUE acts inside one VMA (across one it
-       fails with ENOENT): runs stop there. */
-    size_t blk = atomic_load_explicit(&r->chunk_of, memory_order_relaxed) ? r->blk_pages : 0;
+    /* Once canonical chunks have been mapped or pool blocks left to the kernel, every 2 MiB
+       block boundary may be a VMA boundary (region.c, store.c), and one UFFDIO_COPY /
+       ZEROPAGE / CONTINUE acts inside one VMA (across one it fails with ENOENT): runs stop
+       there. */
+    size_t blk = lm_vma_blocks(r);
     while (run < max && first + run < r->npages) {
         if (blk && (first + run) % blk == 0)
             break;

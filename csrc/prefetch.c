@@ -134,8 +134,9 @@ static size_t copy_from_batch(struct lm_region *r, const uint64_t *pairs, size_t
             continue;
         }
         size_t run = 1;
-        /* Chunk blocks (region.c) make 2 MiB boundaries VMA boundaries: no ioctl crosses one. */
-        size_t blk = atomic_load(&r->chunk_of) ? r->blk_pages : 0;
+        /* Chunk blocks (region.c) and kernel-served pool blocks (store.c) make 2 MiB
+           boundaries VMA boundaries: no ioctl crosses one. */
+        size_t blk = lm_vma_blocks(r);
         while (i + run < k && pairs[2 * (i + run)] == idx + run &&
                pairs[2 * (i + run) + 1] == p + run && !(blk && (p + run) % blk == 0) &&
                !bad[idx + run - base] &&

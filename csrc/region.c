@@ -301,6 +301,7 @@ static void free_bookkeeping(struct lm_region *r)
     lm_canon_chunks_close(r);   /* the mappings keep the chunks' memory while they exist */
     free(atomic_load(&r->chunk_of));
     free(r->pool_want);
+    free(r->pool_kernel_map);
     pthread_mutex_destroy(&r->chunk_lock);
     free(r->canon_sig);
     free(r->canon_index);
@@ -397,18 +398,19 @@ int lm_region_share(struct lm_region *r, int pool_fd)
     if ((acc & O_ACCMODE) != O_RDONLY && !sealed) {
         /* The view first: a failure below leaves the region's anonymous mapping untouched. */
         char *view = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-        if (view == MAP_FAILED) {
-            /* sealed between the look and the mmap (another process completed the pool:
-               lm_pool_finish): no view needed, nothing left to publish */
-            int err = errno;
+        if (view == MAP_FAILED)
+            return LM_FAIL("mmap(pool view)");
+        r->pool_view = view;
+        madvise(view, len, MADV_DONTFORK);
+        if ((rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0) {
+            /* Sealed between the look and the registration (another process completed the
+               pool: lm_pool_finish; the seal takes VM_MAYWRITE from new shared mappings, so
+               registering one fails with EPERM): no view needed, nothing left to publish. */
             seals = fcntl(fd, F_GET_SEALS);
-            if (err != EPERM || seals < 0 || !(seals & F_SEAL_FUTURE_WRITE))
-                return lm_fail("mmap(pool view)", err);
-        } else {
-            r->pool_view = view;
-            madvise(view, len, MADV_DONTFORK);
-            if ((rc = lm_uffd_register(r->uffd, view, len, UFFDIO_REGISTER_MODE_MISSING)) < 0)
+            if (rc != -EPERM || seals < 0 || !(seals & F_SEAL_FUTURE_WRITE))
                 return rc;
+            munmap(view, len);
+            r->pool_view = MAP_FAILED;
         }
     }
     /* The region over the pool: PROT_NONE until registered, so that nothing (mlockall's
@@ -859,7 +861,7 @@ int lm_stats(struct lm_region *r, struct lm_stats *o)
     o->share_canonical = r->share_canonical;
     o->shared_first_touch = !r->kernel_first_touch;
     o->canonical_kernel_pages = LD(kernel_blocks) * r->blk_pages;
-    o->pool_kernel_pages = LD(pool_kernel_pages);
+    o->pool_kernel_pages = LD(pool_kernel_blocks) * r->blk_pages;
 #undef LD
     return 0;
 }

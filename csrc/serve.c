@@ -219,8 +219,12 @@ static void serve_spurious(struct lm_serve_thread *t, size_t page, bool pinned, 
        MINOR fault): what a private file mapping gives back after MADV_DONTNEED. */
     char *addr = r->base + page * r->page_size;
     /* If dropped, the page now reads as zero (or as the pool's page) without a store: no
-       write-protect bit tells, so dirty tracking is told here (dirty.c). */
-    lm_dirty_mark(r, page, 1);
+       write-protect bit tells, so dirty tracking is told here (dirty.c). Not for a page still
+       recorded as the pool's unwritten page (SHARED: the sync finds every store as a private
+       copy): it reads the same pool page again, which nobody changes (a pool's completion
+       drops every process's mappings of its pages when it makes them huge: fill.c). */
+    if (!(minor && (r->meta[page].flags & LM_F_SHARED)))
+        lm_dirty_mark(r, page, 1);
     int rc;
     if (minor) {
         rc = lm_uffd_continue(r->uffd, addr, r->page_size, true, NULL);

@@ -250,22 +250,49 @@ static int take_over_block(struct lm_region *r, uint32_t *chunk_of, size_t b)
     return 0;
 }
 
+/* Each run of kernel-served pool blocks (pool_kernel_map) registered MISSING | MINOR (reg)
+   or unregistered; 0 or the first failure's -errno (the runs before it are done). */
+static int pool_kernel_runs(struct lm_region *r, bool reg)
+{
+    size_t bp = r->blk_pages, ps = r->page_size;
+    for (size_t b = 0; b < r->nblocks;) {
+        if (!((r->pool_kernel_map[b >> 6] >> (b & 63)) & 1)) {
+            b++;
+            continue;
+        }
+        size_t e = b;
+        while (e < r->nblocks && ((r->pool_kernel_map[e >> 6] >> (e & 63)) & 1))
+            e++;
+        char *at = r->base + b * bp * ps;
+        size_t len = (e - b) * bp * ps;
+        int rc = reg ? lm_uffd_register(r->uffd, at, len,
+                                        UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR)
+                     : lm_uffd_unregister(r->uffd, at, len);
+        if (rc < 0)
+            return rc;
+        b = e;
+    }
+    return 0;
+}
+
 /*
- * A kernel-served pool span (pool_kernel_pages) becomes registered, whole: every page of it
- * held (readers read the memory of kernel-served pages), the span registered MISSING | MINOR
- * (pages the kernel mapped stay mapped), then the records made true from the page tables as
- * for a chunk block (lm_meta_release_registered): mapped pages PRESENT (SHARED, or DATA where
- * a store copied it); the others back to ordinary lazy records (a snapshot page NEEDS_UPDATE,
- * a zero page nothing), served by the fault path from now on. Rare (a deferral, materialize
- * or prefetch of such a region): it costs a pass over every page.
+ * The kernel-served pool blocks (pool_kernel_map) become registered, all at once: every page
+ * of them held (readers read the memory of kernel-served pages), the blocks registered
+ * MISSING | MINOR (pages the kernel mapped stay mapped), then the records made true from the
+ * page tables as for a chunk block (lm_meta_release_registered): mapped pages PRESENT (SHARED,
+ * or DATA where a store copied it); the others back to ordinary lazy records (a snapshot page
+ * NEEDS_UPDATE, a zero page nothing), served by the fault path from now on. Rare (a deferral,
+ * materialize or prefetch of such a region): it costs a pass over every page.
  */
 int lm_pool_take_over(struct lm_region *r)
 {
-    size_t k = atomic_load(&r->pool_kernel_pages);
-    if (!k)
+    if (!atomic_load(&r->pool_kernel_blocks))
         return 0;
-    uint8_t *old = malloc(k);
-    uint64_t *pm = malloc(LM_MAX_CLUSTER * sizeof(uint64_t));
+    size_t k = r->nblocks * r->blk_pages;   /* the whole blocks: the kernel-served ones among them */
+    if (k > r->npages)
+        k = r->npages / r->blk_pages * r->blk_pages;
+    uint8_t *old = malloc(k ? k : 1);
+    uint64_t *pm = malloc((k ? k : 1) * sizeof(uint64_t));
     if (!old || !pm) {
         free(old);
         free(pm);
@@ -273,28 +300,24 @@ int lm_pool_take_over(struct lm_region *r)
     }
     for (size_t p = 0; p < k; p++)
         old[p] = lm_claim_wait(r, p);
-    int rc = lm_uffd_register(r->uffd, r->base, k * r->page_size,
-                              UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR);
+    int rc = pool_kernel_runs(r, true);
+    if (rc == 0)   /* read before anything changes: a failure leaves the blocks as they were */
+        rc = lm_ws_pagemap(r, 0, k, pm);
     if (rc < 0) {
-        lm_unclaim(r, 0, k, old);   /* still kernel-served, records unchanged */
+        (void)pool_kernel_runs(r, false);   /* still kernel-served, records unchanged */
+        lm_unclaim(r, 0, k, old);
         free(old);
         free(pm);
         return rc;
     }
-    atomic_store_explicit(&r->pool_kernel_pages, 0, memory_order_release);
-    for (size_t first = 0; first < k; first += LM_MAX_CLUSTER) {
-        size_t n = k - first < LM_MAX_CLUSTER ? k - first : LM_MAX_CLUSTER;
-        if (lm_ws_pagemap(r, first, n, pm) < 0)
-            for (size_t i = 0; i < n; i++)   /* unknown: as if mapped and written (hashed) */
-                pm[i] = LM_PM_PRESENT;
-        for (size_t i = 0; i < n; i++) {
-            struct lm_page_meta *m = &r->meta[first + i];
-            bool mapped = (pm[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
-            if (old[first + i] == LM_DEFERRED && (m->flags & LM_F_SHARED) && !mapped)
-                m->flags = m->cls == LM_CLS_SNAPSHOT ? LM_F_NEEDS_UPDATE : 0;
-        }
-        lm_meta_release_registered(r, first, n, old + first, pm);
+    atomic_store_explicit(&r->pool_kernel_blocks, 0, memory_order_release);
+    for (size_t p = 0; p < k; p++) {
+        struct lm_page_meta *m = &r->meta[p];
+        bool mapped = (pm[p] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
+        if (old[p] == LM_DEFERRED && (m->flags & LM_F_SHARED) && !mapped)
+            m->flags = m->cls == LM_CLS_SNAPSHOT ? LM_F_NEEDS_UPDATE : 0;
     }
+    lm_meta_release_registered(r, 0, k, old, pm);
     free(old);
     free(pm);
     return 0;
@@ -302,7 +325,8 @@ int lm_pool_take_over(struct lm_region *r)
 
 int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
 {
-    if (atomic_load(&r->pool_kernel_pages) && first < atomic_load(&r->pool_kernel_pages)) {
+    if (atomic_load(&r->pool_kernel_blocks) &&
+        first < r->npages / r->blk_pages * r->blk_pages) {
         if (!locked)
             pthread_mutex_lock(&r->chunk_lock);
         int rc = lm_pool_take_over(r);
@@ -1062,17 +1086,49 @@ out:
 #define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
 #endif
 
+int lm_pool_complete(struct lm_region *r)
+{
+    if (!r->pool_want || r->pool_fd < 0)
+        return 0;
+    /* The page cache is the record of what is filled (2.4): walk the pool's holes below
+       the header page; each must be a page the snapshot has as zero. */
+    off_t ps = (off_t)r->page_size, end = (off_t)r->npages * ps, pos = 0;
+    while (pos < end) {
+        off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
+        if (h < 0)
+            return LM_FAIL("lseek(pool, SEEK_HOLE)");
+        if (h >= end)
+            break;
+        off_t d = lseek(r->pool_fd, h, SEEK_DATA);
+        if (d < 0 && errno != ENXIO)
+            return LM_FAIL("lseek(pool, SEEK_DATA)");
+        if (d < 0 || d > end)
+            d = end;
+        for (size_t q = (size_t)(h / ps); q < (size_t)((d + ps - 1) / ps); q++)
+            if (r->pool_want[q >> 6] & ((uint64_t)1 << (q & 63)))
+                return 0;
+        pos = d > h ? d : h + ps;
+    }
+    return 1;
+}
+
+/* At most this many runs of kernel-served blocks in a region (each a VMA of its own, and one
+   for the registered run after it): a pool with more holey blocks than that is served
+   registered, within any vm.max_map_count. */
+#define POOL_KERNEL_MAX_RUNS 64
+
 /*
- * A shared restore's table (docs/shared-pages.md 2.5): which pages the pool must hold to be
- * complete (r->pool_want, kept for lm_pool_finish after the table is gone), and whether the
- * region is served by the kernel from the start. That takes a pool complete and sealed
- * (sealed by lm_pool_finish, and complete by this region's own table: a pool sealed by
- * anyone else before it was complete would otherwise have zeros planted in its holes), a
- * program that asked for it (config.shared_first_touch false: its first touches are not seen,
- * so no working set), no verify= (pages are mapped without a check) and a pool we may write
- * (not a page server's, which serves the faults). Then whole 2 MiB blocks are unregistered
- * before any page is touched; their records come from the table as DEFERRED SHARED (meta.c,
- * apply_table).
+ * A shared restore's table (docs/shared-pages.md 2.5, 2.8): which pages the pool must hold to
+ * be complete (r->pool_want, kept for lm_pool_finish after the table is gone), and which of the
+ * region's blocks the kernel serves from the start. That takes a pool complete and sealed
+ * (sealed by lm_pool_finish, and complete by this region's own table: a pool sealed by anyone
+ * else before it was complete is not), a program that asked for it (config.shared_first_touch
+ * false: its first touches are not seen, so no working set), no verify= (pages are mapped
+ * without a check), a pool we may write (not a page server's, which serves the faults), and,
+ * per 2 MiB block, no hole in the pool (lm_pool_finish fills the zero pages of blocks that
+ * hold data; a block of zeros only stays a hole, registered, served with the zero page).
+ * Those blocks are unregistered before any page is touched; their records come from the
+ * table as DEFERRED SHARED (meta.c, apply_table).
  */
 static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
 {
@@ -1088,15 +1144,38 @@ static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
     free(r->pool_want);
     r->pool_want = want;
     r->pool_nwant = nwant;
-    size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages * r->blk_pages : 0;
+    size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages : 0;
     int acc = fcntl(r->pool_fd, F_GETFL), seals = fcntl(r->pool_fd, F_GET_SEALS);
     if (r->cfg.shared_first_touch != LM_FT_KERNEL || r->cfg.verify_shared || !whole ||
         acc < 0 || (acc & O_ACCMODE) == O_RDONLY || seals < 0 ||
         !(seals & F_SEAL_FUTURE_WRITE) || lm_pool_complete(r) != 1)
         return 0;
-    if (lm_uffd_unregister(r->uffd, r->base, whole * r->page_size) < 0)
-        return 0;   /* served as registered: correct, only slower */
-    atomic_store_explicit(&r->pool_kernel_pages, whole, memory_order_release);
+    uint64_t *kmap = calloc((r->nblocks + 63) / 64 + 1, sizeof(uint64_t));
+    if (!kmap)
+        return 0;   /* served registered: correct, only slower */
+    /* the blocks without a hole: SEEK_HOLE from each block's start */
+    off_t bytes = (off_t)(r->blk_pages * r->page_size);
+    size_t nk = 0, runs = 0;
+    for (size_t b = 0; b < whole; b++) {
+        off_t h = lseek(r->pool_fd, (off_t)b * bytes, SEEK_HOLE);
+        if (h < 0) {
+            free(kmap);
+            return 0;
+        }
+        if (h >= (off_t)(b + 1) * bytes) {
+            kmap[b >> 6] |= (uint64_t)1 << (b & 63);
+            runs += !nk || !((kmap[(b - 1) >> 6] >> ((b - 1) & 63)) & 1);
+            nk++;
+        }
+    }
+    free(r->pool_kernel_map);
+    r->pool_kernel_map = kmap;
+    atomic_store(&r->vma_blocks, true);   /* before any VMA is split: runs stop at blocks */
+    if (!nk || runs > POOL_KERNEL_MAX_RUNS || pool_kernel_runs(r, false) < 0) {
+        (void)pool_kernel_runs(r, true);   /* a partial unregistration undone */
+        return 0;
+    }
+    atomic_store_explicit(&r->pool_kernel_blocks, nk, memory_order_release);
     return 0;
 }
 

@@ -300,6 +300,8 @@ class Region(AddressRange):
         # Who serves the first touches of those chunk blocks (section 3 item 3): True = us
         # (registered MINOR: every first touch is seen, in order, by the working set); False =
         # the kernel (unregistered: no uffd round trip, not seen). None: the default, False.
+        # For a shared restore only an explicit False lets the kernel serve a pool found
+        # complete (section 2.8: PMD reads, but no working set); None keeps pools registered.
         if shared_first_touch is None:
             cfg.shared_first_touch = lib.LM_FT_DEFAULT
         elif shared_first_touch is True:

@@ -1161,7 +1161,11 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     verify=True also every page another process published, before it is mapped (one that
     differs is served privately from the file). Every process of this user can write the pool,
     even after that check: share only among processes that trust one another
-    (docs/shared-pages.md 2.6).
+    (docs/shared-pages.md 2.6). With share and Region's shared_first_touch=False, a pool
+    found complete (its filler's background fill completed and sealed it) is left to the
+    kernel: pages are mapped 2 MiB at a time (huge pages) at their first touch, no fault
+    reaches this process, nothing is prefetched or filled in the background, and the working
+    set of this run is not recorded (stats()["pool_kernel_pages"]; docs/shared-pages.md 2.8).
     Other keyword arguments go to Region().
     """
     where = os.fspath(path)
@@ -1259,7 +1263,9 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                 # snapshot's content id (its header checksum) commits to, whoever filled it.
                 # (A page server's pool is published by the server only: nothing to verify
                 # here beyond what verify= asks.)
-                verify_now = bool(verify) or (pool is not None)
+                # A sealed pool (complete: docs/shared-pages.md 2.5) gets no view here, so
+                # nothing is published into it: the signatures can wait for whoever needs them.
+                verify_now = bool(verify) or (pool is not None and not pool.info()["sealed"])
                 table, nstored = p.map, h["nstored"]
                 if chain is not None:   # every file of the chain a layer, leaf first
                     layers = ffi.new("struct lm_src_layer[]", len(chain.layers))
