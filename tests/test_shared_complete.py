@@ -10,7 +10,7 @@ import pytest
 
 import pylazymem as plm
 from _helpers import PAGE_SIZE as PS
-from test_shared_multiproc import assert_all_good, workers  # noqa: F401
+from test_shared_multiproc import assert_all_good, run_all, workers  # noqa: F401
 
 pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.shared_pages,
               pytest.mark.timeout(300)]
@@ -233,3 +233,28 @@ r = restore_shared(%r, shared_first_touch=False)
 out = dict(check(r, exp), kernel=r.stats()["pool_kernel_pages"], sealed=r.pool["sealed"])
 """ % (NPAGES, snap))
     assert res["sealed"] and res["kernel"] == 0 and res["nbad"] == 0, res
+
+
+def test_processes_served_by_the_kernel_concurrently(workers, tmp_path):
+    """Four processes restore a complete pool at once, kernel-served, each reads every byte in
+    its own order and writes its own pages: each sees its writes and the snapshot elsewhere,
+    and the filler still reads the snapshot."""
+    snap = make_snapshot(str(tmp_path / "s.snap"), NPAGES, 26)
+    first, *ws = workers(5)
+    first_sealed(first, snap, 26)
+    code = LAYOUT + """
+exp = expected(26, %d)
+r = restore_shared(%r, shared_first_touch=False)
+order = np.random.default_rng(%d).permutation(%d)
+c0 = check(r, exp, order)
+mine = np.arange(%d, %d, 4)
+pages(r)[mine] = %d
+exp[mine] = %d
+out = dict(check(r, exp), first=c0, kernel=r.stats()["pool_kernel_pages"])
+"""
+    res = run_all(ws, [code % (NPAGES, snap, k, NPAGES, k, NPAGES, 10 + k, 10 + k)
+                       for k in range(4)])
+    assert all(x["kernel"] == KERNEL_BLOCKS * 512 for x in res), res
+    assert_all_good([x["first"] for x in res], "kernel-served readers")
+    assert_all_good(res, "kernel-served writers")
+    assert_all_good([first.run("out = check(r, exp)")], "the filler after the others wrote")
