@@ -144,6 +144,14 @@ int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
        again (a registered region: a MINOR fault, CONTINUE of its PRESENT SHARED page). */
     const size_t block = r->blk_pages * r->page_size;
     size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages : 0;
+    /* Without huge folios here (lm_probe_huge_shared) the zeros would cost memory for
+       nothing: blocks keep their holes, and a kernel-served restore serves only those with
+       none. Probed once per process. */
+    static _Atomic int huge = -1;
+    if (atomic_load(&huge) < 0)
+        atomic_store(&huge, lm_probe_huge_shared() == 0);
+    if (!atomic_load(&huge))
+        whole = 0;
     for (size_t b = 0; b < whole; b++) {
         if (stop && atomic_load_explicit(stop, memory_order_relaxed))
             return 0;   /* not sealed: the next fill to complete it does it all again */

@@ -275,51 +275,89 @@ static int pool_kernel_runs(struct lm_region *r, bool reg)
     return 0;
 }
 
+static inline bool kernel_bit(const struct lm_region *r, size_t b)
+{
+    return (r->pool_kernel_map[b >> 6] >> (b & 63)) & 1;
+}
+
 /*
  * The kernel-served pool blocks (pool_kernel_map) become registered, all at once: every page
- * of them held (readers read the memory of kernel-served pages), the blocks registered
- * MISSING | MINOR (pages the kernel mapped stay mapped), then the records made true from the
- * page tables as for a chunk block (lm_meta_release_registered): mapped pages PRESENT (SHARED,
- * or DATA where a store copied it); the others back to ordinary lazy records (a snapshot page
- * NEEDS_UPDATE, a zero page nothing), served by the fault path from now on. Rare (a deferral,
- * materialize or prefetch of such a region): it costs a pass over every page.
+ * of those blocks held (readers read the memory of kernel-served pages), the blocks
+ * registered MISSING | MINOR (pages the kernel mapped stay mapped), their page tables read,
+ * then the records made true as for a chunk block (lm_meta_release_registered): mapped pages
+ * PRESENT (SHARED, or DATA where a store copied it); the others back to ordinary lazy records
+ * (a snapshot page NEEDS_UPDATE, a zero page nothing), served by the fault path from now on.
+ * Only those blocks' pages are held: no fault of theirs can reach us before the registration
+ * (so waiting for one never waits for a serving thread), while a page of a registered block
+ * may be held by a reader whose copy faults (a dropped page) behind a serving thread that
+ * waits for a page we would hold: a deadlock (found by review). A failure before any record
+ * changes leaves the blocks kernel-served. Rare (a deferral, materialize or prefetch of such a
+ * region): a pass over the pages of those blocks.
  */
 int lm_pool_take_over(struct lm_region *r)
 {
-    if (!atomic_load(&r->pool_kernel_blocks))
+    size_t nk = atomic_load(&r->pool_kernel_blocks), bp = r->blk_pages, k;
+    if (!nk)
         return 0;
-    size_t k = r->nblocks * r->blk_pages;   /* the whole blocks: the kernel-served ones among them */
-    if (k > r->npages)
-        k = r->npages / r->blk_pages * r->blk_pages;
-    uint8_t *old = malloc(k ? k : 1);
-    uint64_t *pm = malloc((k ? k : 1) * sizeof(uint64_t));
-    if (!old || !pm) {
+    if (bp > LM_MAX_CLUSTER)
+        return lm_fail("pool block larger than a cluster", EINVAL);
+    uint64_t pm[LM_MAX_CLUSTER];
+    /* per page of the k-th kernel-served block, at [k * bp]: its state before the hold, and
+       what the page tables say (bit 0 mapped, bit 1 a file page): read before anything
+       changes, one byte a page rather than the pagemap's eight */
+    uint8_t *old = malloc(nk * bp), *pt = malloc(nk * bp);
+    if (!old || !pt) {
         free(old);
-        free(pm);
+        free(pt);
         return lm_fail("malloc(pool take-over)", ENOMEM);
     }
-    for (size_t p = 0; p < k; p++)
-        old[p] = lm_claim_wait(r, p);
+    k = 0;
+    for (size_t b = 0; b < r->nblocks && k < nk; b++)
+        if (kernel_bit(r, b)) {
+            for (size_t i = 0; i < bp; i++)
+                old[k * bp + i] = lm_claim_wait(r, b * bp + i);
+            k++;
+        }
     int rc = pool_kernel_runs(r, true);
-    if (rc == 0)   /* read before anything changes: a failure leaves the blocks as they were */
-        rc = lm_ws_pagemap(r, 0, k, pm);
+    k = 0;
+    for (size_t b = 0; b < r->nblocks && k < nk && rc == 0; b++)
+        if (kernel_bit(r, b)) {
+            if ((rc = lm_ws_pagemap(r, b * bp, bp, pm)) < 0)
+                break;
+            for (size_t i = 0; i < bp; i++)
+                pt[k * bp + i] = (uint8_t)(((pm[i] & (LM_PM_PRESENT | LM_PM_SWAPPED)) ? 1 : 0) |
+                                           ((pm[i] & LM_PM_FILE) ? 2 : 0));
+            k++;
+        }
     if (rc < 0) {
         (void)pool_kernel_runs(r, false);   /* still kernel-served, records unchanged */
-        lm_unclaim(r, 0, k, old);
+        k = 0;
+        for (size_t b = 0; b < r->nblocks && k < nk; b++)
+            if (kernel_bit(r, b)) {
+                lm_unclaim(r, b * bp, bp, old + k * bp);
+                k++;
+            }
         free(old);
-        free(pm);
+        free(pt);
         return rc;
     }
     atomic_store_explicit(&r->pool_kernel_blocks, 0, memory_order_release);
-    for (size_t p = 0; p < k; p++) {
-        struct lm_page_meta *m = &r->meta[p];
-        bool mapped = (pm[p] & (LM_PM_PRESENT | LM_PM_SWAPPED)) != 0;
-        if (old[p] == LM_DEFERRED && (m->flags & LM_F_SHARED) && !mapped)
-            m->flags = m->cls == LM_CLS_SNAPSHOT ? LM_F_NEEDS_UPDATE : 0;
+    k = 0;
+    for (size_t b = 0; b < r->nblocks && k < nk; b++) {
+        if (!kernel_bit(r, b))
+            continue;
+        for (size_t i = 0; i < bp; i++) {
+            struct lm_page_meta *m = &r->meta[b * bp + i];
+            uint8_t t = pt[k * bp + i];
+            pm[i] = (t & 1 ? LM_PM_PRESENT : 0) | (t & 2 ? LM_PM_FILE : 0);
+            if (old[k * bp + i] == LM_DEFERRED && (m->flags & LM_F_SHARED) && !(t & 1))
+                m->flags = m->cls == LM_CLS_SNAPSHOT ? LM_F_NEEDS_UPDATE : 0;
+        }
+        lm_meta_release_registered(r, b * bp, bp, old + k * bp, pm);
+        k++;
     }
-    lm_meta_release_registered(r, 0, k, old, pm);
     free(old);
-    free(pm);
+    free(pt);
     return 0;
 }
 
@@ -1086,13 +1124,17 @@ out:
 #define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
 #endif
 
-int lm_pool_complete(struct lm_region *r)
+/* One walk over the pool's holes below its header page (SEEK_HOLE / SEEK_DATA: the page cache
+   is the record of what is filled, 2.4): 0 when one is a page of r->pool_want (incomplete),
+   1 when each is a page the snapshot has as zero; with `holey`, the blocks that contain a hole
+   get their bit set. Linear in the holes (a SEEK_HOLE from every block's start would walk the
+   rest of the pool each time). -errno on failure. */
+static int pool_holes(struct lm_region *r, uint64_t *holey)
 {
     if (!r->pool_want || r->pool_fd < 0)
         return 0;
-    /* The page cache is the record of what is filled (2.4): walk the pool's holes below
-       the header page; each must be a page the snapshot has as zero. */
     off_t ps = (off_t)r->page_size, end = (off_t)r->npages * ps, pos = 0;
+    size_t bp = r->blk_pages;
     while (pos < end) {
         off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
         if (h < 0)
@@ -1104,12 +1146,20 @@ int lm_pool_complete(struct lm_region *r)
             return LM_FAIL("lseek(pool, SEEK_DATA)");
         if (d < 0 || d > end)
             d = end;
-        for (size_t q = (size_t)(h / ps); q < (size_t)((d + ps - 1) / ps); q++)
+        size_t q0 = (size_t)(h / ps), q1 = (size_t)((d + ps - 1) / ps);
+        for (size_t q = q0; q < q1; q++)
             if (r->pool_want[q >> 6] & ((uint64_t)1 << (q & 63)))
                 return 0;
+        for (size_t blk = q0 / bp; holey && blk <= (q1 - 1) / bp; blk++)
+            holey[blk >> 6] |= (uint64_t)1 << (blk & 63);
         pos = d > h ? d : h + ps;
     }
     return 1;
+}
+
+int lm_pool_complete(struct lm_region *r)
+{
+    return pool_holes(r, NULL);
 }
 
 /* At most this many runs of kernel-served blocks in a region (each a VMA of its own, and one
@@ -1147,31 +1197,31 @@ static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
     size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages : 0;
     int acc = fcntl(r->pool_fd, F_GETFL), seals = fcntl(r->pool_fd, F_GET_SEALS);
     if (r->cfg.shared_first_touch != LM_FT_KERNEL || r->cfg.verify_shared || !whole ||
-        acc < 0 || (acc & O_ACCMODE) == O_RDONLY || seals < 0 ||
-        !(seals & F_SEAL_FUTURE_WRITE) || lm_pool_complete(r) != 1)
+        acc < 0 || (acc & O_ACCMODE) == O_RDONLY || seals < 0 || !(seals & F_SEAL_FUTURE_WRITE))
         return 0;
-    uint64_t *kmap = calloc((r->nblocks + 63) / 64 + 1, sizeof(uint64_t));
-    if (!kmap)
-        return 0;   /* served registered: correct, only slower */
-    /* the blocks without a hole: SEEK_HOLE from each block's start */
-    off_t bytes = (off_t)(r->blk_pages * r->page_size);
+    size_t nw = (r->nblocks + 63) / 64 + 1;
+    uint64_t *kmap = calloc(nw, sizeof(uint64_t)), *holey = calloc(nw, sizeof(uint64_t));
+    if (!kmap || !holey || pool_holes(r, holey) != 1) {
+        free(kmap);   /* incomplete, or no memory: served registered (correct, only slower) */
+        free(holey);
+        return 0;
+    }
+    /* the blocks without a hole */
     size_t nk = 0, runs = 0;
     for (size_t b = 0; b < whole; b++) {
-        off_t h = lseek(r->pool_fd, (off_t)b * bytes, SEEK_HOLE);
-        if (h < 0) {
-            free(kmap);
-            return 0;
-        }
-        if (h >= (off_t)(b + 1) * bytes) {
-            kmap[b >> 6] |= (uint64_t)1 << (b & 63);
-            runs += !nk || !((kmap[(b - 1) >> 6] >> ((b - 1) & 63)) & 1);
-            nk++;
-        }
+        if ((holey[b >> 6] >> (b & 63)) & 1)
+            continue;
+        kmap[b >> 6] |= (uint64_t)1 << (b & 63);
+        runs += !nk || !((kmap[(b - 1) >> 6] >> ((b - 1) & 63)) & 1);
+        nk++;
     }
+    free(holey);
     free(r->pool_kernel_map);
     r->pool_kernel_map = kmap;
+    if (!nk || runs > POOL_KERNEL_MAX_RUNS)
+        return 0;
     atomic_store(&r->vma_blocks, true);   /* before any VMA is split: runs stop at blocks */
-    if (!nk || runs > POOL_KERNEL_MAX_RUNS || pool_kernel_runs(r, false) < 0) {
+    if (pool_kernel_runs(r, false) < 0) {
         (void)pool_kernel_runs(r, true);   /* a partial unregistration undone */
         return 0;
     }

@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <string.h>
@@ -347,6 +348,17 @@ int lm_uffd_poison(int fd, void *addr, size_t len)
 int lm_probe_huge_shared(void)
 {
     const size_t block = (size_t)2 << 20;
+    /* Blocks are 2 MiB (region.c): a PMD of another size (16 or 64 KiB pages) maps none. */
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+    unsigned long pmd = 0;
+    if (f) {
+        if (fscanf(f, "%lu", &pmd) != 1)
+            pmd = 0;
+        fclose(f);
+    }
+    if (pmd != block)
+        return lm_fail(pmd ? "huge pages here are not 2 MiB (hpage_pmd_size)"
+                           : "no transparent huge pages (no hpage_pmd_size)", EOPNOTSUPP);
     int rc = 0, mfd = memfd_create("pylazymem-probe", MFD_CLOEXEC);
     if (mfd < 0)
         return LM_FAIL("memfd_create");

@@ -1164,8 +1164,8 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     (docs/shared-pages.md 2.6). With share and Region's shared_first_touch=False, a pool
     found complete (its filler's background fill completed and sealed it) is left to the
     kernel: pages are mapped 2 MiB at a time (huge pages) at their first touch, no fault
-    reaches this process, nothing is prefetched or filled in the background, and the working
-    set of this run is not recorded (stats()["pool_kernel_pages"]; docs/shared-pages.md 2.8).
+    reaches this process, nothing is prefetched, and the working set of this run is not
+    recorded (stats()["pool_kernel_pages"]; docs/shared-pages.md 2.8).
     Other keyword arguments go to Region().
     """
     where = os.fspath(path)
@@ -1242,6 +1242,11 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
             pool = None
         if pool is None and share is True and not from_server:
             raise SharingUnavailableError("%s: restore(share=True): %s" % (path, why))
+        # A pool sealed (complete: docs/shared-pages.md 2.5) before the region maps it gets
+        # no view, so nothing is published into it: the signatures can wait for whoever
+        # needs them. Looked at before the region is made: sealed later, it has a view, and
+        # what it publishes is verified.
+        sealed = pool is not None and pool.info()["sealed"]
         try:
             region = Region(h["npages"] * h["page_size"], _start=server is None, _pool=pool,
                             _verify_shared=bool(verify) and pool is not None,
@@ -1263,9 +1268,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                 # snapshot's content id (its header checksum) commits to, whoever filled it.
                 # (A page server's pool is published by the server only: nothing to verify
                 # here beyond what verify= asks.)
-                # A sealed pool (complete: docs/shared-pages.md 2.5) gets no view here, so
-                # nothing is published into it: the signatures can wait for whoever needs them.
-                verify_now = bool(verify) or (pool is not None and not pool.info()["sealed"])
+                verify_now = bool(verify) or (pool is not None and not sealed)
                 table, nstored = p.map, h["nstored"]
                 if chain is not None:   # every file of the chain a layer, leaf first
                     layers = ffi.new("struct lm_src_layer[]", len(chain.layers))
@@ -1331,11 +1334,12 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                 # (the region is closed below), and the caller starts again with this one
                 raise objstore.ManifestChanged(fresh)
             # A complete pool the kernel serves (Region(shared_first_touch=False) and a pool
-            # sealed complete: docs/shared-pages.md 2.5): every page is mapped at its first
-            # touch by the kernel, nothing to prefetch or to fill in the background.
+            # sealed complete: docs/shared-pages.md 2.8): its blocks are mapped by the kernel
+            # at their first touch; a prefetch would take them back (registered), so none.
+            # The blocks left registered are filled on demand and by the background fill.
             kernel = pool is not None and region.stats()["pool_kernel_pages"] > 0
             if kernel:
-                background = False
+                pass
             elif prefetch == "working-set":
                 region.prefetch(p.working_set)
             elif prefetch == "all" and region.shared:
