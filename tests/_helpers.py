@@ -54,3 +54,17 @@ def wait_background(r, timeout=30.0):
     while r.stats()["background_running"]:
         assert time.monotonic() < deadline, "background fill still running after %ss" % timeout
         time.sleep(0.005)
+
+
+def pmd_mapped(r):
+    """Bytes of region r's range mapped through PMDs from shared memory (ShmemPmdMapped in
+    /proc/self/smaps): huge pages of a canonical chunk or a complete pool."""
+    lo, hi, total, inside = r.address, r.address + r.nbytes, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                inside = lo <= int(head.split("-")[0], 16) < hi
+            elif inside and head == "ShmemPmdMapped:":
+                total += int(line.split()[1]) * 1024
+    return total

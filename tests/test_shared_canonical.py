@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pylazymem as plm
-from _helpers import PAGE_SIZE
+from _helpers import PAGE_SIZE, pmd_mapped
 
 pytestmark = [pytest.mark.core, pytest.mark.uffd, pytest.mark.shared_pages,
               pytest.mark.timeout(120)]
@@ -549,19 +549,6 @@ def test_failed_take_over_leaves_the_block_kernel_served():
         r.materialize(0, PS)                 # with descriptors again, the take-over works
         assert (v == t).all()
 
-
-def pmd_mapped(r):
-    """Bytes of r's range mapped through PMDs from shared memory (ShmemPmdMapped in smaps)."""
-    lo, hi, total, inside = r.address, r.address + r.nbytes, 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if not head.endswith(":"):
-                start = int(head.split("-")[0], 16)
-                inside = lo <= start < hi
-            elif inside and head == "ShmemPmdMapped:":
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 @pytest.mark.huge_shared

@@ -63,18 +63,7 @@ while not r.pool["sealed"] and time.monotonic() - _t < 60:
 out = dict(pool_of(r), background=r.stats()["background_pages"])
 """
 
-PMD = """
-def pmd_mapped(r):
-    lo, hi, total, inside = r.address, r.address + r.nbytes, 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if not head.endswith(":"):
-                inside = lo <= int(head.split("-")[0], 16) < hi
-            elif inside and head == "ShmemPmdMapped:":
-                total += int(line.split()[1]) * 1024
-    return total
-"""
+PMD = "from _helpers import pmd_mapped\n"
 
 
 def first_sealed(w, snap, seed):
