@@ -250,3 +250,73 @@ out = dict(check(r, exp), first=c0, kernel=r.stats()["pool_kernel_pages"])
     assert_all_good([x["first"] for x in res], "kernel-served readers")
     assert_all_good(res, "kernel-served writers")
     assert_all_good([first.run("out = check(r, exp)")], "the filler after the others wrote")
+
+
+def test_take_over_while_faults_and_readers_of_registered_blocks_run(workers, tmp_path):
+    """The take-over of kernel-served blocks (materialize here) holds only those blocks' pages:
+    holding a page of a registered block too deadlocked (second review of session 16) with a
+    serving thread waiting for that page while a reader held another page whose copy faulted
+    behind it. Block 0 is the kernel's; the other blocks are half zero pages (holes: registered).
+    A trial that hangs fails the test through the worker's timeout."""
+    nb = 64
+    npages = nb * 512
+    path = str(tmp_path / "s.snap")
+    e = np.random.default_rng(5).integers(0, 256, (npages, PS), dtype=np.uint8)
+    e[:, 0] |= 1
+    e[512::2] = 0
+    with plm.Region(npages * PS) as r:
+        r.ndarray(np.uint8).reshape(npages, PS)[:] = e
+        plm.checkpoint(r, path, working_set="none")
+    filler, w = workers(2)
+    assert filler.run("r = restore_shared(%r, background=True)\n" % path + WAIT_SEALED)["sealed"]
+    res = w.run("""
+import ctypes, threading
+from pylazymem._binding import ffi, lib
+libc = ctypes.CDLL(None, use_errno=True)
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+N = %d
+hung = 0
+for trial in range(20):
+    r = plm.restore(%r, share=True, shared_first_touch=False, prefetch="none", background=False)
+    assert r.stats()["pool_kernel_pages"] == 512
+    v = pages(r)
+    ys = [N - 1 - 2 * i for i in range(8)]        # data pages of the last, registered block
+    for y in ys:
+        int(v[y, 0])                               # mapped from the pool: PRESENT SHARED
+    stop, go, done = threading.Event(), threading.Event(), threading.Event()
+    buf = ctypes.create_string_buffer(8)
+    def reader():
+        out = ffi.new("char[]", PS)
+        with r._use() as lm:
+            go.wait()
+            while not stop.is_set():
+                for y in ys:
+                    libc.madvise(r.address + y * PS, PS, 4)   # MADV_DONTNEED: dropped
+                    lib.lm_page_read(lm, y, out)              # held; its copy faults
+    def prog():
+        go.wait()
+        for z in range(512 + 1, N - 512, 2):       # first touches of registered data pages
+            if stop.is_set():
+                break
+            ctypes.memmove(buf, r.address + z * PS, 1)
+    def take():
+        go.wait()
+        time.sleep(0.0005)
+        with r._use() as lm:
+            lib.lm_materialize(lm, 0, 1)           # takes the kernel's blocks over
+        done.set()
+    ts = [threading.Thread(target=f, daemon=True) for f in (reader, prog, take)]
+    for t in ts:
+        t.start()
+    go.set()
+    if not done.wait(20):
+        hung += 1
+        break
+    stop.set()
+    for t in ts:
+        t.join(20)
+    del v
+    r.close()
+out = hung
+""" % (npages, path), timeout=240)
+    assert res == 0
