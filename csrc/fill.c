@@ -115,10 +115,6 @@ static int holes_by_seek(struct lm_region *r, size_t first, size_t n, unsigned c
     return 0;
 }
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
-#endif
-
 int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
 {
     /* No view: the pool is read-only here (a page server's) or sealed already. */

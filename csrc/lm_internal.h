@@ -81,6 +81,10 @@ struct uffdio_poison {
 #define LM_SNAP_MAX_PAGES ((uint64_t)1 << 40)
 #define LM_SNAP_MAX_STORED ((uint64_t)UINT32_MAX + 1 - LM_SNAP_STORED)
 
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI (fcntl.h may lack it) */
+#endif
+
 /* ==== util.c ============================================================================ */
 
 /* Every failure path records the operation it was doing, per thread. */

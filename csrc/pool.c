@@ -26,10 +26,6 @@
 
 #include "lm_internal.h"
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
-#endif
-
 /* The seals every pool has from its creation: nobody can truncate a pool under its users'
    mappings (that would SIGBUS every one of them) or grow it. F_SEAL_SEAL is deliberately
    not set: the fill that completes a pool adds F_SEAL_FUTURE_WRITE later (section 2.5). */

@@ -20,10 +20,6 @@
 
 #include "lm_internal.h"
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
-#endif
-
 #define CANON_RESERVE_MIN 65536u  /* canonical pages reserved (address space only) */
 #define CHUNK_BYTES ((size_t)2 << 20)   /* a canonical chunk maps one 2 MiB block (design 3.6:
                                            a larger chunk saves VMAs but costs more to fill) */

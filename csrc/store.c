@@ -1120,10 +1120,6 @@ out:
     return rc;
 }
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI */
-#endif
-
 /* One walk over the pool's holes below its header page (SEEK_HOLE / SEEK_DATA: the page cache
    is the record of what is filled, 2.4): 0 when one is a page of r->pool_want (incomplete),
    1 when each is a page the snapshot has as zero; with `holey`, the blocks that contain a hole

@@ -370,7 +370,7 @@ int lm_probe_huge_shared(void)
         rc = LM_FAIL("pwrite(memfd)");
     else if ((p = lm_map_aligned(block, PROT_READ, MAP_SHARED, mfd, 0)) == MAP_FAILED)
         rc = LM_FAIL("mmap(memfd)");
-    else if (madvise(p, block, 25 /* MADV_COLLAPSE */) < 0)
+    else if (lm_collapse(p, block) != 1)   /* errno: the madvise's */
         rc = errno == EINVAL ? lm_fail("madvise(MADV_COLLAPSE) of shmem (needs Linux 6.1 and "
                                        "transparent_hugepage/shmem_enabled not \"deny\")",
                                        EOPNOTSUPP)

@@ -43,8 +43,6 @@ unsigned lm_abi_version(void)
     return LM_ABI_VERSION;
 }
 
-/* ---- clock, page size, hash (moved from wstrack.c and region.c, unchanged) ------------ */
-
 /* ---- huge folios for shared memory ---------------------------------------------------- */
 
 #ifndef MADV_COLLAPSE
@@ -110,6 +108,8 @@ size_t lm_shmem_collapse(int fd, uint64_t off, size_t len)
     munmap(at, len);
     return done;
 }
+
+/* ---- clock, page size, hash (moved from wstrack.c and region.c, unchanged) ------------ */
 
 uint64_t lm_now_ns(void)
 {
