@@ -125,9 +125,15 @@ int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
         return LM_FAIL("fcntl(pool, F_GET_SEALS)");
     if (seals & F_SEAL_FUTURE_WRITE)
         return 1;
-    int rc = lm_pool_complete(r);
-    if (rc <= 0)
+    /* The blocks with a hole, found by the same walk that says the pool is complete. */
+    uint64_t *holey = calloc((r->nblocks + 63) / 64 + 1, sizeof(uint64_t));
+    unsigned char *vec = malloc(r->blk_pages);
+    int rc = holey && vec ? lm_pool_complete(r, holey) : lm_fail("malloc(pool finish)", ENOMEM);
+    if (rc <= 0) {
+        free(holey);
+        free(vec);
         return rc;
+    }
     /* Huge folios first, then the seal: a process that finds the pool sealed may leave it to
        the kernel (store.c, pool_table), and gets PMDs only for blocks collapsed by then.
        The holes left are the snapshot's zero (and untouched) pages. In a block that holds
@@ -149,30 +155,34 @@ int lm_pool_finish(struct lm_region *r, const _Atomic int *stop)
     if (!atomic_load(&huge))
         whole = 0;
     for (size_t b = 0; b < whole; b++) {
-        if (stop && atomic_load_explicit(stop, memory_order_relaxed))
+        if (stop && atomic_load_explicit(stop, memory_order_relaxed)) {
+            free(holey);
+            free(vec);
             return 0;   /* not sealed: the next fill to complete it does it all again */
-        size_t first = b * r->blk_pages, data = 0;
-        for (size_t p = first; p < first + r->blk_pages; p++)
-            data += (r->pool_want[p >> 6] >> (p & 63)) & 1;
-        /* Zeros cost memory here, unlike holes: only in blocks that are mostly data (at most
-           a third more than the data; a sparse block stays small and registered). */
-        if (data * 4 < r->blk_pages * 3)
-            continue;
-        off_t pos = (off_t)(b * block), end = pos + (off_t)block;
-        while (pos < end) {
-            off_t h = lseek(r->pool_fd, pos, SEEK_HOLE);
-            if (h < 0 || h >= end)
-                break;
-            off_t d = lseek(r->pool_fd, h, SEEK_DATA);
-            if (d < 0 || d > end)
-                d = end;
-            size_t done = 0;
-            if (lm_uffd_zeropage(r->uffd, r->pool_view + h, (size_t)(d - h), false, &done) < 0)
-                break;   /* left a hole: the block stays small, served registered */
-            pos = d;
+        }
+        size_t first = b * r->blk_pages;
+        if (lm_bit(holey, b)) {
+            size_t data = 0;
+            for (size_t p = first; p < first + r->blk_pages; p++)
+                data += lm_bit(r->pool_want, p);
+            /* Zeros cost memory here, unlike holes: only in blocks that are mostly data (at
+               most a third more than the data; a sparse block stays small and registered). */
+            if (data * 4 < r->blk_pages * 3 || lm_pool_holes(r, first, r->blk_pages, vec) < 0)
+                continue;
+            for (size_t i = 0, j; i < r->blk_pages; i = j) {
+                for (j = i + 1; j < r->blk_pages && (vec[j] & 1) == (vec[i] & 1); j++)
+                    ;
+                size_t done = 0;
+                if (!(vec[i] & 1) &&
+                    lm_uffd_zeropage(r->uffd, r->pool_view + (first + i) * r->page_size,
+                                     (j - i) * r->page_size, false, &done) < 0)
+                    break;   /* left a hole: the block stays small, served registered */
+            }
         }
         lm_shmem_collapse(r->pool_fd, (uint64_t)(b * block), block);
     }
+    free(holey);
+    free(vec);
     if (fcntl(r->pool_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) < 0)
         return LM_FAIL("fcntl(pool, F_ADD_SEALS, FUTURE_WRITE)");
     return 1;

@@ -87,10 +87,6 @@ struct lm_freeze {
 
 static void *copier_main(void *arg);
 
-static inline bool bit(const uint64_t *bits, size_t p)
-{
-    return (bits[p >> 6] >> (p & 63)) & 1;
-}
 
 static inline void set_bit(uint64_t *bits, size_t p)
 {
@@ -333,7 +329,7 @@ static int scan(struct lm_freeze *fz)
     /* A page recorded present but neither staged nor lazy at the pause was dropped by the
        program (madvise) before it: it reads as zero now, a change (dirty.c, scan C). */
     for (size_t p = 0; p < r->npages; p++) {
-        if (bit(fz->staged, p) || lm_meta_stashed(r, p))
+        if (lm_bit(fz->staged, p) || lm_meta_stashed(r, p))
             continue;
         uint8_t s = lm_state_load(&r->meta[p]);
         if (s == LM_PRESENT || s == LM_PINNED)
@@ -349,7 +345,7 @@ static int is_staged(struct lm_freeze *fz, size_t p)
 {
     struct lm_region *r = fz->r;
     if (atomic_load_explicit(&fz->scanned, memory_order_acquire))
-        return bit(fz->staged, p);
+        return lm_bit(fz->staged, p);
     if (lm_state_load(&r->meta[p]) == LM_POISONED)
         return 0;   /* its marker moved, nothing else: as scan() decides */
     uint64_t e;
@@ -495,14 +491,14 @@ static int copy_back(struct lm_freeze *fz)
     /* A run that fails is left staged (bring_back) and the rest goes on: as much as can come
        back does; the first failure is returned, and the next copy-back retries. */
     for (size_t p = 0; p < r->npages;) {
-        if (!bit(fz->staged, p)) {
+        if (!lm_bit(fz->staged, p)) {
             p++;
             continue;
         }
-        bool zero = bit(fz->zero, p);
+        bool zero = lm_bit(fz->zero, p);
         size_t n = 0;
-        while (n < RUN_MAX && p + n < r->npages && bit(fz->staged, p + n) &&
-               bit(fz->zero, p + n) == zero) {
+        while (n < RUN_MAX && p + n < r->npages && lm_bit(fz->staged, p + n) &&
+               lm_bit(fz->zero, p + n) == zero) {
             uint8_t u = B_UNKNOWN;
             if (!atomic_compare_exchange_strong(&fz->back[p + n], &u, B_MOVING))
                 break;
@@ -594,7 +590,7 @@ uint8_t lm_view_hold(struct lm_region *r, size_t p, bool wait, struct lm_view *v
         return s;
     v->frozen = true;
     const struct lm_page_meta *st;
-    if (bit(fz->staged, p)) {
+    if (lm_bit(fz->staged, p)) {
         v->s = LM_PRESENT;
         v->mem = fz->stage + p * r->page_size;
     } else if ((st = lm_meta_stashed(r, p))) {

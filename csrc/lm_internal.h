@@ -81,6 +81,12 @@ struct uffdio_poison {
 #define LM_SNAP_MAX_PAGES ((uint64_t)1 << 40)
 #define LM_SNAP_MAX_STORED ((uint64_t)UINT32_MAX + 1 - LM_SNAP_STORED)
 
+/* Bit i of a bitmap of 64-bit words (page or block bitmaps throughout the core). */
+static inline bool lm_bit(const uint64_t *bits, size_t i)
+{
+    return (bits[i >> 6] >> (i & 63)) & 1;
+}
+
 #ifndef F_SEAL_FUTURE_WRITE
 #define F_SEAL_FUTURE_WRITE 0x0010   /* Linux 5.1; the value is ABI (fcntl.h may lack it) */
 #endif
@@ -263,9 +269,8 @@ struct lm_region {
     char *pool_view;              /* MAP_FAILED when not shared */
     /* Which pages the pool must hold to be complete: the snapshot's stored (non-zero) pages,
        one bit each, from the restore's page map (lm_restore_table), kept after the map is
-       gone; pool_nwant of them. NULL before a shared restore. (docs/shared-pages.md 2.5) */
+       gone. NULL before a shared restore. (docs/shared-pages.md 2.5) */
     uint64_t *pool_want;
-    size_t pool_nwant;
     /* The 2 MiB blocks of a shared region that the kernel serves (bit b of pool_kernel_map):
        the pool was complete and sealed at the restore, the program asked for kernel-served
        first touches (config.shared_first_touch false), and the pool holds every page of the
@@ -530,7 +535,7 @@ static inline bool lm_pool_kernel_block(struct lm_region *r, size_t p)
 {
     size_t b = p / r->blk_pages;
     return atomic_load_explicit(&r->pool_kernel_blocks, memory_order_acquire) &&
-           b < r->nblocks && ((r->pool_kernel_map[b >> 6] >> (b & 63)) & 1);
+           b < r->nblocks && lm_bit(r->pool_kernel_map, b);
 }
 /* Is page p in a kernel-served chunk block (LM_CHUNK_KERNEL) or kernel-served pool block? While p is held it can only
    turn true (a deferral remapping the block onto a kernel-served chunk holds only pages
@@ -601,8 +606,9 @@ int lm_chunk_take_over(struct lm_region *r, size_t first, size_t n, bool locked)
    0 (also when there is none) or -errno. */
 int lm_pool_take_over(struct lm_region *r);
 /* Does the pool hold every page of r->pool_want (docs/shared-pages.md 2.5)? 1 yes, 0 no (or
-   no restore table), -errno. */
-int lm_pool_complete(struct lm_region *r);
+   no restore table), -errno. With `holey` (a bitmap of r->nblocks bits, zeroed by the caller),
+   the blocks that contain a hole get their bit set. One walk over the pool's holes. */
+int lm_pool_complete(struct lm_region *r, uint64_t *holey);
 /* The contents of page p, held by the caller (lm_hold) in state s, without faulting it in;
    -EHWPOISON for a poisoned page. */
 int lm_read_held(struct lm_region *r, size_t p, uint8_t s, void *out);

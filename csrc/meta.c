@@ -699,10 +699,6 @@ int lm_meta_defer(struct lm_region *r, size_t first, size_t n, int cls, uint32_t
     return rc;
 }
 
-static inline bool bit_set(const uint64_t *bits, size_t i)
-{
-    return bits && (bits[i >> 6] >> (i & 63)) & 1;
-}
 
 static inline bool authoritative(struct lm_region *r, size_t p)
 {
@@ -844,7 +840,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
         if (only_done && nothing_to_do(r, c, len, first, skip))
             continue;   /* no page here was ever claimed, or all were recorded already */
         for (size_t i = c; i < c + len; i++) {
-            mine[i - c] = !bit_set(skip, i - first) && (!only_done || authoritative(r, i));
+            mine[i - c] = !(skip && lm_bit(skip, i - first)) && (!only_done || authoritative(r, i));
             was_present[i - c] = false;
             if (!mine[i - c])
                 continue;

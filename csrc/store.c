@@ -256,12 +256,12 @@ static int pool_kernel_runs(struct lm_region *r, bool reg)
 {
     size_t bp = r->blk_pages, ps = r->page_size;
     for (size_t b = 0; b < r->nblocks;) {
-        if (!((r->pool_kernel_map[b >> 6] >> (b & 63)) & 1)) {
+        if (!lm_bit(r->pool_kernel_map, b)) {
             b++;
             continue;
         }
         size_t e = b;
-        while (e < r->nblocks && ((r->pool_kernel_map[e >> 6] >> (e & 63)) & 1))
+        while (e < r->nblocks && lm_bit(r->pool_kernel_map, e))
             e++;
         char *at = r->base + b * bp * ps;
         size_t len = (e - b) * bp * ps;
@@ -273,11 +273,6 @@ static int pool_kernel_runs(struct lm_region *r, bool reg)
         b = e;
     }
     return 0;
-}
-
-static inline bool kernel_bit(const struct lm_region *r, size_t b)
-{
-    return (r->pool_kernel_map[b >> 6] >> (b & 63)) & 1;
 }
 
 /*
@@ -313,7 +308,7 @@ int lm_pool_take_over(struct lm_region *r)
     }
     k = 0;
     for (size_t b = 0; b < r->nblocks && k < nk; b++)
-        if (kernel_bit(r, b)) {
+        if (lm_bit(r->pool_kernel_map, b)) {
             for (size_t i = 0; i < bp; i++)
                 old[k * bp + i] = lm_claim_wait(r, b * bp + i);
             k++;
@@ -321,7 +316,7 @@ int lm_pool_take_over(struct lm_region *r)
     int rc = pool_kernel_runs(r, true);
     k = 0;
     for (size_t b = 0; b < r->nblocks && k < nk && rc == 0; b++)
-        if (kernel_bit(r, b)) {
+        if (lm_bit(r->pool_kernel_map, b)) {
             if ((rc = lm_ws_pagemap(r, b * bp, bp, pm)) < 0)
                 break;
             for (size_t i = 0; i < bp; i++)
@@ -333,7 +328,7 @@ int lm_pool_take_over(struct lm_region *r)
         (void)pool_kernel_runs(r, false);   /* still kernel-served, records unchanged */
         k = 0;
         for (size_t b = 0; b < r->nblocks && k < nk; b++)
-            if (kernel_bit(r, b)) {
+            if (lm_bit(r->pool_kernel_map, b)) {
                 lm_unclaim(r, b * bp, bp, old + k * bp);
                 k++;
             }
@@ -344,7 +339,7 @@ int lm_pool_take_over(struct lm_region *r)
     atomic_store_explicit(&r->pool_kernel_blocks, 0, memory_order_release);
     k = 0;
     for (size_t b = 0; b < r->nblocks && k < nk; b++) {
-        if (!kernel_bit(r, b))
+        if (!lm_bit(r->pool_kernel_map, b))
             continue;
         for (size_t i = 0; i < bp; i++) {
             struct lm_page_meta *m = &r->meta[b * bp + i];
@@ -1121,11 +1116,9 @@ out:
 }
 
 /* One walk over the pool's holes below its header page (SEEK_HOLE / SEEK_DATA: the page cache
-   is the record of what is filled, 2.4): 0 when one is a page of r->pool_want (incomplete),
-   1 when each is a page the snapshot has as zero; with `holey`, the blocks that contain a hole
-   get their bit set. Linear in the holes (a SEEK_HOLE from every block's start would walk the
-   rest of the pool each time). -errno on failure. */
-static int pool_holes(struct lm_region *r, uint64_t *holey)
+   is the record of what is filled, 2.4). Linear in the holes: a SEEK_HOLE from every block's
+   start would walk the rest of the pool each time. */
+int lm_pool_complete(struct lm_region *r, uint64_t *holey)
 {
     if (!r->pool_want || r->pool_fd < 0)
         return 0;
@@ -1144,18 +1137,13 @@ static int pool_holes(struct lm_region *r, uint64_t *holey)
             d = end;
         size_t q0 = (size_t)(h / ps), q1 = (size_t)((d + ps - 1) / ps);
         for (size_t q = q0; q < q1; q++)
-            if (r->pool_want[q >> 6] & ((uint64_t)1 << (q & 63)))
+            if (lm_bit(r->pool_want, q))
                 return 0;
         for (size_t blk = q0 / bp; holey && blk <= (q1 - 1) / bp; blk++)
             holey[blk >> 6] |= (uint64_t)1 << (blk & 63);
         pos = d > h ? d : h + ps;
     }
     return 1;
-}
-
-int lm_pool_complete(struct lm_region *r)
-{
-    return pool_holes(r, NULL);
 }
 
 /* At most this many runs of kernel-served blocks in a region (each a VMA of its own, and one
@@ -1178,18 +1166,15 @@ int lm_pool_complete(struct lm_region *r)
  */
 static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
 {
-    size_t words = (r->npages + 63) / 64, nwant = 0;
+    size_t words = (r->npages + 63) / 64;
     uint64_t *want = calloc(words ? words : 1, sizeof(uint64_t));
     if (!want)
         return lm_fail("calloc(pool bitmap)", ENOMEM);
     for (size_t p = 0; p < r->npages; p++)
-        if (map[p].entry >= LM_SNAP_STORED) {
+        if (map[p].entry >= LM_SNAP_STORED)
             want[p >> 6] |= (uint64_t)1 << (p & 63);
-            nwant++;
-        }
     free(r->pool_want);
     r->pool_want = want;
-    r->pool_nwant = nwant;
     size_t whole = r->blk_pages > 1 ? r->npages / r->blk_pages : 0;
     int acc = fcntl(r->pool_fd, F_GETFL), seals = fcntl(r->pool_fd, F_GET_SEALS);
     if (r->cfg.shared_first_touch != LM_FT_KERNEL || r->cfg.verify_shared || !whole ||
@@ -1197,7 +1182,7 @@ static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
         return 0;
     size_t nw = (r->nblocks + 63) / 64 + 1;
     uint64_t *kmap = calloc(nw, sizeof(uint64_t)), *holey = calloc(nw, sizeof(uint64_t));
-    if (!kmap || !holey || pool_holes(r, holey) != 1) {
+    if (!kmap || !holey || lm_pool_complete(r, holey) != 1) {
         free(kmap);   /* incomplete, or no memory: served registered (correct, only slower) */
         free(holey);
         return 0;
@@ -1205,10 +1190,10 @@ static int pool_table(struct lm_region *r, const struct lm_snap_page *map)
     /* the blocks without a hole */
     size_t nk = 0, runs = 0;
     for (size_t b = 0; b < whole; b++) {
-        if ((holey[b >> 6] >> (b & 63)) & 1)
+        if (lm_bit(holey, b))
             continue;
         kmap[b >> 6] |= (uint64_t)1 << (b & 63);
-        runs += !nk || !((kmap[(b - 1) >> 6] >> ((b - 1) & 63)) & 1);
+        runs += !nk || !lm_bit(kmap, b - 1);
         nk++;
     }
     free(holey);
