@@ -89,6 +89,15 @@ class H(BaseHTTPRequestHandler):
             for i in range(len(body)):
                 self.wfile.write(body[i:i + 1]); self.wfile.flush(); time.sleep(0.005)
             return
+        if manifest and mode == "h-trickle":   # the status line and headers, a byte at a time
+            head = (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"y" * 40)
+                                                    for i in range(100)))
+            try:
+                for i in range(len(head)):
+                    self.wfile.write(head[i:i + 1]); self.wfile.flush(); time.sleep(0.005)
+            except Exception:
+                pass
+            self.close_connection = True; return
         if manifest and mode == "m-infinite":
             self.send_response(200); self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
@@ -351,6 +360,20 @@ def test_a_trickled_manifest_times_out(fake, tmp_path, rng, monkeypatch):
     with pytest.raises(ObjectStoreError, match="PYLAZYMEM_S3_TIMEOUT_MS"):
         plm.restore(info.url, prefetch="none", background=False)
     assert time.monotonic() - t < 20   # (a hang bound: the trickle alone takes ~50 s)
+
+
+def test_trickled_headers_time_out(fake, tmp_path, rng, monkeypatch):
+    """The deadline covers the status line and headers too: a server that sends them a byte
+    every 5 ms (each read in time, ~25 s in all) does not keep the request alive past it."""
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", "none")
+    _snap(tmp_path / "s.plm", rng, npages=64)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode("h-trickle")
+    monkeypatch.setenv("PYLAZYMEM_S3_TIMEOUT_MS", "1000")
+    t = time.monotonic()
+    with pytest.raises(ObjectStoreError, match="PYLAZYMEM_S3_TIMEOUT_MS"):
+        plm.restore(info.url, prefetch="none", background=False)
+    assert time.monotonic() - t < 10
 
 
 # ---- 5: a FIFO in the cache is a miss, never a hang -------------------------------------
