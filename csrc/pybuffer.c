@@ -13,6 +13,8 @@
  *    serving and unmap. A view can never see memory that is not the region's: never a crash,
  *    never zeros where the region's data belongs.
  *
+ * (The module also has the Gate, which counts a region's calls in progress: see its section.)
+ *
  * Two objects: the Region (a Python subclass of AddressRange) and the Mapping it makes at
  * _attach(), which owns the address range and is what every view holds (view->obj). Views
  * never hold the Region: a Region that keeps views of itself (`r.a = r.ndarray(...)`) is no
@@ -323,6 +325,402 @@ static PyTypeObject RangeType = {
     .tp_getset = range_getset,
 };
 
+/* ---- Gate: the calls in progress into a region ------------------------------------------ */
+
+/*
+ * close() must wait for the calls in progress (they run with the GIL released) before it
+ * frees the native region, so every call is counted in and out. The count was kept by a
+ * context manager written in Python, and a KeyboardInterrupt raised between two of its
+ * bytecodes could leave it off by one: close() then waited forever. CPython runs signal
+ * handlers, and so raises KeyboardInterrupt, only between bytecodes; this context manager
+ * runs none between counting a call and the `with` block owning it, nor between the block's
+ * end and counting it out, so one interrupt cannot tear the two apart.
+ *
+ * State other than the count is guarded by the GIL: every method holds it throughout and
+ * runs no Python code while it changes anything (the hooks are called once the count is
+ * right). The count is also guarded by mu, under which wait_idle waits without the GIL.
+ */
+#include <pthread.h>
+#include <time.h>
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t idle;
+    long users;          /* calls in progress (under mu) */
+    PyObject *lm;        /* what __enter__ returns; NULL while closed */
+    PyObject *reason;    /* the message of the error __enter__ raises while closed */
+    PyObject *callers;   /* dict: thread ident -> calls in progress on that thread */
+    PyObject *pending;   /* called by the call that ends last (close() from inside a call) */
+    PyObject *on_enter;  /* called with lm once a reporting call is counted: may raise */
+    PyObject *error_type, *on_error;  /* on_error() when a call raises error_type */
+} GateObject;
+
+typedef struct {
+    PyObject_HEAD
+    GateObject *gate;
+} QuietObject;
+
+static PyTypeObject GateType, QuietType;
+
+static PyObject *gate_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (!PyArg_ParseTuple(args, ":Gate") || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Gate() takes no arguments");
+        return NULL;
+    }
+    GateObject *g = (GateObject *)type->tp_alloc(type, 0);
+    if (!g)
+        return NULL;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->idle, NULL);
+    if (!(g->callers = PyDict_New())) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    return (PyObject *)g;
+}
+
+static int gate_traverse(GateObject *g, visitproc visit, void *arg)
+{
+    Py_VISIT(g->lm);
+    Py_VISIT(g->callers);
+    Py_VISIT(g->pending);
+    Py_VISIT(g->on_enter);
+    Py_VISIT(g->error_type);
+    Py_VISIT(g->on_error);
+    return 0;
+}
+
+static int gate_clear(GateObject *g)
+{
+    Py_CLEAR(g->lm);
+    Py_CLEAR(g->reason);
+    Py_CLEAR(g->callers);
+    Py_CLEAR(g->pending);
+    Py_CLEAR(g->on_enter);
+    Py_CLEAR(g->error_type);
+    Py_CLEAR(g->on_error);
+    return 0;
+}
+
+static void gate_dealloc(GateObject *g)
+{
+    PyObject_GC_UnTrack(g);
+    gate_clear(g);
+    /* mu and idle are not destroyed: after fork() the child's copy may be held (by a thread
+       of the parent that is not there); glibc's destroy frees nothing anyway. */
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+/* This thread's calls in progress, changed by delta (>= 0 afterwards); -1 on error. */
+static long gate_mine(GateObject *g, long delta)
+{
+    PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (!key)
+        return -1;
+    PyObject *v = PyDict_GetItemWithError(g->callers, key);
+    long n = v ? PyLong_AsLong(v) : 0;
+    if (!v && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    n += delta;
+    int rc = 0;
+    if (delta && n > 0) {
+        PyObject *nv = PyLong_FromLong(n);
+        rc = nv ? PyDict_SetItem(g->callers, key, nv) : -1;
+        Py_XDECREF(nv);
+    } else if (delta && v) {
+        rc = PyDict_DelItem(g->callers, key);
+    }
+    Py_DECREF(key);
+    return rc < 0 ? -1 : (n > 0 ? n : 0);
+}
+
+static void gate_count(GateObject *g, long delta)
+{
+    pthread_mutex_lock(&g->mu);
+    g->users += delta;
+    if (g->users <= 0)
+        pthread_cond_broadcast(&g->idle);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Count a call out; the close() left pending by a call from inside one runs when the last
+   ends. Keeps an exception already set (the caller's) unless the pending close raises. */
+static int gate_leave(GateObject *g)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (gate_mine(g, -1) < 0)
+        PyErr_Clear();   /* (only out of memory) the count below is what close() waits for */
+    gate_count(g, -1);
+    PyObject *finish = NULL;
+    if (g->users <= 0) {
+        finish = g->pending;
+        g->pending = NULL;
+    }
+    int rc = 0;
+    if (finish) {
+        PyObject *res = PyObject_CallNoArgs(finish);
+        Py_DECREF(finish);
+        if (!res) {
+            rc = -1;
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            return rc;
+        }
+        Py_DECREF(res);
+    }
+    PyErr_Restore(et, ev, tb);
+    return rc;
+}
+
+static PyObject *gate_enter_impl(GateObject *g, int report)
+{
+    if (!g->lm) {
+        PyErr_SetObject(closed_error ? closed_error : PyExc_ValueError,
+                        g->reason ? g->reason : Py_None);
+        return NULL;
+    }
+    if (gate_mine(g, 1) < 0)
+        return NULL;
+    gate_count(g, 1);
+    PyObject *lm = g->lm;
+    Py_INCREF(lm);
+    if (report && g->on_enter) {
+        PyObject *hook = g->on_enter;
+        Py_INCREF(hook);
+        PyObject *res = PyObject_CallOneArg(hook, lm);
+        Py_DECREF(hook);
+        if (!res) {   /* the call does not happen: counted out again */
+            Py_DECREF(lm);
+            gate_leave(g);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    return lm;
+}
+
+static PyObject *gate_exit_impl(GateObject *g, PyObject *args)
+{
+    PyObject *et = PyTuple_GET_SIZE(args) ? PyTuple_GET_ITEM(args, 0) : Py_None;
+    int failed = 0;
+    /* While the call still counts (the hook reads the native region). */
+    if (et != Py_None && g->error_type && g->on_error &&
+        PyObject_IsSubclass(et, g->error_type) == 1) {
+        PyObject *res = PyObject_CallNoArgs(g->on_error);
+        if (res)
+            Py_DECREF(res);
+        else
+            failed = 1;
+    }
+    PyErr_Clear();   /* IsSubclass's failure, if any: nothing to report it to */
+    if (failed) {
+        PyObject *xt, *xv, *xtb;
+        PyErr_Fetch(&xt, &xv, &xtb);
+        (void)gate_leave(g);
+        PyErr_Restore(xt, xv, xtb);
+        return NULL;
+    }
+    if (gate_leave(g) < 0)
+        return NULL;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *gate_enter(GateObject *g, PyObject *unused)
+{
+    (void)unused;
+    return gate_enter_impl(g, 1);
+}
+
+static PyObject *gate_exit(GateObject *g, PyObject *args)
+{
+    return gate_exit_impl(g, args);
+}
+
+static PyObject *gate_open(GateObject *g, PyObject *lm)
+{
+    Py_INCREF(lm);
+    Py_XSETREF(g->lm, lm);
+    Py_CLEAR(g->reason);
+    Py_RETURN_NONE;
+}
+
+/* close(reason, finish) -> bool: no new calls from now on (they raise the closed error with
+   reason). True when this thread is inside a call: finish() is then run by the call that ends
+   last, and the caller must not wait (it would wait for itself); False: the caller waits for
+   wait_idle() and finishes itself. */
+static PyObject *gate_close(GateObject *g, PyObject *args)
+{
+    PyObject *reason, *finish;
+    if (!PyArg_ParseTuple(args, "OO:close", &reason, &finish))
+        return NULL;
+    long mine = gate_mine(g, 0);
+    if (mine < 0)
+        return NULL;
+    Py_INCREF(reason);
+    Py_XSETREF(g->reason, reason);
+    Py_CLEAR(g->lm);
+    if (mine > 0 && finish != Py_None) {
+        Py_INCREF(finish);
+        Py_XSETREF(g->pending, finish);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* Wait, without the GIL, until no call is in progress; signal handlers run every 50 ms (a
+   KeyboardInterrupt ends the wait). */
+static PyObject *gate_wait_idle(GateObject *g, PyObject *unused)
+{
+    (void)unused;
+    for (;;) {
+        long busy;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&g->mu);
+        if (g->users > 0) {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += 50 * 1000 * 1000;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&g->idle, &g->mu, &until);
+        }
+        busy = g->users;
+        pthread_mutex_unlock(&g->mu);
+        Py_END_ALLOW_THREADS
+        if (busy <= 0)
+            Py_RETURN_NONE;
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *gate_set_hooks(GateObject *g, PyObject *args)
+{
+    PyObject *on_enter, *error_type, *on_error;
+    if (!PyArg_ParseTuple(args, "OOO:set_hooks", &on_enter, &error_type, &on_error))
+        return NULL;
+    Py_XSETREF(g->on_enter, on_enter == Py_None ? NULL : Py_NewRef(on_enter));
+    Py_XSETREF(g->error_type, error_type == Py_None ? NULL : Py_NewRef(error_type));
+    Py_XSETREF(g->on_error, on_error == Py_None ? NULL : Py_NewRef(on_error));
+    Py_RETURN_NONE;
+}
+
+static PyObject *gate_quiet(GateObject *g, PyObject *unused)
+{
+    (void)unused;
+    QuietObject *q = PyObject_GC_New(QuietObject, &QuietType);
+    if (!q)
+        return NULL;
+    Py_INCREF(g);
+    q->gate = g;
+    PyObject_GC_Track(q);
+    return (PyObject *)q;
+}
+
+static PyObject *gate_users(GateObject *g, void *closure)
+{
+    (void)closure;
+    pthread_mutex_lock(&g->mu);
+    long n = g->users;
+    pthread_mutex_unlock(&g->mu);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *gate_mine_get(GateObject *g, void *closure)
+{
+    (void)closure;
+    long n = gate_mine(g, 0);
+    return n < 0 ? NULL : PyLong_FromLong(n);
+}
+
+static PyMethodDef gate_methods[] = {
+    {"__enter__", (PyCFunction)gate_enter, METH_NOARGS, "count a call in; the native region"},
+    {"__exit__", (PyCFunction)gate_exit, METH_VARARGS, "count the call out"},
+    {"open", (PyCFunction)gate_open, METH_O, "let calls in: __enter__ returns this object"},
+    {"close", (PyCFunction)gate_close, METH_VARARGS, "close(reason, finish) -> deferred"},
+    {"wait_idle", (PyCFunction)gate_wait_idle, METH_NOARGS, "wait until no call is in progress"},
+    {"set_hooks", (PyCFunction)gate_set_hooks, METH_VARARGS,
+     "set_hooks(on_enter(lm), error_type, on_error())"},
+    {"quiet", (PyCFunction)gate_quiet, METH_NOARGS, "the same gate without on_enter"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef gate_getset[] = {
+    {"users", (getter)gate_users, NULL, "calls in progress", NULL},
+    {"mine", (getter)gate_mine_get, NULL, "calls in progress on this thread", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pylazymem._buffer.Gate",
+    .tp_basicsize = sizeof(GateObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Counts the calls in progress into a region (a context manager).",
+    .tp_new = gate_new,
+    .tp_dealloc = (destructor)gate_dealloc,
+    .tp_traverse = (traverseproc)gate_traverse,
+    .tp_clear = (inquiry)gate_clear,
+    .tp_methods = gate_methods,
+    .tp_getset = gate_getset,
+};
+
+static int quiet_traverse(QuietObject *q, visitproc visit, void *arg)
+{
+    Py_VISIT(q->gate);
+    return 0;
+}
+
+static int quiet_clear(QuietObject *q)
+{
+    Py_CLEAR(q->gate);
+    return 0;
+}
+
+static void quiet_dealloc(QuietObject *q)
+{
+    PyObject_GC_UnTrack(q);
+    quiet_clear(q);
+    PyObject_GC_Del(q);
+}
+
+static PyObject *quiet_enter(QuietObject *q, PyObject *unused)
+{
+    (void)unused;
+    return gate_enter_impl(q->gate, 0);
+}
+
+static PyObject *quiet_exit(QuietObject *q, PyObject *args)
+{
+    return gate_exit_impl(q->gate, args);
+}
+
+static PyMethodDef quiet_methods[] = {
+    {"__enter__", (PyCFunction)quiet_enter, METH_NOARGS, "count a call in, not reporting"},
+    {"__exit__", (PyCFunction)quiet_exit, METH_VARARGS, "count the call out"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject QuietType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pylazymem._buffer.QuietGate",
+    .tp_basicsize = sizeof(QuietObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A Gate that does not call its on_enter hook.",
+    .tp_dealloc = (destructor)quiet_dealloc,
+    .tp_traverse = (traverseproc)quiet_traverse,
+    .tp_clear = (inquiry)quiet_clear,
+    .tp_methods = quiet_methods,
+};
+
 static PyObject *set_closed_error(PyObject *mod, PyObject *cls)
 {
     (void)mod;
@@ -343,14 +741,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__buffer(void)
 {
-    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RangeType) < 0)
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RangeType) < 0 ||
+        PyType_Ready(&GateType) < 0 || PyType_Ready(&QuietType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    Py_INCREF(&RangeType);
-    if (PyModule_AddObject(m, "AddressRange", (PyObject *)&RangeType) < 0) {
-        Py_DECREF(&RangeType);
+    if (PyModule_AddObjectRef(m, "AddressRange", (PyObject *)&RangeType) < 0 ||
+        PyModule_AddObjectRef(m, "Gate", (PyObject *)&GateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

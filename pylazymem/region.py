@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from ._binding import PAGE_SIZE, check, ffi, lib
-from ._buffer import AddressRange, set_closed_error
+from ._buffer import AddressRange, Gate, set_closed_error
 from ._errors import (InvalidArgumentError, InvalidRangeError, ObjectStoreError,
                       OutOfMemoryError, PoisonedPageError, RegionClosedError,
                       SharingUnavailableError)
@@ -222,10 +222,11 @@ class Region(AddressRange):
         self._ws_inherited = None
         self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
         self._chunks = False   # a canonical deferral may have mapped chunks (defer_fill)
-        self._lock = threading.Condition()
-        self._users = 0
-        self._callers = {}          # thread id -> calls in progress on it (_InUse)
-        self._close_pending = None  # close() from inside a call: the last call ends it
+        # Every call into the native region is counted in and out by the gate (a context
+        # manager in C: csrc/pybuffer.c, "Gate"); close() waits for the calls in progress.
+        self._gate = Gate()
+        self._gate_quiet = self._gate.quiet()   # the same, without reporting remote failures
+        self._close_lock = threading.Lock()     # one close() (or fork cleanup) at a time
         try:
             if isinstance(nbytes, (bool, np.bool_)):
                 raise TypeError
@@ -341,6 +342,7 @@ class Region(AddressRange):
             raise
         self._pool = _pool
         self._lm = lm
+        self._gate.open(lm)
         self.nbytes = nbytes
         self.page_size = PAGE_SIZE
         self.npages = nbytes // PAGE_SIZE
@@ -506,7 +508,30 @@ class Region(AddressRange):
     # ---- lifecycle ---------------------------------------------------------------------
 
     def _use(self, report=True):
-        return _InUse(self, report)
+        """The gate of one call into the native region: `with self._use() as lm:` counts the
+        call in and out (close() waits for it) and raises RegionClosedError once closed; with
+        report, a region restored from an object store first raises the chunk failures not
+        reported yet."""
+        return self._gate if report else self._gate_quiet
+
+    def _set_remote(self, url):
+        """Restored from an object store: calls report its failures (_remote_failed)."""
+        lm = self._lm
+        self._remote = [url, 0]
+        me = weakref.ref(self)   # the gate's hooks must not keep the region alive (a cycle)
+
+        def on_enter(lm):
+            region = me()
+            err = region._remote_failed(lm) if region is not None else None
+            if err is not None:
+                raise err
+
+        def on_error():   # the call raised ObjectStoreError: it reported them already
+            region = me()
+            if region is not None:
+                region._remote_failed(lm)
+
+        self._gate.set_hooks(on_enter, ObjectStoreError, on_error)
 
     @property
     def closed(self):
@@ -530,25 +555,27 @@ class Region(AddressRange):
                                 "thread (its progress callback), which holds the region until "
                                 "the checkpoint ends: close it after wait()")
             bg._done.wait()
-        with self._lock:
+        with self._close_lock:
             lm = self._lm
             if lm is None:
                 return
-            self._lm = None   # new calls fail from here on
-            if self._callers.get(threading.get_ident()):
-                # From inside a call of this region on this thread (a signal handler that ran
-                # while the call waited): that call still uses the region, and waiting for it
-                # here would wait for ourselves. The last call to end finishes the close.
-                self._close_pending = lm
-                return
-            try:
-                while self._users:
-                    self._lock.wait()   # calls in progress (GIL released) finish first
-            except BaseException:
-                # Interrupted (KeyboardInterrupt): calls still run, so the region stays open
-                # and close() can be called again; dropping it here would leak it.
+            # New calls fail from here on. From inside a call of this region on this thread
+            # (a signal handler that ran while the call waited), that call still uses the
+            # region, and waiting for it here would wait for ourselves: the last call to end
+            # finishes the close (the gate runs it).
+            deferred = self._gate.close(self._closed_reason(), lambda: self._finish_close(lm))
+            self._lm = None
+        if deferred:
+            return
+        try:
+            self._gate.wait_idle()   # calls in progress (GIL released) finish first
+        except BaseException:
+            # Interrupted (KeyboardInterrupt): calls still run, so the region stays open and
+            # close() can be called again; dropping it here would leak it.
+            with self._close_lock:
                 self._lm = lm
-                raise
+                self._gate.open(lm)
+            raise
         self._finish_close(lm)
 
     def _finish_close(self, lm):
@@ -580,11 +607,13 @@ class Region(AddressRange):
     def _forget(self):
         # Locks another thread of the parent held at fork() stay held here for good: new ones,
         # so that a call in the child raises RegionClosedError instead of waiting forever.
-        self._lock = threading.Condition()
+        self._gate = Gate()
+        self._gate_quiet = self._gate.quiet()
+        self._forked = True
+        self._gate.close(self._closed_reason(), None)
+        self._close_lock = threading.Lock()
         self._epoch_lock = threading.Lock()
         self._epoch_holder = None
-        self._users = 0
-        self._callers = {}
         lm, self._lm = self._lm, None
         pending = None
         mapping = self._mapping
@@ -593,7 +622,6 @@ class Region(AddressRange):
             if p is not None:
                 _pending_teardowns.discard(p)
                 pending = p.lm
-        self._forked = True
         if self._pool is not None:
             self._pool.forget()
             self._pool = None
@@ -903,7 +931,7 @@ class Region(AddressRange):
     def stats(self):
         s = ffi.new("struct lm_stats *")
         objs = ffi.new("uint64_t[]", len(_OBJS_STATS)) if self._remote else None
-        with _InUse(self, report=False) as lm:
+        with self._gate_quiet as lm:
             lib.lm_stats(lm, s)
             if objs is not None:
                 lib.lm_source_objs_stats(lm, objs)
@@ -934,11 +962,14 @@ class Region(AddressRange):
         if self._lm is None:
             raise self._closed_error()
 
-    def _closed_error(self):
+    def _closed_reason(self):
         if self._forked:
-            return RegionClosedError("region belongs to the parent process: after fork() a "
-                                     "child cannot use the parent's regions")
-        return RegionClosedError("operation on a closed region")
+            return ("region belongs to the parent process: after fork() a child cannot use "
+                    "the parent's regions")
+        return "operation on a closed region"
+
+    def _closed_error(self):
+        return RegionClosedError(self._closed_reason())
 
     @staticmethod
     def _index(value, name):
@@ -1028,55 +1059,6 @@ def _dtype_and_shape(dtype, shape):
 # lm_source_objs_stats's counters, in the order of enum lm_objs_stat (lazymem.h)
 _OBJS_STATS = ("requests", "fetches", "fetch_bytes", "retries", "failures", "corrupt",
                "cache_hits", "cache_writes", "cache_write_errors", "cache_bad", "evicted")
-
-
-class _InUse:
-    """Keeps close() from freeing the C region while a call into it (GIL released) runs."""
-
-    __slots__ = ("region", "report", "lm")
-
-    def __init__(self, region, report=True):
-        self.region = region
-        self.report = report
-        self.lm = None
-
-    def __enter__(self):
-        region = self.region
-        with region._lock:
-            lm = region._lm
-            if lm is None:
-                raise region._closed_error()
-            if self.report and region._remote is not None:
-                err = region._remote_failed(lm)
-                if err is not None:
-                    raise err
-            tid = threading.get_ident()
-            region._callers[tid] = region._callers.get(tid, 0) + 1
-            region._users += 1
-            self.lm = lm
-            return lm
-
-    def __exit__(self, exc_type, exc, tb):
-        region = self.region
-        finish = None
-        with region._lock:
-            try:
-                if exc_type is not None and issubclass(exc_type, ObjectStoreError) and \
-                        region._remote is not None:
-                    region._remote_failed(self.lm)   # this call reported them already
-            finally:   # counted down whatever happens: close() waits for the count
-                region._users -= 1
-                tid = threading.get_ident()
-                left = region._callers.get(tid, 1) - 1
-                if left:
-                    region._callers[tid] = left
-                else:
-                    region._callers.pop(tid, None)
-                if not region._users:
-                    region._lock.notify_all()
-                    finish, region._close_pending = region._close_pending, None
-        if finish is not None:   # close() was called from inside a call: this was the last
-            region._finish_close(finish)
 
 
 def _quantile(hist, total, q):

@@ -1324,7 +1324,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
                                       if k not in ("arrays", "pylazymem", "parent")}
             region._snapshot = (path, h["header_xxh3"])
             if remote is not None:
-                region._remote = [path, 0]
+                region._set_remote(path)
             region._alloc_next = max([a["offset"] + int(np.prod(a["shape"], dtype=np.int64))
                                       * a["dtype"].itemsize for a in p.manifest["arrays"].values()]
                                      + [0])

@@ -329,3 +329,81 @@ def test_a_region_dropped_while_views_live_is_torn_down_by_its_last_view(run_py)
     assert res.returncode == 0, res.describe()
     assert "child True" in res.stdout, res.describe()
     assert "left 0 0 False" in res.stdout, res.describe()
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupt_anywhere_in_a_call_leaves_close_working(run_py):
+    """A KeyboardInterrupt is raised where CPython runs signal handlers: at a function's entry
+    and after a call or a backward jump. Raised at each such point of the package's Python
+    code during a call in turn (a trace function raising it at the n-th one), it must never
+    leave the call counted in: close() afterwards returns at once instead of waiting for a
+    call that is not running. (The count was kept by a context manager written in Python: an
+    interrupt at its __exit__'s entry, or after a call inside its __enter__, left it off.)"""
+    res = run_py("""
+        import sys
+        calls = {
+            "stats": lambda r: r.stats(),
+            "dirty_pages": lambda r: r.dirty_pages(),
+            "signatures": lambda r: r.signatures(0, 8 * r.page_size),
+            "materialize": lambda r: r.materialize(0, 4 * r.page_size),
+            "handler.is_alive": lambda r: r.handler.is_alive(),
+        }
+        import dis
+        pkg = os.path.dirname(plm.__file__)
+        # where CPython 3.11+ checks for pending signals: RESUME (a frame's entry), and after
+        # CALL, CALL_FUNCTION_EX and JUMP_BACKWARD
+        DELIVERED_AFTER = ("ENTRY", "CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD")
+        _ops = {}
+
+        def opnames(code):
+            if code not in _ops:
+                _ops[code] = {i.offset: i.opname for i in dis.get_instructions(code)}
+            return _ops[code]
+
+        worst = 0
+        for name, call in calls.items():
+            n = 1
+            while True:
+                r = plm.Region(1 << 20)
+                seen = [0]
+
+                def tracer(frame, event, arg):
+                    if not frame.f_code.co_filename.startswith(pkg):
+                        return None
+                    frame.f_trace_opcodes = True
+                    ops = opnames(frame.f_code)
+                    prev = ["ENTRY"]
+
+                    def local(frame, event, arg):
+                        if event == "opcode":
+                            if prev[0] in DELIVERED_AFTER:
+                                seen[0] += 1
+                                if seen[0] == n:
+                                    raise KeyboardInterrupt
+                            prev[0] = ops.get(frame.f_lasti, "?")
+                        return local
+                    return local
+
+                interrupted = False
+                sys.settrace(tracer)
+                try:
+                    call(r)
+                except KeyboardInterrupt:
+                    interrupted = True
+                finally:
+                    sys.settrace(None)
+                t = threading.Thread(target=r.close, daemon=True)
+                t.start()
+                t.join(10)
+                if t.is_alive():
+                    print("HANG", name, n, flush=True)
+                    os._exit(3)
+                if not interrupted:
+                    break
+                n += 1
+            worst = max(worst, n)
+            print("ok", name, n, flush=True)
+        print("DONE", worst, flush=True)
+    """, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "DONE" in res.stdout and "HANG" not in res.stdout, res.stdout
