@@ -336,9 +336,16 @@ static PyTypeObject RangeType = {
  * runs none between counting a call and the `with` block owning it, nor between the block's
  * end and counting it out, so one interrupt cannot tear the two apart.
  *
+ * The gate owns the native region's handle (lm): __enter__ hands it out, close() takes it
+ * away once, waits for the calls in progress and calls the teardown with it (or leaves that
+ * to the last call to end, when called from inside one), so an interrupt anywhere can leak
+ * the region at worst, never free it twice. A hold() counts a call that ends on another
+ * thread (a background checkpoint) and is counted out by release() or when it is freed.
+ *
  * State other than the count is guarded by the GIL: every method holds it throughout and
- * runs no Python code while it changes anything (the hooks are called once the count is
- * right). The count is also guarded by mu, under which wait_idle waits without the GIL.
+ * runs no Python code while it changes anything (hooks and the teardown are called once the
+ * state is consistent). The count is also guarded by mu, under which close() waits without
+ * the GIL.
  */
 #include <pthread.h>
 #include <time.h>
@@ -347,11 +354,12 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t mu;
     pthread_cond_t idle;
-    long users;          /* calls in progress (under mu) */
+    long users;          /* calls in progress, holds included (under mu) */
     PyObject *lm;        /* what __enter__ returns; NULL while closed */
     PyObject *reason;    /* the message of the error __enter__ raises while closed */
     PyObject *callers;   /* dict: thread ident -> calls in progress on that thread */
-    PyObject *pending;   /* called by the call that ends last (close() from inside a call) */
+    PyObject *pending, *pending_lm;  /* pending(pending_lm) is run by the call that ends last
+                                        (close() from inside a call) */
     PyObject *on_enter;  /* called with lm once a reporting call is counted: may raise */
     PyObject *error_type, *on_error;  /* on_error() when a call raises error_type */
 } GateObject;
@@ -361,19 +369,35 @@ typedef struct {
     GateObject *gate;
 } QuietObject;
 
-static PyTypeObject GateType, QuietType;
+typedef struct {
+    PyObject_HEAD
+    GateObject *gate;
+    PyObject *lm;
+    int held;
+} HoldObject;
+
+static PyTypeObject GateType, QuietType, HoldType;
+
+static void gate_init_sync(GateObject *g)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* a clock change delays no wait */
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->idle, &ca);
+    pthread_condattr_destroy(&ca);
+}
 
 static PyObject *gate_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    if (!PyArg_ParseTuple(args, ":Gate") || (kw && PyDict_GET_SIZE(kw))) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
         PyErr_SetString(PyExc_TypeError, "Gate() takes no arguments");
         return NULL;
     }
     GateObject *g = (GateObject *)type->tp_alloc(type, 0);
     if (!g)
         return NULL;
-    pthread_mutex_init(&g->mu, NULL);
-    pthread_cond_init(&g->idle, NULL);
+    gate_init_sync(g);
     if (!(g->callers = PyDict_New())) {
         Py_DECREF(g);
         return NULL;
@@ -384,8 +408,10 @@ static PyObject *gate_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 static int gate_traverse(GateObject *g, visitproc visit, void *arg)
 {
     Py_VISIT(g->lm);
+    Py_VISIT(g->reason);
     Py_VISIT(g->callers);
     Py_VISIT(g->pending);
+    Py_VISIT(g->pending_lm);
     Py_VISIT(g->on_enter);
     Py_VISIT(g->error_type);
     Py_VISIT(g->on_error);
@@ -398,6 +424,7 @@ static int gate_clear(GateObject *g)
     Py_CLEAR(g->reason);
     Py_CLEAR(g->callers);
     Py_CLEAR(g->pending);
+    Py_CLEAR(g->pending_lm);
     Py_CLEAR(g->on_enter);
     Py_CLEAR(g->error_type);
     Py_CLEAR(g->on_error);
@@ -416,6 +443,8 @@ static void gate_dealloc(GateObject *g)
 /* This thread's calls in progress, changed by delta (>= 0 afterwards); -1 on error. */
 static long gate_mine(GateObject *g, long delta)
 {
+    if (!g->callers)
+        return 0;
     PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
     if (!key)
         return -1;
@@ -438,66 +467,71 @@ static long gate_mine(GateObject *g, long delta)
     return rc < 0 ? -1 : (n > 0 ? n : 0);
 }
 
-static void gate_count(GateObject *g, long delta)
+static long gate_count(GateObject *g, long delta)
 {
     pthread_mutex_lock(&g->mu);
-    g->users += delta;
-    if (g->users <= 0)
+    long n = g->users += delta;
+    if (n <= 0)
         pthread_cond_broadcast(&g->idle);
     pthread_mutex_unlock(&g->mu);
+    return n;
 }
 
-/* Count a call out; the close() left pending by a call from inside one runs when the last
-   ends. Keeps an exception already set (the caller's) unless the pending close raises. */
-static int gate_leave(GateObject *g)
+/* Count a call (per_thread) or a hold out; the teardown a close() from inside a call left
+   pending runs when the last one ends. An exception already set (the caller's) is kept,
+   unless the teardown raises: -1 then, with its exception. */
+static int gate_leave(GateObject *g, int per_thread)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (gate_mine(g, -1) < 0)
+    if (per_thread && gate_mine(g, -1) < 0)
         PyErr_Clear();   /* (only out of memory) the count below is what close() waits for */
-    gate_count(g, -1);
-    PyObject *finish = NULL;
-    if (g->users <= 0) {
+    PyObject *finish = NULL, *lm = NULL;
+    if (gate_count(g, -1) <= 0 && g->pending) {
         finish = g->pending;
-        g->pending = NULL;
+        lm = g->pending_lm;
+        g->pending = g->pending_lm = NULL;
     }
-    int rc = 0;
     if (finish) {
-        PyObject *res = PyObject_CallNoArgs(finish);
+        PyObject *res = PyObject_CallOneArg(finish, lm);
         Py_DECREF(finish);
+        Py_DECREF(lm);
         if (!res) {
-            rc = -1;
             Py_XDECREF(et);
             Py_XDECREF(ev);
             Py_XDECREF(tb);
-            return rc;
+            return -1;
         }
         Py_DECREF(res);
     }
     PyErr_Restore(et, ev, tb);
-    return rc;
+    return 0;
+}
+
+static int gate_closed_error(GateObject *g)
+{
+    PyErr_SetObject(closed_error ? closed_error : PyExc_ValueError,
+                    g->reason ? g->reason : Py_None);
+    return -1;
 }
 
 static PyObject *gate_enter_impl(GateObject *g, int report)
 {
     if (!g->lm) {
-        PyErr_SetObject(closed_error ? closed_error : PyExc_ValueError,
-                        g->reason ? g->reason : Py_None);
+        gate_closed_error(g);
         return NULL;
     }
     if (gate_mine(g, 1) < 0)
         return NULL;
     gate_count(g, 1);
-    PyObject *lm = g->lm;
-    Py_INCREF(lm);
+    PyObject *lm = Py_NewRef(g->lm);
     if (report && g->on_enter) {
-        PyObject *hook = g->on_enter;
-        Py_INCREF(hook);
+        PyObject *hook = Py_NewRef(g->on_enter);
         PyObject *res = PyObject_CallOneArg(hook, lm);
         Py_DECREF(hook);
         if (!res) {   /* the call does not happen: counted out again */
             Py_DECREF(lm);
-            gate_leave(g);
+            gate_leave(g, 1);
             return NULL;
         }
         Py_DECREF(res);
@@ -508,25 +542,23 @@ static PyObject *gate_enter_impl(GateObject *g, int report)
 static PyObject *gate_exit_impl(GateObject *g, PyObject *args)
 {
     PyObject *et = PyTuple_GET_SIZE(args) ? PyTuple_GET_ITEM(args, 0) : Py_None;
-    int failed = 0;
     /* While the call still counts (the hook reads the native region). */
-    if (et != Py_None && g->error_type && g->on_error &&
-        PyObject_IsSubclass(et, g->error_type) == 1) {
-        PyObject *res = PyObject_CallNoArgs(g->on_error);
-        if (res)
+    if (et != Py_None && g->error_type && g->on_error) {
+        int sub = PyObject_IsSubclass(et, g->error_type);
+        if (sub < 0)
+            PyErr_Clear();
+        if (sub == 1) {
+            PyObject *hook = Py_NewRef(g->on_error);
+            PyObject *res = PyObject_CallNoArgs(hook);
+            Py_DECREF(hook);
+            if (!res) {   /* its exception replaces the call's; counted out all the same */
+                gate_leave(g, 1);
+                return NULL;
+            }
             Py_DECREF(res);
-        else
-            failed = 1;
+        }
     }
-    PyErr_Clear();   /* IsSubclass's failure, if any: nothing to report it to */
-    if (failed) {
-        PyObject *xt, *xv, *xtb;
-        PyErr_Fetch(&xt, &xv, &xtb);
-        (void)gate_leave(g);
-        PyErr_Restore(xt, xv, xtb);
-        return NULL;
-    }
-    if (gate_leave(g) < 0)
+    if (gate_leave(g, 1) < 0)
         return NULL;
     Py_RETURN_FALSE;
 }
@@ -544,47 +576,22 @@ static PyObject *gate_exit(GateObject *g, PyObject *args)
 
 static PyObject *gate_open(GateObject *g, PyObject *lm)
 {
-    Py_INCREF(lm);
-    Py_XSETREF(g->lm, lm);
+    Py_XSETREF(g->lm, Py_NewRef(lm));
     Py_CLEAR(g->reason);
     Py_RETURN_NONE;
 }
 
-/* close(reason, finish) -> bool: no new calls from now on (they raise the closed error with
-   reason). True when this thread is inside a call: finish() is then run by the call that ends
-   last, and the caller must not wait (it would wait for itself); False: the caller waits for
-   wait_idle() and finishes itself. */
-static PyObject *gate_close(GateObject *g, PyObject *args)
+/* Wait, without the GIL, until no call is in progress; signal handlers run every 50 ms (an
+   exception from one ends the wait: -1). */
+static int gate_wait(GateObject *g)
 {
-    PyObject *reason, *finish;
-    if (!PyArg_ParseTuple(args, "OO:close", &reason, &finish))
-        return NULL;
-    long mine = gate_mine(g, 0);
-    if (mine < 0)
-        return NULL;
-    Py_INCREF(reason);
-    Py_XSETREF(g->reason, reason);
-    Py_CLEAR(g->lm);
-    if (mine > 0 && finish != Py_None) {
-        Py_INCREF(finish);
-        Py_XSETREF(g->pending, finish);
-        Py_RETURN_TRUE;
-    }
-    Py_RETURN_FALSE;
-}
-
-/* Wait, without the GIL, until no call is in progress; signal handlers run every 50 ms (a
-   KeyboardInterrupt ends the wait). */
-static PyObject *gate_wait_idle(GateObject *g, PyObject *unused)
-{
-    (void)unused;
     for (;;) {
         long busy;
         Py_BEGIN_ALLOW_THREADS
         pthread_mutex_lock(&g->mu);
         if (g->users > 0) {
             struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
+            clock_gettime(CLOCK_MONOTONIC, &until);
             until.tv_nsec += 50 * 1000 * 1000;
             if (until.tv_nsec >= 1000000000L) {
                 until.tv_sec++;
@@ -596,10 +603,78 @@ static PyObject *gate_wait_idle(GateObject *g, PyObject *unused)
         pthread_mutex_unlock(&g->mu);
         Py_END_ALLOW_THREADS
         if (busy <= 0)
-            Py_RETURN_NONE;
+            return 0;
         if (PyErr_CheckSignals() < 0)
-            return NULL;
+            return -1;
     }
+}
+
+/*
+ * close(reason, finish): no new calls from now on (they raise the closed error with reason).
+ * The handle is taken once: a second close() returns at once. From inside a call on this
+ * thread (a signal handler that ran while the call waited), finish(lm) is left to the call
+ * that ends last, and close() returns: waiting would wait for itself. Otherwise it waits for
+ * the calls in progress, then returns finish(lm). Interrupted while it waits, the gate is open
+ * again (calls still run: the region must stay usable, and close() can be called again).
+ */
+static PyObject *gate_close(GateObject *g, PyObject *args)
+{
+    PyObject *reason, *finish;
+    if (!PyArg_ParseTuple(args, "OO:close", &reason, &finish))
+        return NULL;
+    if (!g->lm) {   /* closed already (or never opened: a forked child's gate) */
+        if (!g->reason)
+            g->reason = Py_NewRef(reason);
+        Py_RETURN_NONE;
+    }
+    long mine = gate_mine(g, 0);
+    if (mine < 0)
+        return NULL;
+    PyObject *lm = g->lm;   /* ours now */
+    g->lm = NULL;
+    Py_XSETREF(g->reason, Py_NewRef(reason));
+    if (mine > 0 && g->users > 0) {
+        if (finish != Py_None) {
+            Py_XSETREF(g->pending, Py_NewRef(finish));
+            Py_XSETREF(g->pending_lm, lm);
+        } else {
+            Py_DECREF(lm);
+        }
+        Py_RETURN_NONE;
+    }
+    if (gate_wait(g) < 0) {
+        if (!g->lm) {
+            g->lm = lm;
+            Py_CLEAR(g->reason);
+        } else {
+            Py_DECREF(lm);
+        }
+        return NULL;
+    }
+    PyObject *res = finish != Py_None ? PyObject_CallOneArg(finish, lm) : Py_NewRef(Py_None);
+    Py_DECREF(lm);
+    return res;
+}
+
+/* In a child after fork(): forget everything (the threads counted are the parent's) and
+   return the handle, or the one a pending close() held (None: neither). */
+static PyObject *gate_forget(GateObject *g, PyObject *unused)
+{
+    (void)unused;
+    gate_init_sync(g);   /* a parent thread may have held mu at the fork */
+    g->users = 0;
+    PyObject *lm = g->lm;
+    g->lm = NULL;
+    if (!lm) {
+        lm = g->pending_lm;
+        g->pending_lm = NULL;
+    } else {
+        Py_CLEAR(g->pending_lm);
+    }
+    Py_CLEAR(g->pending);
+    if (g->callers)
+        PyDict_Clear(g->callers);
+    return lm ? lm : Py_NewRef(Py_None);
 }
 
 static PyObject *gate_set_hooks(GateObject *g, PyObject *args)
@@ -619,10 +694,27 @@ static PyObject *gate_quiet(GateObject *g, PyObject *unused)
     QuietObject *q = PyObject_GC_New(QuietObject, &QuietType);
     if (!q)
         return NULL;
-    Py_INCREF(g);
-    q->gate = g;
+    q->gate = (GateObject *)Py_NewRef(g);
     PyObject_GC_Track(q);
     return (PyObject *)q;
+}
+
+static PyObject *gate_hold(GateObject *g, PyObject *unused)
+{
+    (void)unused;
+    if (!g->lm) {
+        gate_closed_error(g);
+        return NULL;
+    }
+    HoldObject *h = PyObject_GC_New(HoldObject, &HoldType);
+    if (!h)
+        return NULL;
+    h->gate = (GateObject *)Py_NewRef(g);
+    h->lm = Py_NewRef(g->lm);
+    h->held = 1;
+    gate_count(g, 1);
+    PyObject_GC_Track(h);
+    return (PyObject *)h;
 }
 
 static PyObject *gate_users(GateObject *g, void *closure)
@@ -641,21 +733,31 @@ static PyObject *gate_mine_get(GateObject *g, void *closure)
     return n < 0 ? NULL : PyLong_FromLong(n);
 }
 
+static PyObject *gate_lm_get(GateObject *g, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(g->lm ? g->lm : Py_None);
+}
+
 static PyMethodDef gate_methods[] = {
     {"__enter__", (PyCFunction)gate_enter, METH_NOARGS, "count a call in; the native region"},
     {"__exit__", (PyCFunction)gate_exit, METH_VARARGS, "count the call out"},
     {"open", (PyCFunction)gate_open, METH_O, "let calls in: __enter__ returns this object"},
-    {"close", (PyCFunction)gate_close, METH_VARARGS, "close(reason, finish) -> deferred"},
-    {"wait_idle", (PyCFunction)gate_wait_idle, METH_NOARGS, "wait until no call is in progress"},
+    {"close", (PyCFunction)gate_close, METH_VARARGS,
+     "close(reason, finish): no new calls; wait for those in progress, then finish(lm)"},
+    {"forget", (PyCFunction)gate_forget, METH_NOARGS, "after fork(): reset, return the handle"},
     {"set_hooks", (PyCFunction)gate_set_hooks, METH_VARARGS,
      "set_hooks(on_enter(lm), error_type, on_error())"},
     {"quiet", (PyCFunction)gate_quiet, METH_NOARGS, "the same gate without on_enter"},
+    {"hold", (PyCFunction)gate_hold, METH_NOARGS,
+     "count a call that another thread ends (release(), or freeing the hold)"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef gate_getset[] = {
-    {"users", (getter)gate_users, NULL, "calls in progress", NULL},
+    {"users", (getter)gate_users, NULL, "calls in progress (holds included)", NULL},
     {"mine", (getter)gate_mine_get, NULL, "calls in progress on this thread", NULL},
+    {"lm", (getter)gate_lm_get, NULL, "the native region (None: closed)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -721,6 +823,76 @@ static PyTypeObject QuietType = {
     .tp_methods = quiet_methods,
 };
 
+/* Counted out once: by release(), else when the hold is freed. -1 with the teardown's
+   exception when it ran and raised. */
+static int hold_drop(HoldObject *h)
+{
+    if (!h->held || !h->gate)
+        return 0;
+    h->held = 0;
+    return gate_leave(h->gate, 0);
+}
+
+static int hold_traverse(HoldObject *h, visitproc visit, void *arg)
+{
+    Py_VISIT(h->gate);
+    Py_VISIT(h->lm);
+    return 0;
+}
+
+static int hold_clear(HoldObject *h)
+{
+    if (hold_drop(h) < 0)
+        PyErr_WriteUnraisable((PyObject *)h);
+    Py_CLEAR(h->gate);
+    Py_CLEAR(h->lm);
+    return 0;
+}
+
+static void hold_dealloc(HoldObject *h)
+{
+    PyObject_GC_UnTrack(h);
+    hold_clear(h);
+    PyObject_GC_Del(h);
+}
+
+static PyObject *hold_release(HoldObject *h, PyObject *unused)
+{
+    (void)unused;
+    if (hold_drop(h) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *hold_lm(HoldObject *h, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(h->lm ? h->lm : Py_None);
+}
+
+static PyMethodDef hold_methods[] = {
+    {"release", (PyCFunction)hold_release, METH_NOARGS, "count the call out (once)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef hold_getset[] = {
+    {"lm", (getter)hold_lm, NULL, "the native region, valid while held", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject HoldType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pylazymem._buffer.GateHold",
+    .tp_basicsize = sizeof(HoldObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A call counted into a Gate until release() (or until freed).",
+    .tp_dealloc = (destructor)hold_dealloc,
+    .tp_traverse = (traverseproc)hold_traverse,
+    .tp_clear = (inquiry)hold_clear,
+    .tp_methods = hold_methods,
+    .tp_getset = hold_getset,
+};
+
 static PyObject *set_closed_error(PyObject *mod, PyObject *cls)
 {
     (void)mod;
@@ -742,7 +914,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__buffer(void)
 {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RangeType) < 0 ||
-        PyType_Ready(&GateType) < 0 || PyType_Ready(&QuietType) < 0)
+        PyType_Ready(&GateType) < 0 || PyType_Ready(&QuietType) < 0 ||
+        PyType_Ready(&HoldType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

@@ -80,37 +80,63 @@ class CheckpointHandle:
 
 def start(region, path, chain, write, progress, _test_copy=None):
     """The pause, then write(frozen, progress) on a thread (snapshot._start_background made
-    everything ready). Owns `chain` from here: closed when the checkpoint ends."""
+    everything ready). Owns `chain` from here: closed when the checkpoint ends, or here when it
+    fails before its thread has taken it over."""
     t0 = time.perf_counter()
-    if _test_copy is not None and memoryview(_test_copy).nbytes != region.nbytes:
-        raise InvalidArgumentError("_test_copy must be region.nbytes long")
-    use = region._use()
-    lm = use.__enter__()   # held until the end: close() waits for the checkpoint
+    hold = None
     try:
+        if _test_copy is not None and memoryview(_test_copy).nbytes != region.nbytes:
+            raise InvalidArgumentError("_test_copy must be region.nbytes long")
+        # Counted as a call until the checkpoint thread ends it (close() waits for the
+        # checkpoint): a hold, which is not this thread's call, and is counted out when
+        # released or freed (an interrupt before the thread has it cannot leave it counted).
+        hold = region._gate.hold()
+        lm = hold.lm
         out = ffi.new("struct lm_freeze **")
         tc = ffi.NULL if _test_copy is None else ffi.from_buffer(_test_copy)
         check(lib.lm_freeze_begin(lm, tc, out), "checkpoint(background=True)")
     except BaseException:
-        use.__exit__(None, None, None)
+        if hold is not None:
+            hold.release()
+        if chain is not None:
+            chain.close()
         raise
     fz = out[0]
     # The epoch that ended at the pause is the freeze's now: the file, once whole, is the
     # new epoch's snapshot; if it fails, the old epoch goes on (lm_freeze_end merges it back).
     epoch, region._epoch_id = region._epoch_id, None
-    handle = CheckpointHandle(region, path, fz)
-    region._bg = handle
-    # Not a daemon: the interpreter's exit waits for the file to be complete (a daemon thread
-    # was dropped mid-write at exit, its temporary left behind, the checkpoint silently lost).
-    t = threading.Thread(target=_run, name="pylazymem-checkpoint",
-                         args=(handle, region, use, fz, chain, write, progress, epoch),
-                         daemon=False)
-    handle._thread = t
-    t.start()
+    # Whoever takes `claim` first owns the pause: the thread (it runs the checkpoint) or, when
+    # starting it failed or was interrupted, this function (it undoes the pause). A thread
+    # that start() created before the interrupt may still run; it then finds it taken.
+    claim = threading.Lock()
+    try:
+        handle = CheckpointHandle(region, path, fz)
+        region._bg = handle
+        # Not a daemon: the interpreter's exit waits for the file to be complete (a daemon
+        # thread was dropped mid-write at exit, its temporary left behind, the checkpoint
+        # silently lost).
+        t = threading.Thread(target=_run, name="pylazymem-checkpoint",
+                             args=(handle, region, hold, fz, chain, write, progress, epoch,
+                                   claim),
+                             daemon=False)
+        handle._thread = t
+        t.start()
+    except BaseException:   # (can't start new thread; an interrupt)
+        if claim.acquire(blocking=False):   # the thread never took it: undo the pause
+            lib.lm_freeze_end(fz, 1)
+            region._epoch_id = epoch
+            region._bg = None
+            if chain is not None:
+                chain.close()
+            hold.release()
+        raise
     handle.started = time.perf_counter() - t0
     return handle
 
 
-def _run(handle, region, use, fz, chain, write, progress, epoch):
+def _run(handle, region, hold, fz, chain, write, progress, epoch, claim):
+    if not claim.acquire(blocking=False):
+        return   # start() was interrupted and undid the pause
     failed = True
     _lower_priority()
     try:
@@ -138,7 +164,7 @@ def _run(handle, region, use, fz, chain, write, progress, epoch):
             region._epoch_id = epoch
         if chain is not None:
             chain.close()
-        use.__exit__(None, None, None)
+        hold.release()
         handle._done.set()
 
 

@@ -198,7 +198,11 @@ class Region(AddressRange):
                  _test_broken_source=False, _test_no_poison=False, _test_no_dirty=False,
                  _test_fail_publish=False, _test_fail_copyback=0, _start=True, _pool=None,
                  _verify_shared=False):
-        self._lm = None
+        # Every call into the native region is counted in and out by the gate (a context
+        # manager in C: csrc/pybuffer.c, "Gate"), which owns the region's handle (_lm):
+        # close() takes it from the gate once and waits for the calls in progress.
+        self._gate = Gate()
+        self._gate_quiet = self._gate.quiet()   # the same, without reporting remote failures
         self._server_sock = None
         self._empty_unknown = False
         self.server = None
@@ -222,11 +226,6 @@ class Region(AddressRange):
         self._ws_inherited = None
         self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
         self._chunks = False   # a canonical deferral may have mapped chunks (defer_fill)
-        # Every call into the native region is counted in and out by the gate (a context
-        # manager in C: csrc/pybuffer.c, "Gate"); close() waits for the calls in progress.
-        self._gate = Gate()
-        self._gate_quiet = self._gate.quiet()   # the same, without reporting remote failures
-        self._close_lock = threading.Lock()     # one close() (or fork cleanup) at a time
         try:
             if isinstance(nbytes, (bool, np.bool_)):
                 raise TypeError
@@ -341,7 +340,6 @@ class Region(AddressRange):
             lib.lm_region_destroy(lm, 1)
             raise
         self._pool = _pool
-        self._lm = lm
         self._gate.open(lm)
         self.nbytes = nbytes
         self.page_size = PAGE_SIZE
@@ -507,6 +505,11 @@ class Region(AddressRange):
 
     # ---- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def _lm(self):
+        """The native region (None once closed): the gate's."""
+        return self._gate.lm
+
     def _use(self, report=True):
         """The gate of one call into the native region: `with self._use() as lm:` counts the
         call in and out (close() waits for it) and raises RegionClosedError once closed; with
@@ -555,28 +558,13 @@ class Region(AddressRange):
                                 "thread (its progress callback), which holds the region until "
                                 "the checkpoint ends: close it after wait()")
             bg._done.wait()
-        with self._close_lock:
-            lm = self._lm
-            if lm is None:
-                return
-            # New calls fail from here on. From inside a call of this region on this thread
-            # (a signal handler that ran while the call waited), that call still uses the
-            # region, and waiting for it here would wait for ourselves: the last call to end
-            # finishes the close (the gate runs it).
-            deferred = self._gate.close(self._closed_reason(), lambda: self._finish_close(lm))
-            self._lm = None
-        if deferred:
-            return
-        try:
-            self._gate.wait_idle()   # calls in progress (GIL released) finish first
-        except BaseException:
-            # Interrupted (KeyboardInterrupt): calls still run, so the region stays open and
-            # close() can be called again; dropping it here would leak it.
-            with self._close_lock:
-                self._lm = lm
-                self._gate.open(lm)
-            raise
-        self._finish_close(lm)
+        # In C, in one call (csrc/pybuffer.c, gate_close): new calls fail from here on; the
+        # calls in progress (GIL released) are waited for, then _finish_close(lm) runs. From
+        # inside a call of this region on this thread (a signal handler that ran while the
+        # call waited), waiting would wait for ourselves: the last call to end runs it.
+        # Interrupted while it waits (KeyboardInterrupt), the region stays open (calls still
+        # run) and close() can be called again. A second close() returns at once.
+        self._gate.close(self._closed_reason(), self._finish_close)
 
     def _finish_close(self, lm):
         # The background fill copies into the range that is about to be unmapped (or kept only
@@ -607,14 +595,14 @@ class Region(AddressRange):
     def _forget(self):
         # Locks another thread of the parent held at fork() stay held here for good: new ones,
         # so that a call in the child raises RegionClosedError instead of waiting forever.
+        old = self._gate
         self._gate = Gate()
         self._gate_quiet = self._gate.quiet()
         self._forked = True
-        self._gate.close(self._closed_reason(), None)
-        self._close_lock = threading.Lock()
+        self._gate.close(self._closed_reason(), None)   # closed from the start
         self._epoch_lock = threading.Lock()
         self._epoch_holder = None
-        lm, self._lm = self._lm, None
+        lm = old.forget()   # the parent's calls and a pending close() are not ours
         pending = None
         mapping = self._mapping
         if mapping is not None:
@@ -638,7 +626,8 @@ class Region(AddressRange):
         self.close()
 
     def __del__(self):
-        if getattr(self, "_lm", None) is not None:
+        gate = getattr(self, "_gate", None)
+        if gate is not None and gate.lm is not None:
             self.close()
 
     def __len__(self):

@@ -181,11 +181,13 @@ def _start_background(region, path, working_set, progress, durable, parent, code
             def write(frozen, progress_cb):
                 return _checkpoint(region, path, ws, progress_cb, durable, chain, codec,
                                    frozen=frozen, named=named)
-            return _bgckpt.start(region, path, chain, write, progress, _test_copy)
         except BaseException:
             if chain is not None:
                 chain.close()
             raise
+        # It owns the chain from here: closes it when the checkpoint ends, or when it fails
+        # before the checkpoint's thread has taken it over (never under that thread).
+        return _bgckpt.start(region, path, chain, write, progress, _test_copy)
 
 
 def _open_parent(region, path, parent):

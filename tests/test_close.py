@@ -6,6 +6,7 @@ close() keep the memory valid, with its contents, and served, until the last one
 case 1: a stale view used to kill the interpreter with SIGSEGV)."""
 
 import signal
+import textwrap
 
 import pytest
 
@@ -331,6 +332,72 @@ def test_a_region_dropped_while_views_live_is_torn_down_by_its_last_view(run_py)
     assert "left 0 0 False" in res.stdout, res.describe()
 
 
+_INTERRUPT_AT_EACH_POINT = """
+    import dis, sys, tempfile
+    pkg = os.path.dirname(plm.__file__)
+    # where CPython 3.11+ checks for pending signals: RESUME (a frame's entry), and after
+    # CALL, CALL_FUNCTION_EX and JUMP_BACKWARD
+    DELIVERED_AFTER = ("ENTRY", "CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD")
+    _ops = {}
+
+    def opnames(code):
+        if code not in _ops:
+            _ops[code] = {i.offset: i.opname for i in dis.get_instructions(code)}
+        return _ops[code]
+
+    def interrupt_at(n, call, r):
+        # raise KeyboardInterrupt at the n-th point of the package's code where CPython could
+        # (this thread only); True when it was raised
+        seen = [0]
+
+        def tracer(frame, event, arg):
+            if not frame.f_code.co_filename.startswith(pkg):
+                return None
+            frame.f_trace_opcodes = True
+            ops = opnames(frame.f_code)
+            prev = ["ENTRY"]
+
+            def local(frame, event, arg):
+                if event == "opcode":
+                    if prev[0] in DELIVERED_AFTER:
+                        seen[0] += 1
+                        if seen[0] == n:
+                            raise KeyboardInterrupt
+                    prev[0] = ops.get(frame.f_lasti, "?")
+                return local
+            return local
+
+        sys.settrace(tracer)
+        try:
+            call(r)
+        except KeyboardInterrupt:
+            return True
+        finally:
+            sys.settrace(None)
+        return False
+
+    def close_returns(r, what):
+        t = threading.Thread(target=r.close, daemon=True)
+        t.start()
+        t.join(30)
+        if t.is_alive() or not r.closed:
+            print("HANG" if t.is_alive() else "OPEN", what, flush=True)
+            os._exit(3)
+
+    def each_point(name, make, call):
+        n = 1
+        while True:
+            r = make()
+            hit = interrupt_at(n, call, r)
+            close_returns(r, "%s %d" % (name, n))
+            r.close()   # again: returns at once
+            if not hit:
+                break
+            n += 1
+        print("ok", name, n, flush=True)
+"""
+
+
 @pytest.mark.timeout(600)
 def test_an_interrupt_anywhere_in_a_call_leaves_close_working(run_py):
     """A KeyboardInterrupt is raised where CPython runs signal handlers: at a function's entry
@@ -339,71 +406,91 @@ def test_an_interrupt_anywhere_in_a_call_leaves_close_working(run_py):
     leave the call counted in: close() afterwards returns at once instead of waiting for a
     call that is not running. (The count was kept by a context manager written in Python: an
     interrupt at its __exit__'s entry, or after a call inside its __enter__, left it off.)"""
-    res = run_py("""
-        import sys
+    res = run_py(textwrap.dedent(_INTERRUPT_AT_EACH_POINT) + textwrap.dedent("""
         calls = {
             "stats": lambda r: r.stats(),
             "dirty_pages": lambda r: r.dirty_pages(),
             "signatures": lambda r: r.signatures(0, 8 * r.page_size),
             "materialize": lambda r: r.materialize(0, 4 * r.page_size),
             "handler.is_alive": lambda r: r.handler.is_alive(),
+            "close": lambda r: r.close(),
         }
-        import dis
-        pkg = os.path.dirname(plm.__file__)
-        # where CPython 3.11+ checks for pending signals: RESUME (a frame's entry), and after
-        # CALL, CALL_FUNCTION_EX and JUMP_BACKWARD
-        DELIVERED_AFTER = ("ENTRY", "CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD")
-        _ops = {}
-
-        def opnames(code):
-            if code not in _ops:
-                _ops[code] = {i.offset: i.opname for i in dis.get_instructions(code)}
-            return _ops[code]
-
-        worst = 0
         for name, call in calls.items():
-            n = 1
-            while True:
-                r = plm.Region(1 << 20)
-                seen = [0]
-
-                def tracer(frame, event, arg):
-                    if not frame.f_code.co_filename.startswith(pkg):
-                        return None
-                    frame.f_trace_opcodes = True
-                    ops = opnames(frame.f_code)
-                    prev = ["ENTRY"]
-
-                    def local(frame, event, arg):
-                        if event == "opcode":
-                            if prev[0] in DELIVERED_AFTER:
-                                seen[0] += 1
-                                if seen[0] == n:
-                                    raise KeyboardInterrupt
-                            prev[0] = ops.get(frame.f_lasti, "?")
-                        return local
-                    return local
-
-                interrupted = False
-                sys.settrace(tracer)
-                try:
-                    call(r)
-                except KeyboardInterrupt:
-                    interrupted = True
-                finally:
-                    sys.settrace(None)
-                t = threading.Thread(target=r.close, daemon=True)
-                t.start()
-                t.join(10)
-                if t.is_alive():
-                    print("HANG", name, n, flush=True)
-                    os._exit(3)
-                if not interrupted:
-                    break
-                n += 1
-            worst = max(worst, n)
-            print("ok", name, n, flush=True)
-        print("DONE", worst, flush=True)
-    """, timeout=600)
+            each_point(name, lambda: plm.Region(1 << 20), call)
+        print("DONE", flush=True)
+    """), timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "DONE" in res.stdout and "HANG" not in res.stdout, res.stdout
+
+
+@pytest.mark.background_checkpoint
+@pytest.mark.timeout(600)
+def test_an_interrupt_anywhere_in_starting_a_background_checkpoint_leaves_close_working(
+        run_py, tmp_path):
+    """The same for checkpoint(background=True), whose call is counted on the calling thread
+    and counted out on the checkpoint's: interrupted at any point of starting it, the region
+    still closes (close() waits for a checkpoint that did start), and its file is whole or
+    absent."""
+    res = run_py(textwrap.dedent(_INTERRUPT_AT_EACH_POINT) + textwrap.dedent("""
+        d = sys.argv[1]
+
+        def make():
+            r = plm.Region(64 * PS)
+            pages(r)[:8] = 7
+            return r
+
+        def bg(r):
+            h = plm.checkpoint(r, os.path.join(d, "b.plm"), background=True)
+            h.wait()
+
+        each_point("checkpoint(background=True)", make, bg)
+        print("DONE", flush=True)
+    """), timeout=600, args=(str(tmp_path),))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "DONE" in res.stdout, res.stdout
+
+
+def test_the_gates_hooks_raise_their_own_errors_and_count_out():
+    """The Gate (csrc/pybuffer.c) alone: a hook that raises (here KeyboardInterrupt) gets its
+    exception through unchanged, and the call is counted out all the same; a hold is counted
+    until released or freed; a second close() returns at once."""
+    import pylazymem as plm
+    from pylazymem._buffer import Gate
+
+    g = Gate()
+    g.open("lm")
+
+    def on_error():
+        raise KeyboardInterrupt("in on_error")
+
+    g.set_hooks(None, ValueError, on_error)
+    with pytest.raises(KeyboardInterrupt, match="in on_error"):
+        with g:
+            raise ValueError("the call's")
+    assert (g.users, g.mine) == (0, 0)
+
+    def on_enter(lm):
+        raise KeyboardInterrupt("in on_enter")
+
+    g.set_hooks(on_enter, None, None)
+    with pytest.raises(KeyboardInterrupt, match="in on_enter"):
+        with g:
+            pytest.fail("the call ran although on_enter raised")
+    assert (g.users, g.mine) == (0, 0)
+    with g.quiet() as lm:   # no on_enter
+        assert lm == "lm" and (g.users, g.mine) == (1, 1)
+    h = g.hold()
+    assert g.users == 1 and g.mine == 0 and h.lm == "lm"
+    h.release()
+    h.release()   # once
+    assert g.users == 0
+    h = g.hold()
+    del h
+    assert g.users == 0
+    done = []
+    assert g.close("closed for the test", lambda lm: done.append(lm)) is None
+    assert done == ["lm"] and g.lm is None
+    assert g.close("again", lambda lm: done.append(lm)) is None and done == ["lm"]
+    with pytest.raises(plm.RegionClosedError, match="closed for the test"):
+        with g:
+            pass
