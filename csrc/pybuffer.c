@@ -374,6 +374,7 @@ typedef struct {
     GateObject *gate;
     PyObject *lm;
     int held;
+    unsigned long creator;   /* counted as a call of this thread until adopt() (0: adopted) */
 } HoldObject;
 
 static PyTypeObject GateType, QuietType, HoldType;
@@ -440,12 +441,12 @@ static void gate_dealloc(GateObject *g)
     Py_TYPE(g)->tp_free((PyObject *)g);
 }
 
-/* This thread's calls in progress, changed by delta (>= 0 afterwards); -1 on error. */
-static long gate_mine(GateObject *g, long delta)
+/* Thread tid's calls in progress, changed by delta (>= 0 afterwards); -1 on error. */
+static long gate_calls_of(GateObject *g, unsigned long tid, long delta)
 {
     if (!g->callers)
         return 0;
-    PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    PyObject *key = PyLong_FromUnsignedLong(tid);
     if (!key)
         return -1;
     PyObject *v = PyDict_GetItemWithError(g->callers, key);
@@ -465,6 +466,11 @@ static long gate_mine(GateObject *g, long delta)
     }
     Py_DECREF(key);
     return rc < 0 ? -1 : (n > 0 ? n : 0);
+}
+
+static long gate_mine(GateObject *g, long delta)
+{
+    return gate_calls_of(g, PyThread_get_thread_ident(), delta);
 }
 
 static long gate_count(GateObject *g, long delta)
@@ -706,12 +712,19 @@ static PyObject *gate_hold(GateObject *g, PyObject *unused)
         gate_closed_error(g);
         return NULL;
     }
-    HoldObject *h = PyObject_GC_New(HoldObject, &HoldType);
-    if (!h)
+    /* Until another thread adopts it, a call of this thread: a close() from a signal handler
+       on it is deferred rather than wait for a hold only this thread can release. */
+    if (gate_mine(g, 1) < 0)
         return NULL;
+    HoldObject *h = PyObject_GC_New(HoldObject, &HoldType);
+    if (!h) {
+        gate_mine(g, -1);
+        return NULL;
+    }
     h->gate = (GateObject *)Py_NewRef(g);
     h->lm = Py_NewRef(g->lm);
     h->held = 1;
+    h->creator = PyThread_get_thread_ident();
     gate_count(g, 1);
     PyObject_GC_Track(h);
     return (PyObject *)h;
@@ -825,11 +838,22 @@ static PyTypeObject QuietType = {
 
 /* Counted out once: by release(), else when the hold is freed. -1 with the teardown's
    exception when it ran and raised. */
+static void hold_unmine(HoldObject *h)
+{
+    if (h->creator && h->gate && gate_calls_of(h->gate, h->creator, -1) < 0)
+        PyErr_Clear();   /* (only out of memory) */
+    h->creator = 0;
+}
+
 static int hold_drop(HoldObject *h)
 {
     if (!h->held || !h->gate)
         return 0;
     h->held = 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    hold_unmine(h);
+    PyErr_Restore(et, ev, tb);
     return gate_leave(h->gate, 0);
 }
 
@@ -842,8 +866,11 @@ static int hold_traverse(HoldObject *h, visitproc visit, void *arg)
 
 static int hold_clear(HoldObject *h)
 {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);   /* freed while an exception propagates: it stays */
     if (hold_drop(h) < 0)
         PyErr_WriteUnraisable((PyObject *)h);
+    PyErr_Restore(et, ev, tb);
     Py_CLEAR(h->gate);
     Py_CLEAR(h->lm);
     return 0;
@@ -864,14 +891,24 @@ static PyObject *hold_release(HoldObject *h, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *hold_adopt(HoldObject *h, PyObject *unused)
+{
+    (void)unused;
+    if (h->held)
+        hold_unmine(h);
+    Py_RETURN_NONE;
+}
+
 static PyObject *hold_lm(HoldObject *h, void *closure)
 {
     (void)closure;
-    return Py_NewRef(h->lm ? h->lm : Py_None);
+    return Py_NewRef(h->held && h->lm ? h->lm : Py_None);
 }
 
 static PyMethodDef hold_methods[] = {
     {"release", (PyCFunction)hold_release, METH_NOARGS, "count the call out (once)"},
+    {"adopt", (PyCFunction)hold_adopt, METH_NOARGS,
+     "no longer a call of the thread that made the hold (the thread that ends it has it)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,6 +31,7 @@ class CheckpointHandle:
         self.path = path
         self._fz = fz
         self._done = threading.Event()
+        self._running = False   # its thread has taken it over (close() waits for it then)
         self._result = None
         self._error = None
         self._nstored = None
@@ -83,33 +84,29 @@ def start(region, path, chain, write, progress, _test_copy=None):
     everything ready). Owns `chain` from here: closed when the checkpoint ends, or here when it
     fails before its thread has taken it over."""
     t0 = time.perf_counter()
-    hold = None
+    # Whoever takes `claim` first owns the pause and the chain: the checkpoint's thread (it runs
+    # the checkpoint), or this function when it fails or is interrupted before that thread
+    # took them (it undoes the pause and closes the chain). A thread start() created before an
+    # interrupt may still run; it then finds `claim` taken and returns.
+    claim = threading.Lock()
+    out = ffi.new("struct lm_freeze **")   # the pause, once it happened
+    hold = handle = None
+    epoch, taken = None, False
     try:
         if _test_copy is not None and memoryview(_test_copy).nbytes != region.nbytes:
             raise InvalidArgumentError("_test_copy must be region.nbytes long")
-        # Counted as a call until the checkpoint thread ends it (close() waits for the
-        # checkpoint): a hold, which is not this thread's call, and is counted out when
-        # released or freed (an interrupt before the thread has it cannot leave it counted).
+        # Counted as a call until the checkpoint's thread ends it (close() waits for the
+        # checkpoint): a hold, counted out when released or freed, and this thread's call
+        # until that thread adopts it (a close() from a signal handler here is deferred).
         hold = region._gate.hold()
-        lm = hold.lm
-        out = ffi.new("struct lm_freeze **")
         tc = ffi.NULL if _test_copy is None else ffi.from_buffer(_test_copy)
-        check(lib.lm_freeze_begin(lm, tc, out), "checkpoint(background=True)")
-    except BaseException:
-        if hold is not None:
-            hold.release()
-        if chain is not None:
-            chain.close()
-        raise
-    fz = out[0]
-    # The epoch that ended at the pause is the freeze's now: the file, once whole, is the
-    # new epoch's snapshot; if it fails, the old epoch goes on (lm_freeze_end merges it back).
-    epoch, region._epoch_id = region._epoch_id, None
-    # Whoever takes `claim` first owns the pause: the thread (it runs the checkpoint) or, when
-    # starting it failed or was interrupted, this function (it undoes the pause). A thread
-    # that start() created before the interrupt may still run; it then finds it taken.
-    claim = threading.Lock()
-    try:
+        check(lib.lm_freeze_begin(hold.lm, tc, out), "checkpoint(background=True)")
+        fz = out[0]
+        # The epoch that ended at the pause is the freeze's now: the file, once whole, is the
+        # new epoch's snapshot; if it fails, the old epoch goes on (lm_freeze_end merges it
+        # back). (Two stores, no call between: no interrupt can split them.)
+        epoch, region._epoch_id = region._epoch_id, None
+        taken = True
         handle = CheckpointHandle(region, path, fz)
         region._bg = handle
         # Not a daemon: the interpreter's exit waits for the file to be complete (a daemon
@@ -121,14 +118,18 @@ def start(region, path, chain, write, progress, _test_copy=None):
                              daemon=False)
         handle._thread = t
         t.start()
-    except BaseException:   # (can't start new thread; an interrupt)
-        if claim.acquire(blocking=False):   # the thread never took it: undo the pause
-            lib.lm_freeze_end(fz, 1)
-            region._epoch_id = epoch
-            region._bg = None
+    except BaseException:   # (a bad argument, the pause refused, no thread, an interrupt)
+        if claim.acquire(blocking=False):   # no thread took over: undo what was done
+            if out[0] != ffi.NULL:
+                lib.lm_freeze_end(out[0], 1)
+            if taken:
+                region._epoch_id = epoch
+            if handle is not None and region._bg is handle:
+                region._bg = None
             if chain is not None:
                 chain.close()
-            hold.release()
+            if hold is not None:
+                hold.release()
         raise
     handle.started = time.perf_counter() - t0
     return handle
@@ -136,7 +137,9 @@ def start(region, path, chain, write, progress, _test_copy=None):
 
 def _run(handle, region, hold, fz, chain, write, progress, epoch, claim):
     if not claim.acquire(blocking=False):
-        return   # start() was interrupted and undid the pause
+        return   # start() failed or was interrupted, and undid the pause
+    hold.adopt()            # this thread's call now, not the starting thread's
+    handle._running = True  # close() waits for the checkpoint from here
     failed = True
     _lower_priority()
     try:
@@ -162,10 +165,12 @@ def _run(handle, region, hold, fz, chain, write, progress, epoch, claim):
             handle._error = _status(end_rc, None if failed else handle.path)
         if failed:
             region._epoch_id = epoch
-        if chain is not None:
-            chain.close()
-        hold.release()
-        handle._done.set()
+        try:
+            if chain is not None:
+                chain.close()
+            hold.release()   # may run a close() left pending: its error must not skip _done
+        finally:
+            handle._done.set()
 
 
 _STATS = ("arm_ns", "pause_ns", "begin_ns", "staged", "copied_back", "fault_served", "written",

@@ -551,7 +551,9 @@ class Region(AddressRange):
         A background checkpoint in progress is waited for first (its file completes); from
         its own thread (a progress callback), which holds the region until it ends: BusyError."""
         bg = getattr(self, "_bg", None)
-        if bg is not None and not bg._done.is_set():
+        # A checkpoint whose thread runs it (not one still being started on this thread, a
+        # signal handler's close() interrupting it: its hold defers the close instead).
+        if bg is not None and getattr(bg, "_running", False) and not bg._done.is_set():
             if threading.current_thread() is getattr(bg, "_thread", None):
                 from ._errors import BusyError
                 raise BusyError(errno.EBUSY, "close() from the background checkpoint's own "
@@ -602,6 +604,7 @@ class Region(AddressRange):
         self._gate.close(self._closed_reason(), None)   # closed from the start
         self._epoch_lock = threading.Lock()
         self._epoch_holder = None
+        self._bg = None   # a background checkpoint's thread is the parent's
         lm = old.forget()   # the parent's calls and a pending close() are not ours
         pending = None
         mapping = self._mapping

@@ -479,14 +479,16 @@ def test_the_gates_hooks_raise_their_own_errors_and_count_out():
     assert (g.users, g.mine) == (0, 0)
     with g.quiet() as lm:   # no on_enter
         assert lm == "lm" and (g.users, g.mine) == (1, 1)
-    h = g.hold()
-    assert g.users == 1 and g.mine == 0 and h.lm == "lm"
+    h = g.hold()   # this thread's call until another thread adopts it
+    assert (g.users, g.mine) == (1, 1) and h.lm == "lm"
+    h.adopt()
+    assert (g.users, g.mine) == (1, 0)
     h.release()
     h.release()   # once
-    assert g.users == 0
+    assert (g.users, g.mine) == (0, 0) and h.lm is None
     h = g.hold()
     del h
-    assert g.users == 0
+    assert (g.users, g.mine) == (0, 0)
     done = []
     assert g.close("closed for the test", lambda lm: done.append(lm)) is None
     assert done == ["lm"] and g.lm is None

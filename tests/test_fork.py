@@ -204,20 +204,21 @@ def test_fork_child_inherited_view_faults_even_after_the_child_maps_memory(run_p
     assert out.strip().endswith("OK"), out
 
 
-def test_fork_while_another_thread_holds_the_regions_lock(run_py_ok):
-    """A lock another parent thread held at fork() stays held in the child: its first call
-    waited forever instead of raising RegionClosedError."""
+def test_fork_while_another_thread_is_inside_a_call(run_py_ok):
+    """A call another parent thread had in progress at fork() (its count, and any lock it held)
+    stays in the child: the child's first call waited forever instead of raising
+    RegionClosedError."""
     out = run_py_ok(SETUP + """
     import signal
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with r._lock:
+        with r._use():
             held.set()
             release.wait(30)
     t = threading.Thread(target=holder)
     t.start()
-    held.wait(30)
+    assert held.wait(30)
     pid = os.fork()
     if pid == 0:
         signal.alarm(10)
