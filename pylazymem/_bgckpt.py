@@ -7,6 +7,7 @@ the remaining pages back, then the ordinary checkpoint (snapshot._checkpoint) wi
 reading every page as it was at the pause, and end the freeze whatever happened. The handle
 reports on it. docs/design.md, "Background checkpoints".
 """
+import errno
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ import time
 import numpy as np
 
 from ._binding import check, ffi, lib
-from ._errors import InvalidArgumentError
+from ._errors import BusyError, InvalidArgumentError
 
 
 class CheckpointHandle:
@@ -29,7 +30,12 @@ class CheckpointHandle:
     def __init__(self, region, path, fz):
         self.region = region
         self.path = path
+        # The freeze is freed by its end (_end) or by the region's teardown: _fz is read and
+        # cleared under _lock, its counters kept in _final first (stats() from another thread
+        # read it while it was freed).
+        self._lock = threading.Lock()
         self._fz = fz
+        self._thread = None
         self._done = threading.Event()
         self._running = False   # its thread has taken it over (close() waits for it then)
         self._result = None
@@ -41,7 +47,32 @@ class CheckpointHandle:
         self.started = None
 
     def _stats(self):
-        return dict(self._final) if self._final is not None else _read_stats(self._fz)
+        with self._lock:
+            return dict(self._final) if self._final is not None else _read_stats(self._fz)
+
+    def _release_freeze(self):
+        """The freeze is about to be freed (its end, the region's teardown): keep its
+        counters and forget it. Under _lock."""
+        if self._fz is not None:
+            self._final = _read_stats(self._fz)
+            self._fz = None
+
+    def _forked(self):
+        """In a fork child: the checkpoint is the parent's (its thread is not here), so this
+        handle is done, with an error that says so, and its freeze is not read (the parent
+        may have been freeing it). Its locks may have been held by the parent's threads."""
+        self._lock = threading.Lock()
+        if self._final is None:
+            self._final = dict.fromkeys(_STATS, 0)
+            self._final["pause_ns"] = int(self.pause * 1e9)
+        self._fz = None
+        if not self._done.is_set():
+            from ._errors import RegionClosedError
+            self._error = RegionClosedError(
+                "background checkpoint to %s: it is written by the parent process; after "
+                "fork() a child cannot wait for it" % self.path)
+        self._done = threading.Event()
+        self._done.set()
 
     def stats(self):
         """The freeze's counters: arm_ns, pause_ns, begin_ns, staged (pages present at the
@@ -67,6 +98,10 @@ class CheckpointHandle:
     def wait(self, timeout=None):
         """Block until the checkpoint is written; its SnapshotInfo, or its exception raised.
         TimeoutError when `timeout` seconds pass first."""
+        if threading.current_thread() is self._thread and not self._done.is_set():
+            # (a progress callback: the checkpoint would wait for itself, like Thread.join())
+            raise BusyError(errno.EDEADLK, "wait() from the background checkpoint's own thread "
+                            "(its progress callback): it ends only after the callback returns")
         if not self._done.wait(timeout):
             raise TimeoutError("background checkpoint to %s: not done after %s s"
                                % (self.path, timeout))
@@ -199,12 +234,13 @@ def _end(handle, fz, failed):
     """End the freeze; retried a few times (bringing pages back can fail for want of memory).
     While it cannot end, the fault path keeps serving staged pages from staging."""
     for attempt in range(50):
-        final = _read_stats(fz)
-        rc = lib.lm_freeze_end(fz, 1 if failed else 0)
-        if rc == 0:
-            handle._final = final
-            handle._fz = None
-            return 0
+        with handle._lock:
+            final = _read_stats(fz)
+            rc = lib.lm_freeze_end(fz, 1 if failed else 0)
+            if rc == 0:
+                handle._final = final
+                handle._fz = None
+                return 0
         time.sleep(0.1)
     return rc
 

@@ -569,6 +569,12 @@ class Region(AddressRange):
         self._gate.close(self._closed_reason(), self._finish_close)
 
     def _finish_close(self, lm):
+        # A background checkpoint whose freeze could not end leaves it to the teardown, which
+        # frees it: its handle keeps the counters and stops reading it.
+        bg = self._bg
+        if bg is not None:
+            with bg._lock:
+                bg._release_freeze()
         # The background fill copies into the range that is about to be unmapped (or kept only
         # for the views left, where it is optional work): it stops first either way.
         lib.lm_background_stop(lm)
@@ -604,7 +610,9 @@ class Region(AddressRange):
         self._gate.close(self._closed_reason(), None)   # closed from the start
         self._epoch_lock = threading.Lock()
         self._epoch_holder = None
-        self._bg = None   # a background checkpoint's thread is the parent's
+        bg, self._bg = self._bg, None   # a background checkpoint's thread is the parent's
+        if bg is not None:
+            bg._forked()   # done here, with an error: wait() in the child returned never
         lm = old.forget()   # the parent's calls and a pending close() are not ours
         pending = None
         mapping = self._mapping

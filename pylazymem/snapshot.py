@@ -365,7 +365,11 @@ def _write_checkpoint(region, path, ws, progress, durable, chain, codec, frozen,
     ws = _dedup_keep_order(ws, npages)   # as lm_ckpt_plan placed them: first mention wins
     arrays, extra = named if named is not None else (region._arrays, region._manifest_extra)
     extra = dict(extra)
-    extra.pop("parent", None)   # a restored chain's own link is not this file's
+    # A restored chain's own link is not this file's, nor are the content ids of the earlier
+    # versions of the file it was restored from: this file's pages differ from theirs, and a
+    # child's restore trusts that list (_chain._content_ids).
+    extra.pop("parent", None)
+    extra.pop("same_pages_as", None)
     parent_id = 0
     if chain is not None:
         parent_id = chain.content_id
@@ -1323,7 +1327,8 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
             for name, a in p.manifest["arrays"].items():
                 region._arrays[name] = dict(a)
             region._manifest_extra = {k: v for k, v in p.manifest.items()
-                                      if k not in ("arrays", "pylazymem", "parent")}
+                                      if k not in ("arrays", "pylazymem", "parent",
+                                                   "same_pages_as")}
             region._snapshot = (path, h["header_xxh3"])
             if remote is not None:
                 region._set_remote(path)

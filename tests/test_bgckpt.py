@@ -637,4 +637,85 @@ def test_a_copy_back_that_keeps_failing_after_the_file_is_written_does_not_fail_
             assert info.npages == r.npages
     finally:
         r.close()
+    # the teardown freed the freeze that could not end: the handle kept its counters
+    assert h.stats()["staged"] == r.npages and h.done
     assert np.all(_restored_bytes(path) == 9)
+
+
+def test_wait_from_the_checkpoints_own_callback_is_busy_not_a_deadlock(tmp_path):
+    # wait() from a progress callback waited for the thread it ran on: the checkpoint never
+    # ended, and neither did the interpreter (its thread is not a daemon).
+    got, box = [], {}
+    started = threading.Event()
+
+    def progress(done, total):
+        started.wait(60)
+        if not got:
+            try:
+                box["h"].wait()
+            except plm.BusyError as e:
+                got.append(e)
+
+    with plm.Region(1 << 20) as r:
+        pages(r)[:] = 5
+        box["h"] = h = plm.checkpoint(r, tmp_path / "k.plm", background=True,
+                                      progress=progress)
+        started.set()
+        assert h.wait(60).npages == r.npages
+    assert got and "own thread" in str(got[0])
+
+
+_FORK_MID_CHECKPOINT = r"""
+import os, sys, time
+import numpy as np
+import pylazymem as plm
+r = plm.Region(8 << 20)
+r.ndarray(np.uint8)[:] = 6
+h = plm.checkpoint(r, sys.argv[1], background=True, progress=lambda d, t: time.sleep(0.02))
+pid = os.fork()
+if pid == 0:
+    # the checkpoint's thread is the parent's: done here, and wait() says why at once
+    code = 3
+    try:
+        if h.done and "pause_ns" in h.stats():
+            h.wait(5)
+    except plm.RegionClosedError as e:
+        code = 0 if "parent process" in str(e) else 4
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), "parent", h.wait(60).npages, flush=True)
+"""
+
+
+def test_a_fork_childs_handle_of_the_parents_checkpoint_is_done_with_an_error(tmp_path):
+    # The child's handle waited forever for a thread that exists only in the parent.
+    path = tmp_path / "f.plm"
+    proc = subprocess.run([sys.executable, "-c", _FORK_MID_CHECKPOINT, str(path)], timeout=120,
+                          cwd=REPO_DIR, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["child", "0", "parent", str((8 << 20) // PAGE_SIZE)]
+    assert np.all(_restored_bytes(path) == 6)
+
+
+_STATS_WHILE_ENDING = r"""
+import numpy as np
+import pylazymem as plm
+r = plm.Region(8 << 20)
+r.ndarray(np.uint8)[:] = 1
+for i in range(60):
+    h = plm.checkpoint(r, %r, background=True)
+    while not h.done:
+        s = h.stats()
+        assert max(s.values()) < 1 << 50, (i, s)   # freed memory reads 0xa5a5... here
+    h.wait(60)
+r.close()
+"""
+
+
+def test_stats_while_the_checkpoint_ends_never_reads_the_freed_freeze(tmp_path):
+    # stats() read the freeze while the checkpoint's thread freed it (lm_freeze_end). With
+    # malloc filling freed memory, what it read showed as garbage counters.
+    env = dict(os.environ, MALLOC_PERTURB_="165", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
+    proc = subprocess.run([sys.executable, "-c", _STATS_WHILE_ENDING % str(tmp_path / "s.plm")],
+                          timeout=150, cwd=REPO_DIR, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr

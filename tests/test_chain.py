@@ -262,6 +262,37 @@ def test_rewriting_a_childs_working_set_keeps_its_parent(region, tmp_path):
     assert contents(c) == bytes(a)
 
 
+def test_a_checkpoint_of_a_restored_region_does_not_inherit_its_files_old_ids(region, tmp_path):
+    # A file whose working set was rewritten lists the content ids of its earlier versions
+    # (same_pages_as). A region restored from it carried the list into its next checkpoint,
+    # whose pages differ: a child of the old version then restored silently from the new file.
+    from pylazymem.snapshot import rewrite_working_set
+
+    r, a, rng = region
+    base, child = str(tmp_path / "base.plm"), str(tmp_path / "child.plm")
+    plm.checkpoint(r, base)
+    write_random(a, rng, 3)
+    plm.checkpoint(r, child, parent=base)
+    want_child = bytes(a)
+    rewrite_working_set(base, [1, 2])   # same pages, new content id
+    with plm.restore(base) as r2:
+        r2.ndarray(np.uint8)[5 * PS:6 * PS] ^= 0xff   # other pages than the child's parent's
+        plm.checkpoint(r2, base)
+    with _chain.open_chain(base) as c:
+        assert "same_pages_as" not in c.leaf.manifest
+    with pytest.raises(plm.SnapshotError, match="replaced or changed"):
+        contents(child)
+    # rewriting the working set of what the child was taken from keeps it its parent
+    os.unlink(child)
+    with plm.restore(base) as r3:
+        b = r3.ndarray(np.uint8)
+        b[7] ^= 1
+        plm.checkpoint(r3, child, parent=base)
+        want_child = bytes(b)
+    rewrite_working_set(base, [3])
+    assert contents(child) == want_child
+
+
 def test_compact_checks_signatures_and_stays_linear_where_they_collide(tmp_path):
     # compact() took an uncompressed store's signatures on trust (a file whose entries all
     # claimed one signature was compared entry against entry: minutes for a few MiB, hours
