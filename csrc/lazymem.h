@@ -414,6 +414,8 @@ int lm_objs_new(const struct lm_objs_config *cfg, const struct lm_objs_chunk *ch
                 size_t nchunks, const struct lm_objs_entry *entries, size_t nentries,
                 struct lm_objs **out);
 void lm_objs_free(struct lm_objs *o);
+/* In a child after fork(): close what the child owns (cache descriptors), leak the rest. */
+void lm_objs_forget(struct lm_objs *o);
 /* Serve SNAPSHOT pages from an object store: `layer` as for lm_source_attach_layers, its fd a
    file that holds everything of the snapshot but the store (the signatures are read from it),
    its store read through `o` (entry i = o's entry i). On success the source owns o. */

@@ -659,6 +659,7 @@ void lm_src_willneed(struct lm_region *r, uint64_t index, size_t count);
    so that a hint is worth its cost only where the reads jump. */
 bool lm_src_follows_streams(const struct lm_region *r);
 void lm_source_close(struct lm_region *r);
+void lm_source_forget_remote(struct lm_region *r);   /* fork child: lm_objs_forget */
 
 /* ==== pool.c: the pool object (docs/shared-pages.md, section 2) ========================== */
 

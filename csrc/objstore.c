@@ -190,6 +190,21 @@ static char *dup_or_null(const char *s, int *bad)
     return d;
 }
 
+void lm_objs_forget(struct lm_objs *o)
+{
+    /* In a fork child: the fetcher threads are the parent's (joining them crashed the child),
+       a mutex may have been held by one of them at the fork, and the curl handles' connections
+       are the parent's sockets (a cleanup could end the parent's TLS session). Only the kept
+       chunk descriptors are this process's own to close; the rest is leaked. */
+    if (!o)
+        return;
+    for (size_t i = 0; o->fds && i < o->nchunks; i++)
+        if (o->fds[i] >= 0) {
+            close(o->fds[i]);
+            atomic_fetch_sub(&kept_fds, 1);
+        }
+}
+
 void lm_objs_free(struct lm_objs *o)
 {
     if (!o)

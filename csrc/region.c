@@ -353,6 +353,7 @@ void lm_region_forget(struct lm_region *r)
     r->nthreads = 0;   /* scratch buffers are heap copies: leak them rather than guess */
     r->bgf = NULL;   /* the parent's threads are not here: leaked, like the scratch buffers */
     r->helper.t.scratch = NULL;
+    lm_source_forget_remote(r);   /* an object store's fetchers are the parent's threads */
     free_bookkeeping(r);
     free(r);
 }

@@ -413,6 +413,14 @@ static void layer_free(struct lm_src_file *f)
     f->objs = NULL;
 }
 
+void lm_source_forget_remote(struct lm_region *r)
+{
+    for (size_t i = 0; i < r->src_nlayers; i++) {
+        lm_objs_forget(r->src_layers[i].objs);
+        r->src_layers[i].objs = NULL;
+    }
+}
+
 void lm_source_close(struct lm_region *r)
 {
     for (size_t i = 0; i < r->src_nlayers; i++)

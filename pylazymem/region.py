@@ -139,10 +139,13 @@ class _Pending:
     region alive (csrc/pybuffer.c), so it may be gone, or its attributes cleared by the
     garbage collector, when the last view goes. Not the region itself: a reference to it
     from here would make it immortal."""
-    __slots__ = ("lm", "pool", "server_sock", "region", "mapping")
+    __slots__ = ("lm", "pool", "server_sock", "table", "region", "mapping")
 
     def __init__(self, region, lm):
         self.lm, self.pool, self.server_sock = lm, region._pool, region._server_sock
+        # A restore's page table, which the core reads (not copied) while it serves pages
+        # not yet filled: the views left may outlive the region object.
+        self.table = region._base_table
         self.region = weakref.ref(region)
         self.mapping = None
 
@@ -161,6 +164,7 @@ def _free(pending):
     the background fill stopped (close())."""
     lib.lm_region_stop(pending.lm)
     lib.lm_region_destroy(pending.lm, 0)
+    pending.table = None   # nobody reads it now
     if pending.pool is not None:   # after the mappings are gone: others may hold it still
         pending.pool.release()
     if pending.server_sock is not None:

@@ -496,3 +496,27 @@ def test_the_gates_hooks_raise_their_own_errors_and_count_out():
     with pytest.raises(plm.RegionClosedError, match="closed for the test"):
         with g:
             pass
+
+
+@pytest.mark.parametrize("how", ["load", "close"])
+def test_a_restored_regions_view_outliving_the_region_reads_the_snapshot(run_py_ok, how, tmp_path):
+    """The restore's page table (which the core reads, not copies, until every page is
+    filled) went with the region object: `y = plm.load(p)["a"]`, the region collected, then
+    y's untouched pages read other memory's bytes as entries (wrong data or SIGBUS)."""
+    run_py_ok("""
+        import gc, sys
+        path = sys.argv[1]
+        a = np.arange(4 << 20, dtype=np.float64)              # 32 MiB
+        plm.save(path, {"a": a})
+        if sys.argv[2] == "load":
+            y = plm.load(path, prefetch="none", background=False)["a"]
+        else:
+            st = plm.load(path, prefetch="none", background=False)
+            y = st["a"]
+            st.close()
+            del st
+        gc.collect()
+        # reuse what was freed: a freed table reads as these words
+        junk = [np.full(y.size * 8 // 4096, 5, "<u4") for _ in range(20)]
+        assert np.array_equal(y, a)
+    """, args=(str(tmp_path / "s.plm"), how), timeout=90)

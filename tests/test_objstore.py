@@ -972,3 +972,34 @@ def _state_file(path, rng):
         data = _state(r, rng, 300)
         plm.checkpoint(r, path)
     return data
+
+
+_FORK_AFTER_RESTORE = r"""
+import os, sys, time
+url = sys.argv[1]
+r = plm.restore(url, prefetch="none", background=True)
+while r.stats()["background_pages"] == 0:   # the fill has hinted chunks: fetchers run
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    code = 3
+    try:
+        r.stats()
+    except plm.RegionClosedError:
+        code = 0
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+r.close()
+"""
+
+
+def test_fork_after_a_restore_from_the_bucket(snap, bucket, cache, run_py):
+    """The fork child dropped the parent's regions by freeing them, which joined the object
+    store's fetcher threads, which exist only in the parent: the child died with SIGSEGV
+    inside os.fork() (multiprocessing's workers too)."""
+    path, _ = snap
+    info = objstore.push(path, "s3://%s" % bucket, chunk_bytes=16 << 10)
+    res = run_py(_FORK_AFTER_RESTORE, timeout=120, args=(info.url,))
+    assert res.returncode == 0, res.describe()
+    assert "CHILD 0\n" in res.stdout, res.describe()
