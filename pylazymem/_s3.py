@@ -19,6 +19,7 @@ import functools
 import http.client
 import io
 import os
+import re
 import socket
 import threading
 import time
@@ -93,6 +94,12 @@ class S3Config(NamedTuple):
                 raise ObjectStoreError("S3 credentials: %s holds a control character, space "
                                        "or non-ASCII character (a stray newline?)" % name,
                                        what="credentials")
+        # A region is one path segment of the signature's scope (the native fetcher refuses
+        # the rest, which would otherwise surface only at restore, and unexplained)
+        if len(region) > 255 or re.search(r"[/\\?#:%\x7f]", region):
+            raise ObjectStoreError("S3 region %r (AWS_REGION / AWS_DEFAULT_REGION or the config "
+                                   "file): a region name has no / \\ ? # : or %% (such as "
+                                   "us-east-1)" % region, what="credentials")
         # the scheme as urlsplit read it (lower case: HTTP://... is http), for the core too
         return cls("%s://%s" % (u.scheme, u.netloc), region, key, secret, token)
 
@@ -342,6 +349,16 @@ class S3Client:
     def exists(self, bucket, key):
         status, _, _ = self.request("HEAD", bucket, key, ok=(200, 404))
         return status == 200
+
+    def size(self, bucket, key):
+        """The object's length in bytes (its Content-Length), or None where there is none."""
+        status, headers, _ = self.request("HEAD", bucket, key, ok=(200, 404))
+        if status != 200:
+            return None
+        try:
+            return int(headers.get("content-length", ""))
+        except ValueError:
+            return None
 
     def delete(self, bucket, key):
         self.request("DELETE", bucket, key, ok=(200, 204, 404))

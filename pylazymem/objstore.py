@@ -12,7 +12,6 @@ last: a visible manifest's chunks are all there.
 from __future__ import annotations
 
 import concurrent.futures
-import mmap
 import os
 import re
 import stat
@@ -137,7 +136,8 @@ def _check_reused(client, bucket, known, keys, lens, words):
     holds some is read once (checked against its id) and every such entry's bytes against
     its key. An index is not trusted: an entry that is not where its row says is dropped from
     `known` (this push uploads it anew; a warning names the chunk). A chunk that is gone (404)
-    fails the push, naming the stale indexes to remove."""
+    fails the push, naming the stale indexes to remove. Returns the ids of the chunks whose
+    bytes do not match their id (to be written over)."""
     by_chunk = {}   # (chunk id, chunk length) -> {entry key: (offset, length, word)}
     for i, k in enumerate(keys):
         row = known.get(k)
@@ -150,23 +150,27 @@ def _check_reused(client, bucket, known, keys, lens, words):
             data = client.get(bucket, CHUNKS + chunk_name(cid), max_bytes=clen)
         except ObjectStoreError as e:
             if e.status == 404:
-                return cid, None
+                return cid, None, False
             if e.code != "ResponseTooLarge":
                 raise
             data = b""
         if len(data) != clen or _id128(data) != cid:
-            return cid, list(ents)
+            # the object itself is not what its name says (or the rows' length is wrong)
+            return cid, list(ents), True
         mv = memoryview(data)
         return cid, [k for k, (off, ln, i) in ents.items()
-                     if ln != int(lens[i]) or _entry_key(mv[off:off + ln], int(words[i])) != k]
+                     if ln != int(lens[i]) or _entry_key(mv[off:off + ln], int(words[i])) != k
+                     ], False
 
-    gone, bad = [], {}
+    gone, bad, damaged = [], {}, set()
     with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
-        for cid, wrong in ex.map(check, by_chunk.items()):
+        for cid, wrong, whole in ex.map(check, by_chunk.items()):
             if wrong is None:
                 gone.append(cid)
             elif wrong:
                 bad[cid] = wrong
+                if whole:
+                    damaged.add(cid)
     if gone:
         raise ObjectStoreError(
             "push: %d chunk(s) named by the bucket's indexes are missing (e.g. %s%s): "
@@ -180,6 +184,9 @@ def _check_reused(client, bucket, known, keys, lens, words):
                       stacklevel=3)
         for k in wrong:
             known.pop(k, None)
+    # A chunk whose bytes are not its id's: the entries go up again, possibly in a chunk of
+    # the same id, which must then be written over, not taken as there (content-addressed).
+    return damaged
 
 
 def _parse_index(data):
@@ -194,8 +201,59 @@ def _parse_index(data):
     return np.frombuffer(body, INDEX_DTYPE, n)
 
 
+class _StoreFile:
+    """The snapshot file being pushed, read with pread rather than mapped: a file truncated
+    while it is pushed (overwritten in place) must fail the push, not kill it with SIGBUS.
+    What was read is checked against the file's size and times before the push's index and
+    manifest go up (a file rewritten meanwhile would mix two versions)."""
+
+    SPAN = 8 << 20   # bytes per read of consecutive entries
+
+    def __init__(self, fd, path):
+        self.fd, self.path = fd, path
+        st = os.fstat(fd)
+        self.size = st.st_size
+        self._stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _changed(self, what):
+        return S.SnapshotError("%s: changed while it was being pushed (%s): nothing of this "
+                               "push names what was sent; push it again" % (self.path, what))
+
+    def read(self, off, n):
+        data = os.pread(self.fd, n, off)
+        if len(data) != n:
+            raise self._changed("it is shorter now")
+        return data
+
+    def entries(self, idx, offs, lens):
+        """(i, bytes of entry i) for i in idx, in that order; consecutive entries that lie
+        one after the other in the file are read together."""
+        idx = list(idx)
+        k = 0
+        while k < len(idx):
+            first = idx[k]
+            start, end, m = int(offs[first]), int(offs[first]) + int(lens[first]), k + 1
+            while (m < len(idx) and int(offs[idx[m]]) == end
+                   and end + int(lens[idx[m]]) - start <= self.SPAN):
+                end += int(lens[idx[m]])
+                m += 1
+            span = memoryview(self.read(start, end - start))
+            for i in idx[k:m]:
+                o = int(offs[i]) - start
+                yield i, span[o:o + int(lens[i])]
+            k = m
+
+    def check_unchanged(self):
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self._stamp:
+            raise self._changed("its size or modification time differs")
+
+    def close(self):
+        os.close(self.fd)
+
+
 def _store_view(path):
-    """(parsed snapshot, the whole file mapped read-only, per-entry (offset, length, word))."""
+    """(parsed snapshot, the file (_StoreFile), per-entry (offset, length, word))."""
     fd = S._open(path)
     try:
         parsed = S._read(fd, path, signatures=True)
@@ -204,10 +262,10 @@ def _store_view(path):
             raise S.SnapshotError(
                 "%s: has a parent (an incremental snapshot); push a whole one: "
                 "plm.compact(%r, OUT) folds its chain into one file" % (path, path))
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
+        f = _StoreFile(fd, path)
+    except BaseException:
         os.close(fd)
+        raise
     ps, n = h["page_size"], h["nstored"]
     if parsed.index is not None:
         offs = parsed.index["offsets"].astype(np.int64)
@@ -217,7 +275,7 @@ def _store_view(path):
         offs = np.arange(n, dtype=np.int64) * ps
         lens = np.full(n, ps, np.int64)
         words = np.full(n, ps, np.int64)   # raw codec (0), one page
-    return parsed, mm, offs + h["store_offset"], lens, words
+    return parsed, f, offs + h["store_offset"], lens, words
 
 
 def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=None) -> PushInfo:
@@ -236,17 +294,16 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
     if key.startswith(".plm/"):
         raise ValueError("push: %s is inside the chunk store's own prefix" % url)
     client = client or S3Client()
-    parsed, mm, offs, lens, words = _store_view(snapshot)
-    view = None   # set inside: a failure before it must report itself, not the cleanup's
+    parsed, f, offs, lens, words = _store_view(snapshot)
     try:
         client.ensure_bucket(bucket)
         known = _bucket_entries(client, bucket)
         n = len(offs)
-        view = memoryview(mm)
         # each entry: where it is in the bucket already, or in a new chunk of this push
-        keys = [_entry_key(view[o:o + ln], int(w)) for o, ln, w in
-                zip(offs.tolist(), lens.tolist(), words.tolist())]
-        _check_reused(client, bucket, known, keys, lens, words)
+        keys = [None] * n
+        for i, data in f.entries(range(n), offs, lens):
+            keys[i] = _entry_key(data, int(words[i]))
+        damaged = _check_reused(client, bucket, known, keys, lens, words)
         where = {}                 # entry key -> (ordinal of a new chunk, offset, length)
         new_chunks, cur, cur_len = [], [], 0
         for i, k in enumerate(keys):
@@ -262,25 +319,26 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         if cur:
             new_chunks.append(cur)
         # build and upload the new chunks (content-addressed: one already there is skipped)
-        # (ids hashed over the mapped file, bodies built by the upload that sends them: a
+        # (ids hashed as the file is read, bodies read again by the upload that sends them: a
         # push holds PARALLEL chunks in memory, not every new one)
         chunk_ids, chunk_lens, uploaded, sent = [], [], 0, 0
         for members in new_chunks:
             h128, clen = xxhash.xxh3_128(), 0
-            for i in members:
-                o, ln = int(offs[i]), int(lens[i])
-                h128.update(view[o:o + ln])
-                clen += ln
+            for _, data in f.entries(members, offs, lens):
+                h128.update(data)
+                clen += len(data)
             d = h128.intdigest()
             chunk_ids.append((d & ((1 << 64) - 1), d >> 64))
             chunk_lens.append(clen)
 
         def upload(j):
             ck = CHUNKS + chunk_name(chunk_ids[j])
-            if client.exists(bucket, ck):
+            # there already, and of its length (a damaged one of the same name: written over)
+            if chunk_ids[j] not in damaged and client.size(bucket, ck) == chunk_lens[j]:
                 return 0
-            body = b"".join(view[int(offs[i]):int(offs[i]) + int(lens[i])]
-                            for i in new_chunks[j])
+            body = b"".join(data for _, data in f.entries(new_chunks[j], offs, lens))
+            if _id128(body) != chunk_ids[j]:   # read twice, different: never under that name
+                raise f._changed("an entry's bytes differ between two reads")
             client.put(bucket, ck, body)
             return len(body)
 
@@ -293,45 +351,45 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
         for r, (k, (j, off, ln)) in enumerate(where.items()):
             rows[r] = (k, chunk_ids[j], off, ln, chunk_lens[j], 0)
         # the manifest's tables: the chunks this snapshot uses, each entry's place in one
-        order, chunk_of = [], {}
+        # (a reused chunk's length from the rows this push checked, never from another row
+        # of the indexes: a lying row about an entry nobody uses must not set it)
+        order, chunk_of, chunk_len = [], {}, {}
         entries = np.zeros(n, ENTRY_DTYPE)
         for i, k in enumerate(keys):
             if k in where:
                 j, off, _ = where[k]
-                cid = chunk_ids[j]
+                cid, clen = chunk_ids[j], chunk_lens[j]
             else:
-                cid, off, _, _ = known[k]
+                cid, off, _, clen = known[k]
             c = chunk_of.get(cid)
             if c is None:
                 c = chunk_of[cid] = len(order)
                 order.append(cid)
+                chunk_len[cid] = clen
             entries[i] = (c, off)
-        chunk_len = {cid: cl for cid, _, _, cl in known.values()}
-        chunk_len.update((cid, chunk_lens[j]) for j, cid in enumerate(chunk_ids))
         chunks = np.zeros(len(order), CHUNK_DTYPE)
         for c, cid in enumerate(order):
             chunks[c]["id"] = cid
             chunks[c]["length"] = chunk_len[cid]
+        h = parsed.header
+        skeleton = (f.read(0, h["store_offset"])
+                    + f.read(h["store_offset"] + h["store_bytes"],
+                             f.size - h["store_offset"] - h["store_bytes"]))
+        f.check_unchanged()   # what was sent is one version of the file
         if len(rows):
             idx = _INDEX.pack(INDEX_MAGIC, FORMAT, 0, len(rows),
                               xxhash.xxh3_64_intdigest(rows.tobytes())) + rows.tobytes()
             client.put(bucket, INDEXES + "%016x%016x" % _id128(idx)[::-1], idx)
             sent += len(idx)
-        h = parsed.header
-        skeleton = bytes(mm[:h["store_offset"]]) + bytes(mm[h["store_offset"] + h["store_bytes"]:])
         body = skeleton + chunks.tobytes() + entries.tobytes()
         head = _MANIFEST.pack(MANIFEST_MAGIC, FORMAT, 0, len(skeleton), len(chunks), n,
-                              len(mm), xxhash.xxh3_64_intdigest(body), 0)
+                              f.size, xxhash.xxh3_64_intdigest(body), 0)
         head = head[:-8] + struct.pack("<Q", xxhash.xxh3_64_intdigest(head[:-8]))
         client.put(bucket, key, head + body)
         sent += len(head) + len(body)
-        return PushInfo("s3://%s/%s" % (bucket, key), n, len(where), uploaded, sent, len(mm))
+        return PushInfo("s3://%s/%s" % (bucket, key), n, len(where), uploaded, sent, f.size)
     finally:
-        view = None
-        try:
-            mm.close()
-        except BufferError:   # a slice still held (by a traceback): unmapped when collected
-            pass
+        f.close()
 
 
 # ---- manifests -----------------------------------------------------------------------------
@@ -414,11 +472,18 @@ def _manifest_size(head):
     parse_manifest checks it exactly), or 4096 bytes (not a manifest: the
     parse refuses it once read: what is read of it is bounded small, an endless body of
     anything else must not fill the memory)."""
-    magic, _, _, skel, nchunks, nentries, _, _, _ = _MANIFEST.unpack_from(head)
-    if magic != MANIFEST_MAGIC:
+    magic, _, _, skel, nchunks, nentries, _, _, head_xx = _MANIFEST.unpack_from(head)
+    if magic != MANIFEST_MAGIC or xxhash.xxh3_64_intdigest(head[:_MANIFEST.size - 8]) != head_xx:
         return 4096
-    return (_MANIFEST.size + skel + nchunks * CHUNK_DTYPE.itemsize
-            + nentries * ENTRY_DTYPE.itemsize)
+    want = _MANIFEST.size + skel + nchunks * CHUNK_DTYPE.itemsize + nentries * ENTRY_DTYPE.itemsize
+    # A header may say anything (its checksum is anyone's to compute): what it asks to be
+    # buffered is bounded as a snapshot's page map is (_snapfile._parse_header).
+    limit = S._memory_bytes() // 4
+    if want > limit:
+        raise ObjectStoreError("manifest of %d bytes, as its header says: more than this "
+                               "machine reads into memory (%d)" % (want, limit),
+                               code="ManifestTooLarge")
+    return want
 
 
 def _etag_ok(etag):
@@ -516,6 +581,8 @@ def read_manifest_pending(url, client=None, cache=None):
             if e.status == 404:
                 raise FileNotFoundError(2, "no snapshot at %s (%s)"
                                         % (url, e.code or "404")) from None
+            if e.code == "ManifestTooLarge":
+                raise ObjectStoreError("%s: %s" % (url, e), code=e.code, what=e.what) from None
             raise
 
     def fetched(new_etag, data):   # the bucket's copy: checked, then kept

@@ -48,7 +48,7 @@ class H(BaseHTTPRequestHandler):
     def do_HEAD(self):
         p = self._path()
         ok = p in buckets if "/" not in p else p in objs
-        self._send(200 if ok else 404)
+        self._send(200 if ok else 404, length=len(objs[p]) if ok and "/" in p else 0)
     def do_DELETE(self):
         objs.pop(self._path(), None); self._send(204)
     def do_GET(self):
@@ -98,6 +98,19 @@ class H(BaseHTTPRequestHandler):
             except Exception:
                 pass
             self.close_connection = True; return
+        if manifest and mode == "m-hugeheader":   # a sealed header saying 16 GiB, then zeros
+            import struct, xxhash
+            head = struct.pack("<8sII5QQ", b"PLMS3MF\x00", 1, 0, 1 << 34, 0, 0, 0, 0, 0)
+            head = head[:-8] + struct.pack("<Q", xxhash.xxh3_64_intdigest(head[:-8]))
+            self.send_response(200); self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            blk = head + b"\0" * 65472
+            try:
+                while True:
+                    self.wfile.write(b"%x\r\n" % len(blk) + blk + b"\r\n")
+                    blk = b"\0" * 65536
+            except Exception:
+                return
         if manifest and mode == "m-infinite":
             self.send_response(200); self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
@@ -460,6 +473,16 @@ def test_a_session_token_with_a_newline_is_a_clear_error():
         S3Config.from_environment(env)
 
 
+@pytest.mark.parametrize("region", ["us:east", "eu/west", "%41"])
+def test_a_region_the_signature_cannot_carry_is_a_clear_error(region):
+    # (push and pull worked with it; restore then failed naming no region)
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": region,
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    with pytest.raises(ObjectStoreError, match="S3 region"):
+        S3Config.from_environment(env)
+
+
 # ---- 2: push checks the entries an index says the bucket holds --------------------------
 
 @pytest.mark.s3
@@ -476,12 +499,10 @@ def test_push_does_not_trust_a_lying_index(tmp_path, bucket, cache, rng):
     ma = objstore.parse_manifest(c.get(*objstore.parse_url(ia.url)))
     cid = (int(ma.chunks["id"][0][0]), int(ma.chunks["id"][0][1]))
     clen = int(ma.chunks["length"][0])
-    _, mm, offs, lens, words = objstore._store_view(tmp_path / "b.plm")
-    view = memoryview(mm)
-    keys = [objstore._entry_key(view[o:o + ln], int(w))
-            for o, ln, w in zip(offs.tolist(), lens.tolist(), words.tolist())]
-    del view
-    mm.close()
+    _, f, offs, lens, words = objstore._store_view(tmp_path / "b.plm")
+    keys = [objstore._entry_key(data, int(words[i]))
+            for i, data in f.entries(range(len(offs)), offs, lens)]
+    f.close()
     rows = np.zeros(len(keys), objstore.INDEX_DTYPE)
     for i, k in enumerate(keys):
         rows[i] = (k, cid, 0, PAGE_SIZE, clen, 0)
@@ -493,3 +514,99 @@ def test_push_does_not_trust_a_lying_index(tmp_path, bucket, cache, rng):
     assert ib.new_entries == ib.entries == 32 and ib.chunks_uploaded >= 1
     with plm.restore(ib.url, prefetch="none", background=False) as r:
         assert np.array_equal(pages(r), data_b)
+
+
+# ---- session 18's review -------------------------------------------------------------------
+
+def test_a_manifest_header_asking_for_more_memory_than_the_machine_has_is_refused(
+        fake, tmp_path, rng, monkeypatch):
+    """A header (its checksum anyone's to compute) said how much to buffer, and the client
+    buffered an endless body toward it: 16 GiB claimed, MemoryError or the OOM killer."""
+    monkeypatch.setenv("PYLAZYMEM_CACHE_DIR", "none")
+    _snap(tmp_path / "s.plm", rng, npages=16)
+    info = objstore.push(tmp_path / "s.plm", "s3://bkt/p")
+    fake.mode("m-hugeheader")
+    with pytest.raises(ObjectStoreError, match="more than this machine reads into memory"):
+        objstore.read_manifest(info.url)
+
+
+_OVERWRITE_MID_PUSH = r"""
+import sys
+from pylazymem import objstore
+from pylazymem._s3 import S3Client
+path, other = sys.argv[1], sys.argv[2]
+put, done = S3Client.put, []
+
+def put_then_overwrite(self, bucket, key, data):
+    put(self, bucket, key, data)
+    if not done and key.startswith(objstore.CHUNKS):
+        done.append(key)
+        with open(path, "r+b") as f:   # in place, as cp does
+            f.write(open(other, "rb").read())
+            f.truncate()
+S3Client.put = put_then_overwrite
+try:
+    objstore.push(path, "s3://bkt/p", chunk_bytes=64 << 10)
+except plm.SnapshotError as e:
+    print("RAISED", e, flush=True)
+print("MANIFEST", S3Client().exists("bkt", "p/s.plm"), bool(done), flush=True)
+"""
+
+
+@pytest.mark.parametrize("rewrite", ["shorter", "same size"])
+def test_a_file_overwritten_while_it_is_pushed_fails_the_push(fake, tmp_path, rng, run_py,
+                                                              rewrite):
+    """push() mapped the file: overwritten in place by a shorter file mid-push, it died of
+    SIGBUS; by one of the same size, it wrote a manifest mixing the two versions."""
+    path, other = tmp_path / "s.plm", tmp_path / "o.plm"
+    _snap(path, rng, npages=256)
+    _snap(other, rng, npages=64 if rewrite == "shorter" else 256)
+    res = run_py(_OVERWRITE_MID_PUSH, timeout=60, args=(str(path), str(other)))
+    assert res.returncode == 0, res.describe()
+    assert "RAISED" in res.stdout and "changed while it was being pushed" in res.stdout, \
+        res.describe()
+    assert "MANIFEST False True" in res.stdout, res.describe()
+
+
+@pytest.mark.s3
+@pytest.mark.uffd_full
+def test_a_push_writes_over_a_damaged_chunk_it_needs(tmp_path, bucket, cache, rng):
+    """A chunk damaged in the bucket (same length): the next push found it, warned that its
+    entries went up anew, but packed them into a chunk of the same id, saw the name there,
+    and skipped it: the new manifest named the damaged chunk."""
+    data = _snap(tmp_path / "s.plm", rng, npages=64)
+    c = S3Client()
+    info = objstore.push(tmp_path / "s.plm", "s3://%s/p" % bucket, chunk_bytes=64 << 10)
+    m = objstore.parse_manifest(c.get(*objstore.parse_url(info.url)))
+    k0 = m.chunk_key(0)
+    c.put(bucket, k0, bytes(len(c.get(bucket, k0))))
+    with pytest.warns(UserWarning, match="uploaded anew"):
+        again = objstore.push(tmp_path / "s.plm", "s3://%s/p" % bucket, name="again.plm",
+                              chunk_bytes=64 << 10)
+    assert again.chunks_uploaded >= 1
+    objstore.pull(again.url, tmp_path / "out.plm")
+    with plm.restore(again.url, prefetch="none", background=False) as r:
+        assert np.array_equal(pages(r), data)
+
+
+@pytest.mark.s3
+def test_a_lying_index_row_about_an_unused_entry_costs_nothing(tmp_path, bucket, cache, rng):
+    """The chunk lengths of a push's manifest were taken from every row of every index, the
+    last one winning: one row naming an existing chunk with a wrong length, for an entry no
+    snapshot has, made every later manifest using that chunk unreadable."""
+    import xxhash
+    _snap(tmp_path / "s.plm", rng, npages=32)
+    c = S3Client()
+    info = objstore.push(tmp_path / "s.plm", "s3://%s/p" % bucket)
+    m = objstore.parse_manifest(c.get(*objstore.parse_url(info.url)))
+    cid = (int(m.chunks["id"][0][0]), int(m.chunks["id"][0][1]))
+    clen = int(m.chunks["length"][0])
+    rows = np.zeros(1, objstore.INDEX_DTYPE)
+    rows[0] = ((12345, 67890), cid, 0, PAGE_SIZE, clen + PAGE_SIZE, 0)
+    idx = objstore._INDEX.pack(objstore.INDEX_MAGIC, 1, 0, 1,
+                               xxhash.xxh3_64_intdigest(rows.tobytes())) + rows.tobytes()
+    c.put(bucket, objstore.INDEXES + "f" * 32, idx)   # listed after the honest index
+    again = objstore.push(tmp_path / "s.plm", "s3://%s/p" % bucket, name="again.plm")
+    m2 = objstore.parse_manifest(c.get(*objstore.parse_url(again.url)))
+    assert int(m2.chunks["length"][0]) == clen
+    objstore.pull(again.url, tmp_path / "out.plm")
