@@ -137,8 +137,9 @@ def _inspect_foreign(args):
                                                            entries.values()) / 2**20))
     print("  %-28s %-12s %-20s %12s %12s" % ("name", "dtype", "shape", "bytes", "offset"))
     for n, e in entries.items():
-        print("  %-28s %-12s %-20s %12d %12d" % (_shown(n), e["dtype"], tuple(e["shape"]),
-                                                 nbytes(e), e["offset"]))
+        print("  %-28s %-12s %-20s %12d %12d" % (
+            _shown(n), e["dtype"], str(tuple(e["shape"])) + (" F" if e["fortran"] else ""),
+            nbytes(e), e["offset"]))
     return 0
 
 
@@ -160,11 +161,18 @@ def _inspect(args):
     # An incremental snapshot is usable only with its chain: checked in both modes, as
     # restore() checks it (a broken chain: exit 1).
     chain = _check_chain(info) if info.parent is not None else None
+    fortran = _fortran_arrays(args.snapshot) if info.arrays else set()
+
+    def shape(n, a):
+        # what plm.load returns: a Fortran-ordered array is stored as its transpose (the
+        # manifest's shape), and loaded as the transpose of that
+        return tuple(a["shape"])[::-1] if n in fortran else tuple(a["shape"])
     if args.json:
         d = dataclasses.asdict(info)
         d["working_set"] = [int(x) for x in info.working_set]
         d["arrays"] = {n: {"offset": a["offset"], "dtype": str(a["dtype"]),
-                           "shape": list(a["shape"]), "nbytes": a["nbytes"], "kind": a["kind"]}
+                           "shape": list(shape(n, a)), "fortran": n in fortran,
+                           "nbytes": a["nbytes"], "kind": a["kind"]}
                        for n, a in info.arrays.items()}
         # "chain": null for a file that needs no parent; else {"broken": null or why,
         # "files": [one per file, leaf first]} (files empty when broken)
@@ -206,8 +214,9 @@ def _inspect(args):
                                                           "bytes", "offset"))
             for n, a in info.arrays.items():
                 print("  %-28s %-16s %-12s %-20s %12d %12d" % (
-                    _shown(n), _shown(a["kind"]), a["dtype"], tuple(a["shape"]), a["nbytes"],
-                    a["offset"]))
+                    _shown(n), _shown(a["kind"]), a["dtype"],
+                    str(shape(n, a)) + (" F" if n in fortran else ""),
+                    a["nbytes"], a["offset"]))
     if args.plot:
         from .plot import page_map
 
@@ -216,6 +225,19 @@ def _inspect(args):
         if not args.json:
             print("page map:      %s" % args.plot)
     return 0
+
+
+def _fortran_arrays(path):
+    """The arrays of the snapshot at `path` that plm.load returns in Fortran order (their
+    stored shape is the transpose's). The manifest is read again: inspect_tables() describes
+    the file, not its state tree."""
+    from ._snapfile import SnapshotError, _load
+    from .arrays import _fortran_arrays as fortran_of
+
+    try:
+        return fortran_of(_load(path).manifest)
+    except SnapshotError:   # the file changed since it was checked: shapes as stored
+        return set()
 
 
 def _shown(name):

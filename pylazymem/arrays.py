@@ -15,7 +15,8 @@ Kinds of leaves (manifest "state" -> "tree", format version STATE_VERSION):
           (an Arrow IPC stream in the region: reading it back maps its buffers, zero-copy)
   dict    {"kind": "dict", "items": {key: node}}
 NAME is the leaf's path joined with "/" (keys may not contain "/"), the name `pylazymem
-inspect` shows.
+inspect` shows. "state" -> "metadata" (optional): string -> string, what load() returns as
+LoadedState.metadata (a .safetensors file's __metadata__, kept when such a state is saved).
 """
 from collections.abc import Mapping
 import math
@@ -52,12 +53,15 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     from .snapshot import _codec_arg, checkpoint
 
     _codec_arg(compress)   # an unknown codec fails before anything is done
+    metadata = {}
     if isinstance(state, LoadedState) and state.format != "pylazymem":
         # the region of a foreign file is the file's image and has no named arrays: save the
-        # arrays themselves (converted to a snapshot)
+        # arrays themselves (converted to a snapshot), and the file's metadata with them (a
+        # conversion that dropped safetensors' __metadata__ would lose it without a word)
         if isinstance(working_set, LoadedState):
             raise InvalidArgumentError("working_set: a %s file's state has no working set "
                                        "to save" % state.format)
+        metadata = _checked_metadata(state.metadata, state.path)
         state = dict(state)
     if isinstance(state, LoadedState):
         ws = working_set if working_set is not None else state
@@ -74,10 +78,24 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     if isinstance(working_set, LoadedState):
         raise InvalidArgumentError("working_set: a LoadedState's working set applies to that "
                                    "state only (save the LoadedState itself)")
+    manifest_state = {"version": STATE_VERSION, "tree": tree}
+    if metadata:
+        manifest_state["metadata"] = metadata
     # Straight to the file: each array's bytes are read once, no region holds a second copy.
-    return write_arrays(path, {name: a for name, _, a in leaves},
-                        {"state": {"version": STATE_VERSION, "tree": tree}},
+    return write_arrays(path, {name: a for name, _, a in leaves}, {"state": manifest_state},
                         working_set=working_set, durable=durable, compress=compress)
+
+
+def _checked_metadata(metadata, path):
+    """A LoadedState's metadata as the manifest stores it: a dict of strings to strings (what
+    load() accepts back; the caller may have changed st.metadata since the load)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InvalidArgumentError("save: the metadata of the state loaded from %s must map "
+                                   "strings to strings" % path)
+    return dict(metadata)
 
 
 def _refuse_poisoned(state, path):
@@ -133,7 +151,8 @@ def _leaf_spans(obj, path, depth):
             return
         spans.append(_span(a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize))
     elif kind == "torch":
-        if obj.device.type == "cpu":
+        # a sparse (or other non-strided) tensor has no one block of memory: _plan refuses it
+        if obj.device.type == "cpu" and str(obj.layout) == "torch.strided":
             es = obj.element_size()
             spans.append(_span(obj.data_ptr(), tuple(obj.shape),
                                tuple(x * es for x in obj.stride()), es))
@@ -266,6 +285,12 @@ def _plain_dtype(a, name):
     if type(a.dtype).__module__.startswith("ml_dtypes") or (
             a.dtype.kind == "V" and a.dtype.fields is None and a.dtype.type.__module__
             .startswith("ml_dtypes")):
+        if not a.dtype.isnative:
+            # The manifest keeps the type's name, not its byte order, and load() reads the
+            # bits in native order: a '>' bfloat16 stored as it is came back byte-swapped
+            # (wrong values, no error). Stored in native order, it loads as the native type,
+            # with the same values (ml_dtypes casts between the two byte orders).
+            a = a.astype(a.dtype.newbyteorder("="), order="C")
         return a.view("<u%d" % a.dtype.itemsize), a.dtype.name
     if a.dtype.itemsize == 0:
         raise InvalidArgumentError("state[%r]: dtype %s has no size" % (name, a.dtype))
@@ -297,6 +322,11 @@ def _torch_leaf(t, name):
     if t.device.type != "cpu":
         raise InvalidArgumentError("state[%r]: a tensor on %s: move it to the CPU first "
                                    "(tensor.cpu())" % (name, t.device))
+    if str(t.layout) != "torch.strided":
+        # a sparse or mkldnn tensor has no dense block of memory to store (and .contiguous()
+        # fails on it with torch's RuntimeError)
+        raise InvalidArgumentError("state[%r]: a %s tensor: only dense (strided) tensors can "
+                                   "be saved (tensor.to_dense())" % (name, t.layout))
     dt = str(t.dtype).replace("torch.", "")
     if dt not in _TORCH_DTYPES:
         raise InvalidArgumentError("state[%r]: torch dtype %s is not supported" % (name, dt))
@@ -304,7 +334,9 @@ def _torch_leaf(t, name):
     fortran = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
     if fortran:
         t = t.t()
-    t = t.contiguous()
+    # x.conj(), x.mH (and the imaginary part of those: a negative bit) are views whose values
+    # torch computes on access; numpy() refuses them. Their values are what is stored.
+    t = t.contiguous().resolve_conj().resolve_neg()
     if dt == "bfloat16":
         import torch
         a = t.view(torch.int16).numpy().view(np.uint16)
@@ -446,13 +478,15 @@ def _load_snapshot(path, prefetch, share, readonly, background, verify, region_k
     try:
         state = region._manifest_extra.get("state")
         arrays = region._arrays
+        metadata = {}
         if state is None:   # a snapshot of a Region's alloc()ed arrays: flat, numpy
             tree = {"kind": "dict", "items": {n: {"kind": "numpy", "array": n,
                                                   "fortran": False} for n in arrays}}
         else:
             tree = _checked_tree(state, path)
+            metadata = _checked_state_metadata(state, path)
         items = _build(tree, region, arrays, readonly, path, 0)
-        return LoadedState(region, items, path, "pylazymem")
+        return LoadedState(region, items, path, "pylazymem", metadata)
     except BaseException:
         region.close()
         raise
@@ -466,6 +500,35 @@ def _checked_tree(state, path):
         raise SnapshotError("%s: manifest 'state' is not a state tree of version %d"
                             % (path, STATE_VERSION))
     return state["tree"]
+
+
+def _checked_state_metadata(state, path):
+    from ._snapfile import SnapshotError
+
+    metadata = state.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SnapshotError("%s: manifest 'state' metadata must map strings to strings" % path)
+    return dict(metadata)
+
+
+def _fortran_arrays(manifest):
+    """The names of the arrays load() returns transposed (stored as a Fortran-ordered array's
+    transpose): `pylazymem inspect` shows the shape load() returns. Nothing for a malformed
+    tree (load() says what is wrong with it; describing a file must not fail on it)."""
+    out = set()
+    state = manifest.get("state") if isinstance(manifest, dict) else None
+    todo = [state.get("tree")] if isinstance(state, dict) else []
+    seen = 0
+    while todo and seen < 1 << 20:
+        node = todo.pop()
+        seen += 1
+        if not isinstance(node, dict):
+            continue
+        if node.get("kind") == "dict" and isinstance(node.get("items"), dict):
+            todo.extend(node["items"].values())
+        elif isinstance(node.get("array"), str) and node.get("fortran") is True:
+            out.add(node["array"])
+    return out
 
 
 def _build(node, region, arrays, readonly, path, depth):
@@ -506,7 +569,7 @@ def _build(node, region, arrays, readonly, path, depth):
     if kind == "arrow":
         if node.get("what") not in ("table", "array", "chunked", "batch"):
             bad("%r: unknown Arrow object %r" % (name, node.get("what")))
-        return _arrow_view(view, node["what"], name, path)
+        return _arrow_view(view, node["what"], name, path, bad)
     bad("%r: unknown kind %r" % (name, kind))
 
 
@@ -532,6 +595,10 @@ def _readonly(a):
 
 
 def _ml_view(view, ml, name, bad):
+    # save() stores the bits as unsigned integers in native (little-endian) order; anything
+    # else would be read as other bits, or not be viewable at all
+    if view.dtype.kind != "u" or not view.dtype.isnative:
+        bad("%r: %s bits stored as %s, not as unsigned integers" % (name, ml, view.dtype))
     try:
         import ml_dtypes
     except ImportError:
@@ -539,17 +606,22 @@ def _ml_view(view, ml, name, bad):
         warnings.warn("%s: %s needs the ml_dtypes package; returned as its bits (%s)"
                       % (name, ml, view.dtype), stacklevel=4)
         return view
-    # only a name of a type numpy accepts: the manifest is not trusted ("__name__" is an
-    # attribute of the module too)
+    # only a name of one of ml_dtypes' scalar types: the manifest is not trusted ("__name__"
+    # is an attribute of the module too, and np.dtype() of a class such as ml_dtypes.finfo
+    # is the object dtype)
     t = getattr(ml_dtypes, ml, None) if isinstance(ml, str) and ml.isidentifier() and \
         not ml.startswith("_") else None
     try:
-        size = np.dtype(t).itemsize if isinstance(t, type) else None
+        dt = np.dtype(t) if isinstance(t, type) and issubclass(t, np.generic) and \
+            t.__module__.startswith("ml_dtypes") else None
     except TypeError:
-        size = None
-    if size is None or size != view.dtype.itemsize:
+        dt = None
+    if dt is None or dt.hasobject or dt.itemsize != view.dtype.itemsize:
         bad("%r: unknown ml_dtypes type %r" % (name, ml))
-    return view.view(t)
+    try:
+        return view.view(dt)
+    except (TypeError, ValueError) as e:
+        bad("%r: its bits (%s) cannot be viewed as %s: %s" % (name, view.dtype, ml, e))
 
 
 def _torch_view(view, dt, readonly, name, bad):
@@ -561,21 +633,29 @@ def _torch_view(view, dt, readonly, name, bad):
 
     if readonly:
         view = _readonly(view)
+    if dt == "bfloat16" and view.dtype != np.uint16:   # ('>u2' is not np.uint16 either)
+        bad("%r: bfloat16 stored as %s, not uint16" % (name, view.dtype))
     with warnings.catch_warnings():
         # torch warns that it cannot mark a tensor read-only; readonly= is numpy's promise.
         warnings.simplefilter("ignore", UserWarning)
-        if dt == "bfloat16":
-            if view.dtype != np.uint16:
-                bad("%r: bfloat16 stored as %s, not uint16" % (name, view.dtype))
-            return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
-        t = torch.from_numpy(view)
+        try:
+            if dt == "bfloat16":
+                return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
+            t = torch.from_numpy(view)
+        except (TypeError, ValueError, RuntimeError) as e:
+            # a structured, string or byte-swapped array: torch has no type for it
+            bad("%r: stored as %s, which torch cannot read: %s" % (name, view.dtype, e))
     if str(t.dtype).replace("torch.", "") != dt:
         bad("%r: stored as %s, which is not torch %s" % (name, view.dtype, dt))
     return t
 
 
-def _arrow_view(view, what, name, path):
-    import pyarrow as pa
+def _arrow_view(view, what, name, path, bad):
+    try:
+        import pyarrow as pa
+    except ImportError:
+        bad("%r is an Arrow %s, and pyarrow is not installed here (load it with pyarrow "
+            "installed)" % (name, what))
     from ._snapfile import SnapshotError
 
     try:
@@ -609,7 +689,7 @@ def record_working_set(path, state):
         raise InvalidArgumentError("record_working_set() takes what load() returned")
     if state.format != "pylazymem":
         raise InvalidArgumentError("%s is a %s file, which has no working set: convert it with "
-                                   "plm.save(new_path, dict(state))" % (state.path, state.format))
+                                   "plm.save(new_path, state)" % (state.path, state.format))
     src = state.region._snapshot
     if src is None or os.path.realpath(src[0]) != os.path.realpath(os.fspath(path)):
         raise InvalidArgumentError("record_working_set(%r): that state was loaded from %r"

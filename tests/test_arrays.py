@@ -728,3 +728,144 @@ def test_readonly_arrays_cannot_be_made_writable_through_their_base(tmp_path):
                 np.asarray(memoryview(base)).view(np.uint8)[0] = 1
         assert st["F"].flags.f_contiguous and np.all(st["F"] == 1)
         assert np.array_equal(st["E"], np.arange(12.0).reshape(3, 4))
+
+
+@pytest.mark.package("ml_dtypes")
+def test_a_big_endian_ml_dtypes_array_comes_back_with_its_values(tmp_path):
+    # The manifest keeps an ml_dtypes type's name, not its byte order: a '>' bfloat16 (or
+    # complex32) was stored as it was and read back in native order, byte-swapped, no error.
+    import ml_dtypes
+
+    native = {"bf16": np.arange(-4, 4, 0.5).astype(ml_dtypes.bfloat16),
+              "c32": (np.arange(6) + 1j * np.arange(6, 12)).astype(ml_dtypes.complex32),
+              "f8": np.linspace(-2, 2, 9).astype(ml_dtypes.float8_e4m3fn),
+              "bf16_fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4))
+              .astype(ml_dtypes.bfloat16)}
+    state = {k: v.astype(v.dtype.newbyteorder(">")) for k, v in native.items()}
+    state["plain_be"] = np.arange(5, dtype=">f8")      # plain numpy: keeps its byte order
+    assert not state["bf16"].dtype.isnative
+    plm.save(tmp_path / "s.plm", state)
+    with plm.load(tmp_path / "s.plm") as got:
+        for k, v in native.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            assert got[k].tobytes() == v.tobytes(), k     # the native bits: the same values
+        assert got["bf16_fortran"].flags.f_contiguous
+        assert got["plain_be"].dtype == np.dtype(">f8")
+        assert got["plain_be"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.package("ml_dtypes")
+@pytest.mark.parametrize("ml, stored, why", [
+    # np.dtype(ml_dtypes.finfo) is the object dtype, of 8 bytes: viewing uint64 bits as it
+    # raised a bare TypeError
+    ("finfo", np.arange(4, dtype=np.uint64), "unknown ml_dtypes type"),
+    ("iinfo", np.arange(4, dtype=np.uint64), "unknown ml_dtypes type"),
+    # save() stores the bits as unsigned integers: a structure of the same size was viewed
+    ("bfloat16", np.zeros(4, dtype=[("a", "u1"), ("b", "u1")]), "not as unsigned integers"),
+    ("bfloat16", np.zeros(4, dtype=">u2"), "not as unsigned integers"),
+])
+def test_a_hostile_ml_dtype_is_a_snapshot_error(tmp_path, ml, stored, why):
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, {"version": 1, "tree": {"kind": "dict", "items": {
+        "y": {"kind": "numpy", "array": "x", "ml_dtype": ml}}}}, {"x": stored})
+    with pytest.raises(plm.SnapshotError, match="'x'.*" + why):
+        plm.load(path)
+
+
+@pytest.mark.package("torch")
+@pytest.mark.parametrize("stored", [np.zeros(4, dtype=[("a", "<f4")]), np.zeros(4, "<U1"),
+                                    np.zeros(4, ">f4")], ids=["structured", "unicode", "be"])
+def test_a_torch_leaf_torch_cannot_read_is_a_snapshot_error(tmp_path, stored):
+    # torch.from_numpy's TypeError / ValueError escaped load()
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, {"version": 1, "tree": {"kind": "dict", "items": {
+        "y": {"kind": "torch", "array": "x", "torch_dtype": "float32"}}}}, {"x": stored})
+    with pytest.raises(plm.SnapshotError, match="'x'.*torch cannot read"):
+        plm.load(path)
+
+
+def test_an_arrow_leaf_without_pyarrow_is_a_snapshot_error(tmp_path, monkeypatch):
+    # It raised a bare ModuleNotFoundError; a torch leaf without torch says what is missing.
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, {"version": 1, "tree": {"kind": "dict", "items": {
+        "t": {"kind": "arrow", "array": "x", "what": "table"}}}},
+        {"x": np.zeros(64, np.uint8)})
+    monkeypatch.setitem(sys.modules, "pyarrow", None)     # as if it were not installed
+    with pytest.raises(plm.SnapshotError, match="'x' is an Arrow table, and pyarrow is not "
+                                               "installed"):
+        plm.load(path)
+
+
+@pytest.mark.package("torch")
+def test_torch_conjugate_views_are_saved_and_sparse_tensors_refused(tmp_path):
+    # numpy() refuses a tensor with its conjugate or negative bit set, and .contiguous() a
+    # sparse one: both escaped save() as torch's RuntimeError.
+    import torch
+
+    x = torch.tensor([[1 + 2j, 3 - 4j], [5j, -1]], dtype=torch.complex64)
+    st = {"conj": x.conj(), "adjoint": x.mH, "neg": x.conj().imag, "bf16_neg":
+          torch._neg_view(torch.arange(4.0).bfloat16())}
+    assert st["conj"].is_conj() and st["adjoint"].is_conj() and st["neg"].is_neg()
+    plm.save(tmp_path / "s.plm", st)
+    with plm.load(tmp_path / "s.plm") as got:
+        for k, v in st.items():
+            want = v.resolve_conj().resolve_neg()
+            assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(plm.InvalidArgumentError, match="'s'.*sparse"):
+        plm.save(tmp_path / "x.plm", {"s": sparse})
+    # with a live region, save() first looks where each leaf's memory is: a sparse tensor
+    # has no data pointer (torch's RuntimeError there too)
+    with plm.load(tmp_path / "s.plm"):
+        with pytest.raises(plm.InvalidArgumentError, match="'s'.*sparse"):
+            plm.save(tmp_path / "x.plm", {"s": sparse})
+    assert not (tmp_path / "x.plm").exists()
+
+
+def test_cli_inspect_shows_the_shape_load_returns(tmp_path):
+    # A Fortran-ordered array is stored as its transpose: inspect showed the stored shape.
+    path = tmp_path / "s.plm"
+    plm.save(path, {"f": np.asfortranarray(np.zeros((3, 4))), "c": np.zeros((2, 5)),
+                    "f3": np.asfortranarray(np.zeros((2, 3, 4), np.float32))})
+    with plm.load(path) as st:
+        want = {k: st[k].shape for k in st}
+    cli = [sys.executable, "-m", "pylazymem", "inspect", str(path)]
+    d = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True,
+                                  timeout=60, check=True).stdout)["arrays"]
+    assert {k: tuple(v["shape"]) for k, v in d.items()} == want
+    assert d["f"]["fortran"] and d["f3"]["fortran"] and not d["c"]["fortran"]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert "(3, 4) F" in lines["f"] and "(2, 3, 4) F" in lines["f3"]
+    assert "(2, 5)" in lines["c"] and " F " not in lines["c"]
+
+
+@pytest.mark.package("safetensors")
+def test_saving_a_safetensors_state_keeps_its_metadata(tmp_path):
+    # plm.save of what plm.load read from a .safetensors file dropped its __metadata__.
+    from safetensors.numpy import save_file
+
+    src, out, again = (str(tmp_path / n) for n in ("m.safetensors", "m.plm", "m2.plm"))
+    save_file({"w": np.ones(4, np.float32)}, src, metadata={"format": "pt", "step": "1200"})
+    with plm.load(src) as st:
+        plm.save(out, st)
+    with plm.load(out) as got:
+        assert got.metadata == {"format": "pt", "step": "1200"} and list(got) == ["w"]
+        plm.save(again, got)          # a snapshot's own state: its manifest is kept
+    with plm.load(again) as got:
+        assert got.metadata == {"format": "pt", "step": "1200"}
+    plm.save(out, {"w": np.ones(2)})
+    with plm.load(out) as got:
+        assert got.metadata == {}
+    with plm.load(src) as st:
+        st.metadata["step"] = 1201    # not a string: the file could not be read back
+        with pytest.raises(plm.InvalidArgumentError, match="strings to strings"):
+            plm.save(out, st)
+
+
+def test_hostile_state_metadata_is_a_snapshot_error(tmp_path):
+    path = tmp_path / "s.plm"
+    _snapshot_with_tree(path, {"version": 1, "metadata": {"a": 1}, "tree": {
+        "kind": "dict", "items": {"x": {"kind": "numpy", "array": "x"}}}})
+    with pytest.raises(plm.SnapshotError, match="metadata"):
+        plm.load(path)
