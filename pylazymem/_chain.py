@@ -201,7 +201,7 @@ def open_chain(path, signatures=False):
     most MAX_DEPTH files and its tables fit the machine's memory (CHAIN_TABLES_OF_MEMORY).
     SnapshotError names the file and the parent at fault. The page map is resolved as the
     files are read; a parent's own page map is not kept."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     layers = []
     try:
         return _open_chain(path, signatures, layers)

@@ -107,7 +107,7 @@ def read_header(path, fmt=None):
     without restoring it and without compiled code (for inspect-like tools). fmt None:
     detect it. entries as open_foreign returns them; metadata: safetensors' "__metadata__"
     ({} elsewhere)."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     fd = _open(path)
     try:
         size = os.fstat(fd).st_size
@@ -493,7 +493,7 @@ def open_foreign(path, fmt, *, prefetch="none", share=False, background=None, ve
     if "server" in region_kw:
         raise InvalidArgumentError("server=: a page server serves pylazymem snapshots only, "
                                    "not %s files" % fmt)
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     fd = _open(path)
     try:
         st = os.fstat(fd)

@@ -52,6 +52,8 @@ def save(path, state, *, working_set=None, compress=None, durable=True):
     durable: as checkpoint()."""
     from .snapshot import _codec_arg, checkpoint
 
+    path = os.fsdecode(path)   # (str, bytes or a path object, as open() takes)
+
     _codec_arg(compress)   # an unknown codec fails before anything is done
     metadata = {}
     if isinstance(state, LoadedState) and state.format != "pylazymem":
@@ -435,7 +437,7 @@ def load(path, *, prefetch="working-set", share=False, readonly=False, backgroun
     validated in full at load (their pages are read then)."""
     from ._snapfile import MAGIC, SnapshotError, _open, _pread
 
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     fd = _open(path)
     try:
         head = _pread(fd, 64, 0, path, "the magic number")   # EIO: a SnapshotError naming it
@@ -691,7 +693,7 @@ def record_working_set(path, state):
         raise InvalidArgumentError("%s is a %s file, which has no working set: convert it with "
                                    "plm.save(new_path, state)" % (state.path, state.format))
     src = state.region._snapshot
-    if src is None or os.path.realpath(src[0]) != os.path.realpath(os.fspath(path)):
+    if src is None or os.path.realpath(src[0]) != os.path.realpath(os.fsdecode(path)):
         raise InvalidArgumentError("record_working_set(%r): that state was loaded from %r"
-                                   % (os.fspath(path), src[0] if src else None))
+                                   % (os.fsdecode(path), src[0] if src else None))
     return rewrite_working_set(path, state._recorded_working_set(), expect_id=src[1])

@@ -283,7 +283,7 @@ def push(snapshot, url, *, chunk_bytes=DEFAULT_CHUNK_BYTES, name=None, client=No
     s3://bucket/prefix/NAME, NAME the file's name unless given), creating the bucket where it
     is missing. Entries already in the bucket (from any snapshot pushed there) are not sent
     again."""
-    snapshot = os.fspath(snapshot)
+    snapshot = os.fsdecode(snapshot)
     bucket, prefix = _split_url(url, "push")
     name = name or os.path.basename(snapshot)
     if not name or "/" in name or name in (".", ".."):
@@ -696,7 +696,7 @@ def pull(url, out, *, client=None) -> str:
     client = client or S3Client()
     m = read_manifest(url, client)
     bucket, _ = parse_url(url)
-    out = os.fspath(out)
+    out = os.fsdecode(out)
     h = m.header
     check = _entry_checker(m, url)
     # a snapshot temporary as checkpoint() makes one: locked until the rename, so that the

@@ -64,14 +64,9 @@ def _working_set_arg(region, working_set):
             return np.zeros(0, np.uint64)
         raise InvalidArgumentError("working_set must be 'auto', 'none' or page indices, not %r"
                                    % working_set)
-    try:
-        ws = np.asarray(working_set, dtype=np.int64).ravel()
-    except (TypeError, ValueError):
-        raise InvalidArgumentError("working_set must be a sequence of page indices") from None
-    if ws.size and (ws.min() < 0 or ws.max() >= region.npages):
-        raise InvalidArgumentError("working_set has page indices outside 0..%d"
-                                   % (region.npages - 1))
-    return ws.astype(np.uint64)
+    # integers only, as everywhere page indices are taken: 1.7 was truncated to page 1, "3"
+    # taken as page 3, and 2**64 raised a bare OverflowError
+    return _in_region(_page_indices(working_set), region.npages)
 
 
 def _json_dtype(dtype):
@@ -126,7 +121,7 @@ def checkpoint(region, path, working_set="auto", progress=None, durable=True, pa
     """
     codec = _codec_arg(compress)
     region._check_open()
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     if background:
         return _start_background(region, path, working_set, progress, durable, parent, codec)
     with region._epoch_owner():
@@ -168,7 +163,7 @@ def _start_background(region, path, working_set, progress, durable, parent, code
     # The thread that writes the file resolves nothing: a chdir() meanwhile changes no path.
     path = os.path.abspath(path)
     if parent is not None:
-        parent = os.path.abspath(os.fspath(getattr(parent, "path", parent)))
+        parent = os.path.abspath(os.fsdecode(getattr(parent, "path", parent)))
     with region._epoch_owner():
         chain = _open_parent(region, path, parent) if parent is not None else None
         try:
@@ -197,7 +192,7 @@ def _open_parent(region, path, parent):
     from ._errors import InvalidArgumentError
 
     open_chain, MAX_DEPTH = _chain.open_chain, _chain.MAX_DEPTH
-    ppath = os.fspath(getattr(parent, "path", parent))
+    ppath = os.fsdecode(getattr(parent, "path", parent))
     if os.path.abspath(ppath) == os.path.abspath(path) or (
             os.path.exists(path) and os.path.exists(ppath) and os.path.samefile(path, ppath)):
         raise InvalidArgumentError("checkpoint(parent=%r): the parent is the file being "
@@ -798,7 +793,7 @@ def rewrite_working_set(path, working_set, expect_id=None, durable=True):
     was replaced since the working set was recorded against it)."""
     from ._errors import InvalidArgumentError
 
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     fd = _open(path)
     try:
         p = _read(fd, path, signatures=True)
@@ -860,7 +855,7 @@ def compact(path, out, durable=True):
     from ._chain import open_chain
     from ._errors import InvalidArgumentError
 
-    path, out = os.fspath(path), os.fspath(out)
+    path, out = os.fsdecode(path), os.fsdecode(out)
     with open_chain(path, signatures=True) as chain:
         for layer in chain.layers:
             if os.path.exists(out) and os.path.samefile(out, layer.path):
@@ -1174,7 +1169,7 @@ def restore(path, prefetch="working-set", background=None, verify=False, server=
     recorded (stats()["pool_kernel_pages"]; docs/shared-pages.md 2.8).
     Other keyword arguments go to Region().
     """
-    where = os.fspath(path)
+    where = os.fsdecode(path)
     if not (isinstance(where, str) and where.startswith("s3://")):
         return _restore_once(path, prefetch, background, verify, server, share, region_kw)
     from . import objstore
@@ -1208,7 +1203,7 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
     if not isinstance(prefetch, str) or prefetch not in PREFETCH_MODES:
         raise InvalidArgumentError("prefetch must be one of %s, not %r"
                                    % (", ".join(PREFETCH_MODES), prefetch))
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     remote = None   # restore("s3://bucket/prefix/NAME"): (manifest, S3Config, bucket)
     confirm = None  # ... and whether its kept manifest is current (objstore.open_source)
     if isinstance(path, str) and path.startswith("s3://"):

@@ -331,3 +331,31 @@ def test_compact_checks_signatures_and_stays_linear_where_they_collide(tmp_path)
             keep.append(i)
     # 7 contents kept; one entry read again (not one per pair of entries sharing a signature)
     assert keep == list(range(7)) and Chain.reads == 1
+
+
+@pytest.mark.background_checkpoint
+def test_paths_as_bytes_are_taken_everywhere(region, tmp_path):
+    # checkpoint(r, b"..."), parent=b"...", compact(b"...", ...) and plm.save(b"...") failed
+    # with "Can't mix strings and bytes in path components"; restore(b"...") worked
+    r, a, rng = region
+    p, c, flat = (os.fsencode(tmp_path / n) for n in ("p.plm", "c.plm", "flat.plm"))
+    plm.checkpoint(r, p)
+    a[3] ^= 1
+    assert plm.checkpoint(r, c, parent=p).parent["path"] == os.fsdecode(p)
+    a[4] ^= 1
+    plm.checkpoint(r, os.fsencode(tmp_path / "b.plm"), background=True).wait(60)
+    plm.compact(c, flat)
+    a[4] ^= 1
+    assert contents(flat) == bytes(a)
+    plm.save(os.fsencode(tmp_path / "s.plm"), {"x": np.arange(3)})
+    with plm.load(os.fsencode(tmp_path / "s.plm")) as st:
+        assert st["x"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("ws", [[2 ** 64], [1.7, 2.2], ["3"], [NP]])
+def test_a_working_set_that_is_not_page_indices_is_refused(region, tmp_path, ws):
+    # (1.7 was truncated to page 1, "3" taken as page 3, 2**64 a bare OverflowError)
+    r, a, rng = region
+    with pytest.raises(plm.InvalidArgumentError, match="working_set"):
+        plm.checkpoint(r, tmp_path / "w.plm", working_set=ws)
+    assert not os.path.exists(tmp_path / "w.plm")
