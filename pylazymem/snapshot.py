@@ -1203,6 +1203,12 @@ def _restore_once(path, prefetch, background, verify, server, share, region_kw, 
     if not isinstance(prefetch, str) or prefetch not in PREFETCH_MODES:
         raise InvalidArgumentError("prefetch must be one of %s, not %r"
                                    % (", ".join(PREFETCH_MODES), prefetch))
+    if verify and server is not None:
+        # The server sends pages as its file holds them, unchecked: a damaged page would reach
+        # this region as wrong bytes while verify=True promised SIGBUS.
+        raise InvalidArgumentError("restore(verify=True, server=...): a page server does not "
+                                   "check the pages it serves against their signatures; "
+                                   "restore with verify=True without a server")
     path = os.fsdecode(path)
     remote = None   # restore("s3://bucket/prefix/NAME"): (manifest, S3Config, bucket)
     confirm = None  # ... and whether its kept manifest is current (objstore.open_source)

@@ -199,3 +199,14 @@ def _timed_restore(path):
     return dt
 
 
+
+
+def test_verify_with_a_page_server_is_refused(tmp_path):
+    # The server sends pages unchecked: verify=True through it returned a damaged page's
+    # wrong bytes where the promise is SIGBUS. Refused before anything is opened.
+    path = tmp_path / "s.plm"
+    with plm.Region(16 * 4096) as r:
+        r.ndarray(np.uint8)[:] = 3
+        plm.checkpoint(r, path)
+    with pytest.raises(plm.InvalidArgumentError, match="does not check"):
+        plm.restore(path, verify=True, server=str(tmp_path / "nobody.sock"))
