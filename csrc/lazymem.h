@@ -121,6 +121,9 @@ enum lm_zero_write {
     LM_ZW_ZEROPAGE = 2   /* UFFDIO_ZEROPAGE: the kernel then takes a copy-on-write fault */
 };
 
+/* At most this many serving threads (and CPUs in lm_config.cpus). */
+enum { LM_MAX_SERVE_THREADS = 64 };
+
 /* Serving configuration. Zero/NULL fields take the defaults documented in docs/tunables.md. */
 struct lm_config {
     int acquire;                 /* enum lm_acquire */

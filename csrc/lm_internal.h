@@ -68,7 +68,7 @@ struct uffdio_poison {
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
 
-#define LM_MAX_THREADS 64
+#define LM_MAX_THREADS LM_MAX_SERVE_THREADS   /* lazymem.h */
 #define LM_DEFAULT_CLUSTER 512u  /* 2 MiB of 4 KiB pages: the measured per-page floor */
 #define LM_MAX_CLUSTER 4096
 #define LM_BG_THREADS 2          /* background fill threads: a reader and an installer */

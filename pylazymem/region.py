@@ -50,7 +50,11 @@ def _default_cpus():
         except ValueError:
             raise InvalidArgumentError("PYLAZYMEM_SERVE_CPUS=%r: expected e.g. '0,1' or "
                                        "'unpinned'" % spec) from None
-    return sorted(os.sched_getaffinity(0))
+    # At most as many as the core serves with (LM_MAX_THREADS): on a larger machine, spread
+    # over its CPUs (Region() failed there with the defaults)
+    cpus = sorted(os.sched_getaffinity(0))
+    limit = lib.LM_MAX_SERVE_THREADS
+    return cpus if len(cpus) <= limit else [cpus[i * len(cpus) // limit] for i in range(limit)]
 
 
 class Canonical:
@@ -226,6 +230,7 @@ class Region(AddressRange):
         self._epoch_holder = None
         self._remote = None      # restored from an object store: [url, failures reported]
         self._alloc_next = 0
+        self._alloc_lock = threading.Lock()   # alloc(): one placement at a time
         self._base_table = None
         self._ws_inherited = None
         self._pool = None   # a shared restore's pool reference (pylazymem._pool.Pool)
@@ -614,6 +619,7 @@ class Region(AddressRange):
         self._gate.close(self._closed_reason(), None)   # closed from the start
         self._epoch_lock = threading.Lock()
         self._epoch_holder = None
+        self._alloc_lock = threading.Lock()
         bg, self._bg = self._bg, None   # a background checkpoint's thread is the parent's
         if bg is not None:
             bg._forked()   # done here, with an error: wait() in the child returned never
@@ -686,8 +692,6 @@ class Region(AddressRange):
         self._check_open()
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("array name must be a non-empty string")
-        if name in self._arrays:
-            raise InvalidArgumentError("an array named %r already exists" % name)
         dtype, shape = _dtype_and_shape(dtype, shape)
         if dtype.hasobject:
             raise InvalidArgumentError("arrays of Python objects cannot live in a region")
@@ -696,13 +700,19 @@ class Region(AddressRange):
         if any(x < 0 for x in shape):
             raise InvalidArgumentError("negative dimension in shape %r" % (shape,))
         nbytes = math.prod(shape) * dtype.itemsize   # Python integers: no wrap-around
-        offset = -(-self._alloc_next // self.page_size) * self.page_size
-        if offset + nbytes > self.nbytes:
-            raise InvalidArgumentError("array %r (%d bytes) does not fit: %d of %d bytes left"
-                                       % (name, nbytes, max(0, self.nbytes - offset), self.nbytes))
-        view = self.ndarray(dtype, shape, offset)   # before anything is recorded
-        self._arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
-        self._alloc_next = offset + nbytes
+        # The name's check, the offset's reservation and the record in one step: two threads
+        # allocating at once were handed overlapping arrays (ndarray() lets other threads run).
+        with self._alloc_lock:
+            if name in self._arrays:
+                raise InvalidArgumentError("an array named %r already exists" % name)
+            offset = -(-self._alloc_next // self.page_size) * self.page_size
+            if offset + nbytes > self.nbytes:
+                raise InvalidArgumentError("array %r (%d bytes) does not fit: %d of %d bytes left"
+                                           % (name, nbytes, max(0, self.nbytes - offset),
+                                              self.nbytes))
+            view = self.ndarray(dtype, shape, offset)   # before anything is recorded
+            self._arrays[name] = {"offset": offset, "dtype": dtype, "shape": shape}
+            self._alloc_next = offset + nbytes
         return view
 
     @property

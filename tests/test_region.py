@@ -121,3 +121,44 @@ def test_bad_region_arguments_are_refused(kw):
 def test_a_bool_is_not_a_region_size():
     with pytest.raises(plm.InvalidArgumentError):
         plm.Region(True)
+
+
+def test_alloc_from_several_threads_never_hands_out_the_same_memory():
+    # alloc() read and advanced its next offset with ndarray() (which lets other threads
+    # run) in between: up to half of 800 arrays shared memory with another.
+    import sys
+    import threading
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for rep in range(10):
+            with plm.Region(4096 * PAGE_SIZE) as r:
+                out = {}
+                barrier = threading.Barrier(4)
+
+                def worker(k):
+                    barrier.wait()
+                    for j in range(200):
+                        out["t%d_%d" % (k, j)] = r.alloc("t%d_%d" % (k, j), 3, np.uint8)
+                ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                addrs = [a.__array_interface__["data"][0] for a in out.values()]
+                assert len(set(addrs)) == len(addrs) == 800
+                assert len(r.arrays) == 800
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_the_default_serving_cpus_fit_the_core_on_a_large_machine(monkeypatch):
+    # every usable CPU was the default: Region() failed on a machine of more than 64
+    from pylazymem import region
+    from pylazymem._binding import lib
+    monkeypatch.delenv("PYLAZYMEM_SERVE_CPUS", raising=False)
+    for n in (2, 64, 96, 200):
+        monkeypatch.setattr(region.os, "sched_getaffinity", lambda pid, n=n: set(range(n)))
+        cpus = region._default_cpus()
+        assert len(cpus) == min(n, lib.LM_MAX_SERVE_THREADS) == len(set(cpus))
+        assert set(cpus) <= set(range(n)) and cpus[0] == 0
