@@ -360,6 +360,9 @@ typedef struct {
     PyObject *callers;   /* dict: thread ident -> calls in progress on that thread */
     PyObject *pending, *pending_lm;  /* pending(pending_lm) is run by the call that ends last
                                         (close() from inside a call) */
+    PyObject *closing_lm;  /* borrowed: the handle a close() holds while it waits for the calls
+                              in progress (forget() in a fork child returns it: the closing
+                              thread is the parent's) */
     PyObject *on_enter;  /* called with lm once a reporting call is counted: may raise */
     PyObject *error_type, *on_error;  /* on_error() when a call raises error_type */
 } GateObject;
@@ -648,7 +651,10 @@ static PyObject *gate_close(GateObject *g, PyObject *args)
         }
         Py_RETURN_NONE;
     }
-    if (gate_wait(g) < 0) {
+    g->closing_lm = lm;
+    int waited = gate_wait(g);
+    g->closing_lm = NULL;
+    if (waited < 0) {
         if (!g->lm) {
             g->lm = lm;
             Py_CLEAR(g->reason);
@@ -677,6 +683,9 @@ static PyObject *gate_forget(GateObject *g, PyObject *unused)
     } else {
         Py_CLEAR(g->pending_lm);
     }
+    if (!lm && g->closing_lm)   /* a parent thread's close() was waiting at the fork */
+        lm = Py_NewRef(g->closing_lm);
+    g->closing_lm = NULL;
     Py_CLEAR(g->pending);
     if (g->callers)
         PyDict_Clear(g->callers);

@@ -637,8 +637,11 @@ class Region(AddressRange):
         for x in (lm, pending):
             if x is not None:
                 lib.lm_region_forget(x)
-        if lm is not None or pending is not None:
-            self._abandon()   # not mapped here: give the address range up without munmap
+        # Not mapped here: give the address range up without munmap, whatever state the
+        # parent's region was in (a close() waiting in another thread at the fork left neither
+        # handle nor teardown, and the range stayed open to views: memoryview(r) was handed
+        # out over memory the child does not have). A no-op for a range given up already.
+        self._abandon()
 
     def __enter__(self):
         return self

@@ -236,3 +236,47 @@ def test_fork_while_another_thread_is_inside_a_call(run_py_ok):
     print("OK")
     """, timeout=60)
     assert "child: closed" in out and out.strip().endswith("OK"), out
+
+
+def test_fork_while_another_thread_waits_in_close(run_py_ok):
+    """close() in another parent thread, waiting for a call in progress at fork(): its handle
+    was in that thread's hands only, so the child neither forgot the region nor gave its range
+    up, and memoryview(r) was handed out over memory the child does not have."""
+    out = run_py_ok(SETUP + """
+    import signal
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with r._use():
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(30)
+    closer = threading.Thread(target=r.close)
+    closer.start()
+    while not r.closed:   # the close() has taken the handle and waits for the call
+        time.sleep(0.001)
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        for what, call in (("memoryview", lambda: memoryview(r)), ("stats", r.stats)):
+            try:
+                call()
+                print("child: %s worked" % what, flush=True)
+            except plm.RegionClosedError:
+                print("child: %s closed" % what, flush=True)
+        with open("/proc/self/maps") as f:   # the range is held, inaccessible
+            print("child: held", any(int(l.split("-")[0], 16) == r.address and " ---p " in l
+                                     for l in f), flush=True)
+        os._exit(0)
+    release.set()
+    t.join()
+    closer.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), status
+    print("OK")
+    """, timeout=60)
+    assert "child: memoryview closed" in out and "child: stats closed" in out, out
+    assert "child: held True" in out and out.strip().endswith("OK"), out
