@@ -450,6 +450,16 @@ class Region(AddressRange):
             check(lib.lm_page_read(lm, page, out), "page_read")
         return ffi.buffer(out)[:]
 
+    def _sync_untracked(self, lm):
+        """Without write-protect tracking (mode "none": kernels before 6.7) a page counts as
+        changed when its record is not lazy; a store to a page the kernel serves (a canonical
+        chunk's block, a shared pool's page) leaves its record lazy, and only the page tables
+        know of the private copy: read them into the records first (a checkpoint(parent=)
+        then kept the parent's page where the program had written)."""
+        if (lib.lm_dirty_mode(lm) == lib.LM_DIRTY_NONE
+                and (self._chunks or self._pool is not None)):
+            check(lib.lm_meta_sync(lm), "dirty tracking")
+
     def _take_dirty(self):
         """Start a new dirty-tracking epoch; returns (content id of the epoch that ends, or
         None, and a bitmap of the pages that may have changed in it: ceil(npages / 64) u64
@@ -458,6 +468,7 @@ class Region(AddressRange):
         epoch, self._epoch_id = self._epoch_id, None
         words = np.zeros(-(-self.npages // 64), np.uint64)
         with self._use() as lm:
+            self._sync_untracked(lm)
             rc = lib.lm_dirty_reset(lm, ffi.from_buffer("uint64_t[]", words))
         # A failed scan: the core counts every page as changed; so do we (compare them all).
         return epoch, (words if rc >= 0 else None)
@@ -767,6 +778,7 @@ class Region(AddressRange):
         self._check_no_background()
         words = np.zeros(-(-self.npages // 64), np.uint64)
         with self._use() as lm:
+            self._sync_untracked(lm)
             check(lib.lm_dirty_bitmap(lm, ffi.from_buffer("uint64_t[]", words)), "dirty_pages")
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.npages]
         return np.flatnonzero(bits).astype(np.uint64)
