@@ -825,6 +825,34 @@ static bool nothing_to_do(struct lm_region *r, size_t c, size_t len, size_t firs
     return true;
 }
 
+/* Pages of a chunk's or a pool's page cache (SHARED) in a registered block may be mapped by
+   one huge page. The kernel cannot drop part of a file's huge mapping: a drop of [c, c+len)
+   drops the whole block's, and its other pages, still recorded PRESENT, were left unmapped.
+   A reader holding one then faulted on it while holding it; a serving thread waiting for a
+   page of this deferral in the same batch as that fault made a deadlock (review). Each such
+   page that can be held now is mapped again from the page cache (CONTINUE; EEXIST: it still
+   was). One that cannot (held elsewhere) faults once if touched, and is served so. */
+static void remap_neighbours(struct lm_region *r, size_t c, size_t len)
+{
+    size_t bp = r->blk_pages;
+    if (!bp)
+        return;
+    for (size_t b = c / bp; b <= (c + len - 1) / bp && b * bp < r->npages; b++) {
+        size_t end = (b + 1) * bp < r->npages ? (b + 1) * bp : r->npages;
+        for (size_t p = b * bp; p < end; p++) {
+            if (p >= c && p < c + len)
+                continue;
+            if (!(__atomic_load_n(&r->meta[p].flags, __ATOMIC_RELAXED) & LM_F_SHARED) ||
+                !lm_claim_present(r, p))
+                continue;
+            size_t done;
+            (void)lm_uffd_continue(r->uffd, r->base + p * r->page_size, r->page_size, false,
+                                   &done);
+            __atomic_store_n(&r->meta[p].state, LM_PRESENT, __ATOMIC_RELEASE);
+        }
+    }
+}
+
 /* The per-page part of a deferral: with only_done, pages whose record is not yet
    authoritative are left to the range just published; pages set in skip (bits relative to
    first) were recorded already. */
@@ -836,7 +864,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
     for (size_t c = first; c < first + n; c += CHUNK) {
         size_t len = first + n - c < CHUNK ? first + n - c : CHUNK;
         size_t present = 0, poisoned = 0, claimed = 0;
-        bool mine[CHUNK], was_present[CHUNK];
+        bool mine[CHUNK], was_present[CHUNK], shared = false;
         if (only_done && nothing_to_do(r, c, len, first, skip))
             continue;   /* no page here was ever claimed, or all were recorded already */
         for (size_t i = c; i < c + len; i++) {
@@ -858,6 +886,8 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
                         rc = LM_FAIL("mprotect(poisoned page)");
                 } else {
                     present++;
+                    if (__atomic_load_n(&m->flags, __ATOMIC_RELAXED) & LM_F_SHARED)
+                        shared = true;
                 }
                 was_present[i - c] = true;
             }
@@ -893,6 +923,8 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
                 rc = LM_FAIL("madvise(MADV_DONTNEED)");
             i += run;
         }
+        if (shared && rc == 0)
+            remap_neighbours(r, c, len);
         atomic_fetch_sub_explicit(&r->st_present, (int64_t)present, memory_order_relaxed);
         atomic_fetch_sub_explicit(&r->st_poisoned, (int64_t)poisoned, memory_order_relaxed);
         for (size_t i = c; i < c + len; i++) {
