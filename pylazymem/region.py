@@ -267,14 +267,15 @@ class Region(AddressRange):
         if cpus:
             cfg.cpus, cfg.ncpus = keep, len(cpus)
         else:
-            nthreads = operator.index(serve_threads or 1)
-            if not 1 <= nthreads <= 64:
-                raise InvalidArgumentError("serve_threads must be from 1 to 64, not %d"
-                                           % nthreads)
+            nthreads = 1 if serve_threads is None else self._index(serve_threads,
+                                                                    "serve_threads")
+            if not 1 <= nthreads <= lib.LM_MAX_SERVE_THREADS:
+                raise InvalidArgumentError("serve_threads must be from 1 to %d, not %d"
+                                           % (lib.LM_MAX_SERVE_THREADS, nthreads))
             cfg.nthreads = nthreads
         if max_cluster_pages is None:
             max_cluster_pages = _env_int("PYLAZYMEM_MAX_CLUSTER", 0)
-        max_cluster_pages = operator.index(max_cluster_pages)
+        max_cluster_pages = self._index(max_cluster_pages, "max_cluster_pages")
         if not 0 <= max_cluster_pages < 1 << 31:
             raise InvalidArgumentError("max_cluster_pages must be >= 1 (0: the default), not %d"
                                        % max_cluster_pages)
@@ -685,6 +686,10 @@ class Region(AddressRange):
         if dtype.itemsize == 0 or dtype.hasobject:
             raise InvalidArgumentError("a region view needs a dtype with a size and no Python "
                                        "objects, not %s" % dtype)
+        if dtype.subdtype is not None and shape is not None:
+            # a sub-array dtype ("4f4"): its base with the sub-array's shape appended, as
+            # alloc() takes it (numpy's frombuffer would count items of the base type)
+            dtype, shape = _dtype_and_shape(dtype, shape)
         offset = self._index(offset, "offset")
         if offset < 0 or offset > self.nbytes:
             raise InvalidRangeError("offset %d outside the region (0..%d)" % (offset, self.nbytes))
@@ -1073,12 +1078,7 @@ def _dtype_and_shape(dtype, shape):
         dtype = np.dtype(dtype)
     except (TypeError, ValueError, SyntaxError) as e:
         raise InvalidArgumentError("not a dtype: %r (%s)" % (dtype, e)) from None
-    try:
-        shape = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(
-            operator.index(x) for x in shape)
-    except TypeError:
-        raise InvalidArgumentError("shape must be an integer or a sequence of integers, not %r"
-                                   % (shape,)) from None
+    shape = _view_shape(shape)
     if dtype.subdtype is not None:
         dtype, sub = dtype.subdtype
         shape = shape + tuple(sub)
