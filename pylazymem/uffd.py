@@ -56,6 +56,7 @@ import enum
 import errno as _errno
 import fcntl
 import os
+import operator
 import platform
 import select
 import struct
@@ -766,8 +767,12 @@ class Userfaultfd:
 
     def _check_range(self, op: str, what: str, addr: int, length: int) -> None:
         ps = self.page_size
-        if not isinstance(addr, int) or not isinstance(length, int):
-            raise TypeError("%s: %s and length must be ints" % (op, what))
+        try:   # (numpy integers too: what addresses computed with numpy are)
+            if isinstance(addr, bool) or isinstance(length, bool):
+                raise TypeError
+            addr, length = operator.index(addr), operator.index(length)
+        except TypeError:
+            raise TypeError("%s: %s and length must be ints" % (op, what)) from None
         if length <= 0:
             raise InvalidRangeError("%s: length %d is not positive" % (op, length))
         if addr < 0 or addr % ps:
@@ -985,7 +990,11 @@ class Userfaultfd:
                              "answers poll() on a blocking one with POLLERR")
         p = select.poll()
         p.register(fd, select.POLLIN)
-        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must be a number of seconds or None, not NaN")
+        # poll() takes an int of milliseconds: an infinite or huge timeout is no limit
+        ms = -1 if timeout is None or not timeout * 1000 < 2 ** 31 - 1 else \
+            max(0, int(timeout * 1000 + 0.999))
         return bool(p.poll(ms))
 
     def read_events(self, max: int = 16, timeout: Optional[float] = None) -> List[Event]:
@@ -993,8 +1002,11 @@ class Userfaultfd:
         that many seconds; needs an O_NONBLOCK fd, see wait()); without, a non-blocking fd
         returns [] at once when nothing is pending and a blocking fd waits for an event.
         A Fork event's `ufd` is a new fd owned by the caller."""
-        if max < 1:
-            raise ValueError("max must be at least 1")
+        # (the kernel returns at most what is pending: a bound on one read's buffer, not on
+        # the queue; 10**12 asked for a terabyte of buffer and raised MemoryError)
+        max = operator.index(max)
+        if not 1 <= max <= 1 << 16:
+            raise ValueError("max must be from 1 to 65536, not %d" % max)
         if timeout is not None and not self.wait(timeout):
             return []
         try:

@@ -277,7 +277,7 @@ def run_child(script, timeout=30.0, expect_rc=0):
 # Import, constants and layouts
 # ---------------------------------------------------------------------------------------------
 STDLIB_OK = {"__future__", "ctypes", "dataclasses", "enum", "errno", "fcntl", "os", "platform",
-             "select", "struct", "time", "typing"}
+             "select", "struct", "time", "typing", "operator"}
 
 
 @pytest.mark.parametrize("name", ["uffd.py", "_uffd_errors.py"])
@@ -1231,3 +1231,25 @@ def test_addresses_and_fds_that_ctypes_would_truncate_are_refused():
     for fd in (2 ** 40, 2 ** 31, -1, True):
         with pytest.raises(ValueError, match="file descriptor"):
             U.Userfaultfd(fd)
+
+
+def test_arguments_numpy_gives_and_bounds_are_taken_or_refused_clearly():
+    # numpy integers were refused as addresses and lengths (TypeError), read_events(max=10**12)
+    # raised MemoryError, wait(float("inf")) OverflowError (review)
+    import numpy as np
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    u = U.Userfaultfd(r, owned=False)
+    try:
+        u._check_range("UFFDIO_WAKE", "address", np.uint64(1 << 30), np.int64(U.PAGE_SIZE))
+        with pytest.raises(TypeError, match="must be ints"):
+            u._check_range("UFFDIO_WAKE", "address", 1.0 * (1 << 30), U.PAGE_SIZE)
+        with pytest.raises(ValueError, match="max must be from 1"):
+            u.read_events(max=10 ** 12)
+        os.write(w, b"x")
+        assert u.wait(float("inf")) and u.wait(1e300)
+        with pytest.raises(ValueError, match="NaN"):
+            u.wait(float("nan"))
+    finally:
+        os.close(r)
+        os.close(w)
