@@ -84,6 +84,8 @@ struct lm_srv_pool {
 struct srv_map {
     uint64_t base, size, offset;
     uint64_t *removed;   /* one bit per page: removed by the client, faults back as zeros */
+    uint64_t *dead;      /* one bit per page: no longer this map's page (an mremap moved
+                            other memory there, or moved part of the map away): poisoned */
 };
 
 struct lm_srv {
@@ -135,59 +137,132 @@ static void srv_error(struct lm_srv *s, int rc)
     atomic_store_explicit(&s->st_last_error, rc, memory_order_relaxed);
 }
 
-static struct srv_map *find_map(struct lm_srv *s, uint64_t addr)
+static bool bit(const uint64_t *bits, uint64_t page)
 {
-    for (int i = 0; i < s->nmaps; i++)
-        if (addr >= s->maps[i].base && addr - s->maps[i].base < s->maps[i].size)
-            return &s->maps[i];
-    return NULL;
+    return bits && (bits[page / 64] >> (page % 64) & 1);
 }
 
 static bool removed(const struct srv_map *m, uint64_t page)
 {
-    return m->removed && (m->removed[page / 64] >> (page % 64) & 1);
+    return bit(m->removed, page);
 }
 
-/* Mark [start, end) of the client's address space removed in every map it overlaps. */
-static void mark_removed(struct lm_srv *s, uint64_t start, uint64_t end)
+static bool dead(const struct srv_map *m, uint64_t page)
+{
+    return bit(m->dead, page);
+}
+
+/* The map that serves `addr`: a map's dead pages are not its own (after a whole map moved
+   over part of another, the moved one is found there). NULL: none, the fault is poisoned. */
+static struct srv_map *find_map(struct lm_srv *s, uint64_t addr)
+{
+    for (int i = 0; i < s->nmaps; i++) {
+        struct srv_map *m = &s->maps[i];
+        if (addr >= m->base && addr - m->base < m->size && !dead(m, (addr - m->base) >> s->shift))
+            return m;
+    }
+    return NULL;
+}
+
+/* Set (or clear) the bits of [start, end) of the client's address space in one bitmap of
+   every map it overlaps but `skip`: the dead pages' (dead_bits) or the removed pages'. */
+static void mark(struct lm_srv *s, uint64_t start, uint64_t end, bool dead_bits, bool set,
+                 const struct srv_map *skip)
 {
     for (int i = 0; i < s->nmaps; i++) {
         struct srv_map *m = &s->maps[i];
         uint64_t lo = start > m->base ? start : m->base;
-        uint64_t hi = end < m->base + m->size ? end : m->base + m->size;
-        if (lo >= hi)
+        uint64_t hi = end - m->base < m->size ? end : m->base + m->size;
+        if (m == skip || end <= m->base || lo >= hi)
+            continue;
+        uint64_t **bits = dead_bits ? &m->dead : &m->removed;
+        if (!*bits && !set)
             continue;
         uint64_t npages = m->size >> s->shift;
-        if (!m->removed && !(m->removed = calloc((npages + 63) / 64, 8))) {
+        if (!*bits && !(*bits = calloc((npages + 63) / 64, 8))) {
             /* Without the bitmap those pages would be served from the source again, where
-               the client expects zeros: stop serving instead (srv_main sees `fatal`). */
+               the client expects zeros or another range's bytes: stop serving instead
+               (srv_main sees `fatal`; the client's missing pages are poisoned). */
             s->fatal = -ENOMEM;
             continue;
         }
         for (uint64_t p = (lo - m->base) >> s->shift; p < (hi - m->base + s->ps - 1) >> s->shift;
-             p++)
-            m->removed[p / 64] |= (uint64_t)1 << (p % 64);
+             p++) {
+            if (set)
+                (*bits)[p / 64] |= (uint64_t)1 << (p % 64);
+            else
+                (*bits)[p / 64] &= ~((uint64_t)1 << (p % 64));
+        }
     }
 }
 
-/* A client may move a registered range with mremap(): follow whole maps; a partial move is
-   not followed, and faults there are refused loudly (poisoned) rather than served wrongly. */
+/* Mark [start, end) removed in every map it overlaps: faults there get zeros, the kernel's
+   semantics of a dropped anonymous page, also where an mremap had left pages dead. */
+static void mark_removed(struct lm_srv *s, uint64_t start, uint64_t end)
+{
+    mark(s, start, end, false, true, NULL);
+    mark(s, start, end, true, false, NULL);
+}
+
+/* A client may move a registered range with mremap(). Whatever was at the destination is
+   gone (mremap replaced it): its pages are dead in every map but the one moved there, so a
+   fault there is never served with another range's bytes. A whole map moved is followed
+   (it now lies at `to`); a partial move is not: the part moved away is dead in its map too,
+   and faults on the moved pages are poisoned (loudly), never served wrongly. */
 static void remap(struct lm_srv *s, uint64_t from, uint64_t to, uint64_t len)
 {
     struct srv_map *m = find_map(s, from);
-    if (m && m->base == from && m->size == len) {
-        m->base = to;
-        /* What was mapped at the destination is gone (mremap replaced it): a map that
-           overlaps it would be found for addresses that are now m's, and served from its
-           own source. Disabled: faults there, if any, are refused loudly. */
-        for (int i = 0; i < s->nmaps; i++) {
-            struct srv_map *o = &s->maps[i];
-            if (o != m && o->size && o->base < to + len && to < o->base + o->size)
-                o->size = 0;
-        }
-        return;
+    bool whole = m && m->base == from && m->size == len;
+    if (whole) {
+        m->base = to;   /* its removed and dead pages move with it */
+    } else {
+        srv_error(s, -ENOTSUP);
+        mark(s, from, from + len, true, true, NULL);
     }
-    srv_error(s, -ENOTSUP);
+    mark(s, to, to + len, true, true, whole ? m : NULL);
+}
+
+/* Poison every page of the client's maps still missing in a forked child, through the
+   child's uffd `ufd` (as refused clients are poisoned), before it is closed: the poison
+   markers outlive the registration, so the child's access fails with SIGBUS instead of
+   reading zeros. Present pages (copied at fork) are stepped over (EEXIST). The child may run
+   already: an event of its own (a REMOVE) makes POISON fail with EAGAIN until it is read;
+   its messages are read and dropped (a fault's thread is woken by the poisoning of its page,
+   or by the close), a grandchild's uffd poisoned the same way. Bounded: best effort. */
+static void poison_child(struct lm_srv *s, int ufd, int depth)
+{
+    int fl = fcntl(ufd, F_GETFL);
+    if (fl < 0 || fcntl(ufd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return;   /* reading it below must never block the serving thread */
+    for (int i = 0; i < s->nmaps; i++) {
+        uint64_t a = s->maps[i].base, end = a + s->maps[i].size;
+        for (int tries = 0; a < end && tries < 1000;) {
+            struct uffdio_poison p = {.range = {.start = a, .len = end - a}};
+            if (ioctl(ufd, UFFDIO_POISON, &p) == 0)
+                break;
+            int err = errno;
+            if (p.updated > 0)
+                a += (uint64_t)p.updated;
+            if (err == EEXIST) {
+                a += s->ps;
+                continue;
+            }
+            if (err != EAGAIN)
+                break;   /* ENOENT: not mapped in the child; ESRCH: the child is gone */
+            tries++;
+            struct uffd_msg buf[SRV_READ];
+            ssize_t got = read(ufd, buf, sizeof(buf));
+            for (ssize_t k = 0; k < got / (ssize_t)sizeof(buf[0]); k++) {
+                if (buf[k].event != UFFD_EVENT_FORK)
+                    continue;
+                if (depth < 4)
+                    poison_child(s, (int)buf[k].arg.fork.ufd, depth + 1);
+                close((int)buf[k].arg.fork.ufd);
+            }
+            if (got <= 0)
+                sched_yield();   /* its event is read; its madvise has not finished yet */
+        }
+    }
 }
 
 static void handle_event(struct lm_srv *s, const struct uffd_msg *msg)
@@ -208,8 +283,10 @@ static void handle_event(struct lm_srv *s, const struct uffd_msg *msg)
         remap(s, msg->arg.remap.from, msg->arg.remap.to, msg->arg.remap.len);
         break;
     case UFFD_EVENT_FORK:
-        /* The kernel installed a uffd for the child in our process; we do not serve forked
-           children (the child's registered ranges then behave as plain memory). */
+        /* The kernel installed a uffd for the child in our process. Forked children are not
+           served; closing it alone would leave the child's registered ranges plain memory,
+           its missing pages read as zeros. Poisoned first: the child fails loudly there. */
+        poison_child(s, (int)msg->arg.fork.ufd, 0);
         close((int)msg->arg.fork.ufd);
         srv_error(s, -ENOTSUP);
         break;
@@ -695,7 +772,7 @@ static int serve(struct lm_srv *s, uint64_t addr)
     uint64_t n = 1;
     uint64_t left = (m->size >> s->shift) - page;
     bool lay = layered(s->table);
-    while (n < want && n < left && !removed(m, page + n)) {
+    while (n < want && n < left && !removed(m, page + n) && !dead(m, page + n)) {
         int64_t nx = source_of(s, m->offset + (addr - m->base) + n * s->ps);
         /* a layered table's stored pages need not follow one another (table_read) */
         if (src == -1 ? nx != -1 : lay ? nx < 0 : nx != src + (int64_t)(n * s->ps))
@@ -1141,8 +1218,10 @@ void lm_srv_destroy(struct lm_srv *s, int poison)
         if (poison && s->uffd >= 0)
             poison_missing(s);
     }
-    for (int i = 0; i < s->nmaps; i++)
+    for (int i = 0; i < s->nmaps; i++) {
         free(s->maps[i].removed);
+        free(s->maps[i].dead);
+    }
     if (s->uffd >= 0)
         close(s->uffd);
     if (s->pidfd >= 0)

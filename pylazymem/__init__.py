@@ -30,7 +30,7 @@ from ._errors import (  # noqa: E402
 from ._features import Features, features  # noqa: E402
 from ._meta import META_DTYPE, ZERO, PageClass, PageFlag, PageState  # noqa: E402
 # Serving other processes needs no core (native engine where the core is loaded).
-from .server import PageServer, ProtocolError  # noqa: E402
+from .server import PageServer, ProtocolError, ServerStoppedError  # noqa: E402
 
 #: "cffi" (the compiled core) or "ctypes" (pure Python): see docs/backends.md.
 backend = _backend.NAME
@@ -78,4 +78,5 @@ __all__ = [
     "checkpoint", "restore", "compact", "inspect", "SnapshotInfo", "SnapshotError",
     "save", "load", "record_working_set", "LoadedState",
     "backend", "backend_features", "BackendFeatures", "PageServer", "ProtocolError",
+    "ServerStoppedError",
 ]

@@ -328,11 +328,14 @@ def _serve(args):
                      allow_uids=args.allow_uid or None, socket_group=args.socket_group,
                      engine=args.engine, share=args.share, prefetch_pool=args.prefetch_pool)
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Every signal that ends a server by default ends it through stop(): the socket file
+    # removed, and the clients that do not watch us (Firecracker) poisoned, not left to hang
+    # at their next fault. SIGHUP comes when the terminal goes away, SIGQUIT from ^\.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, lambda *_: done.set())
     srv.start()
-    print("pylazymem serve: listening on %s (pid %d)" % (srv.path, os.getpid()), flush=True)
     try:
+        print("pylazymem serve: listening on %s (pid %d)" % (srv.path, os.getpid()), flush=True)
         while not done.wait(args.stats_every or None):
             st = srv.stats()
             print("pylazymem serve: clients %d (alive %d), faults %d, pages copied %d, zero %d, "

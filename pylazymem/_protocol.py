@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -28,6 +29,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_MESSAGE = 64 * 1024     # the mappings JSON: Firecracker's handlers read into a few KiB
 MAX_MAPPINGS = 64
 MAX_FDS = 4                 # fds accepted in one handshake (one is expected)
+MAX_SOCKET_PATH = 107       # sizeof(sun_path) - 1: an AF_UNIX path and its terminating NUL
 
 # Our own clients add this key to each mapping: they keep their uffd and watch the server, so
 # the server must not poison their missing pages when it stops (they take over or fail loudly
@@ -61,6 +63,67 @@ class Mapping:
     page_size: int
 
 
+class _LongInt:
+    """A JSON integer with more digits than any 64-bit one has (a handshake's integers are all
+    64-bit). Kept as a marker, never converted: int() of more than 4300 digits raises
+    ValueError, which escaped the parser (the client was refused unclearly, not poisoned)."""
+
+    def __init__(self, digits):
+        self.digits = digits
+
+    def __repr__(self):
+        return "an integer of %d digits" % self.digits
+
+
+def _parse_int(text):
+    return int(text) if len(text) <= 21 else _LongInt(len(text.lstrip("-")))
+
+
+# A string (possibly cut off at the end of the data) or a bracket, for _flatten.
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.S)
+
+
+def _flatten(text, keep):
+    """`text` with every JSON array or object nested deeper than `keep` replaced by null: an
+    iterative walk, since the json module's parser recurses (RecursionError on deep nesting,
+    which a 64 KiB message of brackets reaches)."""
+    out, depth, start = [], 0, 0
+    for t in _TOKENS.finditer(text):
+        c = t.group()[0]
+        if c in "[{":
+            depth += 1
+            if depth == keep + 1:
+                out.append(text[start:t.start()])
+                out.append("null")
+        elif c in "]}":
+            if depth == keep + 1:
+                start = t.end()
+            depth = max(depth - 1, 0)
+    if depth <= keep:
+        out.append(text[start:])
+    return "".join(out)
+
+
+def loads(data, keep=None, longs=None):
+    """A client's JSON bytes, parsed with the limits a handshake needs: integers too long for
+    64 bits are _LongInt markers (never a ValueError from int()), appended to the list
+    `longs` too if one is given. keep: nesting deeper than this is replaced by null first
+    (never a RecursionError; the ranges a refused client described are at depth 2). Raises
+    UnicodeDecodeError, ValueError or RecursionError."""
+    text = bytes(data).decode("utf-8")
+    if keep is not None:
+        text = _flatten(text, keep)
+    if longs is None:
+        return json.loads(text, parse_int=_parse_int)
+
+    def parse_int(t):
+        v = _parse_int(t)
+        if isinstance(v, _LongInt):
+            longs.append(v)
+        return v
+    return json.loads(text, parse_int=parse_int)
+
+
 def _int_field(obj, key, i):
     v = obj.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64:
@@ -76,10 +139,17 @@ def parse_mappings(data: bytes, page_size: int = PAGE_SIZE):
     (bytes), the older `page_size_kib` (also bytes), or neither (base pages); unknown keys are
     ignored. Every range must be page aligned, non-empty and not overlap another, and its
     source offset + size must fit in 64 bits."""
+    longs = []
     try:
-        doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        doc = loads(data, longs=longs)
+    except RecursionError:
+        raise ProtocolError("the handshake's JSON is nested too deeply (the mappings are an "
+                            "array of flat objects)") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("the handshake is not UTF-8 JSON: %s" % e) from None
+    if longs:   # wherever it is: no handshake (Firecracker's or ours) has one
+        raise ProtocolError("the handshake holds %r: its numbers are 64-bit integers"
+                            % longs[0])
     if not isinstance(doc, list) or not doc:
         raise ProtocolError("the handshake must be a non-empty JSON array of mappings "
                             "(base_host_virt_addr, size, offset, page_size)")
@@ -121,8 +191,8 @@ def asks_share(data) -> bool:
     """Whether a handshake message (already accepted by parse_mappings) asks for the
     server's shared pool: SHARE_KEY true in its mappings."""
     try:
-        doc = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        doc = loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(doc, list) and any(isinstance(m, dict) and m.get(SHARE_KEY) is True
                                          for m in doc)
@@ -136,9 +206,11 @@ def complete_json(data):
     except UnicodeDecodeError as e:
         return e.start < len(data) - 3   # a multi-byte character may be cut at the end
     try:
-        json.loads(text)
+        json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         return e.pos < len(text.rstrip())
+    except (ValueError, RecursionError):
+        return True   # nested too deeply: no more bytes mend that (parse_mappings says so)
     return True
 
 
@@ -158,7 +230,11 @@ def receive_handshake(conn, deadline):
     msg, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     try:
         if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("handshake truncated (more than %d fds)" % MAX_FDS)
+            # Truncated with room for more: the kernel could not install an fd here (EMFILE
+            # or ENFILE), and dropped it. With every slot used: the client sent too many.
+            raise ProtocolError("handshake truncated: %s" % (
+                "more than %d fds" % MAX_FDS if len(fds) >= MAX_FDS else
+                "out of file descriptors in the server (the fds sent were lost)"))
         # One recvmsg returns Firecracker's whole message in practice, but a stream socket
         # promises no boundaries: read on until the JSON is complete (never until EOF: the
         # VMM keeps the connection open).
@@ -252,7 +328,11 @@ def connect(socket_path, uffd_fd, mappings, *, watches_server=False, share=False
         if share:
             d[SHARE_KEY] = True
         doc.append(d)
-    path = os.fspath(socket_path)
+    path = os.fsdecode(os.fspath(socket_path))
+    n = len(os.fsencode(path))
+    if n > MAX_SOCKET_PATH:   # socket's own error has no errno: "[Errno None] ..."
+        raise OSError(errno.ENAMETOOLONG, "the page server at %s: AF_UNIX path too long (%d "
+                      "bytes, at most %d)" % (path, n, MAX_SOCKET_PATH))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(timeout)

@@ -19,8 +19,9 @@ Each client's process is watched with a pidfd, so its serving thread ends when i
 import bisect
 import errno
 import fcntl
-import json
 import logging
+import math
+import operator
 import os
 import select
 import socket
@@ -35,7 +36,9 @@ from . import _backend
 # re-exported here, where they have always been.
 from ._protocol import (  # noqa: F401
     MAX_MAPPINGS,
+    MAX_FDS,
     MAX_MESSAGE,
+    MAX_SOCKET_PATH,
     PAGE_SIZE,
     SHARE_KEY,
     WATCHES_KEY,
@@ -50,6 +53,8 @@ from ._protocol import (  # noqa: F401
     receive_handshake,
     send_answer,
 )
+from ._errors import InvalidArgumentError
+from ._protocol import loads as _loads
 from ._uffd_errors import InvalidRangeError, LazyMemError, UffdError, UnavailableError
 
 log = logging.getLogger("pylazymem.server")
@@ -58,6 +63,15 @@ HANDSHAKE_TIMEOUT = 5.0     # seconds a connected client has for its whole hands
 MAX_HANDSHAKES = 16         # connections waiting for their handshake at once
 SPIN_NS = 100_000           # python engine: look for the next fault this long before sleeping
 MAX_CLUSTER_PAGES = 4096    # the native engine's readahead limit (LM_MAX_CLUSTER)
+MAX_HANDSHAKE_TIMEOUT = 3600
+MAX_CLIENTS = 1 << 16
+# File descriptors the server needs (its RLIMIT_NOFILE budget, PageServer.start): a served
+# client holds its uffd, its pidfd, its connection and the engine's own (stop eventfd and a
+# dup of the source: 5, or a pipe pair: 5), one spare; a handshake its connection, its pidfd,
+# the fds received and a reopen of the pool; and a margin for everything else.
+FDS_PER_CLIENT = 6
+FDS_PER_HANDSHAKE = 3 + MAX_FDS
+FD_MARGIN = 64
 ENGINES = ("auto", "c", "python")
 
 
@@ -70,7 +84,9 @@ class _FileSource:
     table = None
 
     def __init__(self, path):
-        self.path = os.fspath(path)
+        # A str whatever was given: the path goes into the JSON answer (bytes would fail
+        # there, after the client was admitted).
+        self.path = os.fsdecode(os.fspath(path))
         # O_NONBLOCK: opening a FIFO must not wait for a writer (the server hung); cleared
         # once the file is known to be a regular one.
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -113,6 +129,7 @@ class _SnapshotSource(_FileSource):
         super().__init__(path)
         try:
             st = os.fstat(self.fd)
+            self._stamps = [(self.path, self.fd, _file_stamp(st))]
             p = _read(self.fd, self.path)
             if p.header["flags"] & (FLAG_COMPRESSED | FLAG_PARENT):
                 from ._chain import open_chain
@@ -120,6 +137,9 @@ class _SnapshotSource(_FileSource):
                 self.chain = open_chain(self.path, signatures=True)
                 if os.fstat(self.chain.layers[0].fd).st_ino != st.st_ino:
                     raise InvalidRangeError("%s changed while it was being opened" % self.path)
+                # Its parents are served as much as the leaf: each one's identity too.
+                self._stamps += [(layer.path, layer.fd, _file_stamp(os.fstat(layer.fd)))
+                                 for layer in self.chain.layers[1:]]
                 offsets, codes, layers, sigs = self.chain.locations()
                 self.layered = (codes, layers, sigs)
                 file_bytes, page_size = p.header["file_bytes"], p.header["page_size"]
@@ -131,6 +151,7 @@ class _SnapshotSource(_FileSource):
             if page_size != PAGE_SIZE:
                 raise InvalidRangeError("%s has %d-byte pages; this machine's are %d"
                                         % (self.path, page_size, PAGE_SIZE))
+            self.check_unchanged()   # while the table was read
         except BaseException:
             self.close()
             raise
@@ -140,15 +161,18 @@ class _SnapshotSource(_FileSource):
         self.identity = {"kind": self.kind, "path": self.path, "bytes": self.nbytes,
                          "dev": st.st_dev, "ino": st.st_ino, "file_bytes": st.st_size,
                          "header_xxh3": p.header["header_xxh3"]}
-        self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def check_unchanged(self):
-        """Raises ProtocolError if the file was written since it was opened (in place: the
-        same inode), where the table read then no longer describes its bytes."""
-        st = os.fstat(self.fd)
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:
-            raise ProtocolError("the snapshot %s was written over since this server opened "
-                                "it: restart the server to serve its new contents" % self.path)
+        """Raises ProtocolError if a file of the snapshot (the leaf, or a parent of a chain)
+        was written since it was opened (in place: the same inode), where the table read then
+        no longer describes its bytes. Every file: a parent written over would be served
+        with its new bytes under the leaf's old table."""
+        for path, fd, stamp in self._stamps:
+            if _file_stamp(os.fstat(fd)) != stamp:
+                raise ProtocolError(
+                    "the snapshot %s%s was written over since this server opened it: restart "
+                    "the server to serve its new contents" % (
+                        path, "" if path == self.path else " (a parent of %s)" % self.path))
 
     def page(self, offset):
         i = offset // PAGE_SIZE
@@ -166,6 +190,12 @@ class _SnapshotSource(_FileSource):
             self.chain.close()
             self.chain = None
         super().close()
+
+
+def _file_stamp(st):
+    """What changes when a file is written in place (cp keeps the inode): size, mtime, and
+    ctime, which a writer cannot set back as it can mtime (utime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _ProviderSource:
@@ -212,6 +242,10 @@ def pool_id(header_xxh3, npages, page_size):
     import xxhash
     return "%016x" % xxhash.xxh3_64_intdigest(
         b"plm-pool-1" + struct.pack("<QQQ", header_xxh3, page_size, npages))
+
+
+class ServerStoppedError(LazyMemError, RuntimeError):
+    """start() of a PageServer that was stopped: a server is started once (make a new one)."""
 
 
 class Client:
@@ -274,12 +308,14 @@ def _poison_refused(fd, msg):
     """A refused client that sent its uffd must not wait forever: Firecracker never reads our
     answer, and its first fault would hang (its own example handler SIGKILLs the VMM instead).
     Poison whatever of the ranges it described is still missing, so that its accesses fail
-    loudly (SIGBUS); best effort, with any page size it claimed."""
+    loudly (SIGBUS); best effort, with any page size it claimed. Whatever the message holds
+    (integers of thousands of digits, nesting thousands deep) the ranges are read: nesting
+    below the mappings' fields is dropped first (_protocol.loads)."""
     from .uffd import Userfaultfd
 
     try:
-        doc = json.loads(bytes(msg).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        doc = _loads(msg, keep=2)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return
     if not isinstance(doc, list):
         return
@@ -335,6 +371,24 @@ class _Intervals:
         self.starts[i:j] = [lo]
         self.ends[i:j] = [hi]
 
+    def discard(self, lo, hi):
+        """Take [lo, hi) out of the set (the intervals it cuts keep their other parts)."""
+        if lo >= hi:
+            return
+        i = bisect.bisect_right(self.ends, lo)    # the first interval ending after lo
+        j = bisect.bisect_left(self.starts, hi)   # intervals i..j-1 start before hi
+        if i >= j:
+            return
+        starts, ends = [], []
+        if self.starts[i] < lo:
+            starts.append(self.starts[i])
+            ends.append(lo)
+        if self.ends[j - 1] > hi:
+            starts.append(hi)
+            ends.append(self.ends[j - 1])
+        self.starts[i:j] = starts
+        self.ends[i:j] = ends
+
     def __contains__(self, page):
         i = bisect.bisect_right(self.starts, page) - 1
         return i >= 0 and page < self.ends[i]
@@ -345,6 +399,10 @@ class _Intervals:
 
 class _Unsupported(Exception):
     """A fault this server does not serve (write-protect or minor)."""
+
+
+class _NoHandshake(Exception):
+    """A connection closed before sending anything: not a client (a probe of the path)."""
 
 
 class _PyEngine:
@@ -367,15 +425,34 @@ class _PyEngine:
         fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fcntl.fcntl(uffd_fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.pidfd = pidfd
         self.removed = [_Intervals() for _ in client.mappings]   # removed pages per mapping
+        # Pages no longer the mapping's (an mremap moved other memory there, or moved part of
+        # the mapping away), per mapping: faults there are poisoned.
+        self.dead = [_Intervals() for _ in client.mappings]
         self.bases = [m.base_host_virt_addr for m in client.mappings]
         client._stop_r, client._stop_w = os.pipe2(os.O_CLOEXEC)
         self.pending = deque()
 
     def _find(self, addr):
+        """The mapping that serves addr: a mapping's dead pages are not its own (after a
+        whole mapping moved over part of another, the moved one is found there)."""
         for i, m in enumerate(self.client.mappings):
-            if self.bases[i] <= addr < self.bases[i] + m.size:
+            if self.bases[i] <= addr < self.bases[i] + m.size and \
+                    (addr - self.bases[i]) // PAGE_SIZE not in self.dead[i]:
                 return i, m
         return None, None
+
+    def _mark(self, sets, start, end, add, skip=None):
+        """Add [start, end) of the client's address space to (or take it out of) the page
+        sets `sets` (self.removed or self.dead) of every mapping it overlaps but `skip`."""
+        for i, m in enumerate(self.client.mappings):
+            lo, hi = max(start, self.bases[i]), min(end, self.bases[i] + m.size)
+            if i != skip and lo < hi:
+                lo, hi = ((lo - self.bases[i]) // PAGE_SIZE,
+                          (hi - self.bases[i] + PAGE_SIZE - 1) // PAGE_SIZE)
+                if add:
+                    sets[i].add(lo, hi)
+                else:
+                    sets[i].discard(lo, hi)
 
     def _event(self, ev):
         from . import uffd as U
@@ -383,27 +460,74 @@ class _PyEngine:
         st = self.client._py_stats
         if isinstance(ev, (U.Remove, U.Unmap)):
             st["events_remove" if isinstance(ev, U.Remove) else "events_unmap"] += 1
-            for i, m in enumerate(self.client.mappings):
-                lo, hi = max(ev.start, self.bases[i]), min(ev.end, self.bases[i] + m.size)
-                if lo < hi:
-                    self.removed[i].add((lo - self.bases[i]) // PAGE_SIZE,
-                                        (hi - self.bases[i] + PAGE_SIZE - 1) // PAGE_SIZE)
+            # Zeros from now on, the kernel's semantics of a dropped anonymous page, also
+            # where an mremap had left pages dead.
+            self._mark(self.removed, ev.start, ev.end, True)
+            self._mark(self.dead, ev.start, ev.end, False)
         elif isinstance(ev, U.Remap):
+            # Whatever was at the destination is gone (mremap replaced it): dead in every
+            # mapping but the one moved there, so no fault there is served with another
+            # range's bytes. A whole mapping moved is followed; a partial move is not: the
+            # part moved away is dead in its mapping too, and faults there are poisoned.
             st["events_remap"] += 1
             i, m = self._find(ev.from_)
-            if m is not None and self.bases[i] == ev.from_ and m.size == ev.len:
-                self.bases[i] = ev.to
-                # What was mapped at the destination is gone: a range that overlaps it would
-                # be found for addresses that are now this one's (served from its source).
-                for j, o in enumerate(self.client.mappings):
-                    if j != i and self.bases[j] < ev.to + ev.len and \
-                            ev.to < self.bases[j] + o.size:
-                        self.bases[j] = -(1 << 70)   # never found again: refused loudly
+            whole = m is not None and self.bases[i] == ev.from_ and m.size == ev.len
+            if whole:
+                self.bases[i] = ev.to   # its removed and dead pages move with it
             else:
-                self._error(-errno.ENOTSUP, "partial mremap of a served range is not followed")
+                self._error(-errno.ENOTSUP, "partial mremap of a served range is not followed: "
+                            "faults on the moved pages are poisoned")
+                self._mark(self.dead, ev.from_, ev.from_ + ev.len, True)
+            self._mark(self.dead, ev.to, ev.to + ev.len, True, skip=i if whole else None)
         elif isinstance(ev, U.Fork):
-            os.close(ev.ufd)
-            self._error(-errno.ENOTSUP, "forked children are not served")
+            # Not served. Closing the child's uffd alone would leave its registered ranges
+            # plain memory (its missing pages read as zeros): poisoned first, it fails loudly.
+            try:
+                self._poison_child(ev.ufd, 0)
+            finally:
+                os.close(ev.ufd)
+            self._error(-errno.ENOTSUP, "forked children are not served: the child's missing "
+                        "pages were poisoned")
+
+    def _poison_child(self, fd, depth):
+        """Poison every page of the client's ranges still missing in a forked child, through
+        the child's uffd `fd` (as refused clients are poisoned); the markers outlive the
+        registration when the fd is closed, so the child's access fails with SIGBUS. Present
+        pages (copied at fork) are stepped over. The child may run already: an event of its
+        own makes POISON fail with EAGAIN until it is read; its messages are read and dropped
+        (a fault's thread is woken by the poisoning of its page or by the close), a
+        grandchild's uffd poisoned the same way. Bounded: best effort (as the native
+        engine's poison_child)."""
+        from . import uffd as U
+        from .uffd import Userfaultfd
+
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        u = Userfaultfd(fd, owned=False)
+        u.eagain_timeout = 0
+        try:
+            for i, m in enumerate(self.client.mappings):
+                for _ in range(1000):
+                    try:
+                        u.poison(self.bases[i], m.size)
+                        break
+                    except UffdError as e:
+                        if e.errno != errno.EAGAIN:
+                            break   # ENOENT: not mapped in the child; ESRCH: it is gone
+                    try:
+                        evs = u.read_events(max=64)
+                    except UffdError:
+                        break
+                    for ev in evs:
+                        if isinstance(ev, U.Fork):
+                            try:
+                                if depth < 4:
+                                    self._poison_child(ev.ufd, depth + 1)
+                            finally:
+                                os.close(ev.ufd)
+                    if not evs:
+                        time.sleep(0)   # its event is read; its madvise has not finished
+        finally:
+            u.detach()
 
     def _read(self):
         """Read everything pending (events handled now, faults queued); returns the count.
@@ -595,10 +719,15 @@ class PageServer:
     connect (default: only ours); the socket is 0600, given to the one other allowed uid, or
     0660 with group `socket_group`. `engine`: "c" (native serving threads; file sources, cffi
     backend), "python" (a Python thread per client through pylazymem.uffd; needed for a
-    provider), or "auto". `max_clients`: clients served at once (one thread each); more are
-    refused. `handshake_timeout`: seconds a connected client has for its whole handshake
-    (one deadline, however slowly it sends). Use as a context manager, or start()/stop();
-    serve_forever() blocks.
+    provider), or "auto". `max_clients`: clients served at once (one thread each, 1 to
+    65536); more are refused (and poisoned). Each client holds about FDS_PER_CLIENT file
+    descriptors: start() raises the soft RLIMIT_NOFILE toward the hard limit as far as
+    max_clients needs, and lowers max_clients (logged) where the hard limit is too low.
+    `handshake_timeout`: seconds a connected client has for its whole handshake (one
+    deadline, however slowly it sends; above 0, at most 3600). Paths are str or bytes; the
+    socket path is at most 107 bytes (AF_UNIX). Use as a context manager, or start()/stop();
+    serve_forever() blocks. A server serves once: start() after stop() raises
+    ServerStoppedError, and a start() that fails stops it (nothing left open).
 
     A client in this very process is refused with the python engine (its serving thread
     needs the GIL, which the client's faulting thread holds); the native engine serves it.
@@ -614,21 +743,44 @@ class PageServer:
                  allow_uids=None, socket_group=None, engine="auto", max_cluster_pages=None,
                  max_clients=256, handshake_timeout=HANDSHAKE_TIMEOUT, share=False,
                  prefetch_pool=False, _test_inject=None):
+        # Every argument is checked before anything is opened: a refused one leaves nothing
+        # open behind it.
         given = [x is not None for x in (snapshot, memory_file, provider)]
         if sum(given) != 1:
             raise TypeError("PageServer needs exactly one of snapshot=, memory_file=, provider=")
         if engine not in ENGINES:
             raise ValueError("engine must be one of %s, got %r" % (", ".join(ENGINES), engine))
-        self.path = os.fspath(socket_path)
+        # A str, whatever was given: paths go into the log and the JSON answer.
+        self.path = os.fsdecode(os.fspath(socket_path))
+        n = len(os.fsencode(self.path))
+        if not 0 < n <= MAX_SOCKET_PATH:
+            raise InvalidArgumentError(
+                "the socket path %r: AF_UNIX path too long (%d bytes, at most %d)"
+                % (self.path, n, MAX_SOCKET_PATH) if n else "the socket path is empty")
         self.allow_uids = frozenset([os.getuid()] if allow_uids is None else
                                     [int(u) for u in allow_uids])
         self.max_cluster_pages = int(max_cluster_pages or 0)
         if not 0 <= self.max_cluster_pages <= MAX_CLUSTER_PAGES:
             raise ValueError("max_cluster_pages must be 1 to %d (or None: the default), got %r"
                              % (MAX_CLUSTER_PAGES, max_cluster_pages))
-        self.handshake_timeout = float(handshake_timeout)
-        if not self.handshake_timeout > 0:
-            raise ValueError("handshake_timeout must be > 0 seconds, got %r" % handshake_timeout)
+        try:
+            self.handshake_timeout = float(handshake_timeout)
+        except (TypeError, ValueError):
+            self.handshake_timeout = math.nan
+        # Finite and bounded: the deadline becomes a socket timeout (inf: "timestamp out of
+        # range" for every client), and a slot held for hours is a denial of service.
+        if isinstance(handshake_timeout, bool) or \
+                not 0 < self.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:
+            raise InvalidArgumentError("handshake_timeout must be a number of seconds above 0 "
+                                       "and at most %d, got %r"
+                                       % (MAX_HANDSHAKE_TIMEOUT, handshake_timeout))
+        try:
+            self.max_clients = operator.index(max_clients)
+        except TypeError:
+            self.max_clients = 0
+        if isinstance(max_clients, bool) or not 1 <= self.max_clients <= MAX_CLIENTS:
+            raise InvalidArgumentError("max_clients must be an integer from 1 to %d (clients "
+                                       "served at once), got %r" % (MAX_CLIENTS, max_clients))
         # Test hooks (tests/test_server.py): {"fail_after": N} makes each client's engine fail
         # after N faults; {"queue_cap": N} bounds the native engine's fault queue.
         self._test_inject = dict(_test_inject or {})
@@ -653,60 +805,79 @@ class PageServer:
             raise UnavailableError(errno.ENOSYS, "share=True needs the native engine (the C "
                                    "core, backend cffi, engine 'c' or 'auto'): the python "
                                    "engine cannot serve a shared pool")
-        if snapshot is not None:
-            self.source = _SnapshotSource(snapshot)
-        elif memory_file is not None:
-            self.source = _FileSource(memory_file)
-        else:
-            self.source = _ProviderSource(provider)
-        # The snapshot's page table, made once for the native engine and shared by all its
-        # clients (each takes a reference; released in stop() after the last client).
-        self._ctable = None
-        if self.engine == "c" and self.source.table is not None:
-            from ._binding import check, ffi, lib
-
-            out = ffi.new("struct lm_srv_table **")
-            try:
-                t = ffi.from_buffer("int64_t[]", self.source.table)
-                if self.source.layered is None:
-                    check(lib.lm_srv_table_new(t, len(self.source.table), out), "page server")
-                else:
-                    codes, layers, sigs = self.source.layered
-                    fds = ffi.new("int[]", [x.fd for x in self.source.chain.layers])
-                    check(lib.lm_srv_table_new_layered(
-                        t, ffi.from_buffer("uint32_t[]", codes),
-                        ffi.from_buffer("uint8_t[]", layers), ffi.from_buffer("uint64_t[]", sigs),
-                        len(self.source.table), fds, len(self.source.chain.layers), out),
-                        "page server")
-            except BaseException:
-                self.source.close()
-                raise
-            self._ctable = out[0]
-        # The shared pool (share=True): made once, before any client can connect.
-        self._cpool = None
-        self.pool_info = None   # what sharing clients are told: {"id", "npages", "page_size"}
-        if self.share:
-            try:
-                self._make_pool(bool(prefetch_pool))
-            except BaseException:
-                from ._binding import lib
-                lib.lm_srv_table_release(self._ctable)
-                self._ctable = None
-                self.source.close()
-                raise
         self._clients: List[Client] = []
         self._engines: Dict[int, object] = {}
         self._lock = threading.Lock()
+        # Taken to use or free the native table and pool (_ctable, _cpool): stats() from
+        # another thread (pylazymem serve --stats-every) must not read them as stop() frees
+        # them. Reentrant: stats() -> pool_stats() -> pool_complete().
+        self._res_lock = threading.RLock()
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._stopped = False
         self._finished = dict.fromkeys(_SRV_STAT_FIELDS + ("engines_died",), 0)   # clients gone
         self._served = 0
         self.refused = 0
-        self.max_clients = int(max_clients)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._handshake_threads = set()
+        self.source = None
+        self._ctable = None
+        self._cpool = None
+        self.pool_info = None   # what sharing clients are told: {"id", "npages", "page_size"}
+        self._stop_r = self._stop_w = -1
+        try:
+            if snapshot is not None:
+                self.source = _SnapshotSource(snapshot)
+            elif memory_file is not None:
+                self.source = _FileSource(memory_file)
+            else:
+                self.source = _ProviderSource(provider)
+            # The snapshot's page table, made once for the native engine and shared by all
+            # its clients (each takes a reference; released in stop() after the last client).
+            if self.engine == "c" and self.source.table is not None:
+                self._make_table()
+            # The shared pool (share=True): made once, before any client can connect.
+            if self.share:
+                self._make_pool(bool(prefetch_pool))
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            self._release()
+            raise
+
+    def _make_table(self):
+        from ._binding import check, ffi, lib
+
+        out = ffi.new("struct lm_srv_table **")
+        t = ffi.from_buffer("int64_t[]", self.source.table)
+        if self.source.layered is None:
+            check(lib.lm_srv_table_new(t, len(self.source.table), out), "page server")
+        else:
+            codes, layers, sigs = self.source.layered
+            fds = ffi.new("int[]", [x.fd for x in self.source.chain.layers])
+            check(lib.lm_srv_table_new_layered(
+                t, ffi.from_buffer("uint32_t[]", codes),
+                ffi.from_buffer("uint8_t[]", layers), ffi.from_buffer("uint64_t[]", sigs),
+                len(self.source.table), fds, len(self.source.chain.layers), out),
+                "page server")
+        self._ctable = out[0]
+
+    def _release(self):
+        """Close what the constructor opened (stop(), or a constructor that fails)."""
+        with self._res_lock:
+            if self._ctable is not None or self._cpool is not None:
+                from ._binding import lib
+                if self._ctable is not None:
+                    lib.lm_srv_table_release(self._ctable)   # after every client's reference
+                    self._ctable = None
+                if self._cpool is not None:
+                    lib.lm_srv_pool_release(self._cpool)   # clients' mappings keep it alive
+                    self._cpool = None
+        if self.source is not None:
+            self.source.close()
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
 
     def _make_pool(self, prefetch):
         from ._binding import check, ffi, lib
@@ -728,38 +899,42 @@ class PageServer:
 
     def pool_complete(self):
         """Whether every non-zero page of the snapshot is in the pool (False without one)."""
-        if self._cpool is None:
-            return False
-        from ._binding import check, lib
-        return bool(check(lib.lm_srv_pool_complete(self._cpool, self._ctable), "page server pool"))
+        with self._res_lock:
+            if self._cpool is None:
+                return False
+            from ._binding import check, lib
+            return bool(check(lib.lm_srv_pool_complete(self._cpool, self._ctable),
+                              "page server pool"))
 
     def pool_stats(self):
         """The pool's resident bytes and the pages published into it (None without one)."""
-        if self._cpool is None:
-            return None
-        from ._binding import lib
-        return {"bytes": int(lib.lm_srv_pool_bytes(self._cpool)),
-                "published": int(lib.lm_srv_pool_published(self._cpool)),
-                "complete": self.pool_complete()}
+        with self._res_lock:
+            if self._cpool is None:
+                return None
+            from ._binding import lib
+            return {"bytes": int(lib.lm_srv_pool_bytes(self._cpool)),
+                    "published": int(lib.lm_srv_pool_published(self._cpool)),
+                    "complete": self.pool_complete()}
 
     def _pool_for(self, uid):
         """(answer's "pool", O_RDONLY fd or -1, why not) for a client of `uid` that asked
         for it. Another uid gets it only once it is complete: until then a client could plant
         zero pages in its holes (mapping it privately without a userfaultfd makes shmem
         allocate one) that every other client would then map (docs/shared-pages.md 2.6)."""
-        if self._cpool is None:
-            return None, -1, ("the page server (pid %d) does not share its pages (started "
-                              "without --share)" % os.getpid())
-        if uid != os.getuid() and not self.pool_complete():
-            return None, -1, ("the page server (pid %d) gives its pool to other uids only "
-                              "once it is complete (--prefetch-pool)" % os.getpid())
-        from ._binding import lib
-        # A reopen, not a dup: O_RDONLY is a property of the open file description, and with
-        # it the client can map the pool privately and continue pages, never publish
-        # (registering a shared view needs a writable fd: EPERM).
-        fd = os.open("/proc/self/fd/%d" % lib.lm_srv_pool_fd(self._cpool),
-                     os.O_RDONLY | os.O_CLOEXEC)
-        return dict(self.pool_info), fd, ""
+        with self._res_lock:
+            if self._cpool is None:
+                return None, -1, ("the page server (pid %d) does not share its pages (started "
+                                  "without --share)" % os.getpid())
+            if uid != os.getuid() and not self.pool_complete():
+                return None, -1, ("the page server (pid %d) gives its pool to other uids only "
+                                  "once it is complete (--prefetch-pool)" % os.getpid())
+            from ._binding import lib
+            # A reopen, not a dup: O_RDONLY is a property of the open file description, and
+            # with it the client can map the pool privately and continue pages, never publish
+            # (registering a shared view needs a writable fd: EPERM).
+            fd = os.open("/proc/self/fd/%d" % lib.lm_srv_pool_fd(self._cpool),
+                         os.O_RDONLY | os.O_CLOEXEC)
+            return dict(self.pool_info), fd, ""
 
     # -- lifetime -------------------------------------------------------------------------
     def _bind(self):
@@ -771,7 +946,9 @@ class PageServer:
             if not stat.S_ISSOCK(st.st_mode):
                 raise FileExistsError(errno.EEXIST, "%s exists and is not a socket; not "
                                       "replacing it" % self.path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # A live server takes the probe's connection for a client that closed without a
+            # handshake, which it drops without counting it refused (_handshake).
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 probe.connect(self.path)
                 raise FileExistsError(errno.EADDRINUSE, "a server is already listening on %s"
@@ -792,12 +969,12 @@ class PageServer:
                           self.path) from None
         try:
             self._open_to_allowed()
+            s.listen(16)
+            self._sock_ino = os.stat(self.path).st_ino   # to remove ours, never a successor's
         except BaseException:
             s.close()
             os.unlink(self.path)
             raise
-        s.listen(16)
-        self._sock_ino = os.stat(self.path).st_ino   # to remove our socket, never a successor's
         return s
 
     def _open_to_allowed(self):
@@ -822,13 +999,65 @@ class PageServer:
                              "members" % len(others))
 
     def start(self):
+        """Listen on the socket and serve clients; returns self. A PageServer serves once:
+        start() after stop() raises ServerStoppedError (make a new PageServer), and a start()
+        that fails stops it (everything it opened is closed, the socket removed)."""
+        if self._stopped:
+            raise ServerStoppedError(
+                "this PageServer (socket %s) was stopped: a server is started once; make a new "
+                "PageServer to serve again" % self.path)
         if self._thread is not None:
             return self
-        self._sock = self._bind()
-        self._thread = threading.Thread(target=self._accept_loop, name="pylazymem-server",
-                                        daemon=True)
-        self._thread.start()
+        try:
+            self._fit_fd_budget()
+            self._sock = self._bind()
+            t = threading.Thread(target=self._accept_loop, name="pylazymem-server", daemon=True)
+            t.start()
+            self._thread = t
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _fit_fd_budget(self):
+        """Every client holds file descriptors (FDS_PER_CLIENT), each handshake more. A server
+        out of them cannot receive a client's userfaultfd (the kernel drops it, and that
+        client waits for its faults forever) nor accept (the accept loop spun). So the soft
+        RLIMIT_NOFILE is raised toward the hard limit as far as max_clients needs, and where
+        the hard limit is too low fewer clients are served at once (max_clients lowered, and
+        logged): later ones are refused, and poisoned, while there are fds to do it with."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        used = len(os.listdir("/proc/self/fd"))
+        reserve = used + FD_MARGIN + MAX_HANDSHAKES * FDS_PER_HANDSHAKE
+        need = reserve + self.max_clients * FDS_PER_CLIENT
+        if need > soft:
+            raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            if raised > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                    log.info("RLIMIT_NOFILE raised from %d to %d for %d clients", soft, raised,
+                             self.max_clients)
+                    soft = raised
+                except (ValueError, OSError) as e:
+                    log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, raised, e)
+        fit = (soft - reserve) // FDS_PER_CLIENT
+        if fit < 1:
+            raise UnavailableError(errno.EMFILE, "the page server needs at least %d file "
+                                   "descriptors (%d in use, %d for handshakes and one client); "
+                                   "RLIMIT_NOFILE allows %d (raise it: ulimit -n)"
+                                   % (reserve + FDS_PER_CLIENT, used, reserve - used
+                                      + FDS_PER_CLIENT, soft))
+        if fit < self.max_clients:
+            log.warning("max_clients lowered from %d to %d: RLIMIT_NOFILE (%d, hard limit %s) "
+                        "leaves file descriptors for %d clients at once (%d each); raise the "
+                        "hard limit to serve more", self.max_clients, fit, soft,
+                        "unlimited" if hard == resource.RLIM_INFINITY else hard, fit,
+                        FDS_PER_CLIENT)
+            self.max_clients = fit
 
     def serve_forever(self):
         self.start()
@@ -843,7 +1072,7 @@ class PageServer:
         if self._stopped:
             return
         self._stopped = True
-        os.write(self._stop_w, b"x")
+        os.write(self._stop_w, b"x")   # the accept loop ends (a stopped server never restarts)
         if self._thread is not None:
             self._thread.join()
         for t in list(self._handshake_threads):
@@ -859,17 +1088,7 @@ class PageServer:
             except OSError:
                 pass
             self._sock.close()
-        if self._ctable is not None:
-            from ._binding import lib
-            lib.lm_srv_table_release(self._ctable)   # after every client's reference
-            self._ctable = None
-        if self._cpool is not None:
-            from ._binding import lib
-            lib.lm_srv_pool_release(self._cpool)   # clients' mappings keep the pool alive
-            self._cpool = None
-        self.source.close()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        self._release()
 
     def __enter__(self):
         return self.start()
@@ -886,6 +1105,10 @@ class PageServer:
     def stats(self) -> Dict[str, int]:
         """Counters summed over every client served so far (gone ones included); "clients"
         is the number of clients served, "clients_alive" of those still connected."""
+        with self._res_lock:   # stop() frees the table and the pool only after this
+            return self._stats()
+
+    def _stats(self):
         with self._lock:
             clients = list(self._clients)
             total = dict(self._finished)
@@ -917,10 +1140,16 @@ class PageServer:
         waiting = select.poll()
         waiting.register(self._stop_r, select.POLLIN)
         slot = False
+        pause = 0.0    # seconds not listening after accept() failed (out of fds); 0: none
+        resume = 0.0   # time.monotonic() at which listening resumes
         while True:
             if not slot:
                 slot = self._handshakes.acquire(blocking=False)
-            ready = dict(listening.poll(500) if slot else waiting.poll(50))
+            wait = resume - time.monotonic()
+            if wait > 0:
+                ready = dict(waiting.poll(max(1, int(wait * 1000))))
+            else:
+                ready = dict(listening.poll(500) if slot else waiting.poll(50))
             if self._stop_r in ready:
                 if slot:
                     self._handshakes.release()
@@ -930,21 +1159,40 @@ class PageServer:
                 continue
             try:
                 conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue   # that connection went away, or none was there: nothing to wait for
             except OSError as e:
-                log.warning("accept: %s", e)
+                # Out of fds (EMFILE, ENFILE) or memory: the connection stays in the backlog
+                # with its message and userfaultfd unread (not lost) until a client ends and
+                # frees some. The socket stays readable, and polling it again at once spun a
+                # CPU writing this line: listen again after a pause, longer each time.
+                if not pause:
+                    log.warning("accept: %s: connections wait in the backlog until file "
+                                "descriptors are free (%d clients served now, max_clients %d)",
+                                e, len(self._clients), self.max_clients)
+                pause = min(pause * 2 or 0.01, 1.0)
+                resume = time.monotonic() + pause
                 continue
+            if pause:
+                log.info("accept: accepting again")
+                pause = 0.0
             # The connecting process, taken now: a pid looked up later may have been reused.
+            # Without it the handshake is still read, so that the client's ranges are
+            # poisoned when it is refused (it would wait for its faults forever otherwise).
+            why = None
             try:
                 pidfd = peer_pidfd(conn)
             except OSError as e:
-                self._refuse(conn, "the connecting process cannot be watched (%s): it has "
-                             "exited already?" % e)
-                continue
+                pidfd = -1
+                why = ("the server is out of file descriptors (%s)" % e
+                       if e.errno in (errno.EMFILE, errno.ENFILE) else
+                       "the connecting process cannot be watched (%s): it has exited already?"
+                       % e)
             # Each handshake in its own short-lived thread (which gives the slot back): a
             # client that connects and sends nothing must not hold up the others for the
             # handshake's deadline.
             slot = False
-            t = threading.Thread(target=self._handshake_thread, args=(conn, pidfd),
+            t = threading.Thread(target=self._handshake_thread, args=(conn, pidfd, why),
                                  daemon=True, name="pylazymem-handshake")
             self._handshake_threads.add(t)
             try:
@@ -952,7 +1200,8 @@ class PageServer:
             except BaseException as e:
                 self._handshake_threads.discard(t)
                 self._handshakes.release()
-                os.close(pidfd)
+                if pidfd >= 0:
+                    os.close(pidfd)
                 self._refuse(conn, "cannot start a handshake thread: %s" % e)
 
     def _refuse(self, conn, why):
@@ -962,9 +1211,14 @@ class PageServer:
         send_answer(conn, {"ok": False, "error": why})
         conn.close()
 
-    def _handshake_thread(self, conn, pidfd):
+    def _handshake_thread(self, conn, pidfd, why=None):
         try:
-            self._handshake(conn, pidfd)
+            self._handshake(conn, pidfd, why)
+        except _NoHandshake:
+            # Closed without sending anything (another server's probe of the path, _bind):
+            # no client, nothing to refuse.
+            log.debug("a connection closed without a handshake")
+            conn.close()
         except Exception as e:   # one bad client must not stop the server
             self._refuse(conn, str(e))
         finally:
@@ -985,20 +1239,28 @@ class PageServer:
                 self._clients.remove(c)
                 _add_stats(self._finished, st)
 
-    def _handshake(self, conn, pidfd):
+    def _handshake(self, conn, pidfd, why=None):
         """Admit one client. `pidfd` is the connecting process's, taken at accept: ours to
-        close unless an engine takes it (with the uffd) when it starts."""
-        fds, msg, watches = [], b"", False
+        close unless an engine takes it (with the uffd) when it starts (-1: none could be
+        taken, and `why` says why the client is refused once its message is read)."""
+        fds, msg, watches, pid = [], b"", False, 0
         try:
             pid, uid, gid = peer_credentials(conn)
             try:
                 msg, fds = receive_handshake(conn, time.monotonic() + self.handshake_timeout)
-            except TimeoutError:
-                raise ProtocolError("the handshake was not complete within %g s (one deadline "
-                                    "for the whole handshake)" % self.handshake_timeout) from None
             except BaseException as e:
+                # The fds received before the failure are ours to close (after poisoning),
+                # whatever the failure: a deadline missed too.
                 fds = getattr(e, "fds", [])
+                if isinstance(e, TimeoutError):
+                    raise ProtocolError("the handshake was not complete within %g s (one "
+                                        "deadline for the whole handshake)"
+                                        % self.handshake_timeout) from None
                 raise
+            if not msg and not fds:
+                raise _NoHandshake()
+            if why is not None:
+                raise ProtocolError(why)
             # Refused only now, after its message is read: the client then gets our answer
             # instead of a broken pipe in the middle of its send.
             if uid not in self.allow_uids:
@@ -1062,12 +1324,17 @@ class PageServer:
         except BaseException:
             # A refused client that watches us learns it from the answer; any other (say
             # Firecracker, which never reads it) would hang at its first fault.
-            if len(fds) == 1 and _is_userfaultfd(fds[0]):
-                _poison_refused(fds[0], msg)
-            for fd in fds:
-                os.close(fd)
-            if pidfd >= 0:
-                os.close(pidfd)
+            try:
+                if len(fds) == 1 and _is_userfaultfd(fds[0]):
+                    _poison_refused(fds[0], msg)
+            except Exception as e:   # still closed below, and still refused
+                log.warning("pid %d: cannot poison the ranges of a refused client: %s",
+                            pid, e)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                if pidfd >= 0:
+                    os.close(pidfd)
             raise
         with self._lock:
             self._clients.append(client)
@@ -1081,6 +1348,10 @@ class PageServer:
             if why_not:
                 answer["pool_reason"] = why_not
             send_answer(conn, answer, [pool_fd] if pool_fd >= 0 else ())
+        except Exception as e:
+            # Admitted and served already: not a refusal (a client counted both served and
+            # refused). One that reads the answer sees the connection end without one.
+            log.warning("client pid %d: the answer could not be sent: %s", pid, e)
         finally:
             if pool_fd >= 0:
                 os.close(pool_fd)   # the client has its own reference now (or is gone)

@@ -22,7 +22,7 @@ class ServedMemory:
     """`sizes` ranges of private anonymous memory, each served from `offsets[i]` of the source."""
 
     def __init__(self, socket_path, sizes, offsets, features=U.Feature.EVENT_REMOVE,
-                 watches_server=False, noreserve=False, wp=False):
+                 watches_server=False, noreserve=False, wp=False, timeout=5.0):
         self.uffd = U.open_userfaultfd()
         self.uffd.api(features)
         self.maps = []
@@ -34,7 +34,7 @@ class ServedMemory:
         self.sock, self.answer = connect(
             socket_path, self.uffd.fileno(),
             [(U.address_of(m), len(m), off) for m, off in zip(self.maps, offsets)],
-            watches_server=watches_server)
+            watches_server=watches_server, timeout=timeout)
 
     def remove(self, i, offset, length):
         """madvise(MADV_DONTNEED) part of range i, as a balloon does."""

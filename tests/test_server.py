@@ -1359,3 +1359,473 @@ print("OK")
             for c in idle:
                 c.close()
         assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+
+
+# ---- found by a review (session 18) ------------------------------------------------------------
+
+MREMAP = """
+import ctypes
+from pylazymem import uffd as U
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+want = open(sys.argv[2], "rb").read()
+# B: 8 pages from source page 16 (first in the handshake), A: 4 pages from source page 0
+m = ServedMemory(sys.argv[1], [8 * PS, 4 * PS], [16 * PS, 0],
+                 features=U.Feature.EVENT_REMOVE | U.Feature.EVENT_REMAP)
+b, a = (U.address_of(x) for x in m.maps)
+"""
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_partial_mremap_onto_another_range_is_poisoned_not_served_its_bytes(tmp_path, sock,
+                                                                           engine, run_py):
+    # Part of range A moved onto range B (MREMAP_MAYMOVE | MREMAP_FIXED): a fault there was
+    # served with B's source bytes (only a whole move disabled what it landed on).
+    path, data = memory_file(tmp_path, 32, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code(MREMAP + """
+assert libc.mremap(a, 2 * PS, 2 * PS, 3, b) == b
+assert ctypes.string_at(b + 2 * PS, PS) == want[18 * PS:19 * PS]   # still B's own page
+assert ctypes.string_at(a + 2 * PS, PS) == want[2 * PS:3 * PS]     # what stayed of A
+assert libc.madvise(b + PS, PS, 4) == 0   # MADV_DONTNEED of a moved page: zeros from now on,
+assert ctypes.string_at(b + PS, PS) == bytes(PS)   # the kernel's semantics of a dropped page
+print("touching", flush=True)
+ctypes.string_at(b, PS)   # A's page 0 now, never served: poisoned, never B's bytes
+print("READ")
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert "touching" in res.stdout and "READ" not in res.stdout, res.describe()
+        st = srv.stats()
+        assert st["events_remap"] == 1 and st["poisoned"] >= 1
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_whole_range_moved_over_part_of_another_serves_both(tmp_path, sock, engine, run_py):
+    # A whole range moved onto the middle of another: the moved one is served where it lies,
+    # and the other range's pages it did not cover are still that range's (they were
+    # disabled with it, poisoned).
+    path, data = memory_file(tmp_path, 32, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code(MREMAP + """
+assert libc.mremap(a, 4 * PS, 4 * PS, 3, b + 2 * PS) == b + 2 * PS
+for k in range(4):   # A's pages where B's 2..5 were
+    assert ctypes.string_at(b + (2 + k) * PS, PS) == want[k * PS:(k + 1) * PS], k
+for k in (0, 1, 6, 7):   # B's own
+    assert ctypes.string_at(b + k * PS, PS) == want[(16 + k) * PS:(17 + k) * PS], k
+print("OK")
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+        assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+        st = srv.stats()
+        assert st["events_remap"] == 1 and st["poisoned"] == 0 and st["errors"] == 0
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_forked_child_of_a_client_fails_loudly_instead_of_reading_zeros(tmp_path, sock,
+                                                                       engine, run_py):
+    # A client that asks for fork events: the server closed the child's uffd unpoisoned, and
+    # the child read zeros where the source has data.
+    path, data = memory_file(tmp_path, 4, zero_every=1000)
+    with PageServer(sock, memory_file=path, engine=engine) as srv:
+        res = run_py(client_code("""
+import os
+from pylazymem import uffd as U
+want = open(sys.argv[2], "rb").read()
+m = ServedMemory(sys.argv[1], [4 * PS], [0],
+                 features=U.Feature.EVENT_FORK | U.Feature.EVENT_REMOVE)
+assert m.maps[0][:PS] == want[:PS]   # served before the fork: the child has it
+pid = os.fork()
+if pid == 0:
+    try:
+        ok = m.maps[0][:PS] == want[:PS]
+        m.maps[0][PS]   # never served: poisoned in the child
+        os._exit(0 if ok else 3)
+    finally:
+        os._exit(4)
+_, st = os.waitpid(pid, 0)
+print("child", os.WTERMSIG(st) if os.WIFSIGNALED(st) else "exit %d" % os.WEXITSTATUS(st))
+assert m.maps[0][PS:] == want[PS:]   # the parent is still served
+print("OK")
+"""), args=(sock, str(path)), prelude=False, timeout=60)
+        assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+        assert "child %d" % signal.SIGBUS in res.stdout, res.describe()
+        assert srv.stats()["errors"] >= 1   # counted: forked children are not served
+
+
+def test_out_of_fds_the_accept_loop_waits_instead_of_spinning(tmp_path, sock, run_py):
+    # accept() failing with EMFILE: the socket stays readable and the loop spun a CPU,
+    # logging each turn; the connection now waits in the backlog and is served once fds
+    # are free again.
+    path, data = memory_file(tmp_path, 4)
+    res = run_py(client_code("""
+import logging, os, resource, subprocess, time
+from pylazymem.server import PageServer
+logged = []
+class H(logging.Handler):
+    def emit(self, rec):
+        logged.append(rec.getMessage())
+lg = logging.getLogger("pylazymem.server")
+lg.addHandler(H())
+lg.propagate = False
+go_r, go_w = os.pipe()
+client = subprocess.Popen([sys.executable, "-c", '''
+import os, sys
+sys.path.insert(0, sys.argv[3])
+from _server_client import ServedMemory, PS
+os.read(int(sys.argv[4]), 1)
+m = ServedMemory(sys.argv[1], [4 * PS], [0], timeout=60)
+assert m.maps[0][:] == open(sys.argv[2], "rb").read()
+print("SERVED", flush=True)
+''', sys.argv[1], sys.argv[2], sys.path[0], str(go_r)], pass_fds=[go_r])
+srv = PageServer(sys.argv[1], memory_file=sys.argv[2], engine="python").start()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+os.write(go_w, b"x")   # the client connects now
+for _ in range(2000):
+    if any(m.startswith("accept") for m in logged):
+        break
+    time.sleep(0.01)
+time.sleep(1)   # a while out of fds
+n = sum(m.startswith("accept") for m in logged)
+for fd in hog:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print("accept lines", n, flush=True)
+assert client.wait(60) == 0
+srv.stop()
+print("OK", srv.stats()["clients"])
+"""), args=(sock, str(path)), prelude=False, timeout=120)
+    assert res.returncode == 0 and "OK 1" in res.stdout, res.describe()
+    n = int(res.stdout.split("accept lines")[1].split()[0])
+    assert 1 <= n <= 2, res.describe()
+
+
+def test_max_clients_is_fitted_to_the_file_descriptor_limit(tmp_path, sock, run_py):
+    # Each client holds ~5 fds: under the common soft limit of 1024 about 200 clients were
+    # served, and later ones hung at their first fault (their uffd dropped by the kernel).
+    path, data = memory_file(tmp_path, 4)
+    res = run_py(client_code("""
+import logging, resource
+from pylazymem.server import PageServer, FDS_PER_CLIENT
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+need = 300 * FDS_PER_CLIENT + 500
+assert hard == resource.RLIM_INFINITY or hard >= need, "the hard limit is too low here"
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+with PageServer(sys.argv[1], memory_file=sys.argv[2], max_clients=256) as srv:
+    print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0], "max_clients", srv.max_clients)
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+with PageServer(sys.argv[1], memory_file=sys.argv[2], max_clients=256) as srv:
+    print("capped", srv.max_clients)
+"""), args=(sock, str(path)), prelude=False)
+    assert res.returncode == 0, res.describe()
+    soft, max_clients = (int(x) for x in res.stdout.split("soft ")[1].split()[::2][:2])
+    from pylazymem.server import FDS_PER_CLIENT
+    assert max_clients == 256 and soft >= 256 * FDS_PER_CLIENT, res.describe()
+    capped = int(res.stdout.split("capped ")[1].split()[0])
+    assert 1 <= capped < 300 // FDS_PER_CLIENT, res.describe()
+    assert "max_clients lowered from 256 to %d" % capped in res.stdout, res.describe()
+
+
+def test_fds_lost_for_want_of_descriptors_are_named(run_py):
+    # MSG_CTRUNC with room for more fds: the kernel could not install one (EMFILE), not a
+    # client sending too many.
+    res = run_py("""
+import os, resource, socket, time
+from pylazymem._protocol import receive_handshake, ProtocolError
+a, b = socket.socketpair()
+r, w = os.pipe()
+socket.send_fds(a, [b'[{"size": 1}]'], [r])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+hog = []
+try:
+    while True:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    receive_handshake(b, time.monotonic() + 10)
+except ProtocolError as e:
+    print("EMFILE:", e)
+for fd in hog:
+    os.close(fd)
+socket.send_fds(a, [b'[{"size": 1}]'], [r] * 5)
+try:
+    receive_handshake(b, time.monotonic() + 10)
+except ProtocolError as e:
+    print("FIVE:", e)
+""", prelude=False)
+    assert res.returncode == 0, res.describe()
+    assert "EMFILE: handshake truncated: out of file descriptors" in res.stdout, res.describe()
+    assert "FIVE: handshake truncated: more than 4 fds" in res.stdout, res.describe()
+
+
+RAW_CLIENT = """
+import json, mmap, socket, time
+from pylazymem import uffd as U
+u = U.open_userfaultfd()
+u.api(U.Feature.EVENT_REMOVE)
+m = mmap.mmap(-1, 4 * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+u.register(U.address_of(m), 4 * PS)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+msg = json.dumps([{"base_host_virt_addr": U.address_of(m), "size": 4 * PS, "offset": 0,
+                   "page_size": PS, "extra": 0}]).encode()
+"""
+
+
+def test_refused_for_want_of_a_pidfd_still_poisons(tmp_path, sock, monkeypatch, run_py):
+    # peer_pidfd() failing at accept (EMFILE): the connection was refused unread, its
+    # userfaultfd thrown away, and a client that does not read the answer hung at its first
+    # fault. The handshake is now read, the ranges poisoned, the refusal says why.
+    import pylazymem.server as server
+    path, _ = memory_file(tmp_path, 4)
+
+    def no_pidfd(conn):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(server, "peer_pidfd", no_pidfd)
+    with PageServer(sock, memory_file=path) as srv:
+        res = run_py(client_code(RAW_CLIENT + """
+socket.send_fds(s, [msg], [u.fileno()])
+s.settimeout(20)
+print(s.makefile().readline().strip(), flush=True)
+m[0]
+print("READ")
+"""), args=(sock,), prelude=False, timeout=60)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        assert "out of file descriptors" in res.stdout and "READ" not in res.stdout
+        assert srv.refused == 1
+
+
+@pytest.mark.parametrize("extra, why", [
+    (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+    (b"9" * 5000, "an integer of 5000 digits"),
+], ids=["deep", "long-int"])
+def test_hostile_json_is_refused_cleanly_and_poisoned(tmp_path, sock, extra, why, run_py):
+    # An integer past Python's 4300-digit limit or JSON nested thousands deep raised from
+    # the parser: the refusal said "maximum recursion depth..." or "Exceeds the limit", the
+    # fd stayed open and the client, not poisoned, hung at its first fault.
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path) as srv:
+        res = run_py(client_code(RAW_CLIENT + """
+msg = msg.replace(b'"extra": 0', b'"extra": ' + sys.argv[2].encode())
+socket.send_fds(s, [msg], [u.fileno()])
+s.settimeout(20)
+print(s.makefile().readline().strip(), flush=True)
+m[0]
+print("READ")
+"""), args=(sock, extra.decode()), prelude=False, timeout=60)
+        assert res.returncode == -signal.SIGBUS, res.describe()
+        answer = json.loads(res.stdout.splitlines()[0])
+        assert answer["ok"] is False and why in answer["error"], answer
+        assert srv.refused == 1
+
+
+def test_start_after_stop_raises(tmp_path, sock):
+    # start() after stop() bound a new socket, but the accept thread ended at once (its stop
+    # pipe was closed): clients waited forever. Started, stopped, started: silence.
+    path, _ = memory_file(tmp_path, 4)
+    from pylazymem.server import ServerStoppedError
+    srv = PageServer(sock, memory_file=path)
+    srv.stop()
+    with pytest.raises(ServerStoppedError, match="was stopped.*make a new PageServer"):
+        srv.start()
+    assert not os.path.exists(sock)
+    srv = PageServer(sock, memory_file=path)
+    with srv:
+        pass
+    with pytest.raises(ServerStoppedError):
+        srv.start()
+    assert not os.path.exists(sock)
+    assert isinstance(ServerStoppedError("x"), (plm.LazyMemError, RuntimeError))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_serve_stops_cleanly_on_sighup_and_sigquit(tmp_path, sock, sig):
+    # `pylazymem serve` handled only SIGTERM and SIGINT: SIGHUP (the terminal gone) killed
+    # it with its socket file left and a Firecracker-style client hung at its next fault.
+    import subprocess
+    import sys
+    path, data = memory_file(tmp_path, 4, zero_every=1000)
+    p = start_server(sock, "--memory-file", str(path))
+    client = subprocess.Popen([sys.executable, "-c", client_code("""
+m = ServedMemory(sys.argv[1], [4 * PS], [0])
+assert m.maps[0][:PS] == open(sys.argv[2], "rb").read()[:PS]
+print("served", flush=True)
+sys.stdin.readline()
+m.maps[0][2 * PS]
+print("READ", flush=True)
+"""), sock, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "served"
+        p.send_signal(sig)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail("the server did not stop on %s" % sig.name)
+        assert p.returncode == 0, stop_server(p)
+        assert not os.path.exists(sock)
+        client.stdin.write("\n")
+        client.stdin.close()
+        assert client.wait(30) == -signal.SIGBUS   # poisoned at stop(), never a hang
+    finally:
+        if client.poll() is None:
+            client.kill()
+        if p.poll() is None:
+            p.kill()
+
+
+def _uffds_held():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink("/proc/self/fd/" + fd) == "anon_inode:[userfaultfd]"
+        except OSError:
+            pass
+    return n
+
+
+def test_a_handshake_past_its_deadline_leaks_no_userfaultfd(tmp_path, sock):
+    # The `except TimeoutError` clause came before the one that takes the fds received: each
+    # timed-out handshake that had sent its uffd left it open in the server.
+    from pylazymem import uffd as U
+    path, _ = memory_file(tmp_path, 4)
+    with PageServer(sock, memory_file=path, handshake_timeout=0.5) as srv:
+        before = _uffds_held()
+        for _ in range(3):
+            with U.open_userfaultfd() as u:
+                u.api()
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock)
+                socket.send_fds(s, [b'[{"base_host_virt_addr": 4096, "size": 4096'],
+                                [u.fileno()])
+                s.settimeout(30)
+                answer = json.loads(s.makefile().readline())   # after the refusal's cleanup
+                s.close()
+            assert "not complete within" in answer["error"], answer
+        assert _uffds_held() == before
+        assert srv.refused == 3
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_failed_constructors_and_starts_leak_nothing(tmp_path, sock):
+    # max_clients was converted after the source and the stop pipe were opened (3 fds per
+    # failed constructor); `with PageServer(...)` whose start() failed was never stopped (3
+    # fds each); and the probe of a live server's socket counted as a client it refused.
+    path, _ = memory_file(tmp_path, 4)
+    before = _fds()
+    for kw in ({"max_clients": "many"}, {"max_clients": None}, {"handshake_timeout": "soon"}):
+        with pytest.raises(plm.InvalidArgumentError):
+            PageServer(sock, memory_file=path, **kw)
+    assert _fds() == before
+    import time
+    with PageServer(sock, memory_file=path) as live:
+        before = _fds()
+        for _ in range(5):
+            with pytest.raises(FileExistsError, match="already listening"):
+                with PageServer(sock, memory_file=path):
+                    pass
+        for _ in range(1000):   # the live server's handshake threads end (the probes closed)
+            if not live._handshake_threads:
+                break
+            time.sleep(0.01)
+        assert _fds() == before
+        assert live.refused == 0
+
+
+def test_bytes_paths(tmp_path, run_py):
+    # A memory file given as bytes went into the answer's JSON, which failed after the client
+    # had been admitted: counted served and refused at once, and the client was refused.
+    path, data = memory_file(tmp_path, 4)
+    sock = os.fsencode(str(tmp_path / "srv.sock"))
+    with PageServer(sock, memory_file=os.fsencode(str(path))) as srv:
+        assert srv.path == os.fsdecode(sock)
+        res = run_py(client_code("""
+m = ServedMemory(sys.argv[1], [4 * PS], [0])
+assert m.answer["source"]["path"] == sys.argv[2]
+assert m.maps[0][:] == open(sys.argv[2], "rb").read()
+print("OK")
+"""), args=(os.fsdecode(sock), str(path)), prelude=False)
+        assert res.returncode == 0 and "OK" in res.stdout, res.describe()
+        assert srv.stats()["clients"] == 1 and srv.refused == 0
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"handshake_timeout": float("inf")}, "handshake_timeout"),
+    ({"handshake_timeout": float("nan")}, "handshake_timeout"),
+    ({"handshake_timeout": 0}, "handshake_timeout"),
+    ({"handshake_timeout": 10 ** 6}, "handshake_timeout"),
+    ({"max_clients": 0}, "max_clients"),
+    ({"max_clients": -5}, "max_clients"),
+    ({"max_clients": True}, "max_clients"),
+    ({"max_clients": 2.5}, "max_clients"),
+])
+def test_constructor_refuses_unusable_limits(tmp_path, sock, kw, why):
+    # handshake_timeout=inf was accepted (every client then refused with "timestamp out of
+    # range"), max_clients=0 or negative too.
+    path, _ = memory_file(tmp_path, 4)
+    with pytest.raises(plm.InvalidArgumentError, match=why):
+        PageServer(sock, memory_file=path, **kw)
+
+
+def test_socket_path_too_long_is_named(tmp_path):
+    # bind() of a path over 107 bytes: "[Errno None] cannot create the socket ...: None".
+    from pylazymem._protocol import connect
+    path, _ = memory_file(tmp_path, 4)
+    long = str(tmp_path / ("d" * 120) / "srv.sock")
+    n = len(os.fsencode(long))
+    with pytest.raises(plm.InvalidArgumentError,
+                       match=r"AF_UNIX path too long \(%d bytes, at most 107\)" % n):
+        PageServer(long, memory_file=path)
+    with pytest.raises(OSError, match=r"AF_UNIX path too long \(%d bytes" % n) as e:
+        connect(long, 0, [(4096, 4096, 0)])
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+@pytest.mark.core(reason="the native engine's shared page table")
+def test_stats_while_stop_frees_the_table(tmp_path, sock):
+    # stats() read the native table (and pool) without a lock while stop() freed them: a
+    # monitoring thread (serve --stats-every) could read freed memory. stop() now waits.
+    import threading
+    path, _ = memory_file(tmp_path, 8)
+    snap = _snapshot_of_file(tmp_path, path, 8)
+    srv = PageServer(sock, snapshot=snap, engine="c").start()
+    from pylazymem.server import _SRV_STAT_FIELDS
+    entered, go = threading.Event(), threading.Event()
+
+    class Held:
+        """A client whose stats() holds stats() up until the test lets it go."""
+        alive, watches_server = True, False   # alive: the accept loop's reaping passes it
+
+        def stats(self):
+            entered.set()
+            go.wait(30)
+            return dict.fromkeys(_SRV_STAT_FIELDS, 0)
+    srv._clients.append(Held())
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(srv.stats()))
+    reader.start()
+    assert entered.wait(30)
+    with srv._lock:
+        srv._clients.clear()   # stop() has no client to end; stats() holds its own list
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    stopper.join(0.5)   # without the lock, stop() frees the table now
+    go.set()
+    reader.join(30)
+    stopper.join(30)
+    assert not stopper.is_alive() and not reader.is_alive()
+    assert got.get("page_table_refs", 0) >= 1, got

@@ -120,3 +120,45 @@ print("SERVED")
         assert "intact" in res.stdout and "SERVED" not in res.stdout, res.describe()
         assert res.returncode == -signal.SIGBUS, res.describe()
         assert srv.stats()["poisoned"] >= 1
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_a_parent_written_over_in_place_is_refused_not_served(tmp_path, engine, run_py):
+    # Only the leaf's identity was checked at each handshake: a chain's parent written over
+    # in place (cp keeps the inode) was served with its new bytes under the old table.
+    n = 16
+
+    def snap(path, fill, parent=None):
+        with plm.Region(n * PS) as r:
+            a = r.ndarray(np.uint8)
+            a[:] = fill
+            if parent is not None:
+                a[:PS] = 200
+            return plm.checkpoint(r, path, parent=parent, working_set=[])
+    base = snap(tmp_path / "base.plm", 7)
+    leaf = snap(tmp_path / "leaf.plm", 7, parent=base)
+    other = snap(tmp_path / "other.plm", 99)
+    assert os.path.getsize(base.path) == os.path.getsize(other.path)
+    sock = str(tmp_path / "s.sock")
+    body = """
+import sys
+sys.path.insert(0, {tests!r})
+from _server_client import ServedMemory, PS
+try:
+    m = ServedMemory(sys.argv[1], [16 * PS], [0])
+except Exception as e:
+    print("REFUSED", type(e).__name__, e)
+    raise SystemExit
+print("pages", m.maps[0][0], m.maps[0][5 * PS])
+""".format(tests=TESTS)
+    with PageServer(sock, snapshot=leaf.path, engine=engine) as srv:
+        res = run_py(body, args=(sock,), prelude=False)
+        assert res.stdout.split() == ["pages", "200", "7"], res.describe()
+        ino = os.stat(base.path).st_ino
+        with open(other.path, "rb") as src, open(base.path, "r+b") as dst:   # in place
+            dst.write(src.read())
+        assert os.stat(base.path).st_ino == ino
+        res = run_py(body, args=(sock,), prelude=False)
+        assert res.stdout.startswith("REFUSED ProtocolError"), res.describe()
+        assert "base.plm (a parent of" in res.stdout and "written over" in res.stdout
+        assert srv.refused == 1
