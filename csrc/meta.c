@@ -832,6 +832,15 @@ static bool nothing_to_do(struct lm_region *r, size_t c, size_t len, size_t firs
    page of this deferral in the same batch as that fault made a deadlock (review). Each such
    page that can be held now is mapped again from the page cache (CONTINUE; EEXIST: it still
    was). One that cannot (held elsewhere) faults once if touched, and is served so. */
+/* A present page whose memory is a page of a chunk's or the pool's page cache: SHARED, or a
+   zero page of a shared region's block (the pool holds it as zeros, and a take-over records
+   it without SHARED: store.c, lm_mark_present). */
+static bool page_cache_page(const struct lm_region *r, const struct lm_page_meta *m)
+{
+    return (__atomic_load_n(&m->flags, __ATOMIC_RELAXED) & LM_F_SHARED) ||
+           (r->pool_fd >= 0 && m->cls == LM_CLS_ZERO);
+}
+
 static void remap_neighbours(struct lm_region *r, size_t c, size_t len)
 {
     size_t bp = r->blk_pages;
@@ -842,13 +851,12 @@ static void remap_neighbours(struct lm_region *r, size_t c, size_t len)
         for (size_t p = b * bp; p < end; p++) {
             if (p >= c && p < c + len)
                 continue;
-            if (!(__atomic_load_n(&r->meta[p].flags, __ATOMIC_RELAXED) & LM_F_SHARED) ||
-                !lm_claim_present(r, p))
+            if (!page_cache_page(r, &r->meta[p]) || !lm_claim_present(r, p))
                 continue;
             size_t done;
             (void)lm_uffd_continue(r->uffd, r->base + p * r->page_size, r->page_size, false,
                                    &done);
-            __atomic_store_n(&r->meta[p].state, LM_PRESENT, __ATOMIC_RELEASE);
+            store_state(r, p, LM_PRESENT, "remap_neighbours");
         }
     }
 }
@@ -886,7 +894,7 @@ static int defer_pages(struct lm_region *r, size_t first, size_t n, int cls, uin
                         rc = LM_FAIL("mprotect(poisoned page)");
                 } else {
                     present++;
-                    if (__atomic_load_n(&m->flags, __ATOMIC_RELAXED) & LM_F_SHARED)
+                    if (page_cache_page(r, m))
                         shared = true;
                 }
                 was_present[i - c] = true;

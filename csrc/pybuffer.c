@@ -653,6 +653,14 @@ static PyObject *gate_close(GateObject *g, PyObject *args)
     }
     g->closing_lm = lm;
     int waited = gate_wait(g);
+    if (g->closing_lm != lm) {
+        /* forget() took it while we waited: a fork from a signal handler that ran inside the
+           wait, and this is the child, whose forget() freed the parent's region. Nothing is
+           ours to finish (the reference went with it). */
+        if (waited < 0)
+            return NULL;   /* the interrupt that ended the wait */
+        Py_RETURN_NONE;
+    }
     g->closing_lm = NULL;
     if (waited < 0) {
         if (!g->lm) {

@@ -32,8 +32,9 @@ class CheckpointHandle:
         self.path = path
         # The freeze is freed by its end (_end) or by the region's teardown: _fz is read and
         # cleared under _lock, its counters kept in _final first (stats() from another thread
-        # read it while it was freed).
-        self._lock = threading.Lock()
+        # read it while it was freed). Reentrant: a close() from a signal handler that runs
+        # inside stats() takes it again (the teardown's _release_freeze).
+        self._lock = threading.RLock()
         self._fz = fz
         self._thread = None
         self._done = threading.Event()
@@ -61,7 +62,7 @@ class CheckpointHandle:
         """In a fork child: the checkpoint is the parent's (its thread is not here), so this
         handle is done, with an error that says so, and its freeze is not read (the parent
         may have been freeing it). Its locks may have been held by the parent's threads."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         if self._final is None:
             self._final = dict.fromkeys(_STATS, 0)
             self._final["pause_ns"] = int(self.pause * 1e9)
@@ -234,6 +235,9 @@ def _end(handle, fz, failed):
     """End the freeze; retried a few times (bringing pages back can fail for want of memory).
     While it cannot end, the fault path keeps serving staged pages from staging."""
     for attempt in range(50):
+        # the staged pages back first, outside the lock (stats() is not held up meanwhile;
+        # lm_freeze_end brings back what is left, then frees)
+        lib.lm_freeze_copy_back(fz)
         with handle._lock:
             final = _read_stats(fz)
             rc = lib.lm_freeze_end(fz, 1 if failed else 0)

@@ -256,13 +256,13 @@ def _store_view(path):
     """(parsed snapshot, the file (_StoreFile), per-entry (offset, length, word))."""
     fd = S._open(path)
     try:
+        f = _StoreFile(fd, path)   # stamped before anything is read
         parsed = S._read(fd, path, signatures=True)
         h = parsed.header
         if h["flags"] & S.FLAG_PARENT:
             raise S.SnapshotError(
                 "%s: has a parent (an incremental snapshot); push a whole one: "
                 "plm.compact(%r, OUT) folds its chain into one file" % (path, path))
-        f = _StoreFile(fd, path)
     except BaseException:
         os.close(fd)
         raise

@@ -39,6 +39,16 @@ def _env_int(name, default):
         raise InvalidArgumentError("%s=%r is not an integer" % (name, value)) from None
 
 
+def _int_arg(value, name):
+    """An integer argument (not a float, not a bool), else InvalidArgumentError naming it."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError("%s must be an integer, not %r" % (name, value)) from None
+
+
 def _default_cpus():
     """One serving thread pinned to each CPU this process may run on (see csrc/serve.c)."""
     spec = os.environ.get("PYLAZYMEM_SERVE_CPUS", "")
@@ -267,15 +277,15 @@ class Region(AddressRange):
         if cpus:
             cfg.cpus, cfg.ncpus = keep, len(cpus)
         else:
-            nthreads = 1 if serve_threads is None else self._index(serve_threads,
-                                                                    "serve_threads")
+            nthreads = 1 if serve_threads is None else _int_arg(serve_threads,
+                                                                 "serve_threads")
             if not 1 <= nthreads <= lib.LM_MAX_SERVE_THREADS:
                 raise InvalidArgumentError("serve_threads must be from 1 to %d, not %d"
                                            % (lib.LM_MAX_SERVE_THREADS, nthreads))
             cfg.nthreads = nthreads
         if max_cluster_pages is None:
             max_cluster_pages = _env_int("PYLAZYMEM_MAX_CLUSTER", 0)
-        max_cluster_pages = self._index(max_cluster_pages, "max_cluster_pages")
+        max_cluster_pages = _int_arg(max_cluster_pages, "max_cluster_pages")
         if not 0 <= max_cluster_pages < 1 << 31:
             raise InvalidArgumentError("max_cluster_pages must be >= 1 (0: the default), not %d"
                                        % max_cluster_pages)
@@ -686,9 +696,12 @@ class Region(AddressRange):
         if dtype.itemsize == 0 or dtype.hasobject:
             raise InvalidArgumentError("a region view needs a dtype with a size and no Python "
                                        "objects, not %s" % dtype)
-        if dtype.subdtype is not None and shape is not None:
+        if dtype.subdtype is not None:
             # a sub-array dtype ("4f4"): its base with the sub-array's shape appended, as
-            # alloc() takes it (numpy's frombuffer would count items of the base type)
+            # alloc() takes it (numpy's frombuffer would count items of the base type); with
+            # no shape, as many as fit
+            if shape is None:
+                shape = ((self.nbytes - self._index(offset, "offset")) // dtype.itemsize,)
             dtype, shape = _dtype_and_shape(dtype, shape)
         offset = self._index(offset, "offset")
         if offset < 0 or offset > self.nbytes:

@@ -719,3 +719,36 @@ def test_stats_while_the_checkpoint_ends_never_reads_the_freed_freeze(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _STATS_WHILE_ENDING % str(tmp_path / "s.plm")],
                           timeout=150, cwd=REPO_DIR, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_close_from_a_signal_handler_inside_stats_does_not_deadlock(tmp_path, monkeypatch):
+    # stats() holds the handle's lock while it reads the freeze; a close() run by a signal
+    # handler at that moment takes it again to keep the counters before the teardown frees
+    # the freeze: with a plain lock, the process hung (review of this session's fix). The
+    # handler is simulated at the one point it matters: inside the read.
+    from pylazymem import _bgckpt
+    path = tmp_path / "k.plm"
+    r = plm.Region(4 << 20, _test_fail_copyback=10 ** 9)   # the freeze cannot end: kept
+    pages(r)[:] = 9
+    h = plm.checkpoint(r, path, background=True)
+    try:
+        h.wait(60)
+    except Exception as e:
+        assert "is complete" in str(e), e
+    assert h._fz is not None
+    read = _bgckpt._read_stats
+    closed = []
+
+    def read_then_close(fz):
+        st = read(fz)
+        if not closed:
+            closed.append(1)
+            r.close()   # what a signal handler could run here
+        return st
+    monkeypatch.setattr(_bgckpt, "_read_stats", read_then_close)
+    done = threading.Event()
+    got = {}
+    t = threading.Thread(target=lambda: (got.update(h.stats()), done.set()), daemon=True)
+    t.start()
+    assert done.wait(30), "stats() deadlocked with the close() inside it"
+    assert r.closed and got["staged"] == r.npages and h._fz is None

@@ -280,3 +280,47 @@ def test_fork_while_another_thread_waits_in_close(run_py_ok):
     """, timeout=60)
     assert "child: memoryview closed" in out and "child: stats closed" in out, out
     assert "child: held True" in out and out.strip().endswith("OK"), out
+
+
+def test_fork_from_a_signal_handler_inside_close(run_py_ok):
+    """The closing thread itself forks (a signal handler run while close() waits for a call
+    in progress): the child's fork hook freed the region the close() then went on to tear
+    down in the child (a hang or SIGSEGV). The child's close() now returns."""
+    out = run_py_ok("""
+        import signal
+        r = plm.Region(1 << 20)
+        r.ndarray(np.uint8)[:] = 1
+        held, release = threading.Event(), threading.Event()
+
+        def holder():
+            with r._use():
+                held.set()
+                release.wait(10)
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait()
+        pids = []
+
+        def handler(s, f):
+            if pids:
+                return
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                pids.append(0)
+                return          # back into close()'s wait, in the child
+            pids.append(pid)
+            threading.Timer(0.3, release.set).start()
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        r.close()
+        if pids and pids[0] == 0:
+            print("child: close() returned", flush=True)
+            os._exit(0)
+        t.join()
+        _, status = os.waitpid(pids[0], 0)
+        print("child status", os.waitstatus_to_exitcode(status), flush=True)
+        print("OK" if r.closed else "parent not closed")
+    """, timeout=60)
+    assert "child: close() returned" in out and "child status 0" in out, out
+    assert out.strip().endswith("OK"), out

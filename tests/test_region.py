@@ -171,13 +171,14 @@ def test_the_default_serving_cpus_fit_the_core_on_a_large_machine(monkeypatch):
 ])
 def test_region_arguments_that_are_not_what_they_say_are_clear_errors(call):
     # (a bare TypeError, or serve_threads=0 taken as 1 although 1 to 64 is asked for)
-    with pytest.raises(plm.LazyMemError, match="serve_threads|max_cluster_pages"):
+    with pytest.raises(plm.InvalidArgumentError, match="serve_threads|max_cluster_pages"):
         call()
 
 
 def test_shapes_and_sub_array_dtypes_as_alloc_takes_them():
     with plm.Region(16 * PAGE_SIZE) as r:
         assert r.ndarray("4f4", 2).shape == (2, 4)   # (numpy's ValueError from reshape)
+        assert r.ndarray("4f4").shape == (16 * PAGE_SIZE // 16, 4)   # as many as fit
         for shape in ([[1, 2], 3], True):   # (a ragged shape: numpy's ValueError; True: taken)
             with pytest.raises(plm.InvalidArgumentError, match="shape"):
                 r.alloc("x", shape, "f4")

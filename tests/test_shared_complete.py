@@ -320,3 +320,47 @@ for trial in range(20):
 out = hung
 """ % (npages, path), timeout=240)
     assert res == 0
+
+
+@pytest.mark.huge_shared
+@pytest.mark.parametrize("deferred", ["zero pages only", "data pages too"])
+def test_a_deferral_in_a_huge_mapped_pool_block_leaves_its_zero_pages_mapped(run_py_ok,
+                                                                            tmp_path, deferred):
+    """The pool's zero pages, which a take-over records without SHARED, are mapped by the
+    same huge page as the rest of the block: a deferral of part of it left them recorded
+    PRESENT and unmapped (session 18's review of the first fix, which knew SHARED only)."""
+    out = run_py_ok("""
+        import sys
+        from _helpers import pmd_mapped
+        path, deferred = sys.argv[1], sys.argv[2]
+        P, N = PS, 1024
+        e = np.random.default_rng(1).integers(0, 256, (N, P), dtype=np.uint8)
+        e[:, 0] |= 1
+        e[500:512] = 0
+        with plm.Region(N * P) as r:
+            r.ndarray(np.uint8).reshape(N, P)[:] = e
+            plm.checkpoint(r, path, working_set="none")
+        a = plm.restore(path, share=True, prefetch="none", background=True)
+        t = time.monotonic()
+        while not a.pool["sealed"] and time.monotonic() - t < 60:
+            time.sleep(0.02)
+        assert a.pool["sealed"]
+        b = plm.restore(path, share=True, shared_first_touch=False, prefetch="none",
+                        background=False)
+        v = b.ndarray(np.uint8).reshape(N, P)
+        assert int(v[10, 5]) == e[10, 5]
+        huge = pmd_mapped(b) > 0
+        first = 505 if deferred == "zero pages only" else 498
+        b.defer_fill(first * P, 4 * P, plm.ZERO)
+        pm = os.open("/proc/self/pagemap", os.O_RDONLY)
+        x = np.frombuffer(os.pread(pm, 512 * 8, (b.address // P) * 8), np.uint64)
+        mapped = ((x >> np.uint64(62)) & np.uint64(3)) != 0
+        present = b.meta["state"][:512] == int(plm.PageState.PRESENT)
+        assert not np.flatnonzero(present & ~mapped).size, np.flatnonzero(present & ~mapped)
+        e[first:first + 4] = 0
+        assert np.array_equal(v, e)
+        del v
+        b.close(); a.close()
+        print("OK huge" if huge else "OK")
+    """, args=(str(tmp_path / "s.plm"), deferred), timeout=120)
+    assert out.strip().startswith("OK"), out
