@@ -246,6 +246,23 @@ def _s3_missing():
     return None
 
 
+def _uffd_fork_missing():
+    """Whether a userfaultfd may ask for fork events here: the kernel grants
+    UFFD_FEATURE_EVENT_FORK only with CAP_SYS_PTRACE (a container without it refuses)."""
+    from pylazymem import uffd as U
+    try:
+        u = U.open_userfaultfd()
+    except Exception as e:
+        return "needs a userfaultfd: %s" % e
+    try:
+        u.api(U.Feature.EVENT_FORK)
+    except Exception as e:
+        return "needs UFFD_FEATURE_EVENT_FORK (CAP_SYS_PTRACE): %s" % e
+    finally:
+        u.close()
+    return None
+
+
 def _dontcache_missing():
     """Whether reads here can leave no page behind in the page cache (RWF_DONTCACHE, Linux
     6.14, and a file system that has it), tried on a file in the temporary directory."""
@@ -295,6 +312,8 @@ NEEDS = [
     Need("s3", "s3: needs the S3 gateway of scripts/s3-server.sh (a Ceph RADOS Gateway; "
                "scripts/test.sh starts it); skipped only where Ceph's packages are not to be "
                "had (PLM_S3_UNAVAILABLE says why)", _s3_missing),
+    Need("uffd_fork", "uffd_fork: a userfaultfd with fork events (UFFD_FEATURE_EVENT_FORK "
+                      "needs CAP_SYS_PTRACE)", _uffd_fork_missing),
     Need("dontcache", "dontcache: reads that leave the page cache as they found it "
                       "(RWF_DONTCACHE: Linux 6.14 and a file system with it)", _dontcache_missing),
     Need("netns", "netns: starts processes in network namespaces of their own (several "

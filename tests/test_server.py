@@ -1422,6 +1422,7 @@ print("OK")
         assert st["events_remap"] == 1 and st["poisoned"] == 0 and st["errors"] == 0
 
 
+@pytest.mark.uffd_fork
 @pytest.mark.parametrize("engine", _engines())
 def test_forked_child_of_a_client_fails_loudly_instead_of_reading_zeros(tmp_path, sock,
                                                                        engine, run_py):
