@@ -347,18 +347,18 @@ class S3Client:
         return h.get("etag", ""), data
 
     def exists(self, bucket, key):
-        status, _, _ = self.request("HEAD", bucket, key, ok=(200, 404))
-        return status == 200
+        return self.size(bucket, key) is not None
 
     def size(self, bucket, key):
-        """The object's length in bytes (its Content-Length), or None where there is none."""
+        """The object's length in bytes (its Content-Length; -1 if the answer has none), or
+        None where there is no such object."""
         status, headers, _ = self.request("HEAD", bucket, key, ok=(200, 404))
         if status != 200:
             return None
         try:
             return int(headers.get("content-length", ""))
         except ValueError:
-            return None
+            return -1   # there, of a length it does not say (never a chunk's: sent again)
 
     def delete(self, bucket, key):
         self.request("DELETE", bucket, key, ok=(200, 204, 404))
